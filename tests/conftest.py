@@ -1,0 +1,13 @@
+"""Session-wide test setup.
+
+Triton reads TRITON_INTERPRET when ``@triton.jit`` runs, i.e. at import of ``kernels.*``; any test module may import them
+(directly or through ``pretrain``), so the switch is set here, before collection, on machines without CUDA.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
