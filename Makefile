@@ -1,0 +1,35 @@
+# `make demo`: set up .venv and pretrain SimCLR on digits end to end (local Ray, sqlite MLflow, shards built on first use).
+# `make test`: set up .venv (with the dev extra) and run the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/simclr_digits.yaml
+ARGS   ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pretrain train --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_kernels.py --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

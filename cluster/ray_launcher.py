@@ -1,0 +1,110 @@
+"""Ray Train orchestration: a private local Ray cluster (or ``--address``), a TorchTrainer, checkpoints via Ray.
+
+Each Ray worker runs ``pretrain.trainer.train`` with a :class:`RaySession`, so checkpoints go through
+``ray.train.report`` and a resumed run (same run directory) starts from Ray's latest reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Ray 2.60 may have written ~/.ray/auth_token, which turns on token auth for some processes and not others; every
+# process of a cluster must agree, so the mode is fixed before Ray is imported and inherited by all that Ray starts.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+from pretrain.config import Config, config_from_dict, to_dict  # noqa: E402
+
+
+class RaySession:
+    """:class:`pretrain.trainer.Session` on top of ``ray.train``."""
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)  # every rank reports: Ray merges their ZeRO partitions
+
+
+def _worker_loop(config: dict) -> None:
+    """Runs on each Ray Train worker; the process group is Ray's (gloo on CPU, NCCL on GPU)."""
+    from pretrain.trainer import train
+
+    train(config_from_dict(config["cfg"]), Path(config["run_dir"]), RaySession())
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator[None]:
+    """Join ``address`` or start a private local cluster on loopback with its own temp dir (never a foreign one)."""
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Short path: Ray puts unix sockets under the temp dir, and those are limited to ~107 characters.
+        temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.job.use_gpu == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return cfg.job.use_gpu == "true"
+
+
+def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.train.Result:
+    """Train ``cfg`` with ``job.num_workers`` Ray Train workers; the run's storage is ``run_dir``."""
+    run_dir = Path(run_dir).resolve()
+    gpu = use_gpu(cfg)
+    env = {k: v for k, v in os.environ.items() if k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "RAY_AUTH_MODE")}
+    # Workers need a CPU each plus what their loader uses; locally, size the cluster to fit the job.
+    num_cpus = None if address else max(os.cpu_count() or 1, cfg.job.num_workers + 1)
+    with ray_cluster(address, num_cpus=num_cpus):
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir)},
+            scaling_config=ScalingConfig(num_workers=cfg.job.num_workers, use_gpu=gpu, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(
+                name=run_dir.name,
+                storage_path=str(run_dir.parent),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.job.keep_checkpoints or None),
+                worker_runtime_env={"env_vars": env},
+            ),
+        )
+        return trainer.fit()
+
+
+def latest_checkpoint_dir(run_dir: Path) -> Path | None:
+    """The newest ``checkpoint_*`` directory Ray wrote under ``run_dir``, or None."""
+    found = sorted(Path(run_dir).glob("checkpoint_*"))
+    return found[-1] if found else None

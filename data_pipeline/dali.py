@@ -1,0 +1,168 @@
+"""DALI decode + augmentation of N views per image. The only module of the project that imports ``nvidia.dali``.
+
+The graph is fed encoded bytes by ``fn.external_source`` (the Python reader owns splitting, shuffling and counting) and
+returns ``num_views`` tensors ``(B, C, S, S)`` float32, normalised. Per view, in order: random resized crop (or a plain
+resize), flip, affine, colour jitter, grayscale, blur, solarize, noise, normalise. Each random op is applied to a sample
+with its probability through DALI conditionals (``if coin_flip: ...``) and is left out of the graph entirely when the
+recipe disables it (``AugmentConfig.enabled_ops``).
+
+``device="cuda"``: decoders run with ``device="mixed"`` and every op on the GPU of ``device_id``; ``device="cpu"``: the
+same graph on CPU threads with ``device_id=None``.
+
+A batch that DALI fails to decode raises ``CorruptBatch`` with the indices of the bad samples, found by decoding each
+sample with PIL (and, if PIL accepts them all, by running each sample alone through DALI). The caller drops them and
+retries; the happy path does no extra checking.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from data_pipeline.views import AugmentConfig
+
+log = logging.getLogger(__name__)
+
+
+class CorruptBatch(Exception):
+    """DALI could not decode a batch; ``bad`` are the indices (into the fed list) of the samples to drop."""
+
+    def __init__(self, bad: list[int]):
+        super().__init__(f"undecodable samples at batch positions {bad}")
+        self.bad = bad
+
+
+def _uniform(lo: float, hi: float):
+    """Per-sample U(lo, hi); a degenerate range (DALI rejects it) gives the constant lo."""
+    return fn.random.uniform(range=(lo, hi)) if hi > lo else fn.random.uniform(values=[float(lo)])
+
+
+def _coin(prob: float):
+    return fn.random.coin_flip(probability=prob, dtype=types.BOOL)
+
+
+def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean: list[float], std: list[float], dev):
+    """One augmented view ``(C, size, size)`` float of decoded ``img`` (HWC uint8)."""
+    if "random_resized_crop" in ops:
+        img = fn.random_resized_crop(img, device=dev, size=(size, size), random_area=aug.crop_scale,
+                                     random_aspect_ratio=aug.crop_ratio)
+    else:
+        img = fn.resize(img, device=dev, size=(size, size))
+    if "flip" in ops:
+        img = fn.flip(img, device=dev, horizontal=fn.random.coin_flip(probability=aug.flip_prob))
+    if "affine" in ops and _coin(aug.affine_prob):
+        c = (size / 2.0, size / 2.0)
+        tx, ty = aug.translate[0] * size, aug.translate[1] * size
+        z = _uniform(*aug.scale)
+        mt = fn.transforms.scale(scale=fn.stack(z, z), center=c)
+        mt = fn.transforms.rotation(mt, angle=_uniform(-aug.rotate_degrees, aug.rotate_degrees), center=c)
+        mt = fn.transforms.translation(mt, offset=fn.stack(_uniform(-tx, tx), _uniform(-ty, ty)))
+        img = fn.warp_affine(img, device=dev, matrix=mt, fill_value=0, inverse_map=False)
+    if "jitter" in ops and _coin(aug.jitter_prob):
+        b = _uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness)
+        c = _uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast)
+        if channels == 3:
+            img = fn.color_twist(img, device=dev, brightness=b, contrast=c,
+                                 saturation=_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation),
+                                 hue=_uniform(-aug.hue * 360.0, aug.hue * 360.0))
+        else:
+            img = fn.brightness_contrast(img, device=dev, brightness=b, contrast=c, contrast_center=128)
+    if "grayscale" in ops and _coin(aug.grayscale_prob):
+        img = fn.hsv(img, device=dev, saturation=0.0)
+    if "blur" in ops and _coin(aug.blur_prob):
+        img = fn.gaussian_blur(img, device=dev, sigma=_uniform(*aug.blur_sigma))
+    if "solarize" in ops and _coin(aug.solarize_prob):
+        x = fn.cast(img, dtype=types.FLOAT)
+        hit = x >= aug.solarize_threshold * 255.0
+        img = fn.cast(x + hit * (255.0 - 2.0 * x), dtype=types.UINT8)
+    if "noise" in ops and _coin(aug.noise_prob):
+        img = fn.noise.gaussian(img, device=dev, stddev=aug.noise_std * 255.0)
+    return fn.crop_mirror_normalize(img, device=dev, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std])
+
+
+def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
+                   device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0):
+    """A built DALI pipeline: input ``"encoded"`` (list of 1-D uint8 arrays), outputs ``num_views`` x (B, C, S, S)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels: must be 1 or 3, got {channels}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
+    mean, std = aug.channel_stats(channels)
+    ops = set(aug.enabled_ops(channels))
+    gpu = device == "cuda"
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
+                                output_type=types.RGB if channels == 3 else types.GRAY)
+        return tuple(_view(img, aug, ops, image_size, channels, mean, std, "gpu" if gpu else "cpu")
+                     for _ in range(num_views))
+
+    # prefetch 1: run() returns the batch just fed, so a decode error belongs to a known list of samples.
+    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
+                 seed=seed, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+    pipe.build()
+    return pipe
+
+
+def _pil_ok(data: bytes) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any decode failure means "corrupt"
+        return False
+
+
+class DaliAugmenter:
+    """Callable: encoded images (list of bytes, length <= batch_size) -> ``num_views`` tensors (B, C, S, S)."""
+
+    def __init__(self, aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
+                 device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0):
+        self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
+        self.pipe = build_pipeline(aug, batch_size=batch_size, image_size=image_size, channels=channels,
+                                   num_views=num_views, device=device, device_id=device_id, num_threads=num_threads,
+                                   seed=seed)
+
+    def _run(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        self.pipe.feed_input("encoded", arrays)
+        outs = self.pipe.run()
+        views = []
+        for out in outs:
+            dense = out.as_tensor()
+            t = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            views.append(feed_ndarray(dense, t, cuda_stream=stream))
+        return views
+
+    def __call__(self, images: list[bytes]) -> list[torch.Tensor]:
+        arrays = [np.frombuffer(b, dtype=np.uint8) for b in images]
+        try:
+            return self._run(arrays)
+        except RuntimeError as err:
+            bad = [i for i, b in enumerate(images) if not _pil_ok(b)]
+            if not bad:  # PIL is more lenient than DALI for some files: ask DALI itself, one sample at a time
+                bad = [i for i, a in enumerate(arrays) if not self._decodes_alone(a)]
+                if len(bad) == len(images) > 1:
+                    raise  # every sample fails alone: the graph is broken, not the data
+            if not bad:
+                raise  # not a data problem
+            log.debug("DALI batch failed (%s); bad positions %s", str(err).splitlines()[-1:], bad)
+            raise CorruptBatch(bad) from None
+
+    def _decodes_alone(self, array: np.ndarray) -> bool:
+        try:
+            self._run([array])
+            return True
+        except RuntimeError:
+            return False
+

@@ -1,0 +1,121 @@
+"""The training data stream the trainer consumes: shards -> reader workers -> DALI views, endless, full batches only.
+
+Per epoch: the DataLoader workers (``data_pipeline.reader``) deliver this rank's share of the shards in chunks; the main
+process re-batches them into exactly ``batch_size`` samples (the partial remainder of an epoch is dropped), runs the DALI
+graph (``data_pipeline.dali``) and yields the views. When the share is exhausted the stream goes on with ``epoch + 1``,
+whose shard order and shuffle buffer are reshuffled from ``(seed, epoch)``. Augmentation randomness continues the DALI
+seed stream (seeded by ``seed`` and ``rank``); it is not re-derived per epoch.
+
+``stats`` (cumulative): ``samples`` = samples yielded in batches, ``corrupt`` = samples dropped as undecodable or
+malformed (by the workers or by DALI), ``truncated_shards`` = truncated/unreadable shards met (once per shard and epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+from data_pipeline.reader import ShardStream, make_loader, read_epoch
+from data_pipeline.views import AugmentConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainStream", "make_train_stream", "read_epoch"]
+
+
+class TrainStream:
+    """Iterable of ``{"views": [Tensor (B, C, S, S) float32] * num_views, "label": LongTensor (B,), "epoch": int,
+    "keys": list[str] (B)}``; views and label live on the stream's device."""
+
+    def __init__(self, shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
+                 rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int, start_epoch: int,
+                 num_views: int, device: str):
+        from data_pipeline.dali import DaliAugmenter  # DALI only when a stream is made
+
+        self.batch_size, self.epoch = batch_size, start_epoch
+        self.stats = {"samples": 0, "corrupt": 0, "truncated_shards": 0}
+        self._shards = ShardStream(shards, rank=rank, world_size=world_size, num_workers=num_workers,
+                                   shuffle_buffer=shuffle_buffer, seed=seed, epoch=start_epoch)
+        self._loader = make_loader(self._shards)
+        local = torch.cuda.current_device() if device == "cuda" else None
+        self._augment = DaliAugmenter(aug, batch_size=batch_size, image_size=image_size, channels=channels,
+                                      num_views=num_views, device=device, device_id=local,
+                                      seed=seed * 1_000_003 + rank)
+        self._iterating = False
+
+    def __iter__(self) -> Iterator[dict]:
+        from data_pipeline.dali import CorruptBatch
+
+        if self._iterating:
+            raise RuntimeError("TrainStream supports one iterator at a time")
+        self._iterating = True
+        try:
+            while True:
+                self._shards.epoch.value = self.epoch  # read by the (persistent) workers at the start of iter()
+                pending: deque[dict] = deque()
+                yielded = 0
+                for chunk in self._loader:
+                    self.stats["corrupt"] += chunk["corrupt"]
+                    self.stats["truncated_shards"] += chunk["truncated"]
+                    pending.extend(chunk["samples"])
+                    while len(pending) >= self.batch_size:
+                        batch = [pending.popleft() for _ in range(self.batch_size)]
+                        try:
+                            views = self._augment([s["image"] for s in batch])
+                        except CorruptBatch as bad:
+                            for i in bad.bad:
+                                log.warning("skipping undecodable image %r", batch[i]["key"])
+                            self.stats["corrupt"] += len(bad.bad)
+                            drop = set(bad.bad)
+                            pending.extendleft(reversed([s for i, s in enumerate(batch) if i not in drop]))
+                            continue
+                        self.stats["samples"] += self.batch_size
+                        yielded += 1
+                        label = torch.tensor([s["label"] for s in batch], dtype=torch.long, device=views[0].device)
+                        yield {"views": views, "label": label, "epoch": self.epoch, "keys": [s["key"] for s in batch]}
+                if yielded == 0:
+                    raise RuntimeError(f"epoch {self.epoch}: this rank's shard share gave no full batch of "
+                                       f"{self.batch_size} (too few samples, or all of them corrupt)")
+                self.epoch += 1
+        finally:
+            self._iterating = False
+
+    def close(self) -> None:
+        """Stop the reader workers and release the DALI pipeline."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader = None
+        self._augment = None
+
+    def __enter__(self) -> TrainStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
+                      rank: int, world_size: int, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
+                      start_epoch: int = 0, num_views: int = 2, device: str = "cpu") -> TrainStream:
+    """Endless stream of augmented batches of this rank's share of ``shards`` (see the module docstring)."""
+    for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_views", num_views, 1),
+                             ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0),
+                             ("start_epoch", start_epoch, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels: must be 1 or 3, got {channels!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' asked for but CUDA is not available")
+    if not shards:
+        raise ValueError("shards: empty list")
+    aug.channel_stats(channels)  # mean/std length vs channels, before any worker starts
+    return TrainStream(list(shards), batch_size=batch_size, aug=aug, image_size=image_size, channels=channels,
+                       rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                       seed=seed, start_epoch=start_epoch, num_views=num_views, device=device)

@@ -1,0 +1,185 @@
+"""Read raw samples from shards, split across ranks and DataLoader workers, shuffled per epoch.
+
+Split. There are ``N = world_size * num_workers`` readers; reader ``g = rank * num_workers + worker``. Each epoch, all
+readers permute the shard list with the same ``(seed, epoch)`` generator, then:
+
+- ``len(shards) >= N``: reader ``g`` reads shards ``perm[g::N]`` (shard-level split; readers may get a different number
+  of samples, at most one shard's worth apart);
+- ``len(shards) < N``: every reader reads every shard in ``perm`` order and keeps sample ``i`` (its position in that
+  stream) when ``i % N == g`` (sample-level split; costs N-fold reading, which only happens for tiny datasets).
+
+Either way every sample of an epoch goes to exactly one reader. Each reader then passes its samples through a shuffle
+buffer seeded by ``(seed, epoch, g)``.
+
+Problems are counted, logged once each (``logging.warning``) and skipped: a truncated or unreadable shard counts in
+``truncated`` (once per shard and epoch, by one reader), a sample without an image or a parsable label in ``corrupt``.
+Workers hand samples to the main process in chunks that carry the counts since the previous chunk, so no count is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+def split_shards(shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int) -> tuple[list[str], int]:
+    """Shards reader ``reader`` of ``num_readers`` opens in ``epoch``, and its sample stride.
+
+    Returns ``(paths, stride)``: stride 1 = keep every sample of ``paths``; stride N = sample-level split, keep sample
+    ``i`` when ``i % N == reader``.
+    """
+    if not shards:
+        raise ValueError("shards: empty list")
+    if not 0 <= reader < num_readers:
+        raise ValueError(f"reader {reader} out of range for {num_readers} readers")
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    perm = [sorted(shards)[i] for i in order]  # sorted first: the split must not depend on the caller's list order
+    if len(perm) >= num_readers:
+        return perm[reader::num_readers], 1
+    return perm, num_readers
+
+
+def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Shuffle buffer of ``size`` (0 or 1 = pass-through): emit a random buffered sample for each new one."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        j = int(rng.integers(size))
+        buf[j], sample = sample, buf[j]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
+    """Grouped webdataset samples of one tar; exceptions go into ``errors`` and end or skip as webdataset decides."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    def handler(exn: Exception) -> bool:
+        errors.append(exn)
+        return True  # keep going: read whatever is still readable
+
+    streams = url_opener([{"url": path}], handler=handler)
+    yield from group_by_keys(tar_file_expander(streams, handler=handler), handler=handler)
+
+
+def _parse(sample: dict) -> dict | None:
+    """``{"key", "image", "label"}`` from a webdataset sample, or None if it has no image or no integer label."""
+    image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not image:
+        return None
+    return {"key": sample["__key__"], "image": bytes(image), "label": label}
+
+
+@dataclass
+class Counts:
+    """Problems seen since the last chunk was emitted."""
+
+    corrupt: int = 0
+    truncated: int = 0
+
+
+def iter_reader(
+    shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int, shuffle_buffer: int, counts: Counts
+) -> Iterator[dict]:
+    """Samples ``{"key", "image" (bytes), "label"}`` of one reader for one epoch; problems are added to ``counts``."""
+    paths, stride = split_shards(shards, reader=reader, num_readers=num_readers, seed=seed, epoch=epoch)
+
+    def raw() -> Iterator[dict]:
+        index = 0  # position in this reader's stream; decides ownership in sample-level mode
+        for shard_pos, path in enumerate(paths):
+            errors: list[Exception] = []
+            for sample in _tar_samples(path, errors):
+                mine = index % stride == reader % stride
+                index += 1
+                if not mine:
+                    continue
+                parsed = _parse(sample)
+                if parsed is None:
+                    counts.corrupt += 1
+                    log.warning("skipping sample %r in %s: no image or no integer label", sample.get("__key__"), path)
+                    continue
+                yield parsed
+            # In sample-level mode every reader reads this shard; only one of them reports it.
+            if errors and (stride == 1 or shard_pos % stride == reader):
+                counts.truncated += 1
+                log.warning("shard %s is truncated or unreadable (%s); skipped the rest of it", path, errors[0])
+
+    rng = np.random.default_rng([seed, epoch, reader])
+    yield from _shuffle(raw(), shuffle_buffer, rng)
+
+
+class ShardStream(IterableDataset):
+    """One epoch of this rank's samples per ``iter()``, as chunks ``{"samples": [...], "corrupt", "truncated"}``.
+
+    The epoch lives in a shared ``mp.Value`` so persistent DataLoader workers pick up a new epoch on the next
+    ``iter(loader)`` without being restarted.
+    """
+
+    def __init__(self, shards: list[str], *, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
+                 seed: int, epoch: int, chunk: int = 32):
+        super().__init__()
+        if not shards:
+            raise ValueError("shards: empty list")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
+        self.shards = list(shards)
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.shuffle_buffer, self.seed, self.chunk = shuffle_buffer, seed, chunk
+        self.epoch = mp.Value("q", epoch, lock=False)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, k = (info.id, info.num_workers) if info is not None else (0, 1)
+        counts = Counts()
+        samples = iter_reader(self.shards, reader=self.rank * k + worker, num_readers=self.world_size * k,
+                              seed=self.seed, epoch=int(self.epoch.value), shuffle_buffer=self.shuffle_buffer,
+                              counts=counts)
+        out: list[dict] = []
+        for sample in samples:
+            out.append(sample)
+            if len(out) >= self.chunk:
+                yield {"samples": out, "corrupt": counts.corrupt, "truncated": counts.truncated}
+                out, counts.corrupt, counts.truncated = [], 0, 0
+        yield {"samples": out, "corrupt": counts.corrupt, "truncated": counts.truncated}  # always: carries last counts
+
+
+def _identity(x):
+    return x
+
+
+def make_loader(stream: ShardStream) -> DataLoader:
+    """DataLoader over ``stream`` with ``stream.num_workers`` persistent workers (0 = read in the main process)."""
+    k = stream.num_workers
+    return DataLoader(stream, batch_size=None, num_workers=k, collate_fn=_identity, persistent_workers=k > 0,
+                      prefetch_factor=4 if k > 0 else None)
+
+
+def read_epoch(shards: list[str], *, rank: int, world_size: int, num_workers: int, shuffle_buffer: int = 0,
+               seed: int = 0, epoch: int = 0) -> Iterator[dict]:
+    """Raw samples ``{"key", "image" (bytes), "label"}`` of one epoch for one rank, read by real DataLoader workers."""
+    stream = ShardStream(shards, rank=rank, world_size=world_size, num_workers=num_workers,
+                         shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch)
+    for chunk in make_loader(stream):
+        yield from chunk["samples"]
+

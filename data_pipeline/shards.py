@@ -1,0 +1,145 @@
+"""Write a source into WebDataset tar shards, and find / verify them again.
+
+A dataset directory holds:
+
+- ``shard-000000.tar``, ... : WebDataset shards; a sample is ``<key>.png`` or ``<key>.jpg`` (the bytes the source gave)
+  plus ``<key>.cls`` (the label as ASCII text).
+- ``checksums.json``: ``{"shard-000000.tar": "<sha256 hex>", ...}``, one entry per shard.
+- ``manifest.parquet``: one row per sample, columns ``key`` (str), ``shard`` (file name, str), ``label`` (int64),
+  ``bytes`` (size of the encoded image, int64). The schema metadata holds ``classes`` (JSON list of class names, index =
+  label), ``source`` (the spec) and ``shard_size``.
+
+Everything is written into a hidden temp directory beside ``out_dir`` and renamed into place at the end, with the
+manifest written last, so a crash never leaves a directory that looks complete: "complete" means "has a manifest".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline.sources import resolve_source
+
+MANIFEST = "manifest.parquet"
+CHECKSUMS = "checksums.json"
+SHARD_PATTERN = "shard-%06d.tar"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shards(
+    source: str, out_dir: str | Path, *, shard_size: int = 256, progress: bool = True, seed: int = 0
+) -> Path:
+    """Write ``source`` (see ``data_pipeline.sources``) as shards of ``shard_size`` samples into ``out_dir``.
+
+    Samples are written in an order shuffled once by ``seed`` so that every shard mixes classes. ``out_dir`` must not
+    exist yet (or be empty). Returns the manifest path.
+    """
+    import webdataset as wds
+    from tqdm import tqdm
+
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size: must be a positive int, got {shard_size!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"out_dir {out_dir} already exists and is not an empty directory")
+    src = resolve_source(source)  # raises before anything is written
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        order = np.random.default_rng(seed).permutation(len(src))
+        items = list(src)
+        rows: dict[str, list] = {"key": [], "shard": [], "label": [], "bytes": []}
+        # mtime=0 makes the tar bytes (and so the checksums) a function of the data only.
+        with wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=shard_size, verbose=0, mtime=0) as sink:
+            for i in tqdm(order, total=len(items), disable=not progress, desc=f"shards {out_dir.name}", unit="img"):
+                key, data, ext, label = items[i]
+                sink.write({"__key__": key, ext: data, "cls": label})
+                rows["key"].append(key)
+                rows["shard"].append(Path(sink.fname).name)
+                rows["label"].append(label)
+                rows["bytes"].append(len(data))
+        shard_names = sorted(set(rows["shard"]))
+        checksums = {name: sha256_file(tmp / name) for name in shard_names}
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
+        meta = {"classes": json.dumps(src.classes), "source": source, "shard_size": str(shard_size)}
+        table = pa.table(
+            {
+                "key": pa.array(rows["key"], pa.string()),
+                "shard": pa.array(rows["shard"], pa.string()),
+                "label": pa.array(rows["label"], pa.int64()),
+                "bytes": pa.array(rows["bytes"], pa.int64()),
+            }
+        ).replace_schema_metadata(meta)
+        pq.write_table(table, tmp / MANIFEST)  # last: its presence marks the dataset complete
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); os.rename onto a non-empty directory would fail anyway
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / MANIFEST
+
+
+def read_manifest(data_dir: str | Path) -> pa.Table:
+    """The manifest table of a dataset directory (columns key, shard, label, bytes; metadata classes, source)."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"no {MANIFEST} in {data_dir}: not a (complete) shard directory")
+    return pq.read_table(path)
+
+
+def read_classes(data_dir: str | Path) -> list[str]:
+    """Class names of a dataset directory, index = label."""
+    meta = read_manifest(data_dir).schema.metadata or {}
+    return json.loads(meta.get(b"classes", b"[]"))
+
+
+def list_shards(data_dir: str | Path, *, verify: bool = False) -> list[str]:
+    """Absolute shard paths named by the manifest, sorted; with ``verify`` check each against ``checksums.json``."""
+    data_dir = Path(data_dir)
+    names = sorted(set(read_manifest(data_dir).column("shard").to_pylist()))
+    paths = [str((data_dir / n).resolve()) for n in names]
+    if verify:
+        checksums = json.loads((data_dir / CHECKSUMS).read_text())
+        for name, path in zip(names, paths):
+            if name not in checksums:
+                raise ValueError(f"shard {name}: no checksum in {data_dir / CHECKSUMS}")
+            if not os.path.isfile(path):
+                raise ValueError(f"shard {name}: missing from {data_dir}")
+            if sha256_file(path) != checksums[name]:
+                raise ValueError(f"shard {name}: sha256 mismatch (file changed or corrupt)")
+    return paths
+
+
+def ensure_digits_shards(cache_dir: str | Path, *, shard_size: int = 256) -> list[str]:
+    """Shards of the digits source under ``cache_dir/digits-<shard_size>``: built on first use, reused after.
+
+    Safe when several processes (ranks) call it at once: each builds into its own temp dir and the first rename wins.
+    """
+    out_dir = Path(cache_dir) / f"digits-{shard_size}"
+    if not (out_dir / MANIFEST).is_file():
+        try:
+            write_shards("digits", out_dir, shard_size=shard_size, progress=False)
+        except (ValueError, OSError):
+            # Another process finished first (our rename found a non-empty dir); anything else re-raises below.
+            if not (out_dir / MANIFEST).is_file():
+                raise
+    return list_shards(out_dir)

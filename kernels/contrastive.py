@@ -1,0 +1,288 @@
+"""Row-vs-columns softmax cross-entropy without the similarity matrix: the core of NT-Xent and CLIP.
+
+For query rows q (M, D) and key columns k (C, D), a positive column pos (M,) and an excluded column excl (M,)
+(-1 = none) per row:
+
+    loss_i = logsumexp_{j != excl_i}(q_i . k_j) - q_i . k_{pos_i}
+
+Any logit scale (1/temperature, exp(logit_scale)) is applied by the caller to q, so its gradient comes from autograd.
+
+Three implementations with one contract (per-row fp32 loss, gradients to q and k in their dtypes):
+- "triton": FlashAttention-style. The forward streams column tiles with an online max/sum and keeps the per-row
+  log-sum-exp; the backward recomputes the logit tiles from it (one kernel for dq over row tiles, one for dk over
+  column tiles, no atomics, deterministic). Memory O((M + C) D).
+- "chunked": pure PyTorch, rows in chunks of about `chunk_elems / C`, same recompute-in-backward scheme; what CPU
+  training runs use. Memory O((M + C) D + chunk_elems).
+- "ref": the naive (M, C) logits matrix and F.cross_entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.utils import check_float, dot_precision, next_pow2, resolve_impl
+
+DEFAULT_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32 logits per chunk
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernels
+@triton.jit
+def _logits_tile(
+    a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, a_row_stride, b_row_stride, dim,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """(BLOCK_A, BLOCK_B) fp32 tile of a[a_idx] @ b[b_idx].T, reduced over D in BLOCK_D slices."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    a_base = a_ptr + a_idx.to(tl.int64)[:, None] * a_row_stride
+    b_base = b_ptr + b_idx.to(tl.int64)[None, :] * b_row_stride
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        a = tl.load(a_base + d[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(b_base + d[:, None], mask=d_ok[:, None] & b_ok[None, :], other=0.0)  # b tile, transposed
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    loss_ptr, lse_ptr,                          # outputs (M,) fp32
+    q_ptr, k_ptr, pos_ptr, excl_ptr,            # inputs
+    q_row_stride, k_row_stride,
+    n_rows, n_cols, dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+    # A finite start for the running max keeps exp(m_old - m_new) = 0, never nan, while a row has seen only -inf.
+    m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    s_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        s = _logits_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, q_row_stride, k_row_stride, dim,
+                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
+        s = tl.where(col_ok[None, :] & (cols[None, :] != excl[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        s_sum = s_sum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s_sum)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(loss_ptr + rows, lse - pos_logit, mask=row_ok)
+
+
+@triton.jit
+def _contrastive_bwd_dq_kernel(
+    dq_ptr,                                     # output (M, D)
+    q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, g_ptr, g_scale_ptr,
+    q_row_stride, k_row_stride, dq_row_stride,
+    n_rows, n_cols, dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dq_i = g_i * sum_j (p_ij - [j == pos_i]) k_j; grid (row tiles, D slices)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    d_out = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d_out < dim
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    # g arrives divided by max|g| (g_scale) so that fp16 ds = g * (p - 1[pos]) stays out of the subnormals.
+    g_scale = tl.load(g_scale_ptr)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        s = _logits_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, q_row_stride, k_row_stride, dim,
+                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        valid = col_ok[None, :] & (cols[None, :] != excl[:, None])
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        ds = g[:, None] * (p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0))
+        kd = tl.load(k_ptr + cols.to(tl.int64)[:, None] * k_row_stride + d_out[None, :],
+                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(ds.to(kd.dtype), kd, acc, input_precision=DOT_PRECISION)
+    acc = acc * g_scale
+    tl.store(dq_ptr + rows.to(tl.int64)[:, None] * dq_row_stride + d_out[None, :],
+             acc.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _contrastive_bwd_dk_kernel(
+    dk_ptr,                                     # output (C, D)
+    q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, g_ptr, g_scale_ptr,
+    q_row_stride, k_row_stride, dk_row_stride,
+    n_rows, n_cols, dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dk_j = sum_i g_i (p_ij - [j == pos_i]) q_i; grid (column tiles, D slices); logits recomputed transposed."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    d_out = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d_out < dim
+    g_scale = tl.load(g_scale_ptr)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for m0 in range(0, n_rows, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+        excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
+        s_t = _logits_tile(k_ptr, q_ptr, cols, rows, col_ok, row_ok, k_row_stride, q_row_stride, dim,
+                           BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = logits.T
+        valid = row_ok[None, :] & (cols[:, None] != excl[None, :])
+        p_t = tl.where(valid, tl.exp(s_t - lse[None, :]), 0.0)
+        ds_t = g[None, :] * (p_t - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0))
+        qd = tl.load(q_ptr + rows.to(tl.int64)[:, None] * q_row_stride + d_out[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(ds_t.to(qd.dtype), qd, acc, input_precision=DOT_PRECISION)
+    acc = acc * g_scale
+    tl.store(dk_ptr + cols.to(tl.int64)[:, None] * dk_row_stride + d_out[None, :],
+             acc.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+
+
+def _blocks(dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): one D slice up to 256 (tl.dot needs >= 16), else slices of 128."""
+    block_d = max(16, next_pow2(dim)) if dim <= 256 else 128
+    return 64, 64, block_d, (8 if block_d >= 256 else 4)
+
+
+class ContrastiveFunction(torch.autograd.Function):
+    """Triton launchers. forward(q (M, D), k (C, D), pos (M,), excl (M,)) -> per-row loss (M,) fp32."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, pos: Tensor, excl: Tensor) -> Tensor:
+        q, k = q.contiguous(), k.contiguous()
+        pos, excl = pos.contiguous(), excl.contiguous()
+        (m, dim), c = q.shape, k.shape[0]
+        loss = torch.empty(m, device=q.device, dtype=torch.float32)
+        lse = torch.empty(m, device=q.device, dtype=torch.float32)
+        bm, bn, bd, warps = _blocks(dim)
+        if m > 0:
+            _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](
+                loss, lse, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps,
+            )
+        ctx.save_for_backward(q, k, pos, excl, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, pos, excl, lse = ctx.saved_tensors
+        (m, dim), c = q.shape, k.shape[0]
+        g = grad.contiguous().float()
+        g_scale = g.abs().amax().clamp_min(1e-30).reshape(1) if m > 0 else g.new_ones(1)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        bm, bn, bd, warps = _blocks(dim)
+        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps)
+        n_d = triton.cdiv(dim, bd)
+        if m > 0:
+            _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](
+                dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim, **common
+            )
+            _contrastive_bwd_dk_kernel[(triton.cdiv(c, bn), n_d)](
+                dk, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dk.stride(0), m, c, dim, **common
+            )
+        else:
+            dk.zero_()
+        return dq, dk, None, None
+
+
+# ----------------------------------------------------------------------------------------- chunked PyTorch path
+def _chunk_logits(qc: Tensor, kf: Tensor, excl_c: Tensor) -> Tensor:
+    """fp32 logits (R, C) of a row chunk with each row's excluded column set to -inf."""
+    s = qc.float() @ kf.T
+    has = excl_c >= 0
+    if bool(has.any()):
+        r = torch.nonzero(has).squeeze(1)
+        s[r, excl_c[r]] = float("-inf")
+    return s
+
+
+class ChunkedContrastiveFunction(torch.autograd.Function):
+    """Pure-PyTorch, memory-efficient: rows in chunks, logits recomputed in backward from the saved LSE."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, chunk_elems: int) -> Tensor:
+        m, c = q.shape[0], k.shape[0]
+        rows = max(1, chunk_elems // max(c, 1))
+        kf = k.float()
+        lse = torch.empty(m, device=q.device, dtype=torch.float32)
+        pos_logit = torch.empty(m, device=q.device, dtype=torch.float32)
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            s = _chunk_logits(q[r0:r1], kf, excl[r0:r1])
+            pos_logit[r0:r1] = s.gather(1, pos[r0:r1, None]).squeeze(1)
+            lse[r0:r1] = torch.logsumexp(s, dim=1)
+        ctx.save_for_backward(q, k, pos, excl, lse)
+        ctx.rows = rows
+        return lse - pos_logit
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, pos, excl, lse = ctx.saved_tensors
+        m, rows = q.shape[0], ctx.rows
+        kf, g = k.float(), grad.float()
+        dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            qc = q[r0:r1].float()
+            ds = _chunk_logits(qc, kf, excl[r0:r1]).sub_(lse[r0:r1, None]).exp_()  # softmax p
+            ds.scatter_add_(1, pos[r0:r1, None], torch.full((r1 - r0, 1), -1.0, device=ds.device))
+            ds.mul_(g[r0:r1, None])
+            torch.mm(ds, kf, out=dq[r0:r1])
+            dk.addmm_(ds.T, qc)
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
+
+
+# -------------------------------------------------------------------------------------------- public functions
+def contrastive_rows_loss_ref(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor | None = None, *,
+                              upcast: bool = False) -> Tensor:
+    """Naive reference. q: (M, D), k: (C, D), pos/excl: (M,) int64 -> per-row loss (M,), in q's dtype unless upcast."""
+    if upcast:
+        q, k = q.float(), k.float()
+    s = q @ k.T
+    if excl is not None:
+        r = torch.nonzero(excl >= 0).squeeze(1)
+        s[r, excl[r]] = float("-inf")  # in place is safe: mm's backward needs its inputs, not its output
+    return F.cross_entropy(s, pos, reduction="none")
+
+
+def _check(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor) -> None:
+    check_float("q", q, 2)
+    check_float("k", k, 2)
+    if q.shape[1] != k.shape[1] or q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} must share D, dtype, device")
+    for name, t in (("pos", pos), ("excl", excl)):
+        if t.dtype != torch.int64 or t.shape != (q.shape[0],):
+            raise ValueError(f"{name} must be int64 of shape ({q.shape[0]},), got {t.dtype} {tuple(t.shape)}")
+    if k.shape[0] == 0:
+        raise ValueError("k must have at least one column")
+
+
+def contrastive_rows_loss(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor | None = None, *, impl: str = "auto",
+                          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
+    """Per-row loss_i = logsumexp_{j != excl_i}(q_i . k_j) - q_i . k_{pos_i}, fp32 of shape (M,).
+
+    q: (M, D) (already scaled), k: (C, D), same dtype/device; pos: (M,) int64 in [0, C); excl: (M,) int64, -1 = none,
+    never equal to pos. impl: "auto" | "triton" | "chunked" | "ref". Gradients flow to q and k.
+    """
+    if excl is None:
+        excl = torch.full_like(pos, -1)
+    _check(q, k, pos, excl)
+    path = resolve_impl(impl, q, has_chunked=True, op="contrastive_rows_loss")
+    if path == "triton":
+        return ContrastiveFunction.apply(q, k, pos, excl)
+    if path == "chunked":
+        return ChunkedContrastiveFunction.apply(q, k, pos, excl, int(chunk_elems))
+    return contrastive_rows_loss_ref(q, k, pos, excl, upcast=True)

@@ -1,0 +1,87 @@
+"""NT-Xent (SimCLR) loss on top of the tiled row-vs-columns core in kernels/contrastive.py.
+
+The 2N x 2N similarity matrix is never built by the "triton" and "chunked" paths; `ntxent_loss_ref` builds it.
+Distributed use: the caller gathers both views from all ranks *with gradient* (pretrain/dist.py) and passes them
+as z0_all / z1_all with this rank's row offset; no communication happens here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.clip import clip_loss, clip_loss_ref  # noqa: F401  (re-exported: same core, same API family)
+from kernels.contrastive import contrastive_rows_loss
+from kernels.utils import check_float
+
+__all__ = ["ntxent_loss", "ntxent_loss_ref", "clip_loss", "clip_loss_ref"]
+
+
+def _check(z0: Tensor, z1: Tensor, temperature: float, z0_all: Tensor | None, z1_all: Tensor | None,
+           offset: int) -> tuple[Tensor, Tensor, int]:
+    """Validate and return (z0_all, z1_all, offset) with the local defaults filled in."""
+    check_float("z0", z0, 2)
+    check_float("z1", z1, 2)
+    if z0.shape != z1.shape or z0.dtype != z1.dtype:
+        raise ValueError(f"z0 {tuple(z0.shape)} {z0.dtype} and z1 {tuple(z1.shape)} {z1.dtype} must match")
+    if z0.shape[0] == 0:
+        raise ValueError("z0/z1 must have at least one row")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if (z0_all is None) != (z1_all is None):
+        raise ValueError("pass both z0_all and z1_all, or neither")
+    if z0_all is None:
+        if offset != 0:
+            raise ValueError(f"offset must be 0 without z0_all/z1_all, got {offset}")
+        return z0, z1, 0
+    check_float("z0_all", z0_all, 2)
+    if z0_all.shape != z1_all.shape or z0_all.shape[1] != z0.shape[1] or z0_all.dtype != z0.dtype:
+        raise ValueError(f"z0_all {tuple(z0_all.shape)} and z1_all {tuple(z1_all.shape)} must be (N, {z0.shape[1]}) "
+                         f"{z0.dtype}")
+    if not 0 <= offset <= z0_all.shape[0] - z0.shape[0]:
+        raise ValueError(f"offset {offset} + n {z0.shape[0]} must fit in N {z0_all.shape[0]}")
+    return z0_all, z1_all, int(offset)
+
+
+def _indices(n: int, n_all: int, offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """pos, excl (2n,) for anchors [z0; z1] against columns [z0_all; z1_all]."""
+    i = torch.arange(n, device=device) + offset
+    return torch.cat([i + n_all, i]), torch.cat([i, i + n_all])
+
+
+def ntxent_loss(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all: Tensor | None = None,
+                z1_all: Tensor | None = None, offset: int = 0, impl: str = "auto") -> Tensor:
+    """NT-Xent mean over this rank's 2n anchors (fp32 scalar).
+
+    z0, z1: (n, D) this rank's two views (L2-normalised inside). z0_all, z1_all: (N, D) the views of ALL ranks,
+    gathered by the caller with gradient; rows offset:offset+n are this rank's. None -> z0, z1 and offset 0.
+    For anchor z0[i] the positive is z1_all[offset+i], for z1[i] it is z0_all[offset+i]; negatives are the other
+    2N-2 columns (the anchor's own column excluded). fp32/fp16/bf16 inputs, fp32 accumulation.
+    impl: "auto" (triton on CUDA, chunked elsewhere) | "triton" | "chunked" | "ref".
+    """
+    z0_all, z1_all, offset = _check(z0, z1, temperature, z0_all, z1_all, offset)
+    local = z0_all is z0
+    zn0, zn1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+    q = torch.cat([zn0, zn1])
+    k = q if local else torch.cat([F.normalize(z0_all, dim=1), F.normalize(z1_all, dim=1)])
+    pos, excl = _indices(z0.shape[0], z0_all.shape[0], offset, z0.device)
+    if impl == "ref":
+        return ntxent_loss_ref(z0, z1, temperature, z0_all=None if local else z0_all,
+                               z1_all=None if local else z1_all, offset=offset, upcast=True)
+    return contrastive_rows_loss(q * (1.0 / temperature), k, pos, excl, impl=impl).mean()
+
+
+def ntxent_loss_ref(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all: Tensor | None = None,
+                    z1_all: Tensor | None = None, offset: int = 0, upcast: bool = False) -> Tensor:
+    """Naive NT-Xent: materialises the (2n, 2N) logits (2N x 2N on one rank). Same contract as `ntxent_loss`;
+    computes in the input dtype unless upcast (then fp32)."""
+    z0_all, z1_all, offset = _check(z0, z1, temperature, z0_all, z1_all, offset)
+    if upcast:
+        z0, z1, z0_all, z1_all = z0.float(), z1.float(), z0_all.float(), z1_all.float()
+    q = F.normalize(torch.cat([z0, z1]), dim=1)
+    k = F.normalize(torch.cat([z0_all, z1_all]), dim=1)
+    logits = q @ k.T / temperature
+    pos, excl = _indices(z0.shape[0], z0_all.shape[0], offset, z0.device)
+    logits[torch.arange(q.shape[0], device=q.device), excl] = float("-inf")
+    return F.cross_entropy(logits, pos)

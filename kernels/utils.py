@@ -1,0 +1,69 @@
+"""Shared helpers for the kernels: the `impl` switch, Triton availability, block-size arithmetic.
+
+Triton is imported here and in the kernel modules only (STYLE.md: one place per heavy dependency).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with the venv; keep the refs usable without it
+    HAS_TRITON = False
+
+# Triton decides interpreter vs compiler when `@triton.jit` runs, i.e. at import of the kernel modules, so the
+# switch is read once here (kernels.* import this module first).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+IMPLS_WITH_CHUNKED = ("auto", "triton", "chunked", "ref")
+IMPLS = ("auto", "triton", "ref")
+
+
+def resolve_impl(impl: str, x: torch.Tensor, *, has_chunked: bool = False, op: str = "op") -> str:
+    """Map `impl` ("auto" | "triton" | "ref" [| "chunked"]) to a concrete path for tensor `x`.
+
+    "auto" -> "triton" on CUDA, else "chunked" (ops that have one) or "ref". "triton" on a CPU tensor needs the
+    Triton interpreter (TRITON_INTERPRET=1 set before importing kernels); otherwise a ValueError says so.
+    """
+    allowed = IMPLS_WITH_CHUNKED if has_chunked else IMPLS
+    if impl not in allowed:
+        raise ValueError(f"{op}: impl must be one of {allowed}, got {impl!r}")
+    if impl == "auto":
+        if x.is_cuda and HAS_TRITON:
+            return "triton"
+        return "chunked" if has_chunked else "ref"
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{op}: impl='triton' but triton is not installed")
+        if not x.is_cuda and not INTERPRET:
+            raise ValueError(
+                f"{op}: impl='triton' needs a CUDA tensor (got device {x.device}); on CPU set TRITON_INTERPRET=1 "
+                "before importing kernels, or use impl='ref'" + (" / 'chunked'" if has_chunked else "")
+            )
+    return impl
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (>= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def check_float(name: str, t: torch.Tensor, ndim: int) -> None:
+    """ValueError unless `t` is a floating tensor (fp32/fp16/bf16) with `ndim` dimensions."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 ("ieee") for fp32 inputs so fp32 matches the reference to ~1e-5;
+    fp16/bf16 go to the tensor cores with fp32 accumulation regardless."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,346 @@
+"""Typed run configuration: dataclasses are the schema, YAML recipes are the data.
+
+``load_config("configs/simclr_digits.yaml", ["optim.lr=1e-3"])`` reads a recipe (which may derive from another through
+``base:``), applies dotted overrides, checks every key and type, and runs each section's ``__post_init__`` checks. Any
+problem raises :class:`ConfigError` with one line that names the key, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.views import AugmentConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the key."""
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {problem}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    backbone: str = "convnet"
+    """Key into pretrain.models.BACKBONES (vit_tiny, vit_small, vit_base, convnet, resnet18)."""
+    patch_size: int = 16
+    """ViT patch size; the image size comes from data.image_size."""
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments for the backbone (e.g. width, depth, drop_path_rate)."""
+    proj_hidden_dim: int = 512
+    proj_out_dim: int = 128
+    proj_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.patch_size > 0, "patch_size", "must be > 0")
+        _check(self.proj_hidden_dim > 0, "proj_hidden_dim", "must be > 0")
+        _check(self.proj_out_dim > 0, "proj_out_dim", "must be > 0")
+        _check(self.proj_layers >= 1, "proj_layers", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: str = "simclr"
+    """Key into pretrain.methods.METHODS."""
+    temperature: float = 0.2
+    """NT-Xent temperature."""
+    loss_impl: str = "auto"
+    """auto (Triton on CUDA, chunked PyTorch on CPU) | triton | chunked | ref (naive, builds the 2N x 2N matrix)."""
+    gather_distributed: bool = True
+    """Use the embeddings of every rank as negatives (gathered with gradients)."""
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        choices = ("auto", "triton", "chunked", "ref")
+        _check(self.loss_impl in choices, "loss_impl", f"must be one of {', '.join(choices)}, got {self.loss_impl!r}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "digits"
+    """'digits' (shards built into cache_dir on first use) or a directory of shards with a manifest.parquet."""
+    cache_dir: str = "~/.cache/ssl-pretrain"
+    shard_size: int = 256
+    """Samples per shard when shards are built on first use."""
+    batch_size: int = 256
+    """Per worker (DeepSpeed's micro-batch); the global batch is batch_size x num_workers."""
+    num_loader_workers: int = 1
+    shuffle_buffer: int = 1000
+    image_size: int = 16
+    channels: int = 1
+    num_views: int = 2
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "source", "must not be empty")
+        _check(self.shard_size > 0, "shard_size", "must be > 0")
+        _check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        _check(self.num_loader_workers >= 0, "num_loader_workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        _check(self.image_size > 0, "image_size", "must be > 0")
+        _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        _check(self.num_views >= 2, "num_views", "must be >= 2")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.01
+    """Cosine decay ends at lr x min_lr_ratio."""
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    """Gradient-norm clipping; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (0, 1, 2, 3), "stage", f"must be 0, 1, 2 or 3, got {self.stage}")
+        _check(self.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty = sqlite file <job.out_dir>/mlflow.db."""
+    experiment: str = "ssl-pretrain"
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    enabled: bool = True
+    """Evaluate the frozen backbone at the end of training."""
+    dataset: str = "digits"
+
+    def __post_init__(self) -> None:
+        _check(self.dataset == "digits", "dataset", f"only 'digits' is supported, got {self.dataset!r}")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    max_steps: int = 600
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on GPU nodes)."""
+    use_gpu: str = "auto"
+    """auto | true | false."""
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str = ""
+    """Empty = '<method>-<timestamp>'."""
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    """How many reported checkpoints Ray keeps; 0 keeps all."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.use_gpu in ("auto", "true", "false"), "use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
+        _check(self.log_every > 0, "log_every", "must be > 0")
+        _check(self.ckpt_every > 0, "ckpt_every", "must be > 0")
+        _check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0")
+        _check("/" not in self.run_name, "run_name", "must not contain '/'")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+    def __post_init__(self) -> None:
+        from pretrain.methods import METHODS
+        from pretrain.models import BACKBONES
+
+        _check(self.method.name in METHODS, "method.name", f"unknown method {self.method.name!r}; known: {', '.join(METHODS)}")
+        _check(
+            self.model.backbone in BACKBONES,
+            "model.backbone",
+            f"unknown backbone {self.model.backbone!r}; known: {', '.join(BACKBONES)}",
+        )
+        if self.model.backbone.startswith("vit"):
+            _check(
+                self.data.image_size % self.model.patch_size == 0,
+                "model.patch_size",
+                f"{self.model.patch_size} does not divide data.image_size {self.data.image_size}",
+            )
+        _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps", "must be < job.max_steps")
+
+
+# --- building dataclasses from plain dicts, with checks -----------------------------------------------------------
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a schema bug, not a user error
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {name: _convert(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # __post_init__ names the field; add where it sits
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"base: recipe {path} derives from itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(_read_recipe(path.parent / base, (*seen, path)), data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides; ``c`` is parsed as YAML (``1e-3``, ``true``, ``[0.5, 1.0]``)."""
+    data = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}") from None
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a recipe (or the defaults when ``path`` is None), apply overrides, validate."""
+    data = _read_recipe(Path(path)) if path else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists), ready for YAML, JSON or MLflow params."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,89 @@
+"""The distribution helpers models and losses use; nothing here decides how a job is launched.
+
+All functions work unchanged in a single process (no process group): rank 0 of a world of 1. Collectives take an
+optional ``group`` (default: the whole world) so callers pass the communication in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_initialized() -> bool:
+    """True inside an initialised default process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (0 when not distributed)."""
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of processes in ``group`` (1 when not distributed)."""
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def local_rank() -> int:
+    """Rank on this node, from ``LOCAL_RANK`` (set by torchrun, Ray Train and DeepSpeed's launcher); 0 when unset."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums the incoming gradient across ranks and returns this rank's slice.
+
+    Every rank's loss uses every rank's rows, so d(sum of losses)/d(my rows) needs the gradient from all ranks; a plain
+    ``all_gather`` returns tensors without history and silently drops the other ranks' share (lightly #1977,
+    open_clip #616).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.n = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
+
+
+def gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """x: (n, ...) on each rank -> (world*n, ...), ranks in order, differentiable.
+
+    Backward all-reduces (SUM) the gradient of the gathered tensor and returns this rank's rows, so averaging parameter
+    gradients over ranks afterwards (DDP / DeepSpeed) gives the gradient of the mean loss over the whole global batch.
+    Returns ``x`` itself when not distributed or in a world of 1. Every rank must pass the same shape (checked with one
+    small all-gather; ValueError on all ranks otherwise).
+    """
+    if not is_initialized() or world_size(group) == 1:
+        return x
+    if not 1 <= x.ndim <= 8:
+        raise ValueError(f"gather_with_grad needs a tensor with 1 to 8 dims, got shape {tuple(x.shape)}")
+    # the shape check costs one tiny all-gather; a mismatch would otherwise hang or mis-slice the backward
+    shape = torch.tensor([x.ndim, *x.shape, *([0] * (8 - x.ndim))], dtype=torch.int64, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size(group))]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(s, shape) for s in shapes):
+        seen = [tuple(s[1 : 1 + int(s[0])].tolist()) for s in shapes]
+        raise ValueError(f"gather_with_grad needs the same shape on every rank, got {seen} (rank order)")
+    return _GatherWithGrad.apply(x, group)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Mean of float ``x`` over ranks (new tensor, no autograd) for logging and centers; ``x`` when not distributed."""
+    if not is_initialized() or world_size(group) == 1:
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out.div_(world_size(group))

@@ -1,0 +1,126 @@
+"""The only module that imports DeepSpeed: engine from config, schedule, checkpoint save/load, op prebuild.
+
+On a machine without CUDA, DeepSpeed runs with its ``cpu`` accelerator (gloo, fp32); on GPUs with bf16. The
+optimizer is torch's AdamW, handed to DeepSpeed as a client optimizer so no CUDA/CPU-Adam extension has to be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+
+from pretrain.config import Config  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CKPT_TAG = "state"
+"""DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.zero.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.zero.precision == "bf16"
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup to the peak, then cosine to ``min_lr_ratio`` x peak at ``max_steps``."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.job.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ds_config(cfg: Config) -> dict:
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.zero.stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if use_bf16(cfg):
+        out["bf16"] = {"enabled": True}
+    return out
+
+
+def build_engine(model: nn.Module, cfg: Config):
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW, warmup + cosine, clipping) from the config.
+
+    Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
+    """
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg))
+    return engine
+
+
+def save_checkpoint(engine, directory: str | Path, client_state: dict) -> None:
+    """Every rank writes its ZeRO partition into ``directory``/state."""
+    engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state=client_state)
+
+
+def load_checkpoint(engine, directory: str | Path) -> dict:
+    """Restore module, optimizer, scheduler; returns the client state saved with it."""
+    path, client_state = engine.load_checkpoint(str(directory), tag=CKPT_TAG)
+    if path is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint under {directory}/{CKPT_TAG}")
+    return client_state
+
+
+def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
+    """A full fp32 state dict of ``module`` (a submodule of the engine's model) on CPU; collective under ZeRO-3."""
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
+    """Build (or load from the cache) the ops DeepSpeed JIT-compiles at ``initialize``, saying so.
+
+    On CPU that is ``deepspeed_shm_comm`` (~40 s the first time). Workers inherit TORCH_EXTENSIONS_DIR and find it built.
+    """
+    if extensions_dir:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir))
+    if torch.cuda.is_available():
+        return  # CUDA runs use torch's AdamW and NCCL: nothing to JIT-compile
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible():
+        return
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    built = any(root.glob(f"*/{builder.NAME}/*.so"))
+    if not built:
+        print(f"Building DeepSpeed's {builder.NAME} op once into {root} (about 40 s; cached afterwards) ...", flush=True)
+    t0 = time.perf_counter()
+    builder.load(verbose=False)
+    if not built:
+        print(f"Built {builder.NAME} in {time.perf_counter() - t0:.0f} s.", flush=True)

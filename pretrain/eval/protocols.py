@@ -1,0 +1,26 @@
+"""All frozen-feature protocols in one call; the trainer's eval hook and ``pretrain eval`` use this."""
+
+from __future__ import annotations
+
+from pretrain.eval.cluster import kmeans_scores
+from pretrain.eval.common import check_split
+from pretrain.eval.fewshot import fewshot_top1
+from pretrain.eval.knn import knn_top1
+from pretrain.eval.linear import linear_top1
+
+METRICS = ("knn_top1", "linear_top1", "fewshot_1", "fewshot_5", "kmeans_nmi", "kmeans_ari")
+"""Keys of :func:`evaluate_features`, in report order."""
+
+
+def evaluate_features(train_x, train_y, test_x, test_y, *, seed: int = 0) -> dict[str, float]:
+    """kNN, linear probe, 1-/5-shot and KMeans (on the test features) for ``train_x: (N, F)``, ``test_x: (M, F)``."""
+    train_x, train_y, test_x, test_y = check_split(train_x, train_y, test_x, test_y)
+    nmi, ari = kmeans_scores(test_x, test_y, n_clusters=len(set(test_y.tolist())), seed=seed)
+    return {
+        "knn_top1": knn_top1(train_x, train_y, test_x, test_y),
+        "linear_top1": linear_top1(train_x, train_y, test_x, test_y),
+        "fewshot_1": fewshot_top1(train_x, train_y, test_x, test_y, shots=1, seed=seed),
+        "fewshot_5": fewshot_top1(train_x, train_y, test_x, test_y, shots=5, seed=seed),
+        "kmeans_nmi": nmi,
+        "kmeans_ari": ari,
+    }

@@ -1,0 +1,8 @@
+"""Pretext tasks: ``METHODS[name](cfg, gather=..., rank=...)`` builds an :class:`SSLMethod`."""
+
+from pretrain.methods.base import SSLMethod
+from pretrain.methods.simclr import SimCLR
+
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+
+__all__ = ["METHODS", "SSLMethod", "SimCLR"]

@@ -1,0 +1,50 @@
+"""SimCLR (Chen et al., 2020): two views, a projection head, NT-Xent over every rank's embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels.ntxent import ntxent_loss
+from pretrain.config import Config
+from pretrain.heads import ProjectionHead
+from pretrain.methods.base import Gather, SSLMethod
+from pretrain.models import build_backbone
+
+
+class SimCLR(SSLMethod):
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, rank: int = 0) -> None:
+        super().__init__()
+        self.backbone = build_backbone(
+            cfg.model.backbone,
+            image_size=cfg.data.image_size,
+            in_chans=cfg.data.channels,
+            patch_size=cfg.model.patch_size,
+            **cfg.model.backbone_kwargs,
+        )
+        self.projector = ProjectionHead(
+            self.backbone.embed_dim,
+            hidden_dim=cfg.model.proj_hidden_dim,
+            out_dim=cfg.model.proj_out_dim,
+            num_layers=cfg.model.proj_layers,
+        )
+        self.temperature = cfg.method.temperature
+        self.loss_impl = cfg.method.loss_impl
+        self.gather = gather
+        self.rank = rank
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch["views"]: two tensors (B, C, H, W)."""
+        v0, v1 = batch["views"][:2]
+        n = v0.shape[0]
+        # One backbone pass over both views keeps BatchNorm statistics shared, as in the reference implementation.
+        z = self.projector(self.backbone(torch.cat([v0, v1])))
+        z0, z1 = z[:n], z[n:]
+        if self.gather is None:
+            loss = ntxent_loss(z0, z1, self.temperature, impl=self.loss_impl)
+        else:
+            loss = ntxent_loss(
+                z0, z1, self.temperature,
+                z0_all=self.gather(z0), z1_all=self.gather(z1), offset=self.rank * n, impl=self.loss_impl,
+            )
+        return {"loss": loss}

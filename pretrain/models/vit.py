@@ -1,0 +1,235 @@
+"""Vision Transformer (ViT) backbone in plain PyTorch, shaped for self-supervised pretraining.
+
+Follows timm / DINO: conv patch embedding, a cls token, learned position embeddings, pre-norm blocks, a final LayerNorm.
+Additions the SSL methods need:
+
+- position embeddings are interpolated (bicubic) when the input size differs from the built size, so one model sees
+  DINO's global and local crops;
+- ``forward_features(x, mask)`` replaces masked patch embeddings with a learnable ``mask_token`` (BEiT / iBOT)
+  before the position embeddings are added;
+- ``prepare_tokens`` / ``forward_tokens`` split embedding from the transformer, so MAE can drop tokens in between;
+- ``patchify`` / ``unpatchify`` for pixel-space targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch per sample with probability ``p`` (scaled to keep the expectation)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / mem-efficient when available)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, N, D) -> (B, N, D)."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, D/heads)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """Resize patch position embeddings ``pos: (1, gh*gw, D)`` from ``grid`` to ``new_grid`` -> (1, nh*nw, D), bicubic.
+
+    Computed in fp32 (bicubic in bf16 loses the small embedding values) and cast back to ``pos.dtype``.
+    """
+    if tuple(grid) == tuple(new_grid):
+        return pos
+    d = pos.shape[-1]
+    img = pos.float().reshape(1, grid[0], grid[1], d).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=new_grid, mode="bicubic", align_corners=False)
+    return img.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos.dtype)
+
+
+class VisionTransformer(nn.Module):
+    """ViT without a classifier head: ``forward(x: (B, C, H, W)) -> (B, embed_dim)``, the final-normed cls token."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        use_mask_token: bool = True,
+    ) -> None:
+        super().__init__()
+        for key, value in (("image_size", image_size), ("patch_size", patch_size), ("in_chans", in_chans),
+                           ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ViT {key} must be a positive int, got {value!r}")
+        if image_size % patch_size != 0:
+            raise ValueError(f"ViT image_size={image_size} is not divisible by patch_size={patch_size}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"ViT embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"ViT drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.grid_size = (image_size // patch_size, image_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # A parameter that a step does not use trips DDP (find_unused_parameters=False); methods without masking
+        # (SimCLR, DINO, MAE) can build the ViT with use_mask_token=False.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+        # stochastic depth grows linearly with depth (timm); plain floats so the model also builds on the meta device
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # timm / DINO: trunc_normal(0.02) for tokens, position embeddings and Linear weights; mask_token stays 0 (iBOT).
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _grid(self, x: Tensor) -> tuple[int, int]:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"ViT expects (B, {self.in_chans}, H, W) input, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"ViT input size {h}x{w} is not divisible by patch_size={self.patch_size}")
+        return h // self.patch_size, w // self.patch_size
+
+    def prepare_tokens(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W), mask: (B, L) bool or None -> (B, 1+L, D) tokens with position embeddings, L = H*W/p^2.
+
+        Masked patch embeddings are replaced by ``mask_token`` before position embeddings are added, so the model still
+        knows where the hidden patch was.
+        """
+        grid = self._grid(x)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, L, D)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("ViT got a mask but was built with use_mask_token=False")
+            if mask.shape != tokens.shape[:2] or mask.dtype != torch.bool:
+                raise ValueError(f"ViT mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        pos = self.pos_embed
+        patch_pos = interpolate_pos_embed(pos[:, 1:], self.grid_size, grid)
+        tokens = tokens + patch_pos
+        cls = (self.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+
+    def forward_tokens(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, N, D) from ``prepare_tokens`` (or a subset, as in MAE) -> (B, N, D) after blocks and norm."""
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W), mask: (B, L) bool or None -> (B, 1+L, D); index 0 is the cls token."""
+        return self.forward_tokens(self.prepare_tokens(x, mask))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, D), the final-normed cls token."""
+        return self.forward_features(x)[:, 0]
+
+    def patchify(self, imgs: Tensor) -> Tensor:
+        """imgs: (B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels ordered (p, p, C) as in MAE."""
+        gh, gw = self._grid(imgs)
+        p, c = self.patch_size, imgs.shape[1]
+        x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
+        return torch.einsum("bchpwq->bhwpqc", x).reshape(imgs.shape[0], gh * gw, p * p * c)
+
+    def unpatchify(self, patches: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """patches: (B, L, p*p*C) -> (B, C, gh*p, gw*p); ``grid`` defaults to the built grid."""
+        gh, gw = grid or self.grid_size
+        p = self.patch_size
+        b, n, k = patches.shape
+        if n != gh * gw or k % (p * p):
+            raise ValueError(f"unpatchify: patches {tuple(patches.shape)} do not fit grid {gh}x{gw}, patch {p}")
+        c = k // (p * p)
+        x = patches.reshape(b, gh, gw, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, gh * p, gw * p)
+
+
+_SIZES: dict[str, dict[str, int]] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _vit(size: str, image_size: int, in_chans: int, patch_size: int, kwargs: dict[str, Any]) -> VisionTransformer:
+    opts = {**_SIZES[size], **kwargs}
+    return VisionTransformer(image_size=image_size, in_chans=in_chans, patch_size=patch_size, **opts)
+
+
+def vit_tiny(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti: 192 wide, 12 deep, 3 heads (each overridable through kwargs)."""
+    return _vit("vit_tiny", image_size, in_chans, patch_size, kwargs)
+
+
+def vit_small(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-S: 384 wide, 12 deep, 6 heads (about 21.7M parameters at 224/16)."""
+    return _vit("vit_small", image_size, in_chans, patch_size, kwargs)
+
+
+def vit_base(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-B: 768 wide, 12 deep, 12 heads (about 85.8M parameters at 224/16)."""
+    return _vit("vit_base", image_size, in_chans, patch_size, kwargs)
+

@@ -1,0 +1,254 @@
+"""Experiment tracking: an MLflow logger for rank 0 and a null logger for every other rank.
+
+This is the only module that imports MLflow. It talks to MLflow through ``MlflowClient`` (no fluent ``mlflow.start_run``
+global state), so several trackers can live in one process and a run can be resumed by id after a restart.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+FLUSH_EVERY_S = 2.0
+"""Buffered metrics are sent at the first ``log_metrics`` call this long after the last send ..."""
+FLUSH_EVERY_N = 500
+"""... or as soon as this many are buffered."""
+HEALTH_TIMEOUT_S = 3.0
+
+_SCHEMES = {"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks"}
+_END_STATUSES = {"FINISHED", "FAILED", "KILLED"}
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    """``sqlite:///<abs out_dir>/mlflow.db``: a serverless store beside the run's outputs."""
+    return "sqlite:///" + str(Path(out_dir).resolve() / "mlflow.db")
+
+
+def default_artifact_location(out_dir: str | Path) -> str:
+    """``file:///<abs out_dir>/mlartifacts``: where a sqlite-backed experiment keeps its artifacts."""
+    return (Path(out_dir).resolve() / "mlartifacts").as_uri()
+
+
+def check_tracking_uri(uri: str) -> None:
+    """ValueError (one line) when ``uri`` is not a tracking URI MLflow can use; no network access."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"tracking URI must be a non-empty string, got {uri!r}")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
+    if scheme not in _SCHEMES:
+        raise ValueError(
+            f"tracking URI {uri!r} has unsupported scheme {parsed.scheme!r}; use one of {', '.join(sorted(_SCHEMES))}"
+        )
+    if scheme in ("http", "https") and not parsed.hostname:
+        raise ValueError(f"tracking URI {uri!r} has no host (expected e.g. http://127.0.0.1:5000)")
+    if scheme in ("http", "https"):
+        try:
+            parsed.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+        except ValueError as err:
+            raise ValueError(f"tracking URI {uri!r} has a bad port: {err}") from None
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise ValueError(f"tracking URI {uri!r} must look like sqlite:///relative.db or sqlite:////abs/path.db")
+
+
+def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested mappings as dotted keys with ``str()`` values: ``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class NullTracker:
+    """Accepts every call of :class:`MLflowTracker` and does nothing (ranks other than 0, tracking disabled)."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("FAILED" if exc_type is not None else "FINISHED")
+
+
+class MLflowTracker(NullTracker):
+    """One MLflow run: a new one in ``experiment``, or the existing ``run_id`` resumed (status back to RUNNING).
+
+    A missing experiment is created with ``artifact_location`` (for a sqlite URI it defaults to ``mlartifacts/`` beside
+    the database file); an existing one keeps its own. An http(s) URI is health-checked first, so an unreachable
+    server is a one-line ConnectionError instead of minutes of retries.
+
+    Metrics are buffered and sent with ``log_batch`` every ``FLUSH_EVERY_S`` seconds or ``FLUSH_EVERY_N`` metrics, so a
+    training step costs no HTTP round trip. Used as a context manager, the run ends FAILED if the body raises.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        artifact_location: str | None = None,
+    ):
+        check_tracking_uri(tracking_uri)
+        if not experiment:
+            raise ValueError("experiment name must be non-empty")
+        scheme = urlparse(tracking_uri).scheme
+        if scheme in ("http", "https"):
+            _check_reachable(tracking_uri)  # MlflowClient would retry for minutes before failing
+        elif scheme == "sqlite":
+            db_dir = Path(tracking_uri[len("sqlite:///") :]).resolve().parent
+            db_dir.mkdir(parents=True, exist_ok=True)
+            # MLflow's default would be ./mlruns under whatever the working directory is; keep artifacts by the db
+            artifact_location = artifact_location or default_artifact_location(db_dir)
+        self.tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri)
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+        self._finished = False
+        if run_id is None:
+            experiment_id = self._experiment_id(experiment, artifact_location)
+            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        else:
+            try:
+                self._client.get_run(run_id)
+            except MlflowException as err:
+                raise ValueError(f"cannot resume MLflow run {run_id!r} at {tracking_uri}: {err.message}") from None
+            self.run_id = run_id
+            self._client.update_run(run_id, status="RUNNING")
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        """Id of experiment ``name``, created (with ``artifact_location``) if missing, restored if deleted."""
+        exp = self._client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return self._client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException:  # another process may have created it between the lookup and the create
+                exp = self._client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            self._client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def log_params(self, params: dict) -> None:
+        """Log ``params`` (nested dicts flattened to dotted keys; values ``str()``'d, truncated to MLflow's limit).
+
+        On a resumed run, params already logged with the same value are skipped; a changed value is a ValueError,
+        because MLflow params are immutable.
+        """
+        flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
+        existing = self._client.get_run(self.run_id).data.params
+        changed = [k for k, v in flat.items() if k in existing and existing[k] != v]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"param {k!r} is already {existing[k]!r} in run {self.run_id}, cannot log {flat[k]!r}")
+        todo = [Param(k, v) for k, v in flat.items() if k not in existing]
+        for i in range(0, len(todo), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=todo[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer ``metrics`` at ``step`` (values may be floats or 0-d tensors); sent in batches."""
+        now_ms = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items())
+        if len(self._buffer) >= FLUSH_EVERY_N or time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send all buffered metrics now."""
+        buffer, self._buffer = self._buffer, []
+        for i in range(0, len(buffer), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=buffer[i : i + MAX_METRICS_PER_BATCH])
+        self._last_flush = time.monotonic()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file (or a folder's contents) under ``artifact_path`` of the run's artifacts."""
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"artifact {path} does not exist")
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        """Set run tags (values ``str()``'d, truncated to MLflow's limit)."""
+        items = [RunTag(k, str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Flush and end the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""
+        if status not in _END_STATUSES:
+            raise ValueError(f"status must be one of {sorted(_END_STATUSES)}, got {status!r}")
+        if self._finished:
+            return
+        self.flush()
+        self._client.set_terminated(self.run_id, status=status)
+        self._finished = True
+
+
+def _check_reachable(uri: str) -> None:
+    """ConnectionError (one line) unless an HTTP server answers at ``uri``; any HTTP status counts as an answer."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered; MlflowClient reports auth or path problems itself
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConnectionError(f"tracking server {uri} is not reachable ({reason})") from None
+
+
+def make_tracker(
+    *,
+    rank: int,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    artifact_location: str | None = None,
+) -> NullTracker | MLflowTracker:
+    """An :class:`MLflowTracker` on rank 0, a :class:`NullTracker` elsewhere (the URI is still checked everywhere)."""
+    check_tracking_uri(tracking_uri)
+    if rank != 0:
+        return NullTracker()
+    return MLflowTracker(
+        tracking_uri, experiment=experiment, run_name=run_name, run_id=run_id, artifact_location=artifact_location
+    )

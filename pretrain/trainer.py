@@ -1,0 +1,289 @@
+"""The training loop, top to bottom: one function every launcher (Ray, torchrun, Slurm, Kubernetes) ends up calling.
+
+It sees plain torch, the DeepSpeed engine (through ``pretrain.engine``) and a :class:`Session` that the launcher
+provides for where checkpoints come from and go to. Ray is never imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from data_pipeline.loader import make_train_stream
+from pretrain import dist
+from pretrain.config import Config, dump_config, to_dict
+from pretrain.data import resolve_shards
+from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
+from pretrain.methods import METHODS
+from pretrain.tracking import default_artifact_location, default_tracking_uri, make_tracker
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+HISTORY_FILE = "metrics.csv"
+
+
+class Session(Protocol):
+    """What a launcher gives the loop: the checkpoint to resume from, and where reported checkpoints go."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+
+class LocalSession:
+    """Checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX`` (torchrun or a single process)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        found = sorted(self.root.glob("step_*")) if self.root.is_dir() else []
+        yield found[-1] if found else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            return
+        import shutil
+
+        dest = self.root / f"step_{int(metrics['step']):07d}"
+        dist.barrier()
+        if dist.rank() == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)  # each rank adds its own ZeRO partition
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_method(cfg: Config, *, distributed: bool):
+    """The method at its seeded initialisation (the same init gives the 'random init' baseline of the evaluation)."""
+    seed_everything(cfg.job.seed)
+    gather = dist.gather_with_grad if distributed and cfg.method.gather_distributed else None
+    return METHODS[cfg.method.name](cfg, gather=gather, rank=dist.rank())
+
+
+def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float]:
+    """Train ``cfg`` on this process's rank; rank 0 tracks, plots and evaluates. Returns the last metrics."""
+    run_dir = Path(run_dir)
+    rank, world = dist.rank(), dist.world_size()
+    device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    method = build_method(cfg, distributed=world > 1).to(device)
+    engine = build_engine(method, cfg)
+
+    step, epoch = 0, 0
+    with session.latest_checkpoint() as ckpt:
+        if ckpt is not None:
+            state = load_checkpoint(engine, ckpt)
+            step, epoch = int(state["step"]), int(state["epoch"])
+            if rank == 0:
+                print(f"Resumed from {ckpt} at step {step} (epoch {epoch}).", flush=True)
+
+    tracker = _open_tracker(cfg, run_dir, rank)
+    history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
+    stream = make_train_stream(
+        resolve_shards(cfg.data),
+        batch_size=cfg.data.batch_size,
+        aug=cfg.data.aug,
+        image_size=cfg.data.image_size,
+        channels=cfg.data.channels,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.num_loader_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.job.seed,
+        start_epoch=epoch,
+        num_views=cfg.data.num_views,
+        device=device.type,
+    )
+    bar = _progress(cfg, step, enabled=rank == 0)
+    pending: list[tuple[int, torch.Tensor, float, int]] = []  # (step, loss, seconds, epoch): .item() only when logging
+    metrics: dict[str, float] = {}
+    engine.train()
+    t_last = time.perf_counter()
+    try:
+        batches = iter(stream)
+        while step < cfg.job.max_steps:
+            batch = next(batches)
+            epoch = batch["epoch"]
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            engine.module.on_step_end(step, cfg.job.max_steps)
+            step += 1
+            now = time.perf_counter()
+            pending.append((step, out["loss"].detach(), now - t_last, epoch))
+            t_last = now
+
+            last = step == cfg.job.max_steps
+            if step % cfg.job.log_every == 0 or last:
+                metrics = _flush(pending, engine, cfg, world, tracker, history, stream.stats)
+                pending.clear()
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}")
+            if step % cfg.job.ckpt_every == 0 or last:
+                _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        stream.close()
+        if bar is not None:
+            bar.close()
+
+    backbone_state = full_state_dict(engine, engine.module.backbone)  # collective under ZeRO-3: every rank calls it
+    if rank == 0:
+        _finish_run(cfg, run_dir, backbone_state, tracker, history)
+    return metrics
+
+
+# --- helpers of the loop ------------------------------------------------------------------------------------------
+
+
+def _open_tracker(cfg: Config, run_dir: Path, rank: int):
+    out_dir = run_dir.parent
+    uri = cfg.tracking.uri or default_tracking_uri(out_dir)
+    id_file = run_dir / RUN_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    tracker = make_tracker(
+        rank=rank,
+        tracking_uri=uri,
+        experiment=cfg.tracking.experiment,
+        run_name=run_dir.name,
+        run_id=run_id,
+        artifact_location=None if cfg.tracking.uri else default_artifact_location(out_dir),
+    )
+    if rank == 0:
+        if run_id is None:
+            id_file.write_text(tracker.run_id + "\n")
+            tracker.log_params(to_dict(cfg))
+            tracker.log_artifact(run_dir / "config.yaml")
+        print(f"MLflow: {uri} run {tracker.run_id}", flush=True)
+    return tracker
+
+
+def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stats) -> dict[str, float]:
+    losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()
+    lr = engine.get_lr()[0]
+    for (step, _, seconds, epoch), loss in zip(pending, losses):
+        per_worker = cfg.data.batch_size / max(seconds, 1e-9)
+        metrics = {
+            "loss": loss,
+            "lr": lr,
+            "step_time_s": seconds,
+            "images_per_s": per_worker * world,
+            "images_per_s_per_worker": per_worker,
+            "epoch": float(epoch),
+        }
+        tracker.log_metrics(metrics, step=step)
+        history.add(step, metrics)
+    tracker.log_metrics({f"data_{k}": float(v) for k, v in data_stats.items()}, step=pending[-1][0])
+    return metrics
+
+
+def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        save_checkpoint(engine, tmp, {"step": int(metrics["step"]), "epoch": int(metrics["epoch"]), "world_size": world})
+        session.report(metrics, Path(tmp))
+
+
+def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, history) -> None:
+    from pretrain.evaluate import evaluate_backbone_state
+    from pretrain.plots import plot_loss_curve
+
+    weights = run_dir / "backbone.pt"
+    torch.save({"config": to_dict(cfg), "state_dict": backbone_state}, weights)
+    tracker.log_artifact(weights)
+    steps, losses = history.read()
+    if steps:
+        tracker.log_artifact(plot_loss_curve(steps, losses, run_dir / "loss_curve.png"))
+    if cfg.eval.enabled:
+        report = evaluate_backbone_state(cfg, backbone_state, run_dir / "eval.json")
+        tracker.log_metrics({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)}, step=cfg.job.max_steps)
+        tracker.log_metrics(
+            {f"eval_random_init/{k}": v for k, v in report["random_init"].items()}, step=cfg.job.max_steps
+        )
+        tracker.log_artifact(run_dir / "eval.json")
+    tracker.finish("FINISHED")
+
+
+class _History:
+    """Rank 0's step metrics in ``metrics.csv`` beside the run, kept across resumes (for the loss curve)."""
+
+    FIELDS = ("step", "loss", "lr", "images_per_s", "step_time_s", "epoch")
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.FIELDS)
+            writer.writerow([step] + [metrics[k] for k in self.FIELDS[1:]])
+
+    def read(self) -> tuple[list[int], list[float]]:
+        if not self.path.exists():
+            return [], []
+        rows = {}
+        with self.path.open() as f:
+            for row in csv.DictReader(f):
+                rows[int(row["step"])] = float(row["loss"])  # a resumed run may repeat steps: the later value wins
+        steps = sorted(rows)
+        return steps, [rows[s] for s in steps]
+
+
+def _progress(cfg: Config, start: int, *, enabled: bool):
+    if not (enabled and cfg.job.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.job.max_steps, initial=start, desc="train", unit="step", file=sys.stdout, mininterval=2.0,
+                dynamic_ncols=True)
+
+
+def write_run_files(cfg: Config, run_dir: Path) -> None:
+    """The resolved config beside the run (before any worker starts)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+
+
+def read_eval(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "eval.json").read_text())
+
+
+if __name__ == "__main__":  # `torchrun --nproc-per-node N -m pretrain.trainer RUN_DIR` after `pretrain train --dry-run`
+    from pretrain.config import load_config
+
+    run = Path(sys.argv[1])
+    if not torch.distributed.is_initialized() and "RANK" in os.environ:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    train(load_config(run / "config.yaml"), run, LocalSession(run))

@@ -1,0 +1,144 @@
+"""Shard writing: manifest, checksums, sources, bad specs, atomicity, reuse."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import shards as shards_mod
+from data_pipeline.shards import ensure_digits_shards, list_shards, read_classes, read_manifest, sha256_file, write_shards
+from data_pipeline.sources import digits_uint8
+
+
+def test_digits_manifest_matches_shards(digits_dir):
+    """Every manifest row names a sample that is in its shard with that label and byte size."""
+    table = read_manifest(digits_dir)
+    assert table.column_names == ["key", "shard", "label", "bytes"]
+    assert table.num_rows == 1797
+    rows = {r["key"]: r for r in table.to_pylist()}
+    seen = 0
+    for path in list_shards(digits_dir):
+        with tarfile.open(path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            key, ext = name.split(".", 1)
+            row = rows[key]
+            assert row["shard"] == path.rsplit("/", 1)[1]
+            if ext == "cls":
+                assert int(data) == row["label"]
+            else:
+                assert ext == "png" and len(data) == row["bytes"]
+                seen += 1
+    assert seen == 1797
+
+
+def test_digits_pixels_and_labels_roundtrip(digits_dir):
+    """A PNG in the shards decodes to the digits_uint8 pixels of its key, with its label."""
+    images, labels = digits_uint8()
+    path = list_shards(digits_dir)[3]
+    with tarfile.open(path) as tar:
+        names = sorted(m.name for m in tar.getmembers())[:6]
+        for name in names:
+            key, ext = name.split(".", 1)
+            i = int(key.split("_")[1])
+            data = tar.extractfile(name).read()
+            if ext == "png":
+                np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), images[i])
+            else:
+                assert int(data) == labels[i]
+
+
+def test_shard_size_respected(digits_dir):
+    """Shards hold shard_size samples each, the last one the remainder."""
+    counts = read_manifest(digits_dir).group_by("shard").aggregate([("key", "count")]).sort_by("shard")
+    assert counts.column("key_count").to_pylist() == [256] * 7 + [1797 - 7 * 256]
+
+
+def test_checksums_match_and_verify(digits_dir):
+    """checksums.json holds the sha256 of every shard; list_shards(verify=True) accepts them."""
+    sums = json.loads((digits_dir / "checksums.json").read_text())
+    paths = list_shards(digits_dir, verify=True)
+    assert sorted(sums) == [p.rsplit("/", 1)[1] for p in paths]
+    for p in paths:
+        assert sums[p.rsplit("/", 1)[1]] == sha256_file(p)
+
+
+def test_verify_names_changed_shard(digits_copy):
+    """A changed shard fails verification with an error naming it."""
+    victim = digits_copy / "shard-000002.tar"
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-000002.tar"):
+        list_shards(digits_copy, verify=True)
+
+
+def test_folder_source_labels_and_classes(tmp_path, image_tree):
+    """Folder labels are sorted class indices, classes go into the manifest, bytes are stored unchanged."""
+    root = image_tree(tmp_path / "imgs", classes={"zebra": 3, "ant": 4, "moose": 2})
+    write_shards(f"folder:{root}", tmp_path / "ds", shard_size=4, progress=False)
+    assert read_classes(tmp_path / "ds") == ["ant", "moose", "zebra"]
+    table = read_manifest(tmp_path / "ds")
+    assert sorted(table.column("label").to_pylist()) == [0] * 4 + [1] * 2 + [2] * 3
+    assert len(list_shards(tmp_path / "ds")) == 3
+    stored = {}
+    for path in list_shards(tmp_path / "ds"):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                stored[m.name] = tar.extractfile(m).read()
+    originals = sorted(p.read_bytes() for p in root.rglob("*.*"))
+    assert sorted(v for k, v in stored.items() if not k.endswith(".cls")) == originals
+    assert {k.rsplit(".", 1)[1] for k in stored} == {"jpg", "png", "cls"}
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("mnist", "unknown source 'mnist'"),
+        ("folder:", "empty folder path"),
+        ("folder:/does/not/exist", "is not a directory"),
+        ("EMPTY", "no .jpg/.jpeg/.png images"),
+    ],
+)
+def test_bad_source_one_line_error_and_nothing_written(tmp_path, spec, match):
+    """A bad source spec raises a one-line ValueError naming the problem and writes nothing."""
+    if spec == "EMPTY":
+        (tmp_path / "empty" / "cls").mkdir(parents=True)
+        spec = f"folder:{tmp_path / 'empty'}"
+    with pytest.raises(ValueError, match=match) as err:
+        write_shards(spec, tmp_path / "out", progress=False)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["empty"] if "empty" in spec else [])
+
+
+def test_crash_leaves_no_dataset(tmp_path, monkeypatch):
+    """A crash while writing leaves neither out_dir nor the temp dir behind."""
+    calls = []
+
+    def failing_sha(path):
+        calls.append(path)
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(shards_mod, "sha256_file", failing_sha)  # fail after the shards are written
+    with pytest.raises(OSError, match="disk gone"):
+        write_shards("digits", tmp_path / "out", progress=False)
+    assert calls and list(tmp_path.iterdir()) == []
+
+
+def test_existing_dir_refused(digits_dir):
+    """Writing into a non-empty directory is refused before any work."""
+    with pytest.raises(ValueError, match="already exists"):
+        write_shards("digits", digits_dir, progress=False)
+
+
+def test_ensure_digits_reuses(digits_dir):
+    """ensure_digits_shards returns the existing shards without rewriting them."""
+    before = {p: (digits_dir / p).stat().st_mtime_ns for p in ["manifest.parquet", "shard-000000.tar"]}
+    paths = ensure_digits_shards(digits_dir.parent, shard_size=256)
+    assert paths == list_shards(digits_dir)
+    assert before == {p: (digits_dir / p).stat().st_mtime_ns for p in before}

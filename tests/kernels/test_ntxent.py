@@ -1,0 +1,130 @@
+"""NT-Xent: tiled Triton and chunked paths against the naive 2N x 2N reference, closed form, distributed form."""
+
+import math
+
+import pytest
+import torch
+
+import kernels.utils
+from kernels.contrastive import contrastive_rows_loss, contrastive_rows_loss_ref
+from kernels.ntxent import ntxent_loss, ntxent_loss_ref
+from kernels.testing import assert_lowp_close, max_err
+
+SHAPES = [(37, 130), (5, 16), (70, 33)]  # odd D, one tile, rows spanning several 64-row tiles (2n = 140)
+
+
+def _views(n, d, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    z1 = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    return z0, z1
+
+
+def _loss_and_grads(fn, z0, z1, g):
+    loss = fn(z0, z1)
+    return (loss, *torch.autograd.grad(loss, [z0, z1], g))
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_fp32_matches_reference(impl, n, d, device):
+    """fp32 loss and gradients (random upstream scalar) match the naive reference to ~1e-5."""
+    z0, z1 = _views(n, d, torch.float32, device)
+    g = torch.rand((), device=device) + 0.5
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl=impl), z0, z1, g)
+    ref = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, g)
+    for o, r in zip(out, ref):
+        assert max_err(o, r) <= 1e-5 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("n,d", [(37, 130), (70, 33)])
+def test_fp16_within_twice_torch_fp16_error(impl, n, d, device):
+    """fp16 inputs: error vs the fp32 reference is at most 2x that of the reference computed in fp16."""
+    z0, z1 = _views(n, d, torch.float16, device)
+    g = torch.tensor(1.3, device=device)
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl=impl), z0, z1, g)
+    ref32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, g)
+    ref16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, g)
+    for o, r32, r16 in zip(out, ref32, ref16):
+        assert_lowp_close(o, r32, r16, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
+def test_collinear_embeddings_give_log_2n_minus_1(impl, device):
+    """All rows identical: every logit equals 1/tau, so the loss is log(2N - 1)."""
+    n = 37
+    z = torch.randn(1, 130).expand(n, 130).contiguous().to(device)
+    loss = ntxent_loss(z, z.clone(), 0.2, impl=impl)
+    assert loss.item() == pytest.approx(math.log(2 * n - 1), rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_core_random_per_row_gradient(impl, device):
+    """Core op with excluded columns, a random per-row upstream gradient and 1-row chunks matches the reference."""
+    gen = torch.Generator().manual_seed(1)
+    m, c, d = 45, 83, 40
+    q = torch.randn(m, d, generator=gen).to(device).requires_grad_()
+    k = torch.randn(c, d, generator=gen).to(device).requires_grad_()
+    pos = torch.randint(0, c, (m,), generator=gen)
+    excl = torch.where(torch.rand(m, generator=gen) < 0.5, (pos + 1) % c, -1).to(device)
+    pos, g = pos.to(device), torch.randn(m, generator=gen).to(device)
+    out = contrastive_rows_loss(q, k, pos, excl, impl=impl, chunk_elems=1)
+    ref = contrastive_rows_loss_ref(q, k, pos, excl)
+    assert max_err(out, ref) <= 1e-5 * ref.abs().max().item()
+    for a, b in zip(torch.autograd.grad(out, [q, k], g), torch.autograd.grad(ref, [q, k], g)):
+        assert max_err(a, b) <= 1e-5 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
+def test_distributed_form_sums_to_full_batch(impl, device):
+    """Simulated ranks (slices + offset): per-rank losses sum to world x full loss, and so do the gradients."""
+    world, n, d = 3, 13, 24
+    z0, z1 = _views(world * n, d, torch.float32, device, seed=2)
+    full = ntxent_loss_ref(z0, z1, 0.1)
+    g_full = torch.autograd.grad(full, [z0, z1])
+    total = sum(
+        ntxent_loss(z0[r * n:(r + 1) * n], z1[r * n:(r + 1) * n], 0.1, z0_all=z0, z1_all=z1, offset=r * n,
+                    impl=impl)
+        for r in range(world)
+    )
+    assert total.item() == pytest.approx(world * full.item(), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(total, [z0, z1]), g_full):
+        assert max_err(a, world * b) <= 1e-5 * b.abs().max().item() * world
+
+
+def test_distributed_reference_matches_tiled_per_rank(device):
+    """One rank's loss and gradients in the distributed form match the reference's distributed form."""
+    z0, z1 = _views(20, 16, torch.float32, device, seed=3)
+    args = dict(z0_all=z0, z1_all=z1, offset=10)
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a[10:15], b[10:15], 0.1, impl="triton", **args), z0, z1, 1.0)
+    ref = _loss_and_grads(lambda a, b: ntxent_loss_ref(a[10:15], b[10:15], 0.1, **args), z0, z1, 1.0)
+    for o, r in zip(out, ref):
+        assert max_err(o, r) <= 1e-5 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(z0_all=torch.zeros(8, 4)), "both"),
+        (dict(z0_all=torch.zeros(8, 4), z1_all=torch.zeros(8, 4), offset=6), "offset"),
+        (dict(impl="fast"), "impl"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    """Bad arguments fail with a ValueError naming the problem."""
+    with pytest.raises(ValueError, match=match):
+        ntxent_loss(torch.zeros(4, 4), torch.zeros(4, 4), **kwargs)
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    """impl='triton' on a CPU tensor without the interpreter is a clear ValueError."""
+    monkeypatch.setattr(kernels.utils, "INTERPRET", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        ntxent_loss(torch.randn(4, 8), torch.randn(4, 8), impl="triton")
+
+
+def test_auto_on_cpu_uses_chunked_path():
+    """impl='auto' resolves to the chunked path for CPU tensors."""
+    assert kernels.utils.resolve_impl("auto", torch.zeros(1), has_chunked=True) == "chunked"

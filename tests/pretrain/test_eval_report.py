@@ -1,0 +1,79 @@
+"""Encoder evaluation against random-init and raw-pixel baselines, on the real digits."""
+
+import json
+
+import pytest
+import torch
+
+from pretrain.eval import METRICS, digits_eval_set, evaluate_encoder, extract_features, format_report, write_report
+
+
+def _encoder(seed: int) -> torch.nn.Module:
+    """A tiny real encoder: flatten + a fixed random linear map + ReLU, (B, 1, 8, 8) -> (B, 64)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_eval_set(image_size=8, channels=1, mean=[0.5], std=[0.5])
+
+
+@pytest.fixture(scope="module")
+def report(digits):
+    images, labels = digits
+    return evaluate_encoder(_encoder(0), _encoder(1), images, labels)
+
+
+def test_report_has_all_keys_in_unit_range(report):
+    """Trained, random_init and raw_pixels each carry the six metrics, all in [0, 1]."""
+    for section in (report, report["random_init"], report["raw_pixels"]):
+        for key in METRICS:
+            assert 0.0 <= section[key] <= 1.0, key
+    assert set(report) == set(METRICS) | {"random_init", "raw_pixels"}
+
+
+def test_raw_pixels_knn_on_digits_is_high(report):
+    """Measured sanity check: weighted kNN on raw digit pixels is above 90%."""
+    assert report["raw_pixels"]["knn_top1"] > 0.9
+
+
+def test_extract_features_shape_and_restores_train_mode(digits):
+    """Features are (N, F) float32, equal to a plain forward pass, and the encoder goes back to train mode."""
+    images, _ = digits
+    enc = _encoder(0).train()
+    feats = extract_features(enc, images[:100], batch_size=32)
+    assert feats.shape == (100, 64) and feats.dtype == "float32"
+    assert enc.training
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(feats), enc(images[:100]))
+
+
+def test_extract_features_runs_in_eval_mode(digits):
+    """Dropout is off during extraction: two extractions agree exactly."""
+    images, _ = digits
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5)).train()
+    assert (extract_features(enc, images[:50]) == extract_features(enc, images[:50])).all()
+    assert enc.training
+
+
+def test_extract_features_rejects_non_2d_output(digits):
+    """An encoder returning (B, C, H, W) is a ValueError naming the expected shape."""
+    with pytest.raises(ValueError, match=r"\(B, F\)"):
+        extract_features(torch.nn.Identity(), digits[0][:4])
+
+
+def test_format_report_has_a_row_per_metric_and_three_columns(report):
+    """The table lists every metric with trained / random init / raw pixels values."""
+    table = format_report(report)
+    assert "trained" in table and "random init" in table and "raw pixels" in table
+    for key in METRICS:
+        row = next(line for line in table.splitlines() if line.startswith(key))
+        assert f"{report[key]:.4f}" in row and f"{report['raw_pixels'][key]:.4f}" in row
+
+
+def test_write_report_round_trips(report, tmp_path):
+    """eval.json holds exactly the report."""
+    path = tmp_path / "run" / "eval.json"
+    write_report(report, path)
+    assert json.loads(path.read_text()) == report

@@ -1,0 +1,79 @@
+"""Projection and DINO heads: shapes, layer layout, weight normalisation of DINO's prototypes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.heads import DINOHead, ProjectionHead
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("use_bn", [True, False])
+def test_projection_head_shape_and_layout(num_layers: int, use_bn: bool) -> None:
+    """num_layers Linears, BatchNorm+ReLU only between them, a bare Linear last; (B, in) -> (B, out)."""
+    head = ProjectionHead(in_dim=12, hidden_dim=20, out_dim=7, num_layers=num_layers, use_bn=use_bn)
+    kinds = [type(m) for m in head.mlp]
+    assert kinds.count(nn.Linear) == num_layers and kinds[-1] is nn.Linear
+    assert kinds.count(nn.BatchNorm1d) == (num_layers - 1 if use_bn else 0)
+    assert kinds.count(nn.ReLU) == num_layers - 1
+    assert head(torch.randn(5, 12)).shape == (5, 7)
+
+
+def test_projection_head_output_is_not_rectified() -> None:
+    """No ReLU after the last layer: outputs take negative values."""
+    torch.manual_seed(0)
+    assert (ProjectionHead(8, 16, 4)(torch.randn(64, 8)) < 0).any()
+
+
+@pytest.mark.parametrize("bad", [dict(num_layers=0), dict(out_dim=0), dict(hidden_dim=-1)])
+def test_projection_head_rejects_bad_sizes(bad: dict) -> None:
+    """Non-positive sizes raise ValueError naming the argument."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ProjectionHead(8, **bad)
+
+
+def test_dino_head_output_dim_and_cosine_range() -> None:
+    """(B, in_dim) -> (B, out_dim); with unit prototypes and an L2-normalised bottleneck every logit is a cosine."""
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=16, out_dim=50, hidden_dim=32, bottleneck_dim=8)
+    head.last_layer.weight_v.data.mul_(7.0)  # the scale of v must not matter
+    out = head(torch.randn(10, 16) * 100)
+    assert out.shape == (10, 50)
+    assert out.abs().max() <= 1.0 + 1e-6
+    z = F.normalize(head.mlp(torch.randn(3, 16)), dim=-1)
+    torch.testing.assert_close(head.last_layer(z), z @ F.normalize(head.last_layer.weight_v, dim=1).T)
+
+
+def test_dino_head_norm_last_layer_freezes_gain() -> None:
+    """norm_last_layer=True: prototypes are unit rows and the gain is frozen; False: the gain trains."""
+    fixed = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8, norm_last_layer=True)
+    torch.testing.assert_close(fixed.last_layer.weight.norm(dim=1), torch.ones(20))
+    assert not fixed.last_layer.weight_g.requires_grad
+    free = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
+    free(torch.randn(4, 16)).sum().backward()
+    assert free.last_layer.weight_g.grad is not None and free.last_layer.weight_g.grad.abs().sum() > 0
+    assert free.last_layer.weight_v.grad is not None
+
+
+def test_dino_head_layout() -> None:
+    """num_layers Linears with GELU between, the last into the bottleneck; optional BatchNorm; bias-free prototypes."""
+    head = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8, num_layers=3, use_bn=True)
+    kinds = [type(m) for m in head.mlp]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Linear]
+    assert head.mlp[-1].out_features == 8
+    assert set(dict(head.last_layer.named_parameters())) == {"weight_v", "weight_g"}
+
+
+def test_dino_head_copies_as_plain_parameters() -> None:
+    """A deep copy (EMA teacher) holds the same plain tensors and gives the same output."""
+    torch.manual_seed(0)
+    student = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8)
+    teacher = copy.deepcopy(student)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(teacher(x), student(x))
+    assert student.state_dict().keys() == teacher.state_dict().keys()

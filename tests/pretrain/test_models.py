@@ -1,0 +1,183 @@
+"""Backbones: registry, shapes on tiny images, ViT position-embedding interpolation, mask tokens, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.models import BACKBONES, build_backbone, interpolate_pos_embed, num_params
+
+
+def _tiny_vit(image_size: int = 16, **kwargs):
+    """A 2-block ViT on 16x16 images with 4x4 patches (16 patches)."""
+    opts = dict(embed_dim=32, depth=2, num_heads=4)
+    opts.update(kwargs)
+    return build_backbone("vit_tiny", image_size=image_size, in_chans=3, patch_size=4, **opts)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_gives_pooled_features(name: str, in_chans: int) -> None:
+    """Every registered backbone maps (B, C, 16, 16) to finite (B, embed_dim) features and backpropagates."""
+    torch.manual_seed(0)
+    model = build_backbone(name, image_size=16, in_chans=in_chans, patch_size=4)
+    out = model(torch.randn(3, in_chans, 16, 16))
+    assert out.shape == (3, model.embed_dim)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None and n != "mask_token"]
+    assert not unused, f"parameters without gradient: {unused}"
+
+
+@pytest.mark.parametrize("name,embed_dim", [("convnet", 128), ("resnet18", 512), ("vit_tiny", 192)])
+def test_embed_dims(name: str, embed_dim: int) -> None:
+    """Reference widths: ConvNet 128, ResNet-18 512, ViT-Ti 192."""
+    assert build_backbone(name, image_size=16, in_chans=3, patch_size=4).embed_dim == embed_dim
+
+
+def test_convnet_width_multiplier_scales_embed_dim() -> None:
+    """width=0.5 halves every layer, so the ConvNet emits 64 features."""
+    model = build_backbone("convnet", image_size=16, in_chans=1, width=0.5)
+    assert model.embed_dim == 64
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18"])
+def test_groupnorm_makes_samples_independent(name: str) -> None:
+    """With norm="gn" a sample's features in train mode do not depend on the rest of the batch (BatchNorm's do)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    gn = build_backbone(name, image_size=8, in_chans=3, norm="gn").train()
+    torch.testing.assert_close(gn(x[:1]), gn(x)[:1], rtol=1e-4, atol=1e-5)
+    bn = build_backbone(name, image_size=8, in_chans=3, norm="bn").train()
+    assert not torch.allclose(bn(x[:2])[:1], bn(x)[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_vit_runs_at_other_input_sizes() -> None:
+    """A ViT built for 16x16 accepts 8x8, 24x24 and 8x16 crops (DINO multi-crop) through pos-embed interpolation."""
+    model = _tiny_vit().eval()
+    for h, w in [(8, 8), (24, 24), (8, 16)]:
+        assert model(torch.randn(2, 3, h, w)).shape == (2, 32)
+        assert model.forward_features(torch.randn(2, 3, h, w)).shape == (2, 1 + (h // 4) * (w // 4), 32)
+
+
+def test_vit_interpolated_pos_embed_is_the_one_used() -> None:
+    """A ViT built at 8x8 run on 16x16 equals a 16x16 ViT whose pos-embed is the bicubic upsampling of the 8x8 one."""
+    torch.manual_seed(0)
+    small, big = _tiny_vit(image_size=8).eval(), _tiny_vit(image_size=16).eval()
+    state = {k: v for k, v in small.state_dict().items() if k != "pos_embed"}
+    big.load_state_dict(state, strict=False)
+    patch_pos = interpolate_pos_embed(small.pos_embed[:, 1:], (2, 2), (4, 4))
+    big.pos_embed.data = torch.cat([small.pos_embed[:, :1], patch_pos], dim=1)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(small(x), big(x))
+
+
+def test_interpolate_pos_embed_keeps_a_constant_field() -> None:
+    """Bicubic resizing of a constant embedding stays constant; the same grid returns the input unchanged."""
+    pos = torch.full((1, 4, 5), 0.3)
+    torch.testing.assert_close(interpolate_pos_embed(pos, (2, 2), (3, 5)), torch.full((1, 15, 5), 0.3))
+    assert interpolate_pos_embed(pos, (2, 2), (2, 2)) is pos
+
+
+def test_mask_token_replaces_only_masked_patches_before_pos_embed() -> None:
+    """Masked tokens equal mask_token + pos-embed; unmasked tokens and the cls token are untouched."""
+    torch.manual_seed(0)
+    model = _tiny_vit()
+    model.mask_token.data.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 5]] = True
+    mask[1, 15] = True
+    plain, masked = model.prepare_tokens(x), model.prepare_tokens(x, mask)
+    changed = (plain != masked).any(dim=-1)  # (B, 1+L)
+    assert torch.equal(changed[:, 1:], mask) and not changed[:, 0].any()
+    expected = model.mask_token[0, 0] + model.pos_embed[0, 1 + 5]
+    torch.testing.assert_close(masked[0, 1 + 5], expected)
+
+
+def test_mask_changes_output_and_trains_mask_token() -> None:
+    """A mask changes the cls output, and the loss gives mask_token a non-zero gradient; no mask gives it none."""
+    torch.manual_seed(0)
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.rand(2, 16) < 0.4
+    out = model.forward_features(x, mask)
+    assert not torch.allclose(out[:, 0], model(x))
+    out.square().sum().backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    assert model.mask_token.grad is None
+
+
+def test_patchify_roundtrip_and_layout() -> None:
+    """patchify puts patch (r, c) at row r*gw+c with pixels in (p, p, C) order; unpatchify inverts it."""
+    model = _tiny_vit()
+    imgs = torch.randn(2, 3, 16, 16)
+    patches = model.patchify(imgs)
+    assert patches.shape == (2, model.num_patches, 4 * 4 * 3)
+    torch.testing.assert_close(patches[1, 1 * 4 + 2], imgs[1, :, 4:8, 8:12].permute(1, 2, 0).reshape(-1))
+    torch.testing.assert_close(model.unpatchify(patches), imgs)
+    wide = torch.randn(1, 3, 8, 16)
+    torch.testing.assert_close(model.unpatchify(model.patchify(wide), (2, 4)), wide)
+
+
+def test_drop_path_is_stochastic_in_train_only() -> None:
+    """With drop_path_rate > 0 two train-mode passes differ and eval-mode passes agree."""
+    torch.manual_seed(0)
+    model = _tiny_vit(drop_path_rate=0.5)
+    x = torch.randn(4, 3, 16, 16)
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+@pytest.mark.parametrize("name,expected", [("vit_small", 21.7e6), ("vit_base", 85.8e6)])
+def test_vit_parameter_counts_match_published(name: str, expected: float) -> None:
+    """ViT-S/16 and ViT-B/16 at 224 without a head have the published 21.7M / 85.8M parameters (within 2%)."""
+    with torch.device("meta"):
+        model = build_backbone(name, image_size=224, in_chans=3, patch_size=16)
+    assert abs(num_params(model) - expected) / expected < 0.02
+
+
+def test_unknown_backbone_lists_known_names() -> None:
+    """An unknown name raises ValueError naming every registered backbone."""
+    with pytest.raises(ValueError, match="unknown backbone 'vit_huge'.*convnet.*resnet18.*vit_base"):
+        build_backbone("vit_huge", image_size=16, in_chans=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="vit_small", image_size=18, patch_size=4), "image_size=18 is not divisible by patch_size=4"),
+        (dict(name="vit_tiny", image_size=16, num_heads=5), "embed_dim=192 is not divisible by num_heads"),
+        (dict(name="convnet", image_size=16, depth=3), r"unknown option\(s\) \['depth'\]"),
+        (dict(name="resnet18", image_size=0), "image_size must be a positive int"),
+        (dict(name="convnet", image_size=16, norm="ln"), "norm must be one of"),
+    ],
+)
+def test_bad_options_raise_value_error(kwargs: dict, match: str) -> None:
+    """Bad sizes and options fail with one ValueError line naming the problem."""
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=match):
+        build_backbone(name, in_chans=3, **kwargs)
+
+
+def test_vit_rejects_bad_inputs() -> None:
+    """Wrong channel count, a size not divisible by the patch, and a mis-shaped mask raise ValueError."""
+    model = _tiny_vit()
+    with pytest.raises(ValueError, match="expects"):
+        model(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        model(torch.randn(1, 3, 10, 16))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        model.forward_features(torch.randn(1, 3, 16, 16), torch.zeros(1, 15, dtype=torch.bool))
+
+
+def test_vit_without_mask_token_has_no_unused_parameter() -> None:
+    """use_mask_token=False drops the parameter (DDP-friendly for unmasked methods) and refuses masks."""
+    model = _tiny_vit(use_mask_token=False)
+    assert model.mask_token is None and "mask_token" not in dict(model.named_parameters())
+    with pytest.raises(ValueError, match="use_mask_token=False"):
+        model.forward_features(torch.randn(1, 3, 16, 16), torch.zeros(1, 16, dtype=torch.bool))
