@@ -124,24 +124,37 @@ def _pil_ok(data: bytes) -> bool:
 
 
 class DaliAugmenter:
-    """Callable: encoded images (list of bytes, length <= batch_size) -> ``num_views`` tensors (B, C, S, S)."""
+    """Callable: encoded images (list of bytes, length <= batch_size) -> ``num_views`` tensors (B, C, S, S).
+
+    A failed ``run()`` can leave a DALI pipeline unusable ("Current pipeline object is no longer valid"), so after any
+    error the pipeline is rebuilt, with a new seed so the augmentation stream does not replay.
+    """
 
     def __init__(self, aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
                  device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0):
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
-        self.pipe = build_pipeline(aug, batch_size=batch_size, image_size=image_size, channels=channels,
-                                   num_views=num_views, device=device, device_id=device_id, num_threads=num_threads,
-                                   seed=seed)
+        self._kw = dict(batch_size=batch_size, image_size=image_size, channels=channels, num_views=num_views,
+                        device=device, device_id=device_id, num_threads=num_threads)
+        self._aug, self._seed, self.rebuilds = aug, seed, 0
+        self.pipe = build_pipeline(aug, seed=seed, **self._kw)
+
+    def _rebuild(self) -> None:
+        self.rebuilds += 1
+        self.pipe = build_pipeline(self._aug, seed=self._seed + 7919 * self.rebuilds, **self._kw)
 
     def _run(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        self.pipe.feed_input("encoded", arrays)
-        outs = self.pipe.run()
+        try:
+            self.pipe.feed_input("encoded", arrays)
+            outs = self.pipe.run()
+        except RuntimeError:
+            self._rebuild()
+            raise
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         views = []
         for out in outs:
             dense = out.as_tensor()
-            t = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
-            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-            views.append(feed_ndarray(dense, t, cuda_stream=stream))
+            views.append(feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.float32, device=self.device),
+                                      cuda_stream=stream))
         return views
 
     def __call__(self, images: list[bytes]) -> list[torch.Tensor]:
@@ -165,4 +178,3 @@ class DaliAugmenter:
             return True
         except RuntimeError:
             return False
-

@@ -18,8 +18,11 @@ Workers hand samples to the main process in chunks that carry the counts since t
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -97,31 +100,61 @@ class Counts:
     truncated: int = 0
 
 
+@functools.lru_cache(maxsize=8)
+def _expected_counts(data_dir: str, mtime_ns: int) -> dict[str, int]:
+    """Samples per shard file name from the manifest in ``data_dir`` (cached per manifest version)."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_table(os.path.join(data_dir, "manifest.parquet"), columns=["shard"]).column("shard").to_pylist()
+    return dict(collections.Counter(names))
+
+
+def expected_samples(path: str) -> int | None:
+    """Samples the manifest beside ``path`` promises for it, or None when there is no manifest."""
+    data_dir, name = os.path.split(path)
+    try:
+        mtime = os.stat(os.path.join(data_dir, "manifest.parquet")).st_mtime_ns
+    except OSError:
+        return None
+    return _expected_counts(data_dir, mtime).get(name)
+
+
 def iter_reader(
     shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int, shuffle_buffer: int, counts: Counts
 ) -> Iterator[dict]:
-    """Samples ``{"key", "image" (bytes), "label"}`` of one reader for one epoch; problems are added to ``counts``."""
+    """Samples ``{"key", "image" (bytes), "label"}`` of one reader for one epoch; problems are added to ``counts``.
+
+    A shard is truncated when reading it raised (caught by the webdataset handler) or when it held fewer samples than
+    its manifest row count: tarfile's stream mode ends silently when a file is cut at a header boundary.
+    """
     paths, stride = split_shards(shards, reader=reader, num_readers=num_readers, seed=seed, epoch=epoch)
 
     def raw() -> Iterator[dict]:
         index = 0  # position in this reader's stream; decides ownership in sample-level mode
         for shard_pos, path in enumerate(paths):
             errors: list[Exception] = []
+            seen = 0
             for sample in _tar_samples(path, errors):
+                seen += 1
                 mine = index % stride == reader % stride
                 index += 1
                 if not mine:
                     continue
                 parsed = _parse(sample)
                 if parsed is None:
-                    counts.corrupt += 1
-                    log.warning("skipping sample %r in %s: no image or no integer label", sample.get("__key__"), path)
+                    if not errors:  # an incomplete last sample of a broken shard is covered by its truncation count
+                        counts.corrupt += 1
+                        log.warning("skipping sample %r in %s: no image or no integer label", sample.get("__key__"),
+                                    path)
                     continue
                 yield parsed
+            expected = expected_samples(path)
+            short = expected is not None and seen < expected
             # In sample-level mode every reader reads this shard; only one of them reports it.
-            if errors and (stride == 1 or shard_pos % stride == reader):
+            if (errors or short) and (stride == 1 or shard_pos % stride == reader):
                 counts.truncated += 1
-                log.warning("shard %s is truncated or unreadable (%s); skipped the rest of it", path, errors[0])
+                why = errors[0] if errors else f"{seen} of {expected} samples"
+                log.warning("shard %s is truncated or unreadable (%s); skipped the rest of it", path, why)
 
     rng = np.random.default_rng([seed, epoch, reader])
     yield from _shuffle(raw(), shuffle_buffer, rng)

@@ -32,20 +32,34 @@ DEFAULT_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32 logits per chunk
 # ----------------------------------------------------------------------------------------------- Triton kernels
 @triton.jit
 def _logits_tile(
-    a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, a_row_stride, b_row_stride, dim,
+    a_ptr, b_ptr, a0, b0, n_a, n_b, a_row_stride, b_row_stride, dim,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """(BLOCK_A, BLOCK_B) fp32 tile of a[a_idx] @ b[b_idx].T, reduced over D in BLOCK_D slices."""
+    """(BLOCK_A, BLOCK_B) fp32 tile of a[a0:a0+BLOCK_A] @ b[b0:b0+BLOCK_B].T, reduced over D in BLOCK_D slices.
+
+    The 64-bit part of the address is one scalar per tile; in-tile offsets stay 32-bit (fewer registers)."""
+    ia = tl.arange(0, BLOCK_A)
+    ib = tl.arange(0, BLOCK_B)
+    a_ok = (a0 + ia) < n_a
+    b_ok = (b0 + ib) < n_b
+    a_blk = a_ptr + tl.cast(a0, tl.int64) * a_row_stride
+    b_blk = b_ptr + tl.cast(b0, tl.int64) * b_row_stride
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    a_base = a_ptr + a_idx.to(tl.int64)[:, None] * a_row_stride
-    b_base = b_ptr + b_idx.to(tl.int64)[None, :] * b_row_stride
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < dim
-        a = tl.load(a_base + d[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
-        b = tl.load(b_base + d[:, None], mask=d_ok[:, None] & b_ok[None, :], other=0.0)  # b tile, transposed
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a = tl.load(a_blk + ia[:, None] * a_row_stride + d[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(b_blk + ib[None, :] * b_row_stride + d[:, None], mask=d_ok[:, None] & b_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)  # b is loaded transposed: (BLOCK_D, BLOCK_B)
     return acc
+
+
+@triton.jit
+def _load_rows(ptr, r0, n, row_stride, d, dim, BLOCK_R: tl.constexpr):
+    """(BLOCK_R, len(d)) tile of rows r0.. of a (n, dim) matrix, zero outside."""
+    i = tl.arange(0, BLOCK_R)
+    return tl.load(ptr + tl.cast(r0, tl.int64) * row_stride + i[:, None] * row_stride + d[None, :],
+                   mask=((r0 + i) < n)[:, None] & (d < dim)[None, :], other=0.0)
 
 
 @triton.jit
@@ -56,10 +70,11 @@ def _contrastive_fwd_kernel(
     n_rows, n_cols, dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
     # A finite start for the running max keeps exp(m_old - m_new) = 0, never nan, while a row has seen only -inf.
     m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     s_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -67,7 +82,7 @@ def _contrastive_fwd_kernel(
     for n0 in range(0, n_cols, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        s = _logits_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, q_row_stride, k_row_stride, dim,
+        s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
                          BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
         pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
         s = tl.where(col_ok[None, :] & (cols[None, :] != excl[:, None]), s, float("-inf"))
@@ -88,12 +103,13 @@ def _contrastive_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dq_i = g_i * sum_j (p_ij - [j == pos_i]) k_j; grid (row tiles, D slices)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     d_out = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d_out < dim
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     # g arrives divided by max|g| (g_scale) so that fp16 ds = g * (p - 1[pos]) stays out of the subnormals.
     g_scale = tl.load(g_scale_ptr)
@@ -102,16 +118,15 @@ def _contrastive_bwd_dq_kernel(
     for n0 in range(0, n_cols, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        s = _logits_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, q_row_stride, k_row_stride, dim,
+        s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
                          BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
         valid = col_ok[None, :] & (cols[None, :] != excl[:, None])
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         ds = g[:, None] * (p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0))
-        kd = tl.load(k_ptr + cols.to(tl.int64)[:, None] * k_row_stride + d_out[None, :],
-                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        kd = _load_rows(k_ptr, n0, n_cols, k_row_stride, d_out, dim, BLOCK_N)
         acc = tl.dot(ds.to(kd.dtype), kd, acc, input_precision=DOT_PRECISION)
     acc = acc * g_scale
-    tl.store(dq_ptr + rows.to(tl.int64)[:, None] * dq_row_stride + d_out[None, :],
+    tl.store(dq_ptr + m0.to(tl.int64) * dq_row_stride + tl.arange(0, BLOCK_M)[:, None] * dq_row_stride + d_out[None, :],
              acc.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -124,7 +139,8 @@ def _contrastive_bwd_dk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dk_j = sum_i g_i (p_ij - [j == pos_i]) q_i; grid (column tiles, D slices); logits recomputed transposed."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(0) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     d_out = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d_out < dim
@@ -133,20 +149,19 @@ def _contrastive_bwd_dk_kernel(
     for m0 in range(0, n_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-        excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
-        s_t = _logits_tile(k_ptr, q_ptr, cols, rows, col_ok, row_ok, k_row_stride, q_row_stride, dim,
+        s_t = _logits_tile(k_ptr, q_ptr, n0, m0, n_cols, n_rows, k_row_stride, q_row_stride, dim,
                            BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = logits.T
         valid = row_ok[None, :] & (cols[:, None] != excl[None, :])
         p_t = tl.where(valid, tl.exp(s_t - lse[None, :]), 0.0)
         ds_t = g[None, :] * (p_t - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0))
-        qd = tl.load(q_ptr + rows.to(tl.int64)[:, None] * q_row_stride + d_out[None, :],
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qd = _load_rows(q_ptr, m0, n_rows, q_row_stride, d_out, dim, BLOCK_M)
         acc = tl.dot(ds_t.to(qd.dtype), qd, acc, input_precision=DOT_PRECISION)
     acc = acc * g_scale
-    tl.store(dk_ptr + cols.to(tl.int64)[:, None] * dk_row_stride + d_out[None, :],
+    tl.store(dk_ptr + n0.to(tl.int64) * dk_row_stride + tl.arange(0, BLOCK_N)[:, None] * dk_row_stride + d_out[None, :],
              acc.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
 
 

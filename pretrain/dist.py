@@ -87,3 +87,9 @@ def all_reduce_mean(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor
     out = x.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out.div_(world_size(group))
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank; a no-op when not distributed."""
+    if world_size(group) > 1:
+        dist.barrier(group=group)

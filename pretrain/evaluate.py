@@ -9,17 +9,6 @@ import torch
 from pretrain.config import Config, config_from_dict
 from pretrain.eval.digits import digits_eval_set
 from pretrain.eval.report import evaluate_encoder, format_report, write_report
-from pretrain.models import build_backbone
-
-
-def build_cfg_backbone(cfg: Config) -> torch.nn.Module:
-    return build_backbone(
-        cfg.model.backbone,
-        image_size=cfg.data.image_size,
-        in_chans=cfg.data.channels,
-        patch_size=cfg.model.patch_size,
-        **cfg.model.backbone_kwargs,
-    )
 
 
 def random_init_backbone(cfg: Config) -> torch.nn.Module:
@@ -31,7 +20,7 @@ def random_init_backbone(cfg: Config) -> torch.nn.Module:
 
 def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path | None = None, *, echo: bool = True):
     """kNN / linear / few-shot / KMeans on digits for the trained weights, the random init and raw pixels."""
-    trained = build_cfg_backbone(cfg)
+    trained = random_init_backbone(cfg)
     trained.load_state_dict(state_dict)
     images, labels = digits_eval_set(
         image_size=cfg.data.image_size, channels=cfg.data.channels, mean=cfg.data.aug.mean, std=cfg.data.aug.std

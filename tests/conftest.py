@@ -11,3 +11,5 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from tests.mlflow_fixture import mlflow_server  # noqa: E402, F401 - a real `mlflow server` on 127.0.0.1, session-wide

@@ -66,6 +66,10 @@ def mlflow_server(tmp_path_factory):
         except ProcessLookupError:
             pass
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers (uvicorn workers) still in the group
+        except ProcessLookupError:
+            pass
         log.close()

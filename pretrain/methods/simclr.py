@@ -15,12 +15,15 @@ from pretrain.models import build_backbone
 class SimCLR(SSLMethod):
     def __init__(self, cfg: Config, *, gather: Gather | None = None, rank: int = 0) -> None:
         super().__init__()
+        kwargs = dict(cfg.model.backbone_kwargs)
+        if cfg.model.backbone.startswith("vit"):
+            kwargs.setdefault("use_mask_token", False)  # SimCLR never masks: no parameter without a gradient
         self.backbone = build_backbone(
             cfg.model.backbone,
             image_size=cfg.data.image_size,
             in_chans=cfg.data.channels,
             patch_size=cfg.model.patch_size,
-            **cfg.model.backbone_kwargs,
+            **kwargs,
         )
         self.projector = ProjectionHead(
             self.backbone.embed_dim,

@@ -7,7 +7,8 @@ two) plus model-specific keyword arguments.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -48,3 +48,9 @@ def corrupt_jpeg(path: Path, seed: int = 0) -> None:
 def image_tree():
     """Factory fixture for ``make_image_tree``."""
     return make_image_tree
+
+
+@pytest.fixture
+def corrupt():
+    """Factory fixture for ``corrupt_jpeg``."""
+    return corrupt_jpeg

@@ -1,0 +1,45 @@
+"""Training plots rendered straight to PNG with matplotlib's Agg canvas (no pyplot, no global backend switch)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); non-finite values are skipped, not averaged in."""
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        if math.isfinite(v):
+            avg = weight * avg + (1.0 - weight) * v
+            norm = weight * norm + (1.0 - weight)
+        out.append(avg / norm if norm > 0 else float("nan"))
+    return out
+
+
+def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path) -> Path:
+    """Write a PNG of ``losses`` against ``steps`` (raw, faint, plus an EMA-smoothed line) to ``path``; returns it."""
+    steps, losses = list(steps), [float(v) for v in losses]
+    if len(steps) != len(losses):
+        raise ValueError(f"steps and losses must have the same length, got {len(steps)} and {len(losses)}")
+    if not steps:
+        raise ValueError("no loss values to plot")
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="loss (EMA 0.9)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,93 @@
+"""DINO and iBOT-patch losses: Triton path against the official-style references, closed form, teacher mean."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.dino_loss import dino_loss, dino_loss_ref, ibot_patch_loss, ibot_patch_loss_ref
+from kernels.testing import assert_lowp_close, max_err
+
+CASES = [(2, 2, 5, 37), (4, 2, 3, 1000), (10, 2, 2, 300), (3, 1, 4, 96)]  # (S, T, B, K); K never a power of two
+
+
+def _outs(s, t, b, k, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(s, b, k, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
+    teacher = (3 * torch.randn(t, b, k, generator=gen)).to(device=device, dtype=dtype)
+    center = (0.1 * torch.randn(k, generator=gen)).to(device)
+    return student, teacher, center
+
+
+@pytest.mark.parametrize("s,t,b,k", CASES)
+def test_fp32_matches_reference(s, t, b, k, device):
+    """Loss, teacher mean and student gradient (random upstream) match the reference in fp32."""
+    student, teacher, center = _outs(s, t, b, k, torch.float32, device)
+    g = torch.tensor(0.6, device=device)
+    loss, mean = dino_loss(student, teacher, center, 0.1, 0.04, impl="triton")
+    loss_r, mean_r = dino_loss_ref(student, teacher, center, 0.1, 0.04)
+    assert max_err(loss, loss_r) <= 1e-5 * loss_r.abs().item()
+    assert max_err(mean, mean_r) <= 1e-6
+    gs, gs_r = torch.autograd.grad(loss, student, g)[0], torch.autograd.grad(loss_r, student, g)[0]
+    assert max_err(gs, gs_r) <= 1e-5 * gs_r.abs().max().item()
+
+
+def test_fp16_within_twice_torch_fp16_error(device):
+    """fp16 logits: loss and gradient errors are at most 2x those of the reference computed in fp16."""
+    student, teacher, center = _outs(4, 2, 3, 1000, torch.float16, device)
+    out = dino_loss(student, teacher, center, 0.1, 0.04, impl="triton")[0]
+    r32 = dino_loss_ref(student, teacher, center, 0.1, 0.04, upcast=True)[0]
+    r16 = dino_loss_ref(student, teacher, center, 0.1, 0.04)[0]
+    assert_lowp_close(out, r32, r16, atol=1e-4)
+    grads = [torch.autograd.grad(x, student)[0] for x in (out, r32, r16)]
+    assert_lowp_close(*grads, atol=1e-6)
+
+
+def test_teacher_equal_to_center_gives_log_k(device):
+    """Teacher logits equal to the center give uniform targets; with a uniform student each pair costs ln K."""
+    k = 300
+    center = torch.randn(k, device=device)
+    teacher = center.expand(2, 3, k).contiguous()
+    student = torch.zeros(4, 3, k, device=device)
+    loss, _ = dino_loss(student, teacher, center, 0.1, 0.04, impl="triton")
+    assert loss.item() == pytest.approx(math.log(k), rel=1e-6)
+
+
+def test_teacher_gets_no_gradient(device):
+    """Only the student receives a gradient."""
+    student, teacher, center = _outs(2, 2, 3, 40, torch.float32, device)
+    teacher.requires_grad_()
+    loss, _ = dino_loss(student, teacher, center, 0.1, 0.04, impl="triton")
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ibot_patch_loss_matches_reference(dtype, device):
+    """Masked-patch loss (an image with no masked patch included), teacher mean and gradient match iBOT's form."""
+    gen = torch.Generator().manual_seed(5)
+    b, length, k = 3, 7, 50
+    student = (3 * torch.randn(b, length, k, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
+    teacher = (3 * torch.randn(b, length, k, generator=gen)).to(device=device, dtype=dtype)
+    center = (0.1 * torch.randn(k, generator=gen)).to(device)
+    mask = torch.rand(b, length, generator=gen) < 0.4
+    mask[0] = False
+    mask = mask.to(device)
+    loss, mean = ibot_patch_loss(student, teacher, mask, center, 0.1, 0.04, impl="triton")
+    loss_r, mean_r = ibot_patch_loss_ref(student, teacher, mask, center, 0.1, 0.04, upcast=True)
+    assert max_err(loss, loss_r) <= 1e-5 * loss_r.abs().item()
+    assert max_err(mean, mean_r) <= 1e-5
+    gs, gs_r = torch.autograd.grad(loss, student)[0], torch.autograd.grad(loss_r, student)[0]
+    assert max_err(gs, gs_r) <= 2e-3 * gs_r.abs().max().item()
+    assert torch.all(gs[~mask] == 0)
+
+
+@pytest.mark.parametrize(
+    "shapes,match",
+    [(((2, 3, 8), (3, 3, 8), (8,)), "T <= S"), (((2, 3, 8), (2, 3, 8), (7,)), "center")],
+)
+def test_bad_shapes_raise(shapes, match):
+    """More teacher views than student views, or a wrong center size, is a ValueError."""
+    s, t, c = (torch.randn(*x) for x in shapes)
+    with pytest.raises(ValueError, match=match):
+        dino_loss(s, t, c, 0.1, 0.04)

@@ -1,0 +1,96 @@
+"""Config schema: recipes, overrides, and one-line errors that name the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "simclr_digits.yaml"
+
+
+def test_recipe_loads_with_types():
+    """The demo recipe parses into typed sections, pairs as tuples."""
+    cfg = load_config(RECIPE)
+    assert cfg.method.name == "simclr" and cfg.data.channels == 1
+    assert cfg.data.aug.translate == (0.1, 0.1)
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_override_parses_yaml_values():
+    """--set values are YAML: numbers, booleans and lists."""
+    cfg = load_config(RECIPE, ["optim.lr=1e-3", "job.progress=false", "data.aug.crop_scale=[0.3, 1.0]"])
+    assert cfg.optim.lr == 1e-3 and cfg.job.progress is False and cfg.data.aug.crop_scale == (0.3, 1.0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "optim.lrr: unknown key"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("optim.lr=-1", "optim.lr: must be > 0"),
+        ("zero.stage=4", "zero.stage: must be 0, 1, 2 or 3"),
+        ("data.aug.flip_prob=1.5", "data.aug.flip_prob: must be in [0, 1]"),
+        ("data.aug.crop_scale=[0.5]", "data.aug.crop_scale: expected 2 values"),
+        ("method.name=nope", "method.name: unknown method 'nope'"),
+        ("model.backbone=vgg", "model.backbone: unknown backbone 'vgg'"),
+        ("job.num_workers=0", "job.num_workers: must be >= 1"),
+        ("job.max_steps=10", "optim.warmup_steps: must be < job.max_steps"),
+        ("data.batch_size=true", "data.batch_size: expected an integer"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    """Each bad value raises ConfigError whose one line starts with the dotted key."""
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, [override])
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith(message), text
+
+
+def test_vit_patch_must_divide_image():
+    """A ViT patch size that does not divide the image size is refused up front."""
+    with pytest.raises(ConfigError, match=r"^model.patch_size: 5 does not divide data.image_size 16"):
+        load_config(RECIPE, ["model.backbone=vit_tiny", "model.patch_size=5"])
+
+
+def test_bad_override_syntax():
+    """An override without '=' is refused with the expected form."""
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_base_recipe_is_derived(tmp_path):
+    """A recipe with `base:` inherits everything it does not set."""
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {RECIPE}\njob:\n  max_steps: 77\n")
+    cfg = load_config(child)
+    assert cfg.job.max_steps == 77 and cfg.method.temperature == load_config(RECIPE).method.temperature
+
+
+def test_roundtrip_through_dict():
+    """to_dict -> config_from_dict gives the same config (what workers and checkpoints receive)."""
+    cfg = load_config(RECIPE)
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_missing_file():
+    """A missing recipe is one line naming the path."""
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/recipe.yaml")
+
+
+def test_cli_rejects_bad_config_before_any_worker(tmp_path):
+    """`pretrain train` with a bad key exits 2 with one line on stderr, and writes no run directory."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--set", "optim.lr=-3",
+         "--set", f"job.out_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: optim.lr: must be > 0, got -3.0"]
+    assert not any(tmp_path.iterdir())

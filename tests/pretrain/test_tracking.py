@@ -1,0 +1,213 @@
+"""MLflow tracking against a real server over HTTP on 127.0.0.1, and against a serverless sqlite store."""
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pretrain import tracking
+from pretrain.tracking import (
+    MLflowTracker,
+    NullTracker,
+    check_tracking_uri,
+    default_artifact_location,
+    default_tracking_uri,
+    make_tracker,
+)
+
+CONFIG = {"method": {"name": "dino", "teacher_temp": 0.04}, "optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "seed": 7}
+
+
+def _uuid_experiment(request) -> str:
+    return f"{request.node.name}-{time.time_ns()}"
+
+
+def test_params_metrics_artifact_round_trip_over_http(mlflow_server, request, tmp_path):
+    """Nested params, metrics over steps and a file artifact read back exactly from the server."""
+    tracker = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request), run_name="rt")
+    tracker.log_params(CONFIG)
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1 * step}, step=step)
+    artifact = tmp_path / "config.yaml"
+    artifact.write_text("seed: 7\n")
+    tracker.log_artifact(artifact, "configs")
+    tracker.set_tags({"git_sha": "abc123"})
+    tracker.finish()
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == {
+        "method.name": "dino",
+        "method.teacher_temp": "0.04",
+        "optim.lr": "0.001",
+        "optim.betas": "[0.9, 0.95]",
+        "seed": "7",
+    }
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [
+        (s, 1.0 / (s + 1)) for s in range(5)
+    ]
+    assert run.data.tags["git_sha"] == "abc123"
+    assert run.info.status == "FINISHED" and run.info.run_name == "rt"
+    downloaded = client.download_artifacts(tracker.run_id, "configs/config.yaml", str(tmp_path / "dl"))
+    assert Path(downloaded).read_text() == "seed: 7\n"
+
+
+def test_metrics_are_buffered_until_flush(mlflow_server, request):
+    """A few metrics logged within the flush interval reach the server only at flush()."""
+    tracker = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    tracker.flush()  # restarts the flush clock, so the next call is well within FLUSH_EVERY_S
+    tracker.log_metrics({"loss": 2.0}, step=0)
+    client = MlflowClient(mlflow_server)
+    assert client.get_metric_history(tracker.run_id, "loss") == []
+    tracker.flush()
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == [2.0]
+    tracker.finish()
+
+
+def test_many_params_and_metrics_are_batched(mlflow_server, request):
+    """250 params (over the 100-per-call limit) and 1200 metrics (over the flush threshold) all arrive."""
+    tracker = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    tracker.log_params({"p": {str(i): i for i in range(250)}, "long": "x" * 10_000})
+    for step in range(1200):
+        tracker.log_metrics({"m": float(step)}, step=step)
+    tracker.finish()
+    client = MlflowClient(mlflow_server)
+    params = client.get_run(tracker.run_id).data.params
+    assert len(params) == 251 and params["p.249"] == "249"
+    assert params["long"] == "x" * tracking.MAX_PARAM_VAL_LENGTH
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "m")] == list(range(1200))
+
+
+def test_resume_logs_into_the_same_run(mlflow_server, request):
+    """A tracker built with run_id continues the run: RUNNING again, history extended, same params accepted."""
+    experiment = _uuid_experiment(request)
+    first = MLflowTracker(mlflow_server, experiment=experiment)
+    first.log_params(CONFIG)
+    first.log_metrics({"loss": 3.0}, step=0)
+    first.finish("KILLED")
+
+    resumed = MLflowTracker(mlflow_server, experiment=experiment, run_id=first.run_id)
+    client = MlflowClient(mlflow_server)
+    assert resumed.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    resumed.log_params(CONFIG)
+    resumed.log_metrics({"loss": 2.5}, step=1)
+    resumed.finish()
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [(0, 3.0), (1, 2.5)]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name(experiment).experiment_id])) == 1
+
+
+def test_resume_rejects_a_changed_param(mlflow_server, request):
+    """MLflow params are immutable: re-logging a key with another value is a ValueError naming the key."""
+    tracker = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    tracker.log_params({"optim": {"lr": 0.1}})
+    with pytest.raises(ValueError, match="optim.lr"):
+        tracker.log_params({"optim": {"lr": 0.2}})
+    tracker.finish()
+
+
+def test_resume_unknown_run_id_is_a_value_error(mlflow_server, request):
+    """Resuming a run id the server does not know fails with one line naming the id."""
+    with pytest.raises(ValueError, match="0123456789abcdef"):
+        MLflowTracker(mlflow_server, experiment=_uuid_experiment(request), run_id="0123456789abcdef")
+
+
+def test_experiment_is_reused(mlflow_server, request):
+    """Two trackers with one experiment name put two runs into the same experiment."""
+    experiment = _uuid_experiment(request)
+    a = MLflowTracker(mlflow_server, experiment=experiment)
+    b = MLflowTracker(mlflow_server, experiment=experiment)
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(a.run_id).info.experiment_id == client.get_run(b.run_id).info.experiment_id
+    a.finish()
+    b.finish()
+
+
+def test_context_manager_marks_failed_on_exception(mlflow_server, request):
+    """An exception inside `with tracker:` ends the run FAILED."""
+    tracker = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    with pytest.raises(RuntimeError), tracker:
+        raise RuntimeError("boom")
+    assert MlflowClient(mlflow_server).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_rank_one_gets_a_null_tracker_that_writes_nothing(mlflow_server, request, tmp_path):
+    """make_tracker on rank 1 returns a NullTracker and creates no experiment on the server."""
+    experiment = _uuid_experiment(request)
+    tracker = make_tracker(rank=1, tracking_uri=mlflow_server, experiment=experiment)
+    assert isinstance(tracker, NullTracker) and not isinstance(tracker, MLflowTracker)
+    tracker.log_params(CONFIG)
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    (tmp_path / "a.txt").write_text("a")
+    tracker.log_artifact(tmp_path / "a.txt")
+    tracker.set_tags({"a": "b"})
+    tracker.finish()
+    assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None
+
+
+def test_rank_zero_gets_an_mlflow_tracker(mlflow_server, request):
+    """make_tracker on rank 0 starts a real run."""
+    tracker = make_tracker(rank=0, tracking_uri=mlflow_server, experiment=_uuid_experiment(request))
+    assert isinstance(tracker, MLflowTracker)
+    assert MlflowClient(mlflow_server).get_run(tracker.run_id).info.status == "RUNNING"
+    tracker.finish()
+
+
+def test_default_sqlite_uri_works_without_a_server(tmp_path):
+    """The sqlite default keeps the db and the artifacts under out_dir; values read back from the db."""
+    out_dir = tmp_path / "run"
+    uri = default_tracking_uri(out_dir)
+    tracker = MLflowTracker(uri, experiment="local", artifact_location=default_artifact_location(out_dir))
+    tracker.log_params(CONFIG)
+    tracker.log_metrics({"loss": 0.5}, step=3)
+    artifact = tmp_path / "eval.json"
+    artifact.write_text("{}")
+    tracker.log_artifact(artifact)
+    tracker.finish()
+    assert (out_dir / "mlflow.db").is_file()
+    assert list((out_dir / "mlartifacts").rglob("eval.json"))
+    client = MlflowClient(uri)
+    assert client.get_run(tracker.run_id).data.params["optim.lr"] == "0.001"
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(3, 0.5)]
+
+
+def test_default_uris_are_absolute(tmp_path, monkeypatch):
+    """Relative out_dir resolves against the working directory: sqlite:////abs/mlflow.db and file:///abs/mlartifacts."""
+    monkeypatch.chdir(tmp_path)
+    assert default_tracking_uri("out") == f"sqlite:///{tmp_path.resolve()}/out/mlflow.db"
+    assert default_artifact_location("out") == f"file://{tmp_path.resolve()}/out/mlartifacts"
+
+
+@pytest.mark.parametrize(
+    "uri", ["", "ftp://example.com", "mlflow.db", "http://", "http://127.0.0.1:notaport", "sqlite://rel.db"]
+)
+def test_malformed_uri_is_a_value_error(uri):
+    """Unsupported schemes, missing host, bad port and a two-slash sqlite URI fail fast with ValueError."""
+    with pytest.raises(ValueError, match="tracking URI"):
+        check_tracking_uri(uri)
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.com", "sqlite:////tmp/x.db"])
+def test_wellformed_uri_passes(uri):
+    """Common good URIs are accepted without touching the network."""
+    check_tracking_uri(uri)
+
+
+def test_malformed_uri_fails_on_every_rank():
+    """make_tracker checks the URI even on ranks that will not log."""
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        make_tracker(rank=3, tracking_uri="ftp://x", experiment="e")
+
+
+def test_unreachable_server_is_a_one_line_connection_error():
+    """Nothing listening on the port: ConnectionError naming the server, within a few seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        start = time.monotonic()
+        with pytest.raises(ConnectionError, match=rf"tracking server http://127.0.0.1:{port} is not reachable"):
+            MLflowTracker(f"http://127.0.0.1:{port}", experiment="e")
+    assert time.monotonic() - start < 10
