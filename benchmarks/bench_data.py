@@ -8,6 +8,9 @@ For each: warm-up, then the median over ``--runs`` passes of images/s (one image
 - ``pil``:  ``data_pipeline.cpu.PilAugmenter`` (the tested reference) on the same batches, same thread count,
 - ``stream``: the whole ``make_train_stream`` path (tar shards -> reader workers -> DALI), batches/s * batch size.
 
+Providers are timed in turn within each run (see ``interleaved_rates``) so that load from other jobs on a shared machine
+skews them alike; compare providers within one printout, not across printouts.
+
 Usage: ``python benchmarks/bench_data.py [--runs 5] [--threads 2] [--device cpu]``; prints one block of text.
 """
 
@@ -53,7 +56,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return f"{model}, {os.cpu_count()} cores, {system}"
 
 
 def git_sha() -> str:
@@ -85,42 +89,46 @@ def make_jpeg_tree(root: Path, count: int, size: int = 224, seed: int = 0) -> Pa
     return root
 
 
-def median_rate(fn, n_images: int, runs: int) -> tuple[float, float]:
-    """(median, min) images/s of ``fn()`` processing ``n_images``, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def interleaved_rates(fns: dict[str, object], n_images: int, runs: int) -> dict[str, tuple[float, float]]:
+    """Per provider (median, slowest) images/s of ``fn()`` processing ``n_images``, after one warm-up call each.
+
+    Providers are timed in turn within each run, so background load on a shared machine hits all of them alike.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return n_images / statistics.median(times), n_images / max(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (n_images / statistics.median(t), n_images / max(t)) for name, t in times.items()}
 
 
-def bench_augmenters(name: str, shards: list[str], aug: AugmentConfig, *, size: int, channels: int, batch: int,
-                     n_batches: int, runs: int, threads: int, device: str) -> list[str]:
-    samples = [s["image"] for s in itertools.islice(read_epoch(shards, rank=0, world_size=1, num_workers=0),
-                                                    batch * n_batches)]
-    batches = [samples[i:i + batch] for i in range(0, batch * n_batches, batch)]
-    n = batch * n_batches
+def bench(name: str, shards: list[str], aug: AugmentConfig, *, size: int, channels: int, batch: int, runs: int,
+          threads: int, device: str) -> list[str]:
+    """dali / pil on the same in-memory batches (one pass over the shards), and the whole stream, interleaved."""
+    samples = [s["image"] for s in read_epoch(shards, rank=0, world_size=1, num_workers=0)]
+    n_batches = len(samples) // batch
+    batches = [samples[i * batch:(i + 1) * batch] for i in range(n_batches)]
     dali = DaliAugmenter(aug, batch_size=batch, image_size=size, channels=channels, num_threads=threads,
                          device=device)
     pil = PilAugmenter(aug, image_size=size, channels=channels, num_threads=threads)
-    lines = []
-    for provider, augment in (("dali", dali), ("pil", pil)):
-        med, worst = median_rate(lambda: [augment(b) for b in batches], n, runs)
-        lines.append(f"{name:<14} {provider:<7} {med:>10.1f} img/s  (slowest run {worst:.1f})")
-    pil.close()
-    return lines
-
-
-def bench_stream(name: str, shards: list[str], aug: AugmentConfig, *, size: int, channels: int, batch: int,
-                 n_batches: int, runs: int, device: str) -> str:
     stream = make_train_stream(shards, batch_size=batch, aug=aug, image_size=size, channels=channels, rank=0,
                                world_size=1, num_workers=2, shuffle_buffer=256, device=device)
     it = iter(stream)
-    med, worst = median_rate(lambda: list(itertools.islice(it, n_batches)), batch * n_batches, runs)
+    fns = {
+        "dali": lambda: [dali(b) for b in batches],
+        "pil": lambda: [pil(b) for b in batches],
+        "stream": lambda: list(itertools.islice(it, n_batches)),
+    }
+    rates = interleaved_rates(fns, batch * n_batches, runs)
     stream.close()
-    return f"{name:<14} {'stream':<7} {med:>10.1f} img/s  (slowest run {worst:.1f}; reader workers=2 + DALI)"
+    pil.close()
+    notes = {"dali": f"DALI {threads} threads", "pil": f"PIL pool {threads} threads",
+             "stream": f"tar shards -> 2 reader workers -> DALI {threads} threads"}
+    return [f"{name:<16} {p:<7} {med:>9.1f} img/s  (slowest run {worst:.1f}; {notes[p]})"
+            for p, (med, worst) in rates.items()]
 
 
 def main() -> None:
@@ -134,7 +142,8 @@ def main() -> None:
     print("# bench_data: decode + 2-view augmentation throughput (images/s; each image yields 2 views)")
     print(f"# machine: {machine()}")
     print(f"# git: {git_sha()}  time: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    print(f"# device: {args.device}  threads: {args.threads}  runs: {args.runs} (median; 1 warm-up)")
+    print(f"# device: {args.device}  threads: {args.threads}  runs: {args.runs} (median; 1 warm-up)  "
+          f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         digits = ensure_digits_shards(tmp / "cache", shard_size=256)
@@ -143,22 +152,16 @@ def main() -> None:
                      progress=False)
         print(f"# generated {args.jpegs} JPEGs 224x224 + shards in {time.perf_counter() - t0:.1f}s")
         jpeg = list_shards(tmp / "jpeg-shards")
-        common = dict(runs=args.runs, device=args.device)
-        lines = bench_augmenters("digits 16px", digits, DIGITS_AUG, size=16, channels=1, batch=256, n_batches=6,
-                                 threads=args.threads, **common)
-        lines.append(bench_stream("digits 16px", digits, DIGITS_AUG, size=16, channels=1, batch=256, n_batches=6,
-                                  **common))
-        lines += bench_augmenters("jpeg 224px", jpeg, SIMCLR_AUG, size=224, channels=3, batch=64, n_batches=4,
-                                  threads=args.threads, **common)
-        noblur = AugmentConfig(blur_prob=0.0)
-        lines += bench_augmenters("jpeg 224 noblur", jpeg, noblur, size=224, channels=3, batch=64, n_batches=4,
-                                  threads=args.threads, **common)
-        lines.append(bench_stream("jpeg 224px", jpeg, SIMCLR_AUG, size=224, channels=3, batch=64, n_batches=4,
-                                  **common))
-    print(f"{'dataset':<14} {'provider':<7} {'throughput':>16}")
+        common = dict(runs=args.runs, threads=args.threads, device=args.device)
+        lines = bench("digits 16px", digits, DIGITS_AUG, size=16, channels=1, batch=256, **common)
+        lines += bench("jpeg 224px", jpeg, SIMCLR_AUG, size=224, channels=3, batch=64, **common)
+        lines += bench("jpeg 224px noblur", jpeg, AugmentConfig(blur_prob=0.0), size=224, channels=3, batch=64,
+                       **common)
+    print(f"{'dataset':<16} {'provider':<7} {'median':>15}")
     for line in lines:
         print(line)
-    print(f"# peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"# peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; "
+          f"load average after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Same interface as ``data_pipeline.dali.DaliAugmenter`` (encoded bytes in, ``num_views`` tensors (B, C, S, S) out), the
 same op order and parameter meaning (``data_pipeline.views``). Randomness differs (its own numpy generator), so outputs
-agree with DALI only when every random op is off. No torchvision. Images are processed by a thread pool; PIL releases the
-GIL in decode, resize and filters.
+agree with DALI only when every random op is off. No torchvision. Images are processed by a thread pool; PIL
+releases the GIL in decode, resize and filters.
 """
 
 from __future__ import annotations

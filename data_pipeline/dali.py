@@ -155,6 +155,8 @@ class DaliAugmenter:
             dense = out.as_tensor()
             views.append(feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.float32, device=self.device),
                                       cuda_stream=stream))
+        if stream is not None:
+            stream.synchronize()  # the copies must finish before the next run() reuses DALI's output buffers
         return views
 
     def __call__(self, images: list[bytes]) -> list[torch.Tensor]:

@@ -1,13 +1,15 @@
 """The training data stream the trainer consumes: shards -> reader workers -> DALI views, endless, full batches only.
 
 Per epoch: the DataLoader workers (``data_pipeline.reader``) deliver this rank's share of the shards in chunks; the main
-process re-batches them into exactly ``batch_size`` samples (the partial remainder of an epoch is dropped), runs the DALI
-graph (``data_pipeline.dali``) and yields the views. When the share is exhausted the stream goes on with ``epoch + 1``,
-whose shard order and shuffle buffer are reshuffled from ``(seed, epoch)``. Augmentation randomness continues the DALI
-seed stream (seeded by ``seed`` and ``rank``); it is not re-derived per epoch.
+process re-batches them into exactly ``batch_size`` samples (the partial remainder of an epoch is dropped), runs the
+DALI graph (``data_pipeline.dali``) and yields the views. When the share is exhausted the stream goes on with
+``epoch + 1``, whose shard order and shuffle buffer are reshuffled from ``(seed, epoch)``. Augmentation randomness
+continues the DALI seed stream (seeded by ``seed`` and ``rank``); it is not re-derived per epoch, so a run resumed at
+``start_epoch`` reads the same samples in the same order but augments them differently.
 
 ``stats`` (cumulative): ``samples`` = samples yielded in batches, ``corrupt`` = samples dropped as undecodable or
-malformed (by the workers or by DALI), ``truncated_shards`` = truncated/unreadable shards met (once per shard and epoch).
+malformed (by the workers or by DALI), ``truncated_shards`` = truncated/unreadable shards met (once per shard and
+epoch).
 """
 
 from __future__ import annotations

@@ -70,14 +70,19 @@ def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> It
 
 def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
     """Grouped webdataset samples of one tar; exceptions go into ``errors`` and end or skip as webdataset decides."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def handler(exn: Exception) -> bool:
         errors.append(exn)
         return True  # keep going: read whatever is still readable
 
-    streams = url_opener([{"url": path}], handler=handler)
-    yield from group_by_keys(tar_file_expander(streams, handler=handler), handler=handler)
+    try:
+        stream = open(path, "rb")  # opened here (not by webdataset's url_opener) so it is always closed
+    except OSError as exn:
+        errors.append(exn)
+        return
+    with stream:
+        yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}], handler=handler), handler=handler)
 
 
 def _parse(sample: dict) -> dict | None:

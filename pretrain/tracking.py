@@ -6,6 +6,7 @@ global state), so several trackers can live in one process and a run can be resu
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.error
 import urllib.request
@@ -64,8 +65,11 @@ def check_tracking_uri(uri: str) -> None:
         raise ValueError(f"tracking URI {uri!r} must look like sqlite:///relative.db or sqlite:////abs/path.db")
 
 
-def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
-    """Nested mappings as dotted keys with ``str()`` values: ``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``."""
+def flatten_params(params, prefix: str = "") -> dict[str, str]:
+    """Nested mappings (or dataclasses) as dotted keys with ``str()`` values: ``{"optim": {"lr": 0.1}}`` ->
+    ``{"optim.lr": "0.1"}``."""
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
     flat: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
@@ -76,7 +80,20 @@ def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class NullTracker:
+class _RunContext:
+    """``with tracker:`` ends the run FINISHED, or FAILED when the body raises."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("FAILED" if exc_type is not None else "FINISHED")
+
+
+class NullTracker(_RunContext):
     """Accepts every call of :class:`MLflowTracker` and does nothing (ranks other than 0, tracking disabled)."""
 
     run_id: str | None = None
@@ -99,14 +116,8 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish("FAILED" if exc_type is not None else "FINISHED")
-
-
-class MLflowTracker(NullTracker):
+class MLflowTracker(_RunContext):
     """One MLflow run: a new one in ``experiment``, or the existing ``run_id`` resumed (status back to RUNNING).
 
     A missing experiment is created with ``artifact_location`` (for a sqlite URI it defaults to ``mlartifacts/`` beside
@@ -116,6 +127,8 @@ class MLflowTracker(NullTracker):
     Metrics are buffered and sent with ``log_batch`` every ``FLUSH_EVERY_S`` seconds or ``FLUSH_EVERY_N`` metrics, so a
     training step costs no HTTP round trip. Used as a context manager, the run ends FAILED if the body raises.
     """
+
+    run_id: str
 
     def __init__(
         self,
@@ -140,7 +153,6 @@ class MLflowTracker(NullTracker):
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
         self._buffer: list[Metric] = []
-        self._last_flush = time.monotonic()
         self._finished = False
         if run_id is None:
             experiment_id = self._experiment_id(experiment, artifact_location)
@@ -152,6 +164,7 @@ class MLflowTracker(NullTracker):
                 raise ValueError(f"cannot resume MLflow run {run_id!r} at {tracking_uri}: {err.message}") from None
             self.run_id = run_id
             self._client.update_run(run_id, status="RUNNING")
+        self._last_flush = time.monotonic()
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         """Id of experiment ``name``, created (with ``artifact_location``) if missing, restored if deleted."""
@@ -167,8 +180,8 @@ class MLflowTracker(NullTracker):
             self._client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
 
-    def log_params(self, params: dict) -> None:
-        """Log ``params`` (nested dicts flattened to dotted keys; values ``str()``'d, truncated to MLflow's limit).
+    def log_params(self, params) -> None:
+        """Log ``params`` (a dict or config dataclass; nested dicts flattened to dotted keys; values ``str()``'d, truncated to MLflow's limit).
 
         On a resumed run, params already logged with the same value are skipped; a changed value is a ValueError,
         because MLflow params are immutable.

@@ -278,12 +278,3 @@ def write_run_files(cfg: Config, run_dir: Path) -> None:
 
 def read_eval(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "eval.json").read_text())
-
-
-if __name__ == "__main__":  # `torchrun --nproc-per-node N -m pretrain.trainer RUN_DIR` after `pretrain train --dry-run`
-    from pretrain.config import load_config
-
-    run = Path(sys.argv[1])
-    if not torch.distributed.is_initialized() and "RANK" in os.environ:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    train(load_config(run / "config.yaml"), run, LocalSession(run))

@@ -90,3 +90,13 @@ def test_truncated_count_reaches_main_process(digits_copy, num_workers):
                              shuffle_buffer=10, seed=0, epoch=0)
         total += sum(c["truncated"] for c in make_loader(stream))
     assert total == 2
+
+
+def test_missing_shard_counted(digits_copy):
+    """A shard file that vanished is counted like a truncated one and the rest is read."""
+    (digits_copy / "shard-000003.tar").unlink()
+    stream = ShardStream(list_shards(digits_copy), rank=0, world_size=1, num_workers=0, shuffle_buffer=0, seed=0,
+                         epoch=0)
+    chunks = list(make_loader(stream))
+    assert sum(c["truncated"] for c in chunks) == 1
+    assert sum(len(c["samples"]) for c in chunks) == 1797 - 256

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from data_pipeline import shards as shards_mod
-from data_pipeline.shards import ensure_digits_shards, list_shards, read_classes, read_manifest, sha256_file, write_shards
+from data_pipeline.shards import (
+    ensure_digits_shards,
+    list_shards,
+    read_classes,
+    read_manifest,
+    sha256_file,
+    write_shards,
+)
 from data_pipeline.sources import digits_uint8
 
 

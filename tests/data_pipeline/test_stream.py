@@ -138,7 +138,7 @@ def test_numpy_free_labels(digits_dir):
 
 
 def test_pil_baseline_matches_dali_when_aug_off(digits_dir):
-    """The PIL baseline (benchmark reference) gives DALI's output with every op off, and same-shaped views with ops on."""
+    """The PIL baseline (benchmark reference) equals DALI with every op off and gives distinct views with ops on."""
     from data_pipeline.cpu import PilAugmenter
     from data_pipeline.dali import DaliAugmenter
     from data_pipeline.reader import read_epoch
@@ -151,3 +151,24 @@ def test_pil_baseline_matches_dali_when_aug_off(digits_dir):
     torch.testing.assert_close(pil[0], dali[0], atol=1e-5, rtol=0)
     on = PilAugmenter(AugmentConfig(mean=[0.5] * 3, std=[0.5] * 3, **ALL_ON), image_size=16, channels=3)(images)
     assert [v.shape for v in on] == [(16, 3, 16, 16)] * 2 and not torch.equal(on[0], on[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_matches_cpu_and_streams(digits_dir):
+    """On GPU (mixed decoder, gpu ops) views equal the CPU graph's with every op off; the full stream runs on cuda."""
+    from data_pipeline.dali import DaliAugmenter
+    from data_pipeline.reader import read_epoch
+
+    images = [s["image"] for s in itertools.islice(read_epoch(list_shards(digits_dir), rank=0, world_size=1,
+                                                                num_workers=0), 16)]
+    off = AugmentConfig.disabled(**GRAY)
+    cpu = DaliAugmenter(off, batch_size=16, image_size=8, channels=1)(images)
+    gpu = DaliAugmenter(off, batch_size=16, image_size=8, channels=1, device="cuda", device_id=0)(images)
+    assert gpu[0].is_cuda
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-5, rtol=0)
+    with _stream(list_shards(digits_dir), AugmentConfig(mean=[0.5] * 3, std=[0.5] * 3, **ALL_ON), channels=3,
+                 device="cuda") as stream:
+        batch = next(iter(stream))
+    assert batch["views"][0].is_cuda and batch["views"][0].shape == (32, 3, 16, 16)
+    assert not torch.equal(batch["views"][0], batch["views"][1])

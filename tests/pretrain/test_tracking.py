@@ -1,5 +1,6 @@
 """MLflow tracking against a real server over HTTP on 127.0.0.1, and against a serverless sqlite store."""
 
+import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pretrain.tracking import (
     check_tracking_uri,
     default_artifact_location,
     default_tracking_uri,
+    flatten_params,
     make_tracker,
 )
 
@@ -172,6 +174,34 @@ def test_default_sqlite_uri_works_without_a_server(tmp_path):
     client = MlflowClient(uri)
     assert client.get_run(tracker.run_id).data.params["optim.lr"] == "0.001"
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(3, 0.5)]
+
+
+def test_sqlite_artifacts_default_to_beside_the_db(tmp_path, monkeypatch):
+    """Without artifact_location a sqlite-backed run keeps artifacts in <db dir>/mlartifacts, not in the cwd."""
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "out"
+    tracker = MLflowTracker(default_tracking_uri(out_dir), experiment="local")
+    (tmp_path / "note.txt").write_text("n")
+    tracker.log_artifact(tmp_path / "note.txt")
+    tracker.finish()
+    assert list((out_dir / "mlartifacts").rglob("note.txt"))
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_flatten_params_accepts_nested_dataclasses():
+    """Config dataclasses flatten like dicts; empty dicts and lists stay single values."""
+
+    @dataclasses.dataclass
+    class Optim:
+        lr: float = 0.1
+        betas: tuple = (0.9, 0.95)
+
+    @dataclasses.dataclass
+    class Job:
+        optim: Optim = dataclasses.field(default_factory=Optim)
+        extra: dict = dataclasses.field(default_factory=dict)
+
+    assert flatten_params(Job()) == {"optim.lr": "0.1", "optim.betas": "(0.9, 0.95)", "extra": "{}"}
 
 
 def test_default_uris_are_absolute(tmp_path, monkeypatch):

@@ -1,0 +1,126 @@
+"""Training throughput: images/s per worker for a recipe, through the real stack and for the model alone.
+
+Providers, side by side in one run:
+
+- ``ray+deepspeed``: ``pretrain train`` (local Ray cluster, ``job.num_workers`` workers, DeepSpeed, DALI views, MLflow
+  sqlite) for ``--steps`` steps; images/s per worker is the median over the steps after ``--warmup``, as logged by the
+  trainer in ``metrics.csv`` (batch_size / step wall time, data loading included).
+- ``model-only``: one process, the same method and optimizer on a fixed random batch (no data, no DeepSpeed,
+  one thread per worker as Ray gives each worker one CPU): the compute ceiling of one worker.
+
+Results are appended to ``benchmarks/results/train.csv`` with the machine, git sha and time; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "train.csv"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu} x{os.cpu_count()}, {gpu}"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench_ray(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
+        sets = [f"job.max_steps={steps}", f"job.out_dir={out}", "job.run_name=bench", "eval.enabled=false",
+                "job.log_every=5", f"job.ckpt_every={steps}", "optim.warmup_steps=1", "job.progress=false", *overrides]
+        cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(recipe)]
+        for s in sets:
+            cmd += ["--set", s]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"pretrain train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        with (Path(out) / "bench" / "metrics.csv").open() as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) > warmup]
+    per_worker = [float(r["images_per_s"]) for r in rows]  # global images/s, logged per step
+    from pretrain.config import load_config
+
+    cfg = load_config(recipe, overrides)
+    ips = statistics.median(per_worker) / cfg.job.num_workers
+    return {"provider": "ray+deepspeed", "workers": cfg.job.num_workers, "batch_per_worker": cfg.data.batch_size,
+            "images_per_s_per_worker": ips, "median_step_s": cfg.data.batch_size / ips, "wall_s": wall}
+
+
+def bench_model(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
+    from pretrain.config import load_config
+    from pretrain.trainer import build_method
+
+    cfg = load_config(recipe, overrides)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.job.num_workers))
+    method = build_method(cfg, distributed=False)
+    opt = torch.optim.AdamW(method.parameters(), lr=cfg.optim.lr)
+    b, c, s = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size
+    batch = {"views": [torch.randn(b, c, s, s) for _ in range(cfg.data.num_views)]}
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        method(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return {"provider": "model-only", "workers": 1, "batch_per_worker": b, "images_per_s_per_worker": b / step,
+            "median_step_s": step, "wall_s": sum(times)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "simclr_digits.yaml")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+
+    results = [bench_model(args.config, 20, 3, args.overrides), bench_ray(args.config, args.steps, args.warmup,
+                                                                           args.overrides)]
+    stamp, sha, where = time.strftime("%Y-%m-%d %H:%M:%S"), git_sha(), machine()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    new = not RESULTS.exists()
+    with RESULTS.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["time", "git_sha", "machine", "recipe", *results[0].keys()])
+        for r in results:
+            w.writerow([stamp, sha, where, args.config.name, *r.values()])
+    print(f"machine: {where}\ngit: {sha}  time: {stamp}  recipe: {args.config.name} {' '.join(args.overrides)}")
+    print(f"{'provider':<15}{'workers':>8}{'batch/worker':>14}{'img/s/worker':>14}{'step s':>9}{'wall s':>9}")
+    for r in results:
+        print(f"{r['provider']:<15}{r['workers']:>8}{r['batch_per_worker']:>14}{r['images_per_s_per_worker']:>14.1f}"
+              f"{r['median_step_s']:>9.3f}{r['wall_s']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Run the training loop without Ray: ``torchrun --nproc-per-node N -m pretrain.train RUN_DIR``.
+
+``RUN_DIR`` holds a resolved ``config.yaml`` (write one with ``pretrain train --dry-run``). Checkpoints go to
+``RUN_DIR/checkpoints/step_*``; running the same command again resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as td
+
+from pretrain.config import load_config
+from pretrain.trainer import LocalSession, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: torchrun --nproc-per-node N -m pretrain.train RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0]).resolve()
+    cfg = load_config(run_dir / "config.yaml")
+    if not td.is_initialized():  # torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; a plain `python -m` is one process
+        import os
+
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(cfg, run_dir, LocalSession(run_dir))
+    finally:
+        td.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
