@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch==2.13.0",
     "deepspeed==0.19.8",
-    "ray[train]==2.60.0",
+    "ray[default,train]==2.60.0",
     "nvidia-dali-cuda120==2.4.0",
     "webdataset==1.0.2",
     "triton==3.9.0",

@@ -127,7 +127,7 @@ def bench(name: str, shards: list[str], aug: AugmentConfig, *, size: int, channe
     pil.close()
     notes = {"dali": f"DALI {threads} threads", "pil": f"PIL pool {threads} threads",
              "stream": f"tar shards -> 2 reader workers -> DALI {threads} threads"}
-    return [f"{name:<16} {p:<7} {med:>9.1f} img/s  (slowest run {worst:.1f}; {notes[p]})"
+    return [f"{name:<18} {p:<7} {med:>9.1f} img/s  (slowest run {worst:.1f}; {notes[p]})"
             for p, (med, worst) in rates.items()]
 
 
@@ -157,7 +157,7 @@ def main() -> None:
         lines += bench("jpeg 224px", jpeg, SIMCLR_AUG, size=224, channels=3, batch=64, **common)
         lines += bench("jpeg 224px noblur", jpeg, AugmentConfig(blur_prob=0.0), size=224, channels=3, batch=64,
                        **common)
-    print(f"{'dataset':<16} {'provider':<7} {'median':>15}")
+    print(f"{'dataset':<18} {'provider':<7} {'median':>15}")
     for line in lines:
         print(line)
     print(f"# peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; "

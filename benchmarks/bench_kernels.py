@@ -14,7 +14,7 @@ CUDA). Peak memory, measured for one fwd+bwd after warm-up, inputs excluded:
 Triton runs only on CUDA here (the CPU interpreter is for correctness, not speed).
 
 Results are appended to a CSV (device, git sha, UTC time per row); a short table is printed last.
-    python benchmarks/bench_kernels.py --quick            # CPU-sized sweep (what benchmarks/results/kernels_cpu.txt holds)
+    python benchmarks/bench_kernels.py --quick            # CPU-sized sweep (benchmarks/results/kernels_cpu.txt)
     python benchmarks/bench_kernels.py --out $OUT/k.csv   # full sweep, on a GPU
 """
 
@@ -256,6 +256,16 @@ def _run_cpu_subprocess(case: dict, provider: str, dtype: str, budget_s: float, 
 
 
 # ------------------------------------------------------------------------------------------------ reporting
+def _append_csv(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -398,15 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                     row["note"] = "out of memory"
                 torch.cuda.empty_cache()
             rows.append(row)
+            _append_csv(out, row)  # row by row: a run cut short by a timeout keeps what it measured
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if k not in meta}), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
     print(f"# appended {len(rows)} rows to {out}")
     print("\n".join(print_table(rows)))
     if device == "cpu":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 # process of a cluster must agree, so the mode is fixed before Ray is imported and inherited by all that Ray starts.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# Ray Train copies worker print() into its log files *and* the console stream, so every line reached the driver twice.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
@@ -60,18 +63,28 @@ def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator
     else:
         # Short path: Ray puts unix sockets under the temp dir, and those are limited to ~107 characters.
         temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
-        ray.init(
+        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls; on a free loopback port.
+        ctx = ray.init(
             address="local",
             num_cpus=num_cpus,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
             _temp_dir=temp_dir,
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
         )
+        print(f"Local Ray cluster: temp dir {temp_dir}, dashboard http://{ctx.dashboard_url}", flush=True)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -106,5 +119,5 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
 
 def latest_checkpoint_dir(run_dir: Path) -> Path | None:
     """The newest ``checkpoint_*`` directory Ray wrote under ``run_dir``, or None."""
-    found = sorted(Path(run_dir).glob("checkpoint_*"))
+    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
     return found[-1] if found else None

@@ -69,6 +69,7 @@ def _contrastive_fwd_kernel(
     q_row_stride, k_row_stride,
     n_rows, n_cols, dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_D: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -79,11 +80,18 @@ def _contrastive_fwd_kernel(
     m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     s_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    d = tl.arange(0, BLOCK_D)
+    if SINGLE_D:  # D fits one slice: the query tile stays in registers, one pipelined load per column tile
+        q = _load_rows(q_ptr, m0, n_rows, q_row_stride, d, dim, BLOCK_M)
     for n0 in range(0, n_cols, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
-                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        if SINGLE_D:
+            kt = _load_rows(k_ptr, n0, n_cols, k_row_stride, d, dim, BLOCK_N)
+            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
+        else:
+            s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
+                             BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
         pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
         s = tl.where(col_ok[None, :] & (cols[None, :] != excl[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -101,6 +109,7 @@ def _contrastive_bwd_dq_kernel(
     q_row_stride, k_row_stride, dq_row_stride,
     n_rows, n_cols, dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_D: tl.constexpr,
 ):
     """dq_i = g_i * sum_j (p_ij - [j == pos_i]) k_j; grid (row tiles, D slices)."""
     m0 = tl.program_id(0) * BLOCK_M
@@ -115,18 +124,24 @@ def _contrastive_bwd_dq_kernel(
     g_scale = tl.load(g_scale_ptr)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if SINGLE_D:
+        q = _load_rows(q_ptr, m0, n_rows, q_row_stride, d_out, dim, BLOCK_M)
     for n0 in range(0, n_cols, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
-                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        kd = _load_rows(k_ptr, n0, n_cols, k_row_stride, d_out, dim, BLOCK_N)
+        if SINGLE_D:  # the key tile serves both the logits and the dq product
+            s = tl.dot(q, tl.trans(kd), input_precision=DOT_PRECISION)
+        else:
+            s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
+                             BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
         valid = col_ok[None, :] & (cols[None, :] != excl[:, None])
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         ds = g[:, None] * (p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0))
-        kd = _load_rows(k_ptr, n0, n_cols, k_row_stride, d_out, dim, BLOCK_N)
         acc = tl.dot(ds.to(kd.dtype), kd, acc, input_precision=DOT_PRECISION)
     acc = acc * g_scale
-    tl.store(dq_ptr + m0.to(tl.int64) * dq_row_stride + tl.arange(0, BLOCK_M)[:, None] * dq_row_stride + d_out[None, :],
+    dq_blk = dq_ptr + m0.to(tl.int64) * dq_row_stride
+    tl.store(dq_blk + tl.arange(0, BLOCK_M)[:, None] * dq_row_stride + d_out[None, :],
              acc.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -137,6 +152,7 @@ def _contrastive_bwd_dk_kernel(
     q_row_stride, k_row_stride, dk_row_stride,
     n_rows, n_cols, dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_D: tl.constexpr,
 ):
     """dk_j = sum_i g_i (p_ij - [j == pos_i]) q_i; grid (column tiles, D slices); logits recomputed transposed."""
     n0 = tl.program_id(0) * BLOCK_N
@@ -146,6 +162,8 @@ def _contrastive_bwd_dk_kernel(
     d_ok = d_out < dim
     g_scale = tl.load(g_scale_ptr)
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if SINGLE_D:
+        kd = _load_rows(k_ptr, n0, n_cols, k_row_stride, d_out, dim, BLOCK_N)
     for m0 in range(0, n_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
@@ -153,15 +171,19 @@ def _contrastive_bwd_dk_kernel(
         excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
-        s_t = _logits_tile(k_ptr, q_ptr, n0, m0, n_cols, n_rows, k_row_stride, q_row_stride, dim,
-                           BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = logits.T
+        qd = _load_rows(q_ptr, m0, n_rows, q_row_stride, d_out, dim, BLOCK_M)
+        if SINGLE_D:  # (BLOCK_N, BLOCK_M) = logits.T; the query tile serves both products
+            s_t = tl.dot(kd, tl.trans(qd), input_precision=DOT_PRECISION)
+        else:
+            s_t = _logits_tile(k_ptr, q_ptr, n0, m0, n_cols, n_rows, k_row_stride, q_row_stride, dim,
+                               BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
         valid = row_ok[None, :] & (cols[:, None] != excl[None, :])
         p_t = tl.where(valid, tl.exp(s_t - lse[None, :]), 0.0)
         ds_t = g[None, :] * (p_t - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0))
-        qd = _load_rows(q_ptr, m0, n_rows, q_row_stride, d_out, dim, BLOCK_M)
         acc = tl.dot(ds_t.to(qd.dtype), qd, acc, input_precision=DOT_PRECISION)
     acc = acc * g_scale
-    tl.store(dk_ptr + n0.to(tl.int64) * dk_row_stride + tl.arange(0, BLOCK_N)[:, None] * dk_row_stride + d_out[None, :],
+    dk_blk = dk_ptr + n0.to(tl.int64) * dk_row_stride
+    tl.store(dk_blk + tl.arange(0, BLOCK_N)[:, None] * dk_row_stride + d_out[None, :],
              acc.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
 
 
@@ -187,7 +209,8 @@ class ContrastiveFunction(torch.autograd.Function):
         if m > 0:
             _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](
                 loss, lse, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd,
+                num_warps=warps,
             )
         ctx.save_for_backward(q, k, pos, excl, lse)
         return loss
@@ -200,7 +223,8 @@ class ContrastiveFunction(torch.autograd.Function):
         g_scale = g.abs().amax().clamp_min(1e-30).reshape(1) if m > 0 else g.new_ones(1)
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         bm, bn, bd, warps = _blocks(dim)
-        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps)
+        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd,
+                      num_warps=warps)
         n_d = triton.cdiv(dim, bd)
         if m > 0:
             _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](

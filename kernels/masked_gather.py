@@ -101,7 +101,7 @@ class MaskedGatherFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, ids_keep: Tensor) -> Tensor:
         x = x.contiguous()
         ids = ids_keep.contiguous()
-        (b, l, d), lk = x.shape, ids.shape[1]
+        (b, _, d), lk = x.shape, ids.shape[1]
         out = torch.empty((b, lk, d), device=x.device, dtype=x.dtype)
         _launch_rows(out, x, ids, max(lk, 1), x.stride(0), x.stride(1), scatter=False)
         ctx.save_for_backward(ids)
@@ -158,7 +158,7 @@ def _check_ids(x: Tensor, ids_keep: Tensor) -> None:
     if ids_keep.device != x.device:
         raise ValueError(f"ids_keep on {ids_keep.device} but x on {x.device}")
     # A value check needs a host sync on CUDA; do it where it is free (CPU) and document the contract otherwise.
-    if not ids_keep.is_cuda and ids_keep.numel() and not (0 <= int(ids_keep.min()) and int(ids_keep.max()) < x.shape[1]):
+    if not ids_keep.is_cuda and ids_keep.numel() and not 0 <= int(ids_keep.min()) <= int(ids_keep.max()) < x.shape[1]:
         raise ValueError(f"ids_keep values must lie in [0, L={x.shape[1]})")
 
 

@@ -54,7 +54,7 @@ def test_loss_goes_down(trained):
 def test_checkpoint_holds_both_zero_partitions(trained):
     """The checkpoint Ray reported holds the model states and both ranks' ZeRO-2 optimizer partitions."""
     run_dir, _ = trained
-    ckpts = sorted(run_dir.glob("checkpoint_*"))
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 10 and 20
     files = {p.name for p in (ckpts[-1] / "state").iterdir()}
     assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",

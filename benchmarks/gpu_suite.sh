@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Kernel GPU suite: compiled-Triton kernel tests, then the kernel benchmarks, then a short table with the issue's
+# targets (PASS/FAIL per line) printed last. Sized for < 8 minutes on one H100/H200.
+#
+# Needs: python with torch + triton + pytest (no DALI/Ray/DeepSpeed; kernels/ and tests/kernels/ import none of them).
+# Outputs go to $OUT if set, else benchmarks/results/:
+#   kernels_gpu_pytest.txt, kernels_gpu_junit.xml, kernels_gpu_bench.txt, kernels_gpu.csv (appended), gpu_info.txt
+# Usage: bash benchmarks/gpu_suite.sh            (PYTHON=/path/to/python to pick the interpreter)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+DEST="${OUT:-benchmarks/results}"
+mkdir -p "$DEST"
+# Compiled kernels only: the interpreter switch must not leak in (tests/conftest.py sets it only without CUDA).
+unset TRITON_INTERPRET
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+t0=$(date +%s)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
+            "cuda", torch.version.cuda, torch.cuda.get_device_name())'; } > "$DEST/gpu_info.txt" 2>&1
+cat "$DEST/gpu_info.txt"
+
+echo "== kernel tests (all of tests/kernels, compiled on the GPU)"
+timeout 210 "$PY" -m pytest tests/kernels -q -p no:cacheprovider --junitxml="$DEST/kernels_gpu_junit.xml" \
+  > "$DEST/kernels_gpu_pytest.txt" 2>&1
+rc_tests=$?
+tail -n 15 "$DEST/kernels_gpu_pytest.txt"
+t1=$(date +%s)
+
+echo "== kernel benchmarks"
+timeout 330 "$PY" benchmarks/bench_kernels.py --out "$DEST/kernels_gpu.csv" > "$DEST/kernels_gpu_bench.txt" 2>&1
+rc_bench=$?
+t2=$(date +%s)
+
+echo
+echo "== summary ($(head -n 2 "$DEST/gpu_info.txt" | tail -n 1))"
+# The bench's table: from its header line to the end (targets included).
+sed -n '/^op  *shape/,$p' "$DEST/kernels_gpu_bench.txt"
+[ "$rc_bench" -ne 0 ] && echo "bench exited with rc=$rc_bench (124 = timeout; rows so far are in kernels_gpu.csv)" \
+  && tail -n 5 "$DEST/kernels_gpu_bench.txt"
+if [ "$rc_tests" -eq 0 ]; then tests_status=PASS; else tests_status="FAIL (rc=$rc_tests)"; fi
+echo "TARGET kernel tests on GPU: $(tail -n 1 "$DEST/kernels_gpu_pytest.txt") -> $tests_status"
+echo "TARGET suite time: tests $((t1 - t0)) s + bench $((t2 - t1)) s = $((t2 - t0)) s (< 480 s) -> \
+$([ $((t2 - t0)) -lt 480 ] && echo PASS || echo FAIL)"
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]

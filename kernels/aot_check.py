@@ -1,0 +1,95 @@
+"""Compile every kernel ahead of time for an NVIDIA target, without a GPU: `python -m kernels.aot_check [--arch 90]`.
+
+The CPU interpreter accepts code the compiler rejects (and vice versa); this runs the real Triton front end, the MLIR
+passes and the bundled ptxas down to a cubin, for the bf16 and fp32 variants the launchers use, and prints registers
+and stack (spill) bytes per kernel. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import contrastive, dino_loss, masked_gather
+
+
+def _cases() -> list[tuple]:
+    """(kernel, signature, constexprs, options) for the launch configurations in use."""
+    out = []
+    bm, bn, bd, warps = contrastive._blocks(128)
+    for dt, prec, single in (("bf16", "tf32", True), ("bf16", "tf32", False), ("fp32", "ieee", True)):
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=single)
+        out.append((contrastive._contrastive_fwd_kernel, {
+            "loss_ptr": "*fp32", "lse_ptr": "*fp32", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "pos_ptr": "*i64",
+            "excl_ptr": "*i64", "q_row_stride": "i32", "k_row_stride": "i32", "n_rows": "i32", "n_cols": "i32",
+            "dim": "i32"}, c, dict(num_warps=warps)))
+        for fn, o in ((contrastive._contrastive_bwd_dq_kernel, "dq"), (contrastive._contrastive_bwd_dk_kernel, "dk")):
+            out.append((fn, {
+                f"{o}_ptr": f"*{dt}", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "pos_ptr": "*i64", "excl_ptr": "*i64",
+                "lse_ptr": "*fp32", "g_ptr": "*fp32", "g_scale_ptr": "*fp32", "q_row_stride": "i32",
+                "k_row_stride": "i32", f"{o}_row_stride": "i32", "n_rows": "i32", "n_cols": "i32", "dim": "i32"},
+                c, dict(num_warps=warps)))
+    bv, bk = dino_loss._blocks(10, 65536)
+    common = {"s_view_stride": "i32", "s_row_stride": "i32", "t_view_stride": "i32", "t_row_stride": "i32",
+              "n_rows": "i32", "n_s": "i32", "n_t": "i32", "n_k": "i32", "inv_ts": "fp32", "inv_tt": "fp32"}
+    for diag in (False, True):
+        c = dict(DIAG=diag, BLOCK_V=bv, BLOCK_K=bk)
+        out.append((dino_loss._dino_fwd_kernel, {
+            "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "tsum_ptr": "*fp32", "s_ptr": "*bf16",
+            "t_ptr": "*bf16", "c_ptr": "*fp32", "w_ptr": "*fp32", **common}, c, {}))
+        out.append((dino_loss._dino_bwd_kernel, {
+            "ds_ptr": "*bf16", "s_ptr": "*bf16", "t_ptr": "*bf16", "c_ptr": "*fp32", "w_ptr": "*fp32",
+            "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "g_ptr": "*fp32", **common}, c, {}))
+    br, bd = masked_gather._row_blocks(768)
+    for scatter in (False, True):
+        out.append((masked_gather._gather_rows_fwd_kernel, {
+            "dst_ptr": "*bf16", "src_ptr": "*bf16", "idx_ptr": "*i64", "n_rows": "i32", "rows_per_batch": "i32",
+            "batch_stride": "i32", "row_stride": "i32", "dim": "i32"}, dict(SCATTER=scatter, BLOCK_R=br, BLOCK_D=bd),
+            {}))
+    rows = {"n_rows": "i32", "dim": "i32"}
+    out.append((masked_gather._mask_token_fwd_kernel, {"out_ptr": "*bf16", "x_ptr": "*bf16", "mask_ptr": "*u8",
+                                                       "tok_ptr": "*fp32", **rows}, dict(BLOCK_R=br, BLOCK_D=bd), {}))
+    out.append((masked_gather._mask_token_bwd_kernel, {"dx_ptr": "*bf16", "dtok_partial_ptr": "*fp32",
+                                                       "g_ptr": "*bf16", "mask_ptr": "*u8", **rows},
+                dict(BLOCK_R=br, BLOCK_D=bd), {}))
+    return out
+
+
+def _usage(cubin: bytes) -> str:
+    """'REG:n STACK:m' from cuobjdump (bundled with Triton), or '' when unavailable."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    line = next((ln for ln in text.splitlines() if "REG:" in ln), "")
+    return " ".join(w for w in line.split() if w.startswith(("REG:", "STACK:")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("kernels.aot_check: unset TRITON_INTERPRET (it replaces the compiler)")
+    target = GPUTarget("cuda", args.arch, 32)
+    for fn, sig, consts, opts in _cases():
+        src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, consts)
+        kernel = triton.compile(src, target=target, options=opts)
+        shown = ",".join(f"{k}={v}" for k, v in consts.items())
+        print(f"ok sm_{args.arch} {fn.__name__}[{shown}] shared={kernel.metadata.shared} {_usage(kernel.asm['cubin'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
