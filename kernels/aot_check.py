@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -24,8 +25,8 @@ from kernels import contrastive, dino_loss, masked_gather
 def _cases() -> list[tuple]:
     """(kernel, signature, constexprs, options) for the launch configurations in use."""
     out = []
-    bm, bn, bd, warps = contrastive._blocks(128)
     for dt, prec, single in (("bf16", "tf32", True), ("bf16", "tf32", False), ("fp32", "ieee", True)):
+        bm, bn, bd, warps = contrastive._blocks(128, torch.float32 if dt == "fp32" else torch.bfloat16)
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=single)
         out.append((contrastive._contrastive_fwd_kernel, {
             "loss_ptr": "*fp32", "lse_ptr": "*fp32", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "pos_ptr": "*i64",

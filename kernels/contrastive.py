@@ -187,12 +187,15 @@ def _contrastive_bwd_dk_kernel(
              acc.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
 
 
-def _blocks(dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). D slices of at most 128 (tl.dot needs >= 16): wider slices spill
-    registers on sm_90 (checked by compiling for sm_90 with the bundled ptxas: 8 warps at 64x64x128 use 255 registers
-    with at most ~100 bytes of stack, while 4 warps or BLOCK_D=256 spill 0.4-1.3 KB). For D > 128 the backward grid
-    also splits D, recomputing the logits once per slice."""
-    return 64, 64, (max(16, next_pow2(dim)) if dim <= 128 else 128), 8
+def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps); D in slices of at most 128 (tl.dot needs >= 16).
+
+    Chosen by compiling for sm_90 with Triton's bundled ptxas (`python -m kernels.aot_check`), not by timing: with
+    D <= 128 in one slice, fp16/bf16 64x64 tiles on 8 warps use 128 / 189 / 255 registers (fwd / dq / dk) with at
+    most 16 bytes of stack; exact-fp32 dots need 32x32 tiles on 4 warps to stay near that. For D > 128 the logits
+    are reduced over slices and the backward grid also splits D (recomputing the logits once per slice)."""
+    block_d = max(16, next_pow2(dim)) if dim <= 128 else 128
+    return (32, 32, block_d, 4) if dtype == torch.float32 else (64, 64, block_d, 8)
 
 
 class ContrastiveFunction(torch.autograd.Function):
@@ -205,7 +208,7 @@ class ContrastiveFunction(torch.autograd.Function):
         (m, dim), c = q.shape, k.shape[0]
         loss = torch.empty(m, device=q.device, dtype=torch.float32)
         lse = torch.empty(m, device=q.device, dtype=torch.float32)
-        bm, bn, bd, warps = _blocks(dim)
+        bm, bn, bd, warps = _blocks(dim, q.dtype)
         if m > 0:
             _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](
                 loss, lse, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim,
@@ -222,7 +225,7 @@ class ContrastiveFunction(torch.autograd.Function):
         g = grad.contiguous().float()
         g_scale = g.abs().amax().clamp_min(1e-30).reshape(1) if m > 0 else g.new_ones(1)
         dq, dk = torch.empty_like(q), torch.empty_like(k)
-        bm, bn, bd, warps = _blocks(dim)
+        bm, bn, bd, warps = _blocks(dim, q.dtype)
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd,
                       num_warps=warps)
         n_d = triton.cdiv(dim, bd)

@@ -106,3 +106,16 @@ def test_resume_with_other_world_size_is_refused(trained):
     proc = _pretrain(["train", "--resume", str(run_dir), "--set", "job.num_workers=1"], log, timeout=120)
     assert proc.returncode == 2
     assert log.read_text().strip().splitlines()[-1].startswith("error: job.num_workers: the checkpoints of e2e")
+
+
+def test_eval_command_reproduces_the_report(trained):
+    """`pretrain eval --checkpoint RUN_DIR` recomputes the end-of-training report from backbone.pt, identically."""
+    run_dir, _ = trained
+    if not (run_dir / "eval.json").exists():
+        pytest.skip("needs the resumed run's eval.json (test_resume_continues_at_the_right_step)")
+    out = run_dir.parent / "eval_again.json"
+    proc = _pretrain(["eval", "--checkpoint", str(run_dir), "--out", str(out)], run_dir.parent / "eval.log", timeout=300)
+    assert proc.returncode == 0, (run_dir.parent / "eval.log").read_text()[-3000:]
+    again, first = json.loads(out.read_text()), json.loads((run_dir / "eval.json").read_text())
+    for key in ("knn_top1", "linear_top1", "fewshot_1", "fewshot_5", "kmeans_nmi", "kmeans_ari"):
+        assert again[key] == pytest.approx(first[key], abs=1e-6), key
