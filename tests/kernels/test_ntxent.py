@@ -128,3 +128,13 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 def test_auto_on_cpu_uses_chunked_path():
     """impl='auto' resolves to the chunked path for CPU tensors."""
     assert kernels.utils.resolve_impl("auto", torch.zeros(1), has_chunked=True) == "chunked"
+
+
+def test_chunked_bf16_within_twice_torch_bf16_error(device):
+    """bf16 on the chunked path (pure PyTorch, so no interpreter caveat) follows flash-attn's rule."""
+    z0, z1 = _views(300, 64, torch.bfloat16, device, seed=6)
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="chunked"), z0, z1, None)
+    ref32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, None)
+    ref16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, None)
+    for o, r32, r16 in zip(out, ref32, ref16):
+        assert_lowp_close(o, r32, r16)

@@ -1,0 +1,71 @@
+"""`pretrain train --address` joins a running Ray cluster instead of starting its own."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "simclr_digits.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head of this test's own (port, temp dir, process group) on 127.0.0.1; only its processes are stopped."""
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="sslray-head-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = Path(sys.executable).parent / "ray"
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={temp_dir}", "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={_free_port()}", "--disable-usage-stats"]
+    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        status = subprocess.run([str(ray_bin), "status", f"--address={address}"], env=env, capture_output=True)
+        if status.returncode == 0:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"ray head did not start: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_train_joins_existing_cluster(ray_head, tmp_path):
+    """Training with --address runs its 2 workers on the given cluster (no private cluster is started)."""
+    sets = ["job.max_steps=6", "job.log_every=3", "job.ckpt_every=6", "optim.warmup_steps=1", "data.batch_size=32",
+            f"job.out_dir={tmp_path}", "job.run_name=joined", "eval.enabled=false", "job.progress=false",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--address", ray_head]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Local Ray cluster" not in out
+    assert ray_head in out or "Connecting to existing Ray cluster" in out
+    lines = (tmp_path / "joined" / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 1 + 6
