@@ -76,7 +76,7 @@ class DataConfig:
     num_loader_workers: int = 1
     shuffle_buffer: int = 1000
     image_size: int = 16
-    channels: int = 1
+    channels: int = 3
     num_views: int = 2
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -89,6 +89,10 @@ class DataConfig:
         _check(self.image_size > 0, "image_size", "must be > 0")
         _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
         _check(self.num_views >= 2, "num_views", "must be >= 2")
+        try:
+            self.aug.channel_stats(self.channels)
+        except ValueError as e:
+            raise ValueError(f"aug.{e}") from None
 
 
 @dataclass(kw_only=True)

@@ -94,3 +94,14 @@ def test_cli_rejects_bad_config_before_any_worker(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: optim.lr: must be > 0, got -3.0"]
     assert not any(tmp_path.iterdir())
+
+
+def test_normalisation_must_fit_channels():
+    """Three mean values for one output channel is refused naming data.aug.mean."""
+    with pytest.raises(ConfigError, match=r"^data.aug.mean: has 3 values for 1 channel"):
+        load_config(RECIPE, ["data.aug.mean=[0.5, 0.5, 0.5]"])
+
+
+def test_defaults_are_valid():
+    """The config with no recipe at all is valid."""
+    load_config(None)
