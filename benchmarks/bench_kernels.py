@@ -5,7 +5,9 @@ Ops and providers:
   dino    (S,T,B,K):  eager = kernels.dino_loss.dino_loss_ref, compile, triton
   gather  (B,L,D,keep): eager = torch.gather (masked_gather_ref), compile, triton; plus `copy`: a plain copy of the
                       same bytes (out.copy_(contiguous src)), the bandwidth ceiling
-Modes: fwd, bwd (backward of a retained graph), fwd+bwd. Time: median of repeated runs after warm-up (synchronised on
+Modes: fwd (under no_grad), bwd (backward of a retained graph), fwd+bwd. The chunked path, and Triton NT-Xent with
+D <= 128, form (part of) the gradients inside a grad-enabled forward, so their fwd/bwd split is not comparable with
+eager's: compare fwd+bwd. Time: median of repeated runs after warm-up (synchronised on
 CUDA). Peak memory, measured for one fwd+bwd after warm-up, inputs excluded:
   cuda: torch.cuda.max_memory_allocated() minus the memory allocated before the step;
   cpu:  each (op, size, provider) runs in a fresh subprocess (glibc mmap threshold fixed at 128 KiB so freed
@@ -77,8 +79,9 @@ def _providers(case: dict, cuda: bool) -> list[str]:
 
 
 def _naive_bytes(case: dict, elsize: int) -> int:
-    """Rough peak of the eager NT-Xent reference: about 4 live (2N, 2N) matrices in fwd+bwd."""
-    return 4 * case["n2"] ** 2 * elsize
+    """Rough peak of the eager NT-Xent reference: 3 live (2N, 2N) matrices in its backward (log-softmax output,
+    NLL gradient, log-softmax gradient) plus slack."""
+    return int(3.2 * case["n2"] ** 2 * elsize)
 
 
 def _available_bytes(device: str) -> int:
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row = dict(meta, op=case["op"], shape=_shape_str(case), dtype=dtype, provider=provider)
             if (case["op"] == "ntxent" and provider in ("eager", "compile")
-                    and _naive_bytes(case, DTYPES[dtype].itemsize) > 0.8 * _available_bytes(device)):
+                    and _naive_bytes(case, DTYPES[dtype].itemsize) > 0.9 * _available_bytes(device)):
                 row["note"] = "skipped: (2N)^2 logits do not fit in memory"
             elif device == "cpu":
                 row.update(_run_cpu_subprocess(case, provider, dtype, budget, args.case_timeout_s))

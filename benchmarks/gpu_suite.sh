@@ -21,9 +21,9 @@ t0=$(date +%s)
             "cuda", torch.version.cuda, torch.cuda.get_device_name())'; } > "$DEST/gpu_info.txt" 2>&1
 cat "$DEST/gpu_info.txt"
 
-echo "== kernel tests (all of tests/kernels, compiled on the GPU)"
-timeout 210 "$PY" -m pytest tests/kernels -q -p no:cacheprovider --junitxml="$DEST/kernels_gpu_junit.xml" \
-  > "$DEST/kernels_gpu_pytest.txt" 2>&1
+echo "== kernel tests (all of tests/kernels, compiled on the GPU; the AOT-compile check is for GPU-less boxes)"
+timeout 210 "$PY" -m pytest tests/kernels -q -p no:cacheprovider --deselect tests/kernels/test_aot_compile.py \
+  --junitxml="$DEST/kernels_gpu_junit.xml" > "$DEST/kernels_gpu_pytest.txt" 2>&1
 rc_tests=$?
 tail -n 15 "$DEST/kernels_gpu_pytest.txt"
 t1=$(date +%s)

@@ -9,10 +9,12 @@ Any logit scale (1/temperature, exp(logit_scale)) is applied by the caller to q,
 
 Three implementations with one contract (per-row fp32 loss, gradients to q and k in their dtypes):
 - "triton": FlashAttention-style. The forward streams column tiles with an online max/sum and keeps the per-row
-  log-sum-exp; the backward recomputes the logit tiles from it (one kernel for dq over row tiles, one for dk over
-  column tiles, no atomics, deterministic). Memory O((M + C) D).
-- "chunked": pure PyTorch, rows in chunks of about `chunk_elems / C`, same recompute-in-backward scheme; what CPU
-  training runs use. Memory O((M + C) D + chunk_elems).
+  log-sum-exp; when D fits one tile (<= 128) it also accumulates dq for a unit upstream gradient the way attention
+  accumulates its output. The backward recomputes the logit tiles from the LSE: one kernel for dk over column
+  tiles (and, for D > 128, one for dq over row tiles); no atomics, deterministic. Memory O((M + C) D).
+- "chunked": pure PyTorch, rows in chunks of about `chunk_elems / C`; gradients for a uniform upstream gradient
+  (mean/sum losses) are formed in the forward while each chunk's softmax is at hand (Liger-Kernel style), any other
+  upstream gradient recomputes chunks from the saved LSE. What CPU training runs use. Memory O((M + C) D + chunk).
 - "ref": the naive (M, C) logits matrix and F.cross_entropy.
 """
 
@@ -64,13 +66,15 @@ def _load_rows(ptr, r0, n, row_stride, d, dim, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    loss_ptr, lse_ptr,                          # outputs (M,) fp32
+    loss_ptr, lse_ptr, dqu_ptr,                 # outputs: (M,) fp32 x2; (M, D) fp32 when WITH_DQ
     q_ptr, k_ptr, pos_ptr, excl_ptr,            # inputs
     q_row_stride, k_row_stride,
     n_rows, n_cols, dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SINGLE_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
+    """Per-row loss and LSE. WITH_DQ (needs SINGLE_D) also writes dqu_i = sum_j p_ij k_j - k_{pos_i}, the query
+    gradient for a unit upstream gradient, accumulated like attention's output (softmax(q k^T) v with v = k)."""
     m0 = tl.program_id(0) * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -81,6 +85,7 @@ def _contrastive_fwd_kernel(
     s_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if SINGLE_D:  # D fits one slice: the query tile stays in registers, one pipelined load per column tile
         q = _load_rows(q_ptr, m0, n_rows, q_row_stride, d, dim, BLOCK_M)
     for n0 in range(0, n_cols, BLOCK_N):
@@ -95,11 +100,22 @@ def _contrastive_fwd_kernel(
         pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
         s = tl.where(col_ok[None, :] & (cols[None, :] != excl[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        s_sum = s_sum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(s - m_new[:, None])
+        s_sum = s_sum * alpha + tl.sum(e, axis=1)
+        if WITH_DQ:
+            acc = acc * alpha[:, None] + tl.dot(e.to(kt.dtype), kt, input_precision=DOT_PRECISION)
         m = m_new
     lse = m + tl.log(s_sum)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(loss_ptr + rows, lse - pos_logit, mask=row_ok)
+    if WITH_DQ:
+        d_ok = d < dim
+        k_pos = tl.load(k_ptr + pos.to(tl.int64)[:, None] * k_row_stride + d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        dqu_blk = dqu_ptr + tl.cast(m0, tl.int64) * dim
+        tl.store(dqu_blk + tl.arange(0, BLOCK_M)[:, None] * dim + d[None, :], acc / s_sum[:, None] - k_pos,
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -191,7 +207,7 @@ def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps); D in slices of at most 128 (tl.dot needs >= 16).
 
     Chosen by compiling for sm_90 with Triton's bundled ptxas (`python -m kernels.aot_check`), not by timing: with
-    D <= 128 in one slice, fp16/bf16 64x64 tiles on 8 warps use 128 / 189 / 255 registers (fwd / dq / dk) with at
+    D <= 128 in one slice, fp16/bf16 64x64 tiles on 8 warps use 235 / 189 / 255 registers (fwd+dq / dq / dk) with at
     most 16 bytes of stack; exact-fp32 dots need 32x32 tiles on 4 warps to stay near that. For D > 128 the logits
     are reduced over slices and the backward grid also splits D (recomputing the logits once per slice)."""
     block_d = max(16, next_pow2(dim)) if dim <= 128 else 128
@@ -209,30 +225,36 @@ class ContrastiveFunction(torch.autograd.Function):
         loss = torch.empty(m, device=q.device, dtype=torch.float32)
         lse = torch.empty(m, device=q.device, dtype=torch.float32)
         bm, bn, bd, warps = _blocks(dim, q.dtype)
+        # With D in one slice the forward also forms dq for a unit upstream gradient (dq_i scales with g_i), so
+        # the backward runs only the dk kernel: 4 tile matmuls per (row, column) tile pair instead of 5.
+        with_dq = ctx.needs_input_grad[0] and dim <= bd
+        dq_unit = torch.empty((m, dim) if with_dq else (1, 1), device=q.device, dtype=torch.float32)
         if m > 0:
             _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](
-                loss, lse, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim,
+                loss, lse, dq_unit, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd,
-                num_warps=warps,
+                WITH_DQ=with_dq, num_warps=warps,
             )
-        ctx.save_for_backward(q, k, pos, excl, lse)
+        ctx.save_for_backward(q, k, pos, excl, lse, dq_unit if with_dq else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, pos, excl, lse = ctx.saved_tensors
+        q, k, pos, excl, lse, dq_unit = ctx.saved_tensors
         (m, dim), c = q.shape, k.shape[0]
         g = grad.contiguous().float()
         g_scale = g.abs().amax().clamp_min(1e-30).reshape(1) if m > 0 else g.new_ones(1)
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dq = (dq_unit * g[:, None]).to(q.dtype) if dq_unit is not None else torch.empty_like(q)
+        dk = torch.empty_like(k)
         bm, bn, bd, warps = _blocks(dim, q.dtype)
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd,
                       num_warps=warps)
         n_d = triton.cdiv(dim, bd)
-        if m > 0:
+        if m > 0 and dq_unit is None:
             _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](
                 dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim, **common
             )
+        if m > 0:
             _contrastive_bwd_dk_kernel[(triton.cdiv(c, bn), n_d)](
                 dk, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dk.stride(0), m, c, dim, **common
             )
@@ -253,29 +275,50 @@ def _chunk_logits(qc: Tensor, kf: Tensor, excl_c: Tensor) -> Tensor:
 
 
 class ChunkedContrastiveFunction(torch.autograd.Function):
-    """Pure-PyTorch, memory-efficient: rows in chunks, logits recomputed in backward from the saved LSE."""
+    """Pure-PyTorch, memory-efficient: rows in chunks of (rows, C) fp32 logits, never the whole matrix.
+
+    Like Liger-Kernel's fused linear cross-entropy, the forward also computes the gradients for a uniform upstream
+    gradient (the loss is a mean or sum of the rows) while each chunk's softmax is at hand: 3 matmuls and one exp
+    pass in all, fewer passes than the naive path. backward scales them; for any other upstream gradient it
+    recomputes the chunks from the saved log-sum-exp. Memory O((M + C) D + chunk_elems).
+    """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, chunk_elems: int) -> Tensor:
         m, c = q.shape[0], k.shape[0]
         rows = max(1, chunk_elems // max(c, 1))
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         kf = k.float()
         lse = torch.empty(m, device=q.device, dtype=torch.float32)
         pos_logit = torch.empty(m, device=q.device, dtype=torch.float32)
+        dq_u = torch.empty(q.shape, device=q.device, dtype=torch.float32) if needs_grad else None
+        dk_u = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if needs_grad else None
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
-            s = _chunk_logits(q[r0:r1], kf, excl[r0:r1])
+            qc = q[r0:r1].float()
+            s = _chunk_logits(qc, kf, excl[r0:r1])
             pos_logit[r0:r1] = s.gather(1, pos[r0:r1, None]).squeeze(1)
-            lse[r0:r1] = torch.logsumexp(s, dim=1)
-        ctx.save_for_backward(q, k, pos, excl, lse)
+            mx = s.amax(dim=1, keepdim=True)  # finite: the positive column is never excluded
+            e = s.sub_(mx).exp_()
+            total = e.sum(dim=1, keepdim=True)
+            lse[r0:r1] = (mx + total.log()).squeeze(1)
+            if needs_grad:
+                ds = e.div_(total)  # softmax p, then p - onehot(pos): d loss_i / d logits_i
+                ds.scatter_add_(1, pos[r0:r1, None], torch.full((r1 - r0, 1), -1.0, device=ds.device))
+                torch.mm(ds, kf, out=dq_u[r0:r1])
+                dk_u.addmm_(ds.T, qc)
+        ctx.save_for_backward(q, k, pos, excl, lse, dq_u, dk_u)
         ctx.rows = rows
         return lse - pos_logit
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, pos, excl, lse = ctx.saved_tensors
+        q, k, pos, excl, lse, dq_u, dk_u = ctx.saved_tensors
         m, rows = q.shape[0], ctx.rows
-        kf, g = k.float(), grad.float()
+        g = grad.float()
+        if dq_u is not None and m > 0 and bool((g == g[0]).all()):
+            return (dq_u * g[:, None]).to(q.dtype), (dk_u * g[0]).to(k.dtype), None, None, None
+        kf = k.float()
         dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         for r0 in range(0, m, rows):

@@ -10,6 +10,7 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (compiled Triton kernels, bf16); skipped without it")
+    config.addinivalue_line("markers", "slow: slow test (still run in CI)")
 
 
 @pytest.fixture
