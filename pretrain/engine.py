@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+
+# DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor name every step; the warning says nothing to users.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 from pretrain.config import Config  # noqa: E402
 

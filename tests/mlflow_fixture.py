@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,10 @@ import urllib.request
 
 import pytest
 
+from tests.util import free_port
+
 START_TIMEOUT_S = 90.0
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(uri: str) -> bool:
@@ -37,7 +33,7 @@ def _healthy(uri: str) -> bool:
 def mlflow_server(tmp_path_factory):
     """http URI of a live ``mlflow server`` (sqlite backend, artifacts served from a tmp folder)."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable, "-m", "mlflow", "server",

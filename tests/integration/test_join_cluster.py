@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,28 +10,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.util import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def ray_head():
     """A Ray head of this test's own (port, temp dir, process group) on 127.0.0.1; only its processes are stopped."""
-    port = _free_port()
+    port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="sslray-head-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     ray_bin = Path(sys.executable).parent / "ray"
     cmd = [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--temp-dir={temp_dir}", "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={_free_port()}", "--disable-usage-stats"]
+           f"--dashboard-port={free_port()}", "--disable-usage-stats"]
     log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"

@@ -1,22 +1,18 @@
 """The same training loop without Ray: `pretrain train --dry-run` writes the run, `torchrun -m pretrain.train` trains it."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.util import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -33,7 +29,7 @@ def test_torchrun_two_processes(tmp_path):
     assert (run / "config.yaml").is_file() and not (run / "metrics.csv").exists()
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                f"--master-port={_free_port()}", "-m", "pretrain.train", str(run)]
+                f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
     proc = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     files = {p.name for p in (run / "checkpoints" / "step_0000004" / "state").iterdir()}
@@ -42,7 +38,7 @@ def test_torchrun_two_processes(tmp_path):
     assert (run / "backbone.pt").is_file()
 
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("max_steps: 4", "max_steps: 6"))
-    torchrun[5] = f"--master-port={_free_port()}"
+    torchrun[5] = f"--master-port={free_port()}"
     again = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "at step 4" in again.stdout

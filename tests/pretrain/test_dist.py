@@ -3,7 +3,6 @@ does not, shapes are checked, and everything is an identity in a world of one.""
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,15 +14,12 @@ import torch.nn.functional as F
 
 from pretrain import dist as pdist
 
+from tests.util import free_port
+
 WORLD = 2
 N_PER_RANK = 3
 DIM_IN, DIM_OUT = 5, 4
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup() -> tuple[torch.Tensor, torch.nn.Linear]:
@@ -90,7 +86,7 @@ def _worker(r: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """Results of one real 2-process gloo run (spawned once for all tests here)."""
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -152,7 +148,7 @@ def test_identity_without_process_group() -> None:
 
 def test_identity_in_world_of_one() -> None:
     """In a real 1-process gloo group, gather_with_grad and all_reduce_mean leave tensors and gradients unchanged."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         x = torch.randn(4, 3, requires_grad=True)
         out = pdist.gather_with_grad(x)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,12 @@ import torch.multiprocessing as mp
 
 from pretrain.config import load_config
 
+from tests.util import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(stage: int):
@@ -73,7 +69,7 @@ def _one_stage(stage, ckpt, out, build_engine, build_method, full_state_dict, lo
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("engine")
-    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=True)
     return root
 
 
