@@ -29,9 +29,9 @@ def _cases() -> list[tuple]:
         bm, bn, bd, warps = contrastive._blocks(128, torch.float32 if dt == "fp32" else torch.bfloat16)
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=single)
         out.append((contrastive._contrastive_fwd_kernel, {
-            "loss_ptr": "*fp32", "lse_ptr": "*fp32", "dqu_ptr": "*fp32", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "pos_ptr": "*i64",
-            "excl_ptr": "*i64", "q_row_stride": "i32", "k_row_stride": "i32", "n_rows": "i32", "n_cols": "i32",
-            "dim": "i32"}, dict(c, WITH_DQ=single), dict(num_warps=warps)))
+            "loss_ptr": "*fp32", "lse_ptr": "*fp32", "dqu_ptr": "*fp32", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}",
+            "pos_ptr": "*i64", "excl_ptr": "*i64", "q_row_stride": "i32", "k_row_stride": "i32", "n_rows": "i32",
+            "n_cols": "i32", "dim": "i32"}, dict(c, WITH_DQ=single), dict(num_warps=warps)))
         for fn, o in ((contrastive._contrastive_bwd_dq_kernel, "dq"), (contrastive._contrastive_bwd_dk_kernel, "dk")):
             out.append((fn, {
                 f"{o}_ptr": f"*{dt}", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "pos_ptr": "*i64", "excl_ptr": "*i64",
