@@ -105,3 +105,9 @@ def test_normalisation_must_fit_channels():
 def test_defaults_are_valid():
     """The config with no recipe at all is valid."""
     load_config(None)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_validates(recipe):
+    """Every shipped recipe loads and passes validation."""
+    load_config(recipe)
