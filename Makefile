@@ -1,5 +1,5 @@
 # `make demo`: set up .venv and pretrain SimCLR on digits end to end (local Ray, sqlite MLflow, shards built on first use).
-# `make test`: set up .venv (with the dev extra) and run the test suite.
+# `make test`: set up .venv (with the dev extra), lint (ruff) and run the test suite.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pretrain train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests $(ARGS)
 
 test-fast: $(STAMP)

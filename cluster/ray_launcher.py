@@ -63,7 +63,7 @@ def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator
     else:
         # Short path: Ray puts unix sockets under the temp dir, and those are limited to ~107 characters.
         temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
-        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls; on a free loopback port.
+        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls (free loopback port).
         ctx = ray.init(
             address="local",
             num_cpus=num_cpus,

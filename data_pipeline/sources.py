@@ -1,6 +1,7 @@
 """Image sources that shards are written from.
 
-Every source yields ``(key, encoded_bytes, extension, label)``; the shard writer never needs to know where images came from.
+Every source yields ``(key, encoded_bytes, extension, label)``; the shard writer never needs to know where images
+came from.
 
 Source specs (strings, so they fit a YAML recipe or a CLI flag):
 

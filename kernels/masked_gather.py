@@ -30,8 +30,8 @@ def _gather_rows_fwd_kernel(
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = r_ok[:, None] & (d < dim)[None, :]
     b = (r // rows_per_batch).to(tl.int64)
-    l = tl.load(idx_ptr + r, mask=r_ok, other=0).to(tl.int64)
-    indexed = (b * batch_stride + l * row_stride)[:, None] + d[None, :]
+    pos = tl.load(idx_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    indexed = (b * batch_stride + pos * row_stride)[:, None] + d[None, :]
     packed = r.to(tl.int64)[:, None] * dim + d[None, :]
     if SCATTER:
         tl.store(dst_ptr + indexed, tl.load(src_ptr + packed, mask=m), mask=m)

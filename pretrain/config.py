@@ -125,7 +125,8 @@ class ZeroConfig:
 
     def __post_init__(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "stage", f"must be 0, 1, 2 or 3, got {self.stage}")
-        _check(self.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {self.precision!r}")
+        _check(self.precision in ("auto", "fp32", "bf16"), "precision",
+               f"must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass(kw_only=True)
@@ -165,7 +166,8 @@ class JobConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(self.use_gpu in ("auto", "true", "false"), "use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
+        _check(self.use_gpu in ("auto", "true", "false"), "use_gpu",
+               f"must be auto, true or false, got {self.use_gpu!r}")
         _check(self.log_every > 0, "log_every", "must be > 0")
         _check(self.ckpt_every > 0, "ckpt_every", "must be > 0")
         _check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0")
@@ -187,7 +189,8 @@ class Config:
         from pretrain.methods import METHODS
         from pretrain.models import BACKBONES
 
-        _check(self.method.name in METHODS, "method.name", f"unknown method {self.method.name!r}; known: {', '.join(METHODS)}")
+        _check(self.method.name in METHODS, "method.name",
+               f"unknown method {self.method.name!r}; known: {', '.join(METHODS)}")
         _check(
             self.model.backbone in BACKBONES,
             "model.backbone",
@@ -272,7 +275,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {name: _convert(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -82,7 +82,9 @@ def build_engine(model: nn.Module, cfg: Config):
     """
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
+    )
     return engine
 
 
@@ -109,7 +111,8 @@ def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
 def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
     """Build (or load from the cache) the ops DeepSpeed JIT-compiles at ``initialize``, saying so.
 
-    On CPU that is ``deepspeed_shm_comm`` (~40 s the first time). Workers inherit TORCH_EXTENSIONS_DIR and find it built.
+    On CPU that is ``deepspeed_shm_comm`` (~40 s the first time). Workers inherit TORCH_EXTENSIONS_DIR and find it
+    built.
     """
     if extensions_dir:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir))
@@ -123,7 +126,8 @@ def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     built = any(root.glob(f"*/{builder.NAME}/*.so"))
     if not built:
-        print(f"Building DeepSpeed's {builder.NAME} op once into {root} (about 40 s; cached afterwards) ...", flush=True)
+        print(f"Building DeepSpeed's {builder.NAME} op once into {root} (about 40 s; cached afterwards) ...",
+              flush=True)
     t0 = time.perf_counter()
     builder.load(verbose=False)
     if not built:

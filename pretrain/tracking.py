@@ -181,7 +181,8 @@ class MLflowTracker(_RunContext):
         return exp.experiment_id
 
     def log_params(self, params) -> None:
-        """Log ``params`` (a dict or config dataclass; nested dicts flattened to dotted keys; values ``str()``'d, truncated to MLflow's limit).
+        """Log ``params`` (a dict or config dataclass; nested dicts flattened to dotted keys; values ``str()``'d,
+        truncated to MLflow's limit).
 
         On a resumed run, params already logged with the same value are skipped; a changed value is a ValueError,
         because MLflow params are immutable.

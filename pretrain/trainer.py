@@ -10,7 +10,6 @@ import contextlib
 import csv
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -208,7 +207,8 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
 
 def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int) -> None:
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        save_checkpoint(engine, tmp, {"step": int(metrics["step"]), "epoch": int(metrics["epoch"]), "world_size": world})
+        state = {"step": int(metrics["step"]), "epoch": int(metrics["epoch"]), "world_size": world}
+        save_checkpoint(engine, tmp, state)
         session.report(metrics, Path(tmp))
 
 

@@ -1,6 +1,7 @@
 """Session-wide test setup.
 
-Triton reads TRITON_INTERPRET when ``@triton.jit`` runs, i.e. at import of ``kernels.*``; any test module may import them
+Triton reads TRITON_INTERPRET when ``@triton.jit`` runs, i.e. at import of ``kernels.*``; any test module may import
+them
 (directly or through ``pretrain``), so the switch is set here, before collection, on machines without CUDA.
 """
 

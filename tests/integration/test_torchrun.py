@@ -1,4 +1,4 @@
-"""The same training loop without Ray: `pretrain train --dry-run` writes the run, `torchrun -m pretrain.train` trains it."""
+"""The training loop without Ray: `pretrain train --dry-run` writes the run, `torchrun -m pretrain.train` trains it."""
 
 import subprocess
 import sys

@@ -114,8 +114,9 @@ def test_eval_command_reproduces_the_report(trained):
     if not (run_dir / "eval.json").exists():
         pytest.skip("needs the resumed run's eval.json (test_resume_continues_at_the_right_step)")
     out = run_dir.parent / "eval_again.json"
-    proc = _pretrain(["eval", "--checkpoint", str(run_dir), "--out", str(out)], run_dir.parent / "eval.log", timeout=300)
-    assert proc.returncode == 0, (run_dir.parent / "eval.log").read_text()[-3000:]
+    log = run_dir.parent / "eval.log"
+    proc = _pretrain(["eval", "--checkpoint", str(run_dir), "--out", str(out)], log, timeout=300)
+    assert proc.returncode == 0, log.read_text()[-3000:]
     again, first = json.loads(out.read_text()), json.loads((run_dir / "eval.json").read_text())
     for key in ("knn_top1", "linear_top1", "fewshot_1", "fewshot_5", "kmeans_nmi", "kmeans_ari"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key

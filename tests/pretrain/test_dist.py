@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain import dist as pdist
-
 from tests.util import free_port
 
 WORLD = 2

@@ -11,7 +11,6 @@ import torch
 import torch.multiprocessing as mp
 
 from pretrain.config import load_config
-
 from tests.util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +74,7 @@ def results(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_zero_stage_trains_saves_and_restores(stage, results):
-    """Each ZeRO stage trains 3 steps on 2 ranks; a fresh engine loads the checkpoint back to the same weights, LR and step."""
+    """Each ZeRO stage trains 3 steps on 2 ranks; a fresh engine loads the checkpoint: same weights, LR and step."""
     r = torch.load(results / f"result{stage}.pt", weights_only=False)
     assert r["state"]["step"] == 3
     assert all(math.isfinite(x) for x in r["losses"])
