@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.contrastive import contrastive_rows_loss
-from kernels.utils import check_float
+from kernels.utils import check_float, fp32_loss
 
 
 def _check(img: Tensor, txt: Tensor, logit_scale: Tensor, img_all: Tensor | None, txt_all: Tensor | None,
@@ -42,6 +42,7 @@ def _check(img: Tensor, txt: Tensor, logit_scale: Tensor, img_all: Tensor | None
     return img_all, txt_all, int(offset)
 
 
+@fp32_loss
 def clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, *, img_all: Tensor | None = None,
               txt_all: Tensor | None = None, offset: int = 0, impl: str = "auto") -> Tensor:
     """0.5 * (CE(img -> txt) + CE(txt -> img)) averaged over the n local rows (fp32 scalar).

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import check_float, dot_precision, next_pow2, resolve_impl
+from kernels.utils import check_float, dot_precision, fp32_loss, next_pow2, resolve_impl
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32 logits per chunk
 
@@ -357,6 +357,7 @@ def _check(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor) -> None:
         raise ValueError("k must have at least one column")
 
 
+@fp32_loss
 def contrastive_rows_loss(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor | None = None, *, impl: str = "auto",
                           chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
     """Per-row loss_i = logsumexp_{j != excl_i}(q_i . k_j) - q_i . k_{pos_i}, fp32 of shape (M,).

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import check_float, next_pow2, resolve_impl
+from kernels.utils import check_float, fp32_loss, next_pow2, resolve_impl
 
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
@@ -206,6 +206,7 @@ def dino_loss_ref(student_out: Tensor, teacher_out: Tensor, center: Tensor, stud
     return total / n_pairs, teacher_mean
 
 
+@fp32_loss
 def dino_loss(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp: float, teacher_temp: float,
               *, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """DINO loss and the teacher batch mean, in one pass.
@@ -245,6 +246,7 @@ def ibot_patch_loss_ref(student_patch: Tensor, teacher_patch: Tensor, mask: Tens
     return per_image.mean(), teacher_mean
 
 
+@fp32_loss
 def ibot_patch_loss(student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, center: Tensor,
                     student_temp: float, teacher_temp: float, *, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """iBOT masked-patch loss on the DINO kernel (diagonal pairs, row weights).

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kernels.clip import clip_loss, clip_loss_ref  # noqa: F401  (re-exported: same core, same API family)
 from kernels.contrastive import contrastive_rows_loss
-from kernels.utils import check_float
+from kernels.utils import check_float, fp32_loss
 
 __all__ = ["ntxent_loss", "ntxent_loss_ref", "clip_loss", "clip_loss_ref"]
 
@@ -50,6 +50,7 @@ def _indices(n: int, n_all: int, offset: int, device: torch.device) -> tuple[Ten
     return torch.cat([i + n_all, i]), torch.cat([i, i + n_all])
 
 
+@fp32_loss
 def ntxent_loss(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all: Tensor | None = None,
                 z1_all: Tensor | None = None, offset: int = 0, impl: str = "auto") -> Tensor:
     """NT-Xent mean over this rank's 2n anchors (fp32 scalar).

@@ -5,6 +5,7 @@ Triton is imported here and in the kernel modules only (STYLE.md: one place per 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -67,3 +68,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact fp32 ("ieee") for fp32 inputs so fp32 matches the reference to ~1e-5;
     fp16/bf16 go to the tensor cores with fp32 accumulation regardless."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fp32_loss(fn):
+    """Run a loss with autocast off, so its fp32 accumulation holds inside a bf16/fp16 autocast region.
+
+    Under ``torch.autocast`` a plain ``a @ b`` returns bf16 even for fp32 inputs; the losses here promise fp32 logits,
+    log-sum-exps and results. Inputs keep their dtype (bf16 inputs are upcast inside each path as before).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -71,7 +71,9 @@ def ds_config(cfg: Config) -> dict:
         "wall_clock_breakdown": False,
     }
     if use_bf16(cfg):
-        out["bf16"] = {"enabled": True}
+        # torch.autocast rather than DeepSpeed's "bf16" mode: fp32 master weights, BatchNorm statistics and inputs
+        # stay fp32 (a bf16-cast module breaks BatchNorm and needs every input cast), matmuls and convs run in bf16.
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return out
 
 

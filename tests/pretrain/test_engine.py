@@ -19,12 +19,14 @@ WORLD = 2
 
 
 
-def _cfg(stage: int):
-    return load_config(RECIPE, [f"zero.stage={stage}", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=2",
+def _cfg(stage: int, precision: str):
+    return load_config(RECIPE, [f"zero.stage={stage}", f"zero.precision={precision}", "data.batch_size=8",
+                                "job.max_steps=10", "optim.warmup_steps=2",
                                 "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32"])
 
 
-STAGES = (0, 1, 2, 3)
+CASES = ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"))
+"""(ZeRO stage, precision); bf16 = torch.autocast inside DeepSpeed, which runs on the CPU too."""
 
 
 def _worker(rank: int, port: int, root: str) -> None:
@@ -36,14 +38,16 @@ def _worker(rank: int, port: int, root: str) -> None:
     from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
     from pretrain.trainer import build_method
 
-    for stage in STAGES:
-        _one_stage(stage, f"{root}/ckpt{stage}", f"{root}/result{stage}.pt", build_engine, build_method,
+    for stage, precision in CASES:
+        name = f"{stage}-{precision}"
+        _one_stage(stage, precision, f"{root}/ckpt{name}", f"{root}/result{name}.pt", build_engine, build_method,
                    full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
     torch.distributed.destroy_process_group()
 
 
-def _one_stage(stage, ckpt, out, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint, rank):
-    cfg = _cfg(stage)
+def _one_stage(stage, precision, ckpt, out, build_engine, build_method, full_state_dict, load_checkpoint,
+               save_checkpoint, rank):
+    cfg = _cfg(stage, precision)
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     g = torch.Generator().manual_seed(rank)
     losses = []
@@ -72,10 +76,10 @@ def results(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_zero_stage_trains_saves_and_restores(stage, results):
+@pytest.mark.parametrize("stage, precision", CASES)
+def test_zero_stage_trains_saves_and_restores(stage, precision, results):
     """Each ZeRO stage trains 3 steps on 2 ranks; a fresh engine loads the checkpoint: same weights, LR and step."""
-    r = torch.load(results / f"result{stage}.pt", weights_only=False)
+    r = torch.load(results / f"result{stage}-{precision}.pt", weights_only=False)
     assert r["state"]["step"] == 3
     assert all(math.isfinite(x) for x in r["losses"])
     assert r["trained"].keys() == r["restored"].keys()
@@ -101,6 +105,7 @@ def test_bf16_follows_precision_setting():
     """precision auto means bf16 only on CUDA; explicit values win."""
     from pretrain.engine import ds_config
 
-    assert ("bf16" in ds_config(load_config(RECIPE))) == torch.cuda.is_available()
-    assert ds_config(load_config(RECIPE, ["zero.precision=bf16"]))["bf16"] == {"enabled": True}
-    assert "bf16" not in ds_config(load_config(RECIPE, ["zero.precision=fp32"]))
+    assert ("torch_autocast" in ds_config(load_config(RECIPE))) == torch.cuda.is_available()
+    bf16 = ds_config(load_config(RECIPE, ["zero.precision=bf16"]))["torch_autocast"]
+    assert bf16 == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in ds_config(load_config(RECIPE, ["zero.precision=fp32"]))
