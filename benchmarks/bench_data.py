@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import cpu_name, git_sha  # noqa: E402
 from data_pipeline.cpu import PilAugmenter  # noqa: E402
 from data_pipeline.dali import DaliAugmenter  # noqa: E402
 from data_pipeline.loader import make_train_stream  # noqa: E402
@@ -48,27 +47,7 @@ SIMCLR_AUG = AugmentConfig()  # defaults: crop, flip, jitter 0.8, grayscale 0.2,
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
-    return f"{model}, {os.cpu_count()} cores, {system}"
-
-
-def git_sha() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-        return sha + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return f"{cpu_name()}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
 def make_jpeg_tree(root: Path, count: int, size: int = 224, seed: int = 0) -> Path:

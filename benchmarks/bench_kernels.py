@@ -27,7 +27,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_name, git_sha  # noqa: E402
 from kernels.dino_loss import dino_loss, dino_loss_ref  # noqa: E402
 from kernels.masked_gather import masked_gather, masked_gather_ref  # noqa: E402
 from kernels.ntxent import ntxent_loss, ntxent_loss_ref  # noqa: E402
@@ -269,24 +269,10 @@ def _append_csv(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def _shape_str(case: dict) -> str:
