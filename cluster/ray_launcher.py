@@ -28,6 +28,10 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from pretrain.config import Config, config_from_dict, to_dict  # noqa: E402
 
 
+class TrainingFailed(RuntimeError):
+    """A worker raised; the run directory keeps every checkpoint reported before it."""
+
+
 class RaySession:
     """:class:`pretrain.trainer.Session` on top of ``ray.train``."""
 
@@ -114,10 +118,8 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
                 worker_runtime_env={"env_vars": env},
             ),
         )
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except ray.train.TrainingFailedError as e:  # the workers' traceback is already in the log above
+            raise TrainingFailed(f"training failed on the workers ({type(e).__name__}); see their log above") from e
 
-
-def latest_checkpoint_dir(run_dir: Path) -> Path | None:
-    """The newest ``checkpoint_*`` directory Ray wrote under ``run_dir``, or None."""
-    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
-    return found[-1] if found else None

@@ -102,11 +102,15 @@ def cmd_train(args) -> int:
     from pretrain.engine import prebuild_ops
 
     prebuild_ops()
-    from cluster.ray_launcher import run_ray
+    from cluster.ray_launcher import TrainingFailed, run_ray
 
-    result = run_ray(cfg, run_dir, address=args.address)
+    try:
+        result = run_ray(cfg, run_dir, address=args.address)
+    except TrainingFailed as e:
+        print(f"error: {e}; resume with --resume {run_dir}", file=sys.stderr)
+        return 1
     if result.error is not None:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        print(f"error: training failed: {result.error}; resume with --resume {run_dir}", file=sys.stderr)
         return 1
     print(f"Done: {run_dir}", flush=True)
     if (run_dir / "eval.json").is_file():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import sys
 import tempfile
@@ -275,6 +274,3 @@ def write_run_files(cfg: Config, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
 
-
-def read_eval(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "eval.json").read_text())

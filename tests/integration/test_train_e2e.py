@@ -120,3 +120,17 @@ def test_eval_command_reproduces_the_report(trained):
     again, first = json.loads(out.read_text()), json.loads((run_dir / "eval.json").read_text())
     for key in ("knn_top1", "linear_top1", "fewshot_1", "fewshot_5", "kmeans_nmi", "kmeans_ari"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
+
+
+def test_worker_failure_is_reported_and_run_kept(tmp_path):
+    """A worker that raises (a batch larger than its share of the data) ends the command with status 1 and one line."""
+    sets = [f"--set={s}" for s in ["data.batch_size=1500", "job.max_steps=5", "optim.warmup_steps=1",
+                                    f"job.out_dir={tmp_path}", "job.run_name=fails", "job.progress=false",
+                                    "data.cache_dir=" + str(tmp_path / "cache")]]
+    log = tmp_path / "fail.log"
+    proc = _pretrain(["train", "--config", str(RECIPE), *sets], log)
+    text = log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    assert "gave no full batch of 1500" in text
+    assert text.strip().splitlines()[-1].startswith("error: training failed on the workers")
+    assert (tmp_path / "fails" / "config.yaml").is_file()
