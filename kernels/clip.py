@@ -13,33 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.contrastive import contrastive_rows_loss
-from kernels.utils import check_float, fp32_loss
+from kernels.utils import check_pair, fp32_loss
 
 
 def _check(img: Tensor, txt: Tensor, logit_scale: Tensor, img_all: Tensor | None, txt_all: Tensor | None,
            offset: int) -> tuple[Tensor, Tensor, int]:
     """Validate and return (img_all, txt_all, offset) with the local defaults filled in."""
-    check_float("img", img, 2)
-    check_float("txt", txt, 2)
-    if img.shape != txt.shape or img.dtype != txt.dtype:
-        raise ValueError(f"img {tuple(img.shape)} {img.dtype} and txt {tuple(txt.shape)} {txt.dtype} must match")
-    if img.shape[0] == 0:
-        raise ValueError("img/txt must have at least one row")
     if not isinstance(logit_scale, Tensor) or logit_scale.numel() != 1:
         raise ValueError("logit_scale must be a one-element tensor (the log of the logit scale)")
-    if (img_all is None) != (txt_all is None):
-        raise ValueError("pass both img_all and txt_all, or neither")
-    if img_all is None:
-        if offset != 0:
-            raise ValueError(f"offset must be 0 without img_all/txt_all, got {offset}")
-        return img, txt, 0
-    check_float("img_all", img_all, 2)
-    if img_all.shape != txt_all.shape or img_all.shape[1] != img.shape[1] or img_all.dtype != img.dtype:
-        raise ValueError(f"img_all {tuple(img_all.shape)} and txt_all {tuple(txt_all.shape)} must be "
-                         f"(N, {img.shape[1]}) {img.dtype}")
-    if not 0 <= offset <= img_all.shape[0] - img.shape[0]:
-        raise ValueError(f"offset {offset} + n {img.shape[0]} must fit in N {img_all.shape[0]}")
-    return img_all, txt_all, int(offset)
+    return check_pair(("img", "txt"), img, txt, img_all, txt_all, offset)
 
 
 @fp32_loss

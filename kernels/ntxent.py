@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kernels.clip import clip_loss, clip_loss_ref  # noqa: F401  (re-exported: same core, same API family)
 from kernels.contrastive import contrastive_rows_loss
-from kernels.utils import check_float, fp32_loss
+from kernels.utils import check_pair, fp32_loss
 
 __all__ = ["ntxent_loss", "ntxent_loss_ref", "clip_loss", "clip_loss_ref"]
 
@@ -21,27 +21,9 @@ __all__ = ["ntxent_loss", "ntxent_loss_ref", "clip_loss", "clip_loss_ref"]
 def _check(z0: Tensor, z1: Tensor, temperature: float, z0_all: Tensor | None, z1_all: Tensor | None,
            offset: int) -> tuple[Tensor, Tensor, int]:
     """Validate and return (z0_all, z1_all, offset) with the local defaults filled in."""
-    check_float("z0", z0, 2)
-    check_float("z1", z1, 2)
-    if z0.shape != z1.shape or z0.dtype != z1.dtype:
-        raise ValueError(f"z0 {tuple(z0.shape)} {z0.dtype} and z1 {tuple(z1.shape)} {z1.dtype} must match")
-    if z0.shape[0] == 0:
-        raise ValueError("z0/z1 must have at least one row")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if (z0_all is None) != (z1_all is None):
-        raise ValueError("pass both z0_all and z1_all, or neither")
-    if z0_all is None:
-        if offset != 0:
-            raise ValueError(f"offset must be 0 without z0_all/z1_all, got {offset}")
-        return z0, z1, 0
-    check_float("z0_all", z0_all, 2)
-    if z0_all.shape != z1_all.shape or z0_all.shape[1] != z0.shape[1] or z0_all.dtype != z0.dtype:
-        raise ValueError(f"z0_all {tuple(z0_all.shape)} and z1_all {tuple(z1_all.shape)} must be (N, {z0.shape[1]}) "
-                         f"{z0.dtype}")
-    if not 0 <= offset <= z0_all.shape[0] - z0.shape[0]:
-        raise ValueError(f"offset {offset} + n {z0.shape[0]} must fit in N {z0_all.shape[0]}")
-    return z0_all, z1_all, int(offset)
+    return check_pair(("z0", "z1"), z0, z1, z0_all, z1_all, offset)
 
 
 def _indices(n: int, n_all: int, offset: int, device: torch.device) -> tuple[Tensor, Tensor]:

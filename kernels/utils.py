@@ -84,3 +84,29 @@ def fp32_loss(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def check_pair(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor, a_all: torch.Tensor | None,
+               b_all: torch.Tensor | None, offset: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Validate a local pair ``a, b: (n, D)`` and its all-rank pair ``a_all, b_all: (N, D)`` holding this rank's rows at
+    ``offset``; returns ``(a_all, b_all, offset)`` with the single-process defaults (``a, b, 0``) filled in."""
+    na, nb = names
+    check_float(na, a, 2)
+    check_float(nb, b, 2)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"{na} {tuple(a.shape)} {a.dtype} and {nb} {tuple(b.shape)} {b.dtype} must match")
+    if a.shape[0] == 0:
+        raise ValueError(f"{na}/{nb} must have at least one row")
+    if (a_all is None) != (b_all is None):
+        raise ValueError(f"pass both {na}_all and {nb}_all, or neither")
+    if a_all is None:
+        if offset != 0:
+            raise ValueError(f"offset must be 0 without {na}_all/{nb}_all, got {offset}")
+        return a, b, 0
+    check_float(f"{na}_all", a_all, 2)
+    if a_all.shape != b_all.shape or a_all.shape[1] != a.shape[1] or a_all.dtype != a.dtype:
+        raise ValueError(f"{na}_all {tuple(a_all.shape)} and {nb}_all {tuple(b_all.shape)} must be "
+                         f"(N, {a.shape[1]}) {a.dtype}")
+    if not 0 <= offset <= a_all.shape[0] - a.shape[0]:
+        raise ValueError(f"offset {offset} + n {a.shape[0]} must fit in N {a_all.shape[0]}")
+    return a_all, b_all, int(offset)

@@ -6,7 +6,6 @@ optimizer is torch's AdamW, handed to DeepSpeed as a client optimizer so no CUDA
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -25,8 +24,6 @@ import deepspeed  # noqa: E402
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 from pretrain.config import Config  # noqa: E402
-
-log = logging.getLogger(__name__)
 
 CKPT_TAG = "state"
 """DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""

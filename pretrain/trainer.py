@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import logging
 import sys
 import tempfile
 import time
@@ -25,8 +24,6 @@ from pretrain.data import resolve_shards
 from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
 from pretrain.methods import METHODS
 from pretrain.tracking import default_artifact_location, default_tracking_uri, make_tracker
-
-log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 HISTORY_FILE = "metrics.csv"
