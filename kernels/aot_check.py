@@ -38,17 +38,22 @@ def _cases() -> list[tuple]:
                 "lse_ptr": "*fp32", "g_ptr": "*fp32", "g_scale_ptr": "*fp32", "q_row_stride": "i32",
                 "k_row_stride": "i32", f"{o}_row_stride": "i32", "n_rows": "i32", "n_cols": "i32", "dim": "i32"},
                 c, dict(num_warps=warps)))
-    bv, bk = dino_loss._blocks(10, 65536)
     common = {"s_view_stride": "i32", "s_row_stride": "i32", "t_view_stride": "i32", "t_row_stride": "i32",
-              "n_rows": "i32", "n_s": "i32", "n_t": "i32", "n_k": "i32", "inv_ts": "fp32", "inv_tt": "fp32"}
-    for diag in (False, True):
-        c = dict(DIAG=diag, BLOCK_V=bv, BLOCK_K=bk)
-        out.append((dino_loss._dino_fwd_kernel, {
-            "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "tsum_ptr": "*fp32", "s_ptr": "*bf16",
-            "t_ptr": "*bf16", "c_ptr": "*fp32", "w_ptr": "*fp32", **common}, c, {}))
+              "n_rows": "i32", "n_s": "i32", "n_t": "i32", "n_k": "i32"}
+    temps = {"inv_ts": "fp32", "inv_tt": "fp32"}
+    for diag in (False, True):  # DINO's 10 student / 2 teacher views at K=65,536; iBOT's one view at K=8,192
+        bt, brest, bs, bk = dino_loss._blocks(1, 1, 8192) if diag else dino_loss._blocks(10, 2, 65536)
+        c = dict(DIAG=diag, BLOCK_T=bt, BLOCK_REST=brest, BLOCK_K=bk)
+        out.append((dino_loss._dino_fwd_partial_kernel, {
+            "part_t_ptr": "*fp32", "part_s_ptr": "*fp32", "tsum_ptr": "*fp32", "s_ptr": "*bf16", "t_ptr": "*bf16",
+            "c_ptr": "*fp32", "w_ptr": "*fp32", **common, "chunk_k": "i32", **temps}, c, {}))
+        out.append((dino_loss._dino_combine_kernel, {
+            "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "part_t_ptr": "*fp32",
+            "part_s_ptr": "*fp32", "w_ptr": "*fp32", "n_rows": "i32", "n_s": "i32", "n_t": "i32", "n_chunks": "i32"},
+            dict(DIAG=diag, BLOCK_S=bs, BLOCK_T=bt), {}))
         out.append((dino_loss._dino_bwd_kernel, {
             "ds_ptr": "*bf16", "s_ptr": "*bf16", "t_ptr": "*bf16", "c_ptr": "*fp32", "w_ptr": "*fp32",
-            "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "g_ptr": "*fp32", **common}, c, {}))
+            "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "g_ptr": "*fp32", **common, **temps}, c, {}))
     br, bd = masked_gather._row_blocks(768)
     for scatter in (False, True):
         out.append((masked_gather._gather_rows_fwd_kernel, {

@@ -5,8 +5,11 @@ log-probabilities log p_j = s_j / tau_s - lse_j. Since sum_k q_ik = 1,
 
     -sum_k q_ik log p_jk = lse_j - q_i . s_j / tau_s
 
-so the loss needs per-view log-sum-exps (one online max/sum pass over K tiles) and dot products (a second pass);
-no (views, B, K) softmax is ever stored. The backward to the student is elementwise given the saved LSEs:
+so the loss needs per-view log-sum-exps and dot products with q_i. Both come from ONE read of the logits: the
+dot products are accumulated against exp(z_i - running max) and rescaled with the running sum, as attention
+accumulates its output, and K is split into chunks across programs (flash-decoding's split-K) whose partial
+(max, sum, dot) triples a small combine kernel merges. No (views, B, K) softmax is ever stored. The backward to the
+student is elementwise given the saved LSEs:
 
     dL/ds_jk = w_r / tau_s * (c_j p_jk - (sum_{i paired with j} q_ik))
 
@@ -17,6 +20,8 @@ accumulated in the same pass with fp32 atomics (order of addition, hence last bi
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,74 +34,135 @@ from kernels.utils import check_float, fp32_loss, next_pow2, resolve_impl
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _dino_fwd_kernel(
-    loss_ptr, lse_s_ptr, lse_t_ptr, tsum_ptr,  # outputs: (R,) weighted row loss, (S, R), (T, R), (K,) fp32
+def _dino_fwd_partial_kernel(
+    part_t_ptr, part_s_ptr, tsum_ptr,          # outputs: (4, C, T, R), (2, C, S, R) fp32 partials; (K,) fp32 sum
     s_ptr, t_ptr, c_ptr, w_ptr,                # student (S, R, K), teacher (T, R, K), center (K,), weights (R,)
     s_view_stride, s_row_stride, t_view_stride, t_row_stride,
-    n_rows, n_s, n_t, n_k, inv_ts, inv_tt,
-    DIAG: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    n_rows, n_s, n_t, n_k, chunk_k, inv_ts, inv_tt,
+    DIAG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """grid (R, C): one read of row r's K-chunk c. Per teacher view i, with z_i = (t_i - center) / tau_t and
+    e_ik = exp(z_ik - m_i): the running max m_i, l_i = sum_k e_ik, a_i = sum_k e_ik sum_j zs_jk and
+    d_i = sum_k e_ik zs_ik (zs = s / tau_s); per student view j the running max and sum of exp(zs_j). The combine
+    kernel merges the C chunks (flash-decoding's split-K), where q_i . x = (sum_k e_ik x_k) / l_i.
+    Student views i < T (the teacher's crops) are a teacher-shaped tile, views T..S-1 a BLOCK_REST tile: no exp
+    is spent on padding rows when S - T and T are powers of two (DINO: 10 = 2 + 8)."""
     r = tl.program_id(0).to(tl.int64)
-    v = tl.arange(0, BLOCK_V)
-    s_ok, t_ok = v < n_s, v < n_t
-    s_base = s_ptr + r * s_row_stride + v.to(tl.int64)[:, None] * s_view_stride
-    t_base = t_ptr + r * t_row_stride + v.to(tl.int64)[:, None] * t_view_stride
-    w = tl.load(w_ptr + r)
-
-    # Pass 1a: teacher log-sum-exp per view (online over K) and the teacher logit sum for the center.
-    m_t = tl.full((BLOCK_V,), -1.0e30, dtype=tl.float32)
-    l_t = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for k0 in range(0, n_k, BLOCK_K):
+    n_chunks = tl.num_programs(1)
+    ch = tl.program_id(1)
+    k_lo = ch * chunk_k
+    k_hi = tl.minimum(k_lo + chunk_k, n_k)
+    vt, vr = tl.arange(0, BLOCK_T), n_t + tl.arange(0, BLOCK_REST)
+    # iBOT: unmasked patches (w == 0) only feed the teacher sum; their student views count as absent.
+    n_s_read = tl.where(tl.load(w_ptr + r) != 0.0, n_s, 0)
+    t_ok = vt < n_t
+    d_ok, r_ok = vt < tl.minimum(n_t, n_s_read), vr < n_s_read
+    t_base = t_ptr + r * t_row_stride + vt.to(tl.int64)[:, None] * t_view_stride
+    d_base = s_ptr + r * s_row_stride + vt.to(tl.int64)[:, None] * s_view_stride
+    r_base = s_ptr + r * s_row_stride + vr.to(tl.int64)[:, None] * s_view_stride
+    m_t = tl.full((BLOCK_T,), -1.0e30, dtype=tl.float32)
+    l_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    a_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    d_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    m_d = tl.full((BLOCK_T,), -1.0e30, dtype=tl.float32)
+    l_d = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    m_r = tl.full((BLOCK_REST,), -1.0e30, dtype=tl.float32)
+    l_r = tl.zeros((BLOCK_REST,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < n_k
-        msk = t_ok[:, None] & k_ok[None, :]
-        t = tl.load(t_base + k[None, :], mask=msk, other=0.0).to(tl.float32)
+        k_ok = k < k_hi
+        mt, md, mr = t_ok[:, None] & k_ok[None, :], d_ok[:, None] & k_ok[None, :], r_ok[:, None] & k_ok[None, :]
+        t = tl.load(t_base + k[None, :], mask=mt, other=0.0).to(tl.float32)
         tl.atomic_add(tsum_ptr + k, tl.sum(t, axis=0), mask=k_ok)
         c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        z = tl.where(msk, (t - c[None, :]) * inv_tt, float("-inf"))
-        m_new = tl.maximum(m_t, tl.max(z, axis=1))
-        l_t = l_t * tl.exp(m_t - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_t = m_new
-    lse_t = tl.where(t_ok, m_t + tl.log(tl.where(t_ok, l_t, 1.0)), 0.0)
-    tl.store(lse_t_ptr + v.to(tl.int64) * n_rows + r, lse_t, mask=t_ok)
+        zt = tl.where(mt, (t - c[None, :]) * inv_tt, float("-inf"))
+        zd = tl.load(d_base + k[None, :], mask=md, other=0.0).to(tl.float32) * inv_ts  # 0 where masked
+        zr = tl.load(r_base + k[None, :], mask=mr, other=0.0).to(tl.float32) * inv_ts
+        # teacher: online max/sum and the two cross sums, rescaled together
+        mt_new = tl.maximum(m_t, tl.max(zt, axis=1))
+        alpha = tl.exp(m_t - mt_new)
+        e = tl.exp(zt - mt_new[:, None])
+        l_t = l_t * alpha + tl.sum(e, axis=1)
+        d_t = d_t * alpha + tl.sum(e * zd, axis=1)
+        if not DIAG:
+            zsum = tl.sum(zd, axis=0) + tl.sum(zr, axis=0)
+            a_t = a_t * alpha + tl.sum(e * zsum[None, :], axis=1)
+        m_t = mt_new
+        # student: online max/sum per view, both tiles
+        z = tl.where(md, zd, float("-inf"))
+        mx = tl.maximum(m_d, tl.max(z, axis=1))
+        l_d = l_d * tl.exp(m_d - mx) + tl.sum(tl.exp(z - mx[:, None]), axis=1)
+        m_d = mx
+        z = tl.where(mr, zr, float("-inf"))
+        mx = tl.maximum(m_r, tl.max(z, axis=1))
+        l_r = l_r * tl.exp(m_r - mx) + tl.sum(tl.exp(z - mx[:, None]), axis=1)
+        m_r = mx
+    plane_t = n_chunks.to(tl.int64) * n_t * n_rows
+    off_t = (ch.to(tl.int64) * n_t + vt) * n_rows + r
+    tl.store(part_t_ptr + off_t, m_t, mask=t_ok)
+    tl.store(part_t_ptr + plane_t + off_t, l_t, mask=t_ok)
+    tl.store(part_t_ptr + 2 * plane_t + off_t, a_t, mask=t_ok)
+    tl.store(part_t_ptr + 3 * plane_t + off_t, d_t, mask=t_ok)
+    plane_s = n_chunks.to(tl.int64) * n_s * n_rows
+    off_d = (ch.to(tl.int64) * n_s + vt) * n_rows + r
+    tl.store(part_s_ptr + off_d, m_d, mask=t_ok)
+    tl.store(part_s_ptr + plane_s + off_d, l_d, mask=t_ok)
+    off_r = (ch.to(tl.int64) * n_s + vr) * n_rows + r
+    tl.store(part_s_ptr + off_r, m_r, mask=vr < n_s)
+    tl.store(part_s_ptr + plane_s + off_r, l_r, mask=vr < n_s)
 
-    loss = 0.0
-    if w != 0.0:  # iBOT: unmasked patches only feed the teacher sum
-        # Pass 1b: student log-sum-exp per view.
-        m_s = tl.full((BLOCK_V,), -1.0e30, dtype=tl.float32)
-        l_s = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for k0 in range(0, n_k, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            msk = s_ok[:, None] & (k < n_k)[None, :]
-            z = tl.where(msk, tl.load(s_base + k[None, :], mask=msk, other=0.0).to(tl.float32) * inv_ts,
-                         float("-inf"))
-            m_new = tl.maximum(m_s, tl.max(z, axis=1))
-            l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            m_s = m_new
-        lse_s = tl.where(s_ok, m_s + tl.log(tl.where(s_ok, l_s, 1.0)), 0.0)
-        tl.store(lse_s_ptr + v.to(tl.int64) * n_rows + r, lse_s, mask=s_ok)
 
-        # Pass 2: sum over pairs of q_i . s_j / tau_s.
-        cross = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, n_k, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < n_k
-            mt = t_ok[:, None] & k_ok[None, :]
-            ms = s_ok[:, None] & k_ok[None, :]
-            c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            t = tl.load(t_base + k[None, :], mask=mt, other=0.0).to(tl.float32)
-            q = tl.where(mt, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
-            zs = tl.load(s_base + k[None, :], mask=ms, other=0.0).to(tl.float32) * inv_ts
-            diag = tl.sum(q * zs, axis=0)  # sum_i q_i * s_i (rows beyond T have q = 0)
-            if DIAG:
-                cross += diag
-            else:
-                cross += tl.sum(q, axis=0) * tl.sum(zs, axis=0) - diag
+@triton.jit
+def _dino_combine_kernel(
+    loss_ptr, lse_s_ptr, lse_t_ptr,            # outputs: (R,) weighted row loss, (S, R), (T, R) fp32
+    part_t_ptr, part_s_ptr, w_ptr,
+    n_rows, n_s, n_t, n_chunks,
+    DIAG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """grid (R,): merge the chunk partials of row r into its LSEs and weighted loss
+    w_r * (sum_j coef_j lse_s_j - sum_i q_i . x_i), x_i = sum_j zs_j - zs_i (DINO) or zs_i (iBOT's diagonal)."""
+    r = tl.program_id(0).to(tl.int64)
+    vs, vt = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_T)
+    s_ok, t_ok = vs < n_s, vt < n_t
+    w = tl.load(w_ptr + r)
+    m_t = tl.full((BLOCK_T,), -1.0e30, dtype=tl.float32)
+    l_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    x_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    m_s = tl.full((BLOCK_S,), -1.0e30, dtype=tl.float32)
+    l_s = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    plane_t = n_chunks.to(tl.int64) * n_t * n_rows
+    plane_s = n_chunks.to(tl.int64) * n_s * n_rows
+    for ch in range(0, n_chunks):
+        off_t = (ch * n_t + vt).to(tl.int64) * n_rows + r
+        m = tl.load(part_t_ptr + off_t, mask=t_ok, other=-1.0e30)
+        mx = tl.maximum(m_t, m)
+        a_old, a_new = tl.exp(m_t - mx), tl.exp(m - mx)
+        l_t = l_t * a_old + tl.load(part_t_ptr + plane_t + off_t, mask=t_ok, other=0.0) * a_new
+        d = tl.load(part_t_ptr + 3 * plane_t + off_t, mask=t_ok, other=0.0)
         if DIAG:
-            coef = tl.where(t_ok, 1.0, 0.0)
+            x = d
         else:
-            coef = tl.where(s_ok, n_t - tl.where(t_ok, 1.0, 0.0), 0.0)
-        loss = w * (tl.sum(coef * lse_s, axis=0) - tl.sum(cross, axis=0))
+            x = tl.load(part_t_ptr + 2 * plane_t + off_t, mask=t_ok, other=0.0) - d
+        x_t = x_t * a_old + x * a_new
+        m_t = mx
+        off_s = (ch * n_s + vs).to(tl.int64) * n_rows + r
+        m = tl.load(part_s_ptr + off_s, mask=s_ok, other=-1.0e30)
+        mx = tl.maximum(m_s, m)
+        l_s = l_s * tl.exp(m_s - mx) + tl.load(part_s_ptr + plane_s + off_s, mask=s_ok, other=0.0) * tl.exp(m - mx)
+        m_s = mx
+    lse_t = m_t + tl.log(tl.where(l_t > 0.0, l_t, 1.0))
+    tl.store(lse_t_ptr + vt.to(tl.int64) * n_rows + r, lse_t, mask=t_ok)
+    loss = 0.0
+    # Rows with w == 0 saw no student data: their LSE is +inf, so the backward's p = exp(zs - lse) is 0, not nan.
+    lse_s = tl.where(w != 0.0, m_s + tl.log(tl.where(l_s > 0.0, l_s, 1.0)), float("inf"))
+    tl.store(lse_s_ptr + vs.to(tl.int64) * n_rows + r, lse_s, mask=s_ok)
+    if w != 0.0:
+        if DIAG:
+            coef = tl.where(vs < n_t, 1.0, 0.0)
+        else:
+            coef = n_t - tl.where(vs < n_t, 1.0, 0.0)
+        cross = tl.sum(tl.where(t_ok, x_t / tl.where(l_t > 0.0, l_t, 1.0), 0.0), axis=0)
+        loss = w * (tl.sum(tl.where(s_ok, coef * lse_s, 0.0), axis=0) - cross)
     tl.store(loss_ptr + r, loss)
 
 
@@ -106,40 +172,75 @@ def _dino_bwd_kernel(
     s_ptr, t_ptr, c_ptr, w_ptr, lse_s_ptr, lse_t_ptr, g_ptr,
     s_view_stride, s_row_stride, t_view_stride, t_row_stride,
     n_rows, n_s, n_t, n_k, inv_ts, inv_tt,
-    DIAG: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DIAG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grid (R, K tiles): dL/ds_jk = g * w_r / tau_s * (c_j p_jk - paired teacher mass q)."""
+    """grid (R, K tiles): dL/ds_jk = g * w_r / tau_s * (coef_j p_jk - paired teacher mass q).
+
+    Student views j >= T pair with every teacher view (DINO; none under DIAG); views j < T also get + q_jk (their
+    own crop is not a pair), so they are written from a second, teacher-shaped tile: no exp is spent on padding."""
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < n_k
-    v = tl.arange(0, BLOCK_V)
-    s_ok, t_ok = v < n_s, v < n_t
+    vt = tl.arange(0, BLOCK_T)
+    t_ok = vt < n_t
     mt = t_ok[:, None] & k_ok[None, :]
-    ms = s_ok[:, None] & k_ok[None, :]
     scale = tl.load(g_ptr) * tl.load(w_ptr + r) * inv_ts
-    lse_t = tl.load(lse_t_ptr + v.to(tl.int64) * n_rows + r, mask=t_ok, other=0.0)
-    lse_s = tl.load(lse_s_ptr + v.to(tl.int64) * n_rows + r, mask=s_ok, other=0.0)
     c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + r * t_row_stride + v.to(tl.int64)[:, None] * t_view_stride + k[None, :], mask=mt,
+    lse_t = tl.load(lse_t_ptr + vt.to(tl.int64) * n_rows + r, mask=t_ok, other=0.0)
+    t = tl.load(t_ptr + r * t_row_stride + vt.to(tl.int64)[:, None] * t_view_stride + k[None, :], mask=mt,
                 other=0.0).to(tl.float32)
     q = tl.where(mt, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
-    s_off = r * s_row_stride + v.to(tl.int64)[:, None] * s_view_stride + k[None, :]
-    zs = tl.load(s_ptr + s_off, mask=ms, other=0.0).to(tl.float32) * inv_ts
-    # Rows with w == 0 were skipped by the forward; their student LSE stays +inf, so p = 0 (not exp(overflow)).
-    p = tl.where(ms, tl.exp(zs - lse_s[:, None]), 0.0)
+    q_sum = tl.sum(q, axis=0)
+    # student views < T (teacher-shaped tile)
+    offd = r * s_row_stride + vt.to(tl.int64)[:, None] * s_view_stride + k[None, :]
+    lse_d = tl.load(lse_s_ptr + vt.to(tl.int64) * n_rows + r, mask=t_ok, other=0.0)
+    pd = tl.where(mt, tl.exp(tl.load(s_ptr + offd, mask=mt, other=0.0).to(tl.float32) * inv_ts - lse_d[:, None]),
+                  0.0)
     if DIAG:
-        grad = tl.where(t_ok, 1.0, 0.0)[:, None] * p - q
+        gd = pd - q
     else:
-        coef = n_t - tl.where(t_ok, 1.0, 0.0)
-        grad = coef[:, None] * p - (tl.sum(q, axis=0)[None, :] - q)
-    # ds has the student's (S, R, K) strides (made contiguous by the launcher).
-    tl.store(ds_ptr + s_off, (grad * scale).to(ds_ptr.dtype.element_ty), mask=ms)
+        gd = (n_t - 1.0) * pd - (q_sum[None, :] - q)
+    tl.store(ds_ptr + offd, (gd * scale).to(ds_ptr.dtype.element_ty), mask=mt)
+    # student views T..S-1
+    vr = n_t + tl.arange(0, BLOCK_REST)
+    r_ok = vr < n_s
+    msk = r_ok[:, None] & k_ok[None, :]
+    offs = r * s_row_stride + vr.to(tl.int64)[:, None] * s_view_stride + k[None, :]
+    if DIAG:
+        gs = tl.zeros((BLOCK_REST, BLOCK_K), dtype=tl.float32)
+    else:
+        lse_s = tl.load(lse_s_ptr + vr.to(tl.int64) * n_rows + r, mask=r_ok, other=0.0)
+        ps = tl.where(msk, tl.exp(tl.load(s_ptr + offs, mask=msk, other=0.0).to(tl.float32) * inv_ts
+                                  - lse_s[:, None]), 0.0)
+        gs = n_t * ps - q_sum[None, :]
+    tl.store(ds_ptr + offs, (gs * scale).to(ds_ptr.dtype.element_ty), mask=msk)
 
 
-def _blocks(n_views: int, n_k: int) -> tuple[int, int]:
-    """(BLOCK_V, BLOCK_K): all views of a row in one tile, about 4096 elements per tile."""
-    block_v = max(2, next_pow2(n_views))
-    return block_v, max(16, min(next_pow2(n_k), 4096 // block_v))
+def _blocks(n_s: int, n_t: int, n_k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_REST, BLOCK_S, BLOCK_K): teacher-shaped tiles for the T teacher views and the student views
+    0..T-1, a BLOCK_REST tile for student views T..S-1, all of S in the combine; about 4096 loaded elements per
+    K tile (DINO 2 + 10 views: 256 prototypes a tile)."""
+    block_t, block_rest = next_pow2(n_t), next_pow2(max(1, n_s - n_t))
+    per_k = 4096 // (2 * block_t + block_rest)
+    return block_t, block_rest, next_pow2(n_s), max(16, min(next_pow2(n_k), 1 << (per_k.bit_length() - 1)))
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """Programs the split-K forward aims for: 4 per multiprocessor on CUDA; a few on the CPU interpreter (where
+    several chunks per row still get exercised by the tests)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 16
+
+
+def _split(n_rows: int, n_k: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(n_chunks, chunk_k): K cut into chunks of whole tiles so that rows x chunks fills the GPU (64 DINO rows
+    alone would leave half an H100 idle); iBOT's thousands of patch rows get one chunk each."""
+    n_tiles = triton.cdiv(n_k, block_k)
+    want = min(n_tiles, max(1, triton.cdiv(_target_programs(device), n_rows)))
+    chunk_k = triton.cdiv(n_tiles, want) * block_k
+    return triton.cdiv(n_k, chunk_k), chunk_k
 
 
 class DinoLossFunction(torch.autograd.Function):
@@ -150,14 +251,21 @@ class DinoLossFunction(torch.autograd.Function):
         s, t, c, w = s.contiguous(), t.detach().contiguous(), c.detach().contiguous(), w.contiguous()
         (n_s, n_rows, n_k), n_t = s.shape, t.shape[0]
         dev = s.device
-        rows = torch.empty(n_rows, device=dev, dtype=torch.float32)
-        lse_s = torch.full((n_s, n_rows), float("inf"), device=dev, dtype=torch.float32)
-        lse_t = torch.empty((n_t, n_rows), device=dev, dtype=torch.float32)
+        bt, brest, bs, bk = _blocks(n_s, n_t, n_k)
+        n_chunks, chunk_k = _split(n_rows, n_k, bk, dev)
+        part_t = torch.empty((4, n_chunks, n_t, n_rows), device=dev, dtype=torch.float32)
+        part_s = torch.empty((2, n_chunks, n_s, n_rows), device=dev, dtype=torch.float32)
         tsum = torch.zeros(n_k, device=dev, dtype=torch.float32)
-        bv, bk = _blocks(n_s, n_k)
-        _dino_fwd_kernel[(n_rows,)](
-            rows, lse_s, lse_t, tsum, s, t, c, w, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-            n_rows, n_s, n_t, n_k, 1.0 / tau_s, 1.0 / tau_t, DIAG=diag, BLOCK_V=bv, BLOCK_K=bk,
+        strides = (s.stride(0), s.stride(1), t.stride(0), t.stride(1))
+        _dino_fwd_partial_kernel[(n_rows, n_chunks)](
+            part_t, part_s, tsum, s, t, c, w, *strides, n_rows, n_s, n_t, n_k, chunk_k, 1.0 / tau_s, 1.0 / tau_t,
+            DIAG=diag, BLOCK_T=bt, BLOCK_REST=brest, BLOCK_K=bk,
+        )
+        rows = torch.empty(n_rows, device=dev, dtype=torch.float32)
+        lse_s = torch.empty((n_s, n_rows), device=dev, dtype=torch.float32)
+        lse_t = torch.empty((n_t, n_rows), device=dev, dtype=torch.float32)
+        _dino_combine_kernel[(n_rows,)](
+            rows, lse_s, lse_t, part_t, part_s, w, n_rows, n_s, n_t, n_chunks, DIAG=diag, BLOCK_S=bs, BLOCK_T=bt,
         )
         ctx.save_for_backward(s, t, c, w, lse_s, lse_t)
         ctx.consts = (tau_s, tau_t, diag)
@@ -170,11 +278,11 @@ class DinoLossFunction(torch.autograd.Function):
         tau_s, tau_t, diag = ctx.consts
         (n_s, n_rows, n_k), n_t = s.shape, t.shape[0]
         ds = torch.empty_like(s)
-        bv, bk = _blocks(n_s, n_k)
+        bt, brest, _, bk = _blocks(n_s, n_t, n_k)
         _dino_bwd_kernel[(n_rows, triton.cdiv(n_k, bk))](
             ds, s, t, c, w, lse_s, lse_t, grad.float().reshape(1).contiguous(), s.stride(0), s.stride(1),
-            t.stride(0), t.stride(1), n_rows, n_s, n_t, n_k, 1.0 / tau_s, 1.0 / tau_t, DIAG=diag, BLOCK_V=bv,
-            BLOCK_K=bk,
+            t.stride(0), t.stride(1), n_rows, n_s, n_t, n_k, 1.0 / tau_s, 1.0 / tau_t, DIAG=diag, BLOCK_T=bt,
+            BLOCK_REST=brest, BLOCK_K=bk,
         )
         return ds, None, None, None, None, None, None
 
