@@ -46,6 +46,7 @@ if "--smoke" in sys.argv:  # Triton reads the switch when the kernel modules are
     os.environ["TRITON_INTERPRET"] = "1"
 
 from benchmarks.common import cpu_name, git_sha  # noqa: E402
+from kernels.contrastive import tuning_report  # noqa: E402
 from kernels.dino_loss import dino_loss, dino_loss_ref  # noqa: E402
 from kernels.masked_gather import masked_gather, masked_gather_ref  # noqa: E402
 from kernels.ntxent import ntxent_loss, ntxent_loss_ref  # noqa: E402
@@ -491,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if k not in meta}), flush=True)
     print(f"# appended {len(rows)} rows to {out}")
+    for line in tuning_report():
+        print(f"# autotuned contrastive {line}")
     print("\n".join(print_table(rows)))
     if device == "cpu" and not args.smoke:
         target = cpu_target(rows)

@@ -25,19 +25,34 @@ from kernels import contrastive, dino_loss, masked_gather
 def _cases() -> list[tuple]:
     """(kernel, signature, constexprs, options) for the launch configurations in use."""
     out = []
+    fwd_sig = {"loss_ptr": "*fp32", "lse_ptr": "*fp32", "dqu_ptr": "*fp32", "q_ptr": "*{dt}", "k_ptr": "*{dt}",
+               "pos_ptr": "*i64", "excl_ptr": "*i64", "q_row_stride": "i32", "k_row_stride": "i32", "n_rows": "i32",
+               "n_cols": "i32", "dim": "i32", "size_class": "i32"}
+
+    def bwd_sig(o: str) -> dict:
+        sig = {f"{o}_ptr": "*{dt}", "q_ptr": "*{dt}", "k_ptr": "*{dt}", "pos_ptr": "*i64", "excl_ptr": "*i64",
+               "lse_ptr": "*fp32", "g_ptr": "*fp32", "g_scale_ptr": "*fp32", "q_row_stride": "i32",
+               "k_row_stride": "i32", f"{o}_row_stride": "i32", "n_rows": "i32", "n_cols": "i32", "dim": "i32"}
+        return {**sig, "size_class": "i32"} if o == "dk" else sig
+
+    def typed(sig: dict, dt: str) -> dict:
+        return {k: v.format(dt=dt) for k, v in sig.items()}
+
+    # The default (untuned) launches: bf16 with D in one slice and in slices, exact fp32.
     for dt, prec, single in (("bf16", "tf32", True), ("bf16", "tf32", False), ("fp32", "ieee", True)):
         bm, bn, bd, warps = contrastive._blocks(128, torch.float32 if dt == "fp32" else torch.bfloat16)
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=single)
-        out.append((contrastive._contrastive_fwd_kernel, {
-            "loss_ptr": "*fp32", "lse_ptr": "*fp32", "dqu_ptr": "*fp32", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}",
-            "pos_ptr": "*i64", "excl_ptr": "*i64", "q_row_stride": "i32", "k_row_stride": "i32", "n_rows": "i32",
-            "n_cols": "i32", "dim": "i32"}, dict(c, WITH_DQ=single), dict(num_warps=warps)))
+        out.append((contrastive._contrastive_fwd_kernel, typed(fwd_sig, dt), dict(c, WITH_DQ=single),
+                    dict(num_warps=warps)))
         for fn, o in ((contrastive._contrastive_bwd_dq_kernel, "dq"), (contrastive._contrastive_bwd_dk_kernel, "dk")):
-            out.append((fn, {
-                f"{o}_ptr": f"*{dt}", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "pos_ptr": "*i64", "excl_ptr": "*i64",
-                "lse_ptr": "*fp32", "g_ptr": "*fp32", "g_scale_ptr": "*fp32", "q_row_stride": "i32",
-                "k_row_stride": "i32", f"{o}_row_stride": "i32", "n_rows": "i32", "n_cols": "i32", "dim": "i32"},
-                c, dict(num_warps=warps)))
+            out.append((fn, typed(bwd_sig(o), dt), c, dict(num_warps=warps)))
+    # Every autotuning candidate (bf16, D = 128): which ones spill shows in STACK.
+    for table, fn, sig, extra in ((contrastive.FWD_TUNE, contrastive._contrastive_fwd_kernel, fwd_sig,
+                                   {"WITH_DQ": True}),
+                                  (contrastive.DK_TUNE, contrastive._contrastive_bwd_dk_kernel, bwd_sig("dk"), {})):
+        for bm, bn, warps, stages in table[1:]:  # the first is the default, compiled above
+            c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, DOT_PRECISION="tf32", SINGLE_D=True, **extra)
+            out.append((fn, typed(sig, "bf16"), c, dict(num_warps=warps, num_stages=stages)))
     common = {"s_view_stride": "i32", "s_row_stride": "i32", "t_view_stride": "i32", "t_row_stride": "i32",
               "n_rows": "i32", "n_s": "i32", "n_t": "i32", "n_k": "i32"}
     temps = {"inv_ts": "fp32", "inv_tt": "fp32"}
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for fn, sig, consts, opts in _cases():
         src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, consts)
         kernel = triton.compile(src, target=target, options=opts)
-        shown = ",".join(f"{k}={v}" for k, v in consts.items())
+        shown = ",".join([f"{k}={v}" for k, v in consts.items()] + [f"{k}={v}" for k, v in opts.items()])
         print(f"ok sm_{args.arch} {fn.__name__}[{shown}] shared={kernel.metadata.shared} {_usage(kernel.asm['cubin'])}")
     return 0
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import check_float, dot_precision, fp32_loss, next_pow2, resolve_impl
+from kernels.utils import AUTOTUNE, INTERPRET, check_float, dot_precision, fp32_loss, next_pow2, resolve_impl
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32 logits per chunk
 
@@ -69,7 +69,7 @@ def _contrastive_fwd_kernel(
     loss_ptr, lse_ptr, dqu_ptr,                 # outputs: (M,) fp32 x2; (M, D) fp32 when WITH_DQ
     q_ptr, k_ptr, pos_ptr, excl_ptr,            # inputs
     q_row_stride, k_row_stride,
-    n_rows, n_cols, dim,
+    n_rows, n_cols, dim, size_class,            # size_class: the autotuning key's size bucket (unused here)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
@@ -166,7 +166,7 @@ def _contrastive_bwd_dk_kernel(
     dk_ptr,                                     # output (C, D)
     q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, g_ptr, g_scale_ptr,
     q_row_stride, k_row_stride, dk_row_stride,
-    n_rows, n_cols, dim,
+    n_rows, n_cols, dim, size_class,            # size_class: the autotuning key's size bucket (unused here)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr,
 ):
@@ -204,14 +204,53 @@ def _contrastive_bwd_dk_kernel(
 
 
 def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps); D in slices of at most 128 (tl.dot needs >= 16).
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the untuned launches; D in slices of at most 128 (tl.dot needs
+    >= 16).
 
-    Chosen by compiling for sm_90 with Triton's bundled ptxas (`python -m kernels.aot_check`), not by timing: with
-    D <= 128 in one slice, fp16/bf16 64x64 tiles on 8 warps use 235 / 189 / 255 registers (fwd+dq / dq / dk) with at
-    most 16 bytes of stack; exact-fp32 dots need 32x32 tiles on 4 warps to stay near that. For D > 128 the logits
-    are reduced over slices and the backward grid also splits D (recomputing the logits once per slice)."""
+    Chosen by compiling for sm_90 with Triton's bundled ptxas (`python -m kernels.aot_check`): with D <= 128 in one
+    slice, fp16/bf16 64x64 tiles on 8 warps use 235 / 189 / 255 registers (fwd+dq / dq / dk) with at most 16 bytes
+    of stack; exact-fp32 dots (FMA, not tensor cores) need 32x32 tiles on 8 warps: 155 / 124 registers (fwd+dq /
+    dk) and no stack, where 4 warps spilled 880 bytes in the forward. For D > 128 the logits are reduced over
+    slices and the backward grid also splits D (recomputing the logits once per slice)."""
     block_d = max(16, next_pow2(dim)) if dim <= 128 else 128
-    return (32, 32, block_d, 4) if dtype == torch.float32 else (64, 64, block_d, 8)
+    return (32, 32, block_d, 8) if dtype == torch.float32 else (64, 64, block_d, 8)
+
+
+# Autotuned on CUDA for the training case (fp16/bf16, D <= 128 in one slice): (BLOCK_M, BLOCK_N, warps, stages).
+# Candidates are the sm_90 compiles with little or no spilling (kernels/aot_check.py prints them), plus
+# FlashAttention's 128x64 tile; the first of each list is the untuned default. Tuned once per (D, size class,
+# dtype): a training run pays it at its first step, on whatever GPU it runs on.
+FWD_TUNE = [(64, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
+DK_TUNE = [(64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 32, 8, 3)]
+
+
+def _configs(table: list[tuple[int, int, int, int]]) -> list:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in table]
+
+
+_fwd_tuned = triton.autotune(_configs(FWD_TUNE), key=["dim", "size_class", "WITH_DQ"])(_contrastive_fwd_kernel)
+_dk_tuned = triton.autotune(_configs(DK_TUNE), key=["dim", "size_class"])(_contrastive_bwd_dk_kernel)
+
+
+def tuning_report() -> list[str]:
+    """What autotuning chose so far in this process: one line per kernel and key (dim, size class, ..., dtypes)."""
+    lines = []
+    for name, tuner in (("fwd", _fwd_tuned), ("dk", _dk_tuned)):
+        for key, cfg in tuner.cache.items():
+            blocks = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+            lines.append(f"{name} {key}: {blocks} num_warps={cfg.num_warps} num_stages={cfg.num_stages}")
+    return lines
+
+
+def _size_class(n: int) -> int:
+    """Tuning bucket of a row/column count: one per factor of 4, all sizes from 2^16 up sharing the last (a
+    2N = 1,048,576 run reuses the 65,536 tuning instead of timing five 1-second configurations)."""
+    return min(max(int(n), 1).bit_length() // 2, 8)
+
+
+def _tuned(q: Tensor) -> bool:
+    """Autotune only compiled 16-bit launches with D in one slice; everything else runs the default blocks."""
+    return AUTOTUNE and q.is_cuda and not INTERPRET and q.dtype != torch.float32 and q.shape[1] <= 128
 
 
 class ContrastiveFunction(torch.autograd.Function):
@@ -230,11 +269,13 @@ class ContrastiveFunction(torch.autograd.Function):
         with_dq = ctx.needs_input_grad[0] and dim <= bd
         dq_unit = torch.empty((m, dim) if with_dq else (1, 1), device=q.device, dtype=torch.float32)
         if m > 0:
-            _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](
-                loss, lse, dq_unit, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd,
-                WITH_DQ=with_dq, num_warps=warps,
-            )
+            args = (loss, lse, dq_unit, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim, _size_class(m))
+            consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd, WITH_DQ=with_dq)
+            if _tuned(q):
+                _fwd_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
+            else:
+                _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                                **consts)
         ctx.save_for_backward(q, k, pos, excl, lse, dq_unit if with_dq else None)
         return loss
 
@@ -247,17 +288,20 @@ class ContrastiveFunction(torch.autograd.Function):
         dq = (dq_unit * g[:, None]).to(q.dtype) if dq_unit is not None else torch.empty_like(q)
         dk = torch.empty_like(k)
         bm, bn, bd, warps = _blocks(dim, q.dtype)
-        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd,
-                      num_warps=warps)
+        consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd)
+        fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **consts)
         n_d = triton.cdiv(dim, bd)
         if m > 0 and dq_unit is None:
             _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](
-                dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim, **common
+                dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim, **fixed
             )
         if m > 0:
-            _contrastive_bwd_dk_kernel[(triton.cdiv(c, bn), n_d)](
-                dk, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dk.stride(0), m, c, dim, **common
-            )
+            args = (dk, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dk.stride(0), m, c, dim,
+                    _size_class(m))
+            if _tuned(q):
+                _dk_tuned[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), n_d)](*args, **consts)
+            else:
+                _contrastive_bwd_dk_kernel[(triton.cdiv(c, bn), n_d)](*args, **fixed)
         else:
             dk.zero_()
         return dq, dk, None, None

@@ -20,6 +20,9 @@ except ImportError:  # pragma: no cover - triton ships with the venv; keep the r
 # Triton decides interpreter vs compiler when `@triton.jit` runs, i.e. at import of the kernel modules, so the
 # switch is read once here (kernels.* import this module first).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# SSL_KERNELS_AUTOTUNE=0 pins every launch to its default blocks (no first-call tuning: e.g. a test run that
+# compiles many shapes once each).
+AUTOTUNE = os.environ.get("SSL_KERNELS_AUTOTUNE", "1") != "0"
 
 IMPLS_WITH_CHUNKED = ("auto", "triton", "chunked", "ref")
 IMPLS = ("auto", "triton", "ref")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels.utils
+from kernels import contrastive
 from kernels.contrastive import contrastive_rows_loss, contrastive_rows_loss_ref
 from kernels.ntxent import ntxent_loss, ntxent_loss_ref
 from kernels.testing import assert_lowp_close, max_err
@@ -138,3 +139,26 @@ def test_chunked_bf16_within_twice_torch_bf16_error(device):
     ref16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, None)
     for o, r32, r16 in zip(out, ref32, ref16):
         assert_lowp_close(o, r32, r16)
+
+
+@pytest.mark.parametrize("cfg", range(max(len(contrastive.FWD_TUNE), len(contrastive.DK_TUNE))))
+def test_every_autotuning_config_matches_reference(cfg, device, monkeypatch):
+    """The autotuned launch path, pinned to each candidate block configuration in turn (autotuning picks whichever
+    is fastest, so each must be right), gives fp16 NT-Xent loss and gradients within 2x torch's fp16 error."""
+    fwd, dk = contrastive.FWD_TUNE, contrastive.DK_TUNE
+    monkeypatch.setattr(contrastive, "_tuned", lambda q: True)
+    monkeypatch.setattr(contrastive._fwd_tuned, "configs", contrastive._configs([fwd[cfg % len(fwd)]]))
+    monkeypatch.setattr(contrastive._dk_tuned, "configs", contrastive._configs([dk[cfg % len(dk)]]))
+    z0, z1 = _views(150, 64, torch.float16, device, seed=cfg)  # 2n = 300: ragged last tile for every block size
+    g = torch.tensor(0.7, device=device)
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="triton"), z0, z1, g)
+    r32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, g)
+    r16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, g)
+    for o, a, b in zip(out, r32, r16):
+        assert_lowp_close(o, a, b, atol=1e-4)
+
+
+def test_size_class_buckets_by_factors_of_four_up_to_65536():
+    """Autotuning buckets: 4096 and 16384 differ, 65,536 and 1,048,576 share one."""
+    sc = contrastive._size_class
+    assert sc(4096) != sc(16384) != sc(65536) and sc(65536) == sc(262144) == sc(1 << 20) and sc(0) == sc(1)
