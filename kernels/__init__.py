@@ -7,4 +7,7 @@ functions share their module's name (kernels.dino_loss.dino_loss).
 
 Every public op takes `impl="auto" | "triton" | "ref"` (NT-Xent / CLIP also "chunked"): "auto" is Triton on CUDA
 tensors and the chunked (NT-Xent / CLIP) or reference path elsewhere. Triton is imported only inside this package.
+
+The Triton launches are registered as custom ops (`torch.ops.ssl_pretrain.*`, with fake implementations) and wrapped
+in autograd.Functions, so `torch.compile(fullgraph=True)` of a step that calls them keeps one graph.
 """

@@ -253,57 +253,89 @@ def _tuned(q: Tensor) -> bool:
     return AUTOTUNE and q.is_cuda and not INTERPRET and q.dtype != torch.float32 and q.shape[1] <= 128
 
 
+# The launches are custom ops: opaque to torch.compile (which traces the autograd.Function around them and uses
+# the fake implementations for shapes), so a compiled training step keeps the Triton kernels in one graph.
+@torch.library.custom_op("ssl_pretrain::contrastive_fwd", mutates_args=())
+def contrastive_fwd(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, with_dq: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton forward of the row losses. q (M, D), k (C, D) contiguous -> loss (M,), lse (M,) fp32 and, when
+    with_dq (needs D <= 128), dq_unit (M, D) fp32: the query gradient for a unit upstream gradient; else (0, D)."""
+    (m, dim), c = q.shape, k.shape[0]
+    loss = torch.empty(m, device=q.device, dtype=torch.float32)
+    lse = torch.empty(m, device=q.device, dtype=torch.float32)
+    dq_unit = torch.empty((m if with_dq else 0, dim), device=q.device, dtype=torch.float32)
+    if m > 0:
+        bm, bn, bd, warps = _blocks(dim, q.dtype)
+        args = (loss, lse, dq_unit, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim, _size_class(m))
+        consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd, WITH_DQ=with_dq)
+        if _tuned(q):
+            _fwd_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
+        else:
+            _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **consts)
+    return loss, lse, dq_unit
+
+
+@contrastive_fwd.register_fake
+def _(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, with_dq: bool) -> tuple[Tensor, Tensor, Tensor]:
+    m, dim = q.shape
+    return q.new_empty(m, dtype=torch.float32), q.new_empty(m, dtype=torch.float32), \
+        q.new_empty((m if with_dq else 0, dim), dtype=torch.float32)
+
+
+@torch.library.custom_op("ssl_pretrain::contrastive_bwd", mutates_args=())
+def contrastive_bwd(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, lse: Tensor, g: Tensor,
+                    with_dq: bool) -> tuple[Tensor, Tensor]:
+    """Triton backward for upstream g (M,) fp32 -> (dq (M, D) when with_dq else (0, D), dk (C, D)), input dtypes."""
+    (m, dim), c = q.shape, k.shape[0]
+    dq = torch.empty((m if with_dq else 0, dim), device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(k)
+    if m == 0:
+        return dq, dk.zero_()
+    # g is divided by max|g| inside the kernels so that fp16 g * (p - 1[pos]) stays out of the subnormals.
+    g_scale = g.abs().amax().clamp_min(1e-30).reshape(1)
+    bm, bn, bd, warps = _blocks(dim, q.dtype)
+    consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd)
+    fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **consts)
+    n_d = triton.cdiv(dim, bd)
+    if with_dq:
+        _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](
+            dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim, **fixed
+        )
+    args = (dk, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dk.stride(0), m, c, dim, _size_class(m))
+    if _tuned(q):
+        _dk_tuned[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), n_d)](*args, **consts)
+    else:
+        _contrastive_bwd_dk_kernel[(triton.cdiv(c, bn), n_d)](*args, **fixed)
+    return dq, dk
+
+
+@contrastive_bwd.register_fake
+def _(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, lse: Tensor, g: Tensor,
+      with_dq: bool) -> tuple[Tensor, Tensor]:
+    return q.new_empty((q.shape[0] if with_dq else 0, q.shape[1])), torch.empty_like(k)
+
+
 class ContrastiveFunction(torch.autograd.Function):
-    """Triton launchers. forward(q (M, D), k (C, D), pos (M,), excl (M,)) -> per-row loss (M,) fp32."""
+    """forward(q (M, D), k (C, D), pos (M,), excl (M,)) -> per-row loss (M,) fp32, on the Triton ops above."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, pos: Tensor, excl: Tensor) -> Tensor:
         q, k = q.contiguous(), k.contiguous()
         pos, excl = pos.contiguous(), excl.contiguous()
-        (m, dim), c = q.shape, k.shape[0]
-        loss = torch.empty(m, device=q.device, dtype=torch.float32)
-        lse = torch.empty(m, device=q.device, dtype=torch.float32)
-        bm, bn, bd, warps = _blocks(dim, q.dtype)
         # With D in one slice the forward also forms dq for a unit upstream gradient (dq_i scales with g_i), so
         # the backward runs only the dk kernel: 4 tile matmuls per (row, column) tile pair instead of 5.
-        with_dq = ctx.needs_input_grad[0] and dim <= bd
-        dq_unit = torch.empty((m, dim) if with_dq else (1, 1), device=q.device, dtype=torch.float32)
-        if m > 0:
-            args = (loss, lse, dq_unit, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim, _size_class(m))
-            consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd, WITH_DQ=with_dq)
-            if _tuned(q):
-                _fwd_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
-            else:
-                _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                                **consts)
-        ctx.save_for_backward(q, k, pos, excl, lse, dq_unit if with_dq else None)
+        fwd_dq = bool(ctx.needs_input_grad[0]) and q.shape[1] <= 128
+        loss, lse, dq_unit = contrastive_fwd(q, k, pos, excl, fwd_dq)
+        ctx.save_for_backward(q, k, pos, excl, lse, dq_unit)
+        ctx.fwd_dq = fwd_dq
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, pos, excl, lse, dq_unit = ctx.saved_tensors
-        (m, dim), c = q.shape, k.shape[0]
         g = grad.contiguous().float()
-        g_scale = g.abs().amax().clamp_min(1e-30).reshape(1) if m > 0 else g.new_ones(1)
-        dq = (dq_unit * g[:, None]).to(q.dtype) if dq_unit is not None else torch.empty_like(q)
-        dk = torch.empty_like(k)
-        bm, bn, bd, warps = _blocks(dim, q.dtype)
-        consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd)
-        fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **consts)
-        n_d = triton.cdiv(dim, bd)
-        if m > 0 and dq_unit is None:
-            _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](
-                dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim, **fixed
-            )
-        if m > 0:
-            args = (dk, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dk.stride(0), m, c, dim,
-                    _size_class(m))
-            if _tuned(q):
-                _dk_tuned[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), n_d)](*args, **consts)
-            else:
-                _contrastive_bwd_dk_kernel[(triton.cdiv(c, bn), n_d)](*args, **fixed)
-        else:
-            dk.zero_()
+        dq, dk = contrastive_bwd(q, k, pos, excl, lse, g, not ctx.fwd_dq)
+        if ctx.fwd_dq:
+            dq = (dq_unit * g[:, None]).to(q.dtype)
         return dq, dk, None, None
 
 

@@ -243,30 +243,68 @@ def _split(n_rows: int, n_k: int, block_k: int, device: torch.device) -> tuple[i
     return triton.cdiv(n_k, chunk_k), chunk_k
 
 
+# Custom ops around the launches: opaque to torch.compile, which traces DinoLossFunction around them.
+@torch.library.custom_op("ssl_pretrain::dino_fwd", mutates_args=())
+def dino_fwd(s: Tensor, t: Tensor, c: Tensor, w: Tensor, tau_s: float, tau_t: float,
+             diag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton forward. s (S, R, K), t (T, R, K) contiguous, c (K,), w (R,) fp32 -> weighted row losses (R,),
+    teacher logit sum (K,), student and teacher LSEs (S, R), (T, R); all fp32."""
+    (n_s, n_rows, n_k), n_t = s.shape, t.shape[0]
+    dev = s.device
+    bt, brest, bs, bk = _blocks(n_s, n_t, n_k)
+    n_chunks, chunk_k = _split(n_rows, n_k, bk, dev)
+    part_t = torch.empty((4, n_chunks, n_t, n_rows), device=dev, dtype=torch.float32)
+    part_s = torch.empty((2, n_chunks, n_s, n_rows), device=dev, dtype=torch.float32)
+    tsum = torch.zeros(n_k, device=dev, dtype=torch.float32)
+    _dino_fwd_partial_kernel[(n_rows, n_chunks)](
+        part_t, part_s, tsum, s, t, c, w, s.stride(0), s.stride(1), t.stride(0), t.stride(1), n_rows, n_s, n_t, n_k,
+        chunk_k, 1.0 / tau_s, 1.0 / tau_t, DIAG=diag, BLOCK_T=bt, BLOCK_REST=brest, BLOCK_K=bk,
+    )
+    rows = torch.empty(n_rows, device=dev, dtype=torch.float32)
+    lse_s = torch.empty((n_s, n_rows), device=dev, dtype=torch.float32)
+    lse_t = torch.empty((n_t, n_rows), device=dev, dtype=torch.float32)
+    _dino_combine_kernel[(n_rows,)](
+        rows, lse_s, lse_t, part_t, part_s, w, n_rows, n_s, n_t, n_chunks, DIAG=diag, BLOCK_S=bs, BLOCK_T=bt,
+    )
+    return rows, tsum, lse_s, lse_t
+
+
+@dino_fwd.register_fake
+def _(s: Tensor, t: Tensor, c: Tensor, w: Tensor, tau_s: float, tau_t: float,
+      diag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    (n_s, n_rows, n_k), n_t = s.shape, t.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return s.new_empty(n_rows, **f32), s.new_empty(n_k, **f32), s.new_empty((n_s, n_rows), **f32), \
+        s.new_empty((n_t, n_rows), **f32)
+
+
+@torch.library.custom_op("ssl_pretrain::dino_bwd", mutates_args=())
+def dino_bwd(s: Tensor, t: Tensor, c: Tensor, w: Tensor, lse_s: Tensor, lse_t: Tensor, g: Tensor, tau_s: float,
+             tau_t: float, diag: bool) -> Tensor:
+    """Triton backward: the student gradient (S, R, K) in the student's dtype for the upstream scalar g (1,)."""
+    (n_s, n_rows, n_k), n_t = s.shape, t.shape[0]
+    ds = torch.empty_like(s)
+    bt, brest, _, bk = _blocks(n_s, n_t, n_k)
+    _dino_bwd_kernel[(n_rows, triton.cdiv(n_k, bk))](
+        ds, s, t, c, w, lse_s, lse_t, g, s.stride(0), s.stride(1), t.stride(0), t.stride(1), n_rows, n_s, n_t, n_k,
+        1.0 / tau_s, 1.0 / tau_t, DIAG=diag, BLOCK_T=bt, BLOCK_REST=brest, BLOCK_K=bk,
+    )
+    return ds
+
+
+@dino_bwd.register_fake
+def _(s: Tensor, t: Tensor, c: Tensor, w: Tensor, lse_s: Tensor, lse_t: Tensor, g: Tensor, tau_s: float,
+      tau_t: float, diag: bool) -> Tensor:
+    return torch.empty_like(s)
+
+
 class DinoLossFunction(torch.autograd.Function):
-    """Launchers. forward(s (S, R, K), t (T, R, K), c (K,), w (R,), tau_s, tau_t, diag) -> (loss (), tsum (K,))."""
+    """forward(s (S, R, K), t (T, R, K), c (K,), w (R,), tau_s, tau_t, diag) -> (loss (), tsum (K,))."""
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, c: Tensor, w: Tensor, tau_s: float, tau_t: float, diag: bool):
         s, t, c, w = s.contiguous(), t.detach().contiguous(), c.detach().contiguous(), w.contiguous()
-        (n_s, n_rows, n_k), n_t = s.shape, t.shape[0]
-        dev = s.device
-        bt, brest, bs, bk = _blocks(n_s, n_t, n_k)
-        n_chunks, chunk_k = _split(n_rows, n_k, bk, dev)
-        part_t = torch.empty((4, n_chunks, n_t, n_rows), device=dev, dtype=torch.float32)
-        part_s = torch.empty((2, n_chunks, n_s, n_rows), device=dev, dtype=torch.float32)
-        tsum = torch.zeros(n_k, device=dev, dtype=torch.float32)
-        strides = (s.stride(0), s.stride(1), t.stride(0), t.stride(1))
-        _dino_fwd_partial_kernel[(n_rows, n_chunks)](
-            part_t, part_s, tsum, s, t, c, w, *strides, n_rows, n_s, n_t, n_k, chunk_k, 1.0 / tau_s, 1.0 / tau_t,
-            DIAG=diag, BLOCK_T=bt, BLOCK_REST=brest, BLOCK_K=bk,
-        )
-        rows = torch.empty(n_rows, device=dev, dtype=torch.float32)
-        lse_s = torch.empty((n_s, n_rows), device=dev, dtype=torch.float32)
-        lse_t = torch.empty((n_t, n_rows), device=dev, dtype=torch.float32)
-        _dino_combine_kernel[(n_rows,)](
-            rows, lse_s, lse_t, part_t, part_s, w, n_rows, n_s, n_t, n_chunks, DIAG=diag, BLOCK_S=bs, BLOCK_T=bt,
-        )
+        rows, tsum, lse_s, lse_t = dino_fwd(s, t, c, w, tau_s, tau_t, diag)
         ctx.save_for_backward(s, t, c, w, lse_s, lse_t)
         ctx.consts = (tau_s, tau_t, diag)
         ctx.mark_non_differentiable(tsum)
@@ -275,15 +313,7 @@ class DinoLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_tsum: Tensor):
         s, t, c, w, lse_s, lse_t = ctx.saved_tensors
-        tau_s, tau_t, diag = ctx.consts
-        (n_s, n_rows, n_k), n_t = s.shape, t.shape[0]
-        ds = torch.empty_like(s)
-        bt, brest, _, bk = _blocks(n_s, n_t, n_k)
-        _dino_bwd_kernel[(n_rows, triton.cdiv(n_k, bk))](
-            ds, s, t, c, w, lse_s, lse_t, grad.float().reshape(1).contiguous(), s.stride(0), s.stride(1),
-            t.stride(0), t.stride(1), n_rows, n_s, n_t, n_k, 1.0 / tau_s, 1.0 / tau_t, DIAG=diag, BLOCK_T=bt,
-            BLOCK_REST=brest, BLOCK_K=bk,
-        )
+        ds = dino_bwd(s, t, c, w, lse_s, lse_t, grad.float().reshape(1).contiguous(), *ctx.consts)
         return ds, None, None, None, None, None, None
 
 

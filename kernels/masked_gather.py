@@ -94,26 +94,86 @@ def _launch_rows(dst: Tensor, src: Tensor, idx: Tensor, rows_per_batch: int, bat
     )
 
 
+# Custom ops around the launches: opaque to torch.compile, which traces the autograd.Functions around them.
+@torch.library.custom_op("ssl_pretrain::gather_rows", mutates_args=())
+def gather_rows(x: Tensor, ids: Tensor) -> Tensor:
+    """x (B, L, D), ids (B, L_keep) int64, both contiguous -> x[b, ids[b, j]] as (B, L_keep, D)."""
+    (b, _, d), lk = x.shape, ids.shape[1]
+    out = torch.empty((b, lk, d), device=x.device, dtype=x.dtype)
+    _launch_rows(out, x, ids, max(lk, 1), x.stride(0), x.stride(1), scatter=False)
+    return out
+
+
+@gather_rows.register_fake
+def _(x: Tensor, ids: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], ids.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op("ssl_pretrain::scatter_rows", mutates_args=())
+def scatter_rows(grad: Tensor, ids: Tensor, length: int) -> Tensor:
+    """gather_rows' backward: grad (B, L_keep, D) contiguous into zeros (B, length, D) at rows ids."""
+    b, d = grad.shape[0], grad.shape[2]
+    dx = torch.zeros((b, length, d), device=grad.device, dtype=grad.dtype)
+    _launch_rows(dx, grad, ids, max(ids.shape[1], 1), dx.stride(0), dx.stride(1), scatter=True)
+    return dx
+
+
+@scatter_rows.register_fake
+def _(grad: Tensor, ids: Tensor, length: int) -> Tensor:
+    return grad.new_empty((grad.shape[0], length, grad.shape[2]))
+
+
+@torch.library.custom_op("ssl_pretrain::mask_token_fwd", mutates_args=())
+def mask_token_fwd(x: Tensor, flags: Tensor, token: Tensor) -> Tensor:
+    """x (B, L, D) contiguous, flags (B, L) uint8, token (D,) -> x with flagged rows set to token (x's dtype)."""
+    n_rows, dim = x.shape[0] * x.shape[1], x.shape[2]
+    out = torch.empty_like(x)
+    br, bd = _row_blocks(dim)
+    if n_rows and dim:
+        _mask_token_fwd_kernel[(triton.cdiv(n_rows, br), triton.cdiv(dim, bd))](
+            out, x, flags, token, n_rows, dim, BLOCK_R=br, BLOCK_D=bd
+        )
+    return out
+
+
+@mask_token_fwd.register_fake
+def _(x: Tensor, flags: Tensor, token: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("ssl_pretrain::mask_token_bwd", mutates_args=())
+def mask_token_bwd(grad: Tensor, flags: Tensor) -> tuple[Tensor, Tensor]:
+    """grad (B, L, D) contiguous -> (dx: grad with flagged rows zeroed, dtoken (D,) fp32: sum of flagged rows)."""
+    n_rows, dim = grad.shape[0] * grad.shape[1], grad.shape[2]
+    br, bd = _row_blocks(dim)
+    n_prog = triton.cdiv(n_rows, br)
+    dx = torch.empty_like(grad)
+    partial = torch.zeros((n_prog, dim), device=grad.device, dtype=torch.float32)
+    if n_rows and dim:
+        _mask_token_bwd_kernel[(n_prog, triton.cdiv(dim, bd))](dx, partial, grad, flags, n_rows, dim,
+                                                               BLOCK_R=br, BLOCK_D=bd)
+    return dx, partial.sum(0)
+
+
+@mask_token_bwd.register_fake
+def _(grad: Tensor, flags: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(grad), grad.new_empty(grad.shape[2], dtype=torch.float32)
+
+
 class MaskedGatherFunction(torch.autograd.Function):
     """x (B, L, D), ids_keep (B, L_keep) int64 -> (B, L_keep, D); backward scatters into zeros."""
 
     @staticmethod
     def forward(ctx, x: Tensor, ids_keep: Tensor) -> Tensor:
-        x = x.contiguous()
         ids = ids_keep.contiguous()
-        (b, _, d), lk = x.shape, ids.shape[1]
-        out = torch.empty((b, lk, d), device=x.device, dtype=x.dtype)
-        _launch_rows(out, x, ids, max(lk, 1), x.stride(0), x.stride(1), scatter=False)
         ctx.save_for_backward(ids)
-        ctx.x_shape = x.shape
-        return out
+        ctx.length = x.shape[1]
+        return gather_rows(x.contiguous(), ids)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
-        dx = torch.zeros(ctx.x_shape, device=grad.device, dtype=grad.dtype)
-        _launch_rows(dx, grad.contiguous(), ids, max(ids.shape[1], 1), dx.stride(0), dx.stride(1), scatter=True)
-        return dx, None
+        return scatter_rows(grad.contiguous(), ids, ctx.length), None
 
 
 class MaskTokenReplaceFunction(torch.autograd.Function):
@@ -121,32 +181,16 @@ class MaskTokenReplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
-        x = x.contiguous()
         flags = mask.contiguous().view(torch.uint8)
-        n_rows, dim = x.shape[0] * x.shape[1], x.shape[2]
-        out = torch.empty_like(x)
-        br, bd = _row_blocks(dim)
-        if n_rows and dim:
-            _mask_token_fwd_kernel[(triton.cdiv(n_rows, br), triton.cdiv(dim, bd))](
-                out, x, flags, mask_token.contiguous(), n_rows, dim, BLOCK_R=br, BLOCK_D=bd
-            )
         ctx.save_for_backward(flags)
         ctx.tok_dtype = mask_token.dtype
-        return out
+        return mask_token_fwd(x.contiguous(), flags, mask_token.contiguous())
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (flags,) = ctx.saved_tensors
-        g = grad.contiguous()
-        n_rows, dim = g.shape[0] * g.shape[1], g.shape[2]
-        br, bd = _row_blocks(dim)
-        n_prog = triton.cdiv(n_rows, br)
-        dx = torch.empty_like(g)
-        partial = torch.zeros((n_prog, dim), device=g.device, dtype=torch.float32)
-        if n_rows and dim:
-            _mask_token_bwd_kernel[(n_prog, triton.cdiv(dim, bd))](dx, partial, g, flags, n_rows, dim,
-                                                                   BLOCK_R=br, BLOCK_D=bd)
-        return dx, None, partial.sum(0).to(ctx.tok_dtype)
+        dx, dtok = mask_token_bwd(grad.contiguous(), flags)
+        return dx, None, dtok.to(ctx.tok_dtype)
 
 
 # -------------------------------------------------------------------------------------------- public functions
@@ -157,8 +201,10 @@ def _check_ids(x: Tensor, ids_keep: Tensor) -> None:
                          f"{tuple(ids_keep.shape)}")
     if ids_keep.device != x.device:
         raise ValueError(f"ids_keep on {ids_keep.device} but x on {x.device}")
-    # A value check needs a host sync on CUDA; do it where it is free (CPU) and document the contract otherwise.
-    if not ids_keep.is_cuda and ids_keep.numel() and not 0 <= int(ids_keep.min()) <= int(ids_keep.max()) < x.shape[1]:
+    # A value check needs a host sync on CUDA (and breaks a compiled graph); do it where it is free (eager, CPU)
+    # and document the contract otherwise.
+    checkable = not ids_keep.is_cuda and not torch.compiler.is_compiling() and ids_keep.numel() > 0
+    if checkable and not 0 <= int(ids_keep.min()) <= int(ids_keep.max()) < x.shape[1]:
         raise ValueError(f"ids_keep values must lie in [0, L={x.shape[1]})")
 
 
