@@ -38,9 +38,10 @@ def _cases() -> list[tuple]:
     def typed(sig: dict, dt: str) -> dict:
         return {k: v.format(dt=dt) for k, v in sig.items()}
 
-    # The default (untuned) launches: bf16 with D in one slice and in slices, exact fp32.
+    # The default (untuned) launches: bf16 with D in one slice (D = 128) and in slices (D = 256), exact fp32.
     for dt, prec, single in (("bf16", "tf32", True), ("bf16", "tf32", False), ("fp32", "ieee", True)):
-        bm, bn, bd, warps = contrastive._blocks(128, torch.float32 if dt == "fp32" else torch.bfloat16)
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        bm, bn, bd, warps = contrastive._blocks(128 if single else 256, dtype)
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=single)
         out.append((contrastive._contrastive_fwd_kernel, typed(fwd_sig, dt), dict(c, WITH_DQ=single),
                     dict(num_warps=warps)))

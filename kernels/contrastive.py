@@ -12,6 +12,9 @@ Three implementations with one contract (per-row fp32 loss, gradients to q and k
   log-sum-exp; when D fits one tile (<= 128) it also accumulates dq for a unit upstream gradient the way attention
   accumulates its output. The backward recomputes the logit tiles from the LSE: one kernel for dk over column
   tiles (and, for D > 128, one for dq over row tiles); no atomics, deterministic. Memory O((M + C) D).
+  Per-logit work is kept to the matmul, one FMA + exp2 and the row sums: the positive/excluded-column masks run
+  only on the few column tiles that hold a row tile's positives or excluded columns, and the forward's running max
+  is raised lazily (RESCALE_SLACK), so most tiles skip rescaling. On CUDA, fp16/bf16 blocks are autotuned.
 - "chunked": pure PyTorch, rows in chunks of about `chunk_elems / C`; gradients for a uniform upstream gradient
   (mean/sum losses) are formed in the forward while each chunk's softmax is at hand (Liger-Kernel style), any other
   upstream gradient recomputes chunks from the saved LSE. What CPU training runs use. Memory O((M + C) D + chunk).
@@ -29,6 +32,12 @@ from torch import Tensor
 from kernels.utils import AUTOTUNE, INTERPRET, check_float, dot_precision, fp32_loss, next_pow2, resolve_impl
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32 logits per chunk
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e): one FMA and the hardware's exp2 per logit
+# Lazy rescaling (as in FlashAttention-4): the forward's running max is raised only when a tile's max exceeds it
+# by more than this (natural log units), so most tiles skip rescaling the sum and the (BLOCK_M, D) dq accumulator;
+# exp(s - stale max) <= e^5.5 ~ 245 stays well inside fp32 (and bf16, for the p @ k product). Exact: the same max is
+# used for the sum and the accumulator.
+RESCALE_SLACK = tl.constexpr(5.5)
 
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
@@ -65,6 +74,23 @@ def _load_rows(ptr, r0, n, row_stride, d, dim, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _special_ranges(pos, excl, row_ok):
+    """Smallest and largest positive column and excluded column of a row tile (lo > hi when none)."""
+    big = 2147483647
+    has_excl = row_ok & (excl >= 0)
+    return (tl.min(tl.where(row_ok, pos, big), axis=0), tl.max(tl.where(row_ok, pos, -1), axis=0),
+            tl.min(tl.where(has_excl, excl, big), axis=0), tl.max(tl.where(has_excl, excl, -1), axis=0))
+
+
+@triton.jit
+def _meets(c0, BLOCK: tl.constexpr, p_lo, p_hi, e_lo, e_hi):
+    """Does the column tile [c0, c0 + BLOCK) hold a positive or an excluded column of the row tile? Only such
+    tiles (a few per row tile: NT-Xent's diagonal and its +-N partner) pay for the per-element column masks."""
+    c1 = c0 + BLOCK
+    return ((c0 <= p_hi) & (c1 > p_lo)) | ((c0 <= e_hi) & (c1 > e_lo))
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     loss_ptr, lse_ptr, dqu_ptr,                 # outputs: (M,) fp32 x2; (M, D) fp32 when WITH_DQ
     q_ptr, k_ptr, pos_ptr, excl_ptr,            # inputs
@@ -88,24 +114,30 @@ def _contrastive_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if SINGLE_D:  # D fits one slice: the query tile stays in registers, one pipelined load per column tile
         q = _load_rows(q_ptr, m0, n_rows, q_row_stride, d, dim, BLOCK_M)
+    p_lo, p_hi, e_lo, e_hi = _special_ranges(pos, excl, row_ok)
     for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
         if SINGLE_D:
             kt = _load_rows(k_ptr, n0, n_cols, k_row_stride, d, dim, BLOCK_N)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
         else:
             s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
                              BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
-        s = tl.where(col_ok[None, :] & (cols[None, :] != excl[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(s - m_new[:, None])
-        s_sum = s_sum * alpha + tl.sum(e, axis=1)
+        if _meets(n0, BLOCK_N, p_lo, p_hi, e_lo, e_hi) | (n0 + BLOCK_N > n_cols):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
+            s = tl.where((cols[None, :] < n_cols) & (cols[None, :] != excl[:, None]), s, float("-inf"))
+        m_tile = tl.max(s, axis=1)
+        if tl.max(m_tile - m, axis=0) > RESCALE_SLACK:
+            m_new = tl.maximum(m, m_tile)
+            alpha = tl.exp2((m - m_new) * LOG2E)
+            s_sum = s_sum * alpha
+            if WITH_DQ:
+                acc = acc * alpha[:, None]
+            m = m_new
+        e = tl.exp2(s * LOG2E - (m * LOG2E)[:, None])
+        s_sum += tl.sum(e, axis=1)
         if WITH_DQ:
-            acc = acc * alpha[:, None] + tl.dot(e.to(kt.dtype), kt, input_precision=DOT_PRECISION)
-        m = m_new
+            acc = tl.dot(e.to(kt.dtype), kt, acc, input_precision=DOT_PRECISION)
     lse = m + tl.log(s_sum)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(loss_ptr + rows, lse - pos_logit, mask=row_ok)
@@ -142,18 +174,21 @@ def _contrastive_bwd_dq_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if SINGLE_D:
         q = _load_rows(q_ptr, m0, n_rows, q_row_stride, d_out, dim, BLOCK_M)
+    lse2 = lse * LOG2E
+    p_lo, p_hi, e_lo, e_hi = _special_ranges(pos, excl, row_ok)
+    # Columns past n_cols need no mask here: their key rows load as zeros, so they add nothing to ds @ k.
     for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
         kd = _load_rows(k_ptr, n0, n_cols, k_row_stride, d_out, dim, BLOCK_N)
         if SINGLE_D:  # the key tile serves both the logits and the dq product
             s = tl.dot(q, tl.trans(kd), input_precision=DOT_PRECISION)
         else:
             s = _logits_tile(q_ptr, k_ptr, m0, n0, n_rows, n_cols, q_row_stride, k_row_stride, dim,
                              BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        valid = col_ok[None, :] & (cols[None, :] != excl[:, None])
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        ds = g[:, None] * (p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0))
+        p = tl.exp2(s * LOG2E - lse2[:, None])
+        if _meets(n0, BLOCK_N, p_lo, p_hi, e_lo, e_hi):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            p = tl.where(cols[None, :] != excl[:, None], p, 0.0) - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0)
+        ds = g[:, None] * p
         acc = tl.dot(ds.to(kd.dtype), kd, acc, input_precision=DOT_PRECISION)
     acc = acc * g_scale
     dq_blk = dq_ptr + m0.to(tl.int64) * dq_row_stride
@@ -193,9 +228,12 @@ def _contrastive_bwd_dk_kernel(
         else:
             s_t = _logits_tile(k_ptr, q_ptr, n0, m0, n_cols, n_rows, k_row_stride, q_row_stride, dim,
                                BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
-        valid = row_ok[None, :] & (cols[:, None] != excl[None, :])
-        p_t = tl.where(valid, tl.exp(s_t - lse[None, :]), 0.0)
-        ds_t = g[None, :] * (p_t - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0))
+        # Rows past n_rows need no mask: their g is 0 (and their zero query rows add nothing to ds^T @ q).
+        p_t = tl.exp2(s_t * LOG2E - (lse * LOG2E)[None, :])
+        p_lo, p_hi, e_lo, e_hi = _special_ranges(pos, excl, row_ok)
+        if _meets(n0, BLOCK_N, p_lo, p_hi, e_lo, e_hi):
+            p_t = tl.where(cols[:, None] != excl[None, :], p_t, 0.0) - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0)
+        ds_t = g[None, :] * p_t
         acc = tl.dot(ds_t.to(qd.dtype), qd, acc, input_precision=DOT_PRECISION)
     acc = acc * g_scale
     dk_blk = dk_ptr + n0.to(tl.int64) * dk_row_stride
@@ -207,13 +245,16 @@ def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the untuned launches; D in slices of at most 128 (tl.dot needs
     >= 16).
 
-    Chosen by compiling for sm_90 with Triton's bundled ptxas (`python -m kernels.aot_check`): with D <= 128 in one
-    slice, fp16/bf16 64x64 tiles on 8 warps use 235 / 189 / 255 registers (fwd+dq / dq / dk) with at most 16 bytes
-    of stack; exact-fp32 dots (FMA, not tensor cores) need 32x32 tiles on 8 warps: 155 / 124 registers (fwd+dq /
-    dk) and no stack, where 4 warps spilled 880 bytes in the forward. For D > 128 the logits are reduced over
-    slices and the backward grid also splits D (recomputing the logits once per slice)."""
+    Chosen by compiling for sm_90 with Triton's bundled ptxas (`python -m kernels.aot_check`, report in
+    benchmarks/results/aot_sm90.txt), not by timing, to avoid register spills: fp16/bf16 with D <= 128 in one slice,
+    64x64 tiles on 8 warps (fwd+dq / dq / dk: 235 / 178 / 218 registers, no stack); with D > 128 in slices, 64x32
+    (64x64 spilled 160 bytes in dk); exact-fp32 dots (FMA, not tensor cores), 32x32 on 8 warps (4 warps spilled
+    880 bytes). For D > 128 the logits are reduced over slices and the backward grid also splits D (recomputing the
+    logits once per slice)."""
     block_d = max(16, next_pow2(dim)) if dim <= 128 else 128
-    return (32, 32, block_d, 8) if dtype == torch.float32 else (64, 64, block_d, 8)
+    if dtype == torch.float32:
+        return 32, 32, block_d, 8
+    return (64, 64, block_d, 8) if dim <= 128 else (64, 32, block_d, 8)
 
 
 # Autotuned on CUDA for the training case (fp16/bf16, D <= 128 in one slice): (BLOCK_M, BLOCK_N, warps, stages).
