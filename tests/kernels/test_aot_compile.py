@@ -21,4 +21,4 @@ def test_all_kernels_compile_to_sm90_cubin():
     p = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--arch", "90"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("ok sm_90") == len(_cases()) >= 26, p.stdout
+    assert p.stdout.count("ok sm_90") == len(_cases()) >= 20, p.stdout
