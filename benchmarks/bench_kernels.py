@@ -333,6 +333,21 @@ def _append_csv(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
+def load_rows(path: Path) -> list[dict]:
+    """The rows of the latest run (newest time_utc) in a CSV this script wrote, numbers as floats."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    latest = max(r["time_utc"] for r in rows)
+    out = []
+    for r in (r for r in rows if r["time_utc"] == latest):
+        for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "graph_ms", "peak_mem_mb", "gbps"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+        out.append(r)
+    return out
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -437,10 +452,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="timing budget per mode (default 2 cpu, 0.5 cuda)")
     ap.add_argument("--case-timeout-s", type=float, default=900.0, help="cpu: kill a provider's subprocess after")
     ap.add_argument("--out", default=None, help="CSV to append to (default benchmarks/results/kernels_<dev>.csv)")
+    ap.add_argument("--report", default=None, metavar="CSV",
+                    help="print the table and target lines of the latest run in CSV (e.g. one cut short by a timeout)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args.worker)
+        return 0
+    if args.report:
+        rows = load_rows(Path(args.report))
+        print("\n".join(print_table(rows)))
+        tags = {r.get("target") for r in rows}
+        if tags & {"ntxent_speed", "ntxent_memory", "dino_speed", "gather"}:
+            print("\n".join(gpu_targets(rows)))
+        if cpu_target(rows):
+            print(cpu_target(rows))
         return 0
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.smoke:

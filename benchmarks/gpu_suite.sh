@@ -39,8 +39,11 @@ echo
 echo "== summary ($(head -n 2 "$DEST/gpu_info.txt" | tail -n 1))"
 # The bench's table: from its header line to the end (targets included).
 sed -n '/^op  *shape/,$p' "$DEST/kernels_gpu_bench.txt"
-[ "$rc_bench" -ne 0 ] && echo "bench exited with rc=$rc_bench (124 = timeout; rows so far are in kernels_gpu.csv)" \
-  && tail -n 5 "$DEST/kernels_gpu_bench.txt"
+if [ "$rc_bench" -ne 0 ]; then
+  echo "bench exited with rc=$rc_bench (124 = timeout); its last lines, then the rows it measured:"
+  tail -n 5 "$DEST/kernels_gpu_bench.txt"
+  "$PY" benchmarks/bench_kernels.py --report "$DEST/kernels_gpu.csv"
+fi
 if [ "$rc_tests" -eq 0 ]; then tests_status=PASS; else tests_status="FAIL (rc=$rc_tests)"; fi
 echo "TARGET kernel tests on GPU: $(tail -n 1 "$DEST/kernels_gpu_pytest.txt") -> $tests_status"
 echo "TARGET suite time: tests $((t1 - t0)) s + bench $((t2 - t1)) s = $((t2 - t0)) s (< 480 s) -> \

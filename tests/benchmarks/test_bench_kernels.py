@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_smoke_run_reports_every_provider_and_target(tmp_path):
-    """--smoke measures eager/chunked/triton/copy rows without errors and prints all five target lines."""
+    """--smoke measures eager/chunked/triton/copy rows without errors and prints all five target lines; --report
+    prints the same lines from its CSV."""
     out = tmp_path / "k.csv"
     p = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--smoke", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -23,6 +24,10 @@ def test_smoke_run_reports_every_provider_and_target(tmp_path):
     assert all(float(r["fwdbwd_ms"] or r["fwd_ms"]) > 0 for r in rows)
     targets = [ln for ln in p.stdout.splitlines() if ln.startswith("TARGET ")]
     assert len(targets) == 5 and not [t for t in targets if "MISSING" in t], targets
+    # --report rebuilds the same target lines from the CSV (what gpu_suite.sh prints after a timed-out run)
+    report = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--report", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert [ln for ln in report.stdout.splitlines() if ln.startswith("TARGET ")] == targets
 
 
 def test_csv_with_older_columns_is_rewritten_under_the_current_header(tmp_path):
