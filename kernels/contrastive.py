@@ -32,6 +32,7 @@ from torch import Tensor
 from kernels.utils import AUTOTUNE, INTERPRET, check_float, dot_precision, fp32_loss, next_pow2, resolve_impl
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32 logits per chunk
+MAX_SINGLE_D = 128  # D up to this is one tl.dot slice: the query tile stays in registers, the forward forms dq
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e): one FMA and the hardware's exp2 per logit
 # Lazy rescaling (as in FlashAttention-4): the forward's running max is raised only when a tile's max exceeds it
 # by more than this (natural log units), so most tiles skip rescaling the sum and the (BLOCK_M, D) dq accumulator;
@@ -251,17 +252,18 @@ def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     (64x64 spilled 160 bytes in dk); exact-fp32 dots (FMA, not tensor cores), 32x32 on 8 warps (4 warps spilled
     880 bytes). For D > 128 the logits are reduced over slices and the backward grid also splits D (recomputing the
     logits once per slice)."""
-    block_d = max(16, next_pow2(dim)) if dim <= 128 else 128
+    single = dim <= MAX_SINGLE_D
+    block_d = max(16, next_pow2(dim)) if single else MAX_SINGLE_D
     if dtype == torch.float32:
         return 32, 32, block_d, 8
-    return (64, 64, block_d, 8) if dim <= 128 else (64, 32, block_d, 8)
+    return (64, 64, block_d, 8) if single else (64, 32, block_d, 8)
 
 
 # Autotuned on CUDA for the training case (fp16/bf16, D <= 128 in one slice): (BLOCK_M, BLOCK_N, warps, stages).
 # Candidates are the sm_90 compiles with little or no spilling (kernels/aot_check.py prints them), plus
-# FlashAttention's 128x64 tile; the first of each list is the untuned default. Kept short: each candidate costs a
-# compile and a timing at the first step of each (D, size class). Tuned once per (D, size class,
-# dtype): a training run pays it at its first step, on whatever GPU it runs on.
+# FlashAttention's 128x64 tile; the first of each list is the untuned default. Tuned once per (D, size class,
+# dtype): a training run pays a compile and a timing per candidate at its first step, on whatever GPU it runs on,
+# so the lists stay short.
 FWD_TUNE = [(64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
 DK_TUNE = [(64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 32, 8, 3)]
 
@@ -285,14 +287,14 @@ def tuning_report() -> list[str]:
 
 
 def _size_class(n: int) -> int:
-    """Tuning bucket of a row/column count: one per factor of 4, all sizes from 2^16 up sharing the last (a
-    2N = 1,048,576 run reuses the 65,536 tuning instead of timing five 1-second configurations)."""
+    """Tuning bucket of a row count: one per factor of 4, all sizes from 2^16 up sharing the last (a 2N = 1,048,576
+    run reuses the 65,536 tuning instead of timing each candidate for seconds)."""
     return min(max(int(n), 1).bit_length() // 2, 8)
 
 
 def _tuned(q: Tensor) -> bool:
     """Autotune only compiled 16-bit launches with D in one slice; everything else runs the default blocks."""
-    return AUTOTUNE and q.is_cuda and not INTERPRET and q.dtype != torch.float32 and q.shape[1] <= 128
+    return AUTOTUNE and q.is_cuda and not INTERPRET and q.dtype != torch.float32 and q.shape[1] <= MAX_SINGLE_D
 
 
 # The launches are custom ops: opaque to torch.compile (which traces the autograd.Function around them and uses
@@ -300,7 +302,8 @@ def _tuned(q: Tensor) -> bool:
 @torch.library.custom_op("ssl_pretrain::contrastive_fwd", mutates_args=())
 def contrastive_fwd(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, with_dq: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Triton forward of the row losses. q (M, D), k (C, D) contiguous -> loss (M,), lse (M,) fp32 and, when
-    with_dq (needs D <= 128), dq_unit (M, D) fp32: the query gradient for a unit upstream gradient; else (0, D)."""
+    with_dq (needs D <= MAX_SINGLE_D), dq_unit (M, D) fp32: the query gradient for a unit upstream gradient;
+    else an empty (0, D)."""
     (m, dim), c = q.shape, k.shape[0]
     loss = torch.empty(m, device=q.device, dtype=torch.float32)
     lse = torch.empty(m, device=q.device, dtype=torch.float32)
@@ -365,7 +368,7 @@ class ContrastiveFunction(torch.autograd.Function):
         pos, excl = pos.contiguous(), excl.contiguous()
         # With D in one slice the forward also forms dq for a unit upstream gradient (dq_i scales with g_i), so
         # the backward runs only the dk kernel: 4 tile matmuls per (row, column) tile pair instead of 5.
-        fwd_dq = bool(ctx.needs_input_grad[0]) and q.shape[1] <= 128
+        fwd_dq = bool(ctx.needs_input_grad[0]) and q.shape[1] <= MAX_SINGLE_D
         loss, lse, dq_unit = contrastive_fwd(q, k, pos, excl, fwd_dq)
         ctx.save_for_backward(q, k, pos, excl, lse, dq_unit)
         ctx.fwd_dq = fwd_dq
