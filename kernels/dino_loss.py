@@ -6,7 +6,7 @@ log-probabilities log p_j = s_j / tau_s - lse_j. Since sum_k q_ik = 1,
     -sum_k q_ik log p_jk = lse_j - q_i . s_j / tau_s
 
 so the loss needs per-view log-sum-exps and dot products with q_i. Both come from ONE read of the logits: the
-dot products are accumulated against exp(z_i - running max) and rescaled with the running sum, as attention
+dot products are accumulated against exp(z_i - running max), rescaled whenever the max rises, as attention
 accumulates its output, and K is split into chunks across programs (flash-decoding's split-K) whose partial
 (max, sum, dot) triples a small combine kernel merges. No (views, B, K) softmax is ever stored. The backward to the
 student is elementwise given the saved LSEs:
