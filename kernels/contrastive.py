@@ -92,6 +92,19 @@ def _meets(c0, BLOCK: tl.constexpr, p_lo, p_hi, e_lo, e_hi):
 
 
 @triton.jit
+def _bwd_rows(pos_ptr, excl_ptr, lse_ptr, g_ptr, g_scale, r0, n_rows, BLOCK_M: tl.constexpr):
+    """The backward's per-row inputs of rows r0.. : (pos, excl, lse in log2 units, g / g_scale (0 past n_rows),
+    row_ok). g arrives divided by max|g| (g_scale) so that fp16 ds = g * (p - 1[pos]) stays out of the subnormals."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
+    return pos, excl, lse2, g, row_ok
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     loss_ptr, lse_ptr, dqu_ptr,                 # outputs: (M,) fp32 x2; (M, D) fp32 when WITH_DQ
     q_ptr, k_ptr, pos_ptr, excl_ptr,            # inputs
@@ -162,20 +175,13 @@ def _contrastive_bwd_dq_kernel(
 ):
     """dq_i = g_i * sum_j (p_ij - [j == pos_i]) k_j; grid (row tiles, D slices)."""
     m0 = tl.program_id(0) * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
     d_out = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d_out < dim
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    # g arrives divided by max|g| (g_scale) so that fp16 ds = g * (p - 1[pos]) stays out of the subnormals.
     g_scale = tl.load(g_scale_ptr)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
+    pos, excl, lse2, g, row_ok = _bwd_rows(pos_ptr, excl_ptr, lse_ptr, g_ptr, g_scale, m0, n_rows, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if SINGLE_D:
         q = _load_rows(q_ptr, m0, n_rows, q_row_stride, d_out, dim, BLOCK_M)
-    lse2 = lse * LOG2E
     p_lo, p_hi, e_lo, e_hi = _special_ranges(pos, excl, row_ok)
     # Columns past n_cols need no mask here: their key rows load as zeros, so they add nothing to ds @ k.
     for n0 in range(0, n_cols, BLOCK_N):
@@ -217,12 +223,7 @@ def _contrastive_bwd_dk_kernel(
     if SINGLE_D:
         kd = _load_rows(k_ptr, n0, n_cols, k_row_stride, d_out, dim, BLOCK_N)
     for m0 in range(0, n_rows, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-        excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / g_scale
+        pos, excl, lse2, g, row_ok = _bwd_rows(pos_ptr, excl_ptr, lse_ptr, g_ptr, g_scale, m0, n_rows, BLOCK_M)
         qd = _load_rows(q_ptr, m0, n_rows, q_row_stride, d_out, dim, BLOCK_M)
         if SINGLE_D:  # (BLOCK_N, BLOCK_M) = logits.T; the query tile serves both products
             s_t = tl.dot(kd, tl.trans(qd), input_precision=DOT_PRECISION)
@@ -230,7 +231,7 @@ def _contrastive_bwd_dk_kernel(
             s_t = _logits_tile(k_ptr, q_ptr, n0, m0, n_cols, n_rows, k_row_stride, q_row_stride, dim,
                                BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
         # Rows past n_rows need no mask: their g is 0 (and their zero query rows add nothing to ds^T @ q).
-        p_t = tl.exp2(s_t * LOG2E - (lse * LOG2E)[None, :])
+        p_t = tl.exp2(s_t * LOG2E - lse2[None, :])
         p_lo, p_hi, e_lo, e_hi = _special_ranges(pos, excl, row_ok)
         if _meets(n0, BLOCK_N, p_lo, p_hi, e_lo, e_hi):
             p_t = tl.where(cols[:, None] != excl[None, :], p_t, 0.0) - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0)
