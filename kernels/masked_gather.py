@@ -40,18 +40,24 @@ def _gather_rows_fwd_kernel(
 
 
 @triton.jit
+def _flagged_tile(mask_ptr, n_rows, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (BLOCK_R, BLOCK_D) tile of a contiguous (n_rows, dim) tensor: (columns d, d_ok, element mask,
+    element offsets, per-row mask flag)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < n_rows
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < dim
+    flag = tl.load(mask_ptr + r, mask=r_ok, other=0) != 0
+    return d, d_ok, r_ok[:, None] & d_ok[None, :], r.to(tl.int64)[:, None] * dim + d[None, :], flag
+
+
+@triton.jit
 def _mask_token_fwd_kernel(
     out_ptr, x_ptr, mask_ptr, tok_ptr, n_rows, dim,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[r] = tok if mask[r] else x[r]; x, out (n_rows, dim) contiguous, mask (n_rows,) uint8."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < dim
-    m = r_ok[:, None] & d_ok[None, :]
-    off = r.to(tl.int64)[:, None] * dim + d[None, :]
-    flag = tl.load(mask_ptr + r, mask=r_ok, other=0) != 0
+    d, d_ok, m, off, flag = _flagged_tile(mask_ptr, n_rows, dim, BLOCK_R, BLOCK_D)
     tok = tl.load(tok_ptr + d, mask=d_ok, other=0.0).to(out_ptr.dtype.element_ty)
     x = tl.load(x_ptr + off, mask=m & ~flag[:, None], other=0.0)
     tl.store(out_ptr + off, tl.where(flag[:, None], tok[None, :], x), mask=m)
@@ -63,13 +69,7 @@ def _mask_token_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx[r] = 0 if mask[r] else g[r]; dtok_partial[program, :] = sum of g over this tile's masked rows (fp32)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < dim
-    m = r_ok[:, None] & d_ok[None, :]
-    off = r.to(tl.int64)[:, None] * dim + d[None, :]
-    flag = tl.load(mask_ptr + r, mask=r_ok, other=0) != 0
+    d, d_ok, m, off, flag = _flagged_tile(mask_ptr, n_rows, dim, BLOCK_R, BLOCK_D)
     g = tl.load(g_ptr + off, mask=m, other=0.0)
     tl.store(dx_ptr + off, tl.where(flag[:, None], 0.0, g).to(dx_ptr.dtype.element_ty), mask=m)
     part = tl.sum(tl.where(flag[:, None], g.to(tl.float32), 0.0), axis=0)
