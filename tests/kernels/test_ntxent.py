@@ -183,3 +183,33 @@ def test_correlated_views_jump_the_running_max(dtype, tau, device):
         for o, a, b in zip(out, r32, r16):
             assert torch.isfinite(o).all()
             assert_lowp_close(o, a, b, atol=1e-4)
+
+
+def test_autotuned_launch_times_candidates_and_keeps_the_fastest(device, monkeypatch):
+    """Through the autotuner (its timer replaced by a fixed table: the CPU has no GPU timer), each candidate runs,
+    the fastest is kept per (D, size class) and reported, and the result still matches the reference."""
+    timings = iter([3.0, 1.0, 2.0, 4.0] * 4)  # the second candidate "wins" for both kernels
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        t = next(timings)
+        return [t, t, t]
+
+    monkeypatch.setattr(contrastive, "_tuned", lambda q: True)
+    for tuner in (contrastive._fwd_tuned, contrastive._dk_tuned):
+        monkeypatch.setattr(tuner, "_do_bench", fake_bench)
+        monkeypatch.setattr(tuner, "cache", {})
+    z0, z1 = _views(100, 32, torch.float16, device, seed=4)
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="triton"), z0, z1, None)
+    r32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, None)
+    r16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, None)
+    for o, a, b in zip(out, r32, r16):
+        assert_lowp_close(o, a, b, atol=1e-4)
+    report = contrastive.tuning_report()
+    fwd_bm, fwd_bn = contrastive.FWD_TUNE[1][:2]
+    dk_bm, dk_bn = contrastive.DK_TUNE[1][:2]
+    assert len(report) == 2, report
+    assert report[0].startswith(f"fwd (32, {contrastive._size_class(200)}, True") and \
+        f"BLOCK_M={fwd_bm},BLOCK_N={fwd_bn}" in report[0], report
+    assert report[1].startswith(f"dk (32, {contrastive._size_class(200)}") and \
+        f"BLOCK_M={dk_bm},BLOCK_N={dk_bn}" in report[1], report
