@@ -438,6 +438,18 @@ def gpu_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+GPU_TARGETS = {"ntxent_speed", "ntxent_memory", "dino_speed", "gather"}
+
+
+def report(rows: list[dict]) -> list[str]:
+    """The table, then the target lines of the targets these rows' cases are tagged with (GPU and/or CPU)."""
+    lines = print_table(rows)
+    if GPU_TARGETS & {r.get("target") for r in rows}:
+        lines += gpu_targets(rows)
+    target = cpu_target(rows)
+    return lines + ([target] if target else [])
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -460,13 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args.worker)
         return 0
     if args.report:
-        rows = load_rows(Path(args.report))
-        print("\n".join(print_table(rows)))
-        tags = {r.get("target") for r in rows}
-        if tags & {"ntxent_speed", "ntxent_memory", "dino_speed", "gather"}:
-            print("\n".join(gpu_targets(rows)))
-        if cpu_target(rows):
-            print(cpu_target(rows))
+        print("\n".join(report(load_rows(Path(args.report)))))
         return 0
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.smoke:
@@ -520,16 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# appended {len(rows)} rows to {out}")
     for line in tuning_report():
         print(f"# autotuned contrastive {line}")
-    print("\n".join(print_table(rows)))
-    if device == "cpu" and not args.smoke:
-        target = cpu_target(rows)
-        if target:
-            print(target)
-    else:
-        if args.smoke:
-            print("# smoke run: interpreted Triton on tiny shapes; the TARGET lines below show the report is complete, "
-                  "their values mean nothing")
-        print("\n".join(gpu_targets(rows)))
+    if args.smoke:
+        print("# smoke run: interpreted Triton on tiny shapes; the TARGET lines below show the report is complete, "
+              "their values mean nothing")
+    print("\n".join(report(rows)))
     errors = [r for r in rows if str(r.get("note", "")).startswith(("error", "not run"))]
     return 1 if errors else 0
 
