@@ -9,6 +9,10 @@ recipe disables it (``AugmentConfig.enabled_ops``).
 ``device="cuda"``: decoders run with ``device="mixed"`` and every op on the GPU of ``device_id``; ``device="cpu"``: the
 same graph on CPU threads with ``device_id=None``.
 
+The pipeline is built with DALI checkpointing on: ``DaliAugmenter.state_dict()`` captures every random generator of
+the graph (a few KB), and an augmenter built from that state draws exactly what the saved one would have drawn next,
+which is how a resumed run augments its remaining batches as the interrupted run would have.
+
 A batch that DALI fails to decode raises ``CorruptBatch`` with the indices of the bad samples, found by decoding each
 sample with PIL (and, if PIL accepts them all, by running each sample alone through DALI). The caller drops them and
 retries; the happy path does no extra checking.
@@ -87,8 +91,12 @@ def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean
 
 
 def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
-                   device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0):
-    """A built DALI pipeline: input ``"encoded"`` (list of 1-D uint8 arrays), outputs ``num_views`` x (B, C, S, S)."""
+                   device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0,
+                   checkpoint: bytes | None = None):
+    """A built DALI pipeline: input ``"encoded"`` (list of 1-D uint8 arrays), outputs ``num_views`` x (B, C, S, S).
+
+    ``checkpoint``: a ``pipe.checkpoint()`` of a pipeline built with the same arguments; its random state is restored.
+    """
     if channels not in (1, 3):
         raise ValueError(f"channels: must be 1 or 3, got {channels}")
     if device not in ("cpu", "cuda"):
@@ -97,7 +105,7 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
     ops = set(aug.enabled_ops(channels))
     gpu = device == "cuda"
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
@@ -107,7 +115,7 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
 
     # prefetch 1: run() returns the batch just fed, so a decode error belongs to a known list of samples.
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
-                 seed=seed, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+                 seed=seed, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False, checkpoint=checkpoint)
     pipe.build()
     return pipe
 
@@ -128,19 +136,32 @@ class DaliAugmenter:
 
     A failed ``run()`` can leave a DALI pipeline unusable ("Current pipeline object is no longer valid"), so after any
     error the pipeline is rebuilt, with a new seed so the augmentation stream does not replay.
+
+    ``state``: a :meth:`state_dict` of an augmenter built with the same arguments; this one continues its random
+    stream (and its rebuild count, so a later rebuild draws the same seed).
     """
 
     def __init__(self, aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
-                 device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0):
+                 device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0,
+                 state: dict | None = None):
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
         self._kw = dict(batch_size=batch_size, image_size=image_size, channels=channels, num_views=num_views,
                         device=device, device_id=device_id, num_threads=num_threads)
-        self._aug, self._seed, self.rebuilds = aug, seed, 0
-        self.pipe = build_pipeline(aug, seed=seed, **self._kw)
+        self._aug, self._seed = aug, seed
+        self.rebuilds = int(state["rebuilds"]) if state else 0
+        self.pipe = build_pipeline(aug, seed=self._current_seed(), checkpoint=state["dali"] if state else None,
+                                   **self._kw)
+
+    def _current_seed(self) -> int:
+        return self._seed + 7919 * self.rebuilds
 
     def _rebuild(self) -> None:
         self.rebuilds += 1
-        self.pipe = build_pipeline(self._aug, seed=self._seed + 7919 * self.rebuilds, **self._kw)
+        self.pipe = build_pipeline(self._aug, seed=self._current_seed(), **self._kw)
+
+    def state_dict(self) -> dict:
+        """``{"dali": bytes, "rebuilds": int}``: the pipeline's random state after the last batch it returned."""
+        return {"dali": bytes(self.pipe.checkpoint()), "rebuilds": self.rebuilds}
 
     def _run(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         try:

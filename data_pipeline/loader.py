@@ -4,8 +4,15 @@ Per epoch: the DataLoader workers (``data_pipeline.reader``) deliver this rank's
 process re-batches them into exactly ``batch_size`` samples (the partial remainder of an epoch is dropped), runs the
 DALI graph (``data_pipeline.dali``) and yields the views. When the share is exhausted the stream goes on with
 ``epoch + 1``, whose shard order and shuffle buffer are reshuffled from ``(seed, epoch)``. Augmentation randomness
-continues the DALI seed stream (seeded by ``seed`` and ``rank``); it is not re-derived per epoch, so a run resumed at
-``start_epoch`` reads the same samples in the same order but augments them differently.
+continues the DALI seed stream (seeded by ``seed`` and ``rank``) across epochs.
+
+Resuming. ``state_dict()`` (taken between two batches) is this rank's position: the epoch, how many of the epoch's
+samples the batches have used (or dropped as corrupt), how many reader chunks were already counted, the cumulative
+``stats`` and the DALI random state. A stream made with ``resume=`` that state reads the epoch again, drops the used
+samples without decoding them and restores the DALI state, so it yields exactly the batches (samples, order and
+augmentations) the saved stream would have yielded next: a preempted run neither repeats nor skips data. A state saved
+under other data settings (batch size, recipe, shards, readers, seed, device) cannot be continued: the stream warns
+and starts the saved epoch afresh.
 
 ``stats`` (cumulative): ``samples`` = samples yielded in batches, ``corrupt`` = samples dropped as undecodable or
 malformed (by the workers or by DALI), ``truncated_shards`` = truncated/unreadable shards met (once per shard and
@@ -14,7 +21,10 @@ epoch).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import os
 from collections import deque
 from collections.abc import Iterator
 
@@ -34,19 +44,43 @@ class TrainStream:
 
     def __init__(self, shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int, start_epoch: int,
-                 num_views: int, device: str):
+                 num_views: int, device: str, resume: dict | None = None):
         from data_pipeline.dali import DaliAugmenter  # DALI only when a stream is made
 
-        self.batch_size, self.epoch = batch_size, start_epoch
-        self.stats = {"samples": 0, "corrupt": 0, "truncated_shards": 0}
+        self._fingerprint = _fingerprint(shards, batch_size=batch_size, aug=dataclasses.asdict(aug),
+                                         image_size=image_size, channels=channels, rank=rank, world_size=world_size,
+                                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
+                                         num_views=num_views, device=device)
+        resume = self._usable(resume)
+        self.batch_size = batch_size
+        self.epoch = int(resume["epoch"]) if resume else start_epoch
+        self.stats = dict(resume["stats"]) if resume else {"samples": 0, "corrupt": 0, "truncated_shards": 0}
+        # Position in the current epoch: batches yielded, reader samples used by them (or dropped as corrupt), reader
+        # chunks received (whose problem counts are in stats). On resume, the first epoch re-reads up to there.
+        self._batches, self._taken, self._chunks = ((int(resume[k]) for k in ("batches", "taken", "chunks"))
+                                                    if resume else (0, 0, 0))
         self._shards = ShardStream(shards, rank=rank, world_size=world_size, num_workers=num_workers,
-                                   shuffle_buffer=shuffle_buffer, seed=seed, epoch=start_epoch)
+                                   shuffle_buffer=shuffle_buffer, seed=seed, epoch=self.epoch)
         self._loader = make_loader(self._shards)
         local = torch.cuda.current_device() if device == "cuda" else None
         self._augment = DaliAugmenter(aug, batch_size=batch_size, image_size=image_size, channels=channels,
                                       num_views=num_views, device=device, device_id=local,
-                                      seed=seed * 1_000_003 + rank)
+                                      seed=seed * 1_000_003 + rank, state=resume["augment"] if resume else None)
         self._iterating = False
+
+    def _usable(self, resume: dict | None) -> dict | None:
+        if resume is None:
+            return None
+        if resume.get("fingerprint") != self._fingerprint:
+            log.warning("the saved data position was taken under other data settings (batch size, recipe, shards, "
+                        "readers, seed or device); epoch %s is read again from its start", resume.get("epoch"))
+            return None
+        return resume
+
+    def state_dict(self) -> dict:
+        """This rank's position after the last yielded batch (see the module docstring); plain types and bytes."""
+        return {"epoch": self.epoch, "batches": self._batches, "taken": self._taken, "chunks": self._chunks,
+                "stats": dict(self.stats), "augment": self._augment.state_dict(), "fingerprint": self._fingerprint}
 
     def __iter__(self) -> Iterator[dict]:
         from data_pipeline.dali import CorruptBatch
@@ -57,12 +91,20 @@ class TrainStream:
         try:
             while True:
                 self._shards.epoch.value = self.epoch  # read by the (persistent) workers at the start of iter()
+                skip, counted = self._taken, self._chunks  # non-zero only in a resumed epoch
                 pending: deque[dict] = deque()
-                yielded = 0
+                chunks = 0
                 for chunk in self._loader:
-                    self.stats["corrupt"] += chunk["corrupt"]
-                    self.stats["truncated_shards"] += chunk["truncated"]
-                    pending.extend(chunk["samples"])
+                    chunks += 1
+                    if chunks > counted:
+                        self.stats["corrupt"] += chunk["corrupt"]
+                        self.stats["truncated_shards"] += chunk["truncated"]
+                        self._chunks = chunks
+                    samples = chunk["samples"]
+                    if skip:  # used before the saved position: drop without decoding
+                        n = min(skip, len(samples))
+                        samples, skip = samples[n:], skip - n
+                    pending.extend(samples)
                     while len(pending) >= self.batch_size:
                         batch = [pending.popleft() for _ in range(self.batch_size)]
                         try:
@@ -71,17 +113,20 @@ class TrainStream:
                             for i in bad.bad:
                                 log.warning("skipping undecodable image %r", batch[i]["key"])
                             self.stats["corrupt"] += len(bad.bad)
+                            self._taken += len(bad.bad)
                             drop = set(bad.bad)
                             pending.extendleft(reversed([s for i, s in enumerate(batch) if i not in drop]))
                             continue
                         self.stats["samples"] += self.batch_size
-                        yielded += 1
+                        self._batches += 1
+                        self._taken += self.batch_size
                         label = torch.tensor([s["label"] for s in batch], dtype=torch.long, device=views[0].device)
                         yield {"views": views, "label": label, "epoch": self.epoch, "keys": [s["key"] for s in batch]}
-                if yielded == 0:
+                if self._batches == 0:
                     raise RuntimeError(f"epoch {self.epoch}: this rank's shard share gave no full batch of "
                                        f"{self.batch_size} (too few samples, or all of them corrupt)")
                 self.epoch += 1
+                self._batches, self._taken, self._chunks = 0, 0, 0
         finally:
             self._iterating = False
 
@@ -102,8 +147,13 @@ class TrainStream:
 
 def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                       rank: int, world_size: int, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
-                      start_epoch: int = 0, num_views: int = 2, device: str = "cpu") -> TrainStream:
-    """Endless stream of augmented batches of this rank's share of ``shards`` (see the module docstring)."""
+                      start_epoch: int = 0, num_views: int = 2, device: str = "cpu",
+                      resume: dict | None = None) -> TrainStream:
+    """Endless stream of augmented batches of this rank's share of ``shards`` (see the module docstring).
+
+    ``resume``: a ``TrainStream.state_dict()`` of this rank; the stream continues right after it (``start_epoch`` is
+    then ignored, unless the state does not fit these settings).
+    """
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_views", num_views, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0),
                              ("start_epoch", start_epoch, 0)):
@@ -120,4 +170,10 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
     aug.channel_stats(channels)  # mean/std length vs channels, before any worker starts
     return TrainStream(list(shards), batch_size=batch_size, aug=aug, image_size=image_size, channels=channels,
                        rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                       seed=seed, start_epoch=start_epoch, num_views=num_views, device=device)
+                       seed=seed, start_epoch=start_epoch, num_views=num_views, device=device, resume=resume)
+
+
+def _fingerprint(shards: list[str], **settings) -> str:
+    """Digest of everything that decides which samples come in which order with which augmentation."""
+    names = sorted(os.path.basename(s) for s in shards)  # the run dir may move: names, not paths
+    return hashlib.sha256(repr((names, sorted(settings.items()))).encode()).hexdigest()[:16]

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,15 @@ def _identity(x):
 
 
 def make_loader(stream: ShardStream) -> DataLoader:
-    """DataLoader over ``stream`` with ``stream.num_workers`` persistent workers (0 = read in the main process)."""
+    """DataLoader over ``stream`` with ``stream.num_workers`` persistent workers (0 = read in the main process).
+
+    It has a generator of its own: a DataLoader draws its workers' base seed at each ``iter()``, and from the global
+    torch RNG that would shift the model's random draws (masks, dropout) by how often the data was restarted, so a
+    resumed run would draw differently from an uninterrupted one.
+    """
     k = stream.num_workers
     return DataLoader(stream, batch_size=None, num_workers=k, collate_fn=_identity, persistent_workers=k > 0,
-                      prefetch_factor=4 if k > 0 else None)
+                      prefetch_factor=4 if k > 0 else None, generator=torch.Generator().manual_seed(stream.seed))
 
 
 def read_epoch(shards: list[str], *, rank: int, world_size: int, num_workers: int, shuffle_buffer: int = 0,

@@ -27,6 +27,8 @@ from pretrain.tracking import default_artifact_location, default_tracking_uri, m
 
 RUN_ID_FILE = "mlflow_run_id"
 HISTORY_FILE = "metrics.csv"
+RANK_STATE_DIR = "ranks"
+"""Checkpoint sub-directory with one file per rank: its data position and RNG states (``rank_00000.pt``, ...)"""
 
 
 class Session(Protocol):
@@ -90,13 +92,15 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     method = build_method(cfg, distributed=world > 1).to(device)
     engine = build_engine(method, cfg)
 
-    step, epoch = 0, 0
+    step, epoch, resume = 0, 0, None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             state = load_checkpoint(engine, ckpt)
             step, epoch = int(state["step"]), int(state["epoch"])
+            resume = _load_rank_state(ckpt, rank)
             if rank == 0:
-                print(f"Resumed from {ckpt} at step {step} (epoch {epoch}).", flush=True)
+                where = "its data position" if resume else "the start of that epoch (no data position saved)"
+                print(f"Resumed from {ckpt} at step {step} (epoch {epoch}), reading on from {where}.", flush=True)
 
     tracker = _open_tracker(cfg, run_dir, rank)
     history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
@@ -114,7 +118,10 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         start_epoch=epoch,
         num_views=cfg.data.num_views,
         device=device.type,
+        resume=resume["data"] if resume else None,
     )
+    if resume:
+        _set_rng_state(resume["rng"])  # after the seeded init: draws continue as in the interrupted run
     bar = _progress(cfg, step, enabled=rank == 0)
     pending: list[tuple[int, torch.Tensor, float, int]] = []  # (step, loss, seconds, epoch): .item() only when logging
     metrics: dict[str, float] = {}
@@ -142,7 +149,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}")
             if step % cfg.job.ckpt_every == 0 or last:
-                _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world)
+                _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -201,11 +208,41 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
     return metrics
 
 
-def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int) -> None:
+def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int) -> None:
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         state = {"step": int(metrics["step"]), "epoch": int(metrics["epoch"]), "world_size": world}
         save_checkpoint(engine, tmp, state)
+        ranks = Path(tmp) / RANK_STATE_DIR
+        ranks.mkdir()
+        torch.save({"data": stream.state_dict(), "rng": _rng_state()}, ranks / f"rank_{rank:05d}.pt")
         session.report(metrics, Path(tmp))
+
+
+def _load_rank_state(ckpt: Path, rank: int) -> dict | None:
+    """This rank's data position and RNG states, or None for a checkpoint that has none (older runs)."""
+    path = ckpt / RANK_STATE_DIR / f"rank_{rank:05d}.pt"
+    return torch.load(path, weights_only=False) if path.is_file() else None  # our own file: bytes, numpy state
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, history) -> None:

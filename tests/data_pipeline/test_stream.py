@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,82 @@ def test_cuda_graph_matches_cpu_and_streams(digits_dir):
         batch = next(iter(stream))
     assert batch["views"][0].is_cuda and batch["views"][0].shape == (32, 3, 16, 16)
     assert not torch.equal(batch["views"][0], batch["views"][1])
+
+
+def _take(stream, n: int) -> list[dict]:
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> None:
+    assert [x["keys"] for x in a] == [y["keys"] for y in b]
+    assert [x["epoch"] for x in a] == [y["epoch"] for y in b]
+    for x, y in zip(a, b):
+        for u, v in zip(x["views"], y["views"]):
+            torch.testing.assert_close(u, v, atol=0, rtol=0)
+
+
+def test_resumed_stream_yields_what_the_uninterrupted_one_would(digits_dir):
+    """From a mid-epoch state, a new stream yields exactly the next batches (keys, order, augmented pixels) of the
+    uninterrupted stream, across the epoch boundary, and carries its stats on."""
+    kw = dict(batch_size=128, num_workers=2, num_views=2)  # 14 batches per epoch: resume at 10, read on to 20
+    aug = AugmentConfig(**GRAY, **ALL_ON)
+    with _stream(list_shards(digits_dir), aug, **kw) as whole:
+        it = iter(whole)
+        head = [next(it) for _ in range(10)]
+        state = whole.state_dict()
+        tail = [next(it) for _ in range(10)]
+        stats = dict(whole.stats)
+    assert state["epoch"] == 0 and state["batches"] == 10 and state["taken"] == 1280
+    assert tail[3]["epoch"] == 0 and tail[4]["epoch"] == 1
+    with _stream(list_shards(digits_dir), aug, resume=state, **kw) as resumed:
+        again = _take(resumed, 10)
+        assert resumed.stats == stats
+    _same_batches(again, tail)
+    assert not set(k for b in head for k in b["keys"]) & set(k for b in again[:4] for k in b["keys"])
+    with _stream(list_shards(digits_dir), aug, start_epoch=0, **kw) as fresh:  # the old resume: epoch start
+        assert _take(fresh, 1)[0]["keys"] == head[0]["keys"]
+
+
+TRUNCATE = 1  # a shard read (and its truncation counted) before the saved position
+
+
+def test_resume_keeps_corrupt_handling_exact(tmp_path, image_tree, corrupt):
+    """With undecodable JPEGs before and after the saved position (pipeline rebuilt each time) and a truncated shard
+    counted before it, the resumed stream yields exactly the uninterrupted stream's batches and problem counts."""
+    root = image_tree(tmp_path / "imgs", classes={"a": 24, "b": 24})
+    for i, path in enumerate(sorted(root.glob("*/*.jpg"))[::5]):
+        corrupt(path, seed=i)
+    write_shards(f"folder:{root}", tmp_path / "ds", shard_size=12, progress=False)
+    shards = list_shards(tmp_path / "ds")
+    victim = Path(shards[TRUNCATE])
+    victim.write_bytes(victim.read_bytes()[:9000])
+    kw = dict(batch_size=6, channels=3, num_workers=2, shuffle_buffer=8)
+    aug = AugmentConfig(flip_prob=0.5, blur_prob=0.0)
+    with _stream(shards, aug, **kw) as whole:
+        it = iter(whole)
+        _ = [next(it) for _ in range(3)]
+        state, rebuilds = whole.state_dict(), whole._augment.rebuilds
+        tail = [next(it) for _ in range(8)]
+        stats = dict(whole.stats)
+    assert 0 < state["stats"]["corrupt"] < stats["corrupt"] and rebuilds > 0  # corrupt samples on both sides
+    assert state["stats"]["truncated_shards"] == 1
+    with _stream(shards, aug, resume=state, **kw) as resumed:
+        again = _take(resumed, 8)
+        assert resumed.stats == stats
+    _same_batches(again, tail)
+
+
+def test_state_from_other_settings_restarts_the_epoch(digits_dir, caplog):
+    """A saved position taken under another batch size is not applied: a warning, and the saved epoch from its start."""
+    aug = AugmentConfig(**GRAY)
+    with _stream(list_shards(digits_dir), aug, batch_size=64, num_workers=1) as s:
+        _take(s, 3)
+        state = s.state_dict()
+    with _stream(list_shards(digits_dir), aug, batch_size=32, num_workers=1) as fresh:
+        first = _take(fresh, 1)[0]
+    with caplog.at_level("WARNING"), _stream(list_shards(digits_dir), aug, batch_size=32, num_workers=1,
+                                             resume=state) as other:
+        got = _take(other, 1)[0]
+    assert "other data settings" in caplog.text
+    assert got["keys"] == first["keys"] and got["epoch"] == 0

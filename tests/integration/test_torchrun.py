@@ -1,5 +1,6 @@
 """The training loop without Ray: `pretrain train --dry-run` writes the run, `torchrun -m pretrain.train` trains it."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,44 @@ def test_torchrun_two_processes(tmp_path):
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "at step 4" in again.stdout
     assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 6
+
+
+def _losses(run: Path) -> dict[int, str]:
+    rows = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    return {int(r[0]): r[1] for r in rows}  # the loss exactly as written
+
+
+def _torchrun(run: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
+    """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch), a run resumed to step 12 logs
+    the very losses of the uninterrupted run, also past the epoch boundary: same samples, augmentations and RNG."""
+    sets = ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5", "optim.warmup_steps=2", "data.batch_size=128",
+            "data.num_loader_workers=2", f"job.out_dir={tmp_path}", "job.run_name=whole", "eval.enabled=false",
+            "job.progress=false", f"data.cache_dir={tmp_path / 'cache'}"]
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--dry-run"]
+    for s in sets:
+        cmd += ["--set", s]
+    dry = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    whole = tmp_path / "whole"
+    proc = _torchrun(whole)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    expected = _losses(whole)
+    assert sorted(expected) == list(range(1, 13))
+
+    # The same run as if killed between step 5's checkpoint and step 6: later checkpoints and rows gone.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.yaml").write_text((whole / "config.yaml").read_text().replace("run_name: whole", "run_name: cut"))
+    shutil.copytree(whole / "checkpoints" / "step_0000005", cut / "checkpoints" / "step_0000005")
+    head = (whole / "metrics.csv").read_text().splitlines()[:6]
+    (cut / "metrics.csv").write_text("\n".join(head) + "\n")
+    again = _torchrun(cut)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "at step 5 (epoch 0), reading on from its data position" in again.stdout
+    assert _losses(cut) == expected

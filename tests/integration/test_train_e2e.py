@@ -52,13 +52,15 @@ def test_loss_goes_down(trained):
 
 
 def test_checkpoint_holds_both_zero_partitions(trained):
-    """The checkpoint Ray reported holds the model states and both ranks' ZeRO-2 optimizer partitions."""
+    """The checkpoint Ray reported holds the model states, both ranks' ZeRO-2 optimizer partitions and both ranks' data
+    positions."""
     run_dir, _ = trained
     ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 10 and 20
     files = {p.name for p in (ckpts[-1] / "state").iterdir()}
     assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert {p.name for p in (ckpts[-1] / "ranks").iterdir()} == {"rank_00000.pt", "rank_00001.pt"}
 
 
 def test_mlflow_server_has_params_and_metrics(trained, mlflow_server):
@@ -85,7 +87,7 @@ def test_resume_continues_at_the_right_step(trained, mlflow_server):
                       "--set", "job.max_steps=30", "--set", "eval.enabled=true"], log)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
-    assert "at step 20" in text
+    assert "at step 20 (epoch 1), reading on from its data position" in text
     hist = _history(run_dir)
     assert sorted(hist) == list(range(1, 31))
     assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
