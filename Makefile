@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/simclr_digits.yaml
 ARGS   ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean slurm-deps
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_kernels.py --quick
+
+# Debian's Slurm daemons and munge, for tests/cluster/test_slurm.py (skipped without them); needs root and apt-get.
+slurm-deps:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+		&& command -v munged >/dev/null || { apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; }
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,6 +29,7 @@ setup(
     packages=find_packages(include=["pretrain", "pretrain.*", "kernels", "kernels.*", "data_pipeline",
                                     "data_pipeline.*", "cluster", "cluster.*"]),
     include_package_data=True,
+    package_data={"cluster": ["templates/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},

@@ -53,6 +53,9 @@ def _worker_loop(config: dict) -> None:
     """Runs on each Ray Train worker; the process group is Ray's (gloo on CPU, NCCL on GPU)."""
     from pretrain.trainer import train
 
+    context = ray.train.get_context()
+    print(f"Ray Train worker {context.get_world_rank()}/{context.get_world_size()} on node "
+          f"{ray.util.get_node_ip_address()}", flush=True)
     train(config_from_dict(config["cfg"]), Path(config["run_dir"]), RaySession())
 
 

@@ -1,4 +1,4 @@
-"""``pretrain``: one console script, subcommands ``train``, ``eval`` and ``data``.
+"""``pretrain``: one console script, subcommands ``train``, ``submit``, ``eval`` and ``data``.
 
 Every check that can fail on user input runs here, before Ray or any worker starts; a problem is one line on stderr
 and exit status 2.
@@ -27,15 +27,31 @@ def _parser() -> argparse.ArgumentParser:
         "The run directory <job.out_dir>/<job.run_name> receives config.yaml, Ray's checkpoints, metrics.csv, "
         "backbone.pt, loss_curve.png and eval.json.",
     )
-    t.add_argument("--config", type=Path, help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
-    t.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                   help="continue RUN_DIR from its latest checkpoint, with its config (plus --set overrides)")
+    _run_args(t)
     t.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379 or 'auto') instead of starting one")
-    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<job.out_dir>/mlflow.db)")
     t.add_argument("--dry-run", action="store_true",
                    help="validate, build the shards, write the run directory and config, then stop")
+
+    sb = sub.add_parser("submit", help="submit training as a cluster job")
+    ssub = sb.add_subparsers(dest="scheduler", required=True)
+    sl = ssub.add_parser(
+        "slurm", help="an sbatch job: a Ray cluster over the job's nodes, then training on it",
+        description="Validate the config, write the run directory, render <run_dir>/slurm/job.sbatch (a Ray head on "
+        "the first node, a Ray node on each other, then `pretrain train --resume <run_dir> --address <head>`) and "
+        "submit it. The job is requeueable: a requeued job continues from the latest checkpoint.")
+    _run_args(sl)
+    sl.add_argument("--nodes", type=int, default=1, help="Slurm nodes (default 1)")
+    sl.add_argument("--gpus-per-node", type=int, default=0,
+                    help="GPUs per node; one worker per GPU, so job.num_workers = nodes x this (default 0: CPU)")
+    sl.add_argument("--cpus-per-node", type=int, default=8, help="CPUs per node for Ray (default 8)")
+    sl.add_argument("--partition")
+    sl.add_argument("--time", help="wall-clock limit, e.g. 24:00:00")
+    sl.add_argument("--account")
+    sl.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="--OPTION=VALUE",
+                    help="another sbatch option for the script, e.g. --sbatch-arg=--qos=high (repeatable)")
+    sl.add_argument("--join-timeout", type=int, default=300, help="seconds to wait for every Ray node (default 300)")
+    sl.add_argument("--wait", action="store_true", help="return when the job ends, with its exit status")
+    sl.add_argument("--dry-run", action="store_true", help="write the run directory and the script, do not submit")
 
     e = sub.add_parser("eval", help="evaluate a pretrained backbone on frozen features",
                        description="kNN, linear probe, 1/5-shot and KMeans NMI/ARI of a backbone, next to the same "
@@ -56,8 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_train_config(args) -> tuple[Config, Path]:
-    overrides = list(args.overrides)
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """What says which run: a recipe plus overrides, or a run directory to continue."""
+    p.add_argument("--config", type=Path, help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint, with its config (plus --set overrides)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<job.out_dir>/mlflow.db)")
+
+
+def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
+    overrides = list(args.overrides) + list(extra)
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.resume:
@@ -81,8 +107,9 @@ def _resolve_train_config(args) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def cmd_train(args) -> int:
-    cfg, run_dir = _resolve_train_config(args)
+def _prepare_run(args, extra: list[str] = ()) -> tuple[Config, Path, list[str]]:
+    """Validate the config and its tracking URI, build the shards on first use, write the run directory."""
+    cfg, run_dir = _resolve_train_config(args, extra)
     from pretrain.data import resolve_shards
     from pretrain.tracking import check_tracking_uri
 
@@ -91,11 +118,14 @@ def cmd_train(args) -> int:
     shards = resolve_shards(cfg.data)  # builds the digits shards on first use
     from pretrain.trainer import write_run_files
 
-    if not args.resume:
-        write_run_files(cfg, run_dir)
-    elif args.overrides:
-        write_run_files(cfg, run_dir)  # the resumed run goes on with the overridden config: keep it beside the run
+    if not args.resume or args.overrides or extra:
+        write_run_files(cfg, run_dir)  # a resumed run goes on with the overridden config: keep it beside the run
     print(f"Run directory: {run_dir}  ({len(shards)} shards, {cfg.job.num_workers} workers)", flush=True)
+    return cfg, run_dir, shards
+
+
+def cmd_train(args) -> int:
+    cfg, run_dir, _ = _prepare_run(args)
     if args.dry_run:
         return 0
 
@@ -118,6 +148,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from cluster.slurm import SlurmJob, find_sbatch, submit, write_sbatch
+
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
+                   partition=args.partition, time=args.time, account=args.account, sbatch_args=args.sbatch_args,
+                   join_timeout=args.join_timeout)
+    if not args.dry_run:
+        find_sbatch()  # before anything is written
+    extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []
+    cfg, _ = _resolve_train_config(args, extra)
+    job.check_workers(cfg.job.num_workers)
+    cfg, run_dir, _ = _prepare_run(args, extra)
+    script = write_sbatch(job, run_dir)
+    print(f"Slurm script: {script}", flush=True)
+    if args.dry_run:
+        return 0
+    job_id, status = submit(script, wait=args.wait)
+    if args.wait:
+        log = run_dir / "slurm" / f"{job_id}.out"
+        print(f"Slurm job {job_id} ended with status {status}; its log: {log}", flush=True)
+        return 0 if status == 0 else 1
+    return status
+
+
 def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate_checkpoint
 
@@ -137,7 +191,7 @@ def cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # user input; programming errors keep their traceback

@@ -21,17 +21,20 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def ray_head():
-    """A Ray head of this test's own (port, temp dir, process group) on 127.0.0.1; only its processes are stopped."""
+    """A Ray head of this test's own (port, temp dir, process group) on 127.0.0.2; only its processes are stopped.
+
+    Not 127.0.0.1: `ray start` replaces that one with the machine's routable address, and the test must stay on
+    loopback; any 127/8 address is loopback and Ray keeps it as given."""
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="sslray-head-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     ray_bin = Path(sys.executable).parent / "ray"
-    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.2",
            f"--temp-dir={temp_dir}", "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={free_port()}", "--disable-usage-stats"]
     log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    address = f"127.0.0.2:{port}"
     deadline = time.monotonic() + 90
     while True:
         status = subprocess.run([str(ray_bin), "status", f"--address={address}"], env=env, capture_output=True)

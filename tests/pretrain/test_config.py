@@ -26,6 +26,14 @@ def test_override_parses_yaml_values():
     assert cfg.optim.lr == 1e-3 and cfg.job.progress is False and cfg.data.aug.crop_scale == (0.3, 1.0)
 
 
+def test_yaml_booleans_fill_word_fields():
+    """`job.use_gpu=true` (a YAML bool) means the word: 'true'; an unknown word still names the key."""
+    assert load_config(RECIPE, ["job.use_gpu=true"]).job.use_gpu == "true"
+    assert load_config(RECIPE, ["job.use_gpu=false"]).job.use_gpu == "false"
+    with pytest.raises(ConfigError, match="job.use_gpu: must be auto, true or false"):
+        load_config(RECIPE, ["job.use_gpu=sometimes"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -1,0 +1,130 @@
+"""Slurm: a run becomes one sbatch script that starts a Ray cluster over the job's nodes and trains on it.
+
+``pretrain submit slurm`` validates the config and writes the run directory on the submitting host (a shared file
+system is assumed, as on any Slurm cluster), renders ``<run_dir>/slurm/job.sbatch`` from ``templates/slurm.sbatch``
+and hands it to ``sbatch``. In the job: a Ray head on the first node and a Ray node on each other one (``srun
+--overlap``, one task per node, each advertising its Slurm ``NodeAddr``), a wait until all have joined, then the
+driver ``pretrain train --resume <run_dir> --address <head>`` on the first node. ``--requeue`` is set, and because the
+driver always resumes, a preempted and requeued job continues from the run's latest checkpoint (exactly, see
+``data_pipeline.loader``); so does a plain ``sbatch <run_dir>/slurm/job.sbatch`` after a failure.
+
+GPU nodes: ``gpus_per_node`` GPUs per node, one Ray Train worker per GPU (``job.num_workers = nodes x gpus``). CPU
+nodes: ``job.num_workers`` workers of one CPU each over ``nodes x cpus_per_node`` Ray CPUs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "slurm.sbatch"
+_TIME = re.compile(r"^(\d+-)?\d+(:\d\d){0,2}$")  # sbatch --time: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+
+
+@dataclass(kw_only=True)
+class SlurmJob:
+    """What the job asks Slurm for. Errors are ``ValueError("--<option>: <problem>")``."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_node: int = 8
+    """Slurm CPUs per node, all given to that node's Ray (loader workers and DALI threads live inside them)"""
+    partition: str | None = None
+    time: str | None = None
+    """Wall-clock limit as sbatch takes it, e.g. 24:00:00 or 2-00:00:00"""
+    account: str | None = None
+    sbatch_args: list[str] = field(default_factory=list)
+    """Further sbatch options, one directive each, e.g. --qos=high or --constraint=h100"""
+    join_timeout: int = 300
+    """Seconds the job waits for every Ray node to join before it fails"""
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "cpus_per_node", "join_timeout"):
+            _int(name, getattr(self, name), low=1)
+        _int("gpus_per_node", self.gpus_per_node, low=0)
+        if self.time is not None and not _TIME.match(self.time):
+            raise ValueError(f"--time: {self.time!r} is not an sbatch time (e.g. 24:00:00 or 2-00:00:00)")
+        for name in ("partition", "account"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"[\w.,-]+", value):
+                raise ValueError(f"--{name.replace('_', '-')}: {value!r} has characters sbatch would not take")
+        for arg in self.sbatch_args:
+            if not arg.startswith("--") or any(c in arg for c in "\n\r"):
+                raise ValueError(f"--sbatch-arg: {arg!r} must be one long option, e.g. --qos=high")
+
+    @property
+    def num_workers(self) -> int | None:
+        """Ray Train workers the job implies on GPU nodes (one per GPU); None on CPU nodes (the config decides)."""
+        return self.nodes * self.gpus_per_node if self.gpus_per_node else None
+
+    def check_workers(self, num_workers: int) -> None:
+        if self.gpus_per_node == 0 and num_workers > self.nodes * self.cpus_per_node:
+            raise ValueError(f"job.num_workers: {num_workers} CPU workers need {num_workers} Ray CPUs, the job has "
+                             f"{self.nodes * self.cpus_per_node} ({self.nodes} nodes x {self.cpus_per_node} "
+                             "--cpus-per-node)")
+
+
+def _int(name: str, value, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value!r}")
+
+
+def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable, workdir: Path | None = None) -> str:
+    """The job script for ``run_dir`` (which holds the validated ``config.yaml``)."""
+    run_dir = Path(run_dir).resolve()
+    ray = Path(python).parent / "ray"
+    directives = [f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []
+    directives += [f"--{k}={v}" for k, v in (("partition", job.partition), ("time", job.time),
+                                            ("account", job.account)) if v]
+    directives += job.sbatch_args
+    return Template(TEMPLATE.read_text()).substitute(
+        run_dir=str(run_dir),
+        script=str(run_dir / "slurm" / "job.sbatch"),
+        job_name=f"ssl-{run_dir.name}"[:64],
+        nodes=job.nodes,
+        cpus_per_node=job.cpus_per_node,
+        gpus_per_node=job.gpus_per_node,
+        directives="\n".join(f"#SBATCH {d}" for d in directives),
+        python=python,
+        ray=str(ray),
+        workdir=str(Path(workdir or Path.cwd()).resolve()),
+        join_timeout=job.join_timeout,
+    )
+
+
+def write_sbatch(job: SlurmJob, run_dir: Path, **kw) -> Path:
+    """Render the script into ``<run_dir>/slurm/job.sbatch``; returns its path."""
+    path = Path(run_dir).resolve() / "slurm" / "job.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_sbatch(job, run_dir, **kw))
+    path.chmod(0o755)
+    return path
+
+
+def find_sbatch() -> str:
+    """Path of ``sbatch``; ValueError when this host cannot submit Slurm jobs."""
+    found = shutil.which("sbatch")
+    if found is None:
+        raise ValueError("sbatch: not found on PATH (submit from a Slurm login node, or use --dry-run)")
+    return found
+
+
+def submit(script: Path, *, wait: bool = False) -> tuple[str, int]:
+    """``sbatch`` the script; returns (job id, exit status). With ``wait`` it returns when the job ends, with the
+    job's exit status."""
+    cmd = [find_sbatch(), "--parsable", *(["--wait"] if wait else []), str(script)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    first = proc.stdout.readline().strip()  # --parsable prints "jobid[;cluster]" at submission, before --wait blocks
+    job_id = first.split(";")[0]
+    if job_id:
+        print(f"Submitted Slurm job {job_id}: {script}", flush=True)
+    rest = proc.stdout.read()
+    status = proc.wait()
+    if rest.strip():
+        print(rest.strip(), flush=True)
+    return job_id, status

@@ -1,0 +1,122 @@
+"""`pretrain submit slurm`: option checks and the rendered script, then real jobs on a private 2-node Slurm cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.slurm_fixture import slurm_cluster  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "simclr_digits.yaml"
+
+
+def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None, timeout: int = 120):
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", "submit", "slurm", "--config", str(RECIPE),
+                           "--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path / 'cache'}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0"], "--nodes: must be an integer >= 1, got 0"),
+    (["--time", "tomorrow"], "--time: 'tomorrow' is not an sbatch time"),
+    (["--sbatch-arg=qos=high"], "--sbatch-arg: 'qos=high' must be one long option"),
+    (["--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray CPUs, the job "
+                                                               "has 1 (1 nodes x 1 --cpus-per-node)"),
+    (["--set", "job.nope=1"], "job.nope"),
+])
+def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
+    """A bad option or config is one line on stderr, exit status 2, and no run directory."""
+    proc = _submit([*args, "--set", "job.run_name=bad", "--dry-run"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_sbatch_is_one_line(tmp_path):
+    """Submitting from a host without sbatch says so before writing the run."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # the venv's bin: python, no Slurm
+    proc = _submit(["--set", "job.run_name=nosb"], tmp_path, env=env)
+    assert proc.returncode == 2 and "sbatch: not found on PATH" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "nosb").exists()
+
+
+def test_gpu_dry_run_writes_config_and_script(tmp_path):
+    """On GPU nodes one worker per GPU: the run's config says 16 workers on GPU, the script asks Slurm for them, and
+    bash accepts its syntax."""
+    proc = _submit(["--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "64", "--partition", "gpu",
+                    "--time", "2-00:00:00", "--sbatch-arg=--qos=high", "--set", "job.run_name=g", "--dry-run"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "g"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["job"]["num_workers"] == 16 and cfg["job"]["use_gpu"] == "true"
+    script = (run / "slurm" / "job.sbatch").read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=2-00:00:00", "#SBATCH --qos=high", "#SBATCH --requeue",
+                 f"#SBATCH --output={run}/slurm/%j.out"):
+        assert line in script.splitlines(), line
+    assert 'train --resume "$RUN_DIR"' in script and f"RUN_DIR={run}" in script
+    assert subprocess.run(["bash", "-n", str(run / "slurm" / "job.sbatch")]).returncode == 0
+
+
+def _job_state(job_id: str, env: dict) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    found = re.search(r"JobState=(\w+)", out)
+    return found.group(1) if found else "GONE"
+
+
+def _registered_checkpoints(run: Path) -> list:
+    """Checkpoints Ray has registered (every rank reported; a checkpoint_* directory alone may be half written)."""
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+@pytest.mark.slow
+def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F811
+    """A real sbatch job over 2 Slurm nodes (Ray head on n1, a Ray node on n2, one Train worker on each) is requeued
+    by Slurm after its first checkpoint, as a preemption does; the requeued job resumes from Ray's latest checkpoint
+    on a new Ray cluster and completes every step."""
+    sets = ["job.max_steps=30", "job.log_every=1", "job.ckpt_every=4", "optim.warmup_steps=1", "data.batch_size=32",
+            "eval.enabled=false", "job.progress=false", "job.run_name=sl", "job.num_workers=2"]
+    proc = _submit(["--nodes", "2", "--cpus-per-node", "1"] + [a for s in sets for a in ("--set", s)], tmp_path,
+                   env=slurm_cluster)
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"Submitted Slurm job (\d+)", proc.stdout).group(1)
+    run = tmp_path / "sl"
+    deadline = time.monotonic() + 300
+    while not _registered_checkpoints(run):
+        assert time.monotonic() < deadline and _job_state(job_id, slurm_cluster) in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm_cluster, check=True)
+    # A requeued job waits ~2 minutes before it may start again; an operator (here the test) can let it go now.
+    while _job_state(job_id, slurm_cluster) != "PENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster, check=True)
+    while (state := _job_state(job_id, slurm_cluster)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    text = (run / "slurm" / f"{job_id}.out").read_text()
+    assert state == "COMPLETED", text[-6000:]
+    assert "DUE TO JOB REQUEUE" in text
+    assert text.count("2 nodes up") == 2  # a Ray cluster over both nodes, once per start of the job
+    resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
+    assert resumed and int(resumed.group(1)) % 4 == 0, text[-6000:]
+    for start in text.split("ssl-pretrain: job")[1:]:
+        placed = dict(re.findall(r"Ray Train worker (\d)/2 on node (127\.0\.0\.\d+)", start))
+        assert sorted(placed) == ["0", "1"] and set(placed.values()) == {"127.0.0.2", "127.0.0.3"}, placed
+    with (run / "metrics.csv").open() as f:
+        steps = {int(line.split(",")[0]) for line in list(f)[1:]}
+    assert steps == set(range(1, 31))
