@@ -6,7 +6,9 @@ and hands it to ``sbatch``. In the job: a Ray head on the first node and a Ray n
 --overlap``, one task per node, each advertising its Slurm ``NodeAddr``), a wait until all have joined, then the
 driver ``pretrain train --resume <run_dir> --address <head>`` on the first node. ``--requeue`` is set, and because the
 driver always resumes, a preempted and requeued job continues from the run's latest checkpoint (exactly, see
-``data_pipeline.loader``); so does a plain ``sbatch <run_dir>/slurm/job.sbatch`` after a failure.
+``data_pipeline.loader``); so does a plain ``sbatch <run_dir>/slurm/job.sbatch`` after a failure. Runs longer than
+the partition's time limit go on by themselves: Slurm signals the batch script ``requeue_grace`` seconds before the
+limit (``--signal=B:USR1@...``) and the script requeues its own job.
 
 GPU nodes: ``gpus_per_node`` GPUs per node, one Ray Train worker per GPU (``job.num_workers = nodes x gpus``). CPU
 nodes: ``job.num_workers`` workers of one CPU each over ``nodes x cpus_per_node`` Ray CPUs.
@@ -42,11 +44,14 @@ class SlurmJob:
     """Further sbatch options, one directive each, e.g. --qos=high or --constraint=h100"""
     join_timeout: int = 300
     """Seconds the job waits for every Ray node to join before it fails"""
+    requeue_grace: int = 300
+    """Seconds before the time limit at which the job requeues itself (SIGUSR1); 0 = never"""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "cpus_per_node", "join_timeout"):
             _int(name, getattr(self, name), low=1)
         _int("gpus_per_node", self.gpus_per_node, low=0)
+        _int("requeue_grace", self.requeue_grace, low=0)
         if self.time is not None and not _TIME.match(self.time):
             raise ValueError(f"--time: {self.time!r} is not an sbatch time (e.g. 24:00:00 or 2-00:00:00)")
         for name in ("partition", "account"):
@@ -81,6 +86,8 @@ def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable,
     directives = [f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []
     directives += [f"--{k}={v}" for k, v in (("partition", job.partition), ("time", job.time),
                                             ("account", job.account)) if v]
+    if job.requeue_grace:
+        directives.append(f"--signal=B:USR1@{job.requeue_grace}")
     directives += job.sbatch_args
     return Template(TEMPLATE.read_text()).substitute(
         run_dir=str(run_dir),
@@ -94,6 +101,7 @@ def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable,
         ray=str(ray),
         workdir=str(Path(workdir or Path.cwd()).resolve()),
         join_timeout=job.join_timeout,
+        requeue_grace=job.requeue_grace,
     )
 
 
@@ -121,8 +129,10 @@ def submit(script: Path, *, wait: bool = False) -> tuple[str, int]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     first = proc.stdout.readline().strip()  # --parsable prints "jobid[;cluster]" at submission, before --wait blocks
     job_id = first.split(";")[0]
-    if job_id:
-        print(f"Submitted Slurm job {job_id}: {script}", flush=True)
+    if not job_id:
+        status = proc.wait()
+        raise ValueError(f"sbatch: refused {script} (exit status {status}; its message is above)")
+    print(f"Submitted Slurm job {job_id}: {script}", flush=True)
     rest = proc.stdout.read()
     status = proc.wait()
     if rest.strip():

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="--OPTION=VALUE",
                     help="another sbatch option for the script, e.g. --sbatch-arg=--qos=high (repeatable)")
     sl.add_argument("--join-timeout", type=int, default=300, help="seconds to wait for every Ray node (default 300)")
+    sl.add_argument("--requeue-grace", type=int, default=300,
+                    help="seconds before the time limit at which the job requeues itself (default 300; 0: never)")
     sl.add_argument("--wait", action="store_true", help="return when the job ends, with its exit status")
     sl.add_argument("--dry-run", action="store_true", help="write the run directory and the script, do not submit")
 
@@ -153,7 +155,7 @@ def cmd_submit(args) -> int:
 
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
                    partition=args.partition, time=args.time, account=args.account, sbatch_args=args.sbatch_args,
-                   join_timeout=args.join_timeout)
+                   join_timeout=args.join_timeout, requeue_grace=args.requeue_grace)
     if not args.dry_run:
         find_sbatch()  # before anything is written
     extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []

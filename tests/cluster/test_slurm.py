@@ -62,10 +62,20 @@ def test_gpu_dry_run_writes_config_and_script(tmp_path):
     script = (run / "slurm" / "job.sbatch").read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64",
                  "#SBATCH --partition=gpu", "#SBATCH --time=2-00:00:00", "#SBATCH --qos=high", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@300",
                  f"#SBATCH --output={run}/slurm/%j.out"):
         assert line in script.splitlines(), line
     assert 'train --resume "$RUN_DIR"' in script and f"RUN_DIR={run}" in script
     assert subprocess.run(["bash", "-n", str(run / "slurm" / "job.sbatch")]).returncode == 0
+
+
+@pytest.mark.slow
+def test_sbatch_refusal_is_one_line(tmp_path, slurm_cluster):  # noqa: F811
+    """A job Slurm refuses (no such partition) ends the command with one line and status 2; the run is kept."""
+    proc = _submit(["--partition", "nope", "--set", "job.run_name=np"], tmp_path, env=slurm_cluster)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: sbatch: refused ")
+    assert (tmp_path / "np" / "slurm" / "job.sbatch").is_file()
 
 
 def _job_state(job_id: str, env: dict) -> str:
@@ -85,9 +95,9 @@ def _registered_checkpoints(run: Path) -> list:
 
 @pytest.mark.slow
 def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F811
-    """A real sbatch job over 2 Slurm nodes (Ray head on n1, a Ray node on n2, one Train worker on each) is requeued
-    by Slurm after its first checkpoint, as a preemption does; the requeued job resumes from Ray's latest checkpoint
-    on a new Ray cluster and completes every step."""
+    """A real sbatch job over 2 Slurm nodes (Ray head on n1, a Ray node on n2, one Train worker on each) gets the
+    time-limit warning (SIGUSR1 to the batch script) after its first checkpoint and requeues itself; the requeued job
+    resumes from Ray's latest checkpoint on a new Ray cluster and completes every step."""
     sets = ["job.max_steps=30", "job.log_every=1", "job.ckpt_every=4", "optim.warmup_steps=1", "data.batch_size=32",
             "eval.enabled=false", "job.progress=false", "job.run_name=sl", "job.num_workers=2"]
     proc = _submit(["--nodes", "2", "--cpus-per-node", "1"] + [a for s in sets for a in ("--set", s)], tmp_path,
@@ -99,7 +109,8 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
     while not _registered_checkpoints(run):
         assert time.monotonic() < deadline and _job_state(job_id, slurm_cluster) in ("PENDING", "RUNNING")
         time.sleep(0.5)
-    subprocess.run(["scontrol", "requeue", job_id], env=slurm_cluster, check=True)
+    # What Slurm sends --requeue-grace seconds before the time limit (--signal=B:USR1@300), sent now.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_cluster, check=True)
     # A requeued job waits ~2 minutes before it may start again; an operator (here the test) can let it go now.
     while _job_state(job_id, slurm_cluster) != "PENDING":
         assert time.monotonic() < deadline
@@ -110,7 +121,7 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
         time.sleep(1)
     text = (run / "slurm" / f"{job_id}.out").read_text()
     assert state == "COMPLETED", text[-6000:]
-    assert "DUE TO JOB REQUEUE" in text
+    assert f"SIGUSR1 (time limit near): requeueing job {job_id}" in text and "DUE TO JOB REQUEUE" in text
     assert text.count("2 nodes up") == 2  # a Ray cluster over both nodes, once per start of the job
     resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
     assert resumed and int(resumed.group(1)) % 4 == 0, text[-6000:]
