@@ -15,33 +15,39 @@ RECIPE = ROOT / "configs" / "simclr_digits.yaml"
 pytestmark = pytest.mark.slow
 
 
-
-def test_torchrun_two_processes(tmp_path):
-    """2 torchrun processes train 4 steps; both ZeRO partitions land in the run's checkpoints; a rerun resumes."""
-    sets = ["job.max_steps=4", "job.log_every=2", "job.ckpt_every=4", "optim.warmup_steps=1", "data.batch_size=32",
-            f"job.out_dir={tmp_path}", "job.run_name=tr", "eval.enabled=false", "job.progress=false",
-            f"data.cache_dir={tmp_path / 'cache'}"]
+def _dry_run(tmp_path: Path, name: str, sets: list[str]) -> Path:
+    """`pretrain train --dry-run`: the run directory with its config, nothing trained."""
     cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--dry-run"]
-    for s in sets:
+    for s in [*sets, f"job.out_dir={tmp_path}", f"job.run_name={name}", "eval.enabled=false", "job.progress=false",
+              f"data.cache_dir={tmp_path / 'cache'}"]:
         cmd += ["--set", s]
     dry = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
-    run = tmp_path / "tr"
+    return tmp_path / name
+
+
+def _torchrun(run: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def test_torchrun_two_processes(tmp_path):
+    """2 torchrun processes train 4 steps; both ZeRO partitions land in the run's checkpoints; a rerun resumes."""
+    run = _dry_run(tmp_path, "tr", ["job.max_steps=4", "job.log_every=2", "job.ckpt_every=4", "optim.warmup_steps=1",
+                                    "data.batch_size=32"])
     assert (run / "config.yaml").is_file() and not (run / "metrics.csv").exists()
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
-    proc = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    _torchrun(run)
     files = {p.name for p in (run / "checkpoints" / "step_0000004" / "state").iterdir()}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
     assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 4
     assert (run / "backbone.pt").is_file()
 
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("max_steps: 4", "max_steps: 6"))
-    torchrun[5] = f"--master-port={free_port()}"
-    again = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    again = _torchrun(run)
     assert "at step 4" in again.stdout
     assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 6
 
@@ -51,26 +57,12 @@ def _losses(run: Path) -> dict[int, str]:
     return {int(r[0]): r[1] for r in rows}  # the loss exactly as written
 
 
-def _torchrun(run: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch), a run resumed to step 12 logs
     the very losses of the uninterrupted run, also past the epoch boundary: same samples, augmentations and RNG."""
-    sets = ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5", "optim.warmup_steps=2", "data.batch_size=128",
-            "data.num_loader_workers=2", f"job.out_dir={tmp_path}", "job.run_name=whole", "eval.enabled=false",
-            "job.progress=false", f"data.cache_dir={tmp_path / 'cache'}"]
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--dry-run"]
-    for s in sets:
-        cmd += ["--set", s]
-    dry = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0, dry.stderr
-    whole = tmp_path / "whole"
-    proc = _torchrun(whole)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    whole = _dry_run(tmp_path, "whole", ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5",
+                                         "optim.warmup_steps=2", "data.batch_size=128", "data.num_loader_workers=2"])
+    _torchrun(whole)
     expected = _losses(whole)
     assert sorted(expected) == list(range(1, 13))
 
@@ -82,6 +74,5 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     head = (whole / "metrics.csv").read_text().splitlines()[:6]
     (cut / "metrics.csv").write_text("\n".join(head) + "\n")
     again = _torchrun(cut)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "at step 5 (epoch 0), reading on from its data position" in again.stdout
     assert _losses(cut) == expected
