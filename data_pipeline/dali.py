@@ -11,7 +11,9 @@ same graph on CPU threads with ``device_id=None``.
 
 The pipeline is built with DALI checkpointing on: ``DaliAugmenter.state_dict()`` captures every random generator of
 the graph (a few KB), and an augmenter built from that state draws exactly what the saved one would have drawn next,
-which is how a resumed run augments its remaining batches as the interrupted run would have.
+which is how a resumed run augments its remaining batches as the interrupted run would have. Should a DALI build lack
+checkpointing for an op of the graph (the GPU variants have not been run here), the pipeline is built without it, with
+a warning, and a resumed run then reads the same samples but augments them afresh.
 
 A batch that DALI fails to decode raises ``CorruptBatch`` with the indices of the bad samples, found by decoding each
 sample with PIL (and, if PIL accepts them all, by running each sample alone through DALI). The caller drops them and
@@ -92,10 +94,11 @@ def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean
 
 def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
                    device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0,
-                   checkpoint: bytes | None = None):
+                   checkpoint: bytes | None = None, checkpointing: bool = True):
     """A built DALI pipeline: input ``"encoded"`` (list of 1-D uint8 arrays), outputs ``num_views`` x (B, C, S, S).
 
     ``checkpoint``: a ``pipe.checkpoint()`` of a pipeline built with the same arguments; its random state is restored.
+    ``checkpointing``: whether ``pipe.checkpoint()`` is available (DALI's state tracking; no cost per batch).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels: must be 1 or 3, got {channels}")
@@ -105,7 +108,7 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
     ops = set(aug.enabled_ops(channels))
     gpu = device == "cuda"
 
-    @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
+    @pipeline_def(enable_conditionals=True)
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
@@ -115,7 +118,8 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
 
     # prefetch 1: run() returns the batch just fed, so a decode error belongs to a known list of samples.
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
-                 seed=seed, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False, checkpoint=checkpoint)
+                 seed=seed, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
+                 enable_checkpointing=checkpointing, checkpoint=checkpoint if checkpointing else None)
     pipe.build()
     return pipe
 
@@ -149,19 +153,30 @@ class DaliAugmenter:
                         device=device, device_id=device_id, num_threads=num_threads)
         self._aug, self._seed = aug, seed
         self.rebuilds = int(state["rebuilds"]) if state else 0
-        self.pipe = build_pipeline(aug, seed=self._current_seed(), checkpoint=state["dali"] if state else None,
-                                   **self._kw)
+        self.checkpointing = True
+        saved = state["dali"] if state else None
+        try:
+            self.pipe = build_pipeline(aug, seed=self._current_seed(), checkpoint=saved, **self._kw)
+        except RuntimeError as e:
+            if "Checkpointing is not implemented" not in str(e):
+                raise
+            log.warning("DALI cannot checkpoint this graph (%s); a resumed run will augment afresh",
+                        str(e).strip().splitlines()[-1])
+            self.checkpointing = False
+            self.pipe = build_pipeline(aug, seed=self._current_seed(), checkpointing=False, **self._kw)
 
     def _current_seed(self) -> int:
         return self._seed + 7919 * self.rebuilds
 
     def _rebuild(self) -> None:
         self.rebuilds += 1
-        self.pipe = build_pipeline(self._aug, seed=self._current_seed(), **self._kw)
+        self.pipe = build_pipeline(self._aug, seed=self._current_seed(), checkpointing=self.checkpointing,
+                                   **self._kw)
 
     def state_dict(self) -> dict:
-        """``{"dali": bytes, "rebuilds": int}``: the pipeline's random state after the last batch it returned."""
-        return {"dali": bytes(self.pipe.checkpoint()), "rebuilds": self.rebuilds}
+        """``{"dali": bytes | None, "rebuilds": int}``: the pipeline's random state after the last batch it returned
+        (None when the graph cannot be checkpointed)."""
+        return {"dali": bytes(self.pipe.checkpoint()) if self.checkpointing else None, "rebuilds": self.rebuilds}
 
     def _run(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         try:

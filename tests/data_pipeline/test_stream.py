@@ -252,3 +252,19 @@ def test_state_from_other_settings_restarts_the_epoch(digits_dir, caplog):
         got = _take(other, 1)[0]
     assert "other data settings" in caplog.text
     assert got["keys"] == first["keys"] and got["epoch"] == 0
+
+
+def test_resume_without_dali_state_keeps_the_samples(digits_dir):
+    """A position saved where DALI could not checkpoint the graph (augment state None) still resumes the exact samples
+    and order; only the augmentation is drawn afresh."""
+    aug = AugmentConfig(**GRAY, **ALL_ON)
+    with _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=2) as whole:
+        it = iter(whole)
+        _ = [next(it) for _ in range(5)]
+        state = whole.state_dict()
+        tail = [next(it) for _ in range(3)]
+    state["augment"]["dali"] = None
+    with _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=2, resume=state) as resumed:
+        again = _take(resumed, 3)
+    assert [b["keys"] for b in again] == [b["keys"] for b in tail]
+    assert not torch.equal(again[0]["views"][0], tail[0]["views"][0])
