@@ -96,6 +96,8 @@ def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable,
         nodes=job.nodes,
         cpus_per_node=job.cpus_per_node,
         gpus_per_node=job.gpus_per_node,
+        # the Ray node's step asks for the node's GPUs itself (Slurm sets its CUDA_VISIBLE_DEVICES from that)
+        step_gpus=f" --gpus-per-node={job.gpus_per_node}" if job.gpus_per_node else "",
         directives="\n".join(f"#SBATCH {d}" for d in directives),
         python=python,
         ray=str(ray),

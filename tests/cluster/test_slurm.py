@@ -66,6 +66,7 @@ def test_gpu_dry_run_writes_config_and_script(tmp_path):
                  f"#SBATCH --output={run}/slurm/%j.out"):
         assert line in script.splitlines(), line
     assert 'train --resume "$RUN_DIR"' in script and f"RUN_DIR={run}" in script
+    assert script.count("srun --overlap --nodes=1 --ntasks=1 --gpus-per-node=8 -w") == 2  # both Ray node steps
     assert subprocess.run(["bash", "-n", str(run / "slurm" / "job.sbatch")]).returncode == 0
 
 
