@@ -109,9 +109,11 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def _prepare_run(args, extra: list[str] = ()) -> tuple[Config, Path, list[str]]:
-    """Validate the config and its tracking URI, build the shards on first use, write the run directory."""
-    cfg, run_dir = _resolve_train_config(args, extra)
+def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> list[str]:
+    """Check the tracking URI, build the shards on first use, write the run directory; returns the shard paths.
+
+    ``changed``: a resumed run's config was overridden (it goes on with the new one, so it is written beside it).
+    """
     from pretrain.data import resolve_shards
     from pretrain.tracking import check_tracking_uri
 
@@ -120,14 +122,15 @@ def _prepare_run(args, extra: list[str] = ()) -> tuple[Config, Path, list[str]]:
     shards = resolve_shards(cfg.data)  # builds the digits shards on first use
     from pretrain.trainer import write_run_files
 
-    if not args.resume or args.overrides or extra:
-        write_run_files(cfg, run_dir)  # a resumed run goes on with the overridden config: keep it beside the run
+    if not args.resume or changed:
+        write_run_files(cfg, run_dir)
     print(f"Run directory: {run_dir}  ({len(shards)} shards, {cfg.job.num_workers} workers)", flush=True)
-    return cfg, run_dir, shards
+    return shards
 
 
 def cmd_train(args) -> int:
-    cfg, run_dir, _ = _prepare_run(args)
+    cfg, run_dir = _resolve_train_config(args)
+    _prepare_run(args, cfg, run_dir, changed=bool(args.overrides))
     if args.dry_run:
         return 0
 
@@ -159,9 +162,9 @@ def cmd_submit(args) -> int:
     if not args.dry_run:
         find_sbatch()  # before anything is written
     extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []
-    cfg, _ = _resolve_train_config(args, extra)
+    cfg, run_dir = _resolve_train_config(args, extra)
     job.check_workers(cfg.job.num_workers)
-    cfg, run_dir, _ = _prepare_run(args, extra)
+    _prepare_run(args, cfg, run_dir, changed=bool(args.overrides or extra))
     script = write_sbatch(job, run_dir)
     print(f"Slurm script: {script}", flush=True)
     if args.dry_run:
