@@ -40,14 +40,18 @@ class Session(Protocol):
 
 
 class LocalSession:
-    """Checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX`` (torchrun or a single process)."""
+    """Checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX`` (torchrun or a single process).
+
+    Every rank copies its files into ``step_XXXXXXX.partial``, which rank 0 renames once all have: a job killed while
+    copying leaves a ``.partial`` directory that no resume picks up, never a half-written ``step_`` one.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.root = Path(run_dir) / "checkpoints"
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = sorted(self.root.glob("step_*")) if self.root.is_dir() else []
+        found = sorted(p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
         yield found[-1] if found else None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
@@ -56,11 +60,20 @@ class LocalSession:
         import shutil
 
         dest = self.root / f"step_{int(metrics['step']):07d}"
+        partial = dest.with_name(dest.name + ".partial")
         dist.barrier()
         if dist.rank() == 0:
-            dest.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # left by a job killed while copying
+            partial.mkdir(parents=True)
         dist.barrier()
-        shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)  # each rank adds its own ZeRO partition
+        shutil.copytree(checkpoint_dir, partial, dirs_exist_ok=True)  # each rank adds its own ZeRO partition
+        dist.barrier()
+        if dist.rank() == 0:
+            old = dest.with_name(dest.name + ".replaced")
+            if dest.exists():  # the same step saved again by a rerun: keep one complete copy at every moment
+                dest.rename(old)
+            partial.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
 

@@ -58,8 +58,9 @@ def _losses(run: Path) -> dict[int, str]:
 
 
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
-    """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch), a run resumed to step 12 logs
-    the very losses of the uninterrupted run, also past the epoch boundary: same samples, augmentations and RNG."""
+    """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch) while copying its step-10 one,
+    a run resumed to step 12 starts at step 5 and logs the very losses of the uninterrupted run, also past the epoch
+    boundary: same samples, augmentations and RNG."""
     whole = _dry_run(tmp_path, "whole", ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5",
                                          "optim.warmup_steps=2", "data.batch_size=128", "data.num_loader_workers=2"])
     _torchrun(whole)
@@ -73,6 +74,11 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     shutil.copytree(whole / "checkpoints" / "step_0000005", cut / "checkpoints" / "step_0000005")
     head = (whole / "metrics.csv").read_text().splitlines()[:6]
     (cut / "metrics.csv").write_text("\n".join(head) + "\n")
+    torn = cut / "checkpoints" / "step_0000010.partial"  # killed while copying its step-10 checkpoint
+    torn.mkdir()
+    (torn / "state").write_bytes(b"half")
     again = _torchrun(cut)
     assert "at step 5 (epoch 0), reading on from its data position" in again.stdout
     assert _losses(cut) == expected
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_0000005", "step_0000010",
+                                                                         "step_0000012"]
