@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import sys
 import tempfile
 import time
@@ -198,8 +199,21 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
             id_file.write_text(tracker.run_id + "\n")
             tracker.log_params(to_dict(cfg))
             tracker.log_artifact(run_dir / "config.yaml")
+        if tags := _job_tags():
+            tracker.set_tags(tags)
         print(f"MLflow: {uri} run {tracker.run_id}", flush=True)
     return tracker
+
+
+def _job_tags() -> dict[str, str]:
+    """The batch job this start of the run belongs to (Slurm), as MLflow tags: from the UI to the job's log."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    names = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_JOB_NODELIST": "slurm.nodelist",
+             "SLURM_JOB_PARTITION": "slurm.partition", "SLURM_RESTART_COUNT": "slurm.restart_count"}
+    tags = {"slurm.restart_count": "0"}  # Slurm sets SLURM_RESTART_COUNT only once a job has been requeued
+    tags.update({tag: os.environ[var] for var, tag in names.items() if var in os.environ})
+    return tags
 
 
 def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stats) -> dict[str, float]:

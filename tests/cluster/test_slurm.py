@@ -132,3 +132,10 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
     with (run / "metrics.csv").open() as f:
         steps = {int(line.split(",")[0]) for line in list(f)[1:]}
     assert steps == set(range(1, 31))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlrun = client.get_run((run / "mlflow_run_id").read_text().strip())
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.tags["slurm.job_id"] == job_id and mlrun.data.tags["slurm.restart_count"] == "1"
+    assert mlrun.data.tags["slurm.nodelist"] == "n[1-2]"
