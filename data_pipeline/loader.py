@@ -44,9 +44,10 @@ class TrainStream:
 
     def __init__(self, shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int, start_epoch: int,
-                 num_views: int, device: str, resume: dict | None = None):
+                 num_views: int, device: str, dali_threads: int = 2, resume: dict | None = None):
         from data_pipeline.dali import DaliAugmenter  # DALI only when a stream is made
 
+        # dali_threads is left out: DALI draws per sample, so its outputs and state do not depend on the thread count.
         self._fingerprint = _fingerprint(shards, batch_size=batch_size, aug=dataclasses.asdict(aug),
                                          image_size=image_size, channels=channels, rank=rank, world_size=world_size,
                                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
@@ -64,7 +65,7 @@ class TrainStream:
         self._loader = make_loader(self._shards)
         local = torch.cuda.current_device() if device == "cuda" else None
         self._augment = DaliAugmenter(aug, batch_size=batch_size, image_size=image_size, channels=channels,
-                                      num_views=num_views, device=device, device_id=local,
+                                      num_views=num_views, device=device, device_id=local, num_threads=dali_threads,
                                       seed=seed * 1_000_003 + rank, state=resume["augment"] if resume else None)
         self._iterating = False
 
@@ -147,7 +148,7 @@ class TrainStream:
 
 def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                       rank: int, world_size: int, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
-                      start_epoch: int = 0, num_views: int = 2, device: str = "cpu",
+                      start_epoch: int = 0, num_views: int = 2, device: str = "cpu", dali_threads: int = 2,
                       resume: dict | None = None) -> TrainStream:
     """Endless stream of augmented batches of this rank's share of ``shards`` (see the module docstring).
 
@@ -156,6 +157,7 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
     """
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_views", num_views, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0),
+                             ("dali_threads", dali_threads, 1),
                              ("start_epoch", start_epoch, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
@@ -170,7 +172,8 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
     aug.channel_stats(channels)  # mean/std length vs channels, before any worker starts
     return TrainStream(list(shards), batch_size=batch_size, aug=aug, image_size=image_size, channels=channels,
                        rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                       seed=seed, start_epoch=start_epoch, num_views=num_views, device=device, resume=resume)
+                       seed=seed, start_epoch=start_epoch, num_views=num_views, device=device,
+                       dali_threads=dali_threads, resume=resume)
 
 
 def _fingerprint(shards: list[str], **settings) -> str:

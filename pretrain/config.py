@@ -74,6 +74,8 @@ class DataConfig:
     batch_size: int = 256
     """Per worker (DeepSpeed's micro-batch); the global batch is batch_size x num_workers."""
     num_loader_workers: int = 1
+    dali_threads: int = 2
+    """CPU threads of each worker's DALI pipeline (decoding, CPU ops); about the cores per GPU on GPU nodes"""
     shuffle_buffer: int = 1000
     image_size: int = 16
     channels: int = 3
@@ -85,6 +87,7 @@ class DataConfig:
         _check(self.shard_size > 0, "shard_size", "must be > 0")
         _check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
         _check(self.num_loader_workers >= 0, "num_loader_workers", "must be >= 0")
+        _check(self.dali_threads >= 1, "dali_threads", f"must be >= 1, got {self.dali_threads}")
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _check(self.image_size > 0, "image_size", "must be > 0")
         _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")

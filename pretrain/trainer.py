@@ -127,6 +127,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         rank=rank,
         world_size=world,
         num_workers=cfg.data.num_loader_workers,
+        dali_threads=cfg.data.dali_threads,
         shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.job.seed,
         start_epoch=epoch,

@@ -46,6 +46,7 @@ def test_yaml_booleans_fill_word_fields():
         ("method.name=nope", "method.name: unknown method 'nope'"),
         ("model.backbone=vgg", "model.backbone: unknown backbone 'vgg'"),
         ("job.num_workers=0", "job.num_workers: must be >= 1"),
+        ("data.dali_threads=0", "data.dali_threads: must be >= 1"),
         ("job.max_steps=10", "optim.warmup_steps: must be < job.max_steps"),
         ("data.batch_size=true", "data.batch_size: expected an integer"),
     ],
