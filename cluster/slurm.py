@@ -17,6 +17,7 @@ nodes: ``job.num_workers`` workers of one CPU each over ``nodes x cpus_per_node`
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -79,10 +80,20 @@ def _int(name: str, value, *, low: int) -> None:
         raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value!r}")
 
 
+def check_run_dir(run_dir: Path) -> Path:
+    """The resolved run directory; ValueError if an #SBATCH directive (its --output) could not name it."""
+    run_dir = Path(run_dir).resolve()
+    if any(c.isspace() for c in str(run_dir)):
+        raise ValueError(f"job.out_dir: the run directory {str(run_dir)!r} has whitespace, which #SBATCH directives "
+                         "cannot carry")
+    return run_dir
+
+
 def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable, workdir: Path | None = None) -> str:
     """The job script for ``run_dir`` (which holds the validated ``config.yaml``)."""
-    run_dir = Path(run_dir).resolve()
+    run_dir = check_run_dir(run_dir)
     ray = Path(python).parent / "ray"
+    workdir = Path(workdir or Path.cwd()).resolve()
     directives = [f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []
     directives += [f"--{k}={v}" for k, v in (("partition", job.partition), ("time", job.time),
                                             ("account", job.account)) if v]
@@ -99,9 +110,10 @@ def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable,
         # the Ray node's step asks for the node's GPUs itself (Slurm sets its CUDA_VISIBLE_DEVICES from that)
         step_gpus=f" --gpus-per-node={job.gpus_per_node}" if job.gpus_per_node else "",
         directives="\n".join(f"#SBATCH {d}" for d in directives),
-        python=python,
-        ray=str(ray),
-        workdir=str(Path(workdir or Path.cwd()).resolve()),
+        q_python=shlex.quote(python),
+        q_ray=shlex.quote(str(ray)),
+        q_run_dir=shlex.quote(str(run_dir)),
+        q_workdir=shlex.quote(str(workdir)),
         join_timeout=job.join_timeout,
         requeue_grace=job.requeue_grace,
     )

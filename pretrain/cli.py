@@ -154,7 +154,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from cluster.slurm import SlurmJob, find_sbatch, submit, write_sbatch
+    from cluster.slurm import SlurmJob, check_run_dir, find_sbatch, submit, write_sbatch
 
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
                    partition=args.partition, time=args.time, account=args.account, sbatch_args=args.sbatch_args,
@@ -164,6 +164,7 @@ def cmd_submit(args) -> int:
     extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []
     cfg, run_dir = _resolve_train_config(args, extra)
     job.check_workers(cfg.job.num_workers)
+    check_run_dir(run_dir)
     _prepare_run(args, cfg, run_dir, changed=bool(args.overrides or extra))
     script = write_sbatch(job, run_dir)
     print(f"Slurm script: {script}", flush=True)

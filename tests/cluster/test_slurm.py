@@ -41,6 +41,14 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
     assert not (tmp_path / "bad").exists()
 
 
+def test_run_dir_with_a_space_is_refused_before_writing(tmp_path):
+    """A run directory sbatch's --output directive could not carry is refused up front."""
+    out = tmp_path / "my runs"
+    proc = _submit(["--set", f"job.out_dir={out}", "--set", "job.run_name=sp", "--dry-run"], tmp_path)
+    assert proc.returncode == 2 and "has whitespace" in proc.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+
+
 def test_no_sbatch_is_one_line(tmp_path):
     """Submitting from a host without sbatch says so before writing the run."""
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # the venv's bin: python, no Slurm
