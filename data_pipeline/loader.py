@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -68,6 +69,8 @@ class TrainStream:
                                       num_views=num_views, device=device, device_id=local, num_threads=dali_threads,
                                       seed=seed * 1_000_003 + rank, state=resume["augment"] if resume else None)
         self._iterating = False
+        self.skipped: tuple[int, float] | None = None
+        """After a resume: (samples re-read and dropped to reach the saved position, seconds it took)"""
 
     def _usable(self, resume: dict | None) -> dict | None:
         if resume is None:
@@ -93,6 +96,7 @@ class TrainStream:
             while True:
                 self._shards.epoch.value = self.epoch  # read by the (persistent) workers at the start of iter()
                 skip, counted = self._taken, self._chunks  # non-zero only in a resumed epoch
+                skip_from = (skip, time.perf_counter()) if skip else None
                 pending: deque[dict] = deque()
                 chunks = 0
                 for chunk in self._loader:
@@ -105,6 +109,8 @@ class TrainStream:
                     if skip:  # used before the saved position: drop without decoding
                         n = min(skip, len(samples))
                         samples, skip = samples[n:], skip - n
+                        if skip == 0:
+                            self.skipped = (skip_from[0], time.perf_counter() - skip_from[1])
                     pending.extend(samples)
                     while len(pending) >= self.batch_size:
                         batch = [pending.popleft() for _ in range(self.batch_size)]

@@ -152,6 +152,10 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             engine.step()
             engine.module.on_step_end(step, cfg.job.max_steps)
             step += 1
+            if resume and rank == 0 and stream.skipped and step == int(state["step"]) + 1:
+                n, seconds = stream.skipped
+                print(f"Data: re-read {n} samples of epoch {epoch} up to the saved position in {seconds:.1f} s "
+                      "(read, not decoded).", flush=True)
             now = time.perf_counter()
             pending.append((step, out["loss"].detach(), now - t_last, epoch))
             t_last = now

@@ -79,6 +79,7 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     (torn / "state").write_bytes(b"half")
     again = _torchrun(cut)
     assert "at step 5 (epoch 0), reading on from its data position" in again.stdout
+    assert "Data: re-read 640 samples of epoch 0 up to the saved position" in again.stdout  # 5 batches of 128
     assert _losses(cut) == expected
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_0000005", "step_0000010",
                                                                          "step_0000012"]
