@@ -1,7 +1,8 @@
 """``python -m cluster.wait_nodes --address HOST:PORT --nodes N``: block until a Ray cluster has N live nodes.
 
-The Slurm and Kubernetes job scripts start one Ray node per machine in the background and call this before the
-driver, so a node that never joins ends the job with one clear line instead of a run that waits for resources forever.
+The Slurm job script (``cluster/templates/slurm.sbatch``) starts one Ray node per machine in the background and calls
+this before the driver, so a node that never joins ends the job with one clear line instead of a run that waits for
+resources forever.
 """
 
 from __future__ import annotations

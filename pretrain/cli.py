@@ -109,8 +109,8 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> list[str]:
-    """Check the tracking URI, build the shards on first use, write the run directory; returns the shard paths.
+def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
+    """Check the tracking URI, build the shards on first use, write the run directory.
 
     ``changed``: a resumed run's config was overridden (it goes on with the new one, so it is written beside it).
     """
@@ -125,7 +125,6 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> list[str
     if not args.resume or changed:
         write_run_files(cfg, run_dir)
     print(f"Run directory: {run_dir}  ({len(shards)} shards, {cfg.job.num_workers} workers)", flush=True)
-    return shards
 
 
 def cmd_train(args) -> int:

@@ -116,6 +116,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 where = "its data position" if resume else "the start of that epoch (no data position saved)"
                 print(f"Resumed from {ckpt} at step {step} (epoch {epoch}), reading on from {where}.", flush=True)
 
+    resumed_at = step
     tracker = _open_tracker(cfg, run_dir, rank)
     history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
     stream = make_train_stream(
@@ -152,7 +153,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             engine.step()
             engine.module.on_step_end(step, cfg.job.max_steps)
             step += 1
-            if resume and rank == 0 and stream.skipped and step == int(state["step"]) + 1:
+            if rank == 0 and stream.skipped and step == resumed_at + 1:
                 n, seconds = stream.skipped
                 print(f"Data: re-read {n} samples of epoch {epoch} up to the saved position in {seconds:.1f} s "
                       "(read, not decoded).", flush=True)
