@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: one function every launcher (Ray, torchrun, Slurm, Kubernetes) ends up calling.
+"""The training loop, top to bottom: one function every launcher (Ray, torchrun, Slurm) ends up calling.
 
 It sees plain torch, the DeepSpeed engine (through ``pretrain.engine``) and a :class:`Session` that the launcher
 provides for where checkpoints come from and go to. Ray is never imported here.
