@@ -67,15 +67,18 @@ def bench_model(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> 
     cfg = load_config(recipe, overrides)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.job.num_workers))
     method = build_method(cfg, distributed=False)
-    opt = torch.optim.AdamW(method.parameters(), lr=cfg.optim.lr)
-    b, c, s = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size
-    batch = {"views": [torch.randn(b, c, s, s) for _ in range(cfg.data.num_views)]}
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    b, c, s, d = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data
+    batch = {"views": [torch.randn(b, c, s, s) for _ in range(d.num_views)]
+             + [torch.randn(b, c, d.local_size, d.local_size) for _ in range(d.local_views)]}
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
+        method.on_step_start(i, warmup + steps)
         method(batch)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        method.on_step_end(i, warmup + steps)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)

@@ -1,10 +1,11 @@
 """DALI decode + augmentation of N views per image. The only module of the project that imports ``nvidia.dali``.
 
 The graph is fed encoded bytes by ``fn.external_source`` (the Python reader owns splitting, shuffling and counting) and
-returns ``num_views`` tensors ``(B, C, S, S)`` float32, normalised. Per view, in order: random resized crop (or a plain
-resize), flip, affine, colour jitter, grayscale, blur, solarize, noise, normalise. Each random op is applied to a sample
-with its probability through DALI conditionals (``if coin_flip: ...``) and is left out of the graph entirely when the
-recipe disables it (``AugmentConfig.enabled_ops``).
+returns ``num_views`` tensors ``(B, C, S, S)`` float32, normalised, then ``local_views`` tensors ``(B, C, s, s)``
+(multi-crop: the same recipe at ``local_size``, the crop's area drawn from ``local_crop_scale``). Per view, in order:
+random resized crop (or a plain resize), flip, affine, colour jitter, grayscale, blur, solarize, noise, normalise.
+Each random op is applied to a sample with its probability through DALI conditionals (``if coin_flip: ...``) and is
+left out of the graph entirely when the recipe disables it (``AugmentConfig.enabled_ops``).
 
 ``device="cuda"``: decoders run with ``device="mixed"`` and every op on the GPU of ``device_id``; ``device="cpu"``: the
 same graph on CPU threads with ``device_id=None``.
@@ -22,6 +23,7 @@ retries; the happy path does no extra checking.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -93,9 +95,11 @@ def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean
 
 
 def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
+                   local_views: int = 0, local_size: int = 0, local_crop_scale: tuple[float, float] = (0.05, 0.4),
                    device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0,
                    checkpoint: bytes | None = None, checkpointing: bool = True):
-    """A built DALI pipeline: input ``"encoded"`` (list of 1-D uint8 arrays), outputs ``num_views`` x (B, C, S, S).
+    """A built DALI pipeline: input ``"encoded"`` (list of 1-D uint8 arrays), outputs ``num_views`` x (B, C, S, S)
+    then ``local_views`` x (B, C, local_size, local_size).
 
     ``checkpoint``: a ``pipe.checkpoint()`` of a pipeline built with the same arguments; its random state is restored.
     ``checkpointing``: whether ``pipe.checkpoint()`` is available (DALI's state tracking; no cost per batch).
@@ -104,8 +108,13 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
         raise ValueError(f"channels: must be 1 or 3, got {channels}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
+    if local_views and not 0 < local_size:
+        raise ValueError(f"local_size: must be > 0 with local_views={local_views}, got {local_size}")
     mean, std = aug.channel_stats(channels)
     ops = set(aug.enabled_ops(channels))
+    # Local crops: the same ops, only the crop's area range differs (DINO's multi-crop).
+    local_aug = dataclasses.replace(aug, crop_scale=tuple(local_crop_scale)) if local_views else aug
+    local_ops = set(local_aug.enabled_ops(channels))
     gpu = device == "cuda"
 
     @pipeline_def(enable_conditionals=True)
@@ -113,8 +122,9 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                 output_type=types.RGB if channels == 3 else types.GRAY)
-        return tuple(_view(img, aug, ops, image_size, channels, mean, std, "gpu" if gpu else "cpu")
-                     for _ in range(num_views))
+        dev = "gpu" if gpu else "cpu"
+        return (*(_view(img, aug, ops, image_size, channels, mean, std, dev) for _ in range(num_views)),
+                *(_view(img, local_aug, local_ops, local_size, channels, mean, std, dev) for _ in range(local_views)))
 
     # prefetch 1: run() returns the batch just fed, so a decode error belongs to a known list of samples.
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
@@ -136,7 +146,8 @@ def _pil_ok(data: bytes) -> bool:
 
 
 class DaliAugmenter:
-    """Callable: encoded images (list of bytes, length <= batch_size) -> ``num_views`` tensors (B, C, S, S).
+    """Callable: encoded images (list of bytes, length <= batch_size) -> ``num_views`` tensors (B, C, S, S), then
+    ``local_views`` tensors (B, C, local_size, local_size).
 
     A failed ``run()`` can leave a DALI pipeline unusable ("Current pipeline object is no longer valid"), so after any
     error the pipeline is rebuilt, with a new seed so the augmentation stream does not replay.
@@ -146,10 +157,12 @@ class DaliAugmenter:
     """
 
     def __init__(self, aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
+                 local_views: int = 0, local_size: int = 0, local_crop_scale: tuple[float, float] = (0.05, 0.4),
                  device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0,
                  state: dict | None = None):
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
         self._kw = dict(batch_size=batch_size, image_size=image_size, channels=channels, num_views=num_views,
+                        local_views=local_views, local_size=local_size, local_crop_scale=local_crop_scale,
                         device=device, device_id=device_id, num_threads=num_threads)
         self._aug, self._seed = aug, seed
         self.rebuilds = int(state["rebuilds"]) if state else 0

@@ -40,19 +40,23 @@ __all__ = ["TrainStream", "make_train_stream", "read_epoch"]
 
 
 class TrainStream:
-    """Iterable of ``{"views": [Tensor (B, C, S, S) float32] * num_views, "label": LongTensor (B,), "epoch": int,
-    "keys": list[str] (B)}``; views and label live on the stream's device."""
+    """Iterable of ``{"views": [Tensor (B, C, S, S) float32] * num_views + [Tensor (B, C, s, s)] * local_views,
+    "label": LongTensor (B,), "epoch": int, "keys": list[str] (B)}``; views and label live on the stream's device."""
 
     def __init__(self, shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int, start_epoch: int,
-                 num_views: int, device: str, dali_threads: int = 2, resume: dict | None = None):
+                 num_views: int, device: str, dali_threads: int = 2, local_views: int = 0, local_size: int = 0,
+                 local_crop_scale: tuple[float, float] = (0.05, 0.4), resume: dict | None = None):
         from data_pipeline.dali import DaliAugmenter  # DALI only when a stream is made
 
         # dali_threads is left out: DALI draws per sample, so its outputs and state do not depend on the thread count.
         self._fingerprint = _fingerprint(shards, batch_size=batch_size, aug=dataclasses.asdict(aug),
                                          image_size=image_size, channels=channels, rank=rank, world_size=world_size,
                                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
-                                         num_views=num_views, device=device)
+                                         num_views=num_views, device=device,
+                                         # only with local crops, so runs without them keep their fingerprint
+                                         **({"local": (local_views, local_size, tuple(local_crop_scale))}
+                                            if local_views else {}))
         resume = self._usable(resume)
         self.batch_size = batch_size
         self.epoch = int(resume["epoch"]) if resume else start_epoch
@@ -66,7 +70,9 @@ class TrainStream:
         self._loader = make_loader(self._shards)
         local = torch.cuda.current_device() if device == "cuda" else None
         self._augment = DaliAugmenter(aug, batch_size=batch_size, image_size=image_size, channels=channels,
-                                      num_views=num_views, device=device, device_id=local, num_threads=dali_threads,
+                                      num_views=num_views, local_views=local_views, local_size=local_size,
+                                      local_crop_scale=local_crop_scale, device=device, device_id=local,
+                                      num_threads=dali_threads,
                                       seed=seed * 1_000_003 + rank, state=resume["augment"] if resume else None)
         self._iterating = False
         self.skipped: tuple[int, float] | None = None
@@ -155,6 +161,7 @@ class TrainStream:
 def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                       rank: int, world_size: int, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
                       start_epoch: int = 0, num_views: int = 2, device: str = "cpu", dali_threads: int = 2,
+                      local_views: int = 0, local_size: int = 0, local_crop_scale: tuple[float, float] = (0.05, 0.4),
                       resume: dict | None = None) -> TrainStream:
     """Endless stream of augmented batches of this rank's share of ``shards`` (see the module docstring).
 
@@ -163,7 +170,7 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
     """
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_views", num_views, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0),
-                             ("dali_threads", dali_threads, 1),
+                             ("dali_threads", dali_threads, 1), ("local_views", local_views, 0),
                              ("start_epoch", start_epoch, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
@@ -176,10 +183,15 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
     if not shards:
         raise ValueError("shards: empty list")
     aug.channel_stats(channels)  # mean/std length vs channels, before any worker starts
+    if local_views:
+        if isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
+            raise ValueError(f"local_size: must be an int >= 1 with local_views={local_views}, got {local_size!r}")
+        dataclasses.replace(aug, crop_scale=tuple(local_crop_scale))  # the local crop range, checked as crop_scale
     return TrainStream(list(shards), batch_size=batch_size, aug=aug, image_size=image_size, channels=channels,
                        rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                        seed=seed, start_epoch=start_epoch, num_views=num_views, device=device,
-                       dali_threads=dali_threads, resume=resume)
+                       dali_threads=dali_threads, local_views=local_views, local_size=local_size,
+                       local_crop_scale=local_crop_scale, resume=resume)
 
 
 def _fingerprint(shards: list[str], **settings) -> str:

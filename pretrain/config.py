@@ -52,16 +52,42 @@ class MethodConfig:
     name: str = "simclr"
     """Key into pretrain.methods.METHODS."""
     temperature: float = 0.2
-    """NT-Xent temperature."""
+    """SimCLR: NT-Xent temperature."""
     loss_impl: str = "auto"
-    """auto (Triton on CUDA, chunked PyTorch on CPU) | triton | chunked | ref (naive, builds the 2N x 2N matrix)."""
+    """auto (Triton on CUDA, PyTorch on CPU) | triton | chunked (SimCLR: memory-efficient PyTorch) | ref (naive)."""
     gather_distributed: bool = True
-    """Use the embeddings of every rank as negatives (gathered with gradients)."""
+    """SimCLR: use the embeddings of every rank as negatives (gathered with gradients)."""
+    # --- DINO (the head's MLP is model.proj_*: hidden dim, layers, and proj_out_dim as the bottleneck) ---
+    num_prototypes: int = 65536
+    """DINO: K, the output dimension of the head's weight-normalised last layer."""
+    norm_last_layer: bool = True
+    """DINO: prototypes of unit norm (frozen gain); false lets the gain train (better for ViT-S, less stable)."""
+    head_bn: bool = False
+    """DINO: BatchNorm between the head's MLP layers (official use_bn_in_head)."""
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    """DINO: teacher temperature after warmup (sharpening)."""
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    """DINO: teacher temperature rises linearly from warmup_teacher_temp to teacher_temp over these steps."""
+    teacher_momentum: float = 0.996
+    """DINO: EMA momentum of the teacher at step 0, raised to 1 by a cosine over job.max_steps."""
+    center_momentum: float = 0.9
+    """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
+    freeze_last_layer_steps: int = 0
+    """DINO: steps during which the prototypes get no gradient (stabilises the start)."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         choices = ("auto", "triton", "chunked", "ref")
         _check(self.loss_impl in choices, "loss_impl", f"must be one of {', '.join(choices)}, got {self.loss_impl!r}")
+        _check(self.num_prototypes > 0, "num_prototypes", f"must be > 0, got {self.num_prototypes}")
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("teacher_momentum", "center_momentum"):
+            _check(0 <= getattr(self, key) <= 1, key, f"must be in [0, 1], got {getattr(self, key)}")
+        for key in ("warmup_teacher_temp_steps", "freeze_last_layer_steps"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -80,6 +106,12 @@ class DataConfig:
     image_size: int = 16
     channels: int = 3
     num_views: int = 2
+    """Views at image_size per image (DINO: the global crops, seen by the teacher too)."""
+    local_views: int = 0
+    """Multi-crop: extra small views per image at local_size (DINO), cropped with local_crop_scale."""
+    local_size: int = 8
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    """Area fraction range of the local crops (data.aug.crop_scale is the global views' range)."""
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -92,6 +124,11 @@ class DataConfig:
         _check(self.image_size > 0, "image_size", "must be > 0")
         _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
         _check(self.num_views >= 2, "num_views", "must be >= 2")
+        _check(self.local_views >= 0, "local_views", f"must be >= 0, got {self.local_views}")
+        _check(0 < self.local_size <= self.image_size, "local_size",
+               f"must be in [1, image_size={self.image_size}], got {self.local_size}")
+        lo, hi = self.local_crop_scale
+        _check(0 < lo <= hi <= 1, "local_crop_scale", f"need 0 < low <= high <= 1, got {list(self.local_crop_scale)}")
         try:
             self.aug.channel_stats(self.channels)
         except ValueError as e:
@@ -205,6 +242,12 @@ class Config:
                 "model.patch_size",
                 f"{self.model.patch_size} does not divide data.image_size {self.data.image_size}",
             )
+            _check(
+                self.data.local_views == 0 or self.data.local_size % self.model.patch_size == 0,
+                "model.patch_size",
+                f"{self.model.patch_size} does not divide data.local_size {self.data.local_size}",
+            )
+        METHODS[self.method.name].check_config(self)
         _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps", "must be < job.max_steps")
 
 

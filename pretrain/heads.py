@@ -71,8 +71,8 @@ class DINOHead(nn.Module):
     """DINO head: MLP (GELU) -> bottleneck -> L2-normalise -> weight-normalised Linear to ``out_dim`` prototypes.
 
     As in the official DINO ``DINOHead``: ``num_layers`` Linear layers down to ``bottleneck_dim`` (optional BatchNorm),
-    trunc_normal(0.02) init, then ``last_layer`` without bias. Methods freeze ``last_layer`` for the first epoch by
-    zeroing its gradients (``freeze_last_layer``); that schedule belongs to the method, not here.
+    trunc_normal(0.02) init, then ``last_layer`` without bias. Methods freeze ``last_layer`` for the first steps through
+    ``forward(x, freeze_last_layer=True)``; that schedule belongs to the method, not here.
     """
 
     def __init__(
@@ -105,7 +105,13 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
         self.out_dim = out_dim
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_dim) -> (B, out_dim) prototype logits (before temperature / softmax)."""
+    def forward(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
+        """x: (B, in_dim) -> (B, out_dim) prototype logits (before temperature / softmax).
+
+        ``freeze_last_layer``: the prototypes enter as constants, so they get no gradient (DINO's first steps). The
+        optimizer still sees a zero gradient, and AdamW's decoupled decay then shrinks ``weight_v``, which the
+        normalisation cancels: the prototypes stay exactly where they were."""
         z = F.normalize(self.mlp(x), dim=-1)
+        if freeze_last_layer:
+            return F.linear(z, self.last_layer.weight.detach())
         return self.last_layer(z)

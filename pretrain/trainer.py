@@ -92,7 +92,8 @@ def build_method(cfg: Config, *, distributed: bool):
     """The method at its seeded initialisation (the same init gives the 'random init' baseline of the evaluation)."""
     seed_everything(cfg.job.seed)
     gather = dist.gather_with_grad if distributed and cfg.method.gather_distributed else None
-    return METHODS[cfg.method.name](cfg, gather=gather, rank=dist.rank())
+    reduce = dist.all_reduce_mean if distributed else None
+    return METHODS[cfg.method.name](cfg, gather=gather, reduce=reduce, rank=dist.rank())
 
 
 def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float]:
@@ -133,6 +134,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         seed=cfg.job.seed,
         start_epoch=epoch,
         num_views=cfg.data.num_views,
+        local_views=cfg.data.local_views,
+        local_size=cfg.data.local_size,
+        local_crop_scale=cfg.data.local_crop_scale,
         device=device.type,
         resume=resume["data"] if resume else None,
     )
@@ -148,6 +152,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         while step < cfg.job.max_steps:
             batch = next(batches)
             epoch = batch["epoch"]
+            engine.module.on_step_start(step, cfg.job.max_steps)
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()

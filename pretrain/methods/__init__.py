@@ -1,8 +1,9 @@
 """Pretext tasks: ``METHODS[name](cfg, gather=..., rank=...)`` builds an :class:`SSLMethod`."""
 
 from pretrain.methods.base import SSLMethod
+from pretrain.methods.dino import DINO
 from pretrain.methods.simclr import SimCLR
 
-METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "dino": DINO}
 
-__all__ = ["METHODS", "SSLMethod", "SimCLR"]
+__all__ = ["DINO", "METHODS", "SSLMethod", "SimCLR"]

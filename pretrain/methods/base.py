@@ -1,19 +1,27 @@
 """The contract between a pretext task and the trainer.
 
-The trainer knows only ``method(batch)["loss"]``, ``method.on_step_end(step, max_steps)`` and ``method.backbone``
-(the encoder that downstream tasks use). A method owns its heads, any teacher and its EMA, and never decides how it is
-distributed: cross-rank communication is passed in as ``gather``.
+The trainer knows only ``method(batch)["loss"]``, ``method.on_step_start(step, max_steps)`` (schedules read before the
+forward), ``method.on_step_end(step, max_steps)`` (EMA teachers, centers: after the optimizer step) and
+``method.backbone`` (the encoder that downstream tasks use). A method owns its heads, any teacher and its EMA, and never
+decides how it is distributed: cross-rank communication is passed in as ``gather`` and ``reduce``. Whatever a method
+schedules by step is a function of the step alone, so a resumed run continues every schedule exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
 Gather = Callable[[Tensor], Tensor]
 """(n, D) on each rank -> (world * n, D) in rank order, differentiable (see pretrain.dist.gather_with_grad)."""
+Reduce = Callable[[Tensor], Tensor]
+"""A float tensor -> its mean over ranks, no autograd (see pretrain.dist.all_reduce_mean)."""
 
 
 class SSLMethod(nn.Module):
@@ -21,10 +29,18 @@ class SSLMethod(nn.Module):
 
     backbone: nn.Module
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ``ValueError("section.key: problem")`` for settings this method cannot run with. Default: none."""
+
     def forward(self, batch: dict[str, Tensor | list[Tensor]]) -> dict[str, Tensor]:
         """Return a dict with a scalar ``loss`` plus detached values worth logging."""
         raise NotImplementedError
 
+    def on_step_start(self, step: int, max_steps: int) -> None:
+        """Set what the coming forward reads from schedules (``step`` counts the steps done). Default: nothing."""
+
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
-        """Per-step updates outside the gradient (EMA teachers, centers, schedules). Default: nothing."""
+        """Per-step updates outside the gradient (EMA teachers, centers), after optimizer step ``step``. Default:
+        nothing."""

@@ -8,13 +8,20 @@ from torch import Tensor
 from kernels.ntxent import ntxent_loss
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, SSLMethod
+from pretrain.methods.base import Gather, Reduce, SSLMethod
 from pretrain.models import build_backbone
 
 
 class SimCLR(SSLMethod):
-    def __init__(self, cfg: Config, *, gather: Gather | None = None, rank: int = 0) -> None:
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.data.local_views:
+            raise ValueError(f"data.local_views: simclr uses two views and no local crops, got {cfg.data.local_views}")
+
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
+                 rank: int = 0) -> None:
         super().__init__()
+        del reduce  # SimCLR averages nothing across ranks outside the loss
         kwargs = dict(cfg.model.backbone_kwargs)
         if cfg.model.backbone.startswith("vit"):
             kwargs.setdefault("use_mask_token", False)  # SimCLR never masks: no parameter without a gradient

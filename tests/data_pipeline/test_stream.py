@@ -268,3 +268,58 @@ def test_resume_without_dali_state_keeps_the_samples(digits_dir):
         again = _take(resumed, 3)
     assert [b["keys"] for b in again] == [b["keys"] for b in tail]
     assert not torch.equal(again[0]["views"][0], tail[0]["views"][0])
+
+
+def test_local_views_are_plain_resizes_without_crop(digits_dir):
+    """Multi-crop with every op off and local_crop_scale (1, 1): the 2 global views are 16x16, the 3 local views are
+    the exact 8x8 normalisation of each digit (its native size), after the globals in the list."""
+    images, _ = digits_uint8()
+    with _stream(list_shards(digits_dir), AugmentConfig.disabled(**GRAY), local_views=3, local_size=8,
+                 local_crop_scale=(1.0, 1.0)) as stream:
+        batch = next(iter(stream))
+    idx = [int(k.split("_")[1]) for k in batch["keys"]]
+    expected = (torch.from_numpy(images[idx]).float()[:, None] / 255.0 - 0.5) / 0.25
+    views = batch["views"]
+    assert [tuple(v.shape) for v in views] == [(32, 1, 16, 16)] * 2 + [(32, 1, 8, 8)] * 3
+    for v in views[2:]:
+        torch.testing.assert_close(v, expected, atol=1e-5, rtol=0)
+
+
+def test_local_views_crop_their_own_range(digits_dir):
+    """Local crops draw their area from local_crop_scale, not from aug.crop_scale: with global crops off (plain
+    resize) and local crops of 10-20% of the area, every local view differs from the resized digit and from the other
+    local view."""
+    images, _ = digits_uint8()
+    aug = AugmentConfig.disabled(**GRAY)
+    with _stream(list_shards(digits_dir), aug, image_size=8, local_views=2, local_size=8,
+                 local_crop_scale=(0.1, 0.2)) as stream:
+        batch = next(iter(stream))
+    g0, _, l0, l1 = batch["views"]
+    idx = [int(k.split("_")[1]) for k in batch["keys"]]
+    torch.testing.assert_close(g0, (torch.from_numpy(images[idx]).float()[:, None] / 255.0 - 0.5) / 0.25,
+                               atol=1e-5, rtol=0)
+    for a, b in ((l0, g0), (l0, l1)):
+        assert ((a - b).flatten(1).abs().amax(1) > 0.1).float().mean() > 0.9
+
+
+def test_resume_with_local_views_is_exact_and_fingerprinted(digits_dir, caplog):
+    """A mid-epoch position with local crops resumes to the same global and local views; a state saved without local
+    crops is not applied to a stream with them (other data settings)."""
+    kw = dict(batch_size=128, num_workers=1, local_views=2, local_size=8, local_crop_scale=(0.2, 0.5))
+    aug = AugmentConfig(**GRAY, **ALL_ON)
+    with _stream(list_shards(digits_dir), aug, **kw) as whole:
+        it = iter(whole)
+        _ = [next(it) for _ in range(3)]
+        state = whole.state_dict()
+        tail = [next(it) for _ in range(2)]
+    with _stream(list_shards(digits_dir), aug, resume=state, **kw) as resumed:
+        again = _take(resumed, 2)
+    assert all(len(b["views"]) == 4 for b in again)
+    _same_batches(again, tail)
+    with _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=1) as plain:
+        _take(plain, 3)
+        plain_state = plain.state_dict()
+    with caplog.at_level("WARNING"), _stream(list_shards(digits_dir), aug, resume=plain_state, **kw) as other:
+        assert _take(other, 1)[0]["epoch"] == 0
+    assert "other data settings" in caplog.text
+    assert plain_state["fingerprint"] != state["fingerprint"]

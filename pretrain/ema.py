@@ -1,0 +1,67 @@
+"""Exponential moving average of a student into a teacher (BYOL, DINO, iBOT): ``torch._foreach_*``, ZeRO-3 aware.
+
+Under DeepSpeed ZeRO-3 a parameter's full value exists only while a forward gathers it; between steps each rank holds
+its partition in ``param.ds_tensor``. A teacher and a student of the same architecture are partitioned alike (the same
+numel per parameter), so the EMA runs on the partitions, locally and without communication. Parameters that ZeRO-3
+keeps whole on every rank (``ds_persist``: small ones, below its persistence threshold) are read from ``param.data`` by
+the forward without a gather, so those are updated there as well. Without ZeRO-3 the update is on ``param.data``.
+Nothing here imports DeepSpeed: it only reads the attributes DeepSpeed sets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def cosine_momentum(step: int, max_steps: int, base: float) -> float:
+    """BYOL/DINO schedule: ``base`` at step 0, rising along a half cosine to 1 at ``max_steps``."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, max_steps) / max(1, max_steps)) + 1.0) / 2.0
+
+
+def _local_tensors(teacher: Iterable[nn.Parameter], student: Iterable[nn.Parameter]):
+    t_out, s_out = [], []
+    for t, s in zip(teacher, student, strict=True):
+        if hasattr(t, "ds_tensor") != hasattr(s, "ds_tensor"):
+            raise ValueError("teacher and student must both be ZeRO-3 partitioned, or neither")
+        if hasattr(t, "ds_tensor"):
+            if t.ds_tensor.shape != s.ds_tensor.shape:
+                raise ValueError(f"teacher/student partitions differ: {tuple(t.ds_tensor.shape)} vs "
+                                 f"{tuple(s.ds_tensor.shape)}")
+            t_out.append(t.ds_tensor)
+            s_out.append(s.ds_tensor)
+            if getattr(t, "ds_persist", False):
+                t_out.append(t.data)
+                s_out.append(s.data)
+        else:
+            if t.shape != s.shape:
+                raise ValueError(f"teacher/student parameters differ: {tuple(t.shape)} vs {tuple(s.shape)}")
+            t_out.append(t.data)
+            s_out.append(s.data)
+    return t_out, s_out
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter, in place.
+
+    ``teacher`` and ``student`` must list their parameters in the same order with the same shapes (a deep copy does).
+    Buffers (BatchNorm statistics) are left alone: the teacher keeps its own, from its own forward passes.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+    t, s = _local_tensors(teacher.parameters(), student.parameters())
+    if momentum == 1.0 or not t:
+        return
+    # foreach ops need one dtype per list; fp32 master weights and a bf16 copy would mix: group by dtype/device.
+    groups: dict[tuple, tuple[list, list]] = {}
+    for a, b in zip(t, s):
+        key = (a.dtype, a.device)
+        groups.setdefault(key, ([], []))
+        groups[key][0].append(a)
+        groups[key][1].append(b.to(a.dtype) if b.dtype != a.dtype else b)
+    for ts, ss in groups.values():
+        torch._foreach_lerp_(ts, ss, 1.0 - momentum)

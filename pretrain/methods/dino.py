@@ -1,0 +1,107 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels.
+
+A student (backbone + DINO head) sees every view, global and local (multi-crop); a teacher, an EMA of the student,
+sees the global views only. The loss is the cross-entropy between the teacher's centred and sharpened softmax and the
+student's softmax over all (teacher view i, student view j) pairs with i != j (``kernels.dino_loss``, which also gives
+the teacher's batch mean). The center is an EMA of that mean over every rank (``reduce``, passed in); the teacher
+temperature warms up linearly and the teacher momentum rises to 1 along a cosine, both functions of the step alone;
+the prototypes are frozen for the first ``freeze_last_layer_steps`` steps. ``backbone`` is the teacher's, the network
+DINO evaluates and releases.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from kernels.dino_loss import dino_loss
+from pretrain.config import Config
+from pretrain.ema import cosine_momentum, ema_update_
+from pretrain.heads import DINOHead
+from pretrain.methods.base import Gather, Reduce, SSLMethod
+from pretrain.models import build_backbone
+
+LOSS_IMPLS = ("auto", "triton", "ref")
+
+
+def teacher_temperature(step: int, warmup_temp: float, temp: float, warmup_steps: int) -> float:
+    """Linear from ``warmup_temp`` at step 0 to ``temp`` at ``warmup_steps``, then constant."""
+    if step >= warmup_steps:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * step / warmup_steps
+
+
+class DINO(SSLMethod):
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.method.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"method.loss_impl: dino takes one of {', '.join(LOSS_IMPLS)}, got "
+                             f"{cfg.method.loss_impl!r} (chunked is SimCLR's)")
+
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
+                 rank: int = 0) -> None:
+        super().__init__()
+        del gather, rank  # DINO's loss is per sample: only the center is averaged across ranks
+        m = cfg.method
+        kwargs = dict(cfg.model.backbone_kwargs)
+        if cfg.model.backbone.startswith("vit"):
+            kwargs.setdefault("use_mask_token", False)  # DINO never masks: no parameter without a gradient
+        backbone = build_backbone(cfg.model.backbone, image_size=cfg.data.image_size, in_chans=cfg.data.channels,
+                                  patch_size=cfg.model.patch_size, **kwargs)
+        head = DINOHead(backbone.embed_dim, out_dim=m.num_prototypes, hidden_dim=cfg.model.proj_hidden_dim,
+                        bottleneck_dim=cfg.model.proj_out_dim, num_layers=cfg.model.proj_layers,
+                        use_bn=m.head_bn, norm_last_layer=m.norm_last_layer)
+        self.student = nn.ModuleDict({"backbone": backbone, "head": head})
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.register_buffer("center", torch.zeros(m.num_prototypes))
+        self.n_global = cfg.data.num_views
+        self.reduce = reduce
+        self.cfg = m
+        self.loss_impl = m.loss_impl
+        self._teacher_temp = m.warmup_teacher_temp
+        self._freeze = m.freeze_last_layer_steps > 0
+        self._teacher_mean: Tensor | None = None
+
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        return self.teacher["backbone"]
+
+    def on_step_start(self, step: int, max_steps: int) -> None:
+        m = self.cfg
+        self._teacher_temp = teacher_temperature(step, m.warmup_teacher_temp, m.teacher_temp,
+                                                 m.warmup_teacher_temp_steps)
+        self._freeze = step < m.freeze_last_layer_steps
+
+    def _student(self, views: list[Tensor]) -> Tensor:
+        """Every view through the student, one backbone pass per resolution (multi-crop) -> (V * B, K)."""
+        feats, i = [], 0
+        while i < len(views):
+            j = i
+            while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+                j += 1
+            feats.append(self.student["backbone"](torch.cat(views[i:j])))
+            i = j
+        return self.student["head"](torch.cat(feats), freeze_last_layer=self._freeze)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""
+        views = batch["views"]
+        n = views[0].shape[0]
+        with torch.no_grad():
+            teacher = self.teacher["head"](self.teacher["backbone"](torch.cat(views[: self.n_global])))
+        student = self._student(views)
+        loss, teacher_mean = dino_loss(student.view(len(views), n, -1), teacher.view(self.n_global, n, -1),
+                                       self.center, self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
+        self._teacher_mean = teacher_mean
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        ema_update_(self.teacher, self.student, cosine_momentum(step, max_steps, self.cfg.teacher_momentum))
+        if self._teacher_mean is not None:
+            mean = self.reduce(self._teacher_mean) if self.reduce is not None else self._teacher_mean
+            self.center.mul_(self.cfg.center_momentum).add_(mean.to(self.center.dtype),
+                                                            alpha=1.0 - self.cfg.center_momentum)
+            self._teacher_mean = None
