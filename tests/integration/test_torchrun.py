@@ -15,9 +15,9 @@ RECIPE = ROOT / "configs" / "simclr_digits.yaml"
 pytestmark = pytest.mark.slow
 
 
-def _dry_run(tmp_path: Path, name: str, sets: list[str]) -> Path:
+def _dry_run(tmp_path: Path, name: str, sets: list[str], recipe: Path = RECIPE) -> Path:
     """`pretrain train --dry-run`: the run directory with its config, nothing trained."""
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--dry-run"]
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(recipe), "--dry-run"]
     for s in [*sets, f"job.out_dir={tmp_path}", f"job.run_name={name}", "eval.enabled=false", "job.progress=false",
               f"data.cache_dir={tmp_path / 'cache'}"]:
         cmd += ["--set", s]
@@ -57,12 +57,20 @@ def _losses(run: Path) -> dict[int, str]:
     return {int(r[0]): r[1] for r in rows}  # the loss exactly as written
 
 
-def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
+# DINO: the prototypes unfreeze and the teacher temperature finishes its warmup after the resume point, so the teacher,
+# its center and every schedule must come back exactly for the losses to match.
+DINO = (ROOT / "configs" / "dino_digits.yaml", ["method.freeze_last_layer_steps=7", "method.warmup_teacher_temp_steps=8",
+                                                "method.num_prototypes=256"])
+
+
+@pytest.mark.parametrize("recipe, extra", [(RECIPE, []), DINO], ids=["simclr", "dino"])
+def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra):
     """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch) while copying its step-10 one,
     a run resumed to step 12 starts at step 5 and logs the very losses of the uninterrupted run, also past the epoch
-    boundary: same samples, augmentations and RNG."""
+    boundary: same samples, augmentations and RNG (and for DINO the same teacher, center and schedules)."""
     whole = _dry_run(tmp_path, "whole", ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5",
-                                         "optim.warmup_steps=2", "data.batch_size=128", "data.num_loader_workers=2"])
+                                         "optim.warmup_steps=2", "data.batch_size=128", "data.num_loader_workers=2",
+                                         *extra], recipe)
     _torchrun(whole)
     expected = _losses(whole)
     assert sorted(expected) == list(range(1, 13))
