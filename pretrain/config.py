@@ -125,10 +125,12 @@ class DataConfig:
         _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
         _check(self.num_views >= 2, "num_views", "must be >= 2")
         _check(self.local_views >= 0, "local_views", f"must be >= 0, got {self.local_views}")
-        _check(0 < self.local_size <= self.image_size, "local_size",
-               f"must be in [1, image_size={self.image_size}], got {self.local_size}")
-        lo, hi = self.local_crop_scale
-        _check(0 < lo <= hi <= 1, "local_crop_scale", f"need 0 < low <= high <= 1, got {list(self.local_crop_scale)}")
+        if self.local_views:  # the local keys mean nothing without local crops
+            _check(0 < self.local_size <= self.image_size, "local_size",
+                   f"must be in [1, image_size={self.image_size}], got {self.local_size}")
+            lo, hi = self.local_crop_scale
+            _check(0 < lo <= hi <= 1, "local_crop_scale",
+                   f"need 0 < low <= high <= 1, got {list(self.local_crop_scale)}")
         try:
             self.aug.channel_stats(self.channels)
         except ValueError as e:

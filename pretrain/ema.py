@@ -56,12 +56,11 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     t, s = _local_tensors(teacher.parameters(), student.parameters())
     if momentum == 1.0 or not t:
         return
-    # foreach ops need one dtype per list; fp32 master weights and a bf16 copy would mix: group by dtype/device.
+    # a foreach op takes one dtype and device per call: group (a bf16 student copy is cast to the teacher's dtype)
     groups: dict[tuple, tuple[list, list]] = {}
     for a, b in zip(t, s):
-        key = (a.dtype, a.device)
-        groups.setdefault(key, ([], []))
-        groups[key][0].append(a)
-        groups[key][1].append(b.to(a.dtype) if b.dtype != a.dtype else b)
+        ts, ss = groups.setdefault((a.dtype, a.device), ([], []))
+        ts.append(a)
+        ss.append(b.to(a.dtype))
     for ts, ss in groups.values():
         torch._foreach_lerp_(ts, ss, 1.0 - momentum)

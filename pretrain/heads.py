@@ -55,12 +55,14 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # PyTorch's default init, as DINO's last layer
         self.weight_v = nn.Parameter(v.clone())
-        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fixed_norm)
+        # 1-D, like a norm's weight: a gain gets no weight decay (pretrain.engine.param_groups), so frozen prototypes
+        # (zero gradient, zero Adam moments) stay exactly as they are under any optimizer
+        self.weight_g = nn.Parameter(torch.ones(out_dim), requires_grad=not fixed_norm)
 
     @property
     def weight(self) -> Tensor:
         """(out_dim, in_dim) effective weight."""
-        return self.weight_g * F.normalize(self.weight_v, dim=1)
+        return self.weight_g[:, None] * F.normalize(self.weight_v, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_dim) -> (B, out_dim)."""
@@ -91,7 +93,9 @@ class DINOHead(nn.Module):
         layers: list[nn.Module] = []
         d = in_dim
         for _ in range(num_layers - 1):
-            layers.append(nn.Linear(d, hidden_dim))
+            # No bias before BatchNorm: it is redundant there, and its gradient, zero up to rounding, would be scaled
+            # by Adam into full-size random steps (that also differ with the reduction order of each ZeRO stage).
+            layers.append(nn.Linear(d, hidden_dim, bias=not use_bn))
             if use_bn:
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.GELU())
@@ -101,16 +105,17 @@ class DINOHead(nn.Module):
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
         self.out_dim = out_dim
 
     def forward(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
         """x: (B, in_dim) -> (B, out_dim) prototype logits (before temperature / softmax).
 
-        ``freeze_last_layer``: the prototypes enter as constants, so they get no gradient (DINO's first steps). The
-        optimizer still sees a zero gradient, and AdamW's decoupled decay then shrinks ``weight_v``, which the
-        normalisation cancels: the prototypes stay exactly where they were."""
+        ``freeze_last_layer``: the prototypes enter as constants, so they get no gradient (DINO's first steps). Under
+        ZeRO the optimizer sees a zero gradient: AdamW's decoupled decay then shrinks ``weight_v``, which the
+        normalisation cancels, and the gain (no decay) stays: the prototypes stay exactly where they were."""
         z = F.normalize(self.mlp(x), dim=-1)
         if freeze_last_layer:
             return F.linear(z, self.last_layer.weight.detach())

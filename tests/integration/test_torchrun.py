@@ -59,8 +59,8 @@ def _losses(run: Path) -> dict[int, str]:
 
 # DINO: the prototypes unfreeze and the teacher temperature finishes its warmup after the resume point, so the teacher,
 # its center and every schedule must come back exactly for the losses to match.
-DINO = (ROOT / "configs" / "dino_digits.yaml", ["method.freeze_last_layer_steps=7", "method.warmup_teacher_temp_steps=8",
-                                                "method.num_prototypes=256"])
+DINO = (ROOT / "configs" / "dino_digits.yaml", ["method.freeze_last_layer_steps=7", "method.warmup_teacher_temp=0.01",
+                                                "method.warmup_teacher_temp_steps=8", "method.num_prototypes=256"])
 
 
 @pytest.mark.parametrize("recipe, extra", [(RECIPE, []), DINO], ids=["simclr", "dino"])

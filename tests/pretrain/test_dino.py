@@ -34,7 +34,8 @@ def _views(b: int = 6, local: int = 2, seed: int = 0) -> list[torch.Tensor]:
 def test_loss_is_dino_of_teacher_and_student_outputs():
     """The method's loss is DINO's reference loss of its own student (all views) and teacher (global views) outputs,
     at the scheduled teacher temperature, and the Triton kernel (interpreted) gives the same loss and gradients."""
-    method = _method("method.loss_impl=ref", "method.warmup_teacher_temp_steps=10")
+    method = _method("method.loss_impl=ref", "method.warmup_teacher_temp=0.04", "method.teacher_temp=0.06",
+                     "method.warmup_teacher_temp_steps=10")
     method.center.normal_()  # a non-trivial center
     views = _views()
     method.on_step_start(5, 100)
@@ -43,8 +44,9 @@ def test_loss_is_dino_of_teacher_and_student_outputs():
     out = method({"views": views})["loss"]
     with torch.no_grad():
         t = method.teacher["head"](method.teacher["backbone"](torch.cat(views[:2]))).view(2, 6, -1)
-    s = torch.cat([method.student["head"](method.student["backbone"](torch.cat(views[:2]))),
-                   method.student["head"](method.student["backbone"](torch.cat(views[2:])))]).view(4, 6, -1)
+        backbone = method.student["backbone"]  # one pass per resolution, then the head over all views at once
+        s = method.student["head"](torch.cat([backbone(torch.cat(views[:2])), backbone(torch.cat(views[2:]))]))
+        s = s.view(4, 6, -1)
     ref, _ = dino_loss_ref(s, t, method.center, 0.1, temp, upcast=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -57,7 +59,9 @@ def test_loss_is_dino_of_teacher_and_student_outputs():
     torch.testing.assert_close(fused, out, rtol=1e-5, atol=1e-6)
     for n, p in method.named_parameters():
         if n in grads:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+            # fp32 sums in another order, carried back through the network: judged against the gradient's scale
+            scale = grads[n].abs().max().item()
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_teacher_gets_no_gradient_and_backbone_is_teacher():
@@ -151,6 +155,7 @@ def test_training_step_moves_teacher_towards_student():
 @pytest.mark.parametrize("overrides, message", [
     (["method.loss_impl=chunked"], "method.loss_impl: dino takes one of auto, triton, ref"),
     (["data.local_size=32"], "data.local_size: must be in [1, image_size=16]"),
+    (["data.local_views=-1"], "data.local_views: must be >= 0"),
     (["data.local_crop_scale=[0.5, 0.2]"], "data.local_crop_scale: need 0 < low <= high <= 1"),
     (["method.teacher_momentum=1.5"], "method.teacher_momentum: must be in [0, 1]"),
     (["method.teacher_temp=0"], "method.teacher_temp: must be > 0"),
@@ -168,6 +173,7 @@ def test_simclr_refuses_local_crops():
     """SimCLR has no use for local crops: asking for them is an error, not silent extra decoding."""
     with pytest.raises(ConfigError, match="data.local_views: simclr"):
         load_config(ROOT / "configs" / "simclr_digits.yaml", ["data.local_views=2"])
+    load_config(ROOT / "configs" / "simclr_digits.yaml", ["data.local_size=32"])  # unused without local crops: fine
 
 
 def test_collapsed_teacher_gives_log_k():
@@ -180,3 +186,17 @@ def test_collapsed_teacher_gives_log_k():
             head.last_layer.weight_v[:, 0] = 1.0  # every prototype the same unit vector: constant logits
     loss = method({"views": _views()})["loss"]
     assert loss.item() == pytest.approx(math.log(96), rel=1e-5)
+
+
+def test_vit_student_sees_local_crops_at_their_size():
+    """With a ViT, local crops (8x8, 4 patches) go through the same student as the 16x16 globals (16 patches, position
+    embeddings interpolated); every student parameter that the loss reaches gets a gradient."""
+    method = _method("model.backbone=vit_tiny", "model.patch_size=4",
+                     "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+                     "method.freeze_last_layer_steps=0")
+    views = _views()
+    loss = method({"views": views})["loss"]
+    loss.backward()
+    assert math.isfinite(loss.item())
+    missing = [n for n, p in method.student.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []

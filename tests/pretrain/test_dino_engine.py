@@ -125,6 +125,8 @@ def test_prototypes_frozen_then_trained(stage, results):
     unit = [torch.nn.functional.normalize(r[k]["student"]["head.last_layer.weight_v"], dim=1)
             for k in ("init", "frozen", "trained")]
     torch.testing.assert_close(unit[1], unit[0], rtol=1e-5, atol=1e-6)
+    gain = [r[k]["student"]["head.last_layer.weight_g"] for k in ("init", "frozen")]
+    torch.testing.assert_close(gain[1], gain[0], rtol=0, atol=0)  # trainable here (norm_last_layer: false)
     assert not torch.allclose(unit[2], unit[1], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(r["frozen"]["student"]["head.mlp.0.weight"], r["init"]["student"]["head.mlp.0.weight"])
 

@@ -65,6 +65,7 @@ def test_dino_head_layout() -> None:
     head = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8, num_layers=3, use_bn=True)
     kinds = [type(m) for m in head.mlp]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Linear]
+    assert head.mlp[0].bias is None and head.mlp[3].bias is None and head.mlp[-1].bias is not None  # none before BN
     assert head.mlp[-1].out_features == 8
     assert set(dict(head.last_layer.named_parameters())) == {"weight_v", "weight_g"}
 
