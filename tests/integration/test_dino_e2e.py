@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "dino_digits.yaml"
-STEPS = 80
+STEPS = 120
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mlflow_server):
     out = tmp_path_factory.mktemp("dino")
-    sets = ["data.batch_size=128", f"job.max_steps={STEPS}", "job.log_every=10", "job.ckpt_every=40",
+    sets = ["data.batch_size=128", f"job.max_steps={STEPS}", "job.log_every=10", "job.ckpt_every=60",
             "job.progress=false", f"job.out_dir={out}", "job.run_name=dino", f"data.cache_dir={out / 'cache'}",
             "zero.stage=3", "job.num_workers=2", "method.freeze_last_layer_steps=10"]
     log = out / "train.log"
@@ -37,11 +37,11 @@ def trained(tmp_path_factory, mlflow_server):
 
 
 def test_teacher_backbone_learns(trained):
-    """After 80 steps the teacher backbone (backbone.pt, evaluated at the end) beats the same network at its random
+    """After 120 steps the teacher backbone (backbone.pt, evaluated at the end) beats the same network at its random
     init on digits by kNN and KMeans NMI."""
     report = json.loads((trained / "eval.json").read_text())
-    assert report["knn_top1"] > report["random_init"]["knn_top1"] + 0.01, report
-    assert report["kmeans_nmi"] > report["random_init"]["kmeans_nmi"] + 0.04, report
+    assert report["knn_top1"] > report["random_init"]["knn_top1"] + 0.02, report
+    assert report["kmeans_nmi"] > report["random_init"]["kmeans_nmi"] + 0.05, report
     saved = torch.load(trained / "backbone.pt", weights_only=True)
     assert saved["config"]["method"]["name"] == "dino"
     assert not any(k.startswith(("teacher.", "student.", "head.")) for k in saved["state_dict"])
