@@ -1,4 +1,4 @@
-"""Pretext tasks: ``METHODS[name](cfg, gather=..., rank=...)`` builds an :class:`SSLMethod`."""
+"""Pretext tasks: ``METHODS[name](cfg, gather=..., reduce=..., rank=...)`` builds an :class:`SSLMethod`."""
 
 from pretrain.methods.base import SSLMethod
 from pretrain.methods.dino import DINO
