@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from pretrain.models import build_backbone
+
 if TYPE_CHECKING:
     from pretrain.config import Config
 
@@ -22,6 +24,16 @@ Gather = Callable[[Tensor], Tensor]
 """(n, D) on each rank -> (world * n, D) in rank order, differentiable (see pretrain.dist.gather_with_grad)."""
 Reduce = Callable[[Tensor], Tensor]
 """A float tensor -> its mean over ranks, no autograd (see pretrain.dist.all_reduce_mean)."""
+
+
+def build_method_backbone(cfg: Config, *, masks: bool = False) -> nn.Module:
+    """The backbone of ``cfg.model`` for ``cfg.data``'s images. A ViT gets a mask token only for a method that masks
+    (``masks``): an unused one would be a parameter without a gradient."""
+    kwargs = dict(cfg.model.backbone_kwargs)
+    if cfg.model.backbone.startswith("vit"):
+        kwargs.setdefault("use_mask_token", masks)
+    return build_backbone(cfg.model.backbone, image_size=cfg.data.image_size, in_chans=cfg.data.channels,
+                          patch_size=cfg.model.patch_size, **kwargs)
 
 
 class SSLMethod(nn.Module):

@@ -20,8 +20,7 @@ from kernels.dino_loss import dino_loss
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_
 from pretrain.heads import DINOHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod
-from pretrain.models import build_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
 
 LOSS_IMPLS = ("auto", "triton", "ref")
 
@@ -45,11 +44,7 @@ class DINO(SSLMethod):
         super().__init__()
         del gather, rank  # DINO's loss is per sample: only the center is averaged across ranks
         m = cfg.method
-        kwargs = dict(cfg.model.backbone_kwargs)
-        if cfg.model.backbone.startswith("vit"):
-            kwargs.setdefault("use_mask_token", False)  # DINO never masks: no parameter without a gradient
-        backbone = build_backbone(cfg.model.backbone, image_size=cfg.data.image_size, in_chans=cfg.data.channels,
-                                  patch_size=cfg.model.patch_size, **kwargs)
+        backbone = build_method_backbone(cfg)
         head = DINOHead(backbone.embed_dim, out_dim=m.num_prototypes, hidden_dim=cfg.model.proj_hidden_dim,
                         bottleneck_dim=cfg.model.proj_out_dim, num_layers=cfg.model.proj_layers,
                         use_bn=m.head_bn, norm_last_layer=m.norm_last_layer)

@@ -8,8 +8,7 @@ from torch import Tensor
 from kernels.ntxent import ntxent_loss
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod
-from pretrain.models import build_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
 
 
 class SimCLR(SSLMethod):
@@ -22,16 +21,7 @@ class SimCLR(SSLMethod):
                  rank: int = 0) -> None:
         super().__init__()
         del reduce  # SimCLR averages nothing across ranks outside the loss
-        kwargs = dict(cfg.model.backbone_kwargs)
-        if cfg.model.backbone.startswith("vit"):
-            kwargs.setdefault("use_mask_token", False)  # SimCLR never masks: no parameter without a gradient
-        self.backbone = build_backbone(
-            cfg.model.backbone,
-            image_size=cfg.data.image_size,
-            in_chans=cfg.data.channels,
-            patch_size=cfg.model.patch_size,
-            **kwargs,
-        )
+        self.backbone = build_method_backbone(cfg)
         self.projector = ProjectionHead(
             self.backbone.embed_dim,
             hidden_dim=cfg.model.proj_hidden_dim,
