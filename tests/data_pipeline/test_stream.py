@@ -180,6 +180,14 @@ def _take(stream, n: int) -> list[dict]:
     return [next(it) for _ in range(n)]
 
 
+def _split(stream, before: int, after: int) -> tuple[list[dict], dict, list[dict]]:
+    """``before`` batches, the stream's state there, then the next ``after`` batches (one iterator)."""
+    it = iter(stream)
+    head = [next(it) for _ in range(before)]
+    state = stream.state_dict()
+    return head, state, [next(it) for _ in range(after)]
+
+
 def _same_batches(a: list[dict], b: list[dict]) -> None:
     assert [x["keys"] for x in a] == [y["keys"] for y in b]
     assert [x["epoch"] for x in a] == [y["epoch"] for y in b]
@@ -194,10 +202,7 @@ def test_resumed_stream_yields_what_the_uninterrupted_one_would(digits_dir):
     kw = dict(batch_size=128, num_workers=2, num_views=2)  # 14 batches per epoch: resume at 10, read on to 20
     aug = AugmentConfig(**GRAY, **ALL_ON)
     with _stream(list_shards(digits_dir), aug, **kw) as whole:
-        it = iter(whole)
-        head = [next(it) for _ in range(10)]
-        state = whole.state_dict()
-        tail = [next(it) for _ in range(10)]
+        head, state, tail = _split(whole, 10, 10)
         stats = dict(whole.stats)
     assert state["epoch"] == 0 and state["batches"] == 10 and state["taken"] == 1280
     assert tail[3]["epoch"] == 0 and tail[4]["epoch"] == 1
@@ -259,10 +264,7 @@ def test_resume_without_dali_state_keeps_the_samples(digits_dir):
     and order; only the augmentation is drawn afresh."""
     aug = AugmentConfig(**GRAY, **ALL_ON)
     with _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=2) as whole:
-        it = iter(whole)
-        _ = [next(it) for _ in range(5)]
-        state = whole.state_dict()
-        tail = [next(it) for _ in range(3)]
+        _, state, tail = _split(whole, 5, 3)
     state["augment"]["dali"] = None
     with _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=2, resume=state) as resumed:
         again = _take(resumed, 3)
@@ -308,10 +310,7 @@ def test_resume_with_local_views_is_exact_and_fingerprinted(digits_dir, caplog):
     kw = dict(batch_size=128, num_workers=1, local_views=2, local_size=8, local_crop_scale=(0.2, 0.5))
     aug = AugmentConfig(**GRAY, **ALL_ON)
     with _stream(list_shards(digits_dir), aug, **kw) as whole:
-        it = iter(whole)
-        _ = [next(it) for _ in range(3)]
-        state = whole.state_dict()
-        tail = [next(it) for _ in range(2)]
+        _, state, tail = _split(whole, 3, 2)
     with _stream(list_shards(digits_dir), aug, resume=state, **kw) as resumed:
         again = _take(resumed, 2)
     assert all(len(b["views"]) == 4 for b in again)
