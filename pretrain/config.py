@@ -7,6 +7,7 @@ problem raises :class:`ConfigError` with one line that names the key, before any
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -71,11 +72,31 @@ class MethodConfig:
     warmup_teacher_temp_steps: int = 0
     """DINO: teacher temperature rises linearly from warmup_teacher_temp to teacher_temp over these steps."""
     teacher_momentum: float = 0.996
-    """DINO: EMA momentum of the teacher at step 0, raised to 1 by a cosine over job.max_steps."""
+    """DINO, BYOL: EMA momentum of the teacher (target) at step 0, raised to 1 by a cosine over job.max_steps."""
     center_momentum: float = 0.9
     """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     freeze_last_layer_steps: int = 0
     """DINO: steps during which the prototypes get no gradient (stabilises the start)."""
+    # --- iBOT (everything of DINO above, plus masked patches of the student's global views) ---
+    mask_ratio_range: tuple[float, float] = (0.1, 0.5)
+    """iBOT: a masked view hides a fraction drawn uniformly from this range, in blocks of patches."""
+    mask_prob: float = 0.5
+    """iBOT: probability that a global view is masked at all."""
+    teacher_patch_temp: float = 0.07
+    """iBOT: teacher temperature of the patch loss after warmup (from warmup_teacher_temp, like teacher_temp)."""
+    patch_loss_weight: float = 1.0
+    """iBOT: weight of the masked-patch loss next to the cls (DINO) loss."""
+    # --- BYOL (projector: model.proj_*; target momentum: teacher_momentum) ---
+    predictor_hidden_dim: int = 512
+    """BYOL: hidden width of the 2-layer predictor (proj_out_dim -> this -> proj_out_dim)."""
+    # --- MAE (loss_impl picks the masked-gather kernel: auto | triton | ref) ---
+    mask_ratio: float = 0.75
+    """MAE: fraction of patches hidden from the encoder (and reconstructed)."""
+    norm_pix_loss: bool = True
+    """MAE: targets are each patch's pixels normalised by the patch's own mean and std."""
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -88,6 +109,14 @@ class MethodConfig:
             _check(0 <= getattr(self, key) <= 1, key, f"must be in [0, 1], got {getattr(self, key)}")
         for key in ("warmup_teacher_temp_steps", "freeze_last_layer_steps"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _check(0 < self.mask_ratio < 1, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        lo, hi = self.mask_ratio_range
+        _check(0 <= lo <= hi < 1, "mask_ratio_range", f"need 0 <= low <= high < 1, got {list(self.mask_ratio_range)}")
+        _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
+        _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
+        _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
+        for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads"):
+            _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -106,7 +135,7 @@ class DataConfig:
     image_size: int = 16
     channels: int = 3
     num_views: int = 2
-    """Views at image_size per image (DINO: the global crops, seen by the teacher too)."""
+    """Views at image_size per image (SimCLR: 2; DINO: the global crops, seen by the teacher too; MAE: 1)."""
     local_views: int = 0
     """Multi-crop: extra small views per image at local_size (DINO), cropped with local_crop_scale."""
     local_size: int = 8
@@ -123,7 +152,7 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _check(self.image_size > 0, "image_size", "must be > 0")
         _check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
-        _check(self.num_views >= 2, "num_views", "must be >= 2")
+        _check(self.num_views >= 1, "num_views", f"must be >= 1, got {self.num_views}")
         _check(self.local_views >= 0, "local_views", f"must be >= 0, got {self.local_views}")
         if self.local_views:  # the local keys mean nothing without local crops
             _check(0 < self.local_size <= self.image_size, "local_size",
@@ -144,6 +173,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.01
     """Cosine decay ends at lr x min_lr_ratio."""
     weight_decay: float = 1e-4
+    weight_decay_end: float | None = None
+    """Cosine from weight_decay at step 0 to this at job.max_steps (DINO: 0.04 -> 0.4); null = constant."""
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -153,6 +184,8 @@ class OptimConfig:
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end",
+               f"must be >= 0 or null, got {self.weight_decay_end}")
         _check(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
@@ -334,10 +367,16 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+REPLACED = {("model", "backbone_kwargs")}
+"""Mappings a derived recipe replaces whole instead of merging into: a backbone's options belong to that backbone (a
+ViT recipe derived from a ConvNet one must not inherit ``norm: gn``)."""
+
+
+def _deep_merge(base: dict, top: dict, path: tuple[str, ...] = ()) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and (*path, k) not in REPLACED
+        out[k] = _deep_merge(out[k], v, (*path, k)) if merge else v
     return out
 
 
@@ -361,7 +400,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=c`` overrides; ``c`` is parsed as YAML (``1e-3``, ``true``, ``[0.5, 1.0]``)."""
-    data = _deep_merge({}, data)
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:

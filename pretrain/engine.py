@@ -48,13 +48,49 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def weight_decay_at(cfg: Config):
+    """``optim.weight_decay`` at step 0 along a half cosine to ``optim.weight_decay_end`` at ``max_steps`` (DINO: 0.04
+    to 0.4); constant when ``weight_decay_end`` is null."""
+    start, end, total = cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.job.max_steps
+
+    def value(step: int) -> float:
+        if end is None:
+            return start
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+    return value
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters)."""
+    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters). The group that
+    decays is marked ``decay: True`` for the schedule."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """Warmup + cosine learning rate (``lr_lambda``) and the weight decay of the decaying group
+    (``weight_decay_at``), both set for the coming step whenever the learning rate is. A function of the step alone:
+    a resumed run (its ``last_epoch`` restored from the checkpoint) continues both exactly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+        self.weight_decay = weight_decay_at(cfg)
+        super().__init__(optimizer, lr_lambda(cfg))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("weight_decay")  # a function of the config, like lr_lambdas: rebuilt, not saved
+        return state
+
+    def get_lr(self) -> list[float]:
+        for group in self.optimizer.param_groups:
+            if group.get("decay"):
+                group["weight_decay"] = self.weight_decay(self.last_epoch)
+        return super().get_lr()
 
 
 def ds_config(cfg: Config) -> dict:
@@ -75,12 +111,13 @@ def ds_config(cfg: Config) -> dict:
 
 
 def build_engine(model: nn.Module, cfg: Config):
-    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW, warmup + cosine, clipping) from the config.
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW, warmup + cosine, weight-decay schedule, clipping) from
+    the config.
 
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
     """
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = Schedule(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
     )

@@ -106,6 +106,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
 
     method = build_method(cfg, distributed=world > 1).to(device)
     engine = build_engine(method, cfg)
+    # Every rank built the same init from the same seed; from here each draws its own randomness (MAE's masks,
+    # stochastic depth), as the reference implementations seed each rank apart. A resume restores these streams.
+    seed_everything(cfg.job.seed * 1000 + 1 + rank)
 
     step, epoch, resume = 0, 0, None
     with session.latest_checkpoint() as ckpt:
@@ -143,7 +146,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     if resume:
         _set_rng_state(resume["rng"])  # after the seeded init: draws continue as in the interrupted run
     bar = _progress(cfg, step, enabled=rank == 0)
-    pending: list[tuple[int, torch.Tensor, float, int]] = []  # (step, loss, seconds, epoch): .item() only when logging
+    # (step, loss and the method's other logged values, seconds, epoch): .item() only when logging
+    pending: list[tuple[int, dict[str, torch.Tensor], float, int]] = []
     metrics: dict[str, float] = {}
     engine.train()
     t_last = time.perf_counter()
@@ -163,7 +167,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 print(f"Data: re-read {n} samples of epoch {epoch} up to the saved position in {seconds:.1f} s "
                       "(read, not decoded).", flush=True)
             now = time.perf_counter()
-            pending.append((step, out["loss"].detach(), now - t_last, epoch))
+            pending.append((step, {k: v.detach() for k, v in out.items()}, now - t_last, epoch))
             t_last = now
 
             last = step == cfg.job.max_steps
@@ -228,12 +232,15 @@ def _job_tags() -> dict[str, str]:
 
 
 def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stats) -> dict[str, float]:
-    losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()
+    # one host transfer for every value of every pending step (the method's parts of the loss, e.g. iBOT's cls_loss and
+    # patch_loss, go to MLflow beside the loss)
+    values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
+    names = list(pending[0][1])
     lr = engine.get_lr()[0]
-    for (step, _, seconds, epoch), loss in zip(pending, losses):
+    for (step, _, seconds, epoch), row in zip(pending, values):
         per_worker = cfg.data.batch_size / max(seconds, 1e-9)
         metrics = {
-            "loss": loss,
+            **dict(zip(names, row)),
             "lr": lr,
             "step_time_s": seconds,
             "images_per_s": per_worker * world,

@@ -1,9 +1,12 @@
 """Pretext tasks: ``METHODS[name](cfg, gather=..., reduce=..., rank=...)`` builds an :class:`SSLMethod`."""
 
 from pretrain.methods.base import SSLMethod
+from pretrain.methods.byol import BYOL
 from pretrain.methods.dino import DINO
+from pretrain.methods.ibot import IBOT
+from pretrain.methods.mae import MAE
 from pretrain.methods.simclr import SimCLR
 
-METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "dino": DINO}
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE}
 
-__all__ = ["DINO", "METHODS", "SSLMethod", "SimCLR"]
+__all__ = ["BYOL", "DINO", "IBOT", "MAE", "METHODS", "SSLMethod", "SimCLR"]

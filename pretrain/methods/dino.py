@@ -33,18 +33,24 @@ def teacher_temperature(step: int, warmup_temp: float, temp: float, warmup_steps
 
 
 class DINO(SSLMethod):
+    masks = False
+    """Whether the backbone gets a mask token (iBOT's subclass masks the student's global views)."""
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         if cfg.method.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"method.loss_impl: dino takes one of {', '.join(LOSS_IMPLS)}, got "
                              f"{cfg.method.loss_impl!r} (chunked is SimCLR's)")
+        if cfg.data.num_views < 2:
+            raise ValueError(f"data.num_views: dino needs at least 2 global views (each is the teacher's target for "
+                             f"the others), got {cfg.data.num_views}")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:
         super().__init__()
         del gather, rank  # DINO's loss is per sample: only the center is averaged across ranks
         m = cfg.method
-        backbone = build_method_backbone(cfg)
+        backbone = build_method_backbone(cfg, masks=self.masks)
         head = DINOHead(backbone.embed_dim, out_dim=m.num_prototypes, hidden_dim=cfg.model.proj_hidden_dim,
                         bottleneck_dim=cfg.model.proj_out_dim, num_layers=cfg.model.proj_layers,
                         use_bn=m.head_bn, norm_last_layer=m.norm_last_layer)

@@ -14,6 +14,8 @@ from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbo
 class SimCLR(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        if cfg.data.num_views != 2:
+            raise ValueError(f"data.num_views: simclr contrasts two views per image, got {cfg.data.num_views}")
         if cfg.data.local_views:
             raise ValueError(f"data.local_views: simclr uses two views and no local crops, got {cfg.data.local_views}")
 

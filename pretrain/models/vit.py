@@ -5,8 +5,8 @@ Additions the SSL methods need:
 
 - position embeddings are interpolated (bicubic) when the input size differs from the built size, so one model sees
   DINO's global and local crops;
-- ``forward_features(x, mask)`` replaces masked patch embeddings with a learnable ``mask_token`` (BEiT / iBOT)
-  before the position embeddings are added;
+- ``forward_features(x, mask)`` replaces masked patch embeddings with a learnable ``mask_token`` (BEiT / iBOT,
+  through ``kernels.mask_token_replace``) before the position embeddings are added;
 - ``prepare_tokens`` / ``forward_tokens`` split embedding from the transformer, so MAE can drop tokens in between;
 - ``patchify`` / ``unpatchify`` for pixel-space targets.
 """
@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kernels.masked_gather import mask_token_replace
 
 
 class DropPath(nn.Module):
@@ -71,6 +73,24 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def sincos_pos_embed_2d(grid: tuple[int, int], dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE's decoder) -> (gh*gw, dim), rows in row-major patch order.
+
+    Half of ``dim`` encodes the row, half the column; each half is sin and cos of the position at ``dim / 4``
+    frequencies ``10000^(-i / (dim / 4))``.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    parts = []
+    for pos in (rows.reshape(-1), cols.reshape(-1)):
+        angles = pos[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
     """Resize patch position embeddings ``pos: (1, gh*gw, D)`` from ``grid`` to ``new_grid`` -> (1, nh*nw, D), bicubic.
 
@@ -85,7 +105,7 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int], new_grid: tuple[in
 
 
 class VisionTransformer(nn.Module):
-    """ViT without a classifier head: ``forward(x: (B, C, H, W)) -> (B, embed_dim)``, the final-normed cls token."""
+    """ViT without a classifier head: ``forward(x: (B, C, H, W)) -> (B, embed_dim)``, the pooled representation."""
 
     def __init__(
         self,
@@ -100,6 +120,7 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         use_mask_token: bool = True,
+        global_pool: str = "cls",
     ) -> None:
         super().__init__()
         for key, value in (("image_size", image_size), ("patch_size", patch_size), ("in_chans", in_chans),
@@ -110,6 +131,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ViT image_size={image_size} is not divisible by patch_size={patch_size}")
         if embed_dim % num_heads != 0:
             raise ValueError(f"ViT embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if global_pool not in ("cls", "mean"):
+            raise ValueError(f"ViT global_pool must be 'cls' or 'mean', got {global_pool!r}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"ViT drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.image_size = image_size
@@ -117,6 +140,7 @@ class VisionTransformer(nn.Module):
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.num_heads = num_heads
+        self.global_pool = global_pool
         self.grid_size = (image_size // patch_size, image_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
@@ -125,6 +149,8 @@ class VisionTransformer(nn.Module):
         # A parameter that a step does not use trips DDP (find_unused_parameters=False); methods without masking
         # (SimCLR, DINO, MAE) can build the ViT with use_mask_token=False.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
+        self.mask_impl = "ref"
+        """kernels.mask_token_replace's impl (auto | triton | ref); a masking method sets its own."""
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
         # stochastic depth grows linearly with depth (timm); plain floats so the model also builds on the meta device
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -167,7 +193,7 @@ class VisionTransformer(nn.Module):
             if mask.shape != tokens.shape[:2] or mask.dtype != torch.bool:
                 raise ValueError(f"ViT mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, "
                                  f"got {mask.dtype} {tuple(mask.shape)}")
-            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+            tokens = mask_token_replace(tokens, mask, self.mask_token.view(-1), impl=self.mask_impl)
         pos = self.pos_embed
         patch_pos = interpolate_pos_embed(pos[:, 1:], self.grid_size, grid)
         tokens = tokens + patch_pos
@@ -185,8 +211,10 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(self.prepare_tokens(x, mask))
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, D), the final-normed cls token."""
-        return self.forward_features(x)[:, 0]
+        """x: (B, C, H, W) -> (B, D): the final-normed cls token, or with ``global_pool="mean"`` the mean of the
+        final-normed patch tokens (MAE's encoder is trained with no objective on its cls token)."""
+        tokens = self.forward_features(x)
+        return tokens[:, 1:].mean(dim=1) if self.global_pool == "mean" else tokens[:, 0]
 
     def patchify(self, imgs: Tensor) -> Tensor:
         """imgs: (B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels ordered (p, p, C) as in MAE."""

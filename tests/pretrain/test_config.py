@@ -80,6 +80,23 @@ def test_base_recipe_is_derived(tmp_path):
     assert cfg.job.max_steps == 77 and cfg.method.temperature == load_config(RECIPE).method.temperature
 
 
+def test_derived_recipe_replaces_backbone_options(tmp_path):
+    """Sections merge key by key, but a derived recipe's backbone_kwargs replace the base's whole: a ViT recipe on a
+    ConvNet one does not inherit the ConvNet's options. An override still sets one option inside them."""
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  backbone: convnet\n  backbone_kwargs: {norm: gn, width: 0.5}\n  proj_out_dim: 64\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nmodel:\n  backbone: vit_tiny\n  patch_size: 4\n"
+                     "  backbone_kwargs: {depth: 2}\n")
+    cfg = load_config(child)
+    assert cfg.model.backbone_kwargs == {"depth": 2} and cfg.model.proj_out_dim == 64
+    assert load_config(child, ["model.backbone_kwargs.embed_dim=96"]).model.backbone_kwargs == {"depth": 2,
+                                                                                               "embed_dim": 96}
+    data = {"model": {"backbone_kwargs": {"depth": 2}}}
+    apply_overrides(data, ["model.backbone_kwargs.depth=3"])
+    assert data == {"model": {"backbone_kwargs": {"depth": 2}}}  # the caller's mapping is left as it was
+
+
 def test_roundtrip_through_dict():
     """to_dict -> config_from_dict gives the same config (what workers and checkpoints receive)."""
     cfg = load_config(RECIPE)

@@ -21,7 +21,7 @@ WORLD = 2
 
 def _cfg(stage: int, precision: str):
     return load_config(RECIPE, [f"zero.stage={stage}", f"zero.precision={precision}", "data.batch_size=8",
-                                "job.max_steps=10", "optim.warmup_steps=2",
+                                "job.max_steps=10", "optim.warmup_steps=2", "optim.weight_decay_end=0.5",
                                 "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32"])
 
 
@@ -58,6 +58,7 @@ def _one_stage(stage, precision, ckpt, out, build_engine, build_method, full_sta
         engine.step()
         losses.append(loss.item())
     lr_after = engine.get_lr()[0]
+    wd_after = [g["weight_decay"] for g in engine.optimizer.param_groups]
     save_checkpoint(engine, ckpt, {"step": 3, "epoch": 0})
     trained = full_state_dict(engine, engine.module.backbone)
 
@@ -66,7 +67,8 @@ def _one_stage(stage, precision, ckpt, out, build_engine, build_method, full_sta
     restored = full_state_dict(fresh, fresh.module.backbone)
     if rank == 0:
         torch.save({"trained": trained, "restored": restored, "state": state, "losses": losses, "lr": lr_after,
-                    "lr_restored": fresh.get_lr()[0]}, out)
+                    "lr_restored": fresh.get_lr()[0], "wd": wd_after,
+                    "wd_restored": [g["weight_decay"] for g in fresh.optimizer.param_groups]}, out)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,12 @@ def test_zero_stage_trains_saves_and_restores(stage, precision, results):
     for k, v in r["trained"].items():
         assert torch.equal(v, r["restored"][k]), k
     assert r["lr_restored"] == pytest.approx(r["lr"])
+    # the decaying group's weight decay follows its schedule inside the ZeRO optimizer, and comes back with it
+    from pretrain.engine import weight_decay_at
+
+    expected = weight_decay_at(_cfg(stage, precision))(3)
+    assert 1e-4 < expected < 0.5
+    assert r["wd"] == pytest.approx([expected, 0.0]) and r["wd_restored"] == pytest.approx(r["wd"])
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -99,6 +107,17 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(110) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_weight_decay_schedule_cosine_to_end():
+    """weight_decay at step 0, cosine to weight_decay_end at max_steps (then held); null keeps it constant."""
+    from pretrain.engine import weight_decay_at
+
+    cfg = load_config(RECIPE, ["optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "job.max_steps=100"])
+    f = weight_decay_at(cfg)
+    assert f(0) == pytest.approx(0.04) and f(50) == pytest.approx(0.22) and f(100) == pytest.approx(0.4)
+    assert f(150) == pytest.approx(0.4) and all(f(s) <= f(s + 1) for s in range(100))
+    assert weight_decay_at(load_config(RECIPE, ["optim.weight_decay=0.04"]))(70) == 0.04
 
 
 def test_bf16_follows_precision_setting():

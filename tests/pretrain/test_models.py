@@ -182,3 +182,14 @@ def test_vit_without_mask_token_has_no_unused_parameter() -> None:
     assert model.mask_token is None and "mask_token" not in dict(model.named_parameters())
     with pytest.raises(ValueError, match="use_mask_token=False"):
         model.forward_features(torch.randn(1, 3, 16, 16), torch.zeros(1, 16, dtype=torch.bool))
+
+
+def test_vit_global_pool_mean_averages_the_patch_tokens() -> None:
+    """global_pool="mean" gives the mean of the final-normed patch tokens (not the cls token); a bad value fails."""
+    model = _tiny_vit(global_pool="mean").eval()
+    x = torch.randn(2, 3, 16, 16)
+    tokens = model.forward_features(x)
+    torch.testing.assert_close(model(x), tokens[:, 1:].mean(1))
+    assert not torch.allclose(model(x), tokens[:, 0])
+    with pytest.raises(ValueError, match="global_pool must be 'cls' or 'mean'"):
+        _tiny_vit(global_pool="max")

@@ -1,0 +1,73 @@
+"""BYOL (Grill et al., 2020): bootstrap your own latent.
+
+An online network (backbone + projector + predictor) predicts, from one view, the projection a target network gives
+of the other view; the target is an EMA of the online backbone + projector and gets no gradient. The loss is the
+normalised mean squared error ``2 - 2 cos(prediction, target)``, symmetrised over the two views and averaged over
+pairs (0 at perfect agreement, 4 at worst). The target momentum rises from ``teacher_momentum`` to 1 along a cosine,
+a function of the step alone. ``backbone`` is the online backbone, the network BYOL evaluates and releases.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.config import Config
+from pretrain.ema import cosine_momentum, ema_update_
+from pretrain.heads import ProjectionHead
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+
+
+def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """pred, target: (N, D) -> mean over rows of ``2 - 2 cos(pred_i, target_i)``, in fp32 (target detached)."""
+    p = F.normalize(pred.float(), dim=-1)
+    t = F.normalize(target.detach().float(), dim=-1)
+    return 2.0 - 2.0 * (p * t).sum(dim=-1).mean()
+
+
+class BYOL(SSLMethod):
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.data.num_views != 2 or cfg.data.local_views:
+            raise ValueError(f"data.num_views: byol predicts one view from the other (2 views, no local_views), got "
+                             f"{cfg.data.num_views} global and {cfg.data.local_views} local")
+        if cfg.method.loss_impl != "auto":
+            raise ValueError(f"method.loss_impl: byol's loss has no kernel (leave it auto), got "
+                             f"{cfg.method.loss_impl!r}")
+
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
+                 rank: int = 0) -> None:
+        super().__init__()
+        del gather, reduce, rank  # the loss is per sample: nothing crosses ranks but the gradients
+        mc, m = cfg.model, cfg.method
+        backbone = build_method_backbone(cfg)
+        projector = ProjectionHead(backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
+                                   num_layers=mc.proj_layers)
+        self.online = nn.ModuleDict({"backbone": backbone, "projector": projector})
+        self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
+                                        num_layers=2)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.base_momentum = m.teacher_momentum
+
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        return self.online["backbone"]
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch["views"]: two tensors (B, C, H, W)."""
+        v0, v1 = batch["views"]
+        n = v0.shape[0]
+        views = torch.cat([v0, v1])
+        pred = self.predictor(self.online["projector"](self.online["backbone"](views)))
+        with torch.no_grad():
+            target = self.target["projector"](self.target["backbone"](views))
+        # each view's prediction against the target's projection of the other view
+        loss = byol_loss(pred, torch.cat([target[n:], target[:n]]))
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        ema_update_(self.target, self.online, cosine_momentum(step, max_steps, self.base_momentum))

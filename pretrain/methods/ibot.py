@@ -1,0 +1,88 @@
+"""iBOT (Zhou et al., 2022): image BERT pre-training with an online tokenizer.
+
+DINO (``pretrain.methods.dino``) plus masked image modelling in its own feature space. The student's global views are
+block-masked (``data_pipeline.masking``; a masked patch's embedding becomes the mask token through
+``kernels.mask_token_replace``); the teacher sees them whole. The head, shared by the cls token and the patch tokens,
+maps every token to prototype logits. Two losses, summed: DINO's cross-view loss on the cls tokens (global and local
+views, ``kernels.dino_loss``) and the patch loss, the cross-entropy between the teacher's centred and sharpened patch
+distributions and the student's at the masked patches of the same view (``kernels.ibot_patch_loss``, the DINO kernel
+on diagonal pairs). Each has its own center, an EMA of the teacher's mean over every rank, and its own teacher
+temperature. ``backbone`` is the teacher's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from data_pipeline.masking import block_masks
+from kernels.dino_loss import dino_loss, ibot_patch_loss
+from pretrain.config import Config
+from pretrain.methods.base import Gather, Reduce
+from pretrain.methods.dino import DINO, teacher_temperature
+
+
+class IBOT(DINO):
+    masks = True
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if not cfg.model.backbone.startswith("vit"):
+            raise ValueError(f"model.backbone: ibot masks patch tokens of a ViT (vit_tiny, vit_small, vit_base), got "
+                             f"{cfg.model.backbone!r}")
+
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
+                 rank: int = 0) -> None:
+        super().__init__(cfg, gather=gather, reduce=reduce, rank=rank)
+        m = cfg.method
+        self.register_buffer("patch_center", torch.zeros(m.num_prototypes))
+        for part in (self.student, self.teacher):
+            part["backbone"].mask_impl = m.loss_impl
+        self.patch_weight = m.patch_loss_weight
+        self._patch_temp = m.warmup_teacher_temp
+        self._patch_mean: Tensor | None = None
+
+    def on_step_start(self, step: int, max_steps: int) -> None:
+        super().on_step_start(step, max_steps)
+        m = self.cfg
+        self._patch_temp = teacher_temperature(step, m.warmup_teacher_temp, m.teacher_patch_temp,
+                                               m.warmup_teacher_temp_steps)
+
+    def _tokens(self, net: nn.ModuleDict, x: Tensor, mask: Tensor | None, freeze: bool = False) -> Tensor:
+        """Backbone tokens (N, 1+L, D) through the head, token by token -> (N, 1+L, K)."""
+        tokens = net["backbone"].forward_features(x, mask)
+        n, length, d = tokens.shape
+        kwargs = {"freeze_last_layer": freeze} if net is self.student else {}
+        return net["head"](tokens.reshape(n * length, d), **kwargs).view(n, length, -1)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""
+        views = batch["views"]
+        g, n = self.n_global, views[0].shape[0]
+        glob = torch.cat(views[:g])
+        backbone = self.student["backbone"]
+        grid = (glob.shape[-2] // backbone.patch_size, glob.shape[-1] // backbone.patch_size)
+        mask = block_masks(g * n, grid, self.cfg.mask_ratio_range, self.cfg.mask_prob).to(glob.device)
+        with torch.no_grad():
+            teacher = self._tokens(self.teacher, glob, None)
+        student = self._tokens(self.student, glob, mask, self._freeze)
+        cls = [student[:, 0]]
+        if len(views) > g:  # local crops: cls tokens only, one backbone pass per resolution
+            cls.append(self._student(views[g:]))
+        cls_loss, cls_mean = dino_loss(torch.cat(cls).view(len(views), n, -1), teacher[:, 0].view(g, n, -1),
+                                       self.center, self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
+        patch_loss, patch_mean = ibot_patch_loss(student[:, 1:], teacher[:, 1:], mask, self.patch_center,
+                                                 self.cfg.student_temp, self._patch_temp, impl=self.loss_impl)
+        self._teacher_mean, self._patch_mean = cls_mean, patch_mean
+        loss = cls_loss + self.patch_weight * patch_loss
+        return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        super().on_step_end(step, max_steps)  # the EMA teacher and the cls center
+        if self._patch_mean is not None:
+            mean = self.reduce(self._patch_mean) if self.reduce is not None else self._patch_mean
+            momentum = self.cfg.center_momentum
+            self.patch_center.mul_(momentum).add_(mean.to(self.patch_center.dtype), alpha=1.0 - momentum)
+            self._patch_mean = None

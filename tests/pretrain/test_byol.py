@@ -1,0 +1,95 @@
+"""pretrain.methods.byol in one process: the loss against its formula, the gradient path, the target EMA, checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, load_config
+from pretrain.ema import cosine_momentum
+from pretrain.methods.byol import byol_loss
+from pretrain.trainer import build_method
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "byol_digits.yaml"
+SMALL = ["model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.predictor_hidden_dim=24",
+         "model.backbone_kwargs={width: 0.25}"]
+
+
+def _method(*overrides: str):
+    return build_method(load_config(RECIPE, [*SMALL, *overrides]), distributed=False)
+
+
+def _views(b: int = 6, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 1, 16, 16, generator=g) for _ in range(2)]
+
+
+def test_loss_predicts_the_other_views_target():
+    """loss = mean over both directions of 2 - 2 cos(online prediction of view a, target projection of view b)."""
+    method = _method()
+    views = _views()
+    with torch.no_grad():
+        method.target["projector"].mlp[-1].weight.add_(0.1)  # a target that is not the online network
+    loss = method({"views": views})["loss"]
+    with torch.no_grad():
+        both = torch.cat(views)
+        p = method.predictor(method.online["projector"](method.online["backbone"](both)))
+        t = method.target["projector"](method.target["backbone"](both))
+    cos = torch.cat([F.cosine_similarity(p[:6], t[6:]), F.cosine_similarity(p[6:], t[:6])])
+    torch.testing.assert_close(loss, (2 - 2 * cos).mean(), rtol=1e-5, atol=1e-6)
+    # swapping the views gives the same loss (symmetric), and 0 <= loss <= 4
+    torch.testing.assert_close(method({"views": views[::-1]})["loss"], loss, rtol=1e-5, atol=1e-6)
+    assert 0.0 <= loss.item() <= 4.0
+
+
+def test_byol_loss_bounds():
+    x = torch.randn(5, 8)
+    assert byol_loss(x, 3 * x).item() == pytest.approx(0.0, abs=1e-6)
+    assert byol_loss(x, -x).item() == pytest.approx(4.0, abs=1e-5)
+
+
+def test_only_online_network_trains_and_backbone_is_online():
+    method = _method()
+    method({"views": _views()})["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.target.parameters())
+    for part in (method.online, method.predictor):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    assert method.backbone is method.online["backbone"]
+
+
+def test_target_is_ema_of_online_with_cosine_momentum():
+    """After a step the target moves toward the online network by 1 - momentum(step), the predictor is no part of
+    it, and the schedule ends at 1 (the target frozen)."""
+    method = _method("method.teacher_momentum=0.9")
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    before = {k: v.clone() for k, v in method.target.state_dict().items()}
+    method({"views": _views()})["loss"].backward()
+    opt.step()
+    method.on_step_end(3, 10)
+    m = cosine_momentum(3, 10, 0.9)
+    assert 0.9 < m < 1.0
+    online = method.online.state_dict()
+    for name, p in method.target.named_parameters():
+        expected = m * before[name] + (1 - m) * online[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=name)
+    moved = sum(not torch.equal(p, before[n]) for n, p in method.target.named_parameters())
+    assert moved == len(list(method.target.parameters()))
+    frozen = {k: v.clone() for k, v in method.target.state_dict().items()}
+    method.on_step_end(10, 10)
+    assert all(torch.equal(v, method.target.state_dict()[k]) for k, v in frozen.items())
+
+
+@pytest.mark.parametrize("override, key", [
+    (["data.num_views=3"], "data.num_views"),
+    (["data.local_views=2"], "data.num_views"),
+    (["method.loss_impl=triton"], "method.loss_impl"),
+    (["method.predictor_hidden_dim=0"], "method.predictor_hidden_dim"),
+])
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPE, override)
+    assert str(e.value).startswith(f"{key}:") and "\n" not in str(e.value)

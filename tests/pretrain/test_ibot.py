@@ -1,0 +1,129 @@
+"""pretrain.methods.ibot in one process: the two losses against the references of its own outputs, the Triton kernels
+(interpreted) against PyTorch, what the masked student sees, the patch center, config checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.masking import block_masks
+from kernels.dino_loss import dino_loss_ref, ibot_patch_loss_ref
+from pretrain.config import ConfigError, load_config
+from pretrain.trainer import build_method
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "ibot_digits.yaml"
+SMALL = ["method.num_prototypes=64", "model.proj_hidden_dim=32", "model.proj_out_dim=16",
+         "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "method.mask_prob=1.0"]
+
+
+def _method(*overrides: str):
+    return build_method(load_config(RECIPE, [*SMALL, *overrides]), distributed=False)
+
+
+def _views(b: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 1, 16, 16, generator=g) for _ in range(2)] + [
+        torch.randn(b, 1, 8, 8, generator=g) for _ in range(2)]
+
+
+def _tokens(net, x, mask=None):
+    t = net["backbone"].forward_features(x, mask)
+    return net["head"](t.reshape(-1, t.shape[-1])).view(t.shape[0], t.shape[1], -1)
+
+
+def test_loss_is_cls_plus_patch_loss_of_its_outputs():
+    """loss = DINO's loss on the cls tokens (all views vs the teacher's global ones) + the patch loss at the masked
+    patches (each masked global view vs the teacher's view of it whole), each at its own teacher temperature and center;
+    the Triton kernels (interpreted) give the same loss and gradients as the references."""
+    method = _method("method.loss_impl=ref", "method.teacher_patch_temp=0.05", "method.patch_loss_weight=0.5",
+                     "method.freeze_last_layer_steps=0")
+    method.center.normal_()
+    method.patch_center.normal_()
+    views = _views()
+    method.on_step_start(100, 200)  # after the warmup: teacher_temp and teacher_patch_temp
+    torch.manual_seed(7)
+    out = method({"views": views})
+    torch.manual_seed(7)
+    mask = block_masks(8, (4, 4), (0.1, 0.5), 1.0)
+    assert mask.any(1).all()
+    with torch.no_grad():
+        glob = torch.cat(views[:2])
+        t = _tokens(method.teacher, glob)
+        s = _tokens(method.student, glob, mask)
+        local = method.student["head"](method.student["backbone"](torch.cat(views[2:])))
+        cls = torch.cat([s[:, 0], local]).view(4, 4, -1)
+        cls_ref, _ = dino_loss_ref(cls, t[:, 0].view(2, 4, -1), method.center, 0.1, 0.02, upcast=True)
+        patch_ref, _ = ibot_patch_loss_ref(s[:, 1:], t[:, 1:], mask, method.patch_center, 0.1, 0.05, upcast=True)
+    torch.testing.assert_close(out["cls_loss"], cls_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["patch_loss"], patch_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], cls_ref + 0.5 * patch_ref, rtol=1e-5, atol=1e-6)
+
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+    assert method.student["backbone"].mask_token.grad.abs().sum() > 0
+    method.zero_grad()
+    method.loss_impl = "triton"
+    for part in (method.student, method.teacher):
+        part["backbone"].mask_impl = "triton"
+    torch.manual_seed(7)
+    fused = method({"views": views})
+    fused["loss"].backward()
+    torch.testing.assert_close(fused["loss"], out["loss"], rtol=1e-5, atol=1e-6)
+    # fp32 sums in another order, carried back through the network: judged against each gradient's scale, and for a
+    # gradient that is zero up to rounding (the ViT's last norm bias, before the head's BatchNorm) against the largest
+    biggest = max(g.abs().max().item() for g in grads.values())
+    for n, p in method.named_parameters():
+        if n in grads:
+            atol = 1e-4 * grads[n].abs().max().item() + 1e-5 * biggest
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_student_does_not_see_masked_patches_and_teacher_does():
+    """Changing the pixels of the masked patches leaves every student output alone (the patch embedding is replaced by
+    the mask token) and changes the teacher's, which sees the views whole."""
+    method = _method()
+    backbone = method.student["backbone"]
+    views = _views()
+    torch.manual_seed(3)
+    mask = block_masks(4, (4, 4), (0.3, 0.5), 1.0)
+    x = views[0]
+    patches = backbone.patchify(x)
+    changed = backbone.unpatchify(torch.where(mask[..., None], torch.randn_like(patches), patches))
+    with torch.no_grad():
+        torch.testing.assert_close(_tokens(method.student, changed, mask), _tokens(method.student, x, mask))
+        assert not torch.allclose(_tokens(method.teacher, changed), _tokens(method.teacher, x))
+
+
+def test_patch_center_is_ema_of_teacher_patch_mean():
+    method = _method("method.center_momentum=0.8")
+    views = _views()
+    method.patch_center.fill_(0.5)
+    method({"views": views})
+    with torch.no_grad():
+        mean = _tokens(method.teacher, torch.cat(views[:2]))[:, 1:].float().mean((0, 1))
+    method.on_step_end(0, 10)
+    torch.testing.assert_close(method.patch_center, 0.8 * 0.5 + 0.2 * mean, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(method.patch_center, method.center)  # a center of its own
+
+
+def test_backbone_is_teacher_with_mask_token():
+    method = _method()
+    assert method.backbone is method.teacher["backbone"]
+    assert method.backbone.mask_token is not None
+    assert method.backbone(_views()[0]).shape == (4, 32)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.backbone=convnet"], "model.backbone"),
+    (["method.mask_ratio_range=[0.5, 0.2]"], "method.mask_ratio_range"),
+    (["method.mask_prob=1.5"], "method.mask_prob"),
+    (["method.teacher_patch_temp=0"], "method.teacher_patch_temp"),
+    (["method.loss_impl=chunked"], "method.loss_impl"),
+])
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPE, override)
+    assert str(e.value).startswith(f"{key}:") and "\n" not in str(e.value)
