@@ -8,3 +8,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def config_error(recipe, overrides: list[str]) -> str:
+    """The one-line ConfigError that loading ``recipe`` with ``overrides`` raises (fails if it raises none)."""
+    import pytest
+
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, overrides)
+    assert "\n" not in str(e.value)
+    return str(e.value)

@@ -66,14 +66,20 @@ DINO = (ROOT / "configs" / "dino_digits.yaml", ["method.freeze_last_layer_steps=
 # target must come back with the online network.
 MAE = (ROOT / "configs" / "mae_digits.yaml", ["model.backbone_kwargs={embed_dim: 64, depth: 2, num_heads: 4}"])
 BYOL = (ROOT / "configs" / "byol_digits.yaml", ["method.teacher_momentum=0.9"])
+# iBOT: DINO's state plus block masks from the torch generator and the patch center; the weight decay follows its
+# cosine schedule, which must continue from the restored step.
+IBOT = (ROOT / "configs" / "ibot_digits.yaml", ["method.freeze_last_layer_steps=7", "method.num_prototypes=256",
+                                                "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+                                                "method.mask_prob=0.8", "optim.weight_decay_end=0.4"])
 
 
-@pytest.mark.parametrize("recipe, extra", [(RECIPE, []), DINO, MAE, BYOL], ids=["simclr", "dino", "mae", "byol"])
+@pytest.mark.parametrize("recipe, extra", [(RECIPE, []), DINO, MAE, BYOL, IBOT],
+                         ids=["simclr", "dino", "mae", "byol", "ibot"])
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra):
     """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch) while copying its step-10 one,
     a run resumed to step 12 starts at step 5 and logs the very losses of the uninterrupted run, also past the epoch
     boundary: same samples, augmentations and RNG (for DINO the same teacher, center and schedules; for MAE the same
-    masks; for BYOL the same target)."""
+    masks; for BYOL the same target; for iBOT all of DINO's plus its masks and patch center)."""
     whole = _dry_run(tmp_path, "whole", ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5",
                                          "optim.warmup_steps=2", "data.batch_size=128", "data.num_loader_workers=2",
                                          *extra], recipe)
@@ -97,3 +103,13 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
     assert _losses(cut) == expected
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_0000005", "step_0000010",
                                                                          "step_0000012"]
+    if recipe == IBOT[0]:  # the method's parts of the loss are tracked beside it, and add up to it
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        run_id = (whole / "mlflow_run_id").read_text().strip()
+        parts = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in
+                 ("loss", "cls_loss", "patch_loss")}
+        assert sorted(parts["patch_loss"]) == list(range(1, 13))
+        for step, loss in parts["loss"].items():
+            assert loss == pytest.approx(parts["cls_loss"][step] + parts["patch_loss"][step], rel=1e-5)
