@@ -53,8 +53,7 @@ class IBOT(DINO):
         """Backbone tokens (N, 1+L, D) through the head, token by token -> (N, 1+L, K)."""
         tokens = net["backbone"].forward_features(x, mask)
         n, length, d = tokens.shape
-        kwargs = {"freeze_last_layer": freeze} if net is self.student else {}
-        return net["head"](tokens.reshape(n * length, d), **kwargs).view(n, length, -1)
+        return net["head"](tokens.reshape(n * length, d), freeze_last_layer=freeze).view(n, length, -1)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""

@@ -135,9 +135,9 @@ class MAE(SSLMethod):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
         imgs = batch["views"][0]
-        grid = self.backbone.grid_size
-        if tuple(imgs.shape[-2:]) != (grid[0] * self.backbone.patch_size, grid[1] * self.backbone.patch_size):
-            raise ValueError(f"mae: views must be {self.backbone.image_size}x{self.backbone.image_size} (the "
+        size = self.backbone.image_size
+        if tuple(imgs.shape[-2:]) != (size, size):
+            raise ValueError(f"mae: views must be {size}x{size} (the "
                              f"decoder's positions are fixed), got {tuple(imgs.shape[-2:])}")
         ids_keep, ids_restore, mask = random_masking(imgs.shape[0], self.backbone.num_patches, self.mask_ratio,
                                                      imgs.device)
