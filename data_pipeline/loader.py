@@ -41,12 +41,13 @@ __all__ = ["TrainStream", "make_train_stream", "read_epoch"]
 
 class TrainStream:
     """Iterable of ``{"views": [Tensor (B, C, S, S) float32] * num_views + [Tensor (B, C, s, s)] * local_views,
-    "label": LongTensor (B,), "epoch": int, "keys": list[str] (B)}``; views and label live on the stream's device."""
+    "label": LongTensor (B,), "epoch": int, "keys": list[str] (B)}`` plus, with ``text``, ``"text": list[str] (B)``
+    (the captions; samples without one are skipped as corrupt); views and label live on the stream's device."""
 
     def __init__(self, shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int, start_epoch: int,
                  num_views: int, device: str, dali_threads: int = 2, local_views: int = 0, local_size: int = 0,
-                 local_crop_scale: tuple[float, float] = (0.05, 0.4), resume: dict | None = None):
+                 local_crop_scale: tuple[float, float] = (0.05, 0.4), text: bool = False, resume: dict | None = None):
         from data_pipeline.dali import DaliAugmenter  # DALI only when a stream is made
 
         # dali_threads is left out: DALI draws per sample, so its outputs and state do not depend on the thread count.
@@ -56,9 +57,11 @@ class TrainStream:
                                          num_views=num_views, device=device,
                                          # only with local crops, so runs without them keep their fingerprint
                                          **({"local": (local_views, local_size, tuple(local_crop_scale))}
-                                            if local_views else {}))
+                                            if local_views else {}),
+                                         **({"text": True} if text else {}))
         resume = self._usable(resume)
         self.batch_size = batch_size
+        self.text = text
         self.epoch = int(resume["epoch"]) if resume else start_epoch
         self.stats = dict(resume["stats"]) if resume else {"samples": 0, "corrupt": 0, "truncated_shards": 0}
         # Position in the current epoch: batches yielded, reader samples used by them (or dropped as corrupt), reader
@@ -66,7 +69,7 @@ class TrainStream:
         self._batches, self._taken, self._chunks = ((int(resume[k]) for k in ("batches", "taken", "chunks"))
                                                     if resume else (0, 0, 0))
         self._shards = ShardStream(shards, rank=rank, world_size=world_size, num_workers=num_workers,
-                                   shuffle_buffer=shuffle_buffer, seed=seed, epoch=self.epoch)
+                                   shuffle_buffer=shuffle_buffer, seed=seed, epoch=self.epoch, text=text)
         self._loader = make_loader(self._shards)
         local = torch.cuda.current_device() if device == "cuda" else None
         self._augment = DaliAugmenter(aug, batch_size=batch_size, image_size=image_size, channels=channels,
@@ -134,7 +137,10 @@ class TrainStream:
                         self._batches += 1
                         self._taken += self.batch_size
                         label = torch.tensor([s["label"] for s in batch], dtype=torch.long, device=views[0].device)
-                        yield {"views": views, "label": label, "epoch": self.epoch, "keys": [s["key"] for s in batch]}
+                        out = {"views": views, "label": label, "epoch": self.epoch, "keys": [s["key"] for s in batch]}
+                        if self.text:
+                            out["text"] = [s["text"] for s in batch]
+                        yield out
                 if self._batches == 0:
                     raise RuntimeError(f"epoch {self.epoch}: this rank's shard share gave no full batch of "
                                        f"{self.batch_size} (too few samples, or all of them corrupt)")
@@ -162,10 +168,11 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
                       rank: int, world_size: int, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
                       start_epoch: int = 0, num_views: int = 2, device: str = "cpu", dali_threads: int = 2,
                       local_views: int = 0, local_size: int = 0, local_crop_scale: tuple[float, float] = (0.05, 0.4),
-                      resume: dict | None = None) -> TrainStream:
+                      text: bool = False, resume: dict | None = None) -> TrainStream:
     """Endless stream of augmented batches of this rank's share of ``shards`` (see the module docstring).
 
-    ``resume``: a ``TrainStream.state_dict()`` of this rank; the stream continues right after it (``start_epoch`` is
+    ``text``: yield each sample's caption too (CLIP); samples without one are skipped as corrupt. ``resume``: a
+    ``TrainStream.state_dict()`` of this rank; the stream continues right after it (``start_epoch`` is
     then ignored, unless the state does not fit these settings).
     """
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_views", num_views, 1),
@@ -191,7 +198,7 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
                        rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                        seed=seed, start_epoch=start_epoch, num_views=num_views, device=device,
                        dali_threads=dali_threads, local_views=local_views, local_size=local_size,
-                       local_crop_scale=local_crop_scale, resume=resume)
+                       local_crop_scale=local_crop_scale, text=text, resume=resume)
 
 
 def _fingerprint(shards: list[str], **settings) -> str:

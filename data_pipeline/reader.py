@@ -12,7 +12,8 @@ Either way every sample of an epoch goes to exactly one reader. Each reader then
 buffer seeded by ``(seed, epoch, g)``.
 
 Problems are counted, logged once each (``logging.warning``) and skipped: a truncated or unreadable shard counts in
-``truncated`` (once per shard and epoch, by one reader), a sample without an image or a parsable label in ``corrupt``.
+``truncated`` (once per shard and epoch, by one reader), a sample without an image or a parsable label in ``corrupt``
+(with ``text=True``, as for CLIP, also one without a UTF-8 caption).
 Workers hand samples to the main process in chunks that carry the counts since the previous chunk, so no count is lost.
 """
 
@@ -86,8 +87,9 @@ def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
         yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}], handler=handler), handler=handler)
 
 
-def _parse(sample: dict) -> dict | None:
-    """``{"key", "image", "label"}`` from a webdataset sample, or None if it has no image or no integer label."""
+def _parse(sample: dict, text: bool = False) -> dict | None:
+    """``{"key", "image", "label"}`` (+ ``"text"`` with ``text``) from a webdataset sample, or None if it has no image,
+    no integer label or (with ``text``) no non-empty UTF-8 caption."""
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     try:
         label = int(sample["cls"])
@@ -95,7 +97,15 @@ def _parse(sample: dict) -> dict | None:
         return None
     if not image:
         return None
-    return {"key": sample["__key__"], "image": bytes(image), "label": label}
+    out = {"key": sample["__key__"], "image": bytes(image), "label": label}
+    if text:
+        try:
+            out["text"] = bytes(sample["txt"]).decode("utf-8").strip()
+        except (KeyError, UnicodeDecodeError):
+            return None
+        if not out["text"]:
+            return None
+    return out
 
 
 @dataclass
@@ -126,9 +136,11 @@ def expected_samples(path: str) -> int | None:
 
 
 def iter_reader(
-    shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int, shuffle_buffer: int, counts: Counts
+    shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int, shuffle_buffer: int, counts: Counts,
+    text: bool = False,
 ) -> Iterator[dict]:
-    """Samples ``{"key", "image" (bytes), "label"}`` of one reader for one epoch; problems are added to ``counts``.
+    """Samples ``{"key", "image" (bytes), "label"}`` (+ ``"text"`` (str) with ``text``) of one reader for one epoch;
+    problems are added to ``counts``.
 
     A shard is truncated when reading it raised (caught by the webdataset handler) or when it held fewer samples than
     its manifest row count: tarfile's stream mode ends silently when a file is cut at a header boundary.
@@ -137,25 +149,36 @@ def iter_reader(
 
     def raw() -> Iterator[dict]:
         index = 0  # position in this reader's stream; decides ownership in sample-level mode
+        def bad(key: str | None, path: str) -> None:
+            counts.corrupt += 1
+            log.warning("skipping sample %r in %s: no image, no integer label%s", key, path,
+                        " or no UTF-8 caption" if text else "")
+
         for shard_pos, path in enumerate(paths):
             errors: list[Exception] = []
             seen = 0
+            # A sample that did not parse is corrupt, unless it is the cut-off last one of a truncated shard, which
+            # the truncation count covers: so it is held until the next sample (or the shard's end) decides.
+            held: str | None = None
             for sample in _tar_samples(path, errors):
                 seen += 1
                 mine = index % stride == reader % stride
                 index += 1
+                if held is not None:
+                    bad(held, path)
+                    held = None
                 if not mine:
                     continue
-                parsed = _parse(sample)
+                parsed = _parse(sample, text)
                 if parsed is None:
-                    if not errors:  # an incomplete last sample of a broken shard is covered by its truncation count
-                        counts.corrupt += 1
-                        log.warning("skipping sample %r in %s: no image or no integer label", sample.get("__key__"),
-                                    path)
+                    if not errors:  # after a read error the rest of the shard is covered by its truncation count
+                        held = sample.get("__key__")
                     continue
                 yield parsed
             expected = expected_samples(path)
             short = expected is not None and seen < expected
+            if held is not None and not (errors or short):
+                bad(held, path)
             # In sample-level mode every reader reads this shard; only one of them reports it.
             if (errors or short) and (stride == 1 or shard_pos % stride == reader):
                 counts.truncated += 1
@@ -174,7 +197,7 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards: list[str], *, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
-                 seed: int, epoch: int, chunk: int = 32):
+                 seed: int, epoch: int, chunk: int = 32, text: bool = False):
         super().__init__()
         if not shards:
             raise ValueError("shards: empty list")
@@ -184,7 +207,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
         self.shards = list(shards)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.shuffle_buffer, self.seed, self.chunk = shuffle_buffer, seed, chunk
+        self.shuffle_buffer, self.seed, self.chunk, self.text = shuffle_buffer, seed, chunk, text
         self.epoch = mp.Value("q", epoch, lock=False)
 
     def __iter__(self) -> Iterator[dict]:
@@ -193,7 +216,7 @@ class ShardStream(IterableDataset):
         counts = Counts()
         samples = iter_reader(self.shards, reader=self.rank * k + worker, num_readers=self.world_size * k,
                               seed=self.seed, epoch=int(self.epoch.value), shuffle_buffer=self.shuffle_buffer,
-                              counts=counts)
+                              counts=counts, text=self.text)
         out: list[dict] = []
         for sample in samples:
             out.append(sample)
@@ -220,10 +243,11 @@ def make_loader(stream: ShardStream) -> DataLoader:
 
 
 def read_epoch(shards: list[str], *, rank: int, world_size: int, num_workers: int, shuffle_buffer: int = 0,
-               seed: int = 0, epoch: int = 0) -> Iterator[dict]:
-    """Raw samples ``{"key", "image" (bytes), "label"}`` of one epoch for one rank, read by real DataLoader workers."""
+               seed: int = 0, epoch: int = 0, text: bool = False) -> Iterator[dict]:
+    """Raw samples ``{"key", "image" (bytes), "label"}`` (+ ``"text"``) of one epoch for one rank, read by real
+    DataLoader workers."""
     stream = ShardStream(shards, rank=rank, world_size=world_size, num_workers=num_workers,
-                         shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch)
+                         shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, text=text)
     for chunk in make_loader(stream):
         yield from chunk["samples"]
 

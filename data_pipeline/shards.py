@@ -3,10 +3,11 @@
 A dataset directory holds:
 
 - ``shard-000000.tar``, ... : WebDataset shards; a sample is ``<key>.png`` or ``<key>.jpg`` (the bytes the source gave)
-  plus ``<key>.cls`` (the label as ASCII text).
+  plus ``<key>.cls`` (the label as ASCII text) and, where the source has one, ``<key>.txt`` (the caption, UTF-8).
 - ``checksums.json``: ``{"shard-000000.tar": "<sha256 hex>", ...}``, one entry per shard.
 - ``manifest.parquet``: one row per sample, columns ``key`` (str), ``shard`` (file name, str), ``label`` (int64),
-  ``bytes`` (size of the encoded image, int64). The schema metadata holds ``classes`` (JSON list of class names, index =
+  ``bytes`` (size of the encoded image, int64), ``caption`` (str, null where the sample has none; manifests written
+  before captions existed lack the column). The schema metadata holds ``classes`` (JSON list of class names, index =
   label), ``source`` (the spec) and ``shard_size``.
 
 Everything is written into a hidden temp directory beside ``out_dir`` and renamed into place at the end, with the
@@ -66,16 +67,20 @@ def write_shards(
     try:
         order = np.random.default_rng(seed).permutation(len(src))
         items = list(src)
-        rows: dict[str, list] = {"key": [], "shard": [], "label": [], "bytes": []}
+        rows: dict[str, list] = {"key": [], "shard": [], "label": [], "bytes": [], "caption": []}
         # mtime=0 makes the tar bytes (and so the checksums) a function of the data only.
         with wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=shard_size, verbose=0, mtime=0) as sink:
             for i in tqdm(order, total=len(items), disable=not progress, desc=f"shards {out_dir.name}", unit="img"):
-                key, data, ext, label = items[i]
-                sink.write({"__key__": key, ext: data, "cls": label})
+                key, data, ext, label, caption = items[i]
+                sample = {"__key__": key, ext: data, "cls": label}
+                if caption is not None:
+                    sample["txt"] = caption
+                sink.write(sample)
                 rows["key"].append(key)
                 rows["shard"].append(Path(sink.fname).name)
                 rows["label"].append(label)
                 rows["bytes"].append(len(data))
+                rows["caption"].append(caption)
         shard_names = sorted(set(rows["shard"]))
         checksums = {name: sha256_file(tmp / name) for name in shard_names}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
@@ -86,6 +91,7 @@ def write_shards(
                 "shard": pa.array(rows["shard"], pa.string()),
                 "label": pa.array(rows["label"], pa.int64()),
                 "bytes": pa.array(rows["bytes"], pa.int64()),
+                "caption": pa.array(rows["caption"], pa.string()),
             }
         ).replace_schema_metadata(meta)
         pq.write_table(table, tmp / MANIFEST)  # last: its presence marks the dataset complete
@@ -99,7 +105,8 @@ def write_shards(
 
 
 def read_manifest(data_dir: str | Path) -> pa.Table:
-    """The manifest table of a dataset directory (columns key, shard, label, bytes; metadata classes, source)."""
+    """The manifest table of a dataset directory (columns key, shard, label, bytes, caption; metadata classes,
+    source)."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise ValueError(f"no {MANIFEST} in {data_dir}: not a (complete) shard directory")
@@ -110,6 +117,15 @@ def read_classes(data_dir: str | Path) -> list[str]:
     """Class names of a dataset directory, index = label."""
     meta = read_manifest(data_dir).schema.metadata or {}
     return json.loads(meta.get(b"classes", b"[]"))
+
+
+def count_captions(data_dir: str | Path) -> int:
+    """How many samples of a dataset directory have a caption (0 for a manifest without the column)."""
+    table = read_manifest(data_dir)
+    if "caption" not in table.column_names:
+        return 0
+    column = table.column("caption")
+    return len(column) - column.null_count
 
 
 def list_shards(data_dir: str | Path, *, verify: bool = False) -> list[str]:
@@ -129,12 +145,20 @@ def list_shards(data_dir: str | Path, *, verify: bool = False) -> list[str]:
     return paths
 
 
+DIGITS_VERSION = "v2"
+
+
+def digits_dir_name(shard_size: int) -> str:
+    return f"digits-{DIGITS_VERSION}-{shard_size}"
+
+
 def ensure_digits_shards(cache_dir: str | Path, *, shard_size: int = 256) -> list[str]:
-    """Shards of the digits source under ``cache_dir/digits-<shard_size>``: built on first use, reused after.
+    """Shards of the digits source under ``cache_dir/digits-<DIGITS_VERSION>-<shard_size>``: built on first use, reused
+    after. The version changes whenever the samples do (v2: captions), so an older cache is never mistaken for it.
 
     Safe when several processes (ranks) call it at once: each builds into its own temp dir and the first rename wins.
     """
-    out_dir = Path(cache_dir) / f"digits-{shard_size}"
+    out_dir = Path(cache_dir) / digits_dir_name(shard_size)
     if not (out_dir / MANIFEST).is_file():
         try:
             write_shards("digits", out_dir, shard_size=shard_size, progress=False)

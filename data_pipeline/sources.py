@@ -1,13 +1,16 @@
 """Image sources that shards are written from.
 
-Every source yields ``(key, encoded_bytes, extension, label)``; the shard writer never needs to know where images
-came from.
+Every source yields ``(key, encoded_bytes, extension, label, caption)``; ``caption`` is the image's text (``str``) or
+None. The shard writer never needs to know where images and captions came from.
 
 Source specs (strings, so they fit a YAML recipe or a CLI flag):
 
-- ``"digits"``: scikit-learn's 1797 digits, each an 8x8 grayscale PNG, label = the digit.
+- ``"digits"``: scikit-learn's 1797 digits, each an 8x8 grayscale PNG, label = the digit, and a caption made from the
+  label with one of ``DIGIT_CAPTIONS`` (picked per sample by a fixed seed): the image-text pairs CLIP trains on. The
+  captions say nothing the label does not, so CLIP on digits is supervised by the labels through text.
 - ``"folder:PATH"``: an ImageFolder-style tree ``PATH/<class>/<image>.{jpg,jpeg,png}``; labels are indices into the
-  sorted list of class (sub-folder) names. Files are stored as they are (no re-encoding).
+  sorted list of class (sub-folder) names. Files are stored as they are (no re-encoding). An image's caption is the
+  UTF-8 text of a ``.txt`` file beside it with the same stem (``cat.jpg`` + ``cat.txt``), if there is one.
 
 ``resolve_source`` checks a spec completely (unknown kind, missing / unreadable / empty folder) and raises a one-line
 ``ValueError`` before anything is written.
@@ -24,6 +27,25 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_CAPTIONS = (
+    "a handwritten {word}",
+    "the digit {digit}",
+    "a scanned image of the number {word}",
+    "{digit}",
+    "a small blurry {digit} written by hand",
+    "the number {word}, written by hand",
+    "{word}",
+    "a low resolution scan of a handwritten {digit}",
+)
+"""Caption templates of the digits source; zero-shot evaluation prompts with other wordings (pretrain.eval.zeroshot)."""
+
+
+def digit_caption(label: int, index: int) -> str:
+    """The caption of digits sample ``index`` with ``label``: a template picked by a generator seeded by the index."""
+    template = DIGIT_CAPTIONS[int(np.random.default_rng([7, index]).integers(len(DIGIT_CAPTIONS)))]
+    return template.format(word=DIGIT_WORDS[label], digit=label)
 
 
 def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
@@ -54,21 +76,33 @@ class Source:
 
     spec: str
     classes: list[str]
-    _items: list[tuple[str, object, str, int]] = field(repr=False)
-    """(key, payload, ext, label); payload is a Path (read lazily) or encoded bytes."""
+    _items: list[tuple[str, object, str, int, object]] = field(repr=False)
+    """(key, payload, ext, label, caption); payload is a Path (read lazily) or encoded bytes; caption a str, a Path
+    (read lazily) or None."""
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __iter__(self) -> Iterator[tuple[str, bytes, str, int]]:
-        for key, payload, ext, label in self._items:
+    @property
+    def captioned(self) -> int:
+        """How many samples have a caption."""
+        return sum(item[4] is not None for item in self._items)
+
+    def __iter__(self) -> Iterator[tuple[str, bytes, str, int, str | None]]:
+        for key, payload, ext, label, caption in self._items:
             data = Path(payload).read_bytes() if isinstance(payload, Path) else payload
-            yield key, data, ext, label
+            if isinstance(caption, Path):
+                try:
+                    caption = caption.read_text(encoding="utf-8").strip()
+                except UnicodeDecodeError:
+                    raise ValueError(f"caption {caption} is not UTF-8 text") from None
+            yield key, data, ext, label, caption
 
 
 def _digits_source() -> Source:
     images, labels = digits_uint8()
-    items = [(f"digits_{i:05d}", encode_png(img), "png", int(y)) for i, (img, y) in enumerate(zip(images, labels))]
+    items = [(f"digits_{i:05d}", encode_png(img), "png", int(y), digit_caption(int(y), i))
+             for i, (img, y) in enumerate(zip(images, labels))]
     return Source("digits", [str(d) for d in range(10)], items)
 
 
@@ -91,8 +125,18 @@ def _folder_source(spec: str, root_str: str) -> Source:
     if not files:
         raise ValueError(f"source {spec!r}: no .jpg/.jpeg/.png images in class sub-folders of {root}")
     # Key = index in sorted order: unique, dot-free (webdataset splits member names at the first dot) and stable.
-    items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label) for i, (path, label) in enumerate(files)]
+    items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, _caption_file(path))
+             for i, (path, label) in enumerate(files)]
     return Source(spec, classes, items)
+
+
+def _caption_file(image: Path) -> Path | None:
+    caption = image.with_suffix(".txt")
+    if not caption.is_file():
+        return None
+    if not os.access(caption, os.R_OK):
+        raise ValueError(f"caption {caption} is not readable")
+    return caption
 
 
 def resolve_source(spec: str) -> Source:

@@ -119,7 +119,10 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
 
     if cfg.tracking.uri:
         check_tracking_uri(cfg.tracking.uri)
-    shards = resolve_shards(cfg.data)  # builds the digits shards on first use
+    from pretrain.methods import METHODS
+
+    # builds the digits shards on first use; refuses data without captions for a method that needs them
+    shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text)
     from pretrain.trainer import write_run_files
 
     if not args.resume or changed:

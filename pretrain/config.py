@@ -97,6 +97,16 @@ class MethodConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    # --- CLIP (image projection: model.proj_*; joint embedding: model.proj_out_dim; loss_impl as SimCLR's) ---
+    context_length: int = 32
+    """CLIP: text tokens per caption (UTF-8 bytes + begin and end); longer captions are cut."""
+    text_width: int = 256
+    text_depth: int = 4
+    text_heads: int = 4
+    logit_scale_init: float = 2.6593
+    """CLIP: the learned log logit scale starts here (ln 1/0.07)."""
+    logit_scale_max: float = 4.6052
+    """CLIP: and is capped here (ln 100)."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -115,8 +125,11 @@ class MethodConfig:
         _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
         _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
         _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
-        for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads"):
+        for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads", "text_width", "text_depth",
+                    "text_heads"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        _check(self.context_length >= 3, "context_length", f"must be >= 3 (begin, a byte, end), got "
+               f"{self.context_length}")
 
 
 @dataclass(kw_only=True)

@@ -7,8 +7,13 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, config_from_dict
-from pretrain.eval.digits import digits_eval_set
+from pretrain.eval.digits import digits_eval_set, split_indices
 from pretrain.eval.report import evaluate_encoder, format_report, write_report
+from pretrain.eval.zeroshot import DIGIT_PROMPTS, zeroshot_top1
+
+MODEL_FILE = "model.pt"
+"""Beside backbone.pt, for a method used downstream whole (CLIP: both towers): {"config", "state_dict"}."""
+DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
 def random_init_backbone(cfg: Config) -> torch.nn.Module:
@@ -18,14 +23,25 @@ def random_init_backbone(cfg: Config) -> torch.nn.Module:
     return build_method(cfg, distributed=False).backbone
 
 
-def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path | None = None, *, echo: bool = True):
-    """kNN / linear / few-shot / KMeans on digits for the trained weights, the random init and raw pixels."""
+def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path | None = None, *, echo: bool = True,
+                            method_state: dict | None = None):
+    """kNN / linear / few-shot / KMeans on digits for the trained weights, the random init and raw pixels; with
+    ``method_state`` (the whole trained CLIP) also zero-shot top-1 on the test split, trained and at random init."""
+    from pretrain.trainer import build_method
+
     trained = random_init_backbone(cfg)
     trained.load_state_dict(state_dict)
     images, labels = digits_eval_set(
         image_size=cfg.data.image_size, channels=cfg.data.channels, mean=cfg.data.aug.mean, std=cfg.data.aug.std
     )
     report = evaluate_encoder(trained, random_init_backbone(cfg), images, labels, seed=0)
+    if method_state is not None:
+        test = split_indices(labels, seed=0)[1]
+        model = build_method(cfg, distributed=False)
+        report["random_init"]["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], DIGIT_CLASSES,
+                                                               DIGIT_PROMPTS)
+        model.load_state_dict(method_state)
+        report["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], DIGIT_CLASSES, DIGIT_PROMPTS)
     if out_path is not None:
         write_report(report, out_path)
     if echo:
@@ -34,7 +50,8 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
 
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: str | Path | None = None) -> dict:
-    """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it."""
+    """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
+    beside it, as CLIP runs write, adds zero-shot classification)."""
     path = Path(path)
     if path.is_dir():
         path = path / "backbone.pt"
@@ -46,4 +63,6 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: 
     cfg = config_from_dict(saved["config"])
     if out_path is None:
         out_path = path.parent / "eval.json"
-    return evaluate_backbone_state(cfg, saved["state_dict"], out_path)
+    whole = path.parent / MODEL_FILE
+    method_state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"] if whole.is_file() else None
+    return evaluate_backbone_state(cfg, saved["state_dict"], out_path, method_state=method_state)

@@ -123,8 +123,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     resumed_at = step
     tracker = _open_tracker(cfg, run_dir, rank)
     history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
+    needs_text = METHODS[cfg.method.name].needs_text
     stream = make_train_stream(
-        resolve_shards(cfg.data),
+        resolve_shards(cfg.data, captions=needs_text),
         batch_size=cfg.data.batch_size,
         aug=cfg.data.aug,
         image_size=cfg.data.image_size,
@@ -140,6 +141,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         local_views=cfg.data.local_views,
         local_size=cfg.data.local_size,
         local_crop_scale=cfg.data.local_crop_scale,
+        text=needs_text,
         device=device.type,
         resume=resume["data"] if resume else None,
     )
@@ -188,8 +190,10 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             bar.close()
 
     backbone_state = full_state_dict(engine, engine.module.backbone)  # collective under ZeRO-3: every rank calls it
+    # A method with a text tower (CLIP) is used downstream whole (zero-shot prompts go through its text tower).
+    method_state = full_state_dict(engine, engine.module) if needs_text else None
     if rank == 0:
-        _finish_run(cfg, run_dir, backbone_state, tracker, history)
+        _finish_run(cfg, run_dir, backbone_state, tracker, history, method_state)
     return metrics
 
 
@@ -290,18 +294,22 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, history) -> None:
-    from pretrain.evaluate import evaluate_backbone_state
+def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, history,
+                method_state: dict | None = None) -> None:
+    from pretrain.evaluate import MODEL_FILE, evaluate_backbone_state
     from pretrain.plots import plot_loss_curve
 
     weights = run_dir / "backbone.pt"
     torch.save({"config": to_dict(cfg), "state_dict": backbone_state}, weights)
     tracker.log_artifact(weights)
+    if method_state is not None:
+        torch.save({"config": to_dict(cfg), "state_dict": method_state}, run_dir / MODEL_FILE)
+        tracker.log_artifact(run_dir / MODEL_FILE)
     steps, losses = history.read()
     if steps:
         tracker.log_artifact(plot_loss_curve(steps, losses, run_dir / "loss_curve.png"))
     if cfg.eval.enabled:
-        report = evaluate_backbone_state(cfg, backbone_state, run_dir / "eval.json")
+        report = evaluate_backbone_state(cfg, backbone_state, run_dir / "eval.json", method_state=method_state)
         tracker.log_metrics({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)}, step=cfg.job.max_steps)
         tracker.log_metrics(
             {f"eval_random_init/{k}": v for k, v in report["random_init"].items()}, step=cfg.job.max_steps

@@ -11,6 +11,8 @@ import torch
 from pretrain.eval.digits import split_indices
 from pretrain.eval.protocols import METRICS, evaluate_features
 
+EXTRA_METRICS = ("zeroshot_top1",)
+"""Rows a report has only for some methods (zero-shot: image-text models)."""
 BASELINES = {"random_init": "random init", "raw_pixels": "raw pixels"}
 """Report keys of the baselines and their column titles."""
 
@@ -72,10 +74,10 @@ def evaluate_encoder(
 def format_report(report: dict) -> str:
     """A text table: one row per metric, columns trained / random init / raw pixels (those present)."""
     columns = [("trained", report)] + [(title, report[key]) for key, title in BASELINES.items() if key in report]
-    name_w = max(len(m) for m in METRICS)
+    name_w = max(len(m) for m in METRICS + EXTRA_METRICS)
     header = f"{'metric':<{name_w}}" + "".join(f"  {title:>12}" for title, _ in columns)
     lines = [header, "-" * len(header)]
-    for metric in METRICS:
+    for metric in METRICS + tuple(k for k in EXTRA_METRICS if k in report):
         cells = "".join(f"  {_cell(values.get(metric)):>12}" for _, values in columns)
         lines.append(f"{metric:<{name_w}}{cells}")
     return "\n".join(lines)

@@ -2,11 +2,13 @@
 
 from pretrain.methods.base import SSLMethod
 from pretrain.methods.byol import BYOL
+from pretrain.methods.clip import CLIP
 from pretrain.methods.dino import DINO
 from pretrain.methods.ibot import IBOT
 from pretrain.methods.mae import MAE
 from pretrain.methods.simclr import SimCLR
 
-METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE}
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE,
+                                       "clip": CLIP}
 
-__all__ = ["BYOL", "DINO", "IBOT", "MAE", "METHODS", "SSLMethod", "SimCLR"]
+__all__ = ["BYOL", "CLIP", "DINO", "IBOT", "MAE", "METHODS", "SSLMethod", "SimCLR"]

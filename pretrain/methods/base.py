@@ -40,6 +40,8 @@ class SSLMethod(nn.Module):
     """Base class: subclasses set ``self.backbone`` and implement ``forward``."""
 
     backbone: nn.Module
+    needs_text: bool = False
+    """Trains on image-text pairs: the batch carries ``"text"`` (the captions), and the data must have them."""
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

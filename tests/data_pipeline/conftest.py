@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.shards import ensure_digits_shards
+from data_pipeline.shards import digits_dir_name, ensure_digits_shards
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,7 @@ def digits_dir(tmp_path_factory) -> Path:
     """Digits written once as 8 shards of 256 samples (the last one 5)."""
     cache = tmp_path_factory.mktemp("cache")
     ensure_digits_shards(cache, shard_size=256)
-    return cache / "digits-256"
+    return cache / digits_dir_name(256)
 
 
 @pytest.fixture

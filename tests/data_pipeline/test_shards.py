@@ -19,13 +19,13 @@ from data_pipeline.shards import (
     sha256_file,
     write_shards,
 )
-from data_pipeline.sources import digits_uint8
+from data_pipeline.sources import DIGIT_WORDS, digit_caption, digits_uint8
 
 
 def test_digits_manifest_matches_shards(digits_dir):
-    """Every manifest row names a sample that is in its shard with that label and byte size."""
+    """Every manifest row names a sample that is in its shard with that label, byte size and caption."""
     table = read_manifest(digits_dir)
-    assert table.column_names == ["key", "shard", "label", "bytes"]
+    assert table.column_names == ["key", "shard", "label", "bytes", "caption"]
     assert table.num_rows == 1797
     rows = {r["key"]: r for r in table.to_pylist()}
     seen = 0
@@ -38,6 +38,9 @@ def test_digits_manifest_matches_shards(digits_dir):
             assert row["shard"] == path.rsplit("/", 1)[1]
             if ext == "cls":
                 assert int(data) == row["label"]
+            elif ext == "txt":
+                assert data.decode() == row["caption"]
+                assert data.decode() == digit_caption(row["label"], int(key.split("_")[1]))
             else:
                 assert ext == "png" and len(data) == row["bytes"]
                 seen += 1
@@ -56,6 +59,8 @@ def test_digits_pixels_and_labels_roundtrip(digits_dir):
             data = tar.extractfile(name).read()
             if ext == "png":
                 np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), images[i])
+            elif ext == "txt":
+                assert data.decode() == digit_caption(labels[i], i)
             else:
                 assert int(data) == labels[i]
 
@@ -149,3 +154,31 @@ def test_ensure_digits_reuses(digits_dir):
     paths = ensure_digits_shards(digits_dir.parent, shard_size=256)
     assert paths == list_shards(digits_dir)
     assert before == {p: (digits_dir / p).stat().st_mtime_ns for p in before}
+
+
+def test_digit_captions_name_the_label_and_vary():
+    """Each digits caption names its digit (as a numeral or a word), is fixed per sample, and templates vary."""
+    captions = [digit_caption(label, i) for i, label in enumerate([7] * 40)]
+    assert all("7" in c.split() or "seven" in c.replace(",", "").split() for c in captions)
+    assert len(set(captions)) >= 5 and captions == [digit_caption(7, i) for i in range(40)]
+    assert all(DIGIT_WORDS[d] in digit_caption(d, 1) or str(d) in digit_caption(d, 1) for d in range(10))
+
+
+def test_folder_captions_from_sidecar_text(tmp_path, image_tree):
+    """An image's caption is the .txt beside it (same stem, UTF-8, stripped); images without one have none."""
+    root = image_tree(tmp_path / "imgs", classes={"a": 3, "b": 2})
+    (root / "a" / "0.txt").write_text("a red fox\n", encoding="utf-8")
+    (root / "b" / "1.txt").write_text("une façade", encoding="utf-8")
+    write_shards(f"folder:{root}", tmp_path / "ds", shard_size=2, progress=False)
+    assert shards_mod.count_captions(tmp_path / "ds") == 2
+    stored = {}
+    for path in list_shards(tmp_path / "ds"):
+        with tarfile.open(path) as tar:
+            stored.update({m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".txt")})
+    assert sorted(v.decode() for v in stored.values()) == ["a red fox", "une façade"]
+    manifest = read_manifest(tmp_path / "ds").to_pylist()
+    assert sorted(r["caption"] for r in manifest if r["caption"]) == ["a red fox", "une façade"]
+    (root / "a" / "2.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(ValueError, match="2.txt is not UTF-8"):
+        write_shards(f"folder:{root}", tmp_path / "ds2", shard_size=2, progress=False)
+    assert not (tmp_path / "ds2").exists()

@@ -11,7 +11,7 @@ import torch
 
 from data_pipeline.dali import build_pipeline
 from data_pipeline.loader import make_train_stream
-from data_pipeline.shards import list_shards, write_shards
+from data_pipeline.shards import list_shards, read_manifest, write_shards
 from data_pipeline.sources import digits_uint8
 from data_pipeline.views import AugmentConfig
 
@@ -322,3 +322,35 @@ def test_resume_with_local_views_is_exact_and_fingerprinted(digits_dir, caplog):
         assert _take(other, 1)[0]["epoch"] == 0
     assert "other data settings" in caplog.text
     assert plain_state["fingerprint"] != state["fingerprint"]
+
+
+def test_captions_ride_with_their_images(tmp_path, image_tree):
+    """With text=True every batch carries each sample's caption; samples without one (or with an empty one) are
+    skipped and counted as corrupt, like an undecodable image; a caption-less dataset is refused before training."""
+    from pretrain.config import ConfigError, DataConfig
+    from pretrain.data import resolve_shards
+
+    root = image_tree(tmp_path / "imgs", classes={"a": 12, "b": 12})
+    for cls in ("a", "b"):
+        for i in range(12):
+            if (cls, i) in (("a", 3), ("b", 7)):
+                continue  # no caption
+            text = "" if (cls, i) == ("b", 8) else f"{cls} number {i}"
+            (root / cls / f"{i}.txt").write_text(text)
+    write_shards(f"folder:{root}", tmp_path / "ds", shard_size=5, progress=False)
+    keys = {r["key"]: r["caption"] for r in read_manifest(tmp_path / "ds").to_pylist()}
+    with _stream(list_shards(tmp_path / "ds"), AugmentConfig(), batch_size=7, channels=3, num_workers=2,
+                 num_views=1, text=True) as stream:
+        batches = list(itertools.takewhile(lambda b: b["epoch"] == 0, stream))
+        stats = dict(stream.stats)
+    # epoch 0 is exactly the 21 captioned samples; the 3 others were counted (and again in the epoch-1 read-ahead)
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(k for k, c in keys.items() if c)
+    assert stats["corrupt"] >= 3
+    for b in batches:
+        assert b["text"] == [keys[k] for k in b["keys"]] and all(b["text"])
+    # the caption-less image tree as shards: refused with one line naming the source
+    bare = image_tree(tmp_path / "bare", classes={"a": 2})
+    write_shards(f"folder:{bare}", tmp_path / "bare-ds", shard_size=5, progress=False)
+    with pytest.raises(ConfigError, match="has no captions"):
+        resolve_shards(DataConfig(source=str(tmp_path / "bare-ds")), captions=True)
+    assert resolve_shards(DataConfig(source=str(tmp_path / "bare-ds")))  # fine for an image-only method
