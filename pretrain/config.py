@@ -107,6 +107,13 @@ class MethodConfig:
     """CLIP: the learned log logit scale starts here (ln 1/0.07)."""
     logit_scale_max: float = 4.6052
     """CLIP: and is capped here (ln 100)."""
+    # --- Jigsaw (the head's MLP: model.proj_hidden_dim, proj_layers) ---
+    jigsaw_grid: int = 3
+    """Jigsaw: the view is cut into grid x grid cells (data.image_size must divide evenly)."""
+    jigsaw_gap: int = 1
+    """Jigsaw: a tile is its cell less this many pixels, cropped at a random offset (no edge matching)."""
+    jigsaw_permutations: int = 100
+    """Jigsaw: the classes: this many permutations, far apart in Hamming distance (all 24 of a 2x2 grid)."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -128,6 +135,9 @@ class MethodConfig:
         for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads", "text_width", "text_depth",
                     "text_heads"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        _check(self.jigsaw_grid >= 2, "jigsaw_grid", f"must be >= 2, got {self.jigsaw_grid}")
+        _check(self.jigsaw_gap >= 0, "jigsaw_gap", f"must be >= 0, got {self.jigsaw_gap}")
+        _check(self.jigsaw_permutations >= 2, "jigsaw_permutations", f"must be >= 2, got {self.jigsaw_permutations}")
         _check(self.context_length >= 3, "context_length", f"must be >= 3 (begin, a byte, end), got "
                f"{self.context_length}")
 

@@ -5,10 +5,12 @@ from pretrain.methods.byol import BYOL
 from pretrain.methods.clip import CLIP
 from pretrain.methods.dino import DINO
 from pretrain.methods.ibot import IBOT
+from pretrain.methods.jigsaw import Jigsaw
 from pretrain.methods.mae import MAE
+from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE,
-                                       "clip": CLIP}
+                                       "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw}
 
-__all__ = ["BYOL", "CLIP", "DINO", "IBOT", "MAE", "METHODS", "SSLMethod", "SimCLR"]
+__all__ = ["BYOL", "CLIP", "DINO", "IBOT", "MAE", "METHODS", "Jigsaw", "Rotation", "SSLMethod", "SimCLR"]

@@ -1,0 +1,55 @@
+"""Semantic search on frozen features: cosine nearest neighbours, and how well they retrieve the same class.
+
+``search`` is the tool (a query's top-k items of a gallery); ``retrieval_scores`` scores it with the labels as the
+ground truth of relevance: precision@k (the share of the k nearest gallery items that share the query's class) and
+MAP@R (Musgrave et al., 2020, "A metric learning reality check": average precision over the first R results, R = the
+number of gallery items of the query's class), which rewards putting all of a class first, not only a few.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pretrain.eval.common import as_features, check_split, l2_normalize
+
+
+def search(gallery: np.ndarray, queries: np.ndarray, k: int, *, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` gallery rows per query by cosine similarity -> ``(indices (M, k) int64, similarities (M, k))``, each
+    row in decreasing similarity (ties: the smaller index first). gallery: (N, F), queries: (M, F)."""
+    gallery, queries = as_features(gallery, "gallery"), as_features(queries, "queries")
+    if gallery.shape[1] != queries.shape[1]:
+        raise ValueError(f"gallery has {gallery.shape[1]} features but queries have {queries.shape[1]}")
+    if not 1 <= k <= gallery.shape[0]:
+        raise ValueError(f"k must be in [1, {gallery.shape[0]}] (the gallery size), got {k}")
+    g, q = l2_normalize(gallery), l2_normalize(queries)
+    idx = np.empty((q.shape[0], k), dtype=np.int64)
+    sims = np.empty((q.shape[0], k))
+    for start in range(0, q.shape[0], chunk):  # bounds the (chunk, N) similarity matrix
+        sim = q[start : start + chunk] @ g.T
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        idx[start : start + chunk] = order
+        sims[start : start + chunk] = np.take_along_axis(sim, order, axis=1)
+    return idx, sims
+
+
+def retrieval_scores(train_x, train_y, test_x, test_y, *, k: int = 10) -> tuple[float, float]:
+    """``(precision@k, MAP@R)`` of the test features as queries against the train features as the gallery."""
+    train_x, train_y, test_x, test_y = check_split(train_x, train_y, test_x, test_y)
+    classes, counts = np.unique(train_y, return_counts=True)
+    r_of = dict(zip(classes.tolist(), counts.tolist()))
+    r_max = max(r_of.get(y, 0) for y in test_y.tolist())
+    if r_max == 0:
+        raise ValueError("no test label occurs in the train labels: nothing is relevant to any query")
+    idx, _ = search(train_x, test_x, max(k, r_max))
+    hits = train_y[idx] == test_y[:, None]  # (M, max(k, R_max))
+    precision_at_k = float(hits[:, :k].mean())
+    aps = []
+    for row, y in zip(hits, test_y.tolist()):
+        r = r_of.get(y, 0)
+        if r == 0:
+            aps.append(0.0)
+            continue
+        top = row[:r]
+        # precision at each rank where a relevant item sits, summed, over R (a miss at rank i adds 0)
+        aps.append(float((np.cumsum(top) / np.arange(1, r + 1))[top].sum() / r))
+    return precision_at_k, float(np.mean(aps))

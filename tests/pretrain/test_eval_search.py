@@ -1,0 +1,63 @@
+"""Search (cosine top-k), retrieval precision@k and MAP@R, and one-class-out kNN anomaly AUROC: closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pretrain.eval.anomaly import anomaly_auroc, knn_anomaly_scores
+from pretrain.eval.search import retrieval_scores, search
+
+
+def _angles(*degrees: float) -> np.ndarray:
+    """Unit 2-D vectors at these angles (scaled by 1..n: cosine ignores the norm)."""
+    rad = np.deg2rad(degrees)
+    return np.stack([np.cos(rad), np.sin(rad)], axis=1) * np.arange(1, len(degrees) + 1)[:, None]
+
+
+def test_search_ranks_by_cosine_and_breaks_ties_by_index():
+    gallery = _angles(0, 90, 10, 180, 10)
+    idx, sims = search(gallery, _angles(0), 4)
+    assert idx.tolist() == [[0, 2, 4, 1]]  # 2 and 4 tie at 10 degrees: the smaller index first
+    np.testing.assert_allclose(sims, [[1.0, np.cos(np.deg2rad(10)), np.cos(np.deg2rad(10)), 0.0]], atol=1e-12)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
+        search(gallery, _angles(0), 6)
+    with pytest.raises(ValueError, match="gallery has 2 features but queries have 3"):
+        search(gallery, np.ones((1, 3)), 1)
+
+
+def test_retrieval_precision_and_map_at_r():
+    # gallery: class 0 at 0 and 40 degrees, class 1 at 20 and 90; the query (class 0, at 0 degrees) ranks them
+    # 0 (hit), 20 (miss), 40 (hit), 90 (miss). R = 2: AP@R = (1/1 + 0) / 2 = 0.5; precision@2 = 0.5, @1 = 1.
+    gallery, labels = _angles(0, 40, 20, 90), np.array([0, 0, 1, 1])
+    assert retrieval_scores(gallery, labels, _angles(0), np.array([0]), k=2) == pytest.approx((0.5, 0.5))
+    assert retrieval_scores(gallery, labels, _angles(0), np.array([0]), k=1)[0] == pytest.approx(1.0)
+    # two tight, far apart clusters: everything retrieved is relevant
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal([10, 0], 0.1, (30, 2)), rng.normal([0, 10], 0.1, (30, 2))])
+    y = np.repeat([0, 1], 30)
+    assert retrieval_scores(x[::2], y[::2], x[1::2], y[1::2], k=10) == pytest.approx((1.0, 1.0))
+    # features that say nothing: precision near the class share (0.5)
+    noise = rng.normal(size=(400, 16))
+    p10, map_r = retrieval_scores(noise[:200], np.arange(200) % 2, noise[200:], np.arange(200) % 2, k=10)
+    assert 0.4 < p10 < 0.6 and 0.15 < map_r < 0.4  # random order: about half of the first R are hits, half as high
+
+
+def test_knn_anomaly_score_is_mean_cosine_distance():
+    normal = _angles(0, 90, 180)
+    scores = knn_anomaly_scores(normal, _angles(0, 45), k=2)
+    # 0 deg: nearest 0 and 90 -> distances 0 and 1; 45 deg: 0 and 90 -> 1 - cos 45 each
+    np.testing.assert_allclose(scores, [0.5, 1 - np.cos(np.deg2rad(45))], atol=1e-12)
+
+
+def test_anomaly_auroc_one_class_out():
+    rng = np.random.default_rng(0)
+    centers = np.eye(3) * 10
+    y = np.repeat([0, 1, 2], 40)
+    x = centers[y] + rng.normal(0, 0.1, (120, 3))
+    assert anomaly_auroc(x[::2], y[::2], x[1::2], y[1::2]) == pytest.approx(1.0)
+    noise = rng.normal(size=(600, 8))
+    y6 = np.arange(600) % 3
+    assert abs(anomaly_auroc(noise[:300], y6[:300], noise[300:], y6[300:]) - 0.5) < 0.08
+    with pytest.raises(ValueError, match="at least two classes"):
+        anomaly_auroc(x[:5], np.zeros(5), x[5:10], np.zeros(5))
