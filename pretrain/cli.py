@@ -1,4 +1,4 @@
-"""``pretrain``: one console script, subcommands ``train``, ``submit``, ``eval`` and ``data``.
+"""``pretrain``: one console script, subcommands ``train``, ``submit``, ``eval``, ``search`` and ``data``.
 
 Every check that can fail on user input runs here, before Ray or any worker starts; a problem is one line on stderr
 and exit status 2.
@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its backbone.pt")
     e.add_argument("--dataset", default="digits", choices=["digits"])
     e.add_argument("--out", type=Path, help="where to write the report (default: eval.json beside the checkpoint)")
+
+    q = sub.add_parser("search", help="semantic search: the images of a shard dataset nearest to a text or an image",
+                       description="Embed every image of --data with a finished run's encoder and print the --k "
+                       "nearest to the query: --text (a CLIP run: texts and images share one space) or --image KEY "
+                       "(any run; a sample key of --data). --out writes the results as a contact sheet (PNG).")
+    q.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text query (CLIP runs)")
+    what.add_argument("--image", metavar="KEY", help="the key of an image of --data as the query")
+    q.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits shards)")
+    q.add_argument("--k", type=int, default=10, help="results to show (default 10)")
+    q.add_argument("--out", type=Path, help="write the query's results as a PNG contact sheet")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -187,6 +199,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import dataclasses
+
+    import numpy as np
+
+    from pretrain.data import resolve_shards
+    from pretrain.index import embed_shards, load_run, rank
+
+    if args.k < 1:
+        raise ConfigError(f"--k: must be >= 1, got {args.k}")
+    run = load_run(args.checkpoint)
+    if args.text is not None and run.encode_text is None:
+        raise ConfigError(f"--text: {args.checkpoint} is a {run.cfg.method.name} run, which has no text tower "
+                          "(a clip run has); query with --image KEY instead")
+    data_cfg = run.cfg.data if args.data is None else dataclasses.replace(run.cfg.data, source=args.data)
+    shards = resolve_shards(data_cfg)
+    gallery = embed_shards(run, shards)
+    if args.text is not None:
+        import torch
+
+        with torch.no_grad():
+            query = run.encode_text([args.text])[0].float().numpy()
+        title = f"text {args.text!r}"
+    else:
+        if args.image not in gallery.keys:
+            raise ConfigError(f"--image: no decodable sample with key {args.image!r} in the data")
+        query = gallery.embeddings[gallery.keys.index(args.image)]
+        title = f"image {args.image!r}"
+    hits = rank(gallery, np.asarray(query), args.k)
+    print(f"{len(hits)} nearest of {len(gallery.keys)} images to {title}"
+          + (f" ({gallery.corrupt} undecodable skipped)" if gallery.corrupt else "") + ":")
+    print(f"{'rank':>4}  {'similarity':>10}  {'label':>5}  key  caption")
+    for i, (row, sim) in enumerate(hits, 1):
+        caption = gallery.captions[row] or ""
+        print(f"{i:>4}  {sim:>10.4f}  {gallery.labels[row]:>5}  {gallery.keys[row]}  {caption}")
+    if args.out is not None:
+        from pretrain.plots import contact_sheet
+
+        contact_sheet(shards, [gallery.keys[r] for r, _ in hits], [f"{s:.3f}" for _, s in hits], title, args.out)
+        print(f"Contact sheet: {args.out}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from data_pipeline.shards import write_shards
 
@@ -199,7 +254,8 @@ def cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search,
+               "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # user input; programming errors keep their traceback

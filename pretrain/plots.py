@@ -43,3 +43,34 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def contact_sheet(shards: Sequence[str], keys: Sequence[str], notes: Sequence[str], title: str, path) -> Path:
+    """Write a PNG grid of the images ``keys`` of ``shards`` (in that order), each captioned with its key and note."""
+    import io
+
+    from PIL import Image
+
+    from data_pipeline.reader import read_epoch
+
+    if not keys or len(keys) != len(notes):
+        raise ValueError(f"contact sheet needs one note per key and at least one key, got {len(keys)} and {len(notes)}")
+    wanted = set(keys)
+    found = {s["key"]: s["image"] for s in read_epoch(list(shards), rank=0, world_size=1, num_workers=0)
+             if s["key"] in wanted}
+    cols = min(5, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig = Figure(figsize=(2 * cols, 2.2 * rows + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (key, note) in enumerate(zip(keys, notes)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = Image.open(io.BytesIO(found[key]))
+        ax.imshow(image, cmap="gray" if image.mode in ("L", "I", "1") else None, interpolation="nearest")
+        ax.set_title(f"{i + 1}. {key}\n{note}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -76,6 +76,8 @@ class TextTransformer(nn.Module):
         ends = (tokens == EOS).int().argmax(dim=1)  # the first end token of each row
         if not bool((tokens.gather(1, ends[:, None]) == EOS).all()):
             raise ValueError("text tower: every row of tokens needs an end token (see ByteTokenizer)")
+        # Nothing after the last end token of the batch reaches any end token (causal): drop that padding.
+        tokens = tokens[:, : int(ends.max()) + 1]
         x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
         for block in self.blocks:
             x = block(x)

@@ -1,0 +1,122 @@
+"""Semantic search over a shard dataset with a trained run: embed every image, then rank them for a query.
+
+``load_run`` rebuilds a run's encoder from its directory (``backbone.pt``; for CLIP ``model.pt``, both towers);
+``embed_shards`` decodes every sample of a shard directory with the training recipe's size and normalisation (no
+augmentation: the whole image, resized), skipping and counting undecodable ones; ``rank`` orders the gallery for a
+query embedding. A CLIP run embeds images and texts in one space, so a caption-like text can query images; any run can
+query with one of the gallery's own images (near-duplicates, same-class neighbours).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.config import Config, config_from_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    encode_image: object
+    """images (B, C, S, S) -> (B, E)"""
+    encode_text: object | None
+    """texts -> (B, E), or None for a method without a text tower"""
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The trained encoder(s) of a finished run directory (ValueError naming what is missing)."""
+    from pretrain.evaluate import MODEL_FILE
+    from pretrain.trainer import build_method
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "backbone.pt"
+    if not weights.is_file():
+        raise ValueError(f"--checkpoint: {run_dir} has no backbone.pt (not a finished run directory)")
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    cfg = config_from_dict(saved["config"])
+    method = build_method(cfg, distributed=False)
+    if (run_dir / MODEL_FILE).is_file():
+        method.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
+    else:
+        method.backbone.load_state_dict(saved["state_dict"])
+    method.eval()
+    if hasattr(method, "encode_text"):
+        return Run(cfg, method.encode_image, method.encode_text)
+    return Run(cfg, method.backbone, None)
+
+
+@dataclass
+class Gallery:
+    keys: list[str]
+    labels: np.ndarray
+    """(N,) int64"""
+    captions: list[str | None]
+    embeddings: np.ndarray
+    """(N, E) float32"""
+    corrupt: int
+    """samples skipped as undecodable"""
+
+
+@torch.no_grad()
+def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Gallery:
+    """Every sample of ``shards`` (one pass, in shard order) embedded by ``run.encode_image``."""
+    from data_pipeline.cpu import PilAugmenter
+    from data_pipeline.reader import read_epoch
+    from data_pipeline.shards import read_manifest
+    from data_pipeline.views import AugmentConfig
+
+    d = run.cfg.data
+    mean, std = d.aug.channel_stats(d.channels)
+    views = PilAugmenter(AugmentConfig.disabled(mean=mean, std=std), image_size=d.image_size, channels=d.channels,
+                         num_views=1)
+    manifest = read_manifest(Path(shards[0]).parent).to_pylist()
+    caption_of = {r["key"]: r.get("caption") for r in manifest}
+    keys, labels, chunks, corrupt = [], [], [], 0
+
+    def flush(batch: list[dict]) -> None:
+        nonlocal corrupt
+        try:
+            good, x = batch, views([s["image"] for s in batch])[0]
+        except Exception:  # noqa: BLE001 - some image in the batch does not decode: find which, one by one
+            good, xs = [], []
+            for s in batch:
+                try:
+                    xs.append(views([s["image"]])[0])
+                    good.append(s)
+                except Exception:  # noqa: BLE001 - PIL raises several types for broken files
+                    corrupt += 1
+                    log.warning("skipping undecodable image %r", s["key"])
+            if not good:
+                return
+            x = torch.cat(xs)
+        chunks.append(run.encode_image(x).float().cpu().numpy())
+        keys.extend(s["key"] for s in good)
+        labels.extend(s["label"] for s in good)
+
+    pending: list[dict] = []
+    for sample in read_epoch(shards, rank=0, world_size=1, num_workers=0):
+        pending.append(sample)
+        if len(pending) == batch_size:
+            flush(pending)
+            pending = []
+    if pending:
+        flush(pending)
+    if not keys:
+        raise ValueError("no decodable image in the shards")
+    return Gallery(keys, np.asarray(labels, dtype=np.int64), [caption_of.get(k) for k in keys],
+                   np.concatenate(chunks), corrupt)
+
+
+def rank(gallery: Gallery, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The ``k`` gallery rows nearest to ``query: (E,)`` by cosine -> [(row, similarity), ...], best first."""
+    from pretrain.eval.search import search
+
+    idx, sims = search(gallery.embeddings, query[None], min(k, len(gallery.keys)))
+    return list(zip(idx[0].tolist(), sims[0].tolist()))
