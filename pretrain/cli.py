@@ -56,11 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--dry-run", action="store_true", help="write the run directory and the script, do not submit")
 
     e = sub.add_parser("eval", help="evaluate a pretrained backbone on frozen features",
-                       description="kNN, linear probe, 1/5-shot and KMeans NMI/ARI of a backbone, next to the same "
-                       "encoder at random init and raw pixels; writes eval.json beside the checkpoint.")
+                       description="kNN, linear probe, 1/5-shot, KMeans NMI/ARI, retrieval, anomaly detection and "
+                       "ICA axes of a backbone's frozen features (optionally fine-tuning; zero-shot for CLIP), next to "
+                       "the same encoder at random init and raw pixels; writes eval.json beside the checkpoint.")
     e.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its backbone.pt")
     e.add_argument("--dataset", default="digits", choices=["digits"])
     e.add_argument("--out", type=Path, help="where to write the report (default: eval.json beside the checkpoint)")
+    e.add_argument("--finetune-epochs", type=int,
+                   help="also fine-tune the backbone (and its random init) this many epochs (default: the run's "
+                   "eval.finetune_epochs)")
 
     q = sub.add_parser("search", help="semantic search: the images of a shard dataset nearest to a text or an image",
                        description="Embed every image of --data with a finished run's encoder and print the --k "
@@ -195,7 +199,8 @@ def cmd_submit(args) -> int:
 def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, dataset=args.dataset, out_path=args.out)
+    evaluate_checkpoint(args.checkpoint, dataset=args.dataset, out_path=args.out,
+                        finetune_epochs=args.finetune_epochs)
     return 0
 
 

@@ -239,9 +239,14 @@ class EvalConfig:
     enabled: bool = True
     """Evaluate the frozen backbone at the end of training."""
     dataset: str = "digits"
+    finetune_epochs: int = 0
+    """Also fine-tune a copy of the whole backbone (and of its random init) with a linear head for this many epochs on
+    the labelled split and report the test accuracy (finetune_top1); 0 = skip (it costs more than the other protocols
+    together)."""
 
     def __post_init__(self) -> None:
         _check(self.dataset == "digits", "dataset", f"only 'digits' is supported, got {self.dataset!r}")
+        _check(self.finetune_epochs >= 0, "finetune_epochs", f"must be >= 0, got {self.finetune_epochs}")
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,7 @@ import torch
 
 from pretrain.config import Config, config_from_dict
 from pretrain.eval.digits import digits_eval_set, split_indices
+from pretrain.eval.finetune import finetune_top1
 from pretrain.eval.report import evaluate_encoder, format_report, write_report
 from pretrain.eval.zeroshot import DIGIT_PROMPTS, zeroshot_top1
 
@@ -25,8 +26,9 @@ def random_init_backbone(cfg: Config) -> torch.nn.Module:
 
 def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path | None = None, *, echo: bool = True,
                             method_state: dict | None = None):
-    """kNN / linear / few-shot / KMeans on digits for the trained weights, the random init and raw pixels; with
-    ``method_state`` (the whole trained CLIP) also zero-shot top-1 on the test split, trained and at random init."""
+    """The frozen-feature protocols (pretrain.eval.protocols) on digits for the trained weights, the random init and raw
+    pixels; with ``eval.finetune_epochs`` also fine-tuning of both; with ``method_state`` (the whole trained CLIP) also
+    zero-shot top-1 on the test split, trained and at random init."""
     from pretrain.trainer import build_method
 
     trained = random_init_backbone(cfg)
@@ -34,7 +36,14 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     images, labels = digits_eval_set(
         image_size=cfg.data.image_size, channels=cfg.data.channels, mean=cfg.data.aug.mean, std=cfg.data.aug.std
     )
-    report = evaluate_encoder(trained, random_init_backbone(cfg), images, labels, seed=0)
+    random_init = random_init_backbone(cfg)
+    report = evaluate_encoder(trained, random_init, images, labels, seed=0)
+    if cfg.eval.finetune_epochs:
+        train, test = split_indices(labels, seed=0)
+        for key, encoder in (("trained", trained), ("random_init", random_init)):
+            acc = finetune_top1(encoder, images[train], labels[train], images[test], labels[test],
+                                epochs=cfg.eval.finetune_epochs, seed=0)
+            (report if key == "trained" else report["random_init"])["finetune_top1"] = acc
     if method_state is not None:
         test = split_indices(labels, seed=0)[1]
         model = build_method(cfg, distributed=False)
@@ -49,7 +58,8 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     return report
 
 
-def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: str | Path | None = None) -> dict:
+def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: str | Path | None = None,
+                        finetune_epochs: int | None = None) -> dict:
     """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
     beside it, as CLIP runs write, adds zero-shot classification)."""
     path = Path(path)
@@ -61,6 +71,10 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: 
         raise ValueError(f"--dataset: only 'digits' is supported, got {dataset!r}")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     cfg = config_from_dict(saved["config"])
+    if finetune_epochs is not None:
+        if finetune_epochs < 0:
+            raise ValueError(f"--finetune-epochs: must be >= 0, got {finetune_epochs}")
+        cfg.eval.finetune_epochs = finetune_epochs
     if out_path is None:
         out_path = path.parent / "eval.json"
     whole = path.parent / MODEL_FILE

@@ -11,8 +11,8 @@ import torch
 from pretrain.eval.digits import split_indices
 from pretrain.eval.protocols import METRICS, evaluate_features
 
-EXTRA_METRICS = ("zeroshot_top1",)
-"""Rows a report has only for some methods (zero-shot: image-text models)."""
+EXTRA_METRICS = ("finetune_top1", "zeroshot_top1")
+"""Rows a report has only when asked for (fine-tuning) or for some methods (zero-shot: image-text models)."""
 BASELINES = {"random_init": "random init", "raw_pixels": "raw pixels"}
 """Report keys of the baselines and their column titles."""
 
