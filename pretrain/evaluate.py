@@ -40,10 +40,9 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     report = evaluate_encoder(trained, random_init, images, labels, seed=0)
     if cfg.eval.finetune_epochs:
         train, test = split_indices(labels, seed=0)
-        for key, encoder in (("trained", trained), ("random_init", random_init)):
-            acc = finetune_top1(encoder, images[train], labels[train], images[test], labels[test],
-                                epochs=cfg.eval.finetune_epochs, seed=0)
-            (report if key == "trained" else report["random_init"])["finetune_top1"] = acc
+        for scores, encoder in ((report, trained), (report["random_init"], random_init)):
+            scores["finetune_top1"] = finetune_top1(encoder, images[train], labels[train], images[test], labels[test],
+                                                    epochs=cfg.eval.finetune_epochs, seed=0)
     if method_state is not None:
         test = split_indices(labels, seed=0)[1]
         model = build_method(cfg, distributed=False)
@@ -58,25 +57,31 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     return report
 
 
-def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: str | Path | None = None,
-                        finetune_epochs: int | None = None) -> dict:
-    """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
-    beside it, as CLIP runs write, adds zero-shot classification)."""
+def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
+    """``path``: a run directory or its ``backbone.pt`` -> (config, backbone state, the whole method's state from a
+    ``model.pt`` beside it (CLIP) or None, the backbone.pt path). ValueError naming what is missing."""
     path = Path(path)
     if path.is_dir():
         path = path / "backbone.pt"
     if not path.is_file():
-        raise ValueError(f"--checkpoint: {path} does not exist (expected a run directory or its backbone.pt)")
+        raise ValueError(f"--checkpoint: {path} does not exist (expected a finished run directory or its backbone.pt)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    whole = path.parent / MODEL_FILE
+    method_state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"] if whole.is_file() else None
+    return config_from_dict(saved["config"]), saved["state_dict"], method_state, path
+
+
+def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: str | Path | None = None,
+                        finetune_epochs: int | None = None) -> dict:
+    """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
+    beside it, as CLIP runs write, adds zero-shot classification)."""
     if dataset != "digits":
         raise ValueError(f"--dataset: only 'digits' is supported, got {dataset!r}")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = config_from_dict(saved["config"])
+    cfg, backbone_state, method_state, path = load_run_files(path)
     if finetune_epochs is not None:
         if finetune_epochs < 0:
             raise ValueError(f"--finetune-epochs: must be >= 0, got {finetune_epochs}")
         cfg.eval.finetune_epochs = finetune_epochs
     if out_path is None:
         out_path = path.parent / "eval.json"
-    whole = path.parent / MODEL_FILE
-    method_state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"] if whole.is_file() else None
-    return evaluate_backbone_state(cfg, saved["state_dict"], out_path, method_state=method_state)
+    return evaluate_backbone_state(cfg, backbone_state, out_path, method_state=method_state)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.config import Config, config_from_dict
+from pretrain.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +32,15 @@ class Run:
 
 def load_run(run_dir: str | Path) -> Run:
     """The trained encoder(s) of a finished run directory (ValueError naming what is missing)."""
-    from pretrain.evaluate import MODEL_FILE
+    from pretrain.evaluate import load_run_files
     from pretrain.trainer import build_method
 
-    run_dir = Path(run_dir)
-    weights = run_dir / "backbone.pt"
-    if not weights.is_file():
-        raise ValueError(f"--checkpoint: {run_dir} has no backbone.pt (not a finished run directory)")
-    saved = torch.load(weights, map_location="cpu", weights_only=True)
-    cfg = config_from_dict(saved["config"])
+    cfg, backbone_state, method_state, _ = load_run_files(run_dir)
     method = build_method(cfg, distributed=False)
-    if (run_dir / MODEL_FILE).is_file():
-        method.load_state_dict(torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
+    if method_state is not None:
+        method.load_state_dict(method_state)
     else:
-        method.backbone.load_state_dict(saved["state_dict"])
+        method.backbone.load_state_dict(backbone_state)
     method.eval()
     if hasattr(method, "encode_text"):
         return Run(cfg, method.encode_image, method.encode_text)

@@ -36,6 +36,14 @@ def build_method_backbone(cfg: Config, *, masks: bool = False) -> nn.Module:
                           patch_size=cfg.model.patch_size, **kwargs)
 
 
+def require_one_view(cfg: Config, what: str) -> None:
+    """Raise the one-line config error of a method that uses one view per image (``what``: "mae reconstructs")."""
+    d = cfg.data
+    if d.num_views != 1 or d.local_views:
+        raise ValueError(f"data.num_views: {what} one view per image (set data.num_views: 1 and no local_views), got "
+                         f"{d.num_views} global and {d.local_views} local")
+
+
 class SSLMethod(nn.Module):
     """Base class: subclasses set ``self.backbone`` and implement ``forward``."""
 

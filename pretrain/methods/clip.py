@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from kernels.clip import clip_loss
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
 from pretrain.models.text import ByteTokenizer, TextTransformer
 
 
@@ -30,11 +30,8 @@ class CLIP(SSLMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        d, m = cfg.data, cfg.method
-        if d.num_views != 1 or d.local_views:
-            raise ValueError(f"data.num_views: clip pairs one view of each image with its caption (set "
-                             f"data.num_views: 1 and no local_views), got {d.num_views} global and {d.local_views} "
-                             "local")
+        m = cfg.method
+        require_one_view(cfg, "clip pairs each caption with")
         if m.text_width % m.text_heads:
             raise ValueError(f"method.text_width: {m.text_width} is not divisible by method.text_heads={m.text_heads}")
         if m.logit_scale_init > m.logit_scale_max:

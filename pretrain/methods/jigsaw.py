@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
 
 
 def permutation_set(tiles: int, count: int, seed: int = 0) -> np.ndarray:
@@ -66,9 +66,7 @@ class Jigsaw(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         d, m = cfg.data, cfg.method
-        if d.num_views != 1 or d.local_views:
-            raise ValueError(f"data.num_views: jigsaw shuffles one view per image (set data.num_views: 1 and no "
-                             f"local_views), got {d.num_views} global and {d.local_views} local")
+        require_one_view(cfg, "jigsaw shuffles the tiles of")
         cell = d.image_size // m.jigsaw_grid
         if d.image_size % m.jigsaw_grid or cell - m.jigsaw_gap < 1:
             raise ValueError(f"method.jigsaw_grid: data.image_size {d.image_size} must split into {m.jigsaw_grid} "

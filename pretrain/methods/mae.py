@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kernels.masked_gather import masked_gather
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
 from pretrain.models.vit import Block, sincos_pos_embed_2d
 
 IMPLS = ("auto", "triton", "ref")
@@ -100,9 +100,7 @@ class MAE(SSLMethod):
                              f"{cfg.model.backbone!r}")
         if m.loss_impl not in IMPLS:
             raise ValueError(f"method.loss_impl: mae takes one of {', '.join(IMPLS)}, got {m.loss_impl!r}")
-        if d.num_views != 1 or d.local_views:
-            raise ValueError(f"data.num_views: mae reconstructs one view per image (set data.num_views: 1 and no "
-                             f"local_views), got {d.num_views} global and {d.local_views} local")
+        require_one_view(cfg, "mae reconstructs")
         patches = (d.image_size // cfg.model.patch_size) ** 2
         keep = num_visible(patches, m.mask_ratio)
         if not 0 < keep < patches:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
 
 ROTATIONS = 4
 
@@ -32,10 +32,7 @@ def rotate_all(images: Tensor) -> tuple[Tensor, Tensor]:
 class Rotation(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        d = cfg.data
-        if d.num_views != 1 or d.local_views:
-            raise ValueError(f"data.num_views: rotation classifies one view per image (set data.num_views: 1 and no "
-                             f"local_views), got {d.num_views} global and {d.local_views} local")
+        require_one_view(cfg, "rotation turns")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

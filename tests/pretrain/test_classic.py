@@ -90,8 +90,9 @@ def test_jigsaw_loss_is_cross_entropy_of_the_drawn_permutation():
 
 
 def test_config_errors():
-    assert "data.num_views: rotation classifies one view" in config_error(ROTATION, ["data.num_views=2"])
-    assert "data.num_views: jigsaw shuffles one view" in config_error(JIGSAW, ["data.num_views=2"])
+    assert "data.num_views: rotation turns one view per image" in config_error(ROTATION, ["data.num_views=2"])
+    assert "data.num_views: jigsaw shuffles the tiles of one view per image" in config_error(JIGSAW,
+                                                                                             ["data.num_views=2"])
     assert "method.jigsaw_grid: data.image_size 16 must split into 3" in config_error(JIGSAW, ["data.image_size=16"])
     assert "method.jigsaw_gap: tiles of 7 px" in config_error(JIGSAW, ["model.backbone=vit_tiny",
                                                                         "model.patch_size=4"])

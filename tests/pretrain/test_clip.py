@@ -117,7 +117,8 @@ def test_captions_must_match_images():
 
 
 def test_config_errors():
-    assert "data.num_views: clip pairs one view" in config_error(RECIPE, ["data.num_views=2"])
+    assert "data.num_views: clip pairs each caption with one view per image" in config_error(RECIPE,
+                                                                                             ["data.num_views=2"])
     assert "method.text_width: 90 is not divisible" in config_error(RECIPE, ["method.text_width=90"])
     assert "method.logit_scale_init" in config_error(RECIPE, ["method.logit_scale_init=5.0"])
     assert "method.context_length: must be >= 3" in config_error(RECIPE, ["method.context_length=2"])

@@ -95,4 +95,4 @@ def test_refusals_are_one_line(runs, capsys, args, message):
     assert err == "error: " + err[len("error: "):] and "\n" not in err
     assert message.format(simclr=runs / "simclr") in err
     assert main(["search", "--checkpoint", str(runs / "nothing"), "--image", "x"]) == 2
-    assert "has no backbone.pt" in capsys.readouterr().err
+    assert "does not exist (expected a finished run directory" in capsys.readouterr().err
