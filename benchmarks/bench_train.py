@@ -71,6 +71,10 @@ def bench_model(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> 
     b, c, s, d = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data
     batch = {"views": [torch.randn(b, c, s, s) for _ in range(d.num_views)]
              + [torch.randn(b, c, d.local_size, d.local_size) for _ in range(d.local_views)]}
+    if method.needs_text:  # CLIP: the digits captions, as the shards hold them
+        from data_pipeline.sources import digit_caption
+
+        batch["text"] = [digit_caption(i % 10, i) for i in range(b)]
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()

@@ -112,6 +112,8 @@ class MethodConfig:
     """Jigsaw: the view is cut into grid x grid cells (data.image_size must divide evenly)."""
     jigsaw_gap: int = 1
     """Jigsaw: a tile is its cell less this many pixels, cropped at a random offset (no edge matching)."""
+    jigsaw_normalize_tiles: bool = True
+    """Jigsaw: each tile to zero mean, unit variance on its own (the paper's guard against low-level shortcuts)."""
     jigsaw_permutations: int = 100
     """Jigsaw: the classes: this many permutations, far apart in Hamming distance (all 24 of a 2x2 grid)."""
 

@@ -62,6 +62,14 @@ def cut_tiles(images: Tensor, grid: int, gap: int) -> Tensor:
     return tiles.permute(0, 1, 4, 2, 3).contiguous()
 
 
+def normalize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each tile (and channel) to zero mean and unit variance on its own, as the paper does: brightness and contrast
+    that run across the image would otherwise tell neighbouring tiles apart without looking at their content."""
+    mean = tiles.mean(dim=(-2, -1), keepdim=True)
+    var = tiles.var(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (tiles - mean) / (var + eps).sqrt()
+
+
 class Jigsaw(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -83,7 +91,7 @@ class Jigsaw(SSLMethod):
         super().__init__()
         del gather, reduce, rank  # a per-sample loss: nothing crosses ranks but the gradients
         m = cfg.method
-        self.grid, self.gap = m.jigsaw_grid, m.jigsaw_gap
+        self.grid, self.gap, self.normalize = m.jigsaw_grid, m.jigsaw_gap, m.jigsaw_normalize_tiles
         # A function of the config: rebuilt identically everywhere, so not part of the state dict.
         self.register_buffer("perms", torch.from_numpy(permutation_set(self.grid ** 2, m.jigsaw_permutations)),
                              persistent=False)
@@ -95,6 +103,8 @@ class Jigsaw(SSLMethod):
         """batch["views"]: one tensor (B, C, S, S)."""
         images = batch["views"][0]
         tiles = cut_tiles(images, self.grid, self.gap)  # (B, T, C, t, t)
+        if self.normalize:
+            tiles = normalize_tiles(tiles)
         b, n = tiles.shape[:2]
         labels = torch.randint(0, self.perms.shape[0], (b,), device=images.device)
         order = self.perms[labels]  # (B, T): position i shows tile order[i]
