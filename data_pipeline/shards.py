@@ -145,25 +145,36 @@ def list_shards(data_dir: str | Path, *, verify: bool = False) -> list[str]:
     return paths
 
 
-DIGITS_VERSION = "v2"
+BUILTIN_VERSIONS = {"digits": "v2", "samples": "v1"}
+"""Sources built into a cache on first use, and the version of their samples: it changes whenever the samples do
+(digits v2: captions), so an older cache is never mistaken for the current one."""
+
+
+def builtin_dir_name(source: str, shard_size: int) -> str:
+    return f"{source}-{BUILTIN_VERSIONS[source]}-{shard_size}"
 
 
 def digits_dir_name(shard_size: int) -> str:
-    return f"digits-{DIGITS_VERSION}-{shard_size}"
+    return builtin_dir_name("digits", shard_size)
 
 
-def ensure_digits_shards(cache_dir: str | Path, *, shard_size: int = 256) -> list[str]:
-    """Shards of the digits source under ``cache_dir/digits-<DIGITS_VERSION>-<shard_size>``: built on first use, reused
-    after. The version changes whenever the samples do (v2: captions), so an older cache is never mistaken for it.
+def ensure_builtin_shards(cache_dir: str | Path, source: str, *, shard_size: int = 256) -> list[str]:
+    """Shards of a built-in source (``BUILTIN_VERSIONS``) under ``cache_dir/<source>-<version>-<shard_size>``: built on
+    first use, reused after.
 
     Safe when several processes (ranks) call it at once: each builds into its own temp dir and the first rename wins.
     """
-    out_dir = Path(cache_dir) / digits_dir_name(shard_size)
+    out_dir = Path(cache_dir) / builtin_dir_name(source, shard_size)
     if not (out_dir / MANIFEST).is_file():
         try:
-            write_shards("digits", out_dir, shard_size=shard_size, progress=False)
+            write_shards(source, out_dir, shard_size=shard_size, progress=False)
         except (ValueError, OSError):
             # Another process finished first (our rename found a non-empty dir); anything else re-raises below.
             if not (out_dir / MANIFEST).is_file():
                 raise
     return list_shards(out_dir)
+
+
+def ensure_digits_shards(cache_dir: str | Path, *, shard_size: int = 256) -> list[str]:
+    """``ensure_builtin_shards`` of the digits."""
+    return ensure_builtin_shards(cache_dir, "digits", shard_size=shard_size)

@@ -8,6 +8,8 @@ Source specs (strings, so they fit a YAML recipe or a CLI flag):
 - ``"digits"``: scikit-learn's 1797 digits, each an 8x8 grayscale PNG, label = the digit, and a caption made from the
   label with one of ``DIGIT_CAPTIONS`` (picked per sample by a fixed seed): the image-text pairs CLIP trains on. The
   captions say nothing the label does not, so CLIP on digits is supervised by the labels through text.
+- ``"samples"``: scikit-learn's two sample photos (a temple in China, a flower) cut into 64x64 colour crops on a
+  32-pixel grid (456 PNGs), label = the photo: a small colour dataset for the tasks that need colour (colorization).
 - ``"folder:PATH"``: an ImageFolder-style tree ``PATH/<class>/<image>.{jpg,jpeg,png}``; labels are indices into the
   sorted list of class (sub-folder) names. Files are stored as they are (no re-encoding). An image's caption is the
   UTF-8 text of a ``.txt`` file beside it with the same stem (``cat.jpg`` + ``cat.txt``), if there is one.
@@ -106,6 +108,20 @@ def _digits_source() -> Source:
     return Source("digits", [str(d) for d in range(10)], items)
 
 
+def _samples_source() -> Source:
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    items = []
+    for label, image in enumerate(photos.images):
+        h, w = image.shape[:2]
+        for top in range(0, h - 64 + 1, 32):
+            for left in range(0, w - 64 + 1, 32):
+                crop = np.ascontiguousarray(image[top : top + 64, left : left + 64])
+                items.append((f"samples_{len(items):05d}", encode_png(crop), "png", label, None))
+    return Source("samples", ["china", "flower"], items)
+
+
 def _folder_source(spec: str, root_str: str) -> Source:
     if not root_str:
         raise ValueError(f"source {spec!r}: empty folder path (expected 'folder:PATH')")
@@ -145,6 +161,8 @@ def resolve_source(spec: str) -> Source:
         raise ValueError(f"source spec must be a string, got {type(spec).__name__}")
     if spec == "digits":
         return _digits_source()
+    if spec == "samples":
+        return _samples_source()
     if spec.startswith("folder:"):
         return _folder_source(spec, spec[len("folder:"):])
-    raise ValueError(f"unknown source {spec!r}: expected 'digits' or 'folder:PATH'")
+    raise ValueError(f"unknown source {spec!r}: expected 'digits', 'samples' or 'folder:PATH'")

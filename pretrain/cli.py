@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("shards", help="write WebDataset tar shards + a Parquet manifest + checksums",
                         description="Write WebDataset shards from a source: 'digits' (scikit-learn) or "
                         "'folder:PATH' (an ImageFolder-style tree of JPEG/PNG, class = sub-folder).")
-    s.add_argument("--source", required=True, help="digits | folder:PATH")
+    s.add_argument("--source", required=True, help="digits | samples | folder:PATH")
     s.add_argument("--out", type=Path, required=True, help="output directory (must not hold shards already)")
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -107,6 +107,9 @@ class MethodConfig:
     """CLIP: the learned log logit scale starts here (ln 1/0.07)."""
     logit_scale_max: float = 4.6052
     """CLIP: and is capped here (ln 100)."""
+    # --- Colorization (the head's hidden width: model.proj_hidden_dim) ---
+    color_bins: int = 10
+    """Colorization: the (a, b) chroma plane over [-110, 110]^2 is cut into color_bins x color_bins classes."""
     # --- Jigsaw (the head's MLP: model.proj_hidden_dim, proj_layers) ---
     jigsaw_grid: int = 3
     """Jigsaw: the view is cut into grid x grid cells (data.image_size must divide evenly)."""
@@ -137,6 +140,7 @@ class MethodConfig:
         for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads", "text_width", "text_depth",
                     "text_heads"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        _check(self.color_bins >= 2, "color_bins", f"must be >= 2, got {self.color_bins}")
         _check(self.jigsaw_grid >= 2, "jigsaw_grid", f"must be >= 2, got {self.jigsaw_grid}")
         _check(self.jigsaw_gap >= 0, "jigsaw_gap", f"must be >= 0, got {self.jigsaw_gap}")
         _check(self.jigsaw_permutations >= 2, "jigsaw_permutations", f"must be >= 2, got {self.jigsaw_permutations}")
@@ -147,7 +151,8 @@ class MethodConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "digits"
-    """'digits' (shards built into cache_dir on first use) or a directory of shards with a manifest.parquet."""
+    """'digits' or 'samples' (built-in: shards built into cache_dir on first use) or a directory of shards with a
+    manifest.parquet."""
     cache_dir: str = "~/.cache/ssl-pretrain"
     shard_size: int = 256
     """Samples per shard when shards are built on first use."""

@@ -1,25 +1,26 @@
-"""Where a run's shards come from: the digits cache built on first use, or a directory with a manifest."""
+"""Where a run's shards come from: a built-in source (digits, samples) cached on first use, or a directory with a
+manifest."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipeline.shards import count_captions, digits_dir_name, ensure_digits_shards, list_shards
+from data_pipeline.shards import BUILTIN_VERSIONS, count_captions, ensure_builtin_shards, list_shards
 from pretrain.config import ConfigError, DataConfig
 
 
-def digits_cache(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() / digits_dir_name(cfg.shard_size)
-
-
 def resolve_shards(cfg: DataConfig, *, captions: bool = False) -> list[str]:
-    """Shard paths for ``data.source``; builds the digits shards on first use (atomically, so racing ranks are safe).
+    """Shard paths for ``data.source``; builds a built-in source's shards on first use (atomically, so racing ranks are
+    safe).
 
     ``captions``: the method trains on image-text pairs (CLIP); a dataset without a single caption is refused here,
     before any worker starts (samples that lack one among captioned ones are skipped and counted as corrupt).
     """
-    if cfg.source == "digits":
-        return ensure_digits_shards(digits_cache(cfg), shard_size=cfg.shard_size)
+    if cfg.source in BUILTIN_VERSIONS:
+        if captions and cfg.source != "digits":
+            raise ConfigError(f"data.source: the built-in {cfg.source!r} images have no captions, and the method "
+                              "trains on image-text pairs")
+        return ensure_builtin_shards(Path(cfg.cache_dir).expanduser(), cfg.source, shard_size=cfg.shard_size)
     path = Path(cfg.source).expanduser()
     if not (path / "manifest.parquet").is_file():
         raise ConfigError(

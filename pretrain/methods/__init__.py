@@ -3,6 +3,7 @@
 from pretrain.methods.base import SSLMethod
 from pretrain.methods.byol import BYOL
 from pretrain.methods.clip import CLIP
+from pretrain.methods.colorization import Colorization
 from pretrain.methods.dino import DINO
 from pretrain.methods.ibot import IBOT
 from pretrain.methods.jigsaw import Jigsaw
@@ -11,6 +12,8 @@ from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE,
-                                       "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw}
+                                       "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
+                                       "colorization": Colorization}
 
-__all__ = ["BYOL", "CLIP", "DINO", "IBOT", "MAE", "METHODS", "Jigsaw", "Rotation", "SSLMethod", "SimCLR"]
+__all__ = ["BYOL", "CLIP", "Colorization", "DINO", "IBOT", "Jigsaw", "MAE", "METHODS", "Rotation", "SSLMethod",
+           "SimCLR"]

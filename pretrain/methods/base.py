@@ -26,13 +26,15 @@ Reduce = Callable[[Tensor], Tensor]
 """A float tensor -> its mean over ranks, no autograd (see pretrain.dist.all_reduce_mean)."""
 
 
-def build_method_backbone(cfg: Config, *, masks: bool = False) -> nn.Module:
-    """The backbone of ``cfg.model`` for ``cfg.data``'s images. A ViT gets a mask token only for a method that masks
-    (``masks``): an unused one would be a parameter without a gradient."""
+def build_method_backbone(cfg: Config, *, masks: bool = False, in_chans: int | None = None) -> nn.Module:
+    """The backbone of ``cfg.model`` for ``cfg.data``'s images (``in_chans`` channels instead of the data's, for a
+    method that feeds it something else: colorization's lightness). A ViT gets a mask token only for a method that
+    masks (``masks``): an unused one would be a parameter without a gradient."""
     kwargs = dict(cfg.model.backbone_kwargs)
     if cfg.model.backbone.startswith("vit"):
         kwargs.setdefault("use_mask_token", masks)
-    return build_backbone(cfg.model.backbone, image_size=cfg.data.image_size, in_chans=cfg.data.channels,
+    return build_backbone(cfg.model.backbone, image_size=cfg.data.image_size,
+                          in_chans=cfg.data.channels if in_chans is None else in_chans,
                           patch_size=cfg.model.patch_size, **kwargs)
 
 

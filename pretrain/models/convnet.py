@@ -50,9 +50,13 @@ class ConvNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, embed_dim, H/4, W/4), the feature map before pooling (dense pretext tasks)."""
+        return self.features(x)
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, embed_dim), globally average-pooled."""
-        return self.features(x).mean(dim=(2, 3))
+        return self.forward_dense(x).mean(dim=(2, 3))
 
 
 def convnet(*, image_size: int = 16, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> ConvNet:

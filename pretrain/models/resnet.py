@@ -68,9 +68,13 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, embed_dim, H/8, W/8), the last stage's map before pooling (dense pretext tasks)."""
+        return self.stages(self.stem(x))
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, embed_dim), globally average-pooled."""
-        return self.stages(self.stem(x)).mean(dim=(2, 3))
+        return self.forward_dense(x).mean(dim=(2, 3))
 
 
 def resnet18(*, image_size: int = 32, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> ResNet:

@@ -221,6 +221,12 @@ class VisionTransformer(nn.Module):
         tokens = self.forward_features(x)
         return tokens[:, 1:].mean(dim=1) if self.global_pool == "mean" else tokens[:, 0]
 
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, D, H/p, W/p): the final-normed patch tokens as a map (dense pretext tasks)."""
+        gh, gw = self._grid(x)
+        tokens = self.forward_features(x)[:, 1:]
+        return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
+
     def patchify(self, imgs: Tensor) -> Tensor:
         """imgs: (B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels ordered (p, p, C) as in MAE."""
         gh, gw = self._grid(imgs)
