@@ -81,8 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shards", help="write WebDataset tar shards + a Parquet manifest + checksums",
-                        description="Write WebDataset shards from a source: 'digits' (scikit-learn) or "
-                        "'folder:PATH' (an ImageFolder-style tree of JPEG/PNG, class = sub-folder).")
+                        description="Write WebDataset shards from a source: 'digits' (scikit-learn, with captions), "
+                        "'samples' (colour crops of scikit-learn's two sample photos) or 'folder:PATH' (an "
+                        "ImageFolder-style tree of JPEG/PNG, class = sub-folder, captions from <stem>.txt files).")
     s.add_argument("--source", required=True, help="digits | samples | folder:PATH")
     s.add_argument("--out", type=Path, required=True, help="output directory (must not hold shards already)")
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
