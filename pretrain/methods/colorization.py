@@ -25,8 +25,16 @@ _WHITE_D65 = torch.tensor([0.95047, 1.0, 1.08883])
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
-    """sRGB (B, 3, H, W) in [0, 1] -> CIE Lab (B, 3, H, W) under D65: L in [0, 100], a and b about [-110, 110]."""
-    rgb = rgb.float().clamp(0.0, 1.0)
+    """sRGB (B, 3, H, W) in [0, 1] -> CIE Lab (B, 3, H, W) under D65: L in [0, 100], a and b about [-110, 110], fp32.
+
+    Computed in fp32 also under bf16 autocast: the targets and the encoder's input must not round to bf16's 3 digits.
+    """
+    with torch.autocast(device_type=rgb.device.type, enabled=False):
+        return _rgb_to_lab(rgb.float())
+
+
+def _rgb_to_lab(rgb: Tensor) -> Tensor:
+    rgb = rgb.clamp(0.0, 1.0)
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     xyz = torch.einsum("ij,bjhw->bihw", _RGB_TO_XYZ.to(rgb.device), linear)
     t = xyz / _WHITE_D65.to(rgb.device).view(1, 3, 1, 1)

@@ -11,6 +11,7 @@ encoder; downstream it encodes whole images.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -26,7 +27,13 @@ from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbo
 
 def permutation_set(tiles: int, count: int, seed: int = 0) -> np.ndarray:
     """(count, tiles) int64 permutations of range(tiles), pairwise far apart: all of them when tiles! <= count (in
-    lexicographic order), else a greedy max-min-Hamming selection from a seeded start."""
+    lexicographic order), else a greedy max-min-Hamming selection from a seeded start (about a second for 3x3,
+    computed once per process and setting)."""
+    return _permutation_set(tiles, count, seed).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation_set(tiles: int, count: int, seed: int) -> np.ndarray:
     total = math.factorial(tiles)
     if count >= total:
         return np.array(list(itertools.permutations(range(tiles))), dtype=np.int64)

@@ -27,6 +27,12 @@ def test_rgb_to_lab_reference_colours():
     expected = torch.tensor([[53.2408, 80.0925, 67.2032], [87.7347, -86.1827, 83.1793], [32.2970, 79.1875, -107.8602],
                              [100.0, 0.0, 0.0], [0.0, 0.0, 0.0], [53.3890, 0.0, 0.0]])
     torch.testing.assert_close(lab, expected, atol=2e-3, rtol=0)
+    # under bf16 autocast (zero.precision: bf16) the conversion stays fp32
+    x = torch.rand(2, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = rgb_to_lab(x)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, rgb_to_lab(x), atol=0, rtol=0)
 
 
 def test_ab_bins_grid():
