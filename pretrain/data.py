@@ -17,16 +17,14 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False) -> list[str]:
     before any worker starts (samples that lack one among captioned ones are skipped and counted as corrupt).
     """
     if cfg.source in BUILTIN_VERSIONS:
-        if captions and cfg.source != "digits":
-            raise ConfigError(f"data.source: the built-in {cfg.source!r} images have no captions, and the method "
-                              "trains on image-text pairs")
-        return ensure_builtin_shards(Path(cfg.cache_dir).expanduser(), cfg.source, shard_size=cfg.shard_size)
-    path = Path(cfg.source).expanduser()
-    if not (path / "manifest.parquet").is_file():
-        raise ConfigError(
-            f"data.source: {path} has no manifest.parquet (write shards with `pretrain data shards --out {path}`)"
-        )
-    if captions and count_captions(path) == 0:
-        raise ConfigError(f"data.source: {path} has no captions, and the method trains on image-text pairs (put a "
-                          "<image stem>.txt caption beside each image and write the shards again)")
-    return list_shards(path)
+        shards = ensure_builtin_shards(Path(cfg.cache_dir).expanduser(), cfg.source, shard_size=cfg.shard_size)
+        data_dir, hint = Path(shards[0]).parent, ""
+    else:
+        data_dir, shards = Path(cfg.source).expanduser(), None
+        if not (data_dir / "manifest.parquet").is_file():
+            raise ConfigError(f"data.source: {data_dir} has no manifest.parquet (write shards with `pretrain data "
+                              f"shards --out {data_dir}`)")
+        hint = " (put a <image stem>.txt caption beside each image and write the shards again)"
+    if captions and count_captions(data_dir) == 0:
+        raise ConfigError(f"data.source: {cfg.source} has no captions, and the method trains on image-text pairs{hint}")
+    return shards if shards is not None else list_shards(data_dir)

@@ -20,3 +20,15 @@ def config_error(recipe, overrides: list[str]) -> str:
         load_config(recipe, overrides)
     assert "\n" not in str(e.value)
     return str(e.value)
+
+
+def train_steps(method, batches, steps: int, lr: float) -> None:
+    """``steps`` plain AdamW steps of ``method`` on ``next(batches)`` (short-training checks of a pretext task)."""
+    import torch
+
+    opt = torch.optim.AdamW(method.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = method(next(batches))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()

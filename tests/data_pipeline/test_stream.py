@@ -354,3 +354,5 @@ def test_captions_ride_with_their_images(tmp_path, image_tree):
     with pytest.raises(ConfigError, match="has no captions"):
         resolve_shards(DataConfig(source=str(tmp_path / "bare-ds")), captions=True)
     assert resolve_shards(DataConfig(source=str(tmp_path / "bare-ds")))  # fine for an image-only method
+    with pytest.raises(ConfigError, match="data.source: samples has no captions"):  # a built-in source alike
+        resolve_shards(DataConfig(source="samples", cache_dir=str(tmp_path / "cache")), captions=True)

@@ -17,7 +17,7 @@ from pretrain.config import load_config
 from pretrain.methods.jigsaw import cut_tiles, permutation_set
 from pretrain.methods.rotation import rotate_all
 from pretrain.trainer import build_method
-from tests.util import config_error
+from tests.util import config_error, train_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 ROTATION = ROOT / "configs" / "rotation_digits.yaml"
@@ -114,16 +114,11 @@ def test_short_training_on_digits_beats_chance(digits_shards, recipe, chance, fl
     chance (the task is learnable from these inputs and the gradients reach every part)."""
     cfg = load_config(recipe, ["model.backbone_kwargs={width: 0.5}"])
     method = build_method(cfg, distributed=False)
-    opt = torch.optim.AdamW(method.parameters(), lr=cfg.optim.lr)
     d = cfg.data
     with make_train_stream(digits_shards, batch_size=64, aug=d.aug, image_size=d.image_size, channels=d.channels,
                            rank=0, world_size=1, num_workers=1, num_views=1) as stream:
         batches = iter(stream)
-        for _ in range(40):
-            loss = method(next(batches))["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_steps(method, batches, 40, cfg.optim.lr)
         method.eval()
         with torch.no_grad():
             acc = np.mean([method(next(batches))["accuracy"].item() for _ in range(3)])

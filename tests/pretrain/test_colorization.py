@@ -14,7 +14,7 @@ from data_pipeline.shards import ensure_builtin_shards, read_classes, read_manif
 from pretrain.config import load_config
 from pretrain.methods.colorization import ab_bins, rgb_to_lab
 from pretrain.trainer import build_method
-from tests.util import config_error
+from tests.util import config_error, train_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "colorization_samples.yaml"
@@ -89,16 +89,11 @@ def test_short_training_beats_the_most_common_bin(sample_shards):
     the cells when written) by a margin."""
     cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.5}"])
     method = build_method(cfg, distributed=False)
-    opt = torch.optim.AdamW(method.parameters(), lr=cfg.optim.lr)
     d = cfg.data
     with make_train_stream(sample_shards, batch_size=64, aug=d.aug, image_size=d.image_size, channels=3, rank=0,
                            world_size=1, num_workers=1, num_views=1) as stream:
         batches = iter(stream)
-        for _ in range(60):
-            loss = method(next(batches))["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_steps(method, batches, 60, cfg.optim.lr)
         accs, counts = [], torch.zeros(100)
         with torch.no_grad():
             for _ in range(3):
