@@ -119,6 +119,19 @@ class MethodConfig:
     """Jigsaw: each tile to zero mean, unit variance on its own (the paper's guard against low-level shortcuts)."""
     jigsaw_permutations: int = 100
     """Jigsaw: the classes: this many permutations, far apart in Hamming distance (all 24 of a 2x2 grid)."""
+    # --- VQ-VAE tokenizer (its decoder: decoder_dim, decoder_depth, decoder_heads) and BEiT ---
+    vocab_size: int = 8192
+    """VQ-VAE: codebook entries, the visual tokens' vocabulary (DALL-E's dVAE, BEiT's tokenizer, has 8192). BEiT takes
+    its tokenizer's."""
+    code_dim: int = 32
+    """VQ-VAE: dimension of the l2-normalised code space the lookup runs in (ViT-VQGAN's factorised codes)."""
+    commitment_weight: float = 0.25
+    """VQ-VAE: weight of the commitment loss that keeps the encoder's outputs near their codes."""
+    codebook_decay: float = 0.99
+    """VQ-VAE: EMA decay of the codebook (each entry: the running mean direction of the outputs assigned to it)."""
+    tokenizer: str | None = None
+    """BEiT: a finished vqvae run directory (or its model.pt) whose tokens the masked patches are trained to predict;
+    relative paths are taken from the directory the config is loaded in."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -144,6 +157,12 @@ class MethodConfig:
         _check(self.jigsaw_grid >= 2, "jigsaw_grid", f"must be >= 2, got {self.jigsaw_grid}")
         _check(self.jigsaw_gap >= 0, "jigsaw_gap", f"must be >= 0, got {self.jigsaw_gap}")
         _check(self.jigsaw_permutations >= 2, "jigsaw_permutations", f"must be >= 2, got {self.jigsaw_permutations}")
+        _check(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
+        _check(self.code_dim >= 1, "code_dim", f"must be >= 1, got {self.code_dim}")
+        _check(0 <= self.codebook_decay < 1, "codebook_decay", f"must be in [0, 1), got {self.codebook_decay}")
+        _check(self.commitment_weight >= 0, "commitment_weight", f"must be >= 0, got {self.commitment_weight}")
+        if self.tokenizer is not None:  # absolute, so workers that start elsewhere (Ray's) find the same run
+            self.tokenizer = str(Path(self.tokenizer).expanduser().resolve())
         _check(self.context_length >= 3, "context_length", f"must be >= 3 (begin, a byte, end), got "
                f"{self.context_length}")
 

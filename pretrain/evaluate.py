@@ -11,6 +11,7 @@ from pretrain.eval.digits import digits_eval_set, split_indices
 from pretrain.eval.finetune import finetune_top1
 from pretrain.eval.report import evaluate_encoder, format_report, write_report
 from pretrain.eval.zeroshot import DIGIT_PROMPTS, zeroshot_top1
+from pretrain.methods import METHODS
 
 MODEL_FILE = "model.pt"
 """Beside backbone.pt, for a method used downstream whole (CLIP: both towers): {"config", "state_dict"}."""
@@ -28,7 +29,7 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
                             method_state: dict | None = None):
     """The frozen-feature protocols (pretrain.eval.protocols) on digits for the trained weights, the random init and raw
     pixels; with ``eval.finetune_epochs`` also fine-tuning of both; with ``method_state`` (the whole trained CLIP) also
-    zero-shot top-1 on the test split, trained and at random init."""
+    zero-shot top-1 on the test split, trained and at random init (a method with a text tower)."""
     from pretrain.trainer import build_method
 
     trained = random_init_backbone(cfg)
@@ -43,7 +44,7 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
         for scores, encoder in ((report, trained), (report["random_init"], random_init)):
             scores["finetune_top1"] = finetune_top1(encoder, images[train], labels[train], images[test], labels[test],
                                                     epochs=cfg.eval.finetune_epochs, seed=0)
-    if method_state is not None:
+    if method_state is not None and METHODS[cfg.method.name].needs_text:
         test = split_indices(labels, seed=0)[1]
         model = build_method(cfg, distributed=False)
         report["random_init"]["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], DIGIT_CLASSES,

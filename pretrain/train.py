@@ -13,6 +13,7 @@ import torch
 import torch.distributed as td
 
 from pretrain.config import load_config
+from pretrain.methods import METHODS
 from pretrain.trainer import LocalSession, train
 
 
@@ -23,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(argv[0]).resolve()
     cfg = load_config(run_dir / "config.yaml")
+    try:
+        METHODS[cfg.method.name].check_inputs(cfg)  # before the process group: one line, no traceback per rank
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not td.is_initialized():  # torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; a plain `python -m` is one process
         import os
 

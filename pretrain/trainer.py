@@ -190,8 +190,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             bar.close()
 
     backbone_state = full_state_dict(engine, engine.module.backbone)  # collective under ZeRO-3: every rank calls it
-    # A method with a text tower (CLIP) is used downstream whole (zero-shot prompts go through its text tower).
-    method_state = full_state_dict(engine, engine.module) if needs_text else None
+    # A method used downstream whole (CLIP's text tower, a tokenizer) saves all of itself too.
+    method_state = full_state_dict(engine, engine.module) if METHODS[cfg.method.name].saves_model else None
     if rank == 0:
         _finish_run(cfg, run_dir, backbone_state, tracker, history, method_state)
     return metrics

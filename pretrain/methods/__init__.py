@@ -1,6 +1,7 @@
 """Pretext tasks: ``METHODS[name](cfg, gather=..., reduce=..., rank=...)`` builds an :class:`SSLMethod`."""
 
 from pretrain.methods.base import SSLMethod
+from pretrain.methods.beit import BEiT
 from pretrain.methods.byol import BYOL
 from pretrain.methods.clip import CLIP
 from pretrain.methods.colorization import Colorization
@@ -10,10 +11,11 @@ from pretrain.methods.jigsaw import Jigsaw
 from pretrain.methods.mae import MAE
 from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
+from pretrain.methods.vqvae import VQVAE
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE,
                                        "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
-                                       "colorization": Colorization}
+                                       "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT}
 
-__all__ = ["BYOL", "CLIP", "Colorization", "DINO", "IBOT", "Jigsaw", "MAE", "METHODS", "Rotation", "SSLMethod",
-           "SimCLR"]
+__all__ = ["BEiT", "BYOL", "CLIP", "Colorization", "DINO", "IBOT", "Jigsaw", "MAE", "METHODS", "Rotation", "SSLMethod",
+           "SimCLR", "VQVAE"]

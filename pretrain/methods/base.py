@@ -52,10 +52,19 @@ class SSLMethod(nn.Module):
     backbone: nn.Module
     needs_text: bool = False
     """Trains on image-text pairs: the batch carries ``"text"`` (the captions), and the data must have them."""
+    saves_model: bool = False
+    """Used downstream whole, so a finished run also saves the whole method as ``model.pt`` beside ``backbone.pt``
+    (CLIP: its text tower for zero-shot and search; a VQ-VAE: the tokenizer that BEiT runs load)."""
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise ``ValueError("section.key: problem")`` for settings this method cannot run with. Default: none."""
+
+    @classmethod
+    def check_inputs(cls, cfg: Config) -> None:
+        """Raise ``ValueError`` for inputs outside the config that training reads (BEiT's tokenizer run); called where
+        a run is prepared, before any worker starts (not on every config load: a finished run evaluates without
+        them). Default: none."""
 
     def forward(self, batch: dict[str, Tensor | list[Tensor]]) -> dict[str, Tensor]:
         """Return a dict with a scalar ``loss`` plus detached values worth logging."""

@@ -27,6 +27,7 @@ from pretrain.models.text import ByteTokenizer, TextTransformer
 
 class CLIP(SSLMethod):
     needs_text = True
+    saves_model = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

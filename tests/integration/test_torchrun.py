@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.util import free_port
@@ -132,3 +133,42 @@ def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path):
     again = json.loads(out.read_text())
     assert again["zeroshot_top1"] == report["zeroshot_top1"]
     assert again["random_init"]["zeroshot_top1"] == report["random_init"]["zeroshot_top1"]
+
+
+def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path):
+    """BEiT's two stages through the real loop on 2 ranks. A vqvae run saves its whole tokenizer (model.pt)
+    with a live codebook, its codebook statistics tracked; a BEiT dry run for other images is refused in one line
+    naming the key; BEiT on that tokenizer trains (its loss falls from about ln 64) and, with the tokenizer run
+    deleted, `pretrain eval` still evaluates it (the tokenizer is not part of the BEiT model)."""
+    from mlflow import MlflowClient
+
+    small = "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, global_pool: mean}"
+    tok = _dry_run(tmp_path, "tok", ["job.max_steps=20", "job.log_every=5", "job.ckpt_every=20",
+                                     "optim.warmup_steps=2", "data.batch_size=64", "method.vocab_size=64", small],
+                   ROOT / "configs" / "vqvae_digits.yaml")
+    _torchrun(tok)
+    assert (tok / "model.pt").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    usage = client.get_metric_history((tok / "mlflow_run_id").read_text().strip(), "code_usage")
+    assert len(usage) == 20 and usage[-1].value > 0.5, [m.value for m in usage]
+
+    beit = ROOT / "configs" / "beit_digits.yaml"
+    refused = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--config", str(beit), "--dry-run",
+                              "--set", f"job.out_dir={tmp_path}", "--set", f"method.tokenizer={tok}",
+                              "--set", "method.vocab_size=64", "--set", "data.image_size=32"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: data.image_size: 32 differs from the "
+                                                               "tokenizer's 16")
+    run = _dry_run(tmp_path, "beit", ["job.max_steps=30", "job.log_every=1", "job.ckpt_every=30",
+                                      "optim.warmup_steps=2", "data.batch_size=64", "method.vocab_size=64", small,
+                                      f"method.tokenizer={tok}"], beit)
+    _torchrun(run)
+    losses = [float(v) for v in _losses(run).values()]
+    assert len(losses) == 30 and abs(losses[0] - np.log(64)) < 0.5, losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
+    shutil.rmtree(tok)
+    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "knn_top1" in proc.stdout and (run / "eval.json").is_file()
