@@ -2,7 +2,8 @@
 
 The graph is fed encoded bytes by ``fn.external_source`` (the Python reader owns splitting, shuffling and counting) and
 returns ``num_views`` tensors ``(B, C, S, S)`` float32, normalised, then ``local_views`` tensors ``(B, C, s, s)``
-(multi-crop: the same recipe at ``local_size``, the crop's area drawn from ``local_crop_scale``). Per view, in order:
+(multi-crop: the same recipe at ``local_size``, the crop's area drawn from ``local_crop_scale``). Views may differ in
+their recipe (``view_augs``, ``local_aug``: BYOL's and DINO's asymmetric blur and solarization). Per view, in order:
 random resized crop (or a plain resize), flip, affine, colour jitter, grayscale, blur, solarize, noise, normalise.
 Each random op is applied to a sample with its probability through DALI conditionals (``if coin_flip: ...``) and is
 left out of the graph entirely when the recipe disables it (``AugmentConfig.enabled_ops``).
@@ -96,10 +97,14 @@ def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean
 
 def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
                    local_views: int = 0, local_size: int = 0, local_crop_scale: tuple[float, float] = (0.05, 0.4),
+                   view_augs: list[AugmentConfig] | None = None, local_aug: AugmentConfig | None = None,
                    device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0,
                    checkpoint: bytes | None = None, checkpointing: bool = True):
     """A built DALI pipeline: input ``"encoded"`` (list of 1-D uint8 arrays), outputs ``num_views`` x (B, C, S, S)
     then ``local_views`` x (B, C, local_size, local_size).
+
+    ``view_augs``: one recipe per global view instead of ``aug`` for all; ``local_aug``: the local crops' recipe
+    instead of ``aug`` with ``local_crop_scale`` as its crop range. Every view is normalised with ``aug``'s mean, std.
 
     ``checkpoint``: a ``pipe.checkpoint()`` of a pipeline built with the same arguments; its random state is restored.
     ``checkpointing``: whether ``pipe.checkpoint()`` is available (DALI's state tracking; no cost per batch).
@@ -110,10 +115,13 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
         raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
     if local_views and not 0 < local_size:
         raise ValueError(f"local_size: must be > 0 with local_views={local_views}, got {local_size}")
+    if view_augs is not None and len(view_augs) != num_views:
+        raise ValueError(f"view_augs: {len(view_augs)} recipes for {num_views} views")
     mean, std = aug.channel_stats(channels)
-    ops = set(aug.enabled_ops(channels))
-    # Local crops: the same ops, only the crop's area range differs (DINO's multi-crop).
-    local_aug = dataclasses.replace(aug, crop_scale=tuple(local_crop_scale)) if local_views else aug
+    globals_ = [(a, set(a.enabled_ops(channels))) for a in (view_augs or [aug] * num_views)]
+    # Local crops: by default the same ops, only the crop's area range differs (DINO's multi-crop).
+    if local_aug is None:
+        local_aug = dataclasses.replace(aug, crop_scale=tuple(local_crop_scale))
     local_ops = set(local_aug.enabled_ops(channels))
     gpu = device == "cuda"
 
@@ -123,7 +131,7 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
         img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                 output_type=types.RGB if channels == 3 else types.GRAY)
         dev = "gpu" if gpu else "cpu"
-        return (*(_view(img, aug, ops, image_size, channels, mean, std, dev) for _ in range(num_views)),
+        return (*(_view(img, a, ops, image_size, channels, mean, std, dev) for a, ops in globals_),
                 *(_view(img, local_aug, local_ops, local_size, channels, mean, std, dev) for _ in range(local_views)))
 
     # prefetch 1: run() returns the batch just fed, so a decode error belongs to a known list of samples.
@@ -158,12 +166,14 @@ class DaliAugmenter:
 
     def __init__(self, aug: AugmentConfig, *, batch_size: int, image_size: int, channels: int, num_views: int = 2,
                  local_views: int = 0, local_size: int = 0, local_crop_scale: tuple[float, float] = (0.05, 0.4),
+                 view_augs: list[AugmentConfig] | None = None, local_aug: AugmentConfig | None = None,
                  device: str = "cpu", device_id: int | None = None, num_threads: int = 2, seed: int = 0,
                  state: dict | None = None):
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
         self._kw = dict(batch_size=batch_size, image_size=image_size, channels=channels, num_views=num_views,
                         local_views=local_views, local_size=local_size, local_crop_scale=local_crop_scale,
-                        device=device, device_id=device_id, num_threads=num_threads)
+                        view_augs=view_augs, local_aug=local_aug, device=device, device_id=device_id,
+                        num_threads=num_threads)
         self._aug, self._seed = aug, seed
         self.rebuilds = int(state["rebuilds"]) if state else 0
         self.checkpointing = True

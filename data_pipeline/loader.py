@@ -47,7 +47,8 @@ class TrainStream:
     def __init__(self, shards: list[str], *, batch_size: int, aug: AugmentConfig, image_size: int, channels: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int, start_epoch: int,
                  num_views: int, device: str, dali_threads: int = 2, local_views: int = 0, local_size: int = 0,
-                 local_crop_scale: tuple[float, float] = (0.05, 0.4), text: bool = False, resume: dict | None = None):
+                 local_crop_scale: tuple[float, float] = (0.05, 0.4), view_augs: list[AugmentConfig] | None = None,
+                 local_aug: AugmentConfig | None = None, text: bool = False, resume: dict | None = None):
         from data_pipeline.dali import DaliAugmenter  # DALI only when a stream is made
 
         # dali_threads is left out: DALI draws per sample, so its outputs and state do not depend on the thread count.
@@ -58,7 +59,11 @@ class TrainStream:
                                          # only with local crops, so runs without them keep their fingerprint
                                          **({"local": (local_views, local_size, tuple(local_crop_scale))}
                                             if local_views else {}),
-                                         **({"text": True} if text else {}))
+                                         **({"text": True} if text else {}),
+                                         # only when views differ, likewise
+                                         **({"view_augs": [dataclasses.asdict(a) for a in view_augs]}
+                                            if view_augs else {}),
+                                         **({"local_aug": dataclasses.asdict(local_aug)} if local_aug else {}))
         resume = self._usable(resume)
         self.batch_size = batch_size
         self.text = text
@@ -74,7 +79,8 @@ class TrainStream:
         local = torch.cuda.current_device() if device == "cuda" else None
         self._augment = DaliAugmenter(aug, batch_size=batch_size, image_size=image_size, channels=channels,
                                       num_views=num_views, local_views=local_views, local_size=local_size,
-                                      local_crop_scale=local_crop_scale, device=device, device_id=local,
+                                      local_crop_scale=local_crop_scale, view_augs=view_augs, local_aug=local_aug,
+                                      device=device, device_id=local,
                                       num_threads=dali_threads,
                                       seed=seed * 1_000_003 + rank, state=resume["augment"] if resume else None)
         self._iterating = False
@@ -168,12 +174,15 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
                       rank: int, world_size: int, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
                       start_epoch: int = 0, num_views: int = 2, device: str = "cpu", dali_threads: int = 2,
                       local_views: int = 0, local_size: int = 0, local_crop_scale: tuple[float, float] = (0.05, 0.4),
+                      view_augs: list[AugmentConfig] | None = None, local_aug: AugmentConfig | None = None,
                       text: bool = False, resume: dict | None = None) -> TrainStream:
     """Endless stream of augmented batches of this rank's share of ``shards`` (see the module docstring).
 
-    ``text``: yield each sample's caption too (CLIP); samples without one are skipped as corrupt. ``resume``: a
-    ``TrainStream.state_dict()`` of this rank; the stream continues right after it (``start_epoch`` is
-    then ignored, unless the state does not fit these settings).
+    ``view_augs``: one recipe per global view (asymmetric views) instead of ``aug`` for each; ``local_aug``: the local
+    crops' recipe (default: ``aug`` with ``local_crop_scale`` as its crop range). Every view is normalised with
+    ``aug``'s mean and std. ``text``: yield each sample's caption too (CLIP); samples without one are skipped as
+    corrupt. ``resume``: a ``TrainStream.state_dict()`` of this rank; the stream continues right after it
+    (``start_epoch`` is then ignored, unless the state does not fit these settings).
     """
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_views", num_views, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0),
@@ -189,6 +198,8 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
         raise ValueError("device: 'cuda' asked for but CUDA is not available")
     if not shards:
         raise ValueError("shards: empty list")
+    if view_augs is not None and len(view_augs) != num_views:
+        raise ValueError(f"view_augs: {len(view_augs)} recipes for num_views={num_views}")
     aug.channel_stats(channels)  # mean/std length vs channels, before any worker starts
     if local_views:
         if isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
@@ -198,7 +209,8 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
                        rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                        seed=seed, start_epoch=start_epoch, num_views=num_views, device=device,
                        dali_threads=dali_threads, local_views=local_views, local_size=local_size,
-                       local_crop_scale=local_crop_scale, text=text, resume=resume)
+                       local_crop_scale=local_crop_scale, view_augs=view_augs, local_aug=local_aug, text=text,
+                       resume=resume)
 
 
 def _fingerprint(shards: list[str], **settings) -> str:

@@ -166,6 +166,9 @@ def ensure_builtin_shards(cache_dir: str | Path, source: str, *, shard_size: int
     """
     out_dir = Path(cache_dir) / builtin_dir_name(source, shard_size)
     if not (out_dir / MANIFEST).is_file():
+        if out_dir.is_dir() and any(out_dir.iterdir()):  # builds land whole (a rename), so this is not one of ours
+            raise ValueError(f"data.cache_dir: {out_dir} holds files but no {MANIFEST} (an older layout?); move it "
+                             "away and the shards are built again")
         try:
             write_shards(source, out_dir, shard_size=shard_size, progress=False)
         except (ValueError, OSError):

@@ -191,6 +191,13 @@ class DataConfig:
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     """Area fraction range of the local crops (data.aug.crop_scale is the global views' range)."""
     aug: AugmentConfig = field(default_factory=AugmentConfig)
+    view_aug: list[dict[str, Any]] = field(default_factory=list)
+    """Asymmetric views (BYOL, DINO): one mapping per global view of the data.aug keys that differ for it, e.g.
+    [{blur_prob: 1.0}, {blur_prob: 0.1, solarize_prob: 0.2}]; empty = every view uses data.aug as it is. mean and std
+    are data.aug's for every view."""
+    local_aug: dict[str, Any] = field(default_factory=dict)
+    """The data.aug keys that differ for the local crops (DINO: {blur_prob: 0.5}); their area range stays
+    local_crop_scale."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "source", "must not be empty")
@@ -213,6 +220,37 @@ class DataConfig:
             self.aug.channel_stats(self.channels)
         except ValueError as e:
             raise ValueError(f"aug.{e}") from None
+        _check(not self.view_aug or len(self.view_aug) == self.num_views, "view_aug",
+               f"has {len(self.view_aug)} mappings for {self.num_views} global views (one each, or none)")
+        _check(not self.local_aug or self.local_views > 0, "local_aug", "is set but there are no local_views")
+        self.view_augments()
+        self.local_augment()
+
+    def _augment(self, key: str, changes: dict[str, Any], **fixed: Any) -> AugmentConfig:
+        """data.aug with ``changes`` (the keys of ``key``) and ``fixed``, checked like data.aug itself."""
+        if not isinstance(changes, dict):
+            raise ValueError(f"{key}: expected a mapping of data.aug keys, got {changes!r}")
+        known = {f.name for f in dataclasses.fields(AugmentConfig)} - {"mean", "std", *fixed}
+        for name in changes:
+            _check(name in known, f"{key}.{name}", "not a data.aug key that may differ per view (known: "
+                   f"{', '.join(sorted(known))})")
+        try:
+            return dataclasses.replace(self.aug, **changes, **fixed)
+        except ValueError as e:
+            raise ValueError(f"{key}.{e}") from None
+
+    def view_augments(self) -> list[AugmentConfig] | None:
+        """One augmentation per global view (data.aug with that view's view_aug), or None: data.aug for all."""
+        if not self.view_aug:
+            return None
+        return [self._augment(f"view_aug[{i}]", changes) for i, changes in enumerate(self.view_aug)]
+
+    def local_augment(self) -> AugmentConfig | None:
+        """The local crops' augmentation (data.aug with local_aug, the area range local_crop_scale), or None without
+        local crops."""
+        if not self.local_views:
+            return None
+        return self._augment("local_aug", self.local_aug, crop_scale=tuple(self.local_crop_scale))
 
 
 @dataclass(kw_only=True)

@@ -141,6 +141,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         local_views=cfg.data.local_views,
         local_size=cfg.data.local_size,
         local_crop_scale=cfg.data.local_crop_scale,
+        view_augs=cfg.data.view_augments(),
+        local_aug=cfg.data.local_augment() if cfg.data.local_aug else None,  # None: the same, by default
         text=needs_text,
         device=device.type,
         resume=resume["data"] if resume else None,

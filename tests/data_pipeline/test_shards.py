@@ -12,6 +12,7 @@ from PIL import Image
 
 from data_pipeline import shards as shards_mod
 from data_pipeline.shards import (
+    builtin_dir_name,
     ensure_digits_shards,
     list_shards,
     read_classes,
@@ -154,6 +155,15 @@ def test_ensure_digits_reuses(digits_dir):
     paths = ensure_digits_shards(digits_dir.parent, shard_size=256)
     assert paths == list_shards(digits_dir)
     assert before == {p: (digits_dir / p).stat().st_mtime_ns for p in before}
+
+
+def test_cache_dir_of_another_layout_is_one_line(tmp_path):
+    """A cache entry with files but no manifest (an older nested layout) is named, and left as it was."""
+    stale = tmp_path / builtin_dir_name("digits", 256)
+    (stale / "digits-v1").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"^data.cache_dir: .* holds files but no manifest.parquet") as e:
+        ensure_digits_shards(tmp_path, shard_size=256)
+    assert "\n" not in str(e.value) and [p.name for p in stale.iterdir()] == ["digits-v1"]
 
 
 def test_digit_captions_name_the_label_and_vary():

@@ -356,3 +356,34 @@ def test_captions_ride_with_their_images(tmp_path, image_tree):
     assert resolve_shards(DataConfig(source=str(tmp_path / "bare-ds")))  # fine for an image-only method
     with pytest.raises(ConfigError, match="data.source: samples has no captions"):  # a built-in source alike
         resolve_shards(DataConfig(source="samples", cache_dir=str(tmp_path / "cache")), captions=True)
+
+
+def test_asymmetric_views_each_get_their_own_recipe(digits_dir, caplog):
+    """Per-view recipes (BYOL's and DINO's asymmetric views): with every random op off but solarization at threshold
+    0 (which inverts every pixel) in the first global view and the local crops only, those views are the exact
+    normalisation of the inverted digit, the second global view that of the digit itself. A position saved with
+    symmetric views is not applied to asymmetric ones (other data settings)."""
+    images, _ = digits_uint8()
+    off = AugmentConfig.disabled(**GRAY)
+    invert = AugmentConfig.disabled(**GRAY, solarize_prob=1.0, solarize_threshold=0.0)
+    kw = dict(image_size=8, num_workers=1, local_views=1, local_size=8, local_crop_scale=(1.0, 1.0))
+    with _stream(list_shards(digits_dir), off, view_augs=[invert, off], local_aug=invert, **kw) as stream:
+        batch = next(iter(stream))
+        asym_state = stream.state_dict()
+    idx = [int(k.split("_")[1]) for k in batch["keys"]]
+    pixels = torch.from_numpy(images[idx]).float()[:, None]
+    plain, inverted = (pixels / 255.0 - 0.5) / 0.25, ((255.0 - pixels) / 255.0 - 0.5) / 0.25
+    g0, g1, local = batch["views"]
+    torch.testing.assert_close(g0, inverted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g1, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(local, inverted, atol=1e-5, rtol=0)
+    with _stream(list_shards(digits_dir), off, **kw) as symmetric:
+        _take(symmetric, 2)
+        state = symmetric.state_dict()
+    assert state["fingerprint"] != asym_state["fingerprint"]
+    with caplog.at_level("WARNING"), _stream(list_shards(digits_dir), off, view_augs=[invert, off],
+                                             local_aug=invert, resume=state, **kw) as other:
+        assert _take(other, 1)[0]["epoch"] == 0
+    assert "other data settings" in caplog.text
+    with pytest.raises(ValueError, match="view_augs: 1 recipes for num_views=2"):
+        _stream(list_shards(digits_dir), off, view_augs=[invert])

@@ -142,3 +142,28 @@ def test_every_recipe_validates(recipe):
         load_config(recipe, ["method.tokenizer=runs/vqvae"])
     else:
         load_config(recipe)
+
+
+def test_per_view_augmentation_keys():
+    """data.view_aug has one mapping of data.aug keys per global view and data.local_aug one for the local crops;
+    each is checked like data.aug, naming the view and key."""
+    cfg = load_config(RECIPE, ["data.view_aug=[{blur_prob: 1.0}, {blur_prob: 0.1, solarize_prob: 0.2}]"])
+    first, second = cfg.data.view_augments()
+    assert (first.blur_prob, first.solarize_prob, second.blur_prob, second.solarize_prob) == (1.0, 0.0, 0.1, 0.2)
+    assert first.crop_scale == cfg.data.aug.crop_scale and first.mean == cfg.data.aug.mean
+    assert load_config(RECIPE).data.view_augments() is None
+    dino = load_config(ROOT / "configs" / "dino_digits.yaml", ["data.local_aug={blur_prob: 0.5}"])
+    local = dino.data.local_augment()
+    assert local.blur_prob == 0.5 and local.crop_scale == dino.data.local_crop_scale
+    for sets, message in (
+        (["data.view_aug=[{blur_prob: 1.0}]"], "data.view_aug: has 1 mappings for 2 global views"),
+        (["data.view_aug=[{blur_prob: 1.0}, {blurr: 0.1}]"], "data.view_aug[1].blurr: not a data.aug key"),
+        (["data.view_aug=[{}, {mean: [0.1]}]"], "data.view_aug[1].mean: not a data.aug key that may differ"),
+        (["data.view_aug=[{}, {blur_prob: 2}]"], "data.view_aug[1].blur_prob: must be in [0, 1], got 2.0"),
+        (["data.local_aug={blur_prob: 0.5}"], "data.local_aug: is set but there are no local_views"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config(RECIPE, sets)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match=r"^data.local_aug.crop_scale: not a data.aug key"):
+        load_config(ROOT / "configs" / "dino_digits.yaml", ["data.local_aug={crop_scale: [0.1, 0.2]}"])
