@@ -1,4 +1,4 @@
-"""``pretrain``: one console script, subcommands ``train``, ``submit``, ``eval``, ``search`` and ``data``.
+"""``pretrain``: one console script, subcommands ``train``, ``submit`` (slurm, k8s), ``eval``, ``search`` and ``data``.
 
 Every check that can fail on user input runs here, before Ray or any worker starts; a problem is one line on stderr
 and exit status 2.
@@ -54,6 +54,34 @@ def _parser() -> argparse.ArgumentParser:
                     help="seconds before the time limit at which the job requeues itself (default 300; 0: never)")
     sl.add_argument("--wait", action="store_true", help="return when the job ends, with its exit status")
     sl.add_argument("--dry-run", action="store_true", help="write the run directory and the script, do not submit")
+    k = ssub.add_parser(
+        "k8s", help="a Kubernetes Job: a Ray cluster over its pods, then training on it",
+        description="Validate the config, write the run directory (on the --pvc volume, which this host must see at "
+        "--mount-path), render <run_dir>/k8s/job.yaml (a headless Service and an Indexed Job of --nodes pods: a Ray "
+        "head in pod 0, a Ray node in each other, then `pretrain train --resume <run_dir> --address <head>` in pod 0) "
+        "and `kubectl create` it. The Job is complete when pod 0 succeeds (Kubernetes >= 1.33); a failed or "
+        "preempted pod is started again and the run continues from its latest checkpoint.")
+    _run_args(k)
+    k.add_argument("--image", help="container image with ssl-pretrain installed (required)")
+    k.add_argument("--pvc", help="ReadWriteMany PersistentVolumeClaim that holds job.out_dir (required)")
+    k.add_argument("--mount-path",
+                   help="where the pods mount --pvc: the path at which this host sees it too (default: job.out_dir)")
+    k.add_argument("--nodes", type=int, default=1, help="pods, one Ray node each (default 1)")
+    k.add_argument("--gpus-per-node", type=int, default=0,
+                   help="GPUs per pod; one worker per GPU, so job.num_workers = nodes x this (default 0: CPU)")
+    k.add_argument("--cpus-per-node", type=int, default=8, help="CPUs each pod requests, all for Ray (default 8)")
+    k.add_argument("--memory-per-node", help="memory each pod requests and is limited to, e.g. 64Gi (default: none)")
+    k.add_argument("--namespace", help="default: the namespace of kubectl's current context")
+    k.add_argument("--service-account", help="the pods' service account")
+    k.add_argument("--priority-class", help="the pods' PriorityClass")
+    k.add_argument("--ray-port", type=int, default=6379, help="the Ray head's port (default 6379)")
+    k.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard's port in pod 0 (default 8265)")
+    k.add_argument("--join-timeout", type=int, default=300,
+                   help="seconds to wait for the head and every Ray node (default 300)")
+    k.add_argument("--restarts", type=int, default=3,
+                   help="pod failures the Job tolerates, each start resuming (default 3; preemptions do not count)")
+    k.add_argument("--wait", action="store_true", help="return when the Job ends: 0 if complete, 1 if failed")
+    k.add_argument("--dry-run", action="store_true", help="write the run directory and the manifests, do not submit")
 
     e = sub.add_parser("eval", help="evaluate a pretrained backbone on frozen features",
                        description="kNN, linear probe, 1/5-shot, KMeans NMI/ARI, retrieval, anomaly detection and "
@@ -138,6 +166,7 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
         check_tracking_uri(cfg.tracking.uri)
     from pretrain.methods import METHODS
 
+    METHODS[cfg.method.name].check_inputs(cfg)
     # builds the digits shards on first use; refuses data without captions for a method that needs them
     shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text)
     from pretrain.trainer import write_run_files
@@ -173,6 +202,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    return {"slurm": _submit_slurm, "k8s": _submit_k8s}[args.scheduler](args)
+
+
+def _write_submitted_run(args, job, check) -> Path:
+    """What every scheduler shares: the job's worker count into the config, the checks (``check(cfg, run_dir)``, the
+    scheduler's own), then the run directory written. Nothing is written if a check fails."""
+    extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []
+    cfg, run_dir = _resolve_train_config(args, extra)
+    job.check_workers(cfg.job.num_workers)
+    check(cfg, run_dir)
+    _prepare_run(args, cfg, run_dir, changed=bool(args.overrides or extra))
+    return run_dir
+
+
+def _submit_slurm(args) -> int:
     from cluster.slurm import SlurmJob, check_run_dir, find_sbatch, submit, write_sbatch
 
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
@@ -180,11 +224,7 @@ def cmd_submit(args) -> int:
                    join_timeout=args.join_timeout, requeue_grace=args.requeue_grace)
     if not args.dry_run:
         find_sbatch()  # before anything is written
-    extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []
-    cfg, run_dir = _resolve_train_config(args, extra)
-    job.check_workers(cfg.job.num_workers)
-    check_run_dir(run_dir)
-    _prepare_run(args, cfg, run_dir, changed=bool(args.overrides or extra))
+    run_dir = _write_submitted_run(args, job, lambda cfg, run_dir: check_run_dir(run_dir))
     script = write_sbatch(job, run_dir)
     print(f"Slurm script: {script}", flush=True)
     if args.dry_run:
@@ -195,6 +235,35 @@ def cmd_submit(args) -> int:
         print(f"Slurm job {job_id} ended with status {status}; its log: {log}", flush=True)
         return 0 if status == 0 else 1
     return status
+
+
+def _submit_k8s(args) -> int:
+    from cluster.k8s import K8sJob, check_shared, find_kubectl, submit, write_manifests
+    from data_pipeline.shards import BUILTIN_VERSIONS
+
+    job = K8sJob(image=args.image, pvc=args.pvc, mount_path=args.mount_path, nodes=args.nodes,
+                 gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
+                 memory_per_node=args.memory_per_node, namespace=args.namespace, service_account=args.service_account,
+                 priority_class=args.priority_class, ray_port=args.ray_port, dashboard_port=args.dashboard_port,
+                 join_timeout=args.join_timeout, restarts=args.restarts)
+    if not args.dry_run:
+        find_kubectl()  # before anything is written
+
+    def shared(cfg: Config, run_dir: Path) -> None:
+        """What the pods open must be on the PVC: the run (and the default MLflow store beside it), a shard directory
+        and a file-based tracking store. Built-in sources are built in each pod on first use."""
+        paths = {} if cfg.data.source in BUILTIN_VERSIONS else {"data.source": cfg.data.source}
+        for prefix in ("sqlite:///", "file://"):
+            if cfg.tracking.uri.startswith(prefix):
+                paths["tracking.uri"] = cfg.tracking.uri.removeprefix(prefix)
+        check_shared(job, run_dir, paths)
+
+    run_dir = _write_submitted_run(args, job, shared)
+    manifest = write_manifests(job, run_dir)
+    print(f"Kubernetes manifests: {manifest}", flush=True)
+    if args.dry_run:
+        return 0
+    return submit(manifest, wait=args.wait)
 
 
 def cmd_eval(args) -> int:

@@ -1,0 +1,225 @@
+"""``python -m cluster.k8s_pod``: what every pod of a ``pretrain submit k8s`` Job runs (see ``cluster/k8s.py``).
+
+Its settings are the environment the manifest sets (``PRETRAIN_*``; ``POD_IP`` from the downward API) and
+``JOB_COMPLETION_INDEX``, which Kubernetes sets in the pods of an Indexed Job.
+
+Pod 0 starts a Ray head on its IP, waits until all ``PRETRAIN_NODES`` Ray nodes have joined (``cluster.wait_nodes``),
+runs the driver ``python -m pretrain.cli train --resume <run_dir> --address <pod ip>:<port>`` and exits with its
+status: the Job is complete when this pod succeeds. Every other pod waits until the head's name resolves (the headless
+Service publishes it once the head pod has an IP) and its port answers, then runs a Ray node joined to it until the pod
+is stopped.
+
+Restarts: because the driver always resumes, a Job that starts pods again after a failure (``backoffLimit``) or a
+preemption goes on from the run's latest checkpoint, like a requeued Slurm job. A node pod whose head went away (the
+head pod failed, or was replaced: its name now resolves to another IP) stops its Ray node and exits with ``LOST_HEAD``,
+which the Job does not count as a failure; its replacement joins the new head. SIGTERM (pod deletion, preemption, the
+end of the Job) stops the driver, then Ray, and exits with 143.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.k8s import BAD_INPUT, LOST_HEAD
+
+STOP_GRACE = 20.0  # seconds a child has to stop after SIGTERM before its process group is killed
+PROBE_EVERY = 5.0  # seconds between a node's checks that its head is still there
+HEAD_GRACE = 30.0  # seconds a head may be unreachable before a node gives up on it
+
+
+class Terminated(Exception):
+    """SIGTERM: the pod is being stopped."""
+
+
+class PodError(Exception):
+    """Why this pod cannot go on; one line."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pod:
+    index: int
+    ip: str
+    head_host: str
+    run_dir: Path
+    ray_port: int
+    dashboard_port: int
+    nodes: int
+    cpus: int
+    gpus: int
+    join_timeout: int
+
+    @classmethod
+    def from_environ(cls, env: dict[str, str]) -> Pod:
+        """ValueError naming the variable that is missing or wrong."""
+
+        def get(name: str, kind=str):
+            if not env.get(name):
+                raise ValueError(f"{name}: not set (this runs in the pods of a Job written by `pretrain submit k8s`)")
+            try:
+                return kind(env[name])
+            except ValueError:
+                raise ValueError(f"{name}: {env[name]!r} is not a {kind.__name__}") from None
+
+        return cls(index=get("JOB_COMPLETION_INDEX", int), ip=get("POD_IP"), head_host=get("PRETRAIN_HEAD_HOST"),
+                   run_dir=Path(get("PRETRAIN_RUN_DIR")), ray_port=get("PRETRAIN_RAY_PORT", int),
+                   dashboard_port=get("PRETRAIN_DASHBOARD_PORT", int), nodes=get("PRETRAIN_NODES", int),
+                   cpus=get("PRETRAIN_CPUS_PER_NODE", int), gpus=get("PRETRAIN_GPUS_PER_NODE", int),
+                   join_timeout=get("PRETRAIN_JOIN_TIMEOUT", int))
+
+    def ray_start(self, *args: str) -> list[str]:
+        """``ray start --block`` for this pod's node, with a private temp dir (short: Ray puts unix sockets there)."""
+        ray = Path(sys.executable).parent / "ray"
+        return [str(ray) if ray.is_file() else "ray", "start", "--block", f"--node-ip-address={self.ip}",
+                f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}",
+                f"--temp-dir={tempfile.mkdtemp(prefix='sslray-', dir='/tmp')}", "--disable-usage-stats", *args]
+
+
+class Children:
+    """Processes this pod started, each in its own session; on exit they are stopped in reverse order (SIGTERM, then
+    SIGKILL to the process group, which holds what they started: ``ray start --block`` leads its Ray processes)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+
+def wait_alongside(proc: subprocess.Popen, ray: subprocess.Popen) -> int:
+    """``proc``'s exit status; PodError if this pod's Ray node ``ray`` ends first."""
+    while True:
+        try:
+            return proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            if (status := ray.poll()) is not None:
+                raise PodError(f"the Ray head exited with status {status} (its log is above)") from None
+
+
+def run_head(pod: Pod) -> int:
+    address = f"{pod.ip}:{pod.ray_port}"
+    print(f"ssl-pretrain: pod 0 of {pod.nodes}: Ray head {address} ({pod.head_host}), run {pod.run_dir}", flush=True)
+    with Children() as children:
+        ray = children.start(pod.ray_start("--head", f"--port={pod.ray_port}", "--dashboard-host=0.0.0.0",
+                                           f"--dashboard-port={pod.dashboard_port}"))
+        joined = children.start([sys.executable, "-m", "cluster.wait_nodes", "--address", address,
+                                 "--nodes", str(pod.nodes), "--timeout", str(pod.join_timeout)])
+        if wait_alongside(joined, ray) != 0:
+            return 1  # wait_nodes said which nodes joined
+        driver = children.start([sys.executable, "-m", "pretrain.cli", "train", "--resume", str(pod.run_dir),
+                                 "--address", address])
+        status = wait_alongside(driver, ray)
+        print(f"ssl-pretrain: the driver exited with status {status}", flush=True)
+        return 128 - status if status < 0 else status  # killed by a signal: the shell's convention, not 256 - n
+
+
+def resolve(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def answers(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def find_head(pod: Pod) -> str:
+    """The head's IP once its name resolves and its Ray port answers; PodError after ``join_timeout`` seconds."""
+    deadline = time.monotonic() + pod.join_timeout
+    while True:
+        ip = resolve(pod.head_host)
+        if ip is not None and answers(ip, pod.ray_port):
+            return ip
+        if time.monotonic() > deadline:
+            seen = f"it is {ip}, whose port {pod.ray_port} does not answer" if ip else "its name does not resolve"
+            raise PodError(f"no Ray head at {pod.head_host}:{pod.ray_port} within {pod.join_timeout} s ({seen})")
+        time.sleep(2)
+
+
+def run_node(pod: Pod) -> int:
+    head_ip = find_head(pod)
+    address = f"{head_ip}:{pod.ray_port}"
+    print(f"ssl-pretrain: pod {pod.index} of {pod.nodes}: Ray node {pod.ip} joining {address} ({pod.head_host})",
+          flush=True)
+    with Children() as children:
+        ray = children.start(pod.ray_start(f"--address={address}"))
+        unreachable_since = None
+        while True:
+            try:
+                status = ray.wait(timeout=PROBE_EVERY)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now_ip = resolve(pod.head_host)
+            if now_ip is not None and now_ip != head_ip:
+                print(f"ssl-pretrain: {pod.head_host} is now {now_ip}: a new head; leaving the old one", flush=True)
+                return LOST_HEAD
+            if now_ip is not None and answers(head_ip, pod.ray_port):
+                unreachable_since = None
+            elif unreachable_since is None:
+                unreachable_since = time.monotonic()
+            elif time.monotonic() - unreachable_since > HEAD_GRACE:
+                print(f"ssl-pretrain: the Ray head {address} is gone", flush=True)
+                return LOST_HEAD
+    print(f"ssl-pretrain: the Ray node exited with status {status}", flush=True)
+    return LOST_HEAD if resolve(pod.head_host) != head_ip or not answers(head_ip, pod.ray_port) else (status or 1)
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup that follows must not be cut short
+    raise Terminated
+
+
+def main() -> int:
+    try:
+        pod = Pod.from_environ(dict(os.environ))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    # On SIGTERM `ray start --block` first drains its node (for Ray Serve) for up to 30 s; here the driver has
+    # stopped by then and the drain only waits, out of the pod's grace period.
+    os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_head(pod) if pod.index == 0 else run_node(pod)
+    except PodError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Terminated:
+        print(f"ssl-pretrain: pod {pod.index} stopped (SIGTERM)", flush=True)
+        return 128 + signal.SIGTERM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""`pretrain submit k8s`: option checks, the rendered manifests against Kubernetes' own schemas, and the pods they
+describe run for real on this machine (two "pods" on 127.0.0.2 and 127.0.0.3, each in its own PID, mount and UTS
+namespaces with the pod's hostname and the head's DNS name in a private /etc/hosts), including a restart that
+resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.util import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "simclr_digits.yaml"
+REQUIRED = ["--image", "registry.example.com/ssl-pretrain:0.1.0", "--pvc", "runs"]
+POD_IPS = ("127.0.0.2", "127.0.0.3")  # loopback addresses, as in tests/slurm_fixture.py: two hosts, no traffic out
+
+
+def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None, timeout: int = 120):
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", "submit", "k8s", "--config", str(RECIPE),
+                           "--set", f"job.out_dir={tmp_path / 'runs'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _manifests(run: Path) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all((run / "k8s" / "job.yaml").read_text())}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pvc", "runs"], "--image: required (the container image that has ssl-pretrain installed"),
+    (["--image", "ssl:1"], "--pvc: required (a ReadWriteMany PersistentVolumeClaim"),
+    ([*REQUIRED, "--nodes", "0"], "--nodes: must be an integer >= 1, got 0"),
+    ([*REQUIRED, "--memory-per-node", "512m"], "--memory-per-node: '512m' is not a memory quantity with a unit"),
+    ([*REQUIRED, "--namespace", "ML_team"], "--namespace: 'ML_team' is not a Kubernetes namespace name"),
+    ([*REQUIRED, "--ray-port", "70000"], "--ray-port: must be an integer in 1..65535, got 70000"),
+    ([*REQUIRED, "--mount-path", "runs"], "--mount-path: must be an absolute directory other than /, got 'runs'"),
+    ([*REQUIRED, "--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray "
+                                                                        "CPUs, the job has 1 (1 nodes x 1 --cpus-"),
+    ([*REQUIRED, "--set", "data.source=shards/digits"], "data.source: 'shards/digits' is relative, and the pods start "
+                                                        "elsewhere"),
+    ([*REQUIRED, "--set", "job.nope=1"], "job.nope"),
+])
+def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
+    """A bad option or config is one line on stderr, exit status 2, and no run directory."""
+    proc = _submit([*args, "--set", "job.run_name=bad", "--dry-run"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("run_name, expected", [
+    ("simclr-20261127-190000", "ssl-simclr-20261127-190000"),
+    ("My_Run", None), ("my-run", "ssl-my-run"), ("___", None), ("r" * 48, "ssl-" + "r" * 48), ("r" * 49, None),
+])
+def test_job_names_are_dns_labels_that_fit_pod_hostnames(run_name, expected):
+    """A run name that is a DNS label is kept; any other is made one, with a hash of the original, short enough that
+    the pods' hostnames <job>-<index> fit 63 characters."""
+    from cluster.k8s import MAX_NAME, job_name
+
+    name = job_name(run_name)
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= MAX_NAME == 52
+    if expected:
+        assert name == expected
+    else:
+        assert re.search(r"-[0-9a-f]{6}$", name) and name != job_name(run_name.upper() + "x")
+
+
+def test_run_dir_off_the_volume_is_refused(tmp_path):
+    """A run directory the pods would not see (not under --mount-path, where the PVC is) is refused up front."""
+    proc = _submit([*REQUIRED, "--mount-path", "/mnt/runs", "--set", "job.run_name=off", "--dry-run"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: job.out_dir: {tmp_path / 'runs'} is not under "
+                                                     "--mount-path /mnt/runs, where the pods mount --pvc runs; they "
+                                                     "would not see it")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_kubectl_is_one_line(tmp_path):
+    """Submitting from a host without kubectl says so before writing the run."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # the venv's bin: python, no kubectl
+    proc = _submit([*REQUIRED, "--set", "job.run_name=nokc"], tmp_path, env=env)
+    assert proc.returncode == 2 and "kubectl: not found on PATH" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_kubectl_refusal_is_one_line(tmp_path):
+    """A Job kubectl cannot create (here: its API server refuses connections) ends the command with one line and
+    status 2; the run and its manifests are kept."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl not installed")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "none", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "none", "user": "u"}}]}))
+    proc = _submit([*REQUIRED, "--set", "job.run_name=kr"], tmp_path, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    manifest = tmp_path / "runs" / "kr" / "k8s" / "job.yaml"
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: kubectl: refused {manifest} (exit status 1;")
+    assert manifest.is_file()
+
+
+def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):
+    """On GPU nodes one worker per GPU: the run's config says 16 workers on GPU, and the manifests pass Kubernetes'
+    OpenAPI schemas strictly (an unknown field fails) and ask for an Indexed Job of 2 pods with 8 GPUs each, done when
+    pod 0 succeeds, with the PVC mounted over job.out_dir."""
+    import kubernetes_validate
+
+    proc = _submit([*REQUIRED, "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "64", "--memory-per-node",
+                    "512Gi", "--namespace", "ml", "--priority-class", "high", "--restarts", "5", "--set",
+                    "job.run_name=g_1", "--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "g_1"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["job"]["num_workers"] == 16 and cfg["job"]["use_gpu"] == "true"
+    docs = _manifests(run)
+    assert sorted(docs) == ["Job", "Service"]
+    for version in ("1.33", kubernetes_validate.latest_version()):  # 1.33: successPolicy is GA
+        for doc in docs.values():
+            kubernetes_validate.validate(doc, version, strict=True)
+    service, job = docs["Service"], docs["Job"]
+    name = job["metadata"]["name"]
+    assert re.fullmatch(r"ssl-g-1-[0-9a-f]{6}", name)  # "g_1" is no DNS label: changed, so made unique by a hash
+    assert service["metadata"] == job["metadata"] and job["metadata"]["namespace"] == "ml"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 2,
+                                                                                                         2, 5)
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
+    assert pod["priorityClassName"] == "high"
+    (container,) = pod["containers"]
+    assert container["image"] == REQUIRED[1] and container["command"] == ["python", "-m", "cluster.k8s_pod"]
+    assert container["resources"] == {"requests": {"cpu": "64", "memory": "512Gi"},
+                                      "limits": {"memory": "512Gi", "nvidia.com/gpu": 8}}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}} and env["RAY_AUTH_MODE"] == "disabled"
+    assert env["PRETRAIN_HEAD_HOST"] == f"{name}-0.{name}" and env["PRETRAIN_RUN_DIR"] == str(run)
+    assert (env["PRETRAIN_NODES"], env["PRETRAIN_GPUS_PER_NODE"], env["PRETRAIN_RAY_PORT"]) == ("2", "8", "6379")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert volumes["run"]["persistentVolumeClaim"] == {"claimName": "runs"} and mounts["run"] == str(tmp_path / "runs")
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"} and mounts["dshm"] == "/dev/shm"
+
+
+def _pod_env(container: dict, index: int, ip: str, root: Path) -> dict[str, str]:
+    """The container's environment as Kubernetes sets it: the manifest's variables (POD_IP from the downward API)
+    and JOB_COMPLETION_INDEX, over this machine's environment standing in for the image's, with this venv's python
+    first on PATH as the image's is. Only python: the venv's other tools stay out of PATH (its ninja is not the
+    system's that the rest of the suite builds DeepSpeed's op with, and the two would rebuild it for each other)."""
+    image_bin = root / "image-bin"
+    image_bin.mkdir(exist_ok=True)
+    (image_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (image_bin / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{image_bin}:{os.environ['PATH']}"}
+    for var in container["env"]:
+        if "valueFrom" in var:
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+            env[var["name"]] = ip
+        else:
+            env[var["name"]] = var["value"]
+    return {**env, "JOB_COMPLETION_INDEX": str(index)}
+
+
+def _namespaces_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "running the pods in their own mount and PID namespaces needs root"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) not installed"
+    return None
+
+
+def _start_pod(job: dict, index: int, log: Path) -> subprocess.Popen:
+    """Pod ``index`` of ``job`` as Kubernetes would run it: the manifest's command as PID 1 of new PID, mount and UTS
+    namespaces (all its processes end with it), the hostname <job>-<index>, and an /etc/hosts as the kubelet writes
+    it (the pod's own names) plus the cluster DNS's answer for the head's name."""
+    pod_spec = job["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    hostname = f"{job['metadata']['name']}-{index}"
+    head_host = next(e["value"] for e in container["env"] if e["name"] == "PRETRAIN_HEAD_HOST")
+    hosts = log.with_suffix(".hosts")
+    hosts.write_text(f"127.0.0.1 localhost\n{POD_IPS[index]} {hostname}.{pod_spec['subdomain']} {hostname}\n"
+                     f"{POD_IPS[0]} {head_host}\n")
+    cmd = ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
+           'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"', str(hosts), hostname,
+           *container["command"], *container.get("args", [])]
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, env=_pod_env(container, index, POD_IPS[index], log.parent), stdout=out,
+                                stderr=subprocess.STDOUT, cwd=log.parent)
+
+
+def _stop_pods(*procs: subprocess.Popen, timeout: float = 60) -> list[int]:
+    """SIGTERM to each pod's PID 1, as the kubelet sends it; their exit statuses."""
+    for proc in procs:
+        if proc.poll() is None:
+            for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                os.kill(int(pid), signal.SIGTERM)
+    return [proc.wait(timeout=timeout) for proc in procs]
+
+
+def _registered_checkpoints(run: Path) -> list:
+    """Checkpoints Ray has registered (every rank reported; a checkpoint_* directory alone may be half written)."""
+    try:
+        return json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def test_pod_without_its_settings_is_one_line():
+    """The pod entrypoint outside a Job's pod: one line naming the missing variable, exit status 2 (FailJob)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRETRAIN_") and k != "JOB_COMPLETION_INDEX"}
+    proc = subprocess.run([sys.executable, "-m", "cluster.k8s_pod"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: JOB_COMPLETION_INDEX: not set")
+
+
+def test_node_pod_without_a_head_fails_after_join_timeout(tmp_path):
+    """A node pod whose head never answers gives up after --join-timeout with one line, exit status 1."""
+    from cluster.k8s import K8sJob, render_manifests
+
+    job = K8sJob(image=REQUIRED[1], pvc="runs", nodes=2, ray_port=free_port(), join_timeout=2)
+    docs = {d["kind"]: d for d in yaml.safe_load_all(render_manifests(job, tmp_path / "nohead"))}
+    (container,) = docs["Job"]["spec"]["template"]["spec"]["containers"]
+    env = {**_pod_env(container, 1, POD_IPS[1], tmp_path), "PRETRAIN_HEAD_HOST": "localhost"}  # nothing listens there
+    started = time.monotonic()
+    pod = subprocess.run(container["command"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert pod.returncode == 1 and time.monotonic() - started < 30
+    assert pod.stderr.strip().splitlines()[-1].startswith(f"error: no Ray head at localhost:{env['PRETRAIN_RAY_PORT']}"
+                                                          " within 2 s (it is 127.0.0.1, whose port")
+
+
+@pytest.mark.slow
+def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
+    """The rendered pods, started as Kubernetes would (command and environment from job.yaml, JOB_COMPLETION_INDEX,
+    a pod IP each, the head's name resolvable), form a 2-node Ray cluster with one Train worker per node. Both pods are
+    stopped (SIGTERM) after the first checkpoint, exit cleanly, and a second start of the same pods (the Job starting
+    them again) resumes from the checkpoint and completes every step; pod 0 exits 0 (the Job's success) and the node
+    pod stops when told to, as Kubernetes then tells it."""
+    why = _namespaces_missing()
+    if why:
+        pytest.skip(why)
+    sets = ["job.max_steps=48", "job.log_every=1", "job.ckpt_every=8", "optim.warmup_steps=1", "data.batch_size=32",
+            "eval.enabled=false", "job.progress=false", "job.run_name=k8", "job.num_workers=2"]
+    proc = _submit([*REQUIRED, "--nodes", "2", "--cpus-per-node", "1", "--ray-port", str(free_port()),
+                    "--dashboard-port", str(free_port()), "--join-timeout", "120"]
+                   + [a for s in sets for a in ("--set", s)] + ["--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "k8"
+    job = _manifests(run)["Job"]
+    head_host = next(e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+                     if e["name"] == "PRETRAIN_HEAD_HOST")
+    # DeepSpeed's CPU op, built (or found) here as the image would have it: a pod killed while building it would leave
+    # the shared build directory locked
+    subprocess.run([sys.executable, "-c", "from pretrain.engine import prebuild_ops; prebuild_ops()"], check=True,
+                   timeout=600)
+    logs = [tmp_path / f"pod-{i}.log" for i in range(2)]
+    pods: list[subprocess.Popen] = []
+    try:
+        # first start: stopped (as on preemption or a deleted pod) once a checkpoint is registered
+        pods = [_start_pod(job, i, logs[i]) for i in range(2)]
+        deadline = time.monotonic() + 300
+        while not _registered_checkpoints(run):
+            assert time.monotonic() < deadline and pods[0].poll() is None, logs[0].read_text()[-6000:]
+            time.sleep(0.5)
+        assert _stop_pods(*pods) == [143, 143], logs[0].read_text()[-6000:]
+        first = [log.read_text() for log in logs]
+        assert "ssl-pretrain: pod 0 stopped (SIGTERM)" in first[0] and "pod 1 stopped (SIGTERM)" in first[1]
+
+        # second start of the same pods: resumes and completes
+        pods = [_start_pod(job, i, logs[i]) for i in range(2)]
+        assert pods[0].wait(timeout=300) == 0, logs[0].read_text()[-6000:]
+        assert _stop_pods(pods[1]) == [143]  # what the Job does to the other pods once pod 0 succeeded
+    finally:
+        running = [p for p in pods if p.poll() is None]
+        try:
+            _stop_pods(*running)
+        except subprocess.TimeoutExpired:
+            for p in running:
+                p.kill()  # unshare --kill-child: the pod's PID 1 goes, and its namespace with it
+                p.wait()
+    text = logs[0].read_text()[len(first[0]):]
+    assert text.count(f"Ray head {POD_IPS[0]}:") == 1 and "2 nodes up" in text
+    node_log = logs[1].read_text()[len(first[1]):]
+    assert f"Ray node {POD_IPS[1]} joining {POD_IPS[0]}:" in node_log and f"({head_host})" in node_log
+    resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
+    assert resumed and int(resumed.group(1)) >= 8 and int(resumed.group(1)) % 8 == 0, text[-6000:]
+    placed = dict(re.findall(r"Ray Train worker (\d)/2 on node (127\.0\.0\.\d+)", text))
+    assert sorted(placed) == ["0", "1"] and set(placed.values()) == set(POD_IPS), placed
+    with (run / "metrics.csv").open() as f:
+        steps = {int(line.split(",")[0]) for line in list(f)[1:]}
+    assert steps == set(range(1, 49))
