@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from cluster.nodes import RayNodes, check_int
+
 LOST_HEAD = 75  # exit status of a node pod whose Ray head went away (not the node's failure; see podFailurePolicy)
 BAD_INPUT = 2  # exit status of `pretrain` on a config error: starting the pod again cannot help
 CONTAINER = "train"
@@ -39,8 +41,9 @@ _IMAGE = re.compile(r"\w[\w.:/@-]*")  # an image reference without spaces or quo
 
 
 @dataclass(kw_only=True)
-class K8sJob:
-    """What the Job asks Kubernetes for. Errors are ``ValueError("--<option>: <problem>")``."""
+class K8sJob(RayNodes):
+    """What the Job asks Kubernetes for: ``nodes`` pods (each requests ``cpus_per_node`` CPUs and ``gpus_per_node``
+    GPUs), and the options below. Errors are ``ValueError("--<option>: <problem>")``."""
 
     image: str | None = None
     """Container image with ssl-pretrain installed (``python -m cluster.k8s_pod`` must run in it)"""
@@ -48,10 +51,6 @@ class K8sJob:
     """ReadWriteMany PersistentVolumeClaim holding job.out_dir, shared by all pods and the submitting host"""
     mount_path: str | None = None
     """Where the PVC is mounted in the pods, the same path the submitting host sees it at; None = job.out_dir"""
-    nodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_node: int = 8
-    """CPUs each pod requests, all given to its Ray node (loader workers and DALI threads live inside them)"""
     memory_per_node: str | None = None
     """Memory each pod requests and is limited to, a Kubernetes quantity such as 64Gi; None = the namespace default"""
     namespace: str | None = None
@@ -60,8 +59,6 @@ class K8sJob:
     priority_class: str | None = None
     ray_port: int = 6379
     dashboard_port: int = 8265
-    join_timeout: int = 300
-    """Seconds a pod waits for the head, and the head for every Ray node, before it fails"""
     restarts: int = 3
     """Pod failures the Job tolerates (backoffLimit); each new start resumes from the latest checkpoint"""
 
@@ -71,12 +68,10 @@ class K8sJob:
                 raise ValueError(f"--{name}: required ({_REQUIRED[name]})")
         if not _IMAGE.fullmatch(self.image):
             raise ValueError(f"--image: {self.image!r} is not an image reference (e.g. registry.example.com/ssl:1.0)")
-        for name in ("nodes", "cpus_per_node", "join_timeout"):
-            _int(name, getattr(self, name), low=1)
-        for name in ("gpus_per_node", "restarts"):
-            _int(name, getattr(self, name), low=0)
+        super().__post_init__()
+        check_int("restarts", self.restarts, low=0)
         for name in ("ray_port", "dashboard_port"):
-            _int(name, getattr(self, name), low=1, high=65535)
+            check_int(name, getattr(self, name), low=1, high=65535)
         if self.ray_port == self.dashboard_port:
             raise ValueError(f"--dashboard-port: {self.dashboard_port} is the --ray-port too")
         if self.memory_per_node is not None and not _MEMORY.fullmatch(self.memory_per_node):
@@ -93,28 +88,12 @@ class K8sJob:
         if self.mount_path is not None and (not self.mount_path.startswith("/") or Path(self.mount_path) == Path("/")):
             raise ValueError(f"--mount-path: must be an absolute directory other than /, got {self.mount_path!r}")
 
-    @property
-    def num_workers(self) -> int | None:
-        """Ray Train workers the job implies on GPU nodes (one per GPU); None on CPU nodes (the config decides)."""
-        return self.nodes * self.gpus_per_node if self.gpus_per_node else None
-
-    def check_workers(self, num_workers: int) -> None:
-        if self.gpus_per_node == 0 and num_workers > self.nodes * self.cpus_per_node:
-            raise ValueError(f"job.num_workers: {num_workers} CPU workers need {num_workers} Ray CPUs, the job has "
-                             f"{self.nodes * self.cpus_per_node} ({self.nodes} nodes x {self.cpus_per_node} "
-                             "--cpus-per-node)")
 
 
 _REQUIRED = {
     "image": "the container image that has ssl-pretrain installed, e.g. registry.example.com/ssl-pretrain:0.1.0",
     "pvc": "a ReadWriteMany PersistentVolumeClaim that holds job.out_dir, for the checkpoints all pods write",
 }
-
-
-def _int(name: str, value, *, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"--{name.replace('_', '-')}: must be an integer {bound}, got {value!r}")
 
 
 def job_name(run_name: str) -> str:

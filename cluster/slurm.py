@@ -25,34 +25,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
+from cluster.nodes import RayNodes, check_int
+
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "slurm.sbatch"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d\d){0,2}$")  # sbatch --time: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 
 
 @dataclass(kw_only=True)
-class SlurmJob:
-    """What the job asks Slurm for. Errors are ``ValueError("--<option>: <problem>")``."""
+class SlurmJob(RayNodes):
+    """What the job asks Slurm for: ``nodes`` nodes (``cpus_per_node`` CPUs and ``gpus_per_node`` GPUs each), and the
+    options below. Errors are ``ValueError("--<option>: <problem>")``."""
 
-    nodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_node: int = 8
-    """Slurm CPUs per node, all given to that node's Ray (loader workers and DALI threads live inside them)"""
     partition: str | None = None
     time: str | None = None
     """Wall-clock limit as sbatch takes it, e.g. 24:00:00 or 2-00:00:00"""
     account: str | None = None
     sbatch_args: list[str] = field(default_factory=list)
     """Further sbatch options, one directive each, e.g. --qos=high or --constraint=h100"""
-    join_timeout: int = 300
-    """Seconds the job waits for every Ray node to join before it fails"""
     requeue_grace: int = 300
     """Seconds before the time limit at which the job requeues itself (SIGUSR1); 0 = never"""
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "cpus_per_node", "join_timeout"):
-            _int(name, getattr(self, name), low=1)
-        _int("gpus_per_node", self.gpus_per_node, low=0)
-        _int("requeue_grace", self.requeue_grace, low=0)
+        super().__post_init__()
+        check_int("requeue_grace", self.requeue_grace, low=0)
         if self.time is not None and not _TIME.match(self.time):
             raise ValueError(f"--time: {self.time!r} is not an sbatch time (e.g. 24:00:00 or 2-00:00:00)")
         for name in ("partition", "account"):
@@ -63,21 +58,6 @@ class SlurmJob:
             if not arg.startswith("--") or any(c in arg for c in "\n\r"):
                 raise ValueError(f"--sbatch-arg: {arg!r} must be one long option, e.g. --qos=high")
 
-    @property
-    def num_workers(self) -> int | None:
-        """Ray Train workers the job implies on GPU nodes (one per GPU); None on CPU nodes (the config decides)."""
-        return self.nodes * self.gpus_per_node if self.gpus_per_node else None
-
-    def check_workers(self, num_workers: int) -> None:
-        if self.gpus_per_node == 0 and num_workers > self.nodes * self.cpus_per_node:
-            raise ValueError(f"job.num_workers: {num_workers} CPU workers need {num_workers} Ray CPUs, the job has "
-                             f"{self.nodes * self.cpus_per_node} ({self.nodes} nodes x {self.cpus_per_node} "
-                             "--cpus-per-node)")
-
-
-def _int(name: str, value, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value!r}")
 
 
 def check_run_dir(run_dir: Path) -> Path:

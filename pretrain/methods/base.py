@@ -38,6 +38,12 @@ def build_method_backbone(cfg: Config, *, masks: bool = False, in_chans: int | N
                           patch_size=cfg.model.patch_size, **kwargs)
 
 
+def require_vit(cfg: Config, what: str) -> None:
+    """Raise the one-line config error of a method that needs a ViT backbone (``what``: "mae masks patches of")."""
+    if not cfg.model.backbone.startswith("vit"):
+        raise ValueError(f"model.backbone: {what} a ViT (vit_tiny, vit_small, vit_base), got {cfg.model.backbone!r}")
+
+
 def require_one_view(cfg: Config, what: str) -> None:
     """Raise the one-line config error of a method that uses one view per image (``what``: "mae reconstructs")."""
     d = cfg.data

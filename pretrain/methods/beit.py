@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from data_pipeline.masking import block_masks
 from kernels.masked_gather import packed_gather
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view, require_vit
 from pretrain.methods.mae import IMPLS
 from pretrain.methods.vqvae import VQVAE, load_tokenizer, tokenizer_file
 
@@ -40,9 +40,7 @@ class BEiT(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         m = cfg.method
-        if not cfg.model.backbone.startswith("vit"):
-            raise ValueError(f"model.backbone: beit masks patch tokens of a ViT (vit_tiny, vit_small, vit_base), got "
-                             f"{cfg.model.backbone!r}")
+        require_vit(cfg, "beit masks patch tokens of")
         if m.loss_impl not in IMPLS:
             raise ValueError(f"method.loss_impl: beit takes one of {', '.join(IMPLS)} (the masking kernels), got "
                              f"{m.loss_impl!r}")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from data_pipeline.masking import block_masks
 from kernels.dino_loss import dino_loss, ibot_patch_loss
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce
+from pretrain.methods.base import Gather, Reduce, require_vit
 from pretrain.methods.dino import DINO, teacher_temperature
 
 
@@ -28,9 +28,7 @@ class IBOT(DINO):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
-        if not cfg.model.backbone.startswith("vit"):
-            raise ValueError(f"model.backbone: ibot masks patch tokens of a ViT (vit_tiny, vit_small, vit_base), got "
-                             f"{cfg.model.backbone!r}")
+        require_vit(cfg, "ibot masks patch tokens of")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kernels.masked_gather import masked_gather
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view, require_vit
 from pretrain.models.vit import Block, sincos_pos_embed_2d
 
 IMPLS = ("auto", "triton", "ref")
@@ -42,6 +42,14 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
     keep = num_visible(num_patches, mask_ratio)
     mask = ids_restore >= keep
     return ids_shuffle[:, :keep].contiguous(), ids_restore, mask
+
+
+def check_decoder(cfg: Config) -> None:
+    """The decoder's width fits its heads and its sin-cos positions (MAE's decoder, the VQ-VAE's)."""
+    m = cfg.method
+    if m.decoder_dim % m.decoder_heads or m.decoder_dim % 4:
+        raise ValueError(f"method.decoder_dim: {m.decoder_dim} must be divisible by decoder_heads={m.decoder_heads} "
+                         "and by 4 (sin-cos positions)")
 
 
 def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
@@ -95,9 +103,7 @@ class MAE(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         m, d = cfg.method, cfg.data
-        if not cfg.model.backbone.startswith("vit"):
-            raise ValueError(f"model.backbone: mae masks patches of a ViT (vit_tiny, vit_small, vit_base), got "
-                             f"{cfg.model.backbone!r}")
+        require_vit(cfg, "mae masks patches of")
         if m.loss_impl not in IMPLS:
             raise ValueError(f"method.loss_impl: mae takes one of {', '.join(IMPLS)}, got {m.loss_impl!r}")
         require_one_view(cfg, "mae reconstructs")
@@ -106,9 +112,7 @@ class MAE(SSLMethod):
         if not 0 < keep < patches:
             raise ValueError(f"method.mask_ratio: {m.mask_ratio} of {patches} patches leaves {keep} visible; need at "
                              "least one visible and one hidden")
-        if m.decoder_dim % m.decoder_heads or m.decoder_dim % 4:
-            raise ValueError(f"method.decoder_dim: {m.decoder_dim} must be divisible by decoder_heads="
-                             f"{m.decoder_heads} and by 4 (sin-cos positions)")
+        check_decoder(cfg)
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import Config, config_from_dict
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view, require_vit
+from pretrain.methods.mae import check_decoder
 from pretrain.models.quantizer import VectorQuantizer
 from pretrain.models.vit import Block, sincos_pos_embed_2d
 
@@ -46,14 +47,9 @@ class VQVAE(SSLMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        m = cfg.method
-        if not cfg.model.backbone.startswith("vit"):
-            raise ValueError(f"model.backbone: vqvae tokenizes the patches of a ViT (vit_tiny, vit_small, vit_base), "
-                             f"got {cfg.model.backbone!r}")
+        require_vit(cfg, "vqvae tokenizes the patches of")
         require_one_view(cfg, "vqvae reconstructs")
-        if m.decoder_dim % m.decoder_heads or m.decoder_dim % 4:
-            raise ValueError(f"method.decoder_dim: {m.decoder_dim} must be divisible by decoder_heads="
-                             f"{m.decoder_heads} and by 4 (sin-cos positions)")
+        check_decoder(cfg)
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:
