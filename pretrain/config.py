@@ -110,6 +110,10 @@ class MethodConfig:
     # --- Colorization (the head's hidden width: model.proj_hidden_dim) ---
     color_bins: int = 10
     """Colorization: the (a, b) chroma plane over [-110, 110]^2 is cut into color_bins x color_bins classes."""
+    color_rebalance: float | None = None
+    """Colorization: Zhang et al.'s class rebalancing, lambda in (0, 1]: each cell's loss is weighted by
+    ((1 - lambda) p + lambda / Q)^-1 (mean 1 under p), p the running frequency of its bin over all ranks; they use 0.5.
+    null = off."""
     # --- Jigsaw (the head's MLP: model.proj_hidden_dim, proj_layers) ---
     jigsaw_grid: int = 3
     """Jigsaw: the view is cut into grid x grid cells (data.image_size must divide evenly)."""
@@ -153,6 +157,8 @@ class MethodConfig:
         for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads", "text_width", "text_depth",
                     "text_heads"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        _check(self.color_rebalance is None or 0 < self.color_rebalance <= 1, "color_rebalance",
+               f"must be in (0, 1] or null, got {self.color_rebalance}")
         _check(self.color_bins >= 2, "color_bins", f"must be >= 2, got {self.color_bins}")
         _check(self.jigsaw_grid >= 2, "jigsaw_grid", f"must be >= 2, got {self.jigsaw_grid}")
         _check(self.jigsaw_gap >= 0, "jigsaw_gap", f"must be >= 0, got {self.jigsaw_gap}")

@@ -5,7 +5,8 @@ the data's normalised RGB and reads L from it: downstream it works on colour and
 the encoder's feature map (``forward_dense``: the ConvNet's and ResNet's last map, the ViT's patch grid) classifies
 each cell's chroma into a ``color_bins`` x ``color_bins`` grid of (a, b) bins over [-110, 110]^2, the target being the
 cell's mean (a, b) (Zhang et al. predict 313 in-gamut bins at a quarter of the resolution; this keeps their
-classification loss, without their class rebalancing). ``accuracy`` is the share of cells whose bin is right.
+classification loss; their class rebalancing is ``method.color_rebalance``, with the bin frequencies estimated while
+training instead of over ImageNet beforehand, unsmoothed). ``accuracy`` is the share of cells whose bin is right.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pretrain.config import Config
 from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
 
 AB_RANGE = 110.0
+PRIOR_DECAY = 0.99
+"""EMA decay of the running bin frequencies (about the last hundred steps)."""
 _RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
                             [0.2126729, 0.7151522, 0.0721750],
                             [0.0193339, 0.1191920, 0.9503041]])
@@ -42,6 +45,13 @@ def _rgb_to_lab(rgb: Tensor) -> Tensor:
     f = torch.where(t > delta**3, t.clamp_min(1e-12) ** (1.0 / 3.0), t / (3 * delta**2) + 4.0 / 29.0)
     fx, fy, fz = f.unbind(1)
     return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+
+
+def rebalance_weights(prior: Tensor, mix: float) -> Tensor:
+    """Zhang et al.'s class weights: ((1 - mix) * prior + mix / Q)^-1, scaled so that their mean under ``prior`` is 1
+    (rare colours weigh more; ``mix`` 1 gives equal weights)."""
+    w = 1.0 / ((1.0 - mix) * prior + mix / prior.numel())
+    return w / (prior * w).sum()
 
 
 def ab_bins(ab: Tensor, bins: int) -> Tensor:
@@ -87,13 +97,18 @@ class Colorization(SSLMethod):
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:
         super().__init__()
-        del gather, reduce, rank  # a per-sample loss: nothing crosses ranks but the gradients
+        del gather, rank  # a per-sample loss: nothing crosses ranks but the gradients (and the bin frequencies)
+        self.reduce = reduce
         mean, std = cfg.data.aug.channel_stats(3)
         self.backbone = LumaEncoder(build_method_backbone(cfg, in_chans=1), mean, std)
         self.bins = cfg.method.color_bins
         hidden = cfg.model.proj_hidden_dim
         self.head = nn.Sequential(nn.Conv2d(self.backbone.embed_dim, hidden, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(hidden, self.bins**2, 1))
+        self.rebalance = cfg.method.color_rebalance
+        # the running bin frequencies over all ranks (an EMA over steps, from uniform); rebalancing weighs by them
+        self.register_buffer("bin_prior", torch.full((self.bins**2,), 1.0 / self.bins**2))
+        self._freq: Tensor | None = None
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, 3, S, S) of normalised RGB."""
@@ -101,6 +116,19 @@ class Colorization(SSLMethod):
         lab = enc.lab(batch["views"][0])
         logits = self.head(enc.net.forward_dense(enc.luma(lab)))  # (B, bins^2, h, w)
         target = ab_bins(F.adaptive_avg_pool2d(lab[:, 1:], logits.shape[-2:]), self.bins)
-        loss = F.cross_entropy(logits.float(), target)
+        if self.rebalance is None:
+            loss = F.cross_entropy(logits.float(), target)
+        else:
+            weight = rebalance_weights(self.bin_prior, self.rebalance)[target]
+            loss = (weight * F.cross_entropy(logits.float(), target, reduction="none")).mean()
+        if self.training:
+            self._freq = torch.bincount(target.reshape(-1), minlength=self.bins**2).float() / target.numel()
         return {"loss": loss, "accuracy": (logits.argmax(dim=1) == target).float().mean().detach()}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        if self._freq is not None:
+            freq = self.reduce(self._freq) if self.reduce is not None else self._freq
+            self.bin_prior.mul_(PRIOR_DECAY).add_(freq, alpha=1.0 - PRIOR_DECAY)
+            self._freq = None
 

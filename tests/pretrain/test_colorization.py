@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from data_pipeline.loader import make_train_stream
 from data_pipeline.shards import ensure_builtin_shards, read_classes, read_manifest
 from pretrain.config import load_config
-from pretrain.methods.colorization import ab_bins, rgb_to_lab
+from pretrain.methods.colorization import PRIOR_DECAY, ab_bins, rebalance_weights, rgb_to_lab
 from pretrain.trainer import build_method
 from tests.util import config_error, train_steps
 
@@ -69,6 +69,40 @@ def test_config_errors():
     assert "data.num_views: colorization predicts the colours of one view" in config_error(RECIPE,
                                                                                             ["data.num_views=2"])
     assert "method.color_bins: must be >= 2" in config_error(RECIPE, ["method.color_bins=1"])
+    assert "method.color_rebalance: must be in (0, 1] or null" in config_error(RECIPE, ["method.color_rebalance=0"])
+
+
+def test_rebalance_weights_favour_rare_bins_with_mean_one():
+    prior = torch.tensor([0.7, 0.2, 0.1, 0.0])
+    w = rebalance_weights(prior, 0.5)
+    raw = 1 / (0.5 * prior + 0.5 / 4)
+    torch.testing.assert_close(w, raw / (prior * raw).sum())
+    assert (prior * w).sum().item() == pytest.approx(1.0) and w[0] < w[1] < w[2] < w[3]
+    torch.testing.assert_close(rebalance_weights(prior, 1.0), torch.ones(4))  # lambda 1: plain cross-entropy
+
+
+def test_rebalanced_loss_weighs_cells_by_the_running_bin_frequencies():
+    """The loss is the mean of each cell's cross-entropy times its bin's weight; after a training step the running
+    frequencies move from uniform toward that step's bins; an evaluation forward leaves them alone."""
+    method = _method("method.color_rebalance=0.5")
+    method.bin_prior.copy_(torch.distributions.Dirichlet(torch.ones(100)).sample())
+    prior = method.bin_prior.clone()
+    x = torch.randn(4, 3, 32, 32)
+    method.eval()
+    with torch.no_grad():
+        out = method({"views": [x]})
+        lab = method.backbone.lab(x)
+        logits = method.head(method.backbone.net.forward_dense(method.backbone.luma(lab)))
+    target = ab_bins(F.adaptive_avg_pool2d(lab[:, 1:], logits.shape[-2:]), 10)
+    expected = (rebalance_weights(prior, 0.5)[target] * F.cross_entropy(logits, target, reduction="none")).mean()
+    torch.testing.assert_close(out["loss"], expected)
+    method.on_step_end(1, 10)
+    assert torch.equal(method.bin_prior, prior)  # eval forwards do not count
+    method.train()
+    method({"views": [x]})
+    method.on_step_end(1, 10)
+    freq = torch.bincount(target.flatten(), minlength=100).float() / target.numel()
+    torch.testing.assert_close(method.bin_prior, PRIOR_DECAY * prior + (1 - PRIOR_DECAY) * freq)
 
 
 @pytest.fixture(scope="module")
