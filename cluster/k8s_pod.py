@@ -14,6 +14,8 @@ preemption goes on from the run's latest checkpoint, like a requeued Slurm job. 
 head pod failed, or was replaced: its name now resolves to another IP) stops its Ray node and exits with ``LOST_HEAD``,
 which the Job does not count as a failure; its replacement joins the new head. SIGTERM (pod deletion, preemption, the
 end of the Job) stops the driver, then Ray, and exits with 143.
+
+Everything a pod prints, its children included, also goes to ``<run_dir>/k8s/pod-<index>.log`` on the run's volume.
 """
 
 from __future__ import annotations
@@ -196,6 +198,44 @@ def run_node(pod: Pod) -> int:
     return LOST_HEAD if resolve(pod.head_host) != head_ip or not answers(head_ip, pod.ray_port) else (status or 1)
 
 
+def log_to_run(pod: Pod) -> subprocess.Popen | None:
+    """Send this pod's output, and its children's, also to ``<run_dir>/k8s/pod-<index>.log`` (appended: every start of
+    the pod adds to it), so the run keeps its pods' logs as a Slurm run keeps its job's: ``kubectl logs`` goes with the
+    pod. Returns the ``tee`` doing it (None if it could not start: the pod's own log still has everything)."""
+    path = pod.run_dir / "k8s" / f"pod-{pod.index}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # its own session: a signal to this pod's processes must not cut the log short
+        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, start_new_session=True)
+    except OSError as e:
+        print(f"ssl-pretrain: pod output not copied to {path} ({e})", flush=True)
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        os.dup2(tee.stdin.fileno(), fd)
+    tee.stdin.close()
+    print(f"ssl-pretrain: pod {pod.index} started {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {socket.gethostname()}",
+          flush=True)
+    return tee
+
+
+def close_log(tee: subprocess.Popen | None) -> None:
+    """Let ``tee`` write the last lines before the pod ends (its PID namespace would kill it with PID 1)."""
+    if tee is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)  # the pipe's last write ends close: tee reads to its end and exits
+    os.close(devnull)
+    try:
+        tee.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        tee.kill()
+
+
 def _terminate(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup that follows must not be cut short
     raise Terminated
@@ -211,7 +251,9 @@ def main() -> int:
     # stopped by then and the drain only waits, out of the pod's grace period.
     os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     signal.signal(signal.SIGTERM, _terminate)
+    tee = None
     try:
+        tee = log_to_run(pod)
         return run_head(pod) if pod.index == 0 else run_node(pod)
     except PodError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -219,6 +261,8 @@ def main() -> int:
     except Terminated:
         print(f"ssl-pretrain: pod {pod.index} stopped (SIGTERM)", flush=True)
         return 128 + signal.SIGTERM
+    finally:
+        close_log(tee)
 
 
 if __name__ == "__main__":

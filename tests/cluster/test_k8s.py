@@ -303,3 +303,8 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     with (run / "metrics.csv").open() as f:
         steps = {int(line.split(",")[0]) for line in list(f)[1:]}
     assert steps == set(range(1, 49))
+    # the run keeps every start's log of each pod, as its pods printed it
+    kept = [(run / "k8s" / f"pod-{i}.log").read_text() for i in range(2)]
+    assert kept[0].count("ssl-pretrain: pod 0 started") == 2 and "pod 0 stopped (SIGTERM)" in kept[0]
+    assert kept[0].rstrip().endswith("ssl-pretrain: the driver exited with status 0") and resumed.group(0) in kept[0]
+    assert kept[1].count(f"Ray node {POD_IPS[1]} joining") == 2 and kept[1].count("pod 1 stopped (SIGTERM)") == 2
