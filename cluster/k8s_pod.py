@@ -198,42 +198,53 @@ def run_node(pod: Pod) -> int:
     return LOST_HEAD if resolve(pod.head_host) != head_ip or not answers(head_ip, pod.ray_port) else (status or 1)
 
 
-def log_to_run(pod: Pod) -> subprocess.Popen | None:
+def log_to_run(pod: Pod) -> list[subprocess.Popen]:
     """Send this pod's output, and its children's, also to ``<run_dir>/k8s/pod-<index>.log`` (appended: every start of
     the pod adds to it), so the run keeps its pods' logs as a Slurm run keeps its job's: ``kubectl logs`` goes with the
-    pod. Returns the ``tee`` doing it (None if it could not start: the pod's own log still has everything)."""
+    pod. stdout and stderr each pass through a ``tee`` to where they went before; returns the tees (none if they could
+    not start: the pod's own log still has everything)."""
     path = pod.run_dir / "k8s" / f"pod-{pod.index}.log"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # its own session: a signal to this pod's processes must not cut the log short
-        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, start_new_session=True)
-    except OSError as e:
-        print(f"ssl-pretrain: pod output not copied to {path} ({e})", flush=True)
-        return None
     sys.stdout.flush()
     sys.stderr.flush()
-    for fd in (1, 2):
+    tees = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for fd in (1, 2):
+            out = os.dup(fd)  # where this stream went so far; fd itself is about to become the tee's pipe
+            try:
+                # its own session: a signal to this pod's processes must not cut the log short
+                tees.append(subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=out,
+                                             start_new_session=True))
+            finally:
+                os.close(out)
+    except OSError as e:
+        for tee in tees:
+            tee.kill()
+        print(f"ssl-pretrain: pod output not copied to {path} ({e})", flush=True)
+        return []
+    for fd, tee in zip((1, 2), tees):
         os.dup2(tee.stdin.fileno(), fd)
-    tee.stdin.close()
+        tee.stdin.close()
     print(f"ssl-pretrain: pod {pod.index} started {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {socket.gethostname()}",
           flush=True)
-    return tee
+    return tees
 
 
-def close_log(tee: subprocess.Popen | None) -> None:
-    """Let ``tee`` write the last lines before the pod ends (its PID namespace would kill it with PID 1)."""
-    if tee is None:
+def close_log(tees: list[subprocess.Popen]) -> None:
+    """Let the tees write the last lines before the pod ends (its PID namespace would kill them with PID 1)."""
+    if not tees:
         return
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
-        os.dup2(devnull, fd)  # the pipe's last write ends close: tee reads to its end and exits
+        os.dup2(devnull, fd)  # the pipes' last write ends close: each tee reads to its end and exits
     os.close(devnull)
-    try:
-        tee.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        tee.kill()
+    for tee in tees:
+        try:
+            tee.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            tee.kill()
 
 
 def _terminate(signum, frame) -> None:
@@ -251,9 +262,9 @@ def main() -> int:
     # stopped by then and the drain only waits, out of the pod's grace period.
     os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     signal.signal(signal.SIGTERM, _terminate)
-    tee = None
+    tees = []
     try:
-        tee = log_to_run(pod)
+        tees = log_to_run(pod)
         return run_head(pod) if pod.index == 0 else run_node(pod)
     except PodError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -262,7 +273,7 @@ def main() -> int:
         print(f"ssl-pretrain: pod {pod.index} stopped (SIGTERM)", flush=True)
         return 128 + signal.SIGTERM
     finally:
-        close_log(tee)
+        close_log(tees)
 
 
 if __name__ == "__main__":
