@@ -33,6 +33,7 @@ from cluster.nodes import RayNodes, check_int
 LOST_HEAD = 75  # exit status of a node pod whose Ray head went away (not the node's failure; see podFailurePolicy)
 BAD_INPUT = 2  # exit status of `pretrain` on a config error: starting the pod again cannot help
 CONTAINER = "train"
+DOWNWARD_API = {"POD_IP": "status.podIP", "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
 MAX_NAME = 52  # an Indexed Job's pods are named <job>-<index> as hosts, and a host name has at most 63 characters
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # DNS-1123 label: namespaces
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # PVC, account, class
@@ -149,12 +150,14 @@ def render_manifests(job: K8sJob, run_dir: Path, *, python: str = "python", work
         "PRETRAIN_RUN_DIR": str(run_dir), "PRETRAIN_HEAD_HOST": head, "PRETRAIN_RAY_PORT": job.ray_port,
         "PRETRAIN_DASHBOARD_PORT": job.dashboard_port, "PRETRAIN_NODES": job.nodes,
         "PRETRAIN_CPUS_PER_NODE": job.cpus_per_node, "PRETRAIN_GPUS_PER_NODE": job.gpus_per_node,
-        "PRETRAIN_JOIN_TIMEOUT": job.join_timeout,
+        "PRETRAIN_JOIN_TIMEOUT": job.join_timeout, "PRETRAIN_K8S_JOB": name,
         # every process of the Ray cluster must agree on token auth (Ray may have turned it on through ~/.ray)
         "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
         "PYTHONUNBUFFERED": "1",
     }
-    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    # from the downward API: the pod's IP (its Ray node's address), and its name and namespace (MLflow tags of the run)
+    env = [{"name": var, "valueFrom": {"fieldRef": {"fieldPath": field}}}
+           for var, field in DOWNWARD_API.items()]
     env += [{"name": k, "value": str(v)} for k, v in settings.items()]
     # CPU is requested, not limited (a limit throttles the loader threads); memory is both, so the pod is never killed
     # for memory its node lent it; GPUs are limits by Kubernetes' rule for extended resources.

@@ -227,7 +227,11 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
 
 
 def _job_tags() -> dict[str, str]:
-    """The batch job this start of the run belongs to (Slurm), as MLflow tags: from the UI to the job's log."""
+    """The batch job this start of the run belongs to (Slurm, or Kubernetes through the variables `pretrain submit k8s`
+    sets in its pods, which Ray's processes inherit), as MLflow tags: from the UI to the job's log."""
+    if "PRETRAIN_K8S_JOB" in os.environ:  # the pod of rank 0: its name changes with every start of the pod
+        names = {"PRETRAIN_K8S_JOB": "k8s.job", "POD_NAMESPACE": "k8s.namespace", "POD_NAME": "k8s.pod"}
+        return {tag: os.environ[var] for var, tag in names.items() if var in os.environ}
     if "SLURM_JOB_ID" not in os.environ:
         return {}
     names = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_JOB_NODELIST": "slurm.nodelist",

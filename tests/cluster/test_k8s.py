@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -166,12 +167,11 @@ def _pod_env(container: dict, index: int, ip: str, root: Path) -> dict[str, str]
     (image_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     (image_bin / "python").chmod(0o755)
     env = {**os.environ, "PATH": f"{image_bin}:{os.environ['PATH']}"}
+    job = next(var["value"] for var in container["env"] if var["name"] == "PRETRAIN_K8S_JOB")
+    pod = {"status.podIP": ip, "metadata.name": f"{job}-{index}-{uuid.uuid4().hex[:5]}",
+           "metadata.namespace": "ml"}  # what the downward API gives; the name changes with every start
     for var in container["env"]:
-        if "valueFrom" in var:
-            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-            env[var["name"]] = ip
-        else:
-            env[var["name"]] = var["value"]
+        env[var["name"]] = pod[var["valueFrom"]["fieldRef"]["fieldPath"]] if "valueFrom" in var else var["value"]
     return {**env, "JOB_COMPLETION_INDEX": str(index)}
 
 
@@ -303,6 +303,14 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     with (run / "metrics.csv").open() as f:
         steps = {int(line.split(",")[0]) for line in list(f)[1:]}
     assert steps == set(range(1, 49))
+    # the MLflow run names the Job, its namespace and the pod rank 0 ran in
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{run.parent / 'mlflow.db'}").get_run(
+        (run / "mlflow_run_id").read_text().strip()).data.tags
+    name = job["metadata"]["name"]
+    assert tags["k8s.job"] == name and tags["k8s.namespace"] == "ml", tags
+    assert re.fullmatch(rf"{name}-[01]-[0-9a-f]{{5}}", tags["k8s.pod"]), tags
     # the run keeps every start's log of each pod, as its pods printed it
     kept = [(run / "k8s" / f"pod-{i}.log").read_text() for i in range(2)]
     assert kept[0].count("ssl-pretrain: pod 0 started") == 2 and "pod 0 stopped (SIGTERM)" in kept[0]
