@@ -55,6 +55,20 @@ IBOT = (ROOT / "configs" / "ibot_digits.yaml", ["method.freeze_last_layer_steps=
                                                 "method.mask_prob=0.8", "optim.weight_decay_end=0.4"])
 
 
+def _killed_after(whole: Path, step: int) -> Path:
+    """A copy of run ``whole`` as if killed between step ``step``'s checkpoint and the next step: later checkpoints
+    and metric rows gone (a sibling directory "cut")."""
+    cut = whole.parent / "cut"
+    cut.mkdir()
+    (cut / "config.yaml").write_text((whole / "config.yaml").read_text().replace(f"run_name: {whole.name}",
+                                                                                   "run_name: cut"))
+    name = f"step_{step:07d}"
+    shutil.copytree(whole / "checkpoints" / name, cut / "checkpoints" / name)
+    head = (whole / "metrics.csv").read_text().splitlines()[: step + 1]
+    (cut / "metrics.csv").write_text("\n".join(head) + "\n")
+    return cut
+
+
 @pytest.mark.parametrize("recipe, extra", [(RECIPE, []), DINO, MAE, IBOT], ids=["simclr", "dino", "mae", "ibot"])
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra):
     """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch) while copying its step-10 one,
@@ -68,13 +82,7 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
     expected = _losses(whole)
     assert sorted(expected) == list(range(1, 13))
 
-    # The same run as if killed between step 5's checkpoint and step 6: later checkpoints and rows gone.
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    (cut / "config.yaml").write_text((whole / "config.yaml").read_text().replace("run_name: whole", "run_name: cut"))
-    shutil.copytree(whole / "checkpoints" / "step_0000005", cut / "checkpoints" / "step_0000005")
-    head = (whole / "metrics.csv").read_text().splitlines()[:6]
-    (cut / "metrics.csv").write_text("\n".join(head) + "\n")
+    cut = _killed_after(whole, 5)
     torn = cut / "checkpoints" / "step_0000010.partial"  # killed while copying its step-10 checkpoint
     torn.mkdir()
     (torn / "state").write_bytes(b"half")
@@ -138,8 +146,9 @@ def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path):
 def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path):
     """BEiT's two stages through the real loop on 2 ranks. A vqvae run saves its whole tokenizer (model.pt)
     with a live codebook, its codebook statistics tracked; a BEiT dry run for other images is refused in one line
-    naming the key; BEiT on that tokenizer trains (its loss falls from about ln 64) and, with the tokenizer run
-    deleted, `pretrain eval` still evaluates it (the tokenizer is not part of the BEiT model)."""
+    naming the key; BEiT on that tokenizer trains (its loss falls from about ln 64), killed after a checkpoint and
+    resumed it logs the very losses of the uninterrupted run (the same masks), and, with the tokenizer run deleted,
+    `pretrain eval` still evaluates it (the tokenizer is not part of the BEiT model)."""
     from mlflow import MlflowClient
 
     small = "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, global_pool: mean}"
@@ -160,13 +169,17 @@ def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path):
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("error: data.image_size: 32 differs from the "
                                                                "tokenizer's 16")
-    run = _dry_run(tmp_path, "beit", ["job.max_steps=30", "job.log_every=1", "job.ckpt_every=30",
+    run = _dry_run(tmp_path, "beit", ["job.max_steps=24", "job.log_every=1", "job.ckpt_every=12",
                                       "optim.warmup_steps=2", "data.batch_size=64", "method.vocab_size=64", small,
                                       f"method.tokenizer={tok}"], beit)
     _torchrun(run)
-    losses = [float(v) for v in _losses(run).values()]
-    assert len(losses) == 30 and abs(losses[0] - np.log(64)) < 0.5, losses
+    expected = _losses(run)
+    losses = [float(v) for v in expected.values()]
+    assert len(losses) == 24 and abs(losses[0] - np.log(64)) < 0.5, losses
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
+    cut = _killed_after(run, 12)
+    again = _torchrun(cut)  # the tokenizer, loaded on the first step after the resume, draws no randomness
+    assert "at step 12" in again.stdout and _losses(cut) == expected
     shutil.rmtree(tok)
     proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(run)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
