@@ -25,15 +25,7 @@ from kernels.masked_gather import packed_gather
 from pretrain.config import Config
 from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view, require_vit
 from pretrain.methods.mae import IMPLS
-from pretrain.methods.vqvae import VQVAE, load_tokenizer, tokenizer_file
-
-
-def _tokenizer_config(cfg: Config) -> Config:
-    from pretrain.config import config_from_dict
-
-    path = tokenizer_file(cfg.method.tokenizer)
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return config_from_dict(saved["config"])
+from pretrain.methods.vqvae import VQVAE, load_tokenizer, read_tokenizer
 
 
 class BEiT(SSLMethod):
@@ -58,10 +50,7 @@ class BEiT(SSLMethod):
     @classmethod
     def check_inputs(cls, cfg: Config) -> None:
         """The tokenizer run exists, is a vqvae, and tokenizes this run's images on this run's patch grid."""
-        tok = _tokenizer_config(cfg)
-        if tok.method.name != "vqvae":
-            raise ValueError(f"method.tokenizer: {cfg.method.tokenizer} is a {tok.method.name} run, not a vqvae "
-                             "tokenizer")
+        tok, _ = read_tokenizer(cfg.method.tokenizer, mmap=True)
         mine, theirs = cfg.data, tok.data
         pairs = (("data.image_size", mine.image_size, theirs.image_size),
                  ("data.channels", mine.channels, theirs.channels),
@@ -86,7 +75,6 @@ class BEiT(SSLMethod):
         nn.init.zeros_(self.head.bias)
         self.tokenizer_path = m.tokenizer
         self.mask_ratio_range, self.mask_prob = m.mask_ratio_range, m.mask_prob
-        self.gather_impl = m.loss_impl
         self._tokenizer: tuple[VQVAE] | None = None  # a tuple: not a submodule (no parameters, state or partitions)
 
     def tokenizer(self, device: torch.device) -> VQVAE:
@@ -107,7 +95,7 @@ class BEiT(SSLMethod):
         mask = block_masks(imgs.shape[0], self.backbone.grid_size, self.mask_ratio_range,
                            self.mask_prob).to(imgs.device)
         tokens = self.backbone.forward_features(imgs, mask)[:, 1:]
-        logits = self.head(packed_gather(tokens, mask, impl=self.gather_impl)).float()
+        logits = self.head(packed_gather(tokens, mask, impl=self.backbone.mask_impl)).float()
         labels = targets[mask]
         if labels.numel() == 0:  # a draw that hid nothing (rare on tiny grids): no prediction, a zero that still
             loss = logits.sum() * 0.0  # reaches every parameter

@@ -109,15 +109,22 @@ def tokenizer_file(path: str | Path) -> Path:
     return file
 
 
+def read_tokenizer(path: str | Path, *, mmap: bool = False) -> tuple[Config, dict]:
+    """A finished vqvae run's config and saved ``model.pt`` (``mmap``: tensors left on disk, for the config alone);
+    ValueError("method.tokenizer: ...") if it is missing or another method's run."""
+    saved = torch.load(tokenizer_file(path), map_location="cpu", weights_only=True, mmap=mmap)
+    cfg = config_from_dict(saved["config"])
+    if cfg.method.name != "vqvae":
+        raise ValueError(f"method.tokenizer: {path} is a {cfg.method.name} run, not a vqvae tokenizer")
+    return cfg, saved
+
+
 def load_tokenizer(path: str | Path) -> tuple[Config, VQVAE]:
     """The tokenizer of a finished vqvae run: its config and the model, in eval mode with frozen weights, on the CPU.
 
     Built under a forked RNG: loading it draws nothing from the caller's generators (BEiT loads it on its first step,
     and a resumed run must draw the masks the interrupted one would have)."""
-    saved = torch.load(tokenizer_file(path), map_location="cpu", weights_only=True)
-    cfg = config_from_dict(saved["config"])
-    if cfg.method.name != "vqvae":
-        raise ValueError(f"method.tokenizer: {path} is a {cfg.method.name} run, not a vqvae tokenizer")
+    cfg, saved = read_tokenizer(path)
     with torch.random.fork_rng(devices=[]):
         model = VQVAE(cfg)
     model.load_state_dict(saved["state_dict"])
