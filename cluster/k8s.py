@@ -177,6 +177,9 @@ def render_manifests(job: K8sJob, run_dir: Path, *, python: str = "python", work
     pod = {
         "subdomain": name,  # with the Service of that name: pod <job>-<i> is <job>-<i>.<job> in DNS
         "restartPolicy": "Never",
+        # the pod's pause container is PID 1 and reaps the processes Ray orphans; with the supervisor as PID 1 (it
+        # waits for its own children only) they would stay zombies for the life of a weeks-long run
+        "shareProcessNamespace": True,
         "terminationGracePeriodSeconds": 60,  # the driver and Ray stop on SIGTERM; give them time to
         **({"serviceAccountName": job.service_account} if job.service_account else {}),
         **({"priorityClassName": job.priority_class} if job.priority_class else {}),

@@ -231,7 +231,7 @@ def log_to_run(pod: Pod) -> list[subprocess.Popen]:
 
 
 def close_log(tees: list[subprocess.Popen]) -> None:
-    """Let the tees write the last lines before the pod ends (its PID namespace would kill them with PID 1)."""
+    """Let the tees write the last lines before the pod ends (the container's other processes die with its main one)."""
     if not tees:
         return
     sys.stdout.flush()

@@ -143,6 +143,7 @@ def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
     assert pod["priorityClassName"] == "high"
+    assert pod["shareProcessNamespace"] is True  # PID 1 is the pause container, which reaps what Ray orphans
     (container,) = pod["containers"]
     assert container["image"] == REQUIRED[1] and container["command"] == ["python", "-m", "cluster.k8s_pod"]
     assert container["resources"] == {"requests": {"cpu": "64", "memory": "512Gi"},
