@@ -2,12 +2,13 @@
 
 DINO (``pretrain.methods.dino``) plus masked image modelling in its own feature space. The student's global views are
 block-masked (``data_pipeline.masking``; a masked patch's embedding becomes the mask token through
-``kernels.mask_token_replace``); the teacher sees them whole. The head, shared by the cls token and the patch tokens,
-maps every token to prototype logits. Two losses, summed: DINO's cross-view loss on the cls tokens (global and local
-views, ``kernels.dino_loss``) and the patch loss, the cross-entropy between the teacher's centred and sharpened patch
-distributions and the student's at the masked patches of the same view (``kernels.ibot_patch_loss``, the DINO kernel
-on diagonal pairs). Each has its own center, an EMA of the teacher's mean over every rank, and its own teacher
-temperature. ``backbone`` is the teacher's.
+``kernels.mask_token_replace``); the teacher sees them whole. The head, shared by the image-level token and the patch
+tokens, maps every token to prototype logits. Two losses, summed: DINO's cross-view loss on the image-level token
+(global and local views, ``kernels.dino_loss``) and the patch loss, the cross-entropy between the teacher's centred and
+sharpened patch distributions and the student's at the masked patches of the same view (``kernels.ibot_patch_loss``,
+the DINO kernel on diagonal pairs). Each has its own center, an EMA of the teacher's mean over every rank, and its own
+teacher temperature. The image-level token is the backbone's ``pool``: the cls token, or the patch mean with
+``global_pool: mean``, so the loss trains what evaluation and downstream use get. ``backbone`` is the teacher's.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ class IBOT(DINO):
                                                m.warmup_teacher_temp_steps)
 
     def _tokens(self, net: nn.ModuleDict, x: Tensor, mask: Tensor | None, freeze: bool = False) -> Tensor:
-        """Backbone tokens (N, 1+L, D) through the head, token by token -> (N, 1+L, K)."""
-        tokens = net["backbone"].forward_features(x, mask)
+        """Backbone tokens through the head, token by token -> (N, 1+L, K): index 0 is the backbone's pooled token
+        (the cls token, or the patch mean with ``global_pool: mean``; what the local crops and evaluation see), then
+        the patch tokens."""
+        backbone = net["backbone"]
+        tokens = backbone.forward_features(x, mask)
+        tokens = torch.cat([backbone.pool(tokens)[:, None], tokens[:, 1:]], dim=1)
         n, length, d = tokens.shape
         return net["head"](tokens.reshape(n * length, d), freeze_last_layer=freeze).view(n, length, -1)
 

@@ -215,11 +215,15 @@ class VisionTransformer(nn.Module):
         """x: (B, C, H, W), mask: (B, L) bool or None -> (B, 1+L, D); index 0 is the cls token."""
         return self.forward_tokens(self.prepare_tokens(x, mask))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, D): the final-normed cls token, or with ``global_pool="mean"`` the mean of the
-        final-normed patch tokens (MAE's encoder is trained with no objective on its cls token)."""
-        tokens = self.forward_features(x)
+    def pool(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, 1+L, D) from ``forward_features`` -> (B, D): the cls token, or with ``global_pool="mean"`` the
+        mean of the patch tokens (MAE's encoder is trained with no objective on its cls token). A method that trains
+        an image-level objective on tokens (iBOT) pools through here, so it trains what ``forward`` releases."""
         return tokens[:, 1:].mean(dim=1) if self.global_pool == "mean" else tokens[:, 0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, D): the final-normed tokens pooled by ``pool``."""
+        return self.pool(self.forward_features(x))
 
     def forward_dense(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, D, H/p, W/p): the final-normed patch tokens as a map (dense pretext tasks)."""

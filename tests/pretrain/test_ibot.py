@@ -110,6 +110,23 @@ def test_patch_center_is_ema_of_teacher_patch_mean():
     assert not torch.allclose(method.patch_center, method.center)  # a center of its own
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_image_level_loss_trains_the_released_representation(pool):
+    """The cls loss's token is the backbone's pooled one, the representation evaluation and downstream use get (and the
+    local crops' path): with ``global_pool: mean`` the patch mean, not the untrained cls token."""
+    method = _method(f"model.backbone_kwargs={{embed_dim: 32, depth: 2, num_heads: 2, global_pool: {pool}}}")
+    method.eval()  # the head's BatchNorm on running stats: a token's logits do not depend on the batch around it
+    x = _views()[0]
+    with torch.no_grad():
+        for net in (method.teacher, method.student):
+            feats = net["backbone"].forward_features(x)
+            pooled = feats[:, 1:].mean(1) if pool == "mean" else feats[:, 0]
+            torch.testing.assert_close(net["backbone"](x), pooled)
+            released = net["head"](net["backbone"](x))
+            torch.testing.assert_close(method._tokens(net, x, None)[:, 0], released, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(method._tokens(net, x, None)[:, 1:], _tokens(net, x)[:, 1:])
+
+
 def test_backbone_is_teacher_with_mask_token():
     method = _method()
     assert method.backbone is method.teacher["backbone"]
