@@ -75,8 +75,8 @@ class DINO(SSLMethod):
                                                  m.warmup_teacher_temp_steps)
         self._freeze = step < m.freeze_last_layer_steps
 
-    def _student(self, views: list[Tensor]) -> Tensor:
-        """Every view through the student, one backbone pass per resolution (multi-crop) -> (V * B, K)."""
+    def _student_features(self, views: list[Tensor]) -> list[Tensor]:
+        """Every view through the student's backbone, one pass per resolution (multi-crop) -> [(V_r * B, D), ...]."""
         feats, i = [], 0
         while i < len(views):
             j = i
@@ -84,7 +84,11 @@ class DINO(SSLMethod):
                 j += 1
             feats.append(self.student["backbone"](torch.cat(views[i:j])))
             i = j
-        return self.student["head"](torch.cat(feats), freeze_last_layer=self._freeze)
+        return feats
+
+    def _student(self, views: list[Tensor]) -> Tensor:
+        """Every view through the student -> (V * B, K)."""
+        return self.student["head"](torch.cat(self._student_features(views)), freeze_last_layer=self._freeze)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""

@@ -48,18 +48,25 @@ class IBOT(DINO):
         self._patch_temp = teacher_temperature(step, m.warmup_teacher_temp, m.teacher_patch_temp,
                                                m.warmup_teacher_temp_steps)
 
-    def _tokens(self, net: nn.ModuleDict, x: Tensor, mask: Tensor | None, freeze: bool = False) -> Tensor:
-        """Backbone tokens through the head, token by token -> (N, 1+L, K): index 0 is the backbone's pooled token
-        (the cls token, or the patch mean with ``global_pool: mean``; what the local crops and evaluation see), then
-        the patch tokens."""
-        backbone = net["backbone"]
+    @staticmethod
+    def _encode(backbone: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x (N, C, H, W) -> the image-level token (N, D), the backbone's ``pool`` (what the local crops, evaluation and
+        downstream use get: the cls token, or the patch mean with ``global_pool: mean``), and the patch tokens
+        (N, L, D)."""
         tokens = backbone.forward_features(x, mask)
-        tokens = torch.cat([backbone.pool(tokens)[:, None], tokens[:, 1:]], dim=1)
-        n, length, d = tokens.shape
-        return net["head"](tokens.reshape(n * length, d), freeze_last_layer=freeze).view(n, length, -1)
+        return backbone.pool(tokens), tokens[:, 1:]
+
+    @staticmethod
+    def _head(net: nn.ModuleDict, x: Tensor, freeze: bool = False) -> Tensor:
+        """(..., D) -> (..., K) prototype logits, token by token."""
+        return net["head"](x.reshape(-1, x.shape[-1]), freeze_last_layer=freeze).view(*x.shape[:-1], -1)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""
+        """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w).
+
+        The head runs over the image-level tokens (all views, as in DINO) and over the patch tokens in separate calls:
+        a head with BatchNorm then normalises each population by its own statistics (together, the patch tokens'
+        would squash the image-level tokens' spread, and DINO's targets with it)."""
         views = batch["views"]
         g, n = self.n_global, views[0].shape[0]
         glob = torch.cat(views[:g])
@@ -67,15 +74,17 @@ class IBOT(DINO):
         grid = (glob.shape[-2] // backbone.patch_size, glob.shape[-1] // backbone.patch_size)
         mask = block_masks(g * n, grid, self.cfg.mask_ratio_range, self.cfg.mask_prob).to(glob.device)
         with torch.no_grad():
-            teacher = self._tokens(self.teacher, glob, None)
-        student = self._tokens(self.student, glob, mask, self._freeze)
-        cls = [student[:, 0]]
-        if len(views) > g:  # local crops: cls tokens only, one backbone pass per resolution
-            cls.append(self._student(views[g:]))
-        cls_loss, cls_mean = dino_loss(torch.cat(cls).view(len(views), n, -1), teacher[:, 0].view(g, n, -1),
-                                       self.center, self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
-        patch_loss, patch_mean = ibot_patch_loss(student[:, 1:], teacher[:, 1:], mask, self.patch_center,
-                                                 self.cfg.student_temp, self._patch_temp, impl=self.loss_impl)
+            t_image, t_patch = self._encode(self.teacher["backbone"], glob, None)
+            t_image, t_patch = self._head(self.teacher, t_image), self._head(self.teacher, t_patch)
+        s_image, s_patch = self._encode(backbone, glob, mask)
+        if len(views) > g:  # local crops: image-level tokens only, one backbone pass per resolution
+            s_image = torch.cat([s_image, *self._student_features(views[g:])])
+        s_image, s_patch = self._head(self.student, s_image, self._freeze), self._head(self.student, s_patch,
+                                                                                      self._freeze)
+        cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), self.center,
+                                       self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
+        patch_loss, patch_mean = ibot_patch_loss(s_patch, t_patch, mask, self.patch_center, self.cfg.student_temp,
+                                                 self._patch_temp, impl=self.loss_impl)
         self._teacher_mean, self._patch_mean = cls_mean, patch_mean
         loss = cls_loss + self.patch_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}

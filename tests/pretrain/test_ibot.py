@@ -30,17 +30,33 @@ def _views(b: int = 4, seed: int = 0) -> list[torch.Tensor]:
         torch.randn(b, 1, 8, 8, generator=g) for _ in range(2)]
 
 
-def _tokens(net, x, mask=None):
+def _features(net, x, mask=None):
+    """The image-level token (N, D): the cls token, or with ``global_pool: mean`` the patch mean; the patch tokens
+    (N, L, D)."""
     t = net["backbone"].forward_features(x, mask)
-    return net["head"](t.reshape(-1, t.shape[-1])).view(t.shape[0], t.shape[1], -1)
+    return t[:, 1:].mean(1) if net["backbone"].global_pool == "mean" else t[:, 0], t[:, 1:]
 
 
-def test_loss_is_cls_plus_patch_loss_of_its_outputs():
-    """loss = DINO's loss on the cls tokens (all views vs the teacher's global ones) + the patch loss at the masked
-    patches (each masked global view vs the teacher's view of it whole), each at its own teacher temperature and center;
-    the Triton kernels (interpreted) give the same loss and gradients as the references."""
+def _patch_logits(net, patches):
+    return net["head"](patches.reshape(-1, patches.shape[-1])).view(*patches.shape[:2], -1)
+
+
+def _tokens(net, x, mask=None):
+    """The head's logits (N, 1+L, K) for the cls token and the patch tokens, the head run over each population apart
+    (its BatchNorm normalises each by its own statistics)."""
+    cls, patches = _features(net, x, mask)
+    return torch.cat([net["head"](cls)[:, None], _patch_logits(net, patches)], dim=1)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool):
+    """loss = DINO's loss on the image-level tokens (all views vs the teacher's global ones; the cls token or the patch
+    mean, as the backbone pools) + the patch loss at the masked patches (each masked global view vs the teacher's view
+    of it whole), each at its own teacher temperature and center; the Triton kernels (interpreted) give the same loss
+    and gradients as the references."""
     method = _method("method.loss_impl=ref", "method.teacher_patch_temp=0.05", "method.patch_loss_weight=0.5",
-                     "method.freeze_last_layer_steps=0")
+                     "method.freeze_last_layer_steps=0",
+                     f"model.backbone_kwargs={{embed_dim: 32, depth: 2, num_heads: 2, global_pool: {pool}}}")
     method.center.normal_()
     method.patch_center.normal_()
     views = _views()
@@ -53,11 +69,13 @@ def test_loss_is_cls_plus_patch_loss_of_its_outputs():
     with torch.no_grad():
         glob = torch.cat(views[:2])
         t = _tokens(method.teacher, glob)
-        s = _tokens(method.student, glob, mask)
-        local = method.student["head"](method.student["backbone"](torch.cat(views[2:])))
-        cls = torch.cat([s[:, 0], local]).view(4, 4, -1)
+        s_cls, s_patches = _features(method.student, glob, mask)
+        local = method.student["backbone"](torch.cat(views[2:]))
+        # the student's head over all the cls tokens at once (global and local views, as DINO's), the patches apart
+        cls = method.student["head"](torch.cat([s_cls, local])).view(4, 4, -1)
         cls_ref, _ = dino_loss_ref(cls, t[:, 0].view(2, 4, -1), method.center, 0.1, 0.02, upcast=True)
-        patch_ref, _ = ibot_patch_loss_ref(s[:, 1:], t[:, 1:], mask, method.patch_center, 0.1, 0.05, upcast=True)
+        s_patch = _patch_logits(method.student, s_patches)
+        patch_ref, _ = ibot_patch_loss_ref(s_patch, t[:, 1:], mask, method.patch_center, 0.1, 0.05, upcast=True)
     torch.testing.assert_close(out["cls_loss"], cls_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["patch_loss"], patch_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"], cls_ref + 0.5 * patch_ref, rtol=1e-5, atol=1e-6)
@@ -115,16 +133,15 @@ def test_image_level_loss_trains_the_released_representation(pool):
     """The cls loss's token is the backbone's pooled one, the representation evaluation and downstream use get (and the
     local crops' path): with ``global_pool: mean`` the patch mean, not the untrained cls token."""
     method = _method(f"model.backbone_kwargs={{embed_dim: 32, depth: 2, num_heads: 2, global_pool: {pool}}}")
-    method.eval()  # the head's BatchNorm on running stats: a token's logits do not depend on the batch around it
     x = _views()[0]
     with torch.no_grad():
         for net in (method.teacher, method.student):
             feats = net["backbone"].forward_features(x)
             pooled = feats[:, 1:].mean(1) if pool == "mean" else feats[:, 0]
+            image, patches = method._encode(net["backbone"], x, None)
             torch.testing.assert_close(net["backbone"](x), pooled)
-            released = net["head"](net["backbone"](x))
-            torch.testing.assert_close(method._tokens(net, x, None)[:, 0], released, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(method._tokens(net, x, None)[:, 1:], _tokens(net, x)[:, 1:])
+            torch.testing.assert_close(image, pooled)
+            torch.testing.assert_close(patches, feats[:, 1:])
 
 
 def test_backbone_is_teacher_with_mask_token():
