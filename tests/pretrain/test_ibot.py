@@ -54,8 +54,9 @@ def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool):
     mean, as the backbone pools) + the patch loss at the masked patches (each masked global view vs the teacher's view
     of it whole), each at its own teacher temperature and center; the Triton kernels (interpreted) give the same loss
     and gradients as the references."""
-    method = _method("method.loss_impl=ref", "method.teacher_patch_temp=0.05", "method.patch_loss_weight=0.5",
-                     "method.freeze_last_layer_steps=0",
+    method = _method("method.loss_impl=ref", "method.teacher_temp=0.02", "method.teacher_patch_temp=0.05",
+                     "method.warmup_teacher_temp=0.04", "method.warmup_teacher_temp_steps=50",
+                     "method.patch_loss_weight=0.5", "method.freeze_last_layer_steps=0",
                      f"model.backbone_kwargs={{embed_dim: 32, depth: 2, num_heads: 2, global_pool: {pool}}}")
     method.center.normal_()
     method.patch_center.normal_()
