@@ -79,8 +79,8 @@ class IBOT(DINO):
         s_image, s_patch = self._encode(backbone, glob, mask)
         if len(views) > g:  # local crops: image-level tokens only, one backbone pass per resolution
             s_image = torch.cat([s_image, *self._student_features(views[g:])])
-        s_image, s_patch = self._head(self.student, s_image, self._freeze), self._head(self.student, s_patch,
-                                                                                      self._freeze)
+        s_image = self._head(self.student, s_image, self._freeze)
+        s_patch = self._head(self.student, s_patch, self._freeze)
         cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), self.center,
                                        self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
         patch_loss, patch_mean = ibot_patch_loss(s_patch, t_patch, mask, self.patch_center, self.cfg.student_temp,
