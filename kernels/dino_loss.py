@@ -412,3 +412,55 @@ def ibot_patch_loss(student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, 
                                         teacher_patch.reshape(1, b * length, k), center.reshape(-1), w,
                                         float(student_temp), float(teacher_temp), True)
     return loss, tsum / (b * length)
+
+
+def _masked_row_weights(mask: Tensor, rows: int) -> Tensor:
+    """(rows,) fp32: each masked patch's weight in iBOT's mean, 1 / (its image's masked count * B), in the row-major
+    order of ``mask`` (B, L). ``rows`` = mask.sum(), known to the caller: no host sync here."""
+    counts = mask.sum(dim=1)
+    per_image = 1.0 / (counts.clamp(min=1).float() * mask.shape[0])
+    return per_image.repeat_interleave(counts, output_size=rows)
+
+
+def ibot_masked_patch_loss_ref(student_masked: Tensor, teacher_masked: Tensor, mask: Tensor, center: Tensor,
+                               student_temp: float, teacher_temp: float, *, upcast: bool = False) -> Tensor:
+    """Reference of `ibot_masked_patch_loss` (full softmax over the (M, K) rows)."""
+    t = teacher_masked.detach()
+    s = student_masked.float() if upcast else student_masked
+    t = t.float() if upcast else t
+    q = F.softmax((t - center.to(t.dtype)) / teacher_temp, dim=-1)
+    ce = torch.sum(-q * F.log_softmax(s / student_temp, dim=-1), dim=-1)  # (M,)
+    return torch.sum(ce * _masked_row_weights(mask, ce.shape[0]).to(ce.dtype))
+
+
+@fp32_loss
+def ibot_masked_patch_loss(student_masked: Tensor, teacher_masked: Tensor, mask: Tensor, center: Tensor,
+                           student_temp: float, teacher_temp: float, *, impl: str = "auto") -> Tensor:
+    """`ibot_patch_loss` on the masked patches only, packed: the student's head then runs where the loss reads.
+
+    student_masked, teacher_masked: (M, K) logits of the masked patches in the row-major order of mask (B, L) bool
+    (``kernels.packed_gather``), M = mask.sum(). Loss (fp32 scalar): the same mean over images of the masked-patch mean
+    cross-entropy as `ibot_patch_loss`. The teacher's mean for iBOT's patch center is over every patch, which these
+    rows are not: the caller takes it from its full teacher logits. Gradient to student_masked only.
+    """
+    check_float("student_masked", student_masked, 2)
+    check_float("teacher_masked", teacher_masked, 2)
+    if teacher_masked.shape != student_masked.shape:
+        raise ValueError(f"teacher_masked {tuple(teacher_masked.shape)} must match student_masked "
+                         f"{tuple(student_masked.shape)}")
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise ValueError(f"mask must be a bool (B, L) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    rows, k = student_masked.shape
+    if mask.device.type == "cpu" and int(mask.sum()) != rows:  # (on a GPU the count would cost a host sync)
+        raise ValueError(f"student_masked has {rows} rows but mask marks {int(mask.sum())} patches")
+    _check_common(center, k, student_temp, teacher_temp)
+    path = resolve_impl(impl, student_masked, op="ibot_masked_patch_loss")
+    if rows == 0:  # nothing masked: no loss, and a zero gradient
+        return student_masked.float().sum()
+    if path == "ref":
+        return ibot_masked_patch_loss_ref(student_masked, teacher_masked, mask, center, student_temp, teacher_temp,
+                                          upcast=True)
+    w = _masked_row_weights(mask, rows)
+    loss, _ = DinoLossFunction.apply(student_masked.reshape(1, rows, k), teacher_masked.reshape(1, rows, k),
+                                     center.reshape(-1), w, float(student_temp), float(teacher_temp), True)
+    return loss

@@ -5,10 +5,11 @@ block-masked (``data_pipeline.masking``; a masked patch's embedding becomes the 
 ``kernels.mask_token_replace``); the teacher sees them whole. The head, shared by the image-level token and the patch
 tokens, maps every token to prototype logits. Two losses, summed: DINO's cross-view loss on the image-level token
 (global and local views, ``kernels.dino_loss``) and the patch loss, the cross-entropy between the teacher's centred and
-sharpened patch distributions and the student's at the masked patches of the same view (``kernels.ibot_patch_loss``,
-the DINO kernel on diagonal pairs). Each has its own center, an EMA of the teacher's mean over every rank, and its own
-teacher temperature. The image-level token is the backbone's ``pool``: the cls token, or the patch mean with
-``global_pool: mean``, so the loss trains what evaluation and downstream use get. ``backbone`` is the teacher's.
+sharpened patch distributions and the student's at the masked patches of the same view
+(``kernels.ibot_masked_patch_loss``, the DINO kernel on diagonal pairs, over the masked patches packed). Each has its
+own center, an EMA of the teacher's mean over every rank, and its own teacher temperature. The image-level token is
+the backbone's ``pool``: the cls token, or the patch mean with ``global_pool: mean``, so the loss trains what
+evaluation and downstream use get. ``backbone`` is the teacher's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from data_pipeline.masking import block_masks
-from kernels.dino_loss import dino_loss, ibot_patch_loss
+from kernels.dino_loss import dino_loss, ibot_masked_patch_loss
+from kernels.masked_gather import packed_gather
 from pretrain.config import Config
 from pretrain.methods.base import Gather, Reduce, require_vit
 from pretrain.methods.dino import DINO, teacher_temperature
@@ -66,25 +68,34 @@ class IBOT(DINO):
 
         The head runs over the image-level tokens (all views, as in DINO) and over the patch tokens in separate calls:
         a head with BatchNorm then normalises each population by its own statistics (together, the patch tokens'
-        would squash the image-level tokens' spread, and DINO's targets with it)."""
+        would squash the image-level tokens' spread, and DINO's targets with it). The student's head runs over the
+        masked patches only (``kernels.packed_gather``), the only ones the patch loss reads: with iBOT's masking
+        (half the views, 10-50% of their patches) about a sixth of its patch tokens, the teacher's over them all."""
         views = batch["views"]
         g, n = self.n_global, views[0].shape[0]
         glob = torch.cat(views[:g])
         backbone = self.student["backbone"]
         grid = (glob.shape[-2] // backbone.patch_size, glob.shape[-1] // backbone.patch_size)
-        mask = block_masks(g * n, grid, self.cfg.mask_ratio_range, self.cfg.mask_prob).to(glob.device)
-        with torch.no_grad():
+        mask = block_masks(g * n, grid, self.cfg.mask_ratio_range, self.cfg.mask_prob)
+        masked = int(mask.sum())  # the mask is drawn on the host: no device sync
+        mask = mask.to(glob.device)
+        with torch.no_grad():  # the teacher's head over every patch: the patch center is their mean
             t_image, t_patch = self._encode(self.teacher["backbone"], glob, None)
             t_image, t_patch = self._head(self.teacher, t_image), self._head(self.teacher, t_patch)
+            patch_mean = t_patch.float().mean(dim=(0, 1))
+            t_masked = packed_gather(t_patch, mask, impl=backbone.mask_impl)
         s_image, s_patch = self._encode(backbone, glob, mask)
         if len(views) > g:  # local crops: image-level tokens only, one backbone pass per resolution
             s_image = torch.cat([s_image, *self._student_features(views[g:])])
         s_image = self._head(self.student, s_image, self._freeze)
-        s_patch = self._head(self.student, s_patch, self._freeze)
         cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), self.center,
                                        self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
-        patch_loss, patch_mean = ibot_patch_loss(s_patch, t_patch, mask, self.patch_center, self.cfg.student_temp,
-                                                 self._patch_temp, impl=self.loss_impl)
+        if masked >= 2:  # the student's head only where the loss reads: the masked patches
+            s_masked = self._head(self.student, packed_gather(s_patch, mask, impl=backbone.mask_impl), self._freeze)
+            patch_loss = ibot_masked_patch_loss(s_masked, t_masked, mask, self.patch_center, self.cfg.student_temp,
+                                                self._patch_temp, impl=self.loss_impl)
+        else:  # a draw that hid under 2 patches (tiny batches only; a BatchNorm head cannot normalise one row)
+            patch_loss = torch.zeros((), device=glob.device)
         self._teacher_mean, self._patch_mean = cls_mean, patch_mean
         loss = cls_loss + self.patch_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}

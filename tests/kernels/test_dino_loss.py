@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from kernels.dino_loss import dino_loss, dino_loss_ref, ibot_patch_loss, ibot_patch_loss_ref
+from kernels.dino_loss import (
+    dino_loss,
+    dino_loss_ref,
+    ibot_masked_patch_loss,
+    ibot_masked_patch_loss_ref,
+    ibot_patch_loss,
+    ibot_patch_loss_ref,
+)
 from kernels.testing import assert_lowp_close, max_err
 
 # (S, T, B, K); K never a power of two. The forward splits K across programs: 1, 2 and 5 chunks (ragged last) here.
@@ -81,6 +88,42 @@ def test_ibot_patch_loss_matches_reference(dtype, device):
     gs, gs_r = torch.autograd.grad(loss, student)[0], torch.autograd.grad(loss_r, student)[0]
     assert max_err(gs, gs_r) <= 2e-3 * gs_r.abs().max().item()
     assert torch.all(gs[~mask] == 0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_patch_loss_is_the_patch_loss_on_packed_rows(dtype, impl, device):
+    """The packed form (the masked rows only, in row-major order) gives iBOT's full-tensor loss, and the full loss's
+    gradient at the masked rows; images without a masked patch count in the mean as zeros, as there."""
+    gen = torch.Generator().manual_seed(6)
+    b, length, k = 4, 9, 70
+    student = (3 * torch.randn(b, length, k, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
+    teacher = (3 * torch.randn(b, length, k, generator=gen)).to(device=device, dtype=dtype)
+    center = (0.1 * torch.randn(k, generator=gen)).to(device)
+    mask = torch.rand(b, length, generator=gen) < 0.4
+    mask[1] = False
+    mask[2, :3] = True
+    mask = mask.to(device)
+    loss_r, _ = ibot_patch_loss_ref(student, teacher, mask, center, 0.1, 0.04, upcast=True)
+    packed = student[mask]
+    loss = ibot_masked_patch_loss(packed, teacher[mask], mask, center, 0.1, 0.04, impl=impl)
+    assert loss.dtype == torch.float32
+    assert max_err(loss, loss_r) <= 1e-5 * loss_r.abs().item()
+    g, g_r = torch.autograd.grad(loss, student)[0], torch.autograd.grad(loss_r, student)[0]
+    assert max_err(g, g_r) <= 2e-3 * g_r.abs().max().item()
+    ref = ibot_masked_patch_loss_ref(packed.float(), teacher[mask].float(), mask, center, 0.1, 0.04)
+    assert max_err(loss, ref) <= 1e-5 * ref.abs().item()
+
+
+def test_masked_patch_loss_without_masked_patches_and_bad_rows():
+    """Nothing masked: a zero loss with a (zero) gradient; rows that are not the mask's count: a ValueError."""
+    student = torch.randn(0, 8, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    loss = ibot_masked_patch_loss(student, torch.randn(0, 8), mask, torch.zeros(8), 0.1, 0.04, impl="triton")
+    assert loss.item() == 0.0 and loss.requires_grad
+    mask[0, 1] = True
+    with pytest.raises(ValueError, match="1 patches"):
+        ibot_masked_patch_loss(torch.randn(3, 8), torch.randn(3, 8), mask, torch.zeros(8), 0.1, 0.04)
 
 
 @pytest.mark.parametrize(

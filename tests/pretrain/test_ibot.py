@@ -75,7 +75,10 @@ def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool):
         # the student's head over all the cls tokens at once (global and local views, as DINO's), the patches apart
         cls = method.student["head"](torch.cat([s_cls, local])).view(4, 4, -1)
         cls_ref, _ = dino_loss_ref(cls, t[:, 0].view(2, 4, -1), method.center, 0.1, 0.02, upcast=True)
-        s_patch = _patch_logits(method.student, s_patches)
+        # the student's head over its masked patches only (its BatchNorm's batch), placed back in the full grid for
+        # the full-tensor reference (unmasked positions do not count there)
+        s_patch = torch.zeros_like(t[:, 1:])
+        s_patch[mask] = method.student["head"](s_patches[mask])
         patch_ref, _ = ibot_patch_loss_ref(s_patch, t[:, 1:], mask, method.patch_center, 0.1, 0.05, upcast=True)
     torch.testing.assert_close(out["cls_loss"], cls_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["patch_loss"], patch_ref, rtol=1e-5, atol=1e-6)
