@@ -9,7 +9,14 @@ import math
 import pytest
 import torch
 
-from kernels.dino_loss import dino_loss, dino_loss_ref, ibot_patch_loss, ibot_patch_loss_ref
+from kernels.dino_loss import (
+    dino_loss,
+    dino_loss_ref,
+    ibot_masked_patch_loss,
+    ibot_masked_patch_loss_ref,
+    ibot_patch_loss,
+    ibot_patch_loss_ref,
+)
 from kernels.masked_gather import mask_token_replace, mask_token_replace_ref, masked_gather, masked_gather_ref
 from kernels.ntxent import clip_loss, clip_loss_ref, ntxent_loss, ntxent_loss_ref
 from kernels.testing import assert_lowp_close
@@ -85,6 +92,20 @@ def test_ibot_bf16_within_twice_torch_bf16_error():
     out = _grads(lambda s: ibot_patch_loss(s, teacher, mask, center, 0.1, 0.04, impl="triton")[0], [student])
     r32 = _grads(lambda s: ibot_patch_loss_ref(s, teacher, mask, center, 0.1, 0.04, upcast=True)[0], [student])
     r16 = _grads(lambda s: ibot_patch_loss_ref(s, teacher, mask, center, 0.1, 0.04)[0], [student])
+    for o, a, b in zip(out, r32, r16):
+        assert_lowp_close(o, a, b, atol=1e-6)
+
+
+def test_ibot_masked_bf16_within_twice_torch_bf16_error():
+    """bf16 iBOT patch loss over the masked patches packed (what iBOT trains with) follows the flash-attn rule."""
+    mask = torch.rand(8, 196, device="cuda") < 0.3
+    rows = int(mask.sum())
+    student = (3 * torch.randn(rows, 8192, device="cuda")).bfloat16().requires_grad_()
+    teacher = (3 * torch.randn(rows, 8192, device="cuda")).bfloat16()
+    center = torch.zeros(8192, device="cuda")
+    out = _grads(lambda s: ibot_masked_patch_loss(s, teacher, mask, center, 0.1, 0.04, impl="triton"), [student])
+    r32 = _grads(lambda s: ibot_masked_patch_loss_ref(s, teacher, mask, center, 0.1, 0.04, upcast=True), [student])
+    r16 = _grads(lambda s: ibot_masked_patch_loss_ref(s, teacher, mask, center, 0.1, 0.04), [student])
     for o, a, b in zip(out, r32, r16):
         assert_lowp_close(o, a, b, atol=1e-6)
 
