@@ -120,6 +120,19 @@ def test_student_does_not_see_masked_patches_and_teacher_does():
         assert not torch.allclose(_tokens(method.teacher, changed), _tokens(method.teacher, x))
 
 
+def test_a_draw_that_hides_nothing_has_no_patch_loss():
+    """mask_prob 0 (or a draw that hid under 2 patches): the patch loss is 0, the step is DINO's on the unmasked views,
+    its gradients flow, and the patch center still follows the teacher's patches."""
+    method = _method("method.mask_prob=0.0", "method.freeze_last_layer_steps=0")
+    method.patch_center.fill_(0.5)
+    out = method({"views": _views()})
+    assert out["patch_loss"].item() == 0.0 and torch.equal(out["loss"], out["cls_loss"])
+    out["loss"].backward()
+    assert method.student["head"].last_layer.weight_v.grad.abs().sum() > 0
+    method.on_step_end(0, 10)
+    assert not torch.allclose(method.patch_center, torch.full_like(method.patch_center, 0.5))
+
+
 def test_patch_center_is_ema_of_teacher_patch_mean():
     method = _method("method.center_momentum=0.8")
     views = _views()
