@@ -90,12 +90,15 @@ class IBOT(DINO):
         s_image = self._head(self.student, s_image, self._freeze)
         cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), self.center,
                                        self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
-        if masked >= 2:  # the student's head only where the loss reads: the masked patches
+        # The student's head only where the loss reads: the masked patches. A draw that hid under 2 (tiny batches
+        # only) has no patch loss (a BatchNorm head cannot normalise one row); the head still runs, over every patch,
+        # so each rank calls it as often as the others (ZeRO-3 gathers its parameters collectively per call).
+        if masked >= 2:
             s_masked = self._head(self.student, packed_gather(s_patch, mask, impl=backbone.mask_impl), self._freeze)
             patch_loss = ibot_masked_patch_loss(s_masked, t_masked, mask, self.patch_center, self.cfg.student_temp,
                                                 self._patch_temp, impl=self.loss_impl)
-        else:  # a draw that hid under 2 patches (tiny batches only; a BatchNorm head cannot normalise one row)
-            patch_loss = torch.zeros((), device=glob.device)
+        else:
+            patch_loss = self._head(self.student, s_patch, self._freeze).float().sum() * 0.0
         self._teacher_mean, self._patch_mean = cls_mean, patch_mean
         loss = cls_loss + self.patch_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}

@@ -120,12 +120,25 @@ def test_student_does_not_see_masked_patches_and_teacher_does():
         assert not torch.allclose(_tokens(method.teacher, changed), _tokens(method.teacher, x))
 
 
+def _student_head_calls(method) -> tuple[int, dict]:
+    calls = []
+    handle = method.student["head"].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = method({"views": _views()})
+    finally:
+        handle.remove()
+    return len(calls), out
+
+
 def test_a_draw_that_hides_nothing_has_no_patch_loss():
     """mask_prob 0 (or a draw that hid under 2 patches): the patch loss is 0, the step is DINO's on the unmasked views,
-    its gradients flow, and the patch center still follows the teacher's patches."""
+    its gradients flow, and the patch center still follows the teacher's patches. The student's head runs as often as
+    in a step that masks (ranks that drew differently must make the same ZeRO-3 parameter gathers)."""
+    calls_masked, _ = _student_head_calls(_method("method.mask_prob=1.0"))
     method = _method("method.mask_prob=0.0", "method.freeze_last_layer_steps=0")
     method.patch_center.fill_(0.5)
-    out = method({"views": _views()})
+    calls, out = _student_head_calls(method)
+    assert calls == calls_masked == 2
     assert out["patch_loss"].item() == 0.0 and torch.equal(out["loss"], out["cls_loss"])
     out["loss"].backward()
     assert method.student["head"].last_layer.weight_v.grad.abs().sum() > 0
