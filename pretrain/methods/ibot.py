@@ -83,7 +83,6 @@ class IBOT(DINO):
             t_image, t_patch = self._encode(self.teacher["backbone"], glob, None)
             t_image, t_patch = self._head(self.teacher, t_image), self._head(self.teacher, t_patch)
             patch_mean = t_patch.float().mean(dim=(0, 1))
-            t_masked = packed_gather(t_patch, mask, impl=backbone.mask_impl)
         s_image, s_patch = self._encode(backbone, glob, mask)
         if len(views) > g:  # local crops: image-level tokens only, one backbone pass per resolution
             s_image = torch.cat([s_image, *self._student_features(views[g:])])
@@ -95,6 +94,7 @@ class IBOT(DINO):
         # so each rank calls it as often as the others (ZeRO-3 gathers its parameters collectively per call).
         if masked >= 2:
             s_masked = self._head(self.student, packed_gather(s_patch, mask, impl=backbone.mask_impl), self._freeze)
+            t_masked = packed_gather(t_patch, mask, impl=backbone.mask_impl)  # no grad: t_patch was made without
             patch_loss = ibot_masked_patch_loss(s_masked, t_masked, mask, self.patch_center, self.cfg.student_temp,
                                                 self._patch_temp, impl=self.loss_impl)
         else:
