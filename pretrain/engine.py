@@ -20,8 +20,10 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
-# DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor name every step; the warning says nothing to users.
-warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+# DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor and (ZeRO-3) reduce_scatter_tensor names every step;
+# the warnings say nothing to users and, repeated by every Ray worker, flood the log.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                        category=FutureWarning)
 
 from pretrain.config import Config  # noqa: E402
 

@@ -1,24 +1,29 @@
-"""End to end through the real stack: CLI -> local Ray cluster -> 2 Ray Train workers -> DeepSpeed ZeRO-2 -> MLflow
-server over HTTP; then a resume of the same run directory from Ray's latest checkpoint."""
+"""End to end through the real stack: CLI -> local Ray cluster -> 2 Ray Train workers -> DeepSpeed ZeRO-3 (DINO's EMA
+teacher on ZeRO-3 partitions) -> MLflow server over HTTP, with multi-crop DALI views; the teacher's backbone is
+evaluated against its random init; then a resume of the same run directory from Ray's latest checkpoint. (SimCLR goes
+through the same stack in tests/integration/test_join_cluster.py and tests/cluster/.)"""
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
-FAST = ["data.batch_size=64", "optim.warmup_steps=5", "optim.lr=3e-3", "job.log_every=5", "job.ckpt_every=10",
-        "job.progress=false"]
+DINO = ROOT / "configs" / "dino_digits.yaml"
+STEPS = 120
 
 pytestmark = pytest.mark.slow
 
 
-def _pretrain(args: list[str], log: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _pretrain(args: list[str], log: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     with log.open("w") as f:
         proc = subprocess.run([sys.executable, "-m", "pretrain.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                               cwd=ROOT, timeout=timeout)
@@ -32,73 +37,93 @@ def _history(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mlflow_server):
-    """A 20-step run of 2 workers with ZeRO-2, tracked on the test's mlflow server."""
+    """A 120-step DINO run of 2 workers with ZeRO-3, tracked on the test's mlflow server, evaluated at the end."""
     out = tmp_path_factory.mktemp("runs")
-    sets = [f"--set={s}" for s in [*FAST, "job.max_steps=20", f"job.out_dir={out}", "job.run_name=e2e",
-                                    "data.cache_dir=" + str(out / "cache"), "zero.stage=2", "job.num_workers=2"]]
+    sets = [f"--set={s}" for s in ["data.batch_size=128", f"job.max_steps={STEPS}", "job.log_every=10",
+                                    "job.ckpt_every=60", "job.progress=false", f"job.out_dir={out}", "job.run_name=e2e",
+                                    f"data.cache_dir={out / 'cache'}", "zero.stage=3", "job.num_workers=2",
+                                    "method.freeze_last_layer_steps=10"]]
     log = out / "train.log"
-    proc = _pretrain(["train", "--config", str(RECIPE), "--tracking-uri", mlflow_server, *sets], log)
+    proc = _pretrain(["train", "--config", str(DINO), "--tracking-uri", mlflow_server, *sets], log)
     assert proc.returncode == 0, log.read_text()[-4000:]
     return out / "e2e", log
 
 
-def test_loss_goes_down(trained):
-    """20 SimCLR steps on digits lower the loss (first 5 steps vs last 5)."""
+def test_teacher_backbone_learns(trained):
+    """After 120 steps the teacher backbone (backbone.pt, evaluated at the end) beats the same network at its random
+    init on digits by kNN and KMeans NMI."""
+    run_dir, _ = trained
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["knn_top1"] > report["random_init"]["knn_top1"] + 0.02, report
+    assert report["kmeans_nmi"] > report["random_init"]["kmeans_nmi"] + 0.05, report
+    saved = torch.load(run_dir / "backbone.pt", weights_only=True)
+    assert saved["config"]["method"]["name"] == "dino"
+    assert not any(k.startswith(("teacher.", "student.", "head.")) for k in saved["state_dict"])
+
+
+def test_loss_leaves_uniform(trained):
+    """The loss starts near ln K (teacher and student near uniform) and ends clearly below it: no collapse to the
+    uniform distribution."""
     run_dir, _ = trained
     hist = _history(run_dir)
-    assert sorted(hist) == list(range(1, 21))
-    first, last = [hist[s] for s in range(1, 6)], [hist[s] for s in range(16, 21)]
-    assert sum(last) / 5 < sum(first) / 5 - 0.05, hist
+    assert sorted(hist) == list(range(1, STEPS + 1))
+    ln_k = math.log(yaml.safe_load((run_dir / "config.yaml").read_text())["method"]["num_prototypes"])
+    assert abs(hist[1] - ln_k) < 0.5, (hist[1], ln_k)
+    last = sum(hist[s] for s in range(STEPS - 9, STEPS + 1)) / 10
+    assert last < ln_k - 0.5, (last, ln_k)
 
 
-def test_checkpoint_holds_both_zero_partitions(trained):
-    """The checkpoint Ray reported holds the model states, both ranks' ZeRO-2 optimizer partitions and both ranks' data
-    positions."""
+def test_checkpoints_hold_both_ranks(trained):
+    """The checkpoints Ray reported (steps 60 and 120) hold both ranks' ZeRO-3 partitions (teacher included) and both
+    ranks' data positions."""
     run_dir, _ = trained
     ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert len(ckpts) == 2  # steps 10 and 20
+    assert len(ckpts) == 2
     files = {p.name for p in (ckpts[-1] / "state").iterdir()}
-    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
     assert {p.name for p in (ckpts[-1] / "ranks").iterdir()} == {"rank_00000.pt", "rank_00001.pt"}
 
 
 def test_mlflow_server_has_params_and_metrics(trained, mlflow_server):
-    """Rank 0 logged the resolved config and per-step metrics to the mlflow server over HTTP."""
+    """Rank 0 logged the resolved config, per-step metrics and the run's artifacts to the mlflow server over HTTP."""
     run_dir, _ = trained
     client = MlflowClient(mlflow_server)
     run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
-    assert run.data.params["method.name"] == "simclr" and run.data.params["zero.stage"] == "2"
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["method.name"] == "dino" and params["zero.stage"] == "3" and params["data.local_views"] == "2"
     losses = client.get_metric_history(run.info.run_id, "loss")
-    assert sorted(m.step for m in losses) == list(range(1, 21))
+    assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))
     hist = _history(run_dir)
     assert all(abs(m.value - hist[m.step]) < 1e-6 for m in losses)
     for name in ("lr", "images_per_s", "step_time_s", "epoch"):
-        assert len(client.get_metric_history(run.info.run_id, name)) == 20
-    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert len(client.get_metric_history(run.info.run_id, name)) == STEPS
+    assert run.data.metrics["eval/knn_top1"] == pytest.approx(json.loads((run_dir / "eval.json").read_text())
+                                                              ["knn_top1"])
+    assert {"config.yaml", "backbone.pt", "eval.json", "loss_curve.png"} <= {a.path for a in
+                                                                              client.list_artifacts(run.info.run_id)}
 
 
 def test_resume_continues_at_the_right_step(trained, mlflow_server):
-    """--resume picks up Ray's latest checkpoint at step 20, trains to 30 in the same MLflow run, then evaluates."""
+    """--resume picks up Ray's latest checkpoint at step 120, trains to 130 in the same MLflow run, then evaluates."""
     run_dir, _ = trained
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     log = run_dir.parent / "resume.log"
     proc = _pretrain(["train", "--resume", str(run_dir), "--tracking-uri", mlflow_server,
-                      "--set", "job.max_steps=30", "--set", "eval.enabled=true"], log)
+                      "--set", f"job.max_steps={STEPS + 10}"], log)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
-    assert "at step 20 (epoch 1), reading on from its data position" in text
+    assert f"at step {STEPS} (epoch " in text and "reading on from its data position" in text
     hist = _history(run_dir)
-    assert sorted(hist) == list(range(1, 31))
+    assert sorted(hist) == list(range(1, STEPS + 11))
     assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
     client = MlflowClient(mlflow_server)
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 31))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, STEPS + 11))
     assert client.get_run(run_id).info.status == "FINISHED"
     report = json.loads((run_dir / "eval.json").read_text())
     keys = {"knn_top1", "linear_top1", "fewshot_1", "fewshot_5", "kmeans_nmi", "kmeans_ari"}
     assert keys <= set(report) and keys <= set(report["random_init"])
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"backbone.pt", "eval.json", "loss_curve.png"} <= artifacts
 
 
 def test_resume_with_other_world_size_is_refused(trained):
