@@ -88,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                        "ICA axes of a backbone's frozen features (optionally fine-tuning; zero-shot for CLIP), next to "
                        "the same encoder at random init and raw pixels; writes eval.json beside the checkpoint.")
     e.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its backbone.pt")
-    e.add_argument("--dataset", default="digits", choices=["digits"])
+    e.add_argument("--dataset", help="digits, samples, or a labelled shard directory (`pretrain data shards`; labels "
+                   "and class names from its manifest) (default: the run's eval.dataset)")
+    e.add_argument("--max-samples", type=int,
+                   help="evaluate at most this many samples of a shard dataset (default: the run's eval.max_samples)")
     e.add_argument("--out", type=Path, help="where to write the report (default: eval.json beside the checkpoint)")
     e.add_argument("--finetune-epochs", type=int,
                    help="also fine-tune the backbone (and its random init) this many epochs (default: the run's "
@@ -169,6 +172,10 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
     METHODS[cfg.method.name].check_inputs(cfg)
     # builds the digits shards on first use; refuses data without captions for a method that needs them
     shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text)
+    if cfg.eval.enabled:
+        from pretrain.eval.dataset import check_eval_dataset
+
+        check_eval_dataset(cfg)  # a shard dataset to evaluate on exists and has classes to score
     from pretrain.trainer import write_run_files
 
     if not args.resume or changed:
@@ -250,9 +257,11 @@ def _submit_k8s(args) -> int:
         find_kubectl()  # before anything is written
 
     def shared(cfg: Config, run_dir: Path) -> None:
-        """What the pods open must be on the PVC: the run (and the default MLflow store beside it), a shard directory
-        and a file-based tracking store. Built-in sources are built in each pod on first use."""
-        paths = {} if cfg.data.source in BUILTIN_VERSIONS else {"data.source": cfg.data.source}
+        """What the pods open must be on the PVC: the run (and the default MLflow store beside it), the shard
+        directories (training data, evaluation data) and a file-based tracking store. Built-in sources are built in
+        each pod on first use."""
+        datasets = {"data.source": cfg.data.source, "eval.dataset": cfg.eval.dataset if cfg.eval.enabled else None}
+        paths = {k: v for k, v in datasets.items() if v is not None and v not in BUILTIN_VERSIONS}
         for prefix in ("sqlite:///", "file://"):
             if cfg.tracking.uri.startswith(prefix):
                 paths["tracking.uri"] = cfg.tracking.uri.removeprefix(prefix)
@@ -270,7 +279,7 @@ def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, dataset=args.dataset, out_path=args.out,
-                        finetune_epochs=args.finetune_epochs)
+                        finetune_epochs=args.finetune_epochs, max_samples=args.max_samples)
     return 0
 
 

@@ -309,13 +309,21 @@ class EvalConfig:
     enabled: bool = True
     """Evaluate the frozen backbone at the end of training."""
     dataset: str = "digits"
+    """What the backbone is evaluated on: digits (scikit-learn's digits, resized to data.image_size), or a labelled
+    shard dataset: a built-in source (samples) or a directory written by `pretrain data shards` (e.g. from folder:PATH,
+    one sub-folder per class; labels and class names from its manifest), decoded and resized like the training views
+    without augmentation, undecodable samples skipped and counted."""
+    max_samples: int = 5000
+    """At most this many samples of a shard dataset, a seeded draw, are evaluated (held in memory as float32 images:
+    5000 at 3x224x224 take 3 GB)."""
     finetune_epochs: int = 0
     """Also fine-tune a copy of the whole backbone (and of its random init) with a linear head for this many epochs on
     the labelled split and report the test accuracy (finetune_top1); 0 = skip (it costs more than the other protocols
     together)."""
 
     def __post_init__(self) -> None:
-        _check(self.dataset == "digits", "dataset", f"only 'digits' is supported, got {self.dataset!r}")
+        _check(bool(self.dataset), "dataset", "must not be empty (digits, samples or a shard directory)")
+        _check(self.max_samples >= 2 * 8, "max_samples", f"must be >= 16, got {self.max_samples}")
         _check(self.finetune_epochs >= 0, "finetune_epochs", f"must be >= 0, got {self.finetune_epochs}")
 
 

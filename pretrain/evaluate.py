@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, config_from_dict
-from pretrain.eval.digits import digits_eval_set, split_indices
+from pretrain.config import Config, ConfigError, config_from_dict
+from pretrain.eval.dataset import check_eval_dataset, load_eval_set
+from pretrain.eval.digits import split_indices
 from pretrain.eval.finetune import finetune_top1
 from pretrain.eval.report import evaluate_encoder, format_report, write_report
-from pretrain.eval.zeroshot import DIGIT_PROMPTS, zeroshot_top1
+from pretrain.eval.zeroshot import zeroshot_top1
 from pretrain.methods import METHODS
 
 MODEL_FILE = "model.pt"
 """Beside backbone.pt, for a method used downstream whole (CLIP: both towers): {"config", "state_dict"}."""
-DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
 def random_init_backbone(cfg: Config) -> torch.nn.Module:
@@ -27,16 +28,17 @@ def random_init_backbone(cfg: Config) -> torch.nn.Module:
 
 def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path | None = None, *, echo: bool = True,
                             method_state: dict | None = None):
-    """The frozen-feature protocols (pretrain.eval.protocols) on digits for the trained weights, the random init and raw
-    pixels; with ``eval.finetune_epochs`` also fine-tuning of both; with ``method_state`` (the whole trained CLIP) also
-    zero-shot top-1 on the test split, trained and at random init (a method with a text tower)."""
+    """The frozen-feature protocols (pretrain.eval.protocols) on ``eval.dataset`` (pretrain.eval.dataset) for the
+    trained weights, the random init and raw pixels; with ``eval.finetune_epochs`` also fine-tuning of both; with
+    ``method_state`` (the whole trained CLIP) also zero-shot top-1 on the test split, trained and at random init (a
+    method with a text tower), the dataset's class names in its prompt templates. ``report["data"]`` says what was
+    evaluated: dataset, samples, classes, undecodable samples skipped, classes left out."""
     from pretrain.trainer import build_method
 
     trained = random_init_backbone(cfg)
     trained.load_state_dict(state_dict)
-    images, labels = digits_eval_set(
-        image_size=cfg.data.image_size, channels=cfg.data.channels, mean=cfg.data.aug.mean, std=cfg.data.aug.std
-    )
+    data = load_eval_set(cfg)
+    images, labels = data.images, data.labels
     random_init = random_init_backbone(cfg)
     report = evaluate_encoder(trained, random_init, images, labels, seed=0)
     if cfg.eval.finetune_epochs:
@@ -47,10 +49,11 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     if method_state is not None and METHODS[cfg.method.name].needs_text:
         test = split_indices(labels, seed=0)[1]
         model = build_method(cfg, distributed=False)
-        report["random_init"]["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], DIGIT_CLASSES,
-                                                               DIGIT_PROMPTS)
+        report["random_init"]["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], data.classes,
+                                                               data.prompts)
         model.load_state_dict(method_state)
-        report["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], DIGIT_CLASSES, DIGIT_PROMPTS)
+        report["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], data.classes, data.prompts)
+    report["data"] = data.summary()
     if out_path is not None:
         write_report(report, out_path)
     if echo:
@@ -72,17 +75,22 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
     return config_from_dict(saved["config"]), saved["state_dict"], method_state, path
 
 
-def evaluate_checkpoint(path: str | Path, *, dataset: str = "digits", out_path: str | Path | None = None,
-                        finetune_epochs: int | None = None) -> dict:
+def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_path: str | Path | None = None,
+                        finetune_epochs: int | None = None, max_samples: int | None = None) -> dict:
     """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
-    beside it, as CLIP runs write, adds zero-shot classification)."""
-    if dataset != "digits":
-        raise ValueError(f"--dataset: only 'digits' is supported, got {dataset!r}")
+    beside it, as CLIP runs write, adds zero-shot classification). ``dataset`` / ``max_samples`` / ``finetune_epochs``:
+    instead of the run's eval.dataset / eval.max_samples / eval.finetune_epochs. Bad input is a one-line ConfigError
+    before any image is decoded."""
     cfg, backbone_state, method_state, path = load_run_files(path)
-    if finetune_epochs is not None:
-        if finetune_epochs < 0:
-            raise ValueError(f"--finetune-epochs: must be >= 0, got {finetune_epochs}")
-        cfg.eval.finetune_epochs = finetune_epochs
+    overrides = {k: v for k, v in (("dataset", dataset), ("max_samples", max_samples),
+                                   ("finetune_epochs", finetune_epochs)) if v is not None}
+    if overrides:
+        try:
+            cfg.eval = dataclasses.replace(cfg.eval, **overrides)
+        except ValueError as e:  # "max_samples: must be ..." from EvalConfig's checks
+            key, _, problem = str(e).partition(": ")
+            raise ConfigError(f"--{key.replace('_', '-')}: {problem}") from None
+    check_eval_dataset(cfg)
     if out_path is None:
         out_path = path.parent / "eval.json"
     return evaluate_backbone_state(cfg, backbone_state, out_path, method_state=method_state)

@@ -9,7 +9,6 @@ query with one of the gallery's own images (near-duplicates, same-class neighbou
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,6 @@ import numpy as np
 import torch
 
 from pretrain.config import Config
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,51 +59,21 @@ class Gallery:
 @torch.no_grad()
 def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Gallery:
     """Every sample of ``shards`` (one pass, in shard order) embedded by ``run.encode_image``."""
-    from data_pipeline.cpu import PilAugmenter
-    from data_pipeline.reader import read_epoch
     from data_pipeline.shards import read_manifest
-    from data_pipeline.views import AugmentConfig
+    from pretrain.eval.dataset import ShardImages
 
-    d = run.cfg.data
-    mean, std = d.aug.channel_stats(d.channels)
-    views = PilAugmenter(AugmentConfig.disabled(mean=mean, std=std), image_size=d.image_size, channels=d.channels,
-                         num_views=1)
     manifest = read_manifest(Path(shards[0]).parent).to_pylist()
     caption_of = {r["key"]: r.get("caption") for r in manifest}
-    keys, labels, chunks, corrupt = [], [], [], 0
-
-    def flush(batch: list[dict]) -> None:
-        nonlocal corrupt
-        try:
-            good, x = batch, views([s["image"] for s in batch])[0]
-        except Exception:  # noqa: BLE001 - some image in the batch does not decode: find which, one by one
-            good, xs = [], []
-            for s in batch:
-                try:
-                    xs.append(views([s["image"]])[0])
-                    good.append(s)
-                except Exception:  # noqa: BLE001 - PIL raises several types for broken files
-                    corrupt += 1
-                    log.warning("skipping undecodable image %r", s["key"])
-            if not good:
-                return
-            x = torch.cat(xs)
+    images = ShardImages(run.cfg)
+    keys, labels, chunks = [], [], []
+    for samples, x in images.batches(shards, batch_size=batch_size):
         chunks.append(run.encode_image(x).float().cpu().numpy())
-        keys.extend(s["key"] for s in good)
-        labels.extend(s["label"] for s in good)
-
-    pending: list[dict] = []
-    for sample in read_epoch(shards, rank=0, world_size=1, num_workers=0):
-        pending.append(sample)
-        if len(pending) == batch_size:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
+        keys.extend(s["key"] for s in samples)
+        labels.extend(s["label"] for s in samples)
     if not keys:
         raise ValueError("no decodable image in the shards")
     return Gallery(keys, np.asarray(labels, dtype=np.int64), [caption_of.get(k) for k in keys],
-                   np.concatenate(chunks), corrupt)
+                   np.concatenate(chunks), images.corrupt)
 
 
 def rank(gallery: Gallery, query: np.ndarray, k: int) -> list[tuple[int, float]]:

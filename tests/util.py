@@ -32,3 +32,23 @@ def train_steps(method, batches, steps: int, lr: float) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def write_run(run_dir, recipe: str, cache, *overrides: str) -> None:
+    """A finished run directory as the trainer leaves it (backbone.pt; model.pt for CLIP), with the seeded initial
+    weights of ``configs/<recipe>`` with ``overrides`` (its shards cached in ``cache``)."""
+    from pathlib import Path
+
+    import torch
+
+    from pretrain.config import load_config, to_dict
+    from pretrain.evaluate import MODEL_FILE
+    from pretrain.trainer import build_method
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / recipe, [f"data.cache_dir={cache}", *overrides])
+    method = build_method(cfg, distributed=False)
+    Path(run_dir).mkdir(parents=True)
+    torch.save({"config": to_dict(cfg), "state_dict": method.backbone.state_dict()}, Path(run_dir) / "backbone.pt")
+    if method.needs_text:
+        torch.save({"config": to_dict(cfg), "state_dict": method.state_dict()}, Path(run_dir) / MODEL_FILE)

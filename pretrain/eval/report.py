@@ -15,6 +15,8 @@ EXTRA_METRICS = ("finetune_top1", "zeroshot_top1")
 """Rows a report has only when asked for (fine-tuning) or for some methods (zero-shot: image-text models)."""
 BASELINES = {"random_init": "random init", "raw_pixels": "raw pixels"}
 """Report keys of the baselines and their column titles."""
+RAW_PIXELS_SIZE = 32
+"""The raw-pixels baseline reads images larger than this (per side) area-downsampled to it."""
 
 
 @torch.no_grad()
@@ -51,7 +53,8 @@ def evaluate_encoder(
     seed: int = 0,
 ) -> dict:
     """The six metrics of ``encoder`` plus the same for ``random_encoder`` (same architecture, untrained) and for the
-    flattened ``images: (N, C, H, W)`` themselves, on a stratified 75/25 split of ``labels: (N,)``.
+    flattened ``images: (N, C, H, W)`` themselves (area-downsampled to RAW_PIXELS_SIZE if larger), on a stratified
+    75/25 split of ``labels: (N,)``.
 
     Returns ``{metric: value, "random_init": {metric: value}, "raw_pixels": {metric: value}}``; ``random_init`` is left
     out when ``random_encoder`` is None.
@@ -67,7 +70,10 @@ def evaluate_encoder(
     report: dict = score(extract_features(encoder, images))
     if random_encoder is not None:
         report["random_init"] = score(extract_features(random_encoder, images))
-    report["raw_pixels"] = score(images.reshape(images.shape[0], -1).float().cpu().numpy())
+    pixels = images.float().cpu()
+    if images.ndim == 4 and max(images.shape[-2:]) > RAW_PIXELS_SIZE:  # area-downsampled: 224x224x3 would be 150k dims
+        pixels = torch.nn.functional.adaptive_avg_pool2d(pixels, RAW_PIXELS_SIZE)
+    report["raw_pixels"] = score(pixels.reshape(images.shape[0], -1).numpy())
     return report
 
 
@@ -77,6 +83,12 @@ def format_report(report: dict) -> str:
     name_w = max(len(m) for m in METRICS + EXTRA_METRICS)
     header = f"{'metric':<{name_w}}" + "".join(f"  {title:>12}" for title, _ in columns)
     lines = [header, "-" * len(header)]
+    if "data" in report:  # what was evaluated (pretrain.eval.dataset.EvalSet.summary)
+        d = report["data"]
+        skipped = f", {d['corrupt']} undecodable skipped" if d.get("corrupt") else ""
+        left_out = f", {len(d['dropped_classes'])} thin classes left out" if d.get("dropped_classes") else ""
+        lines.insert(0, f"Evaluated on {d['dataset']}: {d['samples']} samples, {d['classes']} classes"
+                        f"{skipped}{left_out}")
     for metric in METRICS + tuple(k for k in EXTRA_METRICS if k in report):
         cells = "".join(f"  {_cell(values.get(metric)):>12}" for _, values in columns)
         lines.append(f"{metric:<{name_w}}{cells}")

@@ -49,6 +49,8 @@ def _manifests(run: Path) -> dict[str, dict]:
                                                                         "CPUs, the job has 1 (1 nodes x 1 --cpus-"),
     ([*REQUIRED, "--set", "data.source=shards/digits"], "data.source: 'shards/digits' is relative, and the pods start "
                                                         "elsewhere"),
+    ([*REQUIRED, "--set", "eval.dataset=shards/mine"], "eval.dataset: 'shards/mine' is relative, and the pods start "
+                                                         "elsewhere"),
     ([*REQUIRED, "--set", "job.nope=1"], "job.nope"),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):

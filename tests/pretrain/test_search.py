@@ -11,31 +11,17 @@ import torch
 
 from data_pipeline.shards import write_shards
 from pretrain.cli import main
-from pretrain.config import load_config, to_dict
 from pretrain.data import resolve_shards
-from pretrain.evaluate import MODEL_FILE
 from pretrain.index import embed_shards, load_run
-from pretrain.trainer import build_method
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _write_run(run_dir: Path, recipe: str, cache: Path, *overrides: str) -> None:
-    """A finished run directory as the trainer leaves it (backbone.pt; model.pt for CLIP), with seeded weights."""
-    cfg = load_config(ROOT / "configs" / recipe, [f"data.cache_dir={cache}", *overrides])
-    method = build_method(cfg, distributed=False)
-    run_dir.mkdir(parents=True)
-    torch.save({"config": to_dict(cfg), "state_dict": method.backbone.state_dict()}, run_dir / "backbone.pt")
-    if method.needs_text:
-        torch.save({"config": to_dict(cfg), "state_dict": method.state_dict()}, run_dir / MODEL_FILE)
+from tests.util import write_run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    _write_run(root / "clip", "clip_digits.yaml", root / "cache", "method.text_width=32", "method.text_depth=1",
+    write_run(root / "clip", "clip_digits.yaml", root / "cache", "method.text_width=32", "method.text_depth=1",
                "model.backbone_kwargs={width: 0.25}")
-    _write_run(root / "simclr", "simclr_digits.yaml", root / "cache", "model.backbone_kwargs={width: 0.25}")
+    write_run(root / "simclr", "simclr_digits.yaml", root / "cache", "model.backbone_kwargs={width: 0.25}")
     return root
 
 

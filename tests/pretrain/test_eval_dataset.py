@@ -1,0 +1,129 @@
+"""Evaluation on a labelled shard dataset (``eval.dataset``): the digits written as an image folder score as the
+built-in digits do, a draw of ``max_samples``, undecodable images counted, thin classes left out, zero-shot with the
+dataset's class names, the built-in samples source, and one-line refusals before anything is decoded or written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_pipeline.shards import write_shards
+from data_pipeline.sources import DIGIT_WORDS, digits_uint8
+from pretrain.config import ConfigError
+from pretrain.eval.protocols import METRICS
+from pretrain.evaluate import evaluate_checkpoint
+from tests.util import write_run
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = "model.backbone_kwargs={width: 0.25}"
+
+
+def _folder(root: Path, counts: dict[str, int] | None = None, broken: bool = False) -> Path:
+    """scikit-learn's digits as an image folder, a sub-folder per class named by its word (``counts``: only the first
+    n images of those classes); ``broken``: plus one file that is not an image."""
+    images, labels = digits_uint8()
+    for i, (im, y) in enumerate(zip(images, labels)):
+        name = DIGIT_WORDS[y]
+        if counts is not None and (name not in counts or (root / name).is_dir()
+                                   and len(list((root / name).iterdir())) >= counts[name]):
+            continue
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(root / name / f"{i:04d}.png")
+    if broken:
+        (root / "zero" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return root
+
+
+def _shards(tmp: Path, name: str, **kw) -> Path:
+    out = tmp / f"{name}-shards"
+    write_shards(f"folder:{_folder(tmp / name, **kw)}", out, shard_size=400, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("evaldata")
+    write_run(tmp / "simclr", "simclr_digits.yaml", tmp / "cache", SMALL)
+    _shards(tmp, "digits", broken=True)
+    return tmp
+
+
+def test_digits_as_a_folder_score_as_the_builtin_digits(data):
+    """The same 1797 digits through the shard path (PIL decode and resize) and the built-in one (torch resize): the
+    same samples and classes, and scores within 0.02 of each other; the broken file is counted and skipped."""
+    builtin = evaluate_checkpoint(data / "simclr", out_path=data / "builtin.json")
+    shards = evaluate_checkpoint(data / "simclr", dataset=str(data / "digits-shards"), out_path=data / "shards.json")
+    assert builtin["data"] == {"dataset": "digits", "samples": 1797, "classes": 10, "corrupt": 0,
+                               "dropped_classes": []}
+    assert shards["data"] == {"dataset": str(data / "digits-shards"), "samples": 1797, "classes": 10, "corrupt": 1,
+                              "dropped_classes": []}
+    for section in ("random_init", "raw_pixels"):
+        for key in ("knn_top1", "linear_top1", "fewshot_5"):
+            assert shards[section][key] == pytest.approx(builtin[section][key], abs=0.02), (section, key)
+    assert json.loads((data / "shards.json").read_text())["data"]["corrupt"] == 1
+
+
+def test_a_draw_of_max_samples(data):
+    """max_samples draws that many samples (seeded: twice the same report), every metric still in [0, 1]."""
+    first, again = (evaluate_checkpoint(data / "simclr", dataset=str(data / "digits-shards"), max_samples=300,
+                                        out_path=data / f"draw{i}.json") for i in range(2))
+    summary = first["data"]
+    assert summary["samples"] + summary["corrupt"] == 300 and summary["classes"] == 10
+    assert first == again
+    for section in (first, first["random_init"], first["raw_pixels"]):
+        assert all(0.0 <= section[k] <= 1.0 for k in METRICS)
+
+
+def test_thin_classes_are_left_out(tmp_path, capsys):
+    """A class with fewer than 8 decodable samples is left out (named in the report and printed); the rest score."""
+    shards = _shards(tmp_path, "thin", counts={"one": 40, "seven": 40, "four": 3})
+    write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", SMALL)
+    report = evaluate_checkpoint(tmp_path / "run", dataset=str(shards))
+    assert report["data"]["classes"] == 2 and report["data"]["samples"] == 80
+    assert report["data"]["dropped_classes"] == ["four"]
+    assert "left out 1 class(es) with fewer than 8 decodable samples: four" in capsys.readouterr().out
+
+
+def test_zeroshot_uses_the_dataset_class_names(data):
+    """A CLIP run scores zero-shot on a shard dataset, prompting with its class names (here digit words)."""
+    write_run(data / "clip", "clip_digits.yaml", data / "cache", SMALL, "method.text_width=32", "method.text_depth=1")
+    report = evaluate_checkpoint(data / "clip", dataset=str(data / "digits-shards"), max_samples=400)
+    for section in (report, report["random_init"]):
+        assert 0.0 <= section["zeroshot_top1"] <= 1.0
+
+
+def test_builtin_samples_source(data):
+    """eval.dataset: samples (the two photos cut into colour crops, built on first use): two classes, which even
+    the untrained network's features tell apart better than chance."""
+    report = evaluate_checkpoint(data / "simclr", dataset="samples", out_path=data / "samples.json")
+    assert report["data"]["classes"] == 2 and report["data"]["samples"] == 456
+    assert report["random_init"]["knn_top1"] > 0.6 and report["raw_pixels"]["knn_top1"] > 0.6
+
+
+def test_refusals_are_one_line(tmp_path, data):
+    """A dataset that is not shards, one with a single class, or a max_samples below 16: a one-line error before
+    anything is decoded; `pretrain train` refuses before writing the run directory."""
+    one = _shards(tmp_path, "one", counts={"one": 30})
+    with pytest.raises(ConfigError, match=r"^eval\.dataset: .*nope has no manifest\.parquet"):
+        evaluate_checkpoint(data / "simclr", dataset=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"^eval\.dataset: .* has 1 class\(es\), 1 of them with >= 8 samples"):
+        evaluate_checkpoint(data / "simclr", dataset=str(one))
+    with pytest.raises(ConfigError, match=r"^--max-samples: must be >= 16, got 3"):
+        evaluate_checkpoint(data / "simclr", dataset=str(one), max_samples=3)
+    cli = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--config",
+                          str(ROOT / "configs" / "simclr_digits.yaml"), "--dry-run", "--set", f"eval.dataset={one}",
+                          "--set", f"job.out_dir={tmp_path / 'runs'}", "--set", "job.run_name=r",
+                          "--set", f"data.cache_dir={data / 'cache'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 2
+    assert cli.stderr.strip().splitlines()[-1].startswith(f"error: eval.dataset: {one} has 1 class(es)")
+    assert not (tmp_path / "runs" / "r").exists()
+    eval_cli = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(data / "simclr"),
+                               "--dataset", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+    assert eval_cli.returncode == 2 and len(eval_cli.stderr.strip().splitlines()) == 1, eval_cli.stderr
