@@ -14,6 +14,7 @@ from PIL import Image
 
 from data_pipeline.shards import write_shards
 from data_pipeline.sources import DIGIT_WORDS, digits_uint8
+from pretrain.cli import main
 from pretrain.config import ConfigError
 from pretrain.eval.protocols import METRICS
 from pretrain.evaluate import evaluate_checkpoint
@@ -97,10 +98,13 @@ def test_zeroshot_uses_the_dataset_class_names(data):
         assert 0.0 <= section["zeroshot_top1"] <= 1.0
 
 
-def test_builtin_samples_source(data):
-    """eval.dataset: samples (the two photos cut into colour crops, built on first use): two classes, which even
-    the untrained network's features tell apart better than chance."""
-    report = evaluate_checkpoint(data / "simclr", dataset="samples", out_path=data / "samples.json")
+def test_builtin_samples_source(data, capsys):
+    """`pretrain eval --dataset samples` (the two photos cut into colour crops, built on first use): two classes,
+    which even the untrained network's features tell apart better than chance."""
+    assert main(["eval", "--checkpoint", str(data / "simclr"), "--dataset", "samples", "--out",
+                 str(data / "samples.json")]) == 0
+    assert "Evaluated on samples: 456 samples, 2 classes" in capsys.readouterr().out
+    report = json.loads((data / "samples.json").read_text())
     assert report["data"]["classes"] == 2 and report["data"]["samples"] == 456
     assert report["random_init"]["knn_top1"] > 0.6 and report["raw_pixels"]["knn_top1"] > 0.6
 
