@@ -14,6 +14,10 @@ Source specs (strings, so they fit a YAML recipe or a CLI flag):
   sorted list of class (sub-folder) names. Files are stored as they are (no re-encoding). An image's caption is the
   UTF-8 text of a ``.txt`` file beside it with the same stem (``cat.jpg`` + ``cat.txt``), if there is one.
 
+- ``"images:PATH"``: unlabelled images, every ``.jpg/.jpeg/.png`` under ``PATH`` at any depth (sub-folders mean
+  nothing), label ``UNLABELLED`` (-1) and no class names: what self-supervised pretraining needs. Captions as for
+  ``folder:``. Such a dataset trains any method but cannot be an ``eval.dataset`` (no labels to score).
+
 ``resolve_source`` checks a spec completely (unknown kind, missing / unreadable / empty folder) and raises a one-line
 ``ValueError`` before anything is written.
 """
@@ -29,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+UNLABELLED = -1
+"""The label of every sample of an ``images:PATH`` source."""
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_CAPTIONS = (
@@ -123,13 +129,7 @@ def _samples_source() -> Source:
 
 
 def _folder_source(spec: str, root_str: str) -> Source:
-    if not root_str:
-        raise ValueError(f"source {spec!r}: empty folder path (expected 'folder:PATH')")
-    root = Path(root_str).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"source {spec!r}: {root} is not a directory")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise ValueError(f"source {spec!r}: {root} is not readable")
+    root = _readable_dir(spec, root_str, "folder:PATH")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
@@ -139,11 +139,40 @@ def _folder_source(spec: str, root_str: str) -> Source:
                     raise ValueError(f"source {spec!r}: {path} is not readable")
                 files.append((path, label))
     if not files:
-        raise ValueError(f"source {spec!r}: no .jpg/.jpeg/.png images in class sub-folders of {root}")
+        loose = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+        raise ValueError(f"source {spec!r}: no .jpg/.jpeg/.png images in class sub-folders of {root}"
+                         + (f" (unlabelled images: use 'images:{root_str}')" if loose else ""))
     # Key = index in sorted order: unique, dot-free (webdataset splits member names at the first dot) and stable.
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, _caption_file(path))
              for i, (path, label) in enumerate(files)]
     return Source(spec, classes, items)
+
+
+def _images_source(spec: str, root_str: str) -> Source:
+    root = _readable_dir(spec, root_str, "images:PATH")
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not any(
+                part.startswith(".") for part in path.relative_to(root).parts):
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"source {spec!r}: {path} is not readable")
+            files.append(path)
+    if not files:
+        raise ValueError(f"source {spec!r}: no .jpg/.jpeg/.png images under {root}")
+    items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], UNLABELLED, _caption_file(path))
+             for i, path in enumerate(files)]
+    return Source(spec, [], items)
+
+
+def _readable_dir(spec: str, root_str: str, form: str) -> Path:
+    if not root_str:
+        raise ValueError(f"source {spec!r}: empty folder path (expected '{form}')")
+    root = Path(root_str).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"source {spec!r}: {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ValueError(f"source {spec!r}: {root} is not readable")
+    return root
 
 
 def _caption_file(image: Path) -> Path | None:
@@ -165,4 +194,6 @@ def resolve_source(spec: str) -> Source:
         return _samples_source()
     if spec.startswith("folder:"):
         return _folder_source(spec, spec[len("folder:"):])
-    raise ValueError(f"unknown source {spec!r}: expected 'digits', 'samples' or 'folder:PATH'")
+    if spec.startswith("images:"):
+        return _images_source(spec, spec[len("images:"):])
+    raise ValueError(f"unknown source {spec!r}: expected 'digits', 'samples', 'folder:PATH' or 'images:PATH'")

@@ -113,9 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shards", help="write WebDataset tar shards + a Parquet manifest + checksums",
                         description="Write WebDataset shards from a source: 'digits' (scikit-learn, with captions), "
-                        "'samples' (colour crops of scikit-learn's two sample photos) or 'folder:PATH' (an "
-                        "ImageFolder-style tree of JPEG/PNG, class = sub-folder, captions from <stem>.txt files).")
-    s.add_argument("--source", required=True, help="digits | samples | folder:PATH")
+                        "'samples' (colour crops of scikit-learn's two sample photos), 'folder:PATH' (an "
+                        "ImageFolder-style tree of JPEG/PNG, class = sub-folder) or 'images:PATH' (every JPEG/PNG "
+                        "under PATH, unlabelled); captions from <stem>.txt files beside the images.")
+    s.add_argument("--source", required=True,
+                   help="digits | samples | folder:PATH (a sub-folder per class) | images:PATH (unlabelled, any depth)")
     s.add_argument("--out", type=Path, required=True, help="output directory (must not hold shards already)")
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -317,7 +319,8 @@ def cmd_search(args) -> int:
     print(f"{'rank':>4}  {'similarity':>10}  {'label':>5}  key  caption")
     for i, (row, sim) in enumerate(hits, 1):
         caption = gallery.captions[row] or ""
-        print(f"{i:>4}  {sim:>10.4f}  {gallery.labels[row]:>5}  {gallery.keys[row]}  {caption}")
+        label = gallery.labels[row] if gallery.labels[row] >= 0 else "-"  # "-": unlabelled (images:PATH)
+        print(f"{i:>4}  {sim:>10.4f}  {label:>5}  {gallery.keys[row]}  {caption}")
     if args.out is not None:
         from pretrain.plots import contact_sheet
 

@@ -120,7 +120,10 @@ def check_eval_dataset(cfg: Config) -> None:
 
     _, data_dir = _shards(cfg)
     labels = np.asarray(read_manifest(data_dir).column("label").to_pylist(), dtype=np.int64)
-    classes, counts = np.unique(labels, return_counts=True)
+    if (labels < 0).all():
+        raise ConfigError(f"eval.dataset: {cfg.eval.dataset} is unlabelled (written from images:PATH); evaluate on "
+                          "digits, samples or shards of labelled images (folder:PATH, a sub-folder per class)")
+    classes, counts = np.unique(labels[labels >= 0], return_counts=True)
     if (counts >= MIN_PER_CLASS).sum() < 2:
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset} has {len(classes)} class(es), "
                           f"{int((counts >= MIN_PER_CLASS).sum())} of them with >= {MIN_PER_CLASS} samples; the "
@@ -154,7 +157,7 @@ def load_eval_set(cfg: Config) -> EvalSet:
         raise ConfigError(f"eval.dataset: no decodable image in {cfg.eval.dataset}")
     images, labels = torch.cat(chunks), np.asarray(labels, dtype=np.int64)
     names = read_classes(data_dir) or [str(c) for c in range(int(labels.max()) + 1)]
-    present, counts = np.unique(labels, return_counts=True)
+    present, counts = np.unique(labels[labels >= 0], return_counts=True)  # unlabelled samples (-1) are not scored
     scored = present[counts >= MIN_PER_CLASS]
     dropped = [names[c] for c in present[counts < MIN_PER_CLASS]]
     if len(scored) < 2:

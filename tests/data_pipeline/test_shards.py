@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import shards as shards_mod
+from data_pipeline.reader import read_epoch
 from data_pipeline.shards import (
     builtin_dir_name,
     ensure_digits_shards,
@@ -109,24 +110,50 @@ def test_folder_source_labels_and_classes(tmp_path, image_tree):
     assert {k.rsplit(".", 1)[1] for k in stored} == {"jpg", "png", "cls"}
 
 
+def test_images_source_is_unlabelled_at_any_depth(tmp_path, image_tree):
+    """images:PATH takes every image under PATH, loose or in sub-folders of any depth (hidden ones left out), unlabelled
+    (-1, no class names), bytes unchanged; the reader yields them with label -1."""
+    root = image_tree(tmp_path / "imgs", classes={"a": 2, "a/deeper": 2, ".thumbs": 2})
+    image_tree(tmp_path / "loose", classes={"": 3}, seed=1)
+    for p in (tmp_path / "loose").iterdir():
+        p.rename(root / f"loose-{p.name}")
+    write_shards(f"images:{root}", tmp_path / "ds", shard_size=4, progress=False)
+    assert read_classes(tmp_path / "ds") == []
+    table = read_manifest(tmp_path / "ds")
+    assert table.column("label").to_pylist() == [-1] * 7
+    stored = []
+    for path in list_shards(tmp_path / "ds"):
+        with tarfile.open(path) as tar:
+            stored += [tar.extractfile(m).read() for m in tar.getmembers() if not m.name.endswith(".cls")]
+    wanted = [p.read_bytes() for p in root.rglob("*.*") if ".thumbs" not in p.parts]
+    assert sorted(stored) == sorted(wanted) and len(wanted) == 7
+    samples = list(read_epoch(list_shards(tmp_path / "ds"), rank=0, world_size=1, num_workers=0))
+    assert len(samples) == 7 and {s["label"] for s in samples} == {-1}
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [
         ("mnist", "unknown source 'mnist'"),
         ("folder:", "empty folder path"),
+        ("images:", "empty folder path"),
         ("folder:/does/not/exist", "is not a directory"),
+        ("images:/does/not/exist", "is not a directory"),
         ("EMPTY", "no .jpg/.jpeg/.png images"),
+        ("LOOSE", r"no .jpg/.jpeg/.png images in class sub-folders of .*loose \(unlabelled images: use 'images:"),
     ],
 )
-def test_bad_source_one_line_error_and_nothing_written(tmp_path, spec, match):
+def test_bad_source_one_line_error_and_nothing_written(tmp_path, spec, match, image_tree):
     """A bad source spec raises a one-line ValueError naming the problem and writes nothing."""
     if spec == "EMPTY":
         (tmp_path / "empty" / "cls").mkdir(parents=True)
         spec = f"folder:{tmp_path / 'empty'}"
+    if spec == "LOOSE":  # images but no class sub-folders: folder: points to images:
+        spec = f"folder:{image_tree(tmp_path / 'loose', classes={'': 2})}"
     with pytest.raises(ValueError, match=match) as err:
         write_shards(spec, tmp_path / "out", progress=False)
     assert "\n" not in str(err.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["empty"] if "empty" in spec else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [d for d in ("empty", "loose") if d in spec]
 
 
 def test_crash_leaves_no_dataset(tmp_path, monkeypatch):

@@ -52,11 +52,31 @@ def ray_head():
     log.close()
 
 
+def _unlabelled_jpegs(root: Path) -> Path:
+    """200 JPEG crops of scikit-learn's two sample photos, half loose in ``root``, half two folders deeper."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    (root / "a" / "b").mkdir(parents=True)
+    photos = load_sample_images().images
+    for n in range(200):
+        top, left = 8 * (n // 20), 16 * (n % 20)
+        crop = Image.fromarray(photos[n % 2][top:top + 96, left:left + 96])
+        crop.save(root / ("" if n % 2 else "a/b") / f"img{n:03d}.jpg", quality=90)
+    return root
+
+
 def test_train_joins_existing_cluster(ray_head, tmp_path):
-    """Training with --address runs its 2 workers on the given cluster (no private cluster is started)."""
+    """Training with --address runs its 2 workers on the given cluster (no private cluster is started), on unlabelled
+    JPEGs written to shards by `pretrain data shards --source images:PATH`."""
+    shards = tmp_path / "shards"
+    made = subprocess.run([sys.executable, "-m", "pretrain.cli", "data", "shards", "--source",
+                           f"images:{_unlabelled_jpegs(tmp_path / 'photos')}", "--out", str(shards), "--shard-size",
+                           "64", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
     sets = ["job.max_steps=6", "job.log_every=3", "job.ckpt_every=6", "optim.warmup_steps=1", "data.batch_size=32",
             f"job.out_dir={tmp_path}", "job.run_name=joined", "eval.enabled=false", "job.progress=false",
-            f"data.cache_dir={tmp_path / 'cache'}"]
+            f"data.source={shards}"]
     cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--address", ray_head]
     for s in sets:
         cmd += ["--set", s]
@@ -68,3 +88,4 @@ def test_train_joins_existing_cluster(ray_head, tmp_path):
     assert ray_head in out or "Connecting to existing Ray cluster" in out
     lines = (tmp_path / "joined" / "metrics.csv").read_text().splitlines()
     assert len(lines) == 1 + 6
+    assert float(lines[-1].split(",")[-1]) >= 1  # 6 steps of 2 x 32 read the 200 photos more than once

@@ -110,13 +110,17 @@ def test_builtin_samples_source(data, capsys):
 
 
 def test_refusals_are_one_line(tmp_path, data):
-    """A dataset that is not shards, one with a single class, or a max_samples below 16: a one-line error before
-    anything is decoded; `pretrain train` refuses before writing the run directory."""
+    """A dataset that is not shards, one with a single class, an unlabelled one, or a max_samples below 16: a one-line
+    error before anything is decoded; `pretrain train` refuses before writing the run directory."""
     one = _shards(tmp_path, "one", counts={"one": 30})
     with pytest.raises(ConfigError, match=r"^eval\.dataset: .*nope has no manifest\.parquet"):
         evaluate_checkpoint(data / "simclr", dataset=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"^eval\.dataset: .* has 1 class\(es\), 1 of them with >= 8 samples"):
         evaluate_checkpoint(data / "simclr", dataset=str(one))
+    unlabelled = tmp_path / "unlabelled-shards"
+    write_shards(f"images:{tmp_path / 'one'}", unlabelled, progress=False)
+    with pytest.raises(ConfigError, match=r"^eval\.dataset: .* is unlabelled \(written from images:PATH\)"):
+        evaluate_checkpoint(data / "simclr", dataset=str(unlabelled))
     with pytest.raises(ConfigError, match=r"^--max-samples: must be >= 16, got 3"):
         evaluate_checkpoint(data / "simclr", dataset=str(one), max_samples=3)
     cli = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--config",
