@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff")
 
 
 def split_shards(shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int) -> tuple[list[str], int]:

@@ -2,8 +2,9 @@
 
 A dataset directory holds:
 
-- ``shard-000000.tar``, ... : WebDataset shards; a sample is ``<key>.png`` or ``<key>.jpg`` (the bytes the source gave)
-  plus ``<key>.cls`` (the label as ASCII text) and, where the source has one, ``<key>.txt`` (the caption, UTF-8).
+- ``shard-000000.tar``, ... : WebDataset shards; a sample is ``<key>.<ext>`` (the bytes the source gave; ``ext``
+  png, jpg, webp, bmp or tiff) plus ``<key>.cls`` (the label as ASCII text; -1: unlabelled) and, where the source has
+  one, ``<key>.txt`` (the caption, UTF-8).
 - ``checksums.json``: ``{"shard-000000.tar": "<sha256 hex>", ...}``, one entry per shard.
 - ``manifest.parquet``: one row per sample, columns ``key`` (str), ``shard`` (file name, str), ``label`` (int64),
   ``bytes`` (size of the encoded image, int64), ``caption`` (str, null where the sample has none; manifests written

@@ -10,13 +10,13 @@ Source specs (strings, so they fit a YAML recipe or a CLI flag):
   captions say nothing the label does not, so CLIP on digits is supervised by the labels through text.
 - ``"samples"``: scikit-learn's two sample photos (a temple in China, a flower) cut into 64x64 colour crops on a
   32-pixel grid (456 PNGs), label = the photo: a small colour dataset for the tasks that need colour (colorization).
-- ``"folder:PATH"``: an ImageFolder-style tree ``PATH/<class>/<image>.{jpg,jpeg,png}``; labels are indices into the
-  sorted list of class (sub-folder) names. Files are stored as they are (no re-encoding). An image's caption is the
-  UTF-8 text of a ``.txt`` file beside it with the same stem (``cat.jpg`` + ``cat.txt``), if there is one.
-
-- ``"images:PATH"``: unlabelled images, every ``.jpg/.jpeg/.png`` under ``PATH`` at any depth (sub-folders mean
-  nothing), label ``UNLABELLED`` (-1) and no class names: what self-supervised pretraining needs. Captions as for
-  ``folder:``. Such a dataset trains any method but cannot be an ``eval.dataset`` (no labels to score).
+- ``"folder:PATH"``: an ImageFolder-style tree ``PATH/<class>/<image>`` (JPEG, PNG, WebP, BMP or TIFF:
+  ``IMAGE_SUFFIXES``); labels are indices into the sorted list of class (sub-folder) names. Files are stored as they
+  are (no re-encoding). An image's caption is the UTF-8 text of a ``.txt`` file beside it with the same stem
+  (``cat.jpg`` + ``cat.txt``), if there is one.
+- ``"images:PATH"``: unlabelled images, every image under ``PATH`` at any depth (sub-folders mean nothing; hidden
+  ones skipped), label ``UNLABELLED`` (-1) and no class names: what self-supervised pretraining needs. Captions as
+  for ``folder:``. Such a dataset trains any method but cannot be an ``eval.dataset`` (no labels to score).
 
 ``resolve_source`` checks a spec completely (unknown kind, missing / unreadable / empty folder) and raises a one-line
 ``ValueError`` before anything is written.
@@ -32,7 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".tif": "tiff",
+                  ".tiff": "tiff"}
+"""Image files a folder source takes (suffix, any case) -> the extension of its shard member; DALI, PIL decode all."""
+IMAGE_KINDS = "/".join(IMAGE_SUFFIXES)
 UNLABELLED = -1
 """The label of every sample of an ``images:PATH`` source."""
 
@@ -140,7 +143,7 @@ def _folder_source(spec: str, root_str: str) -> Source:
                 files.append((path, label))
     if not files:
         loose = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
-        raise ValueError(f"source {spec!r}: no .jpg/.jpeg/.png images in class sub-folders of {root}"
+        raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) in class sub-folders of {root}"
                          + (f" (unlabelled images: use 'images:{root_str}')" if loose else ""))
     # Key = index in sorted order: unique, dot-free (webdataset splits member names at the first dot) and stable.
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, _caption_file(path))
@@ -158,7 +161,7 @@ def _images_source(spec: str, root_str: str) -> Source:
                 raise ValueError(f"source {spec!r}: {path} is not readable")
             files.append(path)
     if not files:
-        raise ValueError(f"source {spec!r}: no .jpg/.jpeg/.png images under {root}")
+        raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) under {root}")
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], UNLABELLED, _caption_file(path))
              for i, path in enumerate(files)]
     return Source(spec, [], items)

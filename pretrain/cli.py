@@ -114,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("shards", help="write WebDataset tar shards + a Parquet manifest + checksums",
                         description="Write WebDataset shards from a source: 'digits' (scikit-learn, with captions), "
                         "'samples' (colour crops of scikit-learn's two sample photos), 'folder:PATH' (an "
-                        "ImageFolder-style tree of JPEG/PNG, class = sub-folder) or 'images:PATH' (every JPEG/PNG "
-                        "under PATH, unlabelled); captions from <stem>.txt files beside the images.")
+                        "ImageFolder-style tree of JPEG/PNG/WebP/BMP/TIFF, class = sub-folder) or 'images:PATH' "
+                        "(every image under PATH, unlabelled); captions from <stem>.txt files beside the images.")
     s.add_argument("--source", required=True,
                    help="digits | samples | folder:PATH (a sub-folder per class) | images:PATH (unlabelled, any depth)")
     s.add_argument("--out", type=Path, required=True, help="output directory (must not hold shards already)")

@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_pipeline import shards as shards_mod
@@ -131,6 +132,31 @@ def test_images_source_is_unlabelled_at_any_depth(tmp_path, image_tree):
     assert len(samples) == 7 and {s["label"] for s in samples} == {-1}
 
 
+def test_webp_bmp_tiff_are_read_and_decoded(tmp_path):
+    """A photo crop saved as PNG, lossless WebP, BMP and TIFF (.tif): all four are sharded under their own extension,
+    read back by the reader and decoded by the DALI graph (CPU) to the very same view."""
+    from sklearn.datasets import load_sample_images
+
+    from data_pipeline.dali import DaliAugmenter
+    from data_pipeline.views import AugmentConfig
+
+    crop = Image.fromarray(load_sample_images().images[1][100:160, 200:280])
+    (tmp_path / "imgs").mkdir()
+    for fmt, suffix, kw in [("PNG", "png", {}), ("WEBP", "webp", {"lossless": True}), ("BMP", "bmp", {}),
+                            ("TIFF", "tif", {})]:
+        crop.save(tmp_path / "imgs" / f"crop.{suffix}", format=fmt, **kw)
+    write_shards(f"images:{tmp_path / 'imgs'}", tmp_path / "ds", progress=False)
+    samples = list(read_epoch(list_shards(tmp_path / "ds"), rank=0, world_size=1, num_workers=0))
+    with tarfile.open(list_shards(tmp_path / "ds")[0]) as tar:
+        assert {m.name.rsplit(".", 1)[1] for m in tar.getmembers()} == {"png", "webp", "bmp", "tiff", "cls"}
+    dali = DaliAugmenter(AugmentConfig.disabled(mean=[0.5] * 3, std=[0.25] * 3), batch_size=4, image_size=32,
+                         channels=3, num_views=1, device="cpu")
+    views = dali([s["image"] for s in samples])[0]
+    assert views.shape == (4, 3, 32, 32)
+    for i in range(1, 4):
+        torch.testing.assert_close(views[i], views[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [
@@ -139,8 +165,8 @@ def test_images_source_is_unlabelled_at_any_depth(tmp_path, image_tree):
         ("images:", "empty folder path"),
         ("folder:/does/not/exist", "is not a directory"),
         ("images:/does/not/exist", "is not a directory"),
-        ("EMPTY", "no .jpg/.jpeg/.png images"),
-        ("LOOSE", r"no .jpg/.jpeg/.png images in class sub-folders of .*loose \(unlabelled images: use 'images:"),
+        ("EMPTY", r"no images \(.jpg/.jpeg/.png/.webp/.bmp/.tif/.tiff\)"),
+        ("LOOSE", r"no images \(.*\) in class sub-folders of .*loose \(unlabelled images: use 'images:"),
     ],
 )
 def test_bad_source_one_line_error_and_nothing_written(tmp_path, spec, match, image_tree):
