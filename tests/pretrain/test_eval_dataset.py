@@ -5,8 +5,6 @@ dataset's class names, the built-in samples source, and one-line refusals before
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -109,7 +107,7 @@ def test_builtin_samples_source(data, capsys):
     assert report["random_init"]["knn_top1"] > 0.6 and report["raw_pixels"]["knn_top1"] > 0.6
 
 
-def test_refusals_are_one_line(tmp_path, data):
+def test_refusals_are_one_line(tmp_path, data, capsys):
     """A dataset that is not shards, one with a single class, an unlabelled one, or a max_samples below 16: a one-line
     error before anything is decoded; `pretrain train` refuses before writing the run directory."""
     one = _shards(tmp_path, "one", counts={"one": 30})
@@ -123,15 +121,12 @@ def test_refusals_are_one_line(tmp_path, data):
         evaluate_checkpoint(data / "simclr", dataset=str(unlabelled))
     with pytest.raises(ConfigError, match=r"^--max-samples: must be >= 16, got 3"):
         evaluate_checkpoint(data / "simclr", dataset=str(one), max_samples=3)
-    cli = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--config",
-                          str(ROOT / "configs" / "simclr_digits.yaml"), "--dry-run", "--set", f"eval.dataset={one}",
-                          "--set", f"job.out_dir={tmp_path / 'runs'}", "--set", "job.run_name=r",
-                          "--set", f"data.cache_dir={data / 'cache'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert cli.returncode == 2
-    assert cli.stderr.strip().splitlines()[-1].startswith(f"error: eval.dataset: {one} has 1 class(es)")
+    assert main(["train", "--config", str(ROOT / "configs" / "simclr_digits.yaml"), "--dry-run", "--set",
+                 f"eval.dataset={one}", "--set", f"job.out_dir={tmp_path / 'runs'}", "--set", "job.run_name=r",
+                 "--set", f"data.cache_dir={data / 'cache'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: eval.dataset: {one} has 1 class(es), 1 of them with >= 8 samples; the evaluation needs 2 (labels are "
+        "from the manifest: with folder:PATH, a sub-folder per class)"]
     assert not (tmp_path / "runs" / "r").exists()
-    eval_cli = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(data / "simclr"),
-                               "--dataset", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120)
-    assert eval_cli.returncode == 2 and len(eval_cli.stderr.strip().splitlines()) == 1, eval_cli.stderr
+    assert main(["eval", "--checkpoint", str(data / "simclr"), "--dataset", str(tmp_path / "nope")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
