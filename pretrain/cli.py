@@ -98,16 +98,31 @@ def _parser() -> argparse.ArgumentParser:
                    "eval.finetune_epochs)")
 
     q = sub.add_parser("search", help="semantic search: the images of a shard dataset nearest to a text or an image",
-                       description="Embed every image of --data with a finished run's encoder and print the --k "
-                       "nearest to the query: --text (a CLIP run: texts and images share one space) or --image KEY "
-                       "(any run; a sample key of --data). --out writes the results as a contact sheet (PNG).")
+                       description="Embed every image of --data with a finished run's encoder (or read them from "
+                       "--index) and print the --k nearest to the query: --text (a CLIP run: texts and images share "
+                       "one space) or --image KEY (any run; a sample key of the data). --out writes the results as a "
+                       "contact sheet (PNG).")
     q.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
     what = q.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a text query (CLIP runs)")
     what.add_argument("--image", metavar="KEY", help="the key of an image of --data as the query")
-    q.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits shards)")
+    gallery = q.add_mutually_exclusive_group()
+    gallery.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits "
+                         "shards)")
+    gallery.add_argument("--index", type=Path, help="an embedding index of the data written by `pretrain embed` with "
+                         "this checkpoint (nothing is embedded again)")
     q.add_argument("--k", type=int, default=10, help="results to show (default 10)")
     q.add_argument("--out", type=Path, help="write the query's results as a PNG contact sheet")
+
+    m = sub.add_parser("embed", help="embed every image of a shard dataset into a Parquet index",
+                       description="Embed every image of --data with a finished run's encoder (whole images, resized "
+                       "and normalised as in training; undecodable ones skipped and counted) and write a Parquet file: "
+                       "key, label, caption and embedding per image, the checkpoint's sha256 and the data directory in "
+                       "its metadata. `pretrain search --index` queries it without embedding again.")
+    m.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
+    m.add_argument("--data", help="a shard directory (default: the run's data.source)")
+    m.add_argument("--out", type=Path, required=True, help="the Parquet file to write (must not exist)")
+    m.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -299,9 +314,19 @@ def cmd_search(args) -> int:
     if args.text is not None and run.encode_text is None:
         raise ConfigError(f"--text: {args.checkpoint} is a {run.cfg.method.name} run, which has no text tower "
                           "(a clip run has); query with --image KEY instead")
-    data_cfg = run.cfg.data if args.data is None else dataclasses.replace(run.cfg.data, source=args.data)
-    shards = resolve_shards(data_cfg)
-    gallery = embed_shards(run, shards)
+    if args.index is not None:
+        from data_pipeline.shards import list_shards
+        from pretrain.index import checkpoint_digest, load_gallery
+
+        gallery, meta = load_gallery(args.index)
+        if meta["checkpoint_sha256"] != checkpoint_digest(args.checkpoint):
+            raise ConfigError(f"--index: {args.index} was embedded with other weights ({meta['checkpoint']}); "
+                              f"write it again with `pretrain embed --checkpoint {args.checkpoint}`")
+        shards = list_shards(meta["data"]) if args.out is not None else []  # only the contact sheet reads images
+    else:
+        data_cfg = run.cfg.data if args.data is None else dataclasses.replace(run.cfg.data, source=args.data)
+        shards = resolve_shards(data_cfg)
+        gallery = embed_shards(run, shards)
     if args.text is not None:
         import torch
 
@@ -329,6 +354,27 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    import dataclasses
+
+    from pretrain.data import resolve_shards
+    from pretrain.index import embed_shards, load_run, save_gallery
+
+    if args.out.exists():
+        raise ConfigError(f"--out: {args.out} exists; embed writes a new file and overwrites nothing")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    run = load_run(args.checkpoint)
+    data_cfg = run.cfg.data if args.data is None else dataclasses.replace(run.cfg.data, source=args.data)
+    shards = resolve_shards(data_cfg)
+    gallery = embed_shards(run, shards, batch_size=args.batch_size)
+    save_gallery(gallery, args.out, checkpoint=args.checkpoint, data_dir=Path(shards[0]).parent)
+    print(f"Embedded {len(gallery.keys)} images of {data_cfg.source}"
+          + (f" ({gallery.corrupt} undecodable skipped)" if gallery.corrupt else "")
+          + f", {gallery.embeddings.shape[1]} dimensions each: {args.out}", flush=True)
+    return 0
+
+
 def cmd_data(args) -> int:
     from data_pipeline.shards import write_shards
 
@@ -341,7 +387,7 @@ def cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search,
+    handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search, "embed": cmd_embed,
                "data": cmd_data}[args.command]
     try:
         return handler(args)

@@ -2,9 +2,11 @@
 
 ``load_run`` rebuilds a run's encoder from its directory (``backbone.pt``; for CLIP ``model.pt``, both towers);
 ``embed_shards`` decodes every sample of a shard directory with the training recipe's size and normalisation (no
-augmentation: the whole image, resized), skipping and counting undecodable ones; ``rank`` orders the gallery for a
-query embedding. A CLIP run embeds images and texts in one space, so a caption-like text can query images; any run can
-query with one of the gallery's own images (near-duplicates, same-class neighbours).
+augmentation: the whole image, resized), skipping and counting undecodable ones; ``save_gallery`` / ``load_gallery``
+keep those embeddings as a Parquet index (``pretrain embed``), so that searches need not embed the data again;
+``rank`` orders the gallery for a query embedding. A CLIP run embeds images and texts in one space, so a caption-like
+text can query images; any run can query with one of the gallery's own images (near-duplicates, same-class
+neighbours).
 """
 
 from __future__ import annotations
@@ -74,6 +76,77 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
         raise ValueError("no decodable image in the shards")
     return Gallery(keys, np.asarray(labels, dtype=np.int64), [caption_of.get(k) for k in keys],
                    np.concatenate(chunks), images.corrupt)
+
+
+INDEX_FORMAT = b"ssl-pretrain embeddings 1"
+"""Schema metadata ``format`` of an embedding index (``save_gallery``)."""
+
+
+def checkpoint_digest(run_dir: str | Path) -> str:
+    """sha256 over the files a run's encoder is loaded from (backbone.pt, and model.pt where there is one): an index
+    embedded with other weights is told apart from one of these."""
+    import hashlib
+
+    from pretrain.evaluate import MODEL_FILE
+
+    path = Path(run_dir)
+    path = path / "backbone.pt" if path.is_dir() else path
+    digest = hashlib.sha256()
+    for file in (path, path.parent / MODEL_FILE):
+        if file.is_file():
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, data_dir: str | Path) -> Path:
+    """Write ``gallery`` as a Parquet embedding index: columns key, label, caption, embedding (fixed-size float32
+    list); schema metadata format, checkpoint (path and sha256), data (the shard directory), corrupt, dim. Written
+    beside ``path`` and renamed into place: a crash leaves no partial index."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    emb = np.ascontiguousarray(gallery.embeddings, dtype=np.float32)
+    table = pa.table({
+        "key": pa.array(gallery.keys, pa.string()),
+        "label": pa.array(gallery.labels, pa.int64()),
+        "caption": pa.array(gallery.captions, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+    }).replace_schema_metadata({
+        "format": INDEX_FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": checkpoint_digest(checkpoint), "data": str(Path(data_dir).resolve()),
+        "corrupt": str(gallery.corrupt), "dim": str(emb.shape[1])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+    return path
+
+
+def load_gallery(path: str | Path) -> tuple[Gallery, dict[str, str]]:
+    """An index written by ``save_gallery`` and its metadata; ValueError (one line) for anything else."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--index: {path} does not exist (write one with `pretrain embed`)")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+        raise ValueError(f"--index: {path} is not a Parquet file ({type(e).__name__})") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("format") != INDEX_FORMAT.decode():
+        raise ValueError(f"--index: {path} is not an embedding index written by `pretrain embed`")
+    dim = int(meta["dim"])
+    emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    gallery = Gallery(table.column("key").to_pylist(), np.asarray(table.column("label").to_pylist(), dtype=np.int64),
+                      table.column("caption").to_pylist(), emb.reshape(-1, dim).astype(np.float32, copy=False),
+                      int(meta["corrupt"]))
+    return gallery, meta
 
 
 def rank(gallery: Gallery, query: np.ndarray, k: int) -> list[tuple[int, float]]:

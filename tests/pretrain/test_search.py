@@ -68,6 +68,13 @@ def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
                  "00000000", "--k", "20"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("11 nearest of 11 images to image '00000000' (1 undecodable skipped):")
+    index = tmp_path / "ds.parquet"
+    assert main(["embed", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--out",
+                 str(index)]) == 0
+    assert f"Embedded 11 images of {tmp_path / 'ds'} (1 undecodable skipped)" in capsys.readouterr().out
+    assert main(["search", "--checkpoint", str(runs / "simclr"), "--index", str(index), "--image", "00000000", "--k",
+                 "20"]) == 0
+    assert capsys.readouterr().out == out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -82,3 +89,58 @@ def test_refusals_are_one_line(runs, capsys, args, message):
     assert message.format(simclr=runs / "simclr") in err
     assert main(["search", "--checkpoint", str(runs / "nothing"), "--image", "x"]) == 2
     assert "does not exist (expected a finished run directory" in capsys.readouterr().err
+
+
+def test_embed_writes_an_index_that_search_reads(runs, capsys, tmp_path):
+    """`pretrain embed` writes every image's key, label, caption and embedding with the checkpoint's digest; `pretrain
+    search --index` answers from it exactly as from embedding the data again (image and text queries, contact sheet)."""
+    import pyarrow.parquet as pq
+
+    from pretrain.index import checkpoint_digest
+
+    for run, query in (("simclr", ["--image", "digits_00042"]), ("clip", ["--text", "a handwritten seven"])):
+        index = tmp_path / f"{run}.parquet"
+        assert main(["embed", "--checkpoint", str(runs / run), "--out", str(index), "--batch-size", "500"]) == 0
+        assert capsys.readouterr().out.startswith("Embedded 1797 images of digits, ")
+        table = pq.read_table(index)
+        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        assert table.num_rows == 1797 and table.column_names == ["key", "label", "caption", "embedding"]
+        assert meta["checkpoint_sha256"] == checkpoint_digest(runs / run) and meta["corrupt"] == "0"
+        gallery = embed_shards(load_run(runs / run), resolve_shards(load_run(runs / run).cfg.data))
+        np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                                   gallery.embeddings, rtol=0, atol=1e-6)
+        assert table.column("key").to_pylist() == gallery.keys
+        answers = []
+        for source in (["--index", str(index), "--out", str(tmp_path / f"{run}.png")], []):
+            assert main(["search", "--checkpoint", str(runs / run), *query, "--k", "5", *source]) == 0
+            answers.append(capsys.readouterr().out.split("Contact sheet:")[0])
+        assert answers[0] == answers[1] and len(_table(answers[0])) == 5
+        assert (tmp_path / f"{run}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_index_refusals_are_one_line(runs, capsys, tmp_path):
+    """An existing --out is left alone; an index of other weights, or a file that is no index, is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    taken = tmp_path / "taken.parquet"
+    taken.write_bytes(b"mine")
+    assert main(["embed", "--checkpoint", str(runs / "simclr"), "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out: {taken} exists; embed writes a new file and overwrites " \
+                                              "nothing"
+    assert taken.read_bytes() == b"mine"
+    index = tmp_path / "simclr.parquet"
+    assert main(["embed", "--checkpoint", str(runs / "simclr"), "--out", str(index)]) == 0
+    write_run(tmp_path / "other", "simclr_digits.yaml", runs / "cache", "model.backbone_kwargs={width: 0.25}",
+              "job.seed=1")
+    capsys.readouterr()
+    assert main(["search", "--checkpoint", str(tmp_path / "other"), "--image", "digits_00001", "--index",
+                 str(index)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --index: {index} was embedded with other weights")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "plain.parquet")
+    for bad, message in ((tmp_path / "plain.parquet", "is not an embedding index written by `pretrain embed`"),
+                         (taken, "is not a Parquet file"), (tmp_path / "none.parquet", "does not exist")):
+        assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "x", "--index", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --index: {bad} {message}") and "\n" not in err, err
