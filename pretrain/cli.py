@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--data", help="a shard directory (default: the run's data.source)")
     m.add_argument("--out", type=Path, required=True, help="the Parquet file to write (must not exist)")
     m.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    for cmd in (q, m):
+        cmd.add_argument("--device", default="auto", help="where the encoder runs: auto (a GPU if there is one), cpu, "
+                       "cuda, cuda:1, ... (default auto)")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -310,7 +313,7 @@ def cmd_search(args) -> int:
 
     if args.k < 1:
         raise ConfigError(f"--k: must be >= 1, got {args.k}")
-    run = load_run(args.checkpoint)
+    run = load_run(args.checkpoint, _device(args.device))
     if args.text is not None and run.encode_text is None:
         raise ConfigError(f"--text: {args.checkpoint} is a {run.cfg.method.name} run, which has no text tower "
                           "(a clip run has); query with --image KEY instead")
@@ -331,7 +334,7 @@ def cmd_search(args) -> int:
         import torch
 
         with torch.no_grad():
-            query = run.encode_text([args.text])[0].float().numpy()
+            query = run.encode_text([args.text])[0].float().cpu().numpy()
         title = f"text {args.text!r}"
     else:
         if args.image not in gallery.keys:
@@ -354,6 +357,23 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _device(spec: str) -> str:
+    """``--device``, checked: auto, cpu, cuda or cuda:N of a GPU this machine has."""
+    import torch
+
+    if spec in ("auto", "cpu"):
+        return spec
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"--device: {spec!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type != "cuda":
+        raise ConfigError(f"--device: {spec!r} is not a device (auto, cpu, cuda, cuda:N)")
+    if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device: {spec} is not on this machine ({torch.cuda.device_count()} GPUs)")
+    return spec
+
+
 def cmd_embed(args) -> int:
     import dataclasses
 
@@ -364,7 +384,7 @@ def cmd_embed(args) -> int:
         raise ConfigError(f"--out: {args.out} exists; embed writes a new file and overwrites nothing")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    run = load_run(args.checkpoint)
+    run = load_run(args.checkpoint, _device(args.device))
     data_cfg = run.cfg.data if args.data is None else dataclasses.replace(run.cfg.data, source=args.data)
     shards = resolve_shards(data_cfg)
     gallery = embed_shards(run, shards, batch_size=args.batch_size)

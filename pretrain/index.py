@@ -27,10 +27,13 @@ class Run:
     """images (B, C, S, S) -> (B, E)"""
     encode_text: object | None
     """texts -> (B, E), or None for a method without a text tower"""
+    device: torch.device = torch.device("cpu")
+    """where the encoders' weights are: images go there"""
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """The trained encoder(s) of a finished run directory (ValueError naming what is missing)."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
+    """The trained encoder(s) of a finished run directory on ``device`` ("auto": the GPU where there is one), in eval
+    mode (ValueError naming what is missing)."""
     from pretrain.evaluate import load_run_files
     from pretrain.trainer import build_method
 
@@ -40,10 +43,13 @@ def load_run(run_dir: str | Path) -> Run:
         method.load_state_dict(method_state)
     else:
         method.backbone.load_state_dict(backbone_state)
-    method.eval()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    method.to(device).eval()
     if hasattr(method, "encode_text"):
-        return Run(cfg, method.encode_image, method.encode_text)
-    return Run(cfg, method.backbone, None)
+        return Run(cfg, method.encode_image, method.encode_text, device)
+    return Run(cfg, method.backbone, None, device)
 
 
 @dataclass
@@ -69,7 +75,7 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
     images = ShardImages(run.cfg)
     keys, labels, chunks = [], [], []
     for samples, x in images.batches(shards, batch_size=batch_size):
-        chunks.append(run.encode_image(x).float().cpu().numpy())
+        chunks.append(run.encode_image(x.to(run.device, non_blocking=True)).float().cpu().numpy())
         keys.extend(s["key"] for s in samples)
         labels.extend(s["label"] for s in samples)
     if not keys:

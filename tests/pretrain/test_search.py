@@ -52,7 +52,8 @@ def test_text_query_ranks_the_gallery_by_cosine(runs, capsys, tmp_path):
 
 
 def test_image_query_finds_itself_first(runs, capsys):
-    assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "digits_00042", "--k", "3"]) == 0
+    assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "digits_00042", "--k", "3", "--device",
+                 "cpu"]) == 0
     rows = _table(capsys.readouterr().out)
     assert rows[0][3] == "digits_00042" and float(rows[0][1]) == pytest.approx(1.0, abs=1e-4)
     assert float(rows[1][1]) <= float(rows[0][1])
@@ -81,6 +82,8 @@ def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
     (["--text", "seven"], "--text: {simclr} is a simclr run, which has no text tower"),
     (["--image", "nope"], "--image: no decodable sample with key 'nope'"),
     (["--image", "digits_00001", "--k", "0"], "--k: must be >= 1"),
+    (["--image", "digits_00001", "--device", "tpu"], "--device: 'tpu' is not a device (auto, cpu, cuda, cuda:N)"),
+    (["--image", "digits_00001", "--device", "cuda:7"], "--device: cuda:7 is not on this machine"),
 ])
 def test_refusals_are_one_line(runs, capsys, args, message):
     assert main(["search", "--checkpoint", str(runs / "simclr"), *args]) == 2
