@@ -74,7 +74,7 @@ def load_encoder(run: str | Path, *, device: str | torch.device = "cpu") -> Enco
     names what is missing."""
     from pretrain.index import load_run
 
-    loaded = load_run(run)
+    loaded = load_run(run, device)
     if loaded.encode_text is None:  # the backbone itself
         return Encoder(loaded.cfg, loaded.encode_image).to(device).eval()
     model = loaded.encode_image.__self__  # CLIP: bound methods of the whole model (towers and projections)
