@@ -147,3 +147,15 @@ def test_index_refusals_are_one_line(runs, capsys, tmp_path):
         assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "x", "--index", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: --index: {bad} {message}") and "\n" not in err, err
+
+
+def test_unlabelled_images_show_no_label(runs, capsys, tmp_path):
+    """A gallery of unlabelled images (images:PATH) lists '-' for the label."""
+    from tests.data_pipeline.conftest import make_image_tree
+
+    root = make_image_tree(tmp_path / "imgs", classes={"": 4, "deep/er": 3})
+    write_shards(f"images:{root}", tmp_path / "ds", progress=False)
+    assert main(["search", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--image",
+                 "00000000", "--k", "7"]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert len(rows) == 7 and {r[2] for r in rows} == {"-"}
