@@ -57,42 +57,47 @@ class ShardImages:
     augmentation), in batches; ``corrupt`` counts the samples that did not decode (skipped)."""
 
     def __init__(self, cfg: Config):
-        from data_pipeline.cpu import PilAugmenter
-        from data_pipeline.views import AugmentConfig
-
-        d = cfg.data
-        mean, std = d.aug.channel_stats(d.channels)
-        self._views = PilAugmenter(AugmentConfig.disabled(mean=mean, std=std), image_size=d.image_size,
-                                   channels=d.channels, num_views=1)
+        self.cfg = cfg
         self.corrupt = 0
 
     def batches(self, shards: list[str], *, batch_size: int = 256,
                 keep: set[str] | None = None) -> Iterator[tuple[list[dict], Tensor]]:
         """``(samples, images (B, C, S, S))`` over every sample of ``shards`` in shard order (those whose key is in
         ``keep``, if given); a batch holds the samples that decoded."""
+        from data_pipeline.cpu import PilAugmenter
         from data_pipeline.reader import read_epoch
+        from data_pipeline.views import AugmentConfig
 
-        pending: list[dict] = []
-        for sample in read_epoch(shards, rank=0, world_size=1, num_workers=0):
-            if keep is not None and sample["key"] not in keep:
-                continue
-            pending.append(sample)
-            if len(pending) == batch_size:
-                yield from self._decode(pending)
-                pending = []
-        if pending:
-            yield from self._decode(pending)
-
-    def _decode(self, batch: list[dict]) -> Iterator[tuple[list[dict], Tensor]]:
+        d = self.cfg.data
+        mean, std = d.aug.channel_stats(d.channels)
+        views = PilAugmenter(AugmentConfig.disabled(mean=mean, std=std), image_size=d.image_size,
+                             channels=d.channels, num_views=1)
         try:
-            yield batch, self._views([s["image"] for s in batch])[0]
-            return
+            pending: list[dict] = []
+            for sample in read_epoch(shards, rank=0, world_size=1, num_workers=0):
+                if keep is not None and sample["key"] not in keep:
+                    continue
+                pending.append(sample)
+                if len(pending) == batch_size:
+                    yield from self._decode(views, pending)
+                    pending = []
+            if pending:
+                yield from self._decode(views, pending)
+        finally:
+            views.close()
+
+    def _decode(self, views, batch: list[dict]) -> Iterator[tuple[list[dict], Tensor]]:
+        try:
+            x = views([s["image"] for s in batch])[0]
         except Exception:  # noqa: BLE001 - some image in the batch does not decode: find which, one by one
-            pass
+            x = None
+        if x is not None:
+            yield batch, x
+            return
         good, xs = [], []
         for s in batch:
             try:
-                xs.append(self._views([s["image"]])[0])
+                xs.append(views([s["image"]])[0])
                 good.append(s)
             except Exception:  # noqa: BLE001 - PIL raises several types for broken files
                 self.corrupt += 1
