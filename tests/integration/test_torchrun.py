@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pretrain.cli import main
 from tests.util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,13 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 def _dry_run(tmp_path: Path, name: str, sets: list[str], recipe: Path = RECIPE) -> Path:
-    """`pretrain train --dry-run`: the run directory with its config, nothing trained."""
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(recipe), "--dry-run"]
+    """`pretrain train --dry-run` (in this process: it only checks and writes): the run directory with its config,
+    nothing trained."""
+    args = ["train", "--config", str(recipe), "--dry-run"]
     for s in [f"job.out_dir={tmp_path}", f"job.run_name={name}", "eval.enabled=false", "job.progress=false",
               f"data.cache_dir={tmp_path / 'cache'}", *sets]:
-        cmd += ["--set", s]
-    dry = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0, dry.stderr
+        args += ["--set", s]
+    assert main(args) == 0
     return tmp_path / name
 
 
@@ -100,7 +101,7 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
             assert loss == pytest.approx(parts["cls_loss"][step] + parts["patch_loss"][step], rel=1e-5)
 
 
-def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path):
+def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
     """`pretrain train --dry-run` writes the run, 2 torchrun processes train it (both ZeRO partitions checkpointed).
     CLIP through the real loop on 2 ranks: the captions ride with their images from the shards, each rank contrasts
     its pairs with both ranks' (gathered) embeddings, the loss falls, the learned logit scale is tracked, the whole
@@ -130,16 +131,14 @@ def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path):
     assert client.get_run(run_id).data.metrics["eval/zeroshot_top1"] == pytest.approx(report["zeroshot_top1"])
 
     out = tmp_path / "again.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(run), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "zeroshot_top1" in proc.stdout
+    assert main(["eval", "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert "zeroshot_top1" in capsys.readouterr().out
     again = json.loads(out.read_text())
     assert again["zeroshot_top1"] == report["zeroshot_top1"]
     assert again["random_init"]["zeroshot_top1"] == report["random_init"]["zeroshot_top1"]
 
 
-def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path):
+def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path, capsys):
     """BEiT's two stages through the real loop on 2 ranks. A vqvae run saves its whole tokenizer (model.pt)
     with a live codebook, its codebook statistics tracked; a BEiT dry run for other images is refused in one line
     naming the key; BEiT on that tokenizer trains (its loss falls from about ln 64), killed after a checkpoint and
@@ -158,13 +157,11 @@ def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path):
     assert len(usage) == 20 and usage[-1].value > 0.5, [m.value for m in usage]
 
     beit = ROOT / "configs" / "beit_digits.yaml"
-    refused = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--config", str(beit), "--dry-run",
-                              "--set", f"job.out_dir={tmp_path}", "--set", f"method.tokenizer={tok}",
-                              "--set", "method.vocab_size=64", "--set", "data.image_size=32"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2, refused.stderr
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: data.image_size: 32 differs from the "
-                                                               "tokenizer's 16")
+    capsys.readouterr()
+    assert main(["train", "--config", str(beit), "--dry-run", "--set", f"job.out_dir={tmp_path}", "--set",
+                 f"method.tokenizer={tok}", "--set", "method.vocab_size=64", "--set", "data.image_size=32"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data.image_size: 32 differs from the "
+                                                                       "tokenizer's 16")
     run = _dry_run(tmp_path, "beit", ["job.max_steps=24", "job.log_every=1", "job.ckpt_every=12",
                                       "optim.warmup_steps=2", "data.batch_size=64", "method.vocab_size=64", small,
                                       f"method.tokenizer={tok}"], beit)
@@ -177,7 +174,6 @@ def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path):
     again = _torchrun(cut)  # the tokenizer, loaded on the first step after the resume, draws no randomness
     assert "at step 12" in again.stdout and _losses(cut) == expected
     shutil.rmtree(tok)
-    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(run)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "knn_top1" in proc.stdout and (run / "eval.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    assert "knn_top1" in capsys.readouterr().out and (run / "eval.json").is_file()
