@@ -1,10 +1,13 @@
-"""The `pretrain` console script: data shards and argument errors."""
+"""The `pretrain` console script: data shards and argument errors (the process itself where its exit status and
+streams are the point, `pretrain.cli.main` in this process elsewhere)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from pretrain.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,52 +17,59 @@ def _run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def test_data_shards_digits(tmp_path):
     """`pretrain data shards --source digits` writes every digit once, in shards of the requested size."""
     out = tmp_path / "digits"
-    proc = _run("data", "shards", "--source", "digits", "--out", str(out), "--shard-size", "500", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
+    assert main(["data", "shards", "--source", "digits", "--out", str(out), "--shard-size", "500",
+                 "--no-progress"]) == 0
     table = pq.read_table(out / "manifest.parquet")
     assert table.num_rows == 1797 and len(set(table.column("key").to_pylist())) == 1797
     assert sorted(p.name for p in out.glob("*.tar")) == [f"shard-{i:06d}.tar" for i in range(4)]
 
 
-def test_data_shards_refuses_existing_output(tmp_path):
+def test_data_shards_refuses_existing_output(tmp_path, capsys):
     """Writing shards over an existing dataset is refused in one line; the old files stay."""
     out = tmp_path / "digits"
-    assert _run("data", "shards", "--source", "digits", "--out", str(out), "--no-progress").returncode == 0
+    assert main(["data", "shards", "--source", "digits", "--out", str(out), "--no-progress"]) == 0
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
-    proc = _run("data", "shards", "--source", "digits", "--out", str(out), "--no-progress")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "already exists" in proc.stderr
+    capsys.readouterr()
+    assert main(["data", "shards", "--source", "digits", "--out", str(out), "--no-progress"]) == 2
+    assert "already exists" in _one_line_error(capsys)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
 def test_bad_source_is_one_line(tmp_path):
-    """An unknown source spec exits 2 with one line naming it."""
+    """An unknown source spec: the process exits 2 with one line on stderr naming it."""
     proc = _run("data", "shards", "--source", "imagenet", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "imagenet" in proc.stderr
 
 
-def test_eval_missing_checkpoint(tmp_path):
+def test_eval_missing_checkpoint(tmp_path, capsys):
     """`pretrain eval` on a path without backbone.pt says so in one line."""
-    proc = _run("eval", "--checkpoint", str(tmp_path))
-    assert proc.returncode == 2 and "backbone.pt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert "backbone.pt" in _one_line_error(capsys)
 
 
-def test_resume_of_a_non_run(tmp_path):
+def test_resume_of_a_non_run(tmp_path, capsys):
     """--resume of a directory without config.yaml is refused before anything starts."""
-    proc = _run("train", "--resume", str(tmp_path))
-    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in _one_line_error(capsys)
 
 
-def test_existing_run_dir_is_not_overwritten(tmp_path):
+def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
     """A new run into an existing run directory is refused; its files stay untouched."""
     run = tmp_path / "r1"
     run.mkdir()
     (run / "config.yaml").write_text("keep: me\n")
-    proc = _run("train", "--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r1")
-    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert main(["train", "--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r1"]) == 2
+    assert "--resume" in _one_line_error(capsys)
     assert (run / "config.yaml").read_text() == "keep: me\n"
 
 
@@ -67,5 +77,5 @@ def test_help_lists_subcommands():
     """--help explains each subcommand."""
     proc = _run("--help")
     assert proc.returncode == 0
-    for word in ("train", "eval", "data"):
+    for word in ("train", "eval", "search", "embed", "data", "submit"):
         assert word in proc.stdout
