@@ -32,6 +32,17 @@ class TrainingFailed(RuntimeError):
     """A worker raised; the run directory keeps every checkpoint reported before it."""
 
 
+def _first_failure(error: Exception) -> str:
+    """``": rank R: <its exception's last line>"`` for the lowest rank that raised (what went wrong, in the one line the
+    CLI prints), or "" when Ray names no worker."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return ""
+    rank, failure = min(failures.items(), key=lambda item: item[0])
+    lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+    return f": rank {rank}: {lines[-1]}" if lines else ""
+
+
 class RaySession:
     """:class:`pretrain.trainer.Session` on top of ``ray.train``."""
 
@@ -124,5 +135,6 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
         try:
             return trainer.fit()
         except ray.train.TrainingFailedError as e:  # the workers' traceback is already in the log above
-            raise TrainingFailed(f"training failed on the workers ({type(e).__name__}); see their log above") from e
+            raise TrainingFailed(f"training failed on the workers ({type(e).__name__}{_first_failure(e)}); see their "
+                                 "log above") from e
 

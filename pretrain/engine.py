@@ -81,12 +81,31 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
         self.weight_decay = weight_decay_at(cfg)
+        self.peak_lr, self.betas = cfg.optim.lr, tuple(cfg.optim.betas)
         super().__init__(optimizer, lr_lambda(cfg))
+
+    def follow_config(self) -> None:
+        """After a checkpoint is loaded: the peak learning rate and Adam's betas of this run's config, not of the run
+        that saved it (a run resumed with another ``optim.lr`` uses it), and the learning rate for the coming step from
+        them; unchanged values give back exactly what was saved."""
+        self.base_lrs = [self.peak_lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.lr_lambdas):
+            group["initial_lr"], group["lr"], group["betas"] = self.peak_lr, self.peak_lr * factor(self.last_epoch), \
+                self.betas
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    CONFIG_VALUES = ("weight_decay", "peak_lr", "betas")
+    """Functions and values of the config, like lr_lambdas: rebuilt from the running config, never saved or loaded."""
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.pop("weight_decay")  # a function of the config, like lr_lambdas: rebuilt, not saved
+        for name in self.CONFIG_VALUES:
+            state.pop(name, None)
         return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = {k: v for k, v in state_dict.items() if k not in self.CONFIG_VALUES}
+        super().load_state_dict(state_dict)
 
     def get_lr(self) -> list[float]:
         for group in self.optimizer.param_groups:
@@ -136,6 +155,7 @@ def load_checkpoint(engine, directory: str | Path) -> dict:
     path, client_state = engine.load_checkpoint(str(directory), tag=CKPT_TAG)
     if path is None:
         raise RuntimeError(f"no DeepSpeed checkpoint under {directory}/{CKPT_TAG}")
+    engine.lr_scheduler.follow_config()  # after the optimizer's state, which ZeRO loads last
     return client_state
 
 

@@ -175,13 +175,14 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             t_last = now
 
             last = step == cfg.job.max_steps
-            if step % cfg.job.log_every == 0 or last:
-                metrics = _flush(pending, engine, cfg, world, tracker, history, stream.stats)
+            checkpoint = step % cfg.job.ckpt_every == 0 or last
+            if step % cfg.job.log_every == 0 or checkpoint:  # flushed before a checkpoint: a non-finite loss stops
+                metrics = _flush(pending, engine, cfg, world, tracker, history, stream.stats)  # the run before it
                 pending.clear()
                 if bar is not None:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}")
-            if step % cfg.job.ckpt_every == 0 or last:
+            if checkpoint:
                 _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank)
     except BaseException:
         tracker.finish("FAILED")
@@ -246,6 +247,7 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
     # patch_loss, go to MLflow beside the loss)
     values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
     names = list(pending[0][1])
+    _stop_if_not_finite(pending, [row[names.index("loss")] for row in values], world)
     lr = engine.get_lr()[0]
     for (step, _, seconds, epoch), row in zip(pending, values):
         per_worker = cfg.data.batch_size / max(seconds, 1e-9)
@@ -261,6 +263,28 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
         history.add(step, metrics)
     tracker.log_metrics({f"data_{k}": float(v) for k, v in data_stats.items()}, step=pending[-1][0])
     return metrics
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stopped being a finite number; the run stops before it checkpoints that state."""
+
+
+def _stop_if_not_finite(pending, losses: list[float], world: int) -> None:
+    """NonFiniteLoss on every rank (one all-reduce: the ranks stop together, none left waiting in a collective) if any
+    rank's loss of the ``pending`` steps is inf or NaN, naming the first such step."""
+    import math
+
+    first = next((p[0] for p, loss in zip(pending, losses) if not math.isfinite(loss)), None)
+    never = pending[-1][0] + 1
+    step = torch.tensor([float(first or never)], device=pending[0][1]["loss"].device)
+    if world > 1:
+        torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+    bad = int(step.item())
+    if bad != never:
+        mine = losses[bad - pending[0][0]]
+        raise NonFiniteLoss(f"the loss is not finite at step {bad} (rank {dist.rank()}'s: {mine}); the run stopped "
+                            "before checkpointing that state: resume from its last checkpoint with a lower optim.lr "
+                            "or more optim.warmup_steps")
 
 
 def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int) -> None:

@@ -71,7 +71,8 @@ def _killed_after(whole: Path, step: int) -> Path:
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra):
     """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch) while copying its step-10 one,
     a run resumed to step 12 starts at step 5 and logs the very losses of the uninterrupted run, also past the epoch
-    boundary: same samples, augmentations and RNG (for iBOT the same teacher, centers, schedules and masks)."""
+    boundary: same samples, augmentations and RNG (for iBOT the same teacher, centers, schedules and masks). SimCLR's
+    run then diverges on purpose (_diverging_continuation_stops_before_checkpointing)."""
     whole = _dry_run(tmp_path, "whole", ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5",
                                          "optim.warmup_steps=2", "data.batch_size=128", "data.num_loader_workers=2",
                                          *extra], recipe)
@@ -99,6 +100,27 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
         assert sorted(parts["patch_loss"]) == list(range(1, 13))
         for step, loss in parts["loss"].items():
             assert loss == pytest.approx(parts["cls_loss"][step] + parts["patch_loss"][step], rel=1e-5)
+    else:
+        _diverging_continuation_stops_before_checkpointing(cut)
+
+
+def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:
+    """The finished run continued to step 20 at a learning rate of 1e20: the loss goes NaN at step 14 (step 13's
+    update is the first at that rate) on both ranks, which stop together at the flush before the step-15 checkpoint,
+    exit non-zero naming the step, and leave the checkpoints and losses already written as they were."""
+    before = (_losses(run), sorted(p.name for p in (run / "checkpoints").iterdir()))
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "optim.lr=1e20", "--set",
+                 "job.max_steps=20"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (f"[rank{rank}]: pretrain.trainer.NonFiniteLoss: the loss is not finite at step 14 (rank {rank}'s: "
+                "nan); the run stopped before checkpointing that state") in proc.stderr, proc.stderr[-3000:]
+    after = _losses(run)
+    assert {s: after[s] for s in before[0]} == before[0] and sorted(after) == list(range(1, 14))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before[1]
 
 
 def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):

@@ -148,7 +148,8 @@ def test_eval_command_reproduces_the_report(trained):
 
 
 def test_worker_failure_is_reported_and_run_kept(tmp_path):
-    """A worker that raises (a batch larger than its share of the data) ends the command with status 1 and one line."""
+    """A worker that raises (a batch larger than its share of the data) ends the command with status 1 and one line
+    that says why."""
     sets = [f"--set={s}" for s in ["data.batch_size=1500", "job.max_steps=5", "optim.warmup_steps=1",
                                     f"job.out_dir={tmp_path}", "job.run_name=fails", "job.progress=false",
                                     "data.cache_dir=" + str(tmp_path / "cache")]]
@@ -157,5 +158,6 @@ def test_worker_failure_is_reported_and_run_kept(tmp_path):
     text = log.read_text()
     assert proc.returncode == 1, text[-3000:]
     assert "gave no full batch of 1500" in text
-    assert text.strip().splitlines()[-1].startswith("error: training failed on the workers")
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: training failed on the workers") and "gave no full batch of 1500" in last, last
     assert (tmp_path / "fails" / "config.yaml").is_file()

@@ -19,10 +19,10 @@ WORLD = 2
 
 
 
-def _cfg(stage: int, precision: str):
+def _cfg(stage: int, precision: str, *extra: str):
     return load_config(RECIPE, [f"zero.stage={stage}", f"zero.precision={precision}", "data.batch_size=8",
                                 "job.max_steps=10", "optim.warmup_steps=2", "optim.weight_decay_end=0.5",
-                                "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32"])
+                                "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32", *extra])
 
 
 CASES = ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"))
@@ -65,10 +65,16 @@ def _one_stage(stage, precision, ckpt, out, build_engine, build_method, full_sta
     fresh = build_engine(build_method(cfg, distributed=True), cfg)
     state = load_checkpoint(fresh, ckpt)
     restored = full_state_dict(fresh, fresh.module.backbone)
+    # resumed under a config with another peak learning rate and betas: those are the new config's
+    changed = _cfg(stage, precision, "optim.lr=0.5", "optim.betas=[0.8, 0.9]")
+    other = build_engine(build_method(changed, distributed=True), changed)
+    load_checkpoint(other, ckpt)
     if rank == 0:
         torch.save({"trained": trained, "restored": restored, "state": state, "losses": losses, "lr": lr_after,
                     "lr_restored": fresh.get_lr()[0], "wd": wd_after,
-                    "wd_restored": [g["weight_decay"] for g in fresh.optimizer.param_groups]}, out)
+                    "wd_restored": [g["weight_decay"] for g in fresh.optimizer.param_groups],
+                    "peak_lr": cfg.optim.lr, "lr_changed": other.get_lr(),
+                    "betas_changed": [g["betas"] for g in other.optimizer.param_groups]}, out)
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +86,18 @@ def results(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("stage, precision", CASES)
 def test_zero_stage_trains_saves_and_restores(stage, precision, results):
-    """Each ZeRO stage trains 3 steps on 2 ranks; a fresh engine loads the checkpoint: same weights, LR and step."""
+    """Each ZeRO stage trains 3 steps on 2 ranks; a fresh engine loads the checkpoint: same weights, LR and step; one
+    built from a config with another peak LR and betas loads it and goes on with those."""
     r = torch.load(results / f"result{stage}-{precision}.pt", weights_only=False)
     assert r["state"]["step"] == 3
     assert all(math.isfinite(x) for x in r["losses"])
     assert r["trained"].keys() == r["restored"].keys()
     for k, v in r["trained"].items():
         assert torch.equal(v, r["restored"][k]), k
-    assert r["lr_restored"] == pytest.approx(r["lr"])
+    assert r["lr_restored"] == r["lr"]
+    # a run resumed with another optim.lr / optim.betas trains with those (the schedule's step comes back)
+    assert r["lr_changed"] == pytest.approx([r["lr"] * 0.5 / r["peak_lr"]] * 2)
+    assert r["betas_changed"] == [(0.8, 0.9)] * 2
     # the decaying group's weight decay follows its schedule inside the ZeRO optimizer, and comes back with it
     from pretrain.engine import weight_decay_at
 
