@@ -168,6 +168,7 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
                 f"job.num_workers: the checkpoints of {run_dir.name} are ZeRO partitions of {before.job.num_workers} "
                 f"workers and cannot be loaded by {cfg.job.num_workers}"
             )
+        _check_same_structure(before, cfg, run_dir.name)
         return cfg, run_dir
     cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -175,6 +176,20 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}")
     return cfg, run_dir
+
+
+def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
+    """ConfigError for a resume override that changes what the checkpoints hold (the method, the model, the ZeRO
+    stage): they would not load, and the workers would fail only after starting."""
+    from pretrain.config import to_dict
+
+    old, new = to_dict(before), to_dict(cfg)
+    keys = [("method", "name"), ("zero", "stage")] + [("model", k) for k in sorted(old["model"])]
+    for section, key in keys:
+        was, now = old[section].get(key), new[section].get(key)
+        if was != now:
+            raise ConfigError(f"{section}.{key}: the checkpoints of {name} were saved with {was!r}, and {now!r} cannot "
+                              "load them; start a new run for it")
 
 
 def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:

@@ -79,3 +79,22 @@ def test_help_lists_subcommands():
     assert proc.returncode == 0
     for word in ("train", "eval", "search", "embed", "data", "submit"):
         assert word in proc.stdout
+
+
+def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, capsys):
+    """A resume override of the method, the model or the ZeRO stage is refused in one line before anything starts
+    (the checkpoints would not load); the run's config stays as it was. Other overrides are taken."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--dry-run", *sets]) == 0
+    run = tmp_path / "r"
+    saved = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    for override, message in [("zero.stage=3", "zero.stage: the checkpoints of r were saved with 2, and 3 cannot load "
+                                               "them; start a new run for it"),
+                              ("method.name=byol", "method.name: the checkpoints of r were saved with 'simclr'"),
+                              ("model.proj_out_dim=64", "model.proj_out_dim: the checkpoints of r were saved with")]:
+        assert main(["train", "--resume", str(run), "--dry-run", "--set", override]) == 2
+        assert _one_line_error(capsys).startswith(f"error: {message}")
+        assert (run / "config.yaml").read_text() == saved
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "optim.lr=1e-4"]) == 0
+    assert "lr: 0.0001" in (run / "config.yaml").read_text()
