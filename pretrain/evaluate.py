@@ -31,15 +31,18 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     """The frozen-feature protocols (pretrain.eval.protocols) on ``eval.dataset`` (pretrain.eval.dataset) for the
     trained weights, the random init and raw pixels; with ``eval.finetune_epochs`` also fine-tuning of both; with
     ``method_state`` (the whole trained CLIP) also zero-shot top-1 on the test split, trained and at random init (a
-    method with a text tower), the dataset's class names in its prompt templates. ``report["data"]`` says what was
+    method with a text tower), the dataset's class names in its prompt templates. The encoders run on the GPU where
+    there is one. ``report["data"]`` says what was
     evaluated: dataset, samples, classes, undecodable samples skipped, classes left out."""
     from pretrain.trainer import build_method
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU node, its (current) GPU
     trained = random_init_backbone(cfg)
     trained.load_state_dict(state_dict)
+    trained.to(device)
     data = load_eval_set(cfg)
     images, labels = data.images, data.labels
-    random_init = random_init_backbone(cfg)
+    random_init = random_init_backbone(cfg).to(device)
     report = evaluate_encoder(trained, random_init, images, labels, seed=0)
     if cfg.eval.finetune_epochs:
         train, test = split_indices(labels, seed=0)
@@ -48,7 +51,7 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
                                                     epochs=cfg.eval.finetune_epochs, seed=0)
     if method_state is not None and METHODS[cfg.method.name].needs_text:
         test = split_indices(labels, seed=0)[1]
-        model = build_method(cfg, distributed=False)
+        model = build_method(cfg, distributed=False).to(device)
         report["random_init"]["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], data.classes,
                                                                data.prompts)
         model.load_state_dict(method_state)

@@ -32,7 +32,7 @@ def finetune_top1(encoder: nn.Module, train_images: torch.Tensor, train_y, test_
     gen = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(encoder)
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # the head's init, dropout / drop-path draws: seeded, without touching the caller's RNG
         head = nn.Linear(model.embed_dim, classes).to(device)
         net = nn.Sequential(model, head)
