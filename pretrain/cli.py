@@ -319,11 +319,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_search(args) -> int:
-    import dataclasses
 
     import numpy as np
 
-    from pretrain.data import resolve_shards
     from pretrain.index import embed_shards, load_run, rank
 
     if args.k < 1:
@@ -342,8 +340,7 @@ def cmd_search(args) -> int:
                               f"write it again with `pretrain embed --checkpoint {args.checkpoint}`")
         shards = list_shards(meta["data"]) if args.out is not None else []  # only the contact sheet reads images
     else:
-        data_cfg = run.cfg.data if args.data is None else dataclasses.replace(run.cfg.data, source=args.data)
-        shards = resolve_shards(data_cfg)
+        shards = _data_shards(run, args.data)
         gallery = embed_shards(run, shards)
     if args.text is not None:
         import torch
@@ -381,18 +378,24 @@ def _device(spec: str) -> str:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"--device: {spec!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type != "cuda":
+        device = None
+    if device is None or device.type != "cuda":
         raise ConfigError(f"--device: {spec!r} is not a device (auto, cpu, cuda, cuda:N)")
     if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device: {spec} is not on this machine ({torch.cuda.device_count()} GPUs)")
     return spec
 
 
-def cmd_embed(args) -> int:
+def _data_shards(run, data: str | None) -> list[str]:
+    """The shards of ``--data`` (a built-in source or a shard directory), else of the run's own ``data.source``."""
     import dataclasses
 
     from pretrain.data import resolve_shards
+
+    return resolve_shards(run.cfg.data if data is None else dataclasses.replace(run.cfg.data, source=data))
+
+
+def cmd_embed(args) -> int:
     from pretrain.index import embed_shards, load_run, save_gallery
 
     if args.out.exists():
@@ -400,11 +403,10 @@ def cmd_embed(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
     run = load_run(args.checkpoint, _device(args.device))
-    data_cfg = run.cfg.data if args.data is None else dataclasses.replace(run.cfg.data, source=args.data)
-    shards = resolve_shards(data_cfg)
+    shards = _data_shards(run, args.data)
     gallery = embed_shards(run, shards, batch_size=args.batch_size)
     save_gallery(gallery, args.out, checkpoint=args.checkpoint, data_dir=Path(shards[0]).parent)
-    print(f"Embedded {len(gallery.keys)} images of {data_cfg.source}"
+    print(f"Embedded {len(gallery.keys)} images of {args.data or run.cfg.data.source}"
           + (f" ({gallery.corrupt} undecodable skipped)" if gallery.corrupt else "")
           + f", {gallery.embeddings.shape[1]} dimensions each: {args.out}", flush=True)
     return 0
