@@ -90,8 +90,7 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         them; unchanged values give back exactly what was saved."""
         self.base_lrs = [self.peak_lr] * len(self.optimizer.param_groups)
         for group, factor in zip(self.optimizer.param_groups, self.lr_lambdas):
-            group["initial_lr"], group["lr"], group["betas"] = self.peak_lr, self.peak_lr * factor(self.last_epoch), \
-                self.betas
+            group.update(initial_lr=self.peak_lr, lr=self.peak_lr * factor(self.last_epoch), betas=self.betas)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     CONFIG_VALUES = ("weight_decay", "peak_lr", "betas")

@@ -276,7 +276,7 @@ def _stop_if_not_finite(pending, losses: list[float], world: int) -> None:
 
     first = next((p[0] for p, loss in zip(pending, losses) if not math.isfinite(loss)), None)
     never = pending[-1][0] + 1
-    step = torch.tensor([float(first or never)], device=pending[0][1]["loss"].device)
+    step = torch.tensor([first or never], dtype=torch.int64, device=pending[0][1]["loss"].device)
     if world > 1:
         torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
     bad = int(step.item())
