@@ -45,18 +45,24 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_shards(
-    source: str, out_dir: str | Path, *, shard_size: int = 256, progress: bool = True, seed: int = 0
+    source: str, out_dir: str | Path, *, shard_size: int = 256, progress: bool = True, seed: int = 0,
+    workers: int = 1,
 ) -> Path:
     """Write ``source`` (see ``data_pipeline.sources``) as shards of ``shard_size`` samples into ``out_dir``.
 
     Samples are written in an order shuffled once by ``seed`` so that every shard mixes classes. ``out_dir`` must not
-    exist yet (or be empty). Returns the manifest path.
+    exist yet (or be empty). Each image is read from disk only when its shard is written, so a dataset far larger than
+    memory streams through; ``workers`` shards are written at a time (threads: reading files and writing tars wait on
+    I/O, which is what a network file system makes slow), the bytes the same for any number. Returns the manifest path.
     """
-    import webdataset as wds
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size: must be a positive int, got {shard_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: must be a positive int, got {workers!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out_dir {out_dir} already exists and is not an empty directory")
@@ -67,22 +73,19 @@ def write_shards(
     tmp.mkdir()
     try:
         order = np.random.default_rng(seed).permutation(len(src))
-        items = list(src)
-        rows: dict[str, list] = {"key": [], "shard": [], "label": [], "bytes": [], "caption": []}
-        # mtime=0 makes the tar bytes (and so the checksums) a function of the data only.
-        with wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=shard_size, verbose=0, mtime=0) as sink:
-            for i in tqdm(order, total=len(items), disable=not progress, desc=f"shards {out_dir.name}", unit="img"):
-                key, data, ext, label, caption = items[i]
-                sample = {"__key__": key, ext: data, "cls": label}
-                if caption is not None:
-                    sample["txt"] = caption
-                sink.write(sample)
-                rows["key"].append(key)
-                rows["shard"].append(Path(sink.fname).name)
-                rows["label"].append(label)
-                rows["bytes"].append(len(data))
-                rows["caption"].append(caption)
-        shard_names = sorted(set(rows["shard"]))
+        groups = [order[start : start + shard_size] for start in range(0, len(order), shard_size)]
+        bar = tqdm(total=len(order), disable=not progress, desc=f"shards {out_dir.name}", unit="img")
+
+        def shard(index: int) -> list[tuple]:
+            rows = _write_shard(tmp / (SHARD_PATTERN % index), src, groups[index])
+            bar.update(len(rows))
+            return rows
+
+        with bar, ThreadPoolExecutor(workers) as pool:
+            written = list(pool.map(shard, range(len(groups))))  # in shard order, whatever finished first
+        rows = {name: [r[i] for group in written for r in group] for i, name in
+                enumerate(("key", "shard", "label", "bytes", "caption"))}
+        shard_names = [SHARD_PATTERN % index for index in range(len(groups))]
         checksums = {name: sha256_file(tmp / name) for name in shard_names}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
         meta = {"classes": json.dumps(src.classes), "source": source, "shard_size": str(shard_size)}
@@ -103,6 +106,23 @@ def write_shards(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir / MANIFEST
+
+
+def _write_shard(path: Path, src, indices) -> list[tuple]:
+    """Samples ``indices`` of ``src`` as one tar at ``path`` -> manifest rows (key, shard, label, bytes, caption)."""
+    import webdataset as wds
+
+    rows = []
+    # mtime=0 makes the tar bytes (and so the checksums) a function of the data only.
+    with wds.TarWriter(str(path), mtime=0) as sink:
+        for i in indices:
+            key, data, ext, label, caption = src[int(i)]
+            sample = {"__key__": key, ext: data, "cls": label}
+            if caption is not None:
+                sample["txt"] = caption
+            sink.write(sample)
+            rows.append((key, path.name, label, len(data), caption))
+    return rows
 
 
 def read_manifest(data_dir: str | Path) -> pa.Table:

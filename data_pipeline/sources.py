@@ -99,15 +99,20 @@ class Source:
         """How many samples have a caption."""
         return sum(item[4] is not None for item in self._items)
 
+    def __getitem__(self, index: int) -> tuple[str, bytes, str, int, str | None]:
+        """Sample ``index`` as ``(key, encoded bytes, ext, label, caption)``; a file is read only now."""
+        key, payload, ext, label, caption = self._items[index]
+        data = Path(payload).read_bytes() if isinstance(payload, Path) else payload
+        if isinstance(caption, Path):
+            try:
+                caption = caption.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"caption {caption} is not UTF-8 text") from None
+        return key, data, ext, label, caption
+
     def __iter__(self) -> Iterator[tuple[str, bytes, str, int, str | None]]:
-        for key, payload, ext, label, caption in self._items:
-            data = Path(payload).read_bytes() if isinstance(payload, Path) else payload
-            if isinstance(caption, Path):
-                try:
-                    caption = caption.read_text(encoding="utf-8").strip()
-                except UnicodeDecodeError:
-                    raise ValueError(f"caption {caption} is not UTF-8 text") from None
-            yield key, data, ext, label, caption
+        for index in range(len(self._items)):
+            yield self[index]
 
 
 def _digits_source() -> Source:

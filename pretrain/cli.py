@@ -138,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="digits | samples | folder:PATH (a sub-folder per class) | images:PATH (unlabelled, any depth)")
     s.add_argument("--out", type=Path, required=True, help="output directory (must not hold shards already)")
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
+    s.add_argument("--workers", type=int, default=4,
+                   help="shards written at a time (threads reading the images; default 4; the output is the same)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -417,7 +419,10 @@ def cmd_data(args) -> int:
 
     if args.shard_size <= 0:
         raise ConfigError(f"--shard-size: must be > 0, got {args.shard_size}")
-    manifest = write_shards(args.source, args.out, shard_size=args.shard_size, progress=not args.no_progress)
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    manifest = write_shards(args.source, args.out, shard_size=args.shard_size, progress=not args.no_progress,
+                            workers=args.workers)
     print(f"Wrote shards and {manifest}", flush=True)
     return 0
 

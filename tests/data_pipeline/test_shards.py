@@ -132,6 +132,27 @@ def test_images_source_is_unlabelled_at_any_depth(tmp_path, image_tree):
     assert len(samples) == 7 and {s["label"] for s in samples} == {-1}
 
 
+def test_images_stream_and_workers_write_the_same_bytes(tmp_path, image_tree, monkeypatch):
+    """Each image is read from disk as its sample is written (reads and tar writes alternate: nothing is read up
+    front), and shards written 3 at a time are byte for byte those written one at a time (checksums, manifest)."""
+    from pathlib import Path
+
+    import webdataset as wds
+
+    root = image_tree(tmp_path / "imgs", classes={"a": 9, "b": 8, "c": 7})
+    events = []
+    read, write = Path.read_bytes, wds.TarWriter.write
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_bytes", lambda self: events.append("read") or read(self))
+        m.setattr(wds.TarWriter, "write", lambda self, obj: events.append("write") or write(self, obj))
+        write_shards(f"folder:{root}", tmp_path / "one", shard_size=5, progress=False, workers=1)
+    assert events == ["read", "write"] * 24
+    write_shards(f"folder:{root}", tmp_path / "three", shard_size=5, progress=False, workers=3)
+    for name in ("checksums.json", "manifest.parquet", *[f"shard-{i:06d}.tar" for i in range(5)]):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
+    assert not (tmp_path / "one" / "shard-000005.tar").exists()
+
+
 def test_webp_bmp_tiff_are_read_and_decoded(tmp_path):
     """A photo crop saved as PNG, lossless WebP, BMP and TIFF (.tif): all four are sharded under their own extension,
     read back by the reader and decoded by the DALI graph (CPU) to the very same view."""
