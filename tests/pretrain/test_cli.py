@@ -44,6 +44,14 @@ def test_data_shards_refuses_existing_output(tmp_path, capsys):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
+def test_bad_shard_options_are_one_line(tmp_path, capsys):
+    """--shard-size or --workers below 1: one line, nothing written."""
+    for option, problem in (("--shard-size", "must be > 0, got 0"), ("--workers", "must be >= 1, got 0")):
+        assert main(["data", "shards", "--source", "digits", "--out", str(tmp_path / "x"), option, "0"]) == 2
+        assert _one_line_error(capsys) == f"error: {option}: {problem}"
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_source_is_one_line(tmp_path):
     """An unknown source spec: the process exits 2 with one line on stderr naming it."""
     proc = _run("data", "shards", "--source", "imagenet", "--out", str(tmp_path / "x"))
