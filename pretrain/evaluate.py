@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, ConfigError, config_from_dict
-from pretrain.eval.dataset import check_eval_dataset, load_eval_set
+from pretrain.eval.dataset import load_eval_set
 from pretrain.eval.digits import split_indices
 from pretrain.eval.finetune import finetune_top1
 from pretrain.eval.report import evaluate_encoder, format_report, write_report
@@ -36,12 +36,12 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     evaluated: dataset, samples, classes, undecodable samples skipped, classes left out."""
     from pretrain.trainer import build_method
 
+    data = load_eval_set(cfg)  # first: a dataset it refuses is refused before anything is built
+    images, labels = data.images, data.labels
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU node, its (current) GPU
     trained = random_init_backbone(cfg)
     trained.load_state_dict(state_dict)
     trained.to(device)
-    data = load_eval_set(cfg)
-    images, labels = data.images, data.labels
     random_init = random_init_backbone(cfg).to(device)
     report = evaluate_encoder(trained, random_init, images, labels, seed=0)
     if cfg.eval.finetune_epochs:
@@ -93,7 +93,6 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
         except ValueError as e:  # "max_samples: must be ..." from EvalConfig's checks
             key, _, problem = str(e).partition(": ")
             raise ConfigError(f"--{key.replace('_', '-')}: {problem}") from None
-    check_eval_dataset(cfg)
     if out_path is None:
         out_path = path.parent / "eval.json"
     return evaluate_backbone_state(cfg, backbone_state, out_path, method_state=method_state)

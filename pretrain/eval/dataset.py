@@ -119,12 +119,17 @@ def _shards(cfg: Config) -> tuple[list[str], Path]:
 def check_eval_dataset(cfg: Config) -> None:
     """ConfigError (one line) unless ``eval.dataset`` is digits or a shard dataset with at least two classes of
     MIN_PER_CLASS samples; builds a built-in source's shards on first use."""
-    if cfg.eval.dataset == "digits":
-        return
+    if cfg.eval.dataset != "digits":
+        _checked_shards(cfg)
+
+
+def _checked_shards(cfg: Config):
+    """``check_eval_dataset`` for a shard dataset -> (its shards, its directory, its manifest table)."""
     from data_pipeline.shards import read_manifest
 
-    _, data_dir = _shards(cfg)
-    labels = np.asarray(read_manifest(data_dir).column("label").to_pylist(), dtype=np.int64)
+    shards, data_dir = _shards(cfg)
+    manifest = read_manifest(data_dir)
+    labels = np.asarray(manifest.column("label").to_pylist(), dtype=np.int64)
     if (labels < 0).all():
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset} is unlabelled (written from images:PATH); evaluate on "
                           "digits, samples or shards of labelled images (folder:PATH, a sub-folder per class)")
@@ -133,6 +138,7 @@ def check_eval_dataset(cfg: Config) -> None:
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset} has {len(classes)} class(es), "
                           f"{int((counts >= MIN_PER_CLASS).sum())} of them with >= {MIN_PER_CLASS} samples; the "
                           "evaluation needs 2 (labels are from the manifest: with folder:PATH, a sub-folder per class)")
+    return shards, data_dir, manifest
 
 
 def load_eval_set(cfg: Config) -> EvalSet:
@@ -144,11 +150,10 @@ def load_eval_set(cfg: Config) -> EvalSet:
 
         images, labels = digits_eval_set(image_size=d.image_size, channels=d.channels, mean=d.aug.mean, std=d.aug.std)
         return EvalSet("digits", images, labels, [str(c) for c in range(10)], DIGIT_PROMPTS)
-    from data_pipeline.shards import read_classes, read_manifest
+    from data_pipeline.shards import read_classes
 
-    check_eval_dataset(cfg)
-    shards, data_dir = _shards(cfg)
-    keys = read_manifest(data_dir).column("key").to_pylist()
+    shards, data_dir, manifest = _checked_shards(cfg)
+    keys = manifest.column("key").to_pylist()
     keep = None
     if len(keys) > cfg.eval.max_samples:
         pick = np.random.default_rng(cfg.job.seed).choice(len(keys), size=cfg.eval.max_samples, replace=False)

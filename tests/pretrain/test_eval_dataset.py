@@ -89,11 +89,27 @@ def test_thin_classes_are_left_out(tmp_path, capsys):
 
 
 def test_zeroshot_uses_the_dataset_class_names(data):
-    """A CLIP run scores zero-shot on a shard dataset, prompting with its class names (here digit words)."""
+    """A CLIP run scores zero-shot on a shard dataset, prompting with its class names (here the digit words, sorted
+    as their folders) in the generic templates: the very score of zeroshot_top1 called with those."""
+    import dataclasses
+
+    from pretrain.eval.dataset import PROMPTS, load_eval_set
+    from pretrain.eval.digits import split_indices
+    from pretrain.eval.zeroshot import zeroshot_top1
+    from pretrain.index import load_run
+
     write_run(data / "clip", "clip_digits.yaml", data / "cache", SMALL, "method.text_width=32", "method.text_depth=1")
     report = evaluate_checkpoint(data / "clip", dataset=str(data / "digits-shards"), max_samples=400)
-    for section in (report, report["random_init"]):
-        assert 0.0 <= section["zeroshot_top1"] <= 1.0
+    run = load_run(data / "clip")
+    cfg = dataclasses.replace(run.cfg, eval=dataclasses.replace(run.cfg.eval, dataset=str(data / "digits-shards"),
+                                                                max_samples=400))
+    evalset = load_eval_set(cfg)
+    assert evalset.classes == sorted(DIGIT_WORDS) and evalset.prompts == PROMPTS
+    test = split_indices(evalset.labels, seed=0)[1]
+    model = run.encode_image.__self__
+    expected = zeroshot_top1(model, evalset.images[test], evalset.labels[test], evalset.classes, PROMPTS)
+    assert report["zeroshot_top1"] == expected
+    assert 0.0 <= report["random_init"]["zeroshot_top1"] <= 1.0
 
 
 def test_builtin_samples_source(data, capsys):
