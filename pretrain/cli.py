@@ -209,7 +209,7 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
     METHODS[cfg.method.name].check_inputs(cfg)
     # builds the digits shards on first use; refuses data without captions for a method that needs them
     shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text)
-    if cfg.eval.enabled:
+    if cfg.eval.reads_dataset:
         from pretrain.eval.dataset import check_eval_dataset
 
         check_eval_dataset(cfg)  # a shard dataset to evaluate on exists and has classes to score
@@ -297,7 +297,8 @@ def _submit_k8s(args) -> int:
         """What the pods open must be on the PVC: the run (and the default MLflow store beside it), the shard
         directories (training data, evaluation data) and a file-based tracking store. Built-in sources are built in
         each pod on first use."""
-        datasets = {"data.source": cfg.data.source, "eval.dataset": cfg.eval.dataset if cfg.eval.enabled else None}
+        datasets = {"data.source": cfg.data.source,
+                    "eval.dataset": cfg.eval.dataset if cfg.eval.reads_dataset else None}
         paths = {k: v for k, v in datasets.items() if v is not None and v not in BUILTIN_VERSIONS}
         for prefix in ("sqlite:///", "file://"):
             if cfg.tracking.uri.startswith(prefix):

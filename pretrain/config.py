@@ -320,11 +320,20 @@ class EvalConfig:
     """Also fine-tune a copy of the whole backbone (and of its random init) with a linear head for this many epochs on
     the labelled split and report the test accuracy (finetune_top1); 0 = skip (it costs more than the other protocols
     together)."""
+    knn_every: int = 0
+    """While training, every this many steps (and at step 0), the backbone's kNN top-1 on eval.dataset (the protocol of
+    eval.json's knn_top1) goes to MLflow as knn_top1, each rank embedding its share; 0 = off."""
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "dataset", "must not be empty (digits, samples or a shard directory)")
         _check(self.max_samples >= 2 * 8, "max_samples", f"must be >= 16, got {self.max_samples}")
         _check(self.finetune_epochs >= 0, "finetune_epochs", f"must be >= 0, got {self.finetune_epochs}")
+        _check(self.knn_every >= 0, "knn_every", f"must be >= 0 (0 = off), got {self.knn_every}")
+
+    @property
+    def reads_dataset(self) -> bool:
+        """Whether training reads ``dataset``: at the end (``enabled``) or while it runs (``knn_every``)."""
+        return self.enabled or self.knn_every > 0
 
 
 @dataclass(kw_only=True)

@@ -149,13 +149,16 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     )
     if resume:
         _set_rng_state(resume["rng"])  # after the seeded init: draws continue as in the interrupted run
+    monitor = _knn_monitor(cfg, rank, world, device)
     bar = _progress(cfg, step, enabled=rank == 0)
     # (step, loss and the method's other logged values, seconds, epoch): .item() only when logging
     pending: list[tuple[int, dict[str, torch.Tensor], float, int]] = []
     metrics: dict[str, float] = {}
     engine.train()
-    t_last = time.perf_counter()
     try:
+        if monitor is not None and step == 0:  # the curve starts at the initialisation
+            _watch(monitor, engine, tracker, 0, bar)
+        t_last = time.perf_counter()
         batches = iter(stream)
         while step < cfg.job.max_steps:
             batch = next(batches)
@@ -182,6 +185,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 if bar is not None:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}")
+            if monitor is not None and monitor.due(step):  # before the checkpoint: a resume after it has this point
+                _watch(monitor, engine, tracker, step, bar)
+                t_last = time.perf_counter()  # the monitor's time is not the next step's
             if checkpoint:
                 _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank)
     except BaseException:
@@ -263,6 +269,34 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
         history.add(step, metrics)
     tracker.log_metrics({f"data_{k}": float(v) for k, v in data_stats.items()}, step=pending[-1][0])
     return metrics
+
+
+def _knn_monitor(cfg: Config, rank: int, world: int, device: torch.device):
+    """``eval.knn_every``'s monitor (each rank's share of eval.dataset decoded once, here), or None when it is off."""
+    if not cfg.eval.knn_every:
+        return None
+    from pretrain.engine import use_bf16
+    from pretrain.eval.monitor import KnnMonitor
+
+    t0 = time.perf_counter()
+    monitor = KnnMonitor(cfg, rank=rank, world_size=world, device=device, bf16=use_bf16(cfg))
+    if rank == 0:
+        print(f"kNN monitor: every {cfg.eval.knn_every} steps on {cfg.eval.dataset}, {monitor.part.drawn} samples "
+              f"(this rank's {len(monitor.part.labels)} decoded in {time.perf_counter() - t0:.1f} s)", flush=True)
+    return monitor
+
+
+def _watch(monitor, engine, tracker, step: int, bar) -> None:
+    """The monitor on every rank (collective); rank 0 logs its kNN top-1 at ``step`` and shows it on the bar."""
+    scores = monitor(engine.module.backbone)
+    if scores is None:
+        return
+    tracker.log_metrics(scores, step=step)
+    line = f"step {step}: kNN top-1 {scores['knn_top1']:.4f} ({scores['knn_seconds']:.1f} s)"
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
 
 
 class NonFiniteLoss(RuntimeError):

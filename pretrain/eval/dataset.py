@@ -141,44 +141,88 @@ def _checked_shards(cfg: Config):
     return shards, data_dir, manifest
 
 
-def load_eval_set(cfg: Config) -> EvalSet:
-    """The evaluation images of ``cfg.eval.dataset`` at the run's image size, channels and normalisation."""
+@dataclass
+class EvalPart:
+    """One rank's share of ``eval.dataset``'s draw, before the classes to score are chosen (``score_classes``)."""
+
+    positions: np.ndarray
+    """(n,) int64: each sample's place in the whole draw (digits' order; the manifest's order of a shard dataset)"""
+    images: Tensor
+    """(n, C, S, S) float32, normalised like the training views"""
+    labels: np.ndarray
+    """(n,) int64 labels as stored (the manifest's; -1 unlabelled)"""
+    names: list[str]
+    """class names, index = stored label"""
+    drawn: int
+    """samples in the whole draw (of every rank)"""
+    corrupt: int = 0
+    """this rank's samples skipped as undecodable"""
+
+
+def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPart:
+    """Rank ``rank``'s share of the draw of ``cfg.eval.dataset``: the samples at places ``rank, rank + world_size,
+    ...`` of the whole draw, decoded at the run's image size, channels and normalisation. The shares of every rank
+    together are the draw ``load_eval_set`` reads whole (the kNN monitor embeds them apart, on every rank)."""
     d = cfg.data
     if cfg.eval.dataset == "digits":
         from pretrain.eval.digits import digits_eval_set
-        from pretrain.eval.zeroshot import DIGIT_PROMPTS
 
         images, labels = digits_eval_set(image_size=d.image_size, channels=d.channels, mean=d.aug.mean, std=d.aug.std)
-        return EvalSet("digits", images, labels, [str(c) for c in range(10)], DIGIT_PROMPTS)
+        mine = np.arange(rank, len(labels), world_size)
+        return EvalPart(mine, images[torch.from_numpy(mine)].contiguous(), labels[mine],
+                        [str(c) for c in range(10)], len(labels))
     from data_pipeline.shards import read_classes
 
     shards, data_dir, manifest = _checked_shards(cfg)
     keys = manifest.column("key").to_pylist()
-    keep = None
     if len(keys) > cfg.eval.max_samples:
-        pick = np.random.default_rng(cfg.job.seed).choice(len(keys), size=cfg.eval.max_samples, replace=False)
-        keep = {keys[i] for i in pick}
+        pick = np.sort(np.random.default_rng(cfg.job.seed).choice(len(keys), size=cfg.eval.max_samples, replace=False))
+        keys = [keys[i] for i in pick]
+    place = {key: i for i, key in enumerate(keys)}
+    keep = set(keys[rank::world_size])
     decoder = ShardImages(cfg)
-    chunks, labels = [], []
+    chunks, labels, positions = [], [], []
     for samples, x in decoder.batches(shards, keep=keep):
         chunks.append(x)
         labels.extend(s["label"] for s in samples)
-    if not chunks:
-        raise ConfigError(f"eval.dataset: no decodable image in {cfg.eval.dataset}")
-    images, labels = torch.cat(chunks), np.asarray(labels, dtype=np.int64)
-    names = read_classes(data_dir) or [str(c) for c in range(int(labels.max()) + 1)]
-    present, counts = np.unique(labels[labels >= 0], return_counts=True)  # unlabelled samples (-1) are not scored
+        positions.extend(place[s["key"]] for s in samples)
+    s = d.image_size
+    images = torch.cat(chunks) if chunks else torch.empty(0, d.channels, s, s)
+    order = np.argsort(positions, kind="stable")  # shards may be read in another order than the manifest lists them
+    names = read_classes(data_dir)
+    labels = np.asarray(labels, dtype=np.int64)[order]
+    names = names or [str(c) for c in range(int(labels.max(initial=0)) + 1)]
+    return EvalPart(np.asarray(positions, dtype=np.int64)[order], images[torch.from_numpy(order)].contiguous(),
+                    labels, names, len(keys), decoder.corrupt)
+
+
+def score_classes(labels: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """The classes the protocols score: those with >= MIN_PER_CLASS samples among ``labels: (N,)`` (stored labels;
+    unlabelled -1 samples are not scored). Returns ``(rows kept, their labels renumbered 0..C-1, the C class names,
+    the names of the classes left out)``."""
+    present, counts = np.unique(labels[labels >= 0], return_counts=True)
     scored = present[counts >= MIN_PER_CLASS]
-    dropped = [names[c] for c in present[counts < MIN_PER_CLASS]]
-    if len(scored) < 2:
-        raise ConfigError(f"eval.dataset: {cfg.eval.dataset} has {len(scored)} class(es) with >= {MIN_PER_CLASS} "
-                          f"decodable samples in the draw of {len(keys) if keep is None else len(keep)}; the "
-                          "evaluation needs at least 2")
+    rows = np.flatnonzero(np.isin(labels, scored))
+    remap = np.searchsorted(scored, labels[rows]).astype(np.int64)  # scored is sorted: a monotone renumbering
+    return rows, remap, [names[c] for c in scored], [names[c] for c in present[counts < MIN_PER_CLASS]]
+
+
+def load_eval_set(cfg: Config) -> EvalSet:
+    """The evaluation images of ``cfg.eval.dataset`` at the run's image size, channels and normalisation: the whole
+    draw (``read_eval_part`` on one rank), the classes it can score."""
+    part = read_eval_part(cfg)
+    if cfg.eval.dataset == "digits":
+        from pretrain.eval.zeroshot import DIGIT_PROMPTS
+
+        return EvalSet("digits", part.images, part.labels, part.names, DIGIT_PROMPTS)
+    if not len(part.labels):
+        raise ConfigError(f"eval.dataset: no decodable image in {cfg.eval.dataset}")
+    rows, labels, classes, dropped = score_classes(part.labels, part.names)
+    if len(classes) < 2:
+        raise ConfigError(f"eval.dataset: {cfg.eval.dataset} has {len(classes)} class(es) with >= {MIN_PER_CLASS} "
+                          f"decodable samples in the draw of {part.drawn}; the evaluation needs at least 2")
     if dropped:
         print(f"Evaluation: left out {len(dropped)} class(es) with fewer than {MIN_PER_CLASS} decodable samples: "
               + ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""), flush=True)
-    rows = np.flatnonzero(np.isin(labels, scored))
-    remap = {int(c): i for i, c in enumerate(scored)}
-    return EvalSet(str(cfg.eval.dataset), images[torch.from_numpy(rows)].contiguous(),
-                   np.asarray([remap[int(c)] for c in labels[rows]], dtype=np.int64), [names[c] for c in scored],
-                   PROMPTS, decoder.corrupt, dropped)
+    return EvalSet(str(cfg.eval.dataset), part.images[torch.from_numpy(rows)].contiguous(), labels, classes, PROMPTS,
+                   part.corrupt, dropped)

@@ -257,7 +257,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     if why:
         pytest.skip(why)
     sets = ["job.max_steps=48", "job.log_every=1", "job.ckpt_every=8", "optim.warmup_steps=1", "data.batch_size=32",
-            "eval.enabled=false", "job.progress=false", "job.run_name=k8", "job.num_workers=2"]
+            "eval.enabled=false", "eval.knn_every=0", "job.progress=false", "job.run_name=k8", "job.num_workers=2"]
     proc = _submit([*REQUIRED, "--nodes", "2", "--cpus-per-node", "1", "--ray-port", str(free_port()),
                     "--dashboard-port", str(free_port()), "--join-timeout", "120"]
                    + [a for s in sets for a in ("--set", s)] + ["--dry-run"], tmp_path)

@@ -109,7 +109,7 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
     resumes from Ray's latest checkpoint on a new Ray cluster and completes every step."""
     # 48 steps: room to signal the job while it still trains, also on a loaded machine
     sets = ["job.max_steps=48", "job.log_every=1", "job.ckpt_every=8", "optim.warmup_steps=1", "data.batch_size=32",
-            "eval.enabled=false", "job.progress=false", "job.run_name=sl", "job.num_workers=2"]
+            "eval.enabled=false", "eval.knn_every=0", "job.progress=false", "job.run_name=sl", "job.num_workers=2"]
     proc = _submit(["--nodes", "2", "--cpus-per-node", "1"] + [a for s in sets for a in ("--set", s)], tmp_path,
                    env=slurm_cluster)
     assert proc.returncode == 0, proc.stderr

@@ -75,8 +75,8 @@ def test_train_joins_existing_cluster(ray_head, tmp_path):
                            "64", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     sets = ["job.max_steps=6", "job.log_every=3", "job.ckpt_every=6", "optim.warmup_steps=1", "data.batch_size=32",
-            f"job.out_dir={tmp_path}", "job.run_name=joined", "eval.enabled=false", "job.progress=false",
-            f"data.source={shards}"]
+            f"job.out_dir={tmp_path}", "job.run_name=joined", "eval.enabled=false", "eval.knn_every=0",
+            "job.progress=false", f"data.source={shards}"]
     cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--address", ray_head]
     for s in sets:
         cmd += ["--set", s]

@@ -21,8 +21,8 @@ def _dry_run(tmp_path: Path, name: str, sets: list[str], recipe: Path = RECIPE) 
     """`pretrain train --dry-run` (in this process: it only checks and writes): the run directory with its config,
     nothing trained."""
     args = ["train", "--config", str(recipe), "--dry-run"]
-    for s in [f"job.out_dir={tmp_path}", f"job.run_name={name}", "eval.enabled=false", "job.progress=false",
-              f"data.cache_dir={tmp_path / 'cache'}", *sets]:
+    for s in [f"job.out_dir={tmp_path}", f"job.run_name={name}", "eval.enabled=false", "eval.knn_every=0",
+              "job.progress=false", f"data.cache_dir={tmp_path / 'cache'}", *sets]:
         args += ["--set", s]
     assert main(args) == 0
     return tmp_path / name
@@ -71,8 +71,9 @@ def _killed_after(whole: Path, step: int) -> Path:
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra):
     """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch) while copying its step-10 one,
     a run resumed to step 12 starts at step 5 and logs the very losses of the uninterrupted run, also past the epoch
-    boundary: same samples, augmentations and RNG (for iBOT the same teacher, centers, schedules and masks). SimCLR's
-    run then diverges on purpose (_diverging_continuation_stops_before_checkpointing)."""
+    boundary: same samples, augmentations and RNG (for iBOT the same teacher, centers, schedules and masks, though the
+    resumed run also runs the kNN monitor every 3 steps). SimCLR's run then diverges on purpose
+    (_diverging_continuation_stops_before_checkpointing)."""
     whole = _dry_run(tmp_path, "whole", ["job.max_steps=12", "job.log_every=1", "job.ckpt_every=5",
                                          "optim.warmup_steps=2", "data.batch_size=128", "data.num_loader_workers=2",
                                          *extra], recipe)
@@ -81,6 +82,10 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
     assert sorted(expected) == list(range(1, 13))
 
     cut = _killed_after(whole, 5)
+    if recipe == IBOT[0]:  # the resumed run only watches kNN: it must not change a loss
+        config = cut / "config.yaml"
+        assert "knn_every: 0\n" in config.read_text()
+        config.write_text(config.read_text().replace("knn_every: 0\n", "knn_every: 3\n"))
     torn = cut / "checkpoints" / "step_0000010.partial"  # killed while copying its step-10 checkpoint
     torn.mkdir()
     (torn / "state").write_bytes(b"half")
@@ -100,6 +105,8 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
         assert sorted(parts["patch_loss"]) == list(range(1, 13))
         for step, loss in parts["loss"].items():
             assert loss == pytest.approx(parts["cls_loss"][step] + parts["patch_loss"][step], rel=1e-5)
+        knn = client.get_metric_history((cut / "mlflow_run_id").read_text().strip(), "knn_top1")
+        assert sorted(m.step for m in knn) == [6, 9, 12] and all(0.1 < m.value <= 1 for m in knn)
     else:
         _diverging_continuation_stops_before_checkpointing(cut)
 

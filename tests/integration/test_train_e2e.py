@@ -44,7 +44,7 @@ def trained(tmp_path_factory, mlflow_server):
     sets = [f"--set={s}" for s in ["data.batch_size=128", f"job.max_steps={STEPS}", "job.log_every=10",
                                     "job.ckpt_every=60", "job.progress=false", f"job.out_dir={out}", "job.run_name=e2e",
                                     f"data.cache_dir={out / 'cache'}", "zero.stage=3", "job.num_workers=2",
-                                    "method.freeze_last_layer_steps=10"]]
+                                    "method.freeze_last_layer_steps=10", "eval.knn_every=60"]]
     log = out / "train.log"
     proc = _pretrain(["train", "--config", str(DINO), "--tracking-uri", mlflow_server, *sets], log)
     assert proc.returncode == 0, log.read_text()[-4000:]
@@ -61,6 +61,21 @@ def test_teacher_backbone_learns(trained):
     saved = torch.load(run_dir / "backbone.pt", weights_only=True)
     assert saved["config"]["method"]["name"] == "dino"
     assert not any(k.startswith(("teacher.", "student.", "head.")) for k in saved["state_dict"])
+
+
+def test_knn_monitor_curve(trained, mlflow_server):
+    """eval.knn_every=60: the teacher's kNN top-1 at steps 0, 60 and 120 in MLflow, both ranks embedding the digits
+    from ZeRO-3 partitions; it starts at the random init's and ends at eval.json's (the same protocol), one test
+    image apart at most."""
+    run_dir, log = trained
+    report = json.loads((run_dir / "eval.json").read_text())
+    client = MlflowClient(mlflow_server)
+    curve = {m.step: m.value for m in client.get_metric_history((run_dir / "mlflow_run_id").read_text().strip(),
+                                                                 "knn_top1")}
+    assert sorted(curve) == [0, 60, STEPS]
+    assert curve[0] == pytest.approx(report["random_init"]["knn_top1"], abs=1 / 450 + 1e-9)
+    assert curve[STEPS] == pytest.approx(report["knn_top1"], abs=1 / 450 + 1e-9)
+    assert f"step 60: kNN top-1 {curve[60]:.4f}" in log.read_text()
 
 
 def test_loss_leaves_uniform(trained):

@@ -49,6 +49,7 @@ def test_yaml_booleans_fill_word_fields():
         ("data.dali_threads=0", "data.dali_threads: must be >= 1"),
         ("job.max_steps=10", "optim.warmup_steps: must be < job.max_steps"),
         ("data.batch_size=true", "data.batch_size: expected an integer"),
+        ("eval.knn_every=-5", "eval.knn_every: must be >= 0 (0 = off), got -5"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

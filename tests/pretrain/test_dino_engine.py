@@ -44,6 +44,7 @@ def _worker(rank: int, port: int, root: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
+    from pretrain.eval.monitor import KnnMonitor
     from pretrain.trainer import build_method
 
     def step(engine, i: int) -> float:
@@ -68,6 +69,10 @@ def _worker(rank: int, port: int, root: str) -> None:
         losses += [step(engine, i) for i in range(2, STEPS - 1)]
         save_checkpoint(engine, f"{root}/ckpt{stage}", {"step": STEPS - 1})
         trained = states(engine)
+        # the kNN monitor on the live (partitioned) teacher backbone, between two steps: ranks hold 899 and 898 of
+        # the 1797 digits, in batches of 449 rank 0 runs 3 and rank 1 pads with a throwaway third
+        knn = KnnMonitor(cfg, rank=rank, world_size=WORLD, device=torch.device("cpu"), bf16=False, batch_size=449)
+        scores = knn(engine.module.backbone)
         losses.append(step(engine, STEPS - 1))
 
         fresh = build_engine(build_method(cfg, distributed=True), cfg)
@@ -75,7 +80,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         restored = states(fresh)
         resumed_loss = step(fresh, STEPS - 1)
         torch.save({"init": init, "frozen": frozen, "trained": trained, "restored": restored, "losses": losses,
-                    "resumed_loss": resumed_loss}, f"{root}/stage{stage}-rank{rank}.pt")
+                    "resumed_loss": resumed_loss, "knn": scores}, f"{root}/stage{stage}-rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -140,4 +145,26 @@ def test_checkpoint_restores_teacher_center_and_next_step(stage, results):
         for k, v in r["trained"][part].items():
             assert torch.equal(v, r["restored"][part][k]), f"{part}.{k}"
     assert torch.equal(r["trained"]["center"], r["restored"]["center"])
-    assert r["resumed_loss"] == pytest.approx(r["losses"][-1], rel=1e-6)
+    assert r["resumed_loss"] == pytest.approx(r["losses"][-1], rel=1e-6)  # the monitor before that step changed nothing
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_knn_monitor_on_the_live_teacher(stage, results):
+    """The monitor's kNN top-1, computed on 2 ranks from the engine's teacher backbone as it trains (under ZeRO-3 from
+    its partitions), is the kNN top-1 of the end-of-run evaluation of that teacher's full weights; rank 1 gets None."""
+    from pretrain.eval.dataset import load_eval_set
+    from pretrain.eval.digits import split_indices
+    from pretrain.eval.knn import knn_top1
+    from pretrain.eval.report import extract_features
+    from pretrain.trainer import build_method
+
+    cfg = _cfg(stage)
+    backbone = build_method(cfg, distributed=False).backbone
+    teacher = results[(stage, 0)]["trained"]["teacher"]
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")})
+    evalset = load_eval_set(cfg)
+    feats = extract_features(backbone, evalset.images)
+    train, test = split_indices(evalset.labels, seed=0)
+    expected = knn_top1(feats[train], evalset.labels[train], feats[test], evalset.labels[test])
+    assert results[(stage, 0)]["knn"]["knn_top1"] == pytest.approx(expected, abs=1 / len(test) + 1e-9)
+    assert results[(stage, 1)]["knn"] is None

@@ -125,7 +125,8 @@ def test_builtin_samples_source(data, capsys):
 
 def test_refusals_are_one_line(tmp_path, data, capsys):
     """A dataset that is not shards, one with a single class, an unlabelled one, or a max_samples below 16: a one-line
-    error before anything is decoded; `pretrain train` refuses before writing the run directory."""
+    error before anything is decoded; `pretrain train` refuses before writing the run directory (also when only the
+    kNN monitor would read it)."""
     one = _shards(tmp_path, "one", counts={"one": 30})
     with pytest.raises(ConfigError, match=r"^eval\.dataset: .*nope has no manifest\.parquet"):
         evaluate_checkpoint(data / "simclr", dataset=str(tmp_path / "nope"))
@@ -144,5 +145,63 @@ def test_refusals_are_one_line(tmp_path, data, capsys):
         f"error: eval.dataset: {one} has 1 class(es), 1 of them with >= 8 samples; the evaluation needs 2 (labels are "
         "from the manifest: with folder:PATH, a sub-folder per class)"]
     assert not (tmp_path / "runs" / "r").exists()
+    # the kNN monitor reads eval.dataset too: checked even with the end-of-run evaluation off
+    assert main(["train", "--config", str(ROOT / "configs" / "simclr_digits.yaml"), "--dry-run", "--set",
+                 f"eval.dataset={one}", "--set", "eval.enabled=false", "--set", "eval.knn_every=50", "--set",
+                 f"job.out_dir={tmp_path / 'runs'}", "--set", "job.run_name=r", "--set",
+                 f"data.cache_dir={data / 'cache'}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: eval.dataset: {one} has 1 class(es)")
+    assert not (tmp_path / "runs" / "r").exists()
     assert main(["eval", "--checkpoint", str(data / "simclr"), "--dataset", str(tmp_path / "nope")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _eval_cfg(run: Path, **eval_keys):
+    import dataclasses
+
+    from pretrain.evaluate import load_run_files
+
+    cfg = load_run_files(run)[0]
+    cfg.eval = dataclasses.replace(cfg.eval, **eval_keys)
+    return cfg
+
+
+def test_rank_shares_make_the_whole_draw(data):
+    """What the kNN monitor's ranks decode apart (read_eval_part of 3 ranks) is the draw load_eval_set reads whole:
+    the same samples at the same places, the broken one counted once."""
+    import numpy as np
+    import torch
+
+    from pretrain.eval.dataset import read_eval_part
+
+    cfg = _eval_cfg(data / "simclr", dataset=str(data / "digits-shards"), max_samples=700)
+    whole = read_eval_part(cfg)
+    assert list(whole.positions) == sorted(whole.positions) and whole.drawn == 700
+    parts = [read_eval_part(cfg, rank=r, world_size=3) for r in range(3)]
+    assert all(set(p.positions % 3) <= {r} for r, p in enumerate(parts))  # rank r: places r, r + 3, ...
+    order = np.argsort(np.concatenate([p.positions for p in parts]))
+    assert np.array_equal(np.concatenate([p.positions for p in parts])[order], whole.positions)
+    assert np.array_equal(np.concatenate([p.labels for p in parts])[order], whole.labels)
+    assert torch.equal(torch.cat([p.images for p in parts])[torch.from_numpy(order)], whole.images)
+    assert sum(p.corrupt for p in parts) == whole.corrupt and len(whole.labels) + whole.corrupt == 700
+
+
+def test_knn_monitor_scores_as_the_end_of_run_evaluation(tmp_path):
+    """On one rank the monitor's kNN top-1 is eval.json's knn_top1 (same draw, same classes: the thin one left out,
+    same split), in tiny batches; the backbone is left in training mode."""
+    import torch
+
+    from pretrain.eval.monitor import KnnMonitor
+    from pretrain.evaluate import load_run_files, random_init_backbone
+
+    shards = _shards(tmp_path, "thin", counts={"one": 30, "seven": 30, "two": 30, "four": 3})
+    write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", SMALL)
+    report = evaluate_checkpoint(tmp_path / "run", dataset=str(shards))
+    cfg = _eval_cfg(tmp_path / "run", dataset=str(shards), knn_every=5)
+    backbone = random_init_backbone(cfg)
+    backbone.load_state_dict(load_run_files(tmp_path / "run")[1])
+    monitor = KnnMonitor(cfg, rank=0, world_size=1, device=torch.device("cpu"), bf16=False, batch_size=7)
+    scores = monitor(backbone.train())
+    assert report["data"]["dropped_classes"] == ["four"] and 0.4 < report["knn_top1"] < 1.0
+    assert scores["knn_top1"] == report["knn_top1"] and backbone.training
+    assert monitor.due(10) and not monitor.due(12)
