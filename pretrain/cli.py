@@ -123,6 +123,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--data", help="a shard directory (default: the run's data.source)")
     m.add_argument("--out", type=Path, required=True, help="the Parquet file to write (must not exist)")
     m.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    x = sub.add_parser("export", help="write a run's encoder as a torch.export program for serving",
+                       description="Trace a finished run's encoder, preprocessing included, with torch.export for one "
+                       "input layout ((B, C, H, W) images of one dtype; any batch size) and save it as a .pt2 file "
+                       "that plain torch loads without ssl-pretrain: torch.export.load(FILE).module()(images) gives "
+                       "(B, F) features. "
+                       "The program is checked against the eager encoder before the file is written.")
+    x.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
+    x.add_argument("--out", type=Path, required=True, help="the .pt2 file to write (must not exist)")
+    x.add_argument("--input-size", type=int, nargs="+", metavar="N", help="the images' side, or height and width "
+                   "(default: the run's data.image_size; other sizes are resized inside the program)")
+    x.add_argument("--input-channels", type=int, help="1 (grey) or 3 (RGB) (default: the run's data.channels)")
+    x.add_argument("--input-dtype", default="uint8", help="uint8 (0..255) or float32 (0..1) (default uint8)")
+    x.add_argument("--device", default="cpu", help="the device the program runs on: cpu, cuda, cuda:1, ... "
+                   "(default cpu)")
     for cmd in (q, m):
         cmd.add_argument("--device", default="auto", help="where the encoder runs: auto (a GPU if there is one), cpu, "
                        "cuda, cuda:1, ... (default auto)")
@@ -415,6 +429,22 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pretrain.export import export_encoder
+
+    size = args.input_size
+    if size is not None and len(size) not in (1, 2):
+        raise ConfigError(f"--input-size: one side or height and width, got {len(size)} numbers")
+    info = export_encoder(args.checkpoint, args.out, input_size=None if size is None else (size[0], size[-1]),
+                          input_channels=args.input_channels, input_dtype=args.input_dtype,
+                          device="cpu" if args.device == "auto" else _device(args.device))
+    shape = "x".join(str(d) for d in info["input"]["shape"])
+    print(f"Exported the {info['method']} encoder ({info['backbone']}) of {args.checkpoint}: {shape} "
+          f"{info['input']['dtype']} images -> {info['features']} features, on {info['device']}; matches the encoder "
+          f"to {info['max_abs_diff']:.1e}: {args.out}", flush=True)
+    return 0
+
+
 def cmd_data(args) -> int:
     from data_pipeline.shards import write_shards
 
@@ -431,7 +461,7 @@ def cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search, "embed": cmd_embed,
-               "data": cmd_data}[args.command]
+               "export": cmd_export, "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # user input; programming errors keep their traceback

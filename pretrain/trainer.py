@@ -157,7 +157,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     engine.train()
     try:
         if monitor is not None and step == 0:  # the curve starts at the initialisation
-            _watch(monitor, engine, tracker, 0, bar)
+            _watch(monitor, engine, tracker, 0)
         t_last = time.perf_counter()
         batches = iter(stream)
         while step < cfg.job.max_steps:
@@ -186,7 +186,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}")
             if monitor is not None and monitor.due(step):  # before the checkpoint: a resume after it has this point
-                _watch(monitor, engine, tracker, step, bar)
+                _watch(monitor, engine, tracker, step)
                 t_last = time.perf_counter()  # the monitor's time is not the next step's
             if checkpoint:
                 _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank)
@@ -286,17 +286,13 @@ def _knn_monitor(cfg: Config, rank: int, world: int, device: torch.device):
     return monitor
 
 
-def _watch(monitor, engine, tracker, step: int, bar) -> None:
-    """The monitor on every rank (collective); rank 0 logs its kNN top-1 at ``step`` and shows it on the bar."""
+def _watch(monitor, engine, tracker, step: int) -> None:
+    """The monitor on every rank (collective); rank 0 logs its kNN top-1 at ``step`` and prints it."""
     scores = monitor(engine.module.backbone)
     if scores is None:
         return
     tracker.log_metrics(scores, step=step)
-    line = f"step {step}: kNN top-1 {scores['knn_top1']:.4f} ({scores['knn_seconds']:.1f} s)"
-    if bar is not None:
-        bar.write(line)
-    else:
-        print(line, flush=True)
+    print(f"step {step}: kNN top-1 {scores['knn_top1']:.4f} ({scores['knn_seconds']:.1f} s)", flush=True)
 
 
 class NonFiniteLoss(RuntimeError):
