@@ -123,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--data", help="a shard directory (default: the run's data.source)")
     m.add_argument("--out", type=Path, required=True, help="the Parquet file to write (must not exist)")
     m.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    w = sub.add_parser("extract", help="a run's encoder at a checkpointed step, as a finished run leaves it",
+                       description="Merge a training checkpoint's ZeRO partitions (offline, on the CPU, from any "
+                       "number of ranks) and write the encoder as a finished run does (config.yaml, backbone.pt, and "
+                       "model.pt for CLIP / a VQ-VAE) into <run>/steps/step_XXXXXXX, which `pretrain eval`, `embed`, "
+                       "`search`, `export` and pretrain.load_encoder take as a run directory. Works while the run "
+                       "trains and after it stopped.")
+    w.add_argument("--checkpoint", type=Path, required=True, help="the run directory")
+    w.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    w.add_argument("--out", type=Path, help="the directory to write (default <run>/steps/step_XXXXXXX)")
+    w.add_argument("--list", action="store_true", help="only list the run's checkpoints")
+
     x = sub.add_parser("export", help="write a run's encoder as a torch.export program for serving",
                        description="Trace a finished run's encoder, preprocessing included, with torch.export for one "
                        "input layout ((B, C, H, W) images of one dtype; any batch size) and save it as a .pt2 file "
@@ -429,6 +440,22 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from pretrain.steps import extract_step, list_checkpoints
+
+    if args.list:
+        found = list_checkpoints(args.checkpoint)
+        for step, path in sorted(found.items()):
+            print(f"step {step:>9}  {path}")
+        if not found:
+            print(f"{args.checkpoint}: no checkpoint", flush=True)
+        return 0
+    step, out = extract_step(args.checkpoint, args.step, args.out)
+    print(f"Wrote the encoder of step {step} of {args.checkpoint} to {out}; evaluate it with `pretrain eval "
+          f"--checkpoint {out}`", flush=True)
+    return 0
+
+
 def cmd_export(args) -> int:
     from pretrain.export import export_encoder
 
@@ -461,7 +488,7 @@ def cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search, "embed": cmd_embed,
-               "export": cmd_export, "data": cmd_data}[args.command]
+               "extract": cmd_extract, "export": cmd_export, "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # user input; programming errors keep their traceback

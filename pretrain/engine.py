@@ -165,6 +165,23 @@ def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def consolidated_state_dict(directory: str | Path, stage: int) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 state dict (parameters, frozen ones such as an EMA teacher too, and buffers) from a
+    checkpoint ``save_checkpoint`` wrote under ZeRO ``stage``, offline, on the CPU, whatever the world size that wrote
+    it (DeepSpeed's zero_to_fp32 merges the ranks' partitions)."""
+    if stage == 0:  # no partitions: the module as it was
+        module = torch.load(Path(directory) / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file and parameter group
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CKPT_TAG))
+
+
 def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
     """Build (or load from the cache) the ops DeepSpeed JIT-compiles at ``initialize``, saying so.
 

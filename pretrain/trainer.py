@@ -324,6 +324,12 @@ def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int,
         ranks = Path(tmp) / RANK_STATE_DIR
         ranks.mkdir()
         torch.save({"data": stream.state_dict(), "rng": _rng_state()}, ranks / f"rank_{rank:05d}.pt")
+        if rank == 0:  # what pretrain.steps lists it by, without opening the partitions
+            import json
+
+            from pretrain.steps import CHECKPOINT_INFO
+
+            (Path(tmp) / CHECKPOINT_INFO).write_text(json.dumps(state) + "\n")
         session.report(metrics, Path(tmp))
 
 

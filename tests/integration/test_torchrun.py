@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain.cli import main
+from pretrain.steps import extract_step, list_checkpoints
 from tests.util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +97,7 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
     assert _losses(cut) == expected
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_0000005", "step_0000010",
                                                                          "step_0000012"]
+    assert sorted(list_checkpoints(cut)) == [5, 10, 12]  # torchrun's layout (Ray's: tests/integration/test_train_e2e)
     if recipe == IBOT[0]:  # the method's parts of the loss are tracked beside it, and add up to it
         from mlflow import MlflowClient
 
@@ -107,7 +110,11 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
             assert loss == pytest.approx(parts["cls_loss"][step] + parts["patch_loss"][step], rel=1e-5)
         knn = client.get_metric_history((cut / "mlflow_run_id").read_text().strip(), "knn_top1")
         assert sorted(m.step for m in knn) == [6, 9, 12] and all(0.1 < m.value <= 1 for m in knn)
-    else:
+    else:  # the last checkpoint's encoder, merged offline from both ranks' ZeRO-2 partitions, is the final one
+        step, out = extract_step(whole)
+        final = torch.load(whole / "backbone.pt", weights_only=True)["state_dict"]
+        merged = torch.load(out / "backbone.pt", weights_only=True)["state_dict"]
+        assert step == 12 and all(torch.equal(final[k], merged[k].float()) for k in final)
         _diverging_continuation_stops_before_checkpointing(cut)
 
 

@@ -78,6 +78,34 @@ def test_knn_monitor_curve(trained, mlflow_server):
     assert f"step 60: kNN top-1 {curve[60]:.4f}" in log.read_text()
 
 
+def test_extract_a_step_and_evaluate_it(trained, mlflow_server, capsys):
+    """`pretrain extract` merges a Ray checkpoint's two ZeRO-3 partitions offline: the latest (step 120) gives the
+    very backbone.pt training wrote at its end; step 60's directory evaluates like a finished run, to the kNN
+    monitor's step-60 point; a missing step or a second extract of one is refused in one line."""
+    from pretrain.evaluate import evaluate_checkpoint
+
+    run_dir, _ = trained
+    assert main(["extract", "--checkpoint", str(run_dir), "--list"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["60", str(STEPS)]
+    assert main(["extract", "--checkpoint", str(run_dir)]) == 0
+    assert main(["extract", "--checkpoint", str(run_dir), "--step", "60"]) == 0
+    assert f"Wrote the encoder of step 60 of {run_dir} to {run_dir / 'steps' / 'step_0000060'}" in \
+        capsys.readouterr().out
+    final = torch.load(run_dir / "backbone.pt", weights_only=True)["state_dict"]
+    latest = torch.load(run_dir / "steps" / f"step_{STEPS:07d}" / "backbone.pt", weights_only=True)["state_dict"]
+    assert final.keys() == latest.keys()
+    assert all(torch.equal(final[k], latest[k].float()) for k in final)
+    report = evaluate_checkpoint(run_dir / "steps" / "step_0000060")
+    curve = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(
+        (run_dir / "mlflow_run_id").read_text().strip(), "knn_top1")}
+    assert report["knn_top1"] == pytest.approx(curve[60], abs=1 / 450 + 1e-9)
+    assert main(["extract", "--checkpoint", str(run_dir), "--step", "60"]) == 2
+    assert main(["extract", "--checkpoint", str(run_dir), "--step", "61"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out: {run_dir / 'steps' / 'step_0000060'} already holds an encoder; extract overwrites nothing",
+        f"error: --step: {run_dir} has no checkpoint of step 61; it has steps 60, {STEPS}"]
+
+
 def test_loss_leaves_uniform(trained):
     """The loss starts near ln K (teacher and student near uniform) and ends clearly below it: no collapse to the
     uniform distribution."""

@@ -88,8 +88,8 @@ def _worker(rank: int, port: int, root: str) -> None:
 def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dino_engine")
     mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=True)
-    return {(s, r): torch.load(root / f"stage{s}-rank{r}.pt", weights_only=False) for s in STAGES
-            for r in range(WORLD)}
+    return {"root": root, **{(s, r): torch.load(root / f"stage{s}-rank{r}.pt", weights_only=False) for s in STAGES
+                             for r in range(WORLD)}}
 
 
 def _close(a: dict, b: dict, what: str) -> None:
@@ -168,3 +168,19 @@ def test_knn_monitor_on_the_live_teacher(stage, results):
     expected = knn_top1(feats[train], evalset.labels[train], feats[test], evalset.labels[test])
     assert results[(stage, 0)]["knn"]["knn_top1"] == pytest.approx(expected, abs=1 / len(test) + 1e-9)
     assert results[(stage, 1)]["knn"] is None
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_merges_offline(stage, results):
+    """The checkpoint both ranks wrote, merged in this one process without DeepSpeed engines (pretrain extract's
+    path): the whole method (student, the frozen EMA teacher, the center buffer) exactly as it was saved."""
+    from pretrain.engine import consolidated_state_dict
+    from pretrain.trainer import build_method
+
+    method = build_method(_cfg(stage), distributed=False)
+    method.load_state_dict(consolidated_state_dict(results["root"] / f"ckpt{stage}", stage))
+    saved = results[(stage, 0)]["trained"]
+    for part in ("student", "teacher"):  # (full_state_dict saves every entry as float, BatchNorm's counts too)
+        merged = {k: v.float() for k, v in getattr(method, part).state_dict().items()}
+        _close(merged, saved[part], f"stage {stage} {part}")
+    assert torch.equal(method.center, saved["center"])

@@ -1,0 +1,81 @@
+"""A run's encoder at any checkpointed step: ``pretrain extract`` turns a training checkpoint into what a finished run
+leaves (``backbone.pt``, and ``model.pt`` for a method used whole), in ``<run>/steps/step_XXXXXXX``.
+
+The checkpoints are the ones training writes for resuming: Ray's ``<run>/checkpoint_*`` directories, or
+``<run>/checkpoints/step_XXXXXXX`` under torchrun, each holding every rank's ZeRO partitions. They are merged offline
+on the CPU (``pretrain.engine.consolidated_state_dict``), whatever the number of ranks that wrote them, and loaded into
+the run's method, so a step's directory is read by ``pretrain eval``, ``embed``, ``search``, ``export`` and
+``pretrain.load_encoder`` as a finished run is: a run still training, or stopped for good, has usable weights, and the
+best point of the kNN monitor's curve can be taken instead of the last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pretrain.config import load_config, to_dict
+
+STEPS_DIR = "steps"
+CHECKPOINT_INFO = "checkpoint.json"
+"""Written by the trainer into each checkpoint: {"step", "epoch", "world_size"}."""
+
+
+def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """``{step: checkpoint directory}`` of the complete checkpoints of ``run_dir`` (Ray's or torchrun's layout)."""
+    from pretrain.engine import CKPT_TAG
+
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    found += [p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return {_step_of(p): p for p in sorted(found) if (p / CKPT_TAG).is_dir()}
+
+
+def _step_of(checkpoint: Path) -> int:
+    info = checkpoint / CHECKPOINT_INFO
+    if info.is_file():
+        return int(json.loads(info.read_text())["step"])
+    from pretrain.engine import CKPT_TAG  # a checkpoint of an older version: the step is in DeepSpeed's client state
+
+    states = torch.load(checkpoint / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
+                        mmap=True)
+    return int(states["step"])
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / STEPS_DIR / f"step_{step:07d}"
+
+
+def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> tuple[int, Path]:
+    """Write the encoder of checkpoint ``step`` (default: the latest) of ``run_dir`` as a run directory ``out``
+    (default ``<run>/steps/step_XXXXXXX``): its config.yaml, backbone.pt (+ model.pt). Returns (step, out).
+    ValueError (one line) for a run without that checkpoint or an ``out`` that already holds weights."""
+    from pretrain.engine import consolidated_state_dict
+    from pretrain.evaluate import MODEL_FILE
+    from pretrain.trainer import build_method
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"--checkpoint: {run_dir} is not a run directory (no config.yaml)")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise ValueError(f"--checkpoint: {run_dir} has no checkpoint yet (they are written every job.ckpt_every steps)")
+    step = max(found) if step is None else step
+    if step not in found:
+        raise ValueError(f"--step: {run_dir} has no checkpoint of step {step}; it has steps "
+                         + ", ".join(str(s) for s in sorted(found)))
+    out = step_dir(run_dir, step) if out is None else Path(out)
+    if (out / "backbone.pt").exists():
+        raise ValueError(f"--out: {out} already holds an encoder; extract overwrites nothing")
+    cfg = load_config(run_dir / "config.yaml")
+    method = build_method(cfg, distributed=False)
+    method.load_state_dict(consolidated_state_dict(found[step], cfg.zero.stage))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    saved = {"config": to_dict(cfg), "step": step, "run": str(run_dir.resolve())}
+    if method.saves_model:
+        torch.save({**saved, "state_dict": method.state_dict()}, out / MODEL_FILE)
+    torch.save({**saved, "state_dict": method.backbone.state_dict()}, out / "backbone.pt")  # last: marks it whole
+    return step, out
