@@ -37,6 +37,15 @@ def use_bf16(cfg: Config) -> bool:
     return cfg.zero.precision == "bf16"
 
 
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """The learning rate after warmup: ``optim.lr``, scaled by ``optim.lr_scaling`` from ``optim.base_batch_size`` to
+    the global batch, ``data.batch_size`` x the ``world_size`` ranks that train (job.num_workers under Ray; under
+    torchrun, its processes)."""
+    o = cfg.optim
+    ratio = cfg.data.batch_size * world_size / o.base_batch_size
+    return o.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[o.lr_scaling]
+
+
 def lr_lambda(cfg: Config):
     """Linear warmup to the peak, then cosine to ``min_lr_ratio`` x peak at ``max_steps``."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.job.max_steps, cfg.optim.min_lr_ratio
@@ -79,9 +88,9 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
     (``weight_decay_at``), both set for the coming step whenever the learning rate is. A function of the step alone:
     a resumed run (its ``last_epoch`` restored from the checkpoint) continues both exactly."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config, world_size: int = 1) -> None:
         self.weight_decay = weight_decay_at(cfg)
-        self.peak_lr, self.betas = cfg.optim.lr, tuple(cfg.optim.betas)
+        self.peak_lr, self.betas = peak_lr(cfg, world_size), tuple(cfg.optim.betas)
         super().__init__(optimizer, lr_lambda(cfg))
 
     def follow_config(self) -> None:
@@ -136,8 +145,10 @@ def build_engine(model: nn.Module, cfg: Config):
 
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
     """
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    scheduler = Schedule(optimizer, cfg)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg, world),
+                                  betas=cfg.optim.betas)
+    scheduler = Schedule(optimizer, cfg, world)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
     )

@@ -122,6 +122,12 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
 
     resumed_at = step
     tracker = _open_tracker(cfg, run_dir, rank)
+    if rank == 0 and cfg.optim.lr_scaling != "none":
+        from pretrain.engine import peak_lr
+
+        batch = cfg.data.batch_size * world
+        print(f"Learning rate: optim.lr {cfg.optim.lr:g} scaled ({cfg.optim.lr_scaling}) from a global batch of "
+              f"{cfg.optim.base_batch_size} to {batch}: {peak_lr(cfg, world):g}", flush=True)
     history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
     needs_text = METHODS[cfg.method.name].needs_text
     stream = make_train_stream(

@@ -147,11 +147,14 @@ def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
 
     from mlflow import MlflowClient
 
+    # the recipe's 1e-3, as half of it scaled linearly from a global batch of 64 to the 2 ranks' 128
     run = _dry_run(tmp_path, "clip", ["job.max_steps=60", "job.log_every=5", "job.ckpt_every=60",
-                                      "optim.warmup_steps=5", "data.batch_size=64", "eval.enabled=true"],
+                                      "optim.warmup_steps=5", "data.batch_size=64", "eval.enabled=true",
+                                      "optim.lr=5e-4", "optim.lr_scaling=linear", "optim.base_batch_size=64"],
                    ROOT / "configs" / "clip_digits.yaml")
     assert (run / "config.yaml").is_file() and not (run / "metrics.csv").exists()  # the dry run trained nothing
-    _torchrun(run)
+    proc = _torchrun(run)
+    assert "Learning rate: optim.lr 0.0005 scaled (linear) from a global batch of 64 to 128: 0.001" in proc.stdout
     files = {p.name for p in (run / "checkpoints" / "step_0000060" / "state").iterdir()}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
     losses = [float(v) for v in _losses(run).values()]
@@ -164,6 +167,7 @@ def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
     run_id = (run / "mlflow_run_id").read_text().strip()
     scales = [m.value for m in client.get_metric_history(run_id, "logit_scale")]
     assert len(scales) == 60 and scales[0] == pytest.approx(1 / 0.07, rel=1e-3)
+    assert max(m.value for m in client.get_metric_history(run_id, "lr")) == pytest.approx(1e-3)
     assert client.get_run(run_id).data.metrics["eval/zeroshot_top1"] == pytest.approx(report["zeroshot_top1"])
 
     out = tmp_path / "again.json"

@@ -50,6 +50,8 @@ def test_yaml_booleans_fill_word_fields():
         ("job.max_steps=10", "optim.warmup_steps: must be < job.max_steps"),
         ("data.batch_size=true", "data.batch_size: expected an integer"),
         ("eval.knn_every=-5", "eval.knn_every: must be >= 0 (0 = off), got -5"),
+        ("optim.lr_scaling=quadratic", "optim.lr_scaling: must be none, linear or sqrt, got 'quadratic'"),
+        ("optim.base_batch_size=0", "optim.base_batch_size: must be >= 1, got 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -119,6 +119,26 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
 
 
+def test_lr_scaling_by_global_batch():
+    """optim.lr_scaling: the peak is lr x (batch x ranks / base_batch_size), or its square root; the schedule warms up
+    to it and a resume's follow_config keeps it."""
+    from pretrain.engine import Schedule, peak_lr
+
+    sets = ["data.batch_size=128", "optim.lr=1e-3", "optim.base_batch_size=256", "optim.warmup_steps=4"]
+    assert peak_lr(load_config(RECIPE, sets), 8) == 1e-3  # none: as given, whatever the batch
+    linear = load_config(RECIPE, [*sets, "optim.lr_scaling=linear"])
+    assert peak_lr(linear, 8) == pytest.approx(4e-3) and peak_lr(linear, 1) == pytest.approx(5e-4)
+    assert peak_lr(load_config(RECIPE, [*sets, "optim.lr_scaling=sqrt"]), 8) == pytest.approx(2e-3)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=peak_lr(linear, 8))  # as build_engine makes it
+    schedule = Schedule(opt, linear, world_size=8)
+    for _ in range(3):
+        opt.step()
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(4e-3)  # step 3: the last of the warmup
+    schedule.follow_config()
+    assert opt.param_groups[0]["lr"] == pytest.approx(4e-3)
+
+
 def test_weight_decay_schedule_cosine_to_end():
     """weight_decay at step 0, cosine to weight_decay_end at max_steps (then held); null keeps it constant."""
     from pretrain.engine import weight_decay_at
