@@ -117,7 +117,8 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
     """Train ``cfg`` with ``job.num_workers`` Ray Train workers; the run's storage is ``run_dir``."""
     run_dir = Path(run_dir).resolve()
     gpu = use_gpu(cfg)
-    env = {k: v for k, v in os.environ.items() if k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "RAY_AUTH_MODE")}
+    passed = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "RAY_AUTH_MODE", "PRETRAIN_HTTP_AUTHORIZATION")
+    env = {k: v for k, v in os.environ.items() if k in passed}
     # Workers need a CPU each plus what their loader uses; locally, size the cluster to fit the job.
     num_cpus = None if address else max(os.cpu_count() or 1, cfg.job.num_workers + 1)
     with ray_cluster(address, num_cpus=num_cpus):

@@ -149,7 +149,8 @@ class TrainStream:
                         yield out
                 if self._batches == 0:
                     raise RuntimeError(f"epoch {self.epoch}: this rank's shard share gave no full batch of "
-                                       f"{self.batch_size} (too few samples, or all of them corrupt)")
+                                       f"{self.batch_size} (too few samples, or all of them corrupt or unreadable: "
+                                       "see the warnings above)")
                 self.epoch += 1
                 self._batches, self._taken, self._chunks = 0, 0, 0
         finally:

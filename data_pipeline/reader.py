@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.remote import is_url, open_stream
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff")
@@ -79,7 +81,7 @@ def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
         return True  # keep going: read whatever is still readable
 
     try:
-        stream = open(path, "rb")  # opened here (not by webdataset's url_opener) so it is always closed
+        stream = open_stream(path)  # opened here (not by webdataset's url_opener) so it is always closed
     except OSError as exn:
         errors.append(exn)
         return
@@ -118,15 +120,22 @@ class Counts:
 
 @functools.lru_cache(maxsize=8)
 def _expected_counts(data_dir: str, mtime_ns: int) -> dict[str, int]:
-    """Samples per shard file name from the manifest in ``data_dir`` (cached per manifest version)."""
-    import pyarrow.parquet as pq
+    """Samples per shard file name from the manifest in ``data_dir`` (a directory or URL; cached per manifest
+    version)."""
+    from data_pipeline.shards import read_manifest
 
-    names = pq.read_table(os.path.join(data_dir, "manifest.parquet"), columns=["shard"]).column("shard").to_pylist()
+    names = read_manifest(data_dir).column("shard").to_pylist()
     return dict(collections.Counter(names))
 
 
 def expected_samples(path: str) -> int | None:
     """Samples the manifest beside ``path`` promises for it, or None when there is no manifest."""
+    if is_url(path):
+        data_dir, name = path.rsplit("/", 1)
+        try:
+            return _expected_counts(data_dir, 0).get(name)  # a served dataset never changes in place
+        except ValueError:  # no manifest there
+            return None
     data_dir, name = os.path.split(path)
     try:
         mtime = os.stat(os.path.join(data_dir, "manifest.parquet")).st_mtime_ns

@@ -28,11 +28,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline import remote
 from data_pipeline.sources import resolve_source
 
 MANIFEST = "manifest.parquet"
 CHECKSUMS = "checksums.json"
 SHARD_PATTERN = "shard-%06d.tar"
+
+
+def dataset_dir(shard: str) -> str:
+    """The dataset directory (or URL) of one of its shards."""
+    return remote.parent(shard) if remote.is_url(shard) else str(Path(shard).parent)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -126,8 +132,13 @@ def _write_shard(path: Path, src, indices) -> list[tuple]:
 
 
 def read_manifest(data_dir: str | Path) -> pa.Table:
-    """The manifest table of a dataset directory (columns key, shard, label, bytes, caption; metadata classes,
+    """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption; metadata classes,
     source)."""
+    if remote.is_url(data_dir):
+        try:
+            return pq.read_table(pa.BufferReader(remote.fetch(remote.join(str(data_dir), MANIFEST))))
+        except OSError as e:
+            raise ValueError(f"no {MANIFEST} at {data_dir} ({e})") from None
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise ValueError(f"no {MANIFEST} in {data_dir}: not a (complete) shard directory")
@@ -150,7 +161,12 @@ def count_captions(data_dir: str | Path) -> int:
 
 
 def list_shards(data_dir: str | Path, *, verify: bool = False) -> list[str]:
-    """Absolute shard paths named by the manifest, sorted; with ``verify`` check each against ``checksums.json``."""
+    """Absolute shard paths (URLs for a dataset URL) named by the manifest, sorted; with ``verify`` check each against
+    ``checksums.json`` (local datasets)."""
+    if remote.is_url(data_dir):
+        if verify:
+            raise ValueError(f"{data_dir}: shards served over HTTP are not verified here; verify them where they lie")
+        return [remote.join(str(data_dir), n) for n in sorted(set(read_manifest(data_dir).column("shard").to_pylist()))]
     data_dir = Path(data_dir)
     names = sorted(set(read_manifest(data_dir).column("shard").to_pylist()))
     paths = [str((data_dir / n).resolve()) for n in names]

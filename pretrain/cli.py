@@ -308,6 +308,7 @@ def _submit_slurm(args) -> int:
 
 def _submit_k8s(args) -> int:
     from cluster.k8s import K8sJob, check_shared, find_kubectl, submit, write_manifests
+    from data_pipeline.remote import is_url
     from data_pipeline.shards import BUILTIN_VERSIONS
 
     job = K8sJob(image=args.image, pvc=args.pvc, mount_path=args.mount_path, nodes=args.nodes,
@@ -321,10 +322,10 @@ def _submit_k8s(args) -> int:
     def shared(cfg: Config, run_dir: Path) -> None:
         """What the pods open must be on the PVC: the run (and the default MLflow store beside it), the shard
         directories (training data, evaluation data) and a file-based tracking store. Built-in sources are built in
-        each pod on first use."""
+        each pod on first use; datasets served over HTTP(S) are read from there."""
         datasets = {"data.source": cfg.data.source,
                     "eval.dataset": cfg.eval.dataset if cfg.eval.reads_dataset else None}
-        paths = {k: v for k, v in datasets.items() if v is not None and v not in BUILTIN_VERSIONS}
+        paths = {k: v for k, v in datasets.items() if v is not None and v not in BUILTIN_VERSIONS and not is_url(v)}
         for prefix in ("sqlite:///", "file://"):
             if cfg.tracking.uri.startswith(prefix):
                 paths["tracking.uri"] = cfg.tracking.uri.removeprefix(prefix)
@@ -424,6 +425,7 @@ def _data_shards(run, data: str | None) -> list[str]:
 
 
 def cmd_embed(args) -> int:
+    from data_pipeline.shards import dataset_dir
     from pretrain.index import embed_shards, load_run, save_gallery
 
     if args.out.exists():
@@ -433,7 +435,7 @@ def cmd_embed(args) -> int:
     run = load_run(args.checkpoint, _device(args.device))
     shards = _data_shards(run, args.data)
     gallery = embed_shards(run, shards, batch_size=args.batch_size)
-    save_gallery(gallery, args.out, checkpoint=args.checkpoint, data_dir=Path(shards[0]).parent)
+    save_gallery(gallery, args.out, checkpoint=args.checkpoint, data_dir=dataset_dir(shards[0]))
     print(f"Embedded {len(gallery.keys)} images of {args.data or run.cfg.data.source}"
           + (f" ({gallery.corrupt} undecodable skipped)" if gallery.corrupt else "")
           + f", {gallery.embeddings.shape[1]} dimensions each: {args.out}", flush=True)

@@ -1,11 +1,12 @@
 """Where a run's shards come from: a built-in source (digits, samples) cached on first use, or a directory with a
-manifest."""
+manifest, or the URL of one served over HTTP(S) (data_pipeline.remote)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipeline.shards import BUILTIN_VERSIONS, count_captions, ensure_builtin_shards, list_shards
+from data_pipeline.remote import is_url
+from data_pipeline.shards import BUILTIN_VERSIONS, count_captions, ensure_builtin_shards, list_shards, read_manifest
 from pretrain.config import ConfigError, DataConfig
 
 
@@ -19,6 +20,12 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False) -> list[str]:
     if cfg.source in BUILTIN_VERSIONS:
         shards = ensure_builtin_shards(Path(cfg.cache_dir).expanduser(), cfg.source, shard_size=cfg.shard_size)
         data_dir, hint = Path(shards[0]).parent, ""
+    elif is_url(cfg.source):  # served over HTTP(S): the manifest must answer now, before any worker starts
+        data_dir, shards, hint = cfg.source.rstrip("/"), None, ""
+        try:
+            read_manifest(data_dir)
+        except ValueError as e:
+            raise ConfigError(f"data.source: {e}") from None
     else:
         data_dir, shards = Path(cfg.source).expanduser(), None
         if not (data_dir / "manifest.parquet").is_file():

@@ -189,7 +189,8 @@ def consolidated_state_dict(directory: str | Path, stage: int) -> dict[str, torc
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file and parameter group
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # a line per file, a progress bar
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CKPT_TAG))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.remote import is_url
 from pretrain.config import Config
 
 
@@ -67,10 +68,10 @@ class Gallery:
 @torch.no_grad()
 def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Gallery:
     """Every sample of ``shards`` (one pass, in shard order) embedded by ``run.encode_image``."""
-    from data_pipeline.shards import read_manifest
+    from data_pipeline.shards import dataset_dir, read_manifest
     from pretrain.eval.dataset import ShardImages
 
-    manifest = read_manifest(Path(shards[0]).parent).to_pylist()
+    manifest = read_manifest(dataset_dir(shards[0])).to_pylist()
     caption_of = {r["key"]: r.get("caption") for r in manifest}
     images = ShardImages(run.cfg)
     keys, labels, chunks = [], [], []
@@ -124,7 +125,8 @@ def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, 
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
     }).replace_schema_metadata({
         "format": INDEX_FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_sha256": checkpoint_digest(checkpoint), "data": str(Path(data_dir).resolve()),
+        "checkpoint_sha256": checkpoint_digest(checkpoint),
+        "data": data_dir if is_url(data_dir) else str(Path(data_dir).resolve()),
         "corrupt": str(gallery.corrupt), "dim": str(emb.shape[1])})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")

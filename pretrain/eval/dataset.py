@@ -16,7 +16,6 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,14 +105,15 @@ class ShardImages:
             yield good, torch.cat(xs)
 
 
-def _shards(cfg: Config) -> tuple[list[str], Path]:
+def _shards(cfg: Config) -> tuple[list[str], str]:
+    from data_pipeline.shards import dataset_dir
     from pretrain.data import resolve_shards
 
     try:
         shards = resolve_shards(dataclasses.replace(cfg.data, source=cfg.eval.dataset))
     except ConfigError as e:
         raise ConfigError(str(e).replace("data.source:", "eval.dataset:", 1)) from None
-    return shards, Path(shards[0]).parent
+    return shards, dataset_dir(shards[0])
 
 
 def check_eval_dataset(cfg: Config) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.remote import AUTH_ENV
+from tests.http_fixture import serve
 from tests.util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,22 +70,26 @@ def _unlabelled_jpegs(root: Path) -> Path:
 
 def test_train_joins_existing_cluster(ray_head, tmp_path):
     """Training with --address runs its 2 workers on the given cluster (no private cluster is started), on unlabelled
-    JPEGs written to shards by `pretrain data shards --source images:PATH`."""
-    shards = tmp_path / "shards"
+    JPEGs written to shards by `pretrain data shards --source images:PATH` and served over HTTP by a server that wants
+    a token: the driver has it in PRETRAIN_HTTP_AUTHORIZATION, the workers (started by the cluster, not by the driver)
+    get it from the launcher, and every shard is fetched."""
+    shards = tmp_path / "data" / "shards"
     made = subprocess.run([sys.executable, "-m", "pretrain.cli", "data", "shards", "--source",
                            f"images:{_unlabelled_jpegs(tmp_path / 'photos')}", "--out", str(shards), "--shard-size",
                            "64", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
-    sets = ["job.max_steps=6", "job.log_every=3", "job.ckpt_every=6", "optim.warmup_steps=1", "data.batch_size=32",
-            f"job.out_dir={tmp_path}", "job.run_name=joined", "eval.enabled=false", "eval.knn_every=0",
-            "job.progress=false", f"data.source={shards}"]
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--address", ray_head]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    with serve(tmp_path / "data", token="Bearer t0ken") as (base, seen):
+        sets = ["job.max_steps=6", "job.log_every=3", "job.ckpt_every=6", "optim.warmup_steps=1",
+                "data.batch_size=32", f"job.out_dir={tmp_path}", "job.run_name=joined", "eval.enabled=false",
+                "eval.knn_every=0", "job.progress=false", f"data.source={base}/shards"]
+        cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--address", ray_head]
+        for s in sets:
+            cmd += ["--set", s]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "RAY_AUTH_MODE": "disabled", AUTH_ENV: "Bearer t0ken"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    assert all(seen[f"/shards/shard-{i:06d}.tar"] >= 1 for i in range(4))  # 200 photos in shards of 64
     assert "Local Ray cluster" not in out
     assert ray_head in out or "Connecting to existing Ray cluster" in out
     lines = (tmp_path / "joined" / "metrics.csv").read_text().splitlines()
