@@ -32,7 +32,7 @@ def _check(ok: bool, key: str, problem: str) -> None:
 @dataclass(kw_only=True)
 class ModelConfig:
     backbone: str = "convnet"
-    """Key into pretrain.models.BACKBONES (vit_tiny, vit_small, vit_base, convnet, resnet18)."""
+    """Key into pretrain.models.BACKBONES (vit_tiny, vit_small, vit_base, convnet, resnet18, resnet50)."""
     patch_size: int = 16
     """ViT patch size; the image size comes from data.image_size."""
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)

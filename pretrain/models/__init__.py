@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .convnet import ConvNet, convnet
-from .resnet import ResNet, resnet18
+from .resnet import ResNet, resnet18, resnet50
 from .vit import VisionTransformer, interpolate_pos_embed, vit_base, vit_small, vit_tiny
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -22,6 +22,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vit_base": vit_base,
     "convnet": convnet,
     "resnet18": resnet18,
+    "resnet50": resnet50,
 }
 
 # Options each backbone accepts beyond image_size / in_chans / patch_size, checked up front so a typo in a config fails
@@ -33,7 +34,8 @@ OPTIONS: dict[str, set[str]] = {
     "vit_small": _VIT_OPTIONS,
     "vit_base": _VIT_OPTIONS,
     "convnet": {"width", "norm"},
-    "resnet18": {"widths", "norm"},
+    "resnet18": {"widths", "norm", "stem"},
+    "resnet50": {"widths", "norm", "stem"},
 }
 
 

@@ -1,6 +1,9 @@
-"""ResNet-18 with a CIFAR-style stem (3x3 conv, stride 1, no max-pool), so 8x8..32x32 images keep spatial extent.
+"""ResNets: ResNet-18 (BasicBlocks [2, 2, 2, 2], widths 64..512 -> 512 features) and ResNet-50 (Bottlenecks
+[3, 4, 6, 3], widths 64..512 x 4 -> 2048 features), with either stem: ``cifar`` (3x3 conv, stride 1, no max-pool:
+8x8..32x32 images keep their spatial extent; ResNet-18's default) or ``imagenet`` (7x7 conv, stride 2, 3x3 max-pool: a
+224 px image leaves a 7x7 map; ResNet-50's default, torchvision's layout).
 
-``forward(x: (B, C, H, W)) -> (B, 512)`` after global average pooling; BasicBlocks [2, 2, 2, 2], widths 64..512.
+``forward(x: (B, C, H, W)) -> (B, embed_dim)`` after global average pooling.
 """
 
 from __future__ import annotations
@@ -32,8 +35,39 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with an identity (or 1x1 projection) shortcut (ResNet v1.5: the
+    stride on the 3x3, as torchvision)."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int, norm: str) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = norm2d(norm, width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm2d(norm, width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = norm2d(norm, c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm2d(norm, c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
+BasicBlock.expansion = 1
+STEMS = ("cifar", "imagenet")
+
+
 class ResNet(nn.Module):
-    """CIFAR-style ResNet: stem conv3x3/1, four stages of BasicBlocks, global average pool -> (B, widths[-1])."""
+    """Stem (``cifar`` or ``imagenet``), four stages of ``block``, global average pool -> (B, embed_dim)."""
 
     def __init__(
         self,
@@ -42,6 +76,8 @@ class ResNet(nn.Module):
         layers: tuple[int, ...] = (2, 2, 2, 2),
         widths: tuple[int, ...] = (64, 128, 256, 512),
         norm: str = "bn",
+        block: type[nn.Module] = BasicBlock,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
         if not isinstance(in_chans, int) or in_chans <= 0:
@@ -50,18 +86,24 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet layers {layers} and widths {widths} must be non-empty and of equal length")
         if norm not in NORMS:
             raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False),
-            norm2d(norm, widths[0]),
-            nn.ReLU(inplace=True),
-        )
+        if stem not in STEMS:
+            raise ValueError(f"ResNet stem must be one of {STEMS}, got {stem!r}")
+        if stem == "cifar":
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False),
+                                      norm2d(norm, widths[0]), nn.ReLU(inplace=True))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 7, stride=2, padding=3, bias=False),
+                                      norm2d(norm, widths[0]), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, stride=2, padding=1))
         stages: list[nn.Module] = []
         c_in = widths[0]
-        for i, (n, c_out) in enumerate(zip(layers, widths)):
+        for i, (n, width) in enumerate(zip(layers, widths)):
             stride = 1 if i == 0 else 2
-            blocks = [BasicBlock(c_in, c_out, stride, norm)] + [BasicBlock(c_out, c_out, 1, norm) for _ in range(n - 1)]
+            blocks = []
+            for j in range(n):
+                blocks.append(block(c_in, width, stride if j == 0 else 1, norm))
+                c_in = width * block.expansion
             stages.append(nn.Sequential(*blocks))
-            c_in = c_out
         self.stages = nn.Sequential(*stages)
         self.embed_dim = c_in
         for m in self.modules():
@@ -69,7 +111,8 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_dense(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, embed_dim, H/8, W/8), the last stage's map before pooling (dense pretext tasks)."""
+        """x: (B, C, H, W) -> (B, embed_dim, H/8, W/8) (cifar stem; H/32, W/32 with the imagenet one), the last stage's
+        map before pooling (dense pretext tasks)."""
         return self.stages(self.stem(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -78,6 +121,14 @@ class ResNet(nn.Module):
 
 
 def resnet18(*, image_size: int = 32, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> ResNet:
-    """Registry factory for ResNet-18 (embed_dim 512); ``image_size``/``patch_size`` are accepted and not used."""
+    """Registry factory for ResNet-18 (embed_dim 512; cifar stem unless ``stem``); ``image_size``/``patch_size`` are
+    accepted and not used."""
     del image_size, patch_size
     return ResNet(in_chans=in_chans, layers=(2, 2, 2, 2), **kwargs)
+
+
+def resnet50(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> ResNet:
+    """Registry factory for ResNet-50 (embed_dim 2048, about 23.5M parameters; imagenet stem unless ``stem``)."""
+    del image_size, patch_size
+    kwargs.setdefault("stem", "imagenet")
+    return ResNet(in_chans=in_chans, layers=(3, 4, 6, 3), block=Bottleneck, **kwargs)

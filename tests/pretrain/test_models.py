@@ -30,9 +30,10 @@ def test_backbone_gives_pooled_features(name: str, in_chans: int) -> None:
     assert not unused, f"parameters without gradient: {unused}"
 
 
-@pytest.mark.parametrize("name,embed_dim", [("convnet", 128), ("resnet18", 512), ("vit_tiny", 192)])
+@pytest.mark.parametrize("name,embed_dim", [("convnet", 128), ("resnet18", 512), ("resnet50", 2048),
+                                            ("vit_tiny", 192)])
 def test_embed_dims(name: str, embed_dim: int) -> None:
-    """Reference widths: ConvNet 128, ResNet-18 512, ViT-Ti 192."""
+    """Reference widths: ConvNet 128, ResNet-18 512, ResNet-50 2048, ViT-Ti 192."""
     assert build_backbone(name, image_size=16, in_chans=3, patch_size=4).embed_dim == embed_dim
 
 
@@ -142,6 +143,18 @@ def test_vit_parameter_counts_match_published(name: str, expected: float) -> Non
     assert abs(num_params(model) - expected) / expected < 0.02
 
 
+def test_resnet50_is_torchvisions_layout() -> None:
+    """ResNet-50 with its ImageNet stem: torchvision's resnet50 less its 1000-class fc (25,557,032 - 2,049,000
+    parameters), 2048 features, a 7x7 map at 224 px; the CIFAR stem keeps 32 px images at 4x4."""
+    with torch.device("meta"):
+        model = build_backbone("resnet50", image_size=224, in_chans=3)
+    assert num_params(model) == 25_557_032 - 2_049_000 and model.embed_dim == 2048
+    small = build_backbone("resnet50", image_size=32, in_chans=3, stem="cifar")
+    assert small.forward_dense(torch.randn(1, 3, 32, 32)).shape == (1, 2048, 4, 4)
+    stem = build_backbone("resnet18", image_size=224, in_chans=3, stem="imagenet").forward_dense
+    assert stem(torch.randn(1, 3, 224, 224)).shape == (1, 512, 7, 7)
+
+
 def test_unknown_backbone_lists_known_names() -> None:
     """An unknown name raises ValueError naming every registered backbone."""
     with pytest.raises(ValueError, match="unknown backbone 'vit_huge'.*convnet.*resnet18.*vit_base"):
@@ -156,6 +169,7 @@ def test_unknown_backbone_lists_known_names() -> None:
         (dict(name="convnet", image_size=16, depth=3), r"unknown option\(s\) \['depth'\]"),
         (dict(name="resnet18", image_size=0), "image_size must be a positive int"),
         (dict(name="convnet", image_size=16, norm="ln"), "norm must be one of"),
+        (dict(name="resnet50", image_size=16, stem="vgg"), r"stem must be one of \('cifar', 'imagenet'\)"),
     ],
 )
 def test_bad_options_raise_value_error(kwargs: dict, match: str) -> None:

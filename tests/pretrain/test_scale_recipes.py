@@ -1,0 +1,45 @@
+"""The ImageNet-scale recipes (configs/*_imagenet.yaml) at their real sizes: each loads, its method builds with the
+recipe's backbone and head (ViT-S/16 with 65,536 prototypes, ViT-B/16 with MAE's decoder, ...), and takes a training
+step on a batch of 2 images per view at the recipe's crop sizes, the loss finite and near where it starts in the
+papers. Training them to their published accuracy needs GPUs; this is what a CPU can check."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.trainer import build_method
+from tests.util import train_steps
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "configs").glob("*_imagenet.yaml"))
+
+
+def test_there_are_scale_recipes():
+    assert {p.name for p in RECIPES} >= {"dino_vits16_imagenet.yaml", "ibot_vits16_imagenet.yaml",
+                                         "mae_vitb16_imagenet.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_builds_and_steps_at_its_sizes(recipe):
+    cfg = load_config(recipe)
+    d = cfg.data
+    method = build_method(cfg, distributed=False)
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(2, d.channels, d.image_size, d.image_size, generator=g) for _ in range(d.num_views)]
+    views += [torch.randn(2, d.channels, d.local_size, d.local_size, generator=g) for _ in range(d.local_views)]
+    batch = {"views": views, "label": torch.zeros(2, dtype=torch.long)}
+    method.on_step_start(0, cfg.job.max_steps)
+    with torch.no_grad():
+        out = method(batch)
+    if cfg.method.name in ("dino", "ibot"):  # student and teacher start near uniform over the K prototypes
+        image_level = out["cls_loss" if cfg.method.name == "ibot" else "loss"].item()
+        assert abs(image_level - math.log(cfg.method.num_prototypes)) < 1.5
+    assert math.isfinite(out["loss"].item())
+    train_steps(method, iter([batch]), 1, lr=1e-4)
+    method.on_step_end(0, cfg.job.max_steps)
+    assert math.isfinite(method(batch)["loss"].item())
