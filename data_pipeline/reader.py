@@ -91,11 +91,12 @@ def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
 
 def _parse(sample: dict, text: bool = False) -> dict | None:
     """``{"key", "image", "label"}`` (+ ``"text"`` with ``text``) from a webdataset sample, or None if it has no image,
-    no integer label or (with ``text``) no non-empty UTF-8 caption."""
+    a label that is not an integer or (with ``text``) no non-empty UTF-8 caption. A sample without a ``cls`` member
+    (shards written by other tools, e.g. img2dataset) is unlabelled: -1."""
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     try:
-        label = int(sample["cls"])
-    except (KeyError, ValueError, TypeError):
+        label = int(sample["cls"]) if "cls" in sample else -1
+    except (ValueError, TypeError):
         return None
     if not image:
         return None

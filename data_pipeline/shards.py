@@ -131,6 +131,71 @@ def _write_shard(path: Path, src, indices) -> list[tuple]:
     return rows
 
 
+def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = True) -> tuple[Path, dict]:
+    """Make WebDataset shards written by another tool (img2dataset, webdataset's TarWriter, ...) a dataset here,
+    without rewriting them: write ``manifest.parquet`` and ``checksums.json`` beside the ``*.tar`` files of
+    ``data_dir``. A sample is ``<key>.<image ext>`` with an optional ``<key>.txt`` caption (UTF-8) and ``<key>.cls``
+    label (else unlabelled, -1); other members (img2dataset's .json) are ignored. Samples without an image, or with a
+    label or caption that does not parse, are left out and counted; a tar that does not read to its end is listed with
+    the samples before the damage and counted. ``workers`` tars are read at a time. Returns (the manifest path, counts
+    {"shards", "samples", "skipped", "damaged", "captions"})."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from data_pipeline.reader import IMAGE_EXTS, _tar_samples
+
+    data_dir = Path(data_dir)
+    if (data_dir / MANIFEST).exists():
+        raise ValueError(f"{data_dir} already has a {MANIFEST}: it is a dataset already")
+    names = sorted(p.name for p in data_dir.glob("*.tar") if p.is_file())
+    if not names:
+        raise ValueError(f"{data_dir}: no .tar files in it")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: must be a positive int, got {workers!r}")
+    bar = tqdm(total=len(names), disable=not progress, desc=f"index {data_dir.name}", unit="shard")
+
+    def scan(name: str) -> tuple[list[tuple], int, bool, str]:
+        rows, skipped, errors = [], 0, []
+        for sample in _tar_samples(str(data_dir / name), errors):
+            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            try:
+                label = int(sample["cls"]) if "cls" in sample else -1
+                caption = bytes(sample["txt"]).decode("utf-8").strip() or None if "txt" in sample else None
+            except (ValueError, TypeError):
+                image = None
+            if image is None:
+                skipped += 1
+                continue
+            rows.append((sample["__key__"], name, label, len(image), caption))
+        bar.update(1)
+        return rows, skipped, bool(errors), sha256_file(data_dir / name)
+
+    with bar, ThreadPoolExecutor(workers) as pool:
+        scanned = list(pool.map(scan, names))
+    rows = [r for shard_rows, *_ in scanned for r in shard_rows]
+    if not rows:
+        raise ValueError(f"{data_dir}: no sample with an image in its {len(names)} tar file(s)")
+    checksums = {name: digest for name, (*_, digest) in zip(names, scanned)}
+    (data_dir / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
+    columns = dict(zip(("key", "shard", "label", "bytes", "caption"), zip(*rows)))
+    classes = sorted({r[2] for r in rows if r[2] >= 0})
+    table = pa.table({
+        "key": pa.array(columns["key"], pa.string()),
+        "shard": pa.array(columns["shard"], pa.string()),
+        "label": pa.array(columns["label"], pa.int64()),
+        "bytes": pa.array(columns["bytes"], pa.int64()),
+        "caption": pa.array(columns["caption"], pa.string()),
+    }).replace_schema_metadata({"classes": json.dumps([str(c) for c in range(classes[-1] + 1)] if classes else []),
+                                "source": f"index:{data_dir}"})
+    partial = data_dir / f".{MANIFEST}.partial-{os.getpid()}"
+    pq.write_table(table, partial)
+    os.replace(partial, data_dir / MANIFEST)  # last, whole: its presence marks the dataset complete
+    counts = {"shards": len(names), "samples": len(rows), "skipped": sum(s[1] for s in scanned),
+              "damaged": sum(s[2] for s in scanned), "captions": sum(r[4] is not None for r in rows)}
+    return data_dir / MANIFEST, counts
+
+
 def read_manifest(data_dir: str | Path) -> pa.Table:
     """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption; metadata classes,
     source)."""

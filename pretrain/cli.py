@@ -166,6 +166,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=4,
                    help="shards written at a time (threads reading the images; default 4; the output is the same)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    i = dsub.add_parser("index", help="make WebDataset shards written by another tool a dataset, in place",
+                        description="Write manifest.parquet and checksums.json beside the *.tar files of DIR (written "
+                        "by img2dataset, webdataset's TarWriter, ...: <key>.jpg|png|webp|bmp|tiff, optional <key>.txt "
+                        "caption and <key>.cls label, else unlabelled), so runs, eval and search read them as they "
+                        "are. The tars are not changed.")
+    i.add_argument("dir", type=Path, help="the directory of .tar shards")
+    i.add_argument("--workers", type=int, default=4, help="tars read at a time (default 4)")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -475,7 +483,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from data_pipeline.shards import write_shards
+    from data_pipeline.shards import index_shards, write_shards
+
+    if args.data_command == "index":
+        manifest, n = index_shards(args.dir, workers=args.workers, progress=not args.no_progress)
+        print(f"Indexed {n['samples']} samples ({n['captions']} with captions) in {n['shards']} shards: {manifest}"
+              + (f"; left out {n['skipped']} without an image or with a bad label/caption" if n["skipped"] else "")
+              + (f"; {n['damaged']} shard(s) do not read to their end (listed up to the damage)" if n["damaged"]
+                 else ""), flush=True)
+        return 0
 
     if args.shard_size <= 0:
         raise ConfigError(f"--shard-size: must be > 0, got {args.shard_size}")

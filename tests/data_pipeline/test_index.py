@@ -1,0 +1,96 @@
+"""`pretrain data index`: WebDataset shards written by another tool (img2dataset's layout: <key>.jpg, <key>.txt,
+<key>.json; no labels) become a dataset in place; runs read them unlabelled with their captions."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from data_pipeline.reader import read_epoch
+from data_pipeline.shards import read_manifest, sha256_file
+from pretrain.cli import main
+from pretrain.config import DataConfig
+from pretrain.data import resolve_shards
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _img2dataset_like(root: Path) -> dict[str, str | None]:
+    """3 tars of 10 samples as img2dataset writes them (key, jpg, txt, json); in the second one sample has no
+    caption, one has no image (a failed download), one a label that is not a number. Returns {key: caption} of the
+    samples an index keeps."""
+    root.mkdir()
+    kept = {}
+    for shard in range(3):
+        with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
+            for i in range(10):
+                key = f"{shard:05d}{i:04d}"
+                sample = {"__key__": key, "jpg": _jpeg(10 * shard + i), "txt": f"photo {key}",
+                          "json": json.dumps({"url": f"https://example.com/{key}.jpg"})}
+                if shard == 1 and i == 3:
+                    del sample["txt"]
+                if shard == 1 and i == 4:
+                    del sample["jpg"]
+                if shard == 1 and i == 5:
+                    sample["cls"] = "n/a"
+                sink.write(sample)
+                if "jpg" in sample and "cls" not in sample:
+                    kept[key] = sample.get("txt")
+    return kept
+
+
+def test_foreign_shards_become_a_dataset(tmp_path, capsys):
+    kept = _img2dataset_like(tmp_path / "laion")
+    before = {p.name: sha256_file(p) for p in (tmp_path / "laion").glob("*.tar")}
+    assert main(["data", "index", str(tmp_path / "laion"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"Indexed 28 samples (27 with captions) in 3 shards: {tmp_path / 'laion' / 'manifest.parquet'}; left out 2 "
+        "without an image or with a bad label/caption")
+    assert {p.name: sha256_file(p) for p in (tmp_path / "laion").glob("*.tar")} == before  # the tars untouched
+    manifest = read_manifest(tmp_path / "laion").to_pylist()
+    assert {r["key"]: r["caption"] for r in manifest} == kept and {r["label"] for r in manifest} == {-1}
+    assert json.loads((tmp_path / "laion" / "checksums.json").read_text()) == before
+    # a run reads them as any dataset: CLIP's caption check passes, samples come unlabelled with their captions
+    shards = resolve_shards(DataConfig(source=str(tmp_path / "laion")), captions=True)
+    samples = list(read_epoch(shards, rank=0, world_size=1, num_workers=0, text=True))
+    assert {s["key"]: s["text"] for s in samples} == {k: v for k, v in kept.items() if v}
+    assert {s["label"] for s in samples} == {-1}
+    plain = list(read_epoch(shards, rank=0, world_size=1, num_workers=0))  # without captions: every image
+    assert sorted(s["key"] for s in plain) == sorted(kept)
+
+
+def test_damaged_tar_and_refusals(tmp_path, capsys):
+    """A tar cut short is listed up to the damage and reported; a second index, a directory without tars: one line."""
+    _img2dataset_like(tmp_path / "d")
+    tar = tmp_path / "d" / "00002.tar"
+    tar.write_bytes(tar.read_bytes()[: 5 * 1024 + 100])
+    assert main(["data", "index", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert "1 shard(s) do not read to their end" in capsys.readouterr().out
+    assert 18 < len(read_manifest(tmp_path / "d")) < 28
+    assert main(["data", "index", str(tmp_path / "d")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "index", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'd'} already has a manifest.parquet: it is a dataset already",
+        f"error: {tmp_path / 'empty'}: no .tar files in it"]
+
+
+def test_same_manifest_for_any_number_of_workers(tmp_path):
+    """Tars read 1 or 3 at a time: the same manifest rows, in the tars' order."""
+    from data_pipeline.shards import index_shards
+
+    for workers in (1, 3):
+        _img2dataset_like(tmp_path / f"w{workers}")
+        index_shards(tmp_path / f"w{workers}", workers=workers, progress=False)
+    one, three = (read_manifest(tmp_path / f"w{w}").to_pylist() for w in (1, 3))
+    assert one == three and [r["shard"] for r in one] == sorted(r["shard"] for r in one)
