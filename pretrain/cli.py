@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--data", help="a shard directory (default: the run's data.source)")
     m.add_argument("--out", type=Path, required=True, help="the Parquet file to write (must not exist)")
     m.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+
     w = sub.add_parser("extract", help="a run's encoder at a checkpointed step, as a finished run leaves it",
                        description="Merge a training checkpoint's ZeRO partitions (offline, on the CPU, from any "
                        "number of ranks) and write the encoder as a finished run does (config.yaml, backbone.pt, and "
@@ -138,8 +139,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Trace a finished run's encoder, preprocessing included, with torch.export for one "
                        "input layout ((B, C, H, W) images of one dtype; any batch size) and save it as a .pt2 file "
                        "that plain torch loads without ssl-pretrain: torch.export.load(FILE).module()(images) gives "
-                       "(B, F) features. "
-                       "The program is checked against the eager encoder before the file is written.")
+                       "(B, F) features. The program is checked against the eager encoder before it is written.")
     x.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
     x.add_argument("--out", type=Path, required=True, help="the .pt2 file to write (must not exist)")
     x.add_argument("--input-size", type=int, nargs="+", metavar="N", help="the images' side, or height and width "

@@ -15,6 +15,13 @@ from torch import Tensor, nn
 from .convnet import NORMS, norm2d
 
 
+def _shortcut(c_in: int, c_out: int, stride: int, norm: str) -> nn.Module:
+    """Identity, or a strided 1x1 projection where the block changes the shape."""
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm2d(norm, c_out))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-norm layers with an identity (or 1x1 projection) shortcut."""
 
@@ -25,9 +32,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
         self.bn2 = norm2d(norm, c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm2d(norm, c_out))
+        self.shortcut = _shortcut(c_in, c_out, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -51,9 +56,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
         self.bn3 = norm2d(norm, c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm2d(norm, c_out))
+        self.shortcut = _shortcut(c_in, c_out, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
