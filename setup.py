@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "numpy>=1.26",
+    "psutil>=5.9",  # MLflow's system metrics (CPU, memory, disk, network)
+    "nvidia-ml-py>=12",  # ... and the GPUs' through NVML (the driver's library; without it no GPU rows)
 ]
 
 setup(

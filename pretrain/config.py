@@ -311,6 +311,12 @@ class TrackingConfig:
     uri: str = ""
     """MLflow tracking URI; empty = sqlite file <job.out_dir>/mlflow.db."""
     experiment: str = "ssl-pretrain"
+    system_metrics_s: float = 10.0
+    """Every this many seconds MLflow's system metrics of each node (CPU, memory, disk, network; GPU utilisation,
+    memory and power where NVML sees GPUs) go to the run as system/...; 0 = off."""
+
+    def __post_init__(self) -> None:
+        _check(self.system_metrics_s >= 0, "system_metrics_s", f"must be >= 0 (0 = off), got {self.system_metrics_s}")
 
 
 @dataclass(kw_only=True)

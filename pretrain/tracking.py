@@ -266,3 +266,14 @@ def make_tracker(
     return MLflowTracker(
         tracking_uri, experiment=experiment, run_name=run_name, run_id=run_id, artifact_location=artifact_location
     )
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, *, every_s: float, node: str | None = None):
+    """MLflow's system-metrics sampler (a thread) for this machine into run ``run_id``, names ``system/<node>/...``
+    (``system/...`` without ``node``); call ``.finish()`` on what it returns when training ends."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, node_id=node, tracking_uri=tracking_uri,
+                                   resume_logging=True)  # a resumed run's samples go on after the earlier ones
+    monitor.start()
+    return monitor

@@ -161,6 +161,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     pending: list[tuple[int, dict[str, torch.Tensor], float, int]] = []
     metrics: dict[str, float] = {}
     engine.train()
+    system = _system_metrics(cfg, run_dir, tracker, rank, world)
     try:
         if monitor is not None and step == 0:  # the curve starts at the initialisation
             _watch(monitor, engine, tracker, 0)
@@ -200,6 +201,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         tracker.finish("FAILED")
         raise
     finally:
+        if system is not None:
+            system.finish()
         stream.close()
         if bar is not None:
             bar.close()
@@ -237,6 +240,26 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
             tracker.set_tags(tags)
         print(f"MLflow: {uri} run {tracker.run_id}", flush=True)
     return tracker
+
+
+def _system_metrics(cfg: Config, run_dir: Path, tracker, rank: int, world: int):
+    """MLflow's system metrics of this node, sampled by its local rank 0 (None elsewhere, or when off): names
+    ``system/...`` on one node, ``system/<host>/...`` on several."""
+    every = cfg.tracking.system_metrics_s
+    if not every:
+        return None
+    run_id = [tracker.run_id]
+    if world > 1:  # rank 0 opened (or reopened) the run: every node's sampler logs into it
+        torch.distributed.broadcast_object_list(run_id, src=0)
+    if dist.local_rank() != 0:
+        return None
+    import socket
+
+    from pretrain.tracking import start_system_metrics
+
+    one_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world
+    uri = cfg.tracking.uri or default_tracking_uri(run_dir.parent)
+    return start_system_metrics(run_id[0], uri, every_s=every, node=None if one_node else socket.gethostname())
 
 
 def _job_tags() -> dict[str, str]:

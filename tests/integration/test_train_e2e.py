@@ -44,7 +44,8 @@ def trained(tmp_path_factory, mlflow_server):
     sets = [f"--set={s}" for s in ["data.batch_size=128", f"job.max_steps={STEPS}", "job.log_every=10",
                                     "job.ckpt_every=60", "job.progress=false", f"job.out_dir={out}", "job.run_name=e2e",
                                     f"data.cache_dir={out / 'cache'}", "zero.stage=3", "job.num_workers=2",
-                                    "method.freeze_last_layer_steps=10", "eval.knn_every=60"]]
+                                    "method.freeze_last_layer_steps=10", "eval.knn_every=60",
+                                    "tracking.system_metrics_s=2"]]
     log = out / "train.log"
     proc = _pretrain(["train", "--config", str(DINO), "--tracking-uri", mlflow_server, *sets], log)
     assert proc.returncode == 0, log.read_text()[-4000:]
@@ -131,7 +132,8 @@ def test_checkpoints_hold_both_ranks(trained):
 
 
 def test_mlflow_server_has_params_and_metrics(trained, mlflow_server):
-    """Rank 0 logged the resolved config, per-step metrics and the run's artifacts to the mlflow server over HTTP."""
+    """Rank 0 logged the resolved config, per-step metrics, the node's system metrics and the run's artifacts to the
+    mlflow server over HTTP."""
     run_dir, _ = trained
     client = MlflowClient(mlflow_server)
     run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
@@ -144,6 +146,11 @@ def test_mlflow_server_has_params_and_metrics(trained, mlflow_server):
     assert all(abs(m.value - hist[m.step]) < 1e-6 for m in losses)
     for name in ("lr", "images_per_s", "step_time_s", "epoch"):
         assert len(client.get_metric_history(run.info.run_id, name)) == STEPS
+    # MLflow's system metrics, sampled every 2 s by the one node's local rank 0 (no GPU here: no gpu rows)
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert len(cpu) >= 5 and all(0 <= m.value <= 100 for m in cpu) and min(m.value for m in memory) > 0
+    assert not any(k.startswith("system/gpu") for k in run.data.metrics)
     assert run.data.metrics["eval/knn_top1"] == pytest.approx(json.loads((run_dir / "eval.json").read_text())
                                                               ["knn_top1"])
     assert {"config.yaml", "backbone.pt", "eval.json", "loss_curve.png"} <= {a.path for a in
