@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from pretrain.config import Config, config_from_dict, to_dict  # noqa: E402
@@ -130,6 +130,7 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
                 name=run_dir.name,
                 storage_path=str(run_dir.parent),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.job.keep_checkpoints or None),
+                failure_config=FailureConfig(max_failures=cfg.job.max_failures),  # each restart resumes
                 worker_runtime_env={"env_vars": env},
             ),
         )

@@ -366,6 +366,10 @@ class JobConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3
     """How many reported checkpoints Ray keeps; 0 keeps all."""
+    max_failures: int = 0
+    """Ray: times the worker group is started again after a worker dies (a node lost, a process killed), each time
+    resuming from the latest checkpoint; 0 = the run fails with the first. (Slurm and Kubernetes restart whole jobs
+    themselves: --requeue, --restarts.)"""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -376,6 +380,7 @@ class JobConfig:
         _check(self.log_every > 0, "log_every", "must be > 0")
         _check(self.ckpt_every > 0, "ckpt_every", "must be > 0")
         _check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0")
+        _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
         _check("/" not in self.run_name, "run_name", "must not contain '/'")
 
 

@@ -161,8 +161,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     pending: list[tuple[int, dict[str, torch.Tensor], float, int]] = []
     metrics: dict[str, float] = {}
     engine.train()
-    system = _system_metrics(cfg, run_dir, tracker, rank, world)
+    system = None
     try:
+        system = _system_metrics(cfg, run_dir, tracker, rank, world)
         if monitor is not None and step == 0:  # the curve starts at the initialisation
             _watch(monitor, engine, tracker, 0)
         t_last = time.perf_counter()
