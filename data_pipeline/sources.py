@@ -18,6 +18,11 @@ Source specs (strings, so they fit a YAML recipe or a CLI flag):
   ones skipped), label ``UNLABELLED`` (-1) and no class names: what self-supervised pretraining needs. Captions as
   for ``folder:``. Such a dataset trains any method but cannot be an ``eval.dataset`` (no labels to score).
 
+- ``"table:FILE"``: a table of images, one row each: a CSV, TSV, Parquet or JSON-lines file with an ``image`` column
+  (a path, relative to the table's folder or absolute) and optionally ``caption`` (or ``text``: image-text pairs, as
+  COCO's or your own) and ``label`` (integers, or class names, which are sorted and numbered); rows without a label
+  are unlabelled.
+
 ``resolve_source`` checks a spec completely (unknown kind, missing / unreadable / empty folder) and raises a one-line
 ``ValueError`` before anything is written.
 """
@@ -172,6 +177,72 @@ def _images_source(spec: str, root_str: str) -> Source:
     return Source(spec, [], items)
 
 
+TABLE_KINDS = (".csv", ".tsv", ".parquet", ".jsonl")
+
+
+def _table_source(spec: str, file_str: str) -> Source:
+    import pyarrow as pa
+
+    file = Path(file_str).expanduser()
+    if not file_str or not file.is_file():
+        raise ValueError(f"source {spec!r}: {file} is not a file (expected 'table:FILE', FILE one of "
+                         f"{', '.join(TABLE_KINDS)})")
+    table = _read_table(spec, file)
+    if "image" not in table.column_names:
+        raise ValueError(f"source {spec!r}: no 'image' column (columns: {', '.join(table.column_names)})")
+    text = next((c for c in ("caption", "text") if c in table.column_names), None)
+    captions = [None if c is None or not str(c).strip() else str(c).strip()
+                for c in (table.column(text).to_pylist() if text else [None] * table.num_rows)]
+    labels, classes = _table_labels(spec, table.column("label") if "label" in table.column_names else None,
+                                    table.num_rows, pa)
+    items = []
+    for i, (name, label, caption) in enumerate(zip(table.column("image").to_pylist(), labels, captions)):
+        path = Path(str(name)).expanduser() if name is not None else None
+        if path is not None and not path.is_absolute():
+            path = file.parent / path
+        if path is None or path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"source {spec!r}: row {i}: image {name!r} is not a {IMAGE_KINDS} file name")
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ValueError(f"source {spec!r}: row {i}: {path} is not a readable file")
+        items.append((f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, caption))
+    if not items:
+        raise ValueError(f"source {spec!r}: the table has no rows")
+    return Source(spec, classes, items)
+
+
+def _read_table(spec: str, file: Path):
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+    import pyarrow.parquet as pq
+
+    kind = file.suffix.lower()
+    try:
+        if kind == ".parquet":
+            return pq.read_table(file)
+        if kind in (".csv", ".tsv"):
+            return pcsv.read_csv(file, parse_options=pcsv.ParseOptions(delimiter="\t" if kind == ".tsv" else ","))
+        if kind == ".jsonl":
+            return pjson.read_json(file)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid and others for malformed files
+        raise ValueError(f"source {spec!r}: {file} does not parse as {kind[1:]}: {str(e).splitlines()[0]}") from None
+    raise ValueError(f"source {spec!r}: {file} is not one of {', '.join(TABLE_KINDS)}")
+
+
+def _table_labels(spec: str, column, rows: int, pa) -> tuple[list[int], list[str]]:
+    """Labels (-1 where missing) and class names of a table's ``label`` column (None: all unlabelled)."""
+    if column is None:
+        return [UNLABELLED] * rows, []
+    values = column.to_pylist()
+    if pa.types.is_integer(column.type) or pa.types.is_null(column.type):
+        labels = [UNLABELLED if v is None else int(v) for v in values]
+        if any(v < UNLABELLED for v in labels):
+            raise ValueError(f"source {spec!r}: labels must be >= 0 (or -1, or empty: unlabelled)")
+        return labels, [str(c) for c in range(max(labels, default=-1) + 1)]
+    names = sorted({str(v).strip() for v in values if v is not None and str(v).strip()})
+    index = {n: i for i, n in enumerate(names)}
+    return [UNLABELLED if v is None else index.get(str(v).strip(), UNLABELLED) for v in values], names
+
+
 def _readable_dir(spec: str, root_str: str, form: str) -> Path:
     if not root_str:
         raise ValueError(f"source {spec!r}: empty folder path (expected '{form}')")
@@ -204,4 +275,7 @@ def resolve_source(spec: str) -> Source:
         return _folder_source(spec, spec[len("folder:"):])
     if spec.startswith("images:"):
         return _images_source(spec, spec[len("images:"):])
-    raise ValueError(f"unknown source {spec!r}: expected 'digits', 'samples', 'folder:PATH' or 'images:PATH'")
+    if spec.startswith("table:"):
+        return _table_source(spec, spec[len("table:"):])
+    raise ValueError(f"unknown source {spec!r}: expected 'digits', 'samples', 'folder:PATH', 'images:PATH' or "
+                     "'table:FILE'")

@@ -157,10 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("shards", help="write WebDataset tar shards + a Parquet manifest + checksums",
                         description="Write WebDataset shards from a source: 'digits' (scikit-learn, with captions), "
                         "'samples' (colour crops of scikit-learn's two sample photos), 'folder:PATH' (an "
-                        "ImageFolder-style tree of JPEG/PNG/WebP/BMP/TIFF, class = sub-folder) or 'images:PATH' "
-                        "(every image under PATH, unlabelled); captions from <stem>.txt files beside the images.")
+                        "ImageFolder-style tree of JPEG/PNG/WebP/BMP/TIFF, class = sub-folder), 'images:PATH' "
+                        "(every image under PATH, unlabelled; captions from <stem>.txt files beside the images) or "
+                        "'table:FILE' (a CSV/TSV/Parquet/JSON-lines table: image path, optional caption and label).")
     s.add_argument("--source", required=True,
-                   help="digits | samples | folder:PATH (a sub-folder per class) | images:PATH (unlabelled, any depth)")
+                   help="digits | samples | folder:PATH (a sub-folder per class) | images:PATH (unlabelled, any depth) "
+                   "| table:FILE (columns image, caption, label)")
     s.add_argument("--out", type=Path, required=True, help="output directory (must not hold shards already)")
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     s.add_argument("--workers", type=int, default=4,

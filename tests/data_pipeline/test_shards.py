@@ -266,3 +266,52 @@ def test_folder_captions_from_sidecar_text(tmp_path, image_tree):
     with pytest.raises(ValueError, match="2.txt is not UTF-8"):
         write_shards(f"folder:{root}", tmp_path / "ds2", shard_size=2, progress=False)
     assert not (tmp_path / "ds2").exists()
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "parquet", "jsonl"])
+def test_table_source_pairs_images_with_captions_and_labels(tmp_path, image_tree, kind):
+    """table:FILE: image paths relative to the table (or absolute), captions, class-name labels (sorted and numbered;
+    an empty one unlabelled); the samples in the table's order, the bytes as they were; the same from every format."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    root = image_tree(tmp_path / "imgs", classes={"x": 4})
+    files = sorted((root / "x").iterdir())
+    rows = {"image": [f"imgs/x/{files[0].name}", str(files[1]), f"imgs/x/{files[2].name}", f"imgs/x/{files[3].name}"],
+            "caption": ["a red fox", None, "une façade", "  "],
+            "label": ["fox", "cat", "", "fox"]}
+    table = pa.table(rows)
+    file = tmp_path / f"pairs.{kind}"
+    if kind == "parquet":
+        pq.write_table(table, file)
+    elif kind == "jsonl":
+        file.write_text("".join(json.dumps({k: rows[k][i] for k in rows}) + "\n" for i in range(4)))
+    else:
+        pcsv.write_csv(table, file, write_options=pcsv.WriteOptions(delimiter="\t" if kind == "tsv" else ","))
+    write_shards(f"table:{file}", tmp_path / "ds", shard_size=3, progress=False)
+    manifest = sorted(read_manifest(tmp_path / "ds").to_pylist(), key=lambda r: r["key"])
+    assert [r["caption"] for r in manifest] == ["a red fox", None, "une façade", None]
+    assert [r["label"] for r in manifest] == [1, 0, -1, 1]
+    assert shards_mod.read_classes(tmp_path / "ds") == ["cat", "fox"]
+    samples = sorted(read_epoch(list_shards(tmp_path / "ds"), rank=0, world_size=1, num_workers=0),
+                     key=lambda s: s["key"])
+    assert [s["image"] for s in samples] == [f.read_bytes() for f in files]
+
+
+def test_table_source_refusals(tmp_path, image_tree):
+    """A table without an image column, a row naming a missing file, integer labels below -1: one line, nothing
+    written."""
+    root = image_tree(tmp_path / "imgs", classes={"x": 1})
+    name = next((root / "x").iterdir()).name
+    cases = [("path,caption\nimgs/x/a.jpg,hi\n", r"no 'image' column \(columns: path, caption\)"),
+             (f"image\nimgs/x/{name}\nimgs/x/gone.png\n", r"row 1: .*gone\.png is not a readable file"),
+             (f"image,label\nimgs/x/{name},-2\n", "labels must be >= 0"),
+             ("image\nnotes.txt\n", r"row 0: image 'notes\.txt' is not a \.jpg/.* file name")]
+    for i, (text, match) in enumerate(cases):
+        (tmp_path / f"t{i}.csv").write_text(text)
+        with pytest.raises(ValueError, match=match) as err:
+            write_shards(f"table:{tmp_path / f't{i}.csv'}", tmp_path / "out", progress=False)
+        assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"is not a file \(expected 'table:FILE'"):
+        write_shards(f"table:{tmp_path / 'none.csv'}", tmp_path / "out", progress=False)
