@@ -265,10 +265,15 @@ class OptimConfig:
     """Peak learning rate (after warmup); with lr_scaling, the rate at a global batch of base_batch_size."""
     lr_scaling: str = "none"
     """none | linear | sqrt: the peak is lr x (global batch / base_batch_size), or its square root, the global batch
-    being data.batch_size x job.num_workers (linear: Goyal et al., as DINO, iBOT and MAE set theirs; sqrt: LAMB, and
-    what SimCLR found for large batches). A recipe then keeps its rate when it runs on more GPUs."""
+    being data.batch_size x job.num_workers x accum_steps (linear: Goyal et al., as DINO, iBOT and MAE set theirs;
+    sqrt: LAMB, and what SimCLR found for large batches). A recipe then keeps its rate when it runs on more GPUs."""
     base_batch_size: int = 256
     """The global batch at which the peak learning rate is lr (lr_scaling)."""
+    accum_steps: int = 1
+    """Micro-batches of data.batch_size whose gradients make one optimizer step (gradient accumulation): the global
+    batch is data.batch_size x ranks x accum_steps, as MAE reaches 4,096 on fewer GPUs. Contrastive losses (SimCLR,
+    CLIP) still contrast within a micro-batch; per-step statistics (DINO's centers, the VQ-VAE codebook) use every
+    micro-batch."""
     min_lr_ratio: float = 0.01
     """Cosine decay ends at lr x min_lr_ratio."""
     weight_decay: float = 1e-4
@@ -284,6 +289,7 @@ class OptimConfig:
         _check(self.lr_scaling in ("none", "linear", "sqrt"), "lr_scaling",
                f"must be none, linear or sqrt, got {self.lr_scaling!r}")
         _check(self.base_batch_size >= 1, "base_batch_size", f"must be >= 1, got {self.base_batch_size}")
+        _check(self.accum_steps >= 1, "accum_steps", f"must be >= 1, got {self.accum_steps}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end",

@@ -40,9 +40,9 @@ def use_bf16(cfg: Config) -> bool:
 def peak_lr(cfg: Config, world_size: int) -> float:
     """The learning rate after warmup: ``optim.lr``, scaled by ``optim.lr_scaling`` from ``optim.base_batch_size`` to
     the global batch, ``data.batch_size`` x the ``world_size`` ranks that train (job.num_workers under Ray; under
-    torchrun, its processes)."""
+    torchrun, its processes) x ``optim.accum_steps``."""
     o = cfg.optim
-    ratio = cfg.data.batch_size * world_size / o.base_batch_size
+    ratio = cfg.data.batch_size * world_size * o.accum_steps / o.base_batch_size
     return o.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[o.lr_scaling]
 
 
@@ -125,7 +125,7 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 def ds_config(cfg: Config) -> dict:
     out = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": cfg.optim.accum_steps,  # engine.step() steps the optimizer every that many
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.zero.stage},
         "zero_allow_untested_optimizer": True,

@@ -125,7 +125,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     if rank == 0 and cfg.optim.lr_scaling != "none":
         from pretrain.engine import peak_lr
 
-        batch = cfg.data.batch_size * world
+        batch = cfg.data.batch_size * world * cfg.optim.accum_steps
         print(f"Learning rate: optim.lr {cfg.optim.lr:g} scaled ({cfg.optim.lr_scaling}) from a global batch of "
               f"{cfg.optim.base_batch_size} to {batch}: {peak_lr(cfg, world):g}", flush=True)
     history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
@@ -169,20 +169,14 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         t_last = time.perf_counter()
         batches = iter(stream)
         while step < cfg.job.max_steps:
-            batch = next(batches)
-            epoch = batch["epoch"]
-            engine.module.on_step_start(step, cfg.job.max_steps)
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            engine.module.on_step_end(step, cfg.job.max_steps)
+            out, epoch = optimizer_step(engine, batches, step, cfg.job.max_steps, cfg.optim.accum_steps)
             step += 1
             if rank == 0 and stream.skipped and step == resumed_at + 1:
                 n, seconds = stream.skipped
                 print(f"Data: re-read {n} samples of epoch {epoch} up to the saved position in {seconds:.1f} s "
                       "(read, not decoded).", flush=True)
             now = time.perf_counter()
-            pending.append((step, {k: v.detach() for k, v in out.items()}, now - t_last, epoch))
+            pending.append((step, out, now - t_last, epoch))
             t_last = now
 
             last = step == cfg.job.max_steps
@@ -214,6 +208,25 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     if rank == 0:
         _finish_run(cfg, run_dir, backbone_state, tracker, history, method_state)
     return metrics
+
+
+def optimizer_step(engine, batches: Iterator[dict], step: int, max_steps: int,
+                   accum_steps: int = 1) -> tuple[dict[str, torch.Tensor], int]:
+    """Step ``step`` of the method in ``engine``: its schedules set, ``accum_steps`` micro-batches from ``batches``
+    forward and backward (DeepSpeed steps the optimizer after the last, on the mean of their gradients), then its EMA
+    and centers. Returns (the micro-batches' mean of what the method logs, detached; the last batch's epoch)."""
+    engine.module.on_step_start(step, max_steps)
+    micro = []
+    for _ in range(accum_steps):
+        batch = next(batches)
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        micro.append({k: v.detach() for k, v in out.items()})
+    engine.module.on_step_end(step, max_steps)
+    if len(micro) > 1:
+        micro = [{k: torch.stack([m[k] for m in micro]).mean(0) for k in micro[0]}]
+    return micro[0], batch.get("epoch", 0)
 
 
 # --- helpers of the loop ------------------------------------------------------------------------------------------
@@ -286,7 +299,7 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
     _stop_if_not_finite(pending, [row[names.index("loss")] for row in values], world)
     lr = engine.get_lr()[0]
     for (step, _, seconds, epoch), row in zip(pending, values):
-        per_worker = cfg.data.batch_size / max(seconds, 1e-9)
+        per_worker = cfg.data.batch_size * cfg.optim.accum_steps / max(seconds, 1e-9)
         metrics = {
             **dict(zip(names, row)),
             "lr": lr,

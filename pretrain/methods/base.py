@@ -2,9 +2,11 @@
 
 The trainer knows only ``method(batch)["loss"]``, ``method.on_step_start(step, max_steps)`` (schedules read before the
 forward), ``method.on_step_end(step, max_steps)`` (EMA teachers, centers: after the optimizer step) and
-``method.backbone`` (the encoder that downstream tasks use). A method owns its heads, any teacher and its EMA, and never
-decides how it is distributed: cross-rank communication is passed in as ``gather`` and ``reduce``. Whatever a method
-schedules by step is a function of the step alone, so a resumed run continues every schedule exactly.
+``method.backbone`` (the encoder that downstream tasks use). With gradient accumulation several forwards (micro-batches)
+make one step: what a method folds in after the step it averages over them (``StepMean``). A method owns its heads,
+any teacher and its EMA, and never decides how it is distributed: cross-rank communication is passed in as ``gather``
+and ``reduce``. Whatever a method schedules by step is a function of the step alone, so a resumed run continues every
+schedule exactly.
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ def require_one_view(cfg: Config, what: str) -> None:
     if d.num_views != 1 or d.local_views:
         raise ValueError(f"data.num_views: {what} one view per image (set data.num_views: 1 and no local_views), got "
                          f"{d.num_views} global and {d.local_views} local")
+
+
+class StepMean:
+    """The mean of a statistic over the forwards of one optimizer step (one forward, or the micro-batches of gradient
+    accumulation: ``optim.accum_steps``), for what a method folds in after the step (DINO's center, a prior)."""
+
+    def __init__(self) -> None:
+        self._sum: Tensor | None = None
+        self._count = 0
+
+    def add(self, value: Tensor) -> None:
+        value = value.detach()
+        self._sum = value.clone() if self._sum is None else self._sum + value
+        self._count += 1
+
+    def pop(self) -> Tensor | None:
+        """The mean since the last pop (None if nothing was added), and start again."""
+        if self._sum is None:
+            return None
+        mean, self._sum, self._count = self._sum / self._count, None, 0
+        return mean
 
 
 class SSLMethod(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
+from pretrain.methods.base import Gather, Reduce, SSLMethod, StepMean, build_method_backbone, require_one_view
 
 AB_RANGE = 110.0
 PRIOR_DECAY = 0.99
@@ -108,7 +108,7 @@ class Colorization(SSLMethod):
         self.rebalance = cfg.method.color_rebalance
         # the running bin frequencies over all ranks (an EMA over steps, from uniform); rebalancing weighs by them
         self.register_buffer("bin_prior", torch.full((self.bins**2,), 1.0 / self.bins**2))
-        self._freq: Tensor | None = None
+        self._freq = StepMean()
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, 3, S, S) of normalised RGB."""
@@ -122,13 +122,12 @@ class Colorization(SSLMethod):
             weight = rebalance_weights(self.bin_prior, self.rebalance)[target]
             loss = (weight * F.cross_entropy(logits.float(), target, reduction="none")).mean()
         if self.training:
-            self._freq = torch.bincount(target.reshape(-1), minlength=self.bins**2).float() / target.numel()
+            self._freq.add(torch.bincount(target.reshape(-1), minlength=self.bins**2).float() / target.numel())
         return {"loss": loss, "accuracy": (logits.argmax(dim=1) == target).float().mean().detach()}
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
-        if self._freq is not None:
-            freq = self.reduce(self._freq) if self.reduce is not None else self._freq
+        if (freq := self._freq.pop()) is not None:
+            freq = self.reduce(freq) if self.reduce is not None else freq
             self.bin_prior.mul_(PRIOR_DECAY).add_(freq, alpha=1.0 - PRIOR_DECAY)
-            self._freq = None
 

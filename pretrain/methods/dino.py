@@ -20,7 +20,7 @@ from kernels.dino_loss import dino_loss
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_
 from pretrain.heads import DINOHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, StepMean, build_method_backbone
 
 LOSS_IMPLS = ("auto", "triton", "ref")
 
@@ -63,7 +63,7 @@ class DINO(SSLMethod):
         self.loss_impl = m.loss_impl
         self._teacher_temp = m.warmup_teacher_temp
         self._freeze = m.freeze_last_layer_steps > 0
-        self._teacher_mean: Tensor | None = None
+        self._teacher_mean = StepMean()
 
     @property
     def backbone(self) -> nn.Module:  # type: ignore[override]
@@ -99,14 +99,13 @@ class DINO(SSLMethod):
         student = self._student(views)
         loss, teacher_mean = dino_loss(student.view(len(views), n, -1), teacher.view(self.n_global, n, -1),
                                        self.center, self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
-        self._teacher_mean = teacher_mean
+        self._teacher_mean.add(teacher_mean)
         return {"loss": loss}
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         ema_update_(self.teacher, self.student, cosine_momentum(step, max_steps, self.cfg.teacher_momentum))
-        if self._teacher_mean is not None:
-            mean = self.reduce(self._teacher_mean) if self.reduce is not None else self._teacher_mean
+        if (mean := self._teacher_mean.pop()) is not None:
+            mean = self.reduce(mean) if self.reduce is not None else mean
             self.center.mul_(self.cfg.center_momentum).add_(mean.to(self.center.dtype),
                                                             alpha=1.0 - self.cfg.center_momentum)
-            self._teacher_mean = None

@@ -21,7 +21,7 @@ from data_pipeline.masking import block_masks
 from kernels.dino_loss import dino_loss, ibot_masked_patch_loss
 from kernels.masked_gather import packed_gather
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, require_vit
+from pretrain.methods.base import Gather, Reduce, StepMean, require_vit
 from pretrain.methods.dino import DINO, teacher_temperature
 
 
@@ -42,7 +42,7 @@ class IBOT(DINO):
             part["backbone"].mask_impl = m.loss_impl
         self.patch_weight = m.patch_loss_weight
         self._patch_temp = m.warmup_teacher_temp
-        self._patch_mean: Tensor | None = None
+        self._patch_mean = StepMean()
 
     def on_step_start(self, step: int, max_steps: int) -> None:
         super().on_step_start(step, max_steps)
@@ -99,15 +99,15 @@ class IBOT(DINO):
                                                 self._patch_temp, impl=self.loss_impl)
         else:
             patch_loss = self._head(self.student, s_patch, self._freeze).float().sum() * 0.0
-        self._teacher_mean, self._patch_mean = cls_mean, patch_mean
+        self._teacher_mean.add(cls_mean)
+        self._patch_mean.add(patch_mean)
         loss = cls_loss + self.patch_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         super().on_step_end(step, max_steps)  # the EMA teacher and the cls center
-        if self._patch_mean is not None:
-            mean = self.reduce(self._patch_mean) if self.reduce is not None else self._patch_mean
+        if (mean := self._patch_mean.pop()) is not None:
+            mean = self.reduce(mean) if self.reduce is not None else mean
             momentum = self.cfg.center_momentum
             self.patch_center.mul_(momentum).add_(mean.to(self.patch_center.dtype), alpha=1.0 - momentum)
-            self._patch_mean = None

@@ -41,7 +41,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("codebook", F.normalize(torch.randn(vocab_size, code_dim), dim=-1))
         self.register_buffer("ema_sum", self.codebook.clone())
         self.register_buffer("ema_count", torch.zeros(vocab_size))
-        self._last: tuple[Tensor, Tensor] | None = None  # (tokens, z) of the last training forward, detached
+        self._seen: list[tuple[Tensor, Tensor]] = []  # (tokens, z) of the training forwards since the last update
 
     def _lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (..., dim) -> (z, tokens): normalised projections (..., code_dim), fp32, and the nearest entries (...)."""
@@ -67,8 +67,8 @@ class VectorQuantizer(nn.Module):
             freq = torch.bincount(tokens.reshape(-1), minlength=self.vocab_size).float() / tokens.numel()
             entropy = -(freq * freq.clamp_min(1e-12).log()).sum()
             stats = {"perplexity": entropy.exp(), "usage": (freq > 0).float().mean()}
-        if self.training:
-            self._last = (tokens.detach().reshape(-1), z.detach().reshape(-1, self.code_dim))
+        if self.training:  # every forward of the step (micro-batches of gradient accumulation too)
+            self._seen.append((tokens.detach().reshape(-1), z.detach().reshape(-1, self.code_dim)))
         return {"quantized": self.proj_out(straight_through.to(x.dtype)), "tokens": tokens, "loss": loss, **stats}
 
     def restart_below(self, vectors: int) -> float:
@@ -78,12 +78,13 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def update(self, step: int, *, reduce: Callable[[Tensor], Tensor] | None = None,
                gather: Callable[[Tensor], Tensor] | None = None) -> int:
-        """Fold the last training forward's assignments into the EMA (mean over ranks with ``reduce``) and restart the
-        dead entries from this step's outputs (all ranks' with ``gather``). Returns how many entries were restarted."""
-        if self._last is None:
+        """Fold the assignments of this step's training forwards into the EMA (mean over ranks with ``reduce``) and
+        restart the dead entries from this step's outputs (all ranks' with ``gather``). Returns how many entries were
+        restarted."""
+        if not self._seen:
             return 0
-        tokens, z = self._last
-        self._last = None
+        tokens, z = (torch.cat(parts) for parts in zip(*self._seen))
+        self._seen = []
         onehot_sum = torch.zeros(self.vocab_size, self.code_dim + 1, device=z.device)
         onehot_sum[:, :-1].index_add_(0, tokens, z)
         onehot_sum[:, -1].index_add_(0, tokens, torch.ones_like(tokens, dtype=z.dtype))

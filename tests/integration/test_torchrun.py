@@ -179,7 +179,8 @@ def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
 
 
 def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path, capsys):
-    """BEiT's two stages through the real loop on 2 ranks. A vqvae run saves its whole tokenizer (model.pt)
+    """BEiT's two stages through the real loop on 2 ranks, accumulating 2 micro-batches a step. A vqvae run saves its
+    whole tokenizer (model.pt)
     with a live codebook, its codebook statistics tracked; a BEiT dry run for other images is refused in one line
     naming the key; BEiT on that tokenizer trains (its loss falls from about ln 64), killed after a checkpoint and
     resumed it logs the very losses of the uninterrupted run (the same masks), and, with the tokenizer run deleted,
@@ -187,8 +188,10 @@ def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path, capsy
     from mlflow import MlflowClient
 
     small = "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, global_pool: mean}"
+    # both stages accumulate 2 micro-batches of 32 a step: the codebook folds in both, a resume lines them up again
     tok = _dry_run(tmp_path, "tok", ["job.max_steps=20", "job.log_every=5", "job.ckpt_every=20",
-                                     "optim.warmup_steps=2", "data.batch_size=64", "method.vocab_size=64", small],
+                                     "optim.warmup_steps=2", "data.batch_size=32", "optim.accum_steps=2",
+                                     "method.vocab_size=64", small],
                    ROOT / "configs" / "vqvae_digits.yaml")
     _torchrun(tok)
     assert (tok / "model.pt").is_file()
@@ -203,8 +206,8 @@ def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path, capsy
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data.image_size: 32 differs from the "
                                                                        "tokenizer's 16")
     run = _dry_run(tmp_path, "beit", ["job.max_steps=24", "job.log_every=1", "job.ckpt_every=12",
-                                      "optim.warmup_steps=2", "data.batch_size=64", "method.vocab_size=64", small,
-                                      f"method.tokenizer={tok}"], beit)
+                                      "optim.warmup_steps=2", "data.batch_size=32", "optim.accum_steps=2",
+                                      "method.vocab_size=64", small, f"method.tokenizer={tok}"], beit)
     _torchrun(run)
     expected = _losses(run)
     losses = [float(v) for v in expected.values()]

@@ -100,7 +100,8 @@ def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, caps
     for override, message in [("zero.stage=3", "zero.stage: the checkpoints of r were saved with 2, and 3 cannot load "
                                                "them; start a new run for it"),
                               ("method.name=byol", "method.name: the checkpoints of r were saved with 'simclr'"),
-                              ("model.proj_out_dim=64", "model.proj_out_dim: the checkpoints of r were saved with")]:
+                              ("model.proj_out_dim=64", "model.proj_out_dim: the checkpoints of r were saved with"),
+                              ("optim.accum_steps=2", "optim.accum_steps: the checkpoints of r were saved with 1")]:
         assert main(["train", "--resume", str(run), "--dry-run", "--set", override]) == 2
         assert _one_line_error(capsys).startswith(f"error: {message}")
         assert (run / "config.yaml").read_text() == saved

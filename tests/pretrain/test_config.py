@@ -52,6 +52,7 @@ def test_yaml_booleans_fill_word_fields():
         ("eval.knn_every=-5", "eval.knn_every: must be >= 0 (0 = off), got -5"),
         ("optim.lr_scaling=quadratic", "optim.lr_scaling: must be none, linear or sqrt, got 'quadratic'"),
         ("optim.base_batch_size=0", "optim.base_batch_size: must be >= 1, got 0"),
+        ("optim.accum_steps=0", "optim.accum_steps: must be >= 1, got 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
