@@ -125,7 +125,7 @@ def _expected_counts(data_dir: str, mtime_ns: int) -> dict[str, int]:
     version)."""
     from data_pipeline.shards import read_manifest
 
-    names = read_manifest(data_dir).column("shard").to_pylist()
+    names = read_manifest(data_dir, columns=["shard"]).column("shard").to_pylist()
     return dict(collections.Counter(names))
 
 

@@ -196,18 +196,18 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     return data_dir / MANIFEST, counts
 
 
-def read_manifest(data_dir: str | Path) -> pa.Table:
-    """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption; metadata classes,
-    source)."""
+def read_manifest(data_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption, or ``columns``;
+    metadata classes, source)."""
     if remote.is_url(data_dir):
         try:
-            return pq.read_table(pa.BufferReader(remote.fetch(remote.join(str(data_dir), MANIFEST))))
+            return pq.read_table(pa.BufferReader(remote.fetch(remote.join(str(data_dir), MANIFEST))), columns=columns)
         except OSError as e:
             raise ValueError(f"no {MANIFEST} at {data_dir} ({e})") from None
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise ValueError(f"no {MANIFEST} in {data_dir}: not a (complete) shard directory")
-    return pq.read_table(path)
+    return pq.read_table(path, columns=columns)
 
 
 def read_classes(data_dir: str | Path) -> list[str]:
@@ -228,12 +228,12 @@ def count_captions(data_dir: str | Path) -> int:
 def list_shards(data_dir: str | Path, *, verify: bool = False) -> list[str]:
     """Absolute shard paths (URLs for a dataset URL) named by the manifest, sorted; with ``verify`` check each against
     ``checksums.json`` (local datasets)."""
+    names = sorted(set(read_manifest(data_dir, columns=["shard"]).column("shard").to_pylist()))
     if remote.is_url(data_dir):
         if verify:
             raise ValueError(f"{data_dir}: shards served over HTTP are not verified here; verify them where they lie")
-        return [remote.join(str(data_dir), n) for n in sorted(set(read_manifest(data_dir).column("shard").to_pylist()))]
+        return [remote.join(str(data_dir), n) for n in names]
     data_dir = Path(data_dir)
-    names = sorted(set(read_manifest(data_dir).column("shard").to_pylist()))
     paths = [str((data_dir / n).resolve()) for n in names]
     if verify:
         checksums = json.loads((data_dir / CHECKSUMS).read_text())
