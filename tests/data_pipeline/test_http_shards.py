@@ -88,10 +88,10 @@ def test_evaluate_and_embed_a_served_dataset(digits_dir, tmp_path):
     from tests.util import write_run
 
     write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", "model.backbone_kwargs={width: 0.25}")
-    local = evaluate_checkpoint(tmp_path / "run", dataset=str(digits_dir), max_samples=400, out_path=tmp_path / "a")
+    local = evaluate_checkpoint(tmp_path / "run", dataset=str(digits_dir), max_samples=200, out_path=tmp_path / "a")
     with serve(digits_dir.parent) as (base, _):
         url = f"{base}/{digits_dir.name}"
-        served = evaluate_checkpoint(tmp_path / "run", dataset=url, max_samples=400, out_path=tmp_path / "b")
+        served = evaluate_checkpoint(tmp_path / "run", dataset=url, max_samples=200, out_path=tmp_path / "b")
         assert main(["embed", "--checkpoint", str(tmp_path / "run"), "--data", url, "--out",
                      str(tmp_path / "index.parquet")]) == 0
     assert {k: v for k, v in served.items() if k != "data"} == {k: v for k, v in local.items() if k != "data"}
