@@ -143,7 +143,7 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
 
     from tqdm import tqdm
 
-    from data_pipeline.reader import IMAGE_EXTS, _tar_samples
+    from data_pipeline.reader import _parse, _tar_samples
 
     data_dir = Path(data_dir)
     if (data_dir / MANIFEST).exists():
@@ -158,16 +158,15 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     def scan(name: str) -> tuple[list[tuple], int, bool, str]:
         rows, skipped, errors = [], 0, []
         for sample in _tar_samples(str(data_dir / name), errors):
-            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            parsed = _parse(sample)  # as training reads it: an image, a label or none (-1)
             try:
-                label = int(sample["cls"]) if "cls" in sample else -1
                 caption = bytes(sample["txt"]).decode("utf-8").strip() or None if "txt" in sample else None
-            except (ValueError, TypeError):
-                image = None
-            if image is None:
+            except UnicodeDecodeError:
+                parsed = None
+            if parsed is None:
                 skipped += 1
                 continue
-            rows.append((sample["__key__"], name, label, len(image), caption))
+            rows.append((parsed["key"], name, parsed["label"], len(parsed["image"]), caption))
         bar.update(1)
         return rows, skipped, bool(errors), sha256_file(data_dir / name)
 
