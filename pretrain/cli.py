@@ -217,13 +217,13 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
 
 def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
     """ConfigError for a resume override that changes what the checkpoints hold (the method, the model, the ZeRO
-    stage; the accumulation, which DeepSpeed counts in micro-steps): they would not load or would not line up, and the
-    workers would fail only after starting."""
+    stage, the optimizer; the accumulation, which DeepSpeed counts in micro-steps): they would not load or would not
+    line up, and the workers would fail only after starting."""
     from pretrain.config import to_dict
 
     old, new = to_dict(before), to_dict(cfg)
-    keys = [("method", "name"), ("zero", "stage"), ("optim", "accum_steps")]
-    keys += [("model", k) for k in sorted(old["model"])]
+    keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps")]
+    keys += [("model", k) for k in sorted(old["model"]) if k != "sync_bn"]  # same weights either way
     for section, key in keys:
         was, now = old[section].get(key), new[section].get(key)
         if was != now:

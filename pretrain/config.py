@@ -40,6 +40,10 @@ class ModelConfig:
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
     proj_layers: int = 2
+    sync_bn: bool = False
+    """BatchNorm statistics of the global batch (every rank's samples) in training, in the backbone and the heads
+    (SimCLR's and BYOL's global BN; pretrain.sync_bn): two small all-reduces per BatchNorm layer and forward. Off:
+    each rank normalises by its own batch. No effect on one rank or on models without BatchNorm."""
 
     def __post_init__(self) -> None:
         _check(self.patch_size > 0, "patch_size", "must be > 0")
@@ -261,6 +265,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    name: str = "adamw"
+    """adamw | lars. LARS (SimCLR's and BYOL's optimizer at large batch: per-layer trust ratio, momentum) needs
+    zero.stage 0, since its trust ratio needs each parameter whole; its lr is typically 0.3 (SimCLR) or 0.2 (BYOL) per
+    256 images, scaled linearly, with weight decay 1e-6 / 1.5e-6."""
     lr: float = 1e-3
     """Peak learning rate (after warmup); with lr_scaling, the rate at a global batch of base_batch_size."""
     lr_scaling: str = "none"
@@ -280,11 +288,17 @@ class OptimConfig:
     weight_decay_end: float | None = None
     """Cosine from weight_decay at step 0 to this at job.max_steps (DINO: 0.04 -> 0.4); null = constant."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's."""
+    momentum: float = 0.9
+    """LARS's heavy-ball momentum."""
+    trust_coefficient: float = 1e-3
+    """LARS's eta: a layer's step is about lr x eta x its weight norm."""
     warmup_steps: int = 50
     grad_clip: float = 1.0
     """Gradient-norm clipping; 0 disables."""
 
     def __post_init__(self) -> None:
+        _check(self.name in ("adamw", "lars"), "name", f"must be adamw or lars, got {self.name!r}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.lr_scaling in ("none", "linear", "sqrt"), "lr_scaling",
                f"must be none, linear or sqrt, got {self.lr_scaling!r}")
@@ -295,6 +309,8 @@ class OptimConfig:
         _check(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end",
                f"must be >= 0 or null, got {self.weight_decay_end}")
         _check(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
+        _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.trust_coefficient > 0, "trust_coefficient", f"must be > 0, got {self.trust_coefficient}")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
@@ -425,6 +441,9 @@ class Config:
             )
         METHODS[self.method.name].check_config(self)
         _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps", "must be < job.max_steps")
+        _check(self.optim.name != "lars" or self.zero.stage == 0, "zero.stage",
+               f"optim.name lars needs stage 0, got {self.zero.stage}: LARS scales each parameter by its own norm, and "
+               "ZeRO 1-3 hand the optimizer flat partitions that mix parameters")
 
 
 # --- building dataclasses from plain dicts, with checks -----------------------------------------------------------

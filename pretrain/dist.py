@@ -79,6 +79,33 @@ def gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tenso
     return _GatherWithGrad.apply(x, group)
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """All-reduce (SUM) whose backward is the all-reduce (SUM) of the gradient: every rank's loss depends on the sum,
+    so each rank's input gets the gradient of the sum of all ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Sum of ``x`` over ranks, differentiable (batch statistics of the global batch: ``pretrain.sync_bn``). As with
+    ``gather_with_grad``, averaging parameter gradients over ranks afterwards gives the gradient of the mean loss.
+    ``x`` itself when not distributed or in a world of 1."""
+    if not is_initialized() or world_size(group) == 1:
+        return x
+    return _AllReduceSumWithGrad.apply(x, group)
+
+
 @torch.no_grad()
 def all_reduce_mean(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Mean of float ``x`` over ranks (new tensor, no autograd) for logging and centers; ``x`` when not distributed."""

@@ -1,7 +1,8 @@
 """The only module that imports DeepSpeed: engine from config, schedule, checkpoint save/load, op prebuild.
 
 On a machine without CUDA, DeepSpeed runs with its ``cpu`` accelerator (gloo, fp32); on GPUs with bf16. The
-optimizer is torch's AdamW, handed to DeepSpeed as a client optimizer so no CUDA/CPU-Adam extension has to be built.
+optimizer (torch's AdamW, or ``pretrain.optim.LARS``) is handed to DeepSpeed as a client optimizer, so no CUDA/CPU-Adam
+extension has to be built.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
                         category=FutureWarning)
 
 from pretrain.config import Config  # noqa: E402
+from pretrain.optim import build_optimizer  # noqa: E402
 
 CKPT_TAG = "state"
 """DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""
@@ -90,19 +92,20 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config, world_size: int = 1) -> None:
         self.weight_decay = weight_decay_at(cfg)
-        self.peak_lr, self.betas = peak_lr(cfg, world_size), tuple(cfg.optim.betas)
+        self.peak_lr, self.hyper = peak_lr(cfg, world_size), optimizer_hyper(cfg)
         super().__init__(optimizer, lr_lambda(cfg))
 
     def follow_config(self) -> None:
-        """After a checkpoint is loaded: the peak learning rate and Adam's betas of this run's config, not of the run
-        that saved it (a run resumed with another ``optim.lr`` uses it), and the learning rate for the coming step from
-        them; unchanged values give back exactly what was saved."""
+        """After a checkpoint is loaded: the peak learning rate and the optimizer's settings (Adam's betas, LARS's
+        momentum and trust coefficient) of this run's config, not of the run that saved it (a run resumed with another
+        ``optim.lr`` uses it), and the learning rate for the coming step from them; unchanged values give back exactly
+        what was saved."""
         self.base_lrs = [self.peak_lr] * len(self.optimizer.param_groups)
         for group, factor in zip(self.optimizer.param_groups, self.lr_lambdas):
-            group.update(initial_lr=self.peak_lr, lr=self.peak_lr * factor(self.last_epoch), betas=self.betas)
+            group.update(initial_lr=self.peak_lr, lr=self.peak_lr * factor(self.last_epoch), **self.hyper)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    CONFIG_VALUES = ("weight_decay", "peak_lr", "betas")
+    CONFIG_VALUES = ("weight_decay", "peak_lr", "hyper")
     """Functions and values of the config, like lr_lambdas: rebuilt from the running config, never saved or loaded."""
 
     def state_dict(self) -> dict:
@@ -120,6 +123,14 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
             if group.get("decay"):
                 group["weight_decay"] = self.weight_decay(self.last_epoch)
         return super().get_lr()
+
+
+def optimizer_hyper(cfg: Config) -> dict:
+    """The param-group settings of ``optim.name``'s optimizer other than lr and weight decay."""
+    o = cfg.optim
+    if o.name == "lars":
+        return {"momentum": o.momentum, "trust_coefficient": o.trust_coefficient}
+    return {"betas": tuple(o.betas)}
 
 
 def ds_config(cfg: Config) -> dict:
@@ -140,14 +151,14 @@ def ds_config(cfg: Config) -> dict:
 
 
 def build_engine(model: nn.Module, cfg: Config):
-    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW, warmup + cosine, weight-decay schedule, clipping) from
-    the config.
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW or LARS, warmup + cosine, weight-decay schedule,
+    clipping) from the config.
 
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
     """
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg, world),
-                                  betas=cfg.optim.betas)
+    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim.name, peak_lr(cfg, world),
+                                **optimizer_hyper(cfg))
     scheduler = Schedule(optimizer, cfg, world)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)

@@ -24,6 +24,7 @@ from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import resolve_shards
 from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
 from pretrain.methods import METHODS
+from pretrain.sync_bn import convert_sync_bn
 from pretrain.tracking import default_artifact_location, default_tracking_uri, make_tracker
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -93,7 +94,8 @@ def build_method(cfg: Config, *, distributed: bool):
     seed_everything(cfg.job.seed)
     gather = dist.gather_with_grad if distributed and cfg.method.gather_distributed else None
     reduce = dist.all_reduce_mean if distributed else None
-    return METHODS[cfg.method.name](cfg, gather=gather, reduce=reduce, rank=dist.rank())
+    method = METHODS[cfg.method.name](cfg, gather=gather, reduce=reduce, rank=dist.rank())
+    return convert_sync_bn(method) if distributed and cfg.model.sync_bn else method
 
 
 def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float]:

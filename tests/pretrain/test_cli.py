@@ -90,8 +90,8 @@ def test_help_lists_subcommands():
 
 
 def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, capsys):
-    """A resume override of the method, the model or the ZeRO stage is refused in one line before anything starts
-    (the checkpoints would not load); the run's config stays as it was. Other overrides are taken."""
+    """A resume override of the method, the model, the ZeRO stage or the optimizer is refused in one line before
+    anything starts (the checkpoints would not load); the run's config stays as it was. Other overrides are taken."""
     sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
     assert main(["train", "--dry-run", *sets]) == 0
     run = tmp_path / "r"
@@ -107,3 +107,9 @@ def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, caps
         assert (run / "config.yaml").read_text() == saved
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "optim.lr=1e-4"]) == 0
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
+    # the optimizer (its state is in the checkpoints): LARS needs ZeRO 0, so a run at stage 0 to change it on
+    assert main(["train", "--dry-run", *sets[:2], "--set", "job.run_name=r0", *sets[4:], "--set", "zero.stage=0"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "r0"), "--dry-run", "--set", "optim.name=lars"]) == 2
+    assert _one_line_error(capsys).startswith("error: optim.name: the checkpoints of r0 were saved with 'adamw', and "
+                                              "'lars' cannot load them")

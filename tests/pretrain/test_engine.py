@@ -43,7 +43,51 @@ def _worker(rank: int, port: int, root: str) -> None:
         _one_stage(stage, precision, f"{root}/ckpt{name}", f"{root}/result{name}.pt", build_engine, build_method,
                    full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
+    _lars(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     torch.distributed.destroy_process_group()
+
+
+def _lars(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint) -> None:
+    """SimCLR with optim.name=lars (and model.sync_bn) under ZeRO 0 for 3 steps, beside the same method stepped by a
+    plain LARS (and the schedule) on gradients averaged over the ranks by hand; then a fresh engine loads the
+    checkpoint and both take a 4th step."""
+    from pretrain.engine import Schedule, optimizer_hyper, param_groups, peak_lr
+    from pretrain.optim import build_optimizer
+
+    cfg = _cfg(0, "fp32", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0",
+               "model.sync_bn=true")
+    engine = build_engine(build_method(cfg, distributed=True), cfg)
+    ref = build_method(cfg, distributed=True)
+    groups = param_groups(ref, cfg.optim.weight_decay)
+    opt = build_optimizer(groups, "lars", peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
+    schedule = Schedule(opt, cfg, WORLD)
+    g = torch.Generator().manual_seed(20 + rank)
+    batches = [{"views": [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]} for _ in range(4)]
+    for batch in batches[:3]:
+        engine.backward(loss := engine(batch)["loss"])
+        engine.step()
+        ref(batch)["loss"].backward()
+        for p in ref.parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= WORLD
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    trained = full_state_dict(engine, engine.module)
+    stats = torch.cat([v.flatten() for k, v in trained.items() if k.endswith(("running_mean", "running_var"))])
+    both = [torch.empty_like(stats) for _ in range(WORLD)]
+    torch.distributed.all_gather(both, stats)
+    save_checkpoint(engine, f"{root}/ckpt-lars", {"step": 3, "epoch": 0})
+    fresh = build_engine(build_method(cfg, distributed=True), cfg)
+    load_checkpoint(fresh, f"{root}/ckpt-lars")
+    for e in (engine, fresh):
+        e.backward(e(batches[3])["loss"])
+        e.step()
+    if rank == 0:
+        torch.save({"optimizer": type(engine.optimizer).__name__, "engine": trained, "reference": ref.state_dict(),
+                    "loss": loss.item(), "bn_stats": both, "continued": full_state_dict(engine, engine.module),
+                    "resumed": full_state_dict(fresh, fresh.module), "init": build_method(cfg, distributed=False)
+                    .state_dict()}, f"{root}/lars.pt")
 
 
 def _accumulation(rank: int, root: str, build_engine, build_method, full_state_dict) -> None:
@@ -121,6 +165,22 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(stage, results):
     for k, v in whole["backbone"].items():
         torch.testing.assert_close(accumulated["backbone"][k], v, rtol=1e-4, atol=1e-6, msg=k)
     assert whole["losses"][1] != whole["losses"][0]  # it trained
+
+
+def test_lars_engine_steps_as_plain_lars_and_resumes(results):
+    """Under ZeRO 0 the engine hands LARS each parameter whole: its weights after 3 steps on 2 ranks are those of a
+    plain LARS on the ranks' averaged gradients (a trust ratio over flat partitions would not match), and a fresh
+    engine that loads its checkpoint (momentum included) takes the same 4th step. With model.sync_bn, both ranks'
+    BatchNorm statistics are the global batch's: the same on each, though each rank saw other images."""
+    r = torch.load(results / "lars.pt", weights_only=False)
+    assert r["optimizer"] == "LARS" and math.isfinite(r["loss"])
+    assert torch.equal(r["bn_stats"][0], r["bn_stats"][1]) and r["bn_stats"][0].numel() > 100
+    moved = 0
+    for k, v in r["engine"].items():
+        torch.testing.assert_close(v, r["reference"][k].float(), rtol=1e-5, atol=1e-6, msg=k)  # full_state_dict: fp32
+        moved += not torch.equal(v, r["init"][k])
+        assert torch.equal(r["resumed"][k], r["continued"][k]), k
+    assert moved > len(r["engine"]) // 2  # it trained
 
 
 @pytest.mark.parametrize("stage, precision", CASES)

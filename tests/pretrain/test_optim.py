@@ -1,0 +1,111 @@
+"""pretrain.optim: LARS against its closed forms and against torch's SGD where the two coincide; optim.name in the
+config. (On 2 DeepSpeed ranks under ZeRO 0: tests/pretrain/test_engine.py.)"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.optim import LARS, build_optimizer
+from tests.util import config_error
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "simclr_digits.yaml"
+
+
+def _param(*shape: int, seed: int) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_first_step_moves_each_layer_by_lr_eta_times_its_norm():
+    """From rest, a layer's step is lr x eta x ||w|| along -(g + wd w), whatever the gradient's scale: the point of
+    the trust ratio."""
+    lr, eta, wd = 0.5, 0.02, 0.1
+    steps = []
+    for scale in (1e-3, 1.0, 1e3):
+        w = _param(16, 8, seed=0)
+        before = w.detach().clone()
+        w.grad = scale * torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        direction = w.grad + wd * before
+        LARS([w], lr=lr, weight_decay=wd, trust_coefficient=eta).step()
+        step = w.detach() - before
+        assert torch.linalg.vector_norm(step).item() == pytest.approx(lr * eta * before.norm().item(), rel=1e-5)
+        cos = torch.nn.functional.cosine_similarity(step.flatten(), -direction.flatten(), dim=0)
+        assert cos.item() == pytest.approx(1.0, abs=1e-6)
+        steps.append(step)
+    # the weight decay's share shrinks as the gradient grows, so the steps differ in direction, never in length
+    assert not torch.allclose(steps[0], steps[2], atol=1e-7)
+
+
+def test_without_adaptation_it_is_sgd_with_momentum():
+    """A group with lars=False (biases, norms) over steps at a constant lr is torch's SGD with momentum; a zero weight
+    (an all-zero init) takes the plain gradient step too (trust ratio 1)."""
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(5, generator=g) for _ in range(4)]
+    ours, torch_sgd, zero = _param(5, seed=3), _param(5, seed=3), torch.nn.Parameter(torch.zeros(5))
+    lars = LARS([{"params": [ours], "lars": False}, {"params": [zero]}], lr=0.1, momentum=0.9, weight_decay=0.0)
+    sgd = torch.optim.SGD([torch_sgd], lr=0.1, momentum=0.9)
+    for grad in grads:
+        ours.grad, torch_sgd.grad = grad.clone(), grad.clone()
+        lars.step()
+        sgd.step()
+        torch.testing.assert_close(ours.detach(), torch_sgd.detach(), rtol=1e-6, atol=1e-7)
+    zero_after_one = LARS([w := torch.nn.Parameter(torch.zeros(5))], lr=0.1)
+    w.grad = grads[0].clone()
+    zero_after_one.step()
+    torch.testing.assert_close(w.detach(), -0.1 * grads[0])
+
+
+def test_momentum_gathers_lr_scaled_updates():
+    """Second step: v = m v1 + lr2 u2 (the lr inside the velocity, as SimCLR's and BYOL's LARS): a schedule that drops
+    the lr to 0 leaves only m x the first step."""
+    w = _param(4, 4, seed=4)
+    opt = LARS([w], lr=1.0, momentum=0.9, trust_coefficient=0.01)
+    w.grad = torch.ones(4, 4)
+    start = w.detach().clone()
+    opt.step()
+    first = w.detach() - start
+    opt.param_groups[0]["lr"] = 0.0
+    w.grad = torch.randn(4, 4)
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(w.detach() - before, 0.9 * first)
+
+
+def test_build_optimizer_adapts_the_decaying_group_only():
+    """build_optimizer over pretrain.engine.param_groups: LARS adapts (and decays) the >= 2-D weights, not biases and
+    norms; adamw is torch's AdamW with the betas."""
+    from pretrain.engine import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    lars = build_optimizer(param_groups(model, 1e-6), "lars", 0.3, momentum=0.9, trust_coefficient=1e-3)
+    assert isinstance(lars, LARS)
+    assert [(g["lars"], g["weight_decay"], len(g["params"])) for g in lars.param_groups] == [(True, 1e-6, 1),
+                                                                                           (False, 0.0, 3)]
+    adamw = build_optimizer(param_groups(model, 0.05), "adamw", 1e-3, betas=(0.9, 0.95))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_lars_state_round_trips():
+    """The momentum comes back from state_dict: a restored optimizer takes the same next step."""
+    w1, w2 = _param(3, 3, seed=5), _param(3, 3, seed=5)
+    a, b = LARS([w1], lr=0.2), LARS([w2], lr=0.2)
+    w1.grad = torch.randn(3, 3, generator=torch.Generator().manual_seed(6))
+    a.step()
+    with torch.no_grad():
+        w2.copy_(w1)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as from a file: not a's own buffers
+    w1.grad = w2.grad = torch.randn(3, 3, generator=torch.Generator().manual_seed(7))
+    a.step()
+    b.step()
+    assert torch.equal(w1, w2)
+
+
+def test_config_names_the_optimizer_and_its_stage():
+    assert config_error(RECIPE, ["optim.name=sgd"]) == "optim.name: must be adamw or lars, got 'sgd'"
+    msg = config_error(RECIPE, ["optim.name=lars", "zero.stage=2"])
+    assert msg.startswith("zero.stage: optim.name lars needs stage 0, got 2")
+    assert config_error(RECIPE, ["optim.name=lars", "zero.stage=0", "optim.momentum=1"]).startswith("optim.momentum")
