@@ -214,7 +214,7 @@ def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
     if extensions_dir:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir))
     if torch.cuda.is_available():
-        return  # CUDA runs use torch's AdamW and NCCL: nothing to JIT-compile
+        return  # CUDA runs use torch's optimizers (AdamW, or LARS in plain torch) and NCCL: nothing to JIT-compile
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")

@@ -10,6 +10,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_cli(args: list[str], env: dict | None = None):
+    """``pretrain ARGS`` in this process, as a ``subprocess.CompletedProcess`` (exit status, stdout, stderr), with
+    ``env`` as the whole environment for the call if given: the CLI's own code path without an interpreter and torch
+    to start (seconds a call). For commands that start no Ray cluster and no training in-process."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+
+    from pretrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def config_error(recipe, overrides: list[str]) -> str:
     """The one-line ConfigError that loading ``recipe`` with ``overrides`` raises (fails if it raises none)."""
     import pytest

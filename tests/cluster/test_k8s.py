@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.util import free_port
+from tests.util import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
@@ -27,10 +27,10 @@ REQUIRED = ["--image", "registry.example.com/ssl-pretrain:0.1.0", "--pvc", "runs
 POD_IPS = ("127.0.0.2", "127.0.0.3")  # loopback addresses, as in tests/slurm_fixture.py: two hosts, no traffic out
 
 
-def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None, timeout: int = 120):
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", "submit", "k8s", "--config", str(RECIPE),
-                           "--set", f"job.out_dir={tmp_path / 'runs'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None):
+    """`pretrain submit k8s` with the digits recipe into ``tmp_path``, in this process (tests.util.run_cli)."""
+    return run_cli(["submit", "k8s", "--config", str(RECIPE), "--set", f"job.out_dir={tmp_path / 'runs'}",
+                    "--set", f"data.cache_dir={tmp_path / 'cache'}", *args], env=env)
 
 
 def _manifests(run: Path) -> dict[str, dict]:
@@ -268,8 +268,9 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
                      if e["name"] == "PRETRAIN_HEAD_HOST")
     # DeepSpeed's CPU op, built (or found) here as the image would have it: a pod killed while building it would leave
     # the shared build directory locked
-    subprocess.run([sys.executable, "-c", "from pretrain.engine import prebuild_ops; prebuild_ops()"], check=True,
-                   timeout=600)
+    from pretrain.engine import prebuild_ops
+
+    prebuild_ops()
     logs = [tmp_path / f"pod-{i}.log" for i in range(2)]
     pods: list[subprocess.Popen] = []
     try:

@@ -14,15 +14,16 @@ import pytest
 import yaml
 
 from tests.slurm_fixture import slurm_cluster  # noqa: F401 - fixture
+from tests.util import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
 
 
-def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None, timeout: int = 120):
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", "submit", "slurm", "--config", str(RECIPE),
-                           "--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path / 'cache'}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None):
+    """`pretrain submit slurm` with the digits recipe into ``tmp_path``, in this process (tests.util.run_cli)."""
+    return run_cli(["submit", "slurm", "--config", str(RECIPE), "--set", f"job.out_dir={tmp_path}",
+                    "--set", f"data.cache_dir={tmp_path / 'cache'}", *args], env=env)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,4 +1,5 @@
-"""`pretrain train --address` joins a running Ray cluster instead of starting its own."""
+"""`pretrain train --address` joins a running Ray cluster instead of starting its own; a run that fails on the
+workers ends the command in one line (on a joined cluster, as on the private one: the same launcher code)."""
 
 import os
 import signal
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head of this test's own (port, temp dir, process group) on 127.0.0.2; only its processes are stopped.
+    """A Ray head of this module's own (port, temp dir, process group) on 127.0.0.2; only its processes are stopped.
 
     Not 127.0.0.1: `ray start` replaces that one with the machine's routable address, and the test must stay on
     loopback; any 127/8 address is loopback and Ray keeps it as given."""
@@ -95,3 +96,20 @@ def test_train_joins_existing_cluster(ray_head, tmp_path):
     lines = (tmp_path / "joined" / "metrics.csv").read_text().splitlines()
     assert len(lines) == 1 + 6
     assert float(lines[-1].split(",")[-1]) >= 1  # 6 steps of 2 x 32 read the 200 photos more than once
+
+
+def test_worker_failure_is_reported_and_run_kept(ray_head, tmp_path):
+    """A worker that raises (a batch larger than its share of the data) ends the command with status 1 and one line
+    that says why; the run directory stays."""
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--address", ray_head]
+    for s in ["data.batch_size=1500", "job.max_steps=5", "optim.warmup_steps=1", f"job.out_dir={tmp_path}",
+              "job.run_name=fails", "job.progress=false", f"data.cache_dir={tmp_path / 'cache'}"]:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "gave no full batch of 1500" in text
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training failed on the workers") and "gave no full batch of 1500" in last, last
+    assert (tmp_path / "fails" / "config.yaml").is_file()

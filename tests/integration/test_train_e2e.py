@@ -48,7 +48,7 @@ def trained(tmp_path_factory, mlflow_server):
     job.max_failures=1, rank 1's worker is SIGKILLed (as a lost node or the OOM killer would) once Ray has registered
     the step-60 checkpoint and the run has gone on to step 70: Ray starts the group again, which resumes from it."""
     out = tmp_path_factory.mktemp("runs")
-    sets = [f"--set={s}" for s in ["data.batch_size=128", f"job.max_steps={STEPS}", "job.log_every=10",
+    sets = [f"--set={s}" for s in ["data.batch_size=96", f"job.max_steps={STEPS}", "job.log_every=10",
                                     "job.ckpt_every=60", "job.progress=false", f"job.out_dir={out}", "job.run_name=e2e",
                                     f"data.cache_dir={out / 'cache'}", "zero.stage=3", "job.num_workers=2",
                                     "method.freeze_last_layer_steps=10", "eval.knn_every=60",
@@ -218,17 +218,3 @@ def test_eval_command_reproduces_the_report(trained):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
 
 
-def test_worker_failure_is_reported_and_run_kept(tmp_path):
-    """A worker that raises (a batch larger than its share of the data) ends the command with status 1 and one line
-    that says why."""
-    sets = [f"--set={s}" for s in ["data.batch_size=1500", "job.max_steps=5", "optim.warmup_steps=1",
-                                    f"job.out_dir={tmp_path}", "job.run_name=fails", "job.progress=false",
-                                    "data.cache_dir=" + str(tmp_path / "cache")]]
-    log = tmp_path / "fail.log"
-    proc = _pretrain(["train", "--config", str(RECIPE), *sets], log)
-    text = log.read_text()
-    assert proc.returncode == 1, text[-3000:]
-    assert "gave no full batch of 1500" in text
-    last = text.strip().splitlines()[-1]
-    assert last.startswith("error: training failed on the workers") and "gave no full batch of 1500" in last, last
-    assert (tmp_path / "fails" / "config.yaml").is_file()
