@@ -25,12 +25,14 @@ STEPS = 4
 
 def _cfg(stage: int):
     # freeze 2 steps (frozen prototypes under every stage), a steep temperature warmup, a fast teacher; the ConvNet's
-    # BatchNorm weights are small enough that ZeRO-3 keeps them whole (ds_persist) while the convs are partitioned.
+    # BatchNorm weights are small enough that ZeRO-3 keeps them whole (ds_persist) while the convs are partitioned;
+    # BatchNorm over both ranks' batches (model.sync_bn) inside the engines of every stage.
     return load_config(RECIPE, [f"zero.stage={stage}", "data.batch_size=8", f"job.max_steps={STEPS + 2}",
                                 "optim.warmup_steps=1", "optim.lr=1e-2", "method.num_prototypes=96",
                                 "model.proj_hidden_dim=32", "model.proj_out_dim=16",
                                 "model.backbone_kwargs={width: 0.25}", "method.freeze_last_layer_steps=2",
-                                "method.warmup_teacher_temp_steps=3", "method.teacher_momentum=0.5"])
+                                "method.warmup_teacher_temp_steps=3", "method.teacher_momentum=0.5",
+                                "model.sync_bn=true"])
 
 
 def _views(rank: int, step: int) -> list[torch.Tensor]:
@@ -111,7 +113,8 @@ def test_zero_stage_matches_stage_0(stage, results):
 @pytest.mark.parametrize("stage", STAGES)
 def test_teacher_moved_and_center_is_global(stage, results):
     """The teacher moved from its init (the EMA ran) but is not the student (momentum > 0); the center, an EMA of the
-    teacher mean averaged over ranks, is the same on both ranks although their batches differ."""
+    teacher mean averaged over ranks, and the BatchNorm statistics (model.sync_bn: the global batch's) are the same on
+    both ranks although their batches differ."""
     r0, r1 = results[(stage, 0)], results[(stage, 1)]
     init, trained = r0["init"]["teacher"], r0["trained"]["teacher"]
     conv = next(k for k in init if k.startswith("backbone.") and k.endswith("weight") and init[k].ndim == 4)
@@ -119,6 +122,11 @@ def test_teacher_moved_and_center_is_global(stage, results):
     assert not torch.allclose(trained[conv], r0["trained"]["student"][conv])
     assert r0["trained"]["center"].abs().sum() > 0
     torch.testing.assert_close(r0["trained"]["center"], r1["trained"]["center"], rtol=0, atol=0)
+    stats = [k for k in r0["trained"]["student"] if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) >= 8 and all(r0["trained"]["student"][k].abs().sum() > 0 for k in stats)
+    for part in ("student", "teacher"):
+        for k in stats:
+            torch.testing.assert_close(r0["trained"][part][k], r1["trained"][part][k], rtol=1e-6, atol=1e-7)
     assert r0["losses"] != pytest.approx(r1["losses"], rel=1e-3)  # different data per rank
 
 
