@@ -244,8 +244,9 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
     from pretrain.methods import METHODS
 
     METHODS[cfg.method.name].check_inputs(cfg)
-    # builds the digits shards on first use; refuses data without captions for a method that needs them
-    shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text)
+    # builds the digits shards on first use; refuses data without captions for a method that needs them, or too few
+    # samples for a batch on every rank
+    shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text, ranks=cfg.job.num_workers)
     if cfg.eval.reads_dataset:
         from pretrain.eval.dataset import check_eval_dataset
 

@@ -101,6 +101,14 @@ class MethodConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    # --- Barlow Twins and VICReg (the projector: model.proj_*; both compare two views over the global batch) ---
+    barlow_lambda: float = 0.0051
+    """Barlow Twins: weight of the off-diagonal (redundancy-reduction) term: the paper's, which it found robust over
+    an order of magnitude."""
+    vicreg_invariance: float = 25.0
+    vicreg_variance: float = 25.0
+    vicreg_covariance: float = 1.0
+    """VICReg: weights of its invariance, variance and covariance terms (the paper's 25, 25, 1)."""
     # --- CLIP (image projection: model.proj_*; joint embedding: model.proj_out_dim; loss_impl as SimCLR's) ---
     context_length: int = 32
     """CLIP: text tokens per caption (UTF-8 bytes + begin and end); longer captions are cut."""
@@ -158,6 +166,8 @@ class MethodConfig:
         _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
         _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
         _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
+        for key in ("barlow_lambda", "vicreg_invariance", "vicreg_variance", "vicreg_covariance"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads", "text_width", "text_depth",
                     "text_heads"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")

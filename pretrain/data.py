@@ -10,12 +10,14 @@ from data_pipeline.shards import BUILTIN_VERSIONS, count_captions, ensure_builti
 from pretrain.config import ConfigError, DataConfig
 
 
-def resolve_shards(cfg: DataConfig, *, captions: bool = False) -> list[str]:
+def resolve_shards(cfg: DataConfig, *, captions: bool = False, ranks: int | None = None) -> list[str]:
     """Shard paths for ``data.source``; builds a built-in source's shards on first use (atomically, so racing ranks are
     safe).
 
     ``captions``: the method trains on image-text pairs (CLIP); a dataset without a single caption is refused here,
     before any worker starts (samples that lack one among captioned ones are skipped and counted as corrupt).
+    ``ranks``: the ranks that will share the samples; a dataset with fewer samples than ``data.batch_size`` x ranks
+    is refused (some rank would never fill a batch, and would fail only after the cluster started).
     """
     if cfg.source in BUILTIN_VERSIONS:
         shards = ensure_builtin_shards(Path(cfg.cache_dir).expanduser(), cfg.source, shard_size=cfg.shard_size)
@@ -34,4 +36,9 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False) -> list[str]:
         hint = " (put a <image stem>.txt caption beside each image and write the shards again)"
     if captions and count_captions(data_dir) == 0:
         raise ConfigError(f"data.source: {cfg.source} has no captions, and the method trains on image-text pairs{hint}")
+    if ranks is not None:
+        total = read_manifest(data_dir, columns=["shard"]).num_rows
+        if total < cfg.batch_size * ranks:
+            raise ConfigError(f"data.batch_size: {cfg.batch_size} images a rank x {ranks} ranks is more than the "
+                              f"{total} samples of {cfg.source}; every rank needs a full batch from its share of them")
     return shards if shards is not None else list_shards(data_dir)

@@ -5,6 +5,7 @@ from pretrain.methods.beit import BEiT
 from pretrain.methods.byol import BYOL
 from pretrain.methods.clip import CLIP
 from pretrain.methods.colorization import Colorization
+from pretrain.methods.decorrelation import BarlowTwins, VICReg
 from pretrain.methods.dino import DINO
 from pretrain.methods.ibot import IBOT
 from pretrain.methods.jigsaw import Jigsaw
@@ -15,7 +16,8 @@ from pretrain.methods.vqvae import VQVAE
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE,
                                        "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
-                                       "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT}
+                                       "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT,
+                                       "barlow_twins": BarlowTwins, "vicreg": VICReg}
 
-__all__ = ["BEiT", "BYOL", "CLIP", "Colorization", "DINO", "IBOT", "Jigsaw", "MAE", "METHODS", "Rotation", "SSLMethod",
-           "SimCLR", "VQVAE"]
+__all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "Jigsaw", "MAE", "METHODS",
+           "Rotation", "SSLMethod", "SimCLR", "VICReg", "VQVAE"]

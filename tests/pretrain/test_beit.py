@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import pretrain.dist as pdist
 from data_pipeline.loader import make_train_stream
 from data_pipeline.masking import block_masks
-from data_pipeline.shards import ensure_digits_shards
 from pretrain.config import load_config, to_dict
 from pretrain.methods import METHODS
 from pretrain.methods.vqvae import load_tokenizer
@@ -125,11 +124,6 @@ def test_two_ranks_keep_one_codebook(tmp_path):
 
 
 # --- the tokenizer (vqvae) --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory):
-    return ensure_digits_shards(tmp_path_factory.mktemp("cache"))
 
 
 def _stream(shards, cfg, batch_size=64):

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.loader import make_train_stream
-from data_pipeline.shards import ensure_digits_shards
 from pretrain.config import load_config
 from pretrain.methods.jigsaw import cut_tiles, permutation_set
 from pretrain.methods.rotation import rotate_all
@@ -99,11 +98,6 @@ def test_config_errors():
     assert "method.jigsaw_gap: tiles of 7 px" in config_error(JIGSAW, ["model.backbone=vit_tiny",
                                                                         "model.patch_size=4"])
     assert "method.jigsaw_grid: at most 3" in config_error(JIGSAW, ["method.jigsaw_grid=4", "data.image_size=32"])
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory) -> list[str]:
-    return ensure_digits_shards(tmp_path_factory.mktemp("cache"))
 
 
 # (chance, floor): 40 steps gave 0.63 for rotation (0, 1 and 8 look alike upside down) and 0.67 for jigsaw

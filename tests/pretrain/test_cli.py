@@ -71,6 +71,18 @@ def test_resume_of_a_non_run(tmp_path, capsys):
     assert "not a run directory" in _one_line_error(capsys)
 
 
+def test_batch_larger_than_the_ranks_share_is_refused(tmp_path, capsys):
+    """More images a batch than each rank's share of the dataset holds: one line before anything is written (the
+    workers would fail only after the cluster started); the same batch fits one rank."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set",
+            "data.batch_size=1000"]
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=two", "--set", "job.num_workers=2"]) == 2
+    assert _one_line_error(capsys) == ("error: data.batch_size: 1000 images a rank x 2 ranks is more than the 1797 "
+                                       "samples of digits; every rank needs a full batch from its share of them")
+    assert not (tmp_path / "two").exists()
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=one", "--set", "job.num_workers=1"]) == 0
+
+
 def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
     """A new run into an existing run directory is refused; its files stay untouched."""
     run = tmp_path / "r1"
