@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 if "--smoke" in sys.argv:  # Triton reads the switch when the kernel modules are imported, just below
     os.environ["TRITON_INTERPRET"] = "1"
 
-from benchmarks.common import cpu_name, git_sha  # noqa: E402
+from benchmarks.common import CPU_MALLOC_ENV, cpu_name, git_sha, median_ms, peak_mb  # noqa: E402
 from kernels.contrastive import tuning_report  # noqa: E402
 from kernels.dino_loss import dino_loss, dino_loss_ref  # noqa: E402
 from kernels.masked_gather import masked_gather, masked_gather_ref  # noqa: E402
@@ -150,43 +150,6 @@ def _build(case: dict, provider: str, dtype: torch.dtype, device: str):
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, device: str, budget_s: float, max_reps: int = 100) -> float:
-    """Median time of fn() in ms: warm-up (a second call unless the first took over budget_s / 4), then repeats
-    until budget_s or max_reps (at least 3). On CUDA each repeat times a batch of calls lasting >= ~2 ms between
-    CUDA events (launch overhead amortised, as in triton.testing.do_bench)."""
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    if first < budget_s / 4:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        first = time.perf_counter() - t0
-    inner = max(1, min(1000, int(2e-3 / max(first, 1e-7)))) if device == "cuda" else 1
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / inner)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _graph_ms(fn, budget_s: float, calls: int = 20) -> float:
     """Median device time of fn() in ms with the host out of the loop: `calls` calls captured in one CUDA graph,
     the graph replayed between events (METHOD: many small launches are timed through graph replays). A kernel
@@ -215,34 +178,6 @@ def _graph_ms(fn, budget_s: float, calls: int = 20) -> float:
     return statistics.median(times)
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _peak_mb(step, device: str) -> tuple[float, str]:
-    """Peak memory of one step() above what was allocated before it (see module docstring)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda max_memory_allocated"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-        method = "cpu peak RSS (VmHWM) delta"
-    except OSError:
-        method = "cpu ru_maxrss delta (lower bound)"
-    before = _rss_kb("VmRSS")
-    step()
-    return max(0, _rss_kb("VmHWM") - before) / 1024, method
-
-
 def measure(case: dict, provider: str, dtype_name: str, device: str, budget_s: float) -> dict:
     """Time fwd / bwd / fwd+bwd and the peak memory of one case and provider."""
     # The bwd timing replays one graph (retain_graph=True), which compiled graphs allow only without donated buffers.
@@ -251,8 +186,8 @@ def measure(case: dict, provider: str, dtype_name: str, device: str, budget_s: f
     fwd, inputs, moved = _build(case, provider, dtype, device)
     row: dict = {}
     if not inputs:  # copy: forward only
-        row["fwd_ms"] = _median_ms(fwd, device, budget_s)
-        row["peak_mem_mb"], row["mem_method"] = _peak_mb(fwd, device)
+        row["fwd_ms"] = median_ms(fwd, device, budget_s)
+        row["peak_mem_mb"], row["mem_method"] = peak_mb(fwd, device)
     else:
         def fwd_bwd():
             out = fwd()
@@ -261,16 +196,16 @@ def measure(case: dict, provider: str, dtype_name: str, device: str, budget_s: f
 
         if case.get("_once"):  # too big to repeat within the suite's budget: one timed fwd+bwd, also the memory one
             t0 = time.perf_counter()
-            row["peak_mem_mb"], row["mem_method"] = _peak_mb(fwd_bwd, device)
+            row["peak_mem_mb"], row["mem_method"] = peak_mb(fwd_bwd, device)
             row["fwdbwd_ms"], row["note"] = (time.perf_counter() - t0) * 1e3, "single run"
             return row
-        row["fwdbwd_ms"] = _median_ms(fwd_bwd, device, budget_s)
-        row["peak_mem_mb"], row["mem_method"] = _peak_mb(fwd_bwd, device)
+        row["fwdbwd_ms"] = median_ms(fwd_bwd, device, budget_s)
+        row["peak_mem_mb"], row["mem_method"] = peak_mb(fwd_bwd, device)
         with torch.no_grad():
-            row["fwd_ms"] = _median_ms(fwd, device, budget_s)
+            row["fwd_ms"] = median_ms(fwd, device, budget_s)
         out = fwd()
         g = torch.ones_like(out) if out.dim() else None
-        row["bwd_ms"] = _median_ms(lambda: torch.autograd.grad(out, inputs, g, retain_graph=True), device, budget_s)
+        row["bwd_ms"] = median_ms(lambda: torch.autograd.grad(out, inputs, g, retain_graph=True), device, budget_s)
     if device == "cuda" and case["op"] == "gather":
         try:
             with torch.no_grad():
@@ -298,9 +233,7 @@ def _run_cpu_subprocess(case: dict, provider: str, dtype: str, budget_s: float, 
                            threads=torch.get_num_threads()))
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    # A fixed mmap threshold turns off glibc's adaptive one, so every large buffer is mmapped and returned on free:
-    # RSS then follows live memory and the warm-up's freed buffers do not hide the measured step's peak.
-    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env.update(CPU_MALLOC_ENV)
     try:
         p = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
                            timeout=timeout_s, env=env)

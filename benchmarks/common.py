@@ -1,11 +1,16 @@
-"""What every benchmark stamps on its results: the machine and the code it measured."""
+"""What every benchmark stamps on its results (the machine and the code it measured), and how they time and measure
+memory."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +36,76 @@ def git_sha() -> str:
         return sha + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+"""A fixed mmap threshold turns off glibc's adaptive one, so every large buffer is mmapped and returned on free: RSS
+then follows live memory and a warm-up's freed buffers do not hide the measured step's peak."""
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, budget_s: float, max_reps: int = 100) -> float:
+    """Median time of fn() in ms: warm-up (a second call unless the first took over budget_s / 4), then repeats
+    until budget_s or max_reps (at least 3). On CUDA each repeat times a batch of calls lasting >= ~2 ms between
+    CUDA events (launch overhead amortised, as in triton.testing.do_bench)."""
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    if first < budget_s / 4:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first = time.perf_counter() - t0
+    inner = max(1, min(1000, int(2e-3 / max(first, 1e-7)))) if device == "cuda" else 1
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / inner)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_mb(step, device: str) -> tuple[float, str]:
+    """Peak memory (MiB) of one step() above what was allocated before it, and how it was measured: on CUDA
+    max_memory_allocated; on the CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs), which counts
+    everything the process touched (run each case in a fresh process with a fixed glibc mmap threshold, so freed
+    buffers leave RSS: ``CPU_MALLOC_ENV``)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+        method = "cpu peak RSS (VmHWM) delta"
+    except OSError:
+        method = "cpu ru_maxrss delta (lower bound)"
+    before = rss_kb("VmRSS")
+    step()
+    return max(0, rss_kb("VmHWM") - before) / 1024, method

@@ -4,7 +4,8 @@
 #
 # Needs: python with torch + triton + pytest (no DALI/Ray/DeepSpeed; kernels/ and tests/kernels/ import none of them).
 # Outputs go to $OUT if set, else benchmarks/results/:
-#   kernels_gpu_pytest.txt, kernels_gpu_junit.xml, kernels_gpu_bench.txt, kernels_gpu.csv (appended), gpu_info.txt
+#   kernels_gpu_pytest.txt, kernels_gpu_junit.xml, kernels_gpu_bench.txt, kernels_gpu.csv (appended), gpu_info.txt,
+#   memory_gpu.txt / memory_gpu.csv (a backbone step's memory with and without grad_checkpointing: not a target)
 # Usage: bash benchmarks/gpu_suite.sh            (PYTHON=/path/to/python to pick the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,12 @@ timeout 330 "$PY" benchmarks/bench_kernels.py ${BENCH_ARGS:-} --out "$DEST/kerne
 rc_bench=$?
 t2=$(date +%s)
 
+echo "== activation memory: ViT-S/16 and ViT-B/16 at 224, batch 32, with and without grad_checkpointing"
+# shellcheck disable=SC2086
+timeout 90 "$PY" benchmarks/bench_memory.py ${MEMORY_ARGS:-} --out "$DEST/memory_gpu.csv" > "$DEST/memory_gpu.txt" 2>&1
+tail -n 8 "$DEST/memory_gpu.txt"
+t3=$(date +%s)
+
 echo
 echo "== summary ($(head -n 2 "$DEST/gpu_info.txt" | tail -n 1))"
 # The bench's table: from its header line to the end (targets included).
@@ -51,6 +58,6 @@ if [ "$rc_tests" -ne 0 ]; then tests_status="FAIL (rc=$rc_tests)"
 elif tail -n 1 "$DEST/kernels_gpu_pytest.txt" | grep -q skipped; then tests_status="FAIL (tests skipped: no CUDA?)"
 else tests_status=PASS; fi
 echo "TARGET kernel tests on GPU: $(tail -n 1 "$DEST/kernels_gpu_pytest.txt") -> $tests_status"
-echo "TARGET suite time: tests $((t1 - t0)) s + bench $((t2 - t1)) s = $((t2 - t0)) s (< 480 s) -> \
-$([ $((t2 - t0)) -lt 480 ] && echo PASS || echo FAIL)"
+echo "TARGET suite time: tests $((t1 - t0)) s + bench $((t2 - t1)) s + memory $((t3 - t2)) s = $((t3 - t0)) s \
+(< 480 s) -> $([ $((t3 - t0)) -lt 480 ] && echo PASS || echo FAIL)"
 [ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]

@@ -98,19 +98,22 @@ def _accumulation(rank: int, root: str, build_engine, build_method, full_state_d
 
     mae = ROOT / "configs" / "mae_digits.yaml"
     out = {}
-    for stage, accum in ((2, 1), (2, 2), (3, 2)):  # (ZeRO-2 and -3 train alike: _one_stage's cases)
+    # (ZeRO-2 and -3 train alike: _one_stage's cases); the last: whole batches under ZeRO-3 with the encoder's blocks
+    # recomputed in the backward (grad_checkpointing, DeepSpeed gathering their partitions again for it)
+    for stage, accum, ckpt in ((2, 1, False), (2, 2, False), (3, 2, False), (3, 1, True)):
         cfg = load_config(mae, [f"zero.stage={stage}", f"data.batch_size={8 // accum}",
                                 f"optim.accum_steps={accum}", "job.max_steps=10", "optim.warmup_steps=1",
                                 "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
-                                "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"])
+                                "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, "
+                                f"grad_checkpointing: {str(ckpt).lower()}}}"])
         engine = build_engine(build_method(cfg, distributed=True), cfg)
         g = torch.Generator().manual_seed(10 + rank)
         images = [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]
         batches = iter([{"views": [x[i:i + 8 // accum]]} for x in images for i in range(0, 8, 8 // accum)])
         torch.manual_seed(100 + rank)
         losses = [optimizer_step(engine, batches, step, 10, accum)[0]["loss"].item() for step in range(2)]
-        out[(stage, accum)] = {"losses": losses, "backbone": full_state_dict(engine, engine.module.backbone),
-                               "lr": engine.get_lr()[0]}
+        out["checkpointing" if ckpt else (stage, accum)] = {
+            "losses": losses, "backbone": full_state_dict(engine, engine.module.backbone), "lr": engine.get_lr()[0]}
     if rank == 0:
         torch.save(out, f"{root}/accumulation.pt")
 
@@ -181,6 +184,16 @@ def test_lars_engine_steps_as_plain_lars_and_resumes(results):
         moved += not torch.equal(v, r["init"][k])
         assert torch.equal(r["resumed"][k], r["continued"][k]), k
     assert moved > len(r["engine"]) // 2  # it trained
+
+
+def test_zero3_with_grad_checkpointing_steps_as_without(results):
+    """ViT blocks recomputed in the backward under ZeRO-3 (their partitions gathered again): the losses and weights of
+    plain ZeRO-2 steps on the same batches."""
+    r = torch.load(results / "accumulation.pt", weights_only=False)
+    plain, recomputed = r[(2, 1)], r["checkpointing"]
+    assert recomputed["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    for k, v in plain["backbone"].items():
+        torch.testing.assert_close(recomputed["backbone"][k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("stage, precision", CASES)

@@ -207,3 +207,30 @@ def test_vit_global_pool_mean_averages_the_patch_tokens() -> None:
     assert not torch.allclose(model(x), tokens[:, 0])
     with pytest.raises(ValueError, match="global_pool must be 'cls' or 'mean'"):
         _tiny_vit(global_pool="max")
+
+
+def test_vit_grad_checkpointing_gives_the_same_step_and_random_stream() -> None:
+    """grad_checkpointing recomputes each block in the backward: the output, every gradient (with stochastic depth on:
+    the recomputation replays the same drops) and the RNG afterwards are those of the plain forward; with no backward
+    to come (no_grad, eval) it is the plain forward."""
+    x = torch.randn(4, 3, 32, 32)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        vit = build_backbone("vit_tiny", image_size=32, in_chans=3, patch_size=8, depth=3,
+                             drop_path_rate=0.5, grad_checkpointing=checkpointing)
+        torch.manual_seed(1)
+        out = vit(x)
+        (out * torch.arange(out.shape[1])).sum().backward()
+        results.append((out.detach(), {k: p.grad for k, p in vit.named_parameters() if p.grad is not None},
+                        torch.rand(3)))
+    (out0, grads0, after0), (out1, grads1, after1) = results
+    torch.testing.assert_close(out1, out0)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 10
+    for k in grads0:
+        torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert torch.equal(after0, after1)  # the recomputation did not advance the RNG
+    # the drops were real: another seed gives another output
+    torch.manual_seed(2)
+    with torch.no_grad():
+        assert not torch.allclose(vit(x), out1)

@@ -1,0 +1,107 @@
+"""Training-step memory and time of a backbone with and without gradient checkpointing (``grad_checkpointing``).
+
+For each backbone and batch size, side by side in one run: a forward + backward of the backbone alone on a random
+batch (``sum of squares`` of its pooled output as the loss), plain and with each block recomputed in the backward.
+Peak memory is that of one step after a warm-up step, above what was allocated before it (benchmarks.common.peak_mb:
+CUDA's max_memory_allocated, or on the CPU the peak RSS of a fresh process per case); time is the median step.
+
+    python benchmarks/bench_memory.py                       # ViT-S/16 and ViT-B/16 at 224, batch 32 (GPU or CPU)
+    python benchmarks/bench_memory.py --backbones vit_tiny --image-size 32 --patch-size 8 --batch 8   # seconds
+
+Rows are appended to benchmarks/results/memory.csv with the machine, git sha and time; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import CPU_MALLOC_ENV, cpu_name, git_sha, median_ms, peak_mb  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "memory.csv"
+
+
+def measure(backbone: str, image_size: int, patch_size: int, batch: int, checkpointing: bool, device: str,
+            budget_s: float) -> dict:
+    """One case in this process: peak MiB and median ms of a forward + backward step."""
+    from pretrain.models import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone(backbone, image_size=image_size, in_chans=3, patch_size=patch_size,
+                           grad_checkpointing=checkpointing).to(device).train()
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+
+    def step() -> None:
+        model(x).square().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator pools, lazy init
+    peak, method = peak_mb(step, device)
+    return {"peak_mem_mb": round(peak, 1), "mem_method": method, "step_ms": round(median_ms(step, device, budget_s), 1)}
+
+
+def _in_subprocess(args: dict) -> dict:
+    """A CPU case in a fresh process, so its peak RSS is its own."""
+    env = {**os.environ, **CPU_MALLOC_ENV}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"memory case {args} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbones", default="vit_small,vit_base", help="comma list of ViT backbones")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--budget-s", type=float, default=None, help="timing budget per case (default 3 cpu, 1 cuda)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print("RESULT " + json.dumps(measure(**json.loads(a.worker))), flush=True)
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = a.budget_s if a.budget_s is not None else (1.0 if device == "cuda" else 3.0)
+    machine = f"{cpu_name()}, {torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}"
+    utc = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    stamp = {"machine": machine, "git": git_sha(), "utc": utc}
+    rows = []
+    for backbone in a.backbones.split(","):
+        for checkpointing in (False, True):
+            case = dict(backbone=backbone, image_size=a.image_size, patch_size=a.patch_size, batch=a.batch,
+                        checkpointing=checkpointing, device=device, budget_s=budget)
+            result = measure(**case) if device == "cuda" else _in_subprocess(case)
+            rows.append({**stamp, **{k: v for k, v in case.items() if k != "budget_s"}, **result})
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not a.out.exists()
+    with a.out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"{machine}; {a.image_size}px, batch {a.batch}, {rows[0]['mem_method']}")
+    print(f"{'backbone':<10} {'checkpointing':>13} {'peak MiB':>9} {'step ms':>9}")
+    for r in rows:
+        print(f"{r['backbone']:<10} {str(r['checkpointing']):>13} {r['peak_mem_mb']:>9.0f} {r['step_ms']:>9.0f}")
+    for plain, recomputed in zip(rows[::2], rows[1::2]):
+        print(f"{plain['backbone']}: checkpointing keeps {recomputed['peak_mem_mb'] / plain['peak_mem_mb']:.0%} of "
+              f"the peak memory at {recomputed['step_ms'] / plain['step_ms']:.2f}x the step time")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
