@@ -41,17 +41,21 @@ def barlow_twins_loss(z0: Tensor, z1: Tensor, lambd: float, eps: float = 1e-5) -
     return on_diag + lambd * _off_diagonal_square_sum(c)
 
 
-def vicreg_terms(z0: Tensor, z1: Tensor, eps: float = 1e-4) -> dict[str, Tensor]:
-    """z0, z1: (N, D) of the whole batch. The three unweighted terms, in fp32: ``invariance`` (mean squared error),
-    ``variance`` (mean hinge 1 - std of each dimension, averaged over the views; std = sqrt(unbiased var + eps)),
-    ``covariance`` (sum of squared off-diagonal covariances / D, summed over the views), as the official VICReg."""
+def vicreg_batch_terms(z0: Tensor, z1: Tensor, eps: float = 1e-4) -> dict[str, Tensor]:
+    """z0, z1: (N, D) of the whole batch. VICReg's two batch terms, unweighted, in fp32: ``variance`` (mean hinge
+    1 - std of each dimension, averaged over the views; std = sqrt(unbiased var + eps)) and ``covariance`` (sum of
+    squared off-diagonal covariances / D, summed over the views), as the official code."""
     a, b = z0.float(), z1.float()
     n, d = a.shape
-    invariance = F.mse_loss(a, b)
     a, b = a - a.mean(0), b - b.mean(0)
     variance = sum(F.relu(1 - torch.sqrt(x.var(0) + eps)).mean() for x in (a, b)) / 2
     covariance = sum(_off_diagonal_square_sum(x.T @ x / (n - 1)) for x in (a, b)) / d
-    return {"invariance": invariance, "variance": variance, "covariance": covariance}
+    return {"variance": variance, "covariance": covariance}
+
+
+def vicreg_terms(z0: Tensor, z1: Tensor) -> dict[str, Tensor]:
+    """z0, z1: (N, D) of the whole batch: the batch terms and ``invariance``, the views' mean squared error."""
+    return {"invariance": F.mse_loss(z0.float(), z1.float()), **vicreg_batch_terms(z0, z1)}
 
 
 class _GlobalBatchEmbedding(SSLMethod):
@@ -104,7 +108,7 @@ class VICReg(_GlobalBatchEmbedding):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         z0, z1 = self.embed(batch)
         # invariance on this rank's pairs (the ranks' mean is the whole batch's), the batch terms on every rank's
-        terms = vicreg_terms(self.all_ranks(z0), self.all_ranks(z1))
-        terms["invariance"] = F.mse_loss(z0.float(), z1.float())
+        terms = {"invariance": F.mse_loss(z0.float(), z1.float()),
+                 **vicreg_batch_terms(self.all_ranks(z0), self.all_ranks(z1))}
         loss = sum(self.weights[k] * v for k, v in terms.items())
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
