@@ -117,12 +117,13 @@ def test_kubectl_refusal_is_one_line(tmp_path):
 def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):
     """On GPU nodes one worker per GPU: the run's config says 16 workers on GPU, and the manifests pass Kubernetes'
     OpenAPI schemas strictly (an unknown field fails) and ask for an Indexed Job of 2 pods with 8 GPUs each, done when
-    pod 0 succeeds, with the PVC mounted over job.out_dir."""
+    pod 0 succeeds, with the PVC mounted over job.out_dir (64 digits a GPU: 16 x the recipe's 256 would be more than
+    the 1,797 digits)."""
     import kubernetes_validate
 
     proc = _submit([*REQUIRED, "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "64", "--memory-per-node",
                     "512Gi", "--namespace", "ml", "--priority-class", "high", "--restarts", "5", "--set",
-                    "job.run_name=g_1", "--dry-run"], tmp_path)
+                    "job.run_name=g_1", "--set", "data.batch_size=64", "--dry-run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "g_1"
     cfg = yaml.safe_load((run / "config.yaml").read_text())

@@ -60,10 +60,10 @@ def test_no_sbatch_is_one_line(tmp_path):
 
 def test_gpu_dry_run_writes_config_and_script(tmp_path):
     """On GPU nodes one worker per GPU: the run's config says 16 workers on GPU, the script asks Slurm for them, and
-    bash accepts its syntax."""
+    bash accepts its syntax (64 digits a GPU: 16 x the recipe's 256 would be more than the 1,797 digits, refused)."""
     proc = _submit(["--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "64", "--partition", "gpu",
-                    "--time", "2-00:00:00", "--sbatch-arg=--qos=high", "--set", "job.run_name=g", "--dry-run"],
-                   tmp_path)
+                    "--time", "2-00:00:00", "--sbatch-arg=--qos=high", "--set", "job.run_name=g", "--set",
+                    "data.batch_size=64", "--dry-run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "g"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
