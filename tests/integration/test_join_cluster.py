@@ -47,11 +47,13 @@ def ray_head():
             pytest.fail(f"ray head did not start: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
         time.sleep(1)
     yield address
+    # `ray start --block` drains its node for up to 30 s on SIGTERM; this head's jobs are over, so not long
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=3)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     log.close()
 
 
