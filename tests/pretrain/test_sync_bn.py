@@ -124,7 +124,7 @@ def test_conversion_keeps_tensors_and_keys():
     assert isinstance(alone, SyncBatchNorm) and not alone.training
 
 
-def test_recipes_that_ask_for_it_convert(tmp_path):
+def test_recipes_that_ask_for_it_convert():
     """model.sync_bn: build_method converts every BatchNorm of the method (backbone, heads, an EMA target) when it is
     distributed, none otherwise."""
     from pretrain.config import load_config
