@@ -57,11 +57,11 @@ class MethodConfig:
     name: str = "simclr"
     """Key into pretrain.methods.METHODS."""
     temperature: float = 0.2
-    """SimCLR: NT-Xent temperature."""
+    """SimCLR: NT-Xent temperature; MoCo v3: its InfoNCE temperature (the paper's 0.2 for ViTs, 1.0 for ResNets)."""
     loss_impl: str = "auto"
     """auto (Triton on CUDA, PyTorch on CPU) | triton | chunked (SimCLR: memory-efficient PyTorch) | ref (naive)."""
     gather_distributed: bool = True
-    """SimCLR: use the embeddings of every rank as negatives (gathered with gradients)."""
+    """SimCLR: use the embeddings of every rank as negatives (gathered with gradients); MoCo v3: every rank's keys."""
     # --- DINO (the head's MLP is model.proj_*: hidden dim, layers, and proj_out_dim as the bottleneck) ---
     num_prototypes: int = 65536
     """DINO: K, the output dimension of the head's weight-normalised last layer."""
@@ -76,7 +76,8 @@ class MethodConfig:
     warmup_teacher_temp_steps: int = 0
     """DINO: teacher temperature rises linearly from warmup_teacher_temp to teacher_temp over these steps."""
     teacher_momentum: float = 0.996
-    """DINO, BYOL: EMA momentum of the teacher (target) at step 0, raised to 1 by a cosine over job.max_steps."""
+    """DINO, BYOL, MoCo v3: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1 by a cosine
+    over job.max_steps."""
     center_momentum: float = 0.9
     """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     freeze_last_layer_steps: int = 0
@@ -92,7 +93,7 @@ class MethodConfig:
     """iBOT: weight of the masked-patch loss next to the cls (DINO) loss."""
     # --- BYOL (projector: model.proj_*; target momentum: teacher_momentum) ---
     predictor_hidden_dim: int = 512
-    """BYOL: hidden width of the 2-layer predictor (proj_out_dim -> this -> proj_out_dim)."""
+    """BYOL, MoCo v3: hidden width of the 2-layer predictor (proj_out_dim -> this -> proj_out_dim)."""
     # --- MAE (loss_impl picks the masked-gather kernel: auto | triton | ref) ---
     mask_ratio: float = 0.75
     """MAE: fraction of patches hidden from the encoder (and reconstructed)."""

@@ -30,7 +30,7 @@ def finetune_top1(encoder: nn.Module, train_images: torch.Tensor, train_y, test_
         raise ValueError("images and labels must have the same first dimension")
     classes = int(max(train_y.max(), test_y.max())) + 1
     gen = torch.Generator().manual_seed(seed)
-    model = copy.deepcopy(encoder)
+    model = copy.deepcopy(encoder).requires_grad_(True)  # every weight, also one that pretraining froze (MoCo v3's)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # the head's init, dropout / drop-path draws: seeded, without touching the caller's RNG

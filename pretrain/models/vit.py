@@ -10,7 +10,8 @@ Additions the SSL methods need:
 - ``prepare_tokens`` / ``forward_tokens`` split embedding from the transformer, so MAE can drop tokens in between;
 - ``patchify`` / ``unpatchify`` for pixel-space targets;
 - ``grad_checkpointing``: each block's activations are recomputed in the backward instead of kept (activation memory
-  of one block instead of ``depth``, for about a third more compute), as timm's ``set_grad_checkpointing``.
+  of one block instead of ``depth``, for about a third more compute), as timm's ``set_grad_checkpointing``;
+- ``freeze_patch_embed``: the patch projection stays at its random init (MoCo v3's fix for ViT training instability).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class VisionTransformer(nn.Module):
         use_mask_token: bool = True,
         global_pool: str = "cls",
         grad_checkpointing: bool = False,
+        freeze_patch_embed: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("image_size", image_size), ("patch_size", patch_size), ("in_chans", in_chans),
@@ -167,6 +169,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
+        # MoCo v3's random patch projection: the patch embedding stays at its init (no gradient, no optimizer state),
+        # which the paper finds removes the training instability of ViTs; a fine-tune trains it again
+        self.patch_embed.requires_grad_(not freeze_patch_embed)
 
     def _init_weights(self) -> None:
         # timm / DINO: trunc_normal(0.02) for tokens, position embeddings and Linear weights; mask_token stays 0 (iBOT).

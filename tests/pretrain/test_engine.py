@@ -44,7 +44,33 @@ def _worker(rank: int, port: int, root: str) -> None:
                    full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
     _lars(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
+    _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     torch.distributed.destroy_process_group()
+
+
+def _moco_frozen_patches(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
+                         save_checkpoint) -> None:
+    """MoCo v3 with a ViT whose patch projection is frozen (MoCo v3's random patch projection) under ZeRO-3, keys
+    gathered from both ranks: 2 optimizer steps with the momentum update, a checkpoint, and a fresh engine that loads
+    it."""
+    from pretrain.trainer import optimizer_step
+
+    cfg = load_config(ROOT / "configs" / "mocov3_digits.yaml", [
+        "zero.stage=3", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=1", "model.backbone=vit_tiny",
+        "model.patch_size=4", "model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.predictor_hidden_dim=24",
+        "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, freeze_patch_embed: true}"])
+    engine = build_engine(build_method(cfg, distributed=True), cfg)
+    init = full_state_dict(engine, engine.module)
+    g = torch.Generator().manual_seed(20 + rank)
+    batches = iter([{"views": [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]} for _ in range(2)])
+    losses = [optimizer_step(engine, batches, step, 10)[0]["loss"].item() for step in range(2)]
+    trained = full_state_dict(engine, engine.module)
+    save_checkpoint(engine, f"{root}/ckpt-moco", {"step": 2, "epoch": 0})
+    fresh = build_engine(build_method(cfg, distributed=True), cfg)
+    load_checkpoint(fresh, f"{root}/ckpt-moco")
+    restored = full_state_dict(fresh, fresh.module)
+    if rank == 0:
+        torch.save({"init": init, "trained": trained, "restored": restored, "losses": losses}, f"{root}/moco.pt")
 
 
 def _lars(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint) -> None:
@@ -194,6 +220,22 @@ def test_zero3_with_grad_checkpointing_steps_as_without(results):
     assert recomputed["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     for k, v in plain["backbone"].items():
         torch.testing.assert_close(recomputed["backbone"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_moco_v3_with_frozen_patch_projection_under_zero3(results):
+    """MoCo v3's frozen patch projection under ZeRO-3: after 2 steps the base encoder's patch projection is its
+    init and every other base weight moved; the momentum encoder moved toward the base encoder (its patch projection
+    the same frozen init); a fresh engine loads all of it back."""
+    r = torch.load(results / "moco.pt", weights_only=False)
+    assert all(math.isfinite(x) for x in r["losses"])
+    init, trained = r["init"], r["trained"]
+    for k, v in init.items():
+        if k.startswith(("base.", "momentum.")) and "running_" not in k and "num_batches" not in k:
+            assert torch.equal(trained[k], v) == (".patch_embed." in k), k
+    assert any(".patch_embed." in k for k in init)
+    assert r["restored"].keys() == trained.keys()
+    for k, v in trained.items():
+        assert torch.equal(r["restored"][k], v), k
 
 
 @pytest.mark.parametrize("stage, precision", CASES)

@@ -1,8 +1,8 @@
 """The ImageNet-scale recipes (configs/*_imagenet.yaml) at their real sizes: each loads, its method builds with the
 recipe's backbone and head (ViT-S/16 with 65,536 prototypes, ViT-B/16 with MAE's decoder, ResNet-50 with BYOL's
-4096-wide MLPs, ...), and takes a training step on a batch of 2 images per view at the recipe's crop sizes, the loss
-finite and near where it starts in the papers. Training them to their published accuracy needs GPUs; this is what a
-CPU can check."""
+4096-wide MLPs, MoCo v3's ViT-S/16 with a frozen patch projection, ...), and takes a training step on a batch of 2
+images per view at the recipe's crop sizes, the loss finite and near where it starts in the papers. Training them to
+their published accuracy needs GPUs; this is what a CPU can check."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ RECIPES = sorted((ROOT / "configs").glob("*_imagenet.yaml"))
 def test_there_are_scale_recipes():
     assert {p.name for p in RECIPES} >= {"dino_vits16_imagenet.yaml", "ibot_vits16_imagenet.yaml",
                                          "mae_vitb16_imagenet.yaml", "simclr_resnet50_imagenet.yaml",
-                                         "byol_resnet50_imagenet.yaml"}
+                                         "byol_resnet50_imagenet.yaml", "mocov3_vits16_imagenet.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
