@@ -57,14 +57,15 @@ class MethodConfig:
     name: str = "simclr"
     """Key into pretrain.methods.METHODS."""
     temperature: float = 0.2
-    """SimCLR: NT-Xent temperature; MoCo v3: its InfoNCE temperature (the paper's 0.2 for ViTs, 1.0 for ResNets)."""
+    """SimCLR: NT-Xent temperature; MoCo v3: its InfoNCE temperature (the paper's 0.2 for ViTs, 1.0 for ResNets);
+    SwAV: the prototype softmax's (the paper's 0.1)."""
     loss_impl: str = "auto"
     """auto (Triton on CUDA, PyTorch on CPU) | triton | chunked (SimCLR: memory-efficient PyTorch) | ref (naive)."""
     gather_distributed: bool = True
     """SimCLR: use the embeddings of every rank as negatives (gathered with gradients); MoCo v3: every rank's keys."""
     # --- DINO (the head's MLP is model.proj_*: hidden dim, layers, and proj_out_dim as the bottleneck) ---
     num_prototypes: int = 65536
-    """DINO: K, the output dimension of the head's weight-normalised last layer."""
+    """DINO: K, the output dimension of the head's weight-normalised last layer; SwAV: its prototypes (3000)."""
     norm_last_layer: bool = True
     """DINO: prototypes of unit norm (frozen gain); false lets the gain train (better for ViT-S, less stable)."""
     head_bn: bool = False
@@ -81,7 +82,7 @@ class MethodConfig:
     center_momentum: float = 0.9
     """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     freeze_last_layer_steps: int = 0
-    """DINO: steps during which the prototypes get no gradient (stabilises the start)."""
+    """DINO, SwAV: steps during which the prototypes get no gradient (stabilises the start)."""
     # --- iBOT (everything of DINO above, plus masked patches of the student's global views) ---
     mask_ratio_range: tuple[float, float] = (0.1, 0.5)
     """iBOT: a masked view hides a fraction drawn uniformly from this range, in blocks of patches."""
@@ -110,6 +111,11 @@ class MethodConfig:
     vicreg_variance: float = 25.0
     vicreg_covariance: float = 1.0
     """VICReg: weights of its invariance, variance and covariance terms (the paper's 25, 25, 1)."""
+    # --- SwAV (projector: model.proj_*; prototypes: num_prototypes, frozen for freeze_last_layer_steps) ---
+    sinkhorn_eps: float = 0.05
+    """SwAV: the codes are exp(scores / sinkhorn_eps), balanced over the prototypes: smaller is sharper."""
+    sinkhorn_iters: int = 3
+    """SwAV: Sinkhorn-Knopp iterations (each: prototypes' totals over the global batch, then each image's row)."""
     # --- CLIP (image projection: model.proj_*; joint embedding: model.proj_out_dim; loss_impl as SimCLR's) ---
     context_length: int = 32
     """CLIP: text tokens per caption (UTF-8 bytes + begin and end); longer captions are cut."""
@@ -167,6 +173,8 @@ class MethodConfig:
         _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
         _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
         _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
+        _check(self.sinkhorn_eps > 0, "sinkhorn_eps", f"must be > 0, got {self.sinkhorn_eps}")
+        _check(self.sinkhorn_iters >= 1, "sinkhorn_iters", f"must be >= 1, got {self.sinkhorn_iters}")
         for key in ("barlow_lambda", "vicreg_invariance", "vicreg_variance", "vicreg_covariance"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads", "text_width", "text_depth",

@@ -13,12 +13,14 @@ from pretrain.methods.mae import MAE
 from pretrain.methods.moco import MoCoV3
 from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
+from pretrain.methods.swav import SwAV
 from pretrain.methods.vqvae import VQVAE
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE,
                                        "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
                                        "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT,
-                                       "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v3": MoCoV3}
+                                       "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v3": MoCoV3,
+                                       "swav": SwAV}
 
 __all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "Jigsaw", "MAE", "METHODS",
-           "MoCoV3", "Rotation", "SSLMethod", "SimCLR", "VICReg", "VQVAE"]
+           "MoCoV3", "Rotation", "SSLMethod", "SimCLR", "SwAV", "VICReg", "VQVAE"]

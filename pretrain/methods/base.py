@@ -54,6 +54,19 @@ def require_one_view(cfg: Config, what: str) -> None:
                          f"{d.num_views} global and {d.local_views} local")
 
 
+def features_by_resolution(backbone: nn.Module, views: list[Tensor]) -> Tensor:
+    """Multi-crop: every view through ``backbone``, one pass per run of views at the same resolution (the global
+    views together, then the local crops) -> (V * B, D) in the views' order."""
+    feats, i = [], 0
+    while i < len(views):
+        j = i
+        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+            j += 1
+        feats.append(backbone(torch.cat(views[i:j])))
+        i = j
+    return torch.cat(feats)
+
+
 class StepMean:
     """The mean of a statistic over the forwards of one optimizer step (one forward, or the micro-batches of gradient
     accumulation: ``optim.accum_steps``), for what a method folds in after the step (DINO's center, a prior)."""

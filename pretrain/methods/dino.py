@@ -20,7 +20,7 @@ from kernels.dino_loss import dino_loss
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_
 from pretrain.heads import DINOHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, StepMean, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, StepMean, build_method_backbone, features_by_resolution
 
 LOSS_IMPLS = ("auto", "triton", "ref")
 
@@ -75,20 +75,10 @@ class DINO(SSLMethod):
                                                  m.warmup_teacher_temp_steps)
         self._freeze = step < m.freeze_last_layer_steps
 
-    def _student_features(self, views: list[Tensor]) -> list[Tensor]:
-        """Every view through the student's backbone, one pass per resolution (multi-crop) -> [(V_r * B, D), ...]."""
-        feats, i = [], 0
-        while i < len(views):
-            j = i
-            while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
-                j += 1
-            feats.append(self.student["backbone"](torch.cat(views[i:j])))
-            i = j
-        return feats
-
     def _student(self, views: list[Tensor]) -> Tensor:
         """Every view through the student -> (V * B, K)."""
-        return self.student["head"](torch.cat(self._student_features(views)), freeze_last_layer=self._freeze)
+        return self.student["head"](features_by_resolution(self.student["backbone"], views),
+                                    freeze_last_layer=self._freeze)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""

@@ -21,7 +21,7 @@ from data_pipeline.masking import block_masks
 from kernels.dino_loss import dino_loss, ibot_masked_patch_loss
 from kernels.masked_gather import packed_gather
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, StepMean, require_vit
+from pretrain.methods.base import Gather, Reduce, StepMean, features_by_resolution, require_vit
 from pretrain.methods.dino import DINO, teacher_temperature
 
 
@@ -85,7 +85,7 @@ class IBOT(DINO):
             patch_mean = t_patch.float().mean(dim=(0, 1))
         s_image, s_patch = self._encode(backbone, glob, mask)
         if len(views) > g:  # local crops: image-level tokens only, one backbone pass per resolution
-            s_image = torch.cat([s_image, *self._student_features(views[g:])])
+            s_image = torch.cat([s_image, features_by_resolution(backbone, views[g:])])
         s_image = self._head(self.student, s_image, self._freeze)
         cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), self.center,
                                        self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from pretrain.config import load_config
 from tests.util import free_port
@@ -45,7 +46,31 @@ def _worker(rank: int, port: int, root: str) -> None:
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
     _lars(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
+    _swav_frozen_prototypes(rank, root, build_engine, build_method, full_state_dict)
     torch.distributed.destroy_process_group()
+
+
+def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, full_state_dict) -> None:
+    """SwAV with LARS under ZeRO 0 (its ImageNet recipe's optimizer), multi-crop, sync BN, the prototypes frozen for
+    the first of 2 steps: the prototypes after each step."""
+    from pretrain.trainer import optimizer_step
+
+    cfg = load_config(ROOT / "configs" / "swav_digits.yaml", [
+        "zero.stage=0", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-6", "optim.grad_clip=0",
+        "model.sync_bn=true", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=0",
+        "method.freeze_last_layer_steps=1", "method.num_prototypes=12", "model.proj_hidden_dim=32",
+        "model.proj_out_dim=16", "model.backbone_kwargs={width: 0.25}"])
+    engine = build_engine(build_method(cfg, distributed=True), cfg)
+    g = torch.Generator().manual_seed(30 + rank)
+    views = [[torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)] +
+             [torch.randn(8, 1, 12, 12, generator=g) for _ in range(2)] for _ in range(2)]
+    batches = iter([{"views": v} for v in views])
+    prototypes = [full_state_dict(engine, engine.module.prototypes)["weight_v"]]
+    for step in range(2):
+        optimizer_step(engine, batches, step, 10)
+        prototypes.append(full_state_dict(engine, engine.module.prototypes)["weight_v"])
+    if rank == 0:
+        torch.save({"prototypes": prototypes, "optimizer": type(engine.optimizer).__name__}, f"{root}/swav.pt")
 
 
 def _moco_frozen_patches(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
@@ -236,6 +261,17 @@ def test_moco_v3_with_frozen_patch_projection_under_zero3(results):
     assert r["restored"].keys() == trained.keys()
     for k, v in trained.items():
         assert torch.equal(r["restored"][k], v), k
+
+
+def test_swav_prototypes_frozen_under_lars(results):
+    """SwAV's frozen first step through the engine with LARS: a frozen prototype may change in length (LARS still
+    applies weight decay to it) but not in direction, which is all the unit prototypes use; the next step turns
+    them."""
+    r = torch.load(results / "swav.pt", weights_only=False)
+    assert r["optimizer"] == "LARS"
+    init, frozen, trained = (F.normalize(p, dim=1) for p in r["prototypes"])
+    torch.testing.assert_close(frozen, init, rtol=1e-5, atol=1e-6)
+    assert (trained - frozen).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("stage, precision", CASES)

@@ -23,7 +23,8 @@ RECIPES = sorted((ROOT / "configs").glob("*_imagenet.yaml"))
 def test_there_are_scale_recipes():
     assert {p.name for p in RECIPES} >= {"dino_vits16_imagenet.yaml", "ibot_vits16_imagenet.yaml",
                                          "mae_vitb16_imagenet.yaml", "simclr_resnet50_imagenet.yaml",
-                                         "byol_resnet50_imagenet.yaml", "mocov3_vits16_imagenet.yaml"}
+                                         "byol_resnet50_imagenet.yaml", "mocov3_vits16_imagenet.yaml",
+                                         "swav_resnet50_imagenet.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

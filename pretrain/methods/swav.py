@@ -1,0 +1,95 @@
+"""SwAV (Caron et al., 2020): swap the cluster assignments of the views.
+
+Every view, global and local (multi-crop), goes through the backbone and a projector, is L2-normalised and scored
+against K learnable unit prototypes. For each global view, a code (a soft assignment of each image to the prototypes)
+is computed from its scores by the Sinkhorn-Knopp algorithm under the constraint that the prototypes share the global
+batch equally; the prototype softmax (``temperature``) of every other view of the image must predict that code. The
+equal-share constraint is what prevents collapse: the codes are computed over every rank's batch, the prototype sums
+averaged across ranks (``reduce``), so 2 ranks with half a batch each give the codes, loss and gradients of one
+process with the whole batch. The prototypes get no gradient for the first ``freeze_last_layer_steps`` steps, as the
+official code freezes them for the first epoch. ``backbone`` is the one SwAV evaluates and releases.
+
+Differences from the official code: the prototypes are unit vectors by weight normalisation (the official code
+renormalises them after each step), and there is no queue of past batches' scores (the official code adds one when
+the global batch is small: below a few hundred images per prototype set).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pretrain.config import Config
+from pretrain.heads import ProjectionHead, WeightNormLinear
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, features_by_resolution
+
+
+@torch.no_grad()
+def sinkhorn_codes(scores: Tensor, eps: float, iters: int, reduce: Reduce | None = None) -> Tensor:
+    """scores (B, K) cosine similarities of this rank's B embeddings to the K prototypes -> codes (B, K) in fp32, each
+    row a distribution over prototypes, the prototypes sharing the global batch about equally (``iters`` alternating
+    normalisations of exp(scores / eps): each prototype's total over every rank's images, then each image's row).
+
+    ``reduce`` averages a tensor over ranks (None: one process): a prototype's total is only ever divided out, so the
+    mean serves as well as the sum. Scores are at most 1 (unit vectors), so exp((scores - 1) / eps) cannot overflow."""
+    q = torch.exp((scores.float() - 1.0) / eps)
+    for _ in range(iters):
+        per_prototype = q.sum(dim=0)
+        if reduce is not None:
+            per_prototype = reduce(per_prototype)
+        q /= per_prototype.clamp_min(torch.finfo(torch.float32).tiny)  # a prototype no image comes near keeps 0s
+        q /= q.sum(dim=1, keepdim=True)
+    return q
+
+
+def swav_loss(scores: Tensor, codes: Tensor, temperature: float) -> Tensor:
+    """scores (V, B, K) of every view, codes (G, B, K) of the first G (global) views -> the swapped prediction loss:
+    the cross-entropy of each code against the prototype softmax (``temperature``) of every other view of the image,
+    averaged over those V - 1 views, the batch and the G codes, in fp32."""
+    v, g = scores.shape[0], codes.shape[0]
+    log_p = F.log_softmax(scores.float() / temperature, dim=-1)  # (V, B, K)
+    others = log_p.sum(0, keepdim=True) - log_p[:g]  # each code's sum over the views that are not its own
+    return -(codes * others).sum(-1).mean() / (v - 1)
+
+
+class SwAV(SSLMethod):
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.data.num_views < 2:
+            raise ValueError(f"data.num_views: swav swaps the codes of at least 2 global views, got "
+                             f"{cfg.data.num_views}")
+        if cfg.method.loss_impl != "auto":
+            raise ValueError(f"method.loss_impl: swav's loss has no kernel (leave it auto), got "
+                             f"{cfg.method.loss_impl!r}")
+
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
+                 rank: int = 0) -> None:
+        super().__init__()
+        del gather, rank  # the codes need only the prototypes' totals over ranks
+        m, mc = cfg.method, cfg.model
+        self.backbone = build_method_backbone(cfg)
+        self.projector = ProjectionHead(self.backbone.embed_dim, hidden_dim=mc.proj_hidden_dim,
+                                        out_dim=mc.proj_out_dim, num_layers=mc.proj_layers)
+        self.prototypes = WeightNormLinear(mc.proj_out_dim, m.num_prototypes, fixed_norm=True)
+        self.n_global = cfg.data.num_views
+        self.reduce = reduce
+        self.cfg = m
+        self._freeze = m.freeze_last_layer_steps > 0
+
+    def on_step_start(self, step: int, max_steps: int) -> None:
+        self._freeze = step < self.cfg.freeze_last_layer_steps
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""
+        views = batch["views"]
+        n, g = views[0].shape[0], self.n_global
+        z = F.normalize(self.projector(features_by_resolution(self.backbone, views)), dim=1)
+        weight = self.prototypes.weight
+        scores = F.linear(z, weight.detach() if self._freeze else weight).view(len(views), n, -1)
+        codes = torch.stack([sinkhorn_codes(scores[i].detach(), self.cfg.sinkhorn_eps, self.cfg.sinkhorn_iters,
+                                            self.reduce) for i in range(g)])
+        loss = swav_loss(scores, codes, self.cfg.temperature)
+        # how sure the codes are: 1 = each image on one prototype, 0 = spread over all K
+        confidence = codes.max(dim=-1).values.mean()
+        return {"loss": loss, "code_confidence": confidence}
