@@ -116,6 +116,13 @@ class MethodConfig:
     """SwAV: the codes are exp(scores / sinkhorn_eps), balanced over the prototypes: smaller is sharper."""
     sinkhorn_iters: int = 3
     """SwAV: Sinkhorn-Knopp iterations (each: prototypes' totals over the global batch, then each image's row)."""
+    queue_size: int = 0
+    """SwAV: embeddings of the last global batches (every rank's) kept per global view and balanced with the batch in
+    Sinkhorn-Knopp, for global batches too small to share K prototypes (the official code's queue_length, e.g. 3840
+    for 256 images); 0 = none."""
+    queue_start_steps: int = 0
+    """SwAV: the queue fills from this step on and joins the codes once full (the official code starts it late: after
+    15 epochs)."""
     # --- CLIP (image projection: model.proj_*; joint embedding: model.proj_out_dim; loss_impl as SimCLR's) ---
     context_length: int = 32
     """CLIP: text tokens per caption (UTF-8 bytes + begin and end); longer captions are cut."""
@@ -174,6 +181,8 @@ class MethodConfig:
         _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
         _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
         _check(self.sinkhorn_eps > 0, "sinkhorn_eps", f"must be > 0, got {self.sinkhorn_eps}")
+        for key in ("queue_size", "queue_start_steps"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _check(self.sinkhorn_iters >= 1, "sinkhorn_iters", f"must be >= 1, got {self.sinkhorn_iters}")
         for key in ("barlow_lambda", "vicreg_invariance", "vicreg_variance", "vicreg_covariance"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")

@@ -46,20 +46,22 @@ def _worker(rank: int, port: int, root: str) -> None:
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
     _lars(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
-    _swav_frozen_prototypes(rank, root, build_engine, build_method, full_state_dict)
+    _swav_frozen_prototypes(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     torch.distributed.destroy_process_group()
 
 
-def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, full_state_dict) -> None:
-    """SwAV with LARS under ZeRO 0 (its ImageNet recipe's optimizer), multi-crop, sync BN, the prototypes frozen for
-    the first of 2 steps: the prototypes after each step."""
+def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
+                            save_checkpoint) -> None:
+    """SwAV with LARS under ZeRO 0 (its ImageNet recipe's optimizer), multi-crop, sync BN, a queue of one global batch,
+    the prototypes frozen for the first of 2 steps: the prototypes after each step, and the queue after a checkpoint
+    is loaded into a fresh engine."""
     from pretrain.trainer import optimizer_step
 
     cfg = load_config(ROOT / "configs" / "swav_digits.yaml", [
         "zero.stage=0", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-6", "optim.grad_clip=0",
         "model.sync_bn=true", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=0",
         "method.freeze_last_layer_steps=1", "method.num_prototypes=12", "model.proj_hidden_dim=32",
-        "model.proj_out_dim=16", "model.backbone_kwargs={width: 0.25}"])
+        "model.proj_out_dim=16", "model.backbone_kwargs={width: 0.25}", "method.queue_size=16"])
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     g = torch.Generator().manual_seed(30 + rank)
     views = [[torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)] +
@@ -69,8 +71,16 @@ def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, fu
     for step in range(2):
         optimizer_step(engine, batches, step, 10)
         prototypes.append(full_state_dict(engine, engine.module.prototypes)["weight_v"])
+    save_checkpoint(engine, f"{root}/ckpt-swav", {"step": 2, "epoch": 0})
+    fresh = build_engine(build_method(cfg, distributed=True), cfg)
+    load_checkpoint(fresh, f"{root}/ckpt-swav")
+    queues = {"trained": engine.module.queue.clone(), "restored": fresh.module.queue.clone(),
+              "filled": int(fresh.module.queue_filled)}
+    all_queues = [torch.empty_like(queues["trained"]) for _ in range(2)]
+    torch.distributed.all_gather(all_queues, queues["trained"])
     if rank == 0:
-        torch.save({"prototypes": prototypes, "optimizer": type(engine.optimizer).__name__}, f"{root}/swav.pt")
+        torch.save({"prototypes": prototypes, "optimizer": type(engine.optimizer).__name__, "queues": queues,
+                    "ranks_queues": all_queues}, f"{root}/swav.pt")
 
 
 def _moco_frozen_patches(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
@@ -263,15 +273,19 @@ def test_moco_v3_with_frozen_patch_projection_under_zero3(results):
         assert torch.equal(r["restored"][k], v), k
 
 
-def test_swav_prototypes_frozen_under_lars(results):
+def test_swav_prototypes_frozen_under_lars_and_queue_restored(results):
     """SwAV's frozen first step through the engine with LARS: a frozen prototype may change in length (LARS still
     applies weight decay to it) but not in direction, which is all the unit prototypes use; the next step turns
-    them."""
+    them. Its queue is the same on both ranks and a checkpoint restores it."""
     r = torch.load(results / "swav.pt", weights_only=False)
     assert r["optimizer"] == "LARS"
     init, frozen, trained = (F.normalize(p, dim=1) for p in r["prototypes"])
     torch.testing.assert_close(frozen, init, rtol=1e-5, atol=1e-6)
     assert (trained - frozen).abs().max() > 1e-4
+    # the queue (the last global batch's embeddings, alike on both ranks) comes back with the checkpoint
+    q = r["queues"]
+    assert q["filled"] == 16 and q["trained"].abs().sum() > 0
+    assert torch.equal(q["restored"], q["trained"]) and torch.equal(r["ranks_queues"][0], r["ranks_queues"][1])
 
 
 @pytest.mark.parametrize("stage, precision", CASES)

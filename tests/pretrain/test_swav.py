@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from data_pipeline.loader import make_train_stream
 from pretrain.config import load_config
+from pretrain.methods.base import features_by_resolution
 from pretrain.methods.swav import sinkhorn_codes, swav_loss
 from pretrain.trainer import build_method
 from tests.util import config_error, free_port
@@ -122,42 +123,97 @@ def test_method_loss_and_frozen_prototypes():
     assert not method.prototypes.weight_g.requires_grad  # unit prototypes
 
 
+QUEUE = "method.queue_size=8"  # the global batch of the 2-rank test: full after one step
+
+
+def _two_forwards(method, batches: list[dict]) -> torch.Tensor:
+    """The loss of a step on each batch in turn (the second meets the first's embeddings in a queue, if any)."""
+    total = 0
+    for step, batch in enumerate(batches):
+        method.on_step_start(step, 10)
+        total = total + method(batch)["loss"]
+    return total
+
+
 def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     from pretrain import dist
 
-    method = build_method(load_config(RECIPE, [*SMALL, "model.sync_bn=true", "method.freeze_last_layer_steps=0"]),
-                          distributed=True)
-    half = {"views": [v[4 * rank:4 * rank + 4] for v in _views(8)]}
-    out = method(half)
-    out["loss"].backward()
-    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
-    for g in grads.values():  # what DeepSpeed does with the ranks' gradients
-        torch.distributed.all_reduce(g)
-        g /= 2
-    torch.save({"loss": dist.all_reduce_mean(out["loss"].detach()), "grads": grads}, f"{root}/rank{rank}.pt")
+    out = {}
+    for queue in ("method.queue_size=0", QUEUE):
+        method = build_method(load_config(RECIPE, [*SMALL, "model.sync_bn=true", "method.freeze_last_layer_steps=0",
+                                                   queue]), distributed=True)
+        halves = [{"views": [v[4 * rank:4 * rank + 4] for v in _views(8, seed)]} for seed in range(2)]
+        loss = _two_forwards(method, halves)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+        for g in grads.values():  # what DeepSpeed does with the ranks' gradients
+            torch.distributed.all_reduce(g)
+            g /= 2
+        out[queue] = {"loss": dist.all_reduce_mean(loss.detach()), "grads": grads, "queue": method.queue.clone()}
+    torch.save(out, f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_give_the_whole_batch_codes_loss_and_gradients(tmp_path):
     """On 2 gloo ranks with half the images each (the prototypes' totals averaged over both in every Sinkhorn
-    iteration, BatchNorm over both), the ranks' mean loss and averaged gradients are one process's on the whole
-    batch."""
+    iteration, BatchNorm over both), the ranks' mean loss and averaged gradients over two steps are one process's
+    on the whole batches; with a queue, both ranks hold the whole batch's embeddings in it (rank order) and the
+    second step's codes balance them with the batch as one process does."""
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    method = _method("method.freeze_last_layer_steps=0")
-    loss = method({"views": _views(8)})["loss"]
-    loss.backward()
-    trained = {k for k, p in method.named_parameters() if p.grad is not None}
-    assert "prototypes.weight_v" in trained
-    for r in range(2):
-        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
-        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-4, atol=1e-5)
-        assert res["grads"].keys() == trained
-        for k, p in method.named_parameters():
-            if k in trained:
-                scale = max(p.grad.abs().max().item(), 1e-2)
-                torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-4, atol=1e-4 * scale, msg=k)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for queue in ("method.queue_size=0", QUEUE):
+        method = _method("method.freeze_last_layer_steps=0", queue)
+        loss = _two_forwards(method, [{"views": _views(8, seed)} for seed in range(2)])
+        loss.backward()
+        trained = {k for k, p in method.named_parameters() if p.grad is not None}
+        assert "prototypes.weight_v" in trained
+        for res in ranks:
+            res = res[queue]
+            torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-4, atol=1e-5, msg=queue)
+            torch.testing.assert_close(res["queue"], method.queue, rtol=1e-4, atol=1e-5, msg=queue)
+            assert res["grads"].keys() == trained
+            for k, p in method.named_parameters():
+                if k in trained:
+                    scale = max(p.grad.abs().max().item(), 1e-2)
+                    torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-4, atol=1e-4 * scale,
+                                               msg=f"{queue} {k}")
+
+
+def test_queue_joins_the_codes_once_full():
+    """queue_size 12 with batches of 6: nothing is queued before queue_start_steps; then each training step puts its
+    global views' embeddings in front (newest first), an eval forward none; once the queue is full the codes are the
+    official Sinkhorn's over the queue's rows and the batch's together (the batch's rows are the last)."""
+    method = _method("method.queue_size=12", "method.queue_start_steps=1")
+    method.on_step_start(0, 10)
+    method({"views": _views(6, 0)})
+    assert int(method.queue_filled) == 0 and not method.queue.any()
+
+    def embed(views):  # as the method does (in train mode: BatchNorm over every view of the batch)
+        with torch.no_grad():
+            z = F.normalize(method.projector(features_by_resolution(method.backbone, views)), dim=1)
+        return z.view(4, 6, -1)[:2]
+
+    batches = [_views(6, seed) for seed in (1, 2, 3)]
+    method.on_step_start(1, 10)
+    method({"views": batches[0]})  # half full: the codes are the batch's alone
+    assert int(method.queue_filled) == 6
+    method({"views": batches[1]})  # full after this push
+    assert int(method.queue_filled) == 12
+    expected = torch.cat([embed(batches[1]), embed(batches[0])], dim=1)
+    torch.testing.assert_close(method.queue, expected, rtol=1e-5, atol=1e-6)
+    method.eval()
+    method({"views": batches[2]})
+    torch.testing.assert_close(method.queue, expected)  # no push outside training
+    method.train()
+    scores = torch.stack([z @ method.prototypes.weight.detach().T for z in embed(batches[2])])
+    codes = method._codes(scores, embed(batches[2]), method.prototypes.weight)
+    for i in range(2):
+        both = torch.cat([expected[i] @ method.prototypes.weight.detach().T, scores[i]])
+        torch.testing.assert_close(codes[i], _official_sinkhorn(both, method.cfg.sinkhorn_eps, 3)[-6:],
+                                   rtol=1e-4, atol=1e-6)
+    assert "queue" in method.state_dict() and "queue_filled" in method.state_dict()
 
 
 def test_short_training_predicts_the_codes_without_collapse(digits_shards):
@@ -195,3 +251,4 @@ def test_config_errors():
     assert config_error(RECIPE, ["method.sinkhorn_eps=0"]).startswith("method.sinkhorn_eps")
     assert config_error(RECIPE, ["method.sinkhorn_iters=0"]).startswith("method.sinkhorn_iters")
     assert config_error(RECIPE, ["method.loss_impl=triton"]).startswith("method.loss_impl: swav")
+    assert config_error(RECIPE, ["method.queue_size=-1"]).startswith("method.queue_size")
