@@ -224,11 +224,38 @@ def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
     old, new = to_dict(before), to_dict(cfg)
     keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps")]
     keys += [("model", k) for k in sorted(old["model"]) if k != "sync_bn"]  # same weights either way
+    # a method key that shapes the method's weights or buffers (DINO's and SwAV's prototypes, MAE's decoder, a queue)
+    changed = [k for k in sorted(old["method"]) if k != "name" and old["method"][k] != new["method"].get(k)]
+    keys += [("method", k) for k in changed if _changes_state(before, old, k, new["method"][k])]
     for section, key in keys:
         was, now = old[section].get(key), new[section].get(key)
         if was != now:
             raise ConfigError(f"{section}.{key}: the checkpoints of {name} were saved with {was!r}, and {now!r} cannot "
                               "load them; start a new run for it")
+
+
+def _changes_state(before: Config, old: dict, key: str, value) -> bool:
+    """Whether setting ``method.<key>`` to ``value`` in ``before`` changes the names or shapes of the method's state
+    (parameters and buffers), both built on the meta device (no memory, no initialisation: milliseconds). False
+    where either cannot be built there (the worker reports it)."""
+    import copy
+
+    import torch
+
+    from pretrain.config import config_from_dict
+    from pretrain.methods import METHODS
+
+    def shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            method = METHODS[cfg.method.name](cfg)
+        return {k: tuple(v.shape) for k, v in method.state_dict().items()}
+
+    trial = copy.deepcopy(old)
+    trial["method"][key] = value
+    try:
+        return shapes(before) != shapes(config_from_dict(trial))
+    except Exception:  # noqa: BLE001 - e.g. a BEiT tokenizer that the meta device cannot load, a key valid only with another
+        return False
 
 
 def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:

@@ -101,6 +101,24 @@ def test_help_lists_subcommands():
         assert word in proc.stdout
 
 
+def test_resume_that_changes_the_methods_weights_is_refused(tmp_path, capsys):
+    """A method key that changes the shapes of the method's weights or buffers (SwAV's prototypes, its queue) is
+    refused on resume in one line naming it; one that does not (the temperature) is taken."""
+    swav = str(Path(__file__).resolve().parents[2] / "configs" / "swav_digits.yaml")
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=s", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--config", swav, "--dry-run", *sets]) == 0
+    run = tmp_path / "s"
+    capsys.readouterr()
+    for override, message in [("method.num_prototypes=32", "method.num_prototypes: the checkpoints of s were saved "
+                                                           "with 64, and 32 cannot load them"),
+                              ("method.queue_size=512", "method.queue_size: the checkpoints of s were saved with 0")]:
+        assert main(["train", "--resume", str(run), "--dry-run", "--set", override]) == 2
+        assert _one_line_error(capsys).startswith(f"error: {message}")
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "method.temperature=0.2",
+                 "--set", "method.queue_start_steps=5"]) == 0
+    assert "temperature: 0.2" in (run / "config.yaml").read_text()
+
+
 def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, capsys):
     """A resume override of the method, the model, the ZeRO stage or the optimizer is refused in one line before
     anything starts (the checkpoints would not load); the run's config stays as it was. Other overrides are taken."""
