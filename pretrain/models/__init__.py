@@ -28,7 +28,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 # Options each backbone accepts beyond image_size / in_chans / patch_size, checked up front so a typo in a config fails
 # with one line naming the key instead of a TypeError deep inside a constructor.
 _VIT_OPTIONS = {"embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_path_rate", "use_mask_token",
-                "global_pool", "grad_checkpointing", "freeze_patch_embed"}
+                "global_pool", "grad_checkpointing", "freeze_patch_embed",
+                "pos_embed"}
 OPTIONS: dict[str, set[str]] = {
     "vit_tiny": _VIT_OPTIONS,
     "vit_small": _VIT_OPTIONS,

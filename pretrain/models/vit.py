@@ -11,7 +11,8 @@ Additions the SSL methods need:
 - ``patchify`` / ``unpatchify`` for pixel-space targets;
 - ``grad_checkpointing``: each block's activations are recomputed in the backward instead of kept (activation memory
   of one block instead of ``depth``, for about a third more compute), as timm's ``set_grad_checkpointing``;
-- ``freeze_patch_embed``: the patch projection stays at its random init (MoCo v3's fix for ViT training instability).
+- ``freeze_patch_embed``: the patch projection stays at its random init (MoCo v3's fix for ViT training instability);
+- ``pos_embed="sincos"``: fixed 2-D sine-cosine position embeddings instead of learned ones (MAE's and MoCo v3's).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class VisionTransformer(nn.Module):
         global_pool: str = "cls",
         grad_checkpointing: bool = False,
         freeze_patch_embed: bool = False,
+        pos_embed: str = "learned",
     ) -> None:
         super().__init__()
         for key, value in (("image_size", image_size), ("patch_size", patch_size), ("in_chans", in_chans),
@@ -144,6 +146,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ViT embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         if global_pool not in ("cls", "mean"):
             raise ValueError(f"ViT global_pool must be 'cls' or 'mean', got {global_pool!r}")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"ViT pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if pos_embed == "sincos" and embed_dim % 4:
+            raise ValueError(f"ViT pos_embed='sincos' needs an embed_dim divisible by 4, got {embed_dim}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"ViT drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.image_size = image_size
@@ -163,7 +169,10 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
         self.mask_impl = "ref"
         """kernels.mask_token_replace's impl (auto | triton | ref); a masking method sets its own."""
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+        # sincos: fixed 2-D sine-cosine embeddings (MAE's and MoCo v3's encoders), a parameter without gradient so
+        # checkpoints and position interpolation treat both kinds alike
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim),
+                                      requires_grad=pos_embed == "learned")
         # stochastic depth grows linearly with depth (timm); plain floats so the model also builds on the meta device
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
@@ -175,7 +184,11 @@ class VisionTransformer(nn.Module):
 
     def _init_weights(self) -> None:
         # timm / DINO: trunc_normal(0.02) for tokens, position embeddings and Linear weights; mask_token stays 0 (iBOT).
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed.requires_grad:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:  # the cls token's row stays 0
+            with torch.no_grad():
+                self.pos_embed[0, 1:].copy_(sincos_pos_embed_2d(self.grid_size, self.embed_dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):

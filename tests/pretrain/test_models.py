@@ -170,6 +170,9 @@ def test_unknown_backbone_lists_known_names() -> None:
         (dict(name="resnet18", image_size=0), "image_size must be a positive int"),
         (dict(name="convnet", image_size=16, norm="ln"), "norm must be one of"),
         (dict(name="resnet50", image_size=16, stem="vgg"), r"stem must be one of \('cifar', 'imagenet'\)"),
+        (dict(name="vit_tiny", image_size=16, pos_embed="rope"), "pos_embed must be 'learned' or 'sincos'"),
+        (dict(name="vit_tiny", image_size=16, embed_dim=30, num_heads=3, pos_embed="sincos"),
+         "needs an embed_dim divisible by 4, got 30"),
     ],
 )
 def test_bad_options_raise_value_error(kwargs: dict, match: str) -> None:
@@ -234,3 +237,22 @@ def test_vit_grad_checkpointing_gives_the_same_step_and_random_stream() -> None:
     torch.manual_seed(2)
     with torch.no_grad():
         assert not torch.allclose(vit(x), out1)
+
+
+def test_vit_sincos_pos_embed_is_fixed() -> None:
+    """pos_embed=sincos: the patches' rows are MAE's 2-D sine-cosine table (the cls row 0), with no gradient, and stay
+    so through training steps while the rest trains; a local crop interpolates it like a learned one."""
+    from pretrain.models.vit import sincos_pos_embed_2d
+
+    torch.manual_seed(0)
+    vit = _tiny_vit(pos_embed="sincos")
+    expected = torch.cat([torch.zeros(1, 32), sincos_pos_embed_2d((4, 4), 32)])[None]
+    assert torch.equal(vit.pos_embed.detach(), expected) and not vit.pos_embed.requires_grad
+    init = vit.patch_embed.weight.detach().clone()
+    opt = torch.optim.AdamW(vit.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        (vit(torch.randn(4, 3, 16, 16)).square().mean() + vit(torch.randn(4, 3, 8, 8)).square().mean()).backward()
+        opt.step()
+    assert torch.equal(vit.pos_embed.detach(), expected) and vit.pos_embed.grad is None
+    assert not torch.equal(vit.patch_embed.weight, init)
