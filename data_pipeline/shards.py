@@ -215,19 +215,21 @@ def read_classes(data_dir: str | Path) -> list[str]:
     return json.loads(meta.get(b"classes", b"[]"))
 
 
-def count_captions(data_dir: str | Path) -> int:
-    """How many samples of a dataset directory have a caption (0 for a manifest without the column)."""
-    table = read_manifest(data_dir)
+def count_captions(data_dir: str | Path, *, table: pa.Table | None = None) -> int:
+    """How many samples of a dataset directory have a caption (0 for a manifest without the column); ``table``: its
+    manifest, already read."""
+    table = read_manifest(data_dir) if table is None else table
     if "caption" not in table.column_names:
         return 0
     column = table.column("caption")
     return len(column) - column.null_count
 
 
-def list_shards(data_dir: str | Path, *, verify: bool = False) -> list[str]:
+def list_shards(data_dir: str | Path, *, verify: bool = False, table: pa.Table | None = None) -> list[str]:
     """Absolute shard paths (URLs for a dataset URL) named by the manifest, sorted; with ``verify`` check each against
-    ``checksums.json`` (local datasets)."""
-    names = sorted(set(read_manifest(data_dir, columns=["shard"]).column("shard").to_pylist()))
+    ``checksums.json`` (local datasets). ``table``: the manifest, already read (any columns with ``shard``)."""
+    table = read_manifest(data_dir, columns=["shard"]) if table is None else table
+    names = sorted(set(table.column("shard").to_pylist()))
     if remote.is_url(data_dir):
         if verify:
             raise ValueError(f"{data_dir}: shards served over HTTP are not verified here; verify them where they lie")

@@ -24,21 +24,20 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False, ranks: int | None
         data_dir, hint = Path(shards[0]).parent, ""
     elif is_url(cfg.source):  # served over HTTP(S): the manifest must answer now, before any worker starts
         data_dir, shards, hint = cfg.source.rstrip("/"), None, ""
-        try:
-            read_manifest(data_dir)
-        except ValueError as e:
-            raise ConfigError(f"data.source: {e}") from None
     else:
         data_dir, shards = Path(cfg.source).expanduser(), None
         if not (data_dir / "manifest.parquet").is_file():
             raise ConfigError(f"data.source: {data_dir} has no manifest.parquet (write shards with `pretrain data "
                               f"shards --out {data_dir}`)")
         hint = " (put a <image stem>.txt caption beside each image and write the shards again)"
-    if captions and count_captions(data_dir) == 0:
+    try:  # read once (a URL's is fetched once) for every check below and the shard list
+        table = read_manifest(data_dir, columns=None if captions else ["shard"])
+    except ValueError as e:
+        raise ConfigError(f"data.source: {e}") from None
+    if captions and count_captions(data_dir, table=table) == 0:
         raise ConfigError(f"data.source: {cfg.source} has no captions, and the method trains on image-text pairs{hint}")
-    if ranks is not None:
-        total = read_manifest(data_dir, columns=["shard"]).num_rows
-        if total < cfg.batch_size * ranks:
-            raise ConfigError(f"data.batch_size: {cfg.batch_size} images a rank x {ranks} ranks is more than the "
-                              f"{total} samples of {cfg.source}; every rank needs a full batch from its share of them")
-    return shards if shards is not None else list_shards(data_dir)
+    if ranks is not None and table.num_rows < cfg.batch_size * ranks:
+        raise ConfigError(f"data.batch_size: {cfg.batch_size} images a rank x {ranks} ranks is more than the "
+                          f"{table.num_rows} samples of {cfg.source}; every rank needs a full batch from its share of "
+                          "them")
+    return shards if shards is not None else list_shards(data_dir, table=table)
