@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,15 @@ if str(ROOT) not in sys.path:
 if "--smoke" in sys.argv:  # Triton reads the switch when the kernel modules are imported, just below
     os.environ["TRITON_INTERPRET"] = "1"
 
-from benchmarks.common import CPU_MALLOC_ENV, cpu_name, git_sha, median_ms, peak_mb  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CPU_MALLOC_ENV,
+    cpu_name,
+    git_sha,
+    median_ms,
+    peak_mb,
+    print_result,
+    run_worker,
+)
 from kernels.contrastive import tuning_report  # noqa: E402
 from kernels.dino_loss import dino_loss, dino_loss_ref  # noqa: E402
 from kernels.masked_gather import masked_gather, masked_gather_ref  # noqa: E402
@@ -223,26 +230,18 @@ def _worker(spec: str) -> None:
     a = json.loads(spec)
     torch.set_num_threads(a["threads"])
     try:
-        print("RESULT " + json.dumps(measure(a["case"], a["provider"], a["dtype"], "cpu", a["budget_s"])))
+        print_result(measure(a["case"], a["provider"], a["dtype"], "cpu", a["budget_s"]))
     except Exception as e:  # noqa: BLE001 - reported as a row note
-        print("RESULT " + json.dumps({"note": f"error: {type(e).__name__}: {str(e)[:200]}"}))
+        print_result({"note": f"error: {type(e).__name__}: {str(e)[:200]}"})
 
 
 def _run_cpu_subprocess(case: dict, provider: str, dtype: str, budget_s: float, timeout_s: float) -> dict:
-    spec = json.dumps(dict(case=case, provider=provider, dtype=dtype, budget_s=budget_s,
-                           threads=torch.get_num_threads()))
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.update(CPU_MALLOC_ENV)
-    try:
-        p = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
-                           timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"note": f"timeout after {timeout_s:.0f}s"}
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"note": f"worker failed (rc {p.returncode}): {p.stderr.strip()[-200:]}"}
+    row, why = run_worker(__file__, dict(case=case, provider=provider, dtype=dtype, budget_s=budget_s,
+                                         threads=torch.get_num_threads()), timeout_s=timeout_s, env=env)
+    return row if row is not None else {"note": why[:250]}
 
 
 # ------------------------------------------------------------------------------------------------ reporting

@@ -18,14 +18,21 @@ import csv
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import CPU_MALLOC_ENV, cpu_name, git_sha, median_ms, peak_mb  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CPU_MALLOC_ENV,
+    cpu_name,
+    git_sha,
+    median_ms,
+    peak_mb,
+    print_result,
+    run_worker,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "memory.csv"
@@ -52,13 +59,10 @@ def measure(backbone: str, image_size: int, patch_size: int, batch: int, checkpo
 
 def _in_subprocess(args: dict) -> dict:
     """A CPU case in a fresh process, so its peak RSS is its own."""
-    env = {**os.environ, **CPU_MALLOC_ENV}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], capture_output=True, text=True,
-                          env=env, timeout=1800)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"memory case {args} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    row, why = run_worker(__file__, args, timeout_s=1800, env={**os.environ, **CPU_MALLOC_ENV})
+    if row is None:
+        raise RuntimeError(f"memory case {args}: {why}")
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print("RESULT " + json.dumps(measure(**json.loads(a.worker))), flush=True)
+        print_result(measure(**json.loads(a.worker)))
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = a.budget_s if a.budget_s is not None else (1.0 if device == "cuda" else 3.0)

@@ -3,10 +3,12 @@ memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +43,27 @@ def git_sha() -> str:
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 """A fixed mmap threshold turns off glibc's adaptive one, so every large buffer is mmapped and returned on free: RSS
 then follows live memory and a warm-up's freed buffers do not hide the measured step's peak."""
+
+
+def print_result(row: dict) -> None:
+    """A worker process's answer to ``run_worker``: one ``RESULT <json>`` line on stdout."""
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def run_worker(script: str | Path, spec: dict, *, timeout_s: float,
+               env: dict[str, str] | None = None) -> tuple[dict | None, str]:
+    """``python script --worker <spec as JSON>`` in a fresh process (a CPU case whose peak RSS must be its own) ->
+    (the row its ``print_result`` line carries, or None; why there is none: a timeout, or the exit status and the end
+    of its stderr)."""
+    try:
+        proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"timeout after {timeout_s:.0f}s"
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):]), ""
+    return None, f"worker failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"
 
 
 def sync(device: str) -> None:
