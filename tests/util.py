@@ -50,16 +50,33 @@ def config_error(recipe, overrides: list[str]) -> str:
     return str(e.value)
 
 
-def train_steps(method, batches, steps: int, lr: float) -> None:
-    """``steps`` plain AdamW steps of ``method`` on ``next(batches)`` (short-training checks of a pretext task)."""
+def train_steps(method, batches, steps: int, lr: float, max_steps: int | None = None) -> None:
+    """``steps`` plain AdamW steps of ``method`` on ``next(batches)`` (short-training checks of a pretext task); with
+    ``max_steps``, each step also runs the method's schedules and after-step updates (EMA, queues) as the trainer
+    does, for a run of that length."""
     import torch
 
-    opt = torch.optim.AdamW(method.parameters(), lr=lr)
-    for _ in range(steps):
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        if max_steps is not None:
+            method.on_step_start(step, max_steps)
         loss = method(next(batches))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if max_steps is not None:
+            method.on_step_end(step, max_steps)
+
+
+def train_stream(shards, cfg, batch_size: int):
+    """One process's stream of batches of ``cfg.data``'s views (its global views and local crops, augmented as the
+    recipe says) of ``shards``, to be entered with ``with``."""
+    from data_pipeline.loader import make_train_stream
+
+    d = cfg.data
+    return make_train_stream(shards, batch_size=batch_size, aug=d.aug, image_size=d.image_size, channels=d.channels,
+                             rank=0, world_size=1, num_workers=1, num_views=d.num_views, local_views=d.local_views,
+                             local_size=d.local_size, local_crop_scale=d.local_crop_scale)
 
 
 def write_run(run_dir, recipe: str, cache, *overrides: str) -> None:

@@ -15,17 +15,14 @@ For ViTs the paper freezes the patch projection at its random init for stability
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from kernels.contrastive import contrastive_rows_loss
 from pretrain.config import Config
-from pretrain.ema import cosine_momentum, ema_update_
-from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce
+from pretrain.methods.byol import BYOL
 
 
 def moco_v3_loss(q: Tensor, k: Tensor, temperature: float, *, k_all: Tensor | None = None, offset: int = 0,
@@ -44,7 +41,10 @@ def moco_v3_loss(q: Tensor, k: Tensor, temperature: float, *, k_all: Tensor | No
     return 2 * temperature * contrastive_rows_loss(qn, kn, pos, impl=impl).mean()
 
 
-class MoCoV3(SSLMethod):
+class MoCoV3(BYOL):
+    """BYOL's networks (``online``: the paper's base encoder with its predictor; ``target``: the momentum encoder, an
+    EMA of backbone + projector) with MoCo v3's contrastive loss."""
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         if cfg.data.num_views != 2 or cfg.data.local_views:
@@ -53,34 +53,21 @@ class MoCoV3(SSLMethod):
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:
-        super().__init__()
+        super().__init__(cfg)
         del reduce  # nothing is averaged across ranks outside the loss
-        mc, m = cfg.model, cfg.method
-        backbone = build_method_backbone(cfg)
-        projector = ProjectionHead(backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
-                                   num_layers=mc.proj_layers)
-        self.base = nn.ModuleDict({"backbone": backbone, "projector": projector})
-        self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
-                                        num_layers=2)
-        self.momentum = copy.deepcopy(self.base).requires_grad_(False)
-        self.base_momentum = m.teacher_momentum
-        self.temperature = m.temperature
-        self.loss_impl = m.loss_impl
+        self.temperature = cfg.method.temperature
+        self.loss_impl = cfg.method.loss_impl
         self.gather = gather
         self.rank = rank
-
-    @property
-    def backbone(self) -> nn.Module:  # type: ignore[override]
-        return self.base["backbone"]
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W)."""
         v0, v1 = batch["views"]
         n = v0.shape[0]
         views = torch.cat([v0, v1])  # one pass: BatchNorm statistics over both views, as the official code's
-        q = self.predictor(self.base["projector"](self.base["backbone"](views)))
+        q = self.predictor(self.online["projector"](self.online["backbone"](views)))
         with torch.no_grad():
-            k = self.momentum["projector"](self.momentum["backbone"](views))
+            k = self.target["projector"](self.target["backbone"](views))
         losses = []
         for qa, kb in ((q[:n], k[n:]), (q[n:], k[:n])):  # each view's queries against the other view's keys
             if self.gather is None:
@@ -89,7 +76,3 @@ class MoCoV3(SSLMethod):
                 losses.append(moco_v3_loss(qa, kb, self.temperature, k_all=self.gather(kb), offset=self.rank * n,
                                            impl=self.loss_impl))
         return {"loss": losses[0] + losses[1]}
-
-    @torch.no_grad()
-    def on_step_end(self, step: int, max_steps: int) -> None:
-        ema_update_(self.momentum, self.base, cosine_momentum(step, max_steps, self.base_momentum))

@@ -265,7 +265,7 @@ def test_moco_v3_with_frozen_patch_projection_under_zero3(results):
     assert all(math.isfinite(x) for x in r["losses"])
     init, trained = r["init"], r["trained"]
     for k, v in init.items():
-        if k.startswith(("base.", "momentum.")) and "running_" not in k and "num_batches" not in k:
+        if k.startswith(("online.", "target.")) and "running_" not in k and "num_batches" not in k:
             assert torch.equal(trained[k], v) == (".patch_embed." in k), k
     assert any(".patch_embed." in k for k in init)
     assert r["restored"].keys() == trained.keys()

@@ -13,12 +13,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from data_pipeline.loader import make_train_stream
 from pretrain.config import load_config
 from pretrain.ema import cosine_momentum
 from pretrain.methods.moco import moco_v3_loss
 from pretrain.trainer import build_method
-from tests.util import config_error, free_port, train_steps
+from tests.util import config_error, free_port, train_steps, train_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "mocov3_digits.yaml"
@@ -71,12 +70,12 @@ def test_method_loss_contrasts_each_views_queries_with_the_other_views_keys():
     method = _method()
     views = _views()
     with torch.no_grad():
-        method.momentum["projector"].mlp[-1].weight.add_(0.1)  # a momentum encoder that is not the base encoder
+        method.target["projector"].mlp[-1].weight.add_(0.1)  # a momentum encoder that is not the base encoder
     loss = method({"views": views})["loss"]
     with torch.no_grad():
         both = torch.cat(views)
-        q = method.predictor(method.base["projector"](method.base["backbone"](both)))
-        k = method.momentum["projector"](method.momentum["backbone"](both))
+        q = method.predictor(method.online["projector"](method.online["backbone"](both)))
+        k = method.target["projector"](method.target["backbone"](both))
     t = method.temperature
     torch.testing.assert_close(loss, _official(q[:6], k[6:], t, 0) + _official(q[6:], k[:6], t, 0),
                                rtol=1e-5, atol=1e-6)
@@ -88,18 +87,18 @@ def test_only_the_base_encoder_trains_and_the_momentum_encoder_follows_it():
     encoder moves toward the base encoder by 1 - momentum(step) (cosine from teacher_momentum to 1), without the
     predictor."""
     method = _method("method.teacher_momentum=0.9")
-    assert method.backbone is method.base["backbone"]
+    assert method.backbone is method.online["backbone"]
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
-    before = {k: v.clone() for k, v in method.momentum.state_dict().items()}
+    before = {k: v.clone() for k, v in method.target.state_dict().items()}
     method({"views": _views()})["loss"].backward()
-    assert all(p.grad is None and not p.requires_grad for p in method.momentum.parameters())
-    for part in (method.base, method.predictor):
+    assert all(p.grad is None and not p.requires_grad for p in method.target.parameters())
+    for part in (method.online, method.predictor):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     opt.step()
     method.on_step_end(3, 10)
     m = cosine_momentum(3, 10, 0.9)
-    base = method.base.state_dict()
-    for name, p in method.momentum.named_parameters():
+    base = method.online.state_dict()
+    for name, p in method.target.named_parameters():
         torch.testing.assert_close(p.detach(), m * before[name] + (1 - m) * base[name], rtol=1e-6, atol=1e-7,
                                    msg=name)
         assert not torch.equal(p, before[name]), name
@@ -117,7 +116,7 @@ def test_vit_patch_projection_frozen():
     assert not any(p.requires_grad for p in vit.patch_embed.parameters())
     for k, v in vit.state_dict().items():
         assert torch.equal(v, init[k]) == k.startswith("patch_embed."), k
-    torch.testing.assert_close(method.momentum["backbone"].patch_embed.weight, vit.patch_embed.weight)
+    torch.testing.assert_close(method.target["backbone"].patch_embed.weight, vit.patch_embed.weight)
 
 
 def _worker(rank: int, port: int, root: str) -> None:
@@ -159,8 +158,8 @@ def _positive_rank(method, batch: dict) -> float:
     the batch's keys by similarity, 0 = first; (B - 1) / 2 by chance."""
     v0, v1 = batch["views"]
     with torch.no_grad():
-        q = method.predictor(method.base["projector"](method.base["backbone"](v0)))
-        k = method.momentum["projector"](method.momentum["backbone"](v1))
+        q = method.predictor(method.online["projector"](method.online["backbone"](v0)))
+        k = method.target["projector"](method.target["backbone"](v1))
     s = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T
     return (s > s.diag()[:, None]).sum(1).float().mean().item()
 
@@ -171,20 +170,12 @@ def test_short_training_learns_to_tell_the_images_apart(digits_shards):
     the batch's 128 (63.5) to well above it (measured: 62 -> 23 at step 40, 10 at step 80)."""
     cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.5}"])
     method = build_method(cfg, distributed=False)
-    d = cfg.data
-    with make_train_stream(digits_shards, batch_size=128, aug=d.aug, image_size=d.image_size, channels=d.channels,
-                           rank=0, world_size=1, num_workers=1, num_views=2) as stream:
+    with train_stream(digits_shards, cfg, batch_size=128) as stream:
         batches = iter(stream)
         with torch.no_grad():
             first = next(batches)
             start, start_rank = method(first)["loss"].item(), _positive_rank(method, first)
-        opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=cfg.optim.lr)
-        for step in range(40):
-            loss = method(next(batches))["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            method.on_step_end(step, cfg.job.max_steps)
+        train_steps(method, batches, 40, cfg.optim.lr, max_steps=cfg.job.max_steps)
         with torch.no_grad():
             last = next(batches)
             end, end_rank = method(last)["loss"].item(), _positive_rank(method, last)

@@ -13,12 +13,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from data_pipeline.loader import make_train_stream
 from pretrain.config import load_config
 from pretrain.methods.base import features_by_resolution
 from pretrain.methods.swav import sinkhorn_codes, swav_loss
 from pretrain.trainer import build_method
-from tests.util import config_error, free_port
+from tests.util import config_error, free_port, train_steps, train_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "swav_digits.yaml"
@@ -223,18 +222,9 @@ def test_short_training_predicts_the_codes_without_collapse(digits_shards):
     Measured: loss 4.63 -> 3.24 (ln 64 = 4.16), code confidence 0.35, 34 of 64 prototypes used."""
     cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.5}"])
     method = build_method(cfg, distributed=False)
-    d = cfg.data
-    with make_train_stream(digits_shards, batch_size=128, aug=d.aug, image_size=d.image_size, channels=d.channels,
-                           rank=0, world_size=1, num_workers=1, num_views=2, local_views=d.local_views,
-                           local_size=d.local_size, local_crop_scale=d.local_crop_scale) as stream:
+    with train_stream(digits_shards, cfg, batch_size=128) as stream:
         batches = iter(stream)
-        opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=cfg.optim.lr)
-        for step in range(80):
-            method.on_step_start(step, cfg.job.max_steps)
-            loss = method(next(batches))["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_steps(method, batches, 80, cfg.optim.lr, max_steps=cfg.job.max_steps)
         with torch.no_grad():
             last = next(batches)
             end = {k: v.item() for k, v in method(last).items()}
