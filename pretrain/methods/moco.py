@@ -36,7 +36,7 @@ def moco_v3_loss(q: Tensor, k: Tensor, temperature: float, *, k_all: Tensor | No
         raise ValueError(f"moco_v3_loss: q {tuple(q.shape)}, k {tuple(k.shape)} and k_all {tuple(k_all.shape)} at "
                          f"offset {offset} do not fit")
     qn = (F.normalize(q.float(), dim=1) / temperature).to(q.dtype)
-    kn = F.normalize(k_all.detach(), dim=1)
+    kn = F.normalize(k_all.detach(), dim=1).to(q.dtype)  # under autocast the two towers may end in other dtypes
     pos = torch.arange(q.shape[0], device=q.device) + offset
     return 2 * temperature * contrastive_rows_loss(qn, kn, pos, impl=impl).mean()
 
