@@ -80,6 +80,11 @@ class MethodConfig:
     """DINO, BYOL, MoCo v3: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1 by a cosine
     over job.max_steps."""
     center_momentum: float = 0.9
+    centering: str = "ema"
+    """DINO: how the teacher's outputs are centred: ``ema`` (DINO's: minus an EMA of their mean over all ranks, then
+    softmax at the teacher temperature) or ``sinkhorn`` (DINOv2's Sinkhorn-Knopp centering: the teacher's
+    distributions balanced over the prototypes across the global batch, sinkhorn_iters iterations at the teacher
+    temperature; needs norm_last_layer)."""
     """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     freeze_last_layer_steps: int = 0
     """DINO, SwAV: steps during which the prototypes get no gradient (stabilises the start)."""
@@ -180,6 +185,7 @@ class MethodConfig:
         _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
         _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
         _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
+        _check(self.centering in ("ema", "sinkhorn"), "centering", f"must be ema or sinkhorn, got {self.centering!r}")
         _check(self.sinkhorn_eps > 0, "sinkhorn_eps", f"must be > 0, got {self.sinkhorn_eps}")
         for key in ("queue_size", "queue_start_steps"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")

@@ -68,6 +68,22 @@ def train_steps(method, batches, steps: int, lr: float, max_steps: int | None = 
             method.on_step_end(step, max_steps)
 
 
+def sinkhorn_reference(scores, eps: float, iters: int):
+    """The official Sinkhorn-Knopp of SwAV's main_swav.py and DINOv2's teacher centering, in one process: scores
+    (B, K) -> codes (B, K), each row summing to 1, the prototypes sharing the batch about equally."""
+    import torch
+
+    q = torch.exp(scores.float() / eps).t()  # (K, B)
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
 def train_stream(shards, cfg, batch_size: int):
     """One process's stream of batches of ``cfg.data``'s views (its global views and local crops, augmented as the
     recipe says) of ``shards``, to be entered with ``with``."""

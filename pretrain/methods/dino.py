@@ -7,6 +7,11 @@ the teacher's batch mean). The center is an EMA of that mean over every rank (``
 temperature warms up linearly and the teacher momentum rises to 1 along a cosine, both functions of the step alone;
 the prototypes are frozen for the first ``freeze_last_layer_steps`` steps. ``backbone`` is the teacher's, the network
 DINO evaluates and releases.
+
+With ``centering: sinkhorn`` the teacher's distributions are DINOv2's Sinkhorn-Knopp codes instead: its logits
+balanced over the prototypes across the global batch (``pretrain.methods.swav.sinkhorn_codes`` at the teacher
+temperature, the prototypes' totals averaged over ranks), fed to the same loss kernel as ``temp * log(codes)`` with a
+zero center; the EMA center is then unused.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_
 from pretrain.heads import DINOHead
 from pretrain.methods.base import Gather, Reduce, SSLMethod, StepMean, build_method_backbone, features_by_resolution
+from pretrain.methods.swav import sinkhorn_codes
 
 LOSS_IMPLS = ("auto", "triton", "ref")
 
@@ -41,6 +47,9 @@ class DINO(SSLMethod):
         if cfg.method.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"method.loss_impl: dino takes one of {', '.join(LOSS_IMPLS)}, got "
                              f"{cfg.method.loss_impl!r} (chunked is SimCLR's)")
+        if cfg.method.centering == "sinkhorn" and not cfg.method.norm_last_layer:
+            raise ValueError("method.centering: sinkhorn needs method.norm_last_layer: true (unit prototypes keep the "
+                             "teacher's logits in [-1, 1], which its exp at the teacher temperature relies on)")
         if cfg.data.num_views < 2:
             raise ValueError(f"data.num_views: dino needs at least 2 global views (each is the teacher's target for "
                              f"the others), got {cfg.data.num_views}")
@@ -86,11 +95,22 @@ class DINO(SSLMethod):
         n = views[0].shape[0]
         with torch.no_grad():
             teacher = self.teacher["head"](self.teacher["backbone"](torch.cat(views[: self.n_global])))
+            teacher, center = self._centred(teacher, self.center, self._teacher_temp)
         student = self._student(views)
         loss, teacher_mean = dino_loss(student.view(len(views), n, -1), teacher.view(self.n_global, n, -1),
-                                       self.center, self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
-        self._teacher_mean.add(teacher_mean)
+                                       center, self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
+        if self.cfg.centering == "ema":
+            self._teacher_mean.add(teacher_mean)
         return {"loss": loss}
+
+    def _centred(self, teacher: Tensor, center: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+        """The teacher's logits (N, K) and the center the loss subtracts from them: as they are with the EMA center,
+        or with Sinkhorn-Knopp centering ``temp * log(codes)`` and a zero center, so that the loss kernel's
+        softmax((t - c) / temp) gives the balanced codes (floored at 1e-30: finite logits for any kernel)."""
+        if self.cfg.centering == "ema":
+            return teacher, center
+        codes = sinkhorn_codes(teacher, temp, self.cfg.sinkhorn_iters, self.reduce)
+        return (temp * codes.clamp_min(1e-30).log()).to(teacher.dtype), torch.zeros_like(center)
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:

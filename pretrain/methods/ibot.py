@@ -7,7 +7,9 @@ tokens, maps every token to prototype logits. Two losses, summed: DINO's cross-v
 (global and local views, ``kernels.dino_loss``) and the patch loss, the cross-entropy between the teacher's centred and
 sharpened patch distributions and the student's at the masked patches of the same view
 (``kernels.ibot_masked_patch_loss``, the DINO kernel on diagonal pairs, over the masked patches packed). Each has its
-own center, an EMA of the teacher's mean over every rank, and its own teacher temperature. The image-level token is
+own center, an EMA of the teacher's mean over every rank (or, with ``centering: sinkhorn``, DINOv2's Sinkhorn-Knopp
+codes: the image-level tokens balanced over the global batch, the masked patches over all ranks' masked patches), and
+its own teacher temperature. The image-level token is
 the backbone's ``pool``: the cls token, or the patch mean with ``global_pool: mean``, so the loss trains what
 evaluation and downstream use get. ``backbone`` is the teacher's.
 """
@@ -83,24 +85,29 @@ class IBOT(DINO):
             t_image, t_patch = self._encode(self.teacher["backbone"], glob, None)
             t_image, t_patch = self._head(self.teacher, t_image), self._head(self.teacher, t_patch)
             patch_mean = t_patch.float().mean(dim=(0, 1))
+            t_image, center = self._centred(t_image, self.center, self._teacher_temp)
+            # the teacher's masked patches, on every rank whatever its draw (Sinkhorn-Knopp centering balances them
+            # over the global batch: a collective each rank must call)
+            t_masked, patch_center = self._centred(packed_gather(t_patch, mask, impl=backbone.mask_impl),
+                                                   self.patch_center, self._patch_temp)
         s_image, s_patch = self._encode(backbone, glob, mask)
         if len(views) > g:  # local crops: image-level tokens only, one backbone pass per resolution
             s_image = torch.cat([s_image, features_by_resolution(backbone, views[g:])])
         s_image = self._head(self.student, s_image, self._freeze)
-        cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), self.center,
+        cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), center,
                                        self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
         # The student's head only where the loss reads: the masked patches. A draw that hid under 2 (tiny batches
         # only) has no patch loss (a BatchNorm head cannot normalise one row); the head still runs, over every patch,
         # so each rank calls it as often as the others (ZeRO-3 gathers its parameters collectively per call).
         if masked >= 2:
             s_masked = self._head(self.student, packed_gather(s_patch, mask, impl=backbone.mask_impl), self._freeze)
-            t_masked = packed_gather(t_patch, mask, impl=backbone.mask_impl)  # no grad: t_patch was made without
-            patch_loss = ibot_masked_patch_loss(s_masked, t_masked, mask, self.patch_center, self.cfg.student_temp,
+            patch_loss = ibot_masked_patch_loss(s_masked, t_masked, mask, patch_center, self.cfg.student_temp,
                                                 self._patch_temp, impl=self.loss_impl)
         else:
             patch_loss = self._head(self.student, s_patch, self._freeze).float().sum() * 0.0
-        self._teacher_mean.add(cls_mean)
-        self._patch_mean.add(patch_mean)
+        if self.cfg.centering == "ema":
+            self._teacher_mean.add(cls_mean)
+            self._patch_mean.add(patch_mean)
         loss = cls_loss + self.patch_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
 

@@ -40,7 +40,8 @@ def sinkhorn_codes(scores: Tensor, eps: float, iters: int, reduce: Reduce | None
     mean serves as well as the sum. ``shared`` (S, K): scores of more rows that every rank holds alike (SwAV's queue
     of past global batches), in the balance but given no codes; with ``world`` ranks they count once, as in one
     process with every rank's rows. Scores are at most 1 (unit vectors), so exp((scores - 1) / eps) cannot
-    overflow."""
+    overflow; an image whose every score is below 1 - 87 eps underflows in fp32 and gets a code of zeros (no loss)
+    rather than NaNs."""
     q = torch.exp((scores.float() - 1.0) / eps)
     extra = None if shared is None else torch.exp((shared.float() - 1.0) / eps)
     for _ in range(iters):
@@ -52,7 +53,7 @@ def sinkhorn_codes(scores: Tensor, eps: float, iters: int, reduce: Reduce | None
             extra /= per_prototype.clamp_min(torch.finfo(torch.float32).tiny)
             extra /= extra.sum(dim=1, keepdim=True)
         q /= per_prototype.clamp_min(torch.finfo(torch.float32).tiny)  # a prototype no image comes near keeps 0s
-        q /= q.sum(dim=1, keepdim=True)
+        q /= q.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return q
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from kernels.dino_loss import dino_loss_ref
 from pretrain.config import ConfigError, load_config
 from pretrain.ema import cosine_momentum, ema_update_
 from pretrain.methods.dino import teacher_temperature
+from pretrain.methods.swav import swav_loss
 from pretrain.trainer import build_method
+from tests.util import free_port, sinkhorn_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "dino_digits.yaml"
@@ -62,6 +66,71 @@ def test_loss_is_dino_of_teacher_and_student_outputs():
             # fp32 sums in another order, carried back through the network: judged against the gradient's scale
             scale = grads[n].abs().max().item()
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _outputs(method, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits (2 * B, K) of the global views and the student's (V, B, K) of every view."""
+    b = views[0].shape[0]
+    with torch.no_grad():
+        t = method.teacher["head"](method.teacher["backbone"](torch.cat(views[:2])))
+        backbone = method.student["backbone"]
+        s = method.student["head"](torch.cat([backbone(torch.cat(views[:2])), backbone(torch.cat(views[2:]))]))
+    return t, s.view(len(views), b, -1)
+
+
+SINKHORN = ["method.centering=sinkhorn", "method.norm_last_layer=true", "method.warmup_teacher_temp=0.05",
+            "method.teacher_temp=0.05"]
+
+
+def test_sinkhorn_centering_is_dinov2s():
+    """method.centering=sinkhorn: the loss is DINO's pairwise cross-entropy against the official Sinkhorn-Knopp
+    teacher distributions (both global views' outputs balanced together at the teacher temperature) instead of the
+    centred softmax; the Triton kernel (interpreted) gives the same; the EMA center is neither used nor updated."""
+    method = _method("method.loss_impl=ref", *SINKHORN)
+    method.center.normal_()  # would change the loss if it were used
+    center = method.center.clone()
+    views = _views()
+    method.on_step_start(0, 100)
+    out = method({"views": views})["loss"]
+    t, s = _outputs(method, views)
+    codes = sinkhorn_reference(t, 0.05, 3).view(2, 6, -1)
+    torch.testing.assert_close(out, swav_loss(s, codes, 0.1), rtol=1e-5, atol=1e-6)
+    method.loss_impl = "triton"
+    torch.testing.assert_close(method({"views": views})["loss"], out, rtol=1e-5, atol=1e-6)
+    method.on_step_end(0, 100)
+    assert torch.equal(method.center, center)
+
+
+def _sinkhorn_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from pretrain import dist
+
+    method = build_method(load_config(RECIPE, [*SMALL, *SINKHORN, "model.sync_bn=true"]), distributed=True)
+    loss = method({"views": [v[4 * rank:4 * rank + 4] for v in _views(8)]})["loss"]
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+    for g in grads.values():
+        torch.distributed.all_reduce(g)
+        g /= 2
+    torch.save({"loss": dist.all_reduce_mean(loss.detach()), "grads": grads}, f"{root}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_sinkhorn_centering_on_two_ranks_is_the_whole_batchs(tmp_path):
+    """On 2 gloo ranks with half the images each, the teacher's codes are balanced over both ranks' images: the
+    ranks' mean loss and averaged gradients are one process's on the whole batch."""
+    mp.spawn(_sinkhorn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    method = _method(*SINKHORN)
+    loss = method({"views": _views(8)})["loss"]
+    loss.backward()
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-4, atol=1e-5)
+        for k, p in method.named_parameters():
+            if p.grad is not None:
+                scale = max(p.grad.abs().max().item(), 1e-2)
+                torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-4, atol=1e-4 * scale, msg=k)
 
 
 def test_teacher_gets_no_gradient_and_backbone_is_teacher():
@@ -159,6 +228,9 @@ def test_training_step_moves_teacher_towards_student():
     (["data.local_crop_scale=[0.5, 0.2]"], "data.local_crop_scale: need 0 < low <= high <= 1"),
     (["method.teacher_momentum=1.5"], "method.teacher_momentum: must be in [0, 1]"),
     (["method.teacher_temp=0"], "method.teacher_temp: must be > 0"),
+    (["method.centering=sinkhorn", "method.norm_last_layer=false"], "method.centering: sinkhorn needs "
+                                                                    "method.norm_last_layer: true"),
+    (["method.centering=median"], "method.centering: must be ema or sinkhorn"),
     (["model.backbone=vit_tiny", "model.patch_size=4", "data.local_size=6"],
      "model.patch_size: 4 does not divide data.local_size 6"),
 ])

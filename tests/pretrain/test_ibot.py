@@ -11,8 +11,9 @@ import torch
 from data_pipeline.masking import block_masks
 from kernels.dino_loss import dino_loss_ref, ibot_patch_loss_ref
 from pretrain.config import load_config
+from pretrain.methods.swav import swav_loss
 from pretrain.trainer import build_method
-from tests.util import config_error
+from tests.util import config_error, sinkhorn_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "ibot_digits.yaml"
@@ -144,6 +145,39 @@ def test_a_draw_that_hides_nothing_has_no_patch_loss():
     assert method.student["head"].last_layer.weight_v.grad.abs().sum() > 0
     method.on_step_end(0, 10)
     assert not torch.allclose(method.patch_center, torch.full_like(method.patch_center, 0.5))
+
+
+def test_sinkhorn_centering_balances_the_cls_and_the_masked_patches():
+    """method.centering=sinkhorn (DINOv2's): the cls loss is against the official Sinkhorn-Knopp codes of the
+    teacher's global views' image-level logits (teacher_temp), the patch loss against those of the teacher's logits at
+    the masked patches (teacher_patch_temp, balanced over the masked patches alone); both centers stay as they were."""
+    method = _method("method.loss_impl=ref", "method.centering=sinkhorn", "method.norm_last_layer=true",
+                     "method.warmup_teacher_temp_steps=0", "method.teacher_temp=0.05", "method.teacher_patch_temp=0.06",
+                     "method.freeze_last_layer_steps=0")
+    method.center.normal_()
+    method.patch_center.normal_()
+    centers = method.center.clone(), method.patch_center.clone()
+    views = _views()
+    method.on_step_start(0, 10)
+    torch.manual_seed(7)
+    out = method({"views": views})
+    torch.manual_seed(7)
+    mask = block_masks(8, (4, 4), (0.1, 0.5), 1.0)
+    with torch.no_grad():
+        glob = torch.cat(views[:2])
+        t = _tokens(method.teacher, glob)
+        s_cls, s_patches = _features(method.student, glob, mask)
+        cls = method.student["head"](torch.cat([s_cls, method.student["backbone"](torch.cat(views[2:]))]))
+        cls_codes = sinkhorn_reference(t[:, 0], 0.05, 3).view(2, 4, -1)
+        patch_codes = sinkhorn_reference(t[:, 1:][mask], 0.06, 3)
+        s_masked = torch.log_softmax(method.student["head"](s_patches[mask]) / 0.1, dim=-1)
+        # each masked patch weighs 1 / (its view's masked count), averaged over the views (iBOT's patch loss)
+        weight = (1 / mask.sum(1, keepdim=True).float()).expand_as(mask)[mask] / mask.shape[0]
+        patch_ref = -((patch_codes * s_masked).sum(-1) * weight).sum()
+    torch.testing.assert_close(out["cls_loss"], swav_loss(cls.view(4, 4, -1), cls_codes, 0.1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["patch_loss"], patch_ref, rtol=1e-5, atol=1e-6)
+    method.on_step_end(0, 10)
+    assert torch.equal(method.center, centers[0]) and torch.equal(method.patch_center, centers[1])
 
 
 def test_patch_center_is_ema_of_teacher_patch_mean():

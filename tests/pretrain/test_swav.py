@@ -17,26 +17,12 @@ from pretrain.config import load_config
 from pretrain.methods.base import features_by_resolution
 from pretrain.methods.swav import sinkhorn_codes, swav_loss
 from pretrain.trainer import build_method
-from tests.util import config_error, free_port, train_steps, train_stream
+from tests.util import config_error, free_port, sinkhorn_reference, train_steps, train_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "swav_digits.yaml"
 SMALL = ["model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.num_prototypes=12",
          "model.backbone_kwargs={width: 0.25}"]
-
-
-def _official_sinkhorn(out: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
-    """distributed_sinkhorn of the official main_swav.py, in one process."""
-    q = torch.exp(out / eps).t()  # (K, B)
-    b, k = q.shape[1], q.shape[0]
-    q /= q.sum()
-    for _ in range(iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    q *= b
-    return q.t()
 
 
 def _official_loss(scores: torch.Tensor, codes: torch.Tensor, t: float) -> torch.Tensor:
@@ -61,7 +47,7 @@ def test_sinkhorn_is_the_official_algorithm_and_balances_the_prototypes():
     enough iterations every prototype holds B / K of the batch; equal scores give the uniform code."""
     scores = _unit_scores(37, 30)
     codes = sinkhorn_codes(scores, 0.05, 3)
-    torch.testing.assert_close(codes, _official_sinkhorn(scores, 0.05, 3), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(codes, sinkhorn_reference(scores, 0.05, 3), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(codes.sum(1), torch.ones(37))
     balanced = sinkhorn_codes(scores, 0.05, 200)
     torch.testing.assert_close(balanced.sum(0), torch.full((30,), 37 / 30), rtol=1e-3, atol=1e-3)
@@ -70,6 +56,10 @@ def test_sinkhorn_is_the_official_algorithm_and_balances_the_prototypes():
     far = torch.cat([_unit_scores(8, 4), torch.full((8, 1), -1.0)], dim=1)
     sharp = sinkhorn_codes(far, 0.01, 3)
     assert torch.isfinite(sharp).all() and sharp[:, -1].sum() == 0
+    # an image whose every score underflows (all -1 at eps 0.01: exp(-200)) gets zeros, the others their codes
+    lost = sinkhorn_codes(torch.cat([_unit_scores(4, 6), torch.full((1, 6), -1.0)]), 0.01, 3)
+    assert torch.isfinite(lost).all() and lost[-1].sum() == 0
+    torch.testing.assert_close(lost[:-1].sum(1), torch.ones(4))
 
 
 def test_loss_is_the_official_formula():
@@ -110,7 +100,7 @@ def test_method_loss_and_frozen_prototypes():
         z = torch.cat([method.backbone(torch.cat(views[:2])), method.backbone(torch.cat(views[2:]))])
         z = F.normalize(method.projector(z), dim=1)
         scores = (z @ F.normalize(method.prototypes.weight_v, dim=1).T).view(4, 6, 12)
-        codes = torch.stack([_official_sinkhorn(scores[i], method.cfg.sinkhorn_eps, 3) for i in range(2)])
+        codes = torch.stack([sinkhorn_reference(scores[i], method.cfg.sinkhorn_eps, 3) for i in range(2)])
     torch.testing.assert_close(out["loss"], _official_loss(scores, codes, 0.1), rtol=1e-5, atol=1e-6)
     assert 0 < out["code_confidence"].item() <= 1
     out["loss"].backward()
@@ -210,7 +200,7 @@ def test_queue_joins_the_codes_once_full():
     codes = method._codes(scores, embed(batches[2]), method.prototypes.weight)
     for i in range(2):
         both = torch.cat([expected[i] @ method.prototypes.weight.detach().T, scores[i]])
-        torch.testing.assert_close(codes[i], _official_sinkhorn(both, method.cfg.sinkhorn_eps, 3)[-6:],
+        torch.testing.assert_close(codes[i], sinkhorn_reference(both, method.cfg.sinkhorn_eps, 3)[-6:],
                                    rtol=1e-4, atol=1e-6)
     assert "queue" in method.state_dict() and "queue_filled" in method.state_dict()
 
