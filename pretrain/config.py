@@ -120,7 +120,8 @@ class MethodConfig:
     sinkhorn_eps: float = 0.05
     """SwAV: the codes are exp(scores / sinkhorn_eps), balanced over the prototypes: smaller is sharper."""
     sinkhorn_iters: int = 3
-    """SwAV: Sinkhorn-Knopp iterations (each: prototypes' totals over the global batch, then each image's row)."""
+    """SwAV, and DINO's / iBOT's sinkhorn centering: Sinkhorn-Knopp iterations (each: prototypes' totals over the
+    global batch, then each image's row)."""
     queue_size: int = 0
     """SwAV: embeddings of the last global batches (every rank's) kept per global view and balanced with the batch in
     Sinkhorn-Knopp, for global batches too small to share K prototypes (the official code's queue_length, e.g. 3840
