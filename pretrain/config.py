@@ -80,6 +80,9 @@ class MethodConfig:
     """DINO, BYOL, MoCo v3: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1 by a cosine
     over job.max_steps."""
     center_momentum: float = 0.9
+    koleo_weight: float = 0.0
+    """DINO, iBOT: weight of DINOv2's KoLeo regularizer on the student's global-view features (each view's batch on
+    this rank: -mean log distance to the nearest other feature), which spreads them out; DINOv2 uses 0.1. 0 = off."""
     centering: str = "ema"
     """DINO: how the teacher's outputs are centred: ``ema`` (DINO's: minus an EMA of their mean over all ranks, then
     softmax at the teacher temperature) or ``sinkhorn`` (DINOv2's Sinkhorn-Knopp centering: the teacher's
@@ -191,7 +194,7 @@ class MethodConfig:
         for key in ("queue_size", "queue_start_steps"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _check(self.sinkhorn_iters >= 1, "sinkhorn_iters", f"must be >= 1, got {self.sinkhorn_iters}")
-        for key in ("barlow_lambda", "vicreg_invariance", "vicreg_variance", "vicreg_covariance"):
+        for key in ("koleo_weight", "barlow_lambda", "vicreg_invariance", "vicreg_variance", "vicreg_covariance"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("predictor_hidden_dim", "decoder_dim", "decoder_depth", "decoder_heads", "text_width", "text_depth",
                     "text_heads"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.dino_loss import dino_loss
@@ -29,6 +30,17 @@ from pretrain.methods.base import Gather, Reduce, SSLMethod, StepMean, build_met
 from pretrain.methods.swav import sinkhorn_codes
 
 LOSS_IMPLS = ("auto", "triton", "ref")
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """DINOv2's KoLeo regularizer (the Kozachenko-Leonenko entropy estimate): x (B, D), L2-normalised inside ->
+    -mean_i log ||x_i - x_nn(i) + eps||, nn(i) the most similar other row; in fp32. Lower when the rows spread out."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-2.0)  # below any cosine: a row is not its own neighbour
+        nearest = dots.argmax(dim=1)
+    return -torch.log(torch.linalg.vector_norm(x - x[nearest] + eps, dim=-1) + eps).mean()
 
 
 def teacher_temperature(step: int, warmup_temp: float, temp: float, warmup_steps: int) -> float:
@@ -84,10 +96,10 @@ class DINO(SSLMethod):
                                                  m.warmup_teacher_temp_steps)
         self._freeze = step < m.freeze_last_layer_steps
 
-    def _student(self, views: list[Tensor]) -> Tensor:
-        """Every view through the student -> (V * B, K)."""
-        return self.student["head"](features_by_resolution(self.student["backbone"], views),
-                                    freeze_last_layer=self._freeze)
+    def _koleo(self, features: Tensor, n: int) -> Tensor:
+        """DINOv2's KoLeo term on the student's features (V * B, D) of the global views, each view's batch apart, summed
+        (this rank's batch, as DINOv2), weighted by ``koleo_weight``."""
+        return self.cfg.koleo_weight * sum(koleo_loss(features[i * n:(i + 1) * n]) for i in range(self.n_global))
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w)."""
@@ -96,12 +108,16 @@ class DINO(SSLMethod):
         with torch.no_grad():
             teacher = self.teacher["head"](self.teacher["backbone"](torch.cat(views[: self.n_global])))
             teacher, center = self._centred(teacher, self.center, self._teacher_temp)
-        student = self._student(views)
+        features = features_by_resolution(self.student["backbone"], views)
+        student = self.student["head"](features, freeze_last_layer=self._freeze)
         loss, teacher_mean = dino_loss(student.view(len(views), n, -1), teacher.view(self.n_global, n, -1),
                                        center, self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
         if self.cfg.centering == "ema":
             self._teacher_mean.add(teacher_mean)
-        return {"loss": loss}
+        if not self.cfg.koleo_weight:
+            return {"loss": loss}
+        koleo = self._koleo(features, n)
+        return {"loss": loss + koleo, "dino_loss": loss.detach(), "koleo": koleo.detach()}
 
     def _centred(self, teacher: Tensor, center: Tensor, temp: float) -> tuple[Tensor, Tensor]:
         """The teacher's logits (N, K) and the center the loss subtracts from them: as they are with the EMA center,

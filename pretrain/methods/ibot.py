@@ -93,7 +93,7 @@ class IBOT(DINO):
         s_image, s_patch = self._encode(backbone, glob, mask)
         if len(views) > g:  # local crops: image-level tokens only, one backbone pass per resolution
             s_image = torch.cat([s_image, features_by_resolution(backbone, views[g:])])
-        s_image = self._head(self.student, s_image, self._freeze)
+        features, s_image = s_image, self._head(self.student, s_image, self._freeze)
         cls_loss, cls_mean = dino_loss(s_image.view(len(views), n, -1), t_image.view(g, n, -1), center,
                                        self.cfg.student_temp, self._teacher_temp, impl=self.loss_impl)
         # The student's head only where the loss reads: the masked patches. A draw that hid under 2 (tiny batches
@@ -109,7 +109,12 @@ class IBOT(DINO):
             self._teacher_mean.add(cls_mean)
             self._patch_mean.add(patch_mean)
         loss = cls_loss + self.patch_weight * patch_loss
-        return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
+        out = {"cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
+        if self.cfg.koleo_weight:  # DINOv2's KoLeo on the student's image-level tokens of the global views
+            out["koleo"] = self._koleo(features, n)
+            loss = loss + out["koleo"]
+            out["koleo"] = out["koleo"].detach()
+        return {"loss": loss, **out}
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:

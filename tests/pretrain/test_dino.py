@@ -14,7 +14,7 @@ from torch import nn
 from kernels.dino_loss import dino_loss_ref
 from pretrain.config import ConfigError, load_config
 from pretrain.ema import cosine_momentum, ema_update_
-from pretrain.methods.dino import teacher_temperature
+from pretrain.methods.dino import koleo_loss, teacher_temperature
 from pretrain.methods.swav import swav_loss
 from pretrain.trainer import build_method
 from tests.util import free_port, sinkhorn_reference
@@ -133,6 +133,41 @@ def test_sinkhorn_centering_on_two_ranks_is_the_whole_batchs(tmp_path):
                 torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-4, atol=1e-4 * scale, msg=k)
 
 
+def test_koleo_loss_is_dinov2s():
+    """KoLeo against DINOv2's formula (nearest other row by cosine, PairwiseDistance with eps) on an odd batch, and
+    closed forms: orthonormal rows are each sqrt(2) from their nearest, whatever their scale; two close rows cost
+    more than far ones."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g)
+    xn = nn.functional.normalize(x, dim=-1, eps=1e-8)
+    dots = xn @ xn.T
+    dots.view(-1)[::8].fill_(-1)
+    expected = -torch.log(nn.PairwiseDistance(2, eps=1e-8)(xn, xn[dots.argmax(1)]) + 1e-8).mean()
+    torch.testing.assert_close(koleo_loss(x), expected)
+    assert koleo_loss(3 * torch.eye(4)).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    close = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]])
+    assert koleo_loss(close) > koleo_loss(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_koleo_term_adds_to_the_loss_on_the_students_global_features():
+    """koleo_weight: the loss is DINO's plus the weight times KoLeo of each global view's student features (this
+    rank's batch, views apart), both logged; it sends a gradient to the student's backbone; 0 leaves DINO as it was."""
+    views = _views()
+    plain = _method("method.loss_impl=ref")({"views": views})
+    method = _method("method.loss_impl=ref", "method.koleo_weight=0.1")
+    out = method({"views": views})
+    assert "koleo" not in plain
+    torch.testing.assert_close(out["dino_loss"], plain["loss"].detach())
+    with torch.no_grad():
+        f = method.student["backbone"](torch.cat(views[:2]))
+    torch.testing.assert_close(out["koleo"], 0.1 * (koleo_loss(f[:6]) + koleo_loss(f[6:])), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], plain["loss"] + out["koleo"], rtol=1e-5, atol=1e-6)
+    koleo = method._koleo(method.student["backbone"](torch.cat(views[:2])), 6)
+    koleo.backward()
+    grads = [p.grad for p in method.student["backbone"].parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
 def test_teacher_gets_no_gradient_and_backbone_is_teacher():
     """Only the student trains; ``backbone`` (what evaluation and backbone.pt use) is the teacher's."""
     method = _method()
@@ -231,6 +266,7 @@ def test_training_step_moves_teacher_towards_student():
     (["method.centering=sinkhorn", "method.norm_last_layer=false"], "method.centering: sinkhorn needs "
                                                                     "method.norm_last_layer: true"),
     (["method.centering=median"], "method.centering: must be ema or sinkhorn"),
+    (["method.koleo_weight=-0.1"], "method.koleo_weight: must be >= 0"),
     (["model.backbone=vit_tiny", "model.patch_size=4", "data.local_size=6"],
      "model.patch_size: 4 does not divide data.local_size 6"),
 ])

@@ -11,6 +11,7 @@ import torch
 from data_pipeline.masking import block_masks
 from kernels.dino_loss import dino_loss_ref, ibot_patch_loss_ref
 from pretrain.config import load_config
+from pretrain.methods.dino import koleo_loss
 from pretrain.methods.swav import swav_loss
 from pretrain.trainer import build_method
 from tests.util import config_error, sinkhorn_reference
@@ -178,6 +179,22 @@ def test_sinkhorn_centering_balances_the_cls_and_the_masked_patches():
     torch.testing.assert_close(out["patch_loss"], patch_ref, rtol=1e-5, atol=1e-6)
     method.on_step_end(0, 10)
     assert torch.equal(method.center, centers[0]) and torch.equal(method.patch_center, centers[1])
+
+
+def test_koleo_on_the_students_masked_global_views():
+    """koleo_weight: DINOv2's KoLeo of the student's image-level tokens of each (masked) global view joins the sum of
+    the two losses."""
+    method = _method("method.koleo_weight=0.2", "method.patch_loss_weight=0.5")
+    views = _views()
+    torch.manual_seed(7)
+    out = method({"views": views})
+    torch.manual_seed(7)
+    mask = block_masks(8, (4, 4), (0.1, 0.5), 1.0)
+    with torch.no_grad():
+        cls, _ = _features(method.student, torch.cat(views[:2]), mask)
+    torch.testing.assert_close(out["koleo"], 0.2 * (koleo_loss(cls[:4]) + koleo_loss(cls[4:])), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], out["cls_loss"] + 0.5 * out["patch_loss"] + out["koleo"], rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_patch_center_is_ema_of_teacher_patch_mean():
