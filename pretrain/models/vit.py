@@ -12,7 +12,9 @@ Additions the SSL methods need:
 - ``grad_checkpointing``: each block's activations are recomputed in the backward instead of kept (activation memory
   of one block instead of ``depth``, for about a third more compute), as timm's ``set_grad_checkpointing``;
 - ``freeze_patch_embed``: the patch projection stays at its random init (MoCo v3's fix for ViT training instability);
-- ``pos_embed="sincos"``: fixed 2-D sine-cosine position embeddings instead of learned ones (MAE's and MoCo v3's).
+- ``pos_embed="sincos"``: fixed 2-D sine-cosine position embeddings instead of learned ones (MAE's and MoCo v3's);
+- ``layer_scale``: LayerScale, a learned per-channel gain on each residual branch starting at this value (DINOv2's
+  1e-5).
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with ``layer_scale`` each branch is first
+    multiplied by a learned per-channel gain that starts at that value (LayerScale: CaiT, DINOv2's 1e-5)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 causal: bool = False) -> None:
+                 causal: bool = False, layer_scale: float | None = None) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -77,10 +80,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path)
+        self.ls1 = self.ls2 = None
+        if layer_scale is not None:
+            self.ls1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.ls2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        a = self.attn(self.norm1(x))
+        x = x + self.drop_path(a if self.ls1 is None else a * self.ls1)
+        m = self.mlp(self.norm2(x))
+        return x + self.drop_path(m if self.ls2 is None else m * self.ls2)
 
 
 def sincos_pos_embed_2d(grid: tuple[int, int], dim: int) -> Tensor:
@@ -134,6 +143,7 @@ class VisionTransformer(nn.Module):
         grad_checkpointing: bool = False,
         freeze_patch_embed: bool = False,
         pos_embed: str = "learned",
+        layer_scale: float | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("image_size", image_size), ("patch_size", patch_size), ("in_chans", in_chans),
@@ -146,6 +156,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ViT embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         if global_pool not in ("cls", "mean"):
             raise ValueError(f"ViT global_pool must be 'cls' or 'mean', got {global_pool!r}")
+        if layer_scale is not None and not layer_scale > 0:
+            raise ValueError(f"ViT layer_scale must be > 0 (or null: off), got {layer_scale}")
         if pos_embed not in ("learned", "sincos"):
             raise ValueError(f"ViT pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
         if pos_embed == "sincos" and embed_dim % 4:
@@ -175,7 +187,8 @@ class VisionTransformer(nn.Module):
                                       requires_grad=pos_embed == "learned")
         # stochastic depth grows linearly with depth (timm); plain floats so the model also builds on the meta device
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, layer_scale=layer_scale)
+                                    for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
         # MoCo v3's random patch projection: the patch embedding stays at its init (no gradient, no optimizer state),

@@ -171,6 +171,7 @@ def test_unknown_backbone_lists_known_names() -> None:
         (dict(name="convnet", image_size=16, norm="ln"), "norm must be one of"),
         (dict(name="resnet50", image_size=16, stem="vgg"), r"stem must be one of \('cifar', 'imagenet'\)"),
         (dict(name="vit_tiny", image_size=16, pos_embed="rope"), "pos_embed must be 'learned' or 'sincos'"),
+        (dict(name="vit_tiny", image_size=16, layer_scale=0), "layer_scale must be > 0"),
         (dict(name="vit_tiny", image_size=16, embed_dim=30, num_heads=3, pos_embed="sincos"),
          "needs an embed_dim divisible by 4, got 30"),
     ],
@@ -256,3 +257,21 @@ def test_vit_sincos_pos_embed_is_fixed() -> None:
         opt.step()
     assert torch.equal(vit.pos_embed.detach(), expected) and vit.pos_embed.grad is None
     assert not torch.equal(vit.patch_embed.weight, init)
+
+
+def test_vit_layer_scale_starts_each_block_near_identity() -> None:
+    """layer_scale=1e-5: each residual branch is scaled by a per-channel gain that starts at 1e-5, so a fresh block
+    changes its input by about 1e-5 of what the plain block adds; the gains train (a gradient reaches them) and are
+    1-D, so they take no weight decay."""
+    torch.manual_seed(0)
+    scaled = _tiny_vit(layer_scale=1e-5)
+    plain = _tiny_vit()
+    plain.load_state_dict({k: v for k, v in scaled.state_dict().items() if ".ls" not in k})
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        delta_scaled = scaled.blocks[0](x) - x
+        delta_plain = plain.blocks[0](x) - x
+    assert delta_scaled.abs().max() < 1e-3 * delta_plain.abs().max()
+    scaled(torch.randn(2, 3, 16, 16)).square().sum().backward()
+    gains = [p for n, p in scaled.named_parameters() if ".ls" in n]
+    assert len(gains) == 4 and all(p.ndim == 1 and p.grad.abs().sum() > 0 for p in gains)
