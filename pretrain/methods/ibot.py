@@ -9,9 +9,8 @@ sharpened patch distributions and the student's at the masked patches of the sam
 (``kernels.ibot_masked_patch_loss``, the DINO kernel on diagonal pairs, over the masked patches packed). Each has its
 own center, an EMA of the teacher's mean over every rank (or, with ``centering: sinkhorn``, DINOv2's Sinkhorn-Knopp
 codes: the image-level tokens balanced over the global batch, the masked patches over all ranks' masked patches), and
-its own teacher temperature. The image-level token is
-the backbone's ``pool``: the cls token, or the patch mean with ``global_pool: mean``, so the loss trains what
-evaluation and downstream use get. ``backbone`` is the teacher's.
+its own teacher temperature. The image-level token is the backbone's ``pool``: the cls token, or the patch mean with
+``global_pool: mean``, so the loss trains what evaluation and downstream use get. ``backbone`` is the teacher's.
 """
 
 from __future__ import annotations
