@@ -94,7 +94,7 @@ class BEiT(SSLMethod):
         targets = self.tokenizer(imgs.device).tokenize(imgs)  # (B, L)
         mask = block_masks(imgs.shape[0], self.backbone.grid_size, self.mask_ratio_range,
                            self.mask_prob).to(imgs.device)
-        tokens = self.backbone.forward_features(imgs, mask)[:, 1:]
+        tokens = self.backbone.patch_tokens(self.backbone.forward_features(imgs, mask))
         logits = self.head(packed_gather(tokens, mask, impl=self.backbone.mask_impl)).float()
         labels = targets[mask]
         if labels.numel() == 0:  # a draw that hid nothing (rare on tiny grids): no prediction, a zero that still

@@ -57,7 +57,7 @@ class IBOT(DINO):
         downstream use get: the cls token, or the patch mean with ``global_pool: mean``), and the patch tokens
         (N, L, D)."""
         tokens = backbone.forward_features(x, mask)
-        return backbone.pool(tokens), tokens[:, 1:]
+        return backbone.pool(tokens), backbone.patch_tokens(tokens)
 
     @staticmethod
     def _head(net: nn.ModuleDict, x: Tensor, freeze: bool = False) -> Tensor:

@@ -129,10 +129,12 @@ class MAE(SSLMethod):
         self.impl = m.loss_impl
 
     def encode(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
-        """imgs (B, C, H, W), ids_keep (B, K) -> (B, 1+K, D): the cls token and the visible patches, encoded."""
-        tokens = self.backbone.prepare_tokens(imgs)  # (B, 1+L, D), positions added
-        visible = masked_gather(tokens[:, 1:], ids_keep, impl=self.impl)
-        return self.backbone.forward_tokens(torch.cat([tokens[:, :1], visible], dim=1))
+        """imgs (B, C, H, W), ids_keep (B, K) -> (B, P+K, D): the cls token, any registers and the visible patches,
+        encoded (P = the backbone's ``num_prefix_tokens``)."""
+        enc = self.backbone
+        tokens = enc.prepare_tokens(imgs)  # (B, P+L, D), positions added
+        visible = masked_gather(enc.patch_tokens(tokens), ids_keep, impl=self.impl)
+        return enc.forward_tokens(torch.cat([tokens[:, :enc.num_prefix_tokens], visible], dim=1))
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
@@ -143,5 +145,8 @@ class MAE(SSLMethod):
                              f"decoder's positions are fixed), got {tuple(imgs.shape[-2:])}")
         ids_keep, ids_restore, mask = random_masking(imgs.shape[0], self.backbone.num_patches, self.mask_ratio,
                                                      imgs.device)
-        pred = self.decoder(self.encode(imgs, ids_keep), ids_restore)
+        latent = self.encode(imgs, ids_keep)
+        if self.backbone.num_registers:  # the registers are the encoder's scratch space: the decoder never sees them
+            latent = torch.cat([latent[:, :1], self.backbone.patch_tokens(latent)], dim=1)
+        pred = self.decoder(latent, ids_restore)
         return {"loss": mae_loss(pred, self.backbone.patchify(imgs), mask, self.norm_pix)}

@@ -81,13 +81,13 @@ class VQVAE(SSLMethod):
     def tokenize(self, imgs: Tensor) -> Tensor:
         """imgs (B, C, H, W), normalised as the tokenizer's data -> (B, L) int64 tokens, patches in row-major order."""
         self._check_size(imgs)
-        return self.quantizer.tokenize(self.backbone.forward_features(imgs)[:, 1:])
+        return self.quantizer.tokenize(self.backbone.patch_tokens(self.backbone.forward_features(imgs)))
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
         imgs = batch["views"][0]
         self._check_size(imgs)
-        q = self.quantizer(self.backbone.forward_features(imgs)[:, 1:])
+        q = self.quantizer(self.backbone.patch_tokens(self.backbone.forward_features(imgs)))
         pred = self.decoder(q["quantized"])
         rec = (pred.float() - self.backbone.patchify(imgs).float()).pow(2).mean()
         return {"loss": rec + q["loss"], "rec_loss": rec.detach(), "commit_loss": q["loss"].detach(),

@@ -29,7 +29,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 # with one line naming the key instead of a TypeError deep inside a constructor.
 _VIT_OPTIONS = {"embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_path_rate", "use_mask_token",
                 "global_pool", "grad_checkpointing", "freeze_patch_embed",
-                "pos_embed", "layer_scale"}
+                "pos_embed", "layer_scale", "num_registers"}
 OPTIONS: dict[str, set[str]] = {
     "vit_tiny": _VIT_OPTIONS,
     "vit_small": _VIT_OPTIONS,

@@ -14,7 +14,13 @@ Additions the SSL methods need:
 - ``freeze_patch_embed``: the patch projection stays at its random init (MoCo v3's fix for ViT training instability);
 - ``pos_embed="sincos"``: fixed 2-D sine-cosine position embeddings instead of learned ones (MAE's and MoCo v3's);
 - ``layer_scale``: LayerScale, a learned per-channel gain on each residual branch starting at this value (DINOv2's
-  1e-5).
+  1e-5);
+- ``num_registers``: register tokens ("Vision Transformers Need Registers", DINOv2 with registers): learned tokens
+  without a position, after the cls token, that the network may use as scratch space instead of taking over
+  low-information patch tokens; every output keeps them out (``patch_tokens``, ``pool``, ``forward_dense``).
+
+Token layout everywhere: ``num_prefix_tokens`` = 1 + ``num_registers`` tokens first (the cls token at index 0, then the
+registers), then the patches in row-major order.
 """
 
 from __future__ import annotations
@@ -144,6 +150,7 @@ class VisionTransformer(nn.Module):
         freeze_patch_embed: bool = False,
         pos_embed: str = "learned",
         layer_scale: float | None = None,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         for key, value in (("image_size", image_size), ("patch_size", patch_size), ("in_chans", in_chans),
@@ -154,6 +161,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ViT image_size={image_size} is not divisible by patch_size={patch_size}")
         if embed_dim % num_heads != 0:
             raise ValueError(f"ViT embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if not isinstance(num_registers, int) or isinstance(num_registers, bool) or num_registers < 0:
+            raise ValueError(f"ViT num_registers must be an int >= 0, got {num_registers!r}")
         if global_pool not in ("cls", "mean"):
             raise ValueError(f"ViT global_pool must be 'cls' or 'mean', got {global_pool!r}")
         if layer_scale is not None and not layer_scale > 0:
@@ -173,9 +182,13 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.grid_size = (image_size // patch_size, image_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_registers = num_registers
+        self.num_prefix_tokens = 1 + num_registers
+        """Tokens before the patches in every token sequence: the cls token, then the registers."""
 
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         # A parameter that a step does not use trips DDP (find_unused_parameters=False); methods without masking
         # (SimCLR, DINO, MAE) can build the ViT with use_mask_token=False.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
@@ -203,6 +216,8 @@ class VisionTransformer(nn.Module):
             with torch.no_grad():
                 self.pos_embed[0, 1:].copy_(sincos_pos_embed_2d(self.grid_size, self.embed_dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.register_tokens is not None:  # DINOv2's and timm's init for registers
+            nn.init.normal_(self.register_tokens, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -221,7 +236,8 @@ class VisionTransformer(nn.Module):
         return h // self.patch_size, w // self.patch_size
 
     def prepare_tokens(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W), mask: (B, L) bool or None -> (B, 1+L, D) tokens with position embeddings, L = H*W/p^2.
+        """x: (B, C, H, W), mask: (B, L) bool or None -> (B, P+L, D) tokens, L = H*W/p^2, P = ``num_prefix_tokens``:
+        the cls token and the patches with their position embeddings, the registers (no position) between them.
 
         Masked patch embeddings are replaced by ``mask_token`` before position embeddings are added, so the model still
         knows where the hidden patch was.
@@ -238,8 +254,14 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed
         patch_pos = interpolate_pos_embed(pos[:, 1:], self.grid_size, grid)
         tokens = tokens + patch_pos
-        cls = (self.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        prefix = self.cls_token + pos[:, :1]
+        if self.register_tokens is not None:  # DINOv2: registers join after the position embeddings, without one
+            prefix = torch.cat([prefix, self.register_tokens], dim=1)
+        return torch.cat([prefix.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    def patch_tokens(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, P+L, D) laid out as ``prepare_tokens`` makes them -> (B, L, D), the patches only."""
+        return tokens[:, self.num_prefix_tokens:]
 
     def forward_tokens(self, tokens: Tensor) -> Tensor:
         """tokens: (B, N, D) from ``prepare_tokens`` (or a subset, as in MAE) -> (B, N, D) after blocks and norm."""
@@ -255,14 +277,16 @@ class VisionTransformer(nn.Module):
         return self.norm(tokens)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W), mask: (B, L) bool or None -> (B, 1+L, D); index 0 is the cls token."""
+        """x: (B, C, H, W), mask: (B, L) bool or None -> (B, P+L, D); index 0 is the cls token, then the registers
+        (``patch_tokens`` takes the patches)."""
         return self.forward_tokens(self.prepare_tokens(x, mask))
 
     def pool(self, tokens: Tensor) -> Tensor:
-        """tokens: (B, 1+L, D) from ``forward_features`` -> (B, D): the cls token, or with ``global_pool="mean"`` the
-        mean of the patch tokens (MAE's encoder is trained with no objective on its cls token). A method that trains
-        an image-level objective on tokens (iBOT) pools through here, so it trains what ``forward`` releases."""
-        return tokens[:, 1:].mean(dim=1) if self.global_pool == "mean" else tokens[:, 0]
+        """tokens: (B, P+L, D) from ``forward_features`` -> (B, D): the cls token, or with ``global_pool="mean"`` the
+        mean of the patch tokens (MAE's encoder is trained with no objective on its cls token); never the registers. A
+        method that trains an image-level objective on tokens (iBOT) pools through here, so it trains what ``forward``
+        releases."""
+        return self.patch_tokens(tokens).mean(dim=1) if self.global_pool == "mean" else tokens[:, 0]
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, D): the final-normed tokens pooled by ``pool``."""
@@ -271,7 +295,7 @@ class VisionTransformer(nn.Module):
     def forward_dense(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, D, H/p, W/p): the final-normed patch tokens as a map (dense pretext tasks)."""
         gh, gw = self._grid(x)
-        tokens = self.forward_features(x)[:, 1:]
+        tokens = self.patch_tokens(self.forward_features(x))
         return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
 
     def patchify(self, imgs: Tensor) -> Tensor:

@@ -211,9 +211,12 @@ def test_beit_checks_its_tokenizer_before_a_run_starts(tmp_path):
     METHODS["beit"].check_inputs(load_config(BEIT, [*SMALL, f"method.tokenizer={tok}"]))  # a match passes
 
 
-def test_beit_loss_is_cross_entropy_at_the_masked_patches_only(tmp_path):
-    tok = _save_tokenizer(tmp_path / "tok")
-    cfg = load_config(BEIT, [*SMALL, f"method.tokenizer={tok}"])
+@pytest.mark.parametrize("registers", [0, 2])
+def test_beit_loss_is_cross_entropy_at_the_masked_patches_only(tmp_path, registers):
+    """The loss is the cross-entropy of the head's logits against the tokenizer's tokens at the masked patches only (a
+    ViT with register tokens too, and a tokenizer with them: both keep their registers out of the patches)."""
+    tok = _save_tokenizer(tmp_path / "tok", [f"model.backbone_kwargs.num_registers={registers}"])
+    cfg = load_config(BEIT, [*SMALL, f"method.tokenizer={tok}", f"model.backbone_kwargs.num_registers={registers}"])
     method = build_method(cfg, distributed=False)
     assert not any("tokenizer" in k for k in method.state_dict())  # not part of the module: no state, no partition
     x = torch.randn(6, 1, 16, 16)
@@ -223,7 +226,7 @@ def test_beit_loss_is_cross_entropy_at_the_masked_patches_only(tmp_path):
     mask = block_masks(6, (4, 4), (0.4, 0.4), 1.0)
     assert mask.sum(1).min() >= 4  # every image masked
     targets = load_tokenizer(tok)[1].tokenize(x)
-    logits = method.head(method.backbone.forward_features(x, mask)[:, 1:][mask])
+    logits = method.head(method.backbone.forward_features(x, mask)[:, 1 + registers:][mask])
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, targets[mask]))
     assert out["accuracy"].item() == pytest.approx((logits.argmax(-1) == targets[mask]).float().mean().item())
     with pytest.raises(ValueError, match="beit: views must be 16x16"):

@@ -36,7 +36,8 @@ def _features(net, x, mask=None):
     """The image-level token (N, D): the cls token, or with ``global_pool: mean`` the patch mean; the patch tokens
     (N, L, D)."""
     t = net["backbone"].forward_features(x, mask)
-    return t[:, 1:].mean(1) if net["backbone"].global_pool == "mean" else t[:, 0], t[:, 1:]
+    patches = t[:, 1 + net["backbone"].num_registers:]  # any register tokens sit between the cls token and the patches
+    return patches.mean(1) if net["backbone"].global_pool == "mean" else t[:, 0], patches
 
 
 def _patch_logits(net, patches):
@@ -50,16 +51,17 @@ def _tokens(net, x, mask=None):
     return torch.cat([net["head"](cls)[:, None], _patch_logits(net, patches)], dim=1)
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool):
+@pytest.mark.parametrize("pool, registers", [("cls", 0), ("mean", 0), ("cls", 4)])
+def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool, registers):
     """loss = DINO's loss on the image-level tokens (all views vs the teacher's global ones; the cls token or the patch
     mean, as the backbone pools) + the patch loss at the masked patches (each masked global view vs the teacher's view
     of it whole), each at its own teacher temperature and center; the Triton kernels (interpreted) give the same loss
-    and gradients as the references."""
+    and gradients as the references. With register tokens the patch loss still sees the patches only."""
     method = _method("method.loss_impl=ref", "method.teacher_temp=0.02", "method.teacher_patch_temp=0.05",
                      "method.warmup_teacher_temp=0.04", "method.warmup_teacher_temp_steps=50",
                      "method.patch_loss_weight=0.5", "method.freeze_last_layer_steps=0",
-                     f"model.backbone_kwargs={{embed_dim: 32, depth: 2, num_heads: 2, global_pool: {pool}}}")
+                     f"model.backbone_kwargs={{embed_dim: 32, depth: 2, num_heads: 2, global_pool: {pool}, "
+                     f"num_registers: {registers}}}")
     method.center.normal_()
     method.patch_center.normal_()
     views = _views()

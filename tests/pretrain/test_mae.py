@@ -52,8 +52,11 @@ def _reference_loss(method, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_rest
     enc, dec = method.backbone, method.decoder
     tokens = enc.patch_embed(imgs).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:]
     visible = torch.stack([t[k] for t, k in zip(tokens, ids_keep)])
-    cls = enc.cls_token + enc.pos_embed[:, :1]
-    latent = enc.forward_tokens(torch.cat([cls.expand(len(imgs), -1, -1), visible], dim=1))
+    prefix = enc.cls_token + enc.pos_embed[:, :1]
+    if enc.register_tokens is not None:  # registers after the cls token, no position; the decoder never sees them
+        prefix = torch.cat([prefix, enc.register_tokens], dim=1)
+    latent = enc.forward_tokens(torch.cat([prefix.expand(len(imgs), -1, -1), visible], dim=1))
+    latent = torch.cat([latent[:, :1], latent[:, prefix.shape[1]:]], dim=1)
     x = dec.embed(latent)
     rows = []
     for b in range(len(imgs)):
@@ -70,10 +73,13 @@ def _reference_loss(method, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_rest
     return ((pred - target) ** 2).mean(-1)[mask].mean()
 
 
-def test_loss_is_mae_of_the_hidden_patches():
+@pytest.mark.parametrize("registers", [0, 2])
+def test_loss_is_mae_of_the_hidden_patches(registers: int):
     """The method's loss (drawn masks replayed from the same seed) equals MAE written out by hand, and the Triton
-    gathers (interpreted) give the same loss and gradients as PyTorch's."""
-    method = _method("method.loss_impl=ref")
+    gathers (interpreted) give the same loss and gradients as PyTorch's; with register tokens too (the encoder's
+    scratch space: every patch stays in place and the decoder gets the cls token and the visible patches only)."""
+    method = _method("method.loss_impl=ref", f"model.backbone_kwargs.num_registers={registers}")
+    assert method.backbone.num_prefix_tokens == 1 + registers
     imgs = _images()
     torch.manual_seed(3)
     out = method({"views": [imgs]})["loss"]

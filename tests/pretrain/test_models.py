@@ -172,6 +172,8 @@ def test_unknown_backbone_lists_known_names() -> None:
         (dict(name="resnet50", image_size=16, stem="vgg"), r"stem must be one of \('cifar', 'imagenet'\)"),
         (dict(name="vit_tiny", image_size=16, pos_embed="rope"), "pos_embed must be 'learned' or 'sincos'"),
         (dict(name="vit_tiny", image_size=16, layer_scale=0), "layer_scale must be > 0"),
+        (dict(name="vit_tiny", image_size=16, num_registers=-1), "num_registers must be an int >= 0, got -1"),
+        (dict(name="vit_tiny", image_size=16, num_registers=True), "num_registers must be an int >= 0, got True"),
         (dict(name="vit_tiny", image_size=16, embed_dim=30, num_heads=3, pos_embed="sincos"),
          "needs an embed_dim divisible by 4, got 30"),
     ],
@@ -275,3 +277,40 @@ def test_vit_layer_scale_starts_each_block_near_identity() -> None:
     scaled(torch.randn(2, 3, 16, 16)).square().sum().backward()
     gains = [p for n, p in scaled.named_parameters() if ".ls" in n]
     assert len(gains) == 4 and all(p.ndim == 1 and p.grad.abs().sum() > 0 for p in gains)
+
+
+def test_vit_register_tokens_sit_between_cls_and_patches() -> None:
+    """num_registers=3: the tokens are [cls + its position, 3 registers (no position), patches + positions, masked ones
+    replaced first], written out here by hand; the registers take part in attention (they change the cls token), get
+    a gradient, and stay out of every output: ``patch_tokens``, the mean pool, ``forward_dense``; a local crop
+    interpolates the patches' positions only."""
+    torch.manual_seed(0)
+    vit = _tiny_vit(num_registers=3, global_pool="mean").eval()
+    assert vit.num_prefix_tokens == 4 and vit.register_tokens.shape == (1, 3, 32)
+    assert 0 < vit.register_tokens.abs().max() < 1e-4  # DINOv2's init, normal(std=1e-6)
+    with torch.no_grad():
+        vit.register_tokens.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, 5] = mask[1, :3] = True
+    patches = vit.patch_embed(x).flatten(2).transpose(1, 2)
+    patches = torch.where(mask[..., None], vit.mask_token, patches) + vit.pos_embed[:, 1:]
+    prefix = torch.cat([vit.cls_token + vit.pos_embed[:, :1], vit.register_tokens], dim=1).expand(2, -1, -1)
+    expected = torch.cat([prefix, patches], dim=1)
+    for block in vit.blocks:
+        expected = block(expected)
+    expected = vit.norm(expected)
+    tokens = vit.forward_features(x, mask)
+    assert tokens.shape == (2, 4 + 16, 32)
+    torch.testing.assert_close(tokens, expected)
+    torch.testing.assert_close(vit.patch_tokens(tokens), expected[:, 4:])
+    torch.testing.assert_close(vit.pool(tokens), expected[:, 4:].mean(1))
+    torch.testing.assert_close(vit.forward_dense(x), vit.patch_tokens(vit.forward_features(x)).transpose(1, 2)
+                               .reshape(2, 32, 4, 4))
+    assert vit(torch.randn(2, 3, 8, 8)).shape == (2, 32)  # a local crop: 4 patches, the same 3 registers
+    with torch.no_grad():
+        vit.register_tokens.add_(torch.randn(1, 3, 32))
+    assert not torch.allclose(vit.forward_features(x, mask)[:, 0], tokens[:, 0])
+    vit.train()
+    vit(x).square().sum().backward()
+    assert vit.register_tokens.grad.abs().sum() > 0
