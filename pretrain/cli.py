@@ -200,11 +200,6 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
             raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
         before = load_config(saved)
         cfg = load_config(saved, overrides)
-        if cfg.job.num_workers != before.job.num_workers:
-            raise ConfigError(
-                f"job.num_workers: the checkpoints of {run_dir.name} are ZeRO partitions of {before.job.num_workers} "
-                f"workers and cannot be loaded by {cfg.job.num_workers}"
-            )
         _check_same_structure(before, cfg, run_dir.name)
         return cfg, run_dir
     cfg = load_config(args.config or DEFAULT_RECIPE, overrides)

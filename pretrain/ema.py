@@ -4,7 +4,8 @@ Under DeepSpeed ZeRO-3 a parameter's full value exists only while a forward gath
 its partition in ``param.ds_tensor``. A teacher and a student of the same architecture are partitioned alike (the same
 numel per parameter), so the EMA runs on the partitions, locally and without communication. Parameters that ZeRO-3
 keeps whole on every rank (``ds_persist``: small ones, below its persistence threshold) are read from ``param.data`` by
-the forward without a gather, so those are updated there as well. Without ZeRO-3 the update is on ``param.data``.
+the forward without a gather, so those are updated there as well (on one rank the two are one storage: updated once).
+Without ZeRO-3 the update is on ``param.data``.
 Nothing here imports DeepSpeed: it only reads the attributes DeepSpeed sets.
 """
 
@@ -22,6 +23,10 @@ def cosine_momentum(step: int, max_steps: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, max_steps) / max(1, max_steps)) + 1.0) / 2.0
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _local_tensors(teacher: Iterable[nn.Parameter], student: Iterable[nn.Parameter]):
     t_out, s_out = [], []
     for t, s in zip(teacher, student, strict=True):
@@ -33,7 +38,9 @@ def _local_tensors(teacher: Iterable[nn.Parameter], student: Iterable[nn.Paramet
                                  f"{tuple(s.ds_tensor.shape)}")
             t_out.append(t.ds_tensor)
             s_out.append(s.ds_tensor)
-            if getattr(t, "ds_persist", False):
+            # a persistent parameter's whole copy, unless it is the partition itself (one rank: ZeRO-3 then keeps the
+            # two in one storage, and updating both would apply the EMA twice)
+            if getattr(t, "ds_persist", False) and not _same_storage(t.data, t.ds_tensor):
                 t_out.append(t.data)
                 s_out.append(s.data)
         else:

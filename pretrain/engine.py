@@ -31,6 +31,8 @@ from pretrain.optim import build_optimizer  # noqa: E402
 
 CKPT_TAG = "state"
 """DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""
+UNIVERSAL_TAG = "state_universal"
+"""Beside ``CKPT_TAG`` once a run resumes on another number of ranks: the same state in DeepSpeed's universal format."""
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -133,7 +135,8 @@ def optimizer_hyper(cfg: Config) -> dict:
     return {"betas": tuple(o.betas)}
 
 
-def ds_config(cfg: Config) -> dict:
+def ds_config(cfg: Config, *, universal: bool = False) -> dict:
+    """DeepSpeed's config for ``cfg``; ``universal``: the engine will load a universal checkpoint (``to_universal``)."""
     out = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accum_steps,  # engine.step() steps the optimizer every that many
@@ -147,12 +150,14 @@ def ds_config(cfg: Config) -> dict:
         # torch.autocast rather than DeepSpeed's "bf16" mode: fp32 master weights, BatchNorm statistics and inputs
         # stay fp32 (a bf16-cast module breaks BatchNorm and needs every input cast), matmuls and convs run in bf16.
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if universal:
+        out["checkpoint"] = {"load_universal": True}
     return out
 
 
-def build_engine(model: nn.Module, cfg: Config):
+def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW or LARS, warmup + cosine, weight-decay schedule,
-    clipping) from the config.
+    clipping) from the config; ``universal``: one that loads a universal checkpoint (``load_checkpoint(universal=)``).
 
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
     """
@@ -161,7 +166,7 @@ def build_engine(model: nn.Module, cfg: Config):
                                 **optimizer_hyper(cfg))
     scheduler = Schedule(optimizer, cfg, world)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, universal=universal)
     )
     return engine
 
@@ -171,13 +176,96 @@ def save_checkpoint(engine, directory: str | Path, client_state: dict) -> None:
     engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state=client_state)
 
 
-def load_checkpoint(engine, directory: str | Path) -> dict:
-    """Restore module, optimizer, scheduler; returns the client state saved with it."""
-    path, client_state = engine.load_checkpoint(str(directory), tag=CKPT_TAG)
+def load_checkpoint(engine, directory: str | Path, *, universal: bool = False) -> dict:
+    """Restore module, optimizer, scheduler; returns the client state saved with it. ``universal``: from the universal
+    form ``to_universal`` wrote (the engine built with ``universal=True``), whatever the number of ranks now."""
+    tag = UNIVERSAL_TAG if universal else CKPT_TAG
+    built = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
-        raise RuntimeError(f"no DeepSpeed checkpoint under {directory}/{CKPT_TAG}")
+        raise RuntimeError(f"no DeepSpeed checkpoint under {directory}/{tag}")
+    if universal:
+        _repair_universal_load(engine, built)
+        _restore_untrained(engine, Path(directory) / UNIVERSAL_TAG / UNTRAINED_FILE)
     engine.lr_scheduler.follow_config()  # after the optimizer's state, which ZeRO loads last
     return client_state
+
+
+UNTRAINED_FILE = "module.pt"
+"""In a universal checkpoint: the whole model's state, for what DeepSpeed's universal load leaves out."""
+
+
+def _repair_universal_load(engine, built: list[dict]) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (found by tests/pretrain/test_elastic.py, harmless
+    elsewhere): it gives every param group the first one's settings, so a group that takes no weight decay would decay
+    like the first: each group's own flags (``built``: the groups as the engine was built) and such a group's zero
+    come back; and it hands every group's optimizer state one shared ``step`` tensor, which Adam then advances once
+    per group and step, skewing its bias correction: each gets its own."""
+    for group, own in zip(engine.optimizer.param_groups, built):
+        group.update({k: own[k] for k in ("decay", "lars") if k in own})
+        if not own.get("decay"):
+            group["weight_decay"] = own["weight_decay"]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _restore_untrained(engine, saved_file: Path) -> None:
+    """DeepSpeed's universal load restores what the optimizer holds (the trained parameters and their moments) and
+    nothing else: the module's buffers (DINO's center, BatchNorm statistics, a SwAV queue) and its frozen parameters
+    (an EMA teacher, which ZeRO-3 partitions without training it) come from ``saved_file`` here."""
+    saved = torch.load(saved_file, map_location="cpu", weights_only=True, mmap=True)
+    module = engine.module
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            buf.copy_(saved[name])
+        frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
+        # under ZeRO-3 each rank holds a partition: gathered whole, set (alike on every rank), partitioned again
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0,
+                                               enabled=engine.zero_optimization_stage() == 3):
+            for name, p in frozen:
+                p.copy_(saved[name])
+
+
+def to_universal(directory: str | Path, stage: int) -> tuple[Path, float]:
+    """Convert the ZeRO-``stage`` partitions of checkpoint ``directory`` (``CKPT_TAG``, stage 1-3, any number of
+    ranks) into DeepSpeed's universal checkpoint beside them (``UNIVERSAL_TAG``: each trained parameter whole, with
+    its fp32 master copy and optimizer moments; plus the whole model's state, for the buffers and frozen parameters
+    that DeepSpeed's universal load leaves out), which an engine of any data-parallel size loads. Returns (its path,
+    seconds taken; 0 when it was there already).
+
+    Offline, on the CPU, with DeepSpeed's ``ds_to_universal``. Written under a ``.partial`` name and renamed when
+    complete: an interrupted conversion leaves the checkpoint as it was and is redone. Nothing of the ZeRO form is
+    changed. RuntimeError (one line, DeepSpeed's last words) if the conversion fails."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    directory = Path(directory)
+    out = directory / UNIVERSAL_TAG
+    if out.is_dir():
+        return out, 0.0
+    partial = directory / (UNIVERSAL_TAG + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    args = argparse.Namespace(input_folder=str(directory / CKPT_TAG), output_folder=str(partial),
+                              num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True)
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # a line per step and progress bars
+            ds_to_universal(args)
+        torch.save(consolidated_state_dict(directory, stage), partial / UNTRAINED_FILE)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises what it raises; the user gets it on one line
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f"converting {directory} to a universal checkpoint failed: {type(e).__name__}: {e}") from e
+    partial.rename(out)
+    return out, time.perf_counter() - start
 
 
 def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,18 +30,25 @@ def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     run_dir = Path(run_dir)
     found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     found += [p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return {_step_of(p): p for p in sorted(found) if (p / CKPT_TAG).is_dir()}
+    return {int(checkpoint_info(p)["step"]): p for p in sorted(found) if (p / CKPT_TAG).is_dir()}
 
 
-def _step_of(checkpoint: Path) -> int:
-    info = checkpoint / CHECKPOINT_INFO
+def checkpoint_info(checkpoint: str | Path) -> dict:
+    """``{"step", "epoch", "world_size"}`` of a checkpoint: its ``checkpoint.json``, or for a checkpoint of an older
+    version the client state in the first rank's DeepSpeed model states (the world size: DeepSpeed's own record)."""
+    info = Path(checkpoint) / CHECKPOINT_INFO
     if info.is_file():
-        return int(json.loads(info.read_text())["step"])
-    from pretrain.engine import CKPT_TAG  # a checkpoint of an older version: the step is in DeepSpeed's client state
+        return json.loads(info.read_text())
+    from pretrain.engine import CKPT_TAG
 
-    states = torch.load(checkpoint / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
-                        mmap=True)
-    return int(states["step"])
+    state = Path(checkpoint) / CKPT_TAG  # ZeRO 0-2 name their first rank's file the one way, ZeRO-3 the other
+    first = next((p for p in (state / "mp_rank_00_model_states.pt", state / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                  if p.is_file()), None)
+    if first is None:
+        raise ValueError(f"{checkpoint} holds no {CHECKPOINT_INFO} and no DeepSpeed model states")
+    states = torch.load(first, map_location="cpu", weights_only=False, mmap=True)
+    return {"step": int(states["step"]), "epoch": int(states.get("epoch", 0)),
+            "world_size": int(states.get("world_size", states["dp_world_size"]))}
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:

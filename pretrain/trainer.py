@@ -22,8 +22,9 @@ from data_pipeline.loader import make_train_stream
 from pretrain import dist
 from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import resolve_shards
-from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
+from pretrain.engine import UNIVERSAL_TAG, build_engine, full_state_dict, load_checkpoint, save_checkpoint, to_universal
 from pretrain.methods import METHODS
+from pretrain.steps import CHECKPOINT_INFO, checkpoint_info
 from pretrain.sync_bn import convert_sync_bn
 from pretrain.tracking import default_artifact_location, default_tracking_uri, make_tracker
 
@@ -107,19 +108,26 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         torch.cuda.set_device(device)
 
     method = build_method(cfg, distributed=world > 1).to(device)
-    engine = build_engine(method, cfg)
-    # Every rank built the same init from the same seed; from here each draws its own randomness (MAE's masks,
-    # stochastic depth), as the reference implementations seed each rank apart. A resume restores these streams.
-    seed_everything(cfg.job.seed * 1000 + 1 + rank)
-
     step, epoch, resume = 0, 0, None
     with session.latest_checkpoint() as ckpt:
+        saved_world = int(checkpoint_info(ckpt)["world_size"]) if ckpt is not None else world
+        universal = saved_world != world and cfg.zero.stage > 0
+        if universal:
+            _prepare_universal(ckpt, cfg.zero.stage, saved_world, world, rank)
+        engine = build_engine(method, cfg, universal=universal)
+        # Every rank built the same init from the same seed; from here each draws its own randomness (MAE's masks,
+        # stochastic depth), as the reference implementations seed each rank apart. A resume restores these streams.
+        seed_everything(cfg.job.seed * 1000 + 1 + rank)
         if ckpt is not None:
-            state = load_checkpoint(engine, ckpt)
+            state = load_checkpoint(engine, ckpt, universal=universal)
             step, epoch = int(state["step"]), int(state["epoch"])
-            resume = _load_rank_state(ckpt, rank)
+            # a data position and random streams are a rank's own: under another number of ranks, each reads its new
+            # share of the epoch from the start
+            resume = _load_rank_state(ckpt, rank) if saved_world == world else None
             if rank == 0:
-                where = "its data position" if resume else "the start of that epoch (no data position saved)"
+                where = ("its data position" if resume else "the start of that epoch " + (
+                    "(no data position saved)" if saved_world == world else
+                    f"(written by {saved_world} ranks, now split over {world}: its samples read so far come again)"))
                 print(f"Resumed from {ckpt} at step {step} (epoch {epoch}), reading on from {where}.", flush=True)
 
     resumed_at = step
@@ -372,10 +380,30 @@ def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int,
         if rank == 0:  # what pretrain.steps lists it by, without opening the partitions
             import json
 
-            from pretrain.steps import CHECKPOINT_INFO
-
             (Path(tmp) / CHECKPOINT_INFO).write_text(json.dumps(state) + "\n")
         session.report(metrics, Path(tmp))
+
+
+def _prepare_universal(ckpt: Path, stage: int, saved_world: int, world: int, rank: int) -> None:
+    """Checkpoint ``ckpt`` holds the ZeRO partitions of ``saved_world`` ranks and this run has ``world``: rank 0
+    converts it to DeepSpeed's universal form (once: a later resume finds it), which engines of any size load; the
+    others wait for it. ZeRO-0 checkpoints hold every parameter whole and load under any number of ranks as they are."""
+    error = None
+    if rank == 0:
+        print(f"Checkpoint {ckpt.name} holds the ZeRO-{stage} partitions of {saved_world} ranks and this run has "
+              f"{world}: converting it to DeepSpeed's universal checkpoint ...", flush=True)
+        try:
+            out, seconds = to_universal(ckpt, stage)
+            print(f"Universal checkpoint {out} " + (f"written in {seconds:.1f} s." if seconds else "already there."),
+                  flush=True)
+        except RuntimeError as e:
+            error = e
+    dist.barrier()
+    if error is not None:
+        raise error
+    if not (ckpt / UNIVERSAL_TAG).is_dir():
+        raise RuntimeError(f"rank {rank} does not see {ckpt / UNIVERSAL_TAG}, which rank 0 wrote: every rank must "
+                           "see the run directory (shared storage)")
 
 
 def _load_rank_state(ckpt: Path, rank: int) -> dict | None:
