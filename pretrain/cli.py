@@ -114,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, default=10, help="results to show (default 10)")
     q.add_argument("--out", type=Path, help="write the query's results as a PNG contact sheet")
 
+    a = sub.add_parser("attention", help="a ViT run's self-attention maps for some images (DINO's), as a PNG",
+                       description="Where the cls token of a finished ViT run looks: for each --image KEY of --data, "
+                       "the attention of the cls token over the patches in one block (the last by default), per head "
+                       "and averaged, drawn beside the image as the encoder saw it; printed: how the cls token shares "
+                       "its attention between itself, the register tokens (model.backbone_kwargs.num_registers) and "
+                       "the patches.")
+    a.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory with a ViT backbone")
+    a.add_argument("--image", metavar="KEY", action="append", required=True,
+                   help="the key of an image of --data (repeatable: a row each)")
+    a.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits shards)")
+    a.add_argument("--block", type=int, default=-1, help="which block's attention (default -1: the last)")
+    a.add_argument("--out", type=Path, required=True, help="the PNG to write")
+
     m = sub.add_parser("embed", help="embed every image of a shard dataset into a Parquet index",
                        description="Embed every image of --data with a finished run's encoder (whole images, resized "
                        "and normalised as in training; undecodable ones skipped and counted) and write a Parquet file: "
@@ -148,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--input-dtype", default="uint8", help="uint8 (0..255) or float32 (0..1) (default uint8)")
     x.add_argument("--device", default="cpu", help="the device the program runs on: cpu, cuda, cuda:1, ... "
                    "(default cpu)")
-    for cmd in (q, m):
+    for cmd in (q, m, a):
         cmd.add_argument("--device", default="auto", help="where the encoder runs: auto (a GPU if there is one), cpu, "
                        "cuda, cuda:1, ... (default auto)")
 
@@ -433,6 +446,24 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_attention(args) -> int:
+    from pretrain.attention import attention_maps, plot_attention
+    from pretrain.index import load_run
+
+    run = load_run(args.checkpoint, _device(args.device))
+    result = attention_maps(run, _data_shards(run, args.data), args.image, block=args.block)
+    print(f"cls-token attention in block {result.block} of {result.maps.shape[1]} heads "
+          f"(mean over heads; {run.backbone.num_registers} register tokens):")
+    print(f"{'key':<16} {'label':>5} {'self':>6} {'registers':>9} {'patches':>7}  most attended patch (row, col)")
+    for key, label, shares, maps in zip(result.keys, result.labels, result.shares.tolist(), result.maps):
+        mean = maps.mean(0)
+        row, col = divmod(int(mean.argmax()), mean.shape[1])
+        print(f"{key:<16} {label if label >= 0 else '-':>5} {shares[0]:>6.3f} {shares[1]:>9.3f} {shares[2]:>7.3f}"
+              f"  ({row}, {col}): {float(mean.max()):.3f}")
+    print(f"Attention maps: {plot_attention(result, args.out)}")
+    return 0
+
+
 def _device(spec: str) -> str:
     """``--device``, checked: auto, cpu, cuda or cuda:N of a GPU this machine has."""
     import torch
@@ -533,7 +564,8 @@ def cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search, "embed": cmd_embed,
-               "extract": cmd_extract, "export": cmd_export, "data": cmd_data}[args.command]
+               "attention": cmd_attention, "extract": cmd_extract, "export": cmd_export,
+               "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # user input; programming errors keep their traceback

@@ -30,6 +30,8 @@ class Run:
     """texts -> (B, E), or None for a method without a text tower"""
     device: torch.device = torch.device("cpu")
     """where the encoders' weights are: images go there"""
+    backbone: torch.nn.Module | None = None
+    """the image backbone (``encode_image`` without CLIP's projection; ``pretrain attention`` looks inside a ViT's)"""
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
@@ -49,8 +51,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     device = torch.device(device)
     method.to(device).eval()
     if hasattr(method, "encode_text"):
-        return Run(cfg, method.encode_image, method.encode_text, device)
-    return Run(cfg, method.backbone, None, device)
+        return Run(cfg, method.encode_image, method.encode_text, device, method.backbone)
+    return Run(cfg, method.backbone, None, device, method.backbone)
 
 
 @dataclass

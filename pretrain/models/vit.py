@@ -72,6 +72,17 @@ class Attention(nn.Module):
                                              is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+    def weights(self, x: Tensor) -> Tensor:
+        """x: (B, N, D) -> (B, heads, N, N): the attention probabilities ``forward`` applies, softmax(q k^T / sqrt(d)),
+        which scaled_dot_product_attention never forms; written out here in fp32, to look at, not to train."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.float().unbind(0)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if self.causal:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return scores.softmax(dim=-1)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with ``layer_scale`` each branch is first
@@ -287,6 +298,18 @@ class VisionTransformer(nn.Module):
         method that trains an image-level objective on tokens (iBOT) pools through here, so it trains what ``forward``
         releases."""
         return self.patch_tokens(tokens).mean(dim=1) if self.global_pool == "mean" else tokens[:, 0]
+
+    def cls_attention(self, x: Tensor, block: int = -1) -> Tensor:
+        """x: (B, C, H, W) -> (B, heads, P+L): the attention of the cls token over every token (itself, the registers,
+        then the patches in row-major order; each row sums to 1) in block ``block`` (default the last), DINO's
+        attention maps once the patches' part is shaped to the grid."""
+        if not -len(self.blocks) <= block < len(self.blocks):
+            raise ValueError(f"ViT block {block} does not exist: the model has {len(self.blocks)} blocks")
+        last = block % len(self.blocks)
+        tokens = self.prepare_tokens(x)
+        for b in self.blocks[:last]:
+            tokens = b(tokens)
+        return self.blocks[last].attn.weights(self.blocks[last].norm1(tokens))[:, :, 0]
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, D): the final-normed tokens pooled by ``pool``."""
