@@ -60,13 +60,24 @@ class RaySession:
         ray.train.report(metrics, checkpoint=checkpoint)  # every rank reports: Ray merges their ZeRO partitions
 
 
+def _print_placement(rank: int, node: str) -> None:
+    """Rank 0 prints where every worker runs, in one line: one line per worker would differ only in numbers, which
+    Ray's log deduplication folds into one ("[repeated 2x across cluster]"), hiding the others."""
+    import torch.distributed as td
+
+    placed = [(rank, node)]
+    if td.is_initialized() and td.get_world_size() > 1:
+        placed = [None] * td.get_world_size()
+        td.all_gather_object(placed, (rank, node))
+    if rank == 0:
+        print(f"Ray Train workers ({len(placed)}): " + ", ".join(f"{r} on {n}" for r, n in sorted(placed)), flush=True)
+
+
 def _worker_loop(config: dict) -> None:
     """Runs on each Ray Train worker; the process group is Ray's (gloo on CPU, NCCL on GPU)."""
     from pretrain.trainer import train
 
-    context = ray.train.get_context()
-    print(f"Ray Train worker {context.get_world_rank()}/{context.get_world_size()} on node "
-          f"{ray.util.get_node_ip_address()}", flush=True)
+    _print_placement(ray.train.get_context().get_world_rank(), ray.util.get_node_ip_address())
     train(config_from_dict(config["cfg"]), Path(config["run_dir"]), RaySession())
 
 

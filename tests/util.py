@@ -113,3 +113,12 @@ def write_run(run_dir, recipe: str, cache, *overrides: str) -> None:
     torch.save({"config": to_dict(cfg), "state_dict": method.backbone.state_dict()}, Path(run_dir) / "backbone.pt")
     if method.needs_text:
         torch.save({"config": to_dict(cfg), "state_dict": method.state_dict()}, Path(run_dir) / MODEL_FILE)
+
+
+def worker_placement(log: str) -> dict[str, str]:
+    """``{rank: node address}`` from the line in which a Ray run's rank 0 says where its workers run (the last such
+    line of ``log``; {} if there is none)."""
+    import re
+
+    lines = re.findall(r"Ray Train workers \(\d+\): (.*)", log)
+    return dict(re.findall(r"(\d+) on ([0-9.]+)", lines[-1])) if lines else {}

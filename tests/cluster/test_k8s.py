@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.util import free_port, run_cli
+from tests.util import free_port, run_cli, worker_placement
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
@@ -303,7 +303,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     assert f"Ray node {POD_IPS[1]} joining {POD_IPS[0]}:" in node_log and f"({head_host})" in node_log
     resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
     assert resumed and int(resumed.group(1)) >= 8 and int(resumed.group(1)) % 8 == 0, text[-6000:]
-    placed = dict(re.findall(r"Ray Train worker (\d)/2 on node (127\.0\.0\.\d+)", text))
+    placed = worker_placement(text)
     assert sorted(placed) == ["0", "1"] and set(placed.values()) == set(POD_IPS), placed
     with (run / "metrics.csv").open() as f:
         steps = {int(line.split(",")[0]) for line in list(f)[1:]}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.slurm_fixture import slurm_cluster  # noqa: F401 - fixture
-from tests.util import run_cli
+from tests.util import run_cli, worker_placement
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
@@ -137,7 +137,7 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
     resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
     assert resumed and int(resumed.group(1)) % 8 == 0, text[-6000:]
     for start in text.split("ssl-pretrain: job")[1:]:
-        placed = dict(re.findall(r"Ray Train worker (\d)/2 on node (127\.0\.0\.\d+)", start))
+        placed = worker_placement(start)
         assert sorted(placed) == ["0", "1"] and set(placed.values()) == {"127.0.0.2", "127.0.0.3"}, placed
     with (run / "metrics.csv").open() as f:
         steps = {int(line.split(",")[0]) for line in list(f)[1:]}
