@@ -40,6 +40,9 @@ class ModelConfig:
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
     proj_layers: int = 2
+    proj_last_bn: bool = False
+    """BYOL, MoCo v3: the projector's last Linear (no bias then) followed by a BatchNorm without affine parameters, as
+    MoCo v3's official projector (SimCLR's design); the predictor keeps a plain last Linear."""
     sync_bn: bool = False
     """BatchNorm statistics of the global batch (every rank's samples) in training, in the backbone and the heads
     (SimCLR's and BYOL's global BN; pretrain.sync_bn): two small all-reduces per BatchNorm layer and forward. Off:

@@ -17,11 +17,13 @@ class ProjectionHead(nn.Module):
     """MLP ``in_dim -> hidden_dim -> ... -> out_dim`` with ``num_layers`` Linear layers (SimCLR / BYOL / MoCo v3).
 
     Hidden layers are Linear -> BatchNorm1d -> ReLU (Linear -> ReLU without ``use_bn``); the last layer is a bare
-    Linear. ``num_layers=1`` is a single Linear. BYOL's predictor is the same module with ``in_dim == out_dim``.
+    Linear, or with ``last_bn`` a bias-free Linear -> BatchNorm1d without affine parameters (MoCo v3's projector).
+    ``num_layers=1`` is a single Linear. BYOL's predictor is the same module with ``in_dim == out_dim``.
     """
 
     def __init__(
-        self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2, use_bn: bool = True
+        self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2, use_bn: bool = True,
+        last_bn: bool = False,
     ) -> None:
         super().__init__()
         _positive(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim, num_layers=num_layers)
@@ -34,7 +36,9 @@ class ProjectionHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             d = hidden_dim
-        layers.append(nn.Linear(d, out_dim))
+        layers.append(nn.Linear(d, out_dim, bias=not last_bn))
+        if last_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
         self.mlp = nn.Sequential(*layers)
         self.out_dim = out_dim
 

@@ -45,7 +45,7 @@ class BYOL(SSLMethod):
         mc, m = cfg.model, cfg.method
         backbone = build_method_backbone(cfg)
         projector = ProjectionHead(backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
-                                   num_layers=mc.proj_layers)
+                                   num_layers=mc.proj_layers, last_bn=mc.proj_last_bn)
         self.online = nn.ModuleDict({"backbone": backbone, "projector": projector})
         self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
                                         num_layers=2)

@@ -24,6 +24,25 @@ def test_projection_head_shape_and_layout(num_layers: int, use_bn: bool) -> None
     assert head(torch.randn(5, 12)).shape == (5, 7)
 
 
+def test_projection_head_last_bn_standardises_each_output() -> None:
+    """last_bn (MoCo v3's projector): the last Linear has no bias and a BatchNorm without affine parameters follows
+    it, so in training each output feature has mean 0 and variance 1 over the batch; in eval the running statistics
+    apply; the hidden layers are as without it."""
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 20, 7, num_layers=3, last_bn=True)
+    last_linear, last_bn = head.mlp[-2], head.mlp[-1]
+    assert isinstance(last_bn, nn.BatchNorm1d) and not last_bn.affine and last_linear.bias is None
+    assert [type(m) for m in head.mlp[:-1]] == [type(m) for m in ProjectionHead(12, 20, 7, num_layers=3).mlp]
+    out = head(torch.randn(256, 12) * 3 + 1)
+    torch.testing.assert_close(out.mean(0), torch.zeros(7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(0, unbiased=False), torch.ones(7), atol=1e-3, rtol=0)
+    assert not any(n.startswith("mlp.5.") for n, _ in head.named_parameters())  # statistics only: buffers
+    head.eval()
+    x = torch.randn(4, 12)
+    pre = head.mlp[:-1](x)
+    torch.testing.assert_close(head(x), (pre - last_bn.running_mean) / (last_bn.running_var + last_bn.eps).sqrt())
+
+
 def test_projection_head_output_is_not_rectified() -> None:
     """No ReLU after the last layer: outputs take negative values."""
     torch.manual_seed(0)

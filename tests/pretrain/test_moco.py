@@ -184,6 +184,22 @@ def test_short_training_learns_to_tell_the_images_apart(digits_shards):
     assert start_rank > 45 and end_rank < 0.6 * start_rank, (start_rank, end_rank)
 
 
+def test_projector_last_bn_on_both_encoders_not_the_predictor():
+    """model.proj_last_bn: the base and momentum encoders' projectors end in a BatchNorm without affine parameters (the
+    official MoCo v3 heads), the predictor in a plain Linear; the method still gives a finite loss and trains."""
+    from torch import nn
+
+    method = _method("model.proj_last_bn=true")
+    for net in (method.online, method.target):
+        last = net["projector"].mlp[-1]
+        assert isinstance(last, nn.BatchNorm1d) and not last.affine
+    assert isinstance(method.predictor.mlp[-1], nn.Linear)
+    views = [torch.randn(8, 1, 16, 16) for _ in range(2)]
+    loss = method({"views": views})["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and method.online["projector"].mlp[0].weight.grad.abs().sum() > 0
+
+
 def test_config_errors():
     assert config_error(RECIPE, ["data.num_views=3"]).startswith("data.num_views: moco_v3 contrasts two views")
     assert config_error(RECIPE, ["data.local_views=2"]).startswith("data.num_views: moco_v3")
