@@ -225,12 +225,13 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
 
 def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
     """ConfigError for a resume override that changes what the checkpoints hold (the method, the model, the ZeRO
-    stage, the optimizer; the accumulation, which DeepSpeed counts in micro-steps): they would not load or would not
-    line up, and the workers would fail only after starting."""
+    stage, the optimizer and its param groups; the accumulation, which DeepSpeed counts in micro-steps): they would
+    not load or would not line up, and the workers would fail only after starting."""
     from pretrain.config import to_dict
 
     old, new = to_dict(before), to_dict(cfg)
-    keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps")]
+    keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps"),
+            ("optim", "layer_decay"), ("optim", "patch_embed_lr_mult")]  # these two: the optimizer's param groups
     keys += [("model", k) for k in sorted(old["model"]) if k != "sync_bn"]  # same weights either way
     # a method key that shapes the method's weights or buffers (DINO's and SwAV's prototypes, MAE's decoder, a queue)
     changed = [k for k in sorted(old["method"]) if k != "name" and old["method"][k] != new["method"].get(k)]

@@ -32,7 +32,7 @@ def _check(ok: bool, key: str, problem: str) -> None:
 @dataclass(kw_only=True)
 class ModelConfig:
     backbone: str = "convnet"
-    """Key into pretrain.models.BACKBONES (vit_tiny, vit_small, vit_base, convnet, resnet18, resnet50)."""
+    """Key into pretrain.models.BACKBONES (vit_tiny, vit_small, vit_base, vit_large, convnet, resnet18, resnet50)."""
     patch_size: int = 16
     """ViT patch size; the image size comes from data.image_size."""
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +83,7 @@ class MethodConfig:
     """DINO, BYOL, MoCo v3: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1 by a cosine
     over job.max_steps."""
     center_momentum: float = 0.9
+    """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     koleo_weight: float = 0.0
     """DINO, iBOT: weight of DINOv2's KoLeo regularizer on the student's global-view features (each view's batch on
     this rank: -mean log distance to the nearest other feature), which spreads them out; DINOv2 uses 0.1. 0 = off."""
@@ -91,7 +92,6 @@ class MethodConfig:
     softmax at the teacher temperature) or ``sinkhorn`` (DINOv2's Sinkhorn-Knopp centering: the teacher's
     distributions balanced over the prototypes across the global batch, sinkhorn_iters iterations at the teacher
     temperature; needs norm_last_layer)."""
-    """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     freeze_last_layer_steps: int = 0
     """DINO, SwAV: steps during which the prototypes get no gradient (stabilises the start)."""
     # --- iBOT (everything of DINO above, plus masked patches of the student's global views) ---
@@ -103,6 +103,13 @@ class MethodConfig:
     """iBOT: teacher temperature of the patch loss after warmup (from warmup_teacher_temp, like teacher_temp)."""
     patch_loss_weight: float = 1.0
     """iBOT: weight of the masked-patch loss next to the cls (DINO) loss."""
+    patch_head: str = "shared"
+    """iBOT: ``shared`` (iBOT's: one head maps the image-level and the patch tokens onto one set of prototypes) or
+    ``separate`` (DINOv2's ibot.separate_head: the patch tokens get a head of their own, of the same shape, with its
+    own prototypes and its own EMA teacher)."""
+    patch_prototypes: int = 0
+    """iBOT with ``patch_head: separate``: the patch head's prototypes (DINOv2's ibot.head_n_prototypes); 0 = as many
+    as num_prototypes."""
     # --- BYOL (projector: model.proj_*; target momentum: teacher_momentum) ---
     predictor_hidden_dim: int = 512
     """BYOL, MoCo v3: hidden width of the 2-layer predictor (proj_out_dim -> this -> proj_out_dim)."""
@@ -192,6 +199,12 @@ class MethodConfig:
         _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
         _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
         _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
+        _check(self.patch_head in ("shared", "separate"), "patch_head",
+               f"must be shared or separate, got {self.patch_head!r}")
+        _check(self.patch_prototypes >= 0, "patch_prototypes", f"must be >= 0, got {self.patch_prototypes}")
+        _check(self.patch_head == "separate" or self.patch_prototypes in (0, self.num_prototypes), "patch_prototypes",
+               f"{self.patch_prototypes} needs patch_head: separate (a shared head has its num_prototypes, "
+               f"{self.num_prototypes}, for the patches too)")
         _check(self.centering in ("ema", "sinkhorn"), "centering", f"must be ema or sinkhorn, got {self.centering!r}")
         _check(self.sinkhorn_eps > 0, "sinkhorn_eps", f"must be > 0, got {self.sinkhorn_eps}")
         for key in ("queue_size", "queue_start_steps"):
@@ -337,6 +350,12 @@ class OptimConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     """Gradient-norm clipping; 0 disables."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay of a ViT backbone (BEiT's, DINOv2's 0.9): block i of depth learns at
+    layer_decay ** (depth - i) of the rate, the embeddings and tokens at layer_decay ** (depth + 1), the last norm and
+    the heads at the full rate; 1 = off."""
+    patch_embed_lr_mult: float = 1.0
+    """A ViT's patch projection learns at this times its rate (DINOv2's 0.2); 1 = off."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("adamw", "lars"), "name", f"must be adamw or lars, got {self.name!r}")
@@ -351,6 +370,8 @@ class OptimConfig:
                f"must be >= 0 or null, got {self.weight_decay_end}")
         _check(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        _check(self.patch_embed_lr_mult > 0, "patch_embed_lr_mult", f"must be > 0, got {self.patch_embed_lr_mult}")
         _check(self.trust_coefficient > 0, "trust_coefficient", f"must be > 0, got {self.trust_coefficient}")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
@@ -482,6 +503,10 @@ class Config:
             )
         METHODS[self.method.name].check_config(self)
         _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps", "must be < job.max_steps")
+        for key in ("layer_decay", "patch_embed_lr_mult"):
+            _check(getattr(self.optim, key) == 1 or self.model.backbone.startswith("vit"), f"optim.{key}",
+                   f"{getattr(self.optim, key)} needs a ViT backbone (it scales a ViT's layers), got model.backbone "
+                   f"{self.model.backbone!r}")
         _check(self.optim.name != "lars" or self.zero.stage == 0, "zero.stage",
                f"optim.name lars needs stage 0, got {self.zero.stage}: LARS scales each parameter by its own norm, and "
                "ZeRO 1-3 hand the optimizer flat partitions that mix parameters")

@@ -76,15 +76,33 @@ def weight_decay_at(cfg: Config):
     return value
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters). The group that
-    decays is marked ``decay: True`` for the schedule."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
-            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
+                 patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters); the groups that
+    decay are marked ``decay: True`` for the schedule. Each group's ``lr_mult`` scales the scheduled learning rate:
+    1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which gives a ViT's parameters
+    layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block layer_decay, the
+    embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2) != 1, which
+    multiplies the patch projection's; parameters outside a ViT (heads, decoders) keep the full rate. One group per
+    (decay, multiplier), in a fixed order: the decaying groups first, fastest first (without multipliers: the two
+    groups of old)."""
+    from pretrain.models.vit import VisionTransformer
+
+    vits = {prefix: m for prefix, m in model.named_modules() if isinstance(m, VisionTransformer)}
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = 1.0
+        owner = max((prefix for prefix in vits if not prefix or name.startswith(prefix + ".")), key=len, default=None)
+        if owner is not None:  # the innermost ViT holding it
+            vit, local = vits[owner], name[len(owner) + 1:] if owner else name
+            mult = layer_decay ** (len(vit.blocks) + 1 - vit.layer_id(local))
+            if local.startswith("patch_embed."):
+                mult *= patch_embed_lr_mult
+        groups.setdefault((p.ndim > 1, mult), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "lr_mult": mult}
+            for (decay, mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 class Schedule(torch.optim.lr_scheduler.LambdaLR):
@@ -102,9 +120,9 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         momentum and trust coefficient) of this run's config, not of the run that saved it (a run resumed with another
         ``optim.lr`` uses it), and the learning rate for the coming step from them; unchanged values give back exactly
         what was saved."""
-        self.base_lrs = [self.peak_lr] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.lr_lambdas):
-            group.update(initial_lr=self.peak_lr, lr=self.peak_lr * factor(self.last_epoch), **self.hyper)
+        self.base_lrs = [self.peak_lr * group.get("lr_mult", 1.0) for group in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group.update(initial_lr=base, lr=base * factor(self.last_epoch), **self.hyper)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     CONFIG_VALUES = ("weight_decay", "peak_lr", "hyper")
@@ -162,8 +180,9 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
     """
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim.name, peak_lr(cfg, world),
-                                **optimizer_hyper(cfg))
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, layer_decay=o.layer_decay, patch_embed_lr_mult=o.patch_embed_lr_mult)
+    optimizer = build_optimizer(groups, o.name, peak_lr(cfg, world), **optimizer_hyper(cfg))
     scheduler = Schedule(optimizer, cfg, world)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, universal=universal)
@@ -202,7 +221,7 @@ def _repair_universal_load(engine, built: list[dict]) -> None:
     come back; and it hands every group's optimizer state one shared ``step`` tensor, which Adam then advances once
     per group and step, skewing its bias correction: each gets its own."""
     for group, own in zip(engine.optimizer.param_groups, built):
-        group.update({k: own[k] for k in ("decay", "lars") if k in own})
+        group.update({k: own[k] for k in ("decay", "lars", "lr_mult") if k in own})
         if not own.get("decay"):
             group["weight_decay"] = own["weight_decay"]
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)

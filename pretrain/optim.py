@@ -70,8 +70,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, **hyper) -> torch.optim.Optimizer:
-    """``optim.name``'s optimizer over ``groups`` (``pretrain.engine.param_groups``: the decaying group is the one
-    LARS adapts), with ``hyper``: AdamW's betas, or LARS's momentum and trust_coefficient."""
+    """``optim.name``'s optimizer over ``groups`` (``pretrain.engine.param_groups``: the decaying groups are the ones
+    LARS adapts; a group's learning rate is ``lr`` x its ``lr_mult``), with ``hyper``: AdamW's betas, or LARS's
+    momentum and trust_coefficient."""
+    groups = [{**g, "lr": lr * g.get("lr_mult", 1.0)} for g in groups]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **hyper)
     if name == "lars":

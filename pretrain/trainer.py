@@ -307,7 +307,7 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
     values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
     names = list(pending[0][1])
     _stop_if_not_finite(pending, [row[names.index("loss")] for row in values], world)
-    lr = engine.get_lr()[0]
+    lr = max(engine.get_lr())  # the full rate (layer-wise decay lowers some groups')
     for (step, _, seconds, epoch), row in zip(pending, values):
         per_worker = cfg.data.batch_size * cfg.optim.accum_steps / max(seconds, 1e-9)
         metrics = {

@@ -50,6 +50,13 @@ def teacher_temperature(step: int, warmup_temp: float, temp: float, warmup_steps
     return warmup_temp + (temp - warmup_temp) * step / warmup_steps
 
 
+def dino_head(cfg: Config, in_dim: int, prototypes: int) -> DINOHead:
+    """The head of ``cfg`` (its MLP: model.proj_*; method.head_bn, method.norm_last_layer) onto ``prototypes``."""
+    return DINOHead(in_dim, out_dim=prototypes, hidden_dim=cfg.model.proj_hidden_dim,
+                    bottleneck_dim=cfg.model.proj_out_dim, num_layers=cfg.model.proj_layers,
+                    use_bn=cfg.method.head_bn, norm_last_layer=cfg.method.norm_last_layer)
+
+
 class DINO(SSLMethod):
     masks = False
     """Whether the backbone gets a mask token (iBOT's subclass masks the student's global views)."""
@@ -72,9 +79,7 @@ class DINO(SSLMethod):
         del gather, rank  # DINO's loss is per sample: only the center is averaged across ranks
         m = cfg.method
         backbone = build_method_backbone(cfg, masks=self.masks)
-        head = DINOHead(backbone.embed_dim, out_dim=m.num_prototypes, hidden_dim=cfg.model.proj_hidden_dim,
-                        bottleneck_dim=cfg.model.proj_out_dim, num_layers=cfg.model.proj_layers,
-                        use_bn=m.head_bn, norm_last_layer=m.norm_last_layer)
+        head = dino_head(cfg, backbone.embed_dim, m.num_prototypes)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("center", torch.zeros(m.num_prototypes))

@@ -3,7 +3,8 @@
 DINO (``pretrain.methods.dino``) plus masked image modelling in its own feature space. The student's global views are
 block-masked (``data_pipeline.masking``; a masked patch's embedding becomes the mask token through
 ``kernels.mask_token_replace``); the teacher sees them whole. The head, shared by the image-level token and the patch
-tokens, maps every token to prototype logits. Two losses, summed: DINO's cross-view loss on the image-level token
+tokens, maps every token to prototype logits (with ``patch_head: separate``, DINOv2's, the patch tokens have a head
+and prototypes of their own). Two losses, summed: DINO's cross-view loss on the image-level token
 (global and local views, ``kernels.dino_loss``) and the patch loss, the cross-entropy between the teacher's centred and
 sharpened patch distributions and the student's at the masked patches of the same view
 (``kernels.ibot_masked_patch_loss``, the DINO kernel on diagonal pairs, over the masked patches packed). Each has its
@@ -15,6 +16,8 @@ its own teacher temperature. The image-level token is the backbone's ``pool``: t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -23,7 +26,7 @@ from kernels.dino_loss import dino_loss, ibot_masked_patch_loss
 from kernels.masked_gather import packed_gather
 from pretrain.config import Config
 from pretrain.methods.base import Gather, Reduce, StepMean, features_by_resolution, require_vit
-from pretrain.methods.dino import DINO, teacher_temperature
+from pretrain.methods.dino import DINO, dino_head, teacher_temperature
 
 
 class IBOT(DINO):
@@ -38,7 +41,13 @@ class IBOT(DINO):
                  rank: int = 0) -> None:
         super().__init__(cfg, gather=gather, reduce=reduce, rank=rank)
         m = cfg.method
-        self.register_buffer("patch_center", torch.zeros(m.num_prototypes))
+        patch_prototypes = m.patch_prototypes or m.num_prototypes
+        self._patch_key = "head"
+        if m.patch_head == "separate":  # DINOv2's: the patch tokens' own head, its teacher an EMA of it like the rest
+            self._patch_key = "patch_head"
+            self.student[self._patch_key] = dino_head(cfg, self.student["backbone"].embed_dim, patch_prototypes)
+            self.teacher[self._patch_key] = copy.deepcopy(self.student[self._patch_key]).requires_grad_(False)
+        self.register_buffer("patch_center", torch.zeros(patch_prototypes))
         for part in (self.student, self.teacher):
             part["backbone"].mask_impl = m.loss_impl
         self.patch_weight = m.patch_loss_weight
@@ -60,9 +69,9 @@ class IBOT(DINO):
         return backbone.pool(tokens), backbone.patch_tokens(tokens)
 
     @staticmethod
-    def _head(net: nn.ModuleDict, x: Tensor, freeze: bool = False) -> Tensor:
-        """(..., D) -> (..., K) prototype logits, token by token."""
-        return net["head"](x.reshape(-1, x.shape[-1]), freeze_last_layer=freeze).view(*x.shape[:-1], -1)
+    def _head(net: nn.ModuleDict, x: Tensor, freeze: bool = False, key: str = "head") -> Tensor:
+        """(..., D) -> (..., K) prototype logits, token by token, by the head ``net[key]``."""
+        return net[key](x.reshape(-1, x.shape[-1]), freeze_last_layer=freeze).view(*x.shape[:-1], -1)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: ``n_global`` tensors (B, C, H, W), then any local crops (B, C, h, w).
@@ -82,7 +91,7 @@ class IBOT(DINO):
         mask = mask.to(glob.device)
         with torch.no_grad():  # the teacher's head over every patch: the patch center is their mean
             t_image, t_patch = self._encode(self.teacher["backbone"], glob, None)
-            t_image, t_patch = self._head(self.teacher, t_image), self._head(self.teacher, t_patch)
+            t_image, t_patch = self._head(self.teacher, t_image), self._head(self.teacher, t_patch, key=self._patch_key)
             patch_mean = t_patch.float().mean(dim=(0, 1))
             t_image, center = self._centred(t_image, self.center, self._teacher_temp)
             # the teacher's masked patches, on every rank whatever its draw (Sinkhorn-Knopp centering balances them
@@ -99,11 +108,12 @@ class IBOT(DINO):
         # only) has no patch loss (a BatchNorm head cannot normalise one row); the head still runs, over every patch,
         # so each rank calls it as often as the others (ZeRO-3 gathers its parameters collectively per call).
         if masked >= 2:
-            s_masked = self._head(self.student, packed_gather(s_patch, mask, impl=backbone.mask_impl), self._freeze)
+            s_masked = self._head(self.student, packed_gather(s_patch, mask, impl=backbone.mask_impl), self._freeze,
+                                  self._patch_key)
             patch_loss = ibot_masked_patch_loss(s_masked, t_masked, mask, patch_center, self.cfg.student_temp,
                                                 self._patch_temp, impl=self.loss_impl)
         else:
-            patch_loss = self._head(self.student, s_patch, self._freeze).float().sum() * 0.0
+            patch_loss = self._head(self.student, s_patch, self._freeze, self._patch_key).float().sum() * 0.0
         if self.cfg.centering == "ema":
             self._teacher_mean.add(cls_mean)
             self._patch_mean.add(patch_mean)

@@ -14,12 +14,13 @@ from torch import nn
 
 from .convnet import ConvNet, convnet
 from .resnet import ResNet, resnet18, resnet50
-from .vit import VisionTransformer, interpolate_pos_embed, vit_base, vit_small, vit_tiny
+from .vit import VisionTransformer, interpolate_pos_embed, vit_base, vit_large, vit_small, vit_tiny
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
+    "vit_large": vit_large,
     "convnet": convnet,
     "resnet18": resnet18,
     "resnet50": resnet50,
@@ -29,11 +30,12 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 # with one line naming the key instead of a TypeError deep inside a constructor.
 _VIT_OPTIONS = {"embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_path_rate", "use_mask_token",
                 "global_pool", "grad_checkpointing", "freeze_patch_embed",
-                "pos_embed", "layer_scale", "num_registers"}
+                "pos_embed", "layer_scale", "num_registers", "drop_path_uniform"}
 OPTIONS: dict[str, set[str]] = {
     "vit_tiny": _VIT_OPTIONS,
     "vit_small": _VIT_OPTIONS,
     "vit_base": _VIT_OPTIONS,
+    "vit_large": _VIT_OPTIONS,
     "convnet": {"width", "norm"},
     "resnet18": {"widths", "norm", "stem"},
     "resnet50": {"widths", "norm", "stem"},

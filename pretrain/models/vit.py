@@ -13,6 +13,7 @@ Additions the SSL methods need:
   of one block instead of ``depth``, for about a third more compute), as timm's ``set_grad_checkpointing``;
 - ``freeze_patch_embed``: the patch projection stays at its random init (MoCo v3's fix for ViT training instability);
 - ``pos_embed="sincos"``: fixed 2-D sine-cosine position embeddings instead of learned ones (MAE's and MoCo v3's);
+- ``drop_path_uniform``: the same stochastic-depth rate in every block (DINOv2's) instead of rising linearly;
 - ``layer_scale``: LayerScale, a learned per-channel gain on each residual branch starting at this value (DINOv2's
   1e-5);
 - ``num_registers``: register tokens ("Vision Transformers Need Registers", DINOv2 with registers): learned tokens
@@ -162,6 +163,7 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "learned",
         layer_scale: float | None = None,
         num_registers: int = 0,
+        drop_path_uniform: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("image_size", image_size), ("patch_size", patch_size), ("in_chans", in_chans),
@@ -209,8 +211,9 @@ class VisionTransformer(nn.Module):
         # checkpoints and position interpolation treat both kinds alike
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim),
                                       requires_grad=pos_embed == "learned")
-        # stochastic depth grows linearly with depth (timm); plain floats so the model also builds on the meta device
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        # stochastic depth grows linearly with depth (timm), or is the same in every block (DINOv2's
+        # drop_path_uniform); plain floats so the model also builds on the meta device
+        rates = [drop_path_rate if drop_path_uniform else drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, layer_scale=layer_scale)
                                     for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -328,6 +331,15 @@ class VisionTransformer(nn.Module):
         x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
         return torch.einsum("bchpwq->bhwpqc", x).reshape(imgs.shape[0], gh * gw, p * p * c)
 
+    def layer_id(self, name: str) -> int:
+        """The layer of parameter ``name`` (as ``named_parameters`` calls it) for layer-wise learning-rate decay (BEiT,
+        DINOv2): 0 for the embeddings and tokens, i + 1 for ``blocks.i``, depth + 1 for the last norm."""
+        if name.startswith(("patch_embed.", "cls_token", "register_tokens", "mask_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
     def unpatchify(self, patches: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         """patches: (B, L, p*p*C) -> (B, C, gh*p, gw*p); ``grid`` defaults to the built grid."""
         gh, gw = grid or self.grid_size
@@ -344,6 +356,7 @@ _SIZES: dict[str, dict[str, int]] = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
 
@@ -365,4 +378,9 @@ def vit_small(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16,
 def vit_base(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-B: 768 wide, 12 deep, 12 heads (about 85.8M parameters at 224/16)."""
     return _vit("vit_base", image_size, in_chans, patch_size, kwargs)
+
+
+def vit_large(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-L: 1024 wide, 24 deep, 16 heads (about 303M parameters at 224/16)."""
+    return _vit("vit_large", image_size, in_chans, patch_size, kwargs)
 

@@ -143,3 +143,11 @@ def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, caps
     assert main(["train", "--resume", str(tmp_path / "r0"), "--dry-run", "--set", "optim.name=lars"]) == 2
     assert _one_line_error(capsys).startswith("error: optim.name: the checkpoints of r0 were saved with 'adamw', and "
                                               "'lars' cannot load them")
+    # the optimizer's param groups: layer-wise lr decay and the patch projection's multiplier (a ViT run)
+    vit = ["--set", "model.backbone=vit_tiny", "--set", "model.patch_size=4"]
+    assert main(["train", "--dry-run", *sets[:2], "--set", "job.run_name=rv", *sets[4:], *vit]) == 0
+    capsys.readouterr()
+    for override in ("optim.layer_decay=0.9", "optim.patch_embed_lr_mult=0.2"):
+        assert main(["train", "--resume", str(tmp_path / "rv"), "--dry-run", "--set", override]) == 2
+        assert _one_line_error(capsys).startswith(f"error: {override.split('=')[0]}: the checkpoints of rv were "
+                                                  "saved with 1.0")

@@ -53,6 +53,10 @@ def test_yaml_booleans_fill_word_fields():
         ("optim.lr_scaling=quadratic", "optim.lr_scaling: must be none, linear or sqrt, got 'quadratic'"),
         ("optim.base_batch_size=0", "optim.base_batch_size: must be >= 1, got 0"),
         ("optim.accum_steps=0", "optim.accum_steps: must be >= 1, got 0"),
+        ("optim.layer_decay=0", "optim.layer_decay: must be in (0, 1], got 0"),
+        ("optim.layer_decay=0.9", "optim.layer_decay: 0.9 needs a ViT backbone"),  # the recipe's is a ConvNet
+        ("optim.patch_embed_lr_mult=0.2", "optim.patch_embed_lr_mult: 0.2 needs a ViT backbone"),
+        ("optim.patch_embed_lr_mult=0", "optim.patch_embed_lr_mult: must be > 0, got 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

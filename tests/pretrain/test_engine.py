@@ -47,7 +47,50 @@ def _worker(rank: int, port: int, root: str) -> None:
     _lars(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _swav_frozen_prototypes(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
+    _layer_decay(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     torch.distributed.destroy_process_group()
+
+
+def _layer_decay(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
+                 save_checkpoint) -> None:
+    """iBOT with DINOv2's separate patch head, layer-wise lr decay 0.5 and the patch projection at 0.2 of its rate,
+    under ZeRO-3, no warmup, weight decay or clipping: the weights before and after the first step (AdamW's first
+    update of an element is lr x g / (|g| + eps): the group's lr where |g| >> eps); then a checkpoint converted to the
+    universal form and loaded by a fresh engine (DeepSpeed's ZeRO-3 universal load gives every group the first one's
+    settings: the multipliers must come back), and the next step from both."""
+    from pretrain.engine import to_universal
+    from pretrain.trainer import optimizer_step
+
+    cfg = load_config(ROOT / "configs" / "ibot_digits.yaml", [
+        "zero.stage=3", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=0", "optim.lr=1e-3",
+        "optim.weight_decay=0", "optim.weight_decay_end=null", "optim.grad_clip=0", "optim.layer_decay=0.5",
+        "optim.patch_embed_lr_mult=0.2", "method.patch_head=separate", "method.patch_prototypes=48",
+        "method.num_prototypes=64", "method.freeze_last_layer_steps=0", "method.mask_prob=1.0",
+        "model.proj_hidden_dim=32", "model.proj_out_dim=16",
+        "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, global_pool: mean}"])
+    engine = build_engine(build_method(cfg, distributed=True), cfg)
+    g = torch.Generator().manual_seed(40 + rank)
+    batches = [{"views": [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)] +
+                [torch.randn(8, 1, 8, 8, generator=g) for _ in range(cfg.data.local_views)]} for _ in range(2)]
+    init = full_state_dict(engine, engine.module.student)
+    torch.manual_seed(50 + rank)
+    optimizer_step(engine, iter(batches[:1]), 0, 10)
+    first = full_state_dict(engine, engine.module.student)
+    save_checkpoint(engine, f"{root}/ckpt-decay", {"step": 1, "epoch": 0})
+    if rank == 0:
+        to_universal(f"{root}/ckpt-decay", 3)
+    torch.distributed.barrier()
+    fresh = build_engine(build_method(cfg, distributed=True), cfg, universal=True)
+    load_checkpoint(fresh, f"{root}/ckpt-decay", universal=True)
+    groups = {name: [(gr.get("lr_mult"), gr["lr"], gr["weight_decay"]) for gr in e.optimizer.param_groups]
+              for name, e in (("built", engine), ("loaded", fresh))}
+    for e in (engine, fresh):
+        torch.manual_seed(60 + rank)
+        optimizer_step(e, iter(batches[1:]), 1, 10)
+    if rank == 0:
+        torch.save({"init": init, "first": first, "groups": groups, "peak": cfg.optim.lr,
+                    "continued": full_state_dict(engine, engine.module.student),
+                    "resumed": full_state_dict(fresh, fresh.module.student)}, f"{root}/decay.pt")
 
 
 def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
@@ -286,6 +329,83 @@ def test_swav_prototypes_frozen_under_lars_and_queue_restored(results):
     q = r["queues"]
     assert q["filled"] == 16 and q["trained"].abs().sum() > 0
     assert torch.equal(q["restored"], q["trained"]) and torch.equal(r["ranks_queues"][0], r["ranks_queues"][1])
+
+
+def _expected_lr_mult(name: str) -> float:
+    """The rate multiplier of the student's parameter ``name`` in ``_layer_decay`` (a depth-2 ViT, layer_decay 0.5, the
+    patch projection x 0.2), written out by name."""
+    if name.startswith(("head.", "patch_head.", "backbone.norm.")):
+        return 1.0
+    if name.startswith("backbone.blocks."):
+        return 0.5 ** (2 - int(name.split(".")[2]))
+    return 0.5 ** 3 * (0.2 if name.startswith("backbone.patch_embed.") else 1.0)
+
+
+def test_layer_decay_gives_each_layer_its_rate_under_zero3_and_after_a_universal_load(results):
+    """Layer-wise lr decay and the patch projection's multiplier through the ZeRO-3 engine: each trained tensor's
+    largest first-step change is its layer's rate (AdamW's first update: lr x g / (|g| + eps)), the separate patch
+    head's and the image-level head's the full rate; the groups' multipliers and rates come back from a universal
+    checkpoint, and the resumed engine's next step is the uninterrupted one's."""
+    r = torch.load(results / "decay.pt", weights_only=False)
+    init, first, peak = r["init"], r["first"], r["peak"]
+    seen = set()
+    for name, before in init.items():
+        if name.startswith("backbone.") and name.split(".")[1] in ("pos_embed",) or "weight_g" in name:
+            continue  # fixed sin-cos position embeddings, the frozen prototype norms: not trained
+        if "running_" in name or "num_batches" in name:
+            continue
+        step = (first[name] - before).abs().max().item()
+        expected = peak * _expected_lr_mult(name)
+        # lr x |g| / (|g| + eps): the rate itself, or a little under it where every |g| is near 0 (the last norm's
+        # bias, before the head's BatchNorm); the next rate down is half of it
+        assert 0.9 * expected < step < expected * (1 + 2e-3), name
+        seen.add(_expected_lr_mult(name))
+    assert seen == {1.0, 0.5, 0.25, 0.125, 0.125 * 0.2}
+    assert r["groups"]["loaded"] == r["groups"]["built"]
+    assert sorted({m for m, _, _ in r["groups"]["built"]}) == sorted(seen)
+    for k, v in r["continued"].items():
+        torch.testing.assert_close(r["resumed"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+    assert any(not torch.equal(r["continued"][k], first[k]) for k in first)
+
+
+def test_param_groups_by_layer():
+    """param_groups: without multipliers the two groups of old (decaying, then not); with layer_decay and
+    patch_embed_lr_mult one group per (decay, multiplier), every trainable parameter in exactly one, at the rate of
+    its layer (a ViT's by layer, the rest full); the teacher's frozen parameters in none. LARS's and AdamW's groups
+    start at the peak rate x multiplier, and the schedule keeps the multipliers, follow_config too."""
+    from pretrain.engine import Schedule, param_groups, peak_lr
+    from pretrain.optim import build_optimizer
+    from pretrain.trainer import build_method
+
+    overrides = ["model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "model.proj_hidden_dim=32",
+                 "model.proj_out_dim=16", "method.num_prototypes=64", "optim.warmup_steps=2"]
+    cfg = load_config(ROOT / "configs" / "ibot_digits.yaml", overrides)
+    method = build_method(cfg, distributed=False)
+    plain = param_groups(method, 0.04)
+    assert [(g["decay"], g["lr_mult"], g["weight_decay"]) for g in plain] == [(True, 1.0, 0.04), (False, 1.0, 0.0)]
+    groups = param_groups(method, 0.04, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    where = {id(p): g for g in groups for p in g["params"]}
+    trainable = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    assert sum(len(g["params"]) for g in groups) == len(trainable) == len(where)
+    for n, p in trainable.items():
+        assert n.startswith("student.")
+        assert where[id(p)]["lr_mult"] == pytest.approx(_expected_lr_mult(n.removeprefix("student."))), n
+        assert where[id(p)]["decay"] == (p.ndim > 1), n
+    decaying = [g["decay"] for g in groups]
+    assert decaying == sorted(decaying, reverse=True)  # the decaying groups first: a fixed order on every rank
+    for name in ("adamw", "lars"):
+        extra = {"betas": (0.9, 0.999)} if name == "adamw" else {"momentum": 0.9, "trust_coefficient": 1e-3}
+        opt = build_optimizer(groups, name, 0.01, **extra)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01 * g["lr_mult"] for g in groups])
+    opt = build_optimizer(groups, "adamw", peak_lr(cfg, 1), betas=(0.9, 0.999))  # as build_engine makes it
+    schedule = Schedule(opt, cfg, 1)
+    for _ in range(2):
+        opt.step()
+        schedule.step()
+    at_peak = [g["lr"] for g in opt.param_groups]
+    assert at_peak == pytest.approx([cfg.optim.lr * g["lr_mult"] for g in groups])
+    schedule.follow_config()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(at_peak)
 
 
 @pytest.mark.parametrize("stage, precision", CASES)

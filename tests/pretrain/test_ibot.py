@@ -40,28 +40,34 @@ def _features(net, x, mask=None):
     return patches.mean(1) if net["backbone"].global_pool == "mean" else t[:, 0], patches
 
 
-def _patch_logits(net, patches):
-    return net["head"](patches.reshape(-1, patches.shape[-1])).view(*patches.shape[:2], -1)
+def _patch_logits(net, patches, key="head"):
+    return net[key](patches.reshape(-1, patches.shape[-1])).view(*patches.shape[:2], -1)
 
 
-def _tokens(net, x, mask=None):
-    """The head's logits (N, 1+L, K) for the cls token and the patch tokens, the head run over each population apart
-    (its BatchNorm normalises each by its own statistics)."""
+def _tokens(net, x, mask=None, key="head"):
+    """The head's logits (N, K) for the image-level token and (N, L, K') for the patch tokens by the head ``net[key]``
+    (the same head, or DINOv2's separate patch head), a head run over each population apart (its BatchNorm normalises
+    each by its own statistics)."""
     cls, patches = _features(net, x, mask)
-    return torch.cat([net["head"](cls)[:, None], _patch_logits(net, patches)], dim=1)
+    return net["head"](cls), _patch_logits(net, patches, key)
 
 
-@pytest.mark.parametrize("pool, registers", [("cls", 0), ("mean", 0), ("cls", 4)])
-def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool, registers):
+@pytest.mark.parametrize("pool, registers, head", [("cls", 0, "shared"), ("mean", 0, "shared"), ("cls", 4, "shared"),
+                                                   ("cls", 0, "separate")])
+def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool, registers, head):
     """loss = DINO's loss on the image-level tokens (all views vs the teacher's global ones; the cls token or the patch
     mean, as the backbone pools) + the patch loss at the masked patches (each masked global view vs the teacher's view
     of it whole), each at its own teacher temperature and center; the Triton kernels (interpreted) give the same loss
-    and gradients as the references. With register tokens the patch loss still sees the patches only."""
+    and gradients as the references. With register tokens the patch loss still sees the patches only; with DINOv2's
+    separate patch head (48 prototypes against the image-level head's 64) the patches go through it alone."""
     method = _method("method.loss_impl=ref", "method.teacher_temp=0.02", "method.teacher_patch_temp=0.05",
                      "method.warmup_teacher_temp=0.04", "method.warmup_teacher_temp_steps=50",
                      "method.patch_loss_weight=0.5", "method.freeze_last_layer_steps=0",
                      f"model.backbone_kwargs={{embed_dim: 32, depth: 2, num_heads: 2, global_pool: {pool}, "
-                     f"num_registers: {registers}}}")
+                     f"num_registers: {registers}}}", f"method.patch_head={head}",
+                     f"method.patch_prototypes={48 if head == 'separate' else 0}")
+    key = "patch_head" if head == "separate" else "head"
+    assert method.patch_center.shape == (48 if head == "separate" else 64,)
     method.center.normal_()
     method.patch_center.normal_()
     views = _views()
@@ -73,17 +79,17 @@ def test_loss_is_cls_plus_patch_loss_of_its_outputs(pool, registers):
     assert mask.any(1).all()
     with torch.no_grad():
         glob = torch.cat(views[:2])
-        t = _tokens(method.teacher, glob)
+        t_cls, t_patch = _tokens(method.teacher, glob, key=key)
         s_cls, s_patches = _features(method.student, glob, mask)
         local = method.student["backbone"](torch.cat(views[2:]))
         # the student's head over all the cls tokens at once (global and local views, as DINO's), the patches apart
         cls = method.student["head"](torch.cat([s_cls, local])).view(4, 4, -1)
-        cls_ref, _ = dino_loss_ref(cls, t[:, 0].view(2, 4, -1), method.center, 0.1, 0.02, upcast=True)
+        cls_ref, _ = dino_loss_ref(cls, t_cls.view(2, 4, -1), method.center, 0.1, 0.02, upcast=True)
         # the student's head over its masked patches only (its BatchNorm's batch), placed back in the full grid for
         # the full-tensor reference (unmasked positions do not count there)
-        s_patch = torch.zeros_like(t[:, 1:])
-        s_patch[mask] = method.student["head"](s_patches[mask])
-        patch_ref, _ = ibot_patch_loss_ref(s_patch, t[:, 1:], mask, method.patch_center, 0.1, 0.05, upcast=True)
+        s_patch = torch.zeros_like(t_patch)
+        s_patch[mask] = method.student[key](s_patches[mask])
+        patch_ref, _ = ibot_patch_loss_ref(s_patch, t_patch, mask, method.patch_center, 0.1, 0.05, upcast=True)
     torch.testing.assert_close(out["cls_loss"], cls_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["patch_loss"], patch_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"], cls_ref + 0.5 * patch_ref, rtol=1e-5, atol=1e-6)
@@ -121,7 +127,7 @@ def test_student_does_not_see_masked_patches_and_teacher_does():
     changed = backbone.unpatchify(torch.where(mask[..., None], torch.randn_like(patches), patches))
     with torch.no_grad():
         torch.testing.assert_close(_tokens(method.student, changed, mask), _tokens(method.student, x, mask))
-        assert not torch.allclose(_tokens(method.teacher, changed), _tokens(method.teacher, x))
+        assert not torch.allclose(_tokens(method.teacher, changed)[1], _tokens(method.teacher, x)[1])
 
 
 def _student_head_calls(method) -> tuple[int, dict]:
@@ -153,10 +159,12 @@ def test_a_draw_that_hides_nothing_has_no_patch_loss():
 def test_sinkhorn_centering_balances_the_cls_and_the_masked_patches():
     """method.centering=sinkhorn (DINOv2's): the cls loss is against the official Sinkhorn-Knopp codes of the
     teacher's global views' image-level logits (teacher_temp), the patch loss against those of the teacher's logits at
-    the masked patches (teacher_patch_temp, balanced over the masked patches alone); both centers stay as they were."""
+    the masked patches (teacher_patch_temp, balanced over the masked patches alone); both centers stay as they were.
+    With DINOv2's separate patch head, as DINOv2 trains."""
     method = _method("method.loss_impl=ref", "method.centering=sinkhorn", "method.norm_last_layer=true",
                      "method.warmup_teacher_temp_steps=0", "method.teacher_temp=0.05", "method.teacher_patch_temp=0.06",
-                     "method.freeze_last_layer_steps=0")
+                     "method.freeze_last_layer_steps=0", "method.patch_head=separate", "method.patch_prototypes=48")
+    key = "patch_head"
     method.center.normal_()
     method.patch_center.normal_()
     centers = method.center.clone(), method.patch_center.clone()
@@ -168,12 +176,12 @@ def test_sinkhorn_centering_balances_the_cls_and_the_masked_patches():
     mask = block_masks(8, (4, 4), (0.1, 0.5), 1.0)
     with torch.no_grad():
         glob = torch.cat(views[:2])
-        t = _tokens(method.teacher, glob)
+        t_cls, t_patch = _tokens(method.teacher, glob, key=key)
         s_cls, s_patches = _features(method.student, glob, mask)
         cls = method.student["head"](torch.cat([s_cls, method.student["backbone"](torch.cat(views[2:]))]))
-        cls_codes = sinkhorn_reference(t[:, 0], 0.05, 3).view(2, 4, -1)
-        patch_codes = sinkhorn_reference(t[:, 1:][mask], 0.06, 3)
-        s_masked = torch.log_softmax(method.student["head"](s_patches[mask]) / 0.1, dim=-1)
+        cls_codes = sinkhorn_reference(t_cls, 0.05, 3).view(2, 4, -1)
+        patch_codes = sinkhorn_reference(t_patch[mask], 0.06, 3)
+        s_masked = torch.log_softmax(method.student[key](s_patches[mask]) / 0.1, dim=-1)
         # each masked patch weighs 1 / (its view's masked count), averaged over the views (iBOT's patch loss)
         weight = (1 / mask.sum(1, keepdim=True).float()).expand_as(mask)[mask] / mask.shape[0]
         patch_ref = -((patch_codes * s_masked).sum(-1) * weight).sum()
@@ -205,7 +213,7 @@ def test_patch_center_is_ema_of_teacher_patch_mean():
     method.patch_center.fill_(0.5)
     method({"views": views})
     with torch.no_grad():
-        mean = _tokens(method.teacher, torch.cat(views[:2]))[:, 1:].float().mean((0, 1))
+        mean = _tokens(method.teacher, torch.cat(views[:2]))[1].float().mean((0, 1))
     method.on_step_end(0, 10)
     torch.testing.assert_close(method.patch_center, 0.8 * 0.5 + 0.2 * mean, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(method.patch_center, method.center)  # a center of its own
@@ -227,6 +235,42 @@ def test_image_level_loss_trains_the_released_representation(pool):
             torch.testing.assert_close(patches, feats[:, 1:])
 
 
+def test_separate_patch_head_takes_the_patch_loss_alone_and_has_an_ema_teacher():
+    """DINOv2's separate head: the image-level loss trains the image-level head and not the patch head, the patch loss
+    the patch head and not the image-level one (both train the backbone); the patch head's teacher starts as a copy of
+    the student's and follows it by the EMA at the teacher momentum."""
+    method = _method("method.patch_head=separate", "method.patch_prototypes=48", "method.freeze_last_layer_steps=0",
+                     "method.teacher_momentum=0.5")
+    student, teacher = method.student, method.teacher
+    for a, b in zip(student["patch_head"].parameters(), teacher["patch_head"].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+        assert a.requires_grad and not b.requires_grad
+    views = _views()
+    grads = {}
+    for weight in (0.0, 1.0):  # the cls loss alone, then with the patch loss
+        method.zero_grad()
+        method.patch_weight = weight
+        torch.manual_seed(7)
+        method({"views": views})["loss"].backward()
+        grads[weight] = {n: None if p.grad is None else p.grad.clone() for n, p in student.named_parameters()}
+    for n in grads[0.0]:
+        alone, both = grads[0.0][n], grads[1.0][n]
+        if n.startswith("head."):  # the image-level head: the patch loss adds nothing
+            assert alone.abs().sum() > 0, n
+            torch.testing.assert_close(both, alone, msg=lambda m, n=n: f"{n}: {m}")
+        elif n.startswith("patch_head."):  # the patch head: the patch loss alone
+            assert (alone is None or not alone.any()) and both.abs().sum() > 0, n
+    qkv = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.allclose(grads[0.0][qkv], grads[1.0][qkv])  # both train the backbone
+    before = [p.clone() for p in teacher["patch_head"].parameters()]
+    with torch.no_grad():
+        for p in student["patch_head"].parameters():
+            p.add_(1.0)
+    method.on_step_end(0, 10)  # momentum 0.5 at step 0
+    for a, b, s in zip(before, teacher["patch_head"].parameters(), student["patch_head"].parameters(), strict=True):
+        torch.testing.assert_close(b, 0.5 * a + 0.5 * s)
+
+
 def test_backbone_is_teacher_with_mask_token():
     method = _method()
     assert method.backbone is method.teacher["backbone"]
@@ -240,6 +284,9 @@ def test_backbone_is_teacher_with_mask_token():
     (["method.mask_prob=1.5"], "method.mask_prob"),
     (["method.teacher_patch_temp=0"], "method.teacher_patch_temp"),
     (["method.loss_impl=chunked"], "method.loss_impl"),
+    (["method.patch_head=own"], "method.patch_head"),
+    (["method.patch_prototypes=48"], "method.patch_prototypes"),  # a shared head has num_prototypes for both
+    (["method.patch_prototypes=-1", "method.patch_head=separate"], "method.patch_prototypes"),
 ])
 def test_config_errors_name_the_key(override, key):
     assert config_error(RECIPE, override).startswith(f"{key}:")

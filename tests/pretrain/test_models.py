@@ -125,6 +125,26 @@ def test_patchify_roundtrip_and_layout() -> None:
     torch.testing.assert_close(model.unpatchify(model.patchify(wide), (2, 4)), wide)
 
 
+def test_drop_path_rises_with_depth_or_is_uniform() -> None:
+    """Stochastic depth rises linearly from 0 in the first block to drop_path_rate in the last (timm), or is
+    drop_path_rate in every block with drop_path_uniform (DINOv2's)."""
+    assert [b.drop_path.p for b in _tiny_vit(depth=3, drop_path_rate=0.3).blocks] == pytest.approx([0.0, 0.15, 0.3])
+    uniform = _tiny_vit(depth=3, drop_path_rate=0.3, drop_path_uniform=True)
+    assert [b.drop_path.p for b in uniform.blocks] == pytest.approx([0.3] * 3)
+
+
+def test_layer_ids_for_layer_wise_decay() -> None:
+    """VisionTransformer.layer_id: the embeddings and tokens (registers and mask token too) 0, block i i + 1, the last
+    norm depth + 1; every parameter has one."""
+    model = _tiny_vit(depth=3, num_registers=2)
+    ids = {n: model.layer_id(n) for n, _ in model.named_parameters()}
+    for name in ("patch_embed.weight", "patch_embed.bias", "cls_token", "register_tokens", "mask_token", "pos_embed"):
+        assert ids[name] == 0, name
+    assert ids["blocks.0.attn.qkv.weight"] == 1 and ids["blocks.2.mlp.2.bias"] == 3
+    assert ids["blocks.1.norm1.weight"] == 2
+    assert ids["norm.weight"] == ids["norm.bias"] == 4
+
+
 def test_drop_path_is_stochastic_in_train_only() -> None:
     """With drop_path_rate > 0 two train-mode passes differ and eval-mode passes agree."""
     torch.manual_seed(0)
@@ -135,9 +155,10 @@ def test_drop_path_is_stochastic_in_train_only() -> None:
     torch.testing.assert_close(model(x), model(x))
 
 
-@pytest.mark.parametrize("name,expected", [("vit_small", 21.7e6), ("vit_base", 85.8e6)])
+@pytest.mark.parametrize("name,expected", [("vit_small", 21.7e6), ("vit_base", 85.8e6), ("vit_large", 303.3e6)])
 def test_vit_parameter_counts_match_published(name: str, expected: float) -> None:
-    """ViT-S/16 and ViT-B/16 at 224 without a head have the published 21.7M / 85.8M parameters (within 2%)."""
+    """ViT-S/16, ViT-B/16 and ViT-L/16 at 224 without a head have the published 21.7M / 85.8M / 303.3M parameters
+    (within 2%)."""
     with torch.device("meta"):
         model = build_backbone(name, image_size=224, in_chans=3, patch_size=16)
     assert abs(num_params(model) - expected) / expected < 0.02
