@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--finetune-epochs", type=int,
                    help="also fine-tune the backbone (and its random init) this many epochs (default: the run's "
                    "eval.finetune_epochs)")
+    e.add_argument("--finetune-layer-decay", type=float,
+                   help="fine-tuning a ViT: layer-wise lr decay, e.g. 0.75 (MAE's for ViT-B) (default: the run's "
+                   "eval.finetune_layer_decay)")
 
     q = sub.add_parser("search", help="semantic search: the images of a shard dataset nearest to a text or an image",
                        description="Embed every image of --data with a finished run's encoder (or read them from "
@@ -392,7 +395,8 @@ def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, dataset=args.dataset, out_path=args.out,
-                        finetune_epochs=args.finetune_epochs, max_samples=args.max_samples)
+                        finetune_epochs=args.finetune_epochs, max_samples=args.max_samples,
+                        finetune_layer_decay=args.finetune_layer_decay)
     return 0
 
 

@@ -419,6 +419,9 @@ class EvalConfig:
     """Also fine-tune a copy of the whole backbone (and of its random init) with a linear head for this many epochs on
     the labelled split and report the test accuracy (finetune_top1); 0 = skip (it costs more than the other protocols
     together)."""
+    finetune_layer_decay: float = 1.0
+    """Fine-tuning a ViT: layer-wise lr decay (MAE's 0.75 for ViT-B, BEiT's 0.65): block i of depth learns at this **
+    (depth - i) of the rate, the embeddings at this ** (depth + 1), the linear head at the full rate; 1 = off."""
     knn_every: int = 0
     """While training, every this many steps (and at step 0), the backbone's kNN top-1 on eval.dataset (the protocol of
     eval.json's knn_top1) goes to MLflow as knn_top1, each rank embedding its share; 0 = off."""
@@ -427,6 +430,8 @@ class EvalConfig:
         _check(bool(self.dataset), "dataset", "must not be empty (digits, samples or a shard directory)")
         _check(self.max_samples >= 2 * 8, "max_samples", f"must be >= 16, got {self.max_samples}")
         _check(self.finetune_epochs >= 0, "finetune_epochs", f"must be >= 0, got {self.finetune_epochs}")
+        _check(0 < self.finetune_layer_decay <= 1, "finetune_layer_decay",
+               f"must be in (0, 1], got {self.finetune_layer_decay}")
         _check(self.knn_every >= 0, "knn_every", f"must be >= 0 (0 = off), got {self.knn_every}")
 
     @property
@@ -503,9 +508,11 @@ class Config:
             )
         METHODS[self.method.name].check_config(self)
         _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps", "must be < job.max_steps")
-        for key in ("layer_decay", "patch_embed_lr_mult"):
-            _check(getattr(self.optim, key) == 1 or self.model.backbone.startswith("vit"), f"optim.{key}",
-                   f"{getattr(self.optim, key)} needs a ViT backbone (it scales a ViT's layers), got model.backbone "
+        for key, value in (("optim.layer_decay", self.optim.layer_decay),
+                           ("optim.patch_embed_lr_mult", self.optim.patch_embed_lr_mult),
+                           ("eval.finetune_layer_decay", self.eval.finetune_layer_decay)):
+            _check(value == 1 or self.model.backbone.startswith("vit"), key,
+                   f"{value} needs a ViT backbone (it scales a ViT's layers), got model.backbone "
                    f"{self.model.backbone!r}")
         _check(self.optim.name != "lars" or self.zero.stage == 0, "zero.stage",
                f"optim.name lars needs stage 0, got {self.zero.stage}: LARS scales each parameter by its own norm, and "

@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
                         category=FutureWarning)
 
 from pretrain.config import Config  # noqa: E402
-from pretrain.optim import build_optimizer  # noqa: E402
+from pretrain.optim import build_optimizer, param_groups  # noqa: E402
 
 CKPT_TAG = "state"
 """DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""
@@ -74,35 +74,6 @@ def weight_decay_at(cfg: Config):
         return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
 
     return value
-
-
-def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
-                 patch_embed_lr_mult: float = 1.0) -> list[dict]:
-    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters); the groups that
-    decay are marked ``decay: True`` for the schedule. Each group's ``lr_mult`` scales the scheduled learning rate:
-    1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which gives a ViT's parameters
-    layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block layer_decay, the
-    embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2) != 1, which
-    multiplies the patch projection's; parameters outside a ViT (heads, decoders) keep the full rate. One group per
-    (decay, multiplier), in a fixed order: the decaying groups first, fastest first (without multipliers: the two
-    groups of old)."""
-    from pretrain.models.vit import VisionTransformer
-
-    vits = {prefix: m for prefix, m in model.named_modules() if isinstance(m, VisionTransformer)}
-    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        mult = 1.0
-        owner = max((prefix for prefix in vits if not prefix or name.startswith(prefix + ".")), key=len, default=None)
-        if owner is not None:  # the innermost ViT holding it
-            vit, local = vits[owner], name[len(owner) + 1:] if owner else name
-            mult = layer_decay ** (len(vit.blocks) + 1 - vit.layer_id(local))
-            if local.startswith("patch_embed."):
-                mult *= patch_embed_lr_mult
-        groups.setdefault((p.ndim > 1, mult), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "lr_mult": mult}
-            for (decay, mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 class Schedule(torch.optim.lr_scheduler.LambdaLR):

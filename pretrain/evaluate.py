@@ -48,7 +48,8 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
         train, test = split_indices(labels, seed=0)
         for scores, encoder in ((report, trained), (report["random_init"], random_init)):
             scores["finetune_top1"] = finetune_top1(encoder, images[train], labels[train], images[test], labels[test],
-                                                    epochs=cfg.eval.finetune_epochs, seed=0)
+                                                    epochs=cfg.eval.finetune_epochs,
+                                                    layer_decay=cfg.eval.finetune_layer_decay, seed=0)
     if method_state is not None and METHODS[cfg.method.name].needs_text:
         test = split_indices(labels, seed=0)[1]
         model = build_method(cfg, distributed=False).to(device)
@@ -79,20 +80,25 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
 
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_path: str | Path | None = None,
-                        finetune_epochs: int | None = None, max_samples: int | None = None) -> dict:
+                        finetune_epochs: int | None = None, max_samples: int | None = None,
+                        finetune_layer_decay: float | None = None) -> dict:
     """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
-    beside it, as CLIP runs write, adds zero-shot classification). ``dataset`` / ``max_samples`` / ``finetune_epochs``:
-    instead of the run's eval.dataset / eval.max_samples / eval.finetune_epochs. Bad input is a one-line ConfigError
-    before any image is decoded."""
+    beside it, as CLIP runs write, adds zero-shot classification). ``dataset`` / ``max_samples`` / ``finetune_epochs`` /
+    ``finetune_layer_decay``: instead of the run's eval.dataset / eval.max_samples / eval.finetune_epochs /
+    eval.finetune_layer_decay. Bad input is a one-line ConfigError before any image is decoded."""
     cfg, backbone_state, method_state, path = load_run_files(path)
     overrides = {k: v for k, v in (("dataset", dataset), ("max_samples", max_samples),
-                                   ("finetune_epochs", finetune_epochs)) if v is not None}
+                                   ("finetune_epochs", finetune_epochs),
+                                   ("finetune_layer_decay", finetune_layer_decay)) if v is not None}
     if overrides:
         try:
             cfg.eval = dataclasses.replace(cfg.eval, **overrides)
         except ValueError as e:  # "max_samples: must be ..." from EvalConfig's checks
             key, _, problem = str(e).partition(": ")
             raise ConfigError(f"--{key.replace('_', '-')}: {problem}") from None
+    if cfg.eval.finetune_layer_decay != 1 and not cfg.model.backbone.startswith("vit"):
+        raise ConfigError(f"--finetune-layer-decay: {cfg.eval.finetune_layer_decay} needs a ViT backbone, and "
+                          f"{path} is a {cfg.model.backbone}")
     if out_path is None:
         out_path = path.parent / "eval.json"
     return evaluate_backbone_state(cfg, backbone_state, out_path, method_state=method_state)

@@ -1,9 +1,10 @@
-"""The optimizers a recipe can name (``optim.name``): torch's AdamW, and LARS for SimCLR and BYOL at large batch.
+"""The optimizers a recipe can name (``optim.name``): torch's AdamW, and LARS for SimCLR and BYOL at large batch; the
+param groups they take (``param_groups``: weight decay on weights only, layer-wise learning rates of a ViT).
 
 LARS (You et al., 2017) as SimCLR and BYOL run it (their TF LARS and optax's ``lars``): the weight decay is added to
 the gradient, the sum is rescaled per parameter by the trust ratio ``eta x ||w|| / ||g + wd w||`` (1 where either norm
 is 0), times the learning rate, and then accumulated with heavy-ball momentum, the step being the accumulated update.
-Biases and normalisation parameters (1-D: the group ``pretrain.engine.param_groups`` gives no weight decay) take
+Biases and normalisation parameters (1-D: the groups ``param_groups`` gives no weight decay) take
 neither the decay nor the trust ratio, as in both papers.
 
 The trust ratio needs each parameter whole, so LARS runs under ZeRO stage 0 only: stages 1-3 hand the optimizer flat
@@ -15,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
+
+from pretrain.models.vit import VisionTransformer
 
 
 class LARS(torch.optim.Optimizer):
@@ -69,8 +73,35 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
+                 patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters); the groups that
+    decay are marked ``decay: True`` for the schedule. Each group's ``lr_mult`` scales the scheduled learning rate:
+    1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which gives a ViT's parameters
+    layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block layer_decay, the
+    embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2) != 1, which
+    multiplies the patch projection's; parameters outside a ViT (heads, decoders) keep the full rate. One group per
+    (decay, multiplier), in a fixed order: the decaying groups first, fastest first (without multipliers: the two
+    groups of old)."""
+    vits = {prefix: m for prefix, m in model.named_modules() if isinstance(m, VisionTransformer)}
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = 1.0
+        owner = max((prefix for prefix in vits if not prefix or name.startswith(prefix + ".")), key=len, default=None)
+        if owner is not None:  # the innermost ViT holding it
+            vit, local = vits[owner], name[len(owner) + 1:] if owner else name
+            mult = layer_decay ** (len(vit.blocks) + 1 - vit.layer_id(local))
+            if local.startswith("patch_embed."):
+                mult *= patch_embed_lr_mult
+        groups.setdefault((p.ndim > 1, mult), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "lr_mult": mult}
+            for (decay, mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
+
+
 def build_optimizer(groups: list[dict], name: str, lr: float, **hyper) -> torch.optim.Optimizer:
-    """``optim.name``'s optimizer over ``groups`` (``pretrain.engine.param_groups``: the decaying groups are the ones
+    """``optim.name``'s optimizer over ``groups`` (``param_groups``: the decaying groups are the ones
     LARS adapts; a group's learning rate is ``lr`` x its ``lr_mult``), with ``hyper``: AdamW's betas, or LARS's
     momentum and trust_coefficient."""
     groups = [{**g, "lr": lr * g.get("lr_mult", 1.0)} for g in groups]

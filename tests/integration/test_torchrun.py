@@ -1,5 +1,6 @@
 """The training loop without Ray: `pretrain train --dry-run` writes the run, `torchrun -m pretrain.train` trains it."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -143,8 +144,6 @@ def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
     its pairs with both ranks' (gathered) embeddings, the loss falls, the learned logit scale is tracked, the whole
     model is kept beside the backbone, and zero-shot classification with unseen prompt wordings beats its random init
     (chance) after 60 steps; `pretrain eval` recomputes the same report from the run directory."""
-    import json
-
     from mlflow import MlflowClient
 
     # the recipe's 1e-3, as half of it scaled linearly from a global batch of 64 to the 2 ranks' 128
@@ -218,5 +217,8 @@ def test_beit_trains_on_a_tokenizer_run_and_evaluates_without_it(tmp_path, capsy
     assert "at step 12" in again.stdout and _losses(cut) == expected
     shutil.rmtree(tok)
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(run)]) == 0
+    # with fine-tuning under MAE's layer-wise lr decay (a ViT's blocks at 0.75 ** (depth - i) of the rate)
+    assert main(["eval", "--checkpoint", str(run), "--finetune-epochs", "1", "--finetune-layer-decay", "0.75"]) == 0
     assert "knn_top1" in capsys.readouterr().out and (run / "eval.json").is_file()
+    report = json.loads((run / "eval.json").read_text())
+    assert 0 <= report["finetune_top1"] <= 1 and 0 <= report["random_init"]["finetune_top1"] <= 1

@@ -138,6 +138,10 @@ def test_refusals_are_one_line(tmp_path, data, capsys):
         evaluate_checkpoint(data / "simclr", dataset=str(unlabelled))
     with pytest.raises(ConfigError, match=r"^--max-samples: must be >= 16, got 3"):
         evaluate_checkpoint(data / "simclr", dataset=str(one), max_samples=3)
+    with pytest.raises(ConfigError, match=r"^--finetune-layer-decay: must be in \(0, 1\], got 0"):
+        evaluate_checkpoint(data / "simclr", finetune_layer_decay=0)
+    with pytest.raises(ConfigError, match=r"^--finetune-layer-decay: 0.75 needs a ViT backbone, and .* is a convnet"):
+        evaluate_checkpoint(data / "simclr", finetune_layer_decay=0.75)
     assert main(["train", "--config", str(ROOT / "configs" / "simclr_digits.yaml"), "--dry-run", "--set",
                  f"eval.dataset={one}", "--set", f"job.out_dir={tmp_path / 'runs'}", "--set", "job.run_name=r",
                  "--set", f"data.cache_dir={data / 'cache'}"]) == 2
