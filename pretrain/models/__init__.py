@@ -37,8 +37,8 @@ OPTIONS: dict[str, set[str]] = {
     "vit_base": _VIT_OPTIONS,
     "vit_large": _VIT_OPTIONS,
     "convnet": {"width", "norm"},
-    "resnet18": {"widths", "norm", "stem"},
-    "resnet50": {"widths", "norm", "stem"},
+    "resnet18": {"widths", "norm", "stem", "grad_checkpointing"},
+    "resnet50": {"widths", "norm", "stem", "grad_checkpointing"},
 }
 
 

@@ -3,14 +3,22 @@
 8x8..32x32 images keep their spatial extent; ResNet-18's default) or ``imagenet`` (7x7 conv, stride 2, 3x3 max-pool: a
 224 px image leaves a 7x7 map; ResNet-50's default, torchvision's layout).
 
-``forward(x: (B, C, H, W)) -> (B, embed_dim)`` after global average pooling.
+``forward(x: (B, C, H, W)) -> (B, embed_dim)`` after global average pooling. ``grad_checkpointing``: each residual
+block's activations are recomputed in the backward instead of kept (activation memory of about one block instead of
+all, for about a third more compute), its BatchNorm statistics updated once per step all the same (the recomputation
+restores them).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .convnet import NORMS, norm2d
 
@@ -69,6 +77,23 @@ BasicBlock.expansion = 1
 STEMS = ("cifar", "imagenet")
 
 
+@contextlib.contextmanager
+def _statistics_kept(block: nn.Module) -> Iterator[None]:
+    """The BatchNorm statistics of ``block`` as they were before, after the body: a checkpointed block's forward runs
+    twice (the step, the backward's recomputation) and must move its running statistics once."""
+    norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+             for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, values in zip(norms, saved):
+                for buf, value in zip([b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                                       if b is not None], values):
+                    buf.copy_(value)
+
+
 class ResNet(nn.Module):
     """Stem (``cifar`` or ``imagenet``), four stages of ``block``, global average pool -> (B, embed_dim)."""
 
@@ -81,6 +106,7 @@ class ResNet(nn.Module):
         norm: str = "bn",
         block: type[nn.Module] = BasicBlock,
         stem: str = "cifar",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(in_chans, int) or in_chans <= 0:
@@ -109,6 +135,7 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.embed_dim = c_in
+        self.grad_checkpointing = grad_checkpointing
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -116,7 +143,15 @@ class ResNet(nn.Module):
     def forward_dense(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, embed_dim, H/8, W/8) (cifar stem; H/32, W/32 with the imagenet one), the last stage's
         map before pooling (dense pretext tasks)."""
-        return self.stages(self.stem(x))
+        x = self.stem(x)
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return self.stages(x)
+        for stage in self.stages:
+            for block in stage:
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, use_reentrant=False,
+                    context_fn=lambda block=block: (contextlib.nullcontext(), _statistics_kept(block)))
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, embed_dim), globally average-pooled."""

@@ -164,6 +164,41 @@ def test_vit_parameter_counts_match_published(name: str, expected: float) -> Non
     assert abs(num_params(model) - expected) / expected < 0.02
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_grad_checkpointing_recomputes_blocks_and_steps_as_without(name: str) -> None:
+    """grad_checkpointing on a ResNet: each residual block runs again in the backward (its activations recomputed, not
+    kept), and the output, every gradient and the BatchNorm statistics (moved once, not twice) are those of the plain
+    network; in eval mode or without grad it runs plainly."""
+    torch.manual_seed(0)
+    kwargs = dict(image_size=32, in_chans=3, widths=(8, 8, 16, 16), stem="cifar")
+    plain = build_backbone(name, **kwargs)
+    ckpt = build_backbone(name, grad_checkpointing=True, **kwargs)
+    ckpt.load_state_dict(plain.state_dict())
+    calls = []
+    for block in ckpt.stages[-1]:  # counted at forward (module hooks do not fire in the recomputation)
+        block.forward = lambda x, f=block.forward: calls.append(1) or f(x)
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for model in (plain, ckpt):
+        model.train()
+        out = model(x)
+        out.pow(2).sum().backward()
+        outs.append(out)
+    assert len(calls) == 2 * len(ckpt.stages[-1])  # the step's forward and the backward's recomputation
+    torch.testing.assert_close(outs[1], outs[0])
+    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=lambda m, n=n: f"{n}: {m}")
+    for (n, a), b in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        torch.testing.assert_close(b, a, msg=lambda m, n=n: f"{n}: {m}")
+    assert ckpt.stages[0][0].bn1.num_batches_tracked.item() == 1
+    calls.clear()
+    with torch.no_grad():
+        ckpt(x)
+    ckpt.eval()
+    ckpt(x).sum().backward()
+    assert len(calls) == 2 * len(ckpt.stages[-1])  # once each: no recomputation
+
+
 def test_resnet50_is_torchvisions_layout() -> None:
     """ResNet-50 with its ImageNet stem: torchvision's resnet50 less its 1000-class fc (25,557,032 - 2,049,000
     parameters), 2048 features, a 7x7 map at 224 px; the CIFAR stem keeps 32 px images at 4x4."""
