@@ -75,8 +75,9 @@ class LARS(torch.optim.Optimizer):
 
 def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
                  patch_embed_lr_mult: float = 1.0) -> list[dict]:
-    """No weight decay on biases, norm weights, tokens and position embeddings (1-D parameters); the groups that
-    decay are marked ``decay: True`` for the schedule. Each group's ``lr_mult`` scales the scheduled learning rate:
+    """No weight decay on 1-D parameters: biases, norm weights, LayerScale gains (as DINO's and DINOv2's groups; a
+    ViT's cls token and position embeddings are 3-D and decay, as there too); the groups that decay are marked
+    ``decay: True`` for the schedule. Each group's ``lr_mult`` scales the scheduled learning rate:
     1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which gives a ViT's parameters
     layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block layer_decay, the
     embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2) != 1, which

@@ -2,9 +2,10 @@
 
 Where the frozen-feature protocols ask what the features already separate, fine-tuning asks how good a starting point
 the weights are. A copy of the encoder is trained (the original is left as it is) with AdamW under a cosine schedule,
-weight decay on weights only, and for a ViT optionally with layer-wise lr decay (MAE's and BEiT's fine-tuning: 0.75 /
-0.65 for ViT-B; ``pretrain.optim.param_groups``), in train mode (BatchNorm statistics adapt), on the training images
-as they are; the test accuracy is reported. Seeded: the same call gives the same number.
+weight decay except on 1-D parameters (biases, norms), and for a ViT optionally with layer-wise lr decay (MAE's and
+BEiT's fine-tuning: 0.75 / 0.65 for ViT-B; ``pretrain.optim.param_groups``), in train mode (BatchNorm statistics
+adapt), on the training images as they are; the test accuracy is reported. Seeded: the same call gives the same
+number.
 """
 
 from __future__ import annotations
