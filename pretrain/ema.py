@@ -11,11 +11,26 @@ Nothing here imports DeepSpeed: it only reads the attributes DeepSpeed sets.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+
+def teacher_copy(student: nn.Module) -> nn.Module:
+    """An EMA teacher's start: a copy of ``student`` without gradients and without stochastic depth (every
+    ``DropPath`` at 0), as the reference DINO, iBOT and DINOv2 code build their teachers (drop_path_rate 0: a target is
+    not a randomly thinned network) and MoCo v3's momentum encoder has none; the rest of its train-mode behaviour (a
+    head's BatchNorm on batch statistics) stays the student's. The EMA moves parameters only, so it stays so."""
+    from pretrain.models.vit import DropPath
+
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    for module in teacher.modules():
+        if isinstance(module, DropPath):
+            module.p = 0.0
+    return teacher
 
 
 def cosine_momentum(step: int, max_steps: int, base: float) -> float:

@@ -9,14 +9,12 @@ a function of the step alone. ``backbone`` is the online backbone, the network B
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.config import Config
-from pretrain.ema import cosine_momentum, ema_update_
+from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
 from pretrain.heads import ProjectionHead
 from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
 
@@ -49,7 +47,7 @@ class BYOL(SSLMethod):
         self.online = nn.ModuleDict({"backbone": backbone, "projector": projector})
         self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
                                         num_layers=2)
-        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.target = teacher_copy(self.online)
         self.base_momentum = m.teacher_momentum
 
     @property

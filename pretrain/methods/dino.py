@@ -16,15 +16,13 @@ zero center; the EMA center is then unused.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.dino_loss import dino_loss
 from pretrain.config import Config
-from pretrain.ema import cosine_momentum, ema_update_
+from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
 from pretrain.heads import DINOHead
 from pretrain.methods.base import Gather, Reduce, SSLMethod, StepMean, build_method_backbone, features_by_resolution
 from pretrain.methods.swav import sinkhorn_codes
@@ -81,7 +79,7 @@ class DINO(SSLMethod):
         backbone = build_method_backbone(cfg, masks=self.masks)
         head = dino_head(cfg, backbone.embed_dim, m.num_prototypes)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = teacher_copy(self.student)
         self.register_buffer("center", torch.zeros(m.num_prototypes))
         self.n_global = cfg.data.num_views
         self.reduce = reduce

@@ -16,8 +16,6 @@ its own teacher temperature. The image-level token is the backbone's ``pool``: t
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +23,7 @@ from data_pipeline.masking import block_masks
 from kernels.dino_loss import dino_loss, ibot_masked_patch_loss
 from kernels.masked_gather import packed_gather
 from pretrain.config import Config
+from pretrain.ema import teacher_copy
 from pretrain.methods.base import Gather, Reduce, StepMean, features_by_resolution, require_vit
 from pretrain.methods.dino import DINO, dino_head, teacher_temperature
 
@@ -46,7 +45,7 @@ class IBOT(DINO):
         if m.patch_head == "separate":  # DINOv2's: the patch tokens' own head, its teacher an EMA of it like the rest
             self._patch_key = "patch_head"
             self.student[self._patch_key] = dino_head(cfg, self.student["backbone"].embed_dim, patch_prototypes)
-            self.teacher[self._patch_key] = copy.deepcopy(self.student[self._patch_key]).requires_grad_(False)
+            self.teacher[self._patch_key] = teacher_copy(self.student[self._patch_key])
         self.register_buffer("patch_center", torch.zeros(patch_prototypes))
         for part in (self.student, self.teacher):
             part["backbone"].mask_impl = m.loss_impl

@@ -308,3 +308,28 @@ def test_vit_student_sees_local_crops_at_their_size():
     assert math.isfinite(loss.item())
     missing = [n for n, p in method.student.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+@pytest.mark.parametrize("recipe, teacher", [("dino_vit_digits.yaml", "teacher"), ("ibot_digits.yaml", "teacher"),
+                                             ("byol_digits.yaml", "target"), ("mocov3_digits.yaml", "target")])
+def test_ema_teacher_has_no_stochastic_depth(recipe, teacher):
+    """With drop_path_rate on the ViT, the student drops residual branches per sample and the EMA teacher (target,
+    momentum encoder) does not, as the reference code builds it: in train mode two passes of the student over the
+    same images differ, the teacher's agree; the EMA leaves it so. iBOT's separate patch head's teacher too."""
+    overrides = ["model.backbone=vit_tiny", "model.patch_size=4", "model.proj_hidden_dim=32", "model.proj_out_dim=16",
+                 "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, drop_path_rate: 0.5}"]
+    if recipe.startswith("ibot"):
+        overrides.append("method.patch_head=separate")
+    cfg = load_config(ROOT / "configs" / recipe, overrides)
+    method = build_method(cfg, distributed=False).train()
+    student = method.student if teacher == "teacher" else method.online
+    target = getattr(method, teacher)
+    assert [b.drop_path.p for b in student["backbone"].blocks] == [0.0, 0.5]
+    assert all(b.drop_path.p == 0.0 for b in target["backbone"].blocks)
+    x = torch.randn(8, cfg.data.channels, 16, 16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.allclose(student["backbone"](x), student["backbone"](x))
+        torch.testing.assert_close(target["backbone"](x), target["backbone"](x))
+    method.on_step_end(0, 10)  # the EMA: parameters only
+    assert all(b.drop_path.p == 0.0 for b in target["backbone"].blocks)
