@@ -81,17 +81,15 @@ STEMS = ("cifar", "imagenet")
 def _statistics_kept(block: nn.Module) -> Iterator[None]:
     """The BatchNorm statistics of ``block`` as they were before, after the body: a checkpointed block's forward runs
     twice (the step, the backward's recomputation) and must move its running statistics once."""
-    norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-             for m in norms]
+    buffers = [b for m in block.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, values in zip(norms, saved):
-                for buf, value in zip([b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-                                       if b is not None], values):
-                    buf.copy_(value)
+            for buf, value in zip(buffers, saved):
+                buf.copy_(value)
 
 
 class ResNet(nn.Module):
