@@ -32,7 +32,8 @@ def _check(ok: bool, key: str, problem: str) -> None:
 @dataclass(kw_only=True)
 class ModelConfig:
     backbone: str = "convnet"
-    """Key into pretrain.models.BACKBONES (vit_tiny, vit_small, vit_base, vit_large, convnet, resnet18, resnet50)."""
+    """Key into pretrain.models.BACKBONES (vit_tiny, vit_small, vit_base, vit_large, vit_huge, convnet, resnet18,
+    resnet50)."""
     patch_size: int = 16
     """ViT patch size; the image size comes from data.image_size."""
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -80,8 +81,8 @@ class MethodConfig:
     warmup_teacher_temp_steps: int = 0
     """DINO: teacher temperature rises linearly from warmup_teacher_temp to teacher_temp over these steps."""
     teacher_momentum: float = 0.996
-    """DINO, BYOL, MoCo v3: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1 by a cosine
-    over job.max_steps."""
+    """DINO, BYOL, MoCo v3, I-JEPA: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1 over
+    job.max_steps by a cosine (I-JEPA: linearly, as the reference)."""
     center_momentum: float = 0.9
     """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     koleo_weight: float = 0.0
@@ -121,6 +122,18 @@ class MethodConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    # --- I-JEPA (predictor: decoder_dim, decoder_depth, decoder_heads; target momentum: teacher_momentum, linear) ---
+    num_target_blocks: int = 4
+    """I-JEPA: target blocks per image, each predicted from the context."""
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    """I-JEPA: a target block covers a fraction of the patch grid drawn from this range (one shape per batch)."""
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    """I-JEPA: and has a height / width ratio drawn from this range."""
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    """I-JEPA: the square context block covers a fraction drawn from this range, less every target patch."""
+    min_context_patches: int = 10
+    """I-JEPA: a context keeps at least this many patches (the reference's min_keep); where the targets leave fewer,
+    the context is allowed to overlap them, one target at a time."""
     # --- Barlow Twins and VICReg (the projector: model.proj_*; both compare two views over the global batch) ---
     barlow_lambda: float = 0.0051
     """Barlow Twins: weight of the off-diagonal (redundancy-reduction) term: the paper's, which it found robust over
@@ -197,6 +210,13 @@ class MethodConfig:
         lo, hi = self.mask_ratio_range
         _check(0 <= lo <= hi < 1, "mask_ratio_range", f"need 0 <= low <= high < 1, got {list(self.mask_ratio_range)}")
         _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
+        _check(self.num_target_blocks >= 1, "num_target_blocks", f"must be >= 1, got {self.num_target_blocks}")
+        for key in ("target_scale", "context_scale"):
+            lo, hi = getattr(self, key)
+            _check(0 < lo <= hi <= 1, key, f"need 0 < low <= high <= 1, got {[lo, hi]}")
+        lo, hi = self.target_aspect
+        _check(0 < lo <= hi, "target_aspect", f"need 0 < low <= high, got {[lo, hi]}")
+        _check(self.min_context_patches >= 1, "min_context_patches", f"must be >= 1, got {self.min_context_patches}")
         _check(self.teacher_patch_temp > 0, "teacher_patch_temp", f"must be > 0, got {self.teacher_patch_temp}")
         _check(self.patch_loss_weight >= 0, "patch_loss_weight", f"must be >= 0, got {self.patch_loss_weight}")
         _check(self.patch_head in ("shared", "separate"), "patch_head",

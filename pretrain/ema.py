@@ -38,6 +38,11 @@ def cosine_momentum(step: int, max_steps: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, max_steps) / max(1, max_steps)) + 1.0) / 2.0
 
 
+def linear_momentum(step: int, max_steps: int, base: float) -> float:
+    """I-JEPA's schedule: ``base`` at step 0, rising linearly to 1 at ``max_steps``."""
+    return base + (1.0 - base) * min(step, max_steps) / max(1, max_steps)
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 

@@ -8,6 +8,7 @@ from pretrain.methods.colorization import Colorization
 from pretrain.methods.decorrelation import BarlowTwins, VICReg
 from pretrain.methods.dino import DINO
 from pretrain.methods.ibot import IBOT
+from pretrain.methods.ijepa import IJEPA
 from pretrain.methods.jigsaw import Jigsaw
 from pretrain.methods.mae import MAE
 from pretrain.methods.moco import MoCoV3
@@ -20,7 +21,7 @@ METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": D
                                        "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
                                        "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT,
                                        "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v3": MoCoV3,
-                                       "swav": SwAV}
+                                       "swav": SwAV, "ijepa": IJEPA}
 
-__all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "Jigsaw", "MAE", "METHODS",
+__all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "IJEPA", "Jigsaw", "MAE", "METHODS",
            "MoCoV3", "Rotation", "SSLMethod", "SimCLR", "SwAV", "VICReg", "VQVAE"]

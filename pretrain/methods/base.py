@@ -43,7 +43,7 @@ def build_method_backbone(cfg: Config, *, masks: bool = False, in_chans: int | N
 def require_vit(cfg: Config, what: str) -> None:
     """Raise the one-line config error of a method that needs a ViT backbone (``what``: "mae masks patches of")."""
     if not cfg.model.backbone.startswith("vit"):
-        raise ValueError(f"model.backbone: {what} a ViT (vit_tiny, vit_small, vit_base, vit_large), got "
+        raise ValueError(f"model.backbone: {what} a ViT (vit_tiny, vit_small, vit_base, vit_large, vit_huge), got "
                          f"{cfg.model.backbone!r}")
 
 

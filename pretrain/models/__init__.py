@@ -14,13 +14,14 @@ from torch import nn
 
 from .convnet import ConvNet, convnet
 from .resnet import ResNet, resnet18, resnet50
-from .vit import VisionTransformer, interpolate_pos_embed, vit_base, vit_large, vit_small, vit_tiny
+from .vit import VisionTransformer, interpolate_pos_embed, vit_base, vit_huge, vit_large, vit_small, vit_tiny
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
     "vit_large": vit_large,
+    "vit_huge": vit_huge,
     "convnet": convnet,
     "resnet18": resnet18,
     "resnet50": resnet50,
@@ -36,6 +37,7 @@ OPTIONS: dict[str, set[str]] = {
     "vit_small": _VIT_OPTIONS,
     "vit_base": _VIT_OPTIONS,
     "vit_large": _VIT_OPTIONS,
+    "vit_huge": _VIT_OPTIONS,
     "convnet": {"width", "norm"},
     "resnet18": {"widths", "norm", "stem", "grad_checkpointing"},
     "resnet50": {"widths", "norm", "stem", "grad_checkpointing"},

@@ -357,6 +357,7 @@ _SIZES: dict[str, dict[str, int]] = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 
 
@@ -383,4 +384,9 @@ def vit_base(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, 
 def vit_large(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-L: 1024 wide, 24 deep, 16 heads (about 303M parameters at 224/16)."""
     return _vit("vit_large", image_size, in_chans, patch_size, kwargs)
+
+
+def vit_huge(*, image_size: int = 224, in_chans: int = 3, patch_size: int = 14, **kwargs: Any) -> VisionTransformer:
+    """ViT-H: 1280 wide, 32 deep, 16 heads (about 631M parameters at 224/14, I-JEPA's)."""
+    return _vit("vit_huge", image_size, in_chans, patch_size, kwargs)
 

@@ -155,12 +155,13 @@ def test_drop_path_is_stochastic_in_train_only() -> None:
     torch.testing.assert_close(model(x), model(x))
 
 
-@pytest.mark.parametrize("name,expected", [("vit_small", 21.7e6), ("vit_base", 85.8e6), ("vit_large", 303.3e6)])
-def test_vit_parameter_counts_match_published(name: str, expected: float) -> None:
-    """ViT-S/16, ViT-B/16 and ViT-L/16 at 224 without a head have the published 21.7M / 85.8M / 303.3M parameters
-    (within 2%)."""
+@pytest.mark.parametrize("name,patch,expected", [("vit_small", 16, 21.7e6), ("vit_base", 16, 85.8e6),
+                                                  ("vit_large", 16, 303.3e6), ("vit_huge", 14, 632e6)])
+def test_vit_parameter_counts_match_published(name: str, patch: int, expected: float) -> None:
+    """ViT-S/16, ViT-B/16, ViT-L/16 and ViT-H/14 at 224 without a head have the published 21.7M / 85.8M / 303.3M /
+    632M parameters (within 2%)."""
     with torch.device("meta"):
-        model = build_backbone(name, image_size=224, in_chans=3, patch_size=16)
+        model = build_backbone(name, image_size=224, in_chans=3, patch_size=patch)
     assert abs(num_params(model) - expected) / expected < 0.02
 
 
@@ -213,8 +214,8 @@ def test_resnet50_is_torchvisions_layout() -> None:
 
 def test_unknown_backbone_lists_known_names() -> None:
     """An unknown name raises ValueError naming every registered backbone."""
-    with pytest.raises(ValueError, match="unknown backbone 'vit_huge'.*convnet.*resnet18.*vit_base"):
-        build_backbone("vit_huge", image_size=16, in_chans=3)
+    with pytest.raises(ValueError, match="unknown backbone 'vit_giant'.*convnet.*resnet18.*vit_base"):
+        build_backbone("vit_giant", image_size=16, in_chans=3)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """The ImageNet-scale recipes (configs/*_imagenet.yaml) at their real sizes: each loads, its method builds with the
 recipe's backbone and head (ViT-S/16 with 65,536 prototypes, ViT-B/16 with MAE's decoder, ResNet-50 with BYOL's
-4096-wide MLPs, MoCo v3's ViT-S/16 with a frozen patch projection, DINOv2's ViT-L/16 (stepped with 2 of its 24
-blocks), ...), and takes a training step on a batch of 2 images per view at the recipe's crop sizes, the loss finite
-and near where it starts in the papers. Training them to their published accuracy needs GPUs; this is what a CPU can
-check."""
+4096-wide MLPs, MoCo v3's ViT-S/16 with a frozen patch projection, DINOv2's ViT-L/16 and I-JEPA's ViT-H/14, stepped
+with 2 of their 24 and 32 blocks, ...), and takes a training step on a batch of 2 images per view at the recipe's crop
+sizes, the loss finite and near where it starts in the papers. Training them to their published accuracy needs GPUs;
+this is what a CPU can check."""
 
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ def test_there_are_scale_recipes():
     assert {p.name for p in RECIPES} >= {"dino_vits16_imagenet.yaml", "ibot_vits16_imagenet.yaml",
                                          "dinov2_vitl16_imagenet.yaml", "mae_vitb16_imagenet.yaml",
                                          "simclr_resnet50_imagenet.yaml", "byol_resnet50_imagenet.yaml",
-                                         "mocov3_vits16_imagenet.yaml", "swav_resnet50_imagenet.yaml"}
+                                         "mocov3_vits16_imagenet.yaml", "swav_resnet50_imagenet.yaml",
+                                         "ijepa_vith14_imagenet.yaml"}
 
 
-SHALLOW = {"vit_large": (2, 303.3e6)}
-"""Backbones too slow to step at full depth on the CI's 2 cores (a ViT-L step there takes minutes): the recipe is built
-whole on the meta device (no memory, no compute; its parameters counted), then stepped with this many of its blocks,
-at its width, heads and crop sizes."""
+SHALLOW = {"vit_large": (2, 303.3e6), "vit_huge": (2, 632e6)}
+"""Backbones too slow to step at full depth on the CI's 2 cores (a ViT-L step there takes minutes, a ViT-H longer):
+the recipe is built whole on the meta device (no memory, no compute; its parameters counted), then stepped with this
+many of its blocks, at its width, heads and crop sizes."""
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
