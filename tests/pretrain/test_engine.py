@@ -48,6 +48,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _swav_frozen_prototypes(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _layer_decay(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
+    _ijepa(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     torch.distributed.destroy_process_group()
 
 
@@ -92,6 +93,33 @@ def _layer_decay(rank: int, root: str, build_engine, build_method, full_state_di
         torch.save({"init": init, "first": first, "trained": trained, "groups": groups, "peak": cfg.optim.lr,
                     "continued": full_state_dict(engine, engine.module.student),
                     "resumed": full_state_dict(fresh, fresh.module.student)}, f"{root}/decay.pt")
+
+
+def _ijepa(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
+           save_checkpoint) -> None:
+    """I-JEPA under ZeRO-3 (both encoders and the predictor partitioned, each rank drawing its own masks): the context
+    encoder and the target encoder around 2 steps of linear momentum, then a checkpoint loaded by a fresh engine."""
+    from pretrain.trainer import optimizer_step
+
+    cfg = load_config(ROOT / "configs" / "ijepa_digits.yaml", [
+        "zero.stage=3", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=1", "method.teacher_momentum=0.5",
+        "model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, global_pool: mean, pos_embed: sincos}",
+        "method.decoder_dim=16", "method.decoder_heads=2"])
+    engine = build_engine(build_method(cfg, distributed=True), cfg)
+    states = [{k: full_state_dict(engine, getattr(engine.module, k)) for k in ("encoder", "target")}]
+    g = torch.Generator().manual_seed(70 + rank)
+    batches = iter([{"views": [torch.randn(8, 1, 16, 16, generator=g)]} for _ in range(2)])
+    torch.manual_seed(80 + rank)
+    losses = []
+    for step in range(2):
+        losses.append(optimizer_step(engine, batches, step, 10)[0]["loss"].item())
+        states.append({k: full_state_dict(engine, getattr(engine.module, k)) for k in ("encoder", "target")})
+    save_checkpoint(engine, f"{root}/ckpt-ijepa", {"step": 2, "epoch": 0})
+    fresh = build_engine(build_method(cfg, distributed=True), cfg)
+    load_checkpoint(fresh, f"{root}/ckpt-ijepa")
+    restored = {k: full_state_dict(fresh, getattr(fresh.module, k)) for k in ("encoder", "target")}
+    if rank == 0:
+        torch.save({"states": states, "restored": restored, "losses": losses}, f"{root}/ijepa.pt")
 
 
 def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
@@ -315,6 +343,26 @@ def test_moco_v3_with_frozen_patch_projection_under_zero3(results):
     assert r["restored"].keys() == trained.keys()
     for k, v in trained.items():
         assert torch.equal(r["restored"][k], v), k
+
+
+def test_ijepa_target_follows_the_encoder_under_zero3(results):
+    """I-JEPA under ZeRO-3: each step moves the context encoder, and the target encoder (on its partitions) becomes
+    m * target + (1 - m) * encoder with m rising linearly from method.teacher_momentum (0.5, 0.55); a fresh engine
+    loads both back from the checkpoint."""
+    r = torch.load(results / "ijepa.pt", weights_only=False)
+    assert all(math.isfinite(x) for x in r["losses"])
+    states = r["states"]
+    assert states[0]["encoder"].keys() == states[0]["target"].keys()
+    for step, m in enumerate((0.5, 0.55)):
+        before, after = states[step], states[step + 1]
+        assert any(not torch.equal(after["encoder"][k], v) for k, v in before["encoder"].items())
+        for k, v in before["target"].items():
+            if v.is_floating_point():
+                torch.testing.assert_close(after["target"][k], m * v + (1 - m) * after["encoder"][k], rtol=1e-5,
+                                           atol=1e-6, msg=f"step {step}: {k}")
+    for part in ("encoder", "target"):
+        for k, v in states[-1][part].items():
+            assert torch.equal(r["restored"][part][k], v), f"{part}.{k}"
 
 
 def test_swav_prototypes_frozen_under_lars_and_queue_restored(results):
