@@ -32,8 +32,16 @@ from data_pipeline.masking import block_shape, multiblock_masks
 from kernels.masked_gather import masked_gather
 from pretrain.config import Config
 from pretrain.ema import ema_update_, linear_momentum, teacher_copy
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view, require_vit
-from pretrain.methods.mae import IMPLS, check_decoder
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    built_size_view,
+    require_one_view,
+    require_vit,
+)
+from pretrain.methods.mae import IMPLS, check_decoder, encode_patches
 from pretrain.models.vit import Block, sincos_pos_embed_2d
 
 
@@ -115,10 +123,7 @@ class IJEPA(SSLMethod):
     def encode_context(self, imgs: Tensor, context: Tensor) -> Tensor:
         """imgs (B, C, H, W), context (B, Nc) -> (B, Nc, D): the context patches through the context encoder (with the
         cls token and any registers, which are then dropped)."""
-        enc = self.encoder
-        tokens = enc.prepare_tokens(imgs)
-        visible = masked_gather(enc.patch_tokens(tokens), context, impl=self.impl)
-        return enc.patch_tokens(enc.forward_tokens(torch.cat([tokens[:, :enc.num_prefix_tokens], visible], dim=1)))
+        return self.encoder.patch_tokens(encode_patches(self.encoder, imgs, context, self.impl))
 
     @torch.no_grad()
     def target_features(self, imgs: Tensor, targets: Tensor) -> Tensor:
@@ -131,11 +136,7 @@ class IJEPA(SSLMethod):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
-        imgs = batch["views"][0]
-        size = self.encoder.image_size
-        if tuple(imgs.shape[-2:]) != (size, size):
-            raise ValueError(f"ijepa: views must be {size}x{size} (the masks are drawn on its patch grid), got "
-                             f"{tuple(imgs.shape[-2:])}")
+        imgs = built_size_view(batch, self.encoder, "ijepa: the masks are drawn on its patch grid")
         context, targets = multiblock_masks(imgs.shape[0], self.encoder.grid_size, **self.masking)
         context, targets = context.to(imgs.device), targets.to(imgs.device)
         target = self.target_features(imgs, targets)

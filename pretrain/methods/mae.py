@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from kernels.masked_gather import masked_gather
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view, require_vit
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    built_size_view,
+    require_one_view,
+    require_vit,
+)
 from pretrain.models.vit import Block, sincos_pos_embed_2d
 
 IMPLS = ("auto", "triton", "ref")
@@ -42,6 +50,16 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
     keep = num_visible(num_patches, mask_ratio)
     mask = ids_restore >= keep
     return ids_shuffle[:, :keep].contiguous(), ids_restore, mask
+
+
+def encode_patches(enc: nn.Module, imgs: Tensor, ids: Tensor, impl: str) -> Tensor:
+    """A ViT ``enc`` on a subset of each image's patches: imgs (B, C, H, W), ids (B, K) -> (B, P+K, D), the cls
+    token, any registers and the patches at ``ids`` (picked by ``kernels.masked_gather`` after the positions are
+    added), through the blocks and the final norm (P = ``enc.num_prefix_tokens``). MAE's visible patches, I-JEPA's
+    context."""
+    tokens = enc.prepare_tokens(imgs)  # (B, P+L, D), positions added
+    picked = masked_gather(enc.patch_tokens(tokens), ids, impl=impl)
+    return enc.forward_tokens(torch.cat([tokens[:, :enc.num_prefix_tokens], picked], dim=1))
 
 
 def check_decoder(cfg: Config) -> None:
@@ -131,18 +149,11 @@ class MAE(SSLMethod):
     def encode(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
         """imgs (B, C, H, W), ids_keep (B, K) -> (B, P+K, D): the cls token, any registers and the visible patches,
         encoded (P = the backbone's ``num_prefix_tokens``)."""
-        enc = self.backbone
-        tokens = enc.prepare_tokens(imgs)  # (B, P+L, D), positions added
-        visible = masked_gather(enc.patch_tokens(tokens), ids_keep, impl=self.impl)
-        return enc.forward_tokens(torch.cat([tokens[:, :enc.num_prefix_tokens], visible], dim=1))
+        return encode_patches(self.backbone, imgs, ids_keep, self.impl)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
-        imgs = batch["views"][0]
-        size = self.backbone.image_size
-        if tuple(imgs.shape[-2:]) != (size, size):
-            raise ValueError(f"mae: views must be {size}x{size} (the "
-                             f"decoder's positions are fixed), got {tuple(imgs.shape[-2:])}")
+        imgs = built_size_view(batch, self.backbone, "mae: the decoder's positions are fixed")
         ids_keep, ids_restore, mask = random_masking(imgs.shape[0], self.backbone.num_patches, self.mask_ratio,
                                                      imgs.device)
         latent = self.encode(imgs, ids_keep)
