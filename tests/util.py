@@ -68,6 +68,17 @@ def train_steps(method, batches, steps: int, lr: float, max_steps: int | None = 
             method.on_step_end(step, max_steps)
 
 
+def assert_grads_close(module, grads: dict, rtol: float = 1e-5) -> None:
+    """Every parameter of ``module`` named in ``grads`` has that gradient (another path's: Triton against PyTorch),
+    each judged against its own scale: fp32 sums in another order, carried back through a network."""
+    import torch
+
+    for n, p in module.named_parameters():
+        if n in grads:
+            scale = grads[n].abs().max().item()
+            torch.testing.assert_close(p.grad, grads[n], rtol=rtol, atol=rtol * scale, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def sinkhorn_reference(scores, eps: float, iters: int):
     """The official Sinkhorn-Knopp of SwAV's main_swav.py and DINOv2's teacher centering, in one process: scores
     (B, K) -> codes (B, K), each row summing to 1, the prototypes sharing the batch about equally."""

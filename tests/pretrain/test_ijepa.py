@@ -16,7 +16,7 @@ from data_pipeline.masking import block_shape, multiblock_masks
 from pretrain.config import load_config
 from pretrain.ema import linear_momentum
 from pretrain.trainer import build_method
-from tests.util import config_error, train_steps
+from tests.util import assert_grads_close, config_error, train_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "ijepa_digits.yaml"
@@ -146,10 +146,7 @@ def test_loss_is_ijepa_written_out(registers: int):
     fused = method({"views": [imgs]})["loss"]
     fused.backward()
     torch.testing.assert_close(fused, out["loss"], rtol=1e-6, atol=1e-6)
-    for n, p in method.named_parameters():
-        if p.requires_grad:
-            scale = grads[n].abs().max().item()
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
+    assert_grads_close(method, grads)
 
 
 def test_context_encoder_sees_only_the_context():
