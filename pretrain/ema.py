@@ -1,4 +1,5 @@
-"""Exponential moving average of a student into a teacher (BYOL, DINO, iBOT): ``torch._foreach_*``, ZeRO-3 aware.
+"""Exponential moving average of a student into a teacher (BYOL, DINO, iBOT, MoCo v3, I-JEPA): ``torch._foreach_*``,
+ZeRO-3 aware.
 
 Under DeepSpeed ZeRO-3 a parameter's full value exists only while a forward gathers it; between steps each rank holds
 its partition in ``param.ds_tensor``. A teacher and a student of the same architecture are partitioned alike (the same
