@@ -55,14 +55,14 @@ def require_one_view(cfg: Config, what: str) -> None:
                          f"{d.num_views} global and {d.local_views} local")
 
 
-def built_size_view(batch: dict, backbone: nn.Module, what: str) -> Tensor:
+def built_size_view(batch: dict, backbone: nn.Module, method: str, why: str) -> Tensor:
     """The one view of a method that masks on the backbone's patch grid: ``batch["views"][0]``, (B, C, H, W) at the
-    size the ViT was built for; another size raises (``what``: "mae: the decoder's positions are fixed")."""
+    size the ViT was built for; another size raises, naming ``method`` and ``why`` ("the decoder's positions are
+    fixed")."""
     imgs = batch["views"][0]
     size = backbone.image_size
     if tuple(imgs.shape[-2:]) != (size, size):
-        name, why = what.split(": ", 1)
-        raise ValueError(f"{name}: views must be {size}x{size} ({why}), got {tuple(imgs.shape[-2:])}")
+        raise ValueError(f"{method}: views must be {size}x{size} ({why}), got {tuple(imgs.shape[-2:])}")
     return imgs
 
 

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from data_pipeline.masking import block_masks
 from kernels.masked_gather import packed_gather
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view, require_vit
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    built_size_view,
+    require_one_view,
+    require_vit,
+)
 from pretrain.methods.mae import IMPLS
 from pretrain.methods.vqvae import VQVAE, load_tokenizer, read_tokenizer
 
@@ -87,10 +95,7 @@ class BEiT(SSLMethod):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
-        imgs = batch["views"][0]
-        size = self.backbone.image_size
-        if tuple(imgs.shape[-2:]) != (size, size):
-            raise ValueError(f"beit: views must be {size}x{size} (the tokenizer's grid), got {tuple(imgs.shape[-2:])}")
+        imgs = built_size_view(batch, self.backbone, "beit", "the tokenizer's grid")
         targets = self.tokenizer(imgs.device).tokenize(imgs)  # (B, L)
         mask = block_masks(imgs.shape[0], self.backbone.grid_size, self.mask_ratio_range,
                            self.mask_prob).to(imgs.device)

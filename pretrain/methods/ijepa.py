@@ -136,7 +136,7 @@ class IJEPA(SSLMethod):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
-        imgs = built_size_view(batch, self.encoder, "ijepa: the masks are drawn on its patch grid")
+        imgs = built_size_view(batch, self.encoder, "ijepa", "the masks are drawn on its patch grid")
         context, targets = multiblock_masks(imgs.shape[0], self.encoder.grid_size, **self.masking)
         context, targets = context.to(imgs.device), targets.to(imgs.device)
         target = self.target_features(imgs, targets)

@@ -153,7 +153,7 @@ class MAE(SSLMethod):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: one tensor (B, C, H, W) at the built image size."""
-        imgs = built_size_view(batch, self.backbone, "mae: the decoder's positions are fixed")
+        imgs = built_size_view(batch, self.backbone, "mae", "the decoder's positions are fixed")
         ids_keep, ids_restore, mask = random_masking(imgs.shape[0], self.backbone.num_patches, self.mask_ratio,
                                                      imgs.device)
         latent = self.encode(imgs, ids_keep)

@@ -54,11 +54,13 @@ def test_multiblock_masks_targets_are_blocks_and_the_context_avoids_them():
         assert torch.equal(c, c.sort().values) and len(set(c.tolist())) == len(c)
         assert not set(c.tolist()) & set(t.flatten().tolist())  # the context never sees what it predicts
         assert c.max() < 64
-    # the context is one square block less the targets: its patches lie within a square of the context shape
-    side = max(block_shape(grid, 1.0, 1.0))
-    for c in context.numpy():
-        rows, cols = c // 8, c % 8
-        assert rows.max() - rows.min() < side and cols.max() - cols.min() < side
+    # the context is one square block less the targets: with half the grid (a 6x6 block), its patches lie within a
+    # 6x6 square, and some contexts span all of it
+    side = block_shape(grid, 0.5, 1.0)
+    assert side == (6, 6)
+    half, _ = multiblock_masks(64, grid, context_scale=(0.5, 0.5), min_context=1)
+    spans = [np.ptp(c // 8) + 1 for c in half.numpy()] + [np.ptp(c % 8) + 1 for c in half.numpy()]
+    assert max(spans) == 6
     # positions vary per image and reach every patch, the last row and column included
     torch.manual_seed(1)
     _, many = multiblock_masks(200, grid)
