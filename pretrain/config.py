@@ -62,11 +62,12 @@ class MethodConfig:
     """Key into pretrain.methods.METHODS."""
     temperature: float = 0.2
     """SimCLR: NT-Xent temperature; MoCo v3: its InfoNCE temperature (the paper's 0.2 for ViTs, 1.0 for ResNets);
-    SwAV: the prototype softmax's (the paper's 0.1)."""
+    NNCLR: its InfoNCE's (the paper's 0.1); SwAV: the prototype softmax's (the paper's 0.1)."""
     loss_impl: str = "auto"
     """auto (Triton on CUDA, PyTorch on CPU) | triton | chunked (SimCLR: memory-efficient PyTorch) | ref (naive)."""
     gather_distributed: bool = True
-    """SimCLR: use the embeddings of every rank as negatives (gathered with gradients); MoCo v3: every rank's keys."""
+    """SimCLR: use the embeddings of every rank as negatives (gathered with gradients); MoCo v3: every rank's keys;
+    NNCLR: every rank's predictions (required: its support set holds every rank's embeddings)."""
     # --- DINO (the head's MLP is model.proj_*: hidden dim, layers, and proj_out_dim as the bottleneck) ---
     num_prototypes: int = 65536
     """DINO: K, the output dimension of the head's weight-normalised last layer; SwAV: its prototypes (3000)."""
@@ -113,7 +114,7 @@ class MethodConfig:
     as num_prototypes."""
     # --- BYOL (projector: model.proj_*; target momentum: teacher_momentum) ---
     predictor_hidden_dim: int = 512
-    """BYOL, MoCo v3: hidden width of the 2-layer predictor (proj_out_dim -> this -> proj_out_dim)."""
+    """BYOL, MoCo v3, NNCLR: hidden width of the 2-layer predictor (proj_out_dim -> this -> proj_out_dim)."""
     # --- MAE (loss_impl picks the masked-gather kernel: auto | triton | ref) ---
     mask_ratio: float = 0.75
     """MAE: fraction of patches hidden from the encoder (and reconstructed)."""
@@ -151,7 +152,8 @@ class MethodConfig:
     queue_size: int = 0
     """SwAV: embeddings of the last global batches (every rank's) kept per global view and balanced with the batch in
     Sinkhorn-Knopp, for global batches too small to share K prototypes (the official code's queue_length, e.g. 3840
-    for 256 images); 0 = none."""
+    for 256 images); 0 = none. NNCLR: the support set the neighbours come from, the view-1 embeddings of the last
+    this many images of every rank (the paper's 98,304); required."""
     queue_start_steps: int = 0
     """SwAV: the queue fills from this step on and joins the codes once full (the official code starts it late: after
     15 epochs)."""

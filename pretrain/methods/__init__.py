@@ -12,6 +12,7 @@ from pretrain.methods.ijepa import IJEPA
 from pretrain.methods.jigsaw import Jigsaw
 from pretrain.methods.mae import MAE
 from pretrain.methods.moco import MoCoV3
+from pretrain.methods.nnclr import NNCLR
 from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
 from pretrain.methods.swav import SwAV
@@ -21,7 +22,7 @@ METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": D
                                        "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
                                        "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT,
                                        "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v3": MoCoV3,
-                                       "swav": SwAV, "ijepa": IJEPA}
+                                       "swav": SwAV, "ijepa": IJEPA, "nnclr": NNCLR}
 
 __all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "IJEPA", "Jigsaw", "MAE", "METHODS",
-           "MoCoV3", "Rotation", "SSLMethod", "SimCLR", "SwAV", "VICReg", "VQVAE"]
+           "MoCoV3", "NNCLR", "Rotation", "SSLMethod", "SimCLR", "SwAV", "VICReg", "VQVAE"]

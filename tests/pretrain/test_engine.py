@@ -49,6 +49,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     _swav_frozen_prototypes(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _layer_decay(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _ijepa(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
+    _nnclr(rank, root, build_engine, build_method, load_checkpoint, save_checkpoint)
     torch.distributed.destroy_process_group()
 
 
@@ -120,6 +121,35 @@ def _ijepa(rank: int, root: str, build_engine, build_method, full_state_dict, lo
     restored = {k: full_state_dict(fresh, getattr(fresh.module, k)) for k in ("encoder", "target")}
     if rank == 0:
         torch.save({"states": states, "restored": restored, "losses": losses}, f"{root}/ijepa.pt")
+
+
+def _nnclr(rank: int, root: str, build_engine, build_method, load_checkpoint, save_checkpoint) -> None:
+    """NNCLR under ZeRO-3 with bf16 autocast, a support set of 12 rows and a global batch of 8: 3 steps (the ring
+    wraps), a checkpoint, and a fresh engine that loads it; then both take a 4th step on the same batch."""
+    from pretrain.trainer import optimizer_step
+
+    cfg = load_config(ROOT / "configs" / "nnclr_digits.yaml", [
+        "zero.stage=3", "zero.precision=bf16", "data.batch_size=4", "job.max_steps=10", "optim.warmup_steps=1",
+        "model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.predictor_hidden_dim=24",
+        "model.backbone_kwargs={width: 0.25}", "method.queue_size=12"])
+    engine = build_engine(build_method(cfg, distributed=True), cfg)
+    g = torch.Generator().manual_seed(90 + rank)
+    batches = [{"views": [torch.randn(4, 1, 16, 16, generator=g) for _ in range(2)]} for _ in range(4)]
+    losses = [optimizer_step(engine, iter(batches[step:]), step, 10)[0]["loss"].item() for step in range(3)]
+    m = engine.module
+    support = {"queue": m.queue.clone(), "ptr": int(m.queue_ptr), "filled": int(m.queue_filled)}
+    save_checkpoint(engine, f"{root}/ckpt-nnclr", {"step": 3, "epoch": 0})
+    fresh = build_engine(build_method(cfg, distributed=True), cfg)
+    empty = int(fresh.module.queue_filled)
+    load_checkpoint(fresh, f"{root}/ckpt-nnclr")
+    f = fresh.module
+    restored = {"queue": f.queue.clone(), "ptr": int(f.queue_ptr), "filled": int(f.queue_filled)}
+    fourth = [optimizer_step(e, iter(batches[3:]), 3, 10)[0]["loss"].item() for e in (engine, fresh)]
+    queues = [torch.empty_like(support["queue"]) for _ in range(2)]
+    torch.distributed.all_gather(queues, support["queue"])
+    if rank == 0:
+        torch.save({"losses": losses, "support": support, "restored": restored, "empty": empty, "fourth": fourth,
+                    "ranks_queues": queues}, f"{root}/nnclr.pt")
 
 
 def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
@@ -378,6 +408,22 @@ def test_swav_prototypes_frozen_under_lars_and_queue_restored(results):
     q = r["queues"]
     assert q["filled"] == 16 and q["trained"].abs().sum() > 0
     assert torch.equal(q["restored"], q["trained"]) and torch.equal(r["ranks_queues"][0], r["ranks_queues"][1])
+
+
+def test_nnclr_support_set_under_zero3_bf16_is_alike_on_ranks_and_restored(results):
+    """NNCLR's support set through a ZeRO-3 engine under bf16 autocast: after 3 steps of 8 images it is full, its
+    write position wrapped to 0 (8 + 8 + 8 rows through a ring of 12), of unit rows, the same on both ranks; a fresh
+    engine (empty set) gets it back from the checkpoint, and then takes the same 4th step as the engine that saved it
+    (with the set lost, the fresh engine's neighbours would be the batch's own embeddings)."""
+    r = torch.load(results / "nnclr.pt", weights_only=False)
+    assert all(math.isfinite(x) for x in r["losses"])
+    s = r["support"]
+    assert (s["ptr"], s["filled"], r["empty"]) == (0, 12, 0)
+    torch.testing.assert_close(s["queue"].norm(dim=1), torch.ones(12), rtol=1e-5, atol=1e-5)
+    assert torch.equal(r["ranks_queues"][0], r["ranks_queues"][1])
+    assert torch.equal(r["restored"]["queue"], s["queue"])
+    assert (r["restored"]["ptr"], r["restored"]["filled"]) == (s["ptr"], s["filled"])
+    assert r["fourth"][0] == pytest.approx(r["fourth"][1], rel=1e-6)
 
 
 def _expected_lr_mult(name: str) -> float:
