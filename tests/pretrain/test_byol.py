@@ -77,8 +77,11 @@ def test_target_is_ema_of_online_with_cosine_momentum():
     for name, p in method.target.named_parameters():
         expected = m * before[name] + (1 - m) * online[name]
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=name)
-    moved = sum(not torch.equal(p, before[n]) for n, p in method.target.named_parameters())
-    assert moved == len(list(method.target.parameters()))
+    # every parameter the step changed pulls its target along; all but one changed: the projector's last bias, whose
+    # gradient is 0 but for rounding (the predictor's BatchNorm removes a shift), may not move on some CPUs
+    changed = [n for n, _ in method.target.named_parameters() if (online[n] - before[n]).abs().max() > 1e-6]
+    assert len(changed) >= len(list(method.target.parameters())) - 1
+    assert all(not torch.equal(p, before[n]) for n, p in method.target.named_parameters() if n in changed)
     frozen = {k: v.clone() for k, v in method.target.state_dict().items()}
     method.on_step_end(10, 10)
     assert all(torch.equal(v, method.target.state_dict()[k]) for k, v in frozen.items())
