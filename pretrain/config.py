@@ -342,9 +342,10 @@ class DataConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    """adamw | lars. LARS (SimCLR's and BYOL's optimizer at large batch: per-layer trust ratio, momentum) needs
+    """adamw | lars | sgd. LARS (SimCLR's and BYOL's optimizer at large batch: per-layer trust ratio, momentum) needs
     zero.stage 0, since its trust ratio needs each parameter whole; its lr is typically 0.3 (SimCLR) or 0.2 (BYOL) per
-    256 images, scaled linearly, with weight decay 1e-6 / 1.5e-6."""
+    256 images, scaled linearly, with weight decay 1e-6 / 1.5e-6. sgd: torch's SGD with heavy-ball ``momentum``
+    (SimSiam's: lr 0.05 per 256 images, weight decay 1e-4; MoCo v2's: 0.03), any ZeRO stage."""
     lr: float = 1e-3
     """Peak learning rate (after warmup); with lr_scaling, the rate at a global batch of base_batch_size."""
     lr_scaling: str = "none"
@@ -366,7 +367,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW's."""
     momentum: float = 0.9
-    """LARS's heavy-ball momentum."""
+    """LARS's and SGD's heavy-ball momentum."""
     trust_coefficient: float = 1e-3
     """LARS's eta: a layer's step is about lr x eta x its weight norm."""
     warmup_steps: int = 50
@@ -380,7 +381,7 @@ class OptimConfig:
     """A ViT's patch projection learns at this times its rate (DINOv2's 0.2); 1 = off."""
 
     def __post_init__(self) -> None:
-        _check(self.name in ("adamw", "lars"), "name", f"must be adamw or lars, got {self.name!r}")
+        _check(self.name in ("adamw", "lars", "sgd"), "name", f"must be adamw, lars or sgd, got {self.name!r}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.lr_scaling in ("none", "linear", "sqrt"), "lr_scaling",
                f"must be none, linear or sqrt, got {self.lr_scaling!r}")

@@ -1,8 +1,8 @@
 """The only module that imports DeepSpeed: engine from config, schedule, checkpoint save/load, op prebuild.
 
 On a machine without CUDA, DeepSpeed runs with its ``cpu`` accelerator (gloo, fp32); on GPUs with bf16. The
-optimizer (torch's AdamW, or ``pretrain.optim.LARS``) is handed to DeepSpeed as a client optimizer, so no CUDA/CPU-Adam
-extension has to be built.
+optimizer (torch's AdamW or SGD, or ``pretrain.optim.LARS``) is handed to DeepSpeed as a client optimizer, so no
+CUDA/CPU-Adam extension has to be built.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
     def follow_config(self) -> None:
         """After a checkpoint is loaded: the peak learning rate and the optimizer's settings (Adam's betas, LARS's
-        momentum and trust coefficient) of this run's config, not of the run that saved it (a run resumed with another
-        ``optim.lr`` uses it), and the learning rate for the coming step from them; unchanged values give back exactly
-        what was saved."""
+        momentum and trust coefficient, SGD's momentum) of this run's config, not of the run that saved it (a run
+        resumed with another ``optim.lr`` uses it), and the learning rate for the coming step from them; unchanged
+        values give back exactly what was saved."""
         self.base_lrs = [self.peak_lr * group.get("lr_mult", 1.0) for group in self.optimizer.param_groups]
         for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
             group.update(initial_lr=base, lr=base * factor(self.last_epoch), **self.hyper)
@@ -121,6 +121,8 @@ def optimizer_hyper(cfg: Config) -> dict:
     o = cfg.optim
     if o.name == "lars":
         return {"momentum": o.momentum, "trust_coefficient": o.trust_coefficient}
+    if o.name == "sgd":
+        return {"momentum": o.momentum}
     return {"betas": tuple(o.betas)}
 
 
@@ -145,7 +147,7 @@ def ds_config(cfg: Config, *, universal: bool = False) -> dict:
 
 
 def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
-    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW or LARS, warmup + cosine, weight-decay schedule,
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW, LARS or SGD, warmup + cosine, weight-decay schedule,
     clipping) from the config; ``universal``: one that loads a universal checkpoint (``load_checkpoint(universal=)``).
 
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
@@ -292,7 +294,7 @@ def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
     if extensions_dir:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir))
     if torch.cuda.is_available():
-        return  # CUDA runs use torch's optimizers (AdamW, or LARS in plain torch) and NCCL: nothing to JIT-compile
+        return  # CUDA runs use torch's optimizers (AdamW, SGD, or LARS in plain torch) and NCCL: nothing to JIT-compile
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")

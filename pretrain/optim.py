@@ -1,5 +1,6 @@
-"""The optimizers a recipe can name (``optim.name``): torch's AdamW, and LARS for SimCLR and BYOL at large batch; the
-param groups they take (``param_groups``: weight decay on weights only, layer-wise learning rates of a ViT).
+"""The optimizers a recipe can name (``optim.name``): torch's AdamW, LARS for SimCLR and BYOL at large batch, and
+torch's SGD with momentum (SimSiam's, MoCo's; elementwise, so any ZeRO stage); the param groups they take
+(``param_groups``: weight decay on weights only, layer-wise learning rates of a ViT).
 
 LARS (You et al., 2017) as SimCLR and BYOL run it (their TF LARS and optax's ``lars``): the weight decay is added to
 the gradient, the sum is rescaled per parameter by the trust ratio ``eta x ||w|| / ||g + wd w||`` (1 where either norm
@@ -103,12 +104,14 @@ def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, **hyper) -> torch.optim.Optimizer:
     """``optim.name``'s optimizer over ``groups`` (``param_groups``: the decaying groups are the ones
-    LARS adapts; a group's learning rate is ``lr`` x its ``lr_mult``), with ``hyper``: AdamW's betas, or LARS's
-    momentum and trust_coefficient."""
+    LARS adapts; a group's learning rate is ``lr`` x its ``lr_mult``), with ``hyper``: AdamW's betas, LARS's
+    momentum and trust_coefficient, or SGD's momentum."""
     groups = [{**g, "lr": lr * g.get("lr_mult", 1.0)} for g in groups]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **hyper)
     if name == "lars":
         groups = [{**g, "lars": bool(g.get("decay"))} for g in groups]
         return LARS(groups, lr=lr, **hyper)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, **hyper)
     raise ValueError(f"optim.name: unknown optimizer {name!r}")

@@ -15,6 +15,7 @@ from pretrain.methods.moco import MoCoV3
 from pretrain.methods.nnclr import NNCLR
 from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
+from pretrain.methods.simsiam import SimSiam
 from pretrain.methods.swav import SwAV
 from pretrain.methods.vqvae import VQVAE
 
@@ -22,7 +23,7 @@ METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": D
                                        "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
                                        "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT,
                                        "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v3": MoCoV3,
-                                       "swav": SwAV, "ijepa": IJEPA, "nnclr": NNCLR}
+                                       "swav": SwAV, "ijepa": IJEPA, "nnclr": NNCLR, "simsiam": SimSiam}
 
 __all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "IJEPA", "Jigsaw", "MAE", "METHODS",
-           "MoCoV3", "NNCLR", "Rotation", "SSLMethod", "SimCLR", "SwAV", "VICReg", "VQVAE"]
+           "MoCoV3", "NNCLR", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "VICReg", "VQVAE"]

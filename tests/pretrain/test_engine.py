@@ -44,7 +44,16 @@ def _worker(rank: int, port: int, root: str) -> None:
         _one_stage(stage, precision, f"{root}/ckpt{name}", f"{root}/result{name}.pt", build_engine, build_method,
                    full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
-    _lars(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
+    lars = _cfg(0, "fp32", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0",
+                "model.sync_bn=true")
+    # SimSiam's recipe: SGD with momentum, here under ZeRO-2 (flat partitions: SGD is elementwise)
+    sgd = load_config(ROOT / "configs" / "simsiam_digits.yaml", [
+        "zero.stage=2", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=2", "model.sync_bn=true",
+        "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32", "model.proj_out_dim=32",
+        "method.predictor_hidden_dim=8"])
+    for name, cfg in (("lars", lars), ("sgd", sgd)):
+        _plain_optimizer(rank, root, name, cfg, build_engine, build_method, full_state_dict, load_checkpoint,
+                         save_checkpoint)
     _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _swav_frozen_prototypes(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _layer_decay(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
@@ -210,19 +219,18 @@ def _moco_frozen_patches(rank: int, root: str, build_engine, build_method, full_
         torch.save({"init": init, "trained": trained, "restored": restored, "losses": losses}, f"{root}/moco.pt")
 
 
-def _lars(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint) -> None:
-    """SimCLR with optim.name=lars (and model.sync_bn) under ZeRO 0 for 3 steps, beside the same method stepped by a
-    plain LARS (and the schedule) on gradients averaged over the ranks by hand; then a fresh engine loads the
-    checkpoint and both take a 4th step."""
+def _plain_optimizer(rank: int, root: str, name: str, cfg, build_engine, build_method, full_state_dict, load_checkpoint,
+                     save_checkpoint) -> None:
+    """``cfg`` (its optim.name ``name``, model.sync_bn) for 3 steps through the engine, beside the same method stepped
+    by the plain optimizer (and the schedule) on gradients averaged over the ranks by hand; then a fresh engine loads
+    the checkpoint and both take a 4th step."""
     from pretrain.engine import Schedule, optimizer_hyper, param_groups, peak_lr
     from pretrain.optim import build_optimizer
 
-    cfg = _cfg(0, "fp32", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0",
-               "model.sync_bn=true")
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     ref = build_method(cfg, distributed=True)
     groups = param_groups(ref, cfg.optim.weight_decay)
-    opt = build_optimizer(groups, "lars", peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
+    opt = build_optimizer(groups, name, peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
     schedule = Schedule(opt, cfg, WORLD)
     g = torch.Generator().manual_seed(20 + rank)
     batches = [{"views": [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]} for _ in range(4)]
@@ -240,17 +248,18 @@ def _lars(rank: int, root: str, build_engine, build_method, full_state_dict, loa
     stats = torch.cat([v.flatten() for k, v in trained.items() if k.endswith(("running_mean", "running_var"))])
     both = [torch.empty_like(stats) for _ in range(WORLD)]
     torch.distributed.all_gather(both, stats)
-    save_checkpoint(engine, f"{root}/ckpt-lars", {"step": 3, "epoch": 0})
+    save_checkpoint(engine, f"{root}/ckpt-{name}", {"step": 3, "epoch": 0})
     fresh = build_engine(build_method(cfg, distributed=True), cfg)
-    load_checkpoint(fresh, f"{root}/ckpt-lars")
+    load_checkpoint(fresh, f"{root}/ckpt-{name}")
     for e in (engine, fresh):
         e.backward(e(batches[3])["loss"])
         e.step()
     if rank == 0:
-        torch.save({"optimizer": type(engine.optimizer).__name__, "engine": trained, "reference": ref.state_dict(),
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO 1-3 wrap the client optimizer
+        torch.save({"optimizer": type(inner).__name__, "engine": trained, "reference": ref.state_dict(),
                     "loss": loss.item(), "bn_stats": both, "continued": full_state_dict(engine, engine.module),
                     "resumed": full_state_dict(fresh, fresh.module), "init": build_method(cfg, distributed=False)
-                    .state_dict()}, f"{root}/lars.pt")
+                    .state_dict()}, f"{root}/{name}.pt")
 
 
 def _accumulation(rank: int, root: str, build_engine, build_method, full_state_dict) -> None:
@@ -333,13 +342,15 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(stage, results):
     assert whole["losses"][1] != whole["losses"][0]  # it trained
 
 
-def test_lars_engine_steps_as_plain_lars_and_resumes(results):
-    """Under ZeRO 0 the engine hands LARS each parameter whole: its weights after 3 steps on 2 ranks are those of a
-    plain LARS on the ranks' averaged gradients (a trust ratio over flat partitions would not match), and a fresh
-    engine that loads its checkpoint (momentum included) takes the same 4th step. With model.sync_bn, both ranks'
-    BatchNorm statistics are the global batch's: the same on each, though each rank saw other images."""
-    r = torch.load(results / "lars.pt", weights_only=False)
-    assert r["optimizer"] == "LARS" and math.isfinite(r["loss"])
+@pytest.mark.parametrize("name, optimizer", [("lars", "LARS"), ("sgd", "SGD")])
+def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimizer):
+    """LARS (SimCLR) under ZeRO 0, which hands it each parameter whole, and SGD with momentum (SimSiam) under ZeRO-2:
+    the weights after 3 steps on 2 ranks are those of the plain optimizer on the ranks' averaged gradients (a trust
+    ratio over flat partitions would not match), and a fresh engine that loads the checkpoint (momentum included)
+    takes the same 4th step. With model.sync_bn, both ranks' BatchNorm statistics are the global batch's: the same on
+    each, though each rank saw other images."""
+    r = torch.load(results / f"{name}.pt", weights_only=False)
+    assert r["optimizer"] == optimizer and math.isfinite(r["loss"])
     assert torch.equal(r["bn_stats"][0], r["bn_stats"][1]) and r["bn_stats"][0].numel() > 100
     for k, v in r["engine"].items():
         torch.testing.assert_close(v, r["reference"][k].float(), rtol=1e-5, atol=1e-6, msg=k)  # full_state_dict: fp32
@@ -485,10 +496,12 @@ def test_param_groups_by_layer():
         assert where[id(p)]["decay"] == (p.ndim > 1), n
     decaying = [g["decay"] for g in groups]
     assert decaying == sorted(decaying, reverse=True)  # the decaying groups first: a fixed order on every rank
-    for name in ("adamw", "lars"):
-        extra = {"betas": (0.9, 0.999)} if name == "adamw" else {"momentum": 0.9, "trust_coefficient": 1e-3}
+    hyper = {"adamw": {"betas": (0.9, 0.999)}, "lars": {"momentum": 0.9, "trust_coefficient": 1e-3},
+             "sgd": {"momentum": 0.9}}
+    for name, extra in hyper.items():
         opt = build_optimizer(groups, name, 0.01, **extra)
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01 * g["lr_mult"] for g in groups])
+        assert [g["weight_decay"] for g in opt.param_groups] == [g["weight_decay"] for g in groups]
     opt = build_optimizer(groups, "adamw", peak_lr(cfg, 1), betas=(0.9, 0.999))  # as build_engine makes it
     schedule = Schedule(opt, cfg, 1)
     for _ in range(2):

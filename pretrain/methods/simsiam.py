@@ -1,0 +1,66 @@
+"""SimSiam (Chen & He, 2021): a Siamese network without negatives, momentum encoder or codes.
+
+Both views go through one encoder (backbone + projector, the projector ending in a BatchNorm without affine
+parameters: ``model.proj_last_bn``) and a bottleneck predictor; each view's prediction is pulled toward the other view's
+projection, which gets no gradient (the stop-gradient the paper shows to be what prevents collapse):
+
+    L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2,    D(p, z) = -cos(p, z)
+
+(-1 at perfect agreement). ``z_std``, logged each step, is the paper's collapse monitor: the standard deviation over
+the batch of the L2-normalised projections, averaged over channels: about 1/sqrt(proj_out_dim) for spread-out outputs,
+0 when every image maps to one vector. ``backbone`` is the one SimSiam evaluates and releases.
+
+One difference from the paper: its predictor keeps a fixed learning rate while the rest follows the cosine schedule
+(slightly better in its ablation); here the predictor follows the schedule too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pretrain.config import Config
+from pretrain.heads import ProjectionHead
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+
+
+def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
+    """p, z: (N, D) predictions and the projections they are pulled to (detached here) -> mean over rows of
+    ``-cos(p_i, z_i)``, in fp32."""
+    return -(F.normalize(p.float(), dim=-1) * F.normalize(z.detach().float(), dim=-1)).sum(dim=-1).mean()
+
+
+class SimSiam(SSLMethod):
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.data.num_views != 2 or cfg.data.local_views:
+            raise ValueError(f"data.num_views: simsiam predicts one view from the other (2 views, no local_views), "
+                             f"got {cfg.data.num_views} global and {cfg.data.local_views} local")
+        if cfg.method.loss_impl != "auto":
+            raise ValueError(f"method.loss_impl: simsiam's loss has no kernel (leave it auto), got "
+                             f"{cfg.method.loss_impl!r}")
+
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
+                 rank: int = 0) -> None:
+        super().__init__()
+        del gather, reduce, rank  # the loss is per sample: nothing crosses ranks but the gradients
+        mc, m = cfg.model, cfg.method
+        self.backbone = build_method_backbone(cfg)
+        self.projector = ProjectionHead(self.backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
+                                        num_layers=mc.proj_layers, last_bn=mc.proj_last_bn)
+        self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
+                                        num_layers=2)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch["views"]: two tensors (B, C, H, W)."""
+        v0, v1 = batch["views"]
+        n = v0.shape[0]
+        # one pass over both views: BatchNorm statistics over both
+        z = self.projector(self.backbone(torch.cat([v0, v1])))
+        p = self.predictor(z)
+        # each view's prediction against the other view's projection, halved per direction
+        loss = simsiam_loss(p, torch.cat([z[n:], z[:n]]))
+        with torch.no_grad():
+            z_std = F.normalize(z[:n].float(), dim=-1).std(dim=0).mean()
+        return {"loss": loss, "z_std": z_std}
