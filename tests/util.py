@@ -79,6 +79,48 @@ def assert_grads_close(module, grads: dict, rtol: float = 1e-5) -> None:
             torch.testing.assert_close(p.grad, grads[n], rtol=rtol, atol=rtol * scale, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def _half_batches_worker(rank: int, port: int, root: str, recipe, overrides: list[str], batches: list[dict],
+                         buffers: tuple[str, ...]) -> None:
+    """Rank ``rank`` of ``two_ranks``: its half of every batch, see there."""
+    import os
+
+    import torch
+
+    from pretrain import dist
+    from pretrain.config import load_config
+    from pretrain.trainer import build_method
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    method = build_method(load_config(recipe, [*overrides, "model.sync_bn=true"]), distributed=True)
+    loss = 0
+    for batch in batches:
+        half = batch["views"][0].shape[0] // 2
+        loss = loss + method({"views": [v[half * rank:half * (rank + 1)] for v in batch["views"]]})["loss"]
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+    for g in grads.values():  # what DeepSpeed does with the ranks' gradients
+        torch.distributed.all_reduce(g)
+        g /= 2
+    state = method.state_dict()
+    torch.save({"loss": dist.all_reduce_mean(loss.detach()), "grads": grads, **{b: state[b] for b in buffers}},
+               f"{root}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def two_ranks(root, recipe, overrides: list[str], batches: list[dict], buffers: tuple[str, ...] = ()) -> list[dict]:
+    """The method of ``recipe`` with ``overrides`` on 2 gloo ranks (model.sync_bn: BatchNorm over both), each taking
+    its half of the images of every batch in ``batches``, one forward per batch, the losses summed and backpropagated:
+    per rank, the ranks' mean loss (``loss``), the gradients averaged over the ranks as DeepSpeed averages them
+    (``grads``) and the named ``buffers`` after the forwards, for comparison with one process on the whole batches."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_half_batches_worker, args=(free_port(), str(root), recipe, overrides, batches, buffers), nprocs=2,
+             join=True)
+    return [torch.load(f"{root}/rank{r}.pt", weights_only=False) for r in range(2)]
+
+
 def assert_ranks_grads_close(module, grads: dict, msg: str = "") -> None:
     """The gradients the ranks averaged (``grads``, by name) are ``module``'s from one process on the whole batch, for
     every parameter that has one: each to float rounding at its own scale, or at 1e-3 of the network's largest

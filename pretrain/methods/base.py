@@ -55,6 +55,23 @@ def require_one_view(cfg: Config, what: str) -> None:
                          f"{d.num_views} global and {d.local_views} local")
 
 
+def require_two_views(cfg: Config, what: str) -> None:
+    """Raise the one-line config error of a method that takes two global views per image and no local crops
+    (``what``: "byol predicts one view from the other")."""
+    d = cfg.data
+    if d.num_views != 2 or d.local_views:
+        raise ValueError(f"data.num_views: {what} (2 views, no local_views), got {d.num_views} global and "
+                         f"{d.local_views} local")
+
+
+def require_no_kernel(cfg: Config, name: str) -> None:
+    """Raise the one-line config error of a ``method.loss_impl`` other than auto for a method whose loss has no
+    kernel to choose."""
+    if cfg.method.loss_impl != "auto":
+        raise ValueError(f"method.loss_impl: {name}'s loss has no kernel (leave it auto), got "
+                         f"{cfg.method.loss_impl!r}")
+
+
 def built_size_view(batch: dict, backbone: nn.Module, method: str, why: str) -> Tensor:
     """The one view of a method that masks on the backbone's patch grid: ``batch["views"][0]``, (B, C, H, W) at the
     size the ViT was built for; another size raises, naming ``method`` and ``why`` ("the decoder's positions are

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import (Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel,
+                                   require_two_views)
 
 
 def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -29,12 +30,8 @@ def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
 class BYOL(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.data.num_views != 2 or cfg.data.local_views:
-            raise ValueError(f"data.num_views: byol predicts one view from the other (2 views, no local_views), got "
-                             f"{cfg.data.num_views} global and {cfg.data.local_views} local")
-        if cfg.method.loss_impl != "auto":
-            raise ValueError(f"method.loss_impl: byol's loss has no kernel (leave it auto), got "
-                             f"{cfg.method.loss_impl!r}")
+        require_two_views(cfg, "byol predicts one view from the other")
+        require_no_kernel(cfg, "byol")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_two_views
 
 
 def _off_diagonal_square_sum(m: Tensor) -> Tensor:
@@ -63,10 +63,7 @@ class _GlobalBatchEmbedding(SSLMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        name = cfg.method.name
-        if cfg.data.num_views != 2 or cfg.data.local_views:
-            raise ValueError(f"data.num_views: {name} compares two views per image and no local crops, got "
-                             f"{cfg.data.num_views} global and {cfg.data.local_views} local")
+        require_two_views(cfg, f"{cfg.method.name} compares two views per image")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kernels.contrastive import contrastive_rows_loss
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce
+from pretrain.methods.base import Gather, Reduce, require_two_views
 from pretrain.methods.byol import BYOL
 
 
@@ -47,9 +47,7 @@ class MoCoV3(BYOL):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.data.num_views != 2 or cfg.data.local_views:
-            raise ValueError(f"data.num_views: moco_v3 contrasts two views per image and no local crops, got "
-                             f"{cfg.data.num_views} global and {cfg.data.local_views} local")
+        require_two_views(cfg, "moco_v3 contrasts two views per image")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 from kernels.contrastive import contrastive_rows_loss
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_two_views
 
 
 @torch.no_grad()
@@ -63,9 +63,7 @@ def nnclr_loss(neighbours: Tensor, p: Tensor, temperature: float, *, p_all: Tens
 class NNCLR(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.data.num_views != 2 or cfg.data.local_views:
-            raise ValueError(f"data.num_views: nnclr contrasts two views per image and no local crops, got "
-                             f"{cfg.data.num_views} global and {cfg.data.local_views} local")
+        require_two_views(cfg, "nnclr contrasts two views per image")
         if cfg.method.queue_size < 1:
             raise ValueError(f"method.queue_size: nnclr looks up neighbours in a support set of this many past "
                              f"embeddings (the paper's 98,304), got {cfg.method.queue_size}")

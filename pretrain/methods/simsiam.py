@@ -22,7 +22,8 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone
+from pretrain.methods.base import (Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel,
+                                   require_two_views)
 
 
 def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
@@ -34,12 +35,8 @@ def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
 class SimSiam(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.data.num_views != 2 or cfg.data.local_views:
-            raise ValueError(f"data.num_views: simsiam predicts one view from the other (2 views, no local_views), "
-                             f"got {cfg.data.num_views} global and {cfg.data.local_views} local")
-        if cfg.method.loss_impl != "auto":
-            raise ValueError(f"method.loss_impl: simsiam's loss has no kernel (leave it auto), got "
-                             f"{cfg.method.loss_impl!r}")
+        require_two_views(cfg, "simsiam predicts one view from the other")
+        require_no_kernel(cfg, "simsiam")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead, WeightNormLinear
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, features_by_resolution
+from pretrain.methods.base import (Gather, Reduce, SSLMethod, build_method_backbone, features_by_resolution,
+                                   require_no_kernel)
 
 
 @torch.no_grad()
@@ -73,9 +74,7 @@ class SwAV(SSLMethod):
         if cfg.data.num_views < 2:
             raise ValueError(f"data.num_views: swav swaps the codes of at least 2 global views, got "
                              f"{cfg.data.num_views}")
-        if cfg.method.loss_impl != "auto":
-            raise ValueError(f"method.loss_impl: swav's loss has no kernel (leave it auto), got "
-                             f"{cfg.method.loss_impl!r}")
+        require_no_kernel(cfg, "swav")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:

@@ -5,18 +5,16 @@ bf16): tests/pretrain/test_engine.py."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.config import load_config
 from pretrain.methods.nnclr import nearest_neighbours, nnclr_loss
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_grads_close, config_error, free_port, train_steps, train_stream
+from tests.util import assert_ranks_grads_close, config_error, train_steps, train_stream, two_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "nnclr_digits.yaml"
@@ -151,38 +149,20 @@ def _two_forwards(method, batches: list[dict]) -> torch.Tensor:
     return sum(method(batch)["loss"] for batch in batches)
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from pretrain import dist
-
-    method = build_method(load_config(RECIPE, [*SMALL, "model.sync_bn=true", QUEUE]), distributed=True)
-    halves = [{"views": [v[4 * rank:4 * rank + 4] for v in _views(8, seed)]} for seed in range(2)]
-    loss = _two_forwards(method, halves)
-    loss.backward()
-    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
-    for g in grads.values():  # what DeepSpeed does with the ranks' gradients
-        torch.distributed.all_reduce(g)
-        g /= 2
-    torch.save({"loss": dist.all_reduce_mean(loss.detach()), "grads": grads, "queue": method.queue.clone(),
-                "ptr": int(method.queue_ptr)}, f"{root}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
 def test_two_ranks_give_the_whole_batch_support_set_loss_and_gradients(tmp_path):
     """On 2 gloo ranks with half the images each (predictions gathered with gradients, BatchNorm over both), over two
     steps: both ranks hold the whole batch's embeddings in the support set in rank order, and the ranks' mean loss and
     averaged gradients are one process's on the whole batches (the second step's neighbours come from it)."""
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    batches = [{"views": _views(8, seed)} for seed in range(2)]
+    ranks = two_ranks(tmp_path, RECIPE, [*SMALL, QUEUE], batches, buffers=("queue", "queue_ptr"))
     method = _method(QUEUE)
-    loss = _two_forwards(method, [{"views": _views(8, seed)} for seed in range(2)])
+    loss = _two_forwards(method, batches)
     loss.backward()
     trained = {k for k, p in method.named_parameters() if p.grad is not None}
-    for r in range(2):
-        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+    for res in ranks:
         torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(res["queue"], method.queue, rtol=1e-4, atol=1e-5)
-        assert res["ptr"] == int(method.queue_ptr) == 4
+        assert int(res["queue_ptr"]) == int(method.queue_ptr) == 4
         assert res["grads"].keys() == trained
         assert_ranks_grads_close(method, res["grads"])
 

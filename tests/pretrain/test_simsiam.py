@@ -5,19 +5,17 @@ tests/pretrain/test_engine.py."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import load_config
 from pretrain.methods.simsiam import simsiam_loss
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_grads_close, config_error, free_port, train_steps, train_stream
+from tests.util import assert_ranks_grads_close, config_error, train_steps, train_stream, two_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simsiam_digits.yaml"
@@ -99,32 +97,14 @@ def test_collapse_monitor():
     assert method(same)["z_std"].item() < 1e-4
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from pretrain import dist
-
-    method = build_method(load_config(RECIPE, [*SMALL, "model.sync_bn=true"]), distributed=True)
-    half = {"views": [v[4 * rank:4 * rank + 4] for v in _views(8)]}
-    loss = method(half)["loss"]
-    loss.backward()
-    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
-    for g in grads.values():  # what DeepSpeed does with the ranks' gradients
-        torch.distributed.all_reduce(g)
-        g /= 2
-    torch.save({"loss": dist.all_reduce_mean(loss.detach()), "grads": grads}, f"{root}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
 def test_two_ranks_give_the_whole_batch_loss_and_gradients(tmp_path):
     """On 2 gloo ranks with half the images each (model.sync_bn: BatchNorm over both), the ranks' mean loss and
     averaged gradients are one process's on the whole batch."""
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = two_ranks(tmp_path, RECIPE, SMALL, [{"views": _views(8)}])
     method = _method()
     loss = method({"views": _views(8)})["loss"]
     loss.backward()
-    for r in range(2):
-        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+    for res in ranks:
         torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-4, atol=1e-5)
         assert res["grads"].keys() == {k for k, p in method.named_parameters() if p.grad is not None}
         assert_ranks_grads_close(method, res["grads"])
