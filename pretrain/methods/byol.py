@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import (Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel,
-                                   require_two_views)
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel, require_two_views
 
 
 def byol_loss(pred: Tensor, target: Tensor) -> Tensor:

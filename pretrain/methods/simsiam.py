@@ -22,8 +22,7 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import (Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel,
-                                   require_two_views)
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel, require_two_views
 
 
 def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:

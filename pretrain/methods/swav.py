@@ -26,8 +26,14 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead, WeightNormLinear
-from pretrain.methods.base import (Gather, Reduce, SSLMethod, build_method_backbone, features_by_resolution,
-                                   require_no_kernel)
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    features_by_resolution,
+    require_no_kernel,
+)
 
 
 @torch.no_grad()
