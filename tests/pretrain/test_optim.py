@@ -105,7 +105,7 @@ def test_lars_state_round_trips():
 
 
 def test_config_names_the_optimizer_and_its_stage():
-    assert config_error(RECIPE, ["optim.name=sgd"]) == "optim.name: must be adamw or lars, got 'sgd'"
+    assert config_error(RECIPE, ["optim.name=sgdw"]) == "optim.name: must be adamw, lars or sgd, got 'sgdw'"
     msg = config_error(RECIPE, ["optim.name=lars", "zero.stage=2"])
     assert msg.startswith("zero.stage: optim.name lars needs stage 0, got 2")
     assert config_error(RECIPE, ["optim.name=lars", "zero.stage=0", "optim.momentum=1"]).startswith("optim.momentum")
