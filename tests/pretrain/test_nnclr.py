@@ -145,10 +145,6 @@ def test_support_set_is_a_fifo_of_view_one_that_only_training_fills():
 QUEUE = "method.queue_size=12"  # 2 global batches of 8: the second step looks up among the first's 8 rows
 
 
-def _two_forwards(method, batches: list[dict]) -> torch.Tensor:
-    return sum(method(batch)["loss"] for batch in batches)
-
-
 def test_two_ranks_give_the_whole_batch_support_set_loss_and_gradients(tmp_path):
     """On 2 gloo ranks with half the images each (predictions gathered with gradients, BatchNorm over both), over two
     steps: both ranks hold the whole batch's embeddings in the support set in rank order, and the ranks' mean loss and
@@ -156,7 +152,7 @@ def test_two_ranks_give_the_whole_batch_support_set_loss_and_gradients(tmp_path)
     batches = [{"views": _views(8, seed)} for seed in range(2)]
     ranks = two_ranks(tmp_path, RECIPE, [*SMALL, QUEUE], batches, buffers=("queue", "queue_ptr"))
     method = _method(QUEUE)
-    loss = _two_forwards(method, batches)
+    loss = sum(method(batch)["loss"] for batch in batches)  # two steps' forwards, as each rank's
     loss.backward()
     trained = {k for k, p in method.named_parameters() if p.grad is not None}
     for res in ranks:
