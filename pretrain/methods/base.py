@@ -40,6 +40,20 @@ def build_method_backbone(cfg: Config, *, masks: bool = False, in_chans: int | N
                           patch_size=cfg.model.patch_size, **kwargs)
 
 
+def projector_and_predictor(cfg: Config, in_dim: int) -> tuple[nn.Module, nn.Module]:
+    """The projector of ``cfg.model`` (``proj_*``, ``proj_last_bn``) on features of width ``in_dim``, and the 2-layer
+    predictor (``method.predictor_hidden_dim`` wide) from its output back to its width: BYOL's, MoCo v3's, NNCLR's and
+    SimSiam's heads."""
+    from pretrain.heads import ProjectionHead
+
+    mc = cfg.model
+    projector = ProjectionHead(in_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
+                               num_layers=mc.proj_layers, last_bn=mc.proj_last_bn)
+    predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=cfg.method.predictor_hidden_dim, out_dim=mc.proj_out_dim,
+                               num_layers=2)
+    return projector, predictor
+
+
 def require_vit(cfg: Config, what: str) -> None:
     """Raise the one-line config error of a method that needs a ViT backbone (``what``: "mae masks patches of")."""
     if not cfg.model.backbone.startswith("vit"):

@@ -15,8 +15,15 @@ from torch import Tensor, nn
 
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
-from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel, require_two_views
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    projector_and_predictor,
+    require_no_kernel,
+    require_two_views,
+)
 
 
 def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -36,15 +43,11 @@ class BYOL(SSLMethod):
                  rank: int = 0) -> None:
         super().__init__()
         del gather, reduce, rank  # the loss is per sample: nothing crosses ranks but the gradients
-        mc, m = cfg.model, cfg.method
         backbone = build_method_backbone(cfg)
-        projector = ProjectionHead(backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
-                                   num_layers=mc.proj_layers, last_bn=mc.proj_last_bn)
+        projector, self.predictor = projector_and_predictor(cfg, backbone.embed_dim)
         self.online = nn.ModuleDict({"backbone": backbone, "projector": projector})
-        self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
-                                        num_layers=2)
         self.target = teacher_copy(self.online)
-        self.base_momentum = m.teacher_momentum
+        self.base_momentum = cfg.method.teacher_momentum
 
     @property
     def backbone(self) -> nn.Module:  # type: ignore[override]

@@ -28,8 +28,14 @@ from torch import Tensor
 
 from kernels.contrastive import contrastive_rows_loss
 from pretrain.config import Config
-from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_two_views
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    projector_and_predictor,
+    require_two_views,
+)
 
 
 @torch.no_grad()
@@ -77,10 +83,7 @@ class NNCLR(SSLMethod):
         del reduce  # nothing is averaged across ranks outside the loss
         mc, m = cfg.model, cfg.method
         self.backbone = build_method_backbone(cfg)
-        self.projector = ProjectionHead(self.backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
-                                        num_layers=mc.proj_layers, last_bn=mc.proj_last_bn)
-        self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
-                                        num_layers=2)
+        self.projector, self.predictor = projector_and_predictor(cfg, self.backbone.embed_dim)
         self.temperature = m.temperature
         self.loss_impl = m.loss_impl
         self.gather = gather

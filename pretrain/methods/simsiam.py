@@ -21,8 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.config import Config
-from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel, require_two_views
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    projector_and_predictor,
+    require_no_kernel,
+    require_two_views,
+)
 
 
 def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
@@ -41,12 +48,8 @@ class SimSiam(SSLMethod):
                  rank: int = 0) -> None:
         super().__init__()
         del gather, reduce, rank  # the loss is per sample: nothing crosses ranks but the gradients
-        mc, m = cfg.model, cfg.method
         self.backbone = build_method_backbone(cfg)
-        self.projector = ProjectionHead(self.backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
-                                        num_layers=mc.proj_layers, last_bn=mc.proj_last_bn)
-        self.predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=m.predictor_hidden_dim, out_dim=mc.proj_out_dim,
-                                        num_layers=2)
+        self.projector, self.predictor = projector_and_predictor(cfg, self.backbone.embed_dim)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W)."""
