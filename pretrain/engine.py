@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,17 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402
+# DeepSpeed's autotuner imports MLflow at DeepSpeed's import where it is installed (~2 s of every worker's start on a
+# 2-core VM), for autotuning experiments this project does not run: hidden from that import unless already loaded, so
+# that only the rank that tracks the run loads MLflow (pretrain.tracking).
+_hide_mlflow = "mlflow" not in sys.modules
+if _hide_mlflow:
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError; DeepSpeed's autotuner then goes without
+try:
+    import deepspeed  # noqa: E402
+finally:
+    if _hide_mlflow:
+        del sys.modules["mlflow"]
 
 # DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor and (ZeRO-3) reduce_scatter_tensor names every step;
 # the warnings say nothing to users and, repeated by every Ray worker, flood the log.

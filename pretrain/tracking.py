@@ -1,7 +1,8 @@
 """Experiment tracking: an MLflow logger for rank 0 and a null logger for every other rank.
 
-This is the only module that imports MLflow. It talks to MLflow through ``MlflowClient`` (no fluent ``mlflow.start_run``
-global state), so several trackers can live in one process and a run can be resumed by id after a restart.
+This is the only module that imports MLflow, and only once a run is tracked: the other ranks never load it (~2 s of
+a worker's start on a 2-core VM). It talks to MLflow through ``MlflowClient`` (no fluent ``mlflow.start_run`` global
+state), so several trackers can live in one process and a run can be resumed by id after a restart.
 """
 
 from __future__ import annotations
@@ -13,16 +14,6 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
-
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-)
 
 FLUSH_EVERY_S = 2.0
 """Buffered metrics are sent at the first ``log_metrics`` call this long after the last send ..."""
@@ -139,6 +130,9 @@ class MLflowTracker(_RunContext):
         run_id: str | None = None,
         artifact_location: str | None = None,
     ):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
         check_tracking_uri(tracking_uri)
         if not experiment:
             raise ValueError("experiment name must be non-empty")
@@ -152,7 +146,7 @@ class MLflowTracker(_RunContext):
             artifact_location = artifact_location or default_artifact_location(db_dir)
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
-        self._buffer: list[Metric] = []
+        self._buffer: list = []
         self._finished = False
         if run_id is None:
             experiment_id = self._experiment_id(experiment, artifact_location)
@@ -168,6 +162,8 @@ class MLflowTracker(_RunContext):
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         """Id of experiment ``name``, created (with ``artifact_location``) if missing, restored if deleted."""
+        from mlflow.exceptions import MlflowException
+
         exp = self._client.get_experiment_by_name(name)
         if exp is None:
             try:
@@ -187,6 +183,9 @@ class MLflowTracker(_RunContext):
         On a resumed run, params already logged with the same value are skipped; a changed value is a ValueError,
         because MLflow params are immutable.
         """
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
         flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
         existing = self._client.get_run(self.run_id).data.params
         changed = [k for k, v in flat.items() if k in existing and existing[k] != v]
@@ -199,6 +198,8 @@ class MLflowTracker(_RunContext):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer ``metrics`` at ``step`` (values may be floats or 0-d tensors); sent in batches."""
+        from mlflow.entities import Metric
+
         now_ms = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items())
         if len(self._buffer) >= FLUSH_EVERY_N or time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
@@ -206,6 +207,8 @@ class MLflowTracker(_RunContext):
 
     def flush(self) -> None:
         """Send all buffered metrics now."""
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
         buffer, self._buffer = self._buffer, []
         for i in range(0, len(buffer), MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=buffer[i : i + MAX_METRICS_PER_BATCH])
@@ -223,6 +226,9 @@ class MLflowTracker(_RunContext):
 
     def set_tags(self, tags: dict) -> None:
         """Set run tags (values ``str()``'d, truncated to MLflow's limit)."""
+        from mlflow.entities import RunTag
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
+
         items = [RunTag(k, str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])

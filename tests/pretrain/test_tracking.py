@@ -2,13 +2,15 @@
 
 import dataclasses
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from pretrain import tracking
 from pretrain.tracking import (
     MLflowTracker,
     NullTracker,
@@ -19,6 +21,7 @@ from pretrain.tracking import (
     make_tracker,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"method": {"name": "dino", "teacher_temp": 0.04}, "optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "seed": 7}
 
 
@@ -78,7 +81,7 @@ def test_many_params_and_metrics_are_batched(mlflow_server, request):
     client = MlflowClient(mlflow_server)
     params = client.get_run(tracker.run_id).data.params
     assert len(params) == 251 and params["p.249"] == "249"
-    assert params["long"] == "x" * tracking.MAX_PARAM_VAL_LENGTH
+    assert params["long"] == "x" * MAX_PARAM_VAL_LENGTH
     assert [m.step for m in client.get_metric_history(tracker.run_id, "m")] == list(range(1200))
 
 
@@ -148,6 +151,27 @@ def test_rank_one_gets_a_null_tracker_that_writes_nothing(mlflow_server, request
     tracker.set_tags({"a": "b"})
     tracker.finish()
     assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None
+
+
+def test_only_a_tracking_rank_loads_mlflow(mlflow_server, request):
+    """A process that imports the training loop (DeepSpeed, whose autotuner would import MLflow, included) and gets
+    rank 1's tracker never loads MLflow, ~2 s of a worker's start; DeepSpeed's import then gives MLflow back, and the
+    same process's rank-0 tracker starts a real run."""
+    code = (
+        "import sys\n"
+        "import pretrain.train\n"
+        "from pretrain.tracking import make_tracker\n"
+        f"t = make_tracker(rank=1, tracking_uri={mlflow_server!r}, experiment={_uuid_experiment(request)!r})\n"
+        "t.log_metrics({'loss': 1.0}, step=1); t.finish()\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'mlflow'], 'mlflow loaded'\n"
+        f"t = make_tracker(rank=0, tracking_uri={mlflow_server!r}, experiment={_uuid_experiment(request)!r})\n"
+        "t.log_metrics({'loss': 1.0}, step=1); t.finish()\n"
+        "print(t.run_id)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = MlflowClient(mlflow_server).get_run(proc.stdout.split()[-1])
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 1.0
 
 
 def test_rank_zero_gets_an_mlflow_tracker(mlflow_server, request):
