@@ -62,12 +62,14 @@ class MethodConfig:
     """Key into pretrain.methods.METHODS."""
     temperature: float = 0.2
     """SimCLR: NT-Xent temperature; MoCo v3: its InfoNCE temperature (the paper's 0.2 for ViTs, 1.0 for ResNets);
-    NNCLR: its InfoNCE's (the paper's 0.1); SwAV: the prototype softmax's (the paper's 0.1)."""
+    MoCo v2: its InfoNCE's (the paper's 0.2); NNCLR: its InfoNCE's (the paper's 0.1); SwAV: the prototype softmax's
+    (the paper's 0.1)."""
     loss_impl: str = "auto"
     """auto (Triton on CUDA, PyTorch on CPU) | triton | chunked (SimCLR: memory-efficient PyTorch) | ref (naive)."""
     gather_distributed: bool = True
     """SimCLR: use the embeddings of every rank as negatives (gathered with gradients); MoCo v3: every rank's keys;
-    NNCLR: every rank's predictions (required: its support set holds every rank's embeddings)."""
+    NNCLR: every rank's predictions (required: its support set holds every rank's embeddings); MoCo v2: required (its
+    queue holds every rank's keys)."""
     # --- DINO (the head's MLP is model.proj_*: hidden dim, layers, and proj_out_dim as the bottleneck) ---
     num_prototypes: int = 65536
     """DINO: K, the output dimension of the head's weight-normalised last layer; SwAV: its prototypes (3000)."""
@@ -82,8 +84,8 @@ class MethodConfig:
     warmup_teacher_temp_steps: int = 0
     """DINO: teacher temperature rises linearly from warmup_teacher_temp to teacher_temp over these steps."""
     teacher_momentum: float = 0.996
-    """DINO, BYOL, MoCo v3, I-JEPA: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1 over
-    job.max_steps by a cosine (I-JEPA: linearly, as the reference)."""
+    """DINO, BYOL, MoCo v2/v3, I-JEPA: EMA momentum of the teacher (target, momentum encoder) at step 0, raised to 1
+    over job.max_steps by a cosine (I-JEPA: linearly, as the reference)."""
     center_momentum: float = 0.9
     """DINO: EMA momentum of the center (the mean teacher output over all ranks)."""
     koleo_weight: float = 0.0
@@ -153,7 +155,8 @@ class MethodConfig:
     """SwAV: embeddings of the last global batches (every rank's) kept per global view and balanced with the batch in
     Sinkhorn-Knopp, for global batches too small to share K prototypes (the official code's queue_length, e.g. 3840
     for 256 images); 0 = none. NNCLR: the support set the neighbours come from, the view-1 embeddings of the last
-    this many images of every rank (the paper's 98,304); required."""
+    this many images of every rank (the paper's 98,304); required. MoCo v2: the negatives, the keys of the last this
+    many images of every rank (the paper's 65,536); required."""
     queue_start_steps: int = 0
     """SwAV: the queue fills from this step on and joins the codes once full (the official code starts it late: after
     15 epochs)."""

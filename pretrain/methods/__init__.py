@@ -11,7 +11,7 @@ from pretrain.methods.ibot import IBOT
 from pretrain.methods.ijepa import IJEPA
 from pretrain.methods.jigsaw import Jigsaw
 from pretrain.methods.mae import MAE
-from pretrain.methods.moco import MoCoV3
+from pretrain.methods.moco import MoCoV2, MoCoV3
 from pretrain.methods.nnclr import NNCLR
 from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
@@ -22,8 +22,9 @@ from pretrain.methods.vqvae import VQVAE
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "ibot": IBOT, "mae": MAE,
                                        "clip": CLIP, "rotation": Rotation, "jigsaw": Jigsaw,
                                        "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT,
-                                       "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v3": MoCoV3,
-                                       "swav": SwAV, "ijepa": IJEPA, "nnclr": NNCLR, "simsiam": SimSiam}
+                                       "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v2": MoCoV2,
+                                       "moco_v3": MoCoV3, "swav": SwAV, "ijepa": IJEPA, "nnclr": NNCLR,
+                                       "simsiam": SimSiam}
 
 __all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "IJEPA", "Jigsaw", "MAE", "METHODS",
-           "MoCoV3", "NNCLR", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "VICReg", "VQVAE"]
+           "MoCoV2", "MoCoV3", "NNCLR", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "VICReg", "VQVAE"]

@@ -1,4 +1,8 @@
-"""MoCo v3 (Chen, Xie & He, 2021): contrast each view's query with the momentum encoder's keys of the batch.
+"""MoCo v2 (Chen, Fan, Girshick & He, 2020) and MoCo v3 (Chen, Xie & He, 2021): momentum contrast.
+
+MoCo v2 contrasts a query with a dictionary of keys: the key of the same image's other view (the positive) and a
+queue of the keys of past batches (the negatives), kept over steps so that there are many more negatives than a batch
+has; see :class:`MoCoV2`. MoCo v3 drops the queue for the keys of the batch:
 
 A base encoder (backbone + projector + predictor) gives a query for each view; a momentum encoder (an EMA of backbone +
 projector, no gradient) gives the keys. Query i's positive is the key of the other view of image i, its negatives the
@@ -17,11 +21,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kernels.contrastive import contrastive_rows_loss
 from pretrain.config import Config
-from pretrain.methods.base import Gather, Reduce, require_two_views
+from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel, require_two_views
 from pretrain.methods.byol import BYOL
 
 
@@ -74,3 +79,91 @@ class MoCoV3(BYOL):
                 losses.append(moco_v3_loss(qa, kb, self.temperature, k_all=self.gather(kb), offset=self.rank * n,
                                            impl=self.loss_impl))
         return {"loss": losses[0] + losses[1]}
+
+
+def moco_v2_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """MoCo's InfoNCE (Algorithm 1 of the MoCo paper): q (n, D) queries, k (n, D) the keys of the same images' other
+    view, queue (K, D) the negatives' keys, unit rows. ``mean_i CE([q_i . k_i, q_i . queue^T] / T, 0)`` over the
+    L2-normalised q and k, in fp32 also under autocast (the (n, K) logits differ in the third digit); the gradient
+    reaches q only."""
+    if q.shape != k.shape or queue.shape[1:] != q.shape[1:]:
+        raise ValueError(f"moco_v2_loss: q {tuple(q.shape)}, k {tuple(k.shape)} and queue {tuple(queue.shape)} do "
+                         f"not fit")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qn = F.normalize(q.float(), dim=1)
+        kn = F.normalize(k.detach().float(), dim=1)
+        logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue.detach().float().T], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class MoCoV2(SSLMethod):
+    """MoCo v2: a query encoder (backbone + the paper's MLP head, Linear -> ReLU -> Linear, ``model.proj_*``) encodes
+    view 1, the momentum encoder (an EMA of it, no gradient) view 2 into the keys. Each query's positive is its image's
+    key; its negatives are the queue, the unit keys of the last ``method.queue_size`` images of the global batches
+    before (every rank's, gathered in rank order, so every rank holds the same queue and a checkpoint keeps it whole),
+    which this step's keys then replace, oldest first. The queue starts as random unit vectors (the official code's
+    start; a fixed seed, alike on every rank). ``backbone`` is the query encoder's, the one MoCo evaluates.
+
+    Differences from the official code: the momentum rises from ``teacher_momentum`` (the paper's constant 0.999) to 1
+    along a cosine, as this project's other momentum encoders (MoCo v2+ of solo-learn does the same); no shuffled
+    BatchNorm: the encoders' BatchNorm is per rank, or over all ranks with ``model.sync_bn``."""
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_two_views(cfg, "moco_v2 contrasts a query view with a key view")
+        require_no_kernel(cfg, "moco_v2")
+        if cfg.method.queue_size < 1:
+            raise ValueError(f"method.queue_size: moco_v2 takes its negatives from a queue of this many past keys "
+                             f"(the paper's 65,536), got {cfg.method.queue_size}")
+        if not cfg.method.gather_distributed:
+            raise ValueError("method.gather_distributed: moco_v2 needs it true: the queue holds every rank's keys, "
+                             "the same on every rank (a checkpoint keeps one copy of it)")
+
+    def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
+                 rank: int = 0) -> None:
+        from pretrain.heads import ProjectionHead
+
+        super().__init__()
+        del reduce, rank  # the loss is per query: only the keys cross ranks, into the queue
+        mc, m = cfg.model, cfg.method
+        backbone = build_method_backbone(cfg)
+        head = ProjectionHead(backbone.embed_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
+                              num_layers=mc.proj_layers, use_bn=False)
+        self.online = nn.ModuleDict({"backbone": backbone, "projector": head})
+        self.target = teacher_copy(self.online)
+        self.base_momentum = m.teacher_momentum
+        self.temperature = m.temperature
+        self.gather = gather
+        start = torch.randn(m.queue_size, mc.proj_out_dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("queue", F.normalize(start, dim=1))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        return self.online["backbone"]
+
+    @torch.no_grad()
+    def enqueue(self, k: Tensor) -> None:
+        """Put this step's unit keys (every rank's, in rank order) in the queue, over its oldest rows."""
+        rows = (k if self.gather is None else self.gather(k)).float()[-self.queue.shape[0]:]
+        size, ptr = self.queue.shape[0], int(self.queue_ptr)
+        self.queue[(ptr + torch.arange(rows.shape[0], device=rows.device)) % size] = rows
+        self.queue_ptr.fill_((ptr + rows.shape[0]) % size)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch["views"]: two tensors (B, C, H, W): the queries' view and the keys' view."""
+        v0, v1 = batch["views"]
+        q = self.online["projector"](self.online["backbone"](v0))
+        with torch.no_grad():
+            k = F.normalize(self.target["projector"](self.target["backbone"](v1)).float(), dim=1)
+        # the queue as it was before this step: enqueue() below writes into it, the backward needs the old rows
+        loss = moco_v2_loss(q, k, self.queue.clone(), self.temperature)
+        # how close each query is to its key (the positive's cosine, 1 at the end of a collapse)
+        pos_similarity = (F.normalize(q.detach().float(), dim=1) * k).sum(1).mean()
+        if self.training:
+            self.enqueue(k)
+        return {"loss": loss, "pos_similarity": pos_similarity}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        ema_update_(self.target, self.online, cosine_momentum(step, max_steps, self.base_momentum))

@@ -26,7 +26,8 @@ def test_there_are_scale_recipes():
                                          "dinov2_vitl16_imagenet.yaml", "mae_vitb16_imagenet.yaml",
                                          "simclr_resnet50_imagenet.yaml", "byol_resnet50_imagenet.yaml",
                                          "mocov3_vits16_imagenet.yaml", "swav_resnet50_imagenet.yaml",
-                                         "ijepa_vith14_imagenet.yaml", "simsiam_resnet50_imagenet.yaml"}
+                                         "ijepa_vith14_imagenet.yaml", "simsiam_resnet50_imagenet.yaml",
+                                         "mocov2_resnet50_imagenet.yaml"}
 
 
 SHALLOW = {"vit_large": (2, 303.3e6), "vit_huge": (2, 632e6)}
