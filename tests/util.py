@@ -136,6 +136,21 @@ def assert_ranks_grads_close(module, grads: dict, msg: str = "") -> None:
             torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-4 * scale, msg=f"{msg} {k}".strip())
 
 
+def assert_ranks_match_one_process(ranks: list[dict], method, loss, *, queue_ptr: int) -> None:
+    """For a method with a ring of every rank's rows (``queue``, ``queue_ptr``): each of ``two_ranks``' results holds
+    one process's whole-batch ``loss`` (backpropagated), its queue and pointer (at ``queue_ptr``), and its gradients,
+    for exactly the parameters that got one."""
+    import torch
+
+    trained = {k for k, p in method.named_parameters() if p.grad is not None}
+    for res in ranks:
+        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res["queue"], method.queue, rtol=1e-4, atol=1e-5)
+        assert int(res["queue_ptr"]) == int(method.queue_ptr) == queue_ptr
+        assert res["grads"].keys() == trained
+        assert_ranks_grads_close(method, res["grads"])
+
+
 def sinkhorn_reference(scores, eps: float, iters: int):
     """The official Sinkhorn-Knopp of SwAV's main_swav.py and DINOv2's teacher centering, in one process: scores
     (B, K) -> codes (B, K), each row summing to 1, the prototypes sharing the batch about equally."""

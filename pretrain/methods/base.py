@@ -78,6 +78,30 @@ def require_two_views(cfg: Config, what: str) -> None:
                          f"{d.local_views} local")
 
 
+def require_shared_queue(cfg: Config, name: str, what: str, paper: str) -> None:
+    """Raise the one-line config error of a method that keeps ``what`` (e.g. "a queue of past keys"), a ring of
+    every rank's embeddings of past batches (:func:`ring_enqueue_`): ``method.queue_size`` rows (``paper``: the
+    paper's size) and ``method.gather_distributed`` on, so that every rank holds the same ring."""
+    if cfg.method.queue_size < 1:
+        raise ValueError(f"method.queue_size: {name} keeps {what}, this many rows (the paper's {paper}), got "
+                         f"{cfg.method.queue_size}")
+    if not cfg.method.gather_distributed:
+        raise ValueError(f"method.gather_distributed: {name} needs it true: {what} holds every rank's rows, the same "
+                         f"on every rank (a checkpoint keeps one copy of it)")
+
+
+@torch.no_grad()
+def ring_enqueue_(queue: Tensor, ptr: Tensor, rows: Tensor) -> int:
+    """Write ``rows`` (every rank's, in rank order) into the ring ``queue`` (S, D) over its oldest rows, from row
+    ``ptr`` (a 1-element long tensor) on, wrapping; of more than S rows the last S. Advances ``ptr`` past them and
+    returns how many were written (NNCLR's support set, MoCo v2's queue of negatives)."""
+    rows = rows.float()[-queue.shape[0]:]
+    size, at = queue.shape[0], int(ptr)
+    queue[(at + torch.arange(rows.shape[0], device=rows.device)) % size] = rows
+    ptr.fill_((at + rows.shape[0]) % size)
+    return rows.shape[0]
+
+
 def require_no_kernel(cfg: Config, name: str) -> None:
     """Raise the one-line config error of a ``method.loss_impl`` other than auto for a method whose loss has no
     kernel to choose."""

@@ -26,7 +26,16 @@ from torch import Tensor, nn
 from kernels.contrastive import contrastive_rows_loss
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_no_kernel, require_two_views
+from pretrain.methods.base import (
+    Gather,
+    Reduce,
+    SSLMethod,
+    build_method_backbone,
+    require_no_kernel,
+    require_shared_queue,
+    require_two_views,
+    ring_enqueue_,
+)
 from pretrain.methods.byol import BYOL
 
 
@@ -112,12 +121,7 @@ class MoCoV2(SSLMethod):
     def check_config(cls, cfg: Config) -> None:
         require_two_views(cfg, "moco_v2 contrasts a query view with a key view")
         require_no_kernel(cfg, "moco_v2")
-        if cfg.method.queue_size < 1:
-            raise ValueError(f"method.queue_size: moco_v2 takes its negatives from a queue of this many past keys "
-                             f"(the paper's 65,536), got {cfg.method.queue_size}")
-        if not cfg.method.gather_distributed:
-            raise ValueError("method.gather_distributed: moco_v2 needs it true: the queue holds every rank's keys, "
-                             "the same on every rank (a checkpoint keeps one copy of it)")
+        require_shared_queue(cfg, "moco_v2", "a queue of past keys as its negatives", "65,536")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:
@@ -145,10 +149,7 @@ class MoCoV2(SSLMethod):
     @torch.no_grad()
     def enqueue(self, k: Tensor) -> None:
         """Put this step's unit keys (every rank's, in rank order) in the queue, over its oldest rows."""
-        rows = (k if self.gather is None else self.gather(k)).float()[-self.queue.shape[0]:]
-        size, ptr = self.queue.shape[0], int(self.queue_ptr)
-        self.queue[(ptr + torch.arange(rows.shape[0], device=rows.device)) % size] = rows
-        self.queue_ptr.fill_((ptr + rows.shape[0]) % size)
+        ring_enqueue_(self.queue, self.queue_ptr, k if self.gather is None else self.gather(k))
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W): the queries' view and the keys' view."""

@@ -34,7 +34,9 @@ from pretrain.methods.base import (
     SSLMethod,
     build_method_backbone,
     projector_and_predictor,
+    require_shared_queue,
     require_two_views,
+    ring_enqueue_,
 )
 
 
@@ -70,12 +72,7 @@ class NNCLR(SSLMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_two_views(cfg, "nnclr contrasts two views per image")
-        if cfg.method.queue_size < 1:
-            raise ValueError(f"method.queue_size: nnclr looks up neighbours in a support set of this many past "
-                             f"embeddings (the paper's 98,304), got {cfg.method.queue_size}")
-        if not cfg.method.gather_distributed:
-            raise ValueError("method.gather_distributed: nnclr needs it true: the support set holds every rank's "
-                             "embeddings, the same on every rank (a checkpoint keeps one copy of it)")
+        require_shared_queue(cfg, "nnclr", "a support set of past embeddings to look up neighbours in", "98,304")
 
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:
@@ -101,12 +98,8 @@ class NNCLR(SSLMethod):
     @torch.no_grad()
     def enqueue(self, z: Tensor) -> None:
         """Put this step's view-1 embeddings (every rank's, in rank order) in the support set, over its oldest rows."""
-        rows = (z if self.gather is None else self.gather(z)).float()[-self.queue.shape[0]:]
-        size, ptr = self.queue.shape[0], int(self.queue_ptr)
-        idx = (ptr + torch.arange(rows.shape[0], device=rows.device)) % size
-        self.queue[idx] = rows
-        self.queue_ptr.fill_((ptr + rows.shape[0]) % size)
-        self.queue_filled.fill_(min(size, int(self.queue_filled) + rows.shape[0]))
+        written = ring_enqueue_(self.queue, self.queue_ptr, z if self.gather is None else self.gather(z))
+        self.queue_filled.fill_(min(self.queue.shape[0], int(self.queue_filled) + written))
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W)."""
