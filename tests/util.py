@@ -68,6 +68,31 @@ def train_steps(method, batches, steps: int, lr: float, max_steps: int | None = 
             method.on_step_end(step, max_steps)
 
 
+def short_training(shards, recipe, measure, steps: int = 40):
+    """The short-training check of a two-view method: ``recipe`` at half width on real DALI views of ``shards`` in
+    batches of 128, ``steps`` steps of ``train_steps`` (schedules and after-step updates included). Returns the method,
+    its config and, on a fresh batch before and after training, ``(loss, measure(method, batch))``, both without
+    gradients (a training-mode forward still updates the method's queues and BatchNorm statistics)."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.trainer import build_method
+
+    cfg = load_config(recipe, ["model.backbone_kwargs={width: 0.5}"])
+    method = build_method(cfg, distributed=False)
+
+    def probe(batch):
+        with torch.no_grad():
+            return method(batch)["loss"].item(), measure(method, batch)
+
+    with train_stream(shards, cfg, batch_size=128) as stream:
+        batches = iter(stream)
+        before = probe(next(batches))
+        train_steps(method, batches, steps, cfg.optim.lr, max_steps=cfg.job.max_steps)
+        after = probe(next(batches))
+    return method, cfg, before, after
+
+
 def assert_grads_close(module, grads: dict, rtol: float = 1e-5) -> None:
     """Every parameter of ``module`` named in ``grads`` has that gradient (another path's: Triton against PyTorch),
     each judged against its own scale: fp32 sums in another order, carried back through a network."""

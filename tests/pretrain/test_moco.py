@@ -15,7 +15,7 @@ from pretrain.config import load_config
 from pretrain.ema import cosine_momentum
 from pretrain.methods.moco import moco_v3_loss
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_grads_close, config_error, train_steps, train_stream, two_ranks
+from tests.util import assert_ranks_grads_close, config_error, short_training, train_steps, two_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "mocov3_digits.yaml"
@@ -145,17 +145,7 @@ def test_short_training_learns_to_tell_the_images_apart(digits_shards):
     """40 AdamW steps (with the momentum update) on real DALI views of the digits: the loss on fresh views falls from
     about 4T ln(batch), embeddings that tell no image apart, and each query's own key climbs from a chance rank among
     the batch's 128 (63.5) to well above it (measured: 62 -> 23 at step 40, 10 at step 80)."""
-    cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.5}"])
-    method = build_method(cfg, distributed=False)
-    with train_stream(digits_shards, cfg, batch_size=128) as stream:
-        batches = iter(stream)
-        with torch.no_grad():
-            first = next(batches)
-            start, start_rank = method(first)["loss"].item(), _positive_rank(method, first)
-        train_steps(method, batches, 40, cfg.optim.lr, max_steps=cfg.job.max_steps)
-        with torch.no_grad():
-            last = next(batches)
-            end, end_rank = method(last)["loss"].item(), _positive_rank(method, last)
+    method, cfg, (start, start_rank), (end, end_rank) = short_training(digits_shards, RECIPE, _positive_rank)
     chance = 4 * cfg.method.temperature * math.log(128)
     assert start > 0.9 * chance and end < 0.9 * start, (start, end, chance)
     assert start_rank > 45 and end_rank < 0.6 * start_rank, (start_rank, end_rank)

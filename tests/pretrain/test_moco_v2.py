@@ -15,7 +15,12 @@ from pretrain.config import load_config
 from pretrain.ema import cosine_momentum
 from pretrain.methods.moco import moco_v2_loss
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_match_one_process, config_error, train_steps, train_stream, two_ranks
+from tests.util import (
+    assert_ranks_match_one_process,
+    config_error,
+    short_training,
+    two_ranks,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "mocov2_digits.yaml"
@@ -160,17 +165,7 @@ def test_short_training_learns_to_tell_the_images_apart(digits_shards):
     query finds its own key well above chance among the batch's 128 (63.5). The loss is no measure of it here: it
     rises, as the queue's random start (easy negatives) gives way to real keys. Measured: rank 57.8 -> 39.6, loss 2.58
     -> 6.05 (MoCo v2 learns slower than NNCLR's 62 -> 24 in as many steps: one direction, a slow key encoder)."""
-    cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.5}"])
-    method = build_method(cfg, distributed=False)
-    with train_stream(digits_shards, cfg, batch_size=128) as stream:
-        batches = iter(stream)
-        with torch.no_grad():
-            first = next(batches)
-            start, start_rank = method(first)["loss"].item(), _positive_rank(method, first)
-        train_steps(method, batches, 40, cfg.optim.lr, max_steps=cfg.job.max_steps)
-        with torch.no_grad():
-            last = next(batches)
-            end, end_rank = method(last)["loss"].item(), _positive_rank(method, last)
+    method, cfg, (start, start_rank), (end, end_rank) = short_training(digits_shards, RECIPE, _positive_rank)
     assert start_rank > 40 and end_rank < 0.75 * start_rank, (start_rank, end_rank)
     assert end > start  # the random start of the queue was easy to tell apart; the keys that replaced it are not
 

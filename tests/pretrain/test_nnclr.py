@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from pretrain.config import load_config
 from pretrain.methods.nnclr import nearest_neighbours, nnclr_loss
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_match_one_process, config_error, train_steps, train_stream, two_ranks
+from tests.util import (
+    assert_ranks_match_one_process,
+    config_error,
+    short_training,
+    two_ranks,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "nnclr_digits.yaml"
@@ -172,17 +177,7 @@ def test_short_training_learns_to_tell_the_images_apart(digits_shards):
     """40 AdamW steps on real DALI views of the digits, the support set filling from the first: the loss on fresh
     views falls from about ln(batch), and each view's prediction finds the other view's embedding far above chance
     among the batch's 128 (63.5). Measured: loss 5.19 -> 3.88, rank 62 -> 24."""
-    cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.5}"])
-    method = build_method(cfg, distributed=False)
-    with train_stream(digits_shards, cfg, batch_size=128) as stream:
-        batches = iter(stream)
-        with torch.no_grad():
-            first = next(batches)
-            start, start_rank = method(first)["loss"].item(), _positive_rank(method, first)
-        train_steps(method, batches, 40, cfg.optim.lr, max_steps=cfg.job.max_steps)
-        with torch.no_grad():
-            last = next(batches)
-            end, end_rank = method(last)["loss"].item(), _positive_rank(method, last)
+    method, cfg, (start, start_rank), (end, end_rank) = short_training(digits_shards, RECIPE, _positive_rank)
     assert start > 0.9 * math.log(128) and end < 0.85 * start, (start, end)
     assert start_rank > 40 and end_rank < 0.5 * start_rank, (start_rank, end_rank)
     assert int(method.queue_filled) == cfg.method.queue_size
