@@ -234,7 +234,8 @@ def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
 
     old, new = to_dict(before), to_dict(cfg)
     keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps"),
-            ("optim", "layer_decay"), ("optim", "patch_embed_lr_mult")]  # these two: the optimizer's param groups
+            ("optim", "layer_decay"), ("optim", "patch_embed_lr_mult"), ("optim", "fixed_lr"),
+            ("optim", "decay_norms_and_biases")]  # these four: the optimizer's param groups
     keys += [("model", k) for k in sorted(old["model"]) if k != "sync_bn"]  # same weights either way
     # a method key that shapes the method's weights or buffers (DINO's and SwAV's prototypes, MAE's decoder, a queue)
     changed = [k for k in sorted(old["method"]) if k != "name" and old["method"][k] != new["method"].get(k)]
@@ -283,6 +284,9 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
     from pretrain.methods import METHODS
 
     METHODS[cfg.method.name].check_inputs(cfg)
+    from pretrain.optim import check_fixed_lr
+
+    check_fixed_lr(cfg)
     # builds the digits shards on first use; refuses data without captions for a method that needs them, or too few
     # samples for a batch on every rank
     shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text, ranks=cfg.job.num_workers)

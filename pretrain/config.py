@@ -382,6 +382,15 @@ class OptimConfig:
     the heads at the full rate; 1 = off."""
     patch_embed_lr_mult: float = 1.0
     """A ViT's patch projection learns at this times its rate (DINOv2's 0.2); 1 = off."""
+    fixed_lr: list[str] = field(default_factory=list)
+    """Parameter-name prefixes (whole dotted components of the method's parameter names, e.g. ``predictor``) whose
+    learning rate is held at the peak after the warmup instead of following the cosine: SimSiam's predictor (the
+    paper's "fixed lr", the official code's --fix-pred-lr). Each must name a trainable parameter of the method: checked
+    before any worker starts."""
+    decay_norms_and_biases: bool = False
+    """Weight decay on the 1-D parameters too (biases, norm weights), as torch's SGD over every parameter in the
+    official SimSiam and MoCo v2 code; off: only the weights decay (DINO's, BYOL's and SimCLR's groups). LARS still
+    adapts only the weights."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("adamw", "lars", "sgd"), "name", f"must be adamw, lars or sgd, got {self.name!r}")
@@ -398,6 +407,9 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         _check(self.patch_embed_lr_mult > 0, "patch_embed_lr_mult", f"must be > 0, got {self.patch_embed_lr_mult}")
+        _check(all(isinstance(x, str) and x and not x.startswith(".") and not x.endswith(".") for x in self.fixed_lr),
+               "fixed_lr", f"must be a list of parameter-name prefixes such as predictor, got {self.fixed_lr!r}")
+        _check(len(set(self.fixed_lr)) == len(self.fixed_lr), "fixed_lr", f"lists a prefix twice: {self.fixed_lr!r}")
         _check(self.trust_coefficient > 0, "trust_coefficient", f"must be > 0, got {self.trust_coefficient}")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")

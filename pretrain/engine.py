@@ -61,13 +61,16 @@ def peak_lr(cfg: Config, world_size: int) -> float:
     return o.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[o.lr_scaling]
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup to the peak, then cosine to ``min_lr_ratio`` x peak at ``max_steps``."""
+def lr_lambda(cfg: Config, *, fixed: bool = False):
+    """Linear warmup to the peak, then cosine to ``min_lr_ratio`` x peak at ``max_steps``; ``fixed``: held at the
+    peak after the warmup (``optim.fixed_lr``)."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.job.max_steps, cfg.optim.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if fixed:
+            return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -88,14 +91,15 @@ def weight_decay_at(cfg: Config):
 
 
 class Schedule(torch.optim.lr_scheduler.LambdaLR):
-    """Warmup + cosine learning rate (``lr_lambda``) and the weight decay of the decaying group
+    """Warmup + cosine learning rate (``lr_lambda``; held at the peak after the warmup in the groups of
+    ``optim.fixed_lr``) and the weight decay of the decaying groups
     (``weight_decay_at``), both set for the coming step whenever the learning rate is. A function of the step alone:
     a resumed run (its ``last_epoch`` restored from the checkpoint) continues both exactly."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config, world_size: int = 1) -> None:
         self.weight_decay = weight_decay_at(cfg)
         self.peak_lr, self.hyper = peak_lr(cfg, world_size), optimizer_hyper(cfg)
-        super().__init__(optimizer, lr_lambda(cfg))
+        super().__init__(optimizer, [lr_lambda(cfg, fixed=bool(g.get("fixed_lr"))) for g in optimizer.param_groups])
 
     def follow_config(self) -> None:
         """After a checkpoint is loaded: the peak learning rate and the optimizer's settings (Adam's betas, LARS's
@@ -165,7 +169,8 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     """
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay, layer_decay=o.layer_decay, patch_embed_lr_mult=o.patch_embed_lr_mult)
+    groups = param_groups(model, o.weight_decay, layer_decay=o.layer_decay, patch_embed_lr_mult=o.patch_embed_lr_mult,
+                          fixed_lr=o.fixed_lr, decay_norms_and_biases=o.decay_norms_and_biases)
     optimizer = build_optimizer(groups, o.name, peak_lr(cfg, world), **optimizer_hyper(cfg))
     scheduler = Schedule(optimizer, cfg, world)
     engine, _, _, _ = deepspeed.initialize(
@@ -205,7 +210,7 @@ def _repair_universal_load(engine, built: list[dict]) -> None:
     come back; and it hands every group's optimizer state one shared ``step`` tensor, which Adam then advances once
     per group and step, skewing its bias correction: each gets its own."""
     for group, own in zip(engine.optimizer.param_groups, built):
-        group.update({k: own[k] for k in ("decay", "lars", "lr_mult") if k in own})
+        group.update({k: own[k] for k in ("decay", "matrix", "fixed_lr", "lars", "lr_mult") if k in own})
         if not own.get("decay"):
             group["weight_decay"] = own["weight_decay"]
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)

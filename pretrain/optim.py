@@ -1,12 +1,14 @@
 """The optimizers a recipe can name (``optim.name``): torch's AdamW, LARS for SimCLR and BYOL at large batch, and
 torch's SGD with momentum (SimSiam's, MoCo's; elementwise, so any ZeRO stage); the param groups they take
-(``param_groups``: weight decay on weights only, layer-wise learning rates of a ViT).
+(``param_groups``: weight decay on weights only, layer-wise learning rates of a ViT, parameters whose rate is held at
+its peak).
 
 LARS (You et al., 2017) as SimCLR and BYOL run it (their TF LARS and optax's ``lars``): the weight decay is added to
 the gradient, the sum is rescaled per parameter by the trust ratio ``eta x ||w|| / ||g + wd w||`` (1 where either norm
 is 0), times the learning rate, and then accumulated with heavy-ball momentum, the step being the accumulated update.
 Biases and normalisation parameters (1-D: the groups ``param_groups`` gives no weight decay) take
-neither the decay nor the trust ratio, as in both papers.
+neither the decay nor the trust ratio, as in both papers (with ``optim.decay_norms_and_biases`` they decay, still
+without the trust ratio).
 
 The trust ratio needs each parameter whole, so LARS runs under ZeRO stage 0 only: stages 1-3 hand the optimizer flat
 partitions that mix parameters (the config refuses the combination).
@@ -14,11 +16,12 @@ partitions that mix parameters (the config refuses the combination).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from pretrain.config import ConfigError
 from pretrain.models.vit import VisionTransformer
 
 
@@ -75,21 +78,26 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
-                 patch_embed_lr_mult: float = 1.0) -> list[dict]:
+                 patch_embed_lr_mult: float = 1.0, fixed_lr: Sequence[str] = (),
+                 decay_norms_and_biases: bool = False) -> list[dict]:
     """No weight decay on 1-D parameters: biases, norm weights, LayerScale gains (as DINO's and DINOv2's groups; a
-    ViT's cls token and position embeddings are 3-D and decay, as there too); the groups that decay are marked
-    ``decay: True`` for the schedule. Each group's ``lr_mult`` scales the scheduled learning rate:
+    ViT's cls token and position embeddings are 3-D and decay, as there too), unless ``decay_norms_and_biases`` (as
+    torch's SGD over every parameter in the official SimSiam and MoCo v2 code); the groups that decay are marked
+    ``decay: True`` for the schedule, those of weights (more than one dimension) ``matrix: True`` for LARS's
+    adaptation. Each group's ``lr_mult`` scales the scheduled learning rate:
     1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which gives a ViT's parameters
     layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block layer_decay, the
     embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2) != 1, which
-    multiplies the patch projection's; parameters outside a ViT (heads, decoders) keep the full rate. One group per
-    (decay, multiplier), in a fixed order: the decaying groups first, fastest first (without multipliers: the two
-    groups of old)."""
+    multiplies the patch projection's; parameters outside a ViT (heads, decoders) keep the full rate. The parameters
+    under a name prefix of ``fixed_lr`` (SimSiam's ``predictor``) go in groups marked ``fixed_lr: True``, whose rate the
+    schedule holds at its peak after the warmup; ConfigError if a prefix names no trainable parameter. One group per
+    (weights or not, multiplier, fixed), in a fixed order: the weights' groups first, fastest first, fixed last
+    (without options: the two groups of old)."""
     vits = {prefix: m for prefix, m in model.named_modules() if isinstance(m, VisionTransformer)}
-    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    check_param_prefixes([name for name, _ in trainable], fixed_lr, "optim.fixed_lr")
+    groups: dict[tuple[bool, float, bool], list] = {(True, 1.0, False): [], (False, 1.0, False): []}
+    for name, p in trainable:
         mult = 1.0
         owner = max((prefix for prefix in vits if not prefix or name.startswith(prefix + ".")), key=len, default=None)
         if owner is not None:  # the innermost ViT holding it
@@ -97,9 +105,48 @@ def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 
             mult = layer_decay ** (len(vit.blocks) + 1 - vit.layer_id(local))
             if local.startswith("patch_embed."):
                 mult *= patch_embed_lr_mult
-        groups.setdefault((p.ndim > 1, mult), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "lr_mult": mult}
-            for (decay, mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
+        groups.setdefault((p.ndim > 1, mult, _under(name, fixed_lr)), []).append(p)
+    out = []
+    for (matrix, mult, fixed), params in sorted(groups.items(), key=lambda kv: (kv[0][2], not kv[0][0], -kv[0][1])):
+        decay = matrix or decay_norms_and_biases
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "lr_mult": mult}
+        if decay_norms_and_biases:
+            group["matrix"] = matrix
+        if fixed:
+            group["fixed_lr"] = True
+        out.append(group)
+    return out
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def check_fixed_lr(cfg) -> None:
+    """ConfigError for an ``optim.fixed_lr`` prefix that names no trainable parameter of ``cfg``'s method, built on the
+    meta device (milliseconds, no memory), before any worker starts. Where the method cannot be built there (a BEiT
+    tokenizer run), the workers' ``param_groups`` check the same."""
+    if not cfg.optim.fixed_lr:
+        return
+    from pretrain.methods import METHODS
+
+    try:
+        with torch.device("meta"):
+            method = METHODS[cfg.method.name](cfg)
+    except Exception:  # noqa: BLE001
+        return
+    names = [name for name, p in method.named_parameters() if p.requires_grad]
+    check_param_prefixes(names, cfg.optim.fixed_lr, "optim.fixed_lr")
+
+
+def check_param_prefixes(names: Sequence[str], prefixes: Sequence[str], key: str) -> None:
+    """ConfigError naming ``key`` for a prefix of ``prefixes`` under which none of the parameter ``names`` lies (a
+    prefix is a whole dotted component: ``predictor`` holds ``predictor.0.weight``, not ``predictors.0.weight``)."""
+    for prefix in prefixes:
+        if not any(_under(name, [prefix]) for name in names):
+            tops = sorted({name.split(".")[0] for name in names})
+            raise ConfigError(f"{key}: {prefix!r} names no trainable parameter of the model (its top-level modules "
+                              f"with trainable parameters: {', '.join(tops)})")
 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, **hyper) -> torch.optim.Optimizer:
@@ -109,8 +156,8 @@ def build_optimizer(groups: list[dict], name: str, lr: float, **hyper) -> torch.
     groups = [{**g, "lr": lr * g.get("lr_mult", 1.0)} for g in groups]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **hyper)
-    if name == "lars":
-        groups = [{**g, "lars": bool(g.get("decay"))} for g in groups]
+    if name == "lars":  # adapts the weights (the decaying groups unless every parameter decays)
+        groups = [{**g, "lars": bool(g.get("matrix", g.get("decay")))} for g in groups]
         return LARS(groups, lr=lr, **hyper)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, **hyper)

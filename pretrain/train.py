@@ -14,6 +14,7 @@ import torch.distributed as td
 
 from pretrain.config import load_config
 from pretrain.methods import METHODS
+from pretrain.optim import check_fixed_lr
 from pretrain.trainer import LocalSession, train
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(run_dir / "config.yaml")
     try:
         METHODS[cfg.method.name].check_inputs(cfg)  # before the process group: one line, no traceback per rank
+        check_fixed_lr(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

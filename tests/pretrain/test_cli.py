@@ -151,3 +151,27 @@ def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, caps
         assert main(["train", "--resume", str(tmp_path / "rv"), "--dry-run", "--set", override]) == 2
         assert _one_line_error(capsys).startswith(f"error: {override.split('=')[0]}: the checkpoints of rv were "
                                                   "saved with 1.0")
+    for override, was in (("optim.fixed_lr=[head]", "[]"), ("optim.decay_norms_and_biases=true", "False")):
+        assert main(["train", "--resume", str(tmp_path / "rv"), "--dry-run", "--set", override]) == 2
+        assert _one_line_error(capsys).startswith(f"error: {override.split('=')[0]}: the checkpoints of rv were "
+                                                  f"saved with {was}")
+
+
+def test_fixed_lr_must_name_the_methods_parameters(tmp_path, capsys):
+    """optim.fixed_lr names parameters by whole dotted components of their names: SimSiam's predictor is taken, a
+    misspelt prefix or a partial component is refused in one line naming the method's modules, before anything is
+    written."""
+    simsiam = str(Path(__file__).resolve().parents[2] / "configs" / "simsiam_digits.yaml")
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path}"]
+    for prefix in ("predictr", "pred", "predictor.", "backbone.nothing"):
+        assert main(["train", "--config", simsiam, "--dry-run", *sets, "--set", "job.run_name=bad",
+                     "--set", f"optim.fixed_lr=[{prefix}]"]) == 2
+        line = _one_line_error(capsys)
+        assert line.startswith("error: optim.fixed_lr: "), line
+        if prefix != "predictor.":  # a trailing dot: the config's own check
+            assert "names no trainable parameter of the model (its top-level modules with trainable parameters: " \
+                   "backbone, predictor, projector)" in line
+        assert not (tmp_path / "bad").exists()
+    assert main(["train", "--config", simsiam, "--dry-run", *sets, "--set", "job.run_name=ok",
+                 "--set", "optim.fixed_lr=[predictor, backbone.features]"]) == 0
+    assert "fixed_lr:\n  - predictor\n  - backbone.features" in (tmp_path / "ok" / "config.yaml").read_text()

@@ -46,9 +46,11 @@ def _worker(rank: int, port: int, root: str) -> None:
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
     lars = _cfg(0, "fp32", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0",
                 "model.sync_bn=true")
-    # SimSiam's recipe: SGD with momentum, here under ZeRO-2 (flat partitions: SGD is elementwise)
+    # SimSiam's recipe: SGD with momentum, here under ZeRO-2 (flat partitions: SGD is elementwise), its predictor's
+    # rate fixed and every parameter decaying, as the paper's; a short run, for the cosine to fall by step 3
     sgd = load_config(ROOT / "configs" / "simsiam_digits.yaml", [
-        "zero.stage=2", "data.batch_size=8", "job.max_steps=10", "optim.warmup_steps=2", "model.sync_bn=true",
+        "zero.stage=2", "data.batch_size=8", "job.max_steps=5", "optim.warmup_steps=2", "model.sync_bn=true",
+        "optim.fixed_lr=[predictor]", "optim.decay_norms_and_biases=true", "optim.weight_decay=1e-2",
         "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32", "model.proj_out_dim=32",
         "method.predictor_hidden_dim=8"])
     for name, cfg in (("lars", lars), ("sgd", sgd)):
@@ -224,12 +226,13 @@ def _plain_optimizer(rank: int, root: str, name: str, cfg, build_engine, build_m
     """``cfg`` (its optim.name ``name``, model.sync_bn) for 3 steps through the engine, beside the same method stepped
     by the plain optimizer (and the schedule) on gradients averaged over the ranks by hand; then a fresh engine loads
     the checkpoint and both take a 4th step."""
-    from pretrain.engine import Schedule, optimizer_hyper, param_groups, peak_lr
+    from pretrain.engine import Schedule, lr_lambda, optimizer_hyper, param_groups, peak_lr
     from pretrain.optim import build_optimizer
 
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     ref = build_method(cfg, distributed=True)
-    groups = param_groups(ref, cfg.optim.weight_decay)
+    groups = param_groups(ref, cfg.optim.weight_decay, fixed_lr=cfg.optim.fixed_lr,
+                          decay_norms_and_biases=cfg.optim.decay_norms_and_biases)
     opt = build_optimizer(groups, name, peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
     schedule = Schedule(opt, cfg, WORLD)
     g = torch.Generator().manual_seed(20 + rank)
@@ -251,12 +254,16 @@ def _plain_optimizer(rank: int, root: str, name: str, cfg, build_engine, build_m
     save_checkpoint(engine, f"{root}/ckpt-{name}", {"step": 3, "epoch": 0})
     fresh = build_engine(build_method(cfg, distributed=True), cfg)
     load_checkpoint(fresh, f"{root}/ckpt-{name}")
+    # each group's (fixed, decay, lr, weight decay) for step 4, in the engine that took 3 steps and in the fresh one
+    groups = [[(bool(gr.get("fixed_lr")), gr["decay"], gr["lr"], gr["weight_decay"]) for gr in e.optimizer.param_groups]
+              for e in (engine, fresh)]
     for e in (engine, fresh):
         e.backward(e(batches[3])["loss"])
         e.step()
     if rank == 0:
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO 1-3 wrap the client optimizer
         torch.save({"optimizer": type(inner).__name__, "engine": trained, "reference": ref.state_dict(),
+                    "groups": groups, "peak": peak_lr(cfg, WORLD), "cosine": lr_lambda(cfg)(3),
                     "loss": loss.item(), "bn_stats": both, "continued": full_state_dict(engine, engine.module),
                     "resumed": full_state_dict(fresh, fresh.module), "init": build_method(cfg, distributed=False)
                     .state_dict()}, f"{root}/{name}.pt")
@@ -358,6 +365,16 @@ def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimize
     # it trained: every weight matrix and conv kernel moved from its init
     weights = [k for k, v in r["init"].items() if k.endswith("weight") and v.ndim >= 2]
     assert len(weights) >= 5 and all(not torch.equal(r["engine"][k], r["init"][k].float()) for k in weights)
+    built, loaded = r["groups"]
+    assert loaded == built  # the groups' flags, rates and decays come back with the checkpoint
+    if name == "lars":  # SimCLR's: only the weights decay; every rate follows the schedule
+        assert [(fixed, decay) for fixed, decay, _, _ in built] == [(False, True), (False, False)]
+    else:  # SimSiam's, as its paper: every parameter decays; the predictor keeps the peak rate at step 4 of 5
+        assert [(fixed, decay) for fixed, decay, _, _ in built] == [(False, True), (False, True), (True, True),
+                                                                     (True, True)]
+        assert r["cosine"] < 0.8
+        assert [lr for _, _, lr, _ in built] == pytest.approx([r["peak"] * r["cosine"]] * 2 + [r["peak"]] * 2)
+        assert all(wd == 1e-2 for _, _, _, wd in built)
 
 
 def test_zero3_with_grad_checkpointing_steps_as_without(results):
@@ -511,6 +528,61 @@ def test_param_groups_by_layer():
     assert at_peak == pytest.approx([cfg.optim.lr * g["lr_mult"] for g in groups])
     schedule.follow_config()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(at_peak)
+
+
+def test_fixed_lr_and_decayed_norms_and_biases():
+    """SimSiam as its paper trains it: optim.fixed_lr=[predictor] puts the predictor's parameters (and only them) in
+    groups whose rate the schedule holds at the peak after the warmup while the others follow the cosine, follow_config
+    too; optim.decay_norms_and_biases decays the 1-D parameters as well, and LARS still adapts only the weights. A
+    prefix is a whole dotted component of the names."""
+    from pretrain.config import ConfigError
+    from pretrain.engine import Schedule, lr_lambda, peak_lr
+    from pretrain.optim import build_optimizer, param_groups
+    from pretrain.trainer import build_method
+
+    cfg = load_config(ROOT / "configs" / "simsiam_digits.yaml", [
+        "optim.fixed_lr=[predictor]", "optim.decay_norms_and_biases=true", "optim.warmup_steps=3", "job.max_steps=20",
+        "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32", "model.proj_out_dim=32",
+        "method.predictor_hidden_dim=8"])
+    method = build_method(cfg, distributed=False)
+    o = cfg.optim
+    groups = param_groups(method, 1e-4, fixed_lr=o.fixed_lr, decay_norms_and_biases=o.decay_norms_and_biases)
+    assert [(g["matrix"], bool(g.get("fixed_lr")), g["decay"], g["weight_decay"]) for g in groups] == [
+        (True, False, True, 1e-4), (False, False, True, 1e-4), (True, True, True, 1e-4), (False, True, True, 1e-4)]
+    where = {id(p): g for g in groups for p in g["params"]}
+    named = dict(method.named_parameters())
+    assert len(where) == len(named)
+    for n, p in named.items():
+        assert bool(where[id(p)].get("fixed_lr")) == n.startswith("predictor."), n
+        assert where[id(p)]["matrix"] == (p.ndim > 1), n
+    lars = build_optimizer(groups, "lars", 0.3, momentum=0.9, trust_coefficient=1e-3)
+    assert [g["lars"] for g in lars.param_groups] == [True, False, True, False]
+    # without the options: the two groups of old, LARS adapting the decaying one
+    plain = param_groups(method, 1e-4)
+    assert [(g["decay"], g["weight_decay"]) for g in plain] == [(True, 1e-4), (False, 0.0)]
+    assert [g["lars"] for g in build_optimizer(plain, "lars", 0.3, momentum=0.9, trust_coefficient=1e-3)
+            .param_groups] == [True, False]
+
+    peak = peak_lr(cfg, 1)
+    opt = build_optimizer(groups, "sgd", peak, momentum=0.9)
+    schedule = Schedule(opt, cfg, 1)
+    rates = []
+    for _ in range(cfg.job.max_steps):
+        rates.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        schedule.step()
+    cosine = lr_lambda(cfg)
+    for step, lrs in enumerate(rates):
+        held = (step + 1) / 3 if step < 3 else 1.0
+        assert lrs == pytest.approx([peak * cosine(step)] * 2 + [peak * held] * 2), step
+    assert rates[-1][0] < 0.05 * peak  # the others decayed
+    before = [g["lr"] for g in opt.param_groups]
+    schedule.follow_config()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(before)
+
+    for bad in (["predictr"], ["pred"], ["predictor.mlp.99"]):
+        with pytest.raises(ConfigError, match=f"optim.fixed_lr: '{bad[0]}' names no trainable parameter"):
+            param_groups(method, 1e-4, fixed_lr=bad)
 
 
 @pytest.mark.parametrize("stage, precision", CASES)
