@@ -382,6 +382,9 @@ class OptimConfig:
     the heads at the full rate; 1 = off."""
     patch_embed_lr_mult: float = 1.0
     """A ViT's patch projection learns at this times its rate (DINOv2's 0.2); 1 = off."""
+    norm_bias_lr_mult: float = 1.0
+    """The 1-D parameters (biases, norm weights) learn at this times the rate of the weights beside them (Barlow
+    Twins': 0.0048 / 0.2 = 0.024); 1 = off."""
     fixed_lr: list[str] = field(default_factory=list)
     """Parameter-name prefixes (whole dotted components of the method's parameter names, e.g. ``predictor``) whose
     learning rate is held at the peak after the warmup instead of following the cosine: SimSiam's predictor (the
@@ -407,6 +410,7 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         _check(self.patch_embed_lr_mult > 0, "patch_embed_lr_mult", f"must be > 0, got {self.patch_embed_lr_mult}")
+        _check(self.norm_bias_lr_mult > 0, "norm_bias_lr_mult", f"must be > 0, got {self.norm_bias_lr_mult}")
         _check(all(isinstance(x, str) and x and not x.startswith(".") and not x.endswith(".") for x in self.fixed_lr),
                "fixed_lr", f"must be a list of parameter-name prefixes such as predictor, got {self.fixed_lr!r}")
         _check(len(set(self.fixed_lr)) == len(self.fixed_lr), "fixed_lr", f"lists a prefix twice: {self.fixed_lr!r}")

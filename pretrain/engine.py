@@ -170,7 +170,8 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, layer_decay=o.layer_decay, patch_embed_lr_mult=o.patch_embed_lr_mult,
-                          fixed_lr=o.fixed_lr, decay_norms_and_biases=o.decay_norms_and_biases)
+                          fixed_lr=o.fixed_lr, decay_norms_and_biases=o.decay_norms_and_biases,
+                          norm_bias_lr_mult=o.norm_bias_lr_mult)
     optimizer = build_optimizer(groups, o.name, peak_lr(cfg, world), **optimizer_hyper(cfg))
     scheduler = Schedule(optimizer, cfg, world)
     engine, _, _, _ = deepspeed.initialize(

@@ -39,8 +39,8 @@ OPTIONS: dict[str, set[str]] = {
     "vit_large": _VIT_OPTIONS,
     "vit_huge": _VIT_OPTIONS,
     "convnet": {"width", "norm"},
-    "resnet18": {"widths", "norm", "stem", "grad_checkpointing"},
-    "resnet50": {"widths", "norm", "stem", "grad_checkpointing"},
+    "resnet18": {"widths", "norm", "stem", "grad_checkpointing", "zero_init_residual"},
+    "resnet50": {"widths", "norm", "stem", "grad_checkpointing", "zero_init_residual"},
 }
 
 

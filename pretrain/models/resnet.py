@@ -3,6 +3,9 @@
 8x8..32x32 images keep their spatial extent; ResNet-18's default) or ``imagenet`` (7x7 conv, stride 2, 3x3 max-pool: a
 224 px image leaves a 7x7 map; ResNet-50's default, torchvision's layout).
 
+``zero_init_residual``: the last norm of every residual block starts with a zero gain, so that each block starts as
+its shortcut (Goyal et al. 2017; torchvision's option, which the official SimSiam, Barlow Twins and VICReg code set).
+
 ``forward(x: (B, C, H, W)) -> (B, embed_dim)`` after global average pooling. ``grad_checkpointing``: each residual
 block's activations are recomputed in the backward instead of kept (activation memory of about one block instead of
 all, for about a third more compute), its BatchNorm statistics updated once per step all the same (the recomputation
@@ -105,6 +108,7 @@ class ResNet(nn.Module):
         block: type[nn.Module] = BasicBlock,
         stem: str = "cifar",
         grad_checkpointing: bool = False,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(in_chans, int) or in_chans <= 0:
@@ -137,6 +141,10 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:  # each block starts as its shortcut (Goyal et al.; torchvision's option)
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.bn3.weight if isinstance(m, Bottleneck) else m.bn2.weight)
 
     def forward_dense(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, embed_dim, H/8, W/8) (cifar stem; H/32, W/32 with the imagenet one), the last stage's

@@ -45,7 +45,7 @@ def _worker(rank: int, port: int, root: str) -> None:
                    full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
     lars = _cfg(0, "fp32", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0",
-                "model.sync_bn=true")
+                "model.sync_bn=true", "optim.norm_bias_lr_mult=0.5")  # Barlow Twins' slower biases, here at half
     # SimSiam's recipe: SGD with momentum, here under ZeRO-2 (flat partitions: SGD is elementwise), its predictor's
     # rate fixed and every parameter decaying, as the paper's; a short run, for the cosine to fall by step 3
     sgd = load_config(ROOT / "configs" / "simsiam_digits.yaml", [
@@ -232,7 +232,8 @@ def _plain_optimizer(rank: int, root: str, name: str, cfg, build_engine, build_m
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     ref = build_method(cfg, distributed=True)
     groups = param_groups(ref, cfg.optim.weight_decay, fixed_lr=cfg.optim.fixed_lr,
-                          decay_norms_and_biases=cfg.optim.decay_norms_and_biases)
+                          decay_norms_and_biases=cfg.optim.decay_norms_and_biases,
+                          norm_bias_lr_mult=cfg.optim.norm_bias_lr_mult)
     opt = build_optimizer(groups, name, peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
     schedule = Schedule(opt, cfg, WORLD)
     g = torch.Generator().manual_seed(20 + rank)
@@ -351,11 +352,12 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(stage, results):
 
 @pytest.mark.parametrize("name, optimizer", [("lars", "LARS"), ("sgd", "SGD")])
 def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimizer):
-    """LARS (SimCLR) under ZeRO 0, which hands it each parameter whole, and SGD with momentum (SimSiam) under ZeRO-2:
-    the weights after 3 steps on 2 ranks are those of the plain optimizer on the ranks' averaged gradients (a trust
-    ratio over flat partitions would not match), and a fresh engine that loads the checkpoint (momentum included)
-    takes the same 4th step. With model.sync_bn, both ranks' BatchNorm statistics are the global batch's: the same on
-    each, though each rank saw other images."""
+    """LARS (SimCLR, its biases at half the rate as Barlow Twins' are slower) under ZeRO 0, which hands it each
+    parameter whole, and SGD with momentum (SimSiam as its paper: the predictor at a fixed rate, every parameter
+    decaying) under ZeRO-2: the weights after 3 steps on 2 ranks are those of the plain optimizer on the ranks'
+    averaged gradients (a trust ratio over flat partitions would not match), and a fresh engine that loads the
+    checkpoint (momentum, groups and their rates included) takes the same 4th step. With model.sync_bn, both ranks'
+    BatchNorm statistics are the global batch's: the same on each, though each rank saw other images."""
     r = torch.load(results / f"{name}.pt", weights_only=False)
     assert r["optimizer"] == optimizer and math.isfinite(r["loss"])
     assert torch.equal(r["bn_stats"][0], r["bn_stats"][1]) and r["bn_stats"][0].numel() > 100
@@ -367,8 +369,9 @@ def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimize
     assert len(weights) >= 5 and all(not torch.equal(r["engine"][k], r["init"][k].float()) for k in weights)
     built, loaded = r["groups"]
     assert loaded == built  # the groups' flags, rates and decays come back with the checkpoint
-    if name == "lars":  # SimCLR's: only the weights decay; every rate follows the schedule
+    if name == "lars":  # SimCLR's: only the weights decay; every rate follows the schedule, the biases' at half
         assert [(fixed, decay) for fixed, decay, _, _ in built] == [(False, True), (False, False)]
+        assert built[1][2] == pytest.approx(0.5 * built[0][2]) and built[0][2] > 0
     else:  # SimSiam's, as its paper: every parameter decays; the predictor keeps the peak rate at step 4 of 5
         assert [(fixed, decay) for fixed, decay, _, _ in built] == [(False, True), (False, True), (True, True),
                                                                      (True, True)]
@@ -491,7 +494,8 @@ def test_layer_decay_gives_each_layer_its_rate_under_zero3_and_after_a_universal
 def test_param_groups_by_layer():
     """param_groups: without multipliers the two groups of old (decaying, then not); with layer_decay and
     patch_embed_lr_mult one group per (decay, multiplier), every trainable parameter in exactly one, at the rate of
-    its layer (a ViT's by layer, the rest full); the teacher's frozen parameters in none. LARS's and AdamW's groups
+    its layer (a ViT's by layer, the rest full), the 1-D ones also times norm_bias_lr_mult; the teacher's frozen
+    parameters in none. LARS's and AdamW's groups
     start at the peak rate x multiplier, and the schedule keeps the multipliers, follow_config too."""
     from pretrain.engine import Schedule, peak_lr
     from pretrain.optim import build_optimizer, param_groups
@@ -513,6 +517,12 @@ def test_param_groups_by_layer():
         assert where[id(p)]["decay"] == (p.ndim > 1), n
     decaying = [g["decay"] for g in groups]
     assert decaying == sorted(decaying, reverse=True)  # the decaying groups first: a fixed order on every rank
+    # optim.norm_bias_lr_mult: the 1-D parameters' rate times it, on top of their layer's
+    halved = param_groups(method, 0.04, layer_decay=0.5, patch_embed_lr_mult=0.2, norm_bias_lr_mult=0.5)
+    where_halved = {id(p): g for g in halved for p in g["params"]}
+    for n, p in trainable.items():
+        scale = 0.5 if p.ndim <= 1 else 1.0
+        assert where_halved[id(p)]["lr_mult"] == pytest.approx(scale * _expected_lr_mult(n.removeprefix("student."))), n
     hyper = {"adamw": {"betas": (0.9, 0.999)}, "lars": {"momentum": 0.9, "trust_coefficient": 1e-3},
              "sgd": {"momentum": 0.9}}
     for name, extra in hyper.items():

@@ -212,6 +212,36 @@ def test_resnet50_is_torchvisions_layout() -> None:
     assert stem(torch.randn(1, 3, 224, 224)).shape == (1, 512, 7, 7)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_zero_init_residual_starts_each_block_as_its_shortcut(name: str) -> None:
+    """zero_init_residual: the last norm of every residual block has a zero gain (and only those), so a block with an
+    identity shortcut passes its (non-negative) input through unchanged and one with a projection gives relu of the
+    projection; its gradient is not zero, so the block learns. Without it, every gain starts at 1."""
+    from pretrain.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    model = build_backbone(name, image_size=32, in_chans=3, stem="cifar", zero_init_residual=True).eval()
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    last = {id(b.bn3 if isinstance(b, Bottleneck) else b.bn2) for b in blocks}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(blocks) == (8 if name == "resnet18" else 16) and len(last) == len(blocks)
+    for m in norms:
+        assert torch.all(m.weight == 0) if id(m) in last else torch.all(m.weight == 1)
+    x = torch.relu(torch.randn(2, 3, 32, 32))
+    x = model.stem(x)
+    for block in blocks:
+        out = block(x)
+        expected = x if isinstance(block.shortcut, torch.nn.Identity) else torch.relu(block.shortcut(x))
+        torch.testing.assert_close(out, expected)
+        x = out
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).square().sum().backward()
+    assert all(b.bn3.weight.grad.abs().sum() > 0 if isinstance(b, Bottleneck) else b.bn2.weight.grad.abs().sum() > 0
+               for b in blocks)
+    plain = build_backbone(name, image_size=32, in_chans=3, stem="cifar")
+    assert all(torch.all(m.weight == 1) for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_unknown_backbone_lists_known_names() -> None:
     """An unknown name raises ValueError naming every registered backbone."""
     with pytest.raises(ValueError, match="unknown backbone 'vit_giant'.*convnet.*resnet18.*vit_base"):

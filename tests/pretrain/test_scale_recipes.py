@@ -27,7 +27,8 @@ def test_there_are_scale_recipes():
                                          "simclr_resnet50_imagenet.yaml", "byol_resnet50_imagenet.yaml",
                                          "mocov3_vits16_imagenet.yaml", "swav_resnet50_imagenet.yaml",
                                          "ijepa_vith14_imagenet.yaml", "simsiam_resnet50_imagenet.yaml",
-                                         "mocov2_resnet50_imagenet.yaml"}
+                                         "mocov2_resnet50_imagenet.yaml", "barlow_twins_resnet50_imagenet.yaml",
+                                         "vicreg_resnet50_imagenet.yaml"}
 
 
 SHALLOW = {"vit_large": (2, 303.3e6), "vit_huge": (2, 632e6)}
@@ -61,3 +62,27 @@ def test_recipe_builds_and_steps_at_its_sizes(recipe):
     train_steps(method, iter([batch]), 1, lr=1e-4)
     method.on_step_end(0, cfg.job.max_steps)
     assert math.isfinite(method(batch)["loss"].item())
+
+
+@pytest.mark.parametrize("recipe", ["simsiam", "mocov2", "barlow_twins", "vicreg"])
+def test_recipe_param_groups_follow_the_official_code(recipe):
+    """The optimizer groups the engine builds from each ResNet-50 recipe (on the meta device): SimSiam's predictor at
+    a fixed rate and, as MoCo v2's, every parameter decaying; Barlow Twins' biases and BatchNorm parameters at 0.0048 /
+    0.2 of the weights' rate, VICReg's at the same rate, neither decaying; the ResNet's residual blocks starting as
+    their shortcuts in the three recipes whose official code does."""
+    from pretrain.optim import param_groups
+
+    cfg = load_config(ROOT / "configs" / f"{recipe}_resnet50_imagenet.yaml")
+    o = cfg.optim
+    with torch.device("meta"):
+        method = build_method(cfg, distributed=False)
+    groups = param_groups(method, o.weight_decay, layer_decay=o.layer_decay, fixed_lr=o.fixed_lr,
+                          decay_norms_and_biases=o.decay_norms_and_biases, norm_bias_lr_mult=o.norm_bias_lr_mult)
+    names = {id(p): n for n, p in method.named_parameters()}
+    fixed = {names[id(p)].split(".")[0] for g in groups if g.get("fixed_lr") for p in g["params"]}
+    assert fixed == ({"predictor"} if recipe == "simsiam" else set())
+    vectors = [g for g in groups if not any(p.ndim > 1 for p in g["params"])]
+    assert vectors and all(g["decay"] == (recipe in ("simsiam", "mocov2")) for g in vectors)
+    assert all(g["lr_mult"] == pytest.approx(0.024 if recipe == "barlow_twins" else 1.0) for g in vectors)
+    assert all(g["decay"] and g["lr_mult"] == 1.0 for g in groups if g not in vectors)
+    assert cfg.model.backbone_kwargs.get("zero_init_residual", False) == (recipe != "mocov2")
