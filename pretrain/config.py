@@ -119,7 +119,11 @@ class MethodConfig:
     """BYOL, MoCo v3, NNCLR: hidden width of the 2-layer predictor (proj_out_dim -> this -> proj_out_dim)."""
     # --- MAE (loss_impl picks the masked-gather kernel: auto | triton | ref) ---
     mask_ratio: float = 0.75
-    """MAE: fraction of patches hidden from the encoder (and reconstructed)."""
+    """MAE: fraction of patches hidden from the encoder (and reconstructed); SimMIM: fraction of its mask units hidden
+    (rounded up; the paper's 0.6)."""
+    mask_patch_size: int = 32
+    """SimMIM: side in pixels of the square mask units, a multiple of model.patch_size dividing data.image_size (the
+    paper's 32: 2 x 2 patches of ViT-B/16)."""
     norm_pix_loss: bool = True
     """MAE: targets are each patch's pixels normalised by the patch's own mean and std."""
     decoder_dim: int = 512
@@ -212,6 +216,7 @@ class MethodConfig:
         for key in ("warmup_teacher_temp_steps", "freeze_last_layer_steps"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _check(0 < self.mask_ratio < 1, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        _check(self.mask_patch_size > 0, "mask_patch_size", f"must be > 0, got {self.mask_patch_size}")
         lo, hi = self.mask_ratio_range
         _check(0 <= lo <= hi < 1, "mask_ratio_range", f"need 0 <= low <= high < 1, got {list(self.mask_ratio_range)}")
         _check(0 <= self.mask_prob <= 1, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")

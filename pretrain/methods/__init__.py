@@ -15,6 +15,7 @@ from pretrain.methods.moco import MoCoV2, MoCoV3
 from pretrain.methods.nnclr import NNCLR
 from pretrain.methods.rotation import Rotation
 from pretrain.methods.simclr import SimCLR
+from pretrain.methods.simmim import SimMIM
 from pretrain.methods.simsiam import SimSiam
 from pretrain.methods.swav import SwAV
 from pretrain.methods.vqvae import VQVAE
@@ -24,7 +25,8 @@ METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "byol": BYOL, "dino": D
                                        "colorization": Colorization, "vqvae": VQVAE, "beit": BEiT,
                                        "barlow_twins": BarlowTwins, "vicreg": VICReg, "moco_v2": MoCoV2,
                                        "moco_v3": MoCoV3, "swav": SwAV, "ijepa": IJEPA, "nnclr": NNCLR,
-                                       "simsiam": SimSiam}
+                                       "simsiam": SimSiam, "simmim": SimMIM}
 
 __all__ = ["BEiT", "BYOL", "BarlowTwins", "CLIP", "Colorization", "DINO", "IBOT", "IJEPA", "Jigsaw", "MAE", "METHODS",
-           "MoCoV2", "MoCoV3", "NNCLR", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "VICReg", "VQVAE"]
+           "MoCoV2", "MoCoV3", "NNCLR", "Rotation", "SSLMethod", "SimCLR", "SimMIM", "SimSiam", "SwAV", "VICReg",
+           "VQVAE"]

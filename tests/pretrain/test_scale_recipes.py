@@ -28,7 +28,7 @@ def test_there_are_scale_recipes():
                                          "mocov3_vits16_imagenet.yaml", "swav_resnet50_imagenet.yaml",
                                          "ijepa_vith14_imagenet.yaml", "simsiam_resnet50_imagenet.yaml",
                                          "mocov2_resnet50_imagenet.yaml", "barlow_twins_resnet50_imagenet.yaml",
-                                         "vicreg_resnet50_imagenet.yaml"}
+                                         "vicreg_resnet50_imagenet.yaml", "simmim_vitb16_imagenet.yaml"}
 
 
 SHALLOW = {"vit_large": (2, 303.3e6), "vit_huge": (2, 632e6)}
