@@ -83,8 +83,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 
     """No weight decay on 1-D parameters: biases, norm weights, LayerScale gains (as DINO's and DINOv2's groups; a
     ViT's cls token and position embeddings are 3-D and decay, as there too), unless ``decay_norms_and_biases`` (as
     torch's SGD over every parameter in the official SimSiam and MoCo v2 code); the groups that decay are marked
-    ``decay: True`` for the schedule, those of weights (more than one dimension) ``matrix: True`` for LARS's
-    adaptation. Each group's ``lr_mult`` scales the scheduled learning rate:
+    ``decay: True`` for the schedule; with ``decay_norms_and_biases``, where the decay no longer tells them apart, the
+    groups of weights (more than one dimension) are marked ``matrix: True`` for LARS's adaptation. Each group's ``lr_mult`` scales the scheduled learning rate:
     1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which gives a ViT's parameters
     layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block layer_decay, the
     embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2) != 1, which
