@@ -80,20 +80,20 @@ class LARS(torch.optim.Optimizer):
 def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
                  patch_embed_lr_mult: float = 1.0, fixed_lr: Sequence[str] = (),
                  decay_norms_and_biases: bool = False, norm_bias_lr_mult: float = 1.0) -> list[dict]:
-    """No weight decay on 1-D parameters: biases, norm weights, LayerScale gains (as DINO's and DINOv2's groups; a
-    ViT's cls token and position embeddings are 3-D and decay, as there too), unless ``decay_norms_and_biases`` (as
-    torch's SGD over every parameter in the official SimSiam and MoCo v2 code); the groups that decay are marked
-    ``decay: True`` for the schedule; with ``decay_norms_and_biases``, where the decay no longer tells them apart, the
-    groups of weights (more than one dimension) are marked ``matrix: True`` for LARS's adaptation. Each group's ``lr_mult`` scales the scheduled learning rate:
-    1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which gives a ViT's parameters
-    layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block layer_decay, the
-    embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2) != 1, which
-    multiplies the patch projection's; parameters outside a ViT (heads, decoders) keep the full rate; the 1-D
-    parameters' multiplier is also times ``norm_bias_lr_mult`` (Barlow Twins' 0.0048 / 0.2). The parameters
-    under a name prefix of ``fixed_lr`` (SimSiam's ``predictor``) go in groups marked ``fixed_lr: True``, whose rate the
+    """No weight decay on 1-D parameters: biases, norm weights, LayerScale gains (as DINO's and DINOv2's groups; a ViT's
+    cls token and position embeddings are 3-D and decay, as there too), unless ``decay_norms_and_biases`` (as torch's
+    SGD over every parameter in the official SimSiam and MoCo v2 code); the groups that decay are marked ``decay: True``
+    for the schedule; with ``decay_norms_and_biases``, where the decay no longer tells them apart, the groups of weights
+    (more than one dimension) are marked ``matrix: True`` for LARS's adaptation. Each group's ``lr_mult`` scales the
+    scheduled learning rate: 1 everywhere unless ``layer_decay`` < 1 (layer-wise decay: BEiT's, DINOv2's 0.9), which
+    gives a ViT's parameters layer_decay ** (depth + 1 - layer) of it (``VisionTransformer.layer_id``: the last block
+    layer_decay, the embeddings layer_decay ** (depth + 1), the last norm 1), or ``patch_embed_lr_mult`` (DINOv2's 0.2)
+    != 1, which multiplies the patch projection's; parameters outside a ViT (heads, decoders) keep the full rate; the
+    1-D parameters' multiplier is also times ``norm_bias_lr_mult`` (Barlow Twins' 0.0048 / 0.2). The parameters under a
+    name prefix of ``fixed_lr`` (SimSiam's ``predictor``) go in groups marked ``fixed_lr: True``, whose rate the
     schedule holds at its peak after the warmup; ConfigError if a prefix names no trainable parameter. One group per
-    (weights or not, multiplier, fixed), in a fixed order: the weights' groups first, fastest first, fixed last
-    (without options: the two groups of old)."""
+    (weights or not, multiplier, fixed), in a fixed order: the weights' groups first, fastest first, fixed last (without
+    options: the two groups of old)."""
     vits = {prefix: m for prefix, m in model.named_modules() if isinstance(m, VisionTransformer)}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     check_param_prefixes([name for name, _ in trainable], fixed_lr, "optim.fixed_lr")

@@ -307,7 +307,9 @@ def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stat
     values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
     names = list(pending[0][1])
     _stop_if_not_finite(pending, [row[names.index("loss")] for row in values], world)
-    lr = max(engine.get_lr())  # the full rate (layer-wise decay lowers some groups')
+    # the full rate of the schedule (layer-wise decay lowers some groups'; optim.fixed_lr's groups keep their peak)
+    groups = engine.optimizer.param_groups
+    lr = max(g["lr"] for g in [g for g in groups if not g.get("fixed_lr")] or groups)
     for (step, _, seconds, epoch), row in zip(pending, values):
         per_worker = cfg.data.batch_size * cfg.optim.accum_steps / max(seconds, 1e-9)
         metrics = {
