@@ -1,6 +1,12 @@
-"""NT-Xent (SimCLR) loss on top of the tiled row-vs-columns core in kernels/contrastive.py.
+"""NT-Xent (SimCLR) loss on top of the tiled row-vs-columns core in kernels/contrastive.py, and its decoupled form
+(DCL, Yeh et al. 2022: the positive left out of each anchor's denominator).
 
 The 2N x 2N similarity matrix is never built by the "triton" and "chunked" paths; `ntxent_loss_ref` builds it.
+
+DCL needs no kernel of its own: with ``x_i`` anchor i's NT-Xent (its log-sum-exp over the 2N-1 other columns less its
+positive logit ``p_i``), its DCL loss, the log-sum-exp over the 2N-2 negatives less ``p_i``, is
+``log(exp(x_i) - 1) = x_i + log(1 - exp(-x_i))``: a function of the row loss, which the core returns per row with its
+gradient (the backward takes a gradient per row).
 Distributed use: the caller gathers both views from all ranks *with gradient* (pretrain/dist.py) and passes them
 as z0_all / z1_all with this rank's row offset; no communication happens here.
 """
@@ -32,10 +38,19 @@ def _indices(n: int, n_all: int, offset: int, device: torch.device) -> tuple[Ten
     return torch.cat([i + n_all, i]), torch.cat([i, i + n_all])
 
 
+def decoupled_rows(rows: Tensor) -> Tensor:
+    """Per-anchor NT-Xent losses (each >= 0: the positive is among the columns) -> their DCL losses, the positive out
+    of the denominator: ``x + log(-expm1(-x))``, stable for large x; an anchor whose negatives vanish next to its
+    positive (x below 1e-6, DCL's loss there -> -inf) is held at 1e-6, without gradient."""
+    x = rows.clamp_min(1e-6)
+    return x + torch.log(-torch.expm1(-x))
+
+
 @fp32_loss
 def ntxent_loss(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all: Tensor | None = None,
-                z1_all: Tensor | None = None, offset: int = 0, impl: str = "auto") -> Tensor:
-    """NT-Xent mean over this rank's 2n anchors (fp32 scalar).
+                z1_all: Tensor | None = None, offset: int = 0, impl: str = "auto", decoupled: bool = False) -> Tensor:
+    """NT-Xent mean over this rank's 2n anchors (fp32 scalar); ``decoupled``: DCL's, each anchor's positive left out
+    of its denominator.
 
     z0, z1: (n, D) this rank's two views (L2-normalised inside). z0_all, z1_all: (N, D) the views of ALL ranks,
     gathered by the caller with gradient; rows offset:offset+n are this rank's. None -> z0, z1 and offset 0.
@@ -51,14 +66,17 @@ def ntxent_loss(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all: Ten
     pos, excl = _indices(z0.shape[0], z0_all.shape[0], offset, z0.device)
     if impl == "ref":
         return ntxent_loss_ref(z0, z1, temperature, z0_all=None if local else z0_all,
-                               z1_all=None if local else z1_all, offset=offset, upcast=True)
-    return contrastive_rows_loss(q * (1.0 / temperature), k, pos, excl, impl=impl).mean()
+                               z1_all=None if local else z1_all, offset=offset, upcast=True, decoupled=decoupled)
+    rows = contrastive_rows_loss(q * (1.0 / temperature), k, pos, excl, impl=impl)
+    return (decoupled_rows(rows) if decoupled else rows).mean()
 
 
 def ntxent_loss_ref(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all: Tensor | None = None,
-                    z1_all: Tensor | None = None, offset: int = 0, upcast: bool = False) -> Tensor:
+                    z1_all: Tensor | None = None, offset: int = 0, upcast: bool = False,
+                    decoupled: bool = False) -> Tensor:
     """Naive NT-Xent: materialises the (2n, 2N) logits (2N x 2N on one rank). Same contract as `ntxent_loss`;
-    computes in the input dtype unless upcast (then fp32)."""
+    computes in the input dtype unless upcast (then fp32). ``decoupled``: DCL written out, the positive's logit
+    masked out of each row's log-sum-exp."""
     z0_all, z1_all, offset = _check(z0, z1, temperature, z0_all, z1_all, offset)
     if upcast:
         z0, z1, z0_all, z1_all = z0.float(), z1.float(), z0_all.float(), z1_all.float()
@@ -66,5 +84,11 @@ def ntxent_loss_ref(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all:
     k = F.normalize(torch.cat([z0_all, z1_all]), dim=1)
     logits = q @ k.T / temperature
     pos, excl = _indices(z0.shape[0], z0_all.shape[0], offset, z0.device)
-    logits[torch.arange(q.shape[0], device=q.device), excl] = float("-inf")
-    return F.cross_entropy(logits, pos)
+    rows = torch.arange(q.shape[0], device=q.device)
+    logits[rows, excl] = float("-inf")
+    if not decoupled:
+        return F.cross_entropy(logits, pos)
+    positive = logits[rows, pos]
+    return (torch.logsumexp(logits.index_put((rows, pos), torch.tensor(float("-inf"), dtype=logits.dtype,
+                                                                         device=logits.device)), dim=1)
+            - positive).mean()

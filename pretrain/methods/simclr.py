@@ -1,4 +1,6 @@
-"""SimCLR (Chen et al., 2020): two views, a projection head, NT-Xent over every rank's embeddings."""
+"""SimCLR (Chen et al., 2020): two views, a projection head, NT-Xent over every rank's embeddings; with
+``method.decoupled`` the decoupled contrastive loss (DCL, Yeh et al., 2022) instead, each anchor's positive out of its
+denominator."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class SimCLR(SSLMethod):
             num_layers=cfg.model.proj_layers,
         )
         self.temperature = cfg.method.temperature
+        self.decoupled = cfg.method.decoupled
         self.loss_impl = cfg.method.loss_impl
         self.gather = gather
         self.rank = rank
@@ -43,10 +46,11 @@ class SimCLR(SSLMethod):
         z = self.projector(self.backbone(torch.cat([v0, v1])))
         z0, z1 = z[:n], z[n:]
         if self.gather is None:
-            loss = ntxent_loss(z0, z1, self.temperature, impl=self.loss_impl)
+            loss = ntxent_loss(z0, z1, self.temperature, impl=self.loss_impl, decoupled=self.decoupled)
         else:
             loss = ntxent_loss(
                 z0, z1, self.temperature,
                 z0_all=self.gather(z0), z1_all=self.gather(z1), offset=self.rank * n, impl=self.loss_impl,
+                decoupled=self.decoupled,
             )
         return {"loss": loss}

@@ -94,6 +94,72 @@ def test_distributed_form_sums_to_full_batch(impl, device):
         assert max_err(a, world * b) <= 1e-5 * b.abs().max().item() * world
 
 
+def _dcl_written_out(z0, z1, tau):
+    """DCL from its definition: for each of the 2N anchors of [z0; z1] (unit rows), minus its positive's logit plus
+    the log-sum-exp of its logits against the 2N - 2 negatives (neither itself nor its positive), averaged."""
+    q = torch.nn.functional.normalize(torch.cat([z0, z1]).float(), dim=1)
+    logits = q @ q.T / tau
+    two_n = q.shape[0]
+    n = two_n // 2
+    losses = []
+    for i in range(two_n):
+        positive = (i + n) % two_n
+        negatives = [j for j in range(two_n) if j not in (i, positive)]
+        losses.append(torch.logsumexp(logits[i, negatives], dim=0) - logits[i, positive])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
+@pytest.mark.parametrize("n,d", [(37, 130), (5, 16)])
+def test_decoupled_is_dcl_written_out(impl, n, d, device):
+    """decoupled=True (DCL, from the kernel's per-anchor losses) against DCL written out from its definition: the
+    loss and the gradients of a random upstream scalar; it sits below NT-Xent (the positive left out of the
+    denominator)."""
+    z0, z1 = _views(n, d, torch.float32, device, seed=4)
+    g = torch.rand((), device=device) + 0.5
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.2, impl=impl, decoupled=True), z0, z1, g)
+    ref = _loss_and_grads(lambda a, b: _dcl_written_out(a, b, 0.2), z0, z1, g)
+    for o, r in zip(out, ref):
+        assert max_err(o, r) <= 1e-5 * max(1.0, r.abs().max().item())
+    assert out[0].item() < ntxent_loss(z0, z1, 0.2, impl=impl).item()
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
+def test_decoupled_collinear_embeddings_give_log_2n_minus_2(impl, device):
+    """All rows identical: every logit is 1/tau, so DCL is log(2N - 2) (NT-Xent's log(2N - 1) less the positive)."""
+    n = 37
+    z = torch.randn(1, 130).expand(n, 130).contiguous().to(device)
+    assert ntxent_loss(z, z.clone(), 0.2, impl=impl, decoupled=True).item() == pytest.approx(math.log(2 * n - 2),
+                                                                                              rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
+def test_decoupled_distributed_form_sums_to_full_batch(impl, device):
+    """Simulated ranks: the per-rank DCL losses sum to world x the whole batch's, and so do the gradients."""
+    world, n, d = 3, 13, 24
+    z0, z1 = _views(world * n, d, torch.float32, device, seed=5)
+    full = _dcl_written_out(z0, z1, 0.1)
+    g_full = torch.autograd.grad(full, [z0, z1])
+    total = sum(ntxent_loss(z0[r * n:(r + 1) * n], z1[r * n:(r + 1) * n], 0.1, z0_all=z0, z1_all=z1, offset=r * n,
+                            impl=impl, decoupled=True) for r in range(world))
+    assert total.item() == pytest.approx(world * full.item(), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(total, [z0, z1]), g_full):
+        assert max_err(a, world * b) <= 1e-5 * b.abs().max().item() * world
+
+
+def test_decoupled_rows_is_stable_at_both_ends():
+    """log(exp(x) - 1) for the per-anchor losses: finite with finite gradients from 1e-6 up to 100 (where exp
+    overflows fp32's range in the naive form); below 1e-6 held there."""
+    from kernels.ntxent import decoupled_rows
+
+    x = torch.tensor([1e-9, 1e-6, 1e-3, 1.0, 20.0, 100.0], requires_grad=True)
+    y = decoupled_rows(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert y[3].item() == pytest.approx(math.log(math.e - 1)) and y[5].item() == pytest.approx(100.0)
+    assert y[0].item() == y[1].item() == pytest.approx(math.log(1e-6), rel=1e-3) and x.grad[0] == 0
+
+
 def test_distributed_reference_matches_tiled_per_rank(device):
     """One rank's loss and gradients in the distributed form match the reference's distributed form."""
     z0, z1 = _views(20, 16, torch.float32, device, seed=3)
