@@ -61,6 +61,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     _layer_decay(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _ijepa(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _nnclr(rank, root, build_engine, build_method, load_checkpoint, save_checkpoint)
+    _moco_v2(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     torch.distributed.destroy_process_group()
 
 
@@ -161,6 +162,39 @@ def _nnclr(rank: int, root: str, build_engine, build_method, load_checkpoint, sa
     if rank == 0:
         torch.save({"losses": losses, "support": support, "restored": restored, "empty": empty, "fourth": fourth,
                     "ranks_queues": queues}, f"{root}/nnclr.pt")
+
+
+def _moco_v2(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
+             save_checkpoint) -> None:
+    """MoCo v2 with its recipe's SGD under ZeRO-3 (the momentum encoder partitioned, updated from partitions), a
+    queue of 12 keys and a global batch of 8: 3 steps (the queue wraps), a checkpoint, a fresh engine that loads it;
+    then both take a 4th step on the same batch."""
+    from pretrain.trainer import optimizer_step
+
+    cfg = load_config(ROOT / "configs" / "mocov2_digits.yaml", [
+        "zero.stage=3", "data.batch_size=4", "job.max_steps=10", "model.proj_hidden_dim=32", "model.proj_out_dim=16",
+        "model.backbone_kwargs={width: 0.25}", "method.queue_size=12", "method.teacher_momentum=0.5",
+        "optim.warmup_steps=1"])
+    engine = build_engine(build_method(cfg, distributed=True), cfg)
+    g = torch.Generator().manual_seed(95 + rank)
+    batches = [{"views": [torch.randn(4, 1, 16, 16, generator=g) for _ in range(2)]} for _ in range(4)]
+    start = engine.module.queue.clone()
+    target0 = full_state_dict(engine, engine.module.target)
+    losses = [optimizer_step(engine, iter(batches[step:]), step, 10)[0]["loss"].item() for step in range(3)]
+    m = engine.module
+    queue = {"queue": m.queue.clone(), "ptr": int(m.queue_ptr)}
+    states = {k: full_state_dict(engine, getattr(m, k)) for k in ("online", "target")}
+    save_checkpoint(engine, f"{root}/ckpt-mocov2", {"step": 3, "epoch": 0})
+    fresh = build_engine(build_method(cfg, distributed=True), cfg)
+    load_checkpoint(fresh, f"{root}/ckpt-mocov2")
+    restored = {"queue": fresh.module.queue.clone(), "ptr": int(fresh.module.queue_ptr),
+                "target": full_state_dict(fresh, fresh.module.target)}
+    fourth = [optimizer_step(e, iter(batches[3:]), 3, 10)[0]["loss"].item() for e in (engine, fresh)]
+    queues = [torch.empty_like(queue["queue"]) for _ in range(2)]
+    torch.distributed.all_gather(queues, queue["queue"])
+    if rank == 0:
+        torch.save({"losses": losses, "start": start, "queue": queue, "restored": restored, "fourth": fourth,
+                    "ranks_queues": queues, "target0": target0, **states}, f"{root}/mocov2.pt")
 
 
 def _swav_frozen_prototypes(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
@@ -454,6 +488,28 @@ def test_nnclr_support_set_under_zero3_bf16_is_alike_on_ranks_and_restored(resul
     assert torch.equal(r["ranks_queues"][0], r["ranks_queues"][1])
     assert torch.equal(r["restored"]["queue"], s["queue"])
     assert (r["restored"]["ptr"], r["restored"]["filled"]) == (s["ptr"], s["filled"])
+    assert r["fourth"][0] == pytest.approx(r["fourth"][1], rel=1e-6)
+
+
+def test_moco_v2_queue_and_momentum_encoder_under_zero3_are_alike_on_ranks_and_restored(results):
+    """MoCo v2 through a ZeRO-3 engine with SGD: after 3 steps of 8 images the queue's write position has wrapped to 0
+    (8 + 8 + 8 keys through 12 rows), every row a unit key of this run, not the random start, the same on both ranks;
+    the momentum encoder moved from its init toward the query encoder; a fresh engine gets the queue, its position and
+    the momentum encoder back from the checkpoint and takes the same 4th step as the engine that saved it."""
+    r = torch.load(results / "mocov2.pt", weights_only=False)
+    assert all(math.isfinite(x) for x in r["losses"])
+    q = r["queue"]
+    assert q["ptr"] == 0 and torch.equal(r["ranks_queues"][0], r["ranks_queues"][1])
+    torch.testing.assert_close(q["queue"].norm(dim=1), torch.ones(12), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(q["queue"], r["start"]).all(dim=1).any()  # every row written over
+    params = [k for k in r["target"] if k.endswith(("weight", "bias"))]  # not BatchNorm's running statistics
+    moved = [k for k in params if not torch.equal(r["target"][k], r["target0"][k])]
+    assert moved and all(torch.isfinite(r["target"][k]).all() for k in moved)
+    for k in moved:  # an EMA at momentum 0.5-ish: between where it started and the online encoder
+        assert (r["target"][k] - r["online"][k]).norm() < (r["target0"][k] - r["online"][k]).norm() + 1e-6, k
+    assert torch.equal(r["restored"]["queue"], q["queue"]) and r["restored"]["ptr"] == q["ptr"]
+    for k, v in r["target"].items():
+        assert torch.equal(r["restored"]["target"][k], v), k
     assert r["fourth"][0] == pytest.approx(r["fourth"][1], rel=1e-6)
 
 
