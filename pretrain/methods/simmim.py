@@ -9,8 +9,8 @@ patch from the encoder's final patch token, gathered from the masked positions o
 loss is the L1 distance to the normalised input pixels, averaged over the hidden pixels and channels. There is no
 decoder and no target network: the encoder sees every token, mask tokens included. ``backbone`` is the ViT.
 
-The masks come from the torch generator of the rank's device, so each rank masks differently (the trainer seeds ranks
-apart) and a resumed run, which restores that generator, draws the masks the interrupted run would have drawn.
+The masks are drawn as MAE's (``pretrain.methods.mae``): from the torch generator of the rank's device, which a resumed
+run restores.
 """
 
 from __future__ import annotations
