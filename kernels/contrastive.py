@@ -479,6 +479,17 @@ def _check(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor) -> None:
         raise ValueError("k must have at least one column")
 
 
+def decoupled_rows(rows: Tensor) -> Tensor:
+    """Per-row losses of ``contrastive_rows_loss`` (each >= 0: the positive is among the columns) -> the decoupled
+    contrastive loss's (DCL, Yeh et al. 2022), the positive out of each row's denominator. With ``x`` a row's loss (its
+    log-sum-exp over the columns less its positive logit), DCL's is the log-sum-exp over the other columns less the same
+    logit, ``log(exp(x) - 1) = x + log(-expm1(-x))`` (the stable form); the core's backward takes a gradient per row,
+    so this needs no kernel of its own. A row whose other columns vanish next to its positive (x below 1e-6, DCL's
+    loss there -> -inf) is held at 1e-6, without gradient."""
+    x = rows.clamp_min(1e-6)
+    return x + torch.log(-torch.expm1(-x))
+
+
 @fp32_loss
 def contrastive_rows_loss(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor | None = None, *, impl: str = "auto",
                           chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:

@@ -3,10 +3,7 @@
 
 The 2N x 2N similarity matrix is never built by the "triton" and "chunked" paths; `ntxent_loss_ref` builds it.
 
-DCL needs no kernel of its own: with ``x_i`` anchor i's NT-Xent (its log-sum-exp over the 2N-1 other columns less its
-positive logit ``p_i``), its DCL loss, the log-sum-exp over the 2N-2 negatives less ``p_i``, is
-``log(exp(x_i) - 1) = x_i + log(1 - exp(-x_i))``: a function of the row loss, which the core returns per row with its
-gradient (the backward takes a gradient per row).
+DCL needs no kernel of its own: it is ``kernels.contrastive.decoupled_rows`` of the core's per-row losses.
 Distributed use: the caller gathers both views from all ranks *with gradient* (pretrain/dist.py) and passes them
 as z0_all / z1_all with this rank's row offset; no communication happens here.
 """
@@ -18,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.clip import clip_loss, clip_loss_ref  # noqa: F401  (re-exported: same core, same API family)
-from kernels.contrastive import contrastive_rows_loss
+from kernels.contrastive import contrastive_rows_loss, decoupled_rows
 from kernels.utils import check_pair, fp32_loss
 
-__all__ = ["ntxent_loss", "ntxent_loss_ref", "clip_loss", "clip_loss_ref"]
+__all__ = ["ntxent_loss", "ntxent_loss_ref", "clip_loss", "clip_loss_ref", "decoupled_rows"]
 
 
 def _check(z0: Tensor, z1: Tensor, temperature: float, z0_all: Tensor | None, z1_all: Tensor | None,
@@ -36,14 +33,6 @@ def _indices(n: int, n_all: int, offset: int, device: torch.device) -> tuple[Ten
     """pos, excl (2n,) for anchors [z0; z1] against columns [z0_all; z1_all]."""
     i = torch.arange(n, device=device) + offset
     return torch.cat([i + n_all, i]), torch.cat([i, i + n_all])
-
-
-def decoupled_rows(rows: Tensor) -> Tensor:
-    """Per-anchor NT-Xent losses (each >= 0: the positive is among the columns) -> their DCL losses, the positive out
-    of the denominator: ``x + log(-expm1(-x))``, stable for large x; an anchor whose negatives vanish next to its
-    positive (x below 1e-6, DCL's loss there -> -inf) is held at 1e-6, without gradient."""
-    x = rows.clamp_min(1e-6)
-    return x + torch.log(-torch.expm1(-x))
 
 
 @fp32_loss

@@ -38,6 +38,18 @@ def run_cli(args: list[str], env: dict | None = None):
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+def dcl_from_logits(logits, labels):
+    """The decoupled contrastive loss (DCL) written out from a (n, C) logits matrix and each row's positive column:
+    the mean over rows of the log-sum-exp over the other columns less the positive's logit."""
+    import torch
+
+    rows = torch.arange(logits.shape[0])
+    positive = logits[rows, labels]
+    others = logits.clone()
+    others[rows, labels] = float("-inf")
+    return (torch.logsumexp(others, dim=1) - positive).mean()
+
+
 def config_error(recipe, overrides: list[str]) -> str:
     """The one-line ConfigError that loading ``recipe`` with ``overrides`` raises (fails if it raises none)."""
     import pytest

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.contrastive import contrastive_rows_loss
+from kernels.contrastive import contrastive_rows_loss, decoupled_rows
 from pretrain.config import Config
 from pretrain.ema import cosine_momentum, ema_update_, teacher_copy
 from pretrain.methods.base import (
@@ -40,10 +40,11 @@ from pretrain.methods.byol import BYOL
 
 
 def moco_v3_loss(q: Tensor, k: Tensor, temperature: float, *, k_all: Tensor | None = None, offset: int = 0,
-                 impl: str = "auto") -> Tensor:
+                 impl: str = "auto", decoupled: bool = False) -> Tensor:
     """One direction of MoCo v3's loss: q (n, D) this rank's queries, k (n, D) the keys of the same images' other view;
     k_all (N, D) every rank's keys in rank order (None: k, offset 0), this rank's at rows offset..offset+n. Returns
-    ``2 T x mean_i CE(cos(q_i, k_all_j) / T, j = offset + i)`` in fp32; no gradient reaches the keys."""
+    ``2 T x mean_i CE(cos(q_i, k_all_j) / T, j = offset + i)`` in fp32; no gradient reaches the keys. ``decoupled``:
+    DCL's rows instead (``kernels.contrastive.decoupled_rows``: each query's positive key out of its denominator)."""
     if k_all is None:
         k_all, offset = k, 0
     if q.shape != k.shape or k_all.shape[1:] != k.shape[1:] or not 0 <= offset <= k_all.shape[0] - k.shape[0]:
@@ -52,7 +53,8 @@ def moco_v3_loss(q: Tensor, k: Tensor, temperature: float, *, k_all: Tensor | No
     qn = (F.normalize(q.float(), dim=1) / temperature).to(q.dtype)
     kn = F.normalize(k_all.detach(), dim=1).to(q.dtype)  # under autocast the two towers may end in other dtypes
     pos = torch.arange(q.shape[0], device=q.device) + offset
-    return 2 * temperature * contrastive_rows_loss(qn, kn, pos, impl=impl).mean()
+    rows = contrastive_rows_loss(qn, kn, pos, impl=impl)
+    return 2 * temperature * (decoupled_rows(rows) if decoupled else rows).mean()
 
 
 class MoCoV3(BYOL):
@@ -69,6 +71,7 @@ class MoCoV3(BYOL):
         del reduce  # nothing is averaged across ranks outside the loss
         self.temperature = cfg.method.temperature
         self.loss_impl = cfg.method.loss_impl
+        self.decoupled = cfg.method.decoupled
         self.gather = gather
         self.rank = rank
 
@@ -83,10 +86,10 @@ class MoCoV3(BYOL):
         losses = []
         for qa, kb in ((q[:n], k[n:]), (q[n:], k[:n])):  # each view's queries against the other view's keys
             if self.gather is None:
-                losses.append(moco_v3_loss(qa, kb, self.temperature, impl=self.loss_impl))
+                losses.append(moco_v3_loss(qa, kb, self.temperature, impl=self.loss_impl, decoupled=self.decoupled))
             else:
                 losses.append(moco_v3_loss(qa, kb, self.temperature, k_all=self.gather(kb), offset=self.rank * n,
-                                           impl=self.loss_impl))
+                                           impl=self.loss_impl, decoupled=self.decoupled))
         return {"loss": losses[0] + losses[1]}
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.contrastive import contrastive_rows_loss
+from kernels.contrastive import contrastive_rows_loss, decoupled_rows
 from pretrain.config import Config
 from pretrain.methods.base import (
     Gather,
@@ -52,11 +52,12 @@ def nearest_neighbours(z: Tensor, support: Tensor) -> Tensor:
 
 
 def nnclr_loss(neighbours: Tensor, p: Tensor, temperature: float, *, p_all: Tensor | None = None, offset: int = 0,
-               impl: str = "auto") -> Tensor:
+               impl: str = "auto", decoupled: bool = False) -> Tensor:
     """One direction: neighbours (n, D) of this rank's images' view-a embeddings (constants), p (n, D) the
     predictions of their view b; p_all (N, D) every rank's predictions in rank order (None: p, offset 0), this rank's
     at rows offset..offset+n. Returns ``mean_i CE(cos(nn_i, p_all_j) / T, j = offset + i)`` in fp32; the gradient
-    reaches the predictions only."""
+    reaches the predictions only. ``decoupled``: DCL's rows instead (``kernels.contrastive.decoupled_rows``: each
+    neighbour's positive prediction out of its denominator; DCL's paper pairs it with NNCLR)."""
     if p_all is None:
         p_all, offset = p, 0
     if neighbours.shape != p.shape or p_all.shape[1:] != p.shape[1:] or not 0 <= offset <= p_all.shape[0] - p.shape[0]:
@@ -65,7 +66,8 @@ def nnclr_loss(neighbours: Tensor, p: Tensor, temperature: float, *, p_all: Tens
     q = (F.normalize(neighbours.detach().float(), dim=1) / temperature).to(p_all.dtype)
     k = F.normalize(p_all, dim=1)
     pos = torch.arange(p.shape[0], device=p.device) + offset
-    return contrastive_rows_loss(q, k, pos, impl=impl).mean()
+    rows = contrastive_rows_loss(q, k, pos, impl=impl)
+    return (decoupled_rows(rows) if decoupled else rows).mean()
 
 
 class NNCLR(SSLMethod):
@@ -83,6 +85,7 @@ class NNCLR(SSLMethod):
         self.projector, self.predictor = projector_and_predictor(cfg, self.backbone.embed_dim)
         self.temperature = m.temperature
         self.loss_impl = m.loss_impl
+        self.decoupled = m.decoupled
         self.gather = gather
         self.rank = rank
         # the support set: a ring of unit rows, the next row to write, and how many rows hold an embedding
@@ -114,10 +117,10 @@ class NNCLR(SSLMethod):
         losses = []
         for nb, pb in ((nn0, p[n:]), (nn1, p[:n])):  # each view's neighbours against the other view's predictions
             if self.gather is None:
-                losses.append(nnclr_loss(nb, pb, self.temperature, impl=self.loss_impl))
+                losses.append(nnclr_loss(nb, pb, self.temperature, impl=self.loss_impl, decoupled=self.decoupled))
             else:
                 losses.append(nnclr_loss(nb, pb, self.temperature, p_all=self.gather(pb), offset=self.rank * n,
-                                         impl=self.loss_impl))
+                                         impl=self.loss_impl, decoupled=self.decoupled))
         # how near the neighbours are: the mean cosine of view 1's embeddings to theirs (1 while each is its own)
         similarity = (nn0 * zn[:n]).sum(1).mean()
         if self.training:

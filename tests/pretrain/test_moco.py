@@ -15,7 +15,7 @@ from pretrain.config import load_config
 from pretrain.ema import cosine_momentum
 from pretrain.methods.moco import moco_v3_loss
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_grads_close, config_error, short_training, train_steps, two_ranks
+from tests.util import assert_ranks_grads_close, config_error, dcl_from_logits, short_training, train_steps, two_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "mocov3_digits.yaml"
@@ -23,12 +23,13 @@ SMALL = ["model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.predictor_
          "model.backbone_kwargs={width: 0.25}"]
 
 
-def _official(q: torch.Tensor, k_all: torch.Tensor, t: float, offset: int) -> torch.Tensor:
+def _official(q: torch.Tensor, k_all: torch.Tensor, t: float, offset: int, decoupled: bool = False) -> torch.Tensor:
     """MoCo v3's contrastive_loss (moco/builder.py): normalise, logits q @ k_all.T / T, labels on the rank's diagonal,
-    cross-entropy x 2T."""
+    cross-entropy x 2T; ``decoupled``: DCL of the same logits (each positive out of its row's denominator) x 2T."""
     q, k_all = F.normalize(q.float(), dim=1), F.normalize(k_all.float(), dim=1)
     labels = torch.arange(q.shape[0]) + offset
-    return F.cross_entropy(q @ k_all.T / t, labels) * (2 * t)
+    logits = q @ k_all.T / t
+    return (dcl_from_logits(logits, labels) if decoupled else F.cross_entropy(logits, labels)) * (2 * t)
 
 
 def _method(*overrides: str):
@@ -40,32 +41,36 @@ def _views(b: int = 6, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(b, 1, 16, 16, generator=g) for _ in range(2)]
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("impl", ["ref", "chunked"])
-def test_loss_is_the_official_formula(impl):
+def test_loss_is_the_official_formula(impl, decoupled):
     """An odd batch of 7 queries at offset 10 among 37 gathered keys of width 130; the gradient reaches the queries
-    only. Collinear embeddings: every logit 1/T, so 2T ln N."""
+    only. Collinear embeddings: every logit 1/T, so 2T ln N (DCL, the positive out: 2T ln(N - 1))."""
     g = torch.Generator().manual_seed(1)
     q = torch.randn(7, 130, generator=g, requires_grad=True)
     k_all = torch.randn(37, 130, generator=g, requires_grad=True)
     k = k_all[10:17]
-    loss = moco_v3_loss(q, k, 0.2, k_all=k_all, offset=10, impl=impl)
+    loss = moco_v3_loss(q, k, 0.2, k_all=k_all, offset=10, impl=impl, decoupled=decoupled)
     q_ref = q.detach().clone().requires_grad_(True)
-    expected = _official(q_ref, k_all.detach(), 0.2, 10)
+    expected = _official(q_ref, k_all.detach(), 0.2, 10, decoupled)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     expected.backward()
     torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-4, atol=1e-6)
     assert k_all.grad is None
     same = torch.ones(5, 4)
-    assert moco_v3_loss(same, 3 * same, 0.5, impl=impl).item() == pytest.approx(2 * 0.5 * math.log(5), rel=1e-5)
+    assert moco_v3_loss(same, 3 * same, 0.5, impl=impl, decoupled=decoupled).item() == pytest.approx(
+        2 * 0.5 * math.log(4 if decoupled else 5), rel=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         moco_v3_loss(q, k, 0.2, k_all=k_all, offset=31, impl=impl)
 
 
-def test_method_loss_contrasts_each_views_queries_with_the_other_views_keys():
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_method_loss_contrasts_each_views_queries_with_the_other_views_keys(decoupled):
     """loss = official(q of view 0, keys of view 1) + official(q of view 1, keys of view 0), queries through the base
-    encoder's projector and the predictor, keys through the momentum encoder; symmetric in the views."""
-    method = _method()
+    encoder's projector and the predictor, keys through the momentum encoder; symmetric in the views; with
+    method.decoupled, DCL's."""
+    method = _method(f"method.decoupled={str(decoupled).lower()}")
     views = _views()
     with torch.no_grad():
         method.target["projector"].mlp[-1].weight.add_(0.1)  # a momentum encoder that is not the base encoder
@@ -75,8 +80,8 @@ def test_method_loss_contrasts_each_views_queries_with_the_other_views_keys():
         q = method.predictor(method.online["projector"](method.online["backbone"](both)))
         k = method.target["projector"](method.target["backbone"](both))
     t = method.temperature
-    torch.testing.assert_close(loss, _official(q[:6], k[6:], t, 0) + _official(q[6:], k[:6], t, 0),
-                               rtol=1e-5, atol=1e-6)
+    expected = _official(q[:6], k[6:], t, 0, decoupled) + _official(q[6:], k[:6], t, 0, decoupled)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(method({"views": views[::-1]})["loss"], loss, rtol=1e-5, atol=1e-6)
 
 

@@ -17,6 +17,7 @@ from pretrain.trainer import build_method
 from tests.util import (
     assert_ranks_match_one_process,
     config_error,
+    dcl_from_logits,
     short_training,
     two_ranks,
 )
@@ -27,11 +28,13 @@ SMALL = ["model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.predictor_
          "model.backbone_kwargs={width: 0.25}"]
 
 
-def _paper(nn: torch.Tensor, p_all: torch.Tensor, t: float, offset: int) -> torch.Tensor:
+def _paper(nn: torch.Tensor, p_all: torch.Tensor, t: float, offset: int, decoupled: bool = False) -> torch.Tensor:
     """The paper's L_i = -log exp(nn_i . p_i / T) / sum_k exp(nn_i . p_k / T) on unit vectors, as solo-learn's
-    nnclr_loss_func writes it: logits nn @ p_all.T / T, labels on the rank's diagonal, the mean cross-entropy."""
+    nnclr_loss_func writes it: logits nn @ p_all.T / T, labels on the rank's diagonal, the mean cross-entropy;
+    ``decoupled``: DCL of the same logits (each positive out of its row's denominator)."""
     nn, p_all = F.normalize(nn.float(), dim=1), F.normalize(p_all.float(), dim=1)
-    return F.cross_entropy(nn @ p_all.T / t, torch.arange(nn.shape[0]) + offset)
+    logits, labels = nn @ p_all.T / t, torch.arange(nn.shape[0]) + offset
+    return dcl_from_logits(logits, labels) if decoupled else F.cross_entropy(logits, labels)
 
 
 def _lookup(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -62,23 +65,26 @@ def test_nearest_neighbours_are_the_most_similar_support_rows():
         assert torch.equal(nearest_neighbours(close[2:], close[:2]), close[1:2])
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("impl", ["ref", "chunked"])
-def test_loss_is_the_paper_formula(impl):
+def test_loss_is_the_paper_formula(impl, decoupled):
     """An odd batch of 7 neighbours at offset 10 among 37 gathered predictions of width 130; the gradient reaches the
-    predictions only. All neighbours and predictions alike: every logit 1/T, so ln N."""
+    predictions only. All neighbours and predictions alike: every logit 1/T, so ln N (DCL, the positive out:
+    ln(N - 1))."""
     g = torch.Generator().manual_seed(1)
     nn = torch.randn(7, 130, generator=g, requires_grad=True)
     p_all = torch.randn(37, 130, generator=g, requires_grad=True)
-    loss = nnclr_loss(nn, p_all[10:17], 0.1, p_all=p_all, offset=10, impl=impl)
+    loss = nnclr_loss(nn, p_all[10:17], 0.1, p_all=p_all, offset=10, impl=impl, decoupled=decoupled)
     p_ref = p_all.detach().clone().requires_grad_(True)
-    expected = _paper(nn.detach(), p_ref, 0.1, 10)
+    expected = _paper(nn.detach(), p_ref, 0.1, 10, decoupled)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     expected.backward()
     torch.testing.assert_close(p_all.grad, p_ref.grad, rtol=1e-4, atol=1e-6)
     assert nn.grad is None
     same = torch.ones(5, 4)
-    assert nnclr_loss(same, 3 * same, 0.5, impl=impl).item() == pytest.approx(math.log(5), rel=1e-5)
+    assert nnclr_loss(same, 3 * same, 0.5, impl=impl, decoupled=decoupled).item() == pytest.approx(
+        math.log(4 if decoupled else 5), rel=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         nnclr_loss(nn, p_all[10:17], 0.1, p_all=p_all, offset=31, impl=impl)
 
@@ -90,18 +96,19 @@ def _embed(method, views):
         return z, method.predictor(z)
 
 
-def test_method_loss_contrasts_each_views_neighbours_with_the_other_views_predictions():
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_method_loss_contrasts_each_views_neighbours_with_the_other_views_predictions(decoupled):
     """With 5 rows in the support set: loss = (paper(nn(z of view 0), p of view 1) + paper(nn(z of view 1), p of view
     0)) / 2, the neighbours looked up one by one among the 5 filled rows (not the empty rest); on the first step, with
-    nothing in it, each embedding is its own neighbour."""
-    method = _method()
+    nothing in it, each embedding is its own neighbour; with method.decoupled, DCL's."""
+    method = _method(f"method.decoupled={str(decoupled).lower()}")
     views = _views()
     t = method.temperature
     z, p = _embed(method, views)
     first = method({"views": views})
     zn = F.normalize(z, dim=1)
-    torch.testing.assert_close(first["loss"], (_paper(zn[:6], p[6:], t, 0) + _paper(zn[6:], p[:6], t, 0)) / 2,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first["loss"], (_paper(zn[:6], p[6:], t, 0, decoupled) +
+                                               _paper(zn[6:], p[:6], t, 0, decoupled)) / 2, rtol=1e-5, atol=1e-6)
     assert first["nn_similarity"].item() == pytest.approx(1.0)
 
     support = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(3)), dim=1)
@@ -112,8 +119,8 @@ def test_method_loss_contrasts_each_views_neighbours_with_the_other_views_predic
         method.queue_ptr.fill_(5)
     out = method({"views": views})
     nn0, nn1 = _lookup(z[:6], support), _lookup(z[6:], support)
-    torch.testing.assert_close(out["loss"], (_paper(nn0, p[6:], t, 0) + _paper(nn1, p[:6], t, 0)) / 2,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], (_paper(nn0, p[6:], t, 0, decoupled) +
+                                             _paper(nn1, p[:6], t, 0, decoupled)) / 2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["nn_similarity"], (nn0 * zn[:6]).sum(1).mean(), rtol=1e-5, atol=1e-6)
     assert out["nn_similarity"] < 0.99
 
