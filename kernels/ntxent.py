@@ -77,7 +77,6 @@ def ntxent_loss_ref(z0: Tensor, z1: Tensor, temperature: float = 0.1, *, z0_all:
     logits[rows, excl] = float("-inf")
     if not decoupled:
         return F.cross_entropy(logits, pos)
-    positive = logits[rows, pos]
-    return (torch.logsumexp(logits.index_put((rows, pos), torch.tensor(float("-inf"), dtype=logits.dtype,
-                                                                         device=logits.device)), dim=1)
-            - positive).mean()
+    positive = logits[rows, pos]  # a copy: the positives' logits before they leave the denominators
+    logits[rows, pos] = float("-inf")
+    return (torch.logsumexp(logits, dim=1) - positive).mean()
