@@ -38,7 +38,7 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
                         category=FutureWarning)
 
 from pretrain.config import Config  # noqa: E402
-from pretrain.optim import build_optimizer, param_groups  # noqa: E402
+from pretrain.optim import build_optimizer, config_param_groups  # noqa: E402
 
 CKPT_TAG = "state"
 """DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""
@@ -169,9 +169,7 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     """
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay, layer_decay=o.layer_decay, patch_embed_lr_mult=o.patch_embed_lr_mult,
-                          fixed_lr=o.fixed_lr, decay_norms_and_biases=o.decay_norms_and_biases,
-                          norm_bias_lr_mult=o.norm_bias_lr_mult)
+    groups = config_param_groups(model, o)
     optimizer = build_optimizer(groups, o.name, peak_lr(cfg, world), **optimizer_hyper(cfg))
     scheduler = Schedule(optimizer, cfg, world)
     engine, _, _, _ = deepspeed.initialize(

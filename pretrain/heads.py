@@ -59,7 +59,7 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # PyTorch's default init, as DINO's last layer
         self.weight_v = nn.Parameter(v.clone())
-        # 1-D, like a norm's weight: a gain gets no weight decay (pretrain.engine.param_groups), so frozen prototypes
+        # 1-D, like a norm's weight: a gain gets no weight decay (pretrain.optim.param_groups), so frozen prototypes
         # (zero gradient, zero Adam moments) stay exactly as they are under any optimizer
         self.weight_g = nn.Parameter(torch.ones(out_dim), requires_grad=not fixed_norm)
 

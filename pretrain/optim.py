@@ -121,6 +121,13 @@ def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 
     return out
 
 
+def config_param_groups(model: nn.Module, o) -> list[dict]:
+    """``param_groups`` with every option of ``o`` (an ``OptimConfig``): the groups the engine trains."""
+    return param_groups(model, o.weight_decay, layer_decay=o.layer_decay, patch_embed_lr_mult=o.patch_embed_lr_mult,
+                        fixed_lr=o.fixed_lr, decay_norms_and_biases=o.decay_norms_and_biases,
+                        norm_bias_lr_mult=o.norm_bias_lr_mult)
+
+
 def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 

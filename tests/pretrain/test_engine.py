@@ -260,14 +260,12 @@ def _plain_optimizer(rank: int, root: str, name: str, cfg, build_engine, build_m
     """``cfg`` (its optim.name ``name``, model.sync_bn) for 3 steps through the engine, beside the same method stepped
     by the plain optimizer (and the schedule) on gradients averaged over the ranks by hand; then a fresh engine loads
     the checkpoint and both take a 4th step."""
-    from pretrain.engine import Schedule, lr_lambda, optimizer_hyper, param_groups, peak_lr
-    from pretrain.optim import build_optimizer
+    from pretrain.engine import Schedule, lr_lambda, optimizer_hyper, peak_lr
+    from pretrain.optim import build_optimizer, config_param_groups
 
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     ref = build_method(cfg, distributed=True)
-    groups = param_groups(ref, cfg.optim.weight_decay, fixed_lr=cfg.optim.fixed_lr,
-                          decay_norms_and_biases=cfg.optim.decay_norms_and_biases,
-                          norm_bias_lr_mult=cfg.optim.norm_bias_lr_mult)
+    groups = config_param_groups(ref, cfg.optim)
     opt = build_optimizer(groups, name, peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
     schedule = Schedule(opt, cfg, WORLD)
     g = torch.Generator().manual_seed(20 + rank)

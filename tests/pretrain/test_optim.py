@@ -76,9 +76,9 @@ def test_momentum_gathers_lr_scaled_updates():
 
 
 def test_build_optimizer_adapts_the_decaying_group_only():
-    """build_optimizer over pretrain.engine.param_groups: LARS adapts (and decays) the >= 2-D weights, not biases and
+    """build_optimizer over pretrain.optim.param_groups: LARS adapts (and decays) the >= 2-D weights, not biases and
     norms; adamw is torch's AdamW with the betas."""
-    from pretrain.engine import param_groups
+    from pretrain.optim import param_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     lars = build_optimizer(param_groups(model, 1e-6), "lars", 0.3, momentum=0.9, trust_coefficient=1e-3)

@@ -70,14 +70,12 @@ def test_recipe_param_groups_follow_the_official_code(recipe):
     a fixed rate and, as MoCo v2's, every parameter decaying; Barlow Twins' biases and BatchNorm parameters at 0.0048 /
     0.2 of the weights' rate, VICReg's at the same rate, neither decaying; the ResNet's residual blocks starting as
     their shortcuts in the three recipes whose official code does."""
-    from pretrain.optim import param_groups
+    from pretrain.optim import config_param_groups
 
     cfg = load_config(ROOT / "configs" / f"{recipe}_resnet50_imagenet.yaml")
-    o = cfg.optim
     with torch.device("meta"):
         method = build_method(cfg, distributed=False)
-    groups = param_groups(method, o.weight_decay, layer_decay=o.layer_decay, fixed_lr=o.fixed_lr,
-                          decay_norms_and_biases=o.decay_norms_and_biases, norm_bias_lr_mult=o.norm_bias_lr_mult)
+    groups = config_param_groups(method, cfg.optim)
     names = {id(p): n for n, p in method.named_parameters()}
     fixed = {names[id(p)].split(".")[0] for g in groups if g.get("fixed_lr") for p in g["params"]}
     assert fixed == ({"predictor"} if recipe == "simsiam" else set())
