@@ -14,9 +14,7 @@ from pretrain.eval.finetune import finetune_top1
 from pretrain.eval.report import evaluate_encoder, format_report, write_report
 from pretrain.eval.zeroshot import zeroshot_top1
 from pretrain.methods import METHODS
-
-MODEL_FILE = "model.pt"
-"""Beside backbone.pt, for a method used downstream whole (CLIP: both towers): {"config", "state_dict"}."""
+from pretrain.steps import MODEL_FILE
 
 
 def random_init_backbone(cfg: Config) -> torch.nn.Module:

@@ -96,7 +96,7 @@ def checkpoint_digest(run_dir: str | Path) -> str:
     embedded with other weights is told apart from one of these."""
     import hashlib
 
-    from pretrain.evaluate import MODEL_FILE
+    from pretrain.steps import MODEL_FILE
 
     path = Path(run_dir)
     path = path / "backbone.pt" if path.is_dir() else path

@@ -21,6 +21,8 @@ from pretrain.config import load_config, to_dict
 STEPS_DIR = "steps"
 CHECKPOINT_INFO = "checkpoint.json"
 """Written by the trainer into each checkpoint: {"step", "epoch", "world_size"}."""
+MODEL_FILE = "model.pt"
+"""Beside backbone.pt, for a method used downstream whole (CLIP: both towers): {"config", "state_dict"}."""
 
 
 def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
@@ -60,7 +62,6 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
     (default ``<run>/steps/step_XXXXXXX``): its config.yaml, backbone.pt (+ model.pt). Returns (step, out).
     ValueError (one line) for a run without that checkpoint or an ``out`` that already holds weights."""
     from pretrain.engine import consolidated_state_dict
-    from pretrain.evaluate import MODEL_FILE
     from pretrain.trainer import build_method
 
     run_dir = Path(run_dir)

@@ -32,18 +32,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not td.is_initialized():  # torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; a plain `python -m` is one process
-        import os
-
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        _one_process_env()
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(cfg, run_dir, LocalSession(run_dir))
     finally:
         td.destroy_process_group()
     return 0
+
+
+def _one_process_env() -> None:
+    """The variables torchrun would set, for a group of one process (DeepSpeed also reads LOCAL_RANK); the store on a
+    free loopback port unless MASTER_PORT says otherwise."""
+    import os
+    import socket
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 if __name__ == "__main__":

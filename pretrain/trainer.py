@@ -437,8 +437,8 @@ def _set_rng_state(state: dict) -> None:
 
 def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, history,
                 method_state: dict | None = None) -> None:
-    from pretrain.evaluate import MODEL_FILE, evaluate_backbone_state
     from pretrain.plots import plot_loss_curve
+    from pretrain.steps import MODEL_FILE
 
     weights = run_dir / "backbone.pt"
     torch.save({"config": to_dict(cfg), "state_dict": backbone_state}, weights)
@@ -450,6 +450,8 @@ def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, histo
     if steps:
         tracker.log_artifact(plot_loss_curve(steps, losses, run_dir / "loss_curve.png"))
     if cfg.eval.enabled:
+        from pretrain.evaluate import evaluate_backbone_state  # sklearn & co: only where a run is evaluated
+
         report = evaluate_backbone_state(cfg, backbone_state, run_dir / "eval.json", method_state=method_state)
         tracker.log_metrics({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)}, step=cfg.job.max_steps)
         tracker.log_metrics(

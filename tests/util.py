@@ -223,7 +223,7 @@ def write_run(run_dir, recipe: str, cache, *overrides: str) -> None:
     import torch
 
     from pretrain.config import load_config, to_dict
-    from pretrain.evaluate import MODEL_FILE
+    from pretrain.steps import MODEL_FILE
     from pretrain.trainer import build_method
 
     root = Path(__file__).resolve().parents[1]

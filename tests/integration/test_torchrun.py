@@ -1,6 +1,7 @@
 """The training loop without Ray: `pretrain train --dry-run` writes the run, `torchrun -m pretrain.train` trains it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,26 @@ def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:
     after = _losses(run)
     assert {s: after[s] for s in before[0]} == before[0] and sorted(after) == list(range(1, 14))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before[1]
+
+
+def test_one_plain_process_trains_without_a_launcher(tmp_path):
+    """`python -m pretrain.train RUN` without torchrun: a process group of one (DeepSpeed's LOCAL_RANK set for it, the
+    store on a free port, so two such runs can share a machine), checkpointed as one rank and finished; run again it
+    resumes from that checkpoint."""
+    run = _dry_run(tmp_path, "one", ["job.max_steps=3", "job.log_every=1", "job.ckpt_every=3", "optim.warmup_steps=1",
+                                     "data.batch_size=32"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "pretrain.train", str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert sorted(_losses(run)) == [1, 2, 3] and (run / "backbone.pt").is_file()
+    info = json.loads((run / "checkpoints" / "step_0000003" / "checkpoint.json").read_text())
+    assert info["step"] == 3 and info["world_size"] == 1
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "at step 3 (epoch 0)" in again.stdout and sorted(_losses(run)) == [1, 2, 3, 4]
 
 
 def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
