@@ -71,9 +71,10 @@ class MethodConfig:
     NNCLR: every rank's predictions (required: its support set holds every rank's embeddings); MoCo v2: required (its
     queue holds every rank's keys)."""
     decoupled: bool = False
-    """SimCLR, MoCo v3, NNCLR: the decoupled contrastive loss (DCL, Yeh et al. 2022): each anchor's positive left out
-    of its denominator, which then holds its negatives only (the paper's remedy for small batches, also paired there
-    with NNCLR); computed from the contrastive kernel's per-row losses, at no extra cost."""
+    """SimCLR, MoCo v3, MoCo v2, NNCLR: the decoupled contrastive loss (DCL, Yeh et al. 2022): each anchor's positive
+    left out of its denominator, which then holds its negatives only (the paper's remedy for small batches, also paired
+    there with NNCLR); computed from the contrastive kernel's per-row losses, at no extra cost (MoCo v2: from its
+    logits against the queue)."""
     # --- DINO (the head's MLP is model.proj_*: hidden dim, layers, and proj_out_dim as the bottleneck) ---
     num_prototypes: int = 65536
     """DINO: K, the output dimension of the head's weight-normalised last layer; SwAV: its prototypes (3000)."""
@@ -565,8 +566,9 @@ class Config:
             _check(value == 1 or self.model.backbone.startswith("vit"), key,
                    f"{value} needs a ViT backbone (it scales a ViT's layers), got model.backbone "
                    f"{self.model.backbone!r}")
-        _check(not self.method.decoupled or self.method.name in ("simclr", "moco_v3", "nnclr"), "method.decoupled",
-               f"the decoupled contrastive loss is for simclr, moco_v3 and nnclr, got method.name {self.method.name!r}")
+        _check(not self.method.decoupled or self.method.name in ("simclr", "moco_v3", "moco_v2", "nnclr"),
+               "method.decoupled", "the decoupled contrastive loss is for simclr, moco_v3, moco_v2 and nnclr, got "
+               f"method.name {self.method.name!r}")
         _check(self.optim.name != "lars" or self.zero.stage == 0, "zero.stage",
                f"optim.name lars needs stage 0, got {self.zero.stage}: LARS scales each parameter by its own norm, and "
                "ZeRO 1-3 hand the optimizer flat partitions that mix parameters")

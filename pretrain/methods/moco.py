@@ -93,18 +93,23 @@ class MoCoV3(BYOL):
         return {"loss": losses[0] + losses[1]}
 
 
-def moco_v2_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+def moco_v2_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float, *, decoupled: bool = False) -> Tensor:
     """MoCo's InfoNCE (Algorithm 1 of the MoCo paper): q (n, D) queries, k (n, D) the keys of the same images' other
     view, queue (K, D) the negatives' keys, unit rows. ``mean_i CE([q_i . k_i, q_i . queue^T] / T, 0)`` over the
     L2-normalised q and k, in fp32 also under autocast (the (n, K) logits differ in the third digit); the gradient
-    reaches q only."""
+    reaches q only. ``decoupled``: DCL's instead, each query's positive out of its denominator:
+    ``mean_i (logsumexp_j(q_i . queue_j / T) - q_i . k_i / T)``."""
     if q.shape != k.shape or queue.shape[1:] != q.shape[1:]:
         raise ValueError(f"moco_v2_loss: q {tuple(q.shape)}, k {tuple(k.shape)} and queue {tuple(queue.shape)} do "
                          f"not fit")
     with torch.autocast(device_type=q.device.type, enabled=False):
         qn = F.normalize(q.float(), dim=1)
         kn = F.normalize(k.detach().float(), dim=1)
-        logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue.detach().float().T], dim=1) / temperature
+        positive = (qn * kn).sum(1) / temperature
+        negatives = qn @ queue.detach().float().T / temperature
+        if decoupled:
+            return (torch.logsumexp(negatives, dim=1) - positive).mean()
+        logits = torch.cat([positive[:, None], negatives], dim=1)
         return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
@@ -140,6 +145,7 @@ class MoCoV2(SSLMethod):
         self.target = teacher_copy(self.online)
         self.base_momentum = m.teacher_momentum
         self.temperature = m.temperature
+        self.decoupled = m.decoupled
         self.gather = gather
         start = torch.randn(m.queue_size, mc.proj_out_dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("queue", F.normalize(start, dim=1))
@@ -161,7 +167,7 @@ class MoCoV2(SSLMethod):
         with torch.no_grad():
             k = F.normalize(self.target["projector"](self.target["backbone"](v1)).float(), dim=1)
         # the queue as it was before this step: enqueue() below writes into it, the backward needs the old rows
-        loss = moco_v2_loss(q, k, self.queue.clone(), self.temperature)
+        loss = moco_v2_loss(q, k, self.queue.clone(), self.temperature, decoupled=self.decoupled)
         # how close each query is to its key (the positive's cosine, 1 at the end of a collapse)
         pos_similarity = (F.normalize(q.detach().float(), dim=1) * k).sum(1).mean()
         if self.training:

@@ -18,6 +18,7 @@ from pretrain.trainer import build_method
 from tests.util import (
     assert_ranks_match_one_process,
     config_error,
+    dcl_from_logits,
     short_training,
     two_ranks,
 )
@@ -71,6 +72,39 @@ def test_loss_is_algorithm_1():
                                                                                 rel=1e-6)
     with pytest.raises(ValueError, match="do not fit"):
         moco_v2_loss(q, k[:6], queue, 0.2)
+
+
+def test_decoupled_is_dcl_of_algorithm_1s_logits():
+    """method.decoupled: DCL of Algorithm 1's logits (each query's positive key out of its denominator, which then
+    holds the queue only), its gradient reaching the queries only, fp32 under bf16 autocast; a query equal to its key
+    and orthogonal to the whole queue: ln K - 1/T. The method trains on it."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(7, 130, generator=g, requires_grad=True)
+    k = torch.randn(7, 130, generator=g)
+    queue = F.normalize(torch.randn(41, 130, generator=g), dim=1)
+    loss = moco_v2_loss(q, k, queue, 0.2, decoupled=True)
+    q_ref = q.detach().clone().requires_grad_(True)
+    qn, kn = F.normalize(q_ref, dim=1), F.normalize(k, dim=1)
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue.T], dim=1) / 0.2
+    expected = dcl_from_logits(logits, torch.zeros(7, dtype=torch.long))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert loss.item() < moco_v2_loss(q, k, queue, 0.2).item()  # the positive's share is gone from each denominator
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-4, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = moco_v2_loss(q.bfloat16(), k.bfloat16(), queue, 0.2, decoupled=True)
+    assert low.dtype == torch.float32
+    e = torch.eye(6)
+    assert moco_v2_loss(e[:2], 3 * e[:2], e[2:], 0.5, decoupled=True).item() == pytest.approx(math.log(4) - 2,
+                                                                                              rel=1e-6)
+    method = _method("method.decoupled=true").eval()
+    views = _views()
+    with torch.no_grad():
+        q = method.online["projector"](method.online["backbone"](views[0]))
+        k = method.target["projector"](method.target["backbone"](views[1]))
+        want = moco_v2_loss(q, k, method.queue.clone(), method.temperature, decoupled=True)
+        assert method({"views": views})["loss"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_method_contrasts_view_one_queries_with_their_keys_and_the_queue():

@@ -65,4 +65,5 @@ def test_decoupled_trains_on_dcl_of_the_projections():
         expected = ntxent_loss(z[:8], z[8:], cfg.method.temperature, decoupled=True)
         assert method({"views": views})["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert config_error("configs/byol_digits.yaml", ["method.decoupled=true"]).startswith(
-        "method.decoupled: the decoupled contrastive loss is for simclr, moco_v3 and nnclr, got method.name 'byol'")
+        "method.decoupled: the decoupled contrastive loss is for simclr, moco_v3, moco_v2 and nnclr, got method.name "
+        "'byol'")
