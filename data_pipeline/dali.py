@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,12 +136,28 @@ def build_pipeline(aug: AugmentConfig, *, batch_size: int, image_size: int, chan
         return (*(_view(img, a, ops, image_size, channels, mean, std, dev) for a, ops in globals_),
                 *(_view(img, local_aug, local_ops, local_size, channels, mean, std, dev) for _ in range(local_views)))
 
-    # prefetch 1: run() returns the batch just fed, so a decode error belongs to a known list of samples.
-    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
-                 seed=seed, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
-                 enable_checkpointing=checkpointing, checkpoint=checkpoint if checkpointing else None)
-    pipe.build()
+    loaded = set(sys.modules)
+    try:
+        # prefetch 1: run() returns the batch just fed, so a decode error belongs to a known list of samples.
+        pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
+                     seed=seed, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
+                     enable_checkpointing=checkpointing, checkpoint=checkpoint if checkpointing else None)
+        pipe.build()
+    finally:
+        _remove_autograph_files(set(sys.modules) - loaded)
     return pipe
+
+
+def _remove_autograph_files(new_modules: set[str]) -> None:
+    """DALI's conditionals convert the graph's Python through autograph, which writes each converted function's source
+    to a temp file, loads it as a module and deletes it at exit. Processes that end without running ``atexit`` (the
+    loader's worker processes, a killed rank) would leave every build's files in the temp dir; the modules are loaded
+    by the time the pipeline is built, so their files go now."""
+    for name in new_modules:
+        if name.startswith("__autograph_generated_file"):
+            path = getattr(sys.modules.get(name), "__file__", None)
+            if path:
+                Path(path).unlink(missing_ok=True)
 
 
 def _pil_ok(data: bytes) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from data_pipeline.shards import list_shards, read_manifest, write_shards
 from data_pipeline.sources import digits_uint8
 from data_pipeline.views import AugmentConfig
 
+ROOT = Path(__file__).resolve().parents[2]
 GRAY = dict(mean=[0.5], std=[0.25])
 ALL_ON = dict(solarize_prob=0.5, affine_prob=0.5, rotate_degrees=15.0, translate=(0.1, 0.1), scale=(0.9, 1.1),
               noise_prob=0.5, noise_std=0.05)
@@ -59,6 +63,21 @@ def _has_op(serialized: bytes, name: str) -> bool:
     """Whether a serialized DALI pipeline has an operator ``name`` (a length-prefixed protobuf string field 1)."""
     raw = name.encode()
     return b"\n" + bytes([len(raw)]) + raw in serialized
+
+
+def test_building_a_pipeline_leaves_no_temp_files(tmp_path):
+    """DALI's conditionals write the converted graph functions to temp files, deleted only at a normal exit; a process
+    that ends without it (as the loader's worker processes do: os._exit) leaves none behind after a build either."""
+    code = ("import os\n"
+            "from data_pipeline.dali import build_pipeline\n"
+            "from data_pipeline.views import AugmentConfig\n"
+            "build_pipeline(AugmentConfig(), batch_size=2, image_size=16, channels=3)\n"
+            "print(len(os.listdir(os.environ['TMPDIR'])), flush=True)\n"
+            "os._exit(0)\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "0" and not list(tmp_path.iterdir())
 
 
 def test_disabled_ops_absent_from_graph():
