@@ -167,7 +167,8 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
     if cfg.eval.dataset == "digits":
         from pretrain.eval.digits import digits_eval_set
 
-        images, labels = digits_eval_set(image_size=d.image_size, channels=d.channels, mean=d.aug.mean, std=d.aug.std)
+        mean, std = d.aug.channel_stats(d.channels)  # one value serves every channel, as for the training views
+        images, labels = digits_eval_set(image_size=d.image_size, channels=d.channels, mean=mean, std=std)
         mine = np.arange(rank, len(labels), world_size)
         return EvalPart(mine, images[torch.from_numpy(mine)].contiguous(), labels[mine],
                         [str(c) for c in range(10)], len(labels))

@@ -209,3 +209,19 @@ def test_knn_monitor_scores_as_the_end_of_run_evaluation(tmp_path):
     assert report["data"]["dropped_classes"] == ["four"] and 0.4 < report["knn_top1"] < 1.0
     assert scores["knn_top1"] == report["knn_top1"] and backbone.training
     assert monitor.due(10) and not monitor.due(12)
+
+
+def test_builtin_digits_take_one_mean_and_std_for_every_channel():
+    """data.aug.mean / std of one value with data.channels: 3 (the digits recipes' values on colour data) serve every
+    channel of the built-in digits as of the training views (the kNN monitor read them at the first step)."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.eval.dataset import read_eval_part
+    from pretrain.eval.digits import digits_eval_set
+
+    cfg = load_config(ROOT / "configs" / "simclr_digits.yaml", ["data.channels=3", "data.image_size=16"])
+    assert list(cfg.data.aug.mean) == [0.3] and list(cfg.data.aug.std) == [0.38]
+    part = read_eval_part(cfg, rank=1, world_size=2)
+    images, _ = digits_eval_set(image_size=16, channels=3, mean=[0.3] * 3, std=[0.38] * 3)
+    assert part.images.shape == (898, 3, 16, 16) and torch.equal(part.images, images[1::2])
