@@ -212,11 +212,15 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
     if args.resume:
         run_dir = args.resume.resolve()
         saved = run_dir / "config.yaml"
+        if args.config:
+            raise ConfigError(f"--config: a resumed run goes on with its own config ({saved}); change its values with "
+                              "--set")
         if not saved.is_file():
             raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
         before = load_config(saved)
         cfg = load_config(saved, overrides)
         _check_same_structure(before, cfg, run_dir.name)
+        _check_steps_left(cfg, run_dir)
         return cfg, run_dir
     cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -224,6 +228,27 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}")
     return cfg, run_dir
+
+
+def _check_steps_left(cfg: Config, run_dir: Path) -> None:
+    """ConfigError for a resume that has nothing to do: ``job.max_steps`` behind the run's last checkpoint, or at it
+    with the run finished there (its backbone.pt, and eval.json where it evaluates, written after that checkpoint).
+    At it and unfinished (stopped between its last checkpoint and its end), the resume finishes the run."""
+    from pretrain.steps import list_checkpoints
+
+    steps = list_checkpoints(run_dir)
+    if not steps:
+        return
+    last = max(steps)
+    if cfg.job.max_steps < last:
+        raise ConfigError(f"job.max_steps: {cfg.job.max_steps} is behind {run_dir.name}'s last checkpoint (step "
+                          f"{last}); raise it to train on, or take an earlier step's encoder with `pretrain extract "
+                          f"--checkpoint {run_dir} --step N`")
+    ends = [run_dir / "backbone.pt"] + ([run_dir / "eval.json"] if cfg.eval.enabled else [])
+    since = steps[last].stat().st_mtime
+    if cfg.job.max_steps == last and all(p.is_file() and p.stat().st_mtime >= since for p in ends):
+        raise ConfigError(f"job.max_steps: {run_dir.name} finished at step {last} already; raise job.max_steps to "
+                          f"train on (`pretrain eval --checkpoint {run_dir}` evaluates it again)")
 
 
 def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
@@ -301,8 +326,24 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
     print(f"Run directory: {run_dir}  ({len(shards)} shards, {cfg.job.num_workers} workers)", flush=True)
 
 
+def _check_local_gpus(cfg: Config) -> None:
+    """ConfigError when ``job.use_gpu: true`` asks the private local cluster for more GPUs than this machine has (Ray
+    would wait for them forever); a cluster joined with --address may add GPU nodes as it scales."""
+    if cfg.job.use_gpu != "true":
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < cfg.job.num_workers:
+        raise ConfigError(f"job.use_gpu: true gives each of the {cfg.job.num_workers} workers a GPU, and this machine "
+                          f"has {found}; set job.use_gpu=auto (GPUs where there are), fewer job.num_workers, or join a "
+                          "cluster that has them with --address")
+
+
 def cmd_train(args) -> int:
     cfg, run_dir = _resolve_train_config(args)
+    if not (args.dry_run or args.address):
+        _check_local_gpus(cfg)
     _prepare_run(args, cfg, run_dir, changed=bool(args.overrides))
     if args.dry_run:
         return 0

@@ -27,8 +27,7 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False, ranks: int | None
     else:
         data_dir, shards = Path(cfg.source).expanduser(), None
         if not (data_dir / "manifest.parquet").is_file():
-            raise ConfigError(f"data.source: {data_dir} has no manifest.parquet (write shards with `pretrain data "
-                              f"shards --out {data_dir}`)")
+            raise ConfigError(f"data.source: {data_dir} {_not_shards(data_dir)}")
         hint = " (put a <image stem>.txt caption beside each image and write the shards again)"
     try:  # read once (a URL's is fetched once) for every check below and the shard list
         table = read_manifest(data_dir, columns=None if captions else ["shard"])
@@ -41,3 +40,21 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False, ranks: int | None
                           f"{table.num_rows} samples of {cfg.source}; every rank needs a full batch from its share of "
                           "them")
     return shards if shards is not None else list_shards(data_dir, table=table)
+
+
+def _not_shards(path: Path) -> str:
+    """What a data directory without a manifest is, and the command that makes it a dataset."""
+    from data_pipeline.sources import IMAGE_SUFFIXES
+
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is not a directory of shards"
+    if any(path.glob("*.tar")):
+        return f"has no manifest.parquet (WebDataset tars of another tool: `pretrain data index {path}`)"
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+        classes = all(p.is_dir() for p in path.iterdir() if not p.name.startswith("."))
+        return (f"holds images, not shards: write them as shards first, `pretrain data shards --source images:{path} "
+                "--out <a new directory>` (unlabelled" + (f"; folder:{path} if each sub-folder is a class)" if classes
+                                                            else ")"))
+    return "has no manifest.parquet (write shards with `pretrain data shards --source ... --out <a new directory>`)"

@@ -139,10 +139,10 @@ def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before[1]
 
 
-def test_one_plain_process_trains_without_a_launcher(tmp_path):
+def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     """`python -m pretrain.train RUN` without torchrun: a process group of one (DeepSpeed's LOCAL_RANK set for it, the
-    store on a free port, so two such runs can share a machine), checkpointed as one rank and finished; run again it
-    resumes from that checkpoint."""
+    store on a free port, so two such runs can share a machine), checkpointed as one rank and finished; a resume with
+    nothing left to train is refused; with a step more it resumes from that checkpoint."""
     run = _dry_run(tmp_path, "one", ["job.max_steps=3", "job.log_every=1", "job.ckpt_every=3", "optim.warmup_steps=1",
                                      "data.batch_size=32"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -153,6 +153,16 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path):
     assert sorted(_losses(run)) == [1, 2, 3] and (run / "backbone.pt").is_file()
     info = json.loads((run / "checkpoints" / "step_0000003" / "checkpoint.json").read_text())
     assert info["step"] == 3 and info["world_size"] == 1
+    # a resume with nothing to train is refused in one line before anything starts, the run left as it was
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: job.max_steps: one finished at step 3 already; raise "
+                                               f"job.max_steps to train on (`pretrain eval --checkpoint {run}` "
+                                               "evaluates it again)")
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=2"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: job.max_steps: 2 is behind one's last checkpoint (step "
+                                                      "3); raise it to train on, or take an earlier step's encoder")
+    assert "max_steps: 3\n" in (run / "config.yaml").read_text()
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]

@@ -175,3 +175,57 @@ def test_fixed_lr_must_name_the_methods_parameters(tmp_path, capsys):
     assert main(["train", "--config", simsiam, "--dry-run", *sets, "--set", "job.run_name=ok",
                  "--set", "optim.fixed_lr=[predictor, backbone.features]"]) == 0
     assert "fixed_lr:\n  - predictor\n  - backbone.features" in (tmp_path / "ok" / "config.yaml").read_text()
+
+
+def test_resume_takes_no_other_config(tmp_path, capsys):
+    """--resume with --config: refused in one line (the run keeps its own config; --set changes it)."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--dry-run", *sets]) == 0
+    capsys.readouterr()
+    before = (tmp_path / "r" / "config.yaml").read_text()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--config", str(ROOT / "configs" / "mae_digits.yaml")]) == 2
+    assert _one_line_error(capsys) == (f"error: --config: a resumed run goes on with its own config ({tmp_path / 'r'}/"
+                                       "config.yaml); change its values with --set")
+    assert (tmp_path / "r" / "config.yaml").read_text() == before
+
+
+def test_gpus_the_local_machine_lacks_are_refused(tmp_path, capsys):
+    """job.use_gpu: true for more workers than this machine has GPUs: one line before the local Ray cluster starts
+    (Ray would wait for them forever), nothing written; a dry run (for torchrun elsewhere) is not refused."""
+    import torch
+
+    workers = torch.cuda.device_count() + 1
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=g", "--set", f"data.cache_dir={tmp_path}",
+            "--set", "job.use_gpu=true", "--set", f"job.num_workers={workers}"]
+    assert main(["train", *sets]) == 2
+    assert _one_line_error(capsys) == (f"error: job.use_gpu: true gives each of the {workers} workers a GPU, and this "
+                                       f"machine has {workers - 1}; set job.use_gpu=auto (GPUs where there are), "
+                                       "fewer job.num_workers, or join a cluster that has them with --address")
+    assert not (tmp_path / "g").exists()
+    assert main(["train", "--dry-run", *sets]) == 0
+
+
+def test_data_that_is_not_shards_says_how_to_make_it_shards(tmp_path, capsys):
+    """data.source naming a folder of images (unlabelled, or a sub-folder per class), a missing path or WebDataset
+    tars without a manifest: one line naming the command that makes it a dataset."""
+    from PIL import Image
+
+    loose, classes, tars = tmp_path / "loose", tmp_path / "classes", tmp_path / "tars"
+    for d in (loose / "deep", classes / "cat", tars):
+        d.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(loose / "deep" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(loose / "top.jpg")
+    Image.new("RGB", (8, 8)).save(classes / "cat" / "b.png")
+    (tars / "shard-0.tar").write_bytes(b"")
+    sets = ["--set", f"job.out_dir={tmp_path / 'runs'}", "--set", "job.run_name=x"]
+    expected = {
+        loose: f"holds images, not shards: write them as shards first, `pretrain data shards --source images:{loose} "
+               "--out <a new directory>` (unlabelled)",
+        classes: f"holds images, not shards: write them as shards first, `pretrain data shards --source images:"
+                 f"{classes} --out <a new directory>` (unlabelled; folder:{classes} if each sub-folder is a class)",
+        tars: f"has no manifest.parquet (WebDataset tars of another tool: `pretrain data index {tars}`)",
+        tmp_path / "nope": "does not exist"}
+    for source, message in expected.items():
+        assert main(["train", "--dry-run", *sets, "--set", f"data.source={source}"]) == 2
+        assert _one_line_error(capsys) == f"error: data.source: {source} {message}"
+    assert not (tmp_path / "runs").exists()

@@ -128,7 +128,7 @@ def test_refusals_are_one_line(tmp_path, data, capsys):
     error before anything is decoded; `pretrain train` refuses before writing the run directory (also when only the
     kNN monitor would read it)."""
     one = _shards(tmp_path, "one", counts={"one": 30})
-    with pytest.raises(ConfigError, match=r"^eval\.dataset: .*nope has no manifest\.parquet"):
+    with pytest.raises(ConfigError, match=r"^eval\.dataset: .*nope does not exist$"):
         evaluate_checkpoint(data / "simclr", dataset=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"^eval\.dataset: .* has 1 class\(es\), 1 of them with >= 8 samples"):
         evaluate_checkpoint(data / "simclr", dataset=str(one))
