@@ -167,8 +167,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         _set_rng_state(resume["rng"])  # after the seeded init: draws continue as in the interrupted run
     monitor = _knn_monitor(cfg, rank, world, device)
     bar = _progress(cfg, step, enabled=rank == 0)
-    # (step, loss and the method's other logged values, seconds, epoch): .item() only when logging
-    pending: list[tuple[int, dict[str, torch.Tensor], float, int]] = []
+    # (step, loss and the method's other logged values, seconds, epoch, the step's learning rate): .item() only when
+    # logging
+    pending: list[tuple[int, dict[str, torch.Tensor], float, int, float]] = []
     metrics: dict[str, float] = {}
     engine.train()
     system = None
@@ -179,6 +180,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         t_last = time.perf_counter()
         batches = iter(stream)
         while step < cfg.job.max_steps:
+            lr = schedule_lr(engine)  # the rate of this step's update (the scheduler moves on in engine.step())
             out, epoch = optimizer_step(engine, batches, step, cfg.job.max_steps, cfg.optim.accum_steps)
             step += 1
             if rank == 0 and stream.skipped and step == resumed_at + 1:
@@ -186,13 +188,13 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 print(f"Data: re-read {n} samples of epoch {epoch} up to the saved position in {seconds:.1f} s "
                       "(read, not decoded).", flush=True)
             now = time.perf_counter()
-            pending.append((step, out, now - t_last, epoch))
+            pending.append((step, out, now - t_last, epoch, lr))
             t_last = now
 
             last = step == cfg.job.max_steps
             checkpoint = step % cfg.job.ckpt_every == 0 or last
             if step % cfg.job.log_every == 0 or checkpoint:  # flushed before a checkpoint: a non-finite loss stops
-                metrics = _flush(pending, engine, cfg, world, tracker, history, stream.stats)  # the run before it
+                metrics = _flush(pending, cfg, world, tracker, history, stream.stats)  # the run before it
                 pending.clear()
                 if bar is not None:
                     bar.update(step - bar.n)
@@ -301,16 +303,20 @@ def _job_tags() -> dict[str, str]:
     return tags
 
 
-def _flush(pending, engine, cfg: Config, world: int, tracker, history, data_stats) -> dict[str, float]:
+def schedule_lr(engine) -> float:
+    """The schedule's full rate in the optimizer now (layer-wise decay lowers some groups'; optim.fixed_lr's groups
+    keep their peak)."""
+    groups = engine.optimizer.param_groups
+    return max(g["lr"] for g in [g for g in groups if not g.get("fixed_lr")] or groups)
+
+
+def _flush(pending, cfg: Config, world: int, tracker, history, data_stats) -> dict[str, float]:
     # one host transfer for every value of every pending step (the method's parts of the loss, e.g. iBOT's cls_loss and
     # patch_loss, go to MLflow beside the loss)
     values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
     names = list(pending[0][1])
     _stop_if_not_finite(pending, [row[names.index("loss")] for row in values], world)
-    # the full rate of the schedule (layer-wise decay lowers some groups'; optim.fixed_lr's groups keep their peak)
-    groups = engine.optimizer.param_groups
-    lr = max(g["lr"] for g in [g for g in groups if not g.get("fixed_lr")] or groups)
-    for (step, _, seconds, epoch), row in zip(pending, values):
+    for (step, _, seconds, epoch, lr), row in zip(pending, values):
         per_worker = cfg.data.batch_size * cfg.optim.accum_steps / max(seconds, 1e-9)
         metrics = {
             **dict(zip(names, row)),

@@ -1,5 +1,6 @@
 """The training loop without Ray: `pretrain train --dry-run` writes the run, `torchrun -m pretrain.train` trains it."""
 
+import csv
 import json
 import os
 import shutil
@@ -143,7 +144,7 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     """`python -m pretrain.train RUN` without torchrun: a process group of one (DeepSpeed's LOCAL_RANK set for it, the
     store on a free port, so two such runs can share a machine), checkpointed as one rank and finished; a resume with
     nothing left to train is refused; with a step more it resumes from that checkpoint."""
-    run = _dry_run(tmp_path, "one", ["job.max_steps=3", "job.log_every=1", "job.ckpt_every=3", "optim.warmup_steps=1",
+    run = _dry_run(tmp_path, "one", ["job.max_steps=3", "job.log_every=3", "job.ckpt_every=3", "optim.warmup_steps=1",
                                      "data.batch_size=32"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                              "MASTER_PORT")}
@@ -151,6 +152,15 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert sorted(_losses(run)) == [1, 2, 3] and (run / "backbone.pt").is_file()
+    # each step's row has the rate of that step's update, also where one flush logs several steps
+    from pretrain.config import load_config
+    from pretrain.engine import lr_lambda, peak_lr
+
+    cfg = load_config(run / "config.yaml")
+    with (run / "metrics.csv").open() as f:
+        logged = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert logged == pytest.approx([peak_lr(cfg, 1) * lr_lambda(cfg)(s) for s in range(3)], rel=1e-6)
+    assert logged[0] == logged[1] > logged[2]  # the peak after the 1-step warmup, then the cosine
     info = json.loads((run / "checkpoints" / "step_0000003" / "checkpoint.json").read_text())
     assert info["step"] == 3 and info["world_size"] == 1
     # a resume with nothing to train is refused in one line before anything starts, the run left as it was
