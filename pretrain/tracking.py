@@ -8,6 +8,7 @@ state), so several trackers can live in one process and a run can be resumed by 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import urllib.error
 import urllib.request
@@ -108,6 +109,32 @@ class NullTracker(_RunContext):
         pass
 
 
+def create_sqlite_store(db: Path, artifact_location: str) -> None:
+    """A new MLflow sqlite store at ``db``, all at once: MLflow creates its tables over seconds of migrations, and a
+    process killed among them (a failing run's other rank takes the tracking rank down) would leave a database of a
+    half schema that every later run in that directory fails to open. Built beside it under another name, it takes
+    its place by a hard link, which fails where another process put one first (that one is then used). An existing
+    ``db`` is left as it is."""
+    if db.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    partial = db.with_name(f".{db.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        uri = f"sqlite:///{partial}"
+        SqlAlchemyStore(uri, artifact_location)
+        engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)  # MLflow keeps an engine per URI
+        if engine is not None:
+            engine.dispose()
+        try:
+            os.link(partial, db)
+        except FileExistsError:
+            pass
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 class MLflowTracker(_RunContext):
     """One MLflow run: a new one in ``experiment``, or the existing ``run_id`` resumed (status back to RUNNING).
 
@@ -140,10 +167,11 @@ class MLflowTracker(_RunContext):
         if scheme in ("http", "https"):
             _check_reachable(tracking_uri)  # MlflowClient would retry for minutes before failing
         elif scheme == "sqlite":
-            db_dir = Path(tracking_uri[len("sqlite:///") :]).resolve().parent
-            db_dir.mkdir(parents=True, exist_ok=True)
+            db = Path(tracking_uri[len("sqlite:///") :]).resolve()
+            db.parent.mkdir(parents=True, exist_ok=True)
             # MLflow's default would be ./mlruns under whatever the working directory is; keep artifacts by the db
-            artifact_location = artifact_location or default_artifact_location(db_dir)
+            artifact_location = artifact_location or default_artifact_location(db.parent)
+            create_sqlite_store(db, artifact_location)
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
         self._buffer: list = []

@@ -200,6 +200,33 @@ def test_default_sqlite_uri_works_without_a_server(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(3, 0.5)]
 
 
+def test_a_store_killed_while_created_leaves_no_database(tmp_path):
+    """A process killed while MLflow creates a new sqlite store's tables (seconds of migrations) leaves no mlflow.db
+    (a half-migrated one failed every later run of that directory): the store is built under another name and linked
+    into place whole; the next tracker creates it and works. No partial file is left by a creation that finishes."""
+    import os
+    import signal
+
+    db = tmp_path / "mlflow.db"
+    code = ("import sys\nfrom pathlib import Path\nfrom pretrain.tracking import create_sqlite_store\n"
+            "create_sqlite_store(Path(sys.argv[1]), sys.argv[2])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(db), default_artifact_location(tmp_path)], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".mlflow.db.*.partial")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the store was never being built"
+        time.sleep(0.005)
+    time.sleep(0.2)  # inside the migrations
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not db.exists()
+    tracker = MLflowTracker(default_tracking_uri(tmp_path), experiment="local")
+    tracker.log_metrics({"loss": 1.5}, step=1)
+    tracker.finish()
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == [1.5]
+    assert not list(tmp_path.glob(f".mlflow.db.{os.getpid()}.partial"))
+
+
 def test_sqlite_artifacts_default_to_beside_the_db(tmp_path, monkeypatch):
     """Without artifact_location a sqlite-backed run keeps artifacts in <db dir>/mlartifacts, not in the cwd."""
     monkeypatch.chdir(tmp_path)
