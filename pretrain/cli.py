@@ -500,9 +500,11 @@ def cmd_attention(args) -> int:
     from pretrain.attention import attention_maps, plot_attention
     from pretrain.index import load_run
 
+    if args.out.exists():
+        raise ConfigError(f"--out: {args.out} already exists; attention overwrites nothing")
     run = load_run(args.checkpoint, _device(args.device))
     result = attention_maps(run, _data_shards(run, args.data), args.image, block=args.block)
-    print(f"cls-token attention in block {result.block} of {result.maps.shape[1]} heads "
+    print(f"cls-token attention of the {result.maps.shape[1]} heads of block {result.block} "
           f"(mean over heads; {run.backbone.num_registers} register tokens):")
     print(f"{'key':<16} {'label':>5} {'self':>6} {'registers':>9} {'patches':>7}  most attended patch (row, col)")
     for key, label, shares, maps in zip(result.keys, result.labels, result.shares.tolist(), result.maps):

@@ -99,4 +99,24 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
                           f"{path} is a {cfg.model.backbone}")
     if out_path is None:
         out_path = path.parent / "eval.json"
+        keep_previous_report(out_path)
+    elif Path(out_path).exists():
+        raise ConfigError(f"--out: {out_path} already exists; eval overwrites nothing")
     return evaluate_backbone_state(cfg, backbone_state, out_path, method_state=method_state)
+
+
+def keep_previous_report(report: Path) -> Path | None:
+    """A run's eval.json about to be written again: the one there moves aside to ``eval-<its time>.json`` (a number
+    added should that exist), so the newest report is eval.json and none is lost. Returns where it went."""
+    import time
+
+    if not report.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(report.stat().st_mtime))
+    kept, n = report.with_name(f"{report.stem}-{stamp}{report.suffix}"), 1
+    while kept.exists():
+        n += 1
+        kept = report.with_name(f"{report.stem}-{stamp}-{n}{report.suffix}")
+    report.rename(kept)
+    print(f"Previous report kept as {kept}", flush=True)
+    return kept

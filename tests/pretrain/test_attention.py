@@ -52,8 +52,8 @@ def test_cls_attention_is_the_cls_row_of_the_chosen_block() -> None:
 
 def test_attention_command_writes_maps_and_shares(tmp_path, digits_shards, capsys) -> None:
     """`pretrain attention` on a ViT run with 2 register tokens: a row per requested image, in the order asked, whose
-    shares (self, registers, patches) add up to 1, and a PNG of those rows; a ConvNet run, an unknown key and a block
-    the ViT lacks are refused in one line."""
+    shares (self, registers, patches) add up to 1, and a PNG of those rows; an --out that exists (it stays), a ConvNet
+    run, an unknown key and a block the ViT lacks are refused in one line."""
     vit_run, convnet_run = tmp_path / "vit", tmp_path / "convnet"
     cache = Path(digits_shards[0]).parents[1]  # the session's digits shards, found where a run's cache_dir points
     write_run(vit_run, "dino_vit_digits.yaml", cache, "model.backbone_kwargs.num_registers=2")
@@ -71,11 +71,14 @@ def test_attention_command_writes_maps_and_shares(tmp_path, digits_shards, capsy
         assert self_ + registers + patches == pytest.approx(1.0, abs=2e-3) and registers > 0
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > png.size[1] > 200
+    assert main([*args, "--image", "digits_00042"]) == 2  # the maps written stay
+    args[-1] = str(tmp_path / "other.png")
     assert main([*args, "--image", "digits_99999"]) == 2
     assert main([*args, "--image", "digits_00042", "--block", "9"]) == 2
     assert main(["attention", "--checkpoint", str(convnet_run), "--image", "digits_00042", "--out",
                  str(tmp_path / "c.png")]) == 2
     assert capsys.readouterr().err.splitlines() == [
+        f"error: --out: {out} already exists; attention overwrites nothing",
         "error: --image: no decodable sample with key 'digits_99999' in the data",
         "error: --block: the ViT has 4 blocks (0..3, or -1 for the last), got 9",
         "error: --checkpoint: attention maps need a ViT backbone; this run's is convnet"]

@@ -123,6 +123,25 @@ def test_builtin_samples_source(data, capsys):
     assert report["random_init"]["knn_top1"] > 0.6 and report["raw_pixels"]["knn_top1"] > 0.6
 
 
+def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
+    """`pretrain eval` into the run's eval.json moves the report there aside (eval-<time>.json, as it was) and writes
+    the new one as eval.json; an --out that exists is refused in one line before anything is decoded, and stays."""
+    run = tmp_path / "run"
+    write_run(run, "simclr_digits.yaml", tmp_path / "cache", SMALL)
+    (run / "eval.json").write_text('{"from": "training"}\n')
+    assert main(["eval", "--checkpoint", str(run), "--dataset", "samples", "--max-samples", "100"]) == 0
+    kept = [p for p in run.glob("eval-*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == '{"from": "training"}\n'
+    assert f"Previous report kept as {kept[0]}" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["data"]["dataset"] == "samples"
+    assert main(["eval", "--checkpoint", str(run), "--dataset", "samples", "--max-samples", "100"]) == 0
+    assert len(list(run.glob("eval-*.json"))) == 2
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--out", str(kept[0])]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out: {kept[0]} already exists; eval overwrites nothing"
+    assert kept[0].read_text() == '{"from": "training"}\n'
+
+
 def test_refusals_are_one_line(tmp_path, data, capsys):
     """A dataset that is not shards, one with a single class, an unlabelled one, or a max_samples below 16: a one-line
     error before anything is decoded; `pretrain train` refuses before writing the run directory (also when only the
