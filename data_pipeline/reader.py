@@ -89,25 +89,27 @@ def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
         yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}], handler=handler), handler=handler)
 
 
-def _parse(sample: dict, text: bool = False) -> dict | None:
-    """``{"key", "image", "label"}`` (+ ``"text"`` with ``text``) from a webdataset sample, or None if it has no image,
-    a label that is not an integer or (with ``text``) no non-empty UTF-8 caption. A sample without a ``cls`` member
-    (shards written by other tools, e.g. img2dataset) is unlabelled: -1."""
+def _parse(sample: dict, text: bool = False) -> dict | str:
+    """``{"key", "image", "label"}`` (+ ``"text"`` with ``text``) from a webdataset sample, or why it cannot be one (a
+    str): no image member, a label that is not an integer or (with ``text``) no non-empty UTF-8 caption. An empty
+    image (a zero-byte file written into the shards) is passed on: decoding it fails, and it is counted as undecodable
+    as any broken image is. A sample without a ``cls`` member (shards written by other tools, e.g. img2dataset) is
+    unlabelled: -1."""
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     try:
         label = int(sample["cls"]) if "cls" in sample else -1
     except (ValueError, TypeError):
-        return None
-    if not image:
-        return None
+        return "a label that is not an integer"
+    if image is None:
+        return "no image"
     out = {"key": sample["__key__"], "image": bytes(image), "label": label}
     if text:
         try:
             out["text"] = bytes(sample["txt"]).decode("utf-8").strip()
         except (KeyError, UnicodeDecodeError):
-            return None
+            return "no UTF-8 caption"
         if not out["text"]:
-            return None
+            return "an empty caption"
     return out
 
 
@@ -159,17 +161,16 @@ def iter_reader(
 
     def raw() -> Iterator[dict]:
         index = 0  # position in this reader's stream; decides ownership in sample-level mode
-        def bad(key: str | None, path: str) -> None:
+        def bad(held: tuple[str | None, str], path: str) -> None:
             counts.corrupt += 1
-            log.warning("skipping sample %r in %s: no image, no integer label%s", key, path,
-                        " or no UTF-8 caption" if text else "")
+            log.warning("skipping sample %r in %s: %s", held[0], path, held[1])
 
         for shard_pos, path in enumerate(paths):
             errors: list[Exception] = []
             seen = 0
             # A sample that did not parse is corrupt, unless it is the cut-off last one of a truncated shard, which
             # the truncation count covers: so it is held until the next sample (or the shard's end) decides.
-            held: str | None = None
+            held: tuple[str | None, str] | None = None  # (key, why)
             for sample in _tar_samples(path, errors):
                 seen += 1
                 mine = index % stride == reader % stride
@@ -180,9 +181,9 @@ def iter_reader(
                 if not mine:
                     continue
                 parsed = _parse(sample, text)
-                if parsed is None:
+                if isinstance(parsed, str):
                     if not errors:  # after a read error the rest of the shard is covered by its truncation count
-                        held = sample.get("__key__")
+                        held = (sample.get("__key__"), parsed)
                     continue
                 yield parsed
             expected = expected_samples(path)

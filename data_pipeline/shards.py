@@ -90,7 +90,7 @@ def write_shards(
         with bar, ThreadPoolExecutor(workers) as pool:
             written = list(pool.map(shard, range(len(groups))))  # in shard order, whatever finished first
         rows = {name: [r[i] for group in written for r in group] for i, name in
-                enumerate(("key", "shard", "label", "bytes", "caption"))}
+                enumerate(("key", "shard", "label", "bytes", "caption", "path"))}
         shard_names = [SHARD_PATTERN % index for index in range(len(groups))]
         checksums = {name: sha256_file(tmp / name) for name in shard_names}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
@@ -102,6 +102,7 @@ def write_shards(
                 "label": pa.array(rows["label"], pa.int64()),
                 "bytes": pa.array(rows["bytes"], pa.int64()),
                 "caption": pa.array(rows["caption"], pa.string()),
+                "path": pa.array(rows["path"], pa.string()),
             }
         ).replace_schema_metadata(meta)
         pq.write_table(table, tmp / MANIFEST)  # last: its presence marks the dataset complete
@@ -115,7 +116,8 @@ def write_shards(
 
 
 def _write_shard(path: Path, src, indices) -> list[tuple]:
-    """Samples ``indices`` of ``src`` as one tar at ``path`` -> manifest rows (key, shard, label, bytes, caption)."""
+    """Samples ``indices`` of ``src`` as one tar at ``path`` -> manifest rows (key, shard, label, bytes, caption, the
+    file it was read from)."""
     import webdataset as wds
 
     rows = []
@@ -127,7 +129,7 @@ def _write_shard(path: Path, src, indices) -> list[tuple]:
             if caption is not None:
                 sample["txt"] = caption
             sink.write(sample)
-            rows.append((key, path.name, label, len(data), caption))
+            rows.append((key, path.name, label, len(data), caption, src.origin(int(i))))
     return rows
 
 
@@ -162,8 +164,8 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
             try:
                 caption = bytes(sample["txt"]).decode("utf-8").strip() or None if "txt" in sample else None
             except UnicodeDecodeError:
-                parsed = None
-            if parsed is None:
+                parsed = "no UTF-8 caption"
+            if isinstance(parsed, str):
                 skipped += 1
                 continue
             rows.append((parsed["key"], name, parsed["label"], len(parsed["image"]), caption))

@@ -115,6 +115,11 @@ class Source:
                 raise ValueError(f"caption {caption} is not UTF-8 text") from None
         return key, data, ext, label, caption
 
+    def origin(self, index: int) -> str | None:
+        """Where sample ``index`` was read from: its file's absolute path, or None for a built-in source."""
+        payload = self._items[index][1]
+        return str(Path(payload).resolve()) if isinstance(payload, Path) else None
+
     def __iter__(self) -> Iterator[tuple[str, bytes, str, int, str | None]]:
         for index in range(len(self._items)):
             yield self[index]

@@ -483,11 +483,14 @@ def cmd_search(args) -> int:
     hits = rank(gallery, np.asarray(query), args.k)
     print(f"{len(hits)} nearest of {len(gallery.keys)} images to {title}"
           + (f" ({gallery.corrupt} undecodable skipped)" if gallery.corrupt else "") + ":")
-    print(f"{'rank':>4}  {'similarity':>10}  {'label':>5}  key  caption")
+    paths = gallery.paths or [None] * len(gallery.keys)
+    shown = any(paths[r] for r, _ in hits)  # the files the images were written from, where the manifest has them
+    print(f"{'rank':>4}  {'similarity':>10}  {'label':>5}  key  " + ("file  " if shown else "") + "caption")
     for i, (row, sim) in enumerate(hits, 1):
         caption = gallery.captions[row] or ""
         label = gallery.labels[row] if gallery.labels[row] >= 0 else "-"  # "-": unlabelled (images:PATH)
-        print(f"{i:>4}  {sim:>10.4f}  {label:>5}  {gallery.keys[row]}  {caption}")
+        file = f"{paths[row] or '-'}  " if shown else ""
+        print(f"{i:>4}  {sim:>10.4f}  {label:>5}  {gallery.keys[row]}  {file}{caption}")
     if args.out is not None:
         from pretrain.plots import contact_sheet
 

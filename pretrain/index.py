@@ -65,6 +65,9 @@ class Gallery:
     """(N, E) float32"""
     corrupt: int
     """samples skipped as undecodable"""
+    paths: list[str | None] | None = None
+    """the file each image was written from (the manifest's ``path``; None where it has none: built-in sources,
+    datasets indexed from another tool's tars or written before manifests kept it)"""
 
 
 @torch.no_grad()
@@ -75,6 +78,7 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
 
     manifest = read_manifest(dataset_dir(shards[0])).to_pylist()
     caption_of = {r["key"]: r.get("caption") for r in manifest}
+    path_of = {r["key"]: r.get("path") for r in manifest}
     images = ShardImages(run.cfg)
     keys, labels, chunks = [], [], []
     for samples, x in images.batches(shards, batch_size=batch_size):
@@ -84,7 +88,7 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
     if not keys:
         raise ValueError("no decodable image in the shards")
     return Gallery(keys, np.asarray(labels, dtype=np.int64), [caption_of.get(k) for k in keys],
-                   np.concatenate(chunks), images.corrupt)
+                   np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys])
 
 
 INDEX_FORMAT = b"ssl-pretrain embeddings 1"
@@ -110,9 +114,10 @@ def checkpoint_digest(run_dir: str | Path) -> str:
 
 
 def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, data_dir: str | Path) -> Path:
-    """Write ``gallery`` as a Parquet embedding index: columns key, label, caption, embedding (fixed-size float32
-    list); schema metadata format, checkpoint (path and sha256), data (the shard directory), corrupt, dim. Written
-    beside ``path`` and renamed into place: a crash leaves no partial index."""
+    """Write ``gallery`` as a Parquet embedding index: columns key, label, caption, path (the image's file, where the
+    dataset's manifest has it), embedding (fixed-size float32 list); schema metadata format, checkpoint (path and
+    sha256), data (the shard directory), corrupt, dim. Written beside ``path`` and renamed into place: a crash leaves
+    no partial index."""
     import os
 
     import pyarrow as pa
@@ -124,6 +129,7 @@ def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, 
         "key": pa.array(gallery.keys, pa.string()),
         "label": pa.array(gallery.labels, pa.int64()),
         "caption": pa.array(gallery.captions, pa.string()),
+        "path": pa.array(gallery.paths or [None] * len(gallery.keys), pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
     }).replace_schema_metadata({
         "format": INDEX_FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
@@ -155,7 +161,8 @@ def load_gallery(path: str | Path) -> tuple[Gallery, dict[str, str]]:
     emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     gallery = Gallery(table.column("key").to_pylist(), np.asarray(table.column("label").to_pylist(), dtype=np.int64),
                       table.column("caption").to_pylist(), emb.reshape(-1, dim).astype(np.float32, copy=False),
-                      int(meta["corrupt"]))
+                      int(meta["corrupt"]),
+                      table.column("path").to_pylist() if "path" in table.column_names else None)
     return gallery, meta
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +29,8 @@ from data_pipeline.sources import DIGIT_WORDS, digit_caption, digits_uint8
 def test_digits_manifest_matches_shards(digits_dir):
     """Every manifest row names a sample that is in its shard with that label, byte size and caption."""
     table = read_manifest(digits_dir)
-    assert table.column_names == ["key", "shard", "label", "bytes", "caption"]
-    assert table.num_rows == 1797
+    assert table.column_names == ["key", "shard", "label", "bytes", "caption", "path"]
+    assert table.num_rows == 1797 and set(table.column("path").to_pylist()) == {None}  # built in: no file
     rows = {r["key"]: r for r in table.to_pylist()}
     seen = 0
     for path in list_shards(digits_dir):
@@ -109,6 +110,11 @@ def test_folder_source_labels_and_classes(tmp_path, image_tree):
     originals = sorted(p.read_bytes() for p in root.rglob("*.*"))
     assert sorted(v for k, v in stored.items() if not k.endswith(".cls")) == originals
     assert {k.rsplit(".", 1)[1] for k in stored} == {"jpg", "png", "cls"}
+    # each row names the file its image was read from: those bytes, under that class
+    for row in table.to_pylist():
+        file = Path(row["path"])
+        assert file.is_absolute() and stored[f"{row['key']}.{file.suffix[1:]}"] == file.read_bytes()
+        assert read_classes(tmp_path / "ds")[row["label"]] == file.parent.name
 
 
 def test_images_source_is_unlabelled_at_any_depth(tmp_path, image_tree):

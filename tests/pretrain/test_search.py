@@ -107,7 +107,7 @@ def test_embed_writes_an_index_that_search_reads(runs, capsys, tmp_path):
         assert capsys.readouterr().out.startswith("Embedded 1797 images of digits, ")
         table = pq.read_table(index)
         meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-        assert table.num_rows == 1797 and table.column_names == ["key", "label", "caption", "embedding"]
+        assert table.num_rows == 1797 and table.column_names == ["key", "label", "caption", "path", "embedding"]
         assert meta["checkpoint_sha256"] == checkpoint_digest(runs / run) and meta["corrupt"] == "0"
         gallery = embed_shards(load_run(runs / run), resolve_shards(load_run(runs / run).cfg.data))
         np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
@@ -150,12 +150,21 @@ def test_index_refusals_are_one_line(runs, capsys, tmp_path):
 
 
 def test_unlabelled_images_show_no_label(runs, capsys, tmp_path):
-    """A gallery of unlabelled images (images:PATH) lists '-' for the label."""
+    """A gallery of unlabelled images (images:PATH) lists '-' for the label, and the file each image was written
+    from (the manifest's path), searched directly and through an index; the query finds its own file first."""
     from tests.data_pipeline.conftest import make_image_tree
 
     root = make_image_tree(tmp_path / "imgs", classes={"": 4, "deep/er": 3})
     write_shards(f"images:{root}", tmp_path / "ds", progress=False)
-    assert main(["search", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--image",
-                 "00000000", "--k", "7"]) == 0
-    rows = _table(capsys.readouterr().out)
-    assert len(rows) == 7 and {r[2] for r in rows} == {"-"}
+    files = sorted(str(p.resolve()) for p in root.rglob("*") if p.is_file())
+    assert main(["embed", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--out",
+                 str(tmp_path / "i.parquet")]) == 0
+    for source in (["--data", str(tmp_path / "ds")], ["--index", str(tmp_path / "i.parquet")]):
+        capsys.readouterr()
+        assert main(["search", "--checkpoint", str(runs / "simclr"), *source, "--image", "00000000", "--k", "7"]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[1].split() == ["rank", "similarity", "label", "key", "file", "caption"]
+        rows = _table(out)
+        assert len(rows) == 7 and {r[2] for r in rows} == {"-"}
+        assert rows[0][3] == "00000000" and rows[0][4].strip() == files[0]
+        assert sorted(r[4].strip() for r in rows) == files
