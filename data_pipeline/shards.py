@@ -94,7 +94,8 @@ def write_shards(
         shard_names = [SHARD_PATTERN % index for index in range(len(groups))]
         checksums = {name: sha256_file(tmp / name) for name in shard_names}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
-        meta = {"classes": json.dumps(src.classes), "source": source, "shard_size": str(shard_size)}
+        meta = {"classes": json.dumps(src.classes), "source": source, "shard_size": str(shard_size),
+                "left_out": json.dumps(src.notes)}
         table = pa.table(
             {
                 "key": pa.array(rows["key"], pa.string()),
@@ -198,8 +199,8 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
 
 
 def read_manifest(data_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption, or ``columns``;
-    metadata classes, source)."""
+    """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption, path, or
+    ``columns``; metadata classes, source, left_out)."""
     if remote.is_url(data_dir):
         try:
             return pq.read_table(pa.BufferReader(remote.fetch(remote.join(str(data_dir), MANIFEST))), columns=columns)

@@ -95,6 +95,8 @@ class Source:
     _items: list[tuple[str, object, str, int, object]] = field(repr=False)
     """(key, payload, ext, label, caption); payload is a Path (read lazily) or encoded bytes; caption a str, a Path
     (read lazily) or None."""
+    notes: list[str] = field(default_factory=list)
+    """What the source left out and why (empty files; images outside a folder source's class sub-folders)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -150,36 +152,55 @@ def _folder_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "folder:PATH")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, int]] = []
+    empty: list[Path] = []
     for label, name in enumerate(classes):
         for path in sorted((root / name).rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                if not os.access(path, os.R_OK):
-                    raise ValueError(f"source {spec!r}: {path} is not readable")
-                files.append((path, label))
+                _keep_readable(spec, path, label, files, empty)
+    loose = sum(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in root.iterdir())
     if not files:
-        loose = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
         raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) in class sub-folders of {root}"
                          + (f" (unlabelled images: use 'images:{root_str}')" if loose else ""))
     # Key = index in sorted order: unique, dot-free (webdataset splits member names at the first dot) and stable.
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, _caption_file(path))
              for i, (path, label) in enumerate(files)]
-    return Source(spec, classes, items)
+    notes = _empty_note(empty)
+    if loose:
+        notes.append(f"{loose} image(s) at the top of {root}, outside any class sub-folder (images:{root_str} takes "
+                     "every image, unlabelled)")
+    return Source(spec, classes, items, notes)
+
+
+def _keep_readable(spec: str, path: Path, label, files: list, empty: list) -> None:
+    """``(path, label)`` into ``files`` if it is a readable file with bytes; into ``empty`` if it has none (a zero-byte
+    file is no image: left out, and noted); an unreadable one is a ValueError before anything is written."""
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"source {spec!r}: {path} is not readable")
+    if path.stat().st_size == 0:
+        empty.append(path)
+    else:
+        files.append((path, label))
+
+
+def _empty_note(empty: list[Path]) -> list[str]:
+    if not empty:
+        return []
+    return [f"{len(empty)} empty (zero-byte) file(s), e.g. {empty[0]}"]
 
 
 def _images_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "images:PATH")
-    files = []
+    files: list[tuple[Path, int]] = []
+    empty: list[Path] = []
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not any(
                 part.startswith(".") for part in path.relative_to(root).parts):
-            if not os.access(path, os.R_OK):
-                raise ValueError(f"source {spec!r}: {path} is not readable")
-            files.append(path)
+            _keep_readable(spec, path, UNLABELLED, files, empty)
     if not files:
         raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) under {root}")
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], UNLABELLED, _caption_file(path))
-             for i, path in enumerate(files)]
-    return Source(spec, [], items)
+             for i, (path, _) in enumerate(files)]
+    return Source(spec, [], items, _empty_note(empty))
 
 
 TABLE_KINDS = (".csv", ".tsv", ".parquet", ".jsonl")

@@ -612,7 +612,16 @@ def cmd_data(args) -> int:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     manifest = write_shards(args.source, args.out, shard_size=args.shard_size, progress=not args.no_progress,
                             workers=args.workers)
-    print(f"Wrote shards and {manifest}", flush=True)
+    import json
+
+    from data_pipeline.shards import read_classes, read_manifest
+
+    table = read_manifest(manifest.parent, columns=["shard"])
+    classes = read_classes(manifest.parent)
+    print(f"Wrote {table.num_rows} images ({f'{len(classes)} classes' if classes else 'unlabelled'}) in "
+          f"{len(set(table.column('shard').to_pylist()))} shards: {manifest}", flush=True)
+    for note in json.loads((table.schema.metadata or {}).get(b"left_out", b"[]")):
+        print(f"Left out: {note}", flush=True)
     return 0
 
 

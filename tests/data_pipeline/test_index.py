@@ -94,3 +94,23 @@ def test_same_manifest_for_any_number_of_workers(tmp_path):
         index_shards(tmp_path / f"w{workers}", workers=workers, progress=False)
     one, three = (read_manifest(tmp_path / f"w{w}").to_pylist() for w in (1, 3))
     assert one == three and [r["shard"] for r in one] == sorted(r["shard"] for r in one)
+
+
+def test_an_empty_image_is_indexed_and_counted_undecodable(tmp_path, capsys):
+    """A sample whose image member is empty (a zero-byte download) is indexed as the tar holds it; decoding skips it
+    and counts it as undecodable, as any broken image."""
+    from pretrain.config import load_config
+    from pretrain.eval.dataset import ShardImages
+
+    root = tmp_path / "t"
+    root.mkdir()
+    with wds.TarWriter(str(root / "00000.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"k{i}", "jpg": b"" if i == 2 else _jpeg(i)})
+    assert main(["data", "index", str(root), "--no-progress"]) == 0
+    assert sorted(r["key"] for r in read_manifest(root).to_pylist()) == ["k0", "k1", "k2", "k3"]
+    config = Path(__file__).resolve().parents[2] / "configs" / "simclr_digits.yaml"
+    decoder = ShardImages(load_config(config, ["data.channels=3"]))
+    shards = resolve_shards(DataConfig(source=str(root)))
+    assert [s["key"] for samples, _ in decoder.batches(shards) for s in samples] == ["k0", "k1", "k3"]
+    assert decoder.corrupt == 1

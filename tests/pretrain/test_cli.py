@@ -23,14 +23,44 @@ def _one_line_error(capsys) -> str:
     return err[0]
 
 
-def test_data_shards_digits(tmp_path):
-    """`pretrain data shards --source digits` writes every digit once, in shards of the requested size."""
+def test_data_shards_digits(tmp_path, capsys):
+    """`pretrain data shards --source digits` writes every digit once, in shards of the requested size, and says
+    so."""
     out = tmp_path / "digits"
     assert main(["data", "shards", "--source", "digits", "--out", str(out), "--shard-size", "500",
                  "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"Wrote 1797 images (10 classes) in 4 shards: {out / 'manifest.parquet'}\n"
     table = pq.read_table(out / "manifest.parquet")
     assert table.num_rows == 1797 and len(set(table.column("key").to_pylist())) == 1797
     assert sorted(p.name for p in out.glob("*.tar")) == [f"shard-{i:06d}.tar" for i in range(4)]
+
+
+def test_data_shards_says_what_it_left_out(tmp_path, capsys):
+    """Images beside a folder source's class sub-folders and zero-byte files are left out of the shards, each kind
+    named in a line (and kept in the manifest's metadata)."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for d in ("cat", "dog"):
+        (root / d).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / d / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(root / "stray.jpg")
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "ds"
+    assert main(["data", "shards", "--source", f"folder:{root}", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"Wrote 6 images (2 classes) in 1 shards: {out / 'manifest.parquet'}",
+        f"Left out: 1 empty (zero-byte) file(s), e.g. {root / 'dog' / 'empty.jpg'}",
+        f"Left out: 1 image(s) at the top of {root}, outside any class sub-folder (images:{root} takes every image, "
+        "unlabelled)"]
+    table = pq.read_table(out / "manifest.parquet")
+    assert sorted(Path(p).name for p in table.column("path").to_pylist()) == ["0.png"] * 2 + ["1.png"] * 2 + \
+        ["2.png"] * 2
+    assert main(["data", "shards", "--source", f"images:{root}", "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"Left out: 1 empty (zero-byte) file(s), e.g. {root / 'dog' / 'empty.jpg'}"]
+    assert pq.read_table(tmp_path / "all" / "manifest.parquet").num_rows == 7
 
 
 def test_data_shards_refuses_existing_output(tmp_path, capsys):
