@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not td.is_initialized():  # torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; a plain `python -m` is one process
+        if "WORLD_SIZE" not in os.environ:
+            print("No launcher (torchrun sets WORLD_SIZE): training as one process", flush=True)
         _one_process_env()
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
@@ -44,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
 def _one_process_env() -> None:
     """The variables torchrun would set, for a group of one process (DeepSpeed also reads LOCAL_RANK); the store on a
     free loopback port unless MASTER_PORT says otherwise."""
-    import os
     import socket
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):

@@ -151,6 +151,7 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     cmd = [sys.executable, "-m", "pretrain.train", str(run)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.startswith("No launcher (torchrun sets WORLD_SIZE): training as one process\n")
     assert sorted(_losses(run)) == [1, 2, 3] and (run / "backbone.pt").is_file()
     # each step's row has the rate of that step's update, also where one flush logs several steps
     from pretrain.config import load_config
