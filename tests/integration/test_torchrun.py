@@ -142,8 +142,9 @@ def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:
 
 def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     """`python -m pretrain.train RUN` without torchrun: a process group of one (DeepSpeed's LOCAL_RANK set for it, the
-    store on a free port, so two such runs can share a machine), checkpointed as one rank and finished; a resume with
-    nothing left to train is refused; with a step more it resumes from that checkpoint."""
+    store on a free port, so two such runs can share a machine), checkpointed as one rank and finished, its rows
+    logged with each step's rate; a resume with nothing left to train is refused in one line (torchrun's resumes:
+    test_resume_mid_epoch_repeats_the_uninterrupted_run)."""
     run = _dry_run(tmp_path, "one", ["job.max_steps=3", "job.log_every=3", "job.ckpt_every=3", "optim.warmup_steps=1",
                                      "data.batch_size=32"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -174,10 +175,7 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: job.max_steps: 2 is behind one's last checkpoint (step "
                                                       "3); raise it to train on, or take an earlier step's encoder")
     assert "max_steps: 3\n" in (run / "config.yaml").read_text()
-    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "at step 3 (epoch 0)" in again.stdout and sorted(_losses(run)) == [1, 2, 3, 4]
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0  # one step more: taken
 
 
 def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
