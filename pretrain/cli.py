@@ -614,13 +614,14 @@ def cmd_data(args) -> int:
                             workers=args.workers)
     import json
 
-    from data_pipeline.shards import read_classes, read_manifest
+    from data_pipeline.shards import read_manifest
 
     table = read_manifest(manifest.parent, columns=["shard"])
-    classes = read_classes(manifest.parent)
+    meta = table.schema.metadata or {}
+    classes = json.loads(meta.get(b"classes", b"[]"))
     print(f"Wrote {table.num_rows} images ({f'{len(classes)} classes' if classes else 'unlabelled'}) in "
           f"{len(set(table.column('shard').to_pylist()))} shards: {manifest}", flush=True)
-    for note in json.loads((table.schema.metadata or {}).get(b"left_out", b"[]")):
+    for note in json.loads(meta.get(b"left_out", b"[]")):
         print(f"Left out: {note}", flush=True)
     return 0
 

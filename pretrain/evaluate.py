@@ -83,7 +83,10 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
     """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
     beside it, as CLIP runs write, adds zero-shot classification). ``dataset`` / ``max_samples`` / ``finetune_epochs`` /
     ``finetune_layer_decay``: instead of the run's eval.dataset / eval.max_samples / eval.finetune_epochs /
-    eval.finetune_layer_decay. Bad input is a one-line ConfigError before any image is decoded."""
+    eval.finetune_layer_decay. The report goes to ``out_path`` (refused if it exists) or else the run's eval.json,
+    the one there kept as eval-<its time>.json. Bad input is a one-line ConfigError before any image is decoded."""
+    if out_path is not None and Path(out_path).exists():
+        raise ConfigError(f"--out: {out_path} already exists; eval overwrites nothing")
     cfg, backbone_state, method_state, path = load_run_files(path)
     overrides = {k: v for k, v in (("dataset", dataset), ("max_samples", max_samples),
                                    ("finetune_epochs", finetune_epochs),
@@ -97,12 +100,12 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
     if cfg.eval.finetune_layer_decay != 1 and not cfg.model.backbone.startswith("vit"):
         raise ConfigError(f"--finetune-layer-decay: {cfg.eval.finetune_layer_decay} needs a ViT backbone, and "
                           f"{path} is a {cfg.model.backbone}")
+    report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state)
     if out_path is None:
         out_path = path.parent / "eval.json"
-        keep_previous_report(out_path)
-    elif Path(out_path).exists():
-        raise ConfigError(f"--out: {out_path} already exists; eval overwrites nothing")
-    return evaluate_backbone_state(cfg, backbone_state, out_path, method_state=method_state)
+        keep_previous_report(out_path)  # only now: an evaluation that fails leaves eval.json where it was
+    write_report(report, out_path)
+    return report
 
 
 def keep_previous_report(report: Path) -> Path | None:

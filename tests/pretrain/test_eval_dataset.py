@@ -125,7 +125,8 @@ def test_builtin_samples_source(data, capsys):
 
 def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
     """`pretrain eval` into the run's eval.json moves the report there aside (eval-<time>.json, as it was) and writes
-    the new one as eval.json; an --out that exists is refused in one line before anything is decoded, and stays."""
+    the new one as eval.json (an evaluation that fails moves nothing); an --out that exists is refused in one line
+    before anything is decoded, and stays."""
     run = tmp_path / "run"
     write_run(run, "simclr_digits.yaml", tmp_path / "cache", SMALL)
     (run / "eval.json").write_text('{"from": "training"}\n')
@@ -136,6 +137,9 @@ def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
     assert json.loads((run / "eval.json").read_text())["data"]["dataset"] == "samples"
     assert main(["eval", "--checkpoint", str(run), "--dataset", "samples", "--max-samples", "100"]) == 0
     assert len(list(run.glob("eval-*.json"))) == 2
+    latest = (run / "eval.json").read_text()
+    assert main(["eval", "--checkpoint", str(run), "--dataset", str(tmp_path / "nope")]) == 2  # fails: nothing moves
+    assert (run / "eval.json").read_text() == latest and len(list(run.glob("eval-*.json"))) == 2
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--out", str(kept[0])]) == 2
     assert capsys.readouterr().err.strip() == f"error: --out: {kept[0]} already exists; eval overwrites nothing"
