@@ -73,10 +73,23 @@ def _print_placement(rank: int, node: str) -> None:
         print(f"Ray Train workers ({len(placed)}): " + ", ".join(f"{r} on {n}" for r, n in sorted(placed)), flush=True)
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train logs each ``ray.train.report`` of every rank with its whole metrics dict ("Reporting training result
+    N: TrainingReport(...)"), lines that bury the run's own; its logger is named after its module file."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_loop(config: dict) -> None:
     """Runs on each Ray Train worker; the process group is Ray's (gloo on CPU, NCCL on GPU)."""
     from pretrain.trainer import train
 
+    _quiet_report_lines()
     _print_placement(ray.train.get_context().get_world_rank(), ray.util.get_node_ip_address())
     train(config_from_dict(config["cfg"]), Path(config["run_dir"]), RaySession())
 
@@ -116,6 +129,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def resource_shortfall(resources: dict, num_workers: int, *, gpu: bool) -> str | None:
+    """What a joined cluster (``ray.cluster_resources()``) lacks for ``num_workers`` Train workers of a CPU each
+    (and a GPU each with ``gpu``), said as "has ..."; None when it has enough."""
+    lacking = [f"{int(resources.get(kind, 0))} {kind}s for {num_workers} workers" for kind in ("CPU", "GPU")
+               if (kind == "CPU" or gpu) and resources.get(kind, 0) < num_workers]
+    return "has " + " and ".join(lacking) if lacking else None
+
+
 def use_gpu(cfg: Config) -> bool:
     if cfg.job.use_gpu == "auto":
         import torch
@@ -133,6 +154,11 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
     # Workers need a CPU each plus what their loader uses; locally, size the cluster to fit the job.
     num_cpus = None if address else max(os.cpu_count() or 1, cfg.job.num_workers + 1)
     with ray_cluster(address, num_cpus=num_cpus):
+        if address:
+            short = resource_shortfall(ray.cluster_resources(), cfg.job.num_workers, gpu=gpu)
+            if short:
+                print(f"Warning: the cluster at {address} {short}; Ray Train waits for nodes to join (an autoscaling "
+                      "cluster adds them), retrying every minute", flush=True)
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir)},

@@ -95,6 +95,8 @@ def test_train_joins_existing_cluster(ray_head, tmp_path):
     assert all(seen[f"/shards/shard-{i:06d}.tar"] >= 1 for i in range(4))  # 200 photos in shards of 64
     assert "Local Ray cluster" not in out
     assert ray_head in out or "Connecting to existing Ray cluster" in out
+    # the cluster's 3 CPUs serve 2 workers: no warning; Ray's per-rank report lines (a metrics dict each) are quiet
+    assert "Warning: the cluster" not in out and "Reporting training result" not in out
     lines = (tmp_path / "joined" / "metrics.csv").read_text().splitlines()
     assert len(lines) == 1 + 6
     assert float(lines[-1].split(",")[-1]) >= 1  # 6 steps of 2 x 32 read the 200 photos more than once
@@ -115,3 +117,16 @@ def test_worker_failure_is_reported_and_run_kept(ray_head, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training failed on the workers") and "the loss is not finite at step" in last, last
     assert (tmp_path / "fails" / "config.yaml").is_file()
+
+
+def test_a_joined_cluster_short_of_resources_is_named():
+    """What a joined cluster lacks for the run's workers (a CPU each, a GPU each on GPUs), as the warning says it
+    before Ray Train waits for nodes; nothing when it has enough."""
+    from cluster.ray_launcher import resource_shortfall
+
+    assert resource_shortfall({"CPU": 3.0}, 2, gpu=False) is None
+    assert resource_shortfall({"CPU": 64.0, "GPU": 8.0}, 8, gpu=True) is None
+    assert resource_shortfall({"CPU": 64.0}, 8, gpu=True) == "has 0 GPUs for 8 workers"
+    assert resource_shortfall({"CPU": 1.0, "GPU": 2.0}, 4, gpu=True) == ("has 1 CPUs for 4 workers and 2 GPUs for 4 "
+                                                                          "workers")
+    assert resource_shortfall({"CPU": 1.0}, 2, gpu=False) == "has 1 CPUs for 2 workers"
