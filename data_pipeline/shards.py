@@ -8,8 +8,13 @@ A dataset directory holds:
 - ``checksums.json``: ``{"shard-000000.tar": "<sha256 hex>", ...}``, one entry per shard.
 - ``manifest.parquet``: one row per sample, columns ``key`` (str), ``shard`` (file name, str), ``label`` (int64),
   ``bytes`` (size of the encoded image, int64), ``caption`` (str, null where the sample has none; manifests written
-  before captions existed lack the column). The schema metadata holds ``classes`` (JSON list of class names, index =
-  label), ``source`` (the spec) and ``shard_size``.
+  before captions existed lack the column), ``path`` (the absolute path of the file the image was read from; null for
+  built-in sources; older manifests and ``index_shards``'s lack the column). The schema metadata holds ``classes``
+  (JSON list of class names, index = label), ``source`` (the spec), ``shard_size`` and ``left_out`` (JSON list of
+  what the source left out, in words).
+
+``verify_dataset`` checks a dataset as a run would read it: every shard present and as its checksum says, every
+sample of the manifest there and readable, and optionally every image decodable.
 
 Everything is written into a hidden temp directory beside ``out_dir`` and renamed into place at the end, with the
 manifest written last, so a crash never leaves a directory that looks complete: "complete" means "has a manifest".
@@ -287,3 +292,78 @@ def ensure_builtin_shards(cache_dir: str | Path, source: str, *, shard_size: int
 def ensure_digits_shards(cache_dir: str | Path, *, shard_size: int = 256) -> list[str]:
     """``ensure_builtin_shards`` of the digits."""
     return ensure_builtin_shards(cache_dir, "digits", shard_size=shard_size)
+
+
+def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int = 4,
+                   progress: bool = True) -> tuple[dict[str, int], list[str]]:
+    """Check a local dataset directory -> (counts, problems). Every shard of the manifest must be there with the
+    sha256 of ``checksums.json``, read to its end, and hold the manifest's samples, each with an image and a label
+    that parse (as training reads them); with ``decode`` every image must also decode (PIL). ``problems`` says each
+    finding in words, a shard's first; counts: shards, samples (the manifest's), read, undecodable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from data_pipeline.reader import _parse, _tar_samples
+
+    if remote.is_url(data_dir):
+        raise ValueError(f"{data_dir}: a dataset served over HTTP is verified where its files lie")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: must be a positive int, got {workers!r}")
+    data_dir = Path(data_dir)
+    table = read_manifest(data_dir, columns=["key", "shard"])
+    expected: dict[str, set[str]] = {}
+    for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
+        expected.setdefault(shard, set()).add(key)
+    checksums = json.loads((data_dir / CHECKSUMS).read_text()) if (data_dir / CHECKSUMS).is_file() else None
+    bar = tqdm(total=len(expected), disable=not progress, desc=f"verify {data_dir.name}", unit="shard")
+
+    def check(name: str) -> tuple[list[str], int, int]:
+        path, problems, read, undecodable = data_dir / name, [], 0, 0
+        if not path.is_file():
+            bar.update(1)
+            return [f"{name}: missing"], 0, 0
+        if checksums is not None and checksums.get(name) != sha256_file(path):
+            problems.append(f"{name}: " + ("no checksum in " + CHECKSUMS if name not in checksums else
+                                           "sha256 differs from " + CHECKSUMS + " (changed or damaged since written)"))
+        errors: list[Exception] = []
+        seen = set()
+        for sample in _tar_samples(str(path), errors):
+            parsed = _parse(sample)
+            key = sample.get("__key__")
+            seen.add(key)
+            if isinstance(parsed, str):
+                problems.append(f"{name}: sample {key!r}: {parsed}")
+                continue
+            read += 1
+            if decode and not _decodes(parsed["image"]):
+                undecodable += 1
+                problems.append(f"{name}: sample {key!r}: the image does not decode")
+        if errors:
+            problems.append(f"{name}: does not read to its end ({type(errors[0]).__name__}: {errors[0]})")
+        missing = expected[name] - seen
+        if missing:
+            problems.append(f"{name}: {len(missing)} sample(s) of the manifest not in it, e.g. {min(missing)!r}")
+        bar.update(1)
+        return problems, read, undecodable
+
+    with bar, ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(check, sorted(expected)))
+    problems = [] if checksums is not None else [f"{CHECKSUMS}: missing (the shards' bytes are not checked)"]
+    problems += [p for found, _, _ in results for p in found]
+    counts = {"shards": len(expected), "samples": table.num_rows, "read": sum(r for _, r, _ in results),
+              "undecodable": sum(u for _, _, u in results)}
+    return counts, problems
+
+
+def _decodes(data: bytes) -> bool:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises several types for broken files
+        return False

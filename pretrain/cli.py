@@ -192,6 +192,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("dir", type=Path, help="the directory of .tar shards")
     i.add_argument("--workers", type=int, default=4, help="tars read at a time (default 4)")
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v = dsub.add_parser("verify", help="check a shard dataset before a run reads it",
+                        description="Check that every shard of DIR's manifest is there with the sha256 of "
+                        "checksums.json, reads to its end and holds its samples, each with an image and a label; "
+                        "with --decode that every image decodes. Prints each problem and a summary; exit status 1 "
+                        "when there is any.")
+    v.add_argument("dir", type=Path, help="the dataset directory (manifest.parquet, checksums.json, shards)")
+    v.add_argument("--decode", action="store_true", help="also decode every image (slower)")
+    v.add_argument("--workers", type=int, default=4, help="shards checked at a time (default 4)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -596,7 +605,24 @@ def cmd_export(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from data_pipeline.shards import index_shards, write_shards
+    from data_pipeline.shards import index_shards, verify_dataset, write_shards
+
+    if args.data_command == "verify":
+        if args.workers < 1:
+            raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+        if not (args.dir / "manifest.parquet").is_file():
+            raise ConfigError(f"{args.dir}: no manifest.parquet (not a shard dataset)")
+        counts, problems = verify_dataset(args.dir, decode=args.decode, workers=args.workers,
+                                          progress=not args.no_progress)
+        shown = 20
+        for line in problems[:shown]:
+            print(f"problem: {line}", flush=True)
+        if len(problems) > shown:
+            print(f"problem: ... and {len(problems) - shown} more", flush=True)
+        decoded = f", {counts['undecodable']} undecodable" if args.decode else ""
+        print(f"Verified {args.dir}: {counts['shards']} shards, {counts['read']} of {counts['samples']} samples "
+              f"read{decoded}: " + (f"{len(problems)} problem(s)" if problems else "intact"), flush=True)
+        return 1 if problems else 0
 
     if args.data_command == "index":
         manifest, n = index_shards(args.dir, workers=args.workers, progress=not args.no_progress)

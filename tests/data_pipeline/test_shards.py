@@ -94,6 +94,44 @@ def test_verify_names_changed_shard(digits_copy):
         list_shards(digits_copy, verify=True)
 
 
+def test_data_verify_passes_an_intact_dataset_and_names_each_problem(digits_copy, tmp_path, image_tree, corrupt,
+                                                                      capsys):
+    """`pretrain data verify`: the digits as written are intact (status 0); a shard cut short (its checksum, the read
+    error and the manifest's samples it lost named), a shard gone, a sample whose image is a broken JPEG (with
+    --decode): each named on a line of its own, with status 1."""
+    from pretrain.cli import main
+
+    assert main(["data", "verify", str(digits_copy), "--decode", "--no-progress"]) == 0
+    assert capsys.readouterr().out == (f"Verified {digits_copy}: 8 shards, 1797 of 1797 samples read, 0 undecodable: "
+                                       "intact\n")
+    cut = digits_copy / "shard-000002.tar"
+    cut.write_bytes(cut.read_bytes()[:40_000])
+    (digits_copy / "shard-000005.tar").unlink()
+    assert main(["data", "verify", str(digits_copy), "--no-progress"]) == 1
+    *problems, summary = capsys.readouterr().out.splitlines()
+    cut_short = "problem: shard-000002.tar: sha256 differs from checksums.json (changed or damaged since written)"
+    assert problems[0] == cut_short and problems[-1] == "problem: shard-000005.tar: missing"
+    lost = [line for line in problems if "sample(s) of the manifest not in it" in line]
+    assert len(lost) == 1 and lost[0].startswith("problem: shard-000002.tar: ")
+    # (a tar cut at a member's boundary ends without a read error: the samples it lost say it)
+    assert set(problems) - {cut_short, lost[0], problems[-1]} <= {p for p in problems if "does not read to its" in p}
+    read = int(summary.split(" of 1797")[0].rsplit(" ", 1)[1])
+    assert summary == f"Verified {digits_copy}: 8 shards, {read} of 1797 samples read: {len(problems)} problem(s)"
+    assert read < 1797 - 256
+
+    root = image_tree(tmp_path / "imgs", classes={"a": 3, "b": 3})
+    corrupt(root / "a" / "0.jpg")
+    write_shards(f"folder:{root}", tmp_path / "ds", progress=False)
+    assert main(["data", "verify", str(tmp_path / "ds"), "--no-progress"]) == 0  # the bytes are as written
+    capsys.readouterr()
+    assert main(["data", "verify", str(tmp_path / "ds"), "--decode", "--no-progress"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("problem: shard-000000.tar: sample '0000000")
+    assert lines[0].endswith("': the image does not decode")
+    assert lines[1] == f"Verified {tmp_path / 'ds'}: 1 shards, 6 of 6 samples read, 1 undecodable: 1 problem(s)"
+    assert main(["data", "verify", str(tmp_path / "imgs"), "--no-progress"]) == 2
+
+
 def test_folder_source_labels_and_classes(tmp_path, image_tree):
     """Folder labels are sorted class indices, classes go into the manifest, bytes are stored unchanged."""
     root = image_tree(tmp_path / "imgs", classes={"zebra": 3, "ant": 4, "moose": 2})
