@@ -68,6 +68,13 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
     ``model.pt`` beside it (CLIP) or None, the backbone.pt path). ValueError naming what is missing."""
     path = Path(path)
     if path.is_dir():
+        from pretrain.steps import list_checkpoints
+
+        steps = sorted(list_checkpoints(path)) if not (path / "backbone.pt").is_file() else []
+        if steps:  # a run still training, or stopped before its end: its checkpoints hold the encoder
+            raise ValueError(f"--checkpoint: {path} has no backbone.pt yet (training writes it at the end); `pretrain "
+                             f"extract --checkpoint {path}` takes the encoder of its latest checkpoint (step "
+                             f"{steps[-1]}) out as a run directory to evaluate")
         path = path / "backbone.pt"
     if not path.is_file():
         raise ValueError(f"--checkpoint: {path} does not exist (expected a finished run directory or its backbone.pt)")

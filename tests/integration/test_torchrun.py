@@ -176,6 +176,12 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
                                                       "3); raise it to train on, or take an earlier step's encoder")
     assert "max_steps: 3\n" in (run / "config.yaml").read_text()
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0  # one step more: taken
+    (run / "backbone.pt").unlink()  # as a run still training has none: eval points at its checkpoints
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --checkpoint: {run} has no backbone.pt yet (training writes it "
+                                               f"at the end); `pretrain extract --checkpoint {run}` takes the encoder "
+                                               "of its latest checkpoint (step 3) out as a run directory to evaluate")
 
 
 def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
