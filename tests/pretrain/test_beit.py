@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import pretrain.dist as pdist
@@ -21,7 +20,7 @@ from pretrain.methods import METHODS
 from pretrain.methods.vqvae import load_tokenizer
 from pretrain.models.quantizer import VectorQuantizer
 from pretrain.trainer import build_method
-from tests.util import config_error, free_port
+from tests.util import config_error, spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 VQVAE = ROOT / "configs" / "vqvae_digits.yaml"
@@ -111,7 +110,7 @@ def _quantizer_rank(r: int, port: int, out_dir: str) -> None:
 def test_two_ranks_keep_one_codebook(tmp_path):
     """On 2 gloo ranks fed different data, the EMA and the restarts leave both with the same codebook, drawn from both
     ranks' outputs (rank 1's data is shifted: some entries are near each rank's)."""
-    mp.spawn(_quantizer_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_quantizer_rank, 2, str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for key in ("codebook", "ema_sum", "ema_count"):
         assert torch.equal(a[key], b[key]), key

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain import dist as pdist
@@ -19,7 +18,7 @@ from pretrain.config import load_config
 from pretrain.eval.zeroshot import class_embeddings, zeroshot_predict, zeroshot_top1
 from pretrain.models.text import BOS, EOS, PAD, ByteTokenizer, TextTransformer
 from pretrain.trainer import build_method
-from tests.util import config_error, free_port
+from tests.util import config_error, spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "clip_digits.yaml"
@@ -146,7 +145,7 @@ def _worker(r: int, port: int, out_dir: str) -> None:
 def test_two_ranks_give_the_whole_batch_loss_and_gradients(tmp_path):
     """On 2 gloo ranks, each with half of the pairs and the other half gathered as negatives, the mean loss and the
     averaged gradients are those of one process on the whole batch: every caption is contrasted with every image."""
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     method = _method("method.loss_impl=chunked")
     loss = method(_batch())["loss"]

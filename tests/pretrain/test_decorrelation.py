@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from data_pipeline.loader import make_train_stream
 from pretrain.config import load_config
 from pretrain.methods.decorrelation import barlow_twins_loss, vicreg_terms
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_grads_close, config_error, free_port, train_steps
+from tests.util import assert_ranks_grads_close, config_error, spawn_ranks, train_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"barlow_twins": ROOT / "configs" / "barlow_twins_digits.yaml",
@@ -93,7 +92,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 def test_two_ranks_give_the_whole_batch_loss_and_gradients(tmp_path):
     """On 2 gloo ranks with half the images each (model.sync_bn: BatchNorm over both), the ranks' mean loss and
     averaged gradients are one process's on the whole batch, for both methods."""
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, recipe in RECIPES.items():
         method = build_method(load_config(recipe, SMALL), distributed=False)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from kernels.dino_loss import dino_loss_ref
@@ -17,7 +16,7 @@ from pretrain.ema import cosine_momentum, ema_update_
 from pretrain.methods.dino import koleo_loss, teacher_temperature
 from pretrain.methods.swav import swav_loss
 from pretrain.trainer import build_method
-from tests.util import assert_grads_close, assert_ranks_grads_close, free_port, sinkhorn_reference
+from tests.util import assert_grads_close, assert_ranks_grads_close, sinkhorn_reference, spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "dino_digits.yaml"
@@ -116,7 +115,7 @@ def _sinkhorn_worker(rank: int, port: int, root: str) -> None:
 def test_sinkhorn_centering_on_two_ranks_is_the_whole_batchs(tmp_path):
     """On 2 gloo ranks with half the images each, the teacher's codes are balanced over both ranks' images: the
     ranks' mean loss and averaged gradients are one process's on the whole batch."""
-    mp.spawn(_sinkhorn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_sinkhorn_worker, 2, str(tmp_path))
     method = _method(*SINKHORN)
     loss = method({"views": _views(8)})["loss"]
     loss.backward()

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pretrain.config import load_config
-from tests.util import free_port
+from tests.util import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "dino_digits.yaml"
@@ -89,7 +88,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dino_engine")
-    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, str(root))
     return {"root": root, **{(s, r): torch.load(root / f"stage{s}-rank{r}.pt", weights_only=False) for s in STAGES
                              for r in range(WORLD)}}
 

@@ -1,19 +1,20 @@
 """pretrain.dist on real gloo process groups: gather_with_grad gives the single-process gradient, a plain all_gather
-does not, shapes are checked, and everything is an identity in a world of one."""
+does not, shapes are checked, and everything is an identity in a world of one; the tests' spawned rank groups
+(tests.util.spawn_ranks) run once more only after a rank dies by a signal."""
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain import dist as pdist
-from tests.util import free_port
+from tests.util import free_port, spawn_ranks
 
 WORLD = 2
 N_PER_RANK = 3
@@ -85,7 +86,7 @@ def _worker(r: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """Results of one real 2-process gloo run (spawned once for all tests here)."""
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, str(out))
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -163,3 +164,39 @@ def test_local_rank_reads_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pdist.local_rank() == 0
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert pdist.local_rank() == 3
+
+
+def _aborts_once(rank: int, port: int, root: str) -> None:
+    """Rank 1 aborts (SIGABRT, as a C++ terminate) the first time it runs; every rank then marks its run."""
+    marker = Path(root) / "aborted"
+    if rank == 1 and not marker.exists():
+        marker.touch()
+        os.abort()
+    (Path(root) / f"ran{rank}-{port}").touch()
+
+
+def _raises(rank: int, port: int, root: str) -> None:
+    (Path(root) / f"raised{rank}-{port}").touch()
+    raise ValueError(f"rank {rank} fails")
+
+
+def test_spawned_ranks_run_once_more_only_after_a_signal(tmp_path):
+    """tests.util.spawn_ranks: a rank killed by a signal runs the group once more, on another port (with a warning);
+    a rank that raises fails at once, its exception named; a rank killed both times fails."""
+    import torch.multiprocessing as mp
+
+    with pytest.warns(UserWarning, match="rank 1 of _aborts_once died by SIGABRT; running the ranks once more"):
+        spawn_ranks(_aborts_once, 2, str(tmp_path))
+    ran = sorted(p.name for p in tmp_path.glob("ran*"))
+    assert len(ran) == 2 and {n[:4] for n in ran} == {"ran0", "ran1"} and len({n[5:] for n in ran}) == 1
+    with pytest.raises(mp.ProcessRaisedException, match="rank . fails"):
+        spawn_ranks(_raises, 2, str(tmp_path))
+    assert len(list(tmp_path.glob("raised*"))) >= 1 and len({p.name[8:] for p in tmp_path.glob("raised*")}) == 1
+    (tmp_path / "aborted").unlink()
+    with pytest.warns(UserWarning), pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        spawn_ranks(_aborts_always, 2, str(tmp_path))
+
+
+def _aborts_always(rank: int, port: int, root: str) -> None:
+    if rank == 1:
+        os.abort()

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.config import load_config
-from tests.util import free_port
+from tests.util import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
@@ -365,7 +364,7 @@ def _one_stage(stage, precision, ckpt, out, build_engine, build_method, full_sta
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("engine")
-    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, str(root))
     return root
 
 

@@ -10,14 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.config import load_config
 from pretrain.methods.base import features_by_resolution
 from pretrain.methods.swav import sinkhorn_codes, swav_loss
 from pretrain.trainer import build_method
-from tests.util import assert_ranks_grads_close, config_error, free_port, sinkhorn_reference, train_steps, train_stream
+from tests.util import (
+    assert_ranks_grads_close,
+    config_error,
+    sinkhorn_reference,
+    spawn_ranks,
+    train_steps,
+    train_stream,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "swav_digits.yaml"
@@ -150,7 +156,7 @@ def test_two_ranks_give_the_whole_batch_codes_loss_and_gradients(tmp_path):
     iteration, BatchNorm over both), the ranks' mean loss and averaged gradients over two steps are one process's
     on the whole batches; with a queue, both ranks hold the whole batch's embeddings in it (rank order) and the
     second step's codes balance them with the batch as one process does."""
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for queue in ("method.queue_size=0", QUEUE):
         method = _method("method.freeze_last_layer_steps=0", queue)

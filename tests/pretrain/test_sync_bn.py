@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from pretrain.sync_bn import SyncBatchNorm, convert_sync_bn
-from tests.util import free_port
+from tests.util import spawn_ranks
 
 WORLD, PER_RANK = 2, 4
 
@@ -67,7 +66,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("syncbn")
-    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, str(root))
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
