@@ -221,7 +221,7 @@ def _table_source(spec: str, file_str: str) -> Source:
                 for c in (table.column(text).to_pylist() if text else [None] * table.num_rows)]
     labels, classes = _table_labels(spec, table.column("label") if "label" in table.column_names else None,
                                     table.num_rows, pa)
-    items = []
+    items, empty = [], []
     for i, (name, label, caption) in enumerate(zip(table.column("image").to_pylist(), labels, captions)):
         path = Path(str(name)).expanduser() if name is not None else None
         if path is not None and not path.is_absolute():
@@ -230,10 +230,13 @@ def _table_source(spec: str, file_str: str) -> Source:
             raise ValueError(f"source {spec!r}: row {i}: image {name!r} is not a {IMAGE_KINDS} file name")
         if not path.is_file() or not os.access(path, os.R_OK):
             raise ValueError(f"source {spec!r}: row {i}: {path} is not a readable file")
+        if path.stat().st_size == 0:  # no image: left out and noted, as the folder sources do
+            empty.append(path)
+            continue
         items.append((f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, caption))
     if not items:
-        raise ValueError(f"source {spec!r}: the table has no rows")
-    return Source(spec, classes, items)
+        raise ValueError(f"source {spec!r}: the table has no rows" + (" with an image" if empty else ""))
+    return Source(spec, classes, items, _empty_note(empty))
 
 
 def _read_table(spec: str, file: Path):

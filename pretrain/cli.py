@@ -318,6 +318,12 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
     from pretrain.methods import METHODS
 
     METHODS[cfg.method.name].check_inputs(cfg)
+    from pretrain.models import check_backbone_options
+
+    try:  # a misspelt option would otherwise fail in every worker, after the cluster (or the queued job) started
+        check_backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs or {})
+    except ValueError as e:
+        raise ConfigError(f"model.backbone_kwargs: {e}") from None
     from pretrain.optim import check_fixed_lr
 
     check_fixed_lr(cfg)

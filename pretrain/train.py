@@ -15,6 +15,7 @@ import torch.distributed as td
 
 from pretrain.config import load_config
 from pretrain.methods import METHODS
+from pretrain.models import check_backbone_options
 from pretrain.optim import check_fixed_lr
 from pretrain.trainer import LocalSession, train
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         METHODS[cfg.method.name].check_inputs(cfg)  # before the process group: one line, no traceback per rank
         check_fixed_lr(cfg)
+        try:
+            check_backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs or {})
+        except ValueError as e:
+            raise ValueError(f"model.backbone_kwargs: {e}") from None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,15 @@ OPTIONS: dict[str, set[str]] = {
 }
 
 
+def check_backbone_options(name: str, kwargs: dict) -> None:
+    """ValueError (one line) naming the options of ``kwargs`` that backbone ``name`` does not take (a backbone
+    registered elsewhere, without an entry in OPTIONS, is left to its factory)."""
+    allowed = OPTIONS.get(name)
+    if allowed is not None and set(kwargs) - allowed:
+        unknown = sorted(set(kwargs) - allowed)
+        raise ValueError(f"backbone {name!r} got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+
+
 def build_backbone(name: str, *, image_size: int, in_chans: int, patch_size: int = 16, **kwargs: Any) -> nn.Module:
     """Build ``BACKBONES[name]`` for ``(B, in_chans, image_size, image_size)`` inputs.
 
@@ -56,10 +65,7 @@ def build_backbone(name: str, *, image_size: int, in_chans: int, patch_size: int
         raise ValueError(f"backbone image_size must be a positive int, got {image_size!r}")
     if not isinstance(in_chans, int) or in_chans <= 0:
         raise ValueError(f"backbone in_chans must be a positive int, got {in_chans!r}")
-    allowed = OPTIONS.get(name)  # None: a backbone registered elsewhere, whose factory checks its own options
-    if allowed is not None and set(kwargs) - allowed:
-        unknown = sorted(set(kwargs) - allowed)
-        raise ValueError(f"backbone {name!r} got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    check_backbone_options(name, kwargs)
     model = BACKBONES[name](image_size=image_size, in_chans=in_chans, patch_size=patch_size, **kwargs)
     if not isinstance(getattr(model, "embed_dim", None), int):
         raise ValueError(f"backbone {name!r} has no int attribute embed_dim")

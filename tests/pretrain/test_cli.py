@@ -36,8 +36,8 @@ def test_data_shards_digits(tmp_path, capsys):
 
 
 def test_data_shards_says_what_it_left_out(tmp_path, capsys):
-    """Images beside a folder source's class sub-folders and zero-byte files are left out of the shards, each kind
-    named in a line (and kept in the manifest's metadata)."""
+    """Images beside a folder source's class sub-folders and zero-byte files (of any source) are left out of the
+    shards, each kind named in a line (and kept in the manifest's metadata)."""
     from PIL import Image
 
     root = tmp_path / "imgs"
@@ -61,6 +61,12 @@ def test_data_shards_says_what_it_left_out(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[1:] == [
         f"Left out: 1 empty (zero-byte) file(s), e.g. {root / 'dog' / 'empty.jpg'}"]
     assert pq.read_table(tmp_path / "all" / "manifest.parquet").num_rows == 7
+    table = tmp_path / "t.csv"  # a table's rows naming an empty file: the same
+    table.write_text("image,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(root.rglob("*.*"))))
+    assert main(["data", "shards", "--source", f"table:{table}", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"Left out: 1 empty (zero-byte) file(s), e.g. {root / 'dog' / 'empty.jpg'}"]
+    assert pq.read_table(tmp_path / "t" / "manifest.parquet").num_rows == 7
 
 
 def test_data_shards_refuses_existing_output(tmp_path, capsys):
@@ -259,3 +265,24 @@ def test_data_that_is_not_shards_says_how_to_make_it_shards(tmp_path, capsys):
         assert main(["train", "--dry-run", *sets, "--set", f"data.source={source}"]) == 2
         assert _one_line_error(capsys) == f"error: data.source: {source} {message}"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_misspelt_backbone_option_is_refused_before_anything_starts(tmp_path, capsys):
+    """model.backbone_kwargs with an option the backbone does not take: one line naming it, from `pretrain train`
+    (also --dry-run, which `submit` and torchrun runs start from) and from `python -m pretrain.train` on a run whose
+    config holds it; nothing written."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=w", "--set", f"data.cache_dir={tmp_path}"]
+    message = ("error: model.backbone_kwargs: backbone 'convnet' got unknown option(s) ['widht']; allowed: ['norm', "
+               "'width']")
+    assert main(["train", "--dry-run", *sets, "--set", "model.backbone_kwargs.widht=0.5"]) == 2
+    assert _one_line_error(capsys) == message
+    assert not (tmp_path / "w").exists()
+    assert main(["train", "--dry-run", *sets]) == 0
+    config = tmp_path / "w" / "config.yaml"
+    config.write_text(config.read_text().replace("backbone_kwargs: {}", "backbone_kwargs:\n    widht: 0.5"))
+    assert "widht" in config.read_text()
+    from pretrain.train import main as train_main
+
+    capsys.readouterr()
+    assert train_main([str(tmp_path / "w")]) == 2
+    assert _one_line_error(capsys) == message

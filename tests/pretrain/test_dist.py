@@ -187,8 +187,9 @@ def test_spawned_ranks_run_once_more_only_after_a_signal(tmp_path):
 
     with pytest.warns(UserWarning, match="rank 1 of _aborts_once died by SIGABRT; running the ranks once more"):
         spawn_ranks(_aborts_once, 2, str(tmp_path))
-    ran = sorted(p.name for p in tmp_path.glob("ran*"))
-    assert len(ran) == 2 and {n[:4] for n in ran} == {"ran0", "ran1"} and len({n[5:] for n in ran}) == 1
+    ran = {p.name for p in tmp_path.glob("ran*")}  # rank 0 may have finished before rank 1 aborted, the first time
+    again = [port for port in {n[5:] for n in ran} if {f"ran0-{port}", f"ran1-{port}"} <= ran]
+    assert len(again) == 1 and sum(n.startswith("ran1") for n in ran) == 1
     with pytest.raises(mp.ProcessRaisedException, match="rank . fails"):
         spawn_ranks(_raises, 2, str(tmp_path))
     assert len(list(tmp_path.glob("raised*"))) >= 1 and len({p.name[8:] for p in tmp_path.glob("raised*")}) == 1
