@@ -338,7 +338,8 @@ def _prepare_run(args, cfg: Config, run_dir: Path, *, changed: bool) -> None:
 
     if not args.resume or changed:
         write_run_files(cfg, run_dir)
-    print(f"Run directory: {run_dir}  ({len(shards)} shards, {cfg.job.num_workers} workers)", flush=True)
+    workers = f"{cfg.job.num_workers} worker" + ("s" if cfg.job.num_workers != 1 else "")
+    print(f"Run directory: {run_dir}  ({len(shards)} shards, {workers})", flush=True)
 
 
 def _check_local_gpus(cfg: Config) -> None:

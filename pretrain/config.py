@@ -672,12 +672,16 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"base: recipe {path} derives from itself")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML recipe")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (a YAML recipe is)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
     base = data.pop("base", None)

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(cfg, run_dir, LocalSession(run_dir))
+        if td.get_rank() == 0:
+            print(f"Done: {run_dir}", flush=True)
     finally:
         td.destroy_process_group()
     return 0

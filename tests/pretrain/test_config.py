@@ -111,10 +111,15 @@ def test_roundtrip_through_dict():
     assert config_from_dict(to_dict(cfg)) == cfg
 
 
-def test_missing_file():
-    """A missing recipe is one line naming the path."""
+def test_missing_file(tmp_path):
+    """A missing recipe, a directory given as one and a file that is not UTF-8: one line naming the path."""
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/recipe.yaml")
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a directory, not a YAML recipe$"):
+        load_config(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"job:\n  run_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'latin1.yaml'}: not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
 
 
 def test_cli_rejects_bad_config_before_any_worker(tmp_path):
