@@ -25,7 +25,6 @@ retries; the happy path does no extra checking.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from data_pipeline.sources import pil_decodes
 from data_pipeline.views import AugmentConfig
 
 log = logging.getLogger(__name__)
@@ -160,17 +160,6 @@ def _remove_autograph_files(new_modules: set[str]) -> None:
                 Path(path).unlink(missing_ok=True)
 
 
-def _pil_ok(data: bytes) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 - any decode failure means "corrupt"
-        return False
-
-
 class DaliAugmenter:
     """Callable: encoded images (list of bytes, length <= batch_size) -> ``num_views`` tensors (B, C, S, S), then
     ``local_views`` tensors (B, C, local_size, local_size).
@@ -241,7 +230,7 @@ class DaliAugmenter:
         try:
             return self._run(arrays)
         except RuntimeError as err:
-            bad = [i for i, b in enumerate(images) if not _pil_ok(b)]
+            bad = [i for i, b in enumerate(images) if not pil_decodes(b)]
             if not bad:  # PIL is more lenient than DALI for some files: ask DALI itself, one sample at a time
                 bad = [i for i, a in enumerate(arrays) if not self._decodes_alone(a)]
                 if len(bad) == len(images) > 1:

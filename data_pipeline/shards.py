@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import remote
-from data_pipeline.sources import resolve_source
+from data_pipeline.sources import pil_decodes, resolve_source
 
 MANIFEST = "manifest.parquet"
 CHECKSUMS = "checksums.json"
@@ -339,7 +339,7 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
                 problems.append(f"{name}: sample {key!r}: {parsed}")
                 continue
             read += 1
-            if decode and not _decodes(parsed["image"]):
+            if decode and not pil_decodes(parsed["image"]):
                 undecodable += 1
                 problems.append(f"{name}: sample {key!r}: the image does not decode")
         if errors:
@@ -357,16 +357,3 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     counts = {"shards": len(expected), "samples": table.num_rows, "read": sum(r for _, r, _ in results),
               "undecodable": sum(u for _, _, u in results)}
     return counts, problems
-
-
-def _decodes(data: bytes) -> bool:
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 - PIL raises several types for broken files
-        return False

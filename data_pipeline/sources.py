@@ -308,3 +308,15 @@ def resolve_source(spec: str) -> Source:
         return _table_source(spec, spec[len("table:"):])
     raise ValueError(f"unknown source {spec!r}: expected 'digits', 'samples', 'folder:PATH', 'images:PATH' or "
                      "'table:FILE'")
+
+
+def pil_decodes(data: bytes) -> bool:
+    """Whether PIL decodes ``data`` whole (any failure, of whatever type PIL raises, means no)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises several types for broken files
+        return False
