@@ -25,12 +25,31 @@ MODEL_FILE = "model.pt"
 """Beside backbone.pt, for a method used downstream whole (CLIP: both towers): {"config", "state_dict"}."""
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of a run's checkpoints, written once every rank has reported one."""
+
+
+def _ray_registered(run_dir: Path) -> set[str] | None:
+    """Names of the ``checkpoint_*`` directories Ray registered (each rank's files in them), or None for a run without
+    a readable record of Ray's (older Ray, or torchrun's layout)."""
+    try:
+        results = json.loads((run_dir / RAY_SNAPSHOT).read_text())["checkpoint_results"]
+        return {r["checkpoint_dir_name"] for r in results}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
-    """``{step: checkpoint directory}`` of the complete checkpoints of ``run_dir`` (Ray's or torchrun's layout)."""
+    """``{step: checkpoint directory}`` of the complete checkpoints of ``run_dir`` (Ray's or torchrun's layout).
+
+    A job stopped while its ranks were writing a checkpoint leaves a directory with some ranks' files only: Ray's
+    ``checkpoint_*`` that its record does not name (it resumes from the last one it does), torchrun's
+    ``step_XXXXXXX.partial``; neither is listed."""
     from pretrain.engine import CKPT_TAG
 
     run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    registered = _ray_registered(run_dir)
+    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and (registered is None or p.name in registered)]
     found += [p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
     return {int(checkpoint_info(p)["step"]): p for p in sorted(found) if (p / CKPT_TAG).is_dir()}
 

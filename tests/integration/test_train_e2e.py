@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pretrain.cli import main
+from pretrain.trainer import RANK_STATE_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
@@ -214,12 +216,22 @@ def test_resume_on_one_worker_goes_on_from_the_two_workers_checkpoint(trained):
     """`--resume` with another job.num_workers: the step-120 checkpoint of 2 ZeRO-3 ranks (DINO's teacher among the
     partitions) is converted once to DeepSpeed's universal form beside them and loaded by 1 worker, which trains on
     to step 130 where the 2 left off (the loss stays at its trained level, far below the ln K of an untrained DINO)
-    and writes 1-rank checkpoints. Last in this module: it extends the run the tests above read."""
+    and writes 1-rank checkpoints. A checkpoint directory that a job stopped mid-write left with rank 1's files only
+    (newer than every other; Ray never registered it) is passed over, by the driver's checks as by Ray. Last in this
+    module: it extends the run the tests above read."""
     run_dir, _ = trained
     from pretrain.steps import list_checkpoints
 
     ckpt = list_checkpoints(run_dir)[120]
     zero_files = sorted(p.name for p in (ckpt / "state").iterdir())
+    half = run_dir / "checkpoint_2999-01-01_00-00-00.000000"
+    (half / "state").mkdir(parents=True)
+    for name in zero_files:
+        if "rank_1_" in name:
+            shutil.copy(ckpt / "state" / name, half / "state" / name)
+    (half / RANK_STATE_DIR).mkdir()
+    shutil.copy(ckpt / RANK_STATE_DIR / "rank_00001.pt", half / RANK_STATE_DIR)
+    assert sorted(list_checkpoints(run_dir)) == [60, 120]
     log = run_dir.parent / "resume_one_worker.log"
     proc = _pretrain(["train", "--resume", str(run_dir), "--set", "job.num_workers=1", "--set", "job.max_steps=130",
                       "--set", "eval.enabled=false"], log, timeout=600)
