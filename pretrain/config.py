@@ -668,6 +668,26 @@ def _deep_merge(base: dict, top: dict, path: tuple[str, ...] = ()) -> dict:
     return out
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} is given twice (lines {first} and {again}); YAML would keep only the second")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated within one mapping is an error: YAML quietly keeps the last, so
+    a recipe's second ``optim:`` section would drop every setting of its first."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)):  # an unhashable key is refused by PyYAML itself
+                if key in lines:
+                    raise _DuplicateKey(key, lines[key], line)
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
@@ -677,7 +697,9 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
+from tests.util import config_error
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
@@ -120,6 +121,25 @@ def test_missing_file(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes(b"job:\n  run_name: caf\xe9\n")
     with pytest.raises(ConfigError, match=f"^{tmp_path / 'latin1.yaml'}: not UTF-8 text"):
         load_config(tmp_path / "latin1.yaml")
+
+
+def test_key_given_twice_is_refused(tmp_path):
+    """A key repeated in one mapping of a recipe (a second ``optim:`` section, a setting given twice) is one line naming
+    the key and both lines, in a recipe read directly or as another's base: YAML would drop the first silently. The
+    same key in different sections, or in a derived recipe over its base, is no repetition."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(f"base: {RECIPE}\noptim:\n  lr: 1.0e-3\ndata:\n  batch_size: 64\noptim:\n  warmup_steps: 5\n")
+    assert config_error(twice, []) == (f"{twice}: key 'optim' is given twice (lines 2 and 6); YAML would keep only "
+                                       "the second")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(f"base: {RECIPE}\noptim:\n  lr: 1.0e-3\n  warmup_steps: 5\n  lr: 2.0e-3\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: nested.yaml\n")
+    assert config_error(child, []).startswith(f"{nested}: key 'lr' is given twice (lines 3 and 5)")
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(f"base: {RECIPE}\noptim:\n  lr: 2.0e-3\ndata:\n  aug:\n    mean: [0.5]\n  batch_size: 32\n")
+    cfg = load_config(fine)
+    assert cfg.optim.lr == 2.0e-3 and cfg.data.batch_size == 32
 
 
 def test_cli_rejects_bad_config_before_any_worker(tmp_path):
