@@ -456,9 +456,12 @@ def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, histo
     if steps:
         tracker.log_artifact(plot_loss_curve(steps, losses, run_dir / "loss_curve.png"))
     if cfg.eval.enabled:
-        from pretrain.evaluate import evaluate_backbone_state  # sklearn & co: only where a run is evaluated
+        # sklearn & co: only where a run is evaluated
+        from pretrain.evaluate import evaluate_backbone_state, keep_previous_report, write_report
 
-        report = evaluate_backbone_state(cfg, backbone_state, run_dir / "eval.json", method_state=method_state)
+        report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state)
+        keep_previous_report(run_dir / "eval.json")  # a run that finished before and trained on: that report stays
+        write_report(report, run_dir / "eval.json")
         tracker.log_metrics({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)}, step=cfg.job.max_steps)
         tracker.log_metrics(
             {f"eval_random_init/{k}": v for k, v in report["random_init"].items()}, step=cfg.job.max_steps

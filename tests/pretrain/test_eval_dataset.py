@@ -146,6 +146,31 @@ def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
     assert kept[0].read_text() == '{"from": "training"}\n'
 
 
+def test_training_that_ends_again_keeps_the_first_report(tmp_path, capsys):
+    """A finished run resumed with more steps ends again: its end (pretrain.trainer._finish_run, as every rank 0 runs
+    it) moves the first end's eval.json aside as `pretrain eval` does, then writes the new report."""
+    import dataclasses
+
+    import torch
+
+    from pretrain.config import config_from_dict
+    from pretrain.tracking import NullTracker
+    from pretrain.trainer import _finish_run, _History
+
+    run = tmp_path / "run"
+    write_run(run, "simclr_digits.yaml", tmp_path / "cache", SMALL)
+    (run / "eval.json").write_text('{"from": "the first end"}\n')
+    saved = torch.load(run / "backbone.pt", weights_only=True)
+    cfg = config_from_dict(saved["config"])
+    cfg.eval = dataclasses.replace(cfg.eval, enabled=True, dataset="samples", max_samples=100)
+    state = saved["state_dict"]
+    _finish_run(cfg, run, state, NullTracker(), _History(run / "metrics.csv", enabled=False))
+    kept = list(run.glob("eval-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"from": "the first end"}\n'
+    assert f"Previous report kept as {kept[0]}" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["data"]["dataset"] == "samples"
+
+
 def test_refusals_are_one_line(tmp_path, data, capsys):
     """A dataset that is not shards, one with a single class, an unlabelled one, or a max_samples below 16: a one-line
     error before anything is decoded; `pretrain train` refuses before writing the run directory (also when only the
