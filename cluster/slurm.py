@@ -57,6 +57,34 @@ class SlurmJob(RayNodes):
         for arg in self.sbatch_args:
             if not arg.startswith("--") or any(c in arg for c in "\n\r"):
                 raise ValueError(f"--sbatch-arg: {arg!r} must be one long option, e.g. --qos=high")
+            instead = _set_by_the_script(arg)
+            if instead:
+                raise ValueError(f"--sbatch-arg: {arg!r} would change what the job script sets itself; {instead}")
+
+
+_SCRIPT_SETS = {
+    "nodes": "use --nodes", "partition": "use --partition", "time": "use --time", "account": "use --account",
+    "cpus-per-task": "use --cpus-per-node", "gpus-per-node": "use --gpus-per-node", "gpus": "use --gpus-per-node",
+    "ntasks": "each node runs one task (its Ray node)", "ntasks-per-node": "each node runs one task (its Ray node)",
+    "output": "the log is <run>/slurm/<job id>.out, where `pretrain submit --wait` and requeues find it",
+    "error": "the log is <run>/slurm/<job id>.out, where `pretrain submit --wait` and requeues find it",
+    "open-mode": "a requeued job appends to its log", "job-name": "the job is named ssl-<job.run_name>",
+    "requeue": "the job requeues itself before its time limit (--requeue-grace)",
+    "no-requeue": "a job preempted or on a failed node is requeued and resumes from its last checkpoint",
+    "signal": "use --requeue-grace (the seconds before the time limit at which the job requeues itself)",
+    "array": "one job trains one run",
+}
+
+
+def _set_by_the_script(arg: str) -> str | None:
+    """What to do instead of ``arg`` where it is an option the job script sets (sbatch takes any unambiguous start of
+    an option's name, so one is matched from 3 letters on), else None; ``--gres`` only where it asks for GPUs."""
+    name, _, value = arg[2:].partition("=")
+    if name == "gres":
+        return "use --gpus-per-node" if "gpu" in value else None
+    if len(name) < 3:
+        return None
+    return next((why for option, why in _SCRIPT_SETS.items() if option.startswith(name)), None)
 
 
 

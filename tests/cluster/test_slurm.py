@@ -30,6 +30,11 @@ def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None):
     (["--nodes", "0"], "--nodes: must be an integer >= 1, got 0"),
     (["--time", "tomorrow"], "--time: 'tomorrow' is not an sbatch time"),
     (["--sbatch-arg=qos=high"], "--sbatch-arg: 'qos=high' must be one long option"),
+    (["--sbatch-arg=--nodes=4"], "--sbatch-arg: '--nodes=4' would change what the job script sets itself; use --nodes"),
+    (["--sbatch-arg=--qos=high", "--sbatch-arg=--out=/tmp/x.log"], "--sbatch-arg: '--out=/tmp/x.log' would change what "
+     "the job script sets itself; the log is <run>/slurm/<job id>.out"),
+    (["--sbatch-arg=--gres=gpu:h100:4"], "--sbatch-arg: '--gres=gpu:h100:4' would change what the job script sets "
+     "itself; use --gpus-per-node"),
     (["--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray CPUs, the job "
                                                                "has 1 (1 nodes x 1 --cpus-per-node)"),
     (["--set", "job.nope=1"], "job.nope"),
