@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--time", help="wall-clock limit, e.g. 24:00:00")
     sl.add_argument("--account")
     sl.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="--OPTION=VALUE",
-                    help="another sbatch option for the script, e.g. --sbatch-arg=--qos=high (repeatable)")
+                    help="another sbatch option for the script, e.g. --sbatch-arg=--qos=high (repeatable; not one that "
+                         "submit has a flag for or the script sets: nodes, time, log, requeue ...)")
     sl.add_argument("--join-timeout", type=int, default=300, help="seconds to wait for every Ray node (default 300)")
     sl.add_argument("--requeue-grace", type=int, default=300,
                     help="seconds before the time limit at which the job requeues itself (default 300; 0: never)")
@@ -501,12 +502,12 @@ def cmd_search(args) -> int:
           + (f" ({gallery.corrupt} undecodable skipped)" if gallery.corrupt else "") + ":")
     paths = gallery.paths or [None] * len(gallery.keys)
     shown = any(paths[r] for r, _ in hits)  # the files the images were written from, where the manifest has them
-    print(f"{'rank':>4}  {'similarity':>10}  {'label':>5}  key  " + ("file  " if shown else "") + "caption")
-    for i, (row, sim) in enumerate(hits, 1):
-        caption = gallery.captions[row] or ""
-        label = gallery.labels[row] if gallery.labels[row] >= 0 else "-"  # "-": unlabelled (images:PATH)
+    names = [gallery.class_name(row) for row, _ in hits]
+    width = max(len("class"), *map(len, names))
+    print(f"{'rank':>4}  {'similarity':>10}  {'class':<{width}}  key  " + ("file  " if shown else "") + "caption")
+    for i, ((row, sim), name) in enumerate(zip(hits, names), 1):
         file = f"{paths[row] or '-'}  " if shown else ""
-        print(f"{i:>4}  {sim:>10.4f}  {label:>5}  {gallery.keys[row]}  {file}{caption}")
+        print(f"{i:>4}  {sim:>10.4f}  {name:<{width}}  {gallery.keys[row]}  {file}{gallery.captions[row] or ''}")
     if args.out is not None:
         from pretrain.plots import contact_sheet
 

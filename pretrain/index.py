@@ -11,6 +11,7 @@ neighbours).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,15 @@ class Gallery:
     paths: list[str | None] | None = None
     """the file each image was written from (the manifest's ``path``; None where it has none: built-in sources,
     datasets indexed from another tool's tars or written before manifests kept it)"""
+    classes: list[str] | None = None
+    """the dataset's class names, label = index (None: an index written before it kept them)"""
+
+    def class_name(self, row: int) -> str:
+        """Row ``row``'s class: its name where the dataset has names, else its label number; "-" for no label."""
+        label = int(self.labels[row])
+        if label < 0:
+            return "-"  # unlabelled (images:PATH)
+        return self.classes[label] if self.classes and label < len(self.classes) else str(label)
 
 
 @torch.no_grad()
@@ -76,7 +86,9 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
     from data_pipeline.shards import dataset_dir, read_manifest
     from pretrain.eval.dataset import ShardImages
 
-    manifest = read_manifest(dataset_dir(shards[0])).to_pylist()
+    table = read_manifest(dataset_dir(shards[0]))
+    classes = json.loads((table.schema.metadata or {}).get(b"classes", b"[]"))
+    manifest = table.to_pylist()
     caption_of = {r["key"]: r.get("caption") for r in manifest}
     path_of = {r["key"]: r.get("path") for r in manifest}
     images = ShardImages(run.cfg)
@@ -88,7 +100,7 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
     if not keys:
         raise ValueError("no decodable image in the shards")
     return Gallery(keys, np.asarray(labels, dtype=np.int64), [caption_of.get(k) for k in keys],
-                   np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys])
+                   np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys], classes)
 
 
 INDEX_FORMAT = b"ssl-pretrain embeddings 1"
@@ -116,8 +128,8 @@ def checkpoint_digest(run_dir: str | Path) -> str:
 def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, data_dir: str | Path) -> Path:
     """Write ``gallery`` as a Parquet embedding index: columns key, label, caption, path (the image's file, where the
     dataset's manifest has it), embedding (fixed-size float32 list); schema metadata format, checkpoint (path and
-    sha256), data (the shard directory), corrupt, dim. Written beside ``path`` and renamed into place: a crash leaves
-    no partial index."""
+    sha256), data (the shard directory), corrupt, dim, classes (the dataset's class names, a JSON list). Written
+    beside ``path`` and renamed into place: a crash leaves no partial index."""
     import os
 
     import pyarrow as pa
@@ -135,7 +147,7 @@ def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, 
         "format": INDEX_FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_sha256": checkpoint_digest(checkpoint),
         "data": data_dir if is_url(data_dir) else str(Path(data_dir).resolve()),
-        "corrupt": str(gallery.corrupt), "dim": str(emb.shape[1])})
+        "corrupt": str(gallery.corrupt), "dim": str(emb.shape[1]), "classes": json.dumps(gallery.classes or [])})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     pq.write_table(table, partial)
@@ -162,7 +174,8 @@ def load_gallery(path: str | Path) -> tuple[Gallery, dict[str, str]]:
     gallery = Gallery(table.column("key").to_pylist(), np.asarray(table.column("label").to_pylist(), dtype=np.int64),
                       table.column("caption").to_pylist(), emb.reshape(-1, dim).astype(np.float32, copy=False),
                       int(meta["corrupt"]),
-                      table.column("path").to_pylist() if "path" in table.column_names else None)
+                      table.column("path").to_pylist() if "path" in table.column_names else None,
+                      json.loads(meta["classes"]) if "classes" in meta else None)
     return gallery, meta
 
 

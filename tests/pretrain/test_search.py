@@ -69,6 +69,9 @@ def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
                  "00000000", "--k", "20"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("11 nearest of 11 images to image '00000000' (1 undecodable skipped):")
+    rows = _table(out)  # each image's class by the name of its folder (the dataset's class names), and its file
+    assert len(rows) == 11 and all(r[2] == Path(r[4].strip()).parent.name for r in rows)
+    assert sorted(r[2] for r in rows) == ["a"] * 5 + ["b"] * 6
     index = tmp_path / "ds.parquet"
     assert main(["embed", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--out",
                  str(index)]) == 0
@@ -150,7 +153,7 @@ def test_index_refusals_are_one_line(runs, capsys, tmp_path):
 
 
 def test_unlabelled_images_show_no_label(runs, capsys, tmp_path):
-    """A gallery of unlabelled images (images:PATH) lists '-' for the label, and the file each image was written
+    """A gallery of unlabelled images (images:PATH) lists '-' for the class, and the file each image was written
     from (the manifest's path), searched directly and through an index; the query finds its own file first."""
     from tests.data_pipeline.conftest import make_image_tree
 
@@ -163,7 +166,7 @@ def test_unlabelled_images_show_no_label(runs, capsys, tmp_path):
         capsys.readouterr()
         assert main(["search", "--checkpoint", str(runs / "simclr"), *source, "--image", "00000000", "--k", "7"]) == 0
         out = capsys.readouterr().out
-        assert out.splitlines()[1].split() == ["rank", "similarity", "label", "key", "file", "caption"]
+        assert out.splitlines()[1].split() == ["rank", "similarity", "class", "key", "file", "caption"]
         rows = _table(out)
         assert len(rows) == 7 and {r[2] for r in rows} == {"-"}
         assert rows[0][3] == "00000000" and rows[0][4].strip() == files[0]
