@@ -43,6 +43,11 @@ class Encoder(nn.Module):
         normalised, as the run's evaluation views are made."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be (B, C, H, W) with C 1 or 3, got {tuple(images.shape)}")
+        if images.dtype != torch.uint8 and not torch.compiler.is_compiling():  # an exported program: no data checks
+            low, high = torch.aminmax(images.detach())
+            if low < -1e-3 or high > 1 + 1e-3:  # 0..255 floats, or images already normalised: features of nothing
+                raise ValueError(f"float images must be in [0, 1] (these span {low.item():.4g}..{high.item():.4g}); "
+                                 "pass uint8 0..255 or divide by 255, without normalising them (the encoder does)")
         x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
         x = x.to(self.mean.device)
         if x.shape[1] == 3 and self.channels == 1:

@@ -103,6 +103,12 @@ def test_bad_input_is_one_line(runs, tmp_path):
     encoder = pretrain.load_encoder(runs / "simclr")
     with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\) with C 1 or 3, got \(2, 2, 8, 8\)"):
         encoder(torch.zeros(2, 2, 8, 8))
+    # floats outside [0, 1]: pixel values not divided by 255, or images normalised already
+    with pytest.raises(ValueError, match=r"float images must be in \[0, 1\] \(these span 0\.\.255\); pass uint8"):
+        encoder(torch.arange(256.0).view(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"these span -1\.5\.\.0\.5"):
+        encoder(torch.full((1, 3, 8, 8), 0.5).index_fill_(1, torch.tensor([0]), -1.5))
+    assert encoder(torch.rand(2, 1, 8, 8)).shape[0] == 2
     with pytest.raises(ValueError, match="a simclr run has no text tower"):
         encoder.encode_text(["seven"])
     with pytest.raises(ValueError, match="does not exist"):
