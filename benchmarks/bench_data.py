@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cpu_name, git_sha  # noqa: E402
+from benchmarks.common import at_least, cpu_name, git_sha  # noqa: E402
 from data_pipeline.cpu import PilAugmenter  # noqa: E402
 from data_pipeline.dali import DaliAugmenter  # noqa: E402
 from data_pipeline.loader import make_train_stream  # noqa: E402
@@ -44,6 +44,7 @@ DIGITS_AUG = AugmentConfig(crop_scale=(0.5, 1.0), flip_prob=0.0, jitter_prob=0.8
                            blur_prob=0.5, blur_sigma=(0.1, 1.0), affine_prob=0.5, rotate_degrees=10.0,
                            mean=[0.5], std=[0.5])
 SIMCLR_AUG = AugmentConfig()  # defaults: crop, flip, jitter 0.8, grayscale 0.2, blur 0.5
+JPEG_BATCH = 64
 
 
 def machine() -> str:
@@ -110,13 +111,15 @@ def bench(name: str, shards: list[str], aug: AugmentConfig, *, size: int, channe
             for p, (med, worst) in rates.items()]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads = PIL pool threads")
-    parser.add_argument("--jpegs", type=int, default=384, help="number of 224 px JPEGs to generate")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = parser.parse_args()
+    parser.add_argument("--runs", type=at_least(1), default=5, help="timed runs per provider, the median reported "
+                        "(default 5, after a warm-up)")
+    parser.add_argument("--threads", type=at_least(1), default=2, help="DALI threads = PIL pool threads (default 2)")
+    parser.add_argument("--jpegs", type=at_least(JPEG_BATCH), default=384,
+                        help=f"number of 224 px JPEGs to generate (default 384; at least one batch of {JPEG_BATCH})")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where DALI runs (default cpu)")
+    args = parser.parse_args(argv)
 
     print("# bench_data: decode + 2-view augmentation throughput (images/s; each image yields 2 views)")
     print(f"# machine: {machine()}")
@@ -133,9 +136,9 @@ def main() -> None:
         jpeg = list_shards(tmp / "jpeg-shards")
         common = dict(runs=args.runs, threads=args.threads, device=args.device)
         lines = bench("digits 16px", digits, DIGITS_AUG, size=16, channels=1, batch=256, **common)
-        lines += bench("jpeg 224px", jpeg, SIMCLR_AUG, size=224, channels=3, batch=64, **common)
-        lines += bench("jpeg 224px noblur", jpeg, AugmentConfig(blur_prob=0.0), size=224, channels=3, batch=64,
-                       **common)
+        lines += bench("jpeg 224px", jpeg, SIMCLR_AUG, size=224, channels=3, batch=JPEG_BATCH, **common)
+        lines += bench("jpeg 224px noblur", jpeg, AugmentConfig(blur_prob=0.0), size=224, channels=3,
+                       batch=JPEG_BATCH, **common)
     print(f"{'dataset':<18} {'provider':<7} {'median':>15}")
     for line in lines:
         print(line)

@@ -47,6 +47,7 @@ if "--smoke" in sys.argv:  # Triton reads the switch when the kernel modules are
 from benchmarks.common import (  # noqa: E402
     CPU_MALLOC_ENV,
     cpu_name,
+    csv_out,
     git_sha,
     median_ms,
     peak_mb,
@@ -97,6 +98,10 @@ def _sizes(mode: str, cuda: bool) -> list[dict]:
                for k in (4096, 16384, 65536)]
             + [dict(op="gather", b=b, l=196, d=768, keep=0.25, _compile=b == 1024,
                     _target="gather" if b == 1024 else None) for b in (256, 1024)])
+
+
+OPS = ("ntxent", "dino", "gather")
+PROVIDERS = ("eager", "compile", "chunked", "triton", "copy")
 
 
 def _providers(case: dict, triton_ok: bool) -> list[str]:
@@ -267,8 +272,11 @@ def _append_csv(path: Path, row: dict) -> None:
 
 def load_rows(path: Path) -> list[dict]:
     """The rows of the latest run (newest time_utc) in a CSV this script wrote, numbers as floats."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    with open(path, newline="", errors="replace") as f:
+        reader = csv.DictReader(f)
+        if not {"time_utc", "provider"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path} is not a CSV of bench_kernels rows (no time_utc and provider columns)")
+        rows = list(reader)
     if not rows:
         return []
     latest = max(r["time_utc"] for r in rows)
@@ -404,8 +412,24 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args.worker)
         return 0
     if args.report:
-        print("\n".join(report(load_rows(Path(args.report)))))
+        path = Path(args.report)
+        if not path.is_file():
+            ap.error(f"--report: {path} is not a file (a CSV this script wrote)")
+        try:
+            rows = load_rows(path)
+        except ValueError as e:
+            ap.error(f"--report: {e}")
+        print("\n".join(report(rows)))
         return 0
+    for option, value, known in (("--ops", args.ops, OPS), ("--providers", args.providers, PROVIDERS)):
+        unknown = [v for v in (value or "").split(",") if v and v not in known] or ([""] if value == "" else [])
+        if unknown:
+            ap.error(f"{option}: {', '.join(map(repr, unknown))} not among {','.join(known)}")
+    for option, value in (("--budget-s", args.budget_s), ("--case-timeout-s", args.case_timeout_s)):
+        if value is not None and value <= 0:
+            ap.error(f"{option}: must be > 0, got {value:g}")
+    if args.out is not None:
+        csv_out(ap, "--out", Path(args.out))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.smoke:
         device = "cpu"

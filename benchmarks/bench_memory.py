@@ -26,16 +26,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     CPU_MALLOC_ENV,
+    at_least,
     cpu_name,
+    csv_out,
     git_sha,
     median_ms,
     peak_mb,
+    positive_float,
     print_result,
     run_worker,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "memory.csv"
+VITS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
 
 
 def measure(backbone: str, image_size: int, patch_size: int, batch: int, checkpointing: bool, device: str,
@@ -67,17 +71,27 @@ def _in_subprocess(args: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbones", default="vit_small,vit_base", help="comma list of ViT backbones")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--budget-s", type=float, default=None, help="timing budget per case (default 3 cpu, 1 cuda)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--backbones", default="vit_small,vit_base",
+                   help=f"comma list of ViT backbones (default vit_small,vit_base; of {', '.join(VITS)})")
+    p.add_argument("--image-size", type=at_least(1), default=224, help="input side in pixels (default 224)")
+    p.add_argument("--patch-size", type=at_least(1), default=16, help="ViT patch side, dividing --image-size "
+                   "(default 16)")
+    p.add_argument("--batch", type=at_least(1), default=32, help="images per step (default 32)")
+    p.add_argument("--budget-s", type=positive_float, default=None,
+                   help="timing budget per case (default 3 cpu, 1 cuda)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="the CSV to append the rows to (default "
+                   "benchmarks/results/memory.csv)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print_result(measure(**json.loads(a.worker)))
         return 0
+    unknown = [b for b in a.backbones.split(",") if b not in VITS]
+    if unknown:
+        p.error(f"--backbones: {', '.join(map(repr, unknown))} not among the ViT backbones {', '.join(VITS)}")
+    if a.image_size % a.patch_size:
+        p.error(f"--patch-size: {a.patch_size} does not divide --image-size {a.image_size}")
+    csv_out(p, "--out", a.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = a.budget_s if a.budget_s is not None else (1.0 if device == "cuda" else 3.0)
     machine = f"{cpu_name()}, {torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}"

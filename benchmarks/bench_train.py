@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cpu_name, git_sha  # noqa: E402
+from benchmarks.common import at_least, cpu_name, csv_out, git_sha  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train.csv"
@@ -37,10 +36,15 @@ def machine() -> str:
     return f"{cpu_name()}, {gpu}"
 
 
+def _run_sets(steps: int, out: str) -> list[str]:
+    """What the measured run sets over the recipe (the user's overrides go on top)."""
+    return [f"job.max_steps={steps}", f"job.out_dir={out}", "job.run_name=bench", "eval.enabled=false",
+            "job.log_every=5", f"job.ckpt_every={steps}", "optim.warmup_steps=1", "job.progress=false"]
+
+
 def bench_ray(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
-        sets = [f"job.max_steps={steps}", f"job.out_dir={out}", "job.run_name=bench", "eval.enabled=false",
-                "job.log_every=5", f"job.ckpt_every={steps}", "optim.warmup_steps=1", "job.progress=false", *overrides]
+        sets = [*_run_sets(steps, out), *overrides]
         cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(recipe)]
         for s in sets:
             cmd += ["--set", s]
@@ -65,7 +69,7 @@ def bench_model(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> 
     from pretrain.trainer import build_method
 
     cfg = load_config(recipe, overrides)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.job.num_workers))
+    torch.set_num_threads(1)  # as Ray gives each worker its one CPU (OMP_NUM_THREADS=1)
     method = build_method(cfg, distributed=False)
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=cfg.optim.lr)
     b, c, s, d = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data
@@ -90,31 +94,48 @@ def bench_model(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> 
             "median_step_s": step, "wall_s": sum(times)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "simclr_digits.yaml")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args()
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "simclr_digits.yaml",
+                   help="the recipe to measure (default configs/simclr_digits.yaml)")
+    p.add_argument("--steps", type=at_least(2), default=60, help="training steps of the ray+deepspeed run (default 60)")
+    p.add_argument("--warmup", type=at_least(0), default=10,
+                   help="its first steps left out of the median (default 10; fewer than --steps)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, as `pretrain train --set` takes it (repeatable)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="the CSV to append the rows to (default "
+                   "benchmarks/results/train.csv)")
+    args = p.parse_args(argv)
+    if args.warmup >= args.steps:
+        p.error(f"--warmup: {args.warmup} leaves none of the {args.steps} --steps to measure")
+    csv_out(p, "--out", args.out)
+    from pretrain.config import ConfigError, load_config
+
+    try:  # the recipe and overrides as the run takes them, checked before anything is measured
+        load_config(args.config, [*_run_sets(args.steps, "/tmp"), *args.overrides])
+    except ConfigError as e:
+        p.error(str(e))
 
     results = [bench_model(args.config, 20, 3, args.overrides), bench_ray(args.config, args.steps, args.warmup,
                                                                            args.overrides)]
     stamp, sha, where = time.strftime("%Y-%m-%d %H:%M:%S"), git_sha(), machine()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
+    recipe = " ".join([args.config.name, *args.overrides])  # what was measured: the recipe and its overrides
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists()
+    with args.out.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
             w.writerow(["time", "git_sha", "machine", "recipe", *results[0].keys()])
         for r in results:
-            w.writerow([stamp, sha, where, args.config.name, *r.values()])
-    print(f"machine: {where}\ngit: {sha}  time: {stamp}  recipe: {args.config.name} {' '.join(args.overrides)}")
+            w.writerow([stamp, sha, where, recipe, *r.values()])
+    print(f"machine: {where}\ngit: {sha}  time: {stamp}  recipe: {recipe}")
     print(f"{'provider':<15}{'workers':>8}{'batch/worker':>14}{'img/s/worker':>14}{'step s':>9}{'wall s':>9}")
     for r in results:
         print(f"{r['provider']:<15}{r['workers']:>8}{r['batch_per_worker']:>14}{r['images_per_s_per_worker']:>14.1f}"
               f"{r['median_step_s']:>9.3f}{r['wall_s']:>9.1f}")
+    print(f"Appended {len(results)} rows to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

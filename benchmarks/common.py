@@ -3,6 +3,7 @@ memory."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -132,3 +133,37 @@ def peak_mb(step, device: str) -> tuple[float, str]:
     before = rss_kb("VmRSS")
     step()
     return max(0, rss_kb("VmHWM") - before) / 1024, method
+
+
+def at_least(low: float, kind: type = int):
+    """An argparse ``type``: a number of ``kind`` that is ``>= low`` (argparse's one-line error names the option)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a number > 0."""
+    value = at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def csv_out(parser: argparse.ArgumentParser, option: str, path: Path) -> Path:
+    """``path`` as the CSV a benchmark appends to, or ``parser.error`` (before anything is measured) for a directory or
+    a file without the CSV header of a results file."""
+    if path.is_dir():
+        parser.error(f"{option}: {path} is a directory; give the CSV file to append the rows to")
+    if path.is_file() and path.stat().st_size and "," not in path.open(errors="replace").readline():
+        parser.error(f"{option}: {path} is not a CSV of results (its first line is no CSV header); rows are appended "
+                     "to one")
+    return path

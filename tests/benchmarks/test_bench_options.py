@@ -1,0 +1,41 @@
+"""Every benchmark script refuses a bad option in one line (argparse's "error: ..." and exit status 2) before it
+measures or writes anything."""
+
+import pytest
+
+from benchmarks import bench_data, bench_kernels, bench_memory, bench_train
+
+SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory, "train": bench_train}
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("data", ["--runs", "0"], "argument --runs: must be >= 1, got 0"),
+    ("data", ["--threads", "two"], "argument --threads: not an integer: 'two'"),
+    ("data", ["--jpegs", "16"], "argument --jpegs: must be >= 64, got 16"),  # fewer than one batch: nothing timed
+    ("kernels", ["--ops", "ntxent,bogus"], "--ops: 'bogus' not among ntxent,dino,gather"),
+    ("kernels", ["--smoke", "--providers", "triton,nope"], "--providers: 'nope' not among eager,compile,chunked,"),
+    ("kernels", ["--budget-s", "-1"], "--budget-s: must be > 0, got -1"),
+    ("kernels", ["--case-timeout-s", "0"], "--case-timeout-s: must be > 0, got 0"),
+    ("kernels", ["--report", "{tmp}/none.csv"], "--report: {tmp}/none.csv is not a file"),
+    ("kernels", ["--report", "{tmp}/other.csv"], "--report: {tmp}/other.csv is not a CSV of bench_kernels rows"),
+    ("kernels", ["--smoke", "--out", "{tmp}"], "--out: {tmp} is a directory; give the CSV file"),
+    ("memory", ["--backbones", "vit_tiny,convnet"], "--backbones: 'convnet' not among the ViT backbones vit_tiny,"),
+    ("memory", ["--image-size", "30", "--patch-size", "8"], "--patch-size: 8 does not divide --image-size 30"),
+    ("memory", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    ("memory", ["--out", "{tmp}/notes.txt"], "--out: {tmp}/notes.txt is not a CSV of results"),
+    ("train", ["--steps", "1"], "argument --steps: must be >= 2, got 1"),
+    ("train", ["--steps", "5", "--warmup", "5"], "--warmup: 5 leaves none of the 5 --steps to measure"),
+    ("train", ["--config", "{tmp}/none.yaml"], "config file not found: {tmp}/none.yaml"),
+    ("train", ["--set", "model.backbone=bogus"], "model.backbone: unknown backbone 'bogus'"),
+    ("train", ["--set", "job.num_workers=0"], "job.num_workers"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, script, argv, message):
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[script].main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in err and message.format(tmp=tmp_path) in err, err  # argparse's one line, after its usage
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing appended
