@@ -247,6 +247,9 @@ def _check_steps_left(cfg: Config, run_dir: Path) -> None:
     from pretrain.steps import list_checkpoints
 
     steps = list_checkpoints(run_dir)
+    if not steps and (run_dir / "backbone.pt").is_file():  # every run checkpoints its last step
+        raise ConfigError(f"--resume: {run_dir} holds an encoder and no checkpoint to go on from (as `pretrain "
+                          "extract` writes a step's encoder); resuming would train anew over it")
     if not steps:
         return
     last = max(steps)
@@ -470,6 +473,8 @@ def cmd_search(args) -> int:
 
     if args.k < 1:
         raise ConfigError(f"--k: must be >= 1, got {args.k}")
+    if args.out is not None and args.out.exists():
+        raise ConfigError(f"--out: {args.out} already exists; search overwrites nothing")
     run = load_run(args.checkpoint, _device(args.device))
     if args.text is not None and run.encode_text is None:
         raise ConfigError(f"--text: {args.checkpoint} is a {run.cfg.method.name} run, which has no text tower "
@@ -584,6 +589,9 @@ def cmd_extract(args) -> int:
     from pretrain.steps import extract_step, list_checkpoints
 
     if args.list:
+        if not (args.checkpoint / "config.yaml").is_file():
+            raise ConfigError(f"--checkpoint: {args.checkpoint} " + ("is not a run directory (no config.yaml)"
+                                                                     if args.checkpoint.exists() else "does not exist"))
         found = list_checkpoints(args.checkpoint)
         for step, path in sorted(found.items()):
             print(f"step {step:>9}  {path}")

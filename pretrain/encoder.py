@@ -43,7 +43,9 @@ class Encoder(nn.Module):
         normalised, as the run's evaluation views are made."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be (B, C, H, W) with C 1 or 3, got {tuple(images.shape)}")
-        if images.dtype != torch.uint8 and not torch.compiler.is_compiling():  # an exported program: no data checks
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(f"images must be uint8 (0..255) or float (in [0, 1]), got {images.dtype}")
+        if images.dtype != torch.uint8 and images.numel() and not torch.compiler.is_compiling():  # exported: no checks
             low, high = torch.aminmax(images.detach())
             if low < -1e-3 or high > 1 + 1e-3:  # 0..255 floats, or images already normalised: features of nothing
                 raise ValueError(f"float images must be in [0, 1] (these span {low.item():.4g}..{high.item():.4g}); "
@@ -79,7 +81,10 @@ def load_encoder(run: str | Path, *, device: str | torch.device = "cpu") -> Enco
     names what is missing."""
     from pretrain.index import load_run
 
-    loaded = load_run(run, device)
+    try:
+        loaded = load_run(run, device)
+    except ValueError as e:  # the CLI's messages name its flag
+        raise ValueError(str(e).removeprefix("--checkpoint: ")) from None
     if loaded.encode_text is None:  # the backbone itself
         return Encoder(loaded.cfg, loaded.encode_image).to(device).eval()
     model = loaded.encode_image.__self__  # CLIP: bound methods of the whole model (towers and projections)

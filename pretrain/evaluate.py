@@ -78,7 +78,14 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
         path = path / "backbone.pt"
     if not path.is_file():
         raise ValueError(f"--checkpoint: {path} does not exist (expected a finished run directory or its backbone.pt)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a file it cannot read
+        raise ValueError(f"--checkpoint: {path} is not a backbone.pt that training writes ({type(e).__name__} reading "
+                         "it); give a finished run directory or its backbone.pt") from None
+    if not (isinstance(saved, dict) and {"config", "state_dict"} <= saved.keys()):
+        raise ValueError(f"--checkpoint: {path} is not a backbone.pt that training writes (no config and state_dict "
+                         "in it); give a finished run directory or its backbone.pt")
     whole = path.parent / MODEL_FILE
     method_state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"] if whole.is_file() else None
     return config_from_dict(saved["config"]), saved["state_dict"], method_state, path

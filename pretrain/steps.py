@@ -85,7 +85,8 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"--checkpoint: {run_dir} is not a run directory (no config.yaml)")
+        raise ValueError(f"--checkpoint: {run_dir} " + ("is not a run directory (no config.yaml)" if run_dir.exists()
+                                                       else "does not exist"))
     found = list_checkpoints(run_dir)
     if not found:
         raise ValueError(f"--checkpoint: {run_dir} has no checkpoint yet (they are written every job.ckpt_every steps)")
@@ -96,6 +97,9 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
     out = step_dir(run_dir, step) if out is None else Path(out)
     if (out / "backbone.pt").exists():
         raise ValueError(f"--out: {out} already holds an encoder; extract overwrites nothing")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out: {out} exists and is not an empty directory; extract writes a new one and overwrites "
+                         "nothing")
     cfg = load_config(run_dir / "config.yaml")
     method = build_method(cfg, distributed=False)
     method.load_state_dict(consolidated_state_dict(found[step], cfg.zero.stage))

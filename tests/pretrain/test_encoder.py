@@ -108,11 +108,20 @@ def test_bad_input_is_one_line(runs, tmp_path):
         encoder(torch.arange(256.0).view(1, 1, 16, 16))
     with pytest.raises(ValueError, match=r"these span -1\.5\.\.0\.5"):
         encoder(torch.full((1, 3, 8, 8), 0.5).index_fill_(1, torch.tensor([0]), -1.5))
-    assert encoder(torch.rand(2, 1, 8, 8)).shape[0] == 2
+    with pytest.raises(ValueError, match=r"must be uint8 \(0\.\.255\) or float \(in \[0, 1\]\), got torch.int64"):
+        encoder(torch.zeros(1, 1, 8, 8, dtype=torch.int64))
+    assert encoder(torch.rand(2, 1, 8, 8)).shape[0] == 2 and encoder(torch.rand(0, 1, 8, 8)).shape[0] == 0
     with pytest.raises(ValueError, match="a simclr run has no text tower"):
         encoder.encode_text(["seven"])
-    with pytest.raises(ValueError, match="does not exist"):
+    # the Python API's messages name no CLI flag
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'nope'} does not exist"):
         pretrain.load_encoder(tmp_path / "nope")
+    (tmp_path / "train.log").write_text("not weights\n")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'train.log'} is not a backbone.pt that training writes"):
+        pretrain.load_encoder(tmp_path / "train.log")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt is not a backbone.pt that training writes \(no config and"):
+        pretrain.load_encoder(tmp_path / "other.pt")
 
 
 def test_the_cli_does_not_import_torch():
