@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP) slurm-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
+	$(PY) -m pytest -q tests $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)

@@ -34,7 +34,6 @@ setup(
     package_data={"cluster": ["templates/*"]},
     install_requires=INSTALL_REQUIRES,
     # kubernetes-validate: Kubernetes' own OpenAPI schemas, to check the manifests `pretrain submit k8s` writes
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "ruff>=0.6",
-                            "kubernetes-validate>=1.37"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "kubernetes-validate>=1.37"]},
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
 )

@@ -17,8 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# under pytest-xdist (make test runs 2 workers), the workers share the cores
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(os.cpu_count() or 1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -32,15 +31,3 @@ def digits_shards(tmp_path_factory) -> list[str]:
     from data_pipeline.shards import ensure_digits_shards
 
     return ensure_digits_shards(tmp_path_factory.mktemp("digits-cache"))
-
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist with ``--dist loadgroup``, each module's tests go to one worker (its module fixtures are built
-    once), and the cluster tests to one worker in turn: the private Slurm cluster and the Kubernetes pods both take
-    the loopback addresses 127.0.0.2 and 127.0.0.3."""
-    for item in items:
-        parts = os.path.relpath(str(item.path), TESTS).split(os.sep)
-        item.add_marker(pytest.mark.xdist_group("cluster" if parts[0] == "cluster" else "/".join(parts)))
