@@ -14,7 +14,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# DeepSpeed's CPU comm op (JIT-compiled at the first engine otherwise, ~40 s): built once here, as part of the
-	# install, into torch's extension cache; a no-op where CUDA is (NCCL needs no op).
+	# install, into .venv/torch_extensions (pretrain.engine); a no-op where CUDA is (NCCL needs no op).
 	$(PY) -c "from pretrain.engine import prebuild_ops; prebuild_ops()"
 	touch $(STAMP)
 

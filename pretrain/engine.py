@@ -20,6 +20,24 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+
+def _own_extensions_dir() -> str | None:
+    """A directory inside this virtual environment for the ops torch JIT-builds for DeepSpeed, or None outside one (or
+    in one not writable). Two installs sharing torch's default (~/.cache/torch_extensions) rebuild the op over each
+    other, each seeing the other's build as stale: builds that a killed process can leave locked for both."""
+    if sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return None
+    return os.path.join(sys.prefix, "torch_extensions")
+
+
+# set before any build; processes started from this one (spawned ranks, Ray's workers, torchrun's) inherit it
+if _own_extensions_dir():
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", _own_extensions_dir())
+
+STALE_BUILD_LOCK_S = 600.0
+"""A JIT build's lock this old was left by a process killed while building (a build takes ~40 s): removed, where
+torch would wait on it forever."""
+
 # DeepSpeed's autotuner imports MLflow at DeepSpeed's import where it is installed (~2 s of every worker's start on a
 # 2-core VM), for autotuning experiments this project does not run: hidden from that import unless already loaded, so
 # that only the rank that tracks the run loads MLflow (pretrain.tracking).
@@ -168,6 +186,8 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
     """
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if not torch.cuda.is_available():
+        clear_stale_build_locks()  # DeepSpeed builds (or loads) its CPU comm op in initialize
     o = cfg.optim
     groups = config_param_groups(model, o)
     optimizer = build_optimizer(groups, o.name, peak_lr(cfg, world), **optimizer_hyper(cfg))
@@ -300,6 +320,30 @@ def consolidated_state_dict(directory: str | Path, stage: int) -> dict[str, torc
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CKPT_TAG))
 
 
+def _extensions_root() -> Path:
+    """Where torch builds and finds JIT-compiled ops (as torch.utils.cpp_extension decides it)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the build locks of JIT-compiled ops older than ``max_age_s`` (each said in a line): a process killed
+    while building leaves its lock, and every later build or load of that op then waits for it forever, silently.
+    Returns the locks removed."""
+    removed = []
+    root = _extensions_root()  # torch's default has a folder per Python and device above the ops; a set one has not
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"Removed {lock}, a build lock {age / 60:.0f} min old left by a process killed while building "
+                      "(torch would wait on it forever)", flush=True)
+        except FileNotFoundError:  # another rank removed it, or the build finished
+            pass
+    return removed
+
+
 def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
     """Build (or load from the cache) the ops DeepSpeed JIT-compiles at ``initialize``, saying so.
 
@@ -315,8 +359,9 @@ def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not builder.is_compatible():
         return
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    built = any(root.glob(f"*/{builder.NAME}/*.so"))
+    root = _extensions_root()
+    clear_stale_build_locks()
+    built = any(root.glob(f"{builder.NAME}/*.so")) or any(root.glob(f"*/{builder.NAME}/*.so"))
     if not built:
         print(f"Building DeepSpeed's {builder.NAME} op once into {root} (about 40 s; cached afterwards) ...",
               flush=True)

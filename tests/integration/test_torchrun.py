@@ -73,7 +73,7 @@ def _killed_after(whole: Path, step: int) -> Path:
 
 
 @pytest.mark.parametrize("recipe, extra", [(RECIPE, []), IBOT], ids=["simclr", "ibot"])
-def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra):
+def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, capsys, recipe, extra):
     """Killed after its step-5 checkpoint (mid-epoch: rank 0 reads 8 batches an epoch) while copying its step-10 one,
     a run resumed to step 12 starts at step 5 and logs the very losses of the uninterrupted run, also past the epoch
     boundary: same samples, augmentations and RNG (for iBOT the same teacher, centers, schedules and masks, though the
@@ -118,6 +118,22 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, recipe, extra)
         final = torch.load(whole / "backbone.pt", weights_only=True)["state_dict"]
         merged = torch.load(out / "backbone.pt", weights_only=True)["state_dict"]
         assert step == 12 and all(torch.equal(final[k], merged[k].float()) for k in final)
+        # refused in one line each: resuming the extracted step (an encoder, no checkpoint: it would train anew over
+        # it), extracting into a directory that holds other files, listing the checkpoints of a non-run
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        (busy / "notes.txt").write_text("mine\n")
+        capsys.readouterr()
+        for args, message in ((["train", "--resume", str(out), "--dry-run"], f"--resume: {out} holds an encoder and no "
+                               "checkpoint to go on from"),
+                              (["extract", "--checkpoint", str(whole), "--out", str(busy)], f"--out: {busy} exists and "
+                               "is not an empty directory"),
+                              (["extract", "--checkpoint", str(busy), "--list"], f"--checkpoint: {busy} is not a run "
+                               "directory (no config.yaml)")):
+            assert main(args) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: {message}") and "\n" not in err, err
+        assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (out / "backbone.pt").is_file()
         _diverging_continuation_stops_before_checkpointing(cut)
 
 

@@ -119,6 +119,9 @@ def test_bad_input_is_one_line(runs, tmp_path):
     (tmp_path / "train.log").write_text("not weights\n")
     with pytest.raises(ValueError, match=f"^{tmp_path / 'train.log'} is not a backbone.pt that training writes"):
         pretrain.load_encoder(tmp_path / "train.log")
+    from pretrain.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "train.log")]) == 2  # the CLI's: one line naming its flag
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other.pt is not a backbone.pt that training writes \(no config and"):
         pretrain.load_encoder(tmp_path / "other.pt")

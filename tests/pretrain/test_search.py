@@ -88,11 +88,17 @@ def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
     (["--image", "digits_00001", "--device", "tpu"], "--device: 'tpu' is not a device (auto, cpu, cuda, cuda:N)"),
     (["--image", "digits_00001", "--device", "cuda:7"], "--device: cuda:7 is not on this machine"),
 ])
-def test_refusals_are_one_line(runs, capsys, args, message):
+def test_refusals_are_one_line(runs, capsys, args, message, tmp_path):
     assert main(["search", "--checkpoint", str(runs / "simclr"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: " + err[len("error: "):] and "\n" not in err
     assert message.format(simclr=runs / "simclr") in err
+    (tmp_path / "mine.png").write_bytes(b"mine")  # a contact sheet never replaces a file
+    assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "digits_00001", "--out",
+                 str(tmp_path / "mine.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out: {tmp_path / 'mine.png'} already exists; search " \
+                                              "overwrites nothing"
+    assert (tmp_path / "mine.png").read_bytes() == b"mine"
     assert main(["search", "--checkpoint", str(runs / "nothing"), "--image", "x"]) == 2
     assert "does not exist (expected a finished run directory" in capsys.readouterr().err
 
