@@ -106,21 +106,42 @@ def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator
         # Short path: Ray puts unix sockets under the temp dir, and those are limited to ~107 characters.
         temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls (free loopback port).
-        ctx = ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(),
-            _temp_dir=temp_dir,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-        )
+        # The cleaner finds it by RAY_API_SERVER_ADDRESS, which the cluster's processes inherit from here: without it,
+        # it looks for a Ray on this machine and fails (a traceback each poll) where another Ray runs beside this one.
+        port = _free_port()
+        saved = os.environ.get(API_SERVER)
+        os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+        try:
+            ctx = ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                _temp_dir=temp_dir,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=True,
+            )
+        except BaseException:
+            _restore_env(API_SERVER, saved)
+            raise
         print(f"Local Ray cluster: temp dir {temp_dir}, dashboard http://{ctx.dashboard_url}", flush=True)
     try:
         yield
     finally:
         ray.shutdown()
+        if not address:
+            _restore_env(API_SERVER, saved)
+
+
+API_SERVER = "RAY_API_SERVER_ADDRESS"
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _free_port() -> int:

@@ -119,6 +119,24 @@ def test_worker_failure_is_reported_and_run_kept(ray_head, tmp_path):
     assert (tmp_path / "fails" / "config.yaml").is_file()
 
 
+def test_a_private_cluster_beside_another_ray_finds_its_own(ray_head, tmp_path):
+    """A local run (no --address) while another Ray runs on the machine (this module's head): Ray Train's placement
+    group cleaner asks its own cluster's state API (RAY_API_SERVER_ADDRESS, set for the private cluster), where it
+    looked for a Ray on the machine, found two and died with a traceback in the run's log; the run completes."""
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE)]
+    for s in ["data.batch_size=32", "job.max_steps=4", "job.log_every=2", "optim.warmup_steps=1", "eval.enabled=false",
+              "eval.knn_every=0", f"job.out_dir={tmp_path}", "job.run_name=beside", "job.progress=false",
+              f"data.cache_dir={tmp_path / 'cache'}"]:
+        cmd += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**env, "RAY_AUTH_MODE": "disabled"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "Local Ray cluster" in text and (tmp_path / "beside" / "backbone.pt").is_file()
+    assert "multiple active Ray instances" not in text and "PlacementGroupCleaner" not in text, text[-3000:]
+
+
 def test_a_joined_cluster_short_of_resources_is_named():
     """What a joined cluster lacks for the run's workers (a CPU each, a GPU each on GPUs), as the warning says it
     before Ray Train waits for nodes; nothing when it has enough."""
