@@ -76,7 +76,9 @@ def write_shards(
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"out_dir {out_dir} already exists and is not an empty directory")
+        problem = "already exists and is not an empty directory" if out_dir.is_dir() else \
+            "is a file; a dataset is written as a directory"
+        raise ValueError(f"out_dir {out_dir} {problem}")
     src = resolve_source(source)  # raises before anything is written
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

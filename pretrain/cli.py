@@ -507,12 +507,14 @@ def cmd_search(args) -> int:
           + (f" ({gallery.corrupt} undecodable skipped)" if gallery.corrupt else "") + ":")
     paths = gallery.paths or [None] * len(gallery.keys)
     shown = any(paths[r] for r, _ in hits)  # the files the images were written from, where the manifest has them
-    names = [gallery.class_name(row) for row, _ in hits]
-    width = max(len("class"), *map(len, names))
-    print(f"{'rank':>4}  {'similarity':>10}  {'class':<{width}}  key  " + ("file  " if shown else "") + "caption")
-    for i, ((row, sim), name) in enumerate(zip(hits, names), 1):
-        file = f"{paths[row] or '-'}  " if shown else ""
-        print(f"{i:>4}  {sim:>10.4f}  {name:<{width}}  {gallery.keys[row]}  {file}{gallery.captions[row] or ''}")
+    columns = {"class": [gallery.class_name(row) for row, _ in hits], "key": [gallery.keys[row] for row, _ in hits]}
+    if shown:
+        columns["file"] = [paths[row] or "-" for row, _ in hits]
+    widths = {name: max(len(name), *map(len, cells)) for name, cells in columns.items()}
+    print(f"{'rank':>4}  {'similarity':>10}  " + "".join(f"{name:<{w}}  " for name, w in widths.items()) + "caption")
+    for i, (row, sim) in enumerate(hits):
+        cells = "".join(f"{columns[name][i]:<{w}}  " for name, w in widths.items())
+        print(f"{i + 1:>4}  {sim:>10.4f}  {cells}{gallery.captions[row] or ''}".rstrip())
     if args.out is not None:
         from pretrain.plots import contact_sheet
 
@@ -564,7 +566,12 @@ def _data_shards(run, data: str | None) -> list[str]:
 
     from pretrain.data import resolve_shards
 
-    return resolve_shards(run.cfg.data if data is None else dataclasses.replace(run.cfg.data, source=data))
+    if data is None:
+        return resolve_shards(run.cfg.data)
+    try:
+        return resolve_shards(dataclasses.replace(run.cfg.data, source=data))
+    except ConfigError as e:  # what is wrong with --data, said of --data
+        raise ConfigError(str(e).replace("data.source", "--data", 1)) from None
 
 
 def cmd_embed(args) -> int:

@@ -559,7 +559,9 @@ class Config:
                 f"{self.model.patch_size} does not divide data.local_size {self.data.local_size}",
             )
         METHODS[self.method.name].check_config(self)
-        _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps", "must be < job.max_steps")
+        _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps",
+               f"must be < job.max_steps, got {self.optim.warmup_steps} and {self.job.max_steps}; for a short run "
+               "lower it too (--set optim.warmup_steps=N)")
         for key, value in (("optim.layer_decay", self.optim.layer_decay),
                            ("optim.patch_embed_lr_mult", self.optim.patch_embed_lr_mult),
                            ("eval.finetune_layer_decay", self.eval.finetune_layer_decay)):

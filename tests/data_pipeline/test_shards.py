@@ -261,10 +261,14 @@ def test_crash_leaves_no_dataset(tmp_path, monkeypatch):
     assert calls and list(tmp_path.iterdir()) == []
 
 
-def test_existing_dir_refused(digits_dir):
-    """Writing into a non-empty directory is refused before any work."""
-    with pytest.raises(ValueError, match="already exists"):
+def test_existing_dir_refused(digits_dir, tmp_path):
+    """Writing into a non-empty directory, or over a file, is refused before any work."""
+    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
         write_shards("digits", digits_dir, progress=False)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(ValueError, match=f"^out_dir {tmp_path / 'notes.txt'} is a file; a dataset is written as a "):
+        write_shards("digits", tmp_path / "notes.txt", progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
 
 
 def test_ensure_digits_reuses(digits_dir):

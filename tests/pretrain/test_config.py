@@ -48,7 +48,8 @@ def test_yaml_booleans_fill_word_fields():
         ("model.backbone=vgg", "model.backbone: unknown backbone 'vgg'"),
         ("job.num_workers=0", "job.num_workers: must be >= 1"),
         ("data.dali_threads=0", "data.dali_threads: must be >= 1"),
-        ("job.max_steps=10", "optim.warmup_steps: must be < job.max_steps"),
+        ("job.max_steps=10", "optim.warmup_steps: must be < job.max_steps, got 50 and 10; for a short run lower it too "
+                             "(--set optim.warmup_steps=N)"),
         ("data.batch_size=true", "data.batch_size: expected an integer"),
         ("eval.knn_every=-5", "eval.knn_every: must be >= 0 (0 = off), got -5"),
         ("optim.lr_scaling=quadratic", "optim.lr_scaling: must be none, linear or sqrt, got 'quadratic'"),

@@ -87,6 +87,7 @@ def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
     (["--image", "digits_00001", "--k", "0"], "--k: must be >= 1"),
     (["--image", "digits_00001", "--device", "tpu"], "--device: 'tpu' is not a device (auto, cpu, cuda, cuda:N)"),
     (["--image", "digits_00001", "--device", "cuda:7"], "--device: cuda:7 is not on this machine"),
+    (["--image", "digits_00001", "--data", "/nonexistent/ds"], "--data: /nonexistent/ds does not exist"),
 ])
 def test_refusals_are_one_line(runs, capsys, args, message, tmp_path):
     assert main(["search", "--checkpoint", str(runs / "simclr"), *args]) == 2
