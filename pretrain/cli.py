@@ -593,13 +593,10 @@ def cmd_embed(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from pretrain.steps import extract_step, list_checkpoints
+    from pretrain.steps import check_run_dir, extract_step, list_checkpoints
 
     if args.list:
-        if not (args.checkpoint / "config.yaml").is_file():
-            raise ConfigError(f"--checkpoint: {args.checkpoint} " + ("is not a run directory (no config.yaml)"
-                                                                     if args.checkpoint.exists() else "does not exist"))
-        found = list_checkpoints(args.checkpoint)
+        found = list_checkpoints(check_run_dir(args.checkpoint))
         for step, path in sorted(found.items()):
             print(f"step {step:>9}  {path}")
         if not found:

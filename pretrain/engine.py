@@ -31,8 +31,8 @@ def _own_extensions_dir() -> str | None:
 
 
 # set before any build; processes started from this one (spawned ranks, Ray's workers, torchrun's) inherit it
-if _own_extensions_dir():
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", _own_extensions_dir())
+if own := _own_extensions_dir():
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", own)
 
 STALE_BUILD_LOCK_S = 600.0
 """A JIT build's lock this old was left by a process killed while building (a build takes ~40 s): removed, where
@@ -344,14 +344,12 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     return removed
 
 
-def prebuild_ops(extensions_dir: str | Path | None = None) -> None:
+def prebuild_ops() -> None:
     """Build (or load from the cache) the ops DeepSpeed JIT-compiles at ``initialize``, saying so.
 
-    On CPU that is ``deepspeed_shm_comm`` (~40 s the first time). Workers inherit TORCH_EXTENSIONS_DIR and find it
-    built.
+    On CPU that is ``deepspeed_shm_comm`` (~40 s the first time), built into TORCH_EXTENSIONS_DIR (the virtual
+    environment's own, set at import), which workers inherit and find it built in.
     """
-    if extensions_dir:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir))
     if torch.cuda.is_available():
         return  # CUDA runs use torch's optimizers (AdamW, SGD, or LARS in plain torch) and NCCL: nothing to JIT-compile
     from deepspeed.accelerator import get_accelerator

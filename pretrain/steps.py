@@ -72,6 +72,15 @@ def checkpoint_info(checkpoint: str | Path) -> dict:
             "world_size": int(states.get("world_size", states["dp_world_size"]))}
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path; ValueError (one line, naming --checkpoint) unless it is a run directory (config.yaml)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"--checkpoint: {run_dir} " + ("is not a run directory (no config.yaml)" if run_dir.exists()
+                                                       else "does not exist"))
+    return run_dir
+
+
 def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / STEPS_DIR / f"step_{step:07d}"
 
@@ -83,10 +92,7 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
     from pretrain.engine import consolidated_state_dict
     from pretrain.trainer import build_method
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"--checkpoint: {run_dir} " + ("is not a run directory (no config.yaml)" if run_dir.exists()
-                                                       else "does not exist"))
+    run_dir = check_run_dir(run_dir)
     found = list_checkpoints(run_dir)
     if not found:
         raise ValueError(f"--checkpoint: {run_dir} has no checkpoint yet (they are written every job.ckpt_every steps)")
