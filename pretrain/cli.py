@@ -459,6 +459,7 @@ def _submit_k8s(args) -> int:
 def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate_checkpoint
 
+    _new_file(args.out, "eval", "a JSON report", ".json")
     evaluate_checkpoint(args.checkpoint, dataset=args.dataset, out_path=args.out,
                         finetune_epochs=args.finetune_epochs, max_samples=args.max_samples,
                         finetune_layer_decay=args.finetune_layer_decay)
@@ -473,8 +474,7 @@ def cmd_search(args) -> int:
 
     if args.k < 1:
         raise ConfigError(f"--k: must be >= 1, got {args.k}")
-    if args.out is not None and args.out.exists():
-        raise ConfigError(f"--out: {args.out} already exists; search overwrites nothing")
+    _new_file(args.out, "search", "a PNG contact sheet", ".png")
     run = load_run(args.checkpoint, _device(args.device))
     if args.text is not None and run.encode_text is None:
         raise ConfigError(f"--text: {args.checkpoint} is a {run.cfg.method.name} run, which has no text tower "
@@ -527,8 +527,7 @@ def cmd_attention(args) -> int:
     from pretrain.attention import attention_maps, plot_attention
     from pretrain.index import load_run
 
-    if args.out.exists():
-        raise ConfigError(f"--out: {args.out} already exists; attention overwrites nothing")
+    _new_file(args.out, "attention", "a PNG", ".png")
     run = load_run(args.checkpoint, _device(args.device))
     result = attention_maps(run, _data_shards(run, args.data), args.image, block=args.block)
     print(f"cls-token attention of the {result.maps.shape[1]} heads of block {result.block} "
@@ -541,6 +540,18 @@ def cmd_attention(args) -> int:
               f"  ({row}, {col}): {float(mean.max()):.3f}")
     print(f"Attention maps: {plot_attention(result, args.out)}")
     return 0
+
+
+def _new_file(path: Path | None, command: str, kind: str, *suffixes: str) -> None:
+    """Refuse, in one line, an ``--out`` of ``command`` that exists (nothing written is overwritten) or whose name
+    says another format than the ``kind`` it writes (a report.csv that holds Parquet)."""
+    if path is None:
+        return
+    if path.exists():
+        raise ConfigError(f"--out: {path} already exists; {command} overwrites nothing")
+    if path.suffix.lower() not in suffixes:
+        raise ConfigError(f"--out: {command} writes {kind}; give it a name ending in {' or '.join(suffixes)}, got "
+                          f"{path.name!r}")
 
 
 def _device(spec: str) -> str:
@@ -578,8 +589,7 @@ def cmd_embed(args) -> int:
     from data_pipeline.shards import dataset_dir
     from pretrain.index import embed_shards, load_run, save_gallery
 
-    if args.out.exists():
-        raise ConfigError(f"--out: {args.out} exists; embed writes a new file and overwrites nothing")
+    _new_file(args.out, "embed", "a Parquet file", ".parquet", ".pq")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
     run = load_run(args.checkpoint, _device(args.device))
@@ -611,6 +621,7 @@ def cmd_extract(args) -> int:
 def cmd_export(args) -> int:
     from pretrain.export import export_encoder
 
+    _new_file(args.out, "export", "a torch.export program", ".pt2")
     size = args.input_size
     if size is not None and len(size) not in (1, 2):
         raise ConfigError(f"--input-size: one side or height and width, got {len(size)} numbers")

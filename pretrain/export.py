@@ -23,6 +23,8 @@ import torch
 EXTRA_FILE = "ssl_pretrain.json"
 """The name of the metadata entry inside an exported file."""
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
+MAX_INPUT_SIDE = 8192
+"""The largest --input-size side: the check before writing runs a batch of 3 such images (and their float copies)."""
 
 
 def export_encoder(run: str | Path, out: str | Path, *, input_size: tuple[int, int] | None = None,
@@ -41,6 +43,8 @@ def export_encoder(run: str | Path, out: str | Path, *, input_size: tuple[int, i
         raise ValueError(f"--input-channels: must be 1 or 3, got {input_channels}")
     if input_size is not None and min(input_size) < 1:
         raise ValueError(f"--input-size: must be >= 1, got {list(input_size)}")
+    if input_size is not None and max(input_size) > MAX_INPUT_SIDE:
+        raise ValueError(f"--input-size: at most {MAX_INPUT_SIDE} pixels a side, got {list(input_size)}")
     from pretrain.encoder import load_encoder
     from pretrain.index import checkpoint_digest
 

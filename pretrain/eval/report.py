@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ EXTRA_METRICS = ("finetune_top1", "zeroshot_top1")
 BASELINES = {"random_init": "random init", "raw_pixels": "raw pixels"}
 """Report keys of the baselines and their column titles."""
 RAW_PIXELS_SIZE = 32
+FEW_TEST_IMAGES = 100
+"""Below this many test images the report says how coarse its accuracies are (one image is over 1 point of top-1)."""
 """The raw-pixels baseline reads images larger than this (per side) area-downsampled to it."""
 
 
@@ -87,8 +90,11 @@ def format_report(report: dict) -> str:
         d = report["data"]
         skipped = f", {d['corrupt']} undecodable skipped" if d.get("corrupt") else ""
         left_out = f", {len(d['dropped_classes'])} thin classes left out" if d.get("dropped_classes") else ""
+        test = math.ceil(0.25 * d["samples"])  # the stratified 75/25 split's test part (split_indices)
+        coarse = (f"; only {test} test images: one image moves an accuracy by {100 / test:.1f} points" if test <
+                  FEW_TEST_IMAGES else "")
         lines.insert(0, f"Evaluated on {d['dataset']}: {d['samples']} samples, {d['classes']} classes"
-                        f"{skipped}{left_out}")
+                        f"{skipped}{left_out}{coarse}")
     for metric in METRICS + tuple(k for k in EXTRA_METRICS if k in report):
         cells = "".join(f"  {_cell(values.get(metric)):>12}" for _, values in columns)
         lines.append(f"{metric:<{name_w}}{cells}")

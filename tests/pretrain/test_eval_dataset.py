@@ -144,6 +144,9 @@ def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run), "--out", str(kept[0])]) == 2
     assert capsys.readouterr().err.strip() == f"error: --out: {kept[0]} already exists; eval overwrites nothing"
     assert kept[0].read_text() == '{"from": "training"}\n'
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "report.csv")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --out: eval writes a JSON report; give it a name ending in "
+                                               ".json, got 'report.csv'")
 
 
 def test_training_that_ends_again_keeps_the_first_report(tmp_path, capsys):

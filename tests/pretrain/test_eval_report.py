@@ -72,6 +72,17 @@ def test_format_report_has_a_row_per_metric_and_three_columns(report):
         assert f"{report[key]:.4f}" in row and f"{report['raw_pixels'][key]:.4f}" in row
 
 
+def test_a_small_test_split_is_said_to_be_coarse(report):
+    """The first line names the data; where its 25% test split is under 100 images it says what one image is worth
+    (40 samples: a split of 10, one image 10 points), and nothing of the kind for the 1,797 digits."""
+    data = {"dataset": "mine", "samples": 40, "classes": 2, "corrupt": 0, "dropped_classes": []}
+    first = format_report({**report, "data": data}).splitlines()[0]
+    assert first == ("Evaluated on mine: 40 samples, 2 classes; only 10 test images: one image moves an accuracy by "
+                     "10.0 points")
+    first = format_report({**report, "data": {**data, "samples": 1797}}).splitlines()[0]
+    assert first == "Evaluated on mine: 1797 samples, 2 classes"
+
+
 def test_write_report_round_trips(report, tmp_path):
     """eval.json holds exactly the report."""
     path = tmp_path / "run" / "eval.json"

@@ -81,7 +81,10 @@ def test_refusals_are_one_line(tmp_path, capsys):
     write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", SMALL)
     taken = tmp_path / "taken.pt2"
     taken.write_bytes(b"keep me")
-    cases = [(["--out", str(taken)], f"error: --out: {taken} exists; export writes a new file and overwrites nothing"),
+    cases = [(["--out", str(taken)], f"error: --out: {taken} already exists; export overwrites nothing"),
+             (["--out", str(tmp_path / "new.pt")], "error: --out: export writes a torch.export program; give it a name "
+                                                   "ending in .pt2, got 'new.pt'"),
+             (["--input-size", "20000", "16"], "error: --input-size: at most 8192 pixels a side, got [20000, 16]"),
              (["--input-channels", "2"], "error: --input-channels: must be 1 or 3, got 2"),
              (["--input-dtype", "float16"], "error: --input-dtype: must be one of uint8, float32, got 'float16'"),
              (["--input-size", "0"], "error: --input-size: must be >= 1, got [0, 0]"),

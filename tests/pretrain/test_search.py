@@ -139,9 +139,14 @@ def test_index_refusals_are_one_line(runs, capsys, tmp_path):
     taken = tmp_path / "taken.parquet"
     taken.write_bytes(b"mine")
     assert main(["embed", "--checkpoint", str(runs / "simclr"), "--out", str(taken)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --out: {taken} exists; embed writes a new file and overwrites " \
-                                              "nothing"
+    assert capsys.readouterr().err.strip() == f"error: --out: {taken} already exists; embed overwrites nothing"
     assert taken.read_bytes() == b"mine"
+    for cmd, name, what in (("embed", "index.csv", "a Parquet file; give it a name ending in .parquet or .pq"),
+                            ("search", "hits.jpg", "a PNG contact sheet; give it a name ending in .png")):
+        extra = ["--image", "digits_00001"] if cmd == "search" else []
+        assert main([cmd, "--checkpoint", str(runs / "simclr"), *extra, "--out", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --out: {cmd} writes {what}, got {name!r}"
+        assert not (tmp_path / name).exists()
     index = tmp_path / "simclr.parquet"
     assert main(["embed", "--checkpoint", str(runs / "simclr"), "--out", str(index)]) == 0
     write_run(tmp_path / "other", "simclr_digits.yaml", runs / "cache", "model.backbone_kwargs={width: 0.25}",
