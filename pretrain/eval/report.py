@@ -17,9 +17,9 @@ EXTRA_METRICS = ("finetune_top1", "zeroshot_top1")
 BASELINES = {"random_init": "random init", "raw_pixels": "raw pixels"}
 """Report keys of the baselines and their column titles."""
 RAW_PIXELS_SIZE = 32
+"""The raw-pixels baseline reads images larger than this (per side) area-downsampled to it."""
 FEW_TEST_IMAGES = 100
 """Below this many test images the report says how coarse its accuracies are (one image is over 1 point of top-1)."""
-"""The raw-pixels baseline reads images larger than this (per side) area-downsampled to it."""
 
 
 @torch.no_grad()
