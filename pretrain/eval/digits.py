@@ -38,7 +38,11 @@ def digits_eval_set(
     return ((x - mean_t) / std_t).contiguous(), labels
 
 
-def split_indices(labels, *, test_size: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+TEST_SIZE = 0.25
+"""The share of the labelled images every evaluation holds out for testing (a stratified split)."""
+
+
+def split_indices(labels, *, test_size: float = TEST_SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified ``(train_idx, test_idx)`` into ``labels: (N,)``, each sorted; deterministic for a given ``seed``."""
     labels = np.asarray(labels)
     if labels.ndim != 1:

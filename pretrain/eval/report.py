@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.eval.digits import split_indices
+from pretrain.eval.digits import TEST_SIZE, split_indices
 from pretrain.eval.protocols import METRICS, evaluate_features
 
 EXTRA_METRICS = ("finetune_top1", "zeroshot_top1")
@@ -90,7 +90,7 @@ def format_report(report: dict) -> str:
         d = report["data"]
         skipped = f", {d['corrupt']} undecodable skipped" if d.get("corrupt") else ""
         left_out = f", {len(d['dropped_classes'])} thin classes left out" if d.get("dropped_classes") else ""
-        test = math.ceil(0.25 * d["samples"])  # the stratified 75/25 split's test part (split_indices)
+        test = math.ceil(TEST_SIZE * d["samples"])  # the test part of split_indices' split, as sklearn rounds it
         coarse = (f"; only {test} test images: one image moves an accuracy by {100 / test:.1f} points" if test <
                   FEW_TEST_IMAGES else "")
         lines.insert(0, f"Evaluated on {d['dataset']}: {d['samples']} samples, {d['classes']} classes"
