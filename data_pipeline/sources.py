@@ -20,8 +20,8 @@ Source specs (strings, so they fit a YAML recipe or a CLI flag):
 
 - ``"table:FILE"``: a table of images, one row each: a CSV, TSV, Parquet or JSON-lines file with an ``image`` column
   (a path, relative to the table's folder or absolute) and optionally ``caption`` (or ``text``: image-text pairs, as
-  COCO's or your own) and ``label`` (integers, or class names, which are sorted and numbered); rows without a label
-  are unlabelled.
+  COCO's or your own) and ``label`` (class names or integer ids, each sorted, names by text and ids by value, and
+  numbered); rows without a label are unlabelled.
 
 ``resolve_source`` checks a spec completely (unknown kind, missing / unreadable / empty folder) and raises a one-line
 ``ValueError`` before anything is written.
@@ -266,7 +266,11 @@ def _table_labels(spec: str, column, rows: int, pa) -> tuple[list[int], list[str
         labels = [UNLABELLED if v is None else int(v) for v in values]
         if any(v < UNLABELLED for v in labels):
             raise ValueError(f"source {spec!r}: labels must be >= 0 (or -1, or empty: unlabelled)")
-        return labels, [str(c) for c in range(max(labels, default=-1) + 1)]
+        # the ids present, in numeric order, are the classes: 0..K-1 stay themselves, sparse ids (synset numbers,
+        # database keys up to 10^9) do not become a class name for every integer below the largest
+        ids = sorted({v for v in labels if v != UNLABELLED})
+        index = {v: i for i, v in enumerate(ids)}
+        return [index.get(v, UNLABELLED) for v in labels], [str(v) for v in ids]
     names = sorted({str(v).strip() for v in values if v is not None and str(v).strip()})
     index = {n: i for i, n in enumerate(names)}
     return [UNLABELLED if v is None else index.get(str(v).strip(), UNLABELLED) for v in values], names

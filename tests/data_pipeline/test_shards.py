@@ -347,6 +347,20 @@ def test_table_source_pairs_images_with_captions_and_labels(tmp_path, image_tree
     assert [s["image"] for s in samples] == [f.read_bytes() for f in files]
 
 
+def test_table_integer_ids_are_the_classes_they_name(tmp_path, image_tree):
+    """Integer labels: the ids present, in numeric order, are the classes (sparse ids, say database keys up to 10^6,
+    give 3 classes, not a million names); an empty one is unlabelled."""
+    root = image_tree(tmp_path / "imgs", classes={"x": 5})
+    files = sorted((root / "x").iterdir())
+    ids = ["1000000", "7", "", "1000000", "42"]
+    (tmp_path / "ids.csv").write_text("image,label\n" + "".join(f"{f},{i}\n" for f, i in zip(files, ids)))
+    write_shards(f"table:{tmp_path / 'ids.csv'}", tmp_path / "ds", progress=False)
+    manifest = read_manifest(tmp_path / "ds").to_pylist()
+    assert shards_mod.read_classes(tmp_path / "ds") == ["7", "42", "1000000"]
+    by_file = {r["path"]: r["label"] for r in manifest}
+    assert [by_file[str(f)] for f in files] == [2, 0, -1, 2, 1]
+
+
 def test_table_source_refusals(tmp_path, image_tree):
     """A table without an image column, a row naming a missing file, integer labels below -1: one line, nothing
     written."""
