@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as td
 
+from pretrain.cli import end_process
 from pretrain.config import load_config
 from pretrain.methods import METHODS
 from pretrain.models import check_backbone_options
@@ -21,7 +22,14 @@ from pretrain.trainer import LocalSession, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """``argv`` None: this process's own command line, and the process ends with it (``pretrain.cli.end_process``)."""
+    code = _run(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        end_process(code)
+    return code
+
+
+def _run(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: torchrun --nproc-per-node N -m pretrain.train RUN_DIR", file=sys.stderr)
         return 2

@@ -286,3 +286,28 @@ def test_a_misspelt_backbone_option_is_refused_before_anything_starts(tmp_path, 
     capsys.readouterr()
     assert train_main([str(tmp_path / "w")]) == 2
     assert _one_line_error(capsys) == message
+
+
+def test_a_command_ends_its_process_as_the_interpreter_would_without_its_teardown(tmp_path):
+    """`end_process` (how `pretrain` and `python -m pretrain.train` end): the command's exit status, output still in
+    Python's buffers flushed, atexit handlers run, a non-daemon thread joined, and, with Triton loaded (the training
+    loop's kernels), none of the reference-leak report that nanobind prints when a teardown skips its objects."""
+    done = tmp_path / "thread_done"
+    code = (
+        "import atexit, sys, threading, time\n"
+        "import kernels, triton\n"
+        "atexit.register(lambda: sys.stdout.write('atexit ran'))\n"
+        f"threading.Thread(target=lambda: (time.sleep(1), open({str(done)!r}, 'w').close())).start()\n"
+        "sys.stdout.write('buffered, no newline; ')\n"
+        "from pretrain.cli import end_process\n"
+        "end_process(3)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == "buffered, no newline; atexit ran" and done.is_file()
+    assert "nanobind" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr[-2000:]
+    # the other way to skip the teardown's collections (gc.freeze, then the interpreter's own exit) gets that report
+    frozen = subprocess.run([sys.executable, "-c", "import gc, kernels, triton; gc.freeze()"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert frozen.returncode == 0 and "nanobind: leaked" in frozen.stderr
