@@ -266,8 +266,8 @@ def _table_labels(spec: str, column, rows: int, pa) -> tuple[list[int], list[str
         labels = [UNLABELLED if v is None else int(v) for v in values]
         if any(v < UNLABELLED for v in labels):
             raise ValueError(f"source {spec!r}: labels must be >= 0 (or -1, or empty: unlabelled)")
-        # the ids present, in numeric order, are the classes: 0..K-1 stay themselves, sparse ids (synset numbers,
-        # database keys up to 10^9) do not become a class name for every integer below the largest
+        # the ids present, in numeric order, are the classes: 0..K-1 stay themselves, and sparse ids (database keys)
+        # do not make a class name of every integer below the largest
         ids = sorted({v for v in labels if v != UNLABELLED})
         index = {v: i for i, v in enumerate(ids)}
         return [index.get(v, UNLABELLED) for v in labels], [str(v) for v in ids]
