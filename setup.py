@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "mlflow==3.17.2",
     "pyarrow==25.0.1",
     "scikit-learn>=1.5",
+    "scipy>=1.11",  # ranks for the evaluation's AUROCs (scikit-learn depends on it too)
     "pyyaml>=6",
     "pillow>=10",
     "matplotlib>=3.8",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 def as_features(x, name: str) -> np.ndarray:
@@ -37,3 +38,17 @@ def check_split(train_x, train_y, test_x, test_y) -> tuple[np.ndarray, np.ndarra
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows of ``x: (N, F)`` scaled to unit L2 norm (all-zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def auroc(is_positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of each column of ``scores: (M,)`` or ``(M, C)`` at telling the rows where ``is_positive: (M,)`` is set
+    from the rest, higher scores meaning positive -> a float (1-D scores) or ``(C,)``. The Mann-Whitney form on ranks
+    (ties count a half), the same number as sklearn's ``roc_auc_score`` for every column in one ranking."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(is_positive.sum())
+    n_neg = is_positive.shape[0] - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes: {n_pos} positive and {n_neg} negative samples")
+    ranks = rankdata(scores, axis=0)  # average ranks of tied scores
+    return (ranks[is_positive].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)

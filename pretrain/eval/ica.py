@@ -15,9 +15,8 @@ import warnings
 import numpy as np
 from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import roc_auc_score
 
-from pretrain.eval.common import as_features, check_split
+from pretrain.eval.common import as_features, auroc, check_split
 
 
 def ica_components(x, n_components: int, *, seed: int = 0) -> FastICA:
@@ -46,7 +45,6 @@ def ica_class_auroc(train_x, train_y, test_x, test_y, *, n_components: int = 32,
     sources = ica.transform(test_x[:, keep])
     best = []
     for c in classes:
-        target = test_y == c
-        auc = np.array([roc_auc_score(target, s) for s in sources.T])
+        auc = auroc(test_y == c, sources)  # every component at once
         best.append(float(np.max(np.maximum(auc, 1.0 - auc))))
     return float(np.mean(best))

@@ -48,6 +48,30 @@ def test_knn_anomaly_score_is_mean_cosine_distance():
     scores = knn_anomaly_scores(normal, _angles(0, 45), k=2)
     # 0 deg: nearest 0 and 90 -> distances 0 and 1; 45 deg: 0 and 90 -> 1 - cos 45 each
     np.testing.assert_allclose(scores, [0.5, 1 - np.cos(np.deg2rad(45))], atol=1e-12)
+    # k beyond the normal data: all of it; features that do not match: refused by name
+    np.testing.assert_allclose(knn_anomaly_scores(normal, _angles(0), k=9), [1.0], atol=1e-12)
+    with pytest.raises(ValueError, match="normal has 2 features but queries have 3"):
+        knn_anomaly_scores(normal, np.ones((1, 3)))
+
+
+def test_auroc_of_every_column_is_sklearns_ties_included():
+    """The rank form scores all columns at once and gives scikit-learn's roc_auc_score for each, ties (scores rounded
+    to one decimal) counting a half; one class only is refused."""
+    from sklearn.metrics import roc_auc_score
+
+    from pretrain.eval.common import auroc
+
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=(300, 6)), 1)
+    scores[:, 5] = 0.0  # all tied: 0.5
+    positive = rng.random(300) < 0.3
+    scores[positive, 2] += 0.5  # one column that knows the class
+    got = auroc(positive, scores)
+    np.testing.assert_allclose(got, [roc_auc_score(positive, c) for c in scores.T], rtol=0, atol=1e-12)
+    assert got[5] == 0.5 and got[2] > 0.6
+    assert auroc(positive, scores[:, 2]) == pytest.approx(got[2], abs=1e-12)
+    with pytest.raises(ValueError, match="AUROC needs both classes: 0 positive and 300 negative samples"):
+        auroc(np.zeros(300, bool), scores)
 
 
 def test_anomaly_auroc_one_class_out():
@@ -59,6 +83,12 @@ def test_anomaly_auroc_one_class_out():
     noise = rng.normal(size=(600, 8))
     y6 = np.arange(600) % 3
     assert abs(anomaly_auroc(noise[:300], y6[:300], noise[300:], y6[300:]) - 0.5) < 0.08
+    # the queries go through the similarity product in chunks: 7 at a time scores the same as all at once
+    from pretrain.eval.anomaly import _one_class_out_scores
+
+    whole = _one_class_out_scores(noise[:300], y6[:300], noise[300:], [0, 1, 2], 5)
+    np.testing.assert_allclose(_one_class_out_scores(noise[:300], y6[:300], noise[300:], [0, 1, 2], 5, chunk=7),
+                               whole, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="at least two classes"):
         anomaly_auroc(x[:5], np.zeros(5), x[5:10], np.zeros(5))
 
