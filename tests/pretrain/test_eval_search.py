@@ -26,6 +26,22 @@ def test_search_ranks_by_cosine_and_breaks_ties_by_index():
         search(gallery, np.ones((1, 3)), 1)
 
 
+def test_top_k_is_the_stable_sorts_head_ties_included():
+    """The partition-based top-k gives what a stable sort of the whole row gives, on rows with many ties (values
+    rounded to 0-2 decimals), for k from 1 to the row's length (small k: the partition path; large: the sort)."""
+    from pretrain.eval.search import _top_k
+
+    rng = np.random.default_rng(0)
+    paths = set()
+    for _ in range(200):
+        b, n = int(rng.integers(1, 20)), int(rng.integers(1, 300))
+        k = int(rng.integers(1, n + 1))
+        sim = np.round(rng.normal(size=(b, n)), int(rng.integers(0, 3)))
+        np.testing.assert_array_equal(_top_k(sim, k), np.argsort(-sim, axis=1, kind="stable")[:, :k])
+        paths.add(4 * k >= n)
+    assert paths == {True, False}
+
+
 def test_retrieval_precision_and_map_at_r():
     # gallery: class 0 at 0 and 40 degrees, class 1 at 20 and 90; the query (class 0, at 0 degrees) ranks them
     # 0 (hit), 20 (miss), 40 (hit), 90 (miss). R = 2: AP@R = (1/1 + 0) / 2 = 0.5; precision@2 = 0.5, @1 = 1.
@@ -83,12 +99,17 @@ def test_anomaly_auroc_one_class_out():
     noise = rng.normal(size=(600, 8))
     y6 = np.arange(600) % 3
     assert abs(anomaly_auroc(noise[:300], y6[:300], noise[300:], y6[300:]) - 0.5) < 0.08
-    # the queries go through the similarity product in chunks: 7 at a time scores the same as all at once
+    # each (query, class) score against its definition, however the queries are chunked and whether a query's
+    # candidates (its most similar train rows) hold k rows outside the class or it takes the exact partition instead
     from pretrain.eval.anomaly import _one_class_out_scores
+    from pretrain.eval.common import l2_normalize
 
-    whole = _one_class_out_scores(noise[:300], y6[:300], noise[300:], [0, 1, 2], 5)
-    np.testing.assert_allclose(_one_class_out_scores(noise[:300], y6[:300], noise[300:], [0, 1, 2], 5, chunk=7),
-                               whole, rtol=0, atol=1e-12)
+    train, train_y, test = noise[:300], y6[:300], noise[300:]
+    sims = l2_normalize(test) @ l2_normalize(train).T
+    expected = np.stack([1 - np.sort(sims[:, train_y != c], axis=1)[:, -5:].mean(axis=1) for c in (0, 1, 2)], 1)
+    for chunk, candidates in ((1024, 64), (7, 64), (1024, 2), (7, 6)):
+        got = _one_class_out_scores(train, train_y, test, [0, 1, 2], 5, chunk=chunk, candidates=candidates)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12, err_msg=f"chunk {chunk}, {candidates}")
     with pytest.raises(ValueError, match="at least two classes"):
         anomaly_auroc(x[:5], np.zeros(5), x[5:10], np.zeros(5))
 
