@@ -40,7 +40,10 @@ def _top_k(sim: np.ndarray, k: int) -> np.ndarray:
     if 4 * k >= n:  # most of the row: the whole sort costs about as much
         return np.argsort(-sim, axis=1, kind="stable")[:, :k]
     kth = np.partition(sim, n - k, axis=1)[:, n - k]
-    rows, cols = np.nonzero(sim >= kth[:, None])  # k per row, more where values tie the k-th
+    at_least = sim >= kth[:, None]  # k per row, more where values tie the k-th
+    if at_least.sum() > 4 * k * b:  # ties everywhere (a collapsed encoder's features): the sort holds less
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    rows, cols = np.nonzero(at_least)
     order = np.lexsort((cols, -sim[rows, cols], rows))  # by row, then value down, then index up
     rows, cols = rows[order], cols[order]
     rank = np.arange(rows.size) - np.searchsorted(rows, rows)  # place within the row

@@ -40,6 +40,8 @@ def test_top_k_is_the_stable_sorts_head_ties_included():
         np.testing.assert_array_equal(_top_k(sim, k), np.argsort(-sim, axis=1, kind="stable")[:, :k])
         paths.add(4 * k >= n)
     assert paths == {True, False}
+    collapsed = np.ones((3, 500))  # every similarity ties: the first k columns, by index
+    np.testing.assert_array_equal(_top_k(collapsed, 5), np.tile(np.arange(5), (3, 1)))
 
 
 def test_retrieval_precision_and_map_at_r():
