@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -96,7 +97,8 @@ def _worker_loop(config: dict) -> None:
 
 @contextlib.contextmanager
 def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator[None]:
-    """Join ``address`` or start a private local cluster on loopback with its own temp dir (never a foreign one)."""
+    """Join ``address`` or start a private local cluster on loopback with its own temp dir (never a foreign one),
+    removed with Ray's logs in it once the body has finished, kept (and its logs named) where it raised."""
     if ray.is_initialized():
         yield
         return
@@ -126,12 +128,19 @@ def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator
             _restore_env(API_SERVER, saved)
             raise
         print(f"Local Ray cluster: temp dir {temp_dir}, dashboard http://{ctx.dashboard_url}", flush=True)
+    finished = False
     try:
         yield
+        finished = True
     finally:
-        ray.shutdown()
+        ray.shutdown(wait_for_processes=True)  # nothing of the cluster writes to its temp dir after this
         if not address:
             _restore_env(API_SERVER, saved)
+            # Ray's logs (a few MB a run) are worth keeping only where something went wrong
+            if finished:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            else:
+                print(f"Ray's logs of this run are kept in {temp_dir}/session_latest/logs", flush=True)
 
 
 API_SERVER = "RAY_API_SERVER_ADDRESS"

@@ -2,6 +2,8 @@
 workers ends the command in one line (on a joined cluster, as on the private one: the same launcher code)."""
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +57,7 @@ def ray_head():
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _unlabelled_jpegs(root: Path) -> Path:
@@ -135,6 +138,30 @@ def test_a_private_cluster_beside_another_ray_finds_its_own(ray_head, tmp_path):
     assert proc.returncode == 0, text[-3000:]
     assert "Local Ray cluster" in text and (tmp_path / "beside" / "backbone.pt").is_file()
     assert "multiple active Ray instances" not in text and "PlacementGroupCleaner" not in text, text[-3000:]
+    # the run finished: its cluster's temp dir (Ray's logs) is gone
+    temp_dir = Path(re.search(r"Local Ray cluster: temp dir (\S+),", text).group(1))
+    assert temp_dir.name.startswith("sslray-") and not temp_dir.exists() and "Ray's logs" not in text
+
+
+def test_a_private_cluster_that_failed_keeps_its_logs_and_names_them():
+    """Where the work on a private cluster raised, its temp dir stays, Ray's logs in it, and the last line says where
+    (a finished run's goes: the test above)."""
+    code = ("from cluster.ray_launcher import ray_cluster\n"
+            "try:\n"
+            "    with ray_cluster(None, num_cpus=1):\n"
+            "        raise RuntimeError('the run failed')\n"
+            "except RuntimeError:\n"
+            "    pass\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    temp_dir = Path(re.search(r"Local Ray cluster: temp dir (\S+),", proc.stdout).group(1))
+    try:
+        logs = temp_dir / "session_latest" / "logs"
+        assert proc.stdout.strip().splitlines()[-1] == f"Ray's logs of this run are kept in {logs}"
+        assert (logs / "raylet.out").is_file() and (logs / "gcs_server.out").is_file(), sorted(logs.iterdir())
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_joined_cluster_short_of_resources_is_named():
