@@ -133,7 +133,7 @@ def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator
         yield
         finished = True
     finally:
-        ray.shutdown(wait_for_processes=True)  # nothing of the cluster writes to its temp dir after this
+        ray.shutdown(wait_for_processes=True)  # its processes stopped (or killed) before their temp dir goes
         if not address:
             _restore_env(API_SERVER, saved)
             # Ray's logs (a few MB a run) are worth keeping only where something went wrong
