@@ -434,12 +434,20 @@ class ZeroConfig:
     stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 on GPUs that have it, fp16 on older ones: V100, T4; fp32 on CPU) | fp32 | bf16 | fp16. bf16 and
+    fp16 are torch.autocast over fp32 master weights; fp16 with a dynamic loss scale (pretrain.engine.LossScale), as
+    the official DINO and MAE code train."""
+    reduce_dtype: str = "fp32"
+    """The dtype gradients are averaged over the ranks in under bf16 / fp16 (ZeRO 1-3): fp32 (as torchtitan's
+    default), or autocast (DeepSpeed's torch-autocast default: the Linear and Conv layers' gradients in bf16 / fp16,
+    half the traffic, each rounded to the half type's 8 / 11 bits)."""
 
     def __post_init__(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "stage", f"must be 0, 1, 2 or 3, got {self.stage}")
-        _check(self.precision in ("auto", "fp32", "bf16"), "precision",
-               f"must be auto, fp32 or bf16, got {self.precision!r}")
+        _check(self.reduce_dtype in ("fp32", "autocast"), "reduce_dtype",
+               f"must be fp32 or autocast, got {self.reduce_dtype!r}")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
+               f"must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
 
 @dataclass(kw_only=True)

@@ -1,6 +1,7 @@
 """The only module that imports DeepSpeed: engine from config, schedule, checkpoint save/load, op prebuild.
 
-On a machine without CUDA, DeepSpeed runs with its ``cpu`` accelerator (gloo, fp32); on GPUs with bf16. The
+On a machine without CUDA, DeepSpeed runs with its ``cpu`` accelerator (gloo, fp32); on GPUs with bf16 autocast (fp16
+with a dynamic loss scale, ``LossScale``, on GPUs without bf16). The
 optimizer (torch's AdamW or SGD, or ``pretrain.optim.LARS``) is handed to DeepSpeed as a client optimizer, so no
 CUDA/CPU-Adam extension has to be built.
 """
@@ -55,6 +56,11 @@ finally:
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
                         category=FutureWarning)
 
+# fp16: a step skipped for gradients that are not finite (LossScale) leaves the optimizer unstepped and the schedule
+# moving on, as intended; torch takes that for a misordered loop and warns.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
+                        category=UserWarning)
+
 from pretrain.config import Config  # noqa: E402
 from pretrain.optim import build_optimizer, config_param_groups  # noqa: E402
 
@@ -64,10 +70,15 @@ UNIVERSAL_TAG = "state_universal"
 """Beside ``CKPT_TAG`` once a run resumes on another number of ranks: the same state in DeepSpeed's universal format."""
 
 
-def use_bf16(cfg: Config) -> bool:
-    if cfg.zero.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.zero.precision == "bf16"
+def autocast_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype ``zero.precision`` runs matmuls and convolutions in under torch.autocast, or None for fp32. ``auto``:
+    bf16 on GPUs that have it (compute capability 8+: A100, H100), fp16 on older ones (V100, T4), fp32 on the CPU."""
+    precision = cfg.zero.precision
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return None
+        precision = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def peak_lr(cfg: Config, world_size: int) -> float:
@@ -170,10 +181,14 @@ def ds_config(cfg: Config, *, universal: bool = False) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if use_bf16(cfg):
-        # torch.autocast rather than DeepSpeed's "bf16" mode: fp32 master weights, BatchNorm statistics and inputs
-        # stay fp32 (a bf16-cast module breaks BatchNorm and needs every input cast), matmuls and convs run in bf16.
-        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    dtype = autocast_dtype(cfg)
+    if dtype is not None:
+        # torch.autocast rather than DeepSpeed's "bf16"/"fp16" modes: fp32 master weights, BatchNorm statistics and
+        # inputs stay fp32 (a half-cast module breaks BatchNorm and needs every input cast), matmuls and convs run in
+        # bf16 / fp16. fp16's loss scale: LossScale.
+        out["torch_autocast"] = {"enabled": True, "dtype": str(dtype).removeprefix("torch.")}
+        if cfg.zero.reduce_dtype == "fp32":  # no module's gradients reduced in the autocast dtype
+            out["torch_autocast"]["lower_precision_safe_modules"] = []
     if universal:
         out["checkpoint"] = {"load_universal": True}
     return out
@@ -195,7 +210,88 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, universal=universal)
     )
+    engine.fp16_scale = LossScale(engine) if autocast_dtype(cfg) == torch.float16 else None
     return engine
+
+
+class LossScaleCollapsed(RuntimeError):
+    """fp16: the gradients stayed inf or NaN however low the loss scale went; the run stops."""
+
+
+class LossScale:
+    """fp16's dynamic loss scale at every ZeRO stage, as ``torch.amp.GradScaler`` moves it: 2**16 at the start,
+    halved at every step whose gradients are not finite (that step is skipped: no update), doubled after
+    ``growth_interval`` finite steps in a row. ``build_engine`` attaches one to an fp16 engine as ``engine.fp16_scale``;
+    ``update()`` follows every optimizer step (``pretrain.trainer.optimizer_step``).
+
+    Stage 0 keeps DeepSpeed's own GradScaler (given this one's growth interval), which unscales before clipping. Under
+    ZeRO 1-3 DeepSpeed 0.19.8's torch-autocast GradScaler is wrong twice: the ZeRO optimizer clips the still-scaled
+    gradients against the unscaled threshold before the GradScaler unscales them (a clipped update comes out 2**16
+    times too small: the run barely moves), and a skipped step never reaches the GradScaler's backoff (the scale never
+    falls: a run that overflows at 2**16 skips every step). There the scale is the ZeRO optimizer's external loss
+    scale instead (``override_loss_scale``), by which it scales the loss, then unscales and clips correctly, skipping a
+    step whose gradients are not finite; this class moves it. Either way the learning-rate schedule advances at every
+    step, skipped or not (DeepSpeed holds it back at a skip under ZeRO), as in the reference AMP loops (DINO's, MAE's).
+
+    A run stops with ``LossScaleCollapsed`` after ``max_skipped_in_a_row`` skipped steps in a row (the scale down by
+    2**30 from where it was): gradients that are not finite at any scale, which no further step would mend."""
+
+    def __init__(self, engine, *, init_scale: float = 2.0**16, growth_interval: int = 2000,
+                 max_skipped_in_a_row: int = 30) -> None:
+        self.engine, self.zero = engine, bool(engine.zero_optimization())
+        self.growth_interval, self.max_skipped_in_a_row = growth_interval, max_skipped_in_a_row
+        self.scale, self.good, self.skipped, self.in_a_row = float(init_scale), 0, 0, 0
+        if self.zero:
+            engine.optimizer.torch_autocast_gradscaler = None
+            engine.optimizer.override_loss_scale(self.scale)
+        else:
+            engine.torch_autocast_z0_gradscaler = torch.amp.GradScaler(
+                engine.device.type, init_scale=init_scale, growth_interval=growth_interval)
+
+    def update(self) -> bool:
+        """After the engine's step at a gradient-accumulation boundary: moves the scale; returns whether the step
+        updated the weights."""
+        if self.zero:
+            applied = self.engine.was_step_applied()
+            if not applied:
+                self.engine.lr_scheduler.step()  # the one DeepSpeed skipped with the update
+            self.good = self.good + 1 if applied else 0
+            if self.good == self.growth_interval:
+                self.scale, self.good = self.scale * 2, 0
+            elif not applied:
+                self.scale /= 2
+            self.engine.optimizer.override_loss_scale(self.scale)
+        else:  # the GradScaler lowers its scale only at a step it skipped, raises it only at the end of an interval
+            scale = self.engine.torch_autocast_z0_gradscaler.get_scale()
+            applied = scale >= self.scale
+            self.good = (0 if scale > self.scale else self.good + 1) if applied else 0
+            self.scale = scale
+        self.skipped += not applied
+        self.in_a_row = 0 if applied else self.in_a_row + 1
+        if self.in_a_row >= self.max_skipped_in_a_row:
+            raise LossScaleCollapsed(
+                f"zero.precision fp16: the gradients were not finite at {self.in_a_row} steps in a row, the loss scale "
+                f"down to {self.scale:g}; the run stopped: resume from its last checkpoint with zero.precision bf16 "
+                "or fp32, a lower optim.lr or more optim.warmup_steps")
+        return applied
+
+    def state_dict(self) -> dict:
+        state = {"scale": self.scale, "good": self.good, "skipped": self.skipped, "in_a_row": self.in_a_row}
+        if not self.zero:
+            state["grad_scaler"] = self.engine.torch_autocast_z0_gradscaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's scale; one saved at another ZeRO stage carries the scale and its counts over."""
+        self.scale, self.good, self.skipped, self.in_a_row = (
+            float(state["scale"]), int(state["good"]), int(state["skipped"]), int(state["in_a_row"]))
+        if self.zero:
+            self.engine.optimizer.override_loss_scale(self.scale)
+        else:
+            scaler = self.engine.torch_autocast_z0_gradscaler
+            scaler.load_state_dict(state.get("grad_scaler") or {
+                "scale": self.scale, "growth_factor": 2.0, "backoff_factor": 0.5,
+                "growth_interval": self.growth_interval, "_growth_tracker": self.good})
 
 
 def save_checkpoint(engine, directory: str | Path, client_state: dict) -> None:

@@ -121,6 +121,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         if ckpt is not None:
             state = load_checkpoint(engine, ckpt, universal=universal)
             step, epoch = int(state["step"]), int(state["epoch"])
+            if engine.fp16_scale is not None and "loss_scale" in state:  # else (saved without fp16) from the start
+                engine.fp16_scale.load_state_dict(state["loss_scale"])
             # a data position and random streams are a rank's own: under another number of ranks, each reads its new
             # share of the epoch from the start
             resume = _load_rank_state(ckpt, rank) if saved_world == world else None
@@ -225,8 +227,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
 def optimizer_step(engine, batches: Iterator[dict], step: int, max_steps: int,
                    accum_steps: int = 1) -> tuple[dict[str, torch.Tensor], int]:
     """Step ``step`` of the method in ``engine``: its schedules set, ``accum_steps`` micro-batches from ``batches``
-    forward and backward (DeepSpeed steps the optimizer after the last, on the mean of their gradients), then its EMA
-    and centers. Returns (the micro-batches' mean of what the method logs, detached; the last batch's epoch)."""
+    forward and backward (DeepSpeed steps the optimizer after the last, on the mean of their gradients; under fp16 the
+    loss scale moves then), then its EMA and centers. Returns (the micro-batches' mean of what the method logs,
+    detached, and under fp16 the loss scale and the count of skipped steps so far; the last batch's epoch)."""
     engine.module.on_step_start(step, max_steps)
     micro = []
     for _ in range(accum_steps):
@@ -235,9 +238,14 @@ def optimizer_step(engine, batches: Iterator[dict], step: int, max_steps: int,
         engine.backward(out["loss"])
         engine.step()
         micro.append({k: v.detach() for k, v in out.items()})
+    scale = getattr(engine, "fp16_scale", None)
+    if scale is not None:
+        scale.update()
     engine.module.on_step_end(step, max_steps)
     if len(micro) > 1:
         micro = [{k: torch.stack([m[k] for m in micro]).mean(0) for k in micro[0]}]
+    if scale is not None:
+        micro[0].update(loss_scale=torch.tensor(scale.scale), skipped_steps=torch.tensor(float(scale.skipped)))
     return micro[0], batch.get("epoch", 0)
 
 
@@ -336,11 +344,11 @@ def _knn_monitor(cfg: Config, rank: int, world: int, device: torch.device):
     """``eval.knn_every``'s monitor (each rank's share of eval.dataset decoded once, here), or None when it is off."""
     if not cfg.eval.knn_every:
         return None
-    from pretrain.engine import use_bf16
+    from pretrain.engine import autocast_dtype
     from pretrain.eval.monitor import KnnMonitor
 
     t0 = time.perf_counter()
-    monitor = KnnMonitor(cfg, rank=rank, world_size=world, device=device, bf16=use_bf16(cfg))
+    monitor = KnnMonitor(cfg, rank=rank, world_size=world, device=device, autocast=autocast_dtype(cfg))
     if rank == 0:
         print(f"kNN monitor: every {cfg.eval.knn_every} steps on {cfg.eval.dataset}, {monitor.part.drawn} samples "
               f"(this rank's {len(monitor.part.labels)} decoded in {time.perf_counter() - t0:.1f} s)", flush=True)
@@ -381,7 +389,8 @@ def _stop_if_not_finite(pending, losses: list[float], world: int) -> None:
 def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int) -> None:
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         state = {"step": int(metrics["step"]), "epoch": int(metrics["epoch"]), "world_size": world}
-        save_checkpoint(engine, tmp, state)
+        scale = {"loss_scale": engine.fp16_scale.state_dict()} if engine.fp16_scale is not None else {}
+        save_checkpoint(engine, tmp, {**state, **scale})
         ranks = Path(tmp) / RANK_STATE_DIR
         ranks.mkdir()
         torch.save({"data": stream.state_dict(), "rng": _rng_state()}, ranks / f"rank_{rank:05d}.pt")

@@ -29,11 +29,11 @@ from pretrain.eval.knn import knn_top1
 class KnnMonitor:
     """Built on every rank at the start of training (decodes this rank's share once; holds it on the CPU)."""
 
-    def __init__(self, cfg: Config, *, rank: int, world_size: int, device: torch.device, bf16: bool,
-                 batch_size: int = 256) -> None:
+    def __init__(self, cfg: Config, *, rank: int, world_size: int, device: torch.device,
+                 autocast: torch.dtype | None = None, batch_size: int = 256) -> None:
         self.every = cfg.eval.knn_every
         self.rank, self.world = rank, world_size
-        self.device, self.bf16, self.batch_size = device, bf16, batch_size
+        self.device, self.autocast, self.batch_size = device, autocast, batch_size
         self.part = read_eval_part(cfg, rank=rank, world_size=world_size)
         self.warned = False
 
@@ -79,7 +79,8 @@ class KnnMonitor:
         out = []
         try:
             stack.enter_context(self._rank0_buffers(backbone))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            dtype, on = self.autocast or torch.bfloat16, self.autocast is not None
+            with torch.autocast(self.device.type, dtype=dtype, enabled=on):
                 for i in range(int(batches.item())):
                     x = images[i * self.batch_size : (i + 1) * self.batch_size]
                     pad = not len(x)

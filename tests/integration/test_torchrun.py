@@ -200,6 +200,44 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
                                                "of its latest checkpoint (step 3) out as a run directory to evaluate")
 
 
+def _plain(run: Path) -> subprocess.CompletedProcess:
+    """``python -m pretrain.train RUN`` as one process, without a launcher."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", str(run)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def test_fp16_run_resumes_with_its_loss_scale(tmp_path):
+    """zero.precision fp16 under ZeRO-2 (the run's own scale, pretrain.engine.LossScale): the first step overflows at
+    the initial scale of 2**16 and is skipped, the scale halves (until a step passes), and MLflow has the scale and the count of skipped
+    steps at every step; killed after its step-3 checkpoint, the run resumed logs the very losses, scales and counts
+    of the uninterrupted one (they come back from the checkpoint: a scale of 2**16 again would log another)."""
+    from mlflow import MlflowClient
+
+    whole = _dry_run(tmp_path, "whole", ["job.max_steps=5", "job.log_every=1", "job.ckpt_every=3", "zero.stage=2",
+                                         "zero.precision=fp16", "optim.warmup_steps=2", "data.batch_size=32"])
+    _plain(whole)
+    cut = _killed_after(whole, 3)
+    _plain(cut)
+    assert _losses(cut) == _losses(whole) and sorted(_losses(whole)) == [1, 2, 3, 4, 5]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def logged(run: Path) -> dict[str, dict[int, float]]:
+        run_id = (run / "mlflow_run_id").read_text().strip()
+        return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in
+                ("loss_scale", "skipped_steps")}
+
+    history = logged(whole)
+    scales, skipped = history["loss_scale"], history["skipped_steps"]
+    assert sorted(scales) == sorted(skipped) == [1, 2, 3, 4, 5]
+    assert skipped[1] == 1 and skipped[5] >= 1  # the first steps skipped (2 here), then none
+    assert all(scales[s] == 2.0**16 / 2 ** skipped[s] for s in scales)  # halved at each skip, not yet grown
+    assert logged(cut) == {k: {s: v for s, v in h.items() if s > 3} for k, h in history.items()}
+
+
 def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
     """`pretrain train --dry-run` writes the run, 2 torchrun processes train it (both ZeRO partitions checkpointed).
     CLIP through the real loop on 2 ranks: the captions ride with their images from the shards, each rank contrasts

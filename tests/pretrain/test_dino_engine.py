@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         trained = states(engine)
         # the kNN monitor on the live (partitioned) teacher backbone, between two steps: ranks hold 899 and 898 of
         # the 1797 digits, in batches of 449 rank 0 runs 3 and rank 1 pads with a throwaway third
-        knn = KnnMonitor(cfg, rank=rank, world_size=WORLD, device=torch.device("cpu"), bf16=False, batch_size=449)
+        knn = KnnMonitor(cfg, rank=rank, world_size=WORLD, device=torch.device("cpu"), batch_size=449)
         scores = knn(engine.module.backbone)
         losses.append(step(engine, STEPS - 1))
 

@@ -714,11 +714,15 @@ def test_weight_decay_schedule_cosine_to_end():
     assert weight_decay_at(load_config(RECIPE, ["optim.weight_decay=0.04"]))(70) == 0.04
 
 
-def test_bf16_follows_precision_setting():
-    """precision auto means bf16 only on CUDA; explicit values win."""
+def test_autocast_follows_precision_setting():
+    """precision auto means autocast only on CUDA; explicit values win; gradients are reduced in fp32 unless
+    zero.reduce_dtype is autocast (DeepSpeed's "lower precision safe" modules, Linear and Conv, by default)."""
     from pretrain.engine import ds_config
 
     assert ("torch_autocast" in ds_config(load_config(RECIPE))) == torch.cuda.is_available()
-    bf16 = ds_config(load_config(RECIPE, ["zero.precision=bf16"]))["torch_autocast"]
-    assert bf16 == {"enabled": True, "dtype": "bfloat16"}
+    for precision, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        cast = ds_config(load_config(RECIPE, [f"zero.precision={precision}"]))["torch_autocast"]
+        assert cast == {"enabled": True, "dtype": dtype, "lower_precision_safe_modules": []}
+        cast = ds_config(load_config(RECIPE, [f"zero.precision={precision}", "zero.reduce_dtype=autocast"]))
+        assert cast["torch_autocast"] == {"enabled": True, "dtype": dtype}
     assert "torch_autocast" not in ds_config(load_config(RECIPE, ["zero.precision=fp32"]))

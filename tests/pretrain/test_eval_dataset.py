@@ -255,7 +255,7 @@ def test_knn_monitor_scores_as_the_end_of_run_evaluation(tmp_path):
     cfg = _eval_cfg(tmp_path / "run", dataset=str(shards), knn_every=5)
     backbone = random_init_backbone(cfg)
     backbone.load_state_dict(load_run_files(tmp_path / "run")[1])
-    monitor = KnnMonitor(cfg, rank=0, world_size=1, device=torch.device("cpu"), bf16=False, batch_size=7)
+    monitor = KnnMonitor(cfg, rank=0, world_size=1, device=torch.device("cpu"), batch_size=7)
     scores = monitor(backbone.train())
     assert report["data"]["dropped_classes"] == ["four"] and 0.4 < report["knn_top1"] < 1.0
     assert scores["knn_top1"] == report["knn_top1"] and backbone.training
