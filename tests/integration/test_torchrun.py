@@ -212,9 +212,10 @@ def _plain(run: Path) -> subprocess.CompletedProcess:
 
 def test_fp16_run_resumes_with_its_loss_scale(tmp_path):
     """zero.precision fp16 under ZeRO-2 (the run's own scale, pretrain.engine.LossScale): the first step overflows at
-    the initial scale of 2**16 and is skipped, the scale halves (until a step passes), and MLflow has the scale and the count of skipped
-    steps at every step; killed after its step-3 checkpoint, the run resumed logs the very losses, scales and counts
-    of the uninterrupted one (they come back from the checkpoint: a scale of 2**16 again would log another)."""
+    the initial scale of 2**16 and is skipped, the scale halves (until a step passes), and MLflow has the scale and
+    the count of skipped steps at every step; killed after its step-3 checkpoint, the run resumed logs the very
+    losses, scales and counts of the uninterrupted one (they come back from the checkpoint: a scale of 2**16 again
+    would log another)."""
     from mlflow import MlflowClient
 
     whole = _dry_run(tmp_path, "whole", ["job.max_steps=5", "job.log_every=1", "job.ckpt_every=3", "zero.stage=2",
