@@ -21,6 +21,7 @@ Everything a pod prints, its children included, also goes to ``<run_dir>/k8s/pod
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,12 +77,13 @@ class Pod:
                    cpus=get("PRETRAIN_CPUS_PER_NODE", int), gpus=get("PRETRAIN_GPUS_PER_NODE", int),
                    join_timeout=get("PRETRAIN_JOIN_TIMEOUT", int))
 
-    def ray_start(self, *args: str) -> list[str]:
-        """``ray start --block`` for this pod's node, with a private temp dir (short: Ray puts unix sockets there)."""
+    def ray_start(self, temp_dir: str, *args: str) -> list[str]:
+        """``ray start --block`` for this pod's node, with its private ``temp_dir`` (short: Ray puts unix sockets
+        there)."""
         ray = Path(sys.executable).parent / "ray"
         return [str(ray) if ray.is_file() else "ray", "start", "--block", f"--node-ip-address={self.ip}",
-                f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}",
-                f"--temp-dir={tempfile.mkdtemp(prefix='sslray-', dir='/tmp')}", "--disable-usage-stats", *args]
+                f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}", f"--temp-dir={temp_dir}",
+                "--disable-usage-stats", *args]
 
 
 class Children:
@@ -124,11 +126,11 @@ def wait_alongside(proc: subprocess.Popen, ray: subprocess.Popen) -> int:
                 raise PodError(f"the Ray head exited with status {status} (its log is above)") from None
 
 
-def run_head(pod: Pod) -> int:
+def run_head(pod: Pod, temp_dir: str) -> int:
     address = f"{pod.ip}:{pod.ray_port}"
     print(f"ssl-pretrain: pod 0 of {pod.nodes}: Ray head {address} ({pod.head_host}), run {pod.run_dir}", flush=True)
     with Children() as children:
-        ray = children.start(pod.ray_start("--head", f"--port={pod.ray_port}", "--dashboard-host=0.0.0.0",
+        ray = children.start(pod.ray_start(temp_dir, "--head", f"--port={pod.ray_port}", "--dashboard-host=0.0.0.0",
                                            f"--dashboard-port={pod.dashboard_port}"))
         joined = children.start([sys.executable, "-m", "cluster.wait_nodes", "--address", address,
                                  "--nodes", str(pod.nodes), "--timeout", str(pod.join_timeout)])
@@ -169,13 +171,13 @@ def find_head(pod: Pod) -> str:
         time.sleep(2)
 
 
-def run_node(pod: Pod) -> int:
+def run_node(pod: Pod, temp_dir: str) -> int:
     head_ip = find_head(pod)
     address = f"{head_ip}:{pod.ray_port}"
     print(f"ssl-pretrain: pod {pod.index} of {pod.nodes}: Ray node {pod.ip} joining {address} ({pod.head_host})",
           flush=True)
     with Children() as children:
-        ray = children.start(pod.ray_start(f"--address={address}"))
+        ray = children.start(pod.ray_start(temp_dir, f"--address={address}"))
         unreachable_since = None
         while True:
             try:
@@ -263,9 +265,13 @@ def main() -> int:
     os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     signal.signal(signal.SIGTERM, _terminate)
     tees = []
+    # Ray's session dir, in the container's /tmp: nothing can read it once this process ends and the container with
+    # it, so it goes as soon as this pod's Ray has stopped (where pods run as plain processes, as in the tests, it
+    # would otherwise stay on the host)
+    temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
     try:
         tees = log_to_run(pod)
-        return run_head(pod) if pod.index == 0 else run_node(pod)
+        return run_head(pod, temp_dir) if pod.index == 0 else run_node(pod, temp_dir)
     except PodError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -273,6 +279,7 @@ def main() -> int:
         print(f"ssl-pretrain: pod {pod.index} stopped (SIGTERM)", flush=True)
         return 128 + signal.SIGTERM
     finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
         close_log(tees)
 
 

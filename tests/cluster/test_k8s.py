@@ -253,7 +253,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     a pod IP each, the head's name resolvable), form a 2-node Ray cluster with one Train worker per node. Both pods are
     stopped (SIGTERM) after the first checkpoint, exit cleanly, and a second start of the same pods (the Job starting
     them again) resumes from the checkpoint and completes every step; pod 0 exits 0 (the Job's success) and the node
-    pod stops when told to, as Kubernetes then tells it."""
+    pod stops when told to, as Kubernetes then tells it; no pod leaves its Ray session dir behind."""
     why = _namespaces_missing()
     if why:
         pytest.skip(why)
@@ -273,6 +273,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
 
     prebuild_ops()
     logs = [tmp_path / f"pod-{i}.log" for i in range(2)]
+    ray_dirs = set(Path("/tmp").glob("sslray-*"))
     pods: list[subprocess.Popen] = []
     try:
         # first start: stopped (as on preemption or a deleted pod) once a checkpoint is registered
@@ -297,6 +298,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
             for p in running:
                 p.kill()  # unshare --kill-child: the pod's PID 1 goes, and its namespace with it
                 p.wait()
+    assert set(Path("/tmp").glob("sslray-*")) <= ray_dirs  # each start's Ray session dir went with its pod
     text = logs[0].read_text()[len(first[0]):]
     assert text.count(f"Ray head {POD_IPS[0]}:") == 1 and "2 nodes up" in text
     node_log = logs[1].read_text()[len(first[1]):]

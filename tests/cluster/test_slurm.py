@@ -112,7 +112,8 @@ def _registered_checkpoints(run: Path) -> list:
 def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F811
     """A real sbatch job over 2 Slurm nodes (Ray head on n1, a Ray node on n2, one Train worker on each) gets the
     time-limit warning (SIGUSR1 to the batch script) after its first checkpoint and requeues itself; the requeued job
-    resumes from Ray's latest checkpoint on a new Ray cluster and completes every step."""
+    resumes from Ray's latest checkpoint on a new Ray cluster and completes every step; Ray's session dir on the head
+    node is removed at the end."""
     # 48 steps: room to signal the job while it still trains, also on a loaded machine
     sets = ["job.max_steps=48", "job.log_every=1", "job.ckpt_every=8", "optim.warmup_steps=1", "data.batch_size=32",
             "eval.enabled=false", "eval.knn_every=0", "job.progress=false", "job.run_name=sl", "job.num_workers=2"]
@@ -125,6 +126,8 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
     while not _registered_checkpoints(run):
         assert time.monotonic() < deadline and _job_state(job_id, slurm_cluster) in ("PENDING", "RUNNING")
         time.sleep(0.5)
+    ray_dir = Path(f"/tmp/sslray-{job_id}")  # the head node's: n1 and n2 share this machine's /tmp
+    assert (ray_dir / "session_latest" / "logs").is_dir()
     # What Slurm sends --requeue-grace seconds before the time limit (--signal=B:USR1@300), sent now.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_cluster, check=True)
     # A requeued job waits ~2 minutes before it may start again; an operator (here the test) can let it go now.
@@ -138,6 +141,7 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
     text = (run / "slurm" / f"{job_id}.out").read_text()
     assert state == "COMPLETED", text[-6000:]
     assert f"SIGUSR1 (time limit near): requeueing job {job_id}" in text and "DUE TO JOB REQUEUE" in text
+    assert not ray_dir.exists()  # the finished job removed Ray's session dir
     assert text.count("2 nodes up") == 2  # a Ray cluster over both nodes, once per start of the job
     resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
     assert resumed and int(resumed.group(1)) % 8 == 0, text[-6000:]
