@@ -103,10 +103,23 @@ def slurm_cluster():
                 break
             time.sleep(1)
         subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)  # stops slurmctld and the slurmd
+        pids = []
         for pid_file in ["munged.pid", "slurmctld.pid", *(f"slurmd-{n}.pid" for n in NODES)]:
             path = root / pid_file
             if path.is_file():
                 try:
-                    os.kill(int(path.read_text().split()[0]), 15)
+                    pids.append(int(path.read_text().split()[0]))
+                    os.kill(pids[-1], 15)
                 except (ProcessLookupError, ValueError):
                     pass
+        deadline = time.monotonic() + 15  # the daemons gone before their state, spool and logs are removed
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")  # a zombie has exited
+    except OSError:
+        return False
