@@ -1,8 +1,9 @@
 """Compile every kernel ahead of time for an NVIDIA target, without a GPU: `python -m kernels.aot_check [--arch 90]`.
 
 The CPU interpreter accepts code the compiler rejects (and vice versa); this runs the real Triton front end, the MLIR
-passes and the bundled ptxas down to a cubin, for the bf16 and fp32 variants the launchers use, and prints registers
-and stack (spill) bytes per kernel. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit).
+passes and the bundled ptxas down to a cubin, for the bf16, fp16 (zero.precision fp16, as on V100 / T4: --arch 70 / 75)
+and fp32 variants the launchers use, and prints registers and stack (spill) bytes per kernel. Must run WITHOUT
+TRITON_INTERPRET (the interpreter replaces @triton.jit).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def _cases() -> list[tuple]:
     def typed(sig: dict, dt: str) -> dict:
         return {k: v.format(dt=dt) for k, v in sig.items()}
 
-    # The default (untuned) launches: bf16 with D in one slice (D = 128) and in slices (D = 256), exact fp32.
-    for dt, prec, single in (("bf16", "tf32", True), ("bf16", "tf32", False), ("fp32", "ieee", True)):
-        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+    # The default (untuned) launches: bf16 with D in one slice (D = 128) and in slices (D = 256), fp16, exact fp32.
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for dt, prec, single in (("bf16", "tf32", True), ("bf16", "tf32", False), ("fp16", "tf32", True),
+                             ("fp32", "ieee", True)):
+        dtype = dtypes[dt]
         bm, bn, bd, warps = contrastive._blocks(128 if single else 256, dtype)
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=single)
         out.append((contrastive._contrastive_fwd_kernel, typed(fwd_sig, dt), dict(c, WITH_DQ=single),
@@ -57,18 +60,21 @@ def _cases() -> list[tuple]:
     common = {"s_view_stride": "i32", "s_row_stride": "i32", "t_view_stride": "i32", "t_row_stride": "i32",
               "n_rows": "i32", "n_s": "i32", "n_t": "i32", "n_k": "i32"}
     temps = {"inv_ts": "fp32", "inv_tt": "fp32"}
-    for diag in (False, True):  # DINO's 10 student / 2 teacher views at K=65,536; iBOT's one view at K=8,192
+    # DINO's 10 student / 2 teacher views at K=65,536; iBOT's one view at K=8,192; in bf16 and fp16
+    for diag, h in ((False, "bf16"), (True, "bf16"), (False, "fp16"), (True, "fp16")):
         bt, brest, bs, bk = dino_loss._blocks(1, 1, 8192) if diag else dino_loss._blocks(10, 2, 65536)
         c = dict(DIAG=diag, BLOCK_T=bt, BLOCK_REST=brest, BLOCK_K=bk)
         out.append((dino_loss._dino_fwd_partial_kernel, {
-            "part_t_ptr": "*fp32", "part_s_ptr": "*fp32", "tsum_ptr": "*fp32", "s_ptr": "*bf16", "t_ptr": "*bf16",
+            "part_t_ptr": "*fp32", "part_s_ptr": "*fp32", "tsum_ptr": "*fp32", "s_ptr": f"*{h}", "t_ptr": f"*{h}",
             "c_ptr": "*fp32", "w_ptr": "*fp32", **common, "chunk_k": "i32", **temps}, c, {}))
-        out.append((dino_loss._dino_combine_kernel, {
-            "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "part_t_ptr": "*fp32",
-            "part_s_ptr": "*fp32", "w_ptr": "*fp32", "n_rows": "i32", "n_s": "i32", "n_t": "i32", "n_chunks": "i32"},
-            dict(DIAG=diag, BLOCK_S=bs, BLOCK_T=bt), {}))
+        if h == "bf16":  # fp32 only: once per shape
+            out.append((dino_loss._dino_combine_kernel, {
+                "loss_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "part_t_ptr": "*fp32",
+                "part_s_ptr": "*fp32", "w_ptr": "*fp32", "n_rows": "i32", "n_s": "i32", "n_t": "i32",
+                "n_chunks": "i32"},
+                dict(DIAG=diag, BLOCK_S=bs, BLOCK_T=bt), {}))
         out.append((dino_loss._dino_bwd_kernel, {
-            "ds_ptr": "*bf16", "s_ptr": "*bf16", "t_ptr": "*bf16", "c_ptr": "*fp32", "w_ptr": "*fp32",
+            "ds_ptr": f"*{h}", "s_ptr": f"*{h}", "t_ptr": f"*{h}", "c_ptr": "*fp32", "w_ptr": "*fp32",
             "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "g_ptr": "*fp32", **common, **temps}, c, {}))
     br, bd = masked_gather._row_blocks(768)
     for scatter in (False, True):
@@ -109,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, consts)
         kernel = triton.compile(src, target=target, options=opts)
         shown = ",".join([f"{k}={v}" for k, v in consts.items()] + [f"{k}={v}" for k, v in opts.items()])
-        print(f"ok sm_{args.arch} {fn.__name__}[{shown}] shared={kernel.metadata.shared} {_usage(kernel.asm['cubin'])}")
+        data = next((t[1:] for t in sig.values() if t in ("*bf16", "*fp16")), "fp32")  # the inputs' type
+        print(f"ok sm_{args.arch} {fn.__name__}<{data}>[{shown}] shared={kernel.metadata.shared} "
+              f"{_usage(kernel.asm['cubin'])}")
     return 0
 
 

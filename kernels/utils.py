@@ -27,20 +27,33 @@ AUTOTUNE = os.environ.get("SSL_KERNELS_AUTOTUNE", "1") != "0"
 IMPLS_WITH_CHUNKED = ("auto", "triton", "chunked", "ref")
 IMPLS = ("auto", "triton", "ref")
 
+DOT_MIN_CAPABILITY = 8
+"""The compute capability from which "auto" runs the kernels built on tl.dot (the tiled contrastive losses, the ops
+with a chunked path): compiled for sm_70 (V100) and sm_75 (T4), which lack Ampere's mma, their half-precision
+variants spill 3-12 KB of stack per thread (benchmarks/results/aot_sm70.txt), so "auto" takes the chunked PyTorch
+path (cuBLAS) there. The kernels without tl.dot (DINO's, the gathers) compile without spills on every target."""
+
+
+def auto_impl(is_cuda: bool, capability: int | None, *, has_chunked: bool) -> str:
+    """What "auto" resolves to for a tensor on CUDA or not, on a GPU of major compute ``capability``."""
+    if is_cuda and HAS_TRITON and not (has_chunked and capability is not None and capability < DOT_MIN_CAPABILITY):
+        return "triton"
+    return "chunked" if has_chunked else "ref"
+
 
 def resolve_impl(impl: str, x: torch.Tensor, *, has_chunked: bool = False, op: str = "op") -> str:
     """Map `impl` ("auto" | "triton" | "ref" [| "chunked"]) to a concrete path for tensor `x`.
 
-    "auto" -> "triton" on CUDA, else "chunked" (ops that have one) or "ref". "triton" on a CPU tensor needs the
+    "auto" -> "triton" on CUDA (ops with a chunked path: from compute capability 8, ``DOT_MIN_CAPABILITY``), else
+    "chunked" (ops that have one) or "ref". "triton" on a CPU tensor needs the
     Triton interpreter (TRITON_INTERPRET=1 set before importing kernels); otherwise a ValueError says so.
     """
     allowed = IMPLS_WITH_CHUNKED if has_chunked else IMPLS
     if impl not in allowed:
         raise ValueError(f"{op}: impl must be one of {allowed}, got {impl!r}")
     if impl == "auto":
-        if x.is_cuda and HAS_TRITON:
-            return "triton"
-        return "chunked" if has_chunked else "ref"
+        capability = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else None
+        return auto_impl(x.is_cuda, capability, has_chunked=has_chunked)
     if impl == "triton":
         if not HAS_TRITON:
             raise ValueError(f"{op}: impl='triton' but triton is not installed")

@@ -185,6 +185,17 @@ def test_auto_on_cpu_uses_chunked_path():
     assert kernels.utils.resolve_impl("auto", torch.zeros(1), has_chunked=True) == "chunked"
 
 
+def test_auto_keeps_the_dot_kernels_to_ampere_and_later():
+    """On CUDA, 'auto' runs Triton from compute capability 8 (A100, H100); on V100 / T4 (7.x) the ops with a chunked
+    path take it (their tl.dot kernels spill there), the others (DINO's, the gathers) still run Triton; off CUDA the
+    chunked path or the reference."""
+    auto = kernels.utils.auto_impl
+    if kernels.utils.HAS_TRITON:
+        assert [auto(True, cap, has_chunked=True) for cap in (7, 8, 9, 10)] == ["chunked", "triton", "triton", "triton"]
+        assert [auto(True, cap, has_chunked=False) for cap in (7, 9)] == ["triton", "triton"]
+    assert auto(False, None, has_chunked=True) == "chunked" and auto(False, None, has_chunked=False) == "ref"
+
+
 def test_chunked_bf16_within_twice_torch_bf16_error(device):
     """bf16 on the chunked path (pure PyTorch, so no interpreter caveat) follows flash-attn's rule."""
     z0, z1 = _views(300, 64, torch.bfloat16, device, seed=6)
