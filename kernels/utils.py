@@ -30,8 +30,8 @@ IMPLS = ("auto", "triton", "ref")
 DOT_MIN_CAPABILITY = 8
 """The compute capability from which "auto" runs the kernels built on tl.dot (the tiled contrastive losses, the ops
 with a chunked path): compiled for sm_70 (V100) and sm_75 (T4), which lack Ampere's mma, their half-precision
-variants spill 3-12 KB of stack per thread (benchmarks/results/aot_sm70.txt), so "auto" takes the chunked PyTorch
-path (cuBLAS) there. The kernels without tl.dot (DINO's, the gathers) compile without spills on every target."""
+variants spill 2.5-12 KB of stack per thread (benchmarks/results/aot_sm70.txt), so "auto" takes the chunked PyTorch
+path (cuBLAS) there. The kernels without tl.dot (DINO's, the gathers) spill at most 16 bytes on those targets."""
 
 
 def auto_impl(is_cuda: bool, capability: int | None, *, has_chunked: bool) -> str:
