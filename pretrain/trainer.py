@@ -238,14 +238,16 @@ def optimizer_step(engine, batches: Iterator[dict], step: int, max_steps: int,
         engine.backward(out["loss"])
         engine.step()
         micro.append({k: v.detach() for k, v in out.items()})
-    scale = getattr(engine, "fp16_scale", None)
+    scale = engine.fp16_scale
     if scale is not None:
         scale.update()
     engine.module.on_step_end(step, max_steps)
     if len(micro) > 1:
         micro = [{k: torch.stack([m[k] for m in micro]).mean(0) for k in micro[0]}]
-    if scale is not None:
-        micro[0].update(loss_scale=torch.tensor(scale.scale), skipped_steps=torch.tensor(float(scale.skipped)))
+    if scale is not None:  # beside the loss, on its device: _flush stacks them all
+        device = micro[0]["loss"].device
+        micro[0].update(loss_scale=torch.tensor(scale.scale, device=device),
+                        skipped_steps=torch.tensor(float(scale.skipped), device=device))
     return micro[0], batch.get("epoch", 0)
 
 
