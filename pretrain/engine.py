@@ -282,16 +282,13 @@ class LossScale:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """A checkpoint's scale; one saved at another ZeRO stage carries the scale and its counts over."""
+        """A checkpoint's scale (of the same ZeRO stage: a resume refuses another)."""
         self.scale, self.good, self.skipped, self.in_a_row = (
             float(state["scale"]), int(state["good"]), int(state["skipped"]), int(state["in_a_row"]))
         if self.zero:
             self.engine.optimizer.override_loss_scale(self.scale)
         else:
-            scaler = self.engine.torch_autocast_z0_gradscaler
-            scaler.load_state_dict(state.get("grad_scaler") or {
-                "scale": self.scale, "growth_factor": 2.0, "backoff_factor": 0.5,
-                "growth_interval": self.growth_interval, "_growth_tracker": self.good})
+            self.engine.torch_autocast_z0_gradscaler.load_state_dict(state["grad_scaler"])
 
 
 def save_checkpoint(engine, directory: str | Path, client_state: dict) -> None:
