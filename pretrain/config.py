@@ -355,10 +355,10 @@ class DataConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    """adamw | lars | sgd. LARS (SimCLR's and BYOL's optimizer at large batch: per-layer trust ratio, momentum) needs
-    zero.stage 0, since its trust ratio needs each parameter whole; its lr is typically 0.3 (SimCLR) or 0.2 (BYOL) per
-    256 images, scaled linearly, with weight decay 1e-6 / 1.5e-6. sgd: torch's SGD with heavy-ball ``momentum``
-    (SimSiam's: lr 0.05 per 256 images, weight decay 1e-4; MoCo v2's: 0.03), any ZeRO stage."""
+    """adamw | lars | sgd. LARS (SimCLR's and BYOL's optimizer at large batch: per-layer trust ratio, momentum), any
+    ZeRO stage (under 1-3 each parameter's norms are summed over the ranks' partitions); its lr is typically 0.3
+    (SimCLR) or 0.2 (BYOL) per 256 images, scaled linearly, with weight decay 1e-6 / 1.5e-6. sgd: torch's SGD with
+    heavy-ball ``momentum`` (SimSiam's: lr 0.05 per 256 images, weight decay 1e-4; MoCo v2's: 0.03), any ZeRO stage."""
     lr: float = 1e-3
     """Peak learning rate (after warmup); with lr_scaling, the rate at a global batch of base_batch_size."""
     lr_scaling: str = "none"
@@ -579,9 +579,6 @@ class Config:
         _check(not self.method.decoupled or self.method.name in ("simclr", "moco_v3", "moco_v2", "nnclr"),
                "method.decoupled", "the decoupled contrastive loss is for simclr, moco_v3, moco_v2 and nnclr, got "
                f"method.name {self.method.name!r}")
-        _check(self.optim.name != "lars" or self.zero.stage == 0, "zero.stage",
-               f"optim.name lars needs stage 0, got {self.zero.stage}: LARS scales each parameter by its own norm, and "
-               "ZeRO 1-3 hand the optimizer flat partitions that mix parameters")
 
 
 # --- building dataclasses from plain dicts, with checks -----------------------------------------------------------

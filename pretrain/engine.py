@@ -62,7 +62,7 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
                         category=UserWarning)
 
 from pretrain.config import Config  # noqa: E402
-from pretrain.optim import build_optimizer, config_param_groups  # noqa: E402
+from pretrain.optim import LARS, Fragments, build_optimizer, config_param_groups  # noqa: E402
 
 CKPT_TAG = "state"
 """DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""
@@ -211,7 +211,53 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, universal=universal)
     )
     engine.fp16_scale = LossScale(engine) if autocast_dtype(cfg) == torch.float16 else None
+    if isinstance(optimizer, LARS) and engine.zero_optimization():
+        optimizer.partitioned = ZeroLayout(engine.optimizer)
     return engine
+
+
+class ZeroLayout:
+    """Where the trained parameters lie in the flat fp32 partitions that a ZeRO 1-3 optimizer hands its inner optimizer
+    (one per param group under ZeRO 1-2, per sub-group under ZeRO-3): called with such a partition, its
+    ``pretrain.optim.Fragments``, for LARS's per-parameter norms (``LARS.partitioned``). Read from DeepSpeed 0.19's
+    own bookkeeping: under ZeRO 1-2 the fragment each parameter has in this rank's partition (``_hp_mapping``, what
+    DeepSpeed's ``safe_get_local_fp32_param`` reads); under ZeRO-3 each parameter is split over the ranks on its own,
+    rank r holding its elements [r·n, (r + 1)·n) of a padded length, one after another in the partition."""
+
+    def __init__(self, zero_optimizer) -> None:
+        self.zero = zero_optimizer
+        self._found: dict[int, tuple[torch.Tensor, Fragments]] = {}
+
+    def __call__(self, flat: torch.Tensor) -> Fragments:
+        found = self._found.get(id(flat))
+        if found is None or found[0] is not flat:
+            found = self._found[id(flat)] = (flat, self._locate(flat))
+        return found[1]
+
+    def _locate(self, flat: torch.Tensor) -> Fragments:
+        zero = self.zero
+        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            for i, partition in enumerate(zero.fp32_partitioned_groups_flat):
+                if partition is flat:
+                    group = zero.sub_group_process_groups[i]
+                    rank = torch.distributed.get_rank(group)
+                    pieces, offset = [], 0
+                    for slot, p in enumerate(zero.fp16_groups[i]):
+                        size = p.partition_numel()
+                        numel = min(size, p.ds_numel - rank * size)  # the last ranks' pieces end in padding
+                        if numel > 0:
+                            pieces.append((slot, offset, numel))
+                        offset += size
+                    return Fragments.of(pieces, len(zero.fp16_groups[i]), group)
+        else:
+            for i, partition in enumerate(zero.single_partition_of_fp32_groups):
+                if partition is flat:
+                    params = zero.bit16_groups[i]
+                    addresses = [(slot, p._hp_mapping.hp_fragment_address) for slot, p in enumerate(params)
+                                 if p._hp_mapping is not None]
+                    return Fragments.of([(slot, a.start, a.numel) for slot, a in addresses], len(params),
+                                        zero.real_dp_process_group[i])
+        raise RuntimeError("LARS under ZeRO: a tensor that is none of the ZeRO optimizer's partitions")
 
 
 class LossScaleCollapsed(RuntimeError):

@@ -10,19 +10,40 @@ Biases and normalisation parameters (1-D: the groups ``param_groups`` gives no w
 neither the decay nor the trust ratio, as in both papers (with ``optim.decay_norms_and_biases`` they decay, still
 without the trust ratio).
 
-The trust ratio needs each parameter whole, so LARS runs under ZeRO stage 0 only: stages 1-3 hand the optimizer flat
-partitions that mix parameters (the config refuses the combination).
+Under ZeRO 1-3 the optimizer sees flat fp32 partitions that mix parameters and split some over ranks; the trust ratio
+needs each parameter's norms whole. ``LARS.partitioned`` (``pretrain.engine`` sets it from the ZeRO optimizer's
+layout) says where each parameter's piece lies in a partition; a step then sums the pieces' squared norms over the
+data-parallel ranks (one all-reduce of 2 numbers per parameter and group) and scales each piece by its parameter's
+ratio: the step of plain LARS on whole parameters, to float rounding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from pretrain.config import ConfigError
 from pretrain.models.vit import VisionTransformer
+
+
+class Fragments(NamedTuple):
+    """Where the parameters of one flat partition lie: piece i is ``flat[starts[i]:starts[i] + numels[i]]``, a part of
+    parameter ``slots[i]`` of the ``count`` parameters that the ranks of ``group`` (a process group) split between
+    their partitions. Every rank of the group steps its own partition of the same ``count`` parameters at once."""
+
+    slots: list[int]
+    starts: list[int]
+    numels: list[int]
+    count: int
+    group: object
+
+    @classmethod
+    def of(cls, pieces: Sequence[tuple[int, int, int]], count: int, group) -> Fragments:
+        """From (slot, start, numel) per piece."""
+        return cls([s for s, _, _ in pieces], [s for _, s, _ in pieces], [n for _, _, n in pieces], count, group)
 
 
 class LARS(torch.optim.Optimizer):
@@ -38,6 +59,9 @@ class LARS(torch.optim.Optimizer):
     Groups with ``lars=False`` (biases, norms) take ``v = momentum * v + lr * g`` (their weight decay, normally 0,
     still added). The lr sits inside the momentum, as in SimCLR's and BYOL's LARS: a learning-rate schedule scales
     new updates, not the velocity already gathered.
+
+    ``partitioned``: None for whole parameters; under ZeRO 1-3, a function from a flat partition the optimizer steps
+    to its ``Fragments``; the norms are then summed over the partitions' ranks (a step is collective).
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -48,6 +72,7 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         lars=True)
         super().__init__(params, defaults)
+        self.partitioned: Callable[[torch.Tensor], Fragments] | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,9 +90,12 @@ class LARS(torch.optim.Optimizer):
                 if wd:
                     update = update.add(weight, alpha=wd)
                 if group["lars"]:
-                    w_norm, u_norm = torch.linalg.vector_norm(weight), torch.linalg.vector_norm(update)
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), eta * w_norm / u_norm, torch.ones_like(w_norm))
-                    update = update * ratio
+                    if self.partitioned is None:
+                        update = update * _trust_ratio(torch.linalg.vector_norm(weight),
+                                                       torch.linalg.vector_norm(update), eta)
+                    else:  # scales its pieces in place: never the gradient itself
+                        update = _scale_fragments(weight, update.clone() if update is p.grad else update, eta,
+                                                  self.partitioned(p))
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(update)
@@ -75,6 +103,26 @@ class LARS(torch.optim.Optimizer):
                 velocity.mul_(momentum).add_(update, alpha=lr)
                 p.sub_(velocity.to(p.dtype))
         return loss
+
+
+def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, eta: float) -> torch.Tensor:
+    """eta x ||w|| / ||u||, elementwise over the norms; 1 where either is 0."""
+    return torch.where((w_norm > 0) & (u_norm > 0), eta * w_norm / u_norm, torch.ones_like(w_norm))
+
+
+def _scale_fragments(weight: torch.Tensor, update: torch.Tensor, eta: float, where: Fragments) -> torch.Tensor:
+    """``update`` (a flat partition's; scaled in place) with each piece scaled by its whole parameter's trust ratio, the
+    norms summed over the ranks of ``where.group`` from each rank's pieces. Collective: every rank calls it."""
+    sums = torch.zeros(where.count, 2, dtype=torch.float32, device=update.device)
+    if where.slots:
+        pieces = [torch.stack([torch.linalg.vector_norm(t.narrow(0, start, numel)) for t in (weight, update)])
+                  for start, numel in zip(where.starts, where.numels)]
+        sums.index_add_(0, torch.tensor(where.slots, device=update.device), torch.stack(pieces).square())
+    torch.distributed.all_reduce(sums, group=where.group)
+    ratio = _trust_ratio(*sums.sqrt().unbind(1), eta)
+    for slot, start, numel in zip(where.slots, where.starts, where.numels):
+        update.narrow(0, start, numel).mul_(ratio[slot])
+    return update
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,

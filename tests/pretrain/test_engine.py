@@ -43,8 +43,8 @@ def _worker(rank: int, port: int, root: str) -> None:
         _one_stage(stage, precision, f"{root}/ckpt{name}", f"{root}/result{name}.pt", build_engine, build_method,
                    full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
-    lars = _cfg(0, "fp32", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0",
-                "model.sync_bn=true", "optim.norm_bias_lr_mult=0.5")  # Barlow Twins' slower biases, here at half
+    lars = ("optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0", "model.sync_bn=true",
+            "optim.norm_bias_lr_mult=0.5")  # Barlow Twins' slower biases, here at half
     # SimSiam's recipe: SGD with momentum, here under ZeRO-2 (flat partitions: SGD is elementwise), its predictor's
     # rate fixed and every parameter decaying, as the paper's; a short run, for the cosine to fall by step 3
     sgd = load_config(ROOT / "configs" / "simsiam_digits.yaml", [
@@ -52,7 +52,9 @@ def _worker(rank: int, port: int, root: str) -> None:
         "optim.fixed_lr=[predictor]", "optim.decay_norms_and_biases=true", "optim.weight_decay=1e-2",
         "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32", "model.proj_out_dim=32",
         "method.predictor_hidden_dim=8"])
-    for name, cfg in (("lars", lars), ("sgd", sgd)):
+    # LARS under ZeRO 1-3 too: each parameter's norms summed over the pieces the ranks' flat partitions hold
+    lars_zero = [(f"lars-zero{stage}", _cfg(stage, "fp32", *lars)) for stage in (1, 2, 3)]
+    for name, cfg in (("lars", _cfg(0, "fp32", *lars)), *lars_zero, ("sgd", sgd)):
         _plain_optimizer(rank, root, name, cfg, build_engine, build_method, full_state_dict, load_checkpoint,
                          save_checkpoint)
     _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
@@ -265,7 +267,7 @@ def _plain_optimizer(rank: int, root: str, name: str, cfg, build_engine, build_m
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     ref = build_method(cfg, distributed=True)
     groups = config_param_groups(ref, cfg.optim)
-    opt = build_optimizer(groups, name, peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
+    opt = build_optimizer(groups, cfg.optim.name, peak_lr(cfg, WORLD), **optimizer_hyper(cfg))
     schedule = Schedule(opt, cfg, WORLD)
     g = torch.Generator().manual_seed(20 + rank)
     batches = [{"views": [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]} for _ in range(4)]
@@ -294,11 +296,23 @@ def _plain_optimizer(rank: int, root: str, name: str, cfg, build_engine, build_m
         e.step()
     if rank == 0:
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO 1-3 wrap the client optimizer
-        torch.save({"optimizer": type(inner).__name__, "engine": trained, "reference": ref.state_dict(),
+        torch.save({"optimizer": type(inner).__name__, "split": _split_params(engine), "engine": trained,
+                    "reference": ref.state_dict(),
                     "groups": groups, "peak": peak_lr(cfg, WORLD), "cosine": lr_lambda(cfg)(3),
                     "loss": loss.item(), "bn_stats": both, "continued": full_state_dict(engine, engine.module),
                     "resumed": full_state_dict(fresh, fresh.module), "init": build_method(cfg, distributed=False)
                     .state_dict()}, f"{root}/{name}.pt")
+
+
+def _split_params(engine) -> int:
+    """How many trained parameters this rank's ZeRO partitions hold only a part of (0 under ZeRO-0)."""
+    zero = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        return sum(p.ds_tensor.numel() < p.numel() for group in zero.fp16_groups for p in group)
+    if engine.zero_optimization_stage() in (1, 2):
+        return sum(p._hp_mapping is not None and p._hp_mapping.hp_fragment_address.numel < p.numel()
+                   for group in zero.bit16_groups for p in group)
+    return 0
 
 
 def _accumulation(rank: int, root: str, build_engine, build_method, full_state_dict) -> None:
@@ -381,16 +395,20 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(stage, results):
     assert whole["losses"][1] != whole["losses"][0]  # it trained
 
 
-@pytest.mark.parametrize("name, optimizer", [("lars", "LARS"), ("sgd", "SGD")])
-def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimizer):
+@pytest.mark.parametrize("name, optimizer, split", [
+    ("lars", "LARS", 0), ("lars-zero1", "LARS", 1), ("lars-zero2", "LARS", 1), ("lars-zero3", "LARS", 10),
+    ("sgd", "SGD", 1)])
+def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimizer, split):
     """LARS (SimCLR, its biases at half the rate as Barlow Twins' are slower) under ZeRO 0, which hands it each
-    parameter whole, and SGD with momentum (SimSiam as its paper: the predictor at a fixed rate, every parameter
-    decaying) under ZeRO-2: the weights after 3 steps on 2 ranks are those of the plain optimizer on the ranks'
-    averaged gradients (a trust ratio over flat partitions would not match), and a fresh engine that loads the
+    parameter whole, and under ZeRO 1, 2 and 3, whose flat partitions split parameters between the ranks (at least
+    ``split`` of them on rank 0), and SGD with momentum (SimSiam as its paper: the predictor at a fixed rate, every
+    parameter decaying) under ZeRO-2: the weights after 3 steps on 2 ranks are those of the plain optimizer on the
+    ranks' averaged gradients (a trust ratio from one rank's pieces would not match), and a fresh engine that loads the
     checkpoint (momentum, groups and their rates included) takes the same 4th step. With model.sync_bn, both ranks'
     BatchNorm statistics are the global batch's: the same on each, though each rank saw other images."""
     r = torch.load(results / f"{name}.pt", weights_only=False)
     assert r["optimizer"] == optimizer and math.isfinite(r["loss"])
+    assert r["split"] >= split if split else r["split"] == 0
     assert torch.equal(r["bn_stats"][0], r["bn_stats"][1]) and r["bn_stats"][0].numel() > 100
     for k, v in r["engine"].items():
         torch.testing.assert_close(v, r["reference"][k].float(), rtol=1e-5, atol=1e-6, msg=k)  # full_state_dict: fp32
@@ -400,7 +418,7 @@ def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimize
     assert len(weights) >= 5 and all(not torch.equal(r["engine"][k], r["init"][k].float()) for k in weights)
     built, loaded = r["groups"]
     assert loaded == built  # the groups' flags, rates and decays come back with the checkpoint
-    if name == "lars":  # SimCLR's: only the weights decay; every rate follows the schedule, the biases' at half
+    if optimizer == "LARS":  # SimCLR's: only the weights decay; every rate follows the schedule, the biases' at half
         assert [(fixed, decay) for fixed, decay, _, _ in built] == [(False, True), (False, False)]
         assert built[1][2] == pytest.approx(0.5 * built[0][2]) and built[0][2] > 0
     else:  # SimSiam's, as its paper: every parameter decays; the predictor keeps the peak rate at step 4 of 5
