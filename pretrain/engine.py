@@ -394,6 +394,19 @@ def _restore_untrained(engine, saved_file: Path) -> None:
                 p.copy_(saved[name])
 
 
+def cannot_change_world(cfg: Config, saved_world: int, world: int) -> str | None:
+    """Why checkpoints saved by ``saved_world`` ranks under ``cfg`` cannot resume on ``world`` ranks (one line), or
+    None where they can: ZeRO 1-3 partitions move to another number of ranks through DeepSpeed 0.19's universal
+    checkpoint, whose converter and ZeRO-3 loader know Adam's moments only (``exp_avg``, ``exp_avg_sq``): SGD's and
+    LARS's momentum cannot make the trip (``to_universal`` fails on it). ZeRO-0 checkpoints load at any size."""
+    if saved_world == world or cfg.zero.stage == 0 or cfg.optim.name == "adamw":
+        return None
+    name = cfg.optim.name
+    return (f"the checkpoints were saved by {saved_world} ranks under ZeRO-{cfg.zero.stage} with optim.name {name}, "
+            f"which {world} cannot load: DeepSpeed's universal checkpoint, which moves ZeRO partitions to another "
+            f"number of ranks, carries Adam's moments only, not {name}'s momentum; resume on {saved_world} workers")
+
+
 def to_universal(directory: str | Path, stage: int) -> tuple[Path, float]:
     """Convert the ZeRO-``stage`` partitions of checkpoint ``directory`` (``CKPT_TAG``, stage 1-3, any number of
     ranks) into DeepSpeed's universal checkpoint beside them (``UNIVERSAL_TAG``: each trained parameter whole, with

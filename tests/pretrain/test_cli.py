@@ -173,11 +173,9 @@ def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, caps
         assert (run / "config.yaml").read_text() == saved
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "optim.lr=1e-4"]) == 0
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
-    # the optimizer (its state is in the checkpoints): LARS needs ZeRO 0, so a run at stage 0 to change it on
-    assert main(["train", "--dry-run", *sets[:2], "--set", "job.run_name=r0", *sets[4:], "--set", "zero.stage=0"]) == 0
-    capsys.readouterr()
-    assert main(["train", "--resume", str(tmp_path / "r0"), "--dry-run", "--set", "optim.name=lars"]) == 2
-    assert _one_line_error(capsys).startswith("error: optim.name: the checkpoints of r0 were saved with 'adamw', and "
+    # the optimizer (its state is in the checkpoints)
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "optim.name=lars"]) == 2
+    assert _one_line_error(capsys).startswith("error: optim.name: the checkpoints of r were saved with 'adamw', and "
                                               "'lars' cannot load them")
     # the optimizer's param groups: layer-wise lr decay and the patch projection's multiplier (a ViT run)
     vit = ["--set", "model.backbone=vit_tiny", "--set", "model.patch_size=4"]
