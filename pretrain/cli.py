@@ -232,7 +232,6 @@ def _resolve_train_config(args, extra: list[str] = ()) -> tuple[Config, Path]:
         cfg = load_config(saved, overrides)
         _check_same_structure(before, cfg, run_dir.name)
         _check_steps_left(cfg, run_dir)
-        _check_workers_can_load(cfg, run_dir)
         return cfg, run_dir
     cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -264,19 +263,6 @@ def _check_steps_left(cfg: Config, run_dir: Path) -> None:
     if cfg.job.max_steps == last and all(p.is_file() and p.stat().st_mtime >= since for p in ends):
         raise ConfigError(f"job.max_steps: {run_dir.name} finished at step {last} already; raise job.max_steps to "
                           f"train on (`pretrain eval --checkpoint {run_dir}` evaluates it again)")
-
-
-def _check_workers_can_load(cfg: Config, run_dir: Path) -> None:
-    """ConfigError for a resume on a number of workers (``job.num_workers``) that cannot load the run's last
-    checkpoint (``pretrain.engine.cannot_change_world``), before the cluster starts rather than in every worker."""
-    from pretrain.engine import cannot_change_world
-    from pretrain.steps import checkpoint_info, list_checkpoints
-
-    steps = list_checkpoints(run_dir)
-    if steps:
-        saved = int(checkpoint_info(steps[max(steps)])["world_size"])
-        if problem := cannot_change_world(cfg, saved, cfg.job.num_workers):
-            raise ConfigError(f"job.num_workers: {problem}")
 
 
 def _check_same_structure(before: Config, cfg: Config, name: str) -> None:

@@ -352,6 +352,7 @@ def load_checkpoint(engine, directory: str | Path, *, universal: bool = False) -
         raise RuntimeError(f"no DeepSpeed checkpoint under {directory}/{tag}")
     if universal:
         _repair_universal_load(engine, built)
+        _momentum_back(engine)
         _restore_untrained(engine, Path(directory) / UNIVERSAL_TAG / UNTRAINED_FILE)
     engine.lr_scheduler.follow_config()  # after the optimizer's state, which ZeRO loads last
     return client_state
@@ -394,19 +395,6 @@ def _restore_untrained(engine, saved_file: Path) -> None:
                 p.copy_(saved[name])
 
 
-def cannot_change_world(cfg: Config, saved_world: int, world: int) -> str | None:
-    """Why checkpoints saved by ``saved_world`` ranks under ``cfg`` cannot resume on ``world`` ranks (one line), or
-    None where they can: ZeRO 1-3 partitions move to another number of ranks through DeepSpeed 0.19's universal
-    checkpoint, whose converter and ZeRO-3 loader know Adam's moments only (``exp_avg``, ``exp_avg_sq``): SGD's and
-    LARS's momentum cannot make the trip (``to_universal`` fails on it). ZeRO-0 checkpoints load at any size."""
-    if saved_world == world or cfg.zero.stage == 0 or cfg.optim.name == "adamw":
-        return None
-    name = cfg.optim.name
-    return (f"the checkpoints were saved by {saved_world} ranks under ZeRO-{cfg.zero.stage} with optim.name {name}, "
-            f"which {world} cannot load: DeepSpeed's universal checkpoint, which moves ZeRO partitions to another "
-            f"number of ranks, carries Adam's moments only, not {name}'s momentum; resume on {saved_world} workers")
-
-
 def to_universal(directory: str | Path, stage: int) -> tuple[Path, float]:
     """Convert the ZeRO-``stage`` partitions of checkpoint ``directory`` (``CKPT_TAG``, stage 1-3, any number of
     ranks) into DeepSpeed's universal checkpoint beside them (``UNIVERSAL_TAG``: each trained parameter whole, with
@@ -416,7 +404,11 @@ def to_universal(directory: str | Path, stage: int) -> tuple[Path, float]:
 
     Offline, on the CPU, with DeepSpeed's ``ds_to_universal``. Written under a ``.partial`` name and renamed when
     complete: an interrupted conversion leaves the checkpoint as it was and is redone. Nothing of the ZeRO form is
-    changed. RuntimeError (one line, DeepSpeed's last words) if the conversion fails."""
+    changed. RuntimeError (one line, DeepSpeed's last words) if the conversion fails.
+
+    DeepSpeed 0.19's converter and ZeRO-3 loader know Adam's moments only (``exp_avg``, ``exp_avg_sq``): SGD's and
+    LARS's momentum makes the trip under Adam's names (``_momentum_as_adam``), and ``load_checkpoint`` gives it its
+    own back."""
     import argparse
     import contextlib
     import io
@@ -428,23 +420,77 @@ def to_universal(directory: str | Path, stage: int) -> tuple[Path, float]:
     out = directory / UNIVERSAL_TAG
     if out.is_dir():
         return out, 0.0
-    partial = directory / (UNIVERSAL_TAG + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial, staged = (directory / (UNIVERSAL_TAG + suffix) for suffix in (".partial", ".input"))
+    for leftover in (partial, staged):
+        shutil.rmtree(leftover, ignore_errors=True)
     workers = max(1, min(4, os.cpu_count() or 1))
-    args = argparse.Namespace(input_folder=str(directory / CKPT_TAG), output_folder=str(partial),
-                              num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
-                              strict=True, inject_missing_state=True)
     log = io.StringIO()
     start = time.perf_counter()
     try:
+        source = staged if _momentum_as_adam(directory / CKPT_TAG, staged, stage) else directory / CKPT_TAG
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(partial), num_extract_workers=workers,
+                                  num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # a line per step and progress bars
             ds_to_universal(args)
         torch.save(consolidated_state_dict(directory, stage), partial / UNTRAINED_FILE)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises what it raises; the user gets it on one line
         shutil.rmtree(partial, ignore_errors=True)
         raise RuntimeError(f"converting {directory} to a universal checkpoint failed: {type(e).__name__}: {e}") from e
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     partial.rename(out)
     return out, time.perf_counter() - start
+
+
+def _momentum_as_adam(source: Path, staged: Path, stage: int) -> bool:
+    """Where the ZeRO-``stage`` checkpoint files in ``source`` hold a momentum optimizer's state (SGD's, LARS's:
+    ``momentum_buffer``, no Adam moments), write a copy of them into ``staged`` that names the momentum as Adam's
+    ``exp_avg`` and ``exp_avg_sq`` (one tensor saved once under both names; under ZeRO-3 with the ``step`` its loader
+    reads), the model states linked, for DeepSpeed's converter; True if it did. Each rank's optimizer file is loaded
+    whole, one at a time, as the converter itself loads them."""
+    optim_files = sorted(source.glob("*_optim_states.pt"))
+
+    def base_states(sd: dict) -> dict:
+        optim = sd["optimizer_state_dict"]
+        return (optim["optimizer_state_dict"] if stage == 3 else optim["base_optimizer_state"])["state"]
+
+    def flat_partitions(sd: dict) -> list[torch.Tensor]:
+        optim = sd["optimizer_state_dict"]
+        return optim["fp32_flat_groups"] if stage == 3 else optim["single_partition_of_fp32_groups"]
+
+    first = torch.load(optim_files[0], map_location="cpu", weights_only=False)
+    if any("exp_avg" in state for state in base_states(first).values()):
+        return False
+    staged.mkdir()
+    for path in source.iterdir():
+        if path not in optim_files:
+            (staged / path.name).symlink_to(path.resolve())
+            continue
+        sd = first if path == optim_files[0] else torch.load(path, map_location="cpu", weights_only=False)
+        states = base_states(sd)
+        for i, flat in enumerate(flat_partitions(sd)):
+            state = states.setdefault(i, {})
+            momentum = state.pop("momentum_buffer", None)  # none where it never stepped (or SGD without momentum)
+            state["exp_avg"] = state["exp_avg_sq"] = torch.zeros_like(flat) if momentum is None else momentum
+            if stage == 3:
+                state["step"] = torch.tensor(0.0)
+        torch.save(sd, staged / path.name)
+        del sd
+    return True
+
+
+def _momentum_back(engine) -> None:
+    """After a universal load into a momentum optimizer (SGD, LARS): the momentum ``_momentum_as_adam`` carried as
+    Adam's ``exp_avg`` becomes its ``momentum_buffer`` again; the rest of Adam's names go."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for state in inner.state.values():
+        if "exp_avg" in state:
+            state["momentum_buffer"] = state.pop("exp_avg")
+            for name in ("exp_avg_sq", "step"):
+                state.pop(name, None)
 
 
 def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -457,11 +503,18 @@ def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
 def consolidated_state_dict(directory: str | Path, stage: int) -> dict[str, torch.Tensor]:
     """The whole model's fp32 state dict (parameters, frozen ones such as an EMA teacher too, and buffers) from a
     checkpoint ``save_checkpoint`` wrote under ZeRO ``stage``, offline, on the CPU, whatever the world size that wrote
-    it (DeepSpeed's zero_to_fp32 merges the ranks' partitions)."""
-    if stage == 0:  # no partitions: the module as it was
+    it (DeepSpeed's zero_to_fp32 merges the ranks' partitions of the trained parameters).
+
+    Under ZeRO 0-2 every rank holds the whole module, which the first rank's model states keep: the frozen parameters
+    come from there (zero_to_fp32 leaves them out under ZeRO-1, whose checkpoints do not list them), the trained ones
+    from the fp32 partitions (the same numbers: the module trains in fp32)."""
+    whole = {}
+    if stage < 3:
         module = torch.load(Path(directory) / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=False)["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        whole = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if stage == 0:  # no partitions
+        return whole
     import contextlib
     import io
 
@@ -469,7 +522,8 @@ def consolidated_state_dict(directory: str | Path, stage: int) -> dict[str, torc
 
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # a line per file, a progress bar
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CKPT_TAG))
+        whole.update(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CKPT_TAG))
+    return whole
 
 
 def _extensions_root() -> Path:

@@ -22,15 +22,7 @@ from data_pipeline.loader import make_train_stream
 from pretrain import dist
 from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import resolve_shards
-from pretrain.engine import (
-    UNIVERSAL_TAG,
-    build_engine,
-    cannot_change_world,
-    full_state_dict,
-    load_checkpoint,
-    save_checkpoint,
-    to_universal,
-)
+from pretrain.engine import UNIVERSAL_TAG, build_engine, full_state_dict, load_checkpoint, save_checkpoint, to_universal
 from pretrain.methods import METHODS
 from pretrain.steps import CHECKPOINT_INFO, checkpoint_info
 from pretrain.sync_bn import convert_sync_bn
@@ -120,8 +112,6 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     with session.latest_checkpoint() as ckpt:
         saved_world = int(checkpoint_info(ckpt)["world_size"]) if ckpt is not None else world
         universal = saved_world != world and cfg.zero.stage > 0
-        if problem := cannot_change_world(cfg, saved_world, world):  # `pretrain train` refuses it before starting
-            raise RuntimeError(problem)
         if universal:
             _prepare_universal(ckpt, cfg.zero.stage, saved_world, world, rank)
         engine = build_engine(method, cfg, universal=universal)

@@ -269,6 +269,21 @@ def test_momentum_optimizer_resume_on_other_ranks_is_refused(tmp_path, capsys):
     assert sorted(list_checkpoints(run)) == [2] and sorted(_losses(run)) == [1, 2]
 
 
+def test_sgd_run_of_two_ranks_resumes_on_one(tmp_path):
+    """SimSiam's SGD under ZeRO-2, checkpointed by 2 torchrun ranks, resumed by one plain process: the checkpoint is
+    converted to DeepSpeed's universal form (SGD's momentum carried under Adam's names, which DeepSpeed's converter
+    alone refuses) and the run goes on to its end (tests/pretrain/test_elastic checks such a continuation exactly)."""
+    run = _dry_run(tmp_path, "sgd", ["job.max_steps=2", "job.ckpt_every=2", "job.log_every=1", "data.batch_size=32",
+                                     "zero.stage=2", "model.proj_hidden_dim=32", "model.proj_out_dim=32",
+                                     "method.predictor_hidden_dim=8"], ROOT / "configs" / "simsiam_digits.yaml")
+    _torchrun(run)
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0
+    proc = _plain(run)
+    assert "holds the ZeRO-2 partitions of 2 ranks and this run has 1: converting it" in proc.stdout
+    assert sorted(list_checkpoints(run)) == [2, 4] and sorted(_losses(run)) == [1, 2, 3, 4]
+    assert all(np.isfinite(float(v)) for v in _losses(run).values())
+
+
 def test_clip_trains_on_captions_and_scores_zero_shot(tmp_path, capsys):
     """`pretrain train --dry-run` writes the run, 2 torchrun processes train it (both ZeRO partitions checkpointed).
     CLIP through the real loop on 2 ranks: the captions ride with their images from the shards, each rank contrasts

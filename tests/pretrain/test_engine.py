@@ -429,28 +429,6 @@ def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimize
         assert all(wd == 1e-2 for _, _, _, wd in built)
 
 
-@pytest.mark.parametrize("name", ["sgd", "lars-zero2", "lars-zero3"])
-def test_momentum_cannot_move_to_other_ranks(results, name):
-    """DeepSpeed 0.19's universal checkpoint knows Adam's moments only: converting SGD's (ZeRO-2) or LARS's (ZeRO 2,
-    3) checkpoint fails on the missing ``exp_avg`` and leaves nothing behind, which is why a resume on another number
-    of ranks refuses these optimizers under ZeRO 1-3 (``cannot_change_world``; AdamW and ZeRO-0 move). Should a
-    DeepSpeed carry the momentum, this fails: lift the refusal."""
-    from pretrain.engine import UNIVERSAL_TAG, cannot_change_world, to_universal
-
-    ckpt = results / f"ckpt-{name}"
-    stage = 2 if name == "sgd" else int(name[-1])
-    with pytest.raises(RuntimeError, match=f"converting {ckpt} to a universal checkpoint failed: KeyError: 'exp_avg'"):
-        to_universal(ckpt, stage)
-    assert not (ckpt / UNIVERSAL_TAG).exists() and not (ckpt / (UNIVERSAL_TAG + ".partial")).exists()
-    optim = "sgd" if name == "sgd" else "lars"
-    cfg = _cfg(stage, "fp32", f"optim.name={optim}")
-    assert "carries Adam's moments only, not " + optim + "'s momentum; resume on 2 workers" in \
-        cannot_change_world(cfg, 2, 1)
-    assert cannot_change_world(cfg, 2, 2) is None
-    assert cannot_change_world(_cfg(stage, "fp32"), 2, 1) is None  # AdamW's moments move
-    assert cannot_change_world(_cfg(0, "fp32", f"optim.name={optim}"), 2, 1) is None  # whole parameters
-
-
 def test_zero3_with_grad_checkpointing_steps_as_without(results):
     """ViT blocks recomputed in the backward under ZeRO-3 (their partitions gathered again): the losses and weights of
     plain ZeRO-2 steps on the same batches."""
