@@ -248,7 +248,7 @@ class ZeroLayout:
                         if numel > 0:
                             pieces.append((slot, offset, numel))
                         offset += size
-                    return Fragments.of(pieces, len(zero.fp16_groups[i]), group)
+                    return Fragments.of(pieces, len(zero.fp16_groups[i]), group, flat.device)
         else:
             for i, partition in enumerate(zero.single_partition_of_fp32_groups):
                 if partition is flat:
@@ -256,7 +256,7 @@ class ZeroLayout:
                     addresses = [(slot, p._hp_mapping.hp_fragment_address) for slot, p in enumerate(params)
                                  if p._hp_mapping is not None]
                     return Fragments.of([(slot, a.start, a.numel) for slot, a in addresses], len(params),
-                                        zero.real_dp_process_group[i])
+                                        zero.real_dp_process_group[i], flat.device)
         raise RuntimeError("LARS under ZeRO: a tensor that is none of the ZeRO optimizer's partitions")
 
 

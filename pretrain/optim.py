@@ -31,19 +31,20 @@ from pretrain.models.vit import VisionTransformer
 
 class Fragments(NamedTuple):
     """Where the parameters of one flat partition lie: piece i is ``flat[starts[i]:starts[i] + numels[i]]``, a part of
-    parameter ``slots[i]`` of the ``count`` parameters that the ranks of ``group`` (a process group) split between
+    parameter ``index[i]`` of the ``count`` parameters that the ranks of ``group`` (a process group) split between
     their partitions. Every rank of the group steps its own partition of the same ``count`` parameters at once."""
 
-    slots: list[int]
+    index: torch.Tensor  # (pieces,) int64, on the partition's device
     starts: list[int]
     numels: list[int]
     count: int
     group: object
 
     @classmethod
-    def of(cls, pieces: Sequence[tuple[int, int, int]], count: int, group) -> Fragments:
-        """From (slot, start, numel) per piece."""
-        return cls([s for s, _, _ in pieces], [s for _, s, _ in pieces], [n for _, _, n in pieces], count, group)
+    def of(cls, pieces: Sequence[tuple[int, int, int]], count: int, group, device: torch.device) -> Fragments:
+        """From (parameter, start, numel) per piece."""
+        return cls(torch.tensor([i for i, _, _ in pieces], dtype=torch.int64, device=device),
+                   [s for _, s, _ in pieces], [n for _, _, n in pieces], count, group)
 
 
 class LARS(torch.optim.Optimizer):
@@ -113,15 +114,16 @@ def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, eta: float) -> torc
 def _scale_fragments(weight: torch.Tensor, update: torch.Tensor, eta: float, where: Fragments) -> torch.Tensor:
     """``update`` (a flat partition's; scaled in place) with each piece scaled by its whole parameter's trust ratio, the
     norms summed over the ranks of ``where.group`` from each rank's pieces. Collective: every rank calls it."""
-    sums = torch.zeros(where.count, 2, dtype=torch.float32, device=update.device)
-    if where.slots:
-        pieces = [torch.stack([torch.linalg.vector_norm(t.narrow(0, start, numel)) for t in (weight, update)])
-                  for start, numel in zip(where.starts, where.numels)]
-        sums.index_add_(0, torch.tensor(where.slots, device=update.device), torch.stack(pieces).square())
+    w_pieces, u_pieces = ([t.narrow(0, start, numel) for start, numel in zip(where.starts, where.numels)]
+                          for t in (weight, update))
+    sums = torch.zeros(where.count, 2, dtype=torch.float32, device=update.device)  # per parameter: ||w||², ||u||²
+    if w_pieces:
+        norms = torch.stack([torch.stack(torch._foreach_norm(pieces)) for pieces in (w_pieces, u_pieces)], dim=1)
+        sums.index_add_(0, where.index, norms.square())
     torch.distributed.all_reduce(sums, group=where.group)
-    ratio = _trust_ratio(*sums.sqrt().unbind(1), eta)
-    for slot, start, numel in zip(where.slots, where.starts, where.numels):
-        update.narrow(0, start, numel).mul_(ratio[slot])
+    ratio = _trust_ratio(*sums.sqrt().unbind(1), eta)[where.index]  # (pieces,)
+    for piece, r in zip(u_pieces, ratio):
+        piece.mul_(r)
     return update
 
 
