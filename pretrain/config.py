@@ -441,11 +441,20 @@ class ZeroConfig:
     """The dtype gradients are averaged over the ranks in under bf16 / fp16 (ZeRO 1-3): fp32 (as torchtitan's
     default), or autocast (DeepSpeed's torch-autocast default: the Linear and Conv layers' gradients in bf16 / fp16,
     half the traffic, each rounded to the half type's 8 / 11 bits)."""
+    offload: str = "none"
+    """none | cpu: ZeRO-Offload, ZeRO 1-3 only: each rank's partition of the fp32 master weights and the optimizer's
+    state live in CPU memory and the optimizer steps there (AdamW: torch's fused CPU kernel), the accelerator keeping
+    the module's weights, activations and gradients: a model too large for the GPUs' memory, for CPU time and PCIe
+    traffic each step."""
 
     def __post_init__(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "stage", f"must be 0, 1, 2 or 3, got {self.stage}")
         _check(self.reduce_dtype in ("fp32", "autocast"), "reduce_dtype",
                f"must be fp32 or autocast, got {self.reduce_dtype!r}")
+        _check(self.offload in ("none", "cpu"), "offload", f"must be none or cpu, got {self.offload!r}")
+        _check(self.offload == "none" or self.stage > 0, "offload",
+               f"{self.offload} moves the optimizer's ZeRO partitions, which stage 0 does not have: needs stage 1-3, "
+               f"got {self.stage}")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
                f"must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 

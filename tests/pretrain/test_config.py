@@ -42,6 +42,7 @@ def test_yaml_booleans_fill_word_fields():
         ("optim.lr=fast", "optim.lr: expected a number"),
         ("optim.lr=-1", "optim.lr: must be > 0"),
         ("zero.stage=4", "zero.stage: must be 0, 1, 2 or 3"),
+        ("zero.offload=nvme", "zero.offload: must be none or cpu, got 'nvme'"),
         ("data.aug.flip_prob=1.5", "data.aug.flip_prob: must be in [0, 1]"),
         ("data.aug.crop_scale=[0.5]", "data.aug.crop_scale: expected 2 values"),
         ("method.name=nope", "method.name: unknown method 'nope'"),
@@ -68,6 +69,15 @@ def test_bad_values_name_the_key(override, message):
     text = str(err.value)
     assert "\n" not in text
     assert text.startswith(message), text
+
+
+def test_offload_needs_zero_partitions():
+    """zero.offload cpu moves the optimizer's ZeRO partitions: refused at stage 0, taken at 1-3."""
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, ["zero.stage=0", "zero.offload=cpu"])
+    assert str(err.value) == ("zero.offload: cpu moves the optimizer's ZeRO partitions, which stage 0 does not have: "
+                              "needs stage 1-3, got 0")
+    assert [load_config(RECIPE, [f"zero.stage={s}", "zero.offload=cpu"]).zero.offload for s in (1, 2, 3)] == ["cpu"] * 3
 
 
 def test_vit_patch_must_divide_image():

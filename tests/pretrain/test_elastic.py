@@ -1,8 +1,9 @@
 """Resuming on another number of ranks: a ZeRO checkpoint of N ranks converted to DeepSpeed's universal form
 (``pretrain.engine.to_universal``) and loaded by engines of M ranks, on real gloo processes, for DINO (an EMA teacher
 that ZeRO-3 partitions without training it, a center buffer, BatchNorm over the global batch) under ZeRO 2 and 3 with
-AdamW, LARS (its momentum carried through DeepSpeed's Adam-only converter under Adam's names; its trust ratio from
-partitions of another layout after the move) under ZeRO 2 and 3, SGD under ZeRO-1, and ZeRO 0 loaded as it is.
+AdamW (and ZeRO-3 offloaded to the CPU), LARS (its momentum carried through DeepSpeed's Adam-only converter under
+Adam's names; its trust ratio from partitions of another layout after the move) under ZeRO 2 and 3, SGD under ZeRO-1,
+and ZeRO 0 loaded as it is.
 
 The check is exact continuation: the same global batches split over 2 ranks or given whole to 1 make the same steps,
 so a run that goes 2 ranks -> checkpoint -> 1 rank (and 1 -> 2) must end where the uninterrupted run ends. Without the
@@ -22,17 +23,19 @@ from pretrain.config import load_config
 from tests.util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = ((0, "adamw"), (2, "adamw"), (3, "adamw"), (2, "lars"), (3, "lars"), (1, "sgd"))
-"""(ZeRO stage, optim.name); ZeRO-0 checkpoints hold every parameter whole: they load under any number of ranks as
-they are."""
+CASES = ((0, "adamw"), (2, "adamw"), (3, "adamw"), (2, "lars"), (3, "lars"), (1, "sgd"), (3, "adamw-offload"))
+"""(ZeRO stage, optim.name, with "-offload" for zero.offload cpu); ZeRO-0 checkpoints hold every parameter whole: they
+load under any number of ranks as they are."""
 ZERO = [case for case in CASES if case[0] > 0]
 GLOBAL = 8  # images per view in a global batch: 4 on each of 2 ranks, or 8 on 1
 STEPS = 6
 
 
 def _cfg(stage: int, optim: str, world: int):
+    name, offload = optim.removesuffix("-offload"), "cpu" if optim.endswith("-offload") else "none"
     return load_config(ROOT / "configs" / "dino_digits.yaml", [
-        f"zero.stage={stage}", f"optim.name={optim}", f"data.batch_size={GLOBAL // world}", f"job.max_steps={STEPS}",
+        f"zero.stage={stage}", f"optim.name={name}", f"zero.offload={offload}", f"data.batch_size={GLOBAL // world}",
+        f"job.max_steps={STEPS}",
         "optim.warmup_steps=1", "optim.lr=1e-2", "method.num_prototypes=96", "model.proj_hidden_dim=32",
         "model.proj_out_dim=16", "model.backbone_kwargs={width: 0.25}", "method.freeze_last_layer_steps=1",
         "method.warmup_teacher_temp_steps=3", "method.teacher_momentum=0.5", "model.sync_bn=true"])

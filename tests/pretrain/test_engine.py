@@ -19,14 +19,17 @@ WORLD = 2
 
 
 
-def _cfg(stage: int, precision: str, *extra: str):
-    return load_config(RECIPE, [f"zero.stage={stage}", f"zero.precision={precision}", "data.batch_size=8",
+def _cfg(stage: int, precision: str, *extra: str, offload: str = "none"):
+    return load_config(RECIPE, [f"zero.stage={stage}", f"zero.precision={precision}", f"zero.offload={offload}",
+                                "data.batch_size=8",
                                 "job.max_steps=10", "optim.warmup_steps=2", "optim.weight_decay_end=0.5",
                                 "model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=32", *extra])
 
 
-CASES = ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"))
-"""(ZeRO stage, precision); bf16 = torch.autocast inside DeepSpeed, which runs on the CPU too."""
+CASES = ((0, "fp32", "none"), (1, "fp32", "none"), (2, "fp32", "none"), (3, "fp32", "none"), (2, "bf16", "none"),
+         (2, "fp32", "cpu"), (3, "fp32", "cpu"))
+"""(ZeRO stage, precision, offload); bf16 = torch.autocast inside DeepSpeed, which runs on the CPU too; offload cpu:
+ZeRO-Offload's code path (the optimizer on CPU partitions, here beside a CPU module)."""
 
 
 def _worker(rank: int, port: int, root: str) -> None:
@@ -38,10 +41,10 @@ def _worker(rank: int, port: int, root: str) -> None:
     from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
     from pretrain.trainer import build_method
 
-    for stage, precision in CASES:
-        name = f"{stage}-{precision}"
-        _one_stage(stage, precision, f"{root}/ckpt{name}", f"{root}/result{name}.pt", build_engine, build_method,
-                   full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
+    for stage, precision, offload in CASES:
+        name = f"{stage}-{precision}-{offload}"
+        _one_stage(stage, precision, offload, f"{root}/ckpt{name}", f"{root}/result{name}.pt", build_engine,
+                   build_method, full_state_dict, load_checkpoint, save_checkpoint, dist.rank())
     _accumulation(rank, root, build_engine, build_method, full_state_dict)
     lars = ("optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0", "model.sync_bn=true",
             "optim.norm_bias_lr_mult=0.5")  # Barlow Twins' slower biases, here at half
@@ -54,6 +57,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         "method.predictor_hidden_dim=8"])
     # LARS under ZeRO 1-3 too: each parameter's norms summed over the pieces the ranks' flat partitions hold
     lars_zero = [(f"lars-zero{stage}", _cfg(stage, "fp32", *lars)) for stage in (1, 2, 3)]
+    lars_zero.append(("lars-zero2-offload", _cfg(2, "fp32", *lars, offload="cpu")))  # the CPU partitions
     for name, cfg in (("lars", _cfg(0, "fp32", *lars)), *lars_zero, ("sgd", sgd)):
         _plain_optimizer(rank, root, name, cfg, build_engine, build_method, full_state_dict, load_checkpoint,
                          save_checkpoint)
@@ -343,9 +347,9 @@ def _accumulation(rank: int, root: str, build_engine, build_method, full_state_d
         torch.save(out, f"{root}/accumulation.pt")
 
 
-def _one_stage(stage, precision, ckpt, out, build_engine, build_method, full_state_dict, load_checkpoint,
+def _one_stage(stage, precision, offload, ckpt, out, build_engine, build_method, full_state_dict, load_checkpoint,
                save_checkpoint, rank):
-    cfg = _cfg(stage, precision)
+    cfg = _cfg(stage, precision, offload=offload)
     engine = build_engine(build_method(cfg, distributed=True), cfg)
     g = torch.Generator().manual_seed(rank)
     losses = []
@@ -364,11 +368,18 @@ def _one_stage(stage, precision, ckpt, out, build_engine, build_method, full_sta
     state = load_checkpoint(fresh, ckpt)
     restored = full_state_dict(fresh, fresh.module.backbone)
     # resumed under a config with another peak learning rate and betas: those are the new config's
-    changed = _cfg(stage, precision, "optim.lr=0.5", "optim.betas=[0.8, 0.9]")
+    changed = _cfg(stage, precision, "optim.lr=0.5", "optim.betas=[0.8, 0.9]", offload=offload)
     other = build_engine(build_method(changed, distributed=True), changed)
     load_checkpoint(other, ckpt)
+    extra = {"offloaded": bool(getattr(engine.optimizer, "cpu_offload", False)
+                               or getattr(engine.optimizer, "offload_optimizer", False)),
+             "fused": [g.get("fused") for g in engine.optimizer.param_groups]}
+    if offload == "cpu":  # a resume that turns the offload on loads the checkpoint of the same run without it
+        turned_on = build_engine(build_method(cfg, distributed=True), cfg)
+        load_checkpoint(turned_on, ckpt.replace(f"-{offload}", "-none"))
+        extra["loaded_from_plain"] = full_state_dict(turned_on, turned_on.module.backbone)
     if rank == 0:
-        torch.save({"trained": trained, "restored": restored, "state": state, "losses": losses, "lr": lr_after,
+        torch.save({**extra, "trained": trained, "restored": restored, "state": state, "losses": losses, "lr": lr_after,
                     "lr_restored": fresh.get_lr()[0], "wd": wd_after,
                     "wd_restored": [g["weight_decay"] for g in fresh.optimizer.param_groups],
                     "peak_lr": cfg.optim.lr, "lr_changed": other.get_lr(),
@@ -397,15 +408,16 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(stage, results):
 
 @pytest.mark.parametrize("name, optimizer, split", [
     ("lars", "LARS", 0), ("lars-zero1", "LARS", 1), ("lars-zero2", "LARS", 1), ("lars-zero3", "LARS", 10),
-    ("sgd", "SGD", 1)])
+    ("lars-zero2-offload", "LARS", 1), ("sgd", "SGD", 1)])
 def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimizer, split):
     """LARS (SimCLR, its biases at half the rate as Barlow Twins' are slower) under ZeRO 0, which hands it each
-    parameter whole, and under ZeRO 1, 2 and 3, whose flat partitions split parameters between the ranks (at least
-    ``split`` of them on rank 0), and SGD with momentum (SimSiam as its paper: the predictor at a fixed rate, every
-    parameter decaying) under ZeRO-2: the weights after 3 steps on 2 ranks are those of the plain optimizer on the
-    ranks' averaged gradients (a trust ratio from one rank's pieces would not match), and a fresh engine that loads the
-    checkpoint (momentum, groups and their rates included) takes the same 4th step. With model.sync_bn, both ranks'
-    BatchNorm statistics are the global batch's: the same on each, though each rank saw other images."""
+    parameter whole, and under ZeRO 1, 2 and 3 (and 2 with its partitions offloaded to the CPU), whose flat partitions
+    split parameters between the ranks (at least ``split`` of them on rank 0), and SGD with momentum (SimSiam as its
+    paper: the predictor at a fixed rate, every parameter decaying) under ZeRO-2: the weights after 3 steps on 2 ranks
+    are those of the plain optimizer on the ranks' averaged gradients (a trust ratio from one rank's pieces would not
+    match), and a fresh engine that loads the checkpoint (momentum, groups and their rates included) takes the same
+    4th step. With model.sync_bn, both ranks' BatchNorm statistics are the global batch's: the same on each, though
+    each rank saw other images."""
     r = torch.load(results / f"{name}.pt", weights_only=False)
     assert r["optimizer"] == optimizer and math.isfinite(r["loss"])
     assert r["split"] >= split if split else r["split"] == 0
@@ -666,11 +678,20 @@ def test_fixed_lr_and_decayed_norms_and_biases():
             param_groups(method, 1e-4, fixed_lr=bad)
 
 
-@pytest.mark.parametrize("stage, precision", CASES)
-def test_zero_stage_trains_saves_and_restores(stage, precision, results):
+@pytest.mark.parametrize("stage, precision, offload", CASES)
+def test_zero_stage_trains_saves_and_restores(stage, precision, offload, results):
     """Each ZeRO stage trains 3 steps on 2 ranks; a fresh engine loads the checkpoint: same weights, LR and step; one
-    built from a config with another peak LR and betas loads it and goes on with those."""
-    r = torch.load(results / f"result{stage}-{precision}.pt", weights_only=False)
+    built from a config with another peak LR and betas loads it and goes on with those. With zero.offload cpu the
+    ZeRO optimizer really offloads, AdamW runs fused, and the steps are those without it (to float rounding); an
+    offloading engine loads the checkpoint of the run without the offload (a resume may turn it on)."""
+    r = torch.load(results / f"result{stage}-{precision}-{offload}.pt", weights_only=False)
+    assert r["offloaded"] == (offload == "cpu") and r["fused"] == [offload == "cpu"] * 2
+    if offload == "cpu":
+        plain = torch.load(results / f"result{stage}-{precision}-none.pt", weights_only=False)
+        assert r["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+        for k, v in plain["trained"].items():
+            torch.testing.assert_close(r["trained"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+            assert torch.equal(r["loaded_from_plain"][k], v), k
     assert r["state"]["step"] == 3
     assert all(math.isfinite(x) for x in r["losses"])
     assert r["trained"].keys() == r["restored"].keys()
@@ -683,7 +704,7 @@ def test_zero_stage_trains_saves_and_restores(stage, precision, results):
     # the decaying group's weight decay follows its schedule inside the ZeRO optimizer, and comes back with it
     from pretrain.engine import weight_decay_at
 
-    expected = weight_decay_at(_cfg(stage, precision))(3)
+    expected = weight_decay_at(_cfg(stage, precision, offload=offload))(3)
     assert 1e-4 < expected < 0.5
     assert r["wd"] == pytest.approx([expected, 0.0]) and r["wd_restored"] == pytest.approx(r["wd"])
 

@@ -1,7 +1,7 @@
-"""zero.precision fp16: DeepSpeed engines at every ZeRO stage against torch's own AMP loop (autocast to float16, a
-GradScaler, gradients averaged over the ranks, unscaled, clipped, stepped), on 2 real gloo processes: the same losses,
-loss scales and updates, a step whose gradients overflow skipped by both, the schedule moving on at it; the scale
-through a checkpoint; a run whose gradients are never finite stopped.
+"""zero.precision fp16: DeepSpeed engines at every ZeRO stage (and ZeRO 2 and 3 offloaded to the CPU) against torch's
+own AMP loop (autocast to float16, a GradScaler, gradients averaged over the ranks, unscaled, clipped, stepped), on 2
+real gloo processes: the same losses, loss scales and updates, a step whose gradients overflow skipped by both, the
+schedule moving on at it; the scale through a checkpoint; a run whose gradients are never finite stopped.
 
 Updates agree within 1e-3: weights ~1e-7 apart (clipping's norm summed in another order) can round to different
 halves in the fp16 forward, which turns them into ~1e-4 of the next update. With ``zero.reduce_dtype: autocast``
@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "simclr_digits.yaml"
 WORLD = 2
 STAGES = (0, 1, 2, 3)
-CASES = (*((stage, "fp32") for stage in STAGES), (2, "autocast"))
-"""(ZeRO stage, zero.reduce_dtype)."""
+CASES = (*((stage, "fp32", "none") for stage in STAGES), (2, "autocast", "none"),
+         (2, "fp32", "cpu"), (3, "fp32", "cpu"))
+"""(ZeRO stage, zero.reduce_dtype, zero.offload)."""
 FACTORS = (1.0, 1.0, 1e4, 1.0, 1.0, 1.0)
 """The loss is multiplied by these at each step: at the third, 1e4 x the loss scale overflows fp16 in the backward
 (the scale-driven overflow a real fp16 run meets), so that step's gradients are inf."""
@@ -60,14 +61,14 @@ def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    for stage, reduce in CASES:
-        _against_amp(rank, stage, reduce, root)
+    for stage, reduce, offload in CASES:
+        _against_amp(rank, stage, reduce, offload, root)
     for stage in (0, 2):
         _collapse(rank, stage, root)
     torch.distributed.destroy_process_group()
 
 
-def _against_amp(rank: int, stage: int, reduce: str, root: str) -> None:
+def _against_amp(rank: int, stage: int, reduce: str, offload: str, root: str) -> None:
     from pretrain.engine import (
         LossScale,
         Schedule,
@@ -80,7 +81,7 @@ def _against_amp(rank: int, stage: int, reduce: str, root: str) -> None:
     from pretrain.optim import build_optimizer, config_param_groups
     from pretrain.trainer import build_method, schedule_lr
 
-    cfg = _cfg(stage, f"zero.reduce_dtype={reduce}")
+    cfg = _cfg(stage, f"zero.reduce_dtype={reduce}", f"zero.offload={offload}")
     torch.manual_seed(0)
     method = build_method(cfg, distributed=True)
     ref = copy.deepcopy(method)
@@ -129,10 +130,10 @@ def _against_amp(rank: int, stage: int, reduce: str, root: str) -> None:
         want["params"].append({k: v.detach().clone() for k, v in ref.backbone.named_parameters()})
 
     # the scale through a checkpoint: a fresh engine loads it and both take the next steps alike
-    save_checkpoint(engine, f"{root}/ckpt{stage}{reduce}", {"loss_scale": engine.fp16_scale.state_dict()})
+    save_checkpoint(engine, f"{root}/ckpt{stage}{reduce}{offload}", {"loss_scale": engine.fp16_scale.state_dict()})
     fresh = build_engine(build_method(cfg, distributed=True), cfg)
     fresh.fp16_scale = LossScale(fresh, init_scale=INIT, growth_interval=GROWTH)
-    state = load_checkpoint(fresh, f"{root}/ckpt{stage}{reduce}")
+    state = load_checkpoint(fresh, f"{root}/ckpt{stage}{reduce}{offload}")
     fresh.fp16_scale.load_state_dict(state["loss_scale"])
     restored = fresh.fp16_scale.state_dict()
     after = []
@@ -142,7 +143,7 @@ def _against_amp(rank: int, stage: int, reduce: str, root: str) -> None:
         after.append((e.fp16_scale.state_dict(), _params(e, e.module.backbone)))
     if rank == 0:
         torch.save({"got": got, "want": want, "init": init, "saved": state["loss_scale"], "restored": restored,
-                    "after": after, "buckets": buckets}, f"{root}/stage{stage}-{reduce}.pt")
+                    "after": after, "buckets": buckets}, f"{root}/stage{stage}-{reduce}-{offload}.pt")
 
 
 def _collapse(rank: int, stage: int, root: str) -> None:
@@ -181,9 +182,9 @@ def _update_error(got: dict, want: dict, init: dict) -> float:
     return ((g - w).norm() / w.norm()).item()
 
 
-@pytest.mark.parametrize(("stage", "reduce"), CASES)
-def test_every_stage_steps_as_torch_amp_with_the_same_scale(results, stage, reduce):
-    r = torch.load(results / f"stage{stage}-{reduce}.pt", weights_only=False)
+@pytest.mark.parametrize(("stage", "reduce", "offload"), CASES)
+def test_every_stage_steps_as_torch_amp_with_the_same_scale(results, stage, reduce, offload):
+    r = torch.load(results / f"stage{stage}-{reduce}-{offload}.pt", weights_only=False)
     got, want, init = r["got"], r["want"], r["init"]
     assert min(want["norm"][:2] + want["norm"][3:]) > CLIP  # clipping on at every applied step
     assert got["applied"] == [True, True, False, True, True, True]
@@ -201,9 +202,9 @@ def test_every_stage_steps_as_torch_amp_with_the_same_scale(results, stage, redu
     assert moved > 1e-3  # SGD at 0.5 with clipped gradients: updates of the clip's size, not 2**16 times smaller
 
 
-@pytest.mark.parametrize(("stage", "reduce"), CASES)
-def test_the_scale_comes_back_from_a_checkpoint(results, stage, reduce):
-    r = torch.load(results / f"stage{stage}-{reduce}.pt", weights_only=False)
+@pytest.mark.parametrize(("stage", "reduce", "offload"), CASES)
+def test_the_scale_comes_back_from_a_checkpoint(results, stage, reduce, offload):
+    r = torch.load(results / f"stage{stage}-{reduce}-{offload}.pt", weights_only=False)
     assert r["saved"]["scale"] == 2 * INIT and r["saved"]["skipped"] == 1 and r["saved"]["good"] == 1
     assert {k: r["restored"][k] for k in ("scale", "good", "skipped", "in_a_row")} == \
         {k: r["saved"][k] for k in ("scale", "good", "skipped", "in_a_row")}
