@@ -374,10 +374,14 @@ def _one_stage(stage, precision, offload, ckpt, out, build_engine, build_method,
     extra = {"offloaded": bool(getattr(engine.optimizer, "cpu_offload", False)
                                or getattr(engine.optimizer, "offload_optimizer", False)),
              "fused": [g.get("fused") for g in engine.optimizer.param_groups]}
-    if offload == "cpu":  # a resume that turns the offload on loads the checkpoint of the same run without it
+    if offload == "cpu":  # a resume may turn the offload on (the same run's checkpoint without it) or off (this one)
         turned_on = build_engine(build_method(cfg, distributed=True), cfg)
         load_checkpoint(turned_on, ckpt.replace(f"-{offload}", "-none"))
         extra["loaded_from_plain"] = full_state_dict(turned_on, turned_on.module.backbone)
+        without = _cfg(stage, precision)
+        turned_off = build_engine(build_method(without, distributed=True), without)
+        load_checkpoint(turned_off, ckpt)
+        extra["loaded_without"] = full_state_dict(turned_off, turned_off.module.backbone)
     if rank == 0:
         torch.save({**extra, "trained": trained, "restored": restored, "state": state, "losses": losses, "lr": lr_after,
                     "lr_restored": fresh.get_lr()[0], "wd": wd_after,
@@ -683,7 +687,8 @@ def test_zero_stage_trains_saves_and_restores(stage, precision, offload, results
     """Each ZeRO stage trains 3 steps on 2 ranks; a fresh engine loads the checkpoint: same weights, LR and step; one
     built from a config with another peak LR and betas loads it and goes on with those. With zero.offload cpu the
     ZeRO optimizer really offloads, AdamW runs fused, and the steps are those without it (to float rounding); an
-    offloading engine loads the checkpoint of the run without the offload (a resume may turn it on)."""
+    offloading engine loads the checkpoint of the run without the offload and the other way round (a resume may turn
+    it on or off)."""
     r = torch.load(results / f"result{stage}-{precision}-{offload}.pt", weights_only=False)
     assert r["offloaded"] == (offload == "cpu") and r["fused"] == [offload == "cpu"] * 2
     if offload == "cpu":
@@ -692,6 +697,7 @@ def test_zero_stage_trains_saves_and_restores(stage, precision, offload, results
         for k, v in plain["trained"].items():
             torch.testing.assert_close(r["trained"][k], v, rtol=1e-5, atol=1e-7, msg=k)
             assert torch.equal(r["loaded_from_plain"][k], v), k
+            assert torch.equal(r["loaded_without"][k], r["trained"][k]), k
     assert r["state"]["step"] == 3
     assert all(math.isfinite(x) for x in r["losses"])
     assert r["trained"].keys() == r["restored"].keys()
