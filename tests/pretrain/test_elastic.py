@@ -151,3 +151,17 @@ def test_conversion_leaves_the_zero_checkpoint_as_it_was(stage, optim, phases):
         out, seconds, before, after = phases["converted"][(phase, f"{optim}{stage}")]
         assert seconds > 0 and before == after and any(out.iterdir())
         assert not out.with_name(out.name + ".partial").exists() and not out.with_name(out.name + ".input").exists()
+
+
+@pytest.mark.parametrize("stage, optim", CASES)
+def test_consolidated_state_is_the_whole_model(stage, optim, phases):
+    """What `pretrain extract` and `pretrain eval --step` load from a checkpoint of any stage, offline: every parameter
+    and buffer of the model as the engine held it when it saved (the frozen teacher too, which ZeRO-1's checkpoint
+    lists nowhere but in its model states)."""
+    from pretrain.engine import consolidated_state_dict
+
+    whole = consolidated_state_dict(phases["root"] / f"a-{optim}{stage}", stage)
+    saved = phases[("a", f"{optim}{stage}")][2]
+    assert whole.keys() == saved.keys() and any(k.startswith("teacher.") for k in whole)
+    for k, v in saved.items():
+        assert torch.equal(whole[k], v), k
