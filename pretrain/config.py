@@ -443,9 +443,9 @@ class ZeroConfig:
     half the traffic, each rounded to the half type's 8 / 11 bits)."""
     offload: str = "none"
     """none | cpu: ZeRO-Offload, ZeRO 1-3 only: each rank's partition of the fp32 master weights and the optimizer's
-    state live in CPU memory and the optimizer steps there (AdamW: torch's fused CPU kernel), the accelerator keeping
-    the module's weights, activations and gradients: a model too large for the GPUs' memory, for CPU time and PCIe
-    traffic each step."""
+    state live in CPU memory and the optimizer steps there (AdamW, SGD: torch's fused CPU kernels), the accelerator
+    keeping the module's weights, activations and gradients: a model too large for the GPUs' memory, for CPU time and
+    PCIe traffic each step."""
 
     def __post_init__(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "stage", f"must be 0, 1, 2 or 3, got {self.stage}")
