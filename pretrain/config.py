@@ -48,6 +48,10 @@ class ModelConfig:
     """BatchNorm statistics of the global batch (every rank's samples) in training, in the backbone and the heads
     (SimCLR's and BYOL's global BN; pretrain.sync_bn): two small all-reduces per BatchNorm layer and forward. Off:
     each rank normalises by its own batch. No effect on one rank or on models without BatchNorm."""
+    compile: bool = False
+    """torch.compile the training forward (the method's, loss included; ``nn.Module.compile``, in place: parameter
+    names, checkpoints and the evaluation unchanged): the first step compiles (tens of seconds), later ones run the
+    compiled graphs; the backward too. A resume may turn it on or off."""
 
     def __post_init__(self) -> None:
         _check(self.patch_size > 0, "patch_size", "must be > 0")

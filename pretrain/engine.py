@@ -201,7 +201,8 @@ def ds_config(cfg: Config, *, universal: bool = False) -> dict:
 
 def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, AdamW, LARS or SGD, warmup + cosine, weight-decay schedule,
-    clipping) from the config; ``universal``: one that loads a universal checkpoint (``load_checkpoint(universal=)``).
+    clipping; ``model`` compiled first with ``model.compile``) from the config; ``universal``: one that loads a
+    universal checkpoint (``load_checkpoint(universal=)``).
 
     Call after the process group exists (Ray Train or torchrun set it up); DeepSpeed reuses it.
     """
@@ -209,6 +210,8 @@ def build_engine(model: nn.Module, cfg: Config, *, universal: bool = False):
     if not torch.cuda.is_available():
         clear_stale_build_locks()  # DeepSpeed builds (or loads) its CPU comm op in initialize
     o = cfg.optim
+    if cfg.model.compile:  # in place: the same parameters, state dict and checkpoints
+        model.compile()
     groups = config_param_groups(model, o)
     optimizer = build_optimizer(groups, o.name, peak_lr(cfg, world), **optimizer_hyper(cfg))
     scheduler = Schedule(optimizer, cfg, world)

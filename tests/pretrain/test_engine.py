@@ -67,7 +67,33 @@ def _worker(rank: int, port: int, root: str) -> None:
     _ijepa(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
     _nnclr(rank, root, build_engine, build_method, load_checkpoint, save_checkpoint)
     _moco_v2(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
+    _compiled(rank, root, build_engine, build_method, full_state_dict)
     torch.distributed.destroy_process_group()
+
+
+def _compiled(rank: int, root: str, build_engine, build_method, full_state_dict) -> None:
+    """SimCLR under ZeRO-2 for 3 steps eager and with model.compile on the same batches: losses, weights, and what
+    Dynamo made of it. SGD: an update proportional to the gradient (AdamW's first steps are about lr x its sign, which
+    turns rounding in a near-zero gradient into a whole step)."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for compiled in (False, True):
+        cfg = _cfg(2, "fp32", f"model.compile={str(compiled).lower()}", "optim.name=sgd", "optim.lr=0.5")
+        torch.manual_seed(0)
+        engine = build_engine(build_method(cfg, distributed=True), cfg)
+        g = torch.Generator().manual_seed(70 + rank)
+        losses = []
+        for _ in range(3):
+            loss = engine({"views": [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]})["loss"]
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        out[compiled] = {"losses": losses, "weights": full_state_dict(engine, engine.module),
+                         "is_compiled": engine.module._compiled_call_impl is not None,
+                         "graphs": counters["stats"]["unique_graphs"]}
+    if rank == 0:
+        torch.save(out, f"{root}/compiled.pt")
 
 
 def _layer_decay(rank: int, root: str, build_engine, build_method, full_state_dict, load_checkpoint,
@@ -443,6 +469,20 @@ def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimize
         assert r["cosine"] < 0.8
         assert [lr for _, _, lr, _ in built] == pytest.approx([r["peak"] * r["cosine"]] * 2 + [r["peak"]] * 2)
         assert all(wd == 1e-2 for _, _, _, wd in built)
+
+
+def test_compiled_model_trains_as_eager(results):
+    """model.compile: the method's forward and backward run as Dynamo's graphs (several: the chunked CPU loss breaks the
+    graph where it skips chunks) and take the eager steps, to float rounding; the parameter names stay."""
+    r = torch.load(results / "compiled.pt", weights_only=False)
+    eager, compiled = r[False], r[True]
+    assert (eager["is_compiled"], compiled["is_compiled"]) == (False, True)
+    assert eager["graphs"] == 0 and compiled["graphs"] >= 1
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    assert compiled["weights"].keys() == eager["weights"].keys()
+    for k, v in eager["weights"].items():
+        torch.testing.assert_close(compiled["weights"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert eager["losses"][0] != eager["losses"][2]
 
 
 def test_zero3_with_grad_checkpointing_steps_as_without(results):
