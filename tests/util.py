@@ -1,6 +1,7 @@
 """Small helpers shared by tests."""
 
 import socket
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -16,20 +17,26 @@ def spawn_ranks(fn, nprocs: int, *args) -> None:
     A rank that raises fails the call at once, with its traceback. A rank killed by a signal (seen once in a long CI
     run: gloo's C++ aborting one rank of a 2-rank DeepSpeed group under load, "terminate called without an active
     exception", not reproduced in isolation) runs the whole group once more, on a new port, with a warning: a crash
-    that our code causes comes back the second time and fails the test."""
+    that our code causes comes back the second time and fails the test. The files in which failing ranks hand their
+    tracebacks over (torch's /tmp/pytorch-errorfile-*.pickle, which mp.spawn leaves) are removed."""
     import warnings
 
     import torch.multiprocessing as mp
 
     for attempt in (1, 2):
+        group = mp.start_processes(fn, args=(free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
         try:
-            mp.spawn(fn, args=(free_port(), *args), nprocs=nprocs, join=True)
+            while not group.join():
+                pass
             return
         except mp.ProcessExitedException as e:
             if attempt == 2 or not e.signal_name:
                 raise
             warnings.warn(f"rank {e.error_index} of {fn.__name__} died by {e.signal_name}; running the ranks once more",
                           stacklevel=2)
+        finally:
+            for path in group.error_files:
+                Path(path).unlink(missing_ok=True)
 
 
 def run_cli(args: list[str], env: dict | None = None):

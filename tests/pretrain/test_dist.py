@@ -182,7 +182,8 @@ def _raises(rank: int, port: int, root: str) -> None:
 
 def test_spawned_ranks_run_once_more_only_after_a_signal(tmp_path):
     """tests.util.spawn_ranks: a rank killed by a signal runs the group once more, on another port (with a warning);
-    a rank that raises fails at once, its exception named; a rank killed both times fails."""
+    a rank that raises fails at once, its exception named (the file that handed it over removed); a rank killed both
+    times fails."""
     import torch.multiprocessing as mp
 
     with pytest.warns(UserWarning, match="rank 1 of _aborts_once died by SIGABRT; running the ranks once more"):
@@ -190,8 +191,12 @@ def test_spawned_ranks_run_once_more_only_after_a_signal(tmp_path):
     ran = {p.name for p in tmp_path.glob("ran*")}  # rank 0 may have finished before rank 1 aborted, the first time
     again = [port for port in {n[5:] for n in ran} if {f"ran0-{port}", f"ran1-{port}"} <= ran]
     assert len(again) == 1 and sum(n.startswith("ran1") for n in ran) == 1
+    import tempfile
+
+    handed_over = set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))
     with pytest.raises(mp.ProcessRaisedException, match="rank . fails"):
         spawn_ranks(_raises, 2, str(tmp_path))
+    assert set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*")) == handed_over  # the traceback's file removed
     assert len(list(tmp_path.glob("raised*"))) >= 1 and len({p.name[8:] for p in tmp_path.glob("raised*")}) == 1
     (tmp_path / "aborted").unlink()
     with pytest.warns(UserWarning), pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
