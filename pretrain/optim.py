@@ -33,21 +33,20 @@ class Fragments(NamedTuple):
     """Where the parameters of one flat partition lie: piece i is ``flat[starts[i]:starts[i] + numels[i]]``, a part of
     parameter ``index[i]`` of the ``count`` parameters that the ranks of ``group`` (a process group) split between
     their partitions. Every rank of the group steps its own partition of the same ``count`` parameters at once; the
-    per-parameter sums are reduced on ``device`` (the accelerator under NCCL, also where the partitions are offloaded
-    to the CPU)."""
+    per-parameter sums are reduced on ``index``'s device (the accelerator under NCCL, also where the partitions are
+    offloaded to the CPU)."""
 
-    index: torch.Tensor  # (pieces,) int64, on ``device``
+    index: torch.Tensor  # (pieces,) int64, on the device the sums are reduced on
     starts: list[int]
     numels: list[int]
     count: int
     group: object
-    device: torch.device
 
     @classmethod
     def of(cls, pieces: Sequence[tuple[int, int, int]], count: int, group, device: torch.device) -> Fragments:
         """From (parameter, start, numel) per piece."""
         return cls(torch.tensor([i for i, _, _ in pieces], dtype=torch.int64, device=device),
-                   [s for _, s, _ in pieces], [n for _, _, n in pieces], count, group, device)
+                   [s for _, s, _ in pieces], [n for _, _, n in pieces], count, group)
 
 
 class LARS(torch.optim.Optimizer):
@@ -119,10 +118,10 @@ def _scale_fragments(weight: torch.Tensor, update: torch.Tensor, eta: float, whe
     norms summed over the ranks of ``where.group`` from each rank's pieces. Collective: every rank calls it."""
     w_pieces, u_pieces = ([t.narrow(0, start, numel) for start, numel in zip(where.starts, where.numels)]
                           for t in (weight, update))
-    sums = torch.zeros(where.count, 2, dtype=torch.float32, device=where.device)  # per parameter: ||w||², ||u||²
+    sums = torch.zeros(where.count, 2, dtype=torch.float32, device=where.index.device)  # per parameter: ||w||², ||u||²
     if w_pieces:
         norms = torch.stack([torch.stack(torch._foreach_norm(pieces)) for pieces in (w_pieces, u_pieces)], dim=1)
-        sums.index_add_(0, where.index, norms.square().to(where.device))
+        sums.index_add_(0, where.index, norms.square().to(sums.device))
     torch.distributed.all_reduce(sums, group=where.group)
     ratio = _trust_ratio(*sums.sqrt().unbind(1), eta)[where.index].to(update.device)  # (pieces,)
     for piece, r in zip(u_pieces, ratio):

@@ -126,7 +126,7 @@ def _same(got: dict, want: dict, what: str) -> None:
 @pytest.mark.parametrize("stage, optim", CASES)
 def test_two_ranks_resumed_on_one_continue_the_run(stage, optim, phases):
     """2 ranks' checkpoint of step 2, loaded by 1 rank: the model, teacher and center as saved, and steps 2-3 on the
-    whole batches land where the 2 ranks went on to (which also needs Adam's moments back)."""
+    whole batches land where the 2 ranks went on to (which also needs Adam's moments or the momentum back)."""
     a, b = phases[("a", f"{optim}{stage}")], phases[("b", f"{optim}{stage}")]
     _same(b["loaded"], a[2], f"ZeRO-{stage} {optim} loaded on 1 rank")
     _same(b[4], a[4], f"ZeRO-{stage} {optim} step 4 on 1 rank")
