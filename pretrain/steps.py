@@ -2,9 +2,9 @@
 leaves (``backbone.pt``, and ``model.pt`` for a method used whole), in ``<run>/steps/step_XXXXXXX``.
 
 The checkpoints are the ones training writes for resuming: Ray's ``<run>/checkpoint_*`` directories, or
-``<run>/checkpoints/step_XXXXXXX`` under torchrun, each holding every rank's ZeRO partitions. They are merged offline
-on the CPU (``pretrain.engine.consolidated_state_dict``), whatever the number of ranks that wrote them, and loaded into
-the run's method, so a step's directory is read by ``pretrain eval``, ``embed``, ``search``, ``export`` and
+``<run>/checkpoints/step_XXXXXXX`` under torchrun, each holding every rank's ZeRO partitions. They are merged
+offline on the CPU (``pretrain.checkpoint.consolidated_state_dict``), whatever the number of ranks that wrote them, and
+loaded into the run's method, so a step's directory is read by ``pretrain eval``, ``embed``, ``search``, ``export`` and
 ``pretrain.load_encoder`` as a finished run is: a run still training, or stopped for good, has usable weights, and the
 best point of the kNN monitor's curve can be taken instead of the last.
 """
@@ -45,7 +45,7 @@ def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     A job stopped while its ranks were writing a checkpoint leaves a directory with some ranks' files only: Ray's
     ``checkpoint_*`` that its record does not name (it resumes from the last one it does), torchrun's
     ``step_XXXXXXX.partial``; neither is listed."""
-    from pretrain.engine import CKPT_TAG
+    from pretrain.checkpoint import CKPT_TAG
 
     run_dir = Path(run_dir)
     registered = _ray_registered(run_dir)
@@ -60,7 +60,7 @@ def checkpoint_info(checkpoint: str | Path) -> dict:
     info = Path(checkpoint) / CHECKPOINT_INFO
     if info.is_file():
         return json.loads(info.read_text())
-    from pretrain.engine import CKPT_TAG
+    from pretrain.checkpoint import CKPT_TAG
 
     state = Path(checkpoint) / CKPT_TAG  # ZeRO 0-2 name their first rank's file the one way, ZeRO-3 the other
     first = next((p for p in (state / "mp_rank_00_model_states.pt", state / "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -89,7 +89,7 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
     """Write the encoder of checkpoint ``step`` (default: the latest) of ``run_dir`` as a run directory ``out``
     (default ``<run>/steps/step_XXXXXXX``): its config.yaml, backbone.pt (+ model.pt). Returns (step, out).
     ValueError (one line) for a run without that checkpoint or an ``out`` that already holds weights."""
-    from pretrain.engine import consolidated_state_dict
+    from pretrain.checkpoint import consolidated_state_dict
     from pretrain.trainer import build_method
 
     run_dir = check_run_dir(run_dir)

@@ -1,7 +1,7 @@
 """The training loop, top to bottom: one function every launcher (Ray, torchrun, Slurm) ends up calling.
 
-It sees plain torch, the DeepSpeed engine (through ``pretrain.engine``) and a :class:`Session` that the launcher
-provides for where checkpoints come from and go to. Ray is never imported here.
+It sees plain torch, the DeepSpeed engine (through ``pretrain.engine`` and ``pretrain.checkpoint``) and a
+:class:`Session` that the launcher provides for where checkpoints come from and go to. Ray is never imported here.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 
 from data_pipeline.loader import make_train_stream
 from pretrain import dist
+from pretrain.checkpoint import UNIVERSAL_TAG, full_state_dict, load_checkpoint, save_checkpoint, to_universal
 from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import resolve_shards
-from pretrain.engine import UNIVERSAL_TAG, build_engine, full_state_dict, load_checkpoint, save_checkpoint, to_universal
+from pretrain.engine import build_engine
 from pretrain.methods import METHODS
 from pretrain.steps import CHECKPOINT_INFO, checkpoint_info
 from pretrain.sync_bn import convert_sync_bn

@@ -44,7 +44,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
+    from pretrain.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+    from pretrain.engine import build_engine
     from pretrain.eval.monitor import KnnMonitor
     from pretrain.trainer import build_method
 
@@ -181,7 +182,7 @@ def test_knn_monitor_on_the_live_teacher(stage, results):
 def test_checkpoint_merges_offline(stage, results):
     """The checkpoint both ranks wrote, merged in this one process without DeepSpeed engines (pretrain extract's
     path): the whole method (student, the frozen EMA teacher, the center buffer) exactly as it was saved."""
-    from pretrain.engine import consolidated_state_dict
+    from pretrain.checkpoint import consolidated_state_dict
     from pretrain.trainer import build_method
 
     method = build_method(_cfg(stage), distributed=False)

@@ -1,7 +1,7 @@
 """Resuming on another number of ranks: a ZeRO checkpoint of N ranks converted to DeepSpeed's universal form
-(``pretrain.engine.to_universal``) and loaded by engines of M ranks, on real gloo processes, for DINO (an EMA teacher
-that ZeRO-3 partitions without training it, a center buffer, BatchNorm over the global batch) under ZeRO 2 and 3 with
-AdamW (and ZeRO-3 offloaded to the CPU), LARS (its momentum carried through DeepSpeed's Adam-only converter under
+(``pretrain.checkpoint.to_universal``) and loaded by engines of M ranks, on real gloo processes, for DINO (an EMA
+teacher that ZeRO-3 partitions without training it, a center buffer, BatchNorm over the global batch) under ZeRO 2 and 3
+with AdamW (and ZeRO-3 offloaded to the CPU), LARS (its momentum carried through DeepSpeed's Adam-only converter under
 Adam's names; its trust ratio from partitions of another layout after the move) under ZeRO 2 and 3, SGD under ZeRO-1,
 and ZeRO 0 loaded as it is.
 
@@ -58,7 +58,8 @@ def _phase(rank: int, world: int, port: int, root: str, phase: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
+    from pretrain.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+    from pretrain.engine import build_engine
     from pretrain.trainer import build_method
 
     def step(engine, i: int) -> None:
@@ -98,7 +99,7 @@ def _phase(rank: int, world: int, port: int, root: str, phase: str) -> None:
 
 @pytest.fixture(scope="module")
 def phases(tmp_path_factory) -> dict:
-    from pretrain.engine import UNIVERSAL_TAG, to_universal
+    from pretrain.checkpoint import UNIVERSAL_TAG, to_universal
 
     root = tmp_path_factory.mktemp("elastic")
     converted = {}
@@ -158,7 +159,7 @@ def test_consolidated_state_is_the_whole_model(stage, optim, phases):
     """What `pretrain extract` and `pretrain eval --step` load from a checkpoint of any stage, offline: every parameter
     and buffer of the model as the engine held it when it saved (the frozen teacher too, which ZeRO-1's checkpoint
     lists nowhere but in its model states)."""
-    from pretrain.engine import consolidated_state_dict
+    from pretrain.checkpoint import consolidated_state_dict
 
     whole = consolidated_state_dict(phases["root"] / f"a-{optim}{stage}", stage)
     saved = phases[("a", f"{optim}{stage}")][2]

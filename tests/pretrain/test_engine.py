@@ -38,7 +38,8 @@ def _worker(rank: int, port: int, root: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     from pretrain import dist
-    from pretrain.engine import build_engine, full_state_dict, load_checkpoint, save_checkpoint
+    from pretrain.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+    from pretrain.engine import build_engine
     from pretrain.trainer import build_method
 
     for stage, precision, offload in CASES:
@@ -103,7 +104,7 @@ def _layer_decay(rank: int, root: str, build_engine, build_method, full_state_di
     update of an element is lr x g / (|g| + eps): the group's lr where |g| >> eps); then a checkpoint converted to the
     universal form and loaded by a fresh engine (DeepSpeed's ZeRO-3 universal load gives every group the first one's
     settings: the multipliers must come back), and the next step from both."""
-    from pretrain.engine import to_universal
+    from pretrain.checkpoint import to_universal
     from pretrain.trainer import optimizer_step
 
     cfg = load_config(ROOT / "configs" / "ibot_digits.yaml", [

@@ -51,7 +51,7 @@ def _batches(rank: int, n: int) -> list[dict]:
 
 def _params(engine, module) -> dict[str, torch.Tensor]:
     """The trained parameters of ``module`` (not BatchNorm's statistics), whole."""
-    from pretrain.engine import full_state_dict
+    from pretrain.checkpoint import full_state_dict
 
     names = {n for n, p in module.named_parameters() if p.requires_grad}
     return {k: v.clone() for k, v in full_state_dict(engine, module).items() if k in names}
@@ -69,15 +69,8 @@ def _worker(rank: int, port: int, root: str) -> None:
 
 
 def _against_amp(rank: int, stage: int, reduce: str, offload: str, root: str) -> None:
-    from pretrain.engine import (
-        LossScale,
-        Schedule,
-        build_engine,
-        load_checkpoint,
-        optimizer_hyper,
-        peak_lr,
-        save_checkpoint,
-    )
+    from pretrain.checkpoint import load_checkpoint, save_checkpoint
+    from pretrain.engine import LossScale, Schedule, build_engine, optimizer_hyper, peak_lr
     from pretrain.optim import build_optimizer, config_param_groups
     from pretrain.trainer import build_method, schedule_lr
 

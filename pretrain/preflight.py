@@ -1,0 +1,154 @@
+"""What is checked before a run starts, on the machine that starts it: the config of a new run or of one to resume, its
+run directory, the method's inputs, the backbone's options, the data and the tracking store; then the run directory is
+written. Each problem is a ``ConfigError`` of one line, raised before Ray, a scheduler or any worker is involved.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pretrain.config import Config, ConfigError, load_config
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "simclr_digits.yaml"
+
+
+def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) -> tuple[Config, Path]:
+    """The config and run directory of a new run (``config``, default ``DEFAULT_RECIPE``, with ``overrides``; a run
+    directory that already holds a run is refused) or of a run to continue (``resume``: its own config with
+    ``overrides``, refused where they change what its checkpoints hold or leave nothing to do)."""
+    if resume:
+        run_dir = resume.resolve()
+        saved = run_dir / "config.yaml"
+        if config:
+            raise ConfigError(f"--config: a resumed run goes on with its own config ({saved}); change its values with "
+                              "--set")
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+        before = load_config(saved)
+        cfg = load_config(saved, overrides)
+        check_same_structure(before, cfg, run_dir.name)
+        check_steps_left(cfg, run_dir)
+        return cfg, run_dir
+    cfg = load_config(config or DEFAULT_RECIPE, overrides)
+    name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(cfg.job.out_dir).expanduser() / name).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}")
+    return cfg, run_dir
+
+
+def check_steps_left(cfg: Config, run_dir: Path) -> None:
+    """ConfigError for a resume that has nothing to do: ``job.max_steps`` behind the run's last checkpoint, or at it
+    with the run finished there (its backbone.pt, and eval.json where it evaluates, written after that checkpoint).
+    At it and unfinished (stopped between its last checkpoint and its end), the resume finishes the run."""
+    from pretrain.steps import list_checkpoints
+
+    steps = list_checkpoints(run_dir)
+    if not steps and (run_dir / "backbone.pt").is_file():  # every run checkpoints its last step
+        raise ConfigError(f"--resume: {run_dir} holds an encoder and no checkpoint to go on from (as `pretrain "
+                          "extract` writes a step's encoder); resuming would train anew over it")
+    if not steps:
+        return
+    last = max(steps)
+    if cfg.job.max_steps < last:
+        raise ConfigError(f"job.max_steps: {cfg.job.max_steps} is behind {run_dir.name}'s last checkpoint (step "
+                          f"{last}); raise it to train on, or take an earlier step's encoder with `pretrain extract "
+                          f"--checkpoint {run_dir} --step N`")
+    ends = [run_dir / "backbone.pt"] + ([run_dir / "eval.json"] if cfg.eval.enabled else [])
+    since = steps[last].stat().st_mtime
+    if cfg.job.max_steps == last and all(p.is_file() and p.stat().st_mtime >= since for p in ends):
+        raise ConfigError(f"job.max_steps: {run_dir.name} finished at step {last} already; raise job.max_steps to "
+                          f"train on (`pretrain eval --checkpoint {run_dir}` evaluates it again)")
+
+
+def check_same_structure(before: Config, cfg: Config, name: str) -> None:
+    """ConfigError for a resume override that changes what the checkpoints hold (the method, the model, the ZeRO
+    stage, the optimizer and its param groups; the accumulation, which DeepSpeed counts in micro-steps): they would
+    not load or would not line up, and the workers would fail only after starting."""
+    from pretrain.config import to_dict
+
+    old, new = to_dict(before), to_dict(cfg)
+    keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps"),
+            ("optim", "layer_decay"), ("optim", "patch_embed_lr_mult"), ("optim", "norm_bias_lr_mult"),
+            ("optim", "fixed_lr"), ("optim", "decay_norms_and_biases")]  # these five: the optimizer's param groups
+    keys += [("model", k) for k in sorted(old["model"]) if k not in ("sync_bn", "compile")]  # same weights either way
+    # a method key that shapes the method's weights or buffers (DINO's and SwAV's prototypes, MAE's decoder, a queue)
+    changed = [k for k in sorted(old["method"]) if k != "name" and old["method"][k] != new["method"].get(k)]
+    keys += [("method", k) for k in changed if _changes_state(before, old, k, new["method"][k])]
+    for section, key in keys:
+        was, now = old[section].get(key), new[section].get(key)
+        if was != now:
+            raise ConfigError(f"{section}.{key}: the checkpoints of {name} were saved with {was!r}, and {now!r} cannot "
+                              "load them; start a new run for it")
+
+
+def _changes_state(before: Config, old: dict, key: str, value) -> bool:
+    """Whether setting ``method.<key>`` to ``value`` in ``before`` changes the names or shapes of the method's state
+    (parameters and buffers), both built on the meta device (no memory, no initialisation: milliseconds). False
+    where either cannot be built there (the worker reports it)."""
+    import copy
+
+    import torch
+
+    from pretrain.config import config_from_dict
+    from pretrain.methods import METHODS
+
+    def shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            method = METHODS[cfg.method.name](cfg)
+        return {k: tuple(v.shape) for k, v in method.state_dict().items()}
+
+    trial = copy.deepcopy(old)
+    trial["method"][key] = value
+    try:
+        return shapes(before) != shapes(config_from_dict(trial))
+    except Exception:  # noqa: BLE001 - e.g. a BEiT tokenizer that the meta device cannot load, a key valid only with another
+        return False
+
+
+def prepare_run(cfg: Config, run_dir: Path, *, write: bool) -> None:
+    """Check the tracking URI, the method's inputs, the backbone's options and the data (building built-in shards on
+    first use), then write the run directory (``write``: a new run, or a resumed one whose config was overridden: it
+    goes on with the new config, written beside the old)."""
+    from pretrain.data import resolve_shards
+    from pretrain.methods import METHODS
+    from pretrain.models import check_backbone_options
+    from pretrain.optim import check_fixed_lr
+    from pretrain.tracking import check_tracking_uri
+
+    if cfg.tracking.uri:
+        check_tracking_uri(cfg.tracking.uri)
+    METHODS[cfg.method.name].check_inputs(cfg)
+    try:  # a misspelt option would otherwise fail in every worker, after the cluster (or the queued job) started
+        check_backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs or {})
+    except ValueError as e:
+        raise ConfigError(f"model.backbone_kwargs: {e}") from None
+    check_fixed_lr(cfg)
+    # builds the digits shards on first use; refuses data without captions for a method that needs them, or too few
+    # samples for a batch on every rank
+    shards = resolve_shards(cfg.data, captions=METHODS[cfg.method.name].needs_text, ranks=cfg.job.num_workers)
+    if cfg.eval.reads_dataset:
+        from pretrain.eval.dataset import check_eval_dataset
+
+        check_eval_dataset(cfg)  # a shard dataset to evaluate on exists and has classes to score
+    from pretrain.trainer import write_run_files  # DeepSpeed's import, only once everything above passed
+
+    if write:
+        write_run_files(cfg, run_dir)
+    workers = f"{cfg.job.num_workers} worker" + ("s" if cfg.job.num_workers != 1 else "")
+    print(f"Run directory: {run_dir}  ({len(shards)} shards, {workers})", flush=True)
+
+
+def check_local_gpus(cfg: Config) -> None:
+    """ConfigError when ``job.use_gpu: true`` asks the private local cluster for more GPUs than this machine has (Ray
+    would wait for them forever); a cluster joined with --address may add GPU nodes as it scales."""
+    if cfg.job.use_gpu != "true":
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < cfg.job.num_workers:
+        raise ConfigError(f"job.use_gpu: true gives each of the {cfg.job.num_workers} workers a GPU, and this machine "
+                          f"has {found}; set job.use_gpu=auto (GPUs where there are), fewer job.num_workers, or join a "
+                          "cluster that has them with --address")
