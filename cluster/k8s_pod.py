@@ -267,8 +267,8 @@ def main() -> int:
     tees = []
     # Ray's session dir, in the container's /tmp: nothing can read it once this process ends and the container with
     # it, so it goes as soon as this pod's Ray has stopped (where pods run as plain processes, as in the tests, it
-    # would otherwise stay on the host)
-    temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
+    # would otherwise stay on the host); named after the pod, for a /tmp that the node shares
+    temp_dir = tempfile.mkdtemp(prefix=f"sslray-{socket.gethostname()}-", dir="/tmp")
     try:
         tees = log_to_run(pod)
         return run_head(pod, temp_dir) if pod.index == 0 else run_node(pod, temp_dir)
