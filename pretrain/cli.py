@@ -1,7 +1,8 @@
-"""``pretrain``: one console script, subcommands ``train``, ``submit`` (slurm, k8s), ``eval``, ``search`` and ``data``.
+"""``pretrain``: one console script, subcommands ``train``, ``submit`` (slurm, k8s), ``eval``, ``search``, ``embed``,
+``attention``, ``extract``, ``export`` and ``data``.
 
-Every check that can fail on user input runs here, before Ray or any worker starts; a problem is one line on stderr
-and exit status 2.
+Every check that can fail on user input runs from here (a run's: ``pretrain.preflight``), before Ray or any worker
+starts; a problem is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
