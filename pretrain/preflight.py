@@ -5,10 +5,11 @@ written. Each problem is a ``ConfigError`` of one line, raised before Ray, a sch
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config import Config, ConfigError, config_from_dict, load_config, to_dict
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "simclr_digits.yaml"
 
@@ -27,8 +28,8 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
             raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
         before = load_config(saved)
         cfg = load_config(saved, overrides)
-        check_same_structure(before, cfg, run_dir.name)
-        check_steps_left(cfg, run_dir)
+        _check_same_structure(before, cfg, run_dir.name)
+        _check_steps_left(cfg, run_dir)
         return cfg, run_dir
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -38,7 +39,7 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
     return cfg, run_dir
 
 
-def check_steps_left(cfg: Config, run_dir: Path) -> None:
+def _check_steps_left(cfg: Config, run_dir: Path) -> None:
     """ConfigError for a resume that has nothing to do: ``job.max_steps`` behind the run's last checkpoint, or at it
     with the run finished there (its backbone.pt, and eval.json where it evaluates, written after that checkpoint).
     At it and unfinished (stopped between its last checkpoint and its end), the resume finishes the run."""
@@ -62,12 +63,10 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
                           f"train on (`pretrain eval --checkpoint {run_dir}` evaluates it again)")
 
 
-def check_same_structure(before: Config, cfg: Config, name: str) -> None:
+def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
     """ConfigError for a resume override that changes what the checkpoints hold (the method, the model, the ZeRO
     stage, the optimizer and its param groups; the accumulation, which DeepSpeed counts in micro-steps): they would
     not load or would not line up, and the workers would fail only after starting."""
-    from pretrain.config import to_dict
-
     old, new = to_dict(before), to_dict(cfg)
     keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps"),
             ("optim", "layer_decay"), ("optim", "patch_embed_lr_mult"), ("optim", "norm_bias_lr_mult"),
@@ -87,11 +86,8 @@ def _changes_state(before: Config, old: dict, key: str, value) -> bool:
     """Whether setting ``method.<key>`` to ``value`` in ``before`` changes the names or shapes of the method's state
     (parameters and buffers), both built on the meta device (no memory, no initialisation: milliseconds). False
     where either cannot be built there (the worker reports it)."""
-    import copy
-
     import torch
 
-    from pretrain.config import config_from_dict
     from pretrain.methods import METHODS
 
     def shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

@@ -273,7 +273,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
 
     prebuild_ops()
     logs = [tmp_path / f"pod-{i}.log" for i in range(2)]
-    ray_dirs = f"sslray-{job['metadata']['name']}-*"  # each pod's Ray session dir, named after the pod
+    pod_ray_dirs = f"sslray-{job['metadata']['name']}-*"  # each pod's Ray session dir, named after the pod
     pods: list[subprocess.Popen] = []
     try:
         # first start: stopped (as on preemption or a deleted pod) once a checkpoint is registered
@@ -282,7 +282,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
         while not _registered_checkpoints(run):
             assert time.monotonic() < deadline and pods[0].poll() is None, logs[0].read_text()[-6000:]
             time.sleep(0.5)
-        assert len(list(Path("/tmp").glob(ray_dirs))) == 2
+        assert len(list(Path("/tmp").glob(pod_ray_dirs))) == 2
         assert _stop_pods(*pods) == [143, 143], logs[0].read_text()[-6000:]
         first = [log.read_text() for log in logs]
         assert "ssl-pretrain: pod 0 stopped (SIGTERM)" in first[0] and "pod 1 stopped (SIGTERM)" in first[1]
@@ -299,7 +299,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
             for p in running:
                 p.kill()  # unshare --kill-child: the pod's PID 1 goes, and its namespace with it
                 p.wait()
-    assert not list(Path("/tmp").glob(ray_dirs))  # each start's Ray session dir went with its pod
+    assert not list(Path("/tmp").glob(pod_ray_dirs))  # each start's Ray session dir went with its pod
     text = logs[0].read_text()[len(first[0]):]
     assert text.count(f"Ray head {POD_IPS[0]}:") == 1 and "2 nodes up" in text
     node_log = logs[1].read_text()[len(first[1]):]
