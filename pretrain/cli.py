@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         help="pretrain an encoder with Ray Train + DeepSpeed, tracked in MLflow, evaluated at the end",
         description="Pretrain with the recipe in --config on a Ray cluster (a private local one unless --address). "
         "The run directory <job.out_dir>/<job.run_name> receives config.yaml, Ray's checkpoints, metrics.csv, "
-        "backbone.pt, loss_curve.png and eval.json.",
+        "backbone.pt, loss_curve.png, eval.json and eval-map.png.",
     )
     _run_args(t)
     t.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379 or 'auto') instead of starting one")
@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a pretrained backbone on frozen features",
                        description="kNN, linear probe, 1/5-shot, KMeans NMI/ARI, retrieval, anomaly detection and "
                        "ICA axes of a backbone's frozen features (optionally fine-tuning; zero-shot for CLIP), next to "
-                       "the same encoder at random init and raw pixels; writes eval.json beside the checkpoint.")
+                       "the same encoder at random init and raw pixels; writes eval.json (and eval-map.png, the "
+                       "features in 2-D) beside the checkpoint.")
     e.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its backbone.pt")
     e.add_argument("--dataset", help="digits, samples, or a labelled shard directory (`pretrain data shards`; labels "
                    "and class names from its manifest) (default: the run's eval.dataset)")
@@ -100,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--finetune-layer-decay", type=float,
                    help="fine-tuning a ViT: layer-wise lr decay, e.g. 0.75 (MAE's for ViT-B) (default: the run's "
                    "eval.finetune_layer_decay)")
+    e.add_argument("--map", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw the test split's features in 2-D (t-SNE) beside the report, <report>-map.png (default: "
+                   "the run's eval.embedding_map)")
 
     q = sub.add_parser("search", help="semantic search: the images of a shard dataset nearest to a text or an image",
                        description="Embed every image of --data with a finished run's encoder (or read them from "
@@ -323,7 +327,7 @@ def cmd_eval(args) -> int:
     _new_file(args.out, "eval", "a JSON report", ".json")
     evaluate_checkpoint(args.checkpoint, dataset=args.dataset, out_path=args.out,
                         finetune_epochs=args.finetune_epochs, max_samples=args.max_samples,
-                        finetune_layer_decay=args.finetune_layer_decay)
+                        finetune_layer_decay=args.finetune_layer_decay, embedding_map=args.map)
     return 0
 
 

@@ -488,6 +488,9 @@ class EvalConfig:
     max_samples: int = 5000
     """At most this many samples of a shard dataset, a seeded draw, are evaluated (held in memory as float32 images:
     5000 at 3x224x224 take 3 GB)."""
+    embedding_map: bool = True
+    """Also draw the test split's frozen features in 2-D (t-SNE; at most 1000 points, a stratified draw), trained beside
+    random init and raw pixels, coloured by class, to eval-map.png beside eval.json (and to MLflow)."""
     finetune_epochs: int = 0
     """Also fine-tune a copy of the whole backbone (and of its random init) with a linear head for this many epochs on
     the labelled split and report the test accuracy (finetune_top1); 0 = skip (it costs more than the other protocols

@@ -11,7 +11,7 @@ from pretrain.config import Config, ConfigError, config_from_dict
 from pretrain.eval.dataset import load_eval_set
 from pretrain.eval.digits import split_indices
 from pretrain.eval.finetune import finetune_top1
-from pretrain.eval.report import evaluate_encoder, format_report, write_report
+from pretrain.eval.report import BASELINES, format_report, frozen_features, report_features, write_report
 from pretrain.eval.zeroshot import zeroshot_top1
 from pretrain.methods import METHODS
 from pretrain.steps import MODEL_FILE
@@ -24,24 +24,35 @@ def random_init_backbone(cfg: Config) -> torch.nn.Module:
     return build_method(cfg, distributed=False).backbone
 
 
+def map_path(report: str | Path) -> Path:
+    """Where the embedding map of the report ``report`` goes: beside it, ``eval.json`` -> ``eval-map.png``."""
+    report = Path(report)
+    return report.with_name(f"{report.stem}-map.png")
+
+
 def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path | None = None, *, echo: bool = True,
-                            method_state: dict | None = None):
+                            method_state: dict | None = None, embedding_map: str | Path | None = None):
     """The frozen-feature protocols (pretrain.eval.protocols) on ``eval.dataset`` (pretrain.eval.dataset) for the
     trained weights, the random init and raw pixels; with ``eval.finetune_epochs`` also fine-tuning of both; with
     ``method_state`` (the whole trained CLIP) also zero-shot top-1 on the test split, trained and at random init (a
     method with a text tower), the dataset's class names in its prompt templates. The encoders run on the GPU where
     there is one. ``report["data"]`` says what was
-    evaluated: dataset, samples, classes, undecodable samples skipped, classes left out."""
+    evaluated: dataset, samples, classes, undecodable samples skipped, classes left out. With ``embedding_map`` (a
+    PNG path) and ``eval.embedding_map`` on, the test split's features of the three drawn there in 2-D
+    (pretrain.eval.embedding_map)."""
     from pretrain.trainer import build_method
 
     data = load_eval_set(cfg)  # first: a dataset it refuses is refused before anything is built
+    if embedding_map is not None:
+        Path(embedding_map).unlink(missing_ok=True)  # a map left by an evaluation that died is not this one's
     images, labels = data.images, data.labels
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU node, its (current) GPU
     trained = random_init_backbone(cfg)
     trained.load_state_dict(state_dict)
     trained.to(device)
     random_init = random_init_backbone(cfg).to(device)
-    report = evaluate_encoder(trained, random_init, images, labels, seed=0)
+    features = frozen_features(trained, random_init, images)
+    report = report_features(features, labels, seed=0)
     if cfg.eval.finetune_epochs:
         train, test = split_indices(labels, seed=0)
         for scores, encoder in ((report, trained), (report["random_init"], random_init)):
@@ -56,6 +67,15 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
         model.load_state_dict(method_state)
         report["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], data.classes, data.prompts)
     report["data"] = data.summary()
+    if embedding_map is not None and cfg.eval.embedding_map:
+        from pretrain.eval.embedding_map import embedding_map as draw
+
+        test = split_indices(labels, seed=0)[1]
+        panels = {f"{title}: kNN top-1 {scores['knn_top1']:.3f}": features[key][test]
+                  for key, title, scores in (("trained", "trained", report),
+                                             *((k, t, report[k]) for k, t in BASELINES.items()))}
+        draw(panels, labels[test], data.classes, embedding_map,
+             title=f"t-SNE of the frozen features of the {len(test)} test images of {data.name}")
     if out_path is not None:
         write_report(report, out_path)
     if echo:
@@ -93,18 +113,23 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_path: str | Path | None = None,
                         finetune_epochs: int | None = None, max_samples: int | None = None,
-                        finetune_layer_decay: float | None = None) -> dict:
+                        finetune_layer_decay: float | None = None, embedding_map: bool | None = None) -> dict:
     """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
     beside it, as CLIP runs write, adds zero-shot classification). ``dataset`` / ``max_samples`` / ``finetune_epochs`` /
-    ``finetune_layer_decay``: instead of the run's eval.dataset / eval.max_samples / eval.finetune_epochs /
-    eval.finetune_layer_decay. The report goes to ``out_path`` (refused if it exists) or else the run's eval.json,
-    the one there kept as eval-<its time>.json. Bad input is a one-line ConfigError before any image is decoded."""
-    if out_path is not None and Path(out_path).exists():
-        raise ConfigError(f"--out: {out_path} already exists; eval overwrites nothing")
+    ``finetune_layer_decay`` / ``embedding_map``: instead of the run's eval.dataset / eval.max_samples /
+    eval.finetune_epochs / eval.finetune_layer_decay / eval.embedding_map. The report goes to ``out_path`` (refused if
+    it or its map, :func:`map_path`, exists) or else the run's eval.json, the one there kept as eval-<its time>.json
+    (and its eval-map.png as eval-<its time>-map.png). Bad input is a one-line ConfigError before any image is
+    decoded."""
+    if out_path is not None:
+        for out in (Path(out_path), map_path(out_path)):
+            if out.exists():
+                raise ConfigError(f"--out: {out} already exists; eval overwrites nothing")
     cfg, backbone_state, method_state, path = load_run_files(path)
     overrides = {k: v for k, v in (("dataset", dataset), ("max_samples", max_samples),
                                    ("finetune_epochs", finetune_epochs),
-                                   ("finetune_layer_decay", finetune_layer_decay)) if v is not None}
+                                   ("finetune_layer_decay", finetune_layer_decay), ("embedding_map", embedding_map))
+                 if v is not None}
     if overrides:
         try:
             cfg.eval = dataclasses.replace(cfg.eval, **overrides)
@@ -114,26 +139,42 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
     if cfg.eval.finetune_layer_decay != 1 and not cfg.model.backbone.startswith("vit"):
         raise ConfigError(f"--finetune-layer-decay: {cfg.eval.finetune_layer_decay} needs a ViT backbone, and "
                           f"{path} is a {cfg.model.backbone}")
-    report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state)
-    if out_path is None:
-        out_path = path.parent / "eval.json"
-        keep_previous_report(out_path)  # only now: an evaluation that fails leaves eval.json where it was
-    write_report(report, out_path)
+    report_path = Path(out_path) if out_path is not None else path.parent / "eval.json"
+    report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
+                                     embedding_map=staged_map(report_path))
+    publish_report(report, report_path)  # only now: an evaluation that fails leaves eval.json where it was
     return report
+
+
+def staged_map(report: Path) -> Path:
+    """Where the embedding map is drawn before :func:`publish_report` puts it beside ``report``."""
+    return map_path(report).with_name(map_path(report).name + ".partial")
+
+
+def publish_report(report: dict, path: Path) -> None:
+    """Write ``report`` to ``path`` and move its staged embedding map (if one was drawn) to :func:`map_path`; a report
+    and map already there are kept aside first (:func:`keep_previous_report`)."""
+    keep_previous_report(path)
+    write_report(report, path)
+    if staged_map(path).is_file():
+        staged_map(path).replace(map_path(path))
 
 
 def keep_previous_report(report: Path) -> Path | None:
     """A run's eval.json about to be written again: the one there moves aside to ``eval-<its time>.json`` (a number
-    added should that exist), so the newest report is eval.json and none is lost. Returns where it went."""
+    added should that exist), its embedding map ``eval-map.png`` with it to ``eval-<its time>-map.png``, so the newest
+    report is eval.json and none is lost. Returns where the report went."""
     import time
 
     if not report.is_file():
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(report.stat().st_mtime))
     kept, n = report.with_name(f"{report.stem}-{stamp}{report.suffix}"), 1
-    while kept.exists():
+    while kept.exists() or map_path(kept).exists():
         n += 1
         kept = report.with_name(f"{report.stem}-{stamp}-{n}{report.suffix}")
     report.rename(kept)
+    if map_path(report).is_file():
+        map_path(report).rename(map_path(kept))
     print(f"Previous report kept as {kept}", flush=True)
     return kept

@@ -469,16 +469,19 @@ def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, histo
         tracker.log_artifact(plot_loss_curve(steps, losses, run_dir / "loss_curve.png"))
     if cfg.eval.enabled:
         # sklearn & co: only where a run is evaluated
-        from pretrain.evaluate import evaluate_backbone_state, keep_previous_report, write_report
+        from pretrain.evaluate import evaluate_backbone_state, map_path, publish_report, staged_map
 
-        report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state)
-        keep_previous_report(run_dir / "eval.json")  # a run that finished before and trained on: that report stays
-        write_report(report, run_dir / "eval.json")
+        report_path = run_dir / "eval.json"
+        report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
+                                         embedding_map=staged_map(report_path))
+        publish_report(report, report_path)  # a run that finished before and trained on: its report and map stay
         tracker.log_metrics({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)}, step=cfg.job.max_steps)
         tracker.log_metrics(
             {f"eval_random_init/{k}": v for k, v in report["random_init"].items()}, step=cfg.job.max_steps
         )
-        tracker.log_artifact(run_dir / "eval.json")
+        tracker.log_artifact(report_path)
+        if map_path(report_path).is_file():
+            tracker.log_artifact(map_path(report_path))
     tracker.finish("FINISHED")
 
 

@@ -55,28 +55,48 @@ def evaluate_encoder(
     *,
     seed: int = 0,
 ) -> dict:
-    """The six metrics of ``encoder`` plus the same for ``random_encoder`` (same architecture, untrained) and for the
-    flattened ``images: (N, C, H, W)`` themselves (area-downsampled to RAW_PIXELS_SIZE if larger), on a stratified
-    75/25 split of ``labels: (N,)``.
+    """The protocols' metrics of ``encoder`` plus the same for ``random_encoder`` (same architecture, untrained) and
+    for the flattened ``images: (N, C, H, W)`` themselves (area-downsampled to RAW_PIXELS_SIZE if larger), on a
+    stratified 75/25 split of ``labels: (N,)``.
 
     Returns ``{metric: value, "random_init": {metric: value}, "raw_pixels": {metric: value}}``; ``random_init`` is left
     out when ``random_encoder`` is None.
     """
     labels = np.asarray(labels)
-    if images.ndim < 2 or images.shape[0] != labels.shape[0]:
+    if images.ndim < 2 or images.shape[0] != labels.shape[0]:  # before any image is encoded
         raise ValueError(f"images {tuple(images.shape)} and labels {labels.shape} must have the same first dimension")
+    return report_features(frozen_features(encoder, random_encoder, images), labels, seed=seed)
+
+
+def frozen_features(encoder: torch.nn.Module, random_encoder: torch.nn.Module | None,
+                    images: torch.Tensor) -> dict[str, np.ndarray]:
+    """``{"trained": (N, F), "random_init": (N, F) (when ``random_encoder`` is given), "raw_pixels": (N, P)}``: what
+    :func:`report_features` scores, the rows those of ``images: (N, C, H, W)``."""
+    features = {"trained": extract_features(encoder, images)}
+    if random_encoder is not None:
+        features["random_init"] = extract_features(random_encoder, images)
+    pixels = images.float().cpu()
+    if images.ndim == 4 and max(images.shape[-2:]) > RAW_PIXELS_SIZE:  # area-downsampled: 224x224x3 would be 150k dims
+        pixels = torch.nn.functional.adaptive_avg_pool2d(pixels, RAW_PIXELS_SIZE)
+    features["raw_pixels"] = pixels.reshape(images.shape[0], -1).numpy()
+    return features
+
+
+def report_features(features: dict[str, np.ndarray], labels, *, seed: int = 0) -> dict:
+    """The report of :func:`evaluate_encoder` from :func:`frozen_features`' ``features``."""
+    labels = np.asarray(labels)
+    if any(f.shape[0] != labels.shape[0] for f in features.values()):
+        shapes = {k: f.shape for k, f in features.items()}
+        raise ValueError(f"features {shapes} and labels {labels.shape} must have the same first dimension")
     train_idx, test_idx = split_indices(labels, seed=seed)
 
     def score(feats: np.ndarray) -> dict[str, float]:
         return evaluate_features(feats[train_idx], labels[train_idx], feats[test_idx], labels[test_idx], seed=seed)
 
-    report: dict = score(extract_features(encoder, images))
-    if random_encoder is not None:
-        report["random_init"] = score(extract_features(random_encoder, images))
-    pixels = images.float().cpu()
-    if images.ndim == 4 and max(images.shape[-2:]) > RAW_PIXELS_SIZE:  # area-downsampled: 224x224x3 would be 150k dims
-        pixels = torch.nn.functional.adaptive_avg_pool2d(pixels, RAW_PIXELS_SIZE)
-    report["raw_pixels"] = score(pixels.reshape(images.shape[0], -1).numpy())
+    report: dict = score(features["trained"])
+    for key in BASELINES:
+        if key in features:
+            report[key] = score(features[key])
     return report
 
 

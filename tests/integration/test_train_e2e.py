@@ -201,8 +201,8 @@ def test_mlflow_server_has_params_and_metrics(trained, mlflow_server):
     assert not any(k.startswith("system/gpu") for k in run.data.metrics)
     assert run.data.metrics["eval/knn_top1"] == pytest.approx(json.loads((run_dir / "eval.json").read_text())
                                                               ["knn_top1"])
-    assert {"config.yaml", "backbone.pt", "eval.json", "loss_curve.png"} <= {a.path for a in
-                                                                              client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "backbone.pt", "eval.json", "eval-map.png", "loss_curve.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_eval_command_reproduces_the_report(trained):
@@ -210,6 +210,7 @@ def test_eval_command_reproduces_the_report(trained):
     run_dir, _ = trained
     out = run_dir.parent / "eval_again.json"
     assert main(["eval", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert (run_dir.parent / "eval_again-map.png").is_file()  # its embedding map beside it
     again, first = json.loads(out.read_text()), json.loads((run_dir / "eval.json").read_text())
     for key in ("knn_top1", "linear_top1", "fewshot_1", "fewshot_5", "kmeans_nmi", "kmeans_ari"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key

@@ -124,9 +124,10 @@ def test_builtin_samples_source(data, capsys):
 
 
 def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
-    """`pretrain eval` into the run's eval.json moves the report there aside (eval-<time>.json, as it was) and writes
-    the new one as eval.json (an evaluation that fails moves nothing); an --out that exists is refused in one line
-    before anything is decoded, and stays."""
+    """`pretrain eval` into the run's eval.json moves the report there aside (eval-<time>.json, as it was, its map
+    eval-map.png with it as eval-<time>-map.png) and writes the new one as eval.json beside its new map (an evaluation
+    that fails moves nothing); an --out that exists, or whose map does, is refused in one line before anything is
+    decoded, and stays; --no-map draws none."""
     run = tmp_path / "run"
     write_run(run, "simclr_digits.yaml", tmp_path / "cache", SMALL)
     (run / "eval.json").write_text('{"from": "training"}\n')
@@ -135,8 +136,13 @@ def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
     assert len(kept) == 1 and kept[0].read_text() == '{"from": "training"}\n'
     assert f"Previous report kept as {kept[0]}" in capsys.readouterr().out
     assert json.loads((run / "eval.json").read_text())["data"]["dataset"] == "samples"
+    first_map = (run / "eval-map.png").read_bytes()
+    assert first_map.startswith(b"\x89PNG") and sorted(p.name for p in run.glob("*.png*")) == ["eval-map.png"]
     assert main(["eval", "--checkpoint", str(run), "--dataset", "samples", "--max-samples", "100"]) == 0
     assert len(list(run.glob("eval-*.json"))) == 2
+    second = max(run.glob("eval-*.json"), key=lambda p: p.stat().st_mtime_ns)  # the report of the first eval
+    assert (run / f"{second.stem}-map.png").read_bytes() == first_map  # moved with it
+    assert (run / "eval-map.png").is_file() and len(list(run.glob("*.png*"))) == 2
     latest = (run / "eval.json").read_text()
     assert main(["eval", "--checkpoint", str(run), "--dataset", str(tmp_path / "nope")]) == 2  # fails: nothing moves
     assert (run / "eval.json").read_text() == latest and len(list(run.glob("eval-*.json"))) == 2
@@ -144,6 +150,13 @@ def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run), "--out", str(kept[0])]) == 2
     assert capsys.readouterr().err.strip() == f"error: --out: {kept[0]} already exists; eval overwrites nothing"
     assert kept[0].read_text() == '{"from": "training"}\n'
+    (tmp_path / "mine-map.png").write_bytes(b"a picture of mine")
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "mine.json")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out: {tmp_path / 'mine-map.png'} already exists; eval "
+                                               "overwrites nothing")
+    assert main(["eval", "--checkpoint", str(run), "--dataset", "samples", "--max-samples", "100", "--no-map", "--out",
+                 str(tmp_path / "plain.json")]) == 0
+    assert (tmp_path / "plain.json").is_file() and not list(tmp_path.glob("plain*.png*"))
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "report.csv")]) == 2
     assert capsys.readouterr().err.strip() == ("error: --out: eval writes a JSON report; give it a name ending in "
                                                ".json, got 'report.csv'")
@@ -151,7 +164,7 @@ def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
 
 def test_training_that_ends_again_keeps_the_first_report(tmp_path, capsys):
     """A finished run resumed with more steps ends again: its end (pretrain.trainer._finish_run, as every rank 0 runs
-    it) moves the first end's eval.json aside as `pretrain eval` does, then writes the new report."""
+    it) moves the first end's eval.json and eval-map.png aside as `pretrain eval` does, then writes the new ones."""
     import dataclasses
 
     import torch
@@ -163,6 +176,7 @@ def test_training_that_ends_again_keeps_the_first_report(tmp_path, capsys):
     run = tmp_path / "run"
     write_run(run, "simclr_digits.yaml", tmp_path / "cache", SMALL)
     (run / "eval.json").write_text('{"from": "the first end"}\n')
+    (run / "eval-map.png").write_bytes(b"the first end's map")
     saved = torch.load(run / "backbone.pt", weights_only=True)
     cfg = config_from_dict(saved["config"])
     cfg.eval = dataclasses.replace(cfg.eval, enabled=True, dataset="samples", max_samples=100)
@@ -170,8 +184,11 @@ def test_training_that_ends_again_keeps_the_first_report(tmp_path, capsys):
     _finish_run(cfg, run, state, NullTracker(), _History(run / "metrics.csv", enabled=False))
     kept = list(run.glob("eval-*.json"))
     assert len(kept) == 1 and kept[0].read_text() == '{"from": "the first end"}\n'
+    assert (run / f"{kept[0].stem}-map.png").read_bytes() == b"the first end's map"
     assert f"Previous report kept as {kept[0]}" in capsys.readouterr().out
     assert json.loads((run / "eval.json").read_text())["data"]["dataset"] == "samples"
+    with Image.open(run / "eval-map.png") as png:  # this end's map: trained, random init and raw pixels, a legend
+        assert png.size == (round((4.2 * 3 + 1.0) * 100), 460)
 
 
 def test_refusals_are_one_line(tmp_path, data, capsys):
