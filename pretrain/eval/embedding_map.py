@@ -35,7 +35,8 @@ def map_indices(labels, *, limit: int = MAP_POINTS, seed: int = 0) -> np.ndarray
 def embed_2d(features, *, seed: int = 0) -> np.ndarray:
     """``features: (N, F)`` -> ``(N, 2)`` t-SNE coordinates. Rows are L2-normalised first (neighbours by cosine, as
     the kNN of the report finds them), reduced to PCA_DIMS by PCA when wider; perplexity 30, or less for few points.
-    Deterministic for a given ``seed``."""
+    Deterministic for a given ``seed``. Features that are all the same (a collapsed encoder) are all one point, (0, 0).
+    """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -45,6 +46,8 @@ def embed_2d(features, *, seed: int = 0) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError("features hold NaN or inf; they cannot be embedded")
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if np.ptp(x, axis=0).max() < 1e-12:  # one feature for every image (a collapsed encoder): one point, as it is;
+        return np.zeros((x.shape[0], 2), np.float32)  # t-SNE's PCA init would divide by zero (and crash sklearn)
     if x.shape[1] > PCA_DIMS:
         x = PCA(min(PCA_DIMS, x.shape[0]), random_state=seed).fit_transform(x)
     perplexity = min(30.0, (x.shape[0] - 1) / 3)  # t-SNE needs perplexity < N; the usual 30 for N >= 91

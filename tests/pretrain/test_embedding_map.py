@@ -53,12 +53,15 @@ def test_a_stratified_draw_keeps_rows_and_labels_together(tmp_path):
 
 def test_same_seed_same_map_and_small_sets():
     """t-SNE is seeded: the same features give the same points; a handful of points (perplexity below 30) and
-    features narrower than PCA's 50 dims embed too; rows without length (all zeros) do not break it."""
+    features narrower than PCA's 50 dims embed too; rows without length (all zeros) do not break it, nor a collapsed
+    encoder's features (all the same direction)."""
     x, y = load_digits(return_X_y=True)
     first, again = embed_2d(x[:200], seed=3), embed_2d(x[:200], seed=3)
     assert (first == again).all()
     small = np.concatenate([x[:6], np.zeros((2, 64))])
     assert embed_2d(small).shape == (8, 2) and np.isfinite(embed_2d(small)).all()
+    collapsed = np.tile(np.random.default_rng(0).standard_normal(128), (40, 1)) * np.arange(1, 41)[:, None]
+    assert (embed_2d(collapsed) == 0).all()  # one direction for every image: one point (t-SNE's PCA init would crash)
 
 
 def test_many_classes_share_a_colour_map(tmp_path):
