@@ -8,7 +8,6 @@ releases the GIL in decode, resize and filters.
 
 from __future__ import annotations
 
-import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from data_pipeline.sources import open_image
 from data_pipeline.views import AugmentConfig
 
 
@@ -96,7 +96,7 @@ class PilAugmenter:
     def _one(self, args: tuple[bytes, list[int]]) -> list[np.ndarray]:
         data, sample_seed = args
         rng = np.random.default_rng(sample_seed)
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im = im.convert("RGB" if self.channels == 3 else "L")
         return [self._view(im, rng) for _ in range(self.num_views)]
 

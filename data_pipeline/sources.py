@@ -324,3 +324,21 @@ def pil_decodes(data: bytes) -> bool:
         return True
     except Exception:  # noqa: BLE001 - PIL raises several types for broken files
         return False
+
+
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL's modes of one-channel images deeper than 8 bits (16-bit PNG and TIFF open as these), values 0..65535."""
+
+
+def open_image(data: bytes):
+    """A PIL image of the encoded ``data`` as DALI's decoder (the training views) sees it: turned upright by its EXIF
+    orientation (a phone photo stored sideways), and a 16-bit grey image scaled to 8 bits (PIL's own conversion would
+    clip it to white). Colour modes (CMYK, palette, alpha) are left for ``convert``. Raises what PIL raises on a file
+    it cannot read."""
+    from PIL import Image, ImageOps
+
+    im = Image.open(io.BytesIO(data))
+    ImageOps.exif_transpose(im, in_place=True)  # decodes it, then turns it where its orientation says so
+    if im.mode in HIGH_BIT_MODES:
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8), "L")
+    return im

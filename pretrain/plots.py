@@ -47,11 +47,8 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path) -> Path
 
 def contact_sheet(shards: Sequence[str], keys: Sequence[str], notes: Sequence[str], title: str, path) -> Path:
     """Write a PNG grid of the images ``keys`` of ``shards`` (in that order), each captioned with its key and note."""
-    import io
-
-    from PIL import Image
-
     from data_pipeline.reader import read_epoch
+    from data_pipeline.sources import open_image
 
     if not keys or len(keys) != len(notes):
         raise ValueError(f"contact sheet needs one note per key and at least one key, got {len(keys)} and {len(notes)}")
@@ -64,7 +61,7 @@ def contact_sheet(shards: Sequence[str], keys: Sequence[str], notes: Sequence[st
     FigureCanvasAgg(fig)
     for i, (key, note) in enumerate(zip(keys, notes)):
         ax = fig.add_subplot(rows, cols, i + 1)
-        image = Image.open(io.BytesIO(found[key]))
+        image = open_image(found[key])  # upright, 16-bit grey made visible: as the encoder saw it
         ax.imshow(image, cmap="gray" if image.mode in ("L", "I", "1") else None, interpolation="nearest")
         ax.set_title(f"{i + 1}. {key}\n{note}", fontsize=7)
         ax.axis("off")

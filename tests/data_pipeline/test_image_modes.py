@@ -1,0 +1,110 @@
+"""Images as collections hold them: CMYK and progressive JPEGs, grey, palette, alpha and 16-bit PNGs, 16-bit TIFF, WebP,
+and phone photos stored sideways with an EXIF orientation. The training views (DALI) and every PIL path (evaluation,
+search, embed, attention, contact sheets, the CPU augmenter) must see the same upright picture: DALI applies the
+orientation and scales 16 bits to 8, and so must PIL (data_pipeline.sources.open_image), whose plain ``convert`` would
+leave the photo sideways and clip a 16-bit image to white."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from data_pipeline.cpu import PilAugmenter
+from data_pipeline.dali import DaliAugmenter
+from data_pipeline.sources import open_image
+from data_pipeline.views import AugmentConfig
+
+PHOTO = Image.fromarray(load_sample_image("china.jpg"))  # 640x427, RGB
+SIZE = 64
+# how orientation o is undone: the photo is stored turned by the inverse, so that applying o gives it back upright
+STORED_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_270}
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def _png16_rgb(rgb: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one), written chunk by chunk."""
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _exif_jpeg(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(PHOTO.transpose(STORED_AS[orientation]), "JPEG", quality=95, exif=exif.tobytes())
+
+
+GREY16 = np.asarray(PHOTO.convert("L")).astype(np.uint16) * 257
+CASES = {  # name: (encoded bytes, what it shows: "colour" = the photo, "grey" = the photo in grey)
+    "cmyk_jpeg": (_encode(PHOTO.convert("CMYK"), "JPEG", quality=95), "colour"),
+    "progressive_jpeg": (_encode(PHOTO, "JPEG", quality=95, progressive=True), "colour"),
+    "grey_jpeg": (_encode(PHOTO.convert("L"), "JPEG", quality=95), "grey"),
+    "grey16_png": (_encode(Image.fromarray(GREY16), "PNG"), "grey"),
+    "grey16_tiff": (_encode(Image.fromarray(GREY16), "TIFF"), "grey"),
+    "rgb16_png": (_png16_rgb(np.asarray(PHOTO).astype(np.uint16) * 257), "colour"),
+    "rgba_png": (_encode(PHOTO.convert("RGBA"), "PNG"), "colour"),
+    "palette_png": (_encode(PHOTO.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "colour"),
+    "grey_alpha_png": (_encode(PHOTO.convert("LA"), "PNG"), "grey"),
+    "webp": (_encode(PHOTO, "WEBP", quality=95), "colour"),
+    **{f"exif{o}_jpeg": (_exif_jpeg(o), "colour") for o in STORED_AS},
+}
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    """The training views' decoder (DALI on CPU) and the PIL one, each a plain resize to SIZE, values in [0, 1]."""
+    aug = AugmentConfig.disabled(mean=[0.0], std=[1.0])
+    dali = DaliAugmenter(aug, batch_size=1, image_size=SIZE, channels=3, num_views=1, device="cpu", device_id=None)
+    pil = PilAugmenter(aug, image_size=SIZE, channels=3, num_views=1)
+    yield dali, pil
+    pil.close()
+
+
+@pytest.fixture(scope="module")
+def references(decoders):
+    """What each kind of case should show, decoded from lossless PNGs of the photo and of its grey version."""
+    _, pil = decoders
+    return {"colour": pil([_encode(PHOTO, "PNG")])[0], "grey": pil([_encode(PHOTO.convert("L"), "PNG")])[0]}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_dali_and_pil_see_the_same_upright_picture(decoders, references, name):
+    """Each case through DALI and through PIL: the two agree to within JPEG's and the resizers' noise (mean 0.01 of
+    the [0, 1] range; a sideways photo differs by ~0.37, a 16-bit image clipped to white by ~0.43) and both show the
+    photo upright and as bright as it is."""
+    data, shows = CASES[name]
+    dali, pil = decoders
+    seen_by_dali, seen_by_pil = dali([data])[0], pil([data])[0]
+    assert seen_by_dali.shape == seen_by_pil.shape == (1, 3, SIZE, SIZE)
+    assert (seen_by_dali - seen_by_pil).abs().mean().item() < 0.01
+    for seen in (seen_by_dali, seen_by_pil):
+        assert (seen - references[shows]).abs().mean().item() < 0.01
+
+
+def test_open_image_turns_and_scales():
+    """open_image itself: a sideways-stored photo comes back at the upright size with its orientation tag gone, a
+    16-bit grey image as 8-bit grey of the same values / 257, an ordinary one as it is."""
+    upright = open_image(_exif_jpeg(6))
+    assert upright.size == PHOTO.size and upright.getexif().get(0x0112) is None
+    grey = open_image(CASES["grey16_png"][0])
+    assert grey.mode == "L" and (np.asarray(grey) == np.asarray(PHOTO.convert("L"))).all()
+    plain = open_image(_encode(PHOTO, "PNG"))
+    assert plain.mode == "RGB" and np.array_equal(np.asarray(plain), np.asarray(PHOTO))
