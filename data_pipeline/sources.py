@@ -153,10 +153,12 @@ def _folder_source(spec: str, root_str: str) -> Source:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, int]] = []
     empty: list[Path] = []
+    broken: list[Path] = []
     for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                _keep_readable(spec, path, label, files, empty)
+        images, dead = _image_files(root / name)
+        broken += dead
+        for path in images:
+            _keep_readable(spec, path, label, files, empty)
     loose = sum(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in root.iterdir())
     if not files:
         raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) in class sub-folders of {root}"
@@ -164,7 +166,7 @@ def _folder_source(spec: str, root_str: str) -> Source:
     # Key = index in sorted order: unique, dot-free (webdataset splits member names at the first dot) and stable.
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, _caption_file(path))
              for i, (path, label) in enumerate(files)]
-    notes = _empty_note(empty)
+    notes = _empty_note(empty) + _broken_note(broken)
     if loose:
         notes.append(f"{loose} image(s) at the top of {root}, outside any class sub-folder (images:{root_str} takes "
                      "every image, unlabelled)")
@@ -188,19 +190,48 @@ def _empty_note(empty: list[Path]) -> list[str]:
     return [f"{len(empty)} empty (zero-byte) file(s), e.g. {empty[0]}"]
 
 
+def _broken_note(broken: list[Path]) -> list[str]:
+    if not broken:
+        return []
+    return [f"{len(broken)} image link(s) to nothing, e.g. {broken[0]}"]
+
+
+def _image_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """Every image file under ``root`` at any depth, sorted, and the image-named links that lead nowhere. Folders and
+    files whose name starts with a dot are skipped (``.ipynb_checkpoints``, ``.git``); symbolic links are followed, to
+    folders too (datasets assembled from links: DVC, git-annex, class subsets), each real folder walked once (a link
+    to a folder above it, or two links to one folder, neither loops nor repeats it)."""
+    images, broken, seen = [], [], set()
+    for top, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through another link: walked already
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(top) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.is_file():
+                images.append(path)
+            elif path.is_symlink() and not path.exists():
+                broken.append(path)
+    return sorted(images), sorted(broken)
+
+
 def _images_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "images:PATH")
     files: list[tuple[Path, int]] = []
     empty: list[Path] = []
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not any(
-                part.startswith(".") for part in path.relative_to(root).parts):
-            _keep_readable(spec, path, UNLABELLED, files, empty)
+    images, broken = _image_files(root)
+    for path in images:
+        _keep_readable(spec, path, UNLABELLED, files, empty)
     if not files:
         raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) under {root}")
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], UNLABELLED, _caption_file(path))
              for i, (path, _) in enumerate(files)]
-    return Source(spec, [], items, _empty_note(empty))
+    return Source(spec, [], items, _empty_note(empty) + _broken_note(broken))
 
 
 TABLE_KINDS = (".csv", ".tsv", ".parquet", ".jsonl")

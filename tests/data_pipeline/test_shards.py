@@ -176,6 +176,37 @@ def test_images_source_is_unlabelled_at_any_depth(tmp_path, image_tree):
     assert len(samples) == 7 and {s["label"] for s in samples} == {-1}
 
 
+def test_linked_folders_and_files_are_followed_once_and_hidden_ones_skipped(tmp_path, image_tree):
+    """Datasets assembled from symbolic links (DVC, git-annex, class subsets) are read whole: a linked folder's images
+    and a linked file are taken, a link to the folder it is in does not loop, a folder reached through two links is
+    taken once, a link to nothing is left out and noted; hidden folders and files (.ipynb_checkpoints, ._x.jpg) are
+    skipped at any depth, in images:PATH and in folder:PATH's class folders alike."""
+    real = image_tree(tmp_path / "real", classes={"cats": 3, "dogs": 2})
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "more").symlink_to(real / "cats")  # a linked folder inside a class folder
+    (data / "cat" / "again").symlink_to(real / "cats")  # the same folder through a second link: once
+    (data / "cat" / "loop").symlink_to(data / "cat")  # a link to the folder it is in: no loop
+    (data / "dog").symlink_to(real / "dogs")  # a linked class folder
+    one = sorted((real / "dogs").iterdir())[0]
+    (data / "cat" / "linked.png").symlink_to(one)  # a linked file
+    (data / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a link to nothing
+    (data / "cat" / ".ipynb_checkpoints").mkdir()
+    (data / "cat" / ".ipynb_checkpoints" / "copy.png").write_bytes(one.read_bytes())
+    (data / "cat" / "._linked.png").write_bytes(b"AppleDouble, not an image")
+    write_shards(f"folder:{data}", tmp_path / "labelled", progress=False)
+    rows = read_manifest(tmp_path / "labelled").to_pylist()
+    names = read_classes(tmp_path / "labelled")
+    got = sorted((names[r["label"]], r["path"]) for r in rows)  # the manifest names the file behind each link
+    expected = sorted([("cat", str(p)) for p in (real / "cats").iterdir()] + [("cat", str(one))]
+                      + [("dog", str(p)) for p in (real / "dogs").iterdir()])
+    assert got == expected and len(got) == 6
+    meta = read_manifest(tmp_path / "labelled").schema.metadata
+    assert json.loads(meta[b"left_out"]) == [f"1 image link(s) to nothing, e.g. {data / 'cat' / 'gone.png'}"]
+    write_shards(f"images:{data}", tmp_path / "unlabelled", progress=False)
+    assert sorted(r["path"] for r in read_manifest(tmp_path / "unlabelled").to_pylist()) == sorted(p for _, p in got)
+
+
 def test_images_stream_and_workers_write_the_same_bytes(tmp_path, image_tree, monkeypatch):
     """Each image is read from disk as its sample is written (reads and tar writes alternate: nothing is read up
     front), and shards written 3 at a time are byte for byte those written one at a time (checksums, manifest)."""
