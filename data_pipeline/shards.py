@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import remote
-from data_pipeline.sources import pil_decodes, resolve_source
+from data_pipeline.sources import image_digest, pil_decodes, resolve_source
 
 MANIFEST = "manifest.parquet"
 CHECKSUMS = "checksums.json"
@@ -57,14 +57,16 @@ def sha256_file(path: str | Path) -> str:
 
 def write_shards(
     source: str, out_dir: str | Path, *, shard_size: int = 256, progress: bool = True, seed: int = 0,
-    workers: int = 1,
+    workers: int = 1, dedup: bool = False,
 ) -> Path:
     """Write ``source`` (see ``data_pipeline.sources``) as shards of ``shard_size`` samples into ``out_dir``.
 
     Samples are written in an order shuffled once by ``seed`` so that every shard mixes classes. ``out_dir`` must not
     exist yet (or be empty). Each image is read from disk only when its shard is written, so a dataset far larger than
     memory streams through; ``workers`` shards are written at a time (threads: reading files and writing tars wait on
-    I/O, which is what a network file system makes slow), the bytes the same for any number. Returns the manifest path.
+    I/O, which is what a network file system makes slow), the bytes the same for any number. The manifest's
+    ``digest`` column (``image_digest``) tells exact duplicates; ``dedup`` leaves them out, the first of each kept
+    (``Source.without_duplicates``: every image is read once more, first). Returns the manifest path.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -80,6 +82,8 @@ def write_shards(
             "is a file; a dataset is written as a directory"
         raise ValueError(f"out_dir {out_dir} {problem}")
     src = resolve_source(source)  # raises before anything is written
+    if dedup:
+        src = src.without_duplicates(workers=workers, progress=progress)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -97,7 +101,7 @@ def write_shards(
         with bar, ThreadPoolExecutor(workers) as pool:
             written = list(pool.map(shard, range(len(groups))))  # in shard order, whatever finished first
         rows = {name: [r[i] for group in written for r in group] for i, name in
-                enumerate(("key", "shard", "label", "bytes", "caption", "path"))}
+                enumerate(("key", "shard", "label", "bytes", "caption", "path", "digest"))}
         shard_names = [SHARD_PATTERN % index for index in range(len(groups))]
         checksums = {name: sha256_file(tmp / name) for name in shard_names}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
@@ -111,6 +115,7 @@ def write_shards(
                 "bytes": pa.array(rows["bytes"], pa.int64()),
                 "caption": pa.array(rows["caption"], pa.string()),
                 "path": pa.array(rows["path"], pa.string()),
+                "digest": pa.array(rows["digest"], pa.string()),
             }
         ).replace_schema_metadata(meta)
         pq.write_table(table, tmp / MANIFEST)  # last: its presence marks the dataset complete
@@ -125,7 +130,7 @@ def write_shards(
 
 def _write_shard(path: Path, src, indices) -> list[tuple]:
     """Samples ``indices`` of ``src`` as one tar at ``path`` -> manifest rows (key, shard, label, bytes, caption, the
-    file it was read from)."""
+    file it was read from, the image's digest)."""
     import webdataset as wds
 
     rows = []
@@ -137,7 +142,7 @@ def _write_shard(path: Path, src, indices) -> list[tuple]:
             if caption is not None:
                 sample["txt"] = caption
             sink.write(sample)
-            rows.append((key, path.name, label, len(data), caption, src.origin(int(i))))
+            rows.append((key, path.name, label, len(data), caption, src.origin(int(i)), image_digest(data)))
     return rows
 
 
@@ -148,7 +153,8 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     label (else unlabelled, -1); other members (img2dataset's .json) are ignored. Samples without an image, or with a
     label or caption that does not parse, are left out and counted; a tar that does not read to its end is listed with
     the samples before the damage and counted. ``workers`` tars are read at a time. Returns (the manifest path, counts
-    {"shards", "samples", "skipped", "damaged", "captions"})."""
+    {"shards", "samples", "skipped", "damaged", "captions", "duplicates"}: samples whose image has the bytes of an
+    earlier one's, told by the manifest's ``digest`` column)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -176,7 +182,8 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
             if isinstance(parsed, str):
                 skipped += 1
                 continue
-            rows.append((parsed["key"], name, parsed["label"], len(parsed["image"]), caption))
+            rows.append((parsed["key"], name, parsed["label"], len(parsed["image"]), caption,
+                         image_digest(parsed["image"])))
         bar.update(1)
         return rows, skipped, bool(errors), sha256_file(data_dir / name)
 
@@ -187,7 +194,7 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         raise ValueError(f"{data_dir}: no sample with an image in its {len(names)} tar file(s)")
     checksums = {name: digest for name, (*_, digest) in zip(names, scanned)}
     (data_dir / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
-    columns = dict(zip(("key", "shard", "label", "bytes", "caption"), zip(*rows)))
+    columns = dict(zip(("key", "shard", "label", "bytes", "caption", "digest"), zip(*rows)))
     classes = sorted({r[2] for r in rows if r[2] >= 0})
     table = pa.table({
         "key": pa.array(columns["key"], pa.string()),
@@ -195,19 +202,21 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         "label": pa.array(columns["label"], pa.int64()),
         "bytes": pa.array(columns["bytes"], pa.int64()),
         "caption": pa.array(columns["caption"], pa.string()),
+        "digest": pa.array(columns["digest"], pa.string()),
     }).replace_schema_metadata({"classes": json.dumps([str(c) for c in range(classes[-1] + 1)] if classes else []),
                                 "source": f"index:{data_dir}"})
     partial = data_dir / f".{MANIFEST}.partial-{os.getpid()}"
     pq.write_table(table, partial)
     os.replace(partial, data_dir / MANIFEST)  # last, whole: its presence marks the dataset complete
     counts = {"shards": len(names), "samples": len(rows), "skipped": sum(s[1] for s in scanned),
-              "damaged": sum(s[2] for s in scanned), "captions": sum(r[4] is not None for r in rows)}
+              "damaged": sum(s[2] for s in scanned), "captions": sum(r[4] is not None for r in rows),
+              "duplicates": len(rows) - len(set(columns["digest"]))}
     return data_dir / MANIFEST, counts
 
 
 def read_manifest(data_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption, path, or
-    ``columns``; metadata classes, source, left_out)."""
+    """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption, path, digest
+    (datasets written before it have none), or ``columns``; metadata classes, source, left_out)."""
     if remote.is_url(data_dir):
         try:
             return pq.read_table(pa.BufferReader(remote.fetch(remote.join(str(data_dir), MANIFEST))), columns=columns)

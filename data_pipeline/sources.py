@@ -29,6 +29,7 @@ Source specs (strings, so they fit a YAML recipe or a CLI flag):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -125,6 +126,42 @@ class Source:
     def __iter__(self) -> Iterator[tuple[str, bytes, str, int, str | None]]:
         for index in range(len(self._items)):
             yield self[index]
+
+    def without_duplicates(self, *, workers: int = 1, progress: bool = False) -> Source:
+        """This source less every image whose bytes an earlier one (in the source's order) has, each file read once
+        for it (``workers`` at a time); the keys of the rest stay. A note says how many were left out, names one,
+        and how many of them were under another class than the image they repeat (a labelling conflict)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        def digest(index: int) -> str:
+            payload = self._items[index][1]
+            return image_digest(Path(payload).read_bytes() if isinstance(payload, Path) else payload)
+
+        with ThreadPoolExecutor(workers) as pool:
+            digests = list(tqdm(pool.map(digest, range(len(self._items))), total=len(self._items),
+                                disable=not progress, desc="duplicates", unit="img"))
+        first: dict[str, int] = {}
+        kept, repeats, conflicts = [], [], 0
+        for index, d in enumerate(digests):
+            if d not in first:
+                first[d] = index
+                kept.append(self._items[index])
+                continue
+            repeats.append((index, first[d]))
+            conflicts += self._items[index][3] != self._items[first[d]][3]
+        if not repeats:
+            return self
+        again, original = (self.origin(i) or self._items[i][0] for i in repeats[0])
+        note = (f"{len(repeats)} exact duplicate(s) of an earlier image (the same bytes), e.g. {again} (as {original})"
+                + (f"; {conflicts} of them under another class than the image they repeat" if conflicts else ""))
+        return Source(self.spec, self.classes, kept, [*self.notes, note])
+
+
+def image_digest(data: bytes) -> str:
+    """blake2b-128 of an image file's bytes, in hex: images with the same digest are the same file's bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _digits_source() -> Source:

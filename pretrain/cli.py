@@ -188,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     s.add_argument("--workers", type=int, default=4,
                    help="shards written at a time (threads reading the images; default 4; the output is the same)")
+    s.add_argument("--dedup", action="store_true",
+                   help="leave out exact duplicates (images with the bytes of an earlier one), the first kept; every "
+                   "image is read once more, first")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = dsub.add_parser("index", help="make WebDataset shards written by another tool a dataset, in place",
                         description="Write manifest.parquet and checksums.json beside the *.tar files of DIR (written "
@@ -525,7 +528,9 @@ def cmd_data(args) -> int:
         print(f"Indexed {n['samples']} samples ({n['captions']} with captions) in {n['shards']} shards: {manifest}"
               + (f"; left out {n['skipped']} without an image or with a bad label/caption" if n["skipped"] else "")
               + (f"; {n['damaged']} shard(s) do not read to their end (listed up to the damage)" if n["damaged"]
-                 else ""), flush=True)
+                 else "")
+              + (f"; {n['duplicates']} sample(s) repeat an earlier one's image exactly (the same bytes)"
+                 if n["duplicates"] else ""), flush=True)
         return 0
 
     if args.shard_size <= 0:
@@ -533,18 +538,22 @@ def cmd_data(args) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     manifest = write_shards(args.source, args.out, shard_size=args.shard_size, progress=not args.no_progress,
-                            workers=args.workers)
+                            workers=args.workers, dedup=args.dedup)
     import json
 
     from data_pipeline.shards import read_manifest
 
-    table = read_manifest(manifest.parent, columns=["shard"])
+    table = read_manifest(manifest.parent, columns=["shard", "digest"])
     meta = table.schema.metadata or {}
     classes = json.loads(meta.get(b"classes", b"[]"))
     print(f"Wrote {table.num_rows} images ({f'{len(classes)} classes' if classes else 'unlabelled'}) in "
           f"{len(set(table.column('shard').to_pylist()))} shards: {manifest}", flush=True)
     for note in json.loads(meta.get(b"left_out", b"[]")):
         print(f"Left out: {note}", flush=True)
+    repeats = table.num_rows - len(set(table.column("digest").to_pylist()))
+    if repeats:
+        print(f"Of them {repeats} repeat an earlier image exactly (the same bytes); --dedup writes each image once",
+              flush=True)
     return 0
 
 

@@ -27,15 +27,17 @@ def _jpeg(seed: int) -> bytes:
 
 def _img2dataset_like(root: Path) -> dict[str, str | None]:
     """3 tars of 10 samples as img2dataset writes them (key, jpg, txt, json); in the second one sample has no
-    caption, one has no image (a failed download), one a label that is not a number. Returns {key: caption} of the
-    samples an index keeps."""
+    caption, one has no image (a failed download), one a label that is not a number; in the third one image is the
+    very file of the first sample (the same URL crawled twice). Returns {key: caption} of the samples an index
+    keeps."""
     root.mkdir()
     kept = {}
     for shard in range(3):
         with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
             for i in range(10):
                 key = f"{shard:05d}{i:04d}"
-                sample = {"__key__": key, "jpg": _jpeg(10 * shard + i), "txt": f"photo {key}",
+                sample = {"__key__": key, "jpg": _jpeg(0 if (shard, i) == (2, 7) else 10 * shard + i),
+                          "txt": f"photo {key}",
                           "json": json.dumps({"url": f"https://example.com/{key}.jpg"})}
                 if shard == 1 and i == 3:
                     del sample["txt"]
@@ -55,13 +57,16 @@ def test_foreign_shards_become_a_dataset(tmp_path, capsys):
     assert main(["data", "index", str(tmp_path / "laion"), "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == (
         f"Indexed 28 samples (27 with captions) in 3 shards: {tmp_path / 'laion' / 'manifest.parquet'}; left out 2 "
-        "without an image or with a bad label/caption")
+        "without an image or with a bad label/caption; 1 sample(s) repeat an earlier one's image exactly (the same "
+        "bytes)")
     assert {p.name: sha256_file(p) for p in (tmp_path / "laion").glob("*.tar")} == before  # the tars untouched
     # what it left out is not the dataset's: the dataset verifies clean
     assert main(["data", "verify", str(tmp_path / "laion"), "--decode", "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().endswith("3 shards, 28 of 28 samples read, 0 undecodable: intact")
     manifest = read_manifest(tmp_path / "laion").to_pylist()
     assert {r["key"]: r["caption"] for r in manifest} == kept and {r["label"] for r in manifest} == {-1}
+    digest = {r["key"]: r["digest"] for r in manifest}  # the repeated image: one digest; every other its own
+    assert digest["000000000"] == digest["000020007"] and len(set(digest.values())) == 27
     assert json.loads((tmp_path / "laion" / "checksums.json").read_text()) == before
     # a run reads them as any dataset: CLIP's caption check passes, samples come unlabelled with their captions
     shards = resolve_shards(DataConfig(source=str(tmp_path / "laion")), captions=True)

@@ -23,13 +23,13 @@ from data_pipeline.shards import (
     sha256_file,
     write_shards,
 )
-from data_pipeline.sources import DIGIT_WORDS, digit_caption, digits_uint8
+from data_pipeline.sources import DIGIT_WORDS, digit_caption, digits_uint8, image_digest
 
 
 def test_digits_manifest_matches_shards(digits_dir):
-    """Every manifest row names a sample that is in its shard with that label, byte size and caption."""
+    """Every manifest row names a sample that is in its shard with that label, byte size, caption and digest."""
     table = read_manifest(digits_dir)
-    assert table.column_names == ["key", "shard", "label", "bytes", "caption", "path"]
+    assert table.column_names == ["key", "shard", "label", "bytes", "caption", "path", "digest"]
     assert table.num_rows == 1797 and set(table.column("path").to_pylist()) == {None}  # built in: no file
     rows = {r["key"]: r for r in table.to_pylist()}
     seen = 0
@@ -46,7 +46,7 @@ def test_digits_manifest_matches_shards(digits_dir):
                 assert data.decode() == row["caption"]
                 assert data.decode() == digit_caption(row["label"], int(key.split("_")[1]))
             else:
-                assert ext == "png" and len(data) == row["bytes"]
+                assert ext == "png" and len(data) == row["bytes"] and image_digest(data) == row["digest"]
                 seen += 1
     assert seen == 1797
 
@@ -205,6 +205,39 @@ def test_linked_folders_and_files_are_followed_once_and_hidden_ones_skipped(tmp_
     assert json.loads(meta[b"left_out"]) == [f"1 image link(s) to nothing, e.g. {data / 'cat' / 'gone.png'}"]
     write_shards(f"images:{data}", tmp_path / "unlabelled", progress=False)
     assert sorted(r["path"] for r in read_manifest(tmp_path / "unlabelled").to_pylist()) == sorted(p for _, p in got)
+
+
+def test_exact_duplicates_are_told_and_left_out_on_request(tmp_path, image_tree, capsys):
+    """An image copied within its class and one copied into another class: written as they are, the manifest's digest
+    tells them (the same for a copy, distinct otherwise) and the command says how many; with --dedup the copies are
+    left out, the first of each kept under its key, noted with the labelling conflict, and the output is the same
+    for any number of workers."""
+    import shutil
+
+    from pretrain.cli import main
+
+    root = image_tree(tmp_path / "imgs", classes={"a": 4, "b": 3})
+    shutil.copy(root / "a" / "0.jpg", root / "a" / "9.jpg")  # a copy in the same class
+    shutil.copy(root / "a" / "1.png", root / "b" / "8.png")  # a copy under another class
+    assert main(["data", "shards", "--source", f"folder:{root}", "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "Of them 2 repeat an earlier image exactly (the same bytes); --dedup writes each image once"]
+    rows = {Path(r["path"]).relative_to(root).as_posix(): r for r in read_manifest(tmp_path / "all").to_pylist()}
+    assert len(rows) == 9 and len({r["digest"] for r in rows.values()}) == 7
+    assert rows["a/0.jpg"]["digest"] == rows["a/9.jpg"]["digest"] and rows["a/1.png"]["digest"] == rows["b/8.png"][
+        "digest"]
+    for workers in ("1", "3"):
+        out = tmp_path / f"dedup{workers}"
+        assert main(["data", "shards", "--source", f"folder:{root}", "--out", str(out), "--no-progress", "--dedup",
+                     "--shard-size", "2", "--workers", workers]) == 0
+        assert capsys.readouterr().out.splitlines()[1:] == [
+            f"Left out: 2 exact duplicate(s) of an earlier image (the same bytes), e.g. {root / 'a' / '9.jpg'} (as "
+            f"{root / 'a' / '0.jpg'}); 1 of them under another class than the image they repeat"]
+    kept = {Path(r["path"]).relative_to(root).as_posix(): r for r in read_manifest(tmp_path / "dedup1").to_pylist()}
+    assert sorted(kept) == sorted(set(rows) - {"a/9.jpg", "b/8.png"})
+    assert all(kept[p]["key"] == rows[p]["key"] and kept[p]["label"] == rows[p]["label"] for p in kept)
+    for name in ("checksums.json", "manifest.parquet", *[f"shard-{i:06d}.tar" for i in range(4)]):
+        assert (tmp_path / "dedup1" / name).read_bytes() == (tmp_path / "dedup3" / name).read_bytes(), name
 
 
 def test_images_stream_and_workers_write_the_same_bytes(tmp_path, image_tree, monkeypatch):
