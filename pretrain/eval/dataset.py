@@ -45,10 +45,12 @@ class EvalSet:
     """samples skipped as undecodable"""
     dropped: list[str] = dataclasses.field(default_factory=list)
     """classes left out for having fewer than MIN_PER_CLASS decodable samples in the draw"""
+    duplicates: int = 0
+    """samples left out as exact duplicates of another (``EvalPart.duplicates``)"""
 
     def summary(self) -> dict:
         return {"dataset": self.name, "samples": len(self.labels), "classes": len(self.classes),
-                "corrupt": self.corrupt, "dropped_classes": self.dropped}
+                "corrupt": self.corrupt, "dropped_classes": self.dropped, "duplicates": self.duplicates}
 
 
 class ShardImages:
@@ -157,6 +159,8 @@ class EvalPart:
     """samples in the whole draw (of every rank)"""
     corrupt: int = 0
     """this rank's samples skipped as undecodable"""
+    duplicates: int = 0
+    """samples of the dataset left out before the draw as exact duplicates of an earlier one (the manifest's digest)"""
 
 
 def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPart:
@@ -176,6 +180,14 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
 
     shards, data_dir, manifest = _checked_shards(cfg)
     keys = manifest.column("key").to_pylist()
+    duplicates = 0
+    if "digest" in manifest.column_names:  # each image once: a copy would sit on both sides of the split, its own kNN
+        seen, unique = set(), []
+        for key, digest in zip(keys, manifest.column("digest").to_pylist()):
+            if digest not in seen:
+                seen.add(digest)
+                unique.append(key)
+        keys, duplicates = unique, len(keys) - len(unique)
     if len(keys) > cfg.eval.max_samples:
         pick = np.sort(np.random.default_rng(cfg.job.seed).choice(len(keys), size=cfg.eval.max_samples, replace=False))
         keys = [keys[i] for i in pick]
@@ -194,7 +206,7 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
     labels = np.asarray(labels, dtype=np.int64)[order]
     names = names or [str(c) for c in range(int(labels.max(initial=0)) + 1)]
     return EvalPart(np.asarray(positions, dtype=np.int64)[order], images[torch.from_numpy(order)].contiguous(),
-                    labels, names, len(keys), decoder.corrupt)
+                    labels, names, len(keys), decoder.corrupt, duplicates)
 
 
 def score_classes(labels: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -226,4 +238,4 @@ def load_eval_set(cfg: Config) -> EvalSet:
         print(f"Evaluation: left out {len(dropped)} class(es) with fewer than {MIN_PER_CLASS} decodable samples: "
               + ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""), flush=True)
     return EvalSet(str(cfg.eval.dataset), part.images[torch.from_numpy(rows)].contiguous(), labels, classes, PROMPTS,
-                   part.corrupt, dropped)
+                   part.corrupt, dropped, part.duplicates)

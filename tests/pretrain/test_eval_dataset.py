@@ -58,9 +58,9 @@ def test_digits_as_a_folder_score_as_the_builtin_digits(data):
     builtin = evaluate_checkpoint(data / "simclr", out_path=data / "builtin.json")
     shards = evaluate_checkpoint(data / "simclr", dataset=str(data / "digits-shards"), out_path=data / "shards.json")
     assert builtin["data"] == {"dataset": "digits", "samples": 1797, "classes": 10, "corrupt": 0,
-                               "dropped_classes": []}
+                               "dropped_classes": [], "duplicates": 0}
     assert shards["data"] == {"dataset": str(data / "digits-shards"), "samples": 1797, "classes": 10, "corrupt": 1,
-                              "dropped_classes": []}
+                              "dropped_classes": [], "duplicates": 0}
     for section in ("random_init", "raw_pixels"):
         for key in ("knn_top1", "linear_top1", "fewshot_5"):
             assert shards[section][key] == pytest.approx(builtin[section][key], abs=0.02), (section, key)
@@ -86,6 +86,34 @@ def test_thin_classes_are_left_out(tmp_path, capsys):
     assert report["data"]["classes"] == 2 and report["data"]["samples"] == 80
     assert report["data"]["dropped_classes"] == ["four"]
     assert "left out 1 class(es) with fewer than 8 decodable samples: four" in capsys.readouterr().out
+
+
+def test_exact_duplicates_are_evaluated_once(tmp_path, capsys):
+    """Copies of images (the manifest's digest: the same bytes) would sit on both sides of the 75/25 split, each the
+    other's nearest neighbour: the evaluation (and the kNN monitor, which draws the same way) takes each image once
+    and says how many it left out."""
+    import dataclasses
+    import shutil
+
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.eval.dataset import load_eval_set
+
+    root = _folder(tmp_path / "dups", counts={"one": 30, "seven": 30})
+    for i, image in enumerate(sorted((root / "one").iterdir())[:6]):  # 6 copies: 3 in their class, 3 in the other
+        shutil.copy(image, root / ("one" if i % 2 else "seven") / f"copy-{image.name}")
+    write_shards(f"folder:{root}", tmp_path / "dups-shards", shard_size=400, progress=False)
+    cfg = load_config(ROOT / "configs" / "simclr_digits.yaml", [f"eval.dataset={tmp_path / 'dups-shards'}"])
+    evalset = load_eval_set(cfg)
+    assert evalset.summary()["samples"] == 60 and evalset.summary()["duplicates"] == 6
+    assert len(torch.unique(evalset.images.flatten(1), dim=0)) == 60  # every image evaluated is another
+    drawn = load_eval_set(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_samples=40)))
+    assert len(drawn.labels) == 40 and len(torch.unique(drawn.images.flatten(1), dim=0)) == 40  # a draw of the rest
+    write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", SMALL)
+    report = evaluate_checkpoint(tmp_path / "run", dataset=str(tmp_path / "dups-shards"), out_path=tmp_path / "a.json")
+    assert report["data"]["duplicates"] == 6
+    assert "60 samples, 2 classes, 6 exact duplicates left out" in capsys.readouterr().out
 
 
 def test_zeroshot_uses_the_dataset_class_names(data):

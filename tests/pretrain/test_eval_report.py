@@ -75,7 +75,7 @@ def test_format_report_has_a_row_per_metric_and_three_columns(report):
 def test_a_small_test_split_is_said_to_be_coarse(report):
     """The first line names the data; where its 25% test split is under 100 images it says what one image is worth
     (40 samples: a split of 10, one image 10 points), and nothing of the kind for the 1,797 digits."""
-    data = {"dataset": "mine", "samples": 40, "classes": 2, "corrupt": 0, "dropped_classes": []}
+    data = {"dataset": "mine", "samples": 40, "classes": 2, "corrupt": 0, "dropped_classes": [], "duplicates": 0}
     first = format_report({**report, "data": data}).splitlines()[0]
     assert first == ("Evaluated on mine: 40 samples, 2 classes; only 10 test images: one image moves an accuracy by "
                      "10.0 points")
