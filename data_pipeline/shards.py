@@ -153,8 +153,9 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     label (else unlabelled, -1); other members (img2dataset's .json) are ignored. Samples without an image, or with a
     label or caption that does not parse, are left out and counted; a tar that does not read to its end is listed with
     the samples before the damage and counted. ``workers`` tars are read at a time. Returns (the manifest path, counts
-    {"shards", "samples", "skipped", "damaged", "captions", "duplicates"}: samples whose image has the bytes of an
-    earlier one's, told by the manifest's ``digest`` column)."""
+    {"shards", "samples", "skipped", "damaged", "captions", "duplicates": samples whose image has the bytes of an
+    earlier one's, told by the manifest's ``digest`` column, "repeated_keys": (key, first tar, other tar) of samples
+    whose key an earlier sample has (tars of two crawls that both count from 0)})."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -210,8 +211,20 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     os.replace(partial, data_dir / MANIFEST)  # last, whole: its presence marks the dataset complete
     counts = {"shards": len(names), "samples": len(rows), "skipped": sum(s[1] for s in scanned),
               "damaged": sum(s[2] for s in scanned), "captions": sum(r[4] is not None for r in rows),
-              "duplicates": len(rows) - len(set(columns["digest"]))}
+              "duplicates": len(rows) - len(set(columns["digest"])), "repeated_keys": _repeated_keys(rows)}
     return data_dir / MANIFEST, counts
+
+
+def _repeated_keys(rows: list[tuple]) -> list[tuple[str, str, str]]:
+    """``(key, first tar, other tar)`` for each manifest row (key, shard, ...) whose key an earlier row has."""
+    first: dict[str, str] = {}
+    repeated = []
+    for key, shard, *_ in rows:
+        if key in first:
+            repeated.append((key, first[key], shard))
+        else:
+            first[key] = shard
+    return repeated
 
 
 def read_manifest(data_dir: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -179,26 +179,34 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
     from data_pipeline.shards import read_classes
 
     shards, data_dir, manifest = _checked_shards(cfg)
-    keys = manifest.column("key").to_pylist()
-    duplicates = 0
-    if "digest" in manifest.column_names:  # each image once: a copy would sit on both sides of the split, its own kNN
-        seen, unique = set(), []
-        for key, digest in zip(keys, manifest.column("digest").to_pylist()):
-            if digest not in seen:
-                seen.add(digest)
-                unique.append(key)
-        keys, duplicates = unique, len(keys) - len(unique)
+    all_keys = manifest.column("key").to_pylist()
+    digests = manifest.column("digest").to_pylist() if "digest" in manifest.column_names else [None] * len(all_keys)
+    keys, seen_keys, seen_digests, duplicates = [], set(), set(), 0
+    for key, digest in zip(all_keys, digests):
+        if key in seen_keys:  # a key twice (tars indexed from two crawls): its first sample only, below
+            continue
+        seen_keys.add(key)
+        if digest is not None and digest in seen_digests:  # each image once: a copy would sit on both sides of the
+            duplicates += 1  # split, its own nearest neighbour
+            continue
+        seen_digests.add(digest)
+        keys.append(key)
     if len(keys) > cfg.eval.max_samples:
         pick = np.sort(np.random.default_rng(cfg.job.seed).choice(len(keys), size=cfg.eval.max_samples, replace=False))
         keys = [keys[i] for i in pick]
     place = {key: i for i, key in enumerate(keys)}
     keep = set(keys[rank::world_size])
     decoder = ShardImages(cfg)
-    chunks, labels, positions = [], [], []
+    chunks, labels, positions, taken = [], [], [], set()
     for samples, x in decoder.batches(shards, keep=keep):
-        chunks.append(x)
-        labels.extend(s["label"] for s in samples)
-        positions.extend(place[s["key"]] for s in samples)
+        first = []  # a key of two samples (tars indexed from two crawls): the first read is its sample
+        for i, sample in enumerate(samples):
+            if sample["key"] not in taken:
+                taken.add(sample["key"])
+                first.append(i)
+        chunks.append(x[first])
+        labels.extend(samples[i]["label"] for i in first)
+        positions.extend(place[samples[i]["key"]] for i in first)
     s = d.image_size
     images = torch.cat(chunks) if chunks else torch.empty(0, d.channels, s, s)
     order = np.argsort(positions, kind="stable")  # shards may be read in another order than the manifest lists them

@@ -122,3 +122,30 @@ def test_an_empty_image_is_indexed_and_counted_undecodable(tmp_path, capsys):
     shards = resolve_shards(DataConfig(source=str(root)))
     assert [s["key"] for samples, _ in decoder.batches(shards) for s in samples] == ["k0", "k1", "k3"]
     assert decoder.corrupt == 1
+
+
+def test_tars_that_repeat_keys_are_indexed_with_a_warning_and_evaluated_once_per_key(tmp_path, capsys):
+    """Two crawls that both count keys from 0: every sample is indexed (training reads them all), the command warns
+    which key repeats where, and the evaluation takes the first sample of each key (as many samples as keys, each
+    image another)."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.eval.dataset import load_eval_set
+
+    root = tmp_path / "two-crawls"
+    root.mkdir()
+    for crawl in range(2):
+        with wds.TarWriter(str(root / f"crawl{crawl}.tar")) as sink:
+            for i in range(20):
+                sink.write({"__key__": f"{i:04d}", "jpg": _jpeg(100 * crawl + i), "cls": str(i % 2)})
+    assert main(["data", "index", str(root), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "Warning: 20 sample(s) have the key of an earlier sample, e.g. '0000' in crawl0.tar and again in crawl1.tar: "
+        "training reads them all; the evaluation takes the first of a key, and `search --image` / `attention "
+        "--image` name samples by key")
+    assert read_manifest(root).num_rows == 40
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "simclr_digits.yaml",
+                      [f"eval.dataset={root}", "data.channels=3"])
+    evalset = load_eval_set(cfg)
+    assert len(evalset.labels) == 20 and len(torch.unique(evalset.images.flatten(1), dim=0)) == 20
