@@ -35,7 +35,7 @@ from data_pipeline.remote import is_url, open_stream
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif")
 
 
 def split_shards(shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int) -> tuple[list[str], int]:

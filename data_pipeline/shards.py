@@ -163,19 +163,33 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     from data_pipeline.reader import _parse, _tar_samples
 
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"{data_dir}: {'not a directory' if data_dir.exists() else 'does not exist'} (give the "
+                         "directory that holds the .tar shards)")
     if (data_dir / MANIFEST).exists():
         raise ValueError(f"{data_dir} already has a {MANIFEST}: it is a dataset already")
     names = sorted(p.name for p in data_dir.glob("*.tar") if p.is_file())
     if not names:
-        raise ValueError(f"{data_dir}: no .tar files in it")
+        other = sorted(p.name for p in data_dir.iterdir() if p.name.endswith((".tar.gz", ".tgz")) or p.is_dir())
+        raise ValueError(f"{data_dir}: no .tar files in it" + (
+            f" (it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}: the shards must be plain .tar "
+            "files at its top)" if other else ""))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
     bar = tqdm(total=len(names), disable=not progress, desc=f"index {data_dir.name}", unit="shard")
 
     def scan(name: str) -> tuple[list[tuple], int, bool, str]:
-        rows, skipped, errors = [], 0, []
+        rows, skipped, errors, keys = [], 0, [], set()
         for sample in _tar_samples(str(data_dir / name), errors):
+            if sample["__key__"] in keys:  # the reader takes a sample's files from one run of members of its key
+                raise ValueError(f"{data_dir / name}: the files of sample {sample['__key__']!r} are not next to each "
+                                 "other in the tar, so readers would split it (an image without its label); write "
+                                 "the tar with each sample's files together, e.g. `tar --sort=name` or webdataset's "
+                                 "TarWriter")
+            keys.add(sample["__key__"])
             parsed = _parse(sample)  # as training reads it: an image, a label or none (-1)
+            if not isinstance(parsed, str) and parsed["label"] < -1:
+                parsed = "a negative label"
             try:
                 caption = bytes(sample["txt"]).decode("utf-8").strip() or None if "txt" in sample else None
             except UnicodeDecodeError:
@@ -196,7 +210,10 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     checksums = {name: digest for name, (*_, digest) in zip(names, scanned)}
     (data_dir / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
     columns = dict(zip(("key", "shard", "label", "bytes", "caption", "digest"), zip(*rows)))
-    classes = sorted({r[2] for r in rows if r[2] >= 0})
+    ids = sorted({r[2] for r in rows if r[2] >= 0})
+    meta = {"classes": json.dumps([str(i) for i in ids]), "source": f"index:{data_dir}"}
+    if ids != list(range(len(ids))):  # ids, not class indices (WordNet offsets, database keys): class i is ids[i]
+        meta["label_ids"] = json.dumps(ids)
     table = pa.table({
         "key": pa.array(columns["key"], pa.string()),
         "shard": pa.array(columns["shard"], pa.string()),
@@ -204,8 +221,7 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         "bytes": pa.array(columns["bytes"], pa.int64()),
         "caption": pa.array(columns["caption"], pa.string()),
         "digest": pa.array(columns["digest"], pa.string()),
-    }).replace_schema_metadata({"classes": json.dumps([str(c) for c in range(classes[-1] + 1)] if classes else []),
-                                "source": f"index:{data_dir}"})
+    }).replace_schema_metadata(meta)
     partial = data_dir / f".{MANIFEST}.partial-{os.getpid()}"
     pq.write_table(table, partial)
     os.replace(partial, data_dir / MANIFEST)  # last, whole: its presence marks the dataset complete
@@ -242,9 +258,22 @@ def read_manifest(data_dir: str | Path, columns: list[str] | None = None) -> pa.
 
 
 def read_classes(data_dir: str | Path) -> list[str]:
-    """Class names of a dataset directory, index = label."""
-    meta = read_manifest(data_dir).schema.metadata or {}
+    """Class names of a dataset directory, index = class index (``class_indices`` of the stored labels)."""
+    meta = read_manifest(data_dir, columns=["key"]).schema.metadata or {}
     return json.loads(meta.get(b"classes", b"[]"))
+
+
+def class_indices(data_dir: str | Path, labels) -> np.ndarray:
+    """The class index (into ``read_classes``) of each stored label of ``labels`` (what the tars' ``cls`` members
+    hold): the label itself, except in a dataset indexed from tars whose labels are ids other than 0..K-1, where class
+    i is the i-th smallest id (-1, unlabelled, stays -1)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    meta = read_manifest(data_dir, columns=["key"]).schema.metadata or {}
+    if b"label_ids" not in meta:
+        return labels
+    ids = np.asarray(json.loads(meta[b"label_ids"]), dtype=np.int64)
+    at = np.clip(np.searchsorted(ids, labels), 0, len(ids) - 1)
+    return np.where((labels >= 0) & (ids[at] == labels), at, -1)
 
 
 def count_captions(data_dir: str | Path, *, table: pa.Table | None = None) -> int:

@@ -83,7 +83,7 @@ class Gallery:
 @torch.no_grad()
 def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Gallery:
     """Every sample of ``shards`` (one pass, in shard order) embedded by ``run.encode_image``."""
-    from data_pipeline.shards import dataset_dir, read_manifest
+    from data_pipeline.shards import class_indices, dataset_dir, read_manifest
     from pretrain.eval.dataset import ShardImages
 
     table = read_manifest(dataset_dir(shards[0]))
@@ -99,7 +99,7 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
         labels.extend(s["label"] for s in samples)
     if not keys:
         raise ValueError("no decodable image in the shards")
-    return Gallery(keys, np.asarray(labels, dtype=np.int64), [caption_of.get(k) for k in keys],
+    return Gallery(keys, class_indices(dataset_dir(shards[0]), labels), [caption_of.get(k) for k in keys],
                    np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys], classes)
 
 

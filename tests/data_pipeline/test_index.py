@@ -149,3 +149,72 @@ def test_tars_that_repeat_keys_are_indexed_with_a_warning_and_evaluated_once_per
                       [f"eval.dataset={root}", "data.channels=3"])
     evalset = load_eval_set(cfg)
     assert len(evalset.labels) == 20 and len(torch.unique(evalset.images.flatten(1), dim=0)) == 20
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of ``members`` (name, bytes) in exactly that order, as `tar cf` of a folder may write them."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_tar_whose_samples_are_split_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`tar cf` of a folder lists files in directory order: a sample's image and label apart. Readers would take them
+    as two samples (an image without its label), so index refuses in one line naming the tar and the sample, and
+    writes nothing."""
+    root = tmp_path / "shuffled"
+    root.mkdir()
+    _tar(root / "s0.tar", [("a.jpg", _jpeg(0)), ("b.jpg", _jpeg(1)), ("a.cls", b"1"), ("b.cls", b"0")])
+    assert main(["data", "index", str(root), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {root / 's0.tar'}: the files of sample 'a' are not next to each other in the tar, so readers would "
+        "split it (an image without its label); write the tar with each sample's files together, e.g. `tar "
+        "--sort=name` or webdataset's TarWriter")
+    assert sorted(p.name for p in root.iterdir()) == ["s0.tar"]
+
+
+def test_labels_that_are_ids_tif_members_and_negative_labels(tmp_path, capsys):
+    """Labels that are sparse ids (WordNet offsets): the classes are the ids present, no more (an id of 4e9 once made
+    a class name of every integer below it), and the evaluation scores them as two classes; a .tif image is a sample
+    as .jpg is; a label below -1 is a bad label, left out and counted."""
+    from PIL import Image
+
+    from data_pipeline.shards import class_indices, read_classes
+    from pretrain.config import load_config
+    from pretrain.eval.dataset import load_eval_set
+
+    tif = io.BytesIO()
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tif, format="TIFF")
+    root = tmp_path / "ids"
+    root.mkdir()
+    with wds.TarWriter(str(root / "00000.tar")) as sink:
+        for i in range(20):
+            sink.write({"__key__": f"{i:04d}", "jpg": _jpeg(i), "cls": str(4_000_000_000 if i % 2 else 1440764)})
+        sink.write({"__key__": "tiff", "tif": tif.getvalue(), "cls": "1440764"})
+        sink.write({"__key__": "neg", "jpg": _jpeg(99), "cls": "-7"})
+    assert main(["data", "index", str(root), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().endswith("left out 1 without an image or with a bad label/caption")
+    assert read_classes(root) == ["1440764", "4000000000"] and (root / "manifest.parquet").stat().st_size < 10_000
+    table = read_manifest(root)
+    assert "tiff" in table.column("key").to_pylist() and "neg" not in table.column("key").to_pylist()
+    assert class_indices(root, [1440764, 4_000_000_000, -1, 5]).tolist() == [0, 1, -1, -1]
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "simclr_digits.yaml",
+                      [f"eval.dataset={root}", "data.channels=3"])
+    evalset = load_eval_set(cfg)
+    assert evalset.classes == ["1440764", "4000000000"] and sorted(np.bincount(evalset.labels).tolist()) == [10, 11]
+
+
+def test_index_of_what_is_not_a_shard_directory(tmp_path, capsys):
+    """A directory that does not exist, or one of gzipped tars or of folders: one line that says so."""
+    assert main(["data", "index", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nope'}: does not exist (give the directory that "
+                                               "holds the .tar shards)")
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "00000.tar.gz").write_bytes(b"")
+    assert main(["data", "index", str(tmp_path / "gz"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'gz'}: no .tar files in it (it holds "
+                                               "00000.tar.gz: the shards must be plain .tar files at its top)")
