@@ -383,12 +383,11 @@ def resolve_source(spec: str) -> Source:
 
 
 def pil_decodes(data: bytes) -> bool:
-    """Whether PIL decodes ``data`` whole (any failure, of whatever type PIL raises, means no)."""
-    from PIL import Image
-
+    """Whether PIL decodes ``data`` whole, in a format DALI reads too (``open_image``; any failure, of whatever type
+    PIL raises, means no)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
+        with open_image(data):
+            pass
         return True
     except Exception:  # noqa: BLE001 - PIL raises several types for broken files
         return False
@@ -398,14 +397,22 @@ HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """PIL's modes of one-channel images deeper than 8 bits (16-bit PNG and TIFF open as these), values 0..65535."""
 
 
+DALI_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000")
+"""PIL's names of the formats DALI's decoder reads (MPO: a camera's JPEG with extra pictures); it fails on GIF, TGA,
+ICO, PCX, ... whatever their file is named."""
+
+
 def open_image(data: bytes):
     """A PIL image of the encoded ``data`` as DALI's decoder (the training views) sees it: turned upright by its EXIF
     orientation (a phone photo stored sideways), and a 16-bit grey image scaled to 8 bits (PIL's own conversion would
     clip it to white). Colour modes (CMYK, palette, alpha) are left for ``convert``. Raises what PIL raises on a file
-    it cannot read."""
+    it cannot read, and ValueError for a format training cannot decode (a GIF named .jpg): such an image is as
+    undecodable for evaluation and search as it is for training."""
     from PIL import Image, ImageOps
 
     im = Image.open(io.BytesIO(data))
+    if im.format not in DALI_FORMATS:
+        raise ValueError(f"a {im.format} image, which the training pipeline (DALI) does not decode")
     ImageOps.exif_transpose(im, in_place=True)  # decodes it, then turns it where its orientation says so
     if im.mode in HIGH_BIT_MODES:
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8), "L")

@@ -108,3 +108,25 @@ def test_open_image_turns_and_scales():
     assert grey.mode == "L" and (np.asarray(grey) == np.asarray(PHOTO.convert("L"))).all()
     plain = open_image(_encode(PHOTO, "PNG"))
     assert plain.mode == "RGB" and np.array_equal(np.asarray(plain), np.asarray(PHOTO))
+
+
+def test_formats_training_cannot_decode_are_undecodable_everywhere(decoders, tmp_path):
+    """A GIF named .png (web crawls are full of them): DALI cannot decode it, so training skips it; PIL could, but
+    evaluation, search and `data verify --decode` must not count it as an image training reads: all three refuse it."""
+    from data_pipeline.dali import CorruptBatch
+    from data_pipeline.shards import verify_dataset, write_shards
+    from data_pipeline.sources import pil_decodes
+
+    gif = _encode(PHOTO.convert("P"), "GIF")
+    dali, pil = decoders
+    with pytest.raises(CorruptBatch):
+        dali([gif])
+    with pytest.raises(ValueError, match=r"^a GIF image, which the training pipeline \(DALI\) does not decode$"):
+        pil([gif])
+    assert not pil_decodes(gif) and pil_decodes(CASES["webp"][0])
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "photo.png").write_bytes(_encode(PHOTO, "PNG"))
+    (tmp_path / "imgs" / "animation.png").write_bytes(gif)
+    write_shards(f"images:{tmp_path / 'imgs'}", tmp_path / "ds", progress=False)
+    counts, problems = verify_dataset(tmp_path / "ds", decode=True, progress=False)
+    assert counts["undecodable"] == 1 and len(problems) == 1, problems
