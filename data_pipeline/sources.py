@@ -282,15 +282,26 @@ def _table_source(spec: str, file_str: str) -> Source:
         raise ValueError(f"source {spec!r}: {file} is not a file (expected 'table:FILE', FILE one of "
                          f"{', '.join(TABLE_KINDS)})")
     table = _read_table(spec, file)
-    if "image" not in table.column_names:
+    # column names as people write them: "Image", " label" (a space after the comma of a CSV header)
+    named = {str(c).strip().lower(): c for c in reversed(table.column_names)}
+    if "image" not in named:
         raise ValueError(f"source {spec!r}: no 'image' column (columns: {', '.join(table.column_names)})")
-    text = next((c for c in ("caption", "text") if c in table.column_names), None)
+    image = table.column(named["image"])
+    if not (pa.types.is_string(image.type) or pa.types.is_large_string(image.type) or pa.types.is_null(image.type)):
+        raise ValueError(f"source {spec!r}: the 'image' column holds {image.type}, not file paths (a table of image "
+                         "bytes, as Hugging Face datasets write: save the images as files and list their paths)")
+    text = next((named[c] for c in ("caption", "text") if c in named), None)
     captions = [None if c is None or not str(c).strip() else str(c).strip()
                 for c in (table.column(text).to_pylist() if text else [None] * table.num_rows)]
-    labels, classes = _table_labels(spec, table.column("label") if "label" in table.column_names else None,
+    labels, classes = _table_labels(spec, table.column(named["label"]) if "label" in named else None,
                                     table.num_rows, pa)
+    used = {named["image"], text, named.get("label")}
+    ignored = [c for c in table.column_names if c not in used]
     items, empty = [], []
-    for i, (name, label, caption) in enumerate(zip(table.column("image").to_pylist(), labels, captions)):
+    for i, (name, label, caption) in enumerate(zip(image.to_pylist(), labels, captions)):
+        if name is not None and "://" in str(name):
+            raise ValueError(f"source {spec!r}: row {i}: image {name!r} is a URL; table: reads image files on this "
+                             "machine (download them first, e.g. with img2dataset, then `pretrain data index`)")
         path = Path(str(name)).expanduser() if name is not None else None
         if path is not None and not path.is_absolute():
             path = file.parent / path
@@ -304,7 +315,11 @@ def _table_source(spec: str, file_str: str) -> Source:
         items.append((f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, caption))
     if not items:
         raise ValueError(f"source {spec!r}: the table has no rows" + (" with an image" if empty else ""))
-    return Source(spec, classes, items, _empty_note(empty))
+    notes = _empty_note(empty)
+    if ignored:
+        notes.append(f"the column(s) {', '.join(map(repr, ignored))} of the table (it reads image, caption or text, "
+                     "and label)")
+    return Source(spec, classes, items, notes)
 
 
 def _read_table(spec: str, file: Path):
@@ -316,8 +331,9 @@ def _read_table(spec: str, file: Path):
     try:
         if kind == ".parquet":
             return pq.read_table(file)
-        if kind in (".csv", ".tsv"):
-            return pcsv.read_csv(file, parse_options=pcsv.ParseOptions(delimiter="\t" if kind == ".tsv" else ","))
+        if kind in (".csv", ".tsv"):  # only an empty field is missing: a caption "NA" or "null" is text
+            return pcsv.read_csv(file, parse_options=pcsv.ParseOptions(delimiter="\t" if kind == ".tsv" else ","),
+                                 convert_options=pcsv.ConvertOptions(null_values=[""], strings_can_be_null=True))
         if kind == ".jsonl":
             return pjson.read_json(file)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid and others for malformed files
@@ -330,6 +346,11 @@ def _table_labels(spec: str, column, rows: int, pa) -> tuple[list[int], list[str
     if column is None:
         return [UNLABELLED] * rows, []
     values = column.to_pylist()
+    if pa.types.is_floating(column.type):  # integer ids with a gap: pandas stores [0, 1, None] as 0.0, 1.0, NaN
+        values = [None if v is None or v != v else v for v in values]  # NaN: missing, as None is
+        if all(v is None or float(v).is_integer() for v in values):  # 1.0 is id 1, not the class name "1.0"
+            column = pa.array([None if v is None else int(v) for v in values], pa.int64())
+            values = column.to_pylist()
     if pa.types.is_integer(column.type) or pa.types.is_null(column.type):
         labels = [UNLABELLED if v is None else int(v) for v in values]
         if any(v < UNLABELLED for v in labels):

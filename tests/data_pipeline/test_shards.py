@@ -433,7 +433,9 @@ def test_table_source_refusals(tmp_path, image_tree):
     cases = [("path,caption\nimgs/x/a.jpg,hi\n", r"no 'image' column \(columns: path, caption\)"),
              (f"image\nimgs/x/{name}\nimgs/x/gone.png\n", r"row 1: .*gone\.png is not a readable file"),
              (f"image,label\nimgs/x/{name},-2\n", "labels must be >= 0"),
-             ("image\nnotes.txt\n", r"row 0: image 'notes\.txt' is not a \.jpg/.* file name")]
+             ("image\nnotes.txt\n", r"row 0: image 'notes\.txt' is not a \.jpg/.* file name"),
+             ("image\nhttps://example.com/a.jpg\n",
+              r"row 0: image 'https://example\.com/a\.jpg' is a URL; table: reads image files on this machine")]
     for i, (text, match) in enumerate(cases):
         (tmp_path / f"t{i}.csv").write_text(text)
         with pytest.raises(ValueError, match=match) as err:
@@ -441,3 +443,38 @@ def test_table_source_refusals(tmp_path, image_tree):
         assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=r"is not a file \(expected 'table:FILE'"):
         write_shards(f"table:{tmp_path / 'none.csv'}", tmp_path / "out", progress=False)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [{"bytes": b"\x89PNG" + bytes(5000), "path": "a.png"}]}), tmp_path / "hf.parquet")
+    with pytest.raises(ValueError, match=r"the 'image' column holds struct<.*>, not file paths \(a table of image "
+                                         r"bytes") as err:
+        write_shards(f"table:{tmp_path / 'hf.parquet'}", tmp_path / "out", progress=False)
+    assert len(str(err.value)) < 300  # the image's bytes are not in the message
+
+
+def test_table_columns_as_people_write_them(tmp_path, image_tree):
+    """Column names in any case and with spaces around them (a CSV header "image, Label"); integer ids that pandas
+    stored as floats for a missing value (1.0, 10.0, NaN: ids 1 and 10, in numeric order, not the names "1.0" and
+    "10.0"); a caption "NA" stays text; columns it does not read are named in what it left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = image_tree(tmp_path / "imgs", classes={"x": 4})
+    files = sorted((root / "x").iterdir())
+    (tmp_path / "t.csv").write_text("Image, Label, Caption ,url\n" + "".join(
+        f"{f},{label},{caption},http://x\n" for f, label, caption in zip(files, ["cat", "dog", "", "cat"],
+                                                                          ["NA", "a dog", "null", ""])))
+    write_shards(f"table:{tmp_path / 't.csv'}", tmp_path / "csv", progress=False)
+    rows = {r["path"]: r for r in read_manifest(tmp_path / "csv").to_pylist()}
+    assert [rows[str(f)]["label"] for f in files] == [0, 1, -1, 0]
+    assert [rows[str(f)]["caption"] for f in files] == ["NA", "a dog", "null", None]
+    meta = read_manifest(tmp_path / "csv").schema.metadata
+    assert json.loads(meta[b"left_out"]) == ["the column(s) 'url' of the table (it reads image, caption or text, and "
+                                             "label)"]
+    floats = pa.table({"image": [str(f) for f in files], "label": pa.array([10.0, 1.0, float("nan"), 2.0])})
+    pq.write_table(floats, tmp_path / "f.parquet")  # as pandas writes [10, 1, None, 2]: float64, NaN
+    write_shards(f"table:{tmp_path / 'f.parquet'}", tmp_path / "floats", progress=False)
+    assert shards_mod.read_classes(tmp_path / "floats") == ["1", "2", "10"]
+    rows = {r["path"]: r["label"] for r in read_manifest(tmp_path / "floats").to_pylist()}
+    assert [rows[str(f)] for f in files] == [2, 0, -1, 1]
