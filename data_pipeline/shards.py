@@ -105,8 +105,10 @@ def write_shards(
         shard_names = [SHARD_PATTERN % index for index in range(len(groups))]
         checksums = {name: sha256_file(tmp / name) for name in shard_names}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
+        notes = src.notes + ([f"the captions of {len(src.bad_captions)} image(s), whose caption files are not UTF-8 "
+                              f"text, e.g. {sorted(src.bad_captions)[0]}"] if src.bad_captions else [])
         meta = {"classes": json.dumps(src.classes), "source": source, "shard_size": str(shard_size),
-                "left_out": json.dumps(src.notes)}
+                "left_out": json.dumps(notes)}
         table = pa.table(
             {
                 "key": pa.array(rows["key"], pa.string()),

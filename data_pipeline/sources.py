@@ -98,6 +98,8 @@ class Source:
     (read lazily) or None."""
     notes: list[str] = field(default_factory=list)
     """What the source left out and why (empty files; images outside a folder source's class sub-folders)."""
+    bad_captions: list[Path] = field(default_factory=list, repr=False)
+    """Caption files read so far that are not UTF-8 text (their images go without a caption)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -112,10 +114,11 @@ class Source:
         key, payload, ext, label, caption = self._items[index]
         data = Path(payload).read_bytes() if isinstance(payload, Path) else payload
         if isinstance(caption, Path):
-            try:
-                caption = caption.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError:
-                raise ValueError(f"caption {caption} is not UTF-8 text") from None
+            try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not the caption's
+                caption = caption.read_text(encoding="utf-8-sig").strip() or None
+            except UnicodeDecodeError:  # the image is still an image: kept, without a caption, and noted
+                self.bad_captions.append(caption)
+                caption = None
         return key, data, ext, label, caption
 
     def origin(self, index: int) -> str | None:
