@@ -81,6 +81,9 @@ def write_shards(
         problem = "already exists and is not an empty directory" if out_dir.is_dir() else \
             "is a file; a dataset is written as a directory"
         raise ValueError(f"out_dir {out_dir} {problem}")
+    above = next(p for p in out_dir.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"out_dir {out_dir}: {above} is a file, not a folder to write into")
     src = resolve_source(source)  # raises before anything is written
     if dedup:
         src = src.without_duplicates(workers=workers, progress=progress)
@@ -245,6 +248,21 @@ def _repeated_keys(rows: list[tuple]) -> list[tuple[str, str, str]]:
     return repeated
 
 
+def _read_checksums(data_dir: Path) -> dict[str, str] | None:
+    """``checksums.json`` of a dataset directory (shard name -> sha256), None where there is none; a ValueError naming
+    the file where it is not such a JSON object (cut short, edited by hand)."""
+    path = data_dir / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: does not parse as JSON ({e})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"{path}: not a JSON object of shard name -> sha256")
+    return value
+
+
 def read_manifest(data_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
     """The manifest table of a dataset directory or URL (columns key, shard, label, bytes, caption, path, digest
     (datasets written before it have none), or ``columns``; metadata classes, source, left_out)."""
@@ -300,7 +318,9 @@ def list_shards(data_dir: str | Path, *, verify: bool = False, table: pa.Table |
     data_dir = Path(data_dir)
     paths = [str((data_dir / n).resolve()) for n in names]
     if verify:
-        checksums = json.loads((data_dir / CHECKSUMS).read_text())
+        checksums = _read_checksums(data_dir)
+        if checksums is None:
+            raise ValueError(f"{data_dir}: no {CHECKSUMS} to check the shards against")
         for name, path in zip(names, paths):
             if name not in checksums:
                 raise ValueError(f"shard {name}: no checksum in {data_dir / CHECKSUMS}")
@@ -372,7 +392,10 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     expected: dict[str, set[str]] = {}
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
         expected.setdefault(shard, set()).add(key)
-    checksums = json.loads((data_dir / CHECKSUMS).read_text()) if (data_dir / CHECKSUMS).is_file() else None
+    try:
+        checksums, bad_checksums = _read_checksums(data_dir), None
+    except ValueError as e:  # a problem of the dataset, reported with the others
+        checksums, bad_checksums = None, f"{e} (the shards' bytes are not checked)"
     bar = tqdm(total=len(expected), disable=not progress, desc=f"verify {data_dir.name}", unit="shard")
 
     def check(name: str) -> tuple[list[str], int, int]:
@@ -408,7 +431,8 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
 
     with bar, ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(check, sorted(expected)))
-    problems = [] if checksums is not None else [f"{CHECKSUMS}: missing (the shards' bytes are not checked)"]
+    problems = [] if checksums is not None else [bad_checksums or f"{CHECKSUMS}: missing (the shards' bytes are not "
+                                                                  "checked)"]
     problems += [p for found, _, _ in results for p in found]
     counts = {"shards": len(expected), "samples": table.num_rows, "read": sum(r for _, r, _ in results),
               "undecodable": sum(u for _, _, u in results)}

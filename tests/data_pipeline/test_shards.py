@@ -94,6 +94,27 @@ def test_verify_names_changed_shard(digits_copy):
         list_shards(digits_copy, verify=True)
 
 
+def test_checksums_that_do_not_parse_are_one_line(digits_copy, capsys):
+    """A checksums.json cut short or edited into something else: `data verify` reports it as a problem of the dataset
+    (naming the file) and checks the rest; list_shards(verify=True) refuses in one line; none is a traceback."""
+    from pretrain.cli import main
+
+    path = digits_copy / "checksums.json"
+    for text, problem in (('{"shard-000000.tar": "ab', "does not parse as JSON"),
+                          ("[]", "not a JSON object of shard name -> sha256")):
+        path.write_text(text)
+        assert main(["data", "verify", str(digits_copy), "--no-progress"]) == 1
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"problem: {path}: {problem}") and out[0].endswith("(the shards' bytes are not "
+                                                                                   "checked)")
+        assert out[-1].endswith(": 1 problem(s)")
+        with pytest.raises(ValueError, match=f"^{path}: {problem}"):
+            list_shards(digits_copy, verify=True)
+    path.unlink()
+    with pytest.raises(ValueError, match=r"^.*digits: no checksums\.json to check the shards against$"):
+        list_shards(digits_copy, verify=True)
+
+
 def test_data_verify_passes_an_intact_dataset_and_names_each_problem(digits_copy, tmp_path, image_tree, corrupt,
                                                                       capsys):
     """`pretrain data verify`: the digits as written are intact (status 0); a shard cut short (its checksum, the read
@@ -326,13 +347,16 @@ def test_crash_leaves_no_dataset(tmp_path, monkeypatch):
 
 
 def test_existing_dir_refused(digits_dir, tmp_path):
-    """Writing into a non-empty directory, or over a file, is refused before any work."""
+    """Writing into a non-empty directory, over a file, or below one, is refused before any work."""
     with pytest.raises(ValueError, match="already exists and is not an empty directory"):
         write_shards("digits", digits_dir, progress=False)
     (tmp_path / "notes.txt").write_text("mine\n")
     with pytest.raises(ValueError, match=f"^out_dir {tmp_path / 'notes.txt'} is a file; a dataset is written as a "):
         write_shards("digits", tmp_path / "notes.txt", progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    with pytest.raises(ValueError, match=f"^out_dir {tmp_path / 'notes.txt' / 'ds'}: {tmp_path / 'notes.txt'} is a "
+                                         "file, not a folder to write into$"):
+        write_shards("digits", tmp_path / "notes.txt" / "ds", progress=False)
 
 
 def test_ensure_digits_reuses(digits_dir):
