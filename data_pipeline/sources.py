@@ -190,15 +190,18 @@ def _samples_source() -> Source:
 
 def _folder_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "folder:PATH")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, int]] = []
     empty: list[Path] = []
     broken: list[Path] = []
-    for label, name in enumerate(classes):
+    classes, imageless = [], []
+    for name in folders:  # a folder without an image (__MACOSX, an empty class) is no class
         images, dead = _image_files(root / name)
         broken += dead
+        before = len(files)
         for path in images:
-            _keep_readable(spec, path, label, files, empty)
+            _keep_readable(spec, path, len(classes), files, empty)
+        (classes if len(files) > before else imageless).append(name)
     loose = sum(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in root.iterdir())
     if not files:
         raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) in class sub-folders of {root}"
@@ -207,6 +210,9 @@ def _folder_source(spec: str, root_str: str) -> Source:
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, _caption_file(path))
              for i, (path, label) in enumerate(files)]
     notes = _empty_note(empty) + _broken_note(broken)
+    if imageless:
+        notes.append(f"{len(imageless)} sub-folder(s) without an image, not classes: "
+                     + ", ".join(imageless[:5]) + (" ..." if len(imageless) > 5 else ""))
     if loose:
         notes.append(f"{loose} image(s) at the top of {root}, outside any class sub-folder (images:{root_str} takes "
                      "every image, unlabelled)")

@@ -154,10 +154,16 @@ def test_data_verify_passes_an_intact_dataset_and_names_each_problem(digits_copy
 
 
 def test_folder_source_labels_and_classes(tmp_path, image_tree):
-    """Folder labels are sorted class indices, classes go into the manifest, bytes are stored unchanged."""
+    """Folder labels are sorted class indices, classes go into the manifest, bytes are stored unchanged; a sub-folder
+    without an image (__MACOSX of a zip, a class not collected yet) is no class, and noted."""
     root = image_tree(tmp_path / "imgs", classes={"zebra": 3, "ant": 4, "moose": 2})
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._0.jpg").write_bytes(b"AppleDouble")
+    (root / "llama").mkdir()
     write_shards(f"folder:{root}", tmp_path / "ds", shard_size=4, progress=False)
     assert read_classes(tmp_path / "ds") == ["ant", "moose", "zebra"]
+    assert json.loads(read_manifest(tmp_path / "ds").schema.metadata[b"left_out"]) == [
+        "2 sub-folder(s) without an image, not classes: __MACOSX, llama"]
     table = read_manifest(tmp_path / "ds")
     assert sorted(table.column("label").to_pylist()) == [0] * 4 + [1] * 2 + [2] * 3
     assert len(list_shards(tmp_path / "ds")) == 3
@@ -166,7 +172,7 @@ def test_folder_source_labels_and_classes(tmp_path, image_tree):
         with tarfile.open(path) as tar:
             for m in tar.getmembers():
                 stored[m.name] = tar.extractfile(m).read()
-    originals = sorted(p.read_bytes() for p in root.rglob("*.*"))
+    originals = sorted(p.read_bytes() for p in root.rglob("*.*") if "__MACOSX" not in p.parts)
     assert sorted(v for k, v in stored.items() if not k.endswith(".cls")) == originals
     assert {k.rsplit(".", 1)[1] for k in stored} == {"jpg", "png", "cls"}
     # each row names the file its image was read from: those bytes, under that class
