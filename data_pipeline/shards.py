@@ -211,7 +211,9 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         scanned = list(pool.map(scan, names))
     rows = [r for shard_rows, *_ in scanned for r in shard_rows]
     if not rows:
-        raise ValueError(f"{data_dir}: no sample with an image in its {len(names)} tar file(s)")
+        skipped = sum(s[1] for s in scanned)
+        raise ValueError(f"{data_dir}: no sample to index in its {len(names)} tar file(s)" + (
+            f" ({skipped} without an image or with a bad label/caption)" if skipped else " (no image in them)"))
     checksums = {name: digest for name, (*_, digest) in zip(names, scanned)}
     (data_dir / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
     columns = dict(zip(("key", "shard", "label", "bytes", "caption", "digest"), zip(*rows)))

@@ -534,8 +534,8 @@ def cmd_data(args) -> int:
         if n["repeated_keys"]:
             key, first, other = n["repeated_keys"][0]
             print(f"Warning: {len(n['repeated_keys'])} sample(s) have the key of an earlier sample, e.g. {key!r} in "
-                  f"{first} and again in {other}: training reads them all; the evaluation takes the first of a key, "
-                  "and `search --image` / `attention --image` name samples by key", flush=True)
+                  f"{first} and again in {other}: training reads them all; evaluation, search, embed and attention "
+                  "take the first sample of a key", flush=True)
         return 0
 
     if args.shard_size <= 0:

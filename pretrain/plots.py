@@ -53,8 +53,10 @@ def contact_sheet(shards: Sequence[str], keys: Sequence[str], notes: Sequence[st
     if not keys or len(keys) != len(notes):
         raise ValueError(f"contact sheet needs one note per key and at least one key, got {len(keys)} and {len(notes)}")
     wanted = set(keys)
-    found = {s["key"]: s["image"] for s in read_epoch(list(shards), rank=0, world_size=1, num_workers=0)
-             if s["key"] in wanted}
+    found: dict[str, bytes] = {}
+    for s in read_epoch(list(shards), rank=0, world_size=1, num_workers=0):
+        if s["key"] in wanted:
+            found.setdefault(s["key"], s["image"])  # a key of two samples: the first read, as everywhere
     cols = min(5, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(2 * cols, 2.2 * rows + 0.4), dpi=100)

@@ -142,13 +142,21 @@ def test_tars_that_repeat_keys_are_indexed_with_a_warning_and_evaluated_once_per
     assert main(["data", "index", str(root), "--no-progress"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == (
         "Warning: 20 sample(s) have the key of an earlier sample, e.g. '0000' in crawl0.tar and again in crawl1.tar: "
-        "training reads them all; the evaluation takes the first of a key, and `search --image` / `attention "
-        "--image` name samples by key")
+        "training reads them all; evaluation, search, embed and attention take the first sample of a key")
     assert read_manifest(root).num_rows == 40
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "simclr_digits.yaml",
                       [f"eval.dataset={root}", "data.channels=3"])
     evalset = load_eval_set(cfg)
     assert len(evalset.labels) == 20 and len(torch.unique(evalset.images.flatten(1), dim=0)) == 20
+    from data_pipeline.shards import list_shards
+    from pretrain.index import embed_shards, load_run
+    from tests.util import write_run
+
+    write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", "model.backbone_kwargs={width: 0.25}",
+              "data.channels=3")
+    gallery = embed_shards(load_run(tmp_path / "run"), list_shards(root))
+    assert sorted(gallery.keys) == [f"{i:04d}" for i in range(20)]  # each key once: crawl0's samples
+    assert np.allclose(gallery.embeddings, embed_shards(load_run(tmp_path / "run"), list_shards(root)[:1]).embeddings)
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -218,3 +226,8 @@ def test_index_of_what_is_not_a_shard_directory(tmp_path, capsys):
     assert main(["data", "index", str(tmp_path / "gz"), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'gz'}: no .tar files in it (it holds "
                                                "00000.tar.gz: the shards must be plain .tar files at its top)")
+    (tmp_path / "captions").mkdir()
+    _tar(tmp_path / "captions" / "0.tar", [("a.txt", b"a caption, no image")])
+    assert main(["data", "index", str(tmp_path / "captions"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'captions'}: no sample to index in its 1 tar "
+                                               "file(s) (1 without an image or with a bad label/caption)")
