@@ -376,9 +376,9 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     """Check a local dataset directory -> (counts, problems). Every shard of the manifest must be there with the
     sha256 of ``checksums.json``, read to its end, and hold the manifest's samples, each with an image and a label
     that parse (as training reads them); with ``decode`` every image must also decode (PIL, in a format DALI reads too:
-    a GIF named .jpg is one training skips). ``problems`` says each
-    finding in words, a shard's first; counts: shards, samples (the manifest's), read, undecodable. Samples of a tar
-    that the manifest does not list (those ``index_shards`` left out) are not the dataset's, and not checked."""
+    a GIF named .jpg is one training skips). ``problems`` says each finding in words, a shard's first; counts: shards,
+    samples (the manifest's), read, undecodable. Samples of a tar that the manifest does not list (those
+    ``index_shards`` left out) are not the dataset's, and not checked."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
