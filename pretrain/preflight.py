@@ -29,7 +29,7 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
         before = load_config(saved)
         cfg = load_config(saved, overrides)
         _check_same_structure(before, cfg, run_dir.name)
-        _check_steps_left(cfg, run_dir)
+        check_steps_left(cfg, run_dir)
         return cfg, run_dir
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -39,7 +39,7 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
     return cfg, run_dir
 
 
-def _check_steps_left(cfg: Config, run_dir: Path) -> None:
+def check_steps_left(cfg: Config, run_dir: Path) -> None:
     """ConfigError for a resume that has nothing to do: ``job.max_steps`` behind the run's last checkpoint, or at it
     with the run finished there (its backbone.pt, and eval.json where it evaluates, written after that checkpoint).
     At it and unfinished (stopped between its last checkpoint and its end), the resume finishes the run."""
@@ -80,27 +80,43 @@ def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
         if was != now:
             raise ConfigError(f"{section}.{key}: the checkpoints of {name} were saved with {was!r}, and {now!r} cannot "
                               "load them; start a new run for it")
+    # any other change that reshapes the weights: data.channels (a stem's input), data.image_size (a ViT's positions)
+    changed = [f"data.{k}" for k in sorted(old["data"]) if old["data"][k] != new["data"].get(k)]
+    if changed:
+        was, now = _state_shapes(before), _state_shapes(cfg)
+        if was is not None and now is not None and was != now:
+            param = next((k for k in was if was[k] != now.get(k)), None) or next(k for k in now if k not in was)
+            raise ConfigError(f"{', '.join(changed)}: the checkpoints of {name} hold {param} of shape "
+                              f"{was.get(param)}, and the new value makes it {now.get(param)}; start a new run for it")
 
 
 def _changes_state(before: Config, old: dict, key: str, value) -> bool:
     """Whether setting ``method.<key>`` to ``value`` in ``before`` changes the names or shapes of the method's state
     (parameters and buffers), both built on the meta device (no memory, no initialisation: milliseconds). False
     where either cannot be built there (the worker reports it)."""
+    trial = copy.deepcopy(old)
+    trial["method"][key] = value
+    try:
+        trial_cfg = config_from_dict(trial)
+    except Exception:  # noqa: BLE001 - a key valid only with another: the worker reports it
+        return False
+    was, now = _state_shapes(before), _state_shapes(trial_cfg)
+    return was is not None and now is not None and was != now
+
+
+def _state_shapes(cfg: Config) -> dict[str, tuple[int, ...]] | None:
+    """``{name: shape}`` of the method's state built from ``cfg`` on the meta device; None where it cannot be built
+    there (a BEiT tokenizer that the meta device cannot load)."""
     import torch
 
     from pretrain.methods import METHODS
 
-    def shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    try:
         with torch.device("meta"):
             method = METHODS[cfg.method.name](cfg)
-        return {k: tuple(v.shape) for k, v in method.state_dict().items()}
-
-    trial = copy.deepcopy(old)
-    trial["method"][key] = value
-    try:
-        return shapes(before) != shapes(config_from_dict(trial))
-    except Exception:  # noqa: BLE001 - e.g. a BEiT tokenizer that the meta device cannot load, a key valid only with another
-        return False
+    except Exception:  # noqa: BLE001 - the worker reports what it cannot build
+        return None
+    return {k: tuple(v.shape) for k, v in method.state_dict().items()}
 
 
 def prepare_run(cfg: Config, run_dir: Path, *, write: bool) -> None:

@@ -1,7 +1,8 @@
 """Run the training loop without Ray: ``torchrun --nproc-per-node N -m pretrain.train RUN_DIR``.
 
 ``RUN_DIR`` holds a resolved ``config.yaml`` (write one with ``pretrain train --dry-run``). Checkpoints go to
-``RUN_DIR/checkpoints/step_*``; running the same command again resumes from the latest one.
+``RUN_DIR/checkpoints/step_*``; running the same command again resumes from the latest one (a run begun on Ray, from
+its latest ``checkpoint_*``); a run with nothing left to train is refused in one line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pretrain.config import load_config
 from pretrain.methods import METHODS
 from pretrain.models import check_backbone_options
 from pretrain.optim import check_fixed_lr
+from pretrain.preflight import check_steps_left
 from pretrain.trainer import LocalSession, train
 
 
@@ -36,6 +38,7 @@ def _run(argv: list[str]) -> int:
     run_dir = Path(argv[0]).resolve()
     cfg = load_config(run_dir / "config.yaml")
     try:
+        check_steps_left(cfg, run_dir)  # a finished run, or a step's encoder (`pretrain extract`): nothing to go on
         METHODS[cfg.method.name].check_inputs(cfg)  # before the process group: one line, no traceback per rank
         check_fixed_lr(cfg)
         try:

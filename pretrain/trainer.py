@@ -44,19 +44,23 @@ class Session(Protocol):
 
 
 class LocalSession:
-    """Checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX`` (torchrun or a single process).
+    """Checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX`` (torchrun or a single process); a run begun on Ray
+    goes on from its latest checkpoint of either layout (``pretrain.steps.list_checkpoints``).
 
     Every rank copies its files into ``step_XXXXXXX.partial``, which rank 0 renames once all have: a job killed while
     copying leaves a ``.partial`` directory that no resume picks up, never a half-written ``step_`` one.
     """
 
     def __init__(self, run_dir: Path) -> None:
-        self.root = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = sorted(p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
-        yield found[-1] if found else None
+        from pretrain.steps import list_checkpoints
+
+        found = list_checkpoints(self.run_dir)
+        yield found[max(found)] if found else None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is None:

@@ -181,6 +181,11 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert logged[0] == logged[1] > logged[2]  # the peak after the 1-step warmup, then the cosine
     info = json.loads((run / "checkpoints" / "step_0000003" / "checkpoint.json").read_text())
     assert info["step"] == 3 and info["world_size"] == 1
+    # the same command again: nothing left to train, refused in one line (it had trained anew over the run)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"error: job.max_steps: one finished at step 3 already; raise job.max_steps to train on (`pretrain eval "
+        f"--checkpoint {run}` evaluates it again)")
     # a resume with nothing to train is refused in one line before anything starts, the run left as it was
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--dry-run"]) == 2
@@ -192,12 +197,17 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
                                                       "3); raise it to train on, or take an earlier step's encoder")
     assert "max_steps: 3\n" in (run / "config.yaml").read_text()
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0  # one step more: taken
+    # a run whose checkpoints are in Ray's layout (begun with `pretrain train`) goes on from them without Ray
+    shutil.move(run / "checkpoints" / "step_0000003", run / "checkpoint_000000")
+    resumed = _plain(run)
+    assert f"Resumed from {run / 'checkpoint_000000'} at step 3" in resumed.stdout
+    assert sorted(_losses(run)) == [1, 2, 3, 4] and sorted(list_checkpoints(run)) == [3, 4]
     (run / "backbone.pt").unlink()  # as a run still training has none: eval points at its checkpoints
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --checkpoint: {run} has no backbone.pt yet (training writes it "
                                                f"at the end); `pretrain extract --checkpoint {run}` takes the encoder "
-                                               "of its latest checkpoint (step 3) out as a run directory to evaluate")
+                                               "of its latest checkpoint (step 4) out as a run directory to evaluate")
 
 
 def _plain(run: Path) -> subprocess.CompletedProcess:

@@ -190,6 +190,16 @@ def test_resume_that_changes_what_the_checkpoints_hold_is_refused(tmp_path, caps
         assert main(["train", "--resume", str(tmp_path / "rv"), "--dry-run", "--set", override]) == 2
         assert _one_line_error(capsys).startswith(f"error: {override.split('=')[0]}: the checkpoints of rv were "
                                                   f"saved with {was}")
+    # data keys that reshape the weights: a ViT's positions (image_size), a stem's input channels
+    saved = (tmp_path / "rv" / "config.yaml").read_text()
+    assert main(["train", "--resume", str(tmp_path / "rv"), "--dry-run", "--set", "data.image_size=32"]) == 2
+    assert _one_line_error(capsys) == ("error: data.image_size: the checkpoints of rv hold backbone.pos_embed of shape "
+                                       "(1, 17, 192), and the new value makes it (1, 65, 192); start a new run for it")
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "data.channels=3", "--set",
+                 "data.aug.mean=[0.5, 0.5, 0.5]", "--set", "data.aug.std=[0.5, 0.5, 0.5]"]) == 2
+    assert _one_line_error(capsys).startswith("error: data.aug, data.channels: the checkpoints of r hold backbone.")
+    assert (tmp_path / "rv" / "config.yaml").read_text() == saved
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "data.batch_size=16"]) == 0  # same weights
 
 
 def test_fixed_lr_must_name_the_methods_parameters(tmp_path, capsys):
