@@ -50,6 +50,10 @@ class SlurmJob(RayNodes):
         check_int("requeue_grace", self.requeue_grace, low=0)
         if self.time is not None and not _TIME.match(self.time):
             raise ValueError(f"--time: {self.time!r} is not an sbatch time (e.g. 24:00:00 or 2-00:00:00)")
+        if self.time is not None and self.requeue_grace and self.requeue_grace >= time_seconds(self.time):
+            raise ValueError(f"--requeue-grace: {self.requeue_grace} s is not shorter than --time {self.time} "
+                             f"({time_seconds(self.time)} s): every start would requeue at once; give more --time or "
+                             "less grace (0: never requeue)")
         for name in ("partition", "account"):
             value = getattr(self, name)
             if value is not None and not re.fullmatch(r"[\w.,-]+", value):
@@ -88,12 +92,30 @@ def _set_by_the_script(arg: str) -> str | None:
 
 
 
+def time_seconds(time: str) -> int:
+    """Seconds of an sbatch ``--time`` (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:  # MM
+        return parts[0] * 60
+    if len(parts) == 2:  # MM:SS
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 def check_run_dir(run_dir: Path) -> Path:
-    """The resolved run directory; ValueError if an #SBATCH directive (its --output) could not name it."""
+    """The resolved run directory; ValueError if an #SBATCH directive (its --output) could not name it: whitespace,
+    which a directive cannot carry, or a %, which sbatch expands in a file name (%j: the job id)."""
     run_dir = Path(run_dir).resolve()
     if any(c.isspace() for c in str(run_dir)):
         raise ValueError(f"job.out_dir: the run directory {str(run_dir)!r} has whitespace, which #SBATCH directives "
                          "cannot carry")
+    if "%" in str(run_dir):
+        raise ValueError(f"job.run_name: the run directory {str(run_dir)!r} has a %, which sbatch would expand in the "
+                         "job's log path (%j: the job id), writing the log elsewhere")
     return run_dir
 
 

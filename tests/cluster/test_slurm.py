@@ -29,6 +29,9 @@ def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None):
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "0"], "--nodes: must be an integer >= 1, got 0"),
     (["--time", "tomorrow"], "--time: 'tomorrow' is not an sbatch time"),
+    (["--time", "00:04:00", "--requeue-grace", "300"], "--requeue-grace: 300 s is not shorter than --time 00:04:00 "
+                                                       "(240 s): every start would requeue at once"),
+    (["--time", "5", "--requeue-grace", "300"], "--requeue-grace: 300 s is not shorter than --time 5 (300 s)"),
     (["--sbatch-arg=qos=high"], "--sbatch-arg: 'qos=high' must be one long option"),
     (["--sbatch-arg=--nodes=4"], "--sbatch-arg: '--nodes=4' would change what the job script sets itself; use --nodes"),
     (["--sbatch-arg=--qos=high", "--sbatch-arg=--out=/tmp/x.log"], "--sbatch-arg: '--out=/tmp/x.log' would change what "
@@ -48,11 +51,16 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
 
 
 def test_run_dir_with_a_space_is_refused_before_writing(tmp_path):
-    """A run directory sbatch's --output directive could not carry is refused up front."""
+    """A run directory sbatch's --output directive could not carry (whitespace, a %) is refused up front."""
     out = tmp_path / "my runs"
     proc = _submit(["--set", f"job.out_dir={out}", "--set", "job.run_name=sp", "--dry-run"], tmp_path)
     assert proc.returncode == 2 and "has whitespace" in proc.stderr.strip().splitlines()[-1]
     assert not out.exists()
+    proc = _submit(["--set", "job.run_name=g%j", "--dry-run"], tmp_path)  # sbatch would expand %j in --output
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: job.run_name: the run directory {str(tmp_path / 'g%j')!r} has a %, which sbatch would expand in the "
+        "job's log path (%j: the job id), writing the log elsewhere")
+    assert not (tmp_path / "g%j").exists()
 
 
 def test_no_sbatch_is_one_line(tmp_path):
