@@ -41,12 +41,17 @@ class Encoder(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """``images (B, C, H, W)`` (uint8 0..255 or float in [0, 1]; C 1 or 3) -> ``(B, channels, S, S)`` float32,
         normalised, as the run's evaluation views are made."""
+        if not isinstance(images, Tensor):  # a numpy array, a PIL image: say what to pass
+            raise ValueError(f"images must be a torch tensor (B, C, H, W), got {type(images).__name__} (for a numpy "
+                             "array: torch.from_numpy(a).permute(0, 3, 1, 2) of (B, H, W, C) uint8)")
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be (B, C, H, W) with C 1 or 3, got {tuple(images.shape)}")
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise ValueError(f"images must be uint8 (0..255) or float (in [0, 1]), got {images.dtype}")
         if images.dtype != torch.uint8 and images.numel() and not torch.compiler.is_compiling():  # exported: no checks
             low, high = torch.aminmax(images.detach())
+            if not torch.isfinite(images.detach()).all():  # NaN would pass the range test and give NaN features
+                raise ValueError("float images hold NaN or inf")
             if low < -1e-3 or high > 1 + 1e-3:  # 0..255 floats, or images already normalised: features of nothing
                 raise ValueError(f"float images must be in [0, 1] (these span {low.item():.4g}..{high.item():.4g}); "
                                  "pass uint8 0..255 or divide by 255, without normalising them (the encoder does)")

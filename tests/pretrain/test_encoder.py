@@ -110,6 +110,10 @@ def test_bad_input_is_one_line(runs, tmp_path):
         encoder(torch.full((1, 3, 8, 8), 0.5).index_fill_(1, torch.tensor([0]), -1.5))
     with pytest.raises(ValueError, match=r"must be uint8 \(0\.\.255\) or float \(in \[0, 1\]\), got torch.int64"):
         encoder(torch.zeros(1, 1, 8, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^float images hold NaN or inf$"):  # NaN passes a range test
+        encoder(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"^images must be a torch tensor \(B, C, H, W\), got ndarray"):
+        encoder(torch.zeros(1, 8, 8, 3, dtype=torch.uint8).numpy())
     assert encoder(torch.rand(2, 1, 8, 8)).shape[0] == 2 and encoder(torch.rand(0, 1, 8, 8)).shape[0] == 0
     with pytest.raises(ValueError, match="a simclr run has no text tower"):
         encoder.encode_text(["seven"])
