@@ -232,7 +232,7 @@ def cmd_train(args) -> int:
     cfg, run_dir = _resolve_run(args)
     if not (args.dry_run or args.address):
         check_local_gpus(cfg)
-    prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides))
+    prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides), reach_tracking=True)
     if args.dry_run:
         return 0
 
@@ -306,14 +306,13 @@ def _submit_k8s(args) -> int:
 
     def shared(cfg: Config, run_dir: Path) -> None:
         """What the pods open must be on the PVC: the run (and the default MLflow store beside it), the shard
-        directories (training data, evaluation data) and a file-based tracking store. Built-in sources are built in
+        directories (training data, evaluation data) and a sqlite tracking store. Built-in sources are built in
         each pod on first use; datasets served over HTTP(S) are read from there."""
         datasets = {"data.source": cfg.data.source,
                     "eval.dataset": cfg.eval.dataset if cfg.eval.reads_dataset else None}
         paths = {k: v for k, v in datasets.items() if v is not None and v not in BUILTIN_VERSIONS and not is_url(v)}
-        for prefix in ("sqlite:///", "file://"):
-            if cfg.tracking.uri.startswith(prefix):
-                paths["tracking.uri"] = cfg.tracking.uri.removeprefix(prefix)
+        if cfg.tracking.uri.startswith("sqlite:///"):
+            paths["tracking.uri"] = cfg.tracking.uri.removeprefix("sqlite:///")
         check_shared(job, run_dir, paths)
 
     run_dir = _write_submitted_run(args, job, shared)

@@ -119,18 +119,25 @@ def _state_shapes(cfg: Config) -> dict[str, tuple[int, ...]] | None:
     return {k: tuple(v.shape) for k, v in method.state_dict().items()}
 
 
-def prepare_run(cfg: Config, run_dir: Path, *, write: bool) -> None:
-    """Check the tracking URI, the method's inputs, the backbone's options and the data (building built-in shards on
-    first use), then write the run directory (``write``: a new run, or a resumed one whose config was overridden: it
-    goes on with the new config, written beside the old)."""
+def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool = False) -> None:
+    """Check the tracking URI (``reach_tracking``: an MLflow server must answer from here, as it must from a run
+    started here; a scheduler's nodes may see servers the submitting host does not), the method's inputs, the
+    backbone's options and the data (building built-in shards on first use), then write the run directory
+    (``write``: a new run, or a resumed one whose config was overridden: it goes on with the new config, written
+    beside the old)."""
     from pretrain.data import resolve_shards
     from pretrain.methods import METHODS
     from pretrain.models import check_backbone_options
     from pretrain.optim import check_fixed_lr
-    from pretrain.tracking import check_tracking_uri
+    from pretrain.tracking import check_reachable, check_tracking_uri
 
     if cfg.tracking.uri:
         check_tracking_uri(cfg.tracking.uri)
+        if reach_tracking and cfg.tracking.uri.startswith(("http://", "https://")):
+            try:
+                check_reachable(cfg.tracking.uri)
+            except ConnectionError as e:
+                raise ConfigError(f"tracking.uri: {e}") from None
     METHODS[cfg.method.name].check_inputs(cfg)
     try:  # a misspelt option would otherwise fail in every worker, after the cluster (or the queued job) started
         check_backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs or {})

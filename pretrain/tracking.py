@@ -22,7 +22,7 @@ FLUSH_EVERY_N = 500
 """... or as soon as this many are buffered."""
 HEALTH_TIMEOUT_S = 3.0
 
-_SCHEMES = {"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks"}
+_SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
 _END_STATUSES = {"FINISHED", "FAILED", "KILLED"}
 
 
@@ -42,6 +42,9 @@ def check_tracking_uri(uri: str) -> None:
         raise ValueError(f"tracking URI must be a non-empty string, got {uri!r}")
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
+    if scheme == "file" or (not parsed.scheme and uri.strip()):
+        raise ValueError(f"tracking URI {uri!r} is a file store, which MLflow 3 keeps in maintenance mode and refuses "
+                         "runs on; use sqlite:////<dir>/mlflow.db (on a shared disk for a cluster)")
     if scheme not in _SCHEMES:
         raise ValueError(
             f"tracking URI {uri!r} has unsupported scheme {parsed.scheme!r}; use one of {', '.join(sorted(_SCHEMES))}"
@@ -165,7 +168,7 @@ class MLflowTracker(_RunContext):
             raise ValueError("experiment name must be non-empty")
         scheme = urlparse(tracking_uri).scheme
         if scheme in ("http", "https"):
-            _check_reachable(tracking_uri)  # MlflowClient would retry for minutes before failing
+            check_reachable(tracking_uri)  # MlflowClient would retry for minutes before failing
         elif scheme == "sqlite":
             db = Path(tracking_uri[len("sqlite:///") :]).resolve()
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +275,7 @@ class MLflowTracker(_RunContext):
         self._finished = True
 
 
-def _check_reachable(uri: str) -> None:
+def check_reachable(uri: str) -> None:
     """ConnectionError (one line) unless an HTTP server answers at ``uri``; any HTTP status counts as an answer."""
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):

@@ -44,7 +44,7 @@ def test_data_shards_says_what_it_left_out(tmp_path, capsys):
     for d in ("cat", "dog"):
         (root / d).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / d / f"{i}.png")
+            Image.new("RGB", (8, 8), (40 * i, 0, 0) if d == "cat" else (0, 40 * i, 9)).save(root / d / f"{i}.png")
     Image.new("RGB", (8, 8)).save(root / "stray.jpg")
     (root / "dog" / "empty.jpg").write_bytes(b"")
     out = tmp_path / "ds"
@@ -320,3 +320,26 @@ def test_a_command_ends_its_process_as_the_interpreter_would_without_its_teardow
     frozen = subprocess.run([sys.executable, "-c", "import gc, kernels, triton; gc.freeze()"], capture_output=True,
                             text=True, cwd=ROOT, timeout=120)
     assert frozen.returncode == 0 and "nanobind: leaked" in frozen.stderr
+
+
+def test_a_tracking_store_that_cannot_take_the_run_is_refused_before_anything_starts(tmp_path, capsys):
+    """An MLflow server that does not answer (a closed port on 127.0.0.1) and MLflow 3's file store: one line from
+    `pretrain train` (also with --dry-run), nothing written; `submit` takes an unreachable server, which the
+    scheduler's nodes may see where the submitting host does not."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        sets = ["--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+        assert main(["train", "--dry-run", *sets, "--set", "job.run_name=h", "--tracking-uri",
+                     f"http://127.0.0.1:{port}"]) == 2
+        assert _one_line_error(capsys).startswith(f"error: tracking.uri: tracking server http://127.0.0.1:{port} is "
+                                                  "not reachable (")
+        assert main(["submit", "slurm", "--dry-run", *sets, "--set", "job.run_name=s", "--tracking-uri",
+                     f"http://127.0.0.1:{port}"]) == 0
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=f", "--tracking-uri", "file:///tmp/mlruns"]) == 2
+    assert _one_line_error(capsys) == ("error: tracking URI 'file:///tmp/mlruns' is a file store, which "
+                                       "MLflow 3 keeps in maintenance mode and refuses runs on; use "
+                                       "sqlite:////<dir>/mlflow.db (on a shared disk for a cluster)")
+    assert not (tmp_path / "h").exists() and not (tmp_path / "f").exists()
