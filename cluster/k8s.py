@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from cluster.nodes import RayNodes, check_int
+from data_pipeline.remote import AUTH_ENV
 
 LOST_HEAD = 75  # exit status of a node pod whose Ray head went away (not the node's failure; see podFailurePolicy)
 BAD_INPUT = 2  # exit status of `pretrain` on a config error: starting the pod again cannot help
@@ -58,6 +59,9 @@ class K8sJob(RayNodes):
     """None = the namespace of kubectl's current context"""
     service_account: str | None = None
     priority_class: str | None = None
+    http_auth_secret: str | None = None
+    """A Secret whose key ``authorization`` the pods take as PRETRAIN_HTTP_AUTHORIZATION (data served over HTTP(S)
+    that wants a token); None = none"""
     ray_port: int = 6379
     dashboard_port: int = 8265
     restarts: int = 3
@@ -81,7 +85,7 @@ class K8sJob(RayNodes):
         if self.namespace is not None and not _LABEL.fullmatch(self.namespace):
             raise ValueError(f"--namespace: {self.namespace!r} is not a Kubernetes namespace name (lowercase letters, "
                              "digits and '-', at most 63)")
-        for name in ("pvc", "service_account", "priority_class"):
+        for name in ("pvc", "service_account", "priority_class", "http_auth_secret"):
             value = getattr(self, name)
             if value is not None and (len(value) > 253 or not _SUBDOMAIN.fullmatch(value)):
                 raise ValueError(f"--{name.replace('_', '-')}: {value!r} is not a Kubernetes object name (lowercase "
@@ -159,6 +163,9 @@ def render_manifests(job: K8sJob, run_dir: Path, *, python: str = "python", work
     env = [{"name": var, "valueFrom": {"fieldRef": {"fieldPath": field}}}
            for var, field in DOWNWARD_API.items()]
     env += [{"name": k, "value": str(v)} for k, v in settings.items()]
+    if job.http_auth_secret:  # the token stays in the Secret, out of the manifest written to the run directory
+        env.append({"name": AUTH_ENV, "valueFrom": {"secretKeyRef": {"name": job.http_auth_secret,
+                                                                          "key": "authorization"}}})
     # CPU is requested, not limited (a limit throttles the loader threads); memory is both, so the pod is never killed
     # for memory its node lent it; GPUs are limits by Kubernetes' rule for extended resources.
     requests = {"cpu": str(job.cpus_per_node), **({"memory": job.memory_per_node} if job.memory_per_node else {})}

@@ -8,6 +8,7 @@ starts; a problem is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -75,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--namespace", help="default: the namespace of kubectl's current context")
     k.add_argument("--service-account", help="the pods' service account")
     k.add_argument("--priority-class", help="the pods' PriorityClass")
+    k.add_argument("--http-auth-secret", help="a Secret whose key 'authorization' (e.g. 'Bearer <token>') the pods "
+                   "send to a data server that wants one, as PRETRAIN_HTTP_AUTHORIZATION")
     k.add_argument("--ray-port", type=int, default=6379, help="the Ray head's port (default 6379)")
     k.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard's port in pod 0 (default 8265)")
     k.add_argument("--join-timeout", type=int, default=300,
@@ -293,14 +296,14 @@ def _submit_slurm(args) -> int:
 
 def _submit_k8s(args) -> int:
     from cluster.k8s import K8sJob, check_shared, find_kubectl, submit, write_manifests
-    from data_pipeline.remote import is_url
+    from data_pipeline.remote import AUTH_ENV, is_url
     from data_pipeline.shards import BUILTIN_VERSIONS
 
     job = K8sJob(image=args.image, pvc=args.pvc, mount_path=args.mount_path, nodes=args.nodes,
                  gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
                  memory_per_node=args.memory_per_node, namespace=args.namespace, service_account=args.service_account,
-                 priority_class=args.priority_class, ray_port=args.ray_port, dashboard_port=args.dashboard_port,
-                 join_timeout=args.join_timeout, restarts=args.restarts)
+                 priority_class=args.priority_class, http_auth_secret=args.http_auth_secret, ray_port=args.ray_port,
+                 dashboard_port=args.dashboard_port, join_timeout=args.join_timeout, restarts=args.restarts)
     if not args.dry_run:
         find_kubectl()  # before anything is written
 
@@ -311,6 +314,11 @@ def _submit_k8s(args) -> int:
         datasets = {"data.source": cfg.data.source,
                     "eval.dataset": cfg.eval.dataset if cfg.eval.reads_dataset else None}
         paths = {k: v for k, v in datasets.items() if v is not None and v not in BUILTIN_VERSIONS and not is_url(v)}
+        served = next((k for k, v in datasets.items() if v is not None and is_url(v)), None)
+        if served and os.environ.get(AUTH_ENV) and not job.http_auth_secret:
+            raise ConfigError(f"{served}: its server takes the {AUTH_ENV} set here, which the pods would not have; "
+                              "put it in a Secret (kubectl create secret generic NAME --from-literal="
+                              f"authorization=\"${AUTH_ENV}\") and pass --http-auth-secret NAME")
         if cfg.tracking.uri.startswith("sqlite:///"):
             paths["tracking.uri"] = cfg.tracking.uri.removeprefix("sqlite:///")
         check_shared(job, run_dir, paths)

@@ -223,6 +223,36 @@ def _registered_checkpoints(run: Path) -> list:
         return []
 
 
+def test_data_server_token_goes_to_the_pods_through_a_secret(tmp_path):
+    """Data served over HTTP with a token (PRETRAIN_HTTP_AUTHORIZATION here, checked against a real server on
+    127.0.0.1): without --http-auth-secret the pods would get 401s, so submit refuses in one line; with it the pods
+    take the token from the Secret (not written into the manifest), and the manifests still pass the schemas."""
+    import kubernetes_validate
+
+    from data_pipeline.shards import write_shards
+    from tests.http_fixture import serve
+
+    write_shards("digits", tmp_path / "served" / "digits", progress=False)
+    env = {**os.environ, "PRETRAIN_HTTP_AUTHORIZATION": "Bearer s3cr3t"}
+    with serve(tmp_path / "served", token="Bearer s3cr3t") as (base, _):
+        source = ["--set", f"data.source={base}/digits"]
+        proc = _submit([*REQUIRED, *source, "--set", "job.run_name=tok", "--dry-run"], tmp_path, env=env)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            "error: data.source: its server takes the PRETRAIN_HTTP_AUTHORIZATION set here, which the pods would not "
+            "have; put it in a Secret (kubectl create secret generic NAME --from-literal=authorization="
+            "\"$PRETRAIN_HTTP_AUTHORIZATION\") and pass --http-auth-secret NAME")
+        assert not (tmp_path / "runs" / "tok").exists()
+        proc = _submit([*REQUIRED, *source, "--http-auth-secret", "data-token", "--set", "job.run_name=tok",
+                        "--dry-run"], tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+    job = _manifests(tmp_path / "runs" / "tok")["Job"]
+    env_vars = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "PRETRAIN_HTTP_AUTHORIZATION",
+            "valueFrom": {"secretKeyRef": {"name": "data-token", "key": "authorization"}}} in env_vars
+    assert "s3cr3t" not in (tmp_path / "runs" / "tok" / "k8s" / "job.yaml").read_text()
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_pod_without_its_settings_is_one_line():
     """The pod entrypoint outside a Job's pod: one line naming the missing variable, exit status 2 (FailJob)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRETRAIN_") and k != "JOB_COMPLETION_INDEX"}
