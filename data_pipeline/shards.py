@@ -285,12 +285,13 @@ def read_classes(data_dir: str | Path) -> list[str]:
     return json.loads(meta.get(b"classes", b"[]"))
 
 
-def class_indices(data_dir: str | Path, labels) -> np.ndarray:
+def class_indices(labels, meta: dict | None) -> np.ndarray:
     """The class index (into ``read_classes``) of each stored label of ``labels`` (what the tars' ``cls`` members
-    hold): the label itself, except in a dataset indexed from tars whose labels are ids other than 0..K-1, where class
-    i is the i-th smallest id (-1, unlabelled, stays -1)."""
+    hold), ``meta`` the dataset's manifest's schema metadata (read already): the label itself, except in a dataset
+    indexed from tars whose labels are ids other than 0..K-1, where class i is the i-th smallest id (-1, unlabelled,
+    stays -1)."""
     labels = np.asarray(labels, dtype=np.int64)
-    meta = read_manifest(data_dir, columns=["key"]).schema.metadata or {}
+    meta = meta or {}
     if b"label_ids" not in meta:
         return labels
     ids = np.asarray(json.loads(meta[b"label_ids"]), dtype=np.int64)

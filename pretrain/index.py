@@ -104,7 +104,7 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
         labels.extend(samples[i]["label"] for i in first)
     if not keys:
         raise ValueError("no decodable image in the shards")
-    return Gallery(keys, class_indices(dataset_dir(shards[0]), labels), [caption_of.get(k) for k in keys],
+    return Gallery(keys, class_indices(labels, table.schema.metadata), [caption_of.get(k) for k in keys],
                    np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys], classes)
 
 

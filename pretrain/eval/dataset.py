@@ -211,7 +211,7 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
     images = torch.cat(chunks) if chunks else torch.empty(0, d.channels, s, s)
     order = np.argsort(positions, kind="stable")  # shards may be read in another order than the manifest lists them
     names = read_classes(data_dir)
-    labels = class_indices(data_dir, labels)[order]
+    labels = class_indices(labels, manifest.schema.metadata)[order]
     names = names or [str(c) for c in range(int(labels.max(initial=0)) + 1)]
     return EvalPart(np.asarray(positions, dtype=np.int64)[order], images[torch.from_numpy(order)].contiguous(),
                     labels, names, len(keys), decoder.corrupt, duplicates)

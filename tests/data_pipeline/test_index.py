@@ -209,7 +209,7 @@ def test_labels_that_are_ids_tif_members_and_negative_labels(tmp_path, capsys):
     assert read_classes(root) == ["1440764", "4000000000"] and (root / "manifest.parquet").stat().st_size < 10_000
     table = read_manifest(root)
     assert "tiff" in table.column("key").to_pylist() and "neg" not in table.column("key").to_pylist()
-    assert class_indices(root, [1440764, 4_000_000_000, -1, 5]).tolist() == [0, 1, -1, -1]
+    assert class_indices([1440764, 4_000_000_000, -1, 5], table.schema.metadata).tolist() == [0, 1, -1, -1]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "simclr_digits.yaml",
                       [f"eval.dataset={root}", "data.channels=3"])
     evalset = load_eval_set(cfg)
