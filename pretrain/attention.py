@@ -46,8 +46,7 @@ def attention_maps(run: Run, shards: list[str], keys: list[str], block: int = -1
                          f"last), got {block}")
     found: dict[str, tuple[dict, Tensor]] = {}
     for samples, x in ShardImages(run.cfg).batches(shards, keep=set(keys)):
-        for s, img in zip(samples, x):
-            found.setdefault(s["key"], (s, img))  # a key of two samples: the first read, as everywhere
+        found.update((s["key"], (s, img)) for s, img in zip(samples, x))
     missing = [k for k in keys if k not in found]
     if missing:
         raise ValueError(f"--image: no decodable sample with key {missing[0]!r} in the data")

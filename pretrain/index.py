@@ -92,16 +92,11 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
     caption_of = {r["key"]: r.get("caption") for r in manifest}
     path_of = {r["key"]: r.get("path") for r in manifest}
     images = ShardImages(run.cfg)
-    keys, labels, chunks, taken = [], [], [], set()
+    keys, labels, chunks = [], [], []
     for samples, x in images.batches(shards, batch_size=batch_size):
-        first = []  # a key of two samples (tars indexed from two crawls): the first read is its sample, as in eval
-        for i, sample in enumerate(samples):
-            if sample["key"] not in taken:
-                taken.add(sample["key"])
-                first.append(i)
-        chunks.append(run.encode_image(x[first].to(run.device, non_blocking=True)).float().cpu().numpy())
-        keys.extend(samples[i]["key"] for i in first)
-        labels.extend(samples[i]["label"] for i in first)
+        chunks.append(run.encode_image(x.to(run.device, non_blocking=True)).float().cpu().numpy())
+        keys.extend(s["key"] for s in samples)
+        labels.extend(s["label"] for s in samples)
     if not keys:
         raise ValueError("no decodable image in the shards")
     return Gallery(keys, class_indices(labels, table.schema.metadata), [caption_of.get(k) for k in keys],

@@ -64,7 +64,8 @@ class ShardImages:
     def batches(self, shards: list[str], *, batch_size: int = 256,
                 keep: set[str] | None = None) -> Iterator[tuple[list[dict], Tensor]]:
         """``(samples, images (B, C, S, S))`` over every sample of ``shards`` in shard order (those whose key is in
-        ``keep``, if given); a batch holds the samples that decoded."""
+        ``keep``, if given); a batch holds the samples that decoded. A key of two samples (tars indexed from two crawls
+        that both count from 0) names the first one read: evaluation, search, embed and attention take that one."""
         from data_pipeline.cpu import PilAugmenter
         from data_pipeline.reader import read_epoch
         from data_pipeline.views import AugmentConfig
@@ -75,9 +76,11 @@ class ShardImages:
                              channels=d.channels, num_views=1)
         try:
             pending: list[dict] = []
+            seen: set[str] = set()
             for sample in read_epoch(shards, rank=0, world_size=1, num_workers=0):
-                if keep is not None and sample["key"] not in keep:
+                if (keep is not None and sample["key"] not in keep) or sample["key"] in seen:
                     continue
+                seen.add(sample["key"])
                 pending.append(sample)
                 if len(pending) == batch_size:
                     yield from self._decode(views, pending)
@@ -197,16 +200,11 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
     place = {key: i for i, key in enumerate(keys)}
     keep = set(keys[rank::world_size])
     decoder = ShardImages(cfg)
-    chunks, labels, positions, taken = [], [], [], set()
+    chunks, labels, positions = [], [], []
     for samples, x in decoder.batches(shards, keep=keep):
-        first = []  # a key of two samples (tars indexed from two crawls): the first read is its sample
-        for i, sample in enumerate(samples):
-            if sample["key"] not in taken:
-                taken.add(sample["key"])
-                first.append(i)
-        chunks.append(x[first])
-        labels.extend(samples[i]["label"] for i in first)
-        positions.extend(place[samples[i]["key"]] for i in first)
+        chunks.append(x)
+        labels.extend(s["label"] for s in samples)
+        positions.extend(place[s["key"]] for s in samples)
     s = d.image_size
     images = torch.cat(chunks) if chunks else torch.empty(0, d.channels, s, s)
     order = np.argsort(positions, kind="stable")  # shards may be read in another order than the manifest lists them
