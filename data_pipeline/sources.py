@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,6 +424,15 @@ def pil_decodes(data: bytes) -> bool:
         return False
 
 
+MAX_PIXELS = 1 << 30
+"""The largest image decoded, width × height (3 GiB as 8-bit RGB). PIL's own limit (a warning past 89 MP, an error past
+179 MP) would make a large scan or aerial photo undecodable for evaluation, search and ``data verify --decode`` though
+DALI decodes it for training; this one bounds the memory one image may take in the PIL paths."""
+
+_UNLIMITED = threading.Lock()
+"""Held while PIL's module-wide limit is lifted for one ``Image.open`` (which reads the header only)."""
+
+
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """PIL's modes of one-channel images deeper than 8 bits (16-bit PNG and TIFF open as these), values 0..65535."""
 
@@ -436,11 +446,18 @@ def open_image(data: bytes):
     """A PIL image of the encoded ``data`` as DALI's decoder (the training views) sees it: turned upright by its EXIF
     orientation (a phone photo stored sideways), and a 16-bit grey image scaled to 8 bits (PIL's own conversion would
     clip it to white). Colour modes (CMYK, palette, alpha) are left for ``convert``. Raises what PIL raises on a file
-    it cannot read, and ValueError for a format training cannot decode (a GIF named .jpg): such an image is as
-    undecodable for evaluation and search as it is for training."""
+    it cannot read, and ValueError for a format training cannot decode (a GIF named .jpg: as undecodable for
+    evaluation and search as it is for training) or an image over ``MAX_PIXELS``."""
     from PIL import Image, ImageOps
 
-    im = Image.open(io.BytesIO(data))
+    with _UNLIMITED:  # PIL's guard against decompression bombs refuses what DALI decodes: ours is MAX_PIXELS
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    if im.width * im.height > MAX_PIXELS:
+        raise ValueError(f"a {im.width}x{im.height} image, over the {MAX_PIXELS:,} pixels decoded")
     if im.format not in DALI_FORMATS:
         raise ValueError(f"a {im.format} image, which the training pipeline (DALI) does not decode")
     ImageOps.exif_transpose(im, in_place=True)  # decodes it, then turns it where its orientation says so

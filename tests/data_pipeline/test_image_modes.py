@@ -17,7 +17,7 @@ from sklearn.datasets import load_sample_image
 
 from data_pipeline.cpu import PilAugmenter
 from data_pipeline.dali import DaliAugmenter
-from data_pipeline.sources import open_image
+from data_pipeline.sources import open_image, pil_decodes
 from data_pipeline.views import AugmentConfig
 
 PHOTO = Image.fromarray(load_sample_image("china.jpg"))  # 640x427, RGB
@@ -130,3 +130,35 @@ def test_formats_training_cannot_decode_are_undecodable_everywhere(decoders, tmp
     write_shards(f"images:{tmp_path / 'imgs'}", tmp_path / "ds", progress=False)
     counts, problems = verify_dataset(tmp_path / "ds", decode=True, progress=False)
     assert counts["undecodable"] == 1 and len(problems) == 1, problems
+
+
+def test_an_image_over_pils_bomb_limit_decodes_as_dali_decodes_it(decoders):
+    """A 182 MP scan (past the 179 MP at which PIL refuses an image as a possible decompression bomb) is an image to
+    DALI: evaluation, search and ``data verify --decode`` must decode it too, and to the same picture."""
+    w, h = 13_600, 13_400
+    assert w * h > 2 * Image.MAX_IMAGE_PIXELS
+    big = np.zeros((h, w), np.uint8)
+    big[:, w // 2:] = 255  # dark left half, light right half: what a resize keeps
+    data = _encode(Image.fromarray(big), "PNG")
+    del big
+    assert pil_decodes(data)
+    limit = Image.MAX_IMAGE_PIXELS
+    with open_image(data) as im:
+        assert im.size == (w, h)
+    assert Image.MAX_IMAGE_PIXELS == limit  # PIL's own limit, for everyone else, is left as it was
+    dali, pil = decoders
+    a, b = dali([data])[0][0], pil([data])[0][0]
+    assert float(a[:, :, : SIZE // 2 - 1].max()) < 0.01 and float(a[:, :, SIZE // 2 + 1:].min()) > 0.99
+    assert float((a - b).abs().mean()) < 0.01
+
+
+def test_an_image_over_max_pixels_is_undecodable_before_it_is_decoded():
+    """A header claiming 40000 x 40000 pixels (1.6 GP) is refused from its header: nothing that size is allocated."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0))
+    data = header + chunk(b"IDAT", zlib.compress(b"\x00" * 40_001)) + chunk(b"IEND", b"")
+    with pytest.raises(ValueError, match=r"a 40000x40000 image, over the 1,073,741,824 pixels decoded"):
+        open_image(data)
+    assert not pil_decodes(data)
