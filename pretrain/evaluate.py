@@ -142,6 +142,10 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
     report_path = Path(out_path) if out_path is not None else path.parent / "eval.json"
     report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
                                      embedding_map=staged_map(report_path))
+    from pretrain.steps import saved_step
+
+    if saved_step(path) is not None:
+        report["step"] = saved_step(path)  # the step of the encoder scored
     publish_report(report, report_path)  # only now: an evaluation that fails leaves eval.json where it was
     return report
 

@@ -41,9 +41,10 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
 
 def check_steps_left(cfg: Config, run_dir: Path) -> None:
     """ConfigError for a resume that has nothing to do: ``job.max_steps`` behind the run's last checkpoint, or at it
-    with the run finished there (its backbone.pt, and eval.json where it evaluates, written after that checkpoint).
+    with the run finished there (its backbone.pt, and eval.json where it evaluates, of that step: by the step they
+    record, so that a copy of the run without its files' times is judged as the run is).
     At it and unfinished (stopped between its last checkpoint and its end), the resume finishes the run."""
-    from pretrain.steps import list_checkpoints
+    from pretrain.steps import list_checkpoints, saved_step
 
     steps = list_checkpoints(run_dir)
     if not steps and (run_dir / "backbone.pt").is_file():  # every run checkpoints its last step
@@ -56,9 +57,14 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} is behind {run_dir.name}'s last checkpoint (step "
                           f"{last}); raise it to train on, or take an earlier step's encoder with `pretrain extract "
                           f"--checkpoint {run_dir} --step N`")
-    ends = [run_dir / "backbone.pt"] + ([run_dir / "eval.json"] if cfg.eval.enabled else [])
     since = steps[last].stat().st_mtime
-    if cfg.job.max_steps == last and all(p.is_file() and p.stat().st_mtime >= since for p in ends):
+
+    def done(end: Path) -> bool:  # of this step: as it says, or (written before it said so) written after the step
+        step = saved_step(end) if end.is_file() else None
+        return end.is_file() and (step == last if step is not None else end.stat().st_mtime >= since)
+
+    ends = [run_dir / "backbone.pt"] + ([run_dir / "eval.json"] if cfg.eval.enabled else [])
+    if cfg.job.max_steps == last and all(done(p) for p in ends):
         raise ConfigError(f"job.max_steps: {run_dir.name} finished at step {last} already; raise job.max_steps to "
                           f"train on (`pretrain eval --checkpoint {run_dir}` evaluates it again)")
 

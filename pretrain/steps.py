@@ -72,6 +72,20 @@ def checkpoint_info(checkpoint: str | Path) -> dict:
             "world_size": int(states.get("world_size", states["dp_world_size"]))}
 
 
+def saved_step(path: str | Path) -> int | None:
+    """The training step a finished run's ``backbone.pt`` or ``eval.json`` holds or scored (their ``"step"``, which
+    the trainer and ``extract`` write), or None for one written before they recorded it, or unreadable."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            step = json.loads(path.read_text()).get("step")
+        else:  # memory-mapped: the step, not the weights, is read
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:  # noqa: BLE001 - torch.load and json raise many types for a file they cannot read
+        return None
+    return int(step) if isinstance(step, int) else None
+
+
 def check_run_dir(run_dir: str | Path) -> Path:
     """``run_dir`` as a Path; ValueError (one line, naming --checkpoint) unless it is a run directory (config.yaml)."""
     run_dir = Path(run_dir)

@@ -463,7 +463,7 @@ def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, histo
     from pretrain.steps import MODEL_FILE
 
     weights = run_dir / "backbone.pt"
-    torch.save({"config": to_dict(cfg), "state_dict": backbone_state}, weights)
+    torch.save({"config": to_dict(cfg), "step": cfg.job.max_steps, "state_dict": backbone_state}, weights)
     tracker.log_artifact(weights)
     if method_state is not None:
         torch.save({"config": to_dict(cfg), "state_dict": method_state}, run_dir / MODEL_FILE)
@@ -478,6 +478,7 @@ def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, histo
         report_path = run_dir / "eval.json"
         report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
                                          embedding_map=staged_map(report_path))
+        report["step"] = cfg.job.max_steps  # the step scored: a resume tells a finished run by it
         publish_report(report, report_path)  # a run that finished before and trained on: its report and map stay
         tracker.log_metrics({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)}, step=cfg.job.max_steps)
         tracker.log_metrics(

@@ -192,6 +192,17 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"error: job.max_steps: one finished at step 3 already; raise "
                                                f"job.max_steps to train on (`pretrain eval --checkpoint {run}` "
                                                "evaluates it again)")
+    # a copy of the run that kept no file times (`cp -r`, a sync tool; here the checkpoint copied last) is as finished
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, copy_function=shutil.copy)
+    later = (copy / "backbone.pt").stat().st_mtime + 60
+    for path in [copy / "checkpoints" / "step_0000003", *(copy / "checkpoints" / "step_0000003").rglob("*")]:
+        os.utime(path, (later, later))
+    assert torch.load(copy / "backbone.pt", weights_only=True)["step"] == 3
+    assert main(["train", "--resume", str(copy), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: job.max_steps: copy finished at step 3 already")
+    (copy / "backbone.pt").unlink()  # stopped after its last checkpoint, before its end: the resume finishes it
+    assert main(["train", "--resume", str(copy), "--dry-run"]) == 0
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=2"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: job.max_steps: 2 is behind one's last checkpoint (step "
                                                       "3); raise it to train on, or take an earlier step's encoder")

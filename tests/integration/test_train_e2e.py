@@ -109,6 +109,7 @@ def test_teacher_backbone_learns(trained):
     assert report["kmeans_nmi"] > report["random_init"]["kmeans_nmi"] + 0.02, report
     saved = torch.load(run_dir / "backbone.pt", weights_only=True)
     assert saved["config"]["method"]["name"] == "dino"
+    assert saved["step"] == report["step"] == STEPS  # what a resume tells a finished run by
     assert not any(k.startswith(("teacher.", "student.", "head.")) for k in saved["state_dict"])
 
 
@@ -214,6 +215,7 @@ def test_eval_command_reproduces_the_report(trained):
     again, first = json.loads(out.read_text()), json.loads((run_dir / "eval.json").read_text())
     for key in ("knn_top1", "linear_top1", "fewshot_1", "fewshot_5", "kmeans_nmi", "kmeans_ari"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
+    assert again["step"] == first["step"] == STEPS  # the step of the encoder scored
 
 
 def test_resume_on_one_worker_goes_on_from_the_two_workers_checkpoint(trained):
