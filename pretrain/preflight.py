@@ -127,10 +127,10 @@ def _state_shapes(cfg: Config) -> dict[str, tuple[int, ...]] | None:
 
 def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool = False) -> None:
     """Check the tracking URI (``reach_tracking``: an MLflow server must answer from here, as it must from a run
-    started here; a scheduler's nodes may see servers the submitting host does not), the method's inputs, the
-    backbone's options and the data (building built-in shards on first use), then write the run directory
-    (``write``: a new run, or a resumed one whose config was overridden: it goes on with the new config, written
-    beside the old)."""
+    started here, and hold a resumed run's MLflow run; a scheduler's nodes may see servers and files the submitting
+    host does not), the method's inputs, the backbone's options and the data (building built-in shards on first use),
+    then write the run directory (``write``: a new run, or a resumed one whose config was overridden: it goes on with
+    the new config, written beside the old)."""
     from pretrain.data import resolve_shards
     from pretrain.methods import METHODS
     from pretrain.models import check_backbone_options
@@ -157,8 +157,17 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
         from pretrain.eval.dataset import check_eval_dataset
 
         check_eval_dataset(cfg)  # a shard dataset to evaluate on exists and has classes to score
-    from pretrain.trainer import write_run_files  # DeepSpeed's import, only once everything above passed
+    from pretrain.trainer import RUN_ID_FILE, write_run_files  # DeepSpeed's import, only once everything above passed
 
+    if reach_tracking and (run_dir / RUN_ID_FILE).is_file():  # a resume goes on in its MLflow run
+        from pretrain.tracking import check_holds_run, default_tracking_uri
+
+        try:
+            check_holds_run(cfg.tracking.uri or default_tracking_uri(run_dir.parent),
+                            (run_dir / RUN_ID_FILE).read_text().strip())
+        except ValueError as e:
+            raise ConfigError(f"tracking.uri: {e}, which {run_dir.name}'s metrics go on in; resume it with the "
+                              "tracking.uri it began with") from None
     if write:
         write_run_files(cfg, run_dir)
     workers = f"{cfg.job.num_workers} worker" + ("s" if cfg.job.num_workers != 1 else "")

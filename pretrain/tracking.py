@@ -287,6 +287,24 @@ def check_reachable(uri: str) -> None:
         raise ConnectionError(f"tracking server {uri} is not reachable ({reason})") from None
 
 
+def check_holds_run(uri: str, run_id: str) -> None:
+    """ValueError (one line) unless the store at ``uri`` holds MLflow run ``run_id`` (a resumed run's; a resume pointed
+    at another store would fail in every worker). Checked for a sqlite file (not created where it is missing) and a
+    reachable server; other stores are left to the workers."""
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite" and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ValueError(f"{uri} does not exist, so it holds no MLflow run {run_id}")
+    if scheme not in ("sqlite", "http", "https"):
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"{uri} holds no MLflow run {run_id} ({err.message.splitlines()[0]})") from None
+
+
 def make_tracker(
     *,
     rank: int,

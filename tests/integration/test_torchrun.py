@@ -14,6 +14,7 @@ import torch
 
 from pretrain.cli import main
 from pretrain.steps import extract_step, list_checkpoints
+from pretrain.tracking import MLflowTracker
 from tests.util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,6 +208,17 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: job.max_steps: 2 is behind one's last checkpoint (step "
                                                       "3); raise it to train on, or take an earlier step's encoder")
     assert "max_steps: 3\n" in (run / "config.yaml").read_text()
+    # ... in the MLflow run it began: a store without it is refused before anything starts (it failed in the workers)
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    other = tmp_path / "other.db"
+    for err in (f"sqlite:///{other} does not exist, so it holds no MLflow run {run_id}, which one's",
+                f"sqlite:///{other} holds no MLflow run {run_id} (Run with id={run_id} not found), which one's"):
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4",
+                     "--set", f"tracking.uri=sqlite:///{other}"]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: tracking.uri: {err} metrics go on in; resume it with the "
+                                                   "tracking.uri it began with")
+        MLflowTracker(f"sqlite:///{other}", experiment="another").finish()  # a store, of other runs
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0  # one step more: taken
     # a run whose checkpoints are in Ray's layout (begun with `pretrain train`) goes on from them without Ray
     shutil.move(run / "checkpoints" / "step_0000003", run / "checkpoint_000000")

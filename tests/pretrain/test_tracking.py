@@ -14,6 +14,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pretrain.tracking import (
     MLflowTracker,
     NullTracker,
+    check_holds_run,
     check_tracking_uri,
     default_artifact_location,
     default_tracking_uri,
@@ -118,6 +119,18 @@ def test_resume_unknown_run_id_is_a_value_error(mlflow_server, request):
     """Resuming a run id the server does not know fails with one line naming the id."""
     with pytest.raises(ValueError, match="0123456789abcdef"):
         MLflowTracker(mlflow_server, experiment=_uuid_experiment(request), run_id="0123456789abcdef")
+
+
+def test_a_server_is_asked_whether_it_holds_a_run_to_resume(mlflow_server, request):
+    """What `pretrain train --resume` asks before anything starts: the run's id, held by the server, passes; one it
+    does not hold (a resume pointed at another server) is one line naming the server and the id."""
+    tracker = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    tracker.finish()
+    check_holds_run(mlflow_server, tracker.run_id)
+    with pytest.raises(ValueError) as err:
+        check_holds_run(mlflow_server, "0123456789abcdef")
+    assert str(err.value).startswith(f"{mlflow_server} holds no MLflow run 0123456789abcdef (")
+    assert "\n" not in str(err.value)
 
 
 def test_experiment_is_reused(mlflow_server, request):
