@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +29,17 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ValueError(f"{key}: {problem}")
+
+
+def _absolute(location: str) -> str:
+    """A dataset location as every worker finds it: a local path made absolute (Ray's workers, a scheduler's job
+    start in other directories), ``~`` expanded; a built-in source's name and a URL as they are."""
+    from data_pipeline.remote import is_url
+    from data_pipeline.shards import BUILTIN_VERSIONS
+
+    if location in BUILTIN_VERSIONS or is_url(location) or not location:
+        return location
+    return str(Path(location).expanduser().resolve())
 
 
 @dataclass(kw_only=True)
@@ -304,6 +317,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "source", "must not be empty")
+        self.source = _absolute(self.source)
+        if not self.cache_dir.startswith("~"):  # a relative one: as here, not in each worker's own directory
+            self.cache_dir = str(Path(self.cache_dir).resolve())
         _check(self.shard_size > 0, "shard_size", "must be > 0")
         _check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
         _check(self.num_loader_workers >= 0, "num_loader_workers", "must be >= 0")
@@ -337,7 +353,9 @@ class DataConfig:
         for name in changes:
             _check(name in known, f"{key}.{name}", "not a data.aug key that may differ per view (known: "
                    f"{', '.join(sorted(known))})")
-        try:
+        hints = typing.get_type_hints(AugmentConfig)
+        try:  # typed as data.aug's own keys are (a number with an exponent, a list as a pair)
+            changes = {name: _convert(v, hints[name], name) for name, v in changes.items()}
             return dataclasses.replace(self.aug, **changes, **fixed)
         except ValueError as e:
             raise ValueError(f"{key}.{e}") from None
@@ -473,6 +491,8 @@ class TrackingConfig:
     memory and power where NVML sees GPUs) go to the run as system/...; 0 = off."""
 
     def __post_init__(self) -> None:
+        if self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):  # relative to here, not
+            self.uri = "sqlite:///" + str(Path(self.uri[len("sqlite:///"):]).expanduser().resolve())  # to a worker's
         _check(self.system_metrics_s >= 0, "system_metrics_s", f"must be >= 0 (0 = off), got {self.system_metrics_s}")
 
 
@@ -504,6 +524,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "dataset", "must not be empty (digits, samples or a shard directory)")
+        self.dataset = _absolute(self.dataset)
         _check(self.max_samples >= 2 * 8, "max_samples", f"must be >= 16, got {self.max_samples}")
         _check(self.finetune_epochs >= 0, "finetune_epochs", f"must be >= 0, got {self.finetune_epochs}")
         _check(0 < self.finetune_layer_decay <= 1, "finetune_layer_decay",
@@ -540,6 +561,8 @@ class JobConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.use_gpu.lower() in YAML11_BOOLS:  # use_gpu: yes
+            self.use_gpu = "true" if YAML11_BOOLS[self.use_gpu.lower()] else "false"
         _check(self.use_gpu in ("auto", "true", "false"), "use_gpu",
                f"must be auto, true or false, got {self.use_gpu!r}")
         _check(self.log_every > 0, "log_every", "must be > 0")
@@ -547,6 +570,8 @@ class JobConfig:
         _check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0")
         _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
         _check("/" not in self.run_name, "run_name", "must not contain '/'")
+        _check(self.run_name.isprintable(), "run_name", f"must not contain control characters (a newline, a tab), got "
+               f"{self.run_name!r}")
 
 
 @dataclass(kw_only=True)
@@ -597,6 +622,10 @@ class Config:
                f"method.name {self.method.name!r}")
 
 
+YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+"""The words YAML 1.1 reads as booleans, which the recipe loader leaves as text; a bool field takes them."""
+
+
 # --- building dataclasses from plain dicts, with checks -----------------------------------------------------------
 
 
@@ -605,6 +634,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out: its defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(tp, value, key)
@@ -623,6 +654,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is bool:
+        if isinstance(value, str) and value.lower() in YAML11_BOOLS:  # as YAML 1.1 reads them
+            return YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
@@ -633,15 +666,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, bool):  # YAML reads `use_gpu: true` (and --set job.use_gpu=true) as a bool
             return "true" if value else "false"
+        if isinstance(value, int):  # a run named 2026: the digits as written (a leading zero keeps it text)
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -665,7 +702,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((k for k in data if k not in names), key=repr)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
@@ -686,6 +723,8 @@ ViT recipe derived from a ConvNet one must not inherit ``norm: gn``)."""
 def _deep_merge(base: dict, top: dict, path: tuple[str, ...] = ()) -> dict:
     out = dict(base)
     for k, v in top.items():
+        if v is None and isinstance(out.get(k), dict) and (*path, k) not in REPLACED:
+            continue  # a section whose keys are all commented out changes nothing
         merge = isinstance(v, dict) and isinstance(out.get(k), dict) and (*path, k) not in REPLACED
         out[k] = _deep_merge(out[k], v, (*path, k)) if merge else v
     return out
@@ -697,18 +736,50 @@ class _DuplicateKey(Exception):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key repeated within one mapping is an error: YAML quietly keeps the last, so
-    a recipe's second ``optim:`` section would drop every setting of its first."""
+    """PyYAML's safe loader with YAML 1.2's reading of plain scalars, and a key repeated within one mapping an error.
+
+    YAML 1.1 (PyYAML's) reads ``no``, ``on`` and ``off`` as booleans, ``12:30`` as 750, ``0755`` as 493, ``2026-12-03``
+    as a date and ``1e-5`` (no dot) as text: a run named ``no`` became ``false``, a ``layer_scale: 1e-5`` failed in
+    the workers. Here only true/false are booleans (a bool field takes yes/no/on/off as well: ``_convert``), an
+    integer is decimal (no leading zero: ``0755`` stays text), ``0x``/``0o`` prefixed, a float may have an exponent
+    without a dot, and there are no dates or sexagesimals. Merge keys (``<<: *defaults``) merge. YAML quietly keeps
+    the last of a repeated key, so a recipe's second ``optim:`` section would drop every setting of its first."""
+
+    yaml_implicit_resolvers: dict = {}
 
     def construct_mapping(self, node, deep=False):
         lines: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # merged keys may be set again: that is what merging is
+                continue
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             if isinstance(key, (str, int, float, bool)):  # an unhashable key is refused by PyYAML itself
                 if key in lines:
                     raise _DuplicateKey(key, lines[key], line)
                 lines[key] = line
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+        return sign * int(digits, 16 if digits[:2] == "0x" else 8 if digits[:2] == "0o" else 10)
+
+
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("float", r"^(?:[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+              r"|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("merge", r"^(?:<<)$", "<"),
+):
+    _RecipeLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+
+
+def _yaml(text: str):
+    """``text`` read as a recipe is (:class:`_RecipeLoader`)."""
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -720,7 +791,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
     except _DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
@@ -732,19 +803,23 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of one recipe, got {base!r}")
     return _deep_merge(_read_recipe(path.parent / base, (*seen, path)), data)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=c`` overrides; ``c`` is parsed as YAML (``1e-3``, ``true``, ``[0.5, 1.0]``)."""
+    """Apply ``a.b=c`` overrides; ``c`` is parsed as YAML (``1e-3``, ``true``, ``[0.5, 1.0]``) as a recipe is; a
+    mapping is merged into the section there, as a derived recipe's is (``data={batch_size: 64}`` keeps the other
+    data keys)."""
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = _yaml(raw)
+        except (yaml.YAMLError, _DuplicateKey):
             raise ConfigError(f"{key}: cannot parse value {raw!r}") from None
         node = data
         parts = key.split(".")
@@ -753,7 +828,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"{key}: {p} is not a section")
             node = child
-        node[parts[-1]] = value
+        merge = isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and tuple(parts) not in REPLACED
+        node[parts[-1]] = _deep_merge(node[parts[-1]], value, tuple(parts)) if merge else value  # as `base:` merges
     return data
 
 

@@ -211,3 +211,85 @@ def test_per_view_augmentation_keys():
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match=r"^data.local_aug.crop_scale: not a data.aug key"):
         load_config(ROOT / "configs" / "dino_digits.yaml", ["data.local_aug={crop_scale: [0.1, 0.2]}"])
+
+
+def test_plain_scalars_read_as_yaml_1_2(tmp_path):
+    """YAML 1.1 (PyYAML's) read a run named `no` as false, `12:30` as 750, `0755` as 493, `2026-12-03` as a date and
+    `1e-5` (no dot) as text; recipes and --set read them as YAML 1.2 does: the name as written, the number as a
+    number. A bool field still takes yes/no/on/off."""
+    for name in ("no", "off", "yes", "12:30", "0755", "2026-12-03", "2026", "1_000"):
+        assert load_config(RECIPE, [f"job.run_name={name}"]).job.run_name == name
+        recipe = tmp_path / "named.yaml"
+        recipe.write_text(f"base: {RECIPE}\njob:\n  run_name: {name}\n  progress: off\n  use_gpu: no\n")
+        cfg = load_config(recipe)
+        assert (cfg.job.run_name, cfg.job.progress, cfg.job.use_gpu) == (name, False, "false")
+    cfg = load_config(RECIPE, ["job.progress=no", "job.use_gpu=yes", "optim.lr=5e-4", "optim.weight_decay=1E-2"])
+    assert (cfg.job.progress, cfg.job.use_gpu, cfg.optim.lr, cfg.optim.weight_decay) == (False, "true", 5e-4, 1e-2)
+    # untyped values: a backbone's options and the per-view augmentations take the number too
+    vit = load_config(ROOT / "configs" / "dino_vit_digits.yaml", ["model.backbone_kwargs.layer_scale=1e-5",
+                                                                   "data.view_aug=[{blur_prob: 1e-1}, {}]"])
+    assert vit.model.backbone_kwargs["layer_scale"] == 1e-5 and vit.data.view_augments()[0].blur_prob == 0.1
+    assert config_error(RECIPE, ["data.num_views=2", "data.view_aug=[{blur_prob: x}, {}]"]) == (
+        "data.view_aug[0].blur_prob: expected a number, got 'x'")
+
+
+def test_merge_keys_merge(tmp_path):
+    """`<<: *anchor` (a YAML merge key) merges the anchored mapping; a merged key set again is its override, no
+    repetition, while a key given twice beside it still is."""
+    recipe = tmp_path / "anchors.yaml"
+    recipe.write_text(f"base: {RECIPE}\n_defaults: &adam {{lr: 0.002, warmup_steps: 3}}\n")
+    assert config_error(recipe, []).startswith("_defaults: unknown key")  # an anchor's home must be a known key
+    recipe.write_text(f"base: {RECIPE}\noptim:\n  <<: &adam {{lr: 0.002, warmup_steps: 3}}\n  lr: 0.001\n"
+                      "eval:\n  <<: {knn_every: 7}\n")
+    cfg = load_config(recipe)
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.eval.knn_every) == (0.001, 3, 7)
+    recipe.write_text(f"base: {RECIPE}\noptim:\n  <<: {{lr: 0.002}}\n  warmup_steps: 3\n  warmup_steps: 4\n")
+    assert config_error(recipe, []).endswith("key 'warmup_steps' is given twice (lines 4 and 5); YAML would keep "
+                                             "only the second")
+
+
+def test_odd_values_and_keys_are_one_line(tmp_path):
+    """Non-finite numbers, keys that are not names, a base that is not one path, control characters in a run name:
+    one line naming the key (they had passed, or raised TypeError from deep inside). An empty section is its
+    defaults."""
+    assert config_error(RECIPE, ["optim.lr=.inf"]) == "optim.lr: expected a finite number, got inf"
+    assert config_error(RECIPE, ["method.temperature=.nan"]) == "method.temperature: expected a finite number, got nan"
+    assert config_error(RECIPE, ["optim={1: 2}"]).startswith("optim.1: unknown key (known: ")
+    assert config_error(RECIPE, ["optim={1: 2, a: 3}"]).startswith("optim.a: unknown key (known: ")
+    assert config_error(RECIPE, ["optim={~: 3}"]).startswith("optim.None: unknown key (known: ")
+    assert config_error(RECIPE, ["job.run_name=\"a\\nkind: Pod\""]) == (
+        "job.run_name: must not contain control characters (a newline, a tab), got 'a\\nkind: Pod'")
+    for base in ("[a.yaml]", "3", "''"):
+        recipe = tmp_path / "base.yaml"
+        recipe.write_text(f"base: {base}\n")
+        assert config_error(recipe, []).startswith(f"{recipe}: base: expected the path of one recipe, got ")
+    recipe.write_text(f"base: {RECIPE}\noptim:\n  # lr: 0.1\n")
+    assert load_config(recipe).optim == load_config(RECIPE).optim
+
+
+def test_a_mapping_override_merges_into_its_section():
+    """`--set data={batch_size: 64}` sets that key and keeps the recipe's others (it had reset data.channels to 3 and
+    the augmentations to their defaults), as a derived recipe merges; backbone options are still replaced whole."""
+    cfg, recipe = load_config(RECIPE, ["data={batch_size: 64}"]), load_config(RECIPE)
+    assert cfg.data.batch_size == 64 and cfg.data.channels == recipe.data.channels == 1
+    assert cfg.data.aug == recipe.data.aug
+    vit = ROOT / "configs" / "dino_vit_digits.yaml"
+    assert load_config(vit, ["model.backbone_kwargs={depth: 1}"]).model.backbone_kwargs == {"depth": 1}
+
+
+def test_local_paths_are_absolute_for_the_workers(tmp_path, monkeypatch):
+    """A relative data.source, eval.dataset, data.cache_dir or sqlite tracking store is the one beside the command:
+    written absolute, so Ray's workers and a scheduler's job (which start elsewhere) read and write the same (a
+    relative data.source had failed in the workers, a relative store had been written in Ray's temporary folder and
+    lost). Built-in names, URLs and `~` stay as they are."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(RECIPE, ["data.source=shards/a", "eval.dataset=../held out", "data.cache_dir=cache",
+                               "tracking.uri=sqlite:///ml/mlflow.db"])
+    assert cfg.data.source == str(tmp_path / "shards" / "a") and cfg.eval.dataset == str(tmp_path.parent / "held out")
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
+    cfg = load_config(RECIPE, ["data.source=https://host/shards", "eval.dataset=samples",
+                               "tracking.uri=sqlite:////srv/mlflow.db"])
+    assert (cfg.data.source, cfg.eval.dataset, cfg.data.cache_dir, cfg.tracking.uri) == (
+        "https://host/shards", "samples", "~/.cache/ssl-pretrain", "sqlite:////srv/mlflow.db")
+    assert load_config(RECIPE, ["data.source=~/shards"]).data.source == str(Path("~/shards").expanduser())
