@@ -82,8 +82,8 @@ class Encoder(nn.Module):
 
 
 def load_encoder(run: str | Path, *, device: str | torch.device = "cpu") -> Encoder:
-    """The encoder of a finished run (its directory or its ``backbone.pt``) on ``device``, in eval mode; a ValueError
-    names what is missing."""
+    """The encoder of a finished run (its directory or its ``backbone.pt``) on ``device`` ("auto": the GPU where there
+    is one), in eval mode; a ValueError names what is missing."""
     from pretrain.index import load_run
 
     try:
@@ -91,9 +91,9 @@ def load_encoder(run: str | Path, *, device: str | torch.device = "cpu") -> Enco
     except ValueError as e:  # the CLI's messages name its flag
         raise ValueError(str(e).removeprefix("--checkpoint: ")) from None
     if loaded.encode_text is None:  # the backbone itself
-        return Encoder(loaded.cfg, loaded.encode_image).to(device).eval()
+        return Encoder(loaded.cfg, loaded.encode_image).to(loaded.device).eval()
     model = loaded.encode_image.__self__  # CLIP: bound methods of the whole model (towers and projections)
-    return Encoder(loaded.cfg, _Bound(model, "encode_image"), _Bound(model, "encode_text")).to(device).eval()
+    return Encoder(loaded.cfg, _Bound(model, "encode_image"), _Bound(model, "encode_text")).to(loaded.device).eval()
 
 
 class _Bound(nn.Module):

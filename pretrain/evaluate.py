@@ -106,9 +106,14 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
     if not (isinstance(saved, dict) and {"config", "state_dict"} <= saved.keys()):
         raise ValueError(f"--checkpoint: {path} is not a backbone.pt that training writes (no config and state_dict "
                          "in it); give a finished run directory or its backbone.pt")
+    cfg = config_from_dict(saved["config"])
     whole = path.parent / MODEL_FILE
+    if not whole.is_file() and METHODS[cfg.method.name].saves_model:  # a random text tower and projections otherwise
+        raise ValueError(f"--checkpoint: {path} is a {cfg.method.name} run's, which is used with the {MODEL_FILE} "
+                         f"written beside it, and {path.parent} has none; give the run directory, or copy its "
+                         f"{MODEL_FILE} beside the backbone.pt")
     method_state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"] if whole.is_file() else None
-    return config_from_dict(saved["config"]), saved["state_dict"], method_state, path
+    return cfg, saved["state_dict"], method_state, path
 
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_path: str | Path | None = None,

@@ -50,6 +50,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this machine has no GPU that torch can use; device='auto' takes the "
+                         "GPU where there is one")
     method.to(device).eval()
     if hasattr(method, "encode_text"):
         return Run(cfg, method.encode_image, method.encode_text, device, method.backbone)

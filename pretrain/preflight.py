@@ -6,6 +6,7 @@ written. Each problem is a ``ConfigError`` of one line, raised before Ray, a sch
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -133,7 +134,6 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
     the new config, written beside the old)."""
     from pretrain.data import resolve_shards
     from pretrain.methods import METHODS
-    from pretrain.models import check_backbone_options
     from pretrain.optim import check_fixed_lr
     from pretrain.tracking import check_reachable, check_tracking_uri
 
@@ -145,10 +145,7 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
             except ConnectionError as e:
                 raise ConfigError(f"tracking.uri: {e}") from None
     METHODS[cfg.method.name].check_inputs(cfg)
-    try:  # a misspelt option would otherwise fail in every worker, after the cluster (or the queued job) started
-        check_backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs or {})
-    except ValueError as e:
-        raise ConfigError(f"model.backbone_kwargs: {e}") from None
+    check_backbone(cfg)
     check_fixed_lr(cfg)
     # builds the digits shards on first use; refuses data without captions for a method that needs them, or too few
     # samples for a batch on every rank
@@ -174,14 +171,35 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
     print(f"Run directory: {run_dir}  ({len(shards)} shards, {workers})", flush=True)
 
 
+def check_backbone(cfg: Config) -> None:
+    """ConfigError for backbone options it cannot be built with (a misspelt name; a value: heads that do not divide the
+    width, a depth of 0, an unknown pool): built on the meta device (no memory, milliseconds), as each worker will
+    build it, which would otherwise fail in every worker after the cluster (or the queued job) started."""
+    import torch
+
+    from pretrain.methods.base import build_method_backbone
+
+    try:
+        with torch.device("meta"):
+            build_method_backbone(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.backbone_kwargs: {str(e).splitlines()[0]}") from None
+
+
 def check_local_gpus(cfg: Config) -> None:
     """ConfigError when ``job.use_gpu: true`` asks the private local cluster for more GPUs than this machine has (Ray
-    would wait for them forever); a cluster joined with --address may add GPU nodes as it scales."""
-    if cfg.job.use_gpu != "true":
-        return
+    would wait for them forever), or method.loss_impl: triton where it has none (the workers would fail on their first
+    step); a cluster joined with --address may add GPU nodes as it scales."""
     import torch
 
     found = torch.cuda.device_count()
+    if cfg.method.loss_impl == "triton" and cfg.job.use_gpu != "true" and not found and \
+            os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("method.loss_impl: triton runs its kernels on CUDA tensors, and this machine has no GPU; set "
+                          "method.loss_impl=auto (PyTorch on CPU), or TRITON_INTERPRET=1 for Triton's interpreter "
+                          "(slow)")
+    if cfg.job.use_gpu != "true":
+        return
     if found < cfg.job.num_workers:
         raise ConfigError(f"job.use_gpu: true gives each of the {cfg.job.num_workers} workers a GPU, and this machine "
                           f"has {found}; set job.use_gpu=auto (GPUs where there are), fewer job.num_workers, or join a "

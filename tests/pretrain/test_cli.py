@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from pretrain.cli import main
 
@@ -250,6 +251,26 @@ def test_gpus_the_local_machine_lacks_are_refused(tmp_path, capsys):
     assert main(["train", "--dry-run", *sets]) == 0
 
 
+def test_triton_kernels_without_a_gpu_or_the_interpreter_are_refused(tmp_path, capsys, monkeypatch):
+    """method.loss_impl: triton on a machine without a GPU, its interpreter off: one line before the local Ray cluster
+    starts (every worker failed on its first step), nothing written; with TRITON_INTERPRET=1 (or on a GPU) it is
+    taken."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine with a GPU runs the kernels")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=t", "--set", f"data.cache_dir={tmp_path}",
+            "--set", "method.loss_impl=triton"]
+    assert main(["train", *sets]) == 2
+    assert _one_line_error(capsys) == ("error: method.loss_impl: triton runs its kernels on CUDA tensors, and this "
+                                       "machine has no GPU; set method.loss_impl=auto (PyTorch on CPU), or "
+                                       "TRITON_INTERPRET=1 for Triton's interpreter (slow)")
+    assert not (tmp_path / "t").exists()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["train", "--dry-run", *sets]) == 0
+
+
 def test_data_that_is_not_shards_says_how_to_make_it_shards(tmp_path, capsys):
     """data.source naming a folder of images (unlabelled, or a sub-folder per class), a missing path or WebDataset
     tars without a manifest: one line naming the command that makes it a dataset."""
@@ -285,6 +306,17 @@ def test_a_misspelt_backbone_option_is_refused_before_anything_starts(tmp_path, 
                "'width']")
     assert main(["train", "--dry-run", *sets, "--set", "model.backbone_kwargs.widht=0.5"]) == 2
     assert _one_line_error(capsys) == message
+    # values it cannot be built with, too: the backbone is built on the meta device, as each worker will build it
+    vit = ["--config", str(ROOT / "configs" / "dino_vit_digits.yaml")]
+    for option, problem in (("norm=xx", "ConvNet norm must be one of ('bn', 'gn'), got 'xx'"),
+                            ("width=-1", "ConvNet width must be > 0, got -1")):
+        assert main(["train", "--dry-run", *sets, "--set", f"model.backbone_kwargs.{option}"]) == 2
+        assert _one_line_error(capsys) == f"error: model.backbone_kwargs: {problem}"
+    for option, problem in (("num_heads=5", "ViT embed_dim=96 is not divisible by num_heads=5"),
+                            ("depth=0", "ViT depth must be a positive int, got 0"),
+                            ("global_pool=max", "ViT global_pool must be 'cls' or 'mean', got 'max'")):
+        assert main(["train", "--dry-run", *vit, *sets, "--set", f"model.backbone_kwargs.{option}"]) == 2
+        assert _one_line_error(capsys) == f"error: model.backbone_kwargs: {problem}"
     assert not (tmp_path / "w").exists()
     assert main(["train", "--dry-run", *sets]) == 0
     config = tmp_path / "w" / "config.yaml"

@@ -99,6 +99,30 @@ def test_clip_encodes_images_and_texts_in_one_space(runs):
     assert encoder.has_text and texts.shape == (2, images.shape[1])
 
 
+def test_a_clip_backbone_without_its_model_is_refused(runs, tmp_path):
+    """A CLIP run's backbone.pt copied (or linked) without the model.pt beside it: one line saying so (its text tower
+    and projections had been left at a random init, the features and search results silently wrong)."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "backbone.pt").symlink_to(runs / "clip" / "backbone.pt")
+    message = (f"^{alone / 'backbone.pt'} is a clip run's, which is used with the model.pt written beside it, and "
+               f"{alone} has none; give the run directory, or copy its model.pt beside the backbone.pt$")
+    with pytest.raises(ValueError, match=message):
+        pretrain.load_encoder(alone / "backbone.pt")
+    from pretrain.cli import main
+
+    assert main(["eval", "--checkpoint", str(alone / "backbone.pt")]) == 2
+    assert not (alone / "eval.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU takes the device")
+def test_a_device_the_machine_lacks_is_one_line(runs):
+    with pytest.raises(ValueError, match=r"^device 'cuda': this machine has no GPU that torch can use; device='auto' "):
+        pretrain.load_encoder(runs / "simclr", device="cuda")
+    encoder = pretrain.load_encoder(runs / "simclr", device="auto")
+    assert {p.device.type for p in encoder.parameters()} == {"cpu"}
+
+
 def test_bad_input_is_one_line(runs, tmp_path):
     encoder = pretrain.load_encoder(runs / "simclr")
     with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\) with C 1 or 3, got \(2, 2, 8, 8\)"):
