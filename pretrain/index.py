@@ -91,9 +91,11 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
 
     table = read_manifest(dataset_dir(shards[0]))
     classes = json.loads((table.schema.metadata or {}).get(b"classes", b"[]"))
-    manifest = table.to_pylist()
-    caption_of = {r["key"]: r.get("caption") for r in manifest}
-    path_of = {r["key"]: r.get("path") for r in manifest}
+    order = {str(s).rsplit("/", 1)[-1]: i for i, s in enumerate(shards)}  # a key's first sample is the one read
+    caption_of, path_of = {}, {}
+    for r in sorted(table.to_pylist(), key=lambda r: order.get(r["shard"], len(order))):
+        caption_of.setdefault(r["key"], r.get("caption"))
+        path_of.setdefault(r["key"], r.get("path"))
     images = ShardImages(run.cfg)
     keys, labels, chunks = [], [], []
     for samples, x in images.batches(shards, batch_size=batch_size):

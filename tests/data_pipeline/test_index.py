@@ -138,7 +138,8 @@ def test_tars_that_repeat_keys_are_indexed_with_a_warning_and_evaluated_once_per
     for crawl in range(2):
         with wds.TarWriter(str(root / f"crawl{crawl}.tar")) as sink:
             for i in range(20):
-                sink.write({"__key__": f"{i:04d}", "jpg": _jpeg(100 * crawl + i), "cls": str(i % 2)})
+                sink.write({"__key__": f"{i:04d}", "jpg": _jpeg(100 * crawl + i), "cls": str(i % 2),
+                            "txt": f"crawl {crawl} image {i}"})
     assert main(["data", "index", str(root), "--no-progress"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == (
         "Warning: 20 sample(s) have the key of an earlier sample, e.g. '0000' in crawl0.tar and again in crawl1.tar: "
@@ -156,6 +157,7 @@ def test_tars_that_repeat_keys_are_indexed_with_a_warning_and_evaluated_once_per
               "data.channels=3")
     gallery = embed_shards(load_run(tmp_path / "run"), list_shards(root))
     assert sorted(gallery.keys) == [f"{i:04d}" for i in range(20)]  # each key once: crawl0's samples
+    assert gallery.captions == [f"crawl 0 image {int(k)}" for k in gallery.keys]  # with their captions (not crawl1's)
     assert np.allclose(gallery.embeddings, embed_shards(load_run(tmp_path / "run"), list_shards(root)[:1]).embeddings)
 
 
