@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pretrain.config import Config, ConfigError
-from pretrain.preflight import DEFAULT_RECIPE, check_local_gpus, prepare_run, resolve_run
+from pretrain.preflight import DEFAULT_RECIPE, check_local_gpus, check_writable, prepare_run, resolve_run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -427,6 +427,7 @@ def _new_file(path: Path | None, command: str, kind: str, *suffixes: str) -> Non
     if path.suffix.lower() not in suffixes:
         raise ConfigError(f"--out: {command} writes {kind}; give it a name ending in {' or '.join(suffixes)}, got "
                           f"{path.name!r}")
+    check_writable(path, "--out")
 
 
 def _device(spec: str) -> str:
@@ -487,6 +488,8 @@ def cmd_extract(args) -> int:
         if not found:
             print(f"{args.checkpoint}: no checkpoint", flush=True)
         return 0
+    if args.out is not None:
+        check_writable(args.out, "--out")
     step, out = extract_step(args.checkpoint, args.step, args.out)
     print(f"Wrote the encoder of step {step} of {args.checkpoint} to {out}; evaluate it with `pretrain eval "
           f"--checkpoint {out}`", flush=True)
@@ -549,6 +552,7 @@ def cmd_data(args) -> int:
         raise ConfigError(f"--shard-size: must be > 0, got {args.shard_size}")
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    check_writable(args.out, "--out")
     manifest = write_shards(args.source, args.out, shard_size=args.shard_size, progress=not args.no_progress,
                             workers=args.workers, dedup=args.dedup)
     import json
@@ -588,6 +592,10 @@ def _run(argv: list[str] | None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:  # user input; programming errors keep their traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's: a full or read-only disk, a permission, a server gone; one line too
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def end_process(code: int) -> NoReturn:

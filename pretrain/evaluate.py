@@ -43,8 +43,8 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     from pretrain.trainer import build_method
 
     data = load_eval_set(cfg)  # first: a dataset it refuses is refused before anything is built
-    if embedding_map is not None:
-        Path(embedding_map).unlink(missing_ok=True)  # a map left by an evaluation that died is not this one's
+    if embedding_map is not None and Path(embedding_map).exists():
+        Path(embedding_map).unlink()  # a map left by an evaluation that died is not this one's
     images, labels = data.images, data.labels
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU node, its (current) GPU
     trained = random_init_backbone(cfg)
@@ -145,6 +145,9 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
         raise ConfigError(f"--finetune-layer-decay: {cfg.eval.finetune_layer_decay} needs a ViT backbone, and "
                           f"{path} is a {cfg.model.backbone}")
     report_path = Path(out_path) if out_path is not None else path.parent / "eval.json"
+    from pretrain.preflight import check_writable
+
+    check_writable(report_path, "--out" if out_path is not None else "--checkpoint")  # before the work, not after
     report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
                                      embedding_map=staged_map(report_path))
     from pretrain.steps import saved_step

@@ -186,6 +186,19 @@ def check_backbone(cfg: Config) -> None:
         raise ConfigError(f"model.backbone_kwargs: {str(e).splitlines()[0]}") from None
 
 
+def check_writable(path: Path, key: str) -> None:
+    """ConfigError (one line, naming ``key``) unless ``path`` can be made: the nearest folder of it that exists is a
+    folder this process may write in (a read-only mount, a folder of another user, a file where a folder would be are
+    refused before the work, not after it)."""
+    path = Path(path).absolute()
+    ancestor = next(p for p in path.parents if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}: {ancestor} is a file, so {path} cannot be written")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path} cannot be written: {ancestor} is not writable here (its permissions, or a "
+                          "read-only file system)")
+
+
 def check_local_gpus(cfg: Config) -> None:
     """ConfigError when ``job.use_gpu: true`` asks the private local cluster for more GPUs than this machine has (Ray
     would wait for them forever), or method.loss_impl: triton where it has none (the workers would fail on their first

@@ -375,3 +375,41 @@ def test_a_tracking_store_that_cannot_take_the_run_is_refused_before_anything_st
                                        "MLflow 3 keeps in maintenance mode and refuses runs on; use "
                                        "sqlite:////<dir>/mlflow.db (on a shared disk for a cluster)")
     assert not (tmp_path / "h").exists() and not (tmp_path / "f").exists()
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys):
+    """An --out on a read-only file system (or below a file), and a read-only run directory that eval would write
+    eval.json into: one line naming the path, before anything is embedded, evaluated or exported (they had ended in
+    an OSError traceback after the work; eval --no-map too, on a map it was told not to draw)."""
+    import os
+    import subprocess
+
+    from tests.util import write_run
+
+    run = tmp_path / "run"
+    write_run(run, "simclr_digits.yaml", tmp_path / "cache", "model.backbone_kwargs={width: 0.25}")
+    blocked = run / "backbone.pt" / "sub"
+    cases = [["eval", "--checkpoint", str(run), "--no-map", "--out", str(blocked / "r.json")],
+             ["embed", "--checkpoint", str(run), "--data", "samples", "--out", str(blocked / "e.parquet")],
+             ["export", "--checkpoint", str(run), "--out", str(blocked / "m.pt2")],
+             ["extract", "--checkpoint", str(run), "--out", str(blocked)],
+             ["data", "shards", "--source", "digits", "--out", str(blocked)]]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        assert _one_line_error(capsys) == (f"error: --out: {run / 'backbone.pt'} is a file, so {argv[-1]} cannot be "
+                                           "written")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only file system needs root")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(run), str(ro)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow a bind mount")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True, capture_output=True)
+        assert main(["eval", "--checkpoint", str(ro), "--no-map"]) == 2
+        assert _one_line_error(capsys) == (f"error: --checkpoint: {ro / 'eval.json'} cannot be written: {ro} is not "
+                                           "writable here (its permissions, or a read-only file system)")
+        assert main(["embed", "--checkpoint", str(ro), "--data", "samples", "--out", str(ro / "e.parquet")]) == 2
+        assert _one_line_error(capsys).startswith(f"error: --out: {ro / 'e.parquet'} cannot be written: {ro} is not")
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
