@@ -96,6 +96,29 @@ def _worker_loop(config: dict) -> None:
 
 
 @contextlib.contextmanager
+def check_address(address: str, timeout_s: float = 5.0) -> str:
+    """The Ray cluster at ``address`` (``host:port`` of its head, or ``auto``: the one ``ray start`` began on this
+    machine, or RAY_ADDRESS), as Ray resolves it; ConnectionError (one line) where none answers there. Ray's own
+    join retries for minutes, one line a second, before it fails."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        resolved = canonicalize_bootstrap_address_or_die(address)
+    except ConnectionError:
+        raise ConnectionError(f"--address {address}: no Ray cluster was started on this machine (`ray start --head`) "
+                              "and RAY_ADDRESS is not set") from None
+    host, _, port = resolved.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return resolved
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise ConnectionError(f"--address {address}: no Ray cluster answers at {resolved} ({reason}); start its head "
+                              "with `ray start --head`, or check the address") from None
+
+
 def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator[None]:
     """Join ``address`` or start a private local cluster on loopback with its own temp dir (never a foreign one),
     removed with Ray's logs in it once the body has finished, kept (and its logs named) where it raised."""

@@ -235,6 +235,13 @@ def cmd_train(args) -> int:
     cfg, run_dir = _resolve_run(args)
     if not (args.dry_run or args.address):
         check_local_gpus(cfg)
+    if args.address and not args.dry_run:  # before the run directory is written: a retry must not find it taken
+        from cluster.ray_launcher import check_address
+
+        try:
+            check_address(args.address)
+        except ConnectionError as e:
+            raise ConfigError(str(e)) from None
     prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides), reach_tracking=True)
     if args.dry_run:
         return 0

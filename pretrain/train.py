@@ -17,9 +17,8 @@ import torch.distributed as td
 from pretrain.cli import end_process
 from pretrain.config import load_config
 from pretrain.methods import METHODS
-from pretrain.models import check_backbone_options
 from pretrain.optim import check_fixed_lr
-from pretrain.preflight import check_steps_left
+from pretrain.preflight import check_backbone, check_steps_left
 from pretrain.trainer import LocalSession, train
 
 
@@ -36,15 +35,14 @@ def _run(argv: list[str]) -> int:
         print("usage: torchrun --nproc-per-node N -m pretrain.train RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0]).resolve()
-    cfg = load_config(run_dir / "config.yaml")
     try:
+        if not (run_dir / "config.yaml").is_file():
+            raise ValueError(f"{run_dir} is not a run directory (no config.yaml; `pretrain train --dry-run` writes it)")
+        cfg = load_config(run_dir / "config.yaml")
         check_steps_left(cfg, run_dir)  # a finished run, or a step's encoder (`pretrain extract`): nothing to go on
         METHODS[cfg.method.name].check_inputs(cfg)  # before the process group: one line, no traceback per rank
         check_fixed_lr(cfg)
-        try:
-            check_backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs or {})
-        except ValueError as e:
-            raise ValueError(f"model.backbone_kwargs: {e}") from None
+        check_backbone(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

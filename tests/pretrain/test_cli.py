@@ -327,6 +327,9 @@ def test_a_misspelt_backbone_option_is_refused_before_anything_starts(tmp_path, 
     capsys.readouterr()
     assert train_main([str(tmp_path / "w")]) == 2
     assert _one_line_error(capsys) == message
+    assert train_main([str(tmp_path / "nope")]) == 2  # had been a traceback
+    assert _one_line_error(capsys) == (f"error: {tmp_path / 'nope'} is not a run directory (no config.yaml; `pretrain "
+                                       "train --dry-run` writes it)")
 
 
 def test_a_command_ends_its_process_as_the_interpreter_would_without_its_teardown(tmp_path):
@@ -413,3 +416,20 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, ca
         assert _one_line_error(capsys).startswith(f"error: --out: {ro / 'e.parquet'} cannot be written: {ro} is not")
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_a_ray_cluster_that_does_not_answer_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """--address of a Ray head that does not answer (a typo, a head not started yet), given or through RAY_ADDRESS for
+    `auto`: one line before the run directory is written (Ray's join had retried for minutes, a line a second, and
+    the run directory it left refused the retry)."""
+    from tests.util import free_port
+
+    port = free_port()
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=a", "--set", f"data.cache_dir={tmp_path}"]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    for address in (f"127.0.0.1:{port}", "auto"):
+        assert main(["train", *sets, "--address", address]) == 2
+        error = _one_line_error(capsys)
+        assert error.startswith(f"error: --address {address}: no Ray cluster answers at ") and error.endswith(
+            f":{port} (Connection refused); start its head with `ray start --head`, or check the address"), error
+    assert not (tmp_path / "a").exists()
