@@ -29,6 +29,10 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
             raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
         before = load_config(saved)
         cfg = load_config(saved, overrides)
+        for key in ("out_dir", "run_name"):  # they name the run directory, which a resume goes on in
+            if getattr(before.job, key) != getattr(cfg.job, key):
+                raise ConfigError(f"job.{key}: a resumed run goes on in its own directory ({run_dir}); to have it "
+                                  "elsewhere, move the directory and resume it there")
         _check_same_structure(before, cfg, run_dir.name)
         check_steps_left(cfg, run_dir)
         return cfg, run_dir

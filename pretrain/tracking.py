@@ -96,6 +96,9 @@ class NullTracker(_RunContext):
     def log_params(self, params: dict) -> None:
         pass
 
+    def log_resumed_params(self, params) -> dict[str, str]:
+        return {}
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
@@ -226,6 +229,20 @@ class MLflowTracker(_RunContext):
         todo = [Param(k, v) for k, v in flat.items() if k not in existing]
         for i in range(0, len(todo), MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, params=todo[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_resumed_params(self, params) -> dict[str, str]:
+        """On a resumed run whose config was changed (``--resume --set optim.lr=...``): the params whose value differs
+        from the one logged become tags ``resumed.<param>`` with the value the run goes on with (params are immutable;
+        a later resume sets them again), params not logged before are logged. Returns the changed ones."""
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
+        existing = self._client.get_run(self.run_id).data.params
+        changed = {k: v for k, v in flat.items() if k in existing and existing[k] != v}
+        self.log_params({k: v for k, v in flat.items() if k not in existing})
+        if changed:
+            self.set_tags({f"resumed.{k}": v for k, v in changed.items()})
+        return changed
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer ``metrics`` at ``step`` (values may be floats or 0-d tensors); sent in batches."""

@@ -277,6 +277,8 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
             id_file.write_text(tracker.run_id + "\n")
             tracker.log_params(to_dict(cfg))
             tracker.log_artifact(run_dir / "config.yaml")
+        elif tracker.log_resumed_params(to_dict(cfg)):  # resumed with --set: what it goes on with
+            tracker.log_artifact(run_dir / "config.yaml")
         if tags := _job_tags():
             tracker.set_tags(tags)
         print(f"MLflow: {uri} run {tracker.run_id}", flush=True)

@@ -224,6 +224,10 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     shutil.move(run / "checkpoints" / "step_0000003", run / "checkpoint_000000")
     resumed = _plain(run)
     assert f"Resumed from {run / 'checkpoint_000000'} at step 3" in resumed.stdout
+    from mlflow import MlflowClient
+
+    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data  # max_steps 4 now, 3 logged
+    assert logged.params["job.max_steps"] == "3" and logged.tags["resumed.job.max_steps"] == "4"
     assert sorted(_losses(run)) == [1, 2, 3, 4] and sorted(list_checkpoints(run)) == [3, 4]
     (run / "backbone.pt").unlink()  # as a run still training has none: eval points at its checkpoints
     capsys.readouterr()

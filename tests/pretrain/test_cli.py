@@ -224,11 +224,18 @@ def test_fixed_lr_must_name_the_methods_parameters(tmp_path, capsys):
 
 
 def test_resume_takes_no_other_config(tmp_path, capsys):
-    """--resume with --config: refused in one line (the run keeps its own config; --set changes it)."""
+    """--resume with --config, or with a job.out_dir / job.run_name of another directory (the run stays in its own;
+    they had been written into its config.yaml): refused in one line (the run keeps its own config; --set changes
+    it), the config left as it was."""
     sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
     assert main(["train", "--dry-run", *sets]) == 0
     capsys.readouterr()
     before = (tmp_path / "r" / "config.yaml").read_text()
+    for key, value in (("out_dir", tmp_path / "elsewhere"), ("run_name", "zzz")):
+        assert main(["train", "--resume", str(tmp_path / "r"), "--dry-run", "--set", f"job.{key}={value}"]) == 2
+        assert _one_line_error(capsys) == (f"error: job.{key}: a resumed run goes on in its own directory "
+                                           f"({tmp_path / 'r'}); to have it elsewhere, move the directory and resume "
+                                           "it there")
     assert main(["train", "--resume", str(tmp_path / "r"), "--config", str(ROOT / "configs" / "mae_digits.yaml")]) == 2
     assert _one_line_error(capsys) == (f"error: --config: a resumed run goes on with its own config ({tmp_path / 'r'}/"
                                        "config.yaml); change its values with --set")

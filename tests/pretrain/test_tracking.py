@@ -115,6 +115,25 @@ def test_resume_rejects_a_changed_param(mlflow_server, request):
     tracker.finish()
 
 
+def test_a_resume_with_changed_params_tags_what_it_goes_on_with(mlflow_server, request):
+    """Params are immutable: a resumed run whose config was changed keeps them, and tags each changed one
+    ``resumed.<param>`` with the value it goes on with (a later resume sets it again); a param new to the run is
+    logged."""
+    experiment = _uuid_experiment(request)
+    first = MLflowTracker(mlflow_server, experiment=experiment)
+    first.log_params(CONFIG)
+    first.finish()
+    resumed = MLflowTracker(mlflow_server, experiment=experiment, run_id=first.run_id)
+    assert resumed.log_resumed_params(CONFIG) == {}
+    changed = {**CONFIG, "optim": {**CONFIG["optim"], "lr": 5e-4}, "job": {"max_steps": 40}}
+    assert resumed.log_resumed_params(changed) == {"optim.lr": "0.0005"}
+    run = MlflowClient(mlflow_server).get_run(first.run_id)
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["job.max_steps"] == "40"
+    assert run.data.tags["resumed.optim.lr"] == "0.0005"
+    assert resumed.log_resumed_params({**changed, "optim": {**CONFIG["optim"], "lr": 1e-4}}) == {"optim.lr": "0.0001"}
+    assert MlflowClient(mlflow_server).get_run(first.run_id).data.tags["resumed.optim.lr"] == "0.0001"
+
+
 def test_resume_unknown_run_id_is_a_value_error(mlflow_server, request):
     """Resuming a run id the server does not know fails with one line naming the id."""
     with pytest.raises(ValueError, match="0123456789abcdef"):
