@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pretrain.config import Config, ConfigError
-from pretrain.preflight import DEFAULT_RECIPE, check_local_gpus, check_writable, prepare_run, resolve_run
+from pretrain.preflight import DEFAULT_RECIPE, check_local_gpus, check_writable, prepare_run, resolve_run, run_lock
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -242,17 +242,21 @@ def cmd_train(args) -> int:
             check_address(args.address)
         except ConnectionError as e:
             raise ConfigError(str(e)) from None
-    prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides), reach_tracking=True)
-    if args.dry_run:
-        return 0
+    with run_lock(run_dir, new=not args.resume):
+        prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides), reach_tracking=True)
+        if args.dry_run:
+            return 0
+        return _train(cfg, run_dir, args.address)
 
+
+def _train(cfg, run_dir: Path, address: str | None) -> int:
     from pretrain.engine import prebuild_ops
 
     prebuild_ops()
     from cluster.ray_launcher import TrainingFailed, run_ray
 
     try:
-        result = run_ray(cfg, run_dir, address=args.address)
+        result = run_ray(cfg, run_dir, address=address)
     except TrainingFailed as e:
         print(f"error: {e}; resume with --resume {run_dir}", file=sys.stderr)
         return 1
@@ -276,7 +280,8 @@ def _write_submitted_run(args, job, check) -> Path:
     cfg, run_dir = _resolve_run(args, extra)
     job.check_workers(cfg.job.num_workers)
     check(cfg, run_dir)
-    prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides or extra))
+    with run_lock(run_dir, new=not args.resume):
+        prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides or extra))
     return run_dir
 
 

@@ -5,14 +5,19 @@ written. Each problem is a ``ConfigError`` of one line, raised before Ray, a sch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pretrain.config import Config, ConfigError, config_from_dict, load_config, to_dict
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "simclr_digits.yaml"
+RUN_LOCK = ".pretrain.lock"
+"""In a run directory: locked (flock) by the command that writes or trains the run, for as long as it does; it says
+which process that is."""
 
 
 def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) -> tuple[Config, Path]:
@@ -39,9 +44,50 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = (Path(cfg.job.out_dir).expanduser() / name).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if _holds_files(run_dir):
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}")
     return cfg, run_dir
+
+
+def _holds_files(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != RUN_LOCK for p in run_dir.iterdir())
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, *, new: bool) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (:data:`RUN_LOCK`) for the body: ConfigError (one line, naming the process) where
+    another command holds it, a training or a submission writing the run (two at once had trained into one directory
+    and one MLflow run, their checkpoints and metrics interleaved); for a ``new`` run, also where another has written
+    it meanwhile. A directory the body left empty (refused by a check) is removed again."""
+    import fcntl
+    import socket
+
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # the run's, out_dir's: removed if left empty
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / RUN_LOCK
+    with lock.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"{run_dir} is in use by {holder}: one training at a time writes a run; wait for it to "
+                              "end, or stop it") from None
+        try:
+            if new and _holds_files(run_dir):
+                raise ConfigError(f"job.run_name: {run_dir} already holds a run (written just now by another "
+                                  f"command); continue it with --resume {run_dir}")
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            yield
+        finally:
+            if not _holds_files(run_dir):  # nothing written: leave no trace
+                lock.unlink(missing_ok=True)
+                for folder in created:
+                    with contextlib.suppress(OSError):  # another command's run may be in it by now
+                        folder.rmdir()
 
 
 def check_steps_left(cfg: Config, run_dir: Path) -> None:

@@ -440,3 +440,40 @@ def test_a_ray_cluster_that_does_not_answer_is_refused_before_anything_is_writte
         assert error.startswith(f"error: --address {address}: no Ray cluster answers at ") and error.endswith(
             f":{port} (Connection refused); start its head with `ray start --head`, or check the address"), error
     assert not (tmp_path / "a").exists()
+
+
+def test_one_command_at_a_time_writes_a_run(tmp_path, capsys):
+    """While a command holds a run directory (a training, a submission writing it), another training or dry run there
+    is refused in one line naming the holder (two had trained into one directory and one MLflow run, their
+    checkpoints and metrics interleaved; two dry runs of one new name had both written it); once it ends, they go
+    ahead, and a refused command leaves no trace."""
+    import subprocess
+
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=r"]) == 0
+    capsys.readouterr()
+    holders = []
+    for name in ("r", "new"):
+        code = (f"import time; from pathlib import Path; from pretrain.preflight import run_lock\n"
+                f"with run_lock(Path({str(tmp_path / name)!r}), new=False):\n    print('held', flush=True)\n"
+                "    time.sleep(120)\n")
+        holders.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True))
+        assert holders[-1].stdout.readline() == "held\n"
+    try:
+        tries = [(["--resume", str(tmp_path / "r")], "r", holders[0]),
+                 ([*sets, "--set", "job.run_name=new"], "new", holders[1])]
+        for argv, name, holder in tries:
+            assert main(["train", "--dry-run", *argv]) == 2
+            error = _one_line_error(capsys)
+            assert error.startswith(f"error: {tmp_path / name} is in use by pid {holder.pid} on "), error
+            assert error.endswith(": one training at a time writes a run; wait for it to end, or stop it"), error
+        assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".pretrain.lock"]  # the holder's own
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    assert main(["train", "--dry-run", "--resume", str(tmp_path / "r"), "--set", "job.max_steps=700"]) == 0
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=new"]) == 0
+    assert (tmp_path / "new" / "config.yaml").is_file()
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=new"]) == 2  # written: a new run is refused
+    assert _one_line_error(capsys).startswith(f"error: job.run_name: {tmp_path / 'new'} already holds a run; ")
