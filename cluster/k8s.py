@@ -126,8 +126,10 @@ def check_shared(job: K8sJob, run_dir: Path, paths: dict[str, str]) -> Path:
             raise ValueError(f"{key}: {path!r} is relative, and the pods start elsewhere; give an absolute path under "
                              f"--mount-path {mount}")
         if not Path(path).resolve().is_relative_to(mount):
-            raise ValueError(f"{key}: {path} is not under --mount-path {mount}, where the pods mount --pvc "
-                             f"{job.pvc}; they would not see it")
+            linked = (f" (--mount-path {mount} is a symbolic link to {mount.resolve()}, and the pods are given paths "
+                      "as this host resolves them: give that one)" if mount.resolve() != mount else "")
+            raise ValueError(f"{key}: {Path(path).resolve()} is not under --mount-path {mount}, where the pods mount "
+                             f"--pvc {job.pvc}; they would not see it{linked}")
     return run_dir
 
 

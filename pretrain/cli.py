@@ -321,10 +321,11 @@ def _submit_k8s(args) -> int:
 
     def shared(cfg: Config, run_dir: Path) -> None:
         """What the pods open must be on the PVC: the run (and the default MLflow store beside it), the shard
-        directories (training data, evaluation data) and a sqlite tracking store. Built-in sources are built in
-        each pod on first use; datasets served over HTTP(S) are read from there."""
+        directories (training data, evaluation data), BEiT's tokenizer run and a sqlite tracking store. Built-in
+        sources are built in each pod on first use; datasets served over HTTP(S) are read from there."""
         datasets = {"data.source": cfg.data.source,
-                    "eval.dataset": cfg.eval.dataset if cfg.eval.reads_dataset else None}
+                    "eval.dataset": cfg.eval.dataset if cfg.eval.reads_dataset else None,
+                    "method.tokenizer": cfg.method.tokenizer}  # BEiT's: a run directory the pods load
         paths = {k: v for k, v in datasets.items() if v is not None and v not in BUILTIN_VERSIONS and not is_url(v)}
         served = next((k for k, v in datasets.items() if v is not None and is_url(v)), None)
         if served and os.environ.get(AUTH_ENV) and not job.http_auth_secret:

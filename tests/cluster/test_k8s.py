@@ -47,10 +47,11 @@ def _manifests(run: Path) -> dict[str, dict]:
     ([*REQUIRED, "--mount-path", "runs"], "--mount-path: must be an absolute directory other than /, got 'runs'"),
     ([*REQUIRED, "--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray "
                                                                         "CPUs, the job has 1 (1 nodes x 1 --cpus-"),
-    ([*REQUIRED, "--set", "data.source=shards/digits"], "data.source: 'shards/digits' is relative, and the pods start "
-                                                        "elsewhere"),
-    ([*REQUIRED, "--set", "eval.dataset=shards/mine"], "eval.dataset: 'shards/mine' is relative, and the pods start "
-                                                         "elsewhere"),
+    # a relative dataset is the one beside the command (pretrain.config), here not on the volume
+    ([*REQUIRED, "--set", "data.source=shards/digits"], f"data.source: {Path.cwd() / 'shards/digits'} is not under "
+                                                        "--mount-path "),
+    ([*REQUIRED, "--set", "eval.dataset=shards/mine"], f"eval.dataset: {Path.cwd() / 'shards/mine'} is not under "
+                                                       "--mount-path "),
     ([*REQUIRED, "--set", "job.nope=1"], "job.nope"),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
@@ -86,6 +87,31 @@ def test_run_dir_off_the_volume_is_refused(tmp_path):
                                                      "--mount-path /mnt/runs, where the pods mount --pvc runs; they "
                                                      "would not see it")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tokenizer_off_the_volume_and_a_linked_mount_path_are_refused(tmp_path):
+    """BEiT's tokenizer run is opened by the pods too: off the volume, refused like the data (it had been let through);
+    a --mount-path that is a symbolic link is refused saying so and naming the folder it links to (the pods are given
+    the paths this host resolves)."""
+    from tests.pretrain.test_beit import SMALL, _save_tokenizer
+
+    volume = tmp_path / "volume"
+    tok = _save_tokenizer(tmp_path / "tok")
+    beit = ROOT / "configs" / "beit_digits.yaml"
+    proc = run_cli(["submit", "k8s", "--config", str(beit), *REQUIRED, "--set", f"job.out_dir={volume}",
+                    "--set", f"data.cache_dir={volume / 'cache'}", "--set", f"method.tokenizer={tok}",
+                    *(x for s in SMALL[:1] for x in ("--set", s)), "--set", "job.run_name=b", "--dry-run"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: method.tokenizer: {tok} is not under --mount-path {volume}, where the pods mount --pvc runs; they "
+        "would not see it"), proc.stderr
+    volume.mkdir()
+    (tmp_path / "link").symlink_to(volume)
+    proc = _submit([*REQUIRED, "--mount-path", str(tmp_path / "link"), "--set", f"job.out_dir={tmp_path / 'link'}",
+                    "--set", "job.run_name=l", "--dry-run"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: job.out_dir: {volume} is not under --mount-path {tmp_path / 'link'}, where the pods mount --pvc "
+        f"runs; they would not see it (--mount-path {tmp_path / 'link'} is a symbolic link to {volume}, and the pods "
+        "are given paths as this host resolves them: give that one)"), proc.stderr
 
 
 def test_no_kubectl_is_one_line(tmp_path):
