@@ -95,7 +95,6 @@ def _worker_loop(config: dict) -> None:
     train(config_from_dict(config["cfg"]), Path(config["run_dir"]), RaySession())
 
 
-@contextlib.contextmanager
 def check_address(address: str, timeout_s: float = 5.0) -> str:
     """The Ray cluster at ``address`` (``host:port`` of its head, or ``auto``: the one ``ray start`` began on this
     machine, or RAY_ADDRESS), as Ray resolves it; ConnectionError (one line) where none answers there. Ray's own
@@ -119,6 +118,7 @@ def check_address(address: str, timeout_s: float = 5.0) -> str:
                               "with `ray start --head`, or check the address") from None
 
 
+@contextlib.contextmanager
 def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator[None]:
     """Join ``address`` or start a private local cluster on loopback with its own temp dir (never a foreign one),
     removed with Ray's logs in it once the body has finished, kept (and its logs named) where it raised."""
