@@ -47,10 +47,13 @@ class EvalSet:
     """classes left out for having fewer than MIN_PER_CLASS decodable samples in the draw"""
     duplicates: int = 0
     """samples left out as exact duplicates of another (``EvalPart.duplicates``)"""
+    unlabelled: int = 0
+    """samples of the draw left out for having no label (a table's empty label field)"""
 
     def summary(self) -> dict:
         return {"dataset": self.name, "samples": len(self.labels), "classes": len(self.classes),
-                "corrupt": self.corrupt, "dropped_classes": self.dropped, "duplicates": self.duplicates}
+                "corrupt": self.corrupt, "dropped_classes": self.dropped, "duplicates": self.duplicates,
+                "unlabelled": self.unlabelled}
 
 
 class ShardImages:
@@ -243,5 +246,8 @@ def load_eval_set(cfg: Config) -> EvalSet:
     if dropped:
         print(f"Evaluation: left out {len(dropped)} class(es) with fewer than {MIN_PER_CLASS} decodable samples: "
               + ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""), flush=True)
+    unlabelled = int((part.labels < 0).sum())
+    if unlabelled:
+        print(f"Evaluation: left out {unlabelled} sample(s) without a label", flush=True)
     return EvalSet(str(cfg.eval.dataset), part.images[torch.from_numpy(rows)].contiguous(), labels, classes, PROMPTS,
-                   part.corrupt, dropped, part.duplicates)
+                   part.corrupt, dropped, part.duplicates, unlabelled)

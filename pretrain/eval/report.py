@@ -111,6 +111,7 @@ def format_report(report: dict) -> str:
         skipped = f", {d['corrupt']} undecodable skipped" if d.get("corrupt") else ""
         left_out = f", {len(d['dropped_classes'])} thin classes left out" if d.get("dropped_classes") else ""
         left_out += f", {d['duplicates']} exact duplicates left out" if d.get("duplicates") else ""
+        left_out += f", {d['unlabelled']} unlabelled left out" if d.get("unlabelled") else ""
         test = math.ceil(TEST_SIZE * d["samples"])  # the test part of split_indices' split, as sklearn rounds it
         coarse = (f"; only {test} test images: one image moves an accuracy by {100 / test:.1f} points" if test <
                   FEW_TEST_IMAGES else "")

@@ -58,13 +58,33 @@ def test_digits_as_a_folder_score_as_the_builtin_digits(data):
     builtin = evaluate_checkpoint(data / "simclr", out_path=data / "builtin.json")
     shards = evaluate_checkpoint(data / "simclr", dataset=str(data / "digits-shards"), out_path=data / "shards.json")
     assert builtin["data"] == {"dataset": "digits", "samples": 1797, "classes": 10, "corrupt": 0,
-                               "dropped_classes": [], "duplicates": 0}
+                               "dropped_classes": [], "duplicates": 0, "unlabelled": 0}
     assert shards["data"] == {"dataset": str(data / "digits-shards"), "samples": 1797, "classes": 10, "corrupt": 1,
-                              "dropped_classes": [], "duplicates": 0}
+                              "dropped_classes": [], "duplicates": 0, "unlabelled": 0}
     for section in ("random_init", "raw_pixels"):
         for key in ("knn_top1", "linear_top1", "fewshot_5"):
             assert shards[section][key] == pytest.approx(builtin[section][key], abs=0.02), (section, key)
     assert json.loads((data / "shards.json").read_text())["data"]["corrupt"] == 1
+
+
+def test_images_without_a_label_are_counted_as_left_out(data, tmp_path, capsys):
+    """A table whose label field is empty for some images: those are not scored, and the report says how many were
+    left out (it had said nothing of them)."""
+    from pretrain.config import load_config
+    from pretrain.eval.dataset import load_eval_set
+
+    images, labels = digits_uint8()
+    rows = ["image,label"]
+    for i in range(60):
+        Image.fromarray(images[i]).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png," + (str(labels[i] % 2) if i < 40 else ""))
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "table-shards"
+    write_shards(f"table:{tmp_path / 'labels.csv'}", out, progress=False)
+    capsys.readouterr()
+    evalset = load_eval_set(load_config(ROOT / "configs" / "simclr_digits.yaml", [f"eval.dataset={out}"]))
+    assert evalset.summary()["samples"] == 40 and evalset.summary()["unlabelled"] == 20
+    assert "Evaluation: left out 20 sample(s) without a label" in capsys.readouterr().out
 
 
 def test_a_draw_of_max_samples(data):

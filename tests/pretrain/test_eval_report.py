@@ -81,6 +81,8 @@ def test_a_small_test_split_is_said_to_be_coarse(report):
                      "10.0 points")
     first = format_report({**report, "data": {**data, "samples": 1797}}).splitlines()[0]
     assert first == "Evaluated on mine: 1797 samples, 2 classes"
+    first = format_report({**report, "data": {**data, "samples": 1797, "unlabelled": 20}}).splitlines()[0]
+    assert first == "Evaluated on mine: 1797 samples, 2 classes, 20 unlabelled left out"
 
 
 def test_write_report_round_trips(report, tmp_path):
