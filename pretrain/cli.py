@@ -406,7 +406,15 @@ def cmd_search(args) -> int:
     if args.out is not None:
         from pretrain.plots import contact_sheet
 
-        contact_sheet(shards, [gallery.keys[r] for r, _ in hits], [f"{s:.3f}" for _, s in hits], title, args.out)
+        digests = [gallery.digests[r] for r, _ in hits] if gallery.digests else None
+        try:
+            contact_sheet(shards, [gallery.keys[r] for r, _ in hits], [f"{s:.3f}" for _, s in hits], title, args.out,
+                          digests=digests)
+        except ValueError as e:
+            if args.index is None:
+                raise
+            raise ConfigError(f"--out: {e}: the data at {meta['data']} changed since {args.index} was embedded; "
+                              "embed it again with `pretrain embed`") from None
         print(f"Contact sheet: {args.out}")
     return 0
 

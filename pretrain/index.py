@@ -74,6 +74,9 @@ class Gallery:
     datasets indexed from another tool's tars or written before manifests kept it)"""
     classes: list[str] | None = None
     """the dataset's class names, label = index (None: an index written before it kept them)"""
+    digests: list[str | None] | None = None
+    """each image's digest (the manifest's blake2b-128 of its bytes): what a contact sheet drawn later checks the
+    images it reads against (None: an index written before it kept them)"""
 
     def class_name(self, row: int) -> str:
         """Row ``row``'s class: its name where the dataset has names, else its label number; "-" for no label."""
@@ -92,10 +95,11 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
     table = read_manifest(dataset_dir(shards[0]))
     classes = json.loads((table.schema.metadata or {}).get(b"classes", b"[]"))
     order = {str(s).rsplit("/", 1)[-1]: i for i, s in enumerate(shards)}  # a key's first sample is the one read
-    caption_of, path_of = {}, {}
+    caption_of, path_of, digest_of = {}, {}, {}
     for r in sorted(table.to_pylist(), key=lambda r: order.get(r["shard"], len(order))):
         caption_of.setdefault(r["key"], r.get("caption"))
         path_of.setdefault(r["key"], r.get("path"))
+        digest_of.setdefault(r["key"], r.get("digest"))
     images = ShardImages(run.cfg)
     keys, labels, chunks = [], [], []
     for samples, x in images.batches(shards, batch_size=batch_size):
@@ -105,7 +109,8 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
     if not keys:
         raise ValueError("no decodable image in the shards")
     return Gallery(keys, class_indices(labels, table.schema.metadata), [caption_of.get(k) for k in keys],
-                   np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys], classes)
+                   np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys], classes,
+                   [digest_of.get(k) for k in keys])
 
 
 INDEX_FORMAT = b"ssl-pretrain embeddings 1"
@@ -132,9 +137,10 @@ def checkpoint_digest(run_dir: str | Path) -> str:
 
 def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, data_dir: str | Path) -> Path:
     """Write ``gallery`` as a Parquet embedding index: columns key, label, caption, path (the image's file, where the
-    dataset's manifest has it), embedding (fixed-size float32 list); schema metadata format, checkpoint (path and
-    sha256), data (the shard directory), corrupt, dim, classes (the dataset's class names, a JSON list). Written
-    beside ``path`` and renamed into place: a crash leaves no partial index."""
+    dataset's manifest has it), digest (the manifest's, of the image's bytes), embedding (fixed-size float32 list);
+    schema metadata format, checkpoint (path and sha256), data (the shard directory), corrupt, dim, classes (the
+    dataset's class names, a JSON list). Written beside ``path`` and renamed into place: a crash leaves no partial
+    index."""
     import os
 
     import pyarrow as pa
@@ -147,6 +153,7 @@ def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, 
         "label": pa.array(gallery.labels, pa.int64()),
         "caption": pa.array(gallery.captions, pa.string()),
         "path": pa.array(gallery.paths or [None] * len(gallery.keys), pa.string()),
+        "digest": pa.array(gallery.digests or [None] * len(gallery.keys), pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
     }).replace_schema_metadata({
         "format": INDEX_FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
@@ -180,7 +187,8 @@ def load_gallery(path: str | Path) -> tuple[Gallery, dict[str, str]]:
                       table.column("caption").to_pylist(), emb.reshape(-1, dim).astype(np.float32, copy=False),
                       int(meta["corrupt"]),
                       table.column("path").to_pylist() if "path" in table.column_names else None,
-                      json.loads(meta["classes"]) if "classes" in meta else None)
+                      json.loads(meta["classes"]) if "classes" in meta else None,
+                      table.column("digest").to_pylist() if "digest" in table.column_names else None)
     return gallery, meta
 
 

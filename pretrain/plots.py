@@ -45,10 +45,13 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path) -> Path
     return path
 
 
-def contact_sheet(shards: Sequence[str], keys: Sequence[str], notes: Sequence[str], title: str, path) -> Path:
-    """Write a PNG grid of the images ``keys`` of ``shards`` (in that order), each captioned with its key and note."""
+def contact_sheet(shards: Sequence[str], keys: Sequence[str], notes: Sequence[str], title: str, path,
+                  digests: Sequence[str | None] | None = None) -> Path:
+    """Write a PNG grid of the images ``keys`` of ``shards`` (in that order), each captioned with its key and note.
+    ``digests``: what each image must be (``image_digest`` of its bytes; None where unknown); a ValueError (one line)
+    where the shards no longer hold a key, or hold another image under it (they were written again since)."""
     from data_pipeline.reader import read_epoch
-    from data_pipeline.sources import open_image
+    from data_pipeline.sources import image_digest, open_image
 
     if not keys or len(keys) != len(notes):
         raise ValueError(f"contact sheet needs one note per key and at least one key, got {len(keys)} and {len(notes)}")
@@ -57,6 +60,11 @@ def contact_sheet(shards: Sequence[str], keys: Sequence[str], notes: Sequence[st
     for s in read_epoch(list(shards), rank=0, world_size=1, num_workers=0):
         if s["key"] in wanted:
             found.setdefault(s["key"], s["image"])  # a key of two samples: the first read, as everywhere
+    for key, digest in zip(keys, digests or [None] * len(keys)):
+        if key not in found:
+            raise ValueError(f"the shards hold no decodable sample with key {key!r}")
+        if digest is not None and image_digest(found[key]) != digest:
+            raise ValueError(f"the image with key {key!r} in the shards is another than the one embedded")
     cols = min(5, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(2 * cols, 2.2 * rows + 0.4), dpi=100)

@@ -117,7 +117,8 @@ def test_embed_writes_an_index_that_search_reads(runs, capsys, tmp_path):
         assert capsys.readouterr().out.startswith("Embedded 1797 images of digits, ")
         table = pq.read_table(index)
         meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-        assert table.num_rows == 1797 and table.column_names == ["key", "label", "caption", "path", "embedding"]
+        assert table.num_rows == 1797 and table.column_names == ["key", "label", "caption", "path", "digest",
+                                                               "embedding"]
         assert meta["checkpoint_sha256"] == checkpoint_digest(runs / run) and meta["corrupt"] == "0"
         gallery = embed_shards(load_run(runs / run), resolve_shards(load_run(runs / run).cfg.data))
         np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
@@ -183,3 +184,32 @@ def test_unlabelled_images_show_no_label(runs, capsys, tmp_path):
         assert len(rows) == 7 and {r[2] for r in rows} == {"-"}
         assert rows[0][3] == "00000000" and rows[0][4].strip() == files[0]
         assert sorted(r[4].strip() for r in rows) == files
+
+
+def test_a_contact_sheet_from_an_index_of_data_written_again_is_refused(runs, capsys, tmp_path):
+    """`search --index --out` draws the hits from the data the index names: where that data was written again since
+    (other images under the same keys, or fewer keys), one line says so (it had drawn the new images under the old
+    hits' captions, or ended in a KeyError)."""
+    import shutil
+
+    from tests.data_pipeline.conftest import make_image_tree
+
+    write_shards(f"images:{make_image_tree(tmp_path / 'a', classes={'': 6})}", tmp_path / "ds", progress=False)
+    index = tmp_path / "i.parquet"
+    assert main(["embed", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--out",
+                 str(index)]) == 0
+    query = ["search", "--checkpoint", str(runs / "simclr"), "--index", str(index), "--image", "00000000", "--k", "3"]
+    assert main([*query, "--out", str(tmp_path / "fine.png")]) == 0
+    for name, seed, problem in (("b", 7, "the image with key '00000000' in the shards is another than the one "
+                                         "embedded"),
+                                ("c", 0, "the shards hold no decodable sample with key ")):  # the first image only
+        shutil.rmtree(tmp_path / "ds")
+        write_shards(f"images:{make_image_tree(tmp_path / name, classes={'': 6 if seed else 1}, seed=seed)}",
+                     tmp_path / "ds", progress=False)
+        capsys.readouterr()
+        assert main([*query, "--out", str(tmp_path / f"{name}.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --out: {problem}") and err.endswith(
+            f": the data at {tmp_path / 'ds'} changed since {index} was embedded; embed it again with `pretrain "
+            "embed`"), err
+        assert not (tmp_path / f"{name}.png").exists()
