@@ -28,6 +28,8 @@ from string import Template
 from cluster.nodes import RayNodes, check_int
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "slurm.sbatch"
+UNLIMITED = ("UNLIMITED", "INFINITE")
+"""sbatch's words for no time limit (as is a time of 0): there is no end to requeue before."""
 _TIME = re.compile(r"^(\d+-)?\d+(:\d\d){0,2}$")  # sbatch --time: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 
 
@@ -48,9 +50,10 @@ class SlurmJob(RayNodes):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("requeue_grace", self.requeue_grace, low=0)
-        if self.time is not None and not _TIME.match(self.time):
+        if self.time is not None and not (_TIME.match(self.time) or self.time.upper() in UNLIMITED):
             raise ValueError(f"--time: {self.time!r} is not an sbatch time (e.g. 24:00:00 or 2-00:00:00)")
-        if self.time is not None and self.requeue_grace and self.requeue_grace >= time_seconds(self.time):
+        limited = self.time is not None and self.time.upper() not in UNLIMITED and time_seconds(self.time) > 0
+        if limited and self.requeue_grace and self.requeue_grace >= time_seconds(self.time):
             raise ValueError(f"--requeue-grace: {self.requeue_grace} s is not shorter than --time {self.time} "
                              f"({time_seconds(self.time)} s): every start would requeue at once; give more --time or "
                              "less grace (0: never requeue)")

@@ -50,6 +50,16 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
     assert not (tmp_path / "bad").exists()
 
 
+def test_no_time_limit_takes_any_requeue_grace(tmp_path):
+    """sbatch's --time 0, UNLIMITED or INFINITE mean no limit: no end to requeue before, so the grace is no conflict
+    (0 had been refused as shorter than the grace), and the script asks for it as given."""
+    for limit in ("0", "UNLIMITED", "infinite"):
+        proc = _submit(["--time", limit, "--requeue-grace", "300", "--set", f"job.run_name=t{limit}", "--dry-run"],
+                       tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"#SBATCH --time={limit}\n" in (tmp_path / f"t{limit}" / "slurm" / "job.sbatch").read_text()
+
+
 def test_run_dir_with_a_space_is_refused_before_writing(tmp_path):
     """A run directory sbatch's --output directive could not carry (whitespace, a %) is refused up front."""
     out = tmp_path / "my runs"
