@@ -369,10 +369,12 @@ def cmd_search(args) -> int:
                           "(a clip run has); query with --image KEY instead")
     if args.index is not None:
         from data_pipeline.shards import list_shards
-        from pretrain.index import checkpoint_digest, load_gallery
+        from pretrain.index import checkpoint_digest, load_gallery, weights_digest
 
         gallery, meta = load_gallery(args.index)
-        if meta["checkpoint_sha256"] != checkpoint_digest(args.checkpoint):
+        same = (meta["weights_sha256"] == weights_digest(args.checkpoint) if "weights_sha256" in meta  # an older
+                else meta["checkpoint_sha256"] == checkpoint_digest(args.checkpoint))  # index: its files' digest
+        if not same:
             raise ConfigError(f"--index: {args.index} was embedded with other weights ({meta['checkpoint']}); "
                               f"write it again with `pretrain embed --checkpoint {args.checkpoint}`")
         shards = list_shards(meta["data"]) if args.out is not None else []  # only the contact sheet reads images

@@ -117,6 +117,27 @@ INDEX_FORMAT = b"ssl-pretrain embeddings 1"
 """Schema metadata ``format`` of an embedding index (``save_gallery``)."""
 
 
+def weights_digest(run_dir: str | Path) -> str:
+    """sha256 over the weights a run's encoder is loaded from (the state dicts of backbone.pt, and of model.pt where
+    there is one: each tensor's name, dtype, shape and bytes), not their files: ``pretrain extract`` of a run's last
+    step writes the very weights into files that also say which step and run they are."""
+    import hashlib
+
+    from pretrain.steps import MODEL_FILE
+
+    path = Path(run_dir)
+    path = path / "backbone.pt" if path.is_dir() else path
+    digest = hashlib.sha256()
+    for file in (path, path.parent / MODEL_FILE):
+        if file.is_file():
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+            for name in sorted(state):
+                tensor = state[name].detach().contiguous().reshape(-1)
+                digest.update(f"{file.name}:{name}:{tensor.dtype}:{tuple(state[name].shape)}".encode())
+                digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def checkpoint_digest(run_dir: str | Path) -> str:
     """sha256 over the files a run's encoder is loaded from (backbone.pt, and model.pt where there is one): an index
     embedded with other weights is told apart from one of these."""
@@ -138,9 +159,9 @@ def checkpoint_digest(run_dir: str | Path) -> str:
 def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, data_dir: str | Path) -> Path:
     """Write ``gallery`` as a Parquet embedding index: columns key, label, caption, path (the image's file, where the
     dataset's manifest has it), digest (the manifest's, of the image's bytes), embedding (fixed-size float32 list);
-    schema metadata format, checkpoint (path and sha256), data (the shard directory), corrupt, dim, classes (the
-    dataset's class names, a JSON list). Written beside ``path`` and renamed into place: a crash leaves no partial
-    index."""
+    schema metadata format, checkpoint (path, sha256 of its files and of its weights), data (the shard directory),
+    corrupt, dim, classes (the dataset's class names, a JSON list). Written beside ``path`` and renamed into place: a
+    crash leaves no partial index."""
     import os
 
     import pyarrow as pa
@@ -157,7 +178,7 @@ def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, 
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
     }).replace_schema_metadata({
         "format": INDEX_FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_sha256": checkpoint_digest(checkpoint),
+        "checkpoint_sha256": checkpoint_digest(checkpoint), "weights_sha256": weights_digest(checkpoint),
         "data": data_dir if is_url(data_dir) else str(Path(data_dir).resolve()),
         "corrupt": str(gallery.corrupt), "dim": str(emb.shape[1]), "classes": json.dumps(gallery.classes or [])})
     path.parent.mkdir(parents=True, exist_ok=True)

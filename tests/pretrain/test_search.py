@@ -3,6 +3,7 @@ against a brute-force one, the contact sheet, undecodable images skipped, and on
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,20 @@ def test_index_refusals_are_one_line(runs, capsys, tmp_path):
                  str(index)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --index: {index} was embedded with other weights")
+    # the same weights in other files (as `extract` of a run's last step writes them, saying which step and run): taken
+    same = tmp_path / "same"
+    shutil.copytree(runs / "simclr", same)
+    saved = torch.load(same / "backbone.pt", weights_only=True)
+    torch.save({**saved, "step": 600, "run": str(runs / "simclr")}, same / "backbone.pt")
+    assert main(["search", "--checkpoint", str(same), "--image", "digits_00001", "--index", str(index)]) == 0
+    # an index written before indexes kept the weights' digest: its files' digest is compared
+    table = pq.read_table(index)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"weights_sha256"}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "older.parquet")
+    for run, code in ((runs / "simclr", 0), (same, 2)):
+        assert main(["search", "--checkpoint", str(run), "--image", "digits_00001", "--index",
+                     str(tmp_path / "older.parquet")]) == code
+    capsys.readouterr()
     pq.write_table(pa.table({"x": [1]}), tmp_path / "plain.parquet")
     for bad, message in ((tmp_path / "plain.parquet", "is not an embedding index written by `pretrain embed`"),
                          (taken, "is not a Parquet file"), (tmp_path / "none.parquet", "does not exist")):
@@ -190,8 +205,6 @@ def test_a_contact_sheet_from_an_index_of_data_written_again_is_refused(runs, ca
     """`search --index --out` draws the hits from the data the index names: where that data was written again since
     (other images under the same keys, or fewer keys), one line says so (it had drawn the new images under the old
     hits' captions, or ended in a KeyError)."""
-    import shutil
-
     from tests.data_pipeline.conftest import make_image_tree
 
     write_shards(f"images:{make_image_tree(tmp_path / 'a', classes={'': 6})}", tmp_path / "ds", progress=False)
