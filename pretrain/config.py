@@ -782,6 +782,18 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_RecipeLoader)
 
 
+class _RecipeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string that YAML 1.1 or the recipe loader would read as something else (a
+    run named ``1e5`` or ``0o17``): a run's config.yaml reads back as it was written."""
+
+    yaml_implicit_resolvers: dict = {}
+
+
+for _first, _resolvers in [*yaml.SafeDumper.yaml_implicit_resolvers.items(),
+                           *_RecipeLoader.yaml_implicit_resolvers.items()]:
+    _RecipeDumper.yaml_implicit_resolvers.setdefault(_first, []).extend(_resolvers)
+
+
 def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
@@ -857,4 +869,4 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=_RecipeDumper, sort_keys=False))

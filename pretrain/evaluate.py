@@ -14,7 +14,8 @@ from pretrain.eval.finetune import finetune_top1
 from pretrain.eval.report import BASELINES, format_report, frozen_features, report_features, write_report
 from pretrain.eval.zeroshot import zeroshot_top1
 from pretrain.methods import METHODS
-from pretrain.steps import MODEL_FILE
+from pretrain.preflight import check_writable
+from pretrain.steps import MODEL_FILE, saved_step
 
 
 def random_init_backbone(cfg: Config) -> torch.nn.Module:
@@ -145,15 +146,12 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
         raise ConfigError(f"--finetune-layer-decay: {cfg.eval.finetune_layer_decay} needs a ViT backbone, and "
                           f"{path} is a {cfg.model.backbone}")
     report_path = Path(out_path) if out_path is not None else path.parent / "eval.json"
-    from pretrain.preflight import check_writable
-
     check_writable(report_path, "--out" if out_path is not None else "--checkpoint")  # before the work, not after
     report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
                                      embedding_map=staged_map(report_path))
-    from pretrain.steps import saved_step
-
-    if saved_step(path) is not None:
-        report["step"] = saved_step(path)  # the step of the encoder scored
+    step = saved_step(path)
+    if step is not None:
+        report["step"] = step  # the step of the encoder scored
     publish_report(report, report_path)  # only now: an evaluation that fails leaves eval.json where it was
     return report
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
+from pretrain.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, to_dict
 from tests.util import config_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,6 +223,9 @@ def test_plain_scalars_read_as_yaml_1_2(tmp_path):
         recipe.write_text(f"base: {RECIPE}\njob:\n  run_name: {name}\n  progress: off\n  use_gpu: no\n")
         cfg = load_config(recipe)
         assert (cfg.job.run_name, cfg.job.progress, cfg.job.use_gpu) == (name, False, "false")
+    for name in ("1e5", "0o17", ".inf", "no", "0755"):  # a run's config.yaml reads back as written, quoted where due
+        dump_config(load_config(RECIPE, [f"job.run_name='{name}'"]), tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml").job.run_name == name
     cfg = load_config(RECIPE, ["job.progress=no", "job.use_gpu=yes", "optim.lr=5e-4", "optim.weight_decay=1E-2"])
     assert (cfg.job.progress, cfg.job.use_gpu, cfg.optim.lr, cfg.optim.weight_decay) == (False, "true", 5e-4, 1e-2)
     # untyped values: a backbone's options and the per-view augmentations take the number too
