@@ -473,10 +473,22 @@ def _check(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor) -> None:
     if q.shape[1] != k.shape[1] or q.dtype != k.dtype or q.device != k.device:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} must share D, dtype, device")
     for name, t in (("pos", pos), ("excl", excl)):
-        if t.dtype != torch.int64 or t.shape != (q.shape[0],):
-            raise ValueError(f"{name} must be int64 of shape ({q.shape[0]},), got {t.dtype} {tuple(t.shape)}")
+        if t.dtype != torch.int64 or t.shape != (q.shape[0],) or t.device != q.device:
+            raise ValueError(f"{name} must be int64 of shape ({q.shape[0]},) on {q.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
     if k.shape[0] == 0:
         raise ValueError("k must have at least one column")
+    # The values, where that is free (eager, CPU): on a GPU it would cost a host sync, and a compiled graph cannot
+    # branch on them; the kernels read k[pos] unchecked, so there the contract is the caller's.
+    if pos.is_cuda or torch.compiler.is_compiling() or pos.numel() == 0:
+        return
+    c = k.shape[0]
+    if not 0 <= int(pos.min()) <= int(pos.max()) < c:
+        raise ValueError(f"pos values must lie in [0, C={c})")
+    if not -1 <= int(excl.min()) <= int(excl.max()) < c:
+        raise ValueError(f"excl values must lie in [0, C={c}), or be -1 (none)")
+    if bool((excl == pos).any()):
+        raise ValueError("excl must never equal pos (a row's positive cannot be its excluded column)")
 
 
 def decoupled_rows(rows: Tensor) -> Tensor:

@@ -318,9 +318,14 @@ class DinoLossFunction(torch.autograd.Function):
 
 
 # -------------------------------------------------------------------------------------------- public functions
-def _check_common(center: Tensor, k: int, student_temp: float, teacher_temp: float) -> None:
-    if center.numel() != k or not center.is_floating_point():
-        raise ValueError(f"center must be a float tensor with K={k} elements, got {tuple(center.shape)}")
+def _check_common(center: Tensor, logits: Tensor, k: int, student_temp: float, teacher_temp: float) -> None:
+    if k < 1:
+        raise ValueError(f"the logits must have K >= 1 prototypes, got K={k}")
+    if tuple(center.shape) not in ((k,), (1, k)) or not center.is_floating_point():
+        raise ValueError(f"center must be a float tensor of shape ({k},) or (1, {k}), got {center.dtype} "
+                         f"{tuple(center.shape)}")
+    if center.device != logits.device:
+        raise ValueError(f"center on {center.device} but the logits on {logits.device}")
     if not (student_temp > 0 and teacher_temp > 0):
         raise ValueError(f"temperatures must be > 0, got student_temp={student_temp}, teacher_temp={teacher_temp}")
 
@@ -333,7 +338,7 @@ def dino_loss_ref(student_out: Tensor, teacher_out: Tensor, center: Tensor, stud
     teacher_mean = t.float().mean(dim=(0, 1))
     s = student_out.float() if upcast else student_out
     t = t.float() if upcast else t
-    q = F.softmax((t - center.to(t.dtype)) / teacher_temp, dim=-1)
+    q = F.softmax((t - center.detach().reshape(-1).to(t.dtype)) / teacher_temp, dim=-1)
     logp = F.log_softmax(s / student_temp, dim=-1)
     total, n_pairs = 0.0, 0
     for i in range(q.shape[0]):
@@ -361,7 +366,9 @@ def dino_loss(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_
     if teacher_out.shape[1:] != student_out.shape[1:] or not 1 <= n_t <= n_s or n_s < 2:
         raise ValueError(f"need student_out (S>=2, B, K) and teacher_out (T, B, K) with 1 <= T <= S; got "
                          f"{tuple(student_out.shape)} and {tuple(teacher_out.shape)}")
-    _check_common(center, k, student_temp, teacher_temp)
+    if b < 1:
+        raise ValueError("student_out and teacher_out must hold at least one image (B >= 1)")
+    _check_common(center, student_out, k, student_temp, teacher_temp)
     if resolve_impl(impl, student_out, op="dino_loss") == "ref":
         return dino_loss_ref(student_out, teacher_out, center, student_temp, teacher_temp, upcast=True)
     n_pairs = n_t * (n_s - 1)
@@ -378,7 +385,7 @@ def ibot_patch_loss_ref(student_patch: Tensor, teacher_patch: Tensor, mask: Tens
     teacher_mean = t.float().mean(dim=(0, 1))
     s = student_patch.float() if upcast else student_patch
     t = t.float() if upcast else t
-    q = F.softmax((t - center.to(t.dtype)) / teacher_temp, dim=-1)
+    q = F.softmax((t - center.detach().reshape(-1).to(t.dtype)) / teacher_temp, dim=-1)
     ce = torch.sum(-q * F.log_softmax(s / student_temp, dim=-1), dim=-1)  # (B, L)
     per_image = torch.sum(ce * mask.to(ce.dtype), dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
     return per_image.mean(), teacher_mean
@@ -400,9 +407,12 @@ def ibot_patch_loss(student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, 
         raise ValueError(f"teacher_patch {tuple(teacher_patch.shape)} must match student_patch "
                          f"{tuple(student_patch.shape)}")
     b, length, k = student_patch.shape
-    if mask.dtype != torch.bool or tuple(mask.shape) != (b, length):
-        raise ValueError(f"mask must be bool ({b}, {length}), got {mask.dtype} {tuple(mask.shape)}")
-    _check_common(center, k, student_temp, teacher_temp)
+    if mask.dtype != torch.bool or tuple(mask.shape) != (b, length) or mask.device != student_patch.device:
+        raise ValueError(f"mask must be bool ({b}, {length}) on {student_patch.device}, got {mask.dtype} "
+                         f"{tuple(mask.shape)} on {mask.device}")
+    if b * length < 1:
+        raise ValueError(f"student_patch must hold at least one patch, got {tuple(student_patch.shape)}")
+    _check_common(center, student_patch, k, student_temp, teacher_temp)
     if resolve_impl(impl, student_patch, op="ibot_patch_loss") == "ref":
         return ibot_patch_loss_ref(student_patch, teacher_patch, mask, center, student_temp, teacher_temp,
                                    upcast=True)
@@ -428,7 +438,7 @@ def ibot_masked_patch_loss_ref(student_masked: Tensor, teacher_masked: Tensor, m
     t = teacher_masked.detach()
     s = student_masked.float() if upcast else student_masked
     t = t.float() if upcast else t
-    q = F.softmax((t - center.to(t.dtype)) / teacher_temp, dim=-1)
+    q = F.softmax((t - center.detach().reshape(-1).to(t.dtype)) / teacher_temp, dim=-1)
     ce = torch.sum(-q * F.log_softmax(s / student_temp, dim=-1), dim=-1)  # (M,)
     return torch.sum(ce * _masked_row_weights(mask, ce.shape[0]).to(ce.dtype))
 
@@ -448,12 +458,14 @@ def ibot_masked_patch_loss(student_masked: Tensor, teacher_masked: Tensor, mask:
     if teacher_masked.shape != student_masked.shape:
         raise ValueError(f"teacher_masked {tuple(teacher_masked.shape)} must match student_masked "
                          f"{tuple(student_masked.shape)}")
-    if mask.dtype != torch.bool or mask.ndim != 2:
-        raise ValueError(f"mask must be a bool (B, L) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if mask.dtype != torch.bool or mask.ndim != 2 or mask.device != student_masked.device:
+        raise ValueError(f"mask must be a bool (B, L) tensor on {student_masked.device}, got {mask.dtype} "
+                         f"{tuple(mask.shape)} on {mask.device}")
     rows, k = student_masked.shape
-    if mask.device.type == "cpu" and int(mask.sum()) != rows:  # (on a GPU the count would cost a host sync)
+    # the count, where it is free: on a GPU it would cost a host sync, and a compiled graph cannot branch on it
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and int(mask.sum()) != rows:
         raise ValueError(f"student_masked has {rows} rows but mask marks {int(mask.sum())} patches")
-    _check_common(center, k, student_temp, teacher_temp)
+    _check_common(center, student_masked, k, student_temp, teacher_temp)
     path = resolve_impl(impl, student_masked, op="ibot_masked_patch_loss")
     if rows == 0:  # nothing masked: no loss, and a zero gradient
         return student_masked.float().sum()

@@ -206,6 +206,10 @@ def _check_ids(x: Tensor, ids_keep: Tensor) -> None:
     checkable = not ids_keep.is_cuda and not torch.compiler.is_compiling() and ids_keep.numel() > 0
     if checkable and not 0 <= int(ids_keep.min()) <= int(ids_keep.max()) < x.shape[1]:
         raise ValueError(f"ids_keep values must lie in [0, L={x.shape[1]})")
+    if checkable and ids_keep.shape[1] > 1:  # the backward scatters: a repeated id would take one gradient, not all
+        ordered = ids_keep.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("ids_keep values must be distinct within each row (the positions kept)")
 
 
 def _check_mask(x: Tensor, mask: Tensor) -> None:

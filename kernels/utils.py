@@ -120,9 +120,13 @@ def check_pair(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor, a_all: 
             raise ValueError(f"offset must be 0 without {na}_all/{nb}_all, got {offset}")
         return a, b, 0
     check_float(f"{na}_all", a_all, 2)
-    if a_all.shape != b_all.shape or a_all.shape[1] != a.shape[1] or a_all.dtype != a.dtype:
-        raise ValueError(f"{na}_all {tuple(a_all.shape)} and {nb}_all {tuple(b_all.shape)} must be "
-                         f"(N, {a.shape[1]}) {a.dtype}")
+    check_float(f"{nb}_all", b_all, 2)
+    if a_all.shape != b_all.shape or a_all.shape[1] != a.shape[1] or {a_all.dtype, b_all.dtype} != {a.dtype} \
+            or {a_all.device, b_all.device} != {a.device}:
+        raise ValueError(f"{na}_all {tuple(a_all.shape)} {a_all.dtype} and {nb}_all {tuple(b_all.shape)} "
+                         f"{b_all.dtype} must be (N, {a.shape[1]}) {a.dtype} on {a.device}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, torch.SymInt)):
+        raise ValueError(f"offset must be an int (this rank's first row in {na}_all), got {offset!r}")
     if not 0 <= offset <= a_all.shape[0] - a.shape[0]:
         raise ValueError(f"offset {offset} + n {a.shape[0]} must fit in N {a_all.shape[0]}")
     return a_all, b_all, int(offset)

@@ -135,3 +135,31 @@ def test_bad_shapes_raise(shapes, match):
     s, t, c = (torch.randn(*x) for x in shapes)
     with pytest.raises(ValueError, match=match):
         dino_loss(s, t, c, 0.1, 0.04)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_center_is_k_or_1_by_k_without_gradient_on_every_path(impl):
+    """A center of shape (K,) or (1, K) gives the same loss on every path and no gradient (only the student gets one;
+    the reference had broadcast a (K, 1) center against the batch, and given the center a gradient); any other shape,
+    a center on another device and empty sizes are a ValueError."""
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, 4, generator=gen, requires_grad=True), torch.randn(2, 4, 4, generator=gen)
+    center = torch.randn(4, generator=gen)
+    want = dino_loss_ref(s.double(), t.double(), center.double(), 0.1, 0.04)[0].item()
+    for c in (center, center[None]):
+        c = c.clone().requires_grad_()
+        loss = dino_loss(s, t, c, 0.1, 0.04, impl=impl)[0]
+        loss.backward()
+        assert loss.item() == pytest.approx(want, rel=1e-5) and c.grad is None and s.grad is not None
+    for bad, match in ((center[:, None], r"center must be a float tensor of shape \(4,\) or \(1, 4\)"),
+                       (center.to("meta"), "center on meta but the logits on cpu")):
+        with pytest.raises(ValueError, match=match):
+            dino_loss(s, t, bad, 0.1, 0.04, impl=impl)
+    with pytest.raises(ValueError, match="at least one image"):
+        dino_loss(s[:, :0], t[:, :0], center, 0.1, 0.04, impl=impl)
+    with pytest.raises(ValueError, match="K >= 1"):
+        dino_loss(s[..., :0], t[..., :0], center[:0], 0.1, 0.04, impl=impl)
+    mask = torch.ones(2, 4, dtype=torch.bool)  # iBOT's patch loss: (B=2, L=4, K=4) logits
+    for bad_mask in (mask.to("meta"), mask[:, :3]):
+        with pytest.raises(ValueError, match="mask must be bool"):
+            ibot_patch_loss(s[:2], t, bad_mask, center, 0.1, 0.04, impl=impl)

@@ -39,6 +39,16 @@ def test_masked_gather_out_of_range_ids_raise():
         masked_gather(torch.randn(2, 4, 8), torch.tensor([[0, 4], [1, 2]]), impl="triton")
 
 
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_masked_gather_repeated_ids_raise(impl):
+    """An id kept twice in a row: a ValueError (its backward, a scatter, would give it one of the gradients, not their
+    sum), on every path; distinct ids in any order are taken."""
+    x = torch.randn(2, 4, 8)
+    masked_gather(x, torch.tensor([[3, 0, 1], [2, 1, 0]]), impl=impl)
+    with pytest.raises(ValueError, match="ids_keep values must be distinct within each row"):
+        masked_gather(x, torch.tensor([[0, 1, 1], [2, 1, 0]]), impl=impl)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mask_token_replace_matches_where(dtype, device):
     """Output and x-gradient match torch.where exactly; the token gradient matches an fp32 sum of masked grads."""

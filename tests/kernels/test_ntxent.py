@@ -164,6 +164,10 @@ def test_distributed_reference_matches_tiled_per_rank(device):
         (dict(temperature=0.0), "temperature"),
         (dict(z0_all=torch.zeros(8, 4)), "both"),
         (dict(z0_all=torch.zeros(8, 4), z1_all=torch.zeros(8, 4), offset=6), "offset"),
+        (dict(z0_all=torch.zeros(8, 4), z1_all=torch.zeros(8, 4), offset=2.7), "offset must be an int"),
+        (dict(z0_all=torch.zeros(8, 4), z1_all=torch.zeros(8, 4, dtype=torch.float16)), r"z1_all \(8, 4\) "
+                                                                                          "torch.float16"),
+        (dict(z0_all=torch.zeros(8, 4), z1_all=torch.zeros(8, 4, dtype=torch.float64)), "must be"),
         (dict(impl="fast"), "impl"),
     ],
 )
@@ -171,6 +175,22 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     """Bad arguments fail with a ValueError naming the problem."""
     with pytest.raises(ValueError, match=match):
         ntxent_loss(torch.zeros(4, 4), torch.zeros(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
+def test_rows_out_of_range_are_a_value_error_on_every_path(impl):
+    """contrastive_rows_loss's pos / excl outside the columns, or an excluded column that is the positive: one
+    ValueError naming the argument, on every path (the Triton kernel had read past k and returned a finite loss)."""
+    q, k = torch.randn(4, 8), torch.randn(6, 8)
+    pos, excl = torch.tensor([0, 1, 2, 5]), torch.tensor([1, 2, 3, -1])
+    contrastive_rows_loss(q, k, pos, excl, impl=impl)  # in range: taken
+    for bad_pos, bad_excl, match in ((torch.tensor([0, 1, 2, 6]), excl, r"pos values must lie in \[0, C=6\)"),
+                                     (torch.tensor([0, 1, 2, -1]), excl, "pos values"),
+                                     (pos, torch.tensor([1, 2, 3, 6]), "excl values"),
+                                     (pos, torch.tensor([1, 2, 3, -2]), "excl values"),
+                                     (pos, torch.tensor([0, 2, 3, -1]), "excl must never equal pos")):
+        with pytest.raises(ValueError, match=match):
+            contrastive_rows_loss(q, k, bad_pos, bad_excl, impl=impl)
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
