@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"number of 224 px JPEGs to generate (default 384; at least one batch of {JPEG_BATCH})")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where DALI runs (default cpu)")
     args = parser.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no GPU that torch can use (DALI's GPU ops need CUDA)")
 
     print("# bench_data: decode + 2-view augmentation throughput (images/s; each image yields 2 views)")
     print(f"# machine: {machine()}")

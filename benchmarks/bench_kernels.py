@@ -274,8 +274,8 @@ def load_rows(path: Path) -> list[dict]:
     """The rows of the latest run (newest time_utc) in a CSV this script wrote, numbers as floats."""
     with open(path, newline="", errors="replace") as f:
         reader = csv.DictReader(f)
-        if not {"time_utc", "provider"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path} is not a CSV of bench_kernels rows (no time_utc and provider columns)")
+        if not {"time_utc", "provider", "op", "shape"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path} is not a CSV of bench_kernels rows (no time_utc, op, shape and provider columns)")
         rows = list(reader)
     if not rows:
         return []
@@ -425,11 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in (value or "").split(",") if v and v not in known] or ([""] if value == "" else [])
         if unknown:
             ap.error(f"{option}: {', '.join(map(repr, unknown))} not among {','.join(known)}")
+        if value is not None and not any(value.split(",")):
+            ap.error(f"{option}: names none of {','.join(known)}")
     for option, value in (("--budget-s", args.budget_s), ("--case-timeout-s", args.case_timeout_s)):
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # NaN too
             ap.error(f"{option}: must be > 0, got {value:g}")
     if args.out is not None:
         csv_out(ap, "--out", Path(args.out))
+    if args.smoke and args.device == "cuda":
+        ap.error("--smoke runs the GPU sweep's code path on the CPU; drop --device cuda (or --smoke to measure there)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.smoke:
         device = "cpu"
@@ -447,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
           f" mode={mode}")
     # In-process: the GPU and the smoke run. CPU measurements run each provider in a fresh subprocess (peak RSS).
     in_process = device == "cuda" or args.smoke
+    planned = [(c, p) for c in _sizes(mode, device == "cuda") if c["op"] in ops
+               for p in _providers(c, triton_ok=in_process) if not only or p in only]
+    if not planned:
+        ap.error(f"nothing to measure: --providers {args.providers} on {device}" + (" (Triton runs on a GPU, or on the "
+                                                                                   "CPU with --smoke)" if device ==
+                                                                                   "cpu" else ""))
     rows: list[dict] = []
     broken = None  # a CUDA error that poisons the context ends the sweep (the rows so far are kept)
     for case in [c for c in _sizes(mode, device == "cuda") if c["op"] in ops]:

@@ -153,16 +153,23 @@ def at_least(low: float, kind: type = int):
 def positive_float(text: str) -> float:
     """An argparse ``type``: a number > 0."""
     value = at_least(0.0, float)(text)
-    if value == 0:
+    if not value > 0:  # 0, and NaN (which no comparison refuses)
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def csv_out(parser: argparse.ArgumentParser, option: str, path: Path) -> Path:
-    """``path`` as the CSV a benchmark appends to, or ``parser.error`` (before anything is measured) for a directory or
-    a file without the CSV header of a results file."""
+    """``path`` as the CSV a benchmark appends to, or ``parser.error`` (before anything is measured) for a directory, a
+    path that cannot be written or a file without the CSV header of a results file."""
     if path.is_dir():
         parser.error(f"{option}: {path} is a directory; give the CSV file to append the rows to")
+    from pretrain.config import ConfigError
+    from pretrain.preflight import check_writable
+
+    try:
+        check_writable(path, option)  # a read-only folder, a file where a folder would be: before, not after
+    except ConfigError as e:
+        parser.error(str(e))
     if path.is_file() and path.stat().st_size and "," not in path.open(errors="replace").readline():
         parser.error(f"{option}: {path} is not a CSV of results (its first line is no CSV header); rows are appended "
                      "to one")

@@ -104,9 +104,14 @@ def _usage(cubin: bytes) -> str:
     return " ".join(w for w in line.split() if w.startswith(("REG:", "STACK:")))
 
 
+ARCHS = (70, 72, 75, 80, 86, 87, 89, 90)
+"""Compute capabilities of the NVIDIA GPUs the kernels target (V100 .. H200); another number made LLVM abort."""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90")
+    ap.add_argument("--arch", type=int, default=90, choices=ARCHS, metavar="ARCH",
+                    help=f"CUDA compute capability, one of {', '.join(map(str, ARCHS))} (default 90)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("kernels.aot_check: unset TRITON_INTERPRET (it replaces the compiler)")

@@ -19,6 +19,17 @@ SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory,
     ("kernels", ["--report", "{tmp}/none.csv"], "--report: {tmp}/none.csv is not a file"),
     ("kernels", ["--report", "{tmp}/other.csv"], "--report: {tmp}/other.csv is not a CSV of bench_kernels rows"),
     ("kernels", ["--smoke", "--out", "{tmp}"], "--out: {tmp} is a directory; give the CSV file"),
+    # below a file: refused before measuring (it had measured, then died creating the folder)
+    ("kernels", ["--smoke", "--out", "{tmp}/notes.txt/k.csv"], "--out: {tmp}/notes.txt is a file, so "),
+    ("memory", ["--out", "{tmp}/notes.txt/m.csv"], "--out: {tmp}/notes.txt is a file, so "),
+    ("train", ["--out", "{tmp}/notes.txt/t.csv"], "--out: {tmp}/notes.txt is a file, so "),
+    ("kernels", ["--ops", ","], "--ops: names none of ntxent,dino,gather"),
+    ("kernels", ["--budget-s", "nan"], "--budget-s: must be > 0, got nan"),
+    ("kernels", ["--report", "{tmp}/partial.csv"], "--report: {tmp}/partial.csv is not a CSV of bench_kernels rows"),
+    ("kernels", ["--smoke", "--device", "cuda"], "--smoke runs the GPU sweep's code path on the CPU"),
+    ("kernels", ["--quick", "--device", "cpu", "--providers", "triton"], "nothing to measure: --providers triton on "
+                                                                         "cpu (Triton runs on a GPU, or on the CPU"),
+    ("memory", ["--budget-s", "nan"], "argument --budget-s: must be > 0, got nan"),
     ("memory", ["--backbones", "vit_tiny,convnet"], "--backbones: 'convnet' not among the ViT backbones vit_tiny,"),
     ("memory", ["--image-size", "30", "--patch-size", "8"], "--patch-size: 8 does not divide --image-size 30"),
     ("memory", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
@@ -32,6 +43,7 @@ SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory,
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, script, argv, message):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "partial.csv").write_text("time_utc,provider\n2026-12-03T00:00:00+00:00,eager\n")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(SystemExit) as e:
         SCRIPTS[script].main([a.format(tmp=tmp_path) for a in argv])
@@ -39,3 +51,16 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys, script, argv,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in err and message.format(tmp=tmp_path) in err, err  # argparse's one line, after its usage
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing appended
+
+
+def test_data_on_a_gpu_the_machine_lacks_is_refused_before_any_work(capsys):
+    """bench_data --device cuda without CUDA: one line before it writes its shards (it had ended in a DALI traceback
+    after writing them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine with a GPU runs it")
+    with pytest.raises(SystemExit) as e:
+        bench_data.main(["--device", "cuda"])
+    assert e.value.code == 2
+    assert "--device cuda: this machine has no GPU that torch can use" in capsys.readouterr().err

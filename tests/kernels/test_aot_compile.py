@@ -24,3 +24,15 @@ def test_all_kernels_compile_to_a_cubin(arch):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count(f"ok sm_{arch} ") == len(_cases()) >= 30, p.stdout
+
+
+def test_an_arch_the_kernels_do_not_target_is_one_line(capsys):
+    """--arch 0 or 999: argparse's one line naming the targets (LLVM had aborted, or a pass manager traceback)."""
+    from kernels.aot_check import main
+
+    for arch in ("0", "999"):
+        with pytest.raises(SystemExit) as e:
+            main(["--arch", arch])
+        assert e.value.code == 2
+        assert f"argument --arch: invalid choice: {arch} (choose from 70, 72, 75, 80, 86, 87, 89, 90)" in \
+            capsys.readouterr().err
