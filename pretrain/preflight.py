@@ -83,6 +83,8 @@ def run_lock(run_dir: Path, *, new: bool) -> Iterator[None]:
             f.flush()
             yield
         finally:
+            f.seek(0)
+            f.truncate()  # held by nobody now: it names no process
             if not _holds_files(run_dir):  # nothing written: leave no trace
                 lock.unlink(missing_ok=True)
                 for folder in created:

@@ -475,5 +475,6 @@ def test_one_command_at_a_time_writes_a_run(tmp_path, capsys):
     assert main(["train", "--dry-run", "--resume", str(tmp_path / "r"), "--set", "job.max_steps=700"]) == 0
     assert main(["train", "--dry-run", *sets, "--set", "job.run_name=new"]) == 0
     assert (tmp_path / "new" / "config.yaml").is_file()
+    assert (tmp_path / "new" / ".pretrain.lock").read_text() == ""  # released: it names no process
     assert main(["train", "--dry-run", *sets, "--set", "job.run_name=new"]) == 2  # written: a new run is refused
     assert _one_line_error(capsys).startswith(f"error: job.run_name: {tmp_path / 'new'} already holds a run; ")
