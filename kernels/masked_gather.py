@@ -206,7 +206,9 @@ def _check_ids(x: Tensor, ids_keep: Tensor) -> None:
     checkable = not ids_keep.is_cuda and not torch.compiler.is_compiling() and ids_keep.numel() > 0
     if checkable and not 0 <= int(ids_keep.min()) <= int(ids_keep.max()) < x.shape[1]:
         raise ValueError(f"ids_keep values must lie in [0, L={x.shape[1]})")
-    if checkable and ids_keep.shape[1] > 1:  # the backward scatters: a repeated id would take one gradient, not all
+    # the backward scatters: a repeated id would take one of its gradients, not their sum (a gather without a
+    # backward, I-JEPA's of the target's overlapping blocks, may repeat ids)
+    if checkable and ids_keep.shape[1] > 1 and x.requires_grad and torch.is_grad_enabled():
         ordered = ids_keep.sort(dim=1).values
         if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
             raise ValueError("ids_keep values must be distinct within each row (the positions kept)")
