@@ -493,6 +493,8 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):  # relative to here, not
             self.uri = "sqlite:///" + str(Path(self.uri[len("sqlite:///"):]).expanduser().resolve())  # to a worker's
+        _check(bool(self.experiment and self.experiment.strip()), "experiment", "must name an MLflow experiment, got "
+               f"{self.experiment!r}")
         _check(self.system_metrics_s >= 0, "system_metrics_s", f"must be >= 0 (0 = off), got {self.system_metrics_s}")
 
 

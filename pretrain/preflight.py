@@ -209,11 +209,13 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
     from pretrain.trainer import RUN_ID_FILE, write_run_files  # DeepSpeed's import, only once everything above passed
 
     if reach_tracking and (run_dir / RUN_ID_FILE).is_file():  # a resume goes on in its MLflow run
-        from pretrain.tracking import check_holds_run, default_tracking_uri
+        from pretrain.tracking import DeletedRun, check_holds_run, default_tracking_uri
 
         try:
             check_holds_run(cfg.tracking.uri or default_tracking_uri(run_dir.parent),
                             (run_dir / RUN_ID_FILE).read_text().strip())
+        except DeletedRun as e:
+            raise ConfigError(f"tracking.uri: {e}") from None
         except ValueError as e:
             raise ConfigError(f"tracking.uri: {e}, which {run_dir.name}'s metrics go on in; resume it with the "
                               "tracking.uri it began with") from None

@@ -21,6 +21,8 @@ FLUSH_EVERY_S = 2.0
 FLUSH_EVERY_N = 500
 """... or as soon as this many are buffered."""
 HEALTH_TIMEOUT_S = 3.0
+MAX_KEPT = 1_000_000
+"""Metric points kept while the server does not take them (a few hundred MB at most); older ones are dropped."""
 
 _SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
 _END_STATUSES = {"FINISHED", "FAILED", "KILLED"}
@@ -181,6 +183,7 @@ class MLflowTracker(_RunContext):
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
         self._buffer: list = []
+        self._failing = False
         self._finished = False
         if run_id is None:
             experiment_id = self._experiment_id(experiment, artifact_location)
@@ -208,6 +211,7 @@ class MLflowTracker(_RunContext):
                     raise
         if exp.lifecycle_stage == "deleted":
             self._client.restore_experiment(exp.experiment_id)
+            print(f"MLflow: experiment {name!r} had been deleted; restored it for this run", flush=True)
         return exp.experiment_id
 
     def log_params(self, params) -> None:
@@ -254,13 +258,26 @@ class MLflowTracker(_RunContext):
             self.flush()
 
     def flush(self) -> None:
-        """Send all buffered metrics now."""
+        """Send all buffered metrics now. Where the server does not take them (down, restarting, unreachable after
+        MLflow's own retries) training goes on: the points are kept (up to MAX_KEPT) and sent again at the next flush,
+        with one line when that starts and one when they are through."""
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
         buffer, self._buffer = self._buffer, []
-        for i in range(0, len(buffer), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=buffer[i : i + MAX_METRICS_PER_BATCH])
         self._last_flush = time.monotonic()
+        for i in range(0, len(buffer), MAX_METRICS_PER_BATCH):
+            try:
+                self._client.log_batch(self.run_id, metrics=buffer[i : i + MAX_METRICS_PER_BATCH])
+            except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types: tracking is no reason
+                self._buffer = (buffer[i:] + self._buffer)[-MAX_KEPT:]  # to lose a training
+                if not self._failing:
+                    print(f"Warning: MLflow at {self.tracking_uri} did not take the metrics ({_short(err)}); training "
+                          "goes on, and they are kept and sent again", flush=True)
+                self._failing = True
+                return
+        if self._failing:
+            print(f"MLflow at {self.tracking_uri} takes the metrics again; the kept ones are sent", flush=True)
+        self._failing = False
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file (or a folder's contents) under ``artifact_path`` of the run's artifacts."""
@@ -287,27 +304,44 @@ class MLflowTracker(_RunContext):
             raise ValueError(f"status must be one of {sorted(_END_STATUSES)}, got {status!r}")
         if self._finished:
             return
-        self.flush()
-        self._client.set_terminated(self.run_id, status=status)
         self._finished = True
+        self.flush()
+        try:  # a server gone must not hide what ended the run (the error being raised) or fail a finished one
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types
+            print(f"Warning: could not mark MLflow run {self.run_id} {status} at {self.tracking_uri} ({_short(err)})"
+                  + (f"; {len(self._buffer)} metric points not sent" if self._buffer else ""), flush=True)
+
+
+def _short(err: BaseException) -> str:
+    """An exception in one short line (MLflow's and urllib3's run to pages of retries)."""
+    text = str(getattr(err, "message", None) or err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def check_reachable(uri: str) -> None:
-    """ConnectionError (one line) unless an HTTP server answers at ``uri``; any HTTP status counts as an answer."""
+    """ConnectionError (one line) unless an MLflow server answers at ``uri``: its /health answers, with any status but
+    404 (an auth proxy's 401 is an answer, MlflowClient reports it; a 404 is some other web server)."""
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
             pass
-    except urllib.error.HTTPError:
-        pass  # it answered; MlflowClient reports auth or path problems itself
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            raise ConnectionError(f"{uri} answers, but is not an MLflow tracking server (its /health: HTTP 404)") \
+                from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise ConnectionError(f"tracking server {uri} is not reachable ({reason})") from None
 
 
+class DeletedRun(ValueError):
+    """The store holds the run, deleted (alone, or with its experiment)."""
+
+
 def check_holds_run(uri: str, run_id: str) -> None:
     """ValueError (one line) unless the store at ``uri`` holds MLflow run ``run_id`` (a resumed run's; a resume pointed
-    at another store would fail in every worker). Checked for a sqlite file (not created where it is missing) and a
-    reachable server; other stores are left to the workers."""
+    at another store would fail in every worker), DeletedRun where it holds it deleted. Checked for a sqlite file (not
+    created where it is missing) and a reachable server; other stores are left to the workers."""
     scheme = urlparse(uri).scheme
     if scheme == "sqlite" and not Path(uri[len("sqlite:///"):]).is_file():
         raise ValueError(f"{uri} does not exist, so it holds no MLflow run {run_id}")
@@ -317,9 +351,13 @@ def check_holds_run(uri: str, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        MlflowClient(uri).get_run(run_id)
+        run = MlflowClient(uri).get_run(run_id)
     except MlflowException as err:
         raise ValueError(f"{uri} holds no MLflow run {run_id} ({err.message.splitlines()[0]})") from None
+    if run.info.lifecycle_stage == "deleted":  # deleted with its experiment, or alone: it takes no more metrics
+        raise DeletedRun(f"{uri} holds MLflow run {run_id} as deleted, and a deleted run takes no metrics; restore it "
+                         f"(`mlflow runs restore --run-id {run_id}`, its experiment first if that was deleted) to "
+                         "resume")
 
 
 def make_tracker(

@@ -210,6 +210,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 _watch(monitor, engine, tracker, step)
                 t_last = time.perf_counter()  # the monitor's time is not the next step's
             if checkpoint:
+                tracker.flush()  # what MLflow has reaches this checkpoint: a restart from it loses no point
                 _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank)
     except BaseException:
         tracker.finish("FAILED")

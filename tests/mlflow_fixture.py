@@ -6,6 +6,7 @@ backend and proxied artifacts in a temporary folder, and its whole process group
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,11 +30,10 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """http URI of a live ``mlflow server`` (sqlite backend, artifacts served from a tmp folder)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
+@contextlib.contextmanager
+def serving(root, port: int):
+    """``mlflow server`` on 127.0.0.1:``port`` over the sqlite store and artifacts in ``root`` until the block ends
+    (its process group killed then); yields its http URI. The same ``root`` and ``port`` serve the same runs again."""
     uri = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable, "-m", "mlflow", "server",
@@ -45,7 +45,7 @@ def mlflow_server(tmp_path_factory):
     ]  # fmt: skip
     # the server's background job runner spawns several huey consumers; tests need none of them
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
+    log = open(root / "server.log", "ab")  # noqa: SIM115 - closed after the server stops
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -69,3 +69,10 @@ def mlflow_server(tmp_path_factory):
         except ProcessLookupError:
             pass
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """http URI of a live ``mlflow server`` (sqlite backend, artifacts served from a tmp folder)."""
+    with serving(tmp_path_factory.mktemp("mlflow_server"), free_port()) as uri:
+        yield uri

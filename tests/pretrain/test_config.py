@@ -257,6 +257,8 @@ def test_odd_values_and_keys_are_one_line(tmp_path):
     defaults."""
     assert config_error(RECIPE, ["optim.lr=.inf"]) == "optim.lr: expected a finite number, got inf"
     assert config_error(RECIPE, ["method.temperature=.nan"]) == "method.temperature: expected a finite number, got nan"
+    assert config_error(RECIPE, ["tracking.experiment=' '"]) == ("tracking.experiment: must name an MLflow "
+                                                                 "experiment, got ' '")
     assert config_error(RECIPE, ["optim={1: 2}"]).startswith("optim.1: unknown key (known: ")
     assert config_error(RECIPE, ["optim={1: 2, a: 3}"]).startswith("optim.a: unknown key (known: ")
     assert config_error(RECIPE, ["optim={~: 3}"]).startswith("optim.None: unknown key (known: ")

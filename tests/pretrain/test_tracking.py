@@ -12,9 +12,11 @@ from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from pretrain.tracking import (
+    DeletedRun,
     MLflowTracker,
     NullTracker,
     check_holds_run,
+    check_reachable,
     check_tracking_uri,
     default_artifact_location,
     default_tracking_uri,
@@ -138,6 +140,67 @@ def test_resume_unknown_run_id_is_a_value_error(mlflow_server, request):
     """Resuming a run id the server does not know fails with one line naming the id."""
     with pytest.raises(ValueError, match="0123456789abcdef"):
         MLflowTracker(mlflow_server, experiment=_uuid_experiment(request), run_id="0123456789abcdef")
+
+
+def test_a_server_that_goes_away_costs_no_training_and_no_metric(tmp_path, monkeypatch, capsys):
+    """The server stops mid-run: flushing keeps the points and says so once (it had raised out of the training loop,
+    after minutes of retries, and left the run RUNNING); ending the run says it could not mark it (it had raised,
+    hiding what ended the run). The server back (same store, same port): every kept point arrives, once."""
+    from tests.mlflow_fixture import serving
+    from tests.util import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes here
+    port = free_port()
+    with serving(tmp_path, port) as uri:
+        tracker = MLflowTracker(uri, experiment="outage")
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.flush()
+    capsys.readouterr()
+    for step in (2, 3):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+        tracker.flush()
+    out = capsys.readouterr().out
+    assert out.count(f"Warning: MLflow at {uri} did not take the metrics (") == 1, out
+    assert out.strip().endswith("training goes on, and they are kept and sent again") and "\n" not in out.strip()
+    tracker.finish("FAILED")  # no exception
+    assert capsys.readouterr().out.startswith(f"Warning: could not mark MLflow run {tracker.run_id} FAILED at {uri} (")
+    with serving(tmp_path, port):
+        tracker._finished = False  # the same tracker, the server back: what it kept goes out
+        tracker.finish("FINISHED")
+        assert capsys.readouterr().out.startswith(f"MLflow at {uri} takes the metrics again; the kept ones are "
+                                                  "sent\n")  # (then MLflow's own lines: the run's address)
+        client = MlflowClient(uri)
+        assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [
+            (1, 1.0), (2, 2.0), (3, 3.0)]
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_resume_into_a_deleted_run_is_refused(mlflow_server, request):
+    """A run deleted in MLflow (alone, or with its experiment) takes no metrics: a resume into it is one line saying
+    how to restore it (it had passed and failed in the workers)."""
+    tracker = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    tracker.finish()
+    MlflowClient(mlflow_server).delete_run(tracker.run_id)
+    with pytest.raises(DeletedRun, match=f"holds MLflow run {tracker.run_id} as deleted, and a deleted run takes no "
+                                         f"metrics; restore it \\(`mlflow runs restore --run-id {tracker.run_id}`"):
+        check_holds_run(mlflow_server, tracker.run_id)
+
+
+def test_a_web_server_that_is_not_mlflow_is_refused(tmp_path):
+    """A tracking URI at some other web server (its /health a 404) is refused in one line before anything starts (it
+    had passed, and the workers failed on an HTML page)."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConnectionError, match=f"^{uri} answers, but is not an MLflow tracking server \\(its "
+                                                  "/health: HTTP 404\\)$"):
+            check_reachable(uri)
+    finally:
+        server.shutdown()
 
 
 def test_a_server_is_asked_whether_it_holds_a_run_to_resume(mlflow_server, request):
