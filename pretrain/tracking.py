@@ -21,6 +21,9 @@ FLUSH_EVERY_S = 2.0
 FLUSH_EVERY_N = 500
 """... or as soon as this many are buffered."""
 HEALTH_TIMEOUT_S = 3.0
+RETRY_EVERY_S = 60.0
+"""While the server does not take the metrics, they are sent again this long after the last try (and before each
+checkpoint)."""
 MAX_KEPT = 1_000_000
 """Metric points kept while the server does not take them (a few hundred MB at most); older ones are dropped."""
 
@@ -254,7 +257,11 @@ class MLflowTracker(_RunContext):
 
         now_ms = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items())
-        if len(self._buffer) >= FLUSH_EVERY_N or time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
+        since = time.monotonic() - self._last_flush
+        if self._failing:  # each try may wait out MLflow's retries: not at every step
+            if since >= RETRY_EVERY_S:
+                self.flush()
+        elif len(self._buffer) >= FLUSH_EVERY_N or since >= FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:

@@ -161,6 +161,14 @@ def test_a_server_that_goes_away_costs_no_training_and_no_metric(tmp_path, monke
         tracker.flush()
     out = capsys.readouterr().out
     assert out.count(f"Warning: MLflow at {uri} did not take the metrics (") == 1, out
+    tries, send = [], tracker._client.log_batch  # each try may wait out MLflow's retries: not one every step
+    tracker._client.log_batch = lambda *a, **k: (tries.append(1), send(*a, **k))
+    for _ in range(3):
+        tracker.log_metrics({f"m{i}": 0.0 for i in range(600)}, step=4)  # past FLUSH_EVERY_N, and past FLUSH_EVERY_S
+        time.sleep(0.8)
+    assert tries == [] and len(tracker._buffer) == 2 + 1800
+    tracker._client.log_batch = send
+    tracker._buffer = tracker._buffer[:2]
     assert out.strip().endswith("training goes on, and they are kept and sent again") and "\n" not in out.strip()
     tracker.finish("FAILED")  # no exception
     assert capsys.readouterr().out.startswith(f"Warning: could not mark MLflow run {tracker.run_id} FAILED at {uri} (")
