@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,41 @@ from pretrain.config import Config, config_from_dict, to_dict  # noqa: E402
 
 class TrainingFailed(RuntimeError):
     """A worker raised; the run directory keeps every checkpoint reported before it."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler stopping the job) stopped the training: Ray Train aborted its
+    workers; the run directory keeps every checkpoint reported before it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def _graceful_stop() -> Iterator[list[int]]:
+    """SIGTERM handled as Ray Train handles SIGINT once ``fit()`` runs (it aborts the workers and the controller; the
+    driver's own handler, which Ray installs, exits mid-call, and Ray's C++ core aborts the process); yields the list
+    the SIGTERMs received go into. Both handlers are put back after the body (``fit()`` leaves its SIGINT one)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield []
+        return
+    received: list[int] = []
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)  # Ray Train's (or Python's KeyboardInterrupt before fit() installs it)
+        else:
+            raise KeyboardInterrupt
+
+    saved = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def _first_failure(error: Exception) -> str:
@@ -224,9 +261,16 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
                 worker_runtime_env={"env_vars": env},
             ),
         )
-        try:
-            return trainer.fit()
-        except ray.train.TrainingFailedError as e:  # the workers' traceback is already in the log above
-            raise TrainingFailed(f"training failed on the workers ({type(e).__name__}{_first_failure(e)}); see their "
-                                 "log above") from e
+        with _graceful_stop() as received:
+            try:
+                return trainer.fit()
+            except ray.train.TrainingFailedError as e:  # the workers' traceback is already in the log above
+                raise TrainingFailed(f"training failed on the workers ({type(e).__name__}{_first_failure(e)}); see "
+                                     "their log above") from e
+            # Ray Train's SIGINT handler ends fit() with SystemExit once it has aborted the run (RayActorError where
+            # the controller was gone first); SIGINT before fit() runs is a KeyboardInterrupt
+            except (KeyboardInterrupt, SystemExit, ray.exceptions.RayActorError) as e:
+                if isinstance(e, ray.exceptions.RayActorError) and not received:
+                    raise
+                raise Interrupted(received[0] if received else signal.SIGINT) from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -253,20 +254,47 @@ def _train(cfg, run_dir: Path, address: str | None) -> int:
     from pretrain.engine import prebuild_ops
 
     prebuild_ops()
-    from cluster.ray_launcher import TrainingFailed, run_ray
+    from cluster.ray_launcher import Interrupted, TrainingFailed, run_ray
 
     try:
         result = run_ray(cfg, run_dir, address=address)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        _end_run(cfg, run_dir, "KILLED")
+        print(f"Stopped by {name}{_latest_checkpoint(run_dir)}; resume with --resume {run_dir}", file=sys.stderr)
+        return 128 + e.signum
     except TrainingFailed as e:
+        _end_run(cfg, run_dir, "FAILED")
         print(f"error: {e}; resume with --resume {run_dir}", file=sys.stderr)
         return 1
     if result.error is not None:
+        _end_run(cfg, run_dir, "FAILED")
         print(f"error: training failed: {result.error}; resume with --resume {run_dir}", file=sys.stderr)
         return 1
     print(f"Done: {run_dir}", flush=True)
     if (run_dir / "eval.json").is_file():
         print(f"Evaluation report: {run_dir / 'eval.json'}", flush=True)
     return 0
+
+
+def _end_run(cfg, run_dir: Path, status: str) -> None:
+    """The run's MLflow run ended ``status`` where its workers were stopped before ending it (Ctrl-C, a killed worker):
+    it would show RUNNING for ever."""
+    from pretrain.tracking import default_tracking_uri, end_if_running
+    from pretrain.trainer import RUN_ID_FILE
+
+    if (run_dir / RUN_ID_FILE).is_file():
+        uri = cfg.tracking.uri or default_tracking_uri(run_dir.parent)
+        if end_if_running(uri, (run_dir / RUN_ID_FILE).read_text().strip(), status) == status:
+            print(f"MLflow: run marked {status}", flush=True)
+
+
+def _latest_checkpoint(run_dir: Path) -> str:
+    """Where a stopped run would go on from, as the end of a sentence."""
+    from pretrain.steps import list_checkpoints
+
+    steps = list_checkpoints(run_dir)
+    return f"; its latest checkpoint is step {max(steps)}" if steps else "; it has no checkpoint yet"
 
 
 def cmd_submit(args) -> int:
@@ -619,6 +647,9 @@ def _run(argv: list[str] | None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what the command had written is complete (files are written whole)
+        print(f"Stopped by SIGINT ({args.command})", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def end_process(code: int) -> NoReturn:

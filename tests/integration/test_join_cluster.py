@@ -175,3 +175,67 @@ def test_a_joined_cluster_short_of_resources_is_named():
     assert resource_shortfall({"CPU": 1.0, "GPU": 2.0}, 4, gpu=True) == ("has 1 CPUs for 4 workers and 2 GPUs for 4 "
                                                                           "workers")
     assert resource_shortfall({"CPU": 1.0}, 2, gpu=False) == "has 1 CPUs for 2 workers"
+
+
+def _train_until_signal(cmd: list[str], run_dir: Path, sig: int, checkpoints: int) -> tuple[int, str]:
+    """Run ``cmd``; send ``sig`` once Ray has registered ``checkpoints`` checkpoints of ``run_dir``; (status, log)."""
+    from pretrain.steps import list_checkpoints
+
+    log = run_dir.parent / f"{run_dir.name}-{sig}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                registered = (run_dir / "checkpoint_manager_snapshot.json").is_file()
+                if registered and len(list_checkpoints(run_dir)) >= checkpoints:
+                    proc.send_signal(sig)
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail("the run ended or stalled before it could be stopped: " + log.read_text()[-3000:])
+            return proc.wait(timeout=120), log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_ctrl_c_and_sigterm_stop_the_run_killed_and_it_resumes(ray_head, mlflow_server, tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM (`kill`, and what Slurm and Kubernetes send a job they stop) abort the workers: the
+    command ends with 128 + the signal and a line naming the latest checkpoint and the resume, the MLflow run is KILLED
+    (it stayed RUNNING: its workers are gone before they can end it; SIGTERM had ended in Ray's C++ backtrace, 134);
+    `--resume` goes on from there in the same MLflow run, which ends FINISHED."""
+    from mlflow import MlflowClient
+
+    from pretrain.steps import list_checkpoints
+
+    run_dir = tmp_path / "stopped"
+    sets = ["data.batch_size=32", "job.max_steps=2000", "job.log_every=2", "job.ckpt_every=4", "optim.warmup_steps=1",
+            "eval.enabled=false", "eval.knn_every=0", f"job.out_dir={tmp_path}", "job.run_name=stopped",
+            "job.progress=false", f"data.cache_dir={tmp_path / 'cache'}"]
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(RECIPE), "--address", ray_head,
+           "--tracking-uri", mlflow_server, *(a for s in sets for a in ("--set", s))]
+    client = MlflowClient(mlflow_server)
+    resume = [sys.executable, "-m", "pretrain.cli", "train", "--resume", str(run_dir), "--address", ray_head]
+    previous = None
+    for i, (sig, command) in enumerate([(signal.SIGINT, cmd), (signal.SIGTERM, resume)]):
+        status, out = _train_until_signal(command, run_dir, sig, checkpoints=i + 2)
+        assert status == 128 + sig, out[-3000:]
+        latest = max(list_checkpoints(run_dir))
+        last = out.strip().splitlines()[-1]
+        assert last == (f"Stopped by {sig.name}; its latest checkpoint is step {latest}; resume with --resume "
+                        f"{run_dir}"), out[-3000:]
+        assert "MLflow: run marked KILLED" in out and "Traceback" not in out, out[-3000:]
+        run_id = (run_dir / "mlflow_run_id").read_text().strip()
+        assert client.get_run(run_id).info.status == "KILLED"
+        if previous is not None:
+            assert f"at step {previous} (epoch" in out  # the second start went on from the first one's checkpoint
+        previous = latest
+    proc = subprocess.run(resume + ["--set", f"job.max_steps={latest + 2}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert set(range(1, latest + 3)) <= set(steps)  # (with those logged after the checkpoints it went on from)

@@ -20,6 +20,7 @@ from pretrain.tracking import (
     check_tracking_uri,
     default_artifact_location,
     default_tracking_uri,
+    end_if_running,
     flatten_params,
     make_tracker,
 )
@@ -240,6 +241,27 @@ def test_context_manager_marks_failed_on_exception(mlflow_server, request):
     with pytest.raises(RuntimeError), tracker:
         raise RuntimeError("boom")
     assert MlflowClient(mlflow_server).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_a_run_left_running_is_ended_by_the_driver_once(mlflow_server, request, capsys):
+    """What the driver does for a run whose workers were stopped (Ctrl-C, SIGTERM, a killed worker): a RUNNING run is
+    ended with the status given; one that ended itself keeps its status; an unreachable store is one warning line."""
+    running = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    ended = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
+    ended.finish("FAILED")
+    assert end_if_running(mlflow_server, running.run_id, "KILLED") == "KILLED"
+    assert end_if_running(mlflow_server, ended.run_id, "KILLED") == "FAILED"
+    client = MlflowClient(mlflow_server)
+    assert [client.get_run(t.run_id).info.status for t in (running, ended)] == ["KILLED", "FAILED"]
+    assert client.get_run(running.run_id).info.end_time is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound but not listening
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+        assert end_if_running(uri, running.run_id, "KILLED") is None
+    warning = [line for line in capsys.readouterr().out.splitlines() if "Warning" in line]  # (MLflow's "View run")
+    assert len(warning) == 1 and warning[0].startswith(f"Warning: could not mark MLflow run {running.run_id} KILLED")
+    with pytest.raises(ValueError, match="status must be one of"):
+        end_if_running(mlflow_server, running.run_id, "STOPPED")
 
 
 def test_rank_one_gets_a_null_tracker_that_writes_nothing(mlflow_server, request, tmp_path):
