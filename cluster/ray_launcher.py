@@ -7,13 +7,14 @@ Each Ray worker runs ``pretrain.trainer.train`` with a :class:`RaySession`, so c
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Ray 2.60 may have written ~/.ray/auth_token, which turns on token auth for some processes and not others; every
@@ -45,22 +46,35 @@ class Interrupted(RuntimeError):
 
 
 @contextlib.contextmanager
-def _graceful_stop() -> Iterator[list[int]]:
+def _graceful_stop(on_stop: Callable[[int], None] | None) -> Iterator[list[int]]:
     """SIGTERM handled as Ray Train handles SIGINT once ``fit()`` runs (it aborts the workers and the controller; the
-    driver's own handler, which Ray installs, exits mid-call, and Ray's C++ core aborts the process); yields the list
-    the SIGTERMs received go into. Both handlers are put back after the body (``fit()`` leaves its SIGINT one)."""
+    driver's own handler, which Ray installs, exits mid-call, and Ray's C++ core aborts the process), after
+    ``on_stop(signum)``: a scheduler that stops a job stops its whole Ray cluster at once and may kill this process
+    before the abort returns. Yields the list the SIGTERMs received go into. Both handlers are put back after the body
+    (``fit()`` leaves its SIGINT one)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
         yield []
         return
     received: list[int] = []
 
     def on_sigterm(signum, frame):
+        first = not received
         received.append(signum)
+        if first:
+            print("Stopping (SIGTERM): aborting the workers", flush=True)
+            if on_stop is not None:
+                on_stop(signum)
         handler = signal.getsignal(signal.SIGINT)
-        if callable(handler):
-            handler(signal.SIGINT, frame)  # Ray Train's (or Python's KeyboardInterrupt before fit() installs it)
-        else:
+        if not callable(handler):
             raise KeyboardInterrupt
+        # Ray Train's (or Python's KeyboardInterrupt before fit() installs it), without its line about a SIGINT
+        quiet = logging.getLogger("ray.train.v2.api.data_parallel_trainer")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            handler(signal.SIGINT, frame)
+        finally:
+            quiet.setLevel(level)
 
     saved = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -163,7 +177,13 @@ def ray_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator
         yield
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        # Ray Train's placement-group cleaner asks the cluster's state API, which it finds by RAY_ADDRESS or else by
+        # looking for a Ray on its machine (a traceback each poll where there are several): the job's processes get
+        # the address of the cluster they are in
+        gcs = canonicalize_bootstrap_address_or_die(address)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": gcs}})
     else:
         # Short path: Ray puts unix sockets under the temp dir, and those are limited to ~107 characters.
         temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
@@ -235,8 +255,11 @@ def use_gpu(cfg: Config) -> bool:
     return cfg.job.use_gpu == "true"
 
 
-def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.train.Result:
-    """Train ``cfg`` with ``job.num_workers`` Ray Train workers; the run's storage is ``run_dir``."""
+def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None,
+            on_stop: Callable[[int], None] | None = None) -> ray.train.Result:
+    """Train ``cfg`` with ``job.num_workers`` Ray Train workers; the run's storage is ``run_dir``. SIGINT and SIGTERM
+    abort the workers and raise :class:`Interrupted`; ``on_stop(signum)`` is called at the first SIGTERM, before the
+    abort."""
     run_dir = Path(run_dir).resolve()
     gpu = use_gpu(cfg)
     passed = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "RAY_AUTH_MODE", "PRETRAIN_HTTP_AUTHORIZATION")
@@ -261,7 +284,7 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None) -> ray.tr
                 worker_runtime_env={"env_vars": env},
             ),
         )
-        with _graceful_stop() as received:
+        with _graceful_stop(on_stop) as received:
             try:
                 return trainer.fit()
             except ray.train.TrainingFailedError as e:  # the workers' traceback is already in the log above

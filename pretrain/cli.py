@@ -257,7 +257,7 @@ def _train(cfg, run_dir: Path, address: str | None) -> int:
     from cluster.ray_launcher import Interrupted, TrainingFailed, run_ray
 
     try:
-        result = run_ray(cfg, run_dir, address=address)
+        result = run_ray(cfg, run_dir, address=address, on_stop=lambda signum: _end_run(cfg, run_dir, "KILLED"))
     except Interrupted as e:
         name = signal.Signals(e.signum).name
         _end_run(cfg, run_dir, "KILLED")
@@ -285,7 +285,7 @@ def _end_run(cfg, run_dir: Path, status: str) -> None:
 
     if (run_dir / RUN_ID_FILE).is_file():
         uri = cfg.tracking.uri or default_tracking_uri(run_dir.parent)
-        if end_if_running(uri, (run_dir / RUN_ID_FILE).read_text().strip(), status) == status:
+        if end_if_running(uri, (run_dir / RUN_ID_FILE).read_text().strip(), status):
             print(f"MLflow: run marked {status}", flush=True)
 
 

@@ -367,9 +367,10 @@ def check_holds_run(uri: str, run_id: str) -> None:
                          "resume")
 
 
-def end_if_running(uri: str, run_id: str, status: str) -> str | None:
+def end_if_running(uri: str, run_id: str, status: str) -> bool | None:
     """End MLflow run ``run_id`` at ``uri`` with ``status`` if it is still RUNNING (its workers were stopped before
-    they could end it); the status it is left with, or None where the store cannot be reached (said in one line)."""
+    they could end it): True if it did, False if the run had ended, None where the store cannot be reached (said in
+    one line)."""
     if status not in _END_STATUSES:
         raise ValueError(f"status must be one of {sorted(_END_STATUSES)}, got {status!r}")
     from mlflow import MlflowClient
@@ -378,11 +379,10 @@ def end_if_running(uri: str, run_id: str, status: str) -> str | None:
         if urlparse(uri).scheme in ("http", "https"):
             check_reachable(uri)  # MlflowClient would retry for minutes
         client = MlflowClient(uri)
-        run = client.get_run(run_id)
-        if run.info.status != "RUNNING":
-            return run.info.status
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
         client.set_terminated(run_id, status=status)
-        return status
+        return True
     except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types
         print(f"Warning: could not mark MLflow run {run_id} {status} at {uri} ({_short(err)})", flush=True)
         return None

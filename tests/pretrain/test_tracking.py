@@ -249,8 +249,9 @@ def test_a_run_left_running_is_ended_by_the_driver_once(mlflow_server, request, 
     running = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
     ended = MLflowTracker(mlflow_server, experiment=_uuid_experiment(request))
     ended.finish("FAILED")
-    assert end_if_running(mlflow_server, running.run_id, "KILLED") == "KILLED"
-    assert end_if_running(mlflow_server, ended.run_id, "KILLED") == "FAILED"
+    assert end_if_running(mlflow_server, running.run_id, "KILLED") is True
+    assert end_if_running(mlflow_server, ended.run_id, "KILLED") is False
+    assert end_if_running(mlflow_server, running.run_id, "FAILED") is False
     client = MlflowClient(mlflow_server)
     assert [client.get_run(t.run_id).info.status for t in (running, ended)] == ["KILLED", "FAILED"]
     assert client.get_run(running.run_id).info.end_time is not None
