@@ -25,6 +25,8 @@ retries; the happy path does no extra checking.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import logging
 import sys
 from pathlib import Path
@@ -160,6 +162,43 @@ def _remove_autograph_files(new_modules: set[str]) -> None:
                 Path(path).unlink(missing_ok=True)
 
 
+@functools.cache
+def _known_good() -> np.ndarray:
+    """A small RGB PNG that every decoder reads: what tells a broken graph from a batch of images DALI cannot read."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class DaliDecoder:
+    """DALI's image decoder on the CPU, alone: whether it reads an encoded image, as the training graph's first op does
+    (PIL reads some files DALI does not: an uncompressed 1-bit TIFF, a 32-bit integer one). One per thread."""
+
+    def __init__(self) -> None:
+        self._build()
+
+    def _build(self) -> None:
+        @pipeline_def
+        def graph():
+            return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1), device="cpu",
+                                     output_type=types.RGB)
+
+        self.pipe = graph(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+                          exec_pipelined=False)
+        self.pipe.build()
+
+    def decodes(self, data: bytes) -> bool:
+        try:
+            self.pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+            self.pipe.run()
+            return True
+        except RuntimeError:
+            self._build()  # a failed run() can leave the pipeline unusable
+            return False
+
+
 class DaliAugmenter:
     """Callable: encoded images (list of bytes, length <= batch_size) -> ``num_views`` tensors (B, C, S, S), then
     ``local_views`` tensors (B, C, local_size, local_size).
@@ -233,8 +272,8 @@ class DaliAugmenter:
             bad = [i for i, b in enumerate(images) if not pil_decodes(b)]
             if not bad:  # PIL is more lenient than DALI for some files: ask DALI itself, one sample at a time
                 bad = [i for i, a in enumerate(arrays) if not self._decodes_alone(a)]
-                if len(bad) == len(images) > 1:
-                    raise  # every sample fails alone: the graph is broken, not the data
+                if len(bad) == len(images) and not self._decodes_alone(_known_good()):
+                    raise  # every sample fails alone, and so does an image any decoder reads: the graph is broken
             if not bad:
                 raise  # not a data problem
             log.debug("DALI batch failed (%s); bad positions %s", str(err).splitlines()[-1:], bad)

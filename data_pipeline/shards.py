@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -376,10 +377,11 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
                    progress: bool = True) -> tuple[dict[str, int], list[str]]:
     """Check a local dataset directory -> (counts, problems). Every shard of the manifest must be there with the
     sha256 of ``checksums.json``, read to its end, and hold the manifest's samples, each with an image and a label
-    that parse (as training reads them); with ``decode`` every image must also decode (PIL, in a format DALI reads too:
-    a GIF named .jpg is one training skips). ``problems`` says each finding in words, a shard's first; counts: shards,
-    samples (the manifest's), read, undecodable. Samples of a tar that the manifest does not list (those
-    ``index_shards`` left out) are not the dataset's, and not checked."""
+    that parse (as training reads them); with ``decode`` every image must also decode, by PIL (as evaluation and search
+    read it, in a format DALI reads too: a GIF named .jpg is one training skips) and by DALI's decoder (as training
+    reads it: PIL reads some files DALI does not, such as an uncompressed 1-bit TIFF). ``problems`` says each finding
+    in words, a shard's first; counts: shards, samples (the manifest's), read, undecodable. Samples of a tar that the
+    manifest does not list (those ``index_shards`` left out) are not the dataset's, and not checked."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -400,6 +402,16 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     except ValueError as e:  # a problem of the dataset, reported with the others
         checksums, bad_checksums = None, f"{e} (the shards' bytes are not checked)"
     bar = tqdm(total=len(expected), disable=not progress, desc=f"verify {data_dir.name}", unit="shard")
+    local = threading.local()
+
+    def decodes(image: bytes) -> bool:
+        if not pil_decodes(image):
+            return False
+        if not hasattr(local, "dali"):
+            from data_pipeline.dali import DaliDecoder
+
+            local.dali = DaliDecoder()
+        return local.dali.decodes(image)
 
     def check(name: str) -> tuple[list[str], int, int]:
         path, problems, read, undecodable = data_dir / name, [], 0, 0
@@ -421,7 +433,7 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
                 problems.append(f"{name}: sample {key!r}: {parsed}")
                 continue
             read += 1
-            if decode and not pil_decodes(parsed["image"]):
+            if decode and not decodes(parsed["image"]):
                 undecodable += 1
                 problems.append(f"{name}: sample {key!r}: the image does not decode")
         if errors:

@@ -162,3 +162,36 @@ def test_an_image_over_max_pixels_is_undecodable_before_it_is_decoded():
     with pytest.raises(ValueError, match=r"a 40000x40000 image, over the 1,073,741,824 pixels decoded"):
         open_image(data)
     assert not pil_decodes(data)
+
+
+def test_images_pil_reads_and_dali_does_not_are_skipped_and_found_by_verify(tmp_path):
+    """An uncompressed 1-bit TIFF (a scanner's) and a 32-bit integer one: PIL reads them, DALI's decoder does not.
+    A batch made of them only was taken for a broken graph (every sample fails alone) and ended the training; it is
+    skipped and counted as any undecodable batch, and a good batch still goes through the same augmenter after it.
+    `data verify --decode` had passed them (it asked PIL only); it now asks DALI's decoder too."""
+    from data_pipeline.dali import CorruptBatch, DaliDecoder
+    from data_pipeline.shards import verify_dataset, write_shards
+
+    rng = np.random.default_rng(0)
+    scans = [_encode(Image.fromarray(rng.integers(0, 256, (48, 40), dtype=np.uint8)).convert("1"), "TIFF"),
+             _encode(Image.fromarray(rng.integers(0, 256, (48, 40), dtype=np.uint8)).convert("I"), "TIFF")]
+    photo = _encode(PHOTO, "PNG")
+    decoder = DaliDecoder()
+    assert all(pil_decodes(s) for s in scans)
+    assert [decoder.decodes(s) for s in scans] == [False, False] and decoder.decodes(photo)  # (rebuilt after each)
+    aug = AugmentConfig.disabled(mean=[0.0], std=[1.0])
+    dali = DaliAugmenter(aug, batch_size=4, image_size=SIZE, channels=3, num_views=1, device="cpu", device_id=None)
+    with pytest.raises(CorruptBatch) as bad:
+        dali([scans[0], scans[1], scans[0], scans[1]])
+    assert bad.value.bad == [0, 1, 2, 3]
+    with pytest.raises(CorruptBatch) as bad:
+        dali([photo, scans[0], photo, scans[1]])
+    assert bad.value.bad == [1, 3]
+    assert dali([photo] * 4)[0].shape == (4, 3, SIZE, SIZE)
+    (tmp_path / "imgs").mkdir()
+    for i, data in enumerate([photo, *scans]):
+        (tmp_path / "imgs" / f"{i}.{'png' if i == 0 else 'tif'}").write_bytes(data)
+    write_shards(f"images:{tmp_path / 'imgs'}", tmp_path / "ds", progress=False)
+    counts, problems = verify_dataset(tmp_path / "ds", decode=True, progress=False)
+    assert counts["undecodable"] == 2 and len(problems) == 2, problems
+    assert all(p.endswith("the image does not decode") for p in problems)
