@@ -55,6 +55,18 @@ def split_shards(shards: list[str], *, reader: int, num_readers: int, seed: int,
     return perm, num_readers
 
 
+def smallest_rank_share(sizes: list[int], *, world_size: int, num_workers: int) -> int:
+    """The fewest samples a rank reads in an epoch under :func:`split_shards`, over every epoch's permutation:
+    ``sizes`` the samples of each shard, ``num_workers`` each rank's loader workers (0: it reads in its main process).
+    Shards go to readers whole, so a rank whose readers draw the smallest shards can get fewer than an even share."""
+    k = max(1, num_workers)
+    readers, total = world_size * k, sum(sizes)
+    if len(sizes) >= readers:
+        fewest = min(sum(len(range(rank * k + w, len(sizes), readers)) for w in range(k)) for rank in range(world_size))
+        return sum(sorted(sizes)[:fewest])
+    return min(sum(len(range(rank * k + w, total, readers)) for w in range(k)) for rank in range(world_size))
+
+
 def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
     """Shuffle buffer of ``size`` (0 or 1 = pass-through): emit a random buffered sample for each new one."""
     if size <= 1:

@@ -39,6 +39,19 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False, ranks: int | None
         raise ConfigError(f"data.batch_size: {cfg.batch_size} images a rank x {ranks} ranks is more than the "
                           f"{table.num_rows} samples of {cfg.source}; every rank needs a full batch from its share of "
                           "them")
+    if ranks is not None:
+        from collections import Counter
+
+        from data_pipeline.reader import smallest_rank_share
+
+        sizes = list(Counter(table.column("shard").to_pylist()).values())
+        share = smallest_rank_share(sizes, world_size=ranks, num_workers=cfg.num_loader_workers)
+        if share < cfg.batch_size:
+            raise ConfigError(f"data.batch_size: {cfg.batch_size} images a rank is more than the {share} samples a "
+                              f"rank may get in an epoch (the {len(sizes)} shards of {cfg.source} go whole to "
+                              f"{ranks} ranks x {max(1, cfg.num_loader_workers)} loader reader(s)); write smaller "
+                              "shards (`pretrain data shards --shard-size`), or lower data.batch_size or "
+                              "job.num_workers")
     return shards if shards is not None else list_shards(data_dir, table=table)
 
 

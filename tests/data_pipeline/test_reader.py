@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline.reader import ShardStream, make_loader, read_epoch, split_shards
+from data_pipeline.reader import ShardStream, make_loader, read_epoch, smallest_rank_share, split_shards
 from data_pipeline.shards import list_shards, read_manifest
 
 
@@ -41,6 +41,25 @@ def test_split_modes():
     assert all(stride == 1 for _, stride in parts)
     assert sorted(s for p, _ in parts for s in p) == shards
     assert split_shards(shards, reader=1, num_readers=8, seed=0, epoch=0)[1] == 8
+
+
+@pytest.mark.parametrize(("sizes", "world", "workers"), [([12, 12, 12], 2, 1), ([256] * 7 + [5], 2, 1),
+                                                      ([50, 3, 40, 7, 9], 2, 2), ([30, 20], 2, 2), ([5, 5, 5], 1, 0)])
+def test_smallest_rank_share_is_the_least_an_epoch_gives(sizes, world, workers):
+    """What preflight checks a batch against: no epoch gives a rank fewer samples (shards go whole to its readers, or
+    samples one by one where there are fewer shards than readers), and some epoch gives one exactly that few."""
+    k = max(1, workers)
+    shards = [f"s{i}" for i in range(len(sizes))]
+    size = dict(zip(shards, sizes))
+    shares = set()
+    for epoch in range(200):
+        for rank in range(world):
+            got = 0
+            for w in range(k):
+                paths, stride = split_shards(shards, reader=rank * k + w, num_readers=world * k, seed=0, epoch=epoch)
+                got += sum(size[p] for p in paths) if stride == 1 else len(range(rank * k + w, sum(sizes), stride))
+            shares.add(got)
+    assert smallest_rank_share(sizes, world_size=world, num_workers=workers) == min(shares)
 
 
 def test_epoch_reshuffle_differs_and_reproduces(digits_dir):

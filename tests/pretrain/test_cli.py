@@ -120,6 +120,21 @@ def test_batch_larger_than_the_ranks_share_is_refused(tmp_path, capsys):
     assert main(["train", "--dry-run", *sets, "--set", "job.run_name=one", "--set", "job.num_workers=1"]) == 0
 
 
+def test_a_batch_some_rank_cannot_fill_in_some_epoch_is_refused(tmp_path, capsys):
+    """The dataset holds a batch for every rank, but its shards go whole to the ranks: digits in shards of 600 (600,
+    600, 597) give one of 2 ranks a single shard, 597 samples, less than a batch of 700 (its worker had failed once
+    the cluster started, "gave no full batch"); one line before anything is written."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set",
+            "data.shard_size=600", "--set", "job.num_workers=2", "--set", "job.run_name=r"]
+    assert main(["train", "--dry-run", *sets, "--set", "data.batch_size=700"]) == 2
+    assert _one_line_error(capsys) == ("error: data.batch_size: 700 images a rank is more than the 597 samples a rank "
+                                       "may get in an epoch (the 3 shards of digits go whole to 2 ranks x 1 loader "
+                                       "reader(s)); write smaller shards (`pretrain data shards --shard-size`), or "
+                                       "lower data.batch_size or job.num_workers")
+    assert not (tmp_path / "r").exists()
+    assert main(["train", "--dry-run", *sets, "--set", "data.batch_size=597"]) == 0
+
+
 def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
     """A new run into an existing run directory is refused; its files stay untouched."""
     run = tmp_path / "r1"
