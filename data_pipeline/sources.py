@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".tif": "tiff",
-                  ".tiff": "tiff"}
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".jpe": "jpg", ".jfif": "jpg", ".png": "png", ".webp": "webp",
+                  ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff"}
 """Image files a folder source takes (suffix, any case) -> the extension of its shard member; DALI, PIL decode all."""
-IMAGE_KINDS = "/".join(IMAGE_SUFFIXES)
+IMAGE_KINDS = "/".join(s for s in IMAGE_SUFFIXES if s not in (".jpe", ".jfif"))  # (JPEGs too, rarely named so)
 UNLABELLED = -1
 """The label of every sample of an ``images:PATH`` source."""
 
@@ -191,16 +191,29 @@ def _samples_source() -> Source:
 
 def _folder_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "folder:PATH")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = _Found()
+    for p in root.iterdir():
+        if p.is_dir() and not _utf8(p.name):
+            found.unnamed.append(os.fsencode(p))
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _utf8(p.name))
+    # each real folder read once, under its own name: the real ones walked first, then the links to folders (a class
+    # `kitty` linking to `cat` would repeat cat's images under a second label)
+    seen: set = set()
+    walked: dict[str, list[Path]] = {}
+    for name in sorted(folders, key=lambda n: (root / n).is_symlink()):
+        before = set(seen)
+        walked[name] = _image_files(root / name, found, seen).images
+        if not walked[name] and (os.stat(root / name).st_dev, os.stat(root / name).st_ino) in before:
+            walked[name] = None  # a link to a folder read already
     files: list[tuple[Path, int]] = []
     empty: list[Path] = []
-    broken: list[Path] = []
     classes, imageless = [], []
+    repeated = [name for name in folders if walked[name] is None]
     for name in folders:  # a folder without an image (__MACOSX, an empty class) is no class
-        images, dead = _image_files(root / name)
-        broken += dead
+        if walked[name] is None:
+            continue
         before = len(files)
-        for path in images:
+        for path in walked[name]:
             _keep_readable(spec, path, len(classes), files, empty)
         (classes if len(files) > before else imageless).append(name)
     loose = sum(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in root.iterdir())
@@ -210,7 +223,10 @@ def _folder_source(spec: str, root_str: str) -> Source:
     # Key = index in sorted order: unique, dot-free (webdataset splits member names at the first dot) and stable.
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], label, _caption_file(path))
              for i, (path, label) in enumerate(files)]
-    notes = _empty_note(empty) + _broken_note(broken)
+    notes = _empty_note(empty) + found.notes()
+    if repeated:
+        notes.append(f"{len(repeated)} sub-folder(s) that lead to a folder read already (links), not classes: "
+                     + ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else ""))
     if imageless:
         notes.append(f"{len(imageless)} sub-folder(s) without an image, not classes: "
                      + ", ".join(imageless[:5]) + (" ..." if len(imageless) > 5 else ""))
@@ -237,48 +253,92 @@ def _empty_note(empty: list[Path]) -> list[str]:
     return [f"{len(empty)} empty (zero-byte) file(s), e.g. {empty[0]}"]
 
 
-def _broken_note(broken: list[Path]) -> list[str]:
-    if not broken:
-        return []
-    return [f"{len(broken)} image link(s) to nothing, e.g. {broken[0]}"]
+@dataclass
+class _Found:
+    """What a walk for images found: the image files, and what it left out."""
+
+    images: list[Path] = field(default_factory=list)
+    broken: list[Path] = field(default_factory=list)
+    """Image-named links that lead nowhere."""
+    others: dict[str, int] = field(default_factory=dict)
+    """Files of other types (not a caption's .txt), by suffix."""
+    unnamed: list[bytes] = field(default_factory=list)
+    """Files (or folders) whose names are not UTF-8 text: a manifest holds text."""
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.broken:
+            notes.append(f"{len(self.broken)} image link(s) to nothing, e.g. {self.broken[0]}")
+        if self.others:
+            kinds = sorted(self.others.items(), key=lambda kv: (-kv[1], not kv[0], kv[0]))  # no suffix: last
+            notes.append(f"{sum(self.others.values())} file(s) of other types ("
+                         + ", ".join(f"{kind or 'no suffix'}: {n}" for kind, n in kinds[:8])
+                         + (", ..." if len(kinds) > 8 else "") + f"; images are {IMAGE_KINDS})")
+        if self.unnamed:
+            notes.append(f"{len(self.unnamed)} file(s) or folder(s) whose names are not UTF-8 text, e.g. "
+                         f"{self.unnamed[0]!r} (rename them to include them)")
+        return notes
 
 
-def _image_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """Every image file under ``root`` at any depth, sorted, and the image-named links that lead nowhere. Folders and
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.walk hands over undecodable bytes as lone surrogates
+        return False
+
+
+def _image_files(root: Path, found: _Found | None = None, seen: set | None = None) -> _Found:
+    """Every image file under ``root`` at any depth, sorted (into ``found``), with what was left out. Folders and
     files whose name starts with a dot are skipped (``.ipynb_checkpoints``, ``.git``); symbolic links are followed, to
     folders too (datasets assembled from links: DVC, git-annex, class subsets), each real folder walked once (a link
-    to a folder above it, or two links to one folder, neither loops nor repeats it)."""
-    images, broken, seen = [], [], set()
+    to a folder above it, or two links to one folder, neither loops nor repeats it; ``seen`` carries the folders
+    walked across calls)."""
+    found = found if found is not None else _Found()
+    seen = seen if seen is not None else set()
+    images = []
     for top, dirs, names in os.walk(root, followlinks=True):
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in seen:  # reached again through another link: walked already
             dirs.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for d in [d for d in dirs if not _utf8(d)]:
+            found.unnamed.append(os.fsencode(Path(top) / d))
+        dirs[:] = [d for d in dirs if not d.startswith(".") and _utf8(d)]
         for name in names:
             path = Path(top) / name
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            if name.startswith("."):
+                continue
+            if not _utf8(name):
+                found.unnamed.append(os.fsencode(path))
+                continue
+            suffix = path.suffix.lower()
+            if suffix not in IMAGE_SUFFIXES:
+                if suffix != ".txt":  # a caption
+                    found.others[suffix] = found.others.get(suffix, 0) + 1
                 continue
             if path.is_file():
                 images.append(path)
             elif path.is_symlink() and not path.exists():
-                broken.append(path)
-    return sorted(images), sorted(broken)
+                found.broken.append(path)
+    found.images = sorted(images)
+    found.broken.sort()
+    return found
 
 
 def _images_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "images:PATH")
     files: list[tuple[Path, int]] = []
     empty: list[Path] = []
-    images, broken = _image_files(root)
-    for path in images:
+    found = _image_files(root)
+    for path in found.images:
         _keep_readable(spec, path, UNLABELLED, files, empty)
     if not files:
         raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) under {root}")
     items = [(f"{i:08d}", path, IMAGE_SUFFIXES[path.suffix.lower()], UNLABELLED, _caption_file(path))
              for i, (path, _) in enumerate(files)]
-    return Source(spec, [], items, _empty_note(empty) + _broken_note(broken))
+    return Source(spec, [], items, _empty_note(empty) + found.notes())
 
 
 TABLE_KINDS = (".csv", ".tsv", ".parquet", ".jsonl")

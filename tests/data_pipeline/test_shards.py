@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -232,6 +233,42 @@ def test_linked_folders_and_files_are_followed_once_and_hidden_ones_skipped(tmp_
     assert json.loads(meta[b"left_out"]) == [f"1 image link(s) to nothing, e.g. {data / 'cat' / 'gone.png'}"]
     write_shards(f"images:{data}", tmp_path / "unlabelled", progress=False)
     assert sorted(r["path"] for r in read_manifest(tmp_path / "unlabelled").to_pylist()) == sorted(p for _, p in got)
+
+
+def test_what_a_walk_leaves_out_is_noted_and_a_class_linking_to_another_is_no_class(tmp_path, image_tree):
+    """Files of other types (a phone's HEIC, a GIF) and names that are not UTF-8 text (a Latin-1 archive's: the
+    manifest holds text, and the write had failed after every shard) are left out and noted by kind; .jfif/.jpe are
+    JPEGs and taken; a caption's .txt is no other type. A class folder that links to another class's folder (or into
+    it) would read its images twice under two labels: it is no class, and noted, whatever the names' order."""
+    root = image_tree(tmp_path / "imgs", classes={"cat": 2, "dog": 2})
+    jpeg = (root / "cat" / "0.jpg").read_bytes()
+    (root / "cat" / "5.jfif").write_bytes(jpeg)
+    (root / "dog" / "6.JPE").write_bytes(jpeg)
+    (root / "cat" / "0.txt").write_text("a cat")
+    for i in range(3):
+        (root / "dog" / f"clip{i}.gif").write_bytes(b"GIF89a")
+    (root / "cat" / "photo.HEIC").write_bytes(b"heic")
+    (root / "cat" / "notes").write_bytes(b"x")
+    os.mkdir(os.fsencode(root / "dog") + b"/caf\xe9")
+    for name in (b"/caf\xe9/1.jpg", b"/../cat/\xe9t\xe9.jpg"):
+        with open(os.fsencode(root / "dog") + name, "wb") as f:
+            f.write(jpeg)
+    (root / "a-kitty").symlink_to(root / "cat")  # sorts before cat: cat is still the class, read once
+    (root / "pup").symlink_to(root / "dog")
+    write_shards(f"folder:{root}", tmp_path / "ds", progress=False)
+    names = read_classes(tmp_path / "ds")
+    assert names == ["cat", "dog"]
+    rows = read_manifest(tmp_path / "ds").to_pylist()
+    got = sorted((names[r["label"]], Path(r["path"]).name) for r in rows)
+    assert got == [("cat", "0.jpg"), ("cat", "1.png"), ("cat", "5.jfif"), ("dog", "0.jpg"), ("dog", "1.png"),
+                   ("dog", "6.JPE")]
+    notes = json.loads(read_manifest(tmp_path / "ds").schema.metadata[b"left_out"])
+    assert notes[0].startswith("5 file(s) of other types (.gif: 3, .heic: 1, no suffix: 1; images are .jpg/")
+    assert notes[1].startswith("2 file(s) or folder(s) whose names are not UTF-8 text, e.g. b'")
+    assert notes[2] == "2 sub-folder(s) that lead to a folder read already (links), not classes: a-kitty, pup"
+    assert len(notes) == 3
+    write_shards(f"images:{root}", tmp_path / "unlabelled", progress=False)
+    assert len(read_manifest(tmp_path / "unlabelled")) == 6
 
 
 def test_exact_duplicates_are_told_and_left_out_on_request(tmp_path, image_tree, capsys):
