@@ -98,14 +98,23 @@ def _first_failure(error: Exception) -> str:
 class RaySession:
     """:class:`pretrain.trainer.Session` on top of ``ray.train``."""
 
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
+        """Ray's latest checkpoint, or a newer one that torchrun wrote into the run (``checkpoints/step_*``: a run
+        taken on with ``python -m pretrain.train`` and back to Ray), which Ray's record does not know."""
+        from pretrain.steps import checkpoint_info, list_checkpoints
+
         checkpoint = ray.train.get_checkpoint()
+        found = list_checkpoints(self.run_dir)
+        newest = found[max(found)] if found else None
         if checkpoint is None:
-            yield None
+            yield newest
             return
         with checkpoint.as_directory() as d:
-            yield Path(d)
+            yield newest if newest is not None and max(found) > checkpoint_info(d)["step"] else Path(d)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -143,7 +152,7 @@ def _worker_loop(config: dict) -> None:
 
     _quiet_report_lines()
     _print_placement(ray.train.get_context().get_world_rank(), ray.util.get_node_ip_address())
-    train(config_from_dict(config["cfg"]), Path(config["run_dir"]), RaySession())
+    train(config_from_dict(config["cfg"]), Path(config["run_dir"]), RaySession(Path(config["run_dir"])))
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> str:

@@ -108,6 +108,7 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
         raise ValueError(f"--checkpoint: {path} is not a backbone.pt that training writes (no config and state_dict "
                          "in it); give a finished run directory or its backbone.pt")
     cfg = config_from_dict(saved["config"])
+    _warn_if_trained_on(path, saved.get("step"))
     whole = path.parent / MODEL_FILE
     if not whole.is_file() and METHODS[cfg.method.name].saves_model:  # a random text tower and projections otherwise
         raise ValueError(f"--checkpoint: {path} is a {cfg.method.name} run's, which is used with the {MODEL_FILE} "
@@ -115,6 +116,21 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
                          f"{MODEL_FILE} beside the backbone.pt")
     method_state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"] if whole.is_file() else None
     return cfg, saved["state_dict"], method_state, path
+
+
+def _warn_if_trained_on(backbone: Path, step: int | None) -> None:
+    """A warning line where the run beside ``backbone`` has checkpoints past the step it holds (resumed to train on,
+    and stopped before its end writes a new one): the encoder used is not the run's latest."""
+    from pretrain.steps import list_checkpoints
+
+    try:
+        steps = list_checkpoints(backbone.parent) if step is not None else {}
+    except ValueError:  # a damaged checkpoint record: not this command's to report
+        return
+    if steps and max(steps) > step:
+        print(f"Warning: {backbone} is the encoder of step {step}; the run has trained on to its checkpoint of step "
+              f"{max(steps)} since (resumed, and stopped before its end): `pretrain extract --checkpoint "
+              f"{backbone.parent}` takes that step's", flush=True)
 
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_path: str | Path | None = None,

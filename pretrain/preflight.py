@@ -32,6 +32,9 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
                               "--set")
         if not saved.is_file():
             raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+        if not saved.read_text().strip():  # a recipe's empty file means the defaults; a run's, a damaged run
+            raise ConfigError(f"--resume: {saved} is empty (damaged; the run's config is logged in MLflow, as "
+                              "config.yaml among its artifacts)")
         before = load_config(saved)
         cfg = load_config(saved, overrides)
         for key in ("out_dir", "run_name"):  # they name the run directory, which a resume goes on in
@@ -97,8 +100,12 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
     with the run finished there (its backbone.pt, and eval.json where it evaluates, of that step: by the step they
     record, so that a copy of the run without its files' times is judged as the run is).
     At it and unfinished (stopped between its last checkpoint and its end), the resume finishes the run."""
-    from pretrain.steps import list_checkpoints, saved_step
+    from pretrain.steps import check_ray_record, list_checkpoints, saved_step
 
+    try:
+        check_ray_record(run_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     steps = list_checkpoints(run_dir)
     if not steps and (run_dir / "backbone.pt").is_file():  # every run checkpoints its last step
         raise ConfigError(f"--resume: {run_dir} holds an encoder and no checkpoint to go on from (as `pretrain "

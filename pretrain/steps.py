@@ -39,6 +39,19 @@ def _ray_registered(run_dir: Path) -> set[str] | None:
         return None
 
 
+def check_ray_record(run_dir: str | Path) -> None:
+    """ValueError (one line) where ``run_dir`` holds Ray's ``checkpoint_*`` folders without a readable record of them
+    (deleted, or left empty by a disk that filled while Ray wrote it): Ray would start the run over from step 0 (or
+    fail to start), and which of them are complete is unknown."""
+    run_dir = Path(run_dir)
+    folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    if folders and _ray_registered(run_dir) is None:
+        raise ValueError(f"--resume: {run_dir} holds {len(folders)} Ray checkpoint(s) (checkpoint_*) but Ray's record "
+                         f"of them, {RAY_SNAPSHOT}, is missing or unreadable (a disk that filled while it was "
+                         "written?): Ray would start the run over and which of them are complete is unknown; put the "
+                         "file back to resume, or take a step's encoder with `pretrain extract --step N`")
+
+
 def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """``{step: checkpoint directory}`` of the complete checkpoints of ``run_dir`` (Ray's or torchrun's layout).
 
@@ -59,7 +72,10 @@ def checkpoint_info(checkpoint: str | Path) -> dict:
     version the client state in the first rank's DeepSpeed model states (the world size: DeepSpeed's own record)."""
     info = Path(checkpoint) / CHECKPOINT_INFO
     if info.is_file():
-        return json.loads(info.read_text())
+        try:
+            return json.loads(info.read_text())
+        except ValueError:  # (UnicodeDecodeError too)
+            raise ValueError(f"{info} is not JSON (empty or damaged): the checkpoint's record of its step") from None
     from pretrain.checkpoint import CKPT_TAG
 
     state = Path(checkpoint) / CKPT_TAG  # ZeRO 0-2 name their first rank's file the one way, ZeRO-3 the other

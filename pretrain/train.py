@@ -38,6 +38,8 @@ def _run(argv: list[str]) -> int:
     try:
         if not (run_dir / "config.yaml").is_file():
             raise ValueError(f"{run_dir} is not a run directory (no config.yaml; `pretrain train --dry-run` writes it)")
+        if not (run_dir / "config.yaml").read_text().strip():
+            raise ValueError(f"{run_dir / 'config.yaml'} is empty (damaged; the run's config is logged in MLflow)")
         cfg = load_config(run_dir / "config.yaml")
         check_steps_left(cfg, run_dir)  # a finished run, or a step's encoder (`pretrain extract`): nothing to go on
         METHODS[cfg.method.name].check_inputs(cfg)  # before the process group: one line, no traceback per rank

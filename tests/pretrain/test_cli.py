@@ -1,14 +1,17 @@
 """The `pretrain` console script: data shards and argument errors (the process itself where its exit status and
 streams are the point, `pretrain.cli.main` in this process elsewhere)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pretrain.cli import main
+from tests.util import write_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -493,3 +496,64 @@ def test_one_command_at_a_time_writes_a_run(tmp_path, capsys):
     assert (tmp_path / "new" / ".pretrain.lock").read_text() == ""  # released: it names no process
     assert main(["train", "--dry-run", *sets, "--set", "job.run_name=new"]) == 2  # written: a new run is refused
     assert _one_line_error(capsys).startswith(f"error: job.run_name: {tmp_path / 'new'} already holds a run; ")
+
+
+def _checkpoint(path: Path, step: int) -> Path:
+    """A checkpoint folder as list_checkpoints knows one: its DeepSpeed folder and its checkpoint.json."""
+    (path / "state").mkdir(parents=True)
+    (path / "checkpoint.json").write_text(json.dumps({"step": step, "epoch": 0, "world_size": 1}))
+    return path
+
+
+def test_a_damaged_run_is_refused_in_one_line_naming_what_is_damaged(tmp_path, capsys):
+    """A resume of a run whose config.yaml is empty (it had been read as the default recipe and written over), whose
+    Ray checkpoints have lost Ray's record of them (deleted, or emptied by a disk that filled: Ray had started the run
+    over from step 0, or failed with a traceback), or whose checkpoint.json is empty (the error had been JSON's,
+    naming no file): one line each, before anything starts."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
+    run = tmp_path / "r"
+    assert main(["train", "--dry-run", *sets]) == 0
+    capsys.readouterr()
+    resume = ["train", "--resume", str(run), "--dry-run"]
+    first = _checkpoint(run / "checkpoint_2026-01-01_00-00-00.000000", 4)
+    _checkpoint(run / "checkpoint_2026-01-01_00-01-00.000000", 8)
+    for record in (None, ""):
+        if record is not None:
+            (run / "checkpoint_manager_snapshot.json").write_text(record)
+        assert main(resume) == 2
+        assert _one_line_error(capsys).startswith(
+            f"error: --resume: {run} holds 2 Ray checkpoint(s) (checkpoint_*) but Ray's record of them, "
+            "checkpoint_manager_snapshot.json, is missing or unreadable")
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": p.name} for p in sorted(run.glob("checkpoint_*"))]}))
+    assert main(resume) == 0
+    capsys.readouterr()
+    (first / "checkpoint.json").write_text("")
+    assert main(resume) == 2
+    assert _one_line_error(capsys) == (f"error: {first / 'checkpoint.json'} is not JSON (empty or damaged): the "
+                                       "checkpoint's record of its step")
+    (run / "config.yaml").write_text("")
+    assert main(resume) == 2
+    assert _one_line_error(capsys).startswith(f"error: --resume: {run / 'config.yaml'} is empty (damaged;")
+    assert (run / "config.yaml").read_text() == ""
+
+
+def test_an_encoder_older_than_the_runs_checkpoints_is_used_with_a_warning(tmp_path, capsys):
+    """A finished run resumed to train on and stopped before its new end keeps the backbone.pt of its first end:
+    evaluating, embedding or exporting it uses that encoder, and says so, naming the newer step and `extract`."""
+    from pretrain.evaluate import load_run_files
+
+    write_run(tmp_path / "r", "simclr_digits.yaml", tmp_path / "cache")
+    saved = torch.load(tmp_path / "r" / "backbone.pt", weights_only=True)
+    torch.save({**saved, "step": 8}, tmp_path / "r" / "backbone.pt")
+    load_run_files(tmp_path / "r")
+    assert "Warning" not in capsys.readouterr().out
+    _checkpoint(tmp_path / "r" / "checkpoints" / "step_0000008", 8)
+    load_run_files(tmp_path / "r")
+    assert "Warning" not in capsys.readouterr().out
+    _checkpoint(tmp_path / "r" / "checkpoints" / "step_0000040", 40)
+    load_run_files(tmp_path / "r")
+    assert capsys.readouterr().out == (
+        f"Warning: {tmp_path / 'r' / 'backbone.pt'} is the encoder of step 8; the run has trained on to its checkpoint "
+        f"of step 40 since (resumed, and stopped before its end): `pretrain extract --checkpoint {tmp_path / 'r'}` "
+        "takes that step's\n")
