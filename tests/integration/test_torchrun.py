@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -220,21 +221,28 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
                                                    "tracking.uri it began with")
         MLflowTracker(f"sqlite:///{other}", experiment="another").finish()  # a store, of other runs
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=4"]) == 0  # one step more: taken
-    # a run whose checkpoints are in Ray's layout (begun with `pretrain train`) goes on from them without Ray
-    shutil.move(run / "checkpoints" / "step_0000003", run / "checkpoint_000000")
+    # on Ray: from the run's torchrun checkpoint (step 3), which Ray's record does not know (Ray had started the run
+    # over from step 0 and written its rows 1-3 again)
+    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--resume", str(run), "--set",
+                           "job.num_workers=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"Resumed from {run / 'checkpoints' / 'step_0000003'} at step 3" in proc.stdout + proc.stderr
+    # ... and on without Ray, from Ray's checkpoint (step 4)
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=5"]) == 0
     resumed = _plain(run)
-    assert f"Resumed from {run / 'checkpoint_000000'} at step 3" in resumed.stdout
+    assert re.search(rf"Resumed from {re.escape(str(run))}/checkpoint_\S+ at step 4", resumed.stdout), resumed.stdout
     from mlflow import MlflowClient
 
-    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data  # max_steps 4 now, 3 logged
-    assert logged.params["job.max_steps"] == "3" and logged.tags["resumed.job.max_steps"] == "4"
-    assert sorted(_losses(run)) == [1, 2, 3, 4] and sorted(list_checkpoints(run)) == [3, 4]
+    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data  # max_steps 5 now, 3 logged
+    assert logged.params["job.max_steps"] == "3" and logged.tags["resumed.job.max_steps"] == "5"
+    steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5] and sorted(list_checkpoints(run)) == [3, 4, 5]  # each step trained once
     (run / "backbone.pt").unlink()  # as a run still training has none: eval points at its checkpoints
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --checkpoint: {run} has no backbone.pt yet (training writes it "
                                                f"at the end); `pretrain extract --checkpoint {run}` takes the encoder "
-                                               "of its latest checkpoint (step 4) out as a run directory to evaluate")
+                                               "of its latest checkpoint (step 5) out as a run directory to evaluate")
 
 
 def _plain(run: Path) -> subprocess.CompletedProcess:
