@@ -18,6 +18,11 @@ from pretrain.config import Config, ConfigError
 from pretrain.preflight import DEFAULT_RECIPE, check_local_gpus, check_writable, prepare_run, resolve_run, run_lock
 
 
+def _path(text: str) -> Path:
+    """A path argument, ``~`` expanded (the shell does not expand it after ``=``, as in ``--out=~/x``)."""
+    return Path(text).expanduser()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description="Self-supervised pretraining of visual encoders.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,12 +98,12 @@ def _parser() -> argparse.ArgumentParser:
                        "ICA axes of a backbone's frozen features (optionally fine-tuning; zero-shot for CLIP), next to "
                        "the same encoder at random init and raw pixels; writes eval.json (and eval-map.png, the "
                        "features in 2-D) beside the checkpoint.")
-    e.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its backbone.pt")
+    e.add_argument("--checkpoint", type=_path, required=True, help="a run directory or its backbone.pt")
     e.add_argument("--dataset", help="digits, samples, or a labelled shard directory (`pretrain data shards`; labels "
                    "and class names from its manifest) (default: the run's eval.dataset)")
     e.add_argument("--max-samples", type=int,
                    help="evaluate at most this many samples of a shard dataset (default: the run's eval.max_samples)")
-    e.add_argument("--out", type=Path, help="where to write the report (default: eval.json beside the checkpoint)")
+    e.add_argument("--out", type=_path, help="where to write the report (default: eval.json beside the checkpoint)")
     e.add_argument("--finetune-epochs", type=int,
                    help="also fine-tune the backbone (and its random init) this many epochs (default: the run's "
                    "eval.finetune_epochs)")
@@ -114,17 +119,17 @@ def _parser() -> argparse.ArgumentParser:
                        "--index) and print the --k nearest to the query: --text (a CLIP run: texts and images share "
                        "one space) or --image KEY (any run; a sample key of the data). --out writes the results as a "
                        "contact sheet (PNG).")
-    q.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
+    q.add_argument("--checkpoint", type=_path, required=True, help="a finished run directory")
     what = q.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a text query (CLIP runs)")
     what.add_argument("--image", metavar="KEY", help="the key of an image of --data as the query")
     gallery = q.add_mutually_exclusive_group()
     gallery.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits "
                          "shards)")
-    gallery.add_argument("--index", type=Path, help="an embedding index of the data written by `pretrain embed` with "
+    gallery.add_argument("--index", type=_path, help="an embedding index of the data written by `pretrain embed` with "
                          "this checkpoint (nothing is embedded again)")
     q.add_argument("--k", type=int, default=10, help="results to show (default 10)")
-    q.add_argument("--out", type=Path, help="write the query's results as a PNG contact sheet")
+    q.add_argument("--out", type=_path, help="write the query's results as a PNG contact sheet")
 
     a = sub.add_parser("attention", help="a ViT run's self-attention maps for some images (DINO's), as a PNG",
                        description="Where the cls token of a finished ViT run looks: for each --image KEY of --data, "
@@ -132,21 +137,21 @@ def _parser() -> argparse.ArgumentParser:
                        "and averaged, drawn beside the image as the encoder saw it; printed: how the cls token shares "
                        "its attention between itself, the register tokens (model.backbone_kwargs.num_registers) and "
                        "the patches.")
-    a.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory with a ViT backbone")
+    a.add_argument("--checkpoint", type=_path, required=True, help="a finished run directory with a ViT backbone")
     a.add_argument("--image", metavar="KEY", action="append", required=True,
                    help="the key of an image of --data (repeatable: a row each)")
     a.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits shards)")
     a.add_argument("--block", type=int, default=-1, help="which block's attention (default -1: the last)")
-    a.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    a.add_argument("--out", type=_path, required=True, help="the PNG to write")
 
     m = sub.add_parser("embed", help="embed every image of a shard dataset into a Parquet index",
                        description="Embed every image of --data with a finished run's encoder (whole images, resized "
                        "and normalised as in training; undecodable ones skipped and counted) and write a Parquet file: "
                        "key, label, caption and embedding per image, the checkpoint's sha256 and the data directory in "
                        "its metadata. `pretrain search --index` queries it without embedding again.")
-    m.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
+    m.add_argument("--checkpoint", type=_path, required=True, help="a finished run directory")
     m.add_argument("--data", help="a shard directory (default: the run's data.source)")
-    m.add_argument("--out", type=Path, required=True, help="the Parquet file to write (must not exist)")
+    m.add_argument("--out", type=_path, required=True, help="the Parquet file to write (must not exist)")
     m.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
 
     w = sub.add_parser("extract", help="a run's encoder at a checkpointed step, as a finished run leaves it",
@@ -155,9 +160,9 @@ def _parser() -> argparse.ArgumentParser:
                        "model.pt for CLIP / a VQ-VAE) into <run>/steps/step_XXXXXXX, which `pretrain eval`, `embed`, "
                        "`search`, `export` and pretrain.load_encoder take as a run directory. Works while the run "
                        "trains and after it stopped.")
-    w.add_argument("--checkpoint", type=Path, required=True, help="the run directory")
+    w.add_argument("--checkpoint", type=_path, required=True, help="the run directory")
     w.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
-    w.add_argument("--out", type=Path, help="the directory to write (default <run>/steps/step_XXXXXXX)")
+    w.add_argument("--out", type=_path, help="the directory to write (default <run>/steps/step_XXXXXXX)")
     w.add_argument("--list", action="store_true", help="only list the run's checkpoints")
 
     x = sub.add_parser("export", help="write a run's encoder as a torch.export program for serving",
@@ -165,8 +170,8 @@ def _parser() -> argparse.ArgumentParser:
                        "input layout ((B, C, H, W) images of one dtype; any batch size) and save it as a .pt2 file "
                        "that plain torch loads without ssl-pretrain: torch.export.load(FILE).module()(images) gives "
                        "(B, F) features. The program is checked against the eager encoder before it is written.")
-    x.add_argument("--checkpoint", type=Path, required=True, help="a finished run directory")
-    x.add_argument("--out", type=Path, required=True, help="the .pt2 file to write (must not exist)")
+    x.add_argument("--checkpoint", type=_path, required=True, help="a finished run directory")
+    x.add_argument("--out", type=_path, required=True, help="the .pt2 file to write (must not exist)")
     x.add_argument("--input-size", type=int, nargs="+", metavar="N", help="the images' side, or height and width "
                    "(default: the run's data.image_size; other sizes are resized inside the program)")
     x.add_argument("--input-channels", type=int, help="1 (grey) or 3 (RGB) (default: the run's data.channels)")
@@ -188,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--source", required=True,
                    help="digits | samples | folder:PATH (a sub-folder per class) | images:PATH (unlabelled, any depth) "
                    "| table:FILE (columns image, caption, label)")
-    s.add_argument("--out", type=Path, required=True, help="output directory (must not hold shards already)")
+    s.add_argument("--out", type=_path, required=True, help="output directory (must not hold shards already)")
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     s.add_argument("--workers", type=int, default=4,
                    help="shards written at a time (threads reading the images; default 4; the output is the same)")
@@ -201,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
                         "by img2dataset, webdataset's TarWriter, ...: <key>.jpg|png|webp|bmp|tiff, optional <key>.txt "
                         "caption and <key>.cls label, else unlabelled), so runs, eval and search read them as they "
                         "are. The tars are not changed.")
-    i.add_argument("dir", type=Path, help="the directory of .tar shards")
+    i.add_argument("dir", type=_path, help="the directory of .tar shards")
     i.add_argument("--workers", type=int, default=4, help="tars read at a time (default 4)")
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
     v = dsub.add_parser("verify", help="check a shard dataset before a run reads it",
@@ -209,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
                         "checksums.json, reads to its end and holds its samples, each with an image and a label; "
                         "with --decode that every image decodes. Prints each problem and a summary; exit status 1 "
                         "when there is any.")
-    v.add_argument("dir", type=Path, help="the dataset directory (manifest.parquet, checksums.json, shards)")
+    v.add_argument("dir", type=_path, help="the dataset directory (manifest.parquet, checksums.json, shards)")
     v.add_argument("--decode", action="store_true", help="also decode every image (slower)")
     v.add_argument("--workers", type=int, default=4, help="shards checked at a time (default 4)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -218,10 +223,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     """What says which run: a recipe plus overrides, or a run directory to continue."""
-    p.add_argument("--config", type=Path, help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
+    p.add_argument("--config", type=_path, help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+    p.add_argument("--resume", type=_path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint, with its config (plus --set overrides)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<job.out_dir>/mlflow.db)")
 
@@ -633,11 +638,41 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt: what a command cleans up on Ctrl-C
+    (a half-written dataset's temp folder, a lock) it cleans up on SIGTERM too."""
+
+
+def _terminated(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked child (a loader worker) that inherited the handler: end as SIGTERM ends
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Terminated
+
+
+_MAIN_PID = os.getpid()
+
+
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search, "embed": cmd_embed,
                "attention": cmd_attention, "extract": cmd_extract, "export": cmd_export,
                "data": cmd_data}[args.command]
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        return _handle(handler, args)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _handle(handler, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _handle(handler, args) -> int:
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # user input; programming errors keep their traceback
@@ -647,9 +682,10 @@ def _run(argv: list[str] | None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: what the command had written is complete (files are written whole)
-        print(f"Stopped by SIGINT ({args.command})", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what the command had written is complete (written whole)
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"Stopped by {signum.name} ({args.command})", file=sys.stderr)
+        return 128 + signum
 
 
 def end_process(code: int) -> NoReturn:

@@ -2,8 +2,11 @@
 streams are the point, `pretrain.cli.main` in this process elsewhere)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -557,3 +560,37 @@ def test_an_encoder_older_than_the_runs_checkpoints_is_used_with_a_warning(tmp_p
         f"Warning: {tmp_path / 'r' / 'backbone.pt'} is the encoder of step 8; the run has trained on to its checkpoint "
         f"of step 40 since (resumed, and stopped before its end): `pretrain extract --checkpoint {tmp_path / 'r'}` "
         "takes that step's\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_data_shards_leaves_nothing_behind(tmp_path, sig):
+    """Ctrl-C or SIGTERM (`kill`, a batch job's end) while `data shards` writes: status 128 + the signal, one line,
+    and neither the output nor the temp folder it writes into is left (SIGTERM had left the temp folder, a dataset's
+    size); `~` in --out=~/... is the home folder (the shell leaves it; it had been a folder named ~ and a failure)."""
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(4000):
+        Image.new("L", (8, 8), i % 256).save(src / f"{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "data", "shards", "--source", f"images:{src}",
+                             f"--out={tmp_path / 'ds'}", "--shard-size", "16", "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".ds.tmp-*/shard-000002.tar")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().splitlines()[-1] == f"Stopped by {sig.name} (data)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+    home = tmp_path / "home"
+    home.mkdir()
+    for i in range(3990):
+        (src / f"{i}.png").unlink()
+    done = subprocess.run([sys.executable, "-m", "pretrain.cli", "data", "shards", "--source", f"images:{src}",
+                           "--out=~/ds", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert (home / "ds" / "manifest.parquet").is_file() and not (tmp_path / "~").exists()
