@@ -77,7 +77,7 @@ def write_shards(
         raise ValueError(f"shard_size: must be a positive int, got {shard_size!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         problem = "already exists and is not an empty directory" if out_dir.is_dir() else \
             "is a file; a dataset is written as a directory"
@@ -90,8 +90,12 @@ def write_shards(
         src = src.without_duplicates(workers=workers, progress=progress)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # An empty folder given (a link to one, a mount point: neither can be replaced by a rename) is written inside;
+    # else the dataset is written beside it and renamed into place whole
+    inside = out_dir.is_dir()
+    tmp = (out_dir if inside else out_dir.parent) / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    moved: list[Path] = []
     try:
         order = np.random.default_rng(seed).permutation(len(src))
         groups = [order[start : start + shard_size] for start in range(0, len(order), shard_size)]
@@ -111,6 +115,12 @@ def write_shards(
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
         notes = src.notes + ([f"the captions of {len(src.bad_captions)} image(s), whose caption files are not UTF-8 "
                               f"text, e.g. {sorted(src.bad_captions)[0]}"] if src.bad_captions else [])
+        if src.unreadable:
+            notes.append(f"{len(src.unreadable)} image file(s) that could not be read when written (deleted or moved "
+                         f"meanwhile?), e.g. {sorted(src.unreadable)[0]}")
+        if not any(written):
+            raise ValueError(f"source {source!r}: none of its {len(src)} images could be read when written, e.g. "
+                             f"{sorted(src.unreadable)[0]}")
         meta = {"classes": json.dumps(src.classes), "source": source, "shard_size": str(shard_size),
                 "left_out": json.dumps(notes)}
         table = pa.table(
@@ -125,11 +135,17 @@ def write_shards(
             }
         ).replace_schema_metadata(meta)
         pq.write_table(table, tmp / MANIFEST)  # last: its presence marks the dataset complete
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); os.rename onto a non-empty directory would fail anyway
-        os.rename(tmp, out_dir)
+        if inside:
+            for name in [*shard_names, CHECKSUMS, MANIFEST]:  # the manifest last, as above
+                os.rename(tmp / name, out_dir / name)
+                moved.append(out_dir / name)
+            tmp.rmdir()
+        else:
+            os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in moved:
+            path.unlink(missing_ok=True)
         raise
     return out_dir / MANIFEST
 
@@ -143,7 +159,11 @@ def _write_shard(path: Path, src, indices) -> list[tuple]:
     # mtime=0 makes the tar bytes (and so the checksums) a function of the data only.
     with wds.TarWriter(str(path), mtime=0) as sink:
         for i in indices:
-            key, data, ext, label, caption = src[int(i)]
+            try:
+                key, data, ext, label, caption = src[int(i)]
+            except OSError as e:  # gone since the source was walked (a collection still being edited): left out
+                src.unreadable.append(f"{src.origin(int(i))} ({e.strerror or type(e).__name__})")
+                continue
             sample = {"__key__": key, ext: data, "cls": label}
             if caption is not None:
                 sample["txt"] = caption

@@ -101,6 +101,9 @@ class Source:
     """What the source left out and why (empty files; images outside a folder source's class sub-folders)."""
     bad_captions: list[Path] = field(default_factory=list, repr=False)
     """Caption files read so far that are not UTF-8 text (their images go without a caption)."""
+    unreadable: list[str] = field(default_factory=list, repr=False)
+    """Image files that could not be read when their turn came (deleted, moved or locked since the source was
+    resolved), as "path (why)": left out."""
 
     def __len__(self) -> int:
         return len(self._items)

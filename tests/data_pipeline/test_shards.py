@@ -16,12 +16,15 @@ from PIL import Image
 from data_pipeline import shards as shards_mod
 from data_pipeline.reader import read_epoch
 from data_pipeline.shards import (
+    CHECKSUMS,
+    MANIFEST,
     builtin_dir_name,
     ensure_digits_shards,
     list_shards,
     read_classes,
     read_manifest,
     sha256_file,
+    verify_dataset,
     write_shards,
 )
 from data_pipeline.sources import DIGIT_WORDS, digit_caption, digits_uint8, image_digest
@@ -553,3 +556,35 @@ def test_table_columns_as_people_write_them(tmp_path, image_tree):
     assert shards_mod.read_classes(tmp_path / "floats") == ["1", "2", "10"]
     rows = {r["path"]: r["label"] for r in read_manifest(tmp_path / "floats").to_pylist()}
     assert [rows[str(f)] for f in files] == [2, 0, -1, 1]
+
+
+def test_files_gone_while_written_are_left_out_and_an_empty_folder_given_is_written_into(tmp_path, image_tree,
+                                                                                         monkeypatch):
+    """A file deleted after the walk and before its shard is written (a collection still being edited: the write had
+    failed whole on it) is left out and noted. --out an empty folder that cannot be replaced by a rename (a link to
+    one, as a mount point): the dataset is written inside it (it had failed after every shard, keeping nothing)."""
+    import data_pipeline.shards as shards
+
+    root = image_tree(tmp_path / "imgs", classes={"": 6})
+    real = shards.resolve_source
+
+    def resolve_then_delete(spec):
+        src = real(spec)
+        (root / "3.png").unlink()  # walked, and gone before its turn
+        return src
+
+    monkeypatch.setattr(shards, "resolve_source", resolve_then_delete)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    write_shards(f"images:{root}", tmp_path / "link", shard_size=2, progress=False)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / MANIFEST).is_file()
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == sorted(
+        [MANIFEST, CHECKSUMS, *(f"shard-{i:06d}.tar" for i in range(3))])
+    table = read_manifest(tmp_path / "link")
+    assert sorted(Path(p).name for p in table.column("path").to_pylist()) == ["0.jpg", "1.png", "2.jpg", "4.jpg",
+                                                                               "5.png"]
+    notes = json.loads(table.schema.metadata[b"left_out"])
+    assert notes == [f"1 image file(s) that could not be read when written (deleted or moved meanwhile?), e.g. "
+                     f"{root / '3.png'} (No such file or directory)"]
+    counts, problems = verify_dataset(tmp_path / "link", decode=True, progress=False)
+    assert not problems and counts["read"] == 5
