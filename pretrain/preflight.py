@@ -219,17 +219,33 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
         from pretrain.tracking import DeletedRun, check_holds_run, default_tracking_uri
 
         try:
-            check_holds_run(cfg.tracking.uri or default_tracking_uri(run_dir.parent),
-                            (run_dir / RUN_ID_FILE).read_text().strip())
+            run = check_holds_run(cfg.tracking.uri or default_tracking_uri(run_dir.parent),
+                                  (run_dir / RUN_ID_FILE).read_text().strip())
         except DeletedRun as e:
             raise ConfigError(f"tracking.uri: {e}") from None
         except ValueError as e:
             raise ConfigError(f"tracking.uri: {e}, which {run_dir.name}'s metrics go on in; resume it with the "
                               "tracking.uri it began with") from None
+        _check_not_a_copy(run, run_dir)
     if write:
         write_run_files(cfg, run_dir)
     workers = f"{cfg.job.num_workers} worker" + ("s" if cfg.job.num_workers != 1 else "")
     print(f"Run directory: {run_dir}  ({len(shards)} shards, {workers})", flush=True)
+
+
+def _check_not_a_copy(run, run_dir: Path) -> None:
+    """ConfigError where ``run_dir`` is a copy of the run directory that MLflow run ``run`` began in (its tag
+    ``run_dir``), which still holds it: both would log into one MLflow run (a moved run, whose old directory is gone,
+    goes on in it)."""
+    from pretrain.trainer import RUN_DIR_TAG, RUN_ID_FILE
+
+    began = Path(run.data.tags[RUN_DIR_TAG]) if run is not None and RUN_DIR_TAG in run.data.tags else None
+    if began is None or began == run_dir or not (began / RUN_ID_FILE).is_file():
+        return
+    if (began / RUN_ID_FILE).read_text().strip() == run.info.run_id:
+        raise ConfigError(f"--resume: {run_dir} is a copy of {began}, whose MLflow run {run.info.run_id} it would log "
+                          f"into as well; delete {run_dir / RUN_ID_FILE} to have the copy go on in an MLflow run of "
+                          "its own, or resume the original")
 
 
 def check_backbone(cfg: Config) -> None:

@@ -345,15 +345,16 @@ class DeletedRun(ValueError):
     """The store holds the run, deleted (alone, or with its experiment)."""
 
 
-def check_holds_run(uri: str, run_id: str) -> None:
+def check_holds_run(uri: str, run_id: str):
     """ValueError (one line) unless the store at ``uri`` holds MLflow run ``run_id`` (a resumed run's; a resume pointed
     at another store would fail in every worker), DeletedRun where it holds it deleted. Checked for a sqlite file (not
-    created where it is missing) and a reachable server; other stores are left to the workers."""
+    created where it is missing) and a reachable server (the run returned); other stores are left to the workers
+    (None returned)."""
     scheme = urlparse(uri).scheme
     if scheme == "sqlite" and not Path(uri[len("sqlite:///"):]).is_file():
         raise ValueError(f"{uri} does not exist, so it holds no MLflow run {run_id}")
     if scheme not in ("sqlite", "http", "https"):
-        return
+        return None
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -365,6 +366,7 @@ def check_holds_run(uri: str, run_id: str) -> None:
         raise DeletedRun(f"{uri} holds MLflow run {run_id} as deleted, and a deleted run takes no metrics; restore it "
                          f"(`mlflow runs restore --run-id {run_id}`, its experiment first if that was deleted) to "
                          "resume")
+    return run
 
 
 def end_if_running(uri: str, run_id: str, status: str) -> bool | None:

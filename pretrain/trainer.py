@@ -30,6 +30,8 @@ from pretrain.sync_bn import convert_sync_bn
 from pretrain.tracking import default_artifact_location, default_tracking_uri, make_tracker
 
 RUN_ID_FILE = "mlflow_run_id"
+RUN_DIR_TAG = "run_dir"
+"""The MLflow tag naming the run directory the run is trained in (a copy of the directory is told by it)."""
 HISTORY_FILE = "metrics.csv"
 RANK_STATE_DIR = "ranks"
 """Checkpoint sub-directory with one file per rank: its data position and RNG states (``rank_00000.pt``, ...)"""
@@ -280,8 +282,7 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
             tracker.log_artifact(run_dir / "config.yaml")
         elif tracker.log_resumed_params(to_dict(cfg)):  # resumed with --set: what it goes on with
             tracker.log_artifact(run_dir / "config.yaml")
-        if tags := _job_tags():
-            tracker.set_tags(tags)
+        tracker.set_tags({RUN_DIR_TAG: str(run_dir), **_job_tags()})
         print(f"MLflow: {uri} run {tracker.run_id}", flush=True)
     return tracker
 

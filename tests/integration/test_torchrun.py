@@ -203,7 +203,11 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert torch.load(copy / "backbone.pt", weights_only=True)["step"] == 3
     assert main(["train", "--resume", str(copy), "--dry-run"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: job.max_steps: copy finished at step 3 already")
-    (copy / "backbone.pt").unlink()  # stopped after its last checkpoint, before its end: the resume finishes it
+    (copy / "backbone.pt").unlink()  # stopped after its last checkpoint, before its end: the resume finishes it...
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy), "--dry-run"]) == 2  # ... in an MLflow run of its own
+    assert capsys.readouterr().err.strip().startswith(f"error: --resume: {copy} is a copy of {run}, whose MLflow run")
+    (copy / "mlflow_run_id").unlink()
     assert main(["train", "--resume", str(copy), "--dry-run"]) == 0
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=2"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: job.max_steps: 2 is behind one's last checkpoint (step "

@@ -3,6 +3,7 @@ streams are the point, `pretrain.cli.main` in this process elsewhere)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -594,3 +595,28 @@ def test_a_stopped_data_shards_leaves_nothing_behind(tmp_path, sig):
                           env={**os.environ, "HOME": str(home)})
     assert done.returncode == 0, done.stderr
     assert (home / "ds" / "manifest.parquet").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_copied_run_does_not_log_into_the_originals_mlflow_run(tmp_path, capsys):
+    """`cp -r runs/r1 runs/g1` then `--resume runs/g1`: the copy had gone on in r1's MLflow run (its points and tags
+    mixed into r1's, or both training into it at once); refused in one line saying how to give the copy its own. A
+    run moved elsewhere (its old directory gone) goes on in its MLflow run."""
+    from pretrain.tracking import MLflowTracker, default_tracking_uri
+
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r1", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--dry-run", *sets]) == 0
+    original = tmp_path / "r1"
+    tracker = MLflowTracker(default_tracking_uri(tmp_path), experiment="ssl-pretrain")
+    tracker.set_tags({"run_dir": str(original)})  # as training tags it
+    tracker.finish("KILLED")
+    (original / "mlflow_run_id").write_text(tracker.run_id + "\n")
+    copy = tmp_path / "g1"
+    shutil.copytree(original, copy)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy), "--dry-run"]) == 2
+    assert _one_line_error(capsys) == (f"error: --resume: {copy} is a copy of {original}, whose MLflow run "
+                                       f"{tracker.run_id} it would log into as well; delete {copy / 'mlflow_run_id'} "
+                                       "to have the copy go on in an MLflow run of its own, or resume the original")
+    assert main(["train", "--resume", str(original), "--dry-run"]) == 0
+    shutil.rmtree(original)  # moved: the copy is the run now
+    assert main(["train", "--resume", str(copy), "--dry-run"]) == 0
