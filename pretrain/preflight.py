@@ -113,6 +113,7 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
     if not steps:
         return
     last = max(steps)
+    _check_saved_config(cfg, run_dir, steps[last])
     if cfg.job.max_steps < last:
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} is behind {run_dir.name}'s last checkpoint (step "
                           f"{last}); raise it to train on, or take an earlier step's encoder with `pretrain extract "
@@ -127,6 +128,22 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
     if cfg.job.max_steps == last and all(done(p) for p in ends):
         raise ConfigError(f"job.max_steps: {run_dir.name} finished at step {last} already; raise job.max_steps to "
                           f"train on (`pretrain eval --checkpoint {run_dir}` evaluates it again)")
+
+
+def _check_saved_config(cfg: Config, run_dir: Path, checkpoint: Path) -> None:
+    """:func:`_check_same_structure` against the config the latest checkpoint was saved under (its checkpoint.json
+    holds it), which a config.yaml edited by hand does not change: a ZeRO stage or model changed there failed in the
+    workers. Checkpoints of an older version hold none, and are not checked."""
+    from pretrain.steps import checkpoint_info
+
+    saved = checkpoint_info(checkpoint).get("config")
+    if saved is None:
+        return
+    try:
+        before = config_from_dict(saved)
+    except (ValueError, TypeError):  # a config of another version of the fields: not comparable here
+        return
+    _check_same_structure(before, cfg, run_dir.name)
 
 
 def _check_same_structure(before: Config, cfg: Config, name: str) -> None:

@@ -213,7 +213,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 t_last = time.perf_counter()  # the monitor's time is not the next step's
             if checkpoint:
                 tracker.flush()  # what MLflow has reaches this checkpoint: a restart from it loses no point
-                _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank)
+                _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank, cfg)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -397,7 +397,8 @@ def _stop_if_not_finite(pending, losses: list[float], world: int) -> None:
                             "or more optim.warmup_steps")
 
 
-def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int) -> None:
+def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int,
+                cfg: Config) -> None:
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         state = {"step": int(metrics["step"]), "epoch": int(metrics["epoch"]), "world_size": world}
         scale = {"loss_scale": engine.fp16_scale.state_dict()} if engine.fp16_scale is not None else {}
@@ -405,10 +406,10 @@ def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int,
         ranks = Path(tmp) / RANK_STATE_DIR
         ranks.mkdir()
         torch.save({"data": stream.state_dict(), "rng": _rng_state()}, ranks / f"rank_{rank:05d}.pt")
-        if rank == 0:  # what pretrain.steps lists it by, without opening the partitions
-            import json
+        if rank == 0:  # what pretrain.steps lists it by, without opening the partitions; the config it was saved
+            import json  # under, which a resume is checked against (config.yaml may have been edited by hand)
 
-            (Path(tmp) / CHECKPOINT_INFO).write_text(json.dumps(state) + "\n")
+            (Path(tmp) / CHECKPOINT_INFO).write_text(json.dumps({**state, "config": to_dict(cfg)}) + "\n")
         session.report(metrics, Path(tmp))
 
 

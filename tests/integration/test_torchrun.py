@@ -173,7 +173,7 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert proc.stdout.startswith("No launcher (torchrun sets WORLD_SIZE): training as one process\n")
     assert sorted(_losses(run)) == [1, 2, 3] and (run / "backbone.pt").is_file()
     # each step's row has the rate of that step's update, also where one flush logs several steps
-    from pretrain.config import load_config
+    from pretrain.config import load_config, to_dict
     from pretrain.engine import lr_lambda, peak_lr
 
     cfg = load_config(run / "config.yaml")
@@ -183,6 +183,7 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert logged[0] == logged[1] > logged[2]  # the peak after the 1-step warmup, then the cosine
     info = json.loads((run / "checkpoints" / "step_0000003" / "checkpoint.json").read_text())
     assert info["step"] == 3 and info["world_size"] == 1
+    assert info["config"] == to_dict(cfg)  # the config it was saved under: what a resume is checked against
     # the same command again: nothing left to train, refused in one line (it had trained anew over the run)
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 2 and again.stderr.strip() == (

@@ -620,3 +620,30 @@ def test_a_copied_run_does_not_log_into_the_originals_mlflow_run(tmp_path, capsy
     assert main(["train", "--resume", str(original), "--dry-run"]) == 0
     shutil.rmtree(original)  # moved: the copy is the run now
     assert main(["train", "--resume", str(copy), "--dry-run"]) == 0
+
+
+def test_a_config_edited_by_hand_is_checked_against_the_checkpoints_config(tmp_path, capsys):
+    """config.yaml edited by hand to another ZeRO stage (or model) passed the checks, which compare a resume's
+    overrides with config.yaml, and failed in the workers with a bare AssertionError; the latest checkpoint's
+    checkpoint.json holds the config it was saved under, and the resume is checked against that."""
+    import yaml
+
+    from pretrain.config import load_config, to_dict
+
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
+    run = tmp_path / "r"
+    assert main(["train", "--dry-run", *sets]) == 0
+    saved = to_dict(load_config(run / "config.yaml"))
+    ckpt = _checkpoint(run / "checkpoints" / "step_0000004", 4)
+    info = json.loads((ckpt / "checkpoint.json").read_text())
+    (ckpt / "checkpoint.json").write_text(json.dumps({**info, "config": saved}))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--dry-run"]) == 0
+    edited = yaml.safe_load((run / "config.yaml").read_text())
+    edited["zero"]["stage"] = 3 if saved["zero"]["stage"] != 3 else 2
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--dry-run"]) == 2
+    assert _one_line_error(capsys) == (f"error: zero.stage: the checkpoints of r were saved with "
+                                       f"{saved['zero']['stage']!r}, and {edited['zero']['stage']!r} cannot load "
+                                       "them; start a new run for it")
