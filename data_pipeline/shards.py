@@ -413,7 +413,10 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
     data_dir = Path(data_dir)
-    table = read_manifest(data_dir, columns=["key", "shard"])
+    table = read_manifest(data_dir)
+    # the file each sample was written from (``data shards``'), named with its problems; none for indexed tars
+    paths = dict(zip(table.column("key").to_pylist(), table.column("path").to_pylist())) \
+        if "path" in table.column_names else {}
     expected: dict[str, set[str]] = {}
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
         expected.setdefault(shard, set()).add(key)
@@ -449,13 +452,14 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
                 continue
             parsed = _parse(sample)
             seen.add(key)
+            what = f"{name}: sample {key!r}" + (f" (from {paths[key]})" if paths.get(key) else "")
             if isinstance(parsed, str):
-                problems.append(f"{name}: sample {key!r}: {parsed}")
+                problems.append(f"{what}: {parsed}")
                 continue
             read += 1
             if decode and not decodes(parsed["image"]):
                 undecodable += 1
-                problems.append(f"{name}: sample {key!r}: the image does not decode")
+                problems.append(f"{what}: the image does not decode")
         if errors:
             problems.append(f"{name}: does not read to its end ({type(errors[0]).__name__}: {errors[0]})")
         missing = expected[name] - seen

@@ -152,7 +152,7 @@ def test_data_verify_passes_an_intact_dataset_and_names_each_problem(digits_copy
     assert main(["data", "verify", str(tmp_path / "ds"), "--decode", "--no-progress"]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("problem: shard-000000.tar: sample '0000000")
-    assert lines[0].endswith("': the image does not decode")
+    assert lines[0].endswith(f"' (from {root / 'a' / '0.jpg'}): the image does not decode")  # the file it was
     assert lines[1] == f"Verified {tmp_path / 'ds'}: 1 shards, 6 of 6 samples read, 1 undecodable: 1 problem(s)"
     assert main(["data", "verify", str(tmp_path / "imgs"), "--no-progress"]) == 2
 
