@@ -138,7 +138,14 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
                          "nothing")
     cfg = load_config(run_dir / "config.yaml")
     method = build_method(cfg, distributed=False)
-    method.load_state_dict(consolidated_state_dict(found[step], cfg.zero.stage))
+    try:
+        state = consolidated_state_dict(found[step], cfg.zero.stage)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch.load's and DeepSpeed's, of a file cut short
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's runs on for lines
+        raise ValueError(f"--step: checkpoint {found[step]} (step {step}) does not load ({type(e).__name__}: {first}): "
+                         "damaged (a job stopped or a disk filled while it was written?); `--list` names the others"
+                         ) from None
+    method.load_state_dict(state)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     saved = {"config": to_dict(cfg), "step": step, "run": str(run_dir.resolve())}

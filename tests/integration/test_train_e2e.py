@@ -128,7 +128,7 @@ def test_knn_monitor_curve(trained, mlflow_server):
     assert f"step 60: kNN top-1 {curve[60]:.4f}" in log.read_text()
 
 
-def test_extract_a_step_and_evaluate_it(trained, mlflow_server, capsys):
+def test_extract_a_step_and_evaluate_it(trained, mlflow_server, capsys, tmp_path):
     """`pretrain extract` merges a Ray checkpoint's two ZeRO-3 partitions offline: the latest (step 120) gives the
     very backbone.pt training wrote at its end; step 60's directory evaluates like a finished run, to the kNN
     monitor's step-60 point; a missing step or a second extract of one is refused in one line."""
@@ -154,6 +154,17 @@ def test_extract_a_step_and_evaluate_it(trained, mlflow_server, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"error: --out: {run_dir / 'steps' / 'step_0000060'} already holds an encoder; extract overwrites nothing",
         f"error: --step: {run_dir} has no checkpoint of step 61; it has steps 60, {STEPS}"]
+    # a checkpoint cut short (a disk that filled while it was written): one line naming it (it had been a traceback)
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("steps")))
+    from pretrain.steps import list_checkpoints
+
+    damaged = list_checkpoints(copy)[60]
+    states = sorted((damaged / "state").glob("*model_states.pt"))[0]
+    states.write_bytes(states.read_bytes()[:1000])
+    assert main(["extract", "--checkpoint", str(copy), "--step", "60"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --step: checkpoint {damaged} (step 60) does not load (") and "\n" not in err
+    assert err.endswith("damaged (a job stopped or a disk filled while it was written?); `--list` names the others")
 
 
 def test_loss_leaves_uniform(trained):
