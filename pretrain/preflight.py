@@ -100,7 +100,7 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
     with the run finished there (its backbone.pt, and eval.json where it evaluates, of that step: by the step they
     record, so that a copy of the run without its files' times is judged as the run is).
     At it and unfinished (stopped between its last checkpoint and its end), the resume finishes the run."""
-    from pretrain.steps import check_ray_record, list_checkpoints, saved_step
+    from pretrain.steps import check_ray_record, cut_short, list_checkpoints, saved_step
 
     try:
         check_ray_record(run_dir)
@@ -113,6 +113,13 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
     if not steps:
         return
     last = max(steps)
+    if damaged := cut_short(steps[last]):
+        whole = [s for s in sorted(steps, reverse=True)[1:] if not cut_short(steps[s])]
+        raise ConfigError(f"--resume: the latest checkpoint of {run_dir.name} (step {last}) is damaged: "
+                          f"{damaged[0].relative_to(run_dir)} is cut short (a disk that filled or a job stopped while "
+                          "it was written?); the run cannot go on from it"
+                          + (f"; `pretrain extract --checkpoint {run_dir} --step {whole[0]}` takes the encoder of its "
+                             "last whole one" if whole else ""))
     _check_saved_config(cfg, run_dir, steps[last])
     if cfg.job.max_steps < last:
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} is behind {run_dir.name}'s last checkpoint (step "

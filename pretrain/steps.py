@@ -52,6 +52,22 @@ def check_ray_record(run_dir: str | Path) -> None:
                          "file back to resume, or take a step's encoder with `pretrain extract --step N`")
 
 
+def cut_short(checkpoint: str | Path) -> list[Path]:
+    """The files of ``checkpoint`` (torch.save's, each a zip archive) that do not end as a zip archive ends (its
+    end-of-central-directory record in the last 22 bytes): cut short by a disk that filled or a job stopped mid-write.
+    Read from each file's last bytes only."""
+    bad = []
+    for path in sorted(Path(checkpoint).rglob("*.pt")):
+        try:
+            with path.open("rb") as f:
+                f.seek(max(0, path.stat().st_size - 22))
+                if not f.read(4).startswith(b"PK\x05\x06"):
+                    bad.append(path)
+        except OSError:
+            bad.append(path)
+    return bad
+
+
 def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """``{step: checkpoint directory}`` of the complete checkpoints of ``run_dir`` (Ray's or torchrun's layout).
 

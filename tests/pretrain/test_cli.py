@@ -647,3 +647,25 @@ def test_a_config_edited_by_hand_is_checked_against_the_checkpoints_config(tmp_p
     assert _one_line_error(capsys) == (f"error: zero.stage: the checkpoints of r were saved with "
                                        f"{saved['zero']['stage']!r}, and {edited['zero']['stage']!r} cannot load "
                                        "them; start a new run for it")
+
+
+def test_a_resume_from_a_checkpoint_cut_short_is_refused_naming_the_file(tmp_path, capsys):
+    """A latest checkpoint with a file cut short (a disk that filled while it was written) had failed in the workers
+    a minute in, naming no file ("PytorchStreamReader failed"), and every resume the same: refused in one line naming
+    the file and the last whole step to extract. torch.save's files are zip archives: their last bytes tell."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
+    run = tmp_path / "r"
+    assert main(["train", "--dry-run", *sets]) == 0
+    for step in (4, 8):
+        ckpt = _checkpoint(run / "checkpoints" / f"step_{step:07d}", step)
+        torch.save({"weights": torch.arange(1000.0)}, ckpt / "state" / "mp_rank_00_model_states.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--dry-run"]) == 0
+    cut = run / "checkpoints" / "step_0000008" / "state" / "mp_rank_00_model_states.pt"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--dry-run"]) == 2
+    assert _one_line_error(capsys) == (
+        "error: --resume: the latest checkpoint of r (step 8) is damaged: checkpoints/step_0000008/state/"
+        "mp_rank_00_model_states.pt is cut short (a disk that filled or a job stopped while it was written?); the run "
+        f"cannot go on from it; `pretrain extract --checkpoint {run} --step 4` takes the encoder of its last whole one")
