@@ -857,6 +857,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
+def set_method_keys(path: str | Path | None, overrides: list[str] | None = None) -> set[str]:
+    """The ``method.*`` keys that the recipe at ``path`` itself (not the base recipes it derives from: those may be
+    another method's) and ``overrides`` set."""
+    keys: set[str] = set()
+    if path:
+        try:
+            data = _yaml(Path(path).read_text())
+        except (OSError, yaml.YAMLError, _DuplicateKey):  # load_config reports it
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("method"), dict):
+            keys |= {str(k) for k in data["method"]}
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        if key.startswith("method."):
+            keys.add(key.split(".")[1])
+        elif key == "method":
+            try:
+                value = _yaml(raw)
+            except (yaml.YAMLError, _DuplicateKey):
+                continue
+            keys |= {str(k) for k in value} if isinstance(value, dict) else set()
+    return keys
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain nested dict (tuples as lists), ready for YAML, JSON or MLflow params."""
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from pretrain.config import Config, ConfigError, config_from_dict, load_config, set_method_keys, to_dict
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "simclr_digits.yaml"
 RUN_LOCK = ".pretrain.lock"
@@ -42,9 +42,12 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
                 raise ConfigError(f"job.{key}: a resumed run goes on in its own directory ({run_dir}); to have it "
                                   "elsewhere, move the directory and resume it there")
         _check_same_structure(before, cfg, run_dir.name)
+        changed = {k for k in _method_fields() if getattr(before.method, k) != getattr(cfg.method, k)}
+        _check_method_keys(cfg, only=changed)  # (what the run began with is not refused now)
         check_steps_left(cfg, run_dir)
         return cfg, run_dir
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
+    _check_method_keys(cfg, only=set_method_keys(config or DEFAULT_RECIPE, overrides))
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = (Path(cfg.job.out_dir).expanduser() / name).resolve()
     if _holds_files(run_dir):
@@ -135,6 +138,23 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
     if cfg.job.max_steps == last and all(done(p) for p in ends):
         raise ConfigError(f"job.max_steps: {run_dir.name} finished at step {last} already; raise job.max_steps to "
                           f"train on (`pretrain eval --checkpoint {run_dir}` evaluates it again)")
+
+
+def _method_fields() -> list[str]:
+    import dataclasses
+
+    from pretrain.config import MethodConfig
+
+    return [f.name for f in dataclasses.fields(MethodConfig)]
+
+
+def _check_method_keys(cfg: Config, only: set[str] | None = None) -> None:
+    from pretrain.methods import check_method_keys
+
+    try:
+        check_method_keys(cfg.method, only)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_saved_config(cfg: Config, run_dir: Path, checkpoint: Path) -> None:

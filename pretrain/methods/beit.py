@@ -37,6 +37,8 @@ from pretrain.methods.vqvae import VQVAE, load_tokenizer, read_tokenizer
 
 
 class BEiT(SSLMethod):
+    config_keys = frozenset({"loss_impl", "mask_prob", "mask_ratio_range", "tokenizer", "vocab_size"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         m = cfg.method

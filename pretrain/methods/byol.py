@@ -34,6 +34,8 @@ def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 class BYOL(SSLMethod):
+    config_keys = frozenset({"loss_impl", "predictor_hidden_dim", "teacher_momentum"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_two_views(cfg, "byol predicts one view from the other")

@@ -26,6 +26,8 @@ from pretrain.models.text import ByteTokenizer, TextTransformer
 
 
 class CLIP(SSLMethod):
+    config_keys = frozenset({"context_length", "logit_scale_init", "logit_scale_max", "loss_impl", "text_depth",
+                             "text_heads", "text_width"})
     needs_text = True
     saves_model = True
 

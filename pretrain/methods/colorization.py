@@ -88,6 +88,8 @@ class LumaEncoder(nn.Module):
 
 
 class Colorization(SSLMethod):
+    config_keys = frozenset({"color_bins", "color_rebalance"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_one_view(cfg, "colorization predicts the colours of")

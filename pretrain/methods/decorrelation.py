@@ -86,6 +86,8 @@ class _GlobalBatchEmbedding(SSLMethod):
 
 
 class BarlowTwins(_GlobalBatchEmbedding):
+    config_keys = frozenset({"barlow_lambda"})
+
     def __init__(self, cfg: Config, **kwargs) -> None:
         super().__init__(cfg, **kwargs)
         self.lambd = cfg.method.barlow_lambda
@@ -96,6 +98,8 @@ class BarlowTwins(_GlobalBatchEmbedding):
 
 
 class VICReg(_GlobalBatchEmbedding):
+    config_keys = frozenset({"vicreg_covariance", "vicreg_invariance", "vicreg_variance"})
+
     def __init__(self, cfg: Config, **kwargs) -> None:
         super().__init__(cfg, **kwargs)
         m = cfg.method

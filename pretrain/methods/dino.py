@@ -56,6 +56,9 @@ def dino_head(cfg: Config, in_dim: int, prototypes: int) -> DINOHead:
 
 
 class DINO(SSLMethod):
+    config_keys = frozenset({"center_momentum", "centering", "freeze_last_layer_steps", "head_bn", "koleo_weight",
+                             "loss_impl", "norm_last_layer", "num_prototypes", "sinkhorn_iters", "student_temp",
+                             "teacher_momentum", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_steps"})
     masks = False
     """Whether the backbone gets a mask token (iBOT's subclass masks the student's global views)."""
 

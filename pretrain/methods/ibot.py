@@ -29,6 +29,8 @@ from pretrain.methods.dino import DINO, dino_head, teacher_temperature
 
 
 class IBOT(DINO):
+    config_keys = DINO.config_keys | {"mask_prob", "mask_ratio_range", "patch_head", "patch_loss_weight",
+                                      "patch_prototypes", "teacher_patch_temp"}
     masks = True
 
     @classmethod

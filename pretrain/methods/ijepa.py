@@ -82,6 +82,10 @@ class IJEPAPredictor(nn.Module):
 
 
 class IJEPA(SSLMethod):
+    config_keys = frozenset({"context_scale", "decoder_depth", "decoder_dim", "decoder_heads", "loss_impl",
+                             "min_context_patches", "num_target_blocks", "target_aspect", "target_scale",
+                             "teacher_momentum"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         m, d = cfg.method, cfg.data

@@ -78,6 +78,8 @@ def normalize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 class Jigsaw(SSLMethod):
+    config_keys = frozenset({"jigsaw_gap", "jigsaw_grid", "jigsaw_normalize_tiles", "jigsaw_permutations"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         d, m = cfg.data, cfg.method

@@ -118,6 +118,9 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(SSLMethod):
+    config_keys = frozenset({"decoder_depth", "decoder_dim", "decoder_heads", "loss_impl", "mask_ratio",
+                             "norm_pix_loss"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         m, d = cfg.method, cfg.data

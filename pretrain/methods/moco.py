@@ -60,6 +60,7 @@ def moco_v3_loss(q: Tensor, k: Tensor, temperature: float, *, k_all: Tensor | No
 class MoCoV3(BYOL):
     """BYOL's networks (``online``: the paper's base encoder with its predictor; ``target``: the momentum encoder, an
     EMA of backbone + projector) with MoCo v3's contrastive loss."""
+    config_keys = BYOL.config_keys | {"decoupled", "temperature"}
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -124,6 +125,7 @@ class MoCoV2(SSLMethod):
     Differences from the official code: the momentum rises from ``teacher_momentum`` (the paper's constant 0.999) to 1
     along a cosine, as this project's other momentum encoders (MoCo v2+ of solo-learn does the same); no shuffled
     BatchNorm: the encoders' BatchNorm is per rank, or over all ranks with ``model.sync_bn``."""
+    config_keys = frozenset({"decoupled", "loss_impl", "queue_size", "teacher_momentum", "temperature"})
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

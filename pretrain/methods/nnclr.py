@@ -71,6 +71,8 @@ def nnclr_loss(neighbours: Tensor, p: Tensor, temperature: float, *, p_all: Tens
 
 
 class NNCLR(SSLMethod):
+    config_keys = frozenset({"decoupled", "loss_impl", "predictor_hidden_dim", "queue_size", "temperature"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_two_views(cfg, "nnclr contrasts two views per image")

@@ -14,6 +14,8 @@ from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbo
 
 
 class SimCLR(SSLMethod):
+    config_keys = frozenset({"decoupled", "loss_impl", "temperature"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         if cfg.data.num_views != 2:

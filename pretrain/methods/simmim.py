@@ -54,6 +54,8 @@ def simmim_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 class SimMIM(SSLMethod):
+    config_keys = frozenset({"loss_impl", "mask_patch_size", "mask_ratio"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         m, d, p = cfg.method, cfg.data, cfg.model.patch_size

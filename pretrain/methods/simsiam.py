@@ -39,6 +39,8 @@ def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
 
 
 class SimSiam(SSLMethod):
+    config_keys = frozenset({"loss_impl", "predictor_hidden_dim"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_two_views(cfg, "simsiam predicts one view from the other")

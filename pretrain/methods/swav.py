@@ -75,6 +75,9 @@ def swav_loss(scores: Tensor, codes: Tensor, temperature: float) -> Tensor:
 
 
 class SwAV(SSLMethod):
+    config_keys = frozenset({"freeze_last_layer_steps", "loss_impl", "num_prototypes", "queue_size",
+                             "queue_start_steps", "sinkhorn_eps", "sinkhorn_iters", "temperature"})
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         if cfg.data.num_views < 2:

@@ -43,6 +43,8 @@ class PatchDecoder(nn.Module):
 
 
 class VQVAE(SSLMethod):
+    config_keys = frozenset({"code_dim", "codebook_decay", "commitment_weight", "decoder_depth", "decoder_dim",
+                             "decoder_heads", "vocab_size"})
     saves_model = True
 
     @classmethod
