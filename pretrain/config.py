@@ -859,9 +859,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def set_method_keys(path: str | Path | None, overrides: list[str] | None = None) -> set[str]:
     """The ``method.*`` keys that the recipe at ``path`` itself (not the base recipes it derives from: those may be
-    another method's) and ``overrides`` set."""
+    another method's) and ``overrides`` set; the recipe's are left out where the overrides set another method."""
     keys: set[str] = set()
-    if path:
+    renamed = any(item.partition("=")[0] == "method.name" for item in overrides or [])
+    if path and not renamed:
         try:
             data = _yaml(Path(path).read_text())
         except (OSError, yaml.YAMLError, _DuplicateKey):  # load_config reports it

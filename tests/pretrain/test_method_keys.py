@@ -113,6 +113,8 @@ def test_a_key_the_method_does_not_use_is_refused_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "c"), "--dry-run", "--set", "method.koleo_weight=0.1"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: method.koleo_weight: simclr does not use it")
+    # another method set over a recipe: the recipe's keys (SimCLR's temperature) are not set for it
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=e", "--set", "method.name=byol"]) == 0
     # a recipe deriving from another method's (I-JEPA's from MAE's) inherits keys it does not use: not its own
     derived = tmp_path / "mine.yaml"
     derived.write_text(f"base: {ROOT / 'configs' / 'ijepa_digits.yaml'}\nmethod:\n  teacher_momentum: 0.99\n")
