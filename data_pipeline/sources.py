@@ -195,19 +195,16 @@ def _samples_source() -> Source:
 def _folder_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "folder:PATH")
     found = _Found()
-    for p in root.iterdir():
-        if p.is_dir() and not _utf8(p.name):
-            found.unnamed.append(os.fsencode(p))
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _utf8(p.name))
+    subdirs = [p for p in root.iterdir() if p.is_dir()]
+    found.unnamed += [os.fsencode(p) for p in subdirs if not _utf8(p.name)]
+    folders = sorted(p.name for p in subdirs if not p.name.startswith(".") and _utf8(p.name))
     # each real folder read once, under its own name: the real ones walked first, then the links to folders (a class
-    # `kitty` linking to `cat` would repeat cat's images under a second label)
+    # `kitty` linking to `cat` would repeat cat's images under a second label: None, no class)
     seen: set = set()
-    walked: dict[str, list[Path]] = {}
+    walked: dict[str, list[Path] | None] = {}
     for name in sorted(folders, key=lambda n: (root / n).is_symlink()):
-        before = set(seen)
-        walked[name] = _image_files(root / name, found, seen).images
-        if not walked[name] and (os.stat(root / name).st_dev, os.stat(root / name).st_ino) in before:
-            walked[name] = None  # a link to a folder read already
+        st = os.stat(root / name)
+        walked[name] = None if (st.st_dev, st.st_ino) in seen else _image_files(root / name, found, seen)
     files: list[tuple[Path, int]] = []
     empty: list[Path] = []
     classes, imageless = [], []
@@ -258,9 +255,8 @@ def _empty_note(empty: list[Path]) -> list[str]:
 
 @dataclass
 class _Found:
-    """What a walk for images found: the image files, and what it left out."""
+    """What walks for images left out."""
 
-    images: list[Path] = field(default_factory=list)
     broken: list[Path] = field(default_factory=list)
     """Image-named links that lead nowhere."""
     others: dict[str, int] = field(default_factory=dict)
@@ -271,7 +267,7 @@ class _Found:
     def notes(self) -> list[str]:
         notes = []
         if self.broken:
-            notes.append(f"{len(self.broken)} image link(s) to nothing, e.g. {self.broken[0]}")
+            notes.append(f"{len(self.broken)} image link(s) to nothing, e.g. {min(self.broken)}")
         if self.others:
             kinds = sorted(self.others.items(), key=lambda kv: (-kv[1], not kv[0], kv[0]))  # no suffix: last
             notes.append(f"{sum(self.others.values())} file(s) of other types ("
@@ -291,13 +287,12 @@ def _utf8(name: str) -> bool:
         return False
 
 
-def _image_files(root: Path, found: _Found | None = None, seen: set | None = None) -> _Found:
-    """Every image file under ``root`` at any depth, sorted (into ``found``), with what was left out. Folders and
+def _image_files(root: Path, found: _Found, seen: set | None = None) -> list[Path]:
+    """Every image file under ``root`` at any depth, sorted; what it leaves out goes into ``found``. Folders and
     files whose name starts with a dot are skipped (``.ipynb_checkpoints``, ``.git``); symbolic links are followed, to
     folders too (datasets assembled from links: DVC, git-annex, class subsets), each real folder walked once (a link
     to a folder above it, or two links to one folder, neither loops nor repeats it; ``seen`` carries the folders
     walked across calls)."""
-    found = found if found is not None else _Found()
     seen = seen if seen is not None else set()
     images = []
     for top, dirs, names in os.walk(root, followlinks=True):
@@ -325,17 +320,15 @@ def _image_files(root: Path, found: _Found | None = None, seen: set | None = Non
                 images.append(path)
             elif path.is_symlink() and not path.exists():
                 found.broken.append(path)
-    found.images = sorted(images)
-    found.broken.sort()
-    return found
+    return sorted(images)
 
 
 def _images_source(spec: str, root_str: str) -> Source:
     root = _readable_dir(spec, root_str, "images:PATH")
     files: list[tuple[Path, int]] = []
     empty: list[Path] = []
-    found = _image_files(root)
-    for path in found.images:
+    found = _Found()
+    for path in _image_files(root, found):
         _keep_readable(spec, path, UNLABELLED, files, empty)
     if not files:
         raise ValueError(f"source {spec!r}: no images ({IMAGE_KINDS}) under {root}")

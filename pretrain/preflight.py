@@ -117,12 +117,12 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
         return
     last = max(steps)
     if damaged := cut_short(steps[last]):
-        whole = [s for s in sorted(steps, reverse=True)[1:] if not cut_short(steps[s])]
+        whole = next((s for s in sorted(steps, reverse=True)[1:] if not cut_short(steps[s])), None)
         raise ConfigError(f"--resume: the latest checkpoint of {run_dir.name} (step {last}) is damaged: "
                           f"{damaged[0].relative_to(run_dir)} is cut short (a disk that filled or a job stopped while "
                           "it was written?); the run cannot go on from it"
-                          + (f"; `pretrain extract --checkpoint {run_dir} --step {whole[0]}` takes the encoder of its "
-                             "last whole one" if whole else ""))
+                          + (f"; `pretrain extract --checkpoint {run_dir} --step {whole}` takes the encoder of its "
+                             "last whole one" if whole is not None else ""))
     _check_saved_config(cfg, run_dir, steps[last])
     if cfg.job.max_steps < last:
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} is behind {run_dir.name}'s last checkpoint (step "

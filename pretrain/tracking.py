@@ -307,8 +307,7 @@ class MLflowTracker(_RunContext):
 
     def finish(self, status: str = "FINISHED") -> None:
         """Flush and end the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""
-        if status not in _END_STATUSES:
-            raise ValueError(f"status must be one of {sorted(_END_STATUSES)}, got {status!r}")
+        _check_status(status)
         if self._finished:
             return
         self._finished = True
@@ -318,6 +317,11 @@ class MLflowTracker(_RunContext):
         except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types
             print(f"Warning: could not mark MLflow run {self.run_id} {status} at {self.tracking_uri} ({_short(err)})"
                   + (f"; {len(self._buffer)} metric points not sent" if self._buffer else ""), flush=True)
+
+
+def _check_status(status: str) -> None:
+    if status not in _END_STATUSES:
+        raise ValueError(f"status must be one of {sorted(_END_STATUSES)}, got {status!r}")
 
 
 def _short(err: BaseException) -> str:
@@ -373,8 +377,7 @@ def end_if_running(uri: str, run_id: str, status: str) -> bool | None:
     """End MLflow run ``run_id`` at ``uri`` with ``status`` if it is still RUNNING (its workers were stopped before
     they could end it): True if it did, False if the run had ended, None where the store cannot be reached (said in
     one line)."""
-    if status not in _END_STATUSES:
-        raise ValueError(f"status must be one of {sorted(_END_STATUSES)}, got {status!r}")
+    _check_status(status)
     from mlflow import MlflowClient
 
     try:

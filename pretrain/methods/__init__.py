@@ -1,5 +1,7 @@
 """Pretext tasks: ``METHODS[name](cfg, gather=..., reduce=..., rank=...)`` builds an :class:`SSLMethod`."""
 
+import dataclasses
+
 from pretrain.methods.base import SSLMethod
 from pretrain.methods.beit import BEiT
 from pretrain.methods.byol import BYOL
@@ -35,8 +37,6 @@ def check_method_keys(method, only=None) -> None:
     """ValueError (one line) for a ``method.*`` key of ``method`` (a MethodConfig) set off its default that its
     method does not read (SimCLR's ``method.queue_size``): it would be ignored without a word. ``only``: check those
     keys alone (a resume's overrides; a finished run's config is not refused for what it was trained with)."""
-    import dataclasses
-
     from pretrain.config import MethodConfig
 
     default, uses = MethodConfig(), METHODS[method.name].config_keys | COMMON_KEYS
