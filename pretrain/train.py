@@ -54,7 +54,7 @@ def _run(argv: list[str]) -> int:
         _one_process_env()
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        train(cfg, run_dir, LocalSession(run_dir))
+        train(cfg, run_dir, LocalSession(run_dir, cfg.job.keep_checkpoints))
         if td.get_rank() == 0:
             print(f"Done: {run_dir}", flush=True)
     finally:

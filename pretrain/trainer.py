@@ -50,12 +50,14 @@ class LocalSession:
     goes on from its latest checkpoint of either layout (``pretrain.steps.list_checkpoints``).
 
     Every rank copies its files into ``step_XXXXXXX.partial``, which rank 0 renames once all have: a job killed while
-    copying leaves a ``.partial`` directory that no resume picks up, never a half-written ``step_`` one.
+    copying leaves a ``.partial`` directory that no resume picks up, never a half-written ``step_`` one. Past ``keep``
+    (``job.keep_checkpoints``; 0 keeps all) rank 0 then deletes the oldest, as Ray's ``num_to_keep`` does for its own.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, keep: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
+        self.keep = keep
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -84,6 +86,11 @@ class LocalSession:
                 dest.rename(old)
             partial.rename(dest)
             shutil.rmtree(old, ignore_errors=True)
+            if self.keep:
+                saved = sorted((p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                               key=lambda p: int(p.name[5:]))
+                for stale in saved[: -self.keep]:  # renamed first: a job killed while deleting leaves no step_ half
+                    shutil.rmtree(stale.rename(stale.with_name(stale.name + ".stale")), ignore_errors=True)
         dist.barrier()
 
 

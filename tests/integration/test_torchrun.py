@@ -232,8 +232,9 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
                            "job.num_workers=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert f"Resumed from {run / 'checkpoints' / 'step_0000003'} at step 3" in proc.stdout + proc.stderr
-    # ... and on without Ray, from Ray's checkpoint (step 4)
-    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=5"]) == 0
+    # ... and on without Ray, from Ray's checkpoint (step 4), keeping one checkpoint of its own now
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.max_steps=5",
+                 "--set", "job.keep_checkpoints=1"]) == 0
     resumed = _plain(run)
     assert re.search(rf"Resumed from {re.escape(str(run))}/checkpoint_\S+ at step 4", resumed.stdout), resumed.stdout
     from mlflow import MlflowClient
@@ -241,7 +242,9 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data  # max_steps 5 now, 3 logged
     assert logged.params["job.max_steps"] == "3" and logged.tags["resumed.job.max_steps"] == "5"
     steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == [1, 2, 3, 4, 5] and sorted(list_checkpoints(run)) == [3, 4, 5]  # each step trained once
+    assert steps == [1, 2, 3, 4, 5]  # each step trained once
+    assert sorted(list_checkpoints(run)) == [4, 5]  # torchrun's step 3 deleted past keep_checkpoints; Ray's is Ray's
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000005"]
     (run / "backbone.pt").unlink()  # as a run still training has none: eval points at its checkpoints
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run)]) == 2
