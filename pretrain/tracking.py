@@ -7,6 +7,7 @@ state), so several trackers can live in one process and a run can be resumed by 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -14,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 FLUSH_EVERY_S = 2.0
 """Buffered metrics are sent at the first ``log_metrics`` call this long after the last send ..."""
@@ -146,6 +147,54 @@ def create_sqlite_store(db: Path, artifact_location: str) -> None:
         partial.unlink(missing_ok=True)
 
 
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+
+def follow_moved_store(db: Path) -> None:
+    """Point a moved sqlite store's artifact locations at the ``mlartifacts/`` beside it again.
+
+    MLflow records them absolute (``file:///<old dir>/mlartifacts/...``): a store moved with the runs around it (``mv
+    runs /data/runs``) kept logging into the old folder, made anew if gone, and showed none of the moved artifacts.
+    Only locations of the default form, ``mlartifacts/`` beside a database, are rewritten, and only where that folder
+    came along (or the old one is gone): a copy of the database alone keeps pointing at the original's artifacts.
+    """
+    import sqlite3
+
+    here = default_artifact_location(db.parent)
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:
+        try:
+            rows = con.execute("SELECT DISTINCT artifact_location FROM experiments").fetchall()
+        except sqlite3.DatabaseError:  # not an MLflow store (yet): MLflow's own error names it
+            return
+        moved = set()
+        for (location,) in rows:
+            parsed = urlparse(location or "")
+            head, _, _ = parsed.path.partition("/mlartifacts")
+            old = f"file://{head}/mlartifacts"
+            if parsed.scheme != "file" or old == here or not (location == old or location.startswith(old + "/")):
+                continue
+            if (db.parent / "mlartifacts").exists() or not Path(unquote(head), "mlartifacts").exists():
+                moved.add(old)
+        if not moved:
+            return
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        with con:
+            for old in moved:
+                for table, column in _ARTIFACT_COLUMNS:
+                    if table in tables:
+                        con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                    f"WHERE {column} = ? OR {column} LIKE ? ESCAPE '\\'",
+                                    (here, len(old) + 1, old, _like_prefix(old + "/")))
+    for old in sorted(moved):
+        print(f"MLflow store {db} was moved: its artifacts are now read and written at {here}, not {old}", flush=True)
+
+
+def _like_prefix(text: str) -> str:
+    """A LIKE pattern matching what starts with ``text`` (its own % and _ escaped)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 class MLflowTracker(_RunContext):
     """One MLflow run: a new one in ``experiment``, or the existing ``run_id`` resumed (status back to RUNNING).
 
@@ -183,6 +232,7 @@ class MLflowTracker(_RunContext):
             # MLflow's default would be ./mlruns under whatever the working directory is; keep artifacts by the db
             artifact_location = artifact_location or default_artifact_location(db.parent)
             create_sqlite_store(db, artifact_location)
+            follow_moved_store(db)
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
         self._buffer: list = []

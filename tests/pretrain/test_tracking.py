@@ -1,6 +1,7 @@
 """MLflow tracking against a real server over HTTP on 127.0.0.1, and against a serverless sqlite store."""
 
 import dataclasses
+import shutil
 import socket
 import subprocess
 import sys
@@ -363,6 +364,52 @@ def test_sqlite_artifacts_default_to_beside_the_db(tmp_path, monkeypatch):
     tracker.finish()
     assert list((out_dir / "mlartifacts").rglob("note.txt"))
     assert not (tmp_path / "mlruns").exists()
+
+
+_LOG_ONE = """
+import sys
+from pathlib import Path
+from pretrain.tracking import MLflowTracker, default_tracking_uri
+out, name, run_id = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None
+tracker = MLflowTracker(default_tracking_uri(out), experiment="local", run_id=run_id)
+(out.parent / name).write_text(name)
+tracker.log_artifact(out.parent / name)
+tracker.finish()
+print(tracker.run_id)
+"""
+
+
+def _log_one(out: Path, name: str, run_id: str = "") -> subprocess.CompletedProcess:
+    """A process of its own, as each resume is: MLflow caches a run's artifact location per process."""
+    proc = subprocess.run([sys.executable, "-c", _LOG_ONE, str(out), name, run_id], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_a_moved_store_keeps_its_artifacts_beside_it(tmp_path):
+    """A run directory's store moved with the runs around it (`mv`): a resume's artifacts go to the mlartifacts/ that
+    came along, where the earlier ones are (they went to the old folder, made anew); a copy of the database alone
+    still points at the original's."""
+    old, new = tmp_path / "runs a", tmp_path / "moved"
+    run_id = _log_one(old, "first.txt").stdout.split()[-1]
+    (tmp_path / "alone").mkdir()
+    shutil.copy(old / "mlflow.db", tmp_path / "alone" / "mlflow.db")
+    old.rename(new)
+    resumed = _log_one(new, "second.txt", run_id)
+    assert f"MLflow store {new / 'mlflow.db'} was moved: its artifacts are now read and written at " \
+           f"{default_artifact_location(new)}, not {default_artifact_location(old)}" in resumed.stdout
+    assert not old.exists()
+    client = MlflowClient(default_tracking_uri(new))
+    assert sorted(f.path for f in client.list_artifacts(run_id)) == ["first.txt", "second.txt"]
+    assert client.get_run(run_id).info.artifact_uri.startswith(default_artifact_location(new) + "/")
+    assert client.get_experiment_by_name("local").artifact_location == default_artifact_location(new)
+    assert "was moved" not in _log_one(new, "third.txt", run_id).stdout  # once
+    new.rename(old)  # the original back: the lone copy of its database was not rewritten
+    alone = MlflowClient(default_tracking_uri(tmp_path / "alone"))
+    assert "was moved" not in _log_one(tmp_path / "alone", "fourth.txt", run_id).stdout
+    assert alone.get_run(run_id).info.artifact_uri.startswith(default_artifact_location(old) + "/")
+    assert not (tmp_path / "alone" / "mlartifacts").exists()
 
 
 def test_flatten_params_accepts_nested_dataclasses():
