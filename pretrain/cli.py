@@ -228,13 +228,39 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--resume", type=_path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint, with its config (plus --set overrides)")
+    p.add_argument("--from-step", type=int, metavar="N",
+                   help="with --resume: go on from RUN_DIR's checkpoint of step N instead, as a new run "
+                   "(<RUN_DIR>-from-N, or --set job.run_name=NAME) in an MLflow run of its own; RUN_DIR is left as it "
+                   "is (a damaged latest checkpoint; a run to take back to before it diverged)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<job.out_dir>/mlflow.db)")
 
 
 def _resolve_run(args, extra: list[str] = ()) -> tuple[Config, Path]:
     """``resolve_run`` of the run options (``_run_args``), plus ``extra`` overrides."""
     overrides = [*args.overrides, *extra] + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
-    return resolve_run(args.config, overrides, args.resume)
+    return resolve_run(args.config, overrides, args.resume, args.from_step)
+
+
+def _continues(args) -> bool:
+    """A resume in place: a run directory already written, not a new one (a new run, or a branch of --from-step)."""
+    return bool(args.resume) and args.from_step is None
+
+
+def _prepare(args, cfg, run_dir: Path, *, extra: list[str] = (), reach_tracking: bool = False) -> None:
+    """``prepare_run`` of the run options; a branch (--from-step) then gets its checkpoint and rows, or is removed
+    again where that fails (it is new: ``run_lock`` found it empty)."""
+    prepare_run(cfg, run_dir, write=not _continues(args) or bool(args.overrides or extra),
+                reach_tracking=reach_tracking)
+    if args.from_step is not None:
+        import shutil
+
+        from pretrain.preflight import branch_run
+
+        try:
+            branch_run(args.resume.resolve(), args.from_step, run_dir)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def cmd_train(args) -> int:
@@ -248,8 +274,8 @@ def cmd_train(args) -> int:
             check_address(args.address)
         except ConnectionError as e:
             raise ConfigError(str(e)) from None
-    with run_lock(run_dir, new=not args.resume):
-        prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides), reach_tracking=True)
+    with run_lock(run_dir, new=not _continues(args)):
+        _prepare(args, cfg, run_dir, reach_tracking=True)
         if args.dry_run:
             return 0
         return _train(cfg, run_dir, args.address)
@@ -313,8 +339,8 @@ def _write_submitted_run(args, job, check) -> Path:
     cfg, run_dir = _resolve_run(args, extra)
     job.check_workers(cfg.job.num_workers)
     check(cfg, run_dir)
-    with run_lock(run_dir, new=not args.resume):
-        prepare_run(cfg, run_dir, write=not args.resume or bool(args.overrides or extra))
+    with run_lock(run_dir, new=not _continues(args)):
+        _prepare(args, cfg, run_dir, extra=extra)
     return run_dir
 
 

@@ -553,7 +553,7 @@ class JobConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_checkpoints: int = 3
-    """How many reported checkpoints Ray keeps; 0 keeps all."""
+    """How many checkpoints are kept, the newest (Ray's and torchrun's each of their own); 0 keeps all."""
     max_failures: int = 0
     """Ray: times the worker group is started again after a worker dies (a node lost, a process killed), each time
     resuming from the latest checkpoint; 0 = the run fails with the first. (Slurm and Kubernetes restart whole jobs

@@ -20,10 +20,16 @@ RUN_LOCK = ".pretrain.lock"
 which process that is."""
 
 
-def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) -> tuple[Config, Path]:
+def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
+                from_step: int | None = None) -> tuple[Config, Path]:
     """The config and run directory of a new run (``config``, default ``DEFAULT_RECIPE``, with ``overrides``; a run
     directory that already holds a run is refused) or of a run to continue (``resume``: its own config with
-    ``overrides``, refused where they change what its checkpoints hold or leave nothing to do)."""
+    ``overrides``, refused where they change what its checkpoints hold or leave nothing to do); with ``from_step``,
+    of a new run going on from that checkpoint of ``resume`` (:func:`branch_run` writes it)."""
+    if from_step is not None:
+        if not resume:
+            raise ConfigError("--from-step: goes with --resume RUN_DIR (the run whose checkpoint to go on from)")
+        return _resolve_branch(resume.resolve(), overrides, from_step)
     if resume:
         run_dir = resume.resolve()
         saved = run_dir / "config.yaml"
@@ -53,6 +59,75 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None) 
     if _holds_files(run_dir):
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}")
     return cfg, run_dir
+
+
+def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Config, Path]:
+    """``resolve_run`` of ``--resume SOURCE --from-step STEP``: the new run's directory is ``<source>-from-<step>``
+    beside it (``job.out_dir`` / ``job.run_name`` where --set gives them)."""
+    from pretrain.steps import check_ray_record, cut_short, list_checkpoints
+
+    saved = source / "config.yaml"
+    if not saved.is_file() or not saved.read_text().strip():
+        raise ConfigError(f"--resume: {source} is not a run directory (" + ("its config.yaml is empty)" if
+                                                                           saved.is_file() else "no config.yaml)"))
+    before = load_config(saved)
+    cfg = load_config(saved, overrides)
+    _check_same_structure(before, cfg, source.name)
+    changed = {k for k in _method_fields() if getattr(before.method, k) != getattr(cfg.method, k)}
+    _check_method_keys(cfg, only=changed)
+    try:
+        check_ray_record(source)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    steps = list_checkpoints(source)
+    if step not in steps:
+        have = ", ".join(map(str, sorted(steps))) or "none"
+        raise ConfigError(f"--from-step: {source.name} has no checkpoint of step {step} (its checkpoints: {have})")
+    if damaged := cut_short(steps[step]):
+        raise ConfigError(f"--from-step: the checkpoint of step {step} of {source.name} is damaged: "
+                          f"{damaged[0].relative_to(source)} is cut short")
+    _check_saved_config(cfg, source, steps[step])
+    if cfg.job.max_steps <= step:
+        raise ConfigError(f"job.max_steps: {cfg.job.max_steps} leaves nothing to train after step {step}; raise it")
+    if cfg.job.run_name == before.job.run_name:
+        cfg.job.run_name = f"{source.name}-from-{step}"
+    run_dir = (Path(cfg.job.out_dir).expanduser() / cfg.job.run_name).resolve()
+    if _holds_files(run_dir):
+        raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}, or "
+                          "name another with --set job.run_name=NAME")
+    return cfg, run_dir
+
+
+def branch_run(source: Path, step: int, run_dir: Path) -> None:
+    """Start run ``run_dir`` at checkpoint ``step`` of run ``source``, which is left as it is: the checkpoint (hard
+    links where the disk allows: nothing in a checkpoint is written over) and ``source``'s metric rows up to it. The
+    run then goes on from it under any launcher, as a resumed one (same data position, random state, schedules), in
+    an MLflow run of its own. Call it under ``run_lock(run_dir, new=True)``."""
+    import csv
+    import shutil
+
+    from pretrain.steps import list_checkpoints
+    from pretrain.trainer import HISTORY_FILE
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another disk, or a file system without hard links
+            shutil.copy2(src, dst)
+
+    dest = run_dir / "checkpoints" / f"step_{step:07d}"
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(list_checkpoints(source)[step], partial, copy_function=link_or_copy)
+    partial.rename(dest)
+    history = source / HISTORY_FILE
+    if history.is_file():
+        with history.open(newline="") as f:
+            rows = list(csv.reader(f))
+        kept = {int(r[0]): r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step}  # a repeat: the later
+        with (run_dir / HISTORY_FILE).open("w", newline="") as f:
+            csv.writer(f).writerows([rows[0], *(kept[s] for s in sorted(kept))])
+    print(f"Branched from {source} at step {step} (that run is left as it is)", flush=True)
 
 
 def _holds_files(run_dir: Path) -> bool:
@@ -121,8 +196,9 @@ def check_steps_left(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"--resume: the latest checkpoint of {run_dir.name} (step {last}) is damaged: "
                           f"{damaged[0].relative_to(run_dir)} is cut short (a disk that filled or a job stopped while "
                           "it was written?); the run cannot go on from it"
-                          + (f"; `pretrain extract --checkpoint {run_dir} --step {whole}` takes the encoder of its "
-                             "last whole one" if whole is not None else ""))
+                          + (f"; `--from-step {whole}` goes on from its last whole one as a new run, `pretrain extract "
+                             f"--checkpoint {run_dir} --step {whole}` takes that one's encoder" if whole is not None
+                             else ""))
     _check_saved_config(cfg, run_dir, steps[last])
     if cfg.job.max_steps < last:
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} is behind {run_dir.name}'s last checkpoint (step "

@@ -137,6 +137,24 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, capsys, recipe
             assert err.startswith(f"error: {message}") and "\n" not in err, err
         assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (out / "backbone.pt").is_file()
         _diverging_continuation_stops_before_checkpointing(cut)
+        _branch_goes_on_as_the_run_did(whole, expected, capsys)
+
+
+def _branch_goes_on_as_the_run_did(whole: Path, expected: dict[int, str], capsys) -> None:
+    """`--from-step 10` of the finished run: a new run beside it, in an MLflow run of its own, trains steps 11-12 to
+    the very losses the run had (same data position, random state and schedules), its rows up to step 10 the run's;
+    the run itself is left as it was."""
+    before = sorted((p.relative_to(whole), p.stat().st_mtime_ns) for p in whole.rglob("*"))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(whole), "--from-step", "10", "--dry-run"]) == 0
+    branch = whole.parent / "whole-from-10"
+    assert f"Branched from {whole} at step 10" in capsys.readouterr().out
+    _torchrun(branch)
+    assert _losses(branch) == expected
+    assert sorted(list_checkpoints(branch)) == [10, 12]
+    assert sorted((p.relative_to(whole), p.stat().st_mtime_ns) for p in whole.rglob("*")) == before
+    run_ids = {(run / "mlflow_run_id").read_text().strip() for run in (whole, branch)}
+    assert len(run_ids) == 2
 
 
 def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:

@@ -668,4 +668,35 @@ def test_a_resume_from_a_checkpoint_cut_short_is_refused_naming_the_file(tmp_pat
     assert _one_line_error(capsys) == (
         "error: --resume: the latest checkpoint of r (step 8) is damaged: checkpoints/step_0000008/state/"
         "mp_rank_00_model_states.pt is cut short (a disk that filled or a job stopped while it was written?); the run "
-        f"cannot go on from it; `pretrain extract --checkpoint {run} --step 4` takes the encoder of its last whole one")
+        f"cannot go on from it; `--from-step 4` goes on from its last whole one as a new run, `pretrain extract "
+        f"--checkpoint {run} --step 4` takes that one's encoder")
+    # ... which goes on from step 4 as a new run beside it, the run left as it is; refused in one line each: a step
+    # without a checkpoint, the damaged one, --from-step alone, a branch that is there already
+    (run / "metrics.csv").write_text("step,loss\n" + "".join(f"{s},{9 - s}\n" for s in range(1, 9)))
+    for args, message in (
+            (["--from-step", "5"], "--from-step: r has no checkpoint of step 5 (its checkpoints: 4, 8)"),
+            (["--from-step", "8"], "--from-step: the checkpoint of step 8 of r is damaged: checkpoints/step_0000008/"
+                                   "state/mp_rank_00_model_states.pt is cut short"),
+            (["--from-step", "4", "--set", "job.max_steps=4", "--set", "optim.warmup_steps=1"],
+             "job.max_steps: 4 leaves nothing to train after step 4; raise it")):
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--dry-run", *args]) == 2
+        assert _one_line_error(capsys) == f"error: {message}"
+    capsys.readouterr()
+    assert main(["train", "--dry-run", "--from-step", "4", *sets]) == 2
+    assert _one_line_error(capsys) == ("error: --from-step: goes with --resume RUN_DIR (the run whose checkpoint to go "
+                                       "on from)")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4"]) == 0
+    assert f"Branched from {run} at step 4 (that run is left as it is)" in capsys.readouterr().out
+    branch = tmp_path / "r-from-4"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["step_0000004"]
+    model = branch / "checkpoints" / "step_0000004" / "state" / "mp_rank_00_model_states.pt"
+    assert os.path.samefile(model, run / "checkpoints" / "step_0000004" / "state" / "mp_rank_00_model_states.pt")
+    assert (branch / "metrics.csv").read_text() == "step,loss\n" + "".join(f"{s},{9 - s}\n" for s in range(1, 5))
+    assert "run_name: r-from-4\n" in (branch / "config.yaml").read_text()
+    assert main(["train", "--resume", str(branch), "--dry-run"]) == 0  # a run of its own now
+    assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4"]) == 2
+    assert _one_line_error(capsys) == (f"error: job.run_name: {branch} already holds a run; continue it with --resume "
+                                       f"{branch}, or name another with --set job.run_name=NAME")
