@@ -178,10 +178,11 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     ``data_dir``. A sample is ``<key>.<image ext>`` with an optional ``<key>.txt`` caption (UTF-8) and ``<key>.cls``
     label (else unlabelled, -1); other members (img2dataset's .json) are ignored. Samples without an image, or with a
     label or caption that does not parse, are left out and counted; a tar that does not read to its end is listed with
-    the samples before the damage and counted. ``workers`` tars are read at a time. Returns (the manifest path, counts
-    {"shards", "samples", "skipped", "damaged", "captions", "duplicates": samples whose image has the bytes of an
-    earlier one's, told by the manifest's ``digest`` column, "repeated_keys": (key, first tar, other tar) of samples
-    whose key an earlier sample has (tars of two crawls that both count from 0)})."""
+    the samples before the damage and counted (so is one without tar's end blocks: cut between two members).
+    ``workers`` tars are read at a time. Returns (the manifest path, counts {"shards", "samples", "skipped",
+    "damaged", "captions", "problems": a line naming each damaged tar and left-out sample, "duplicates": samples whose
+    image has the bytes of an earlier one's, told by the manifest's ``digest`` column, "repeated_keys": (key, first
+    tar, other tar) of samples whose key an earlier sample has (tars of two crawls that both count from 0)})."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -204,8 +205,8 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
     bar = tqdm(total=len(names), disable=not progress, desc=f"index {data_dir.name}", unit="shard")
 
-    def scan(name: str) -> tuple[list[tuple], int, bool, str]:
-        rows, skipped, errors, keys = [], 0, [], set()
+    def scan(name: str) -> tuple[list[tuple], list[str], str | None, str]:
+        rows, skipped, errors, keys = [], [], [], set()
         for sample in _tar_samples(str(data_dir / name), errors):
             if sample["__key__"] in keys:  # the reader takes a sample's files from one run of members of its key
                 raise ValueError(f"{data_dir / name}: the files of sample {sample['__key__']!r} are not next to each "
@@ -221,18 +222,20 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
             except UnicodeDecodeError:
                 parsed = "no UTF-8 caption"
             if isinstance(parsed, str):
-                skipped += 1
+                skipped.append(f"{name}: sample {sample['__key__']!r} left out ({parsed})")
                 continue
             rows.append((parsed["key"], name, parsed["label"], len(parsed["image"]), caption,
                          image_digest(parsed["image"])))
         bar.update(1)
-        return rows, skipped, bool(errors), sha256_file(data_dir / name)
+        damage = _no_end_marker(data_dir / name) if not errors else (
+            f"{name}: does not read to its end ({(str(errors[0]) or type(errors[0]).__name__).splitlines()[0]})")
+        return rows, skipped, damage, sha256_file(data_dir / name)
 
     with bar, ThreadPoolExecutor(workers) as pool:
         scanned = list(pool.map(scan, names))
     rows = [r for shard_rows, *_ in scanned for r in shard_rows]
     if not rows:
-        skipped = sum(s[1] for s in scanned)
+        skipped = sum(len(s[1]) for s in scanned)
         raise ValueError(f"{data_dir}: no sample to index in its {len(names)} tar file(s)" + (
             f" ({skipped} without an image or with a bad label/caption)" if skipped else " (no image in them)"))
     checksums = {name: digest for name, (*_, digest) in zip(names, scanned)}
@@ -253,10 +256,25 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     partial = data_dir / f".{MANIFEST}.partial-{os.getpid()}"
     pq.write_table(table, partial)
     os.replace(partial, data_dir / MANIFEST)  # last, whole: its presence marks the dataset complete
-    counts = {"shards": len(names), "samples": len(rows), "skipped": sum(s[1] for s in scanned),
-              "damaged": sum(s[2] for s in scanned), "captions": sum(r[4] is not None for r in rows),
-              "duplicates": len(rows) - len(set(columns["digest"])), "repeated_keys": _repeated_keys(rows)}
+    counts = {"shards": len(names), "samples": len(rows), "skipped": sum(len(s[1]) for s in scanned),
+              "damaged": sum(s[2] is not None for s in scanned), "captions": sum(r[4] is not None for r in rows),
+              "duplicates": len(rows) - len(set(columns["digest"])), "repeated_keys": _repeated_keys(rows),
+              "problems": [line for _, skipped, damage, _ in scanned for line in [*([damage] if damage else []),
+                                                                                   *skipped]]}
     return data_dir / MANIFEST, counts
+
+
+def _no_end_marker(tar: Path) -> str | None:
+    """Why a tar that read to its end without an error is still cut short, or None: a tar ends with two zero blocks
+    (tar, Python's tarfile and webdataset's TarWriter write them), and one cut between two members (a copy stopped at a
+    block boundary) reads as a whole, shorter tar."""
+    size = tar.stat().st_size
+    with tar.open("rb") as f:
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if size >= 1024 and not tail.strip(b"\0"):
+        return None
+    return f"{tar.name}: ends without tar's end-of-archive blocks (cut short between two members?)"
 
 
 def _repeated_keys(rows: list[tuple]) -> list[tuple[str, str, str]]:

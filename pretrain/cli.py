@@ -595,6 +595,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _print_problems(problems: list[str], shown: int = 20) -> None:
+    for line in problems[:shown]:
+        print(f"problem: {line}", flush=True)
+    if len(problems) > shown:
+        print(f"problem: ... and {len(problems) - shown} more", flush=True)
+
+
 def cmd_data(args) -> int:
     from data_pipeline.shards import index_shards, verify_dataset, write_shards
 
@@ -605,11 +612,7 @@ def cmd_data(args) -> int:
             raise ConfigError(f"{args.dir}: no manifest.parquet (not a shard dataset)")
         counts, problems = verify_dataset(args.dir, decode=args.decode, workers=args.workers,
                                           progress=not args.no_progress)
-        shown = 20
-        for line in problems[:shown]:
-            print(f"problem: {line}", flush=True)
-        if len(problems) > shown:
-            print(f"problem: ... and {len(problems) - shown} more", flush=True)
+        _print_problems(problems)
         decoded = f", {counts['undecodable']} undecodable" if args.decode else ""
         print(f"Verified {args.dir}: {counts['shards']} shards, {counts['read']} of {counts['samples']} samples "
               f"read{decoded}: " + (f"{len(problems)} problem(s)" if problems else "intact"), flush=True)
@@ -623,6 +626,7 @@ def cmd_data(args) -> int:
                  else "")
               + (f"; {n['duplicates']} sample(s) repeat an earlier one's image exactly (the same bytes)"
                  if n["duplicates"] else ""), flush=True)
+        _print_problems(n["problems"])
         if n["repeated_keys"]:
             key, first, other = n["repeated_keys"][0]
             print(f"Warning: {len(n['repeated_keys'])} sample(s) have the key of an earlier sample, e.g. {key!r} in "

@@ -58,7 +58,8 @@ def test_foreign_shards_become_a_dataset(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == (
         f"Indexed 28 samples (27 with captions) in 3 shards: {tmp_path / 'laion' / 'manifest.parquet'}; left out 2 "
         "without an image or with a bad label/caption; 1 sample(s) repeat an earlier one's image exactly (the same "
-        "bytes)")
+        "bytes)\nproblem: 00001.tar: sample '000010004' left out (no image)\n"
+        "problem: 00001.tar: sample '000010005' left out (a label that is not an integer)")
     assert {p.name: sha256_file(p) for p in (tmp_path / "laion").glob("*.tar")} == before  # the tars untouched
     # what it left out is not the dataset's: the dataset verifies clean
     assert main(["data", "verify", str(tmp_path / "laion"), "--decode", "--no-progress"]) == 0
@@ -82,9 +83,21 @@ def test_damaged_tar_and_refusals(tmp_path, capsys):
     _img2dataset_like(tmp_path / "d")
     tar = tmp_path / "d" / "00002.tar"
     tar.write_bytes(tar.read_bytes()[: 5 * 1024 + 100])
+    # cut between two members (at a block boundary): it reads as a whole tar of fewer samples, without its end blocks
+    tar = tmp_path / "d" / "00000.tar"
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        cut = t.getmembers()[9].offset  # the fourth sample's first member (3 members a sample)
+    tar.write_bytes(tar.read_bytes()[:cut])
     assert main(["data", "index", str(tmp_path / "d"), "--no-progress"]) == 0
-    assert "1 shard(s) do not read to their end" in capsys.readouterr().out
-    assert 18 < len(read_manifest(tmp_path / "d")) < 28
+    out = capsys.readouterr().out
+    assert "2 shard(s) do not read to their end" in out
+    assert "problem: 00002.tar: does not read to its end (" in out
+    assert ("problem: 00000.tar: ends without tar's end-of-archive blocks (cut short between two members?)"
+            in out.splitlines())
+    rows = read_manifest(tmp_path / "d").to_pylist()
+    assert sum(r["shard"] == "00000.tar" for r in rows) == 3 and 11 < len(rows) < 21
     assert main(["data", "index", str(tmp_path / "d")]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["data", "index", str(tmp_path / "empty")]) == 2
@@ -207,7 +220,8 @@ def test_labels_that_are_ids_tif_members_and_negative_labels(tmp_path, capsys):
         sink.write({"__key__": "tiff", "tif": tif.getvalue(), "cls": "1440764"})
         sink.write({"__key__": "neg", "jpg": _jpeg(99), "cls": "-7"})
     assert main(["data", "index", str(root), "--no-progress"]) == 0
-    assert capsys.readouterr().out.strip().endswith("left out 1 without an image or with a bad label/caption")
+    assert capsys.readouterr().out.strip().endswith("left out 1 without an image or with a bad label/caption\n"
+                                                    "problem: 00000.tar: sample 'neg' left out (a negative label)")
     assert read_classes(root) == ["1440764", "4000000000"] and (root / "manifest.parquet").stat().st_size < 10_000
     table = read_manifest(root)
     assert "tiff" in table.column("key").to_pylist() and "neg" not in table.column("key").to_pylist()
