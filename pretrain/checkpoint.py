@@ -179,10 +179,13 @@ def _momentum_back(engine) -> None:
 
 
 def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
-    """A full fp32 state dict of ``module`` (a submodule of the engine's model) on CPU; collective under ZeRO-3."""
+    """A full state dict of ``module`` (a submodule of the engine's model) on CPU, its floating tensors in fp32 and
+    the others (BatchNorm's step counts) as they are, as :func:`consolidated_state_dict` gives them; collective under
+    ZeRO-3."""
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()}
 
 
 def consolidated_state_dict(directory: str | Path, stage: int) -> dict[str, torch.Tensor]:

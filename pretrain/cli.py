@@ -431,8 +431,12 @@ def cmd_search(args) -> int:
         from pretrain.index import checkpoint_digest, load_gallery, weights_digest
 
         gallery, meta = load_gallery(args.index)
-        same = (meta["weights_sha256"] == weights_digest(args.checkpoint) if "weights_sha256" in meta  # an older
-                else meta["checkpoint_sha256"] == checkpoint_digest(args.checkpoint))  # index: its files' digest
+        if "values_sha256" in meta:
+            same = meta["values_sha256"] == weights_digest(args.checkpoint)
+        elif "weights_sha256" in meta:  # an index of an earlier version: the digest it kept
+            same = meta["weights_sha256"] == weights_digest(args.checkpoint, legacy=True)
+        else:  # older still: its files' digest
+            same = meta["checkpoint_sha256"] == checkpoint_digest(args.checkpoint)
         if not same:
             raise ConfigError(f"--index: {args.index} was embedded with other weights ({meta['checkpoint']}); "
                               f"write it again with `pretrain embed --checkpoint {args.checkpoint}`")

@@ -117,10 +117,12 @@ INDEX_FORMAT = b"ssl-pretrain embeddings 1"
 """Schema metadata ``format`` of an embedding index (``save_gallery``)."""
 
 
-def weights_digest(run_dir: str | Path) -> str:
+def weights_digest(run_dir: str | Path, *, legacy: bool = False) -> str:
     """sha256 over the weights a run's encoder is loaded from (the state dicts of backbone.pt, and of model.pt where
-    there is one: each tensor's name, dtype, shape and bytes), not their files: ``pretrain extract`` of a run's last
-    step writes the very weights into files that also say which step and run they are."""
+    there is one: each tensor's name, shape and values as float32), not their files: ``pretrain extract`` of a run's
+    last step writes the very weights into files that also say which step and run they are, and BatchNorm's step
+    counts as int64 where training's files had held them as float32 (loading either gives the same buffer).
+    ``legacy``: the digest of indexes written before, over each tensor's dtype and bytes (their ``weights_sha256``)."""
     import hashlib
 
     from pretrain.steps import MODEL_FILE
@@ -133,7 +135,11 @@ def weights_digest(run_dir: str | Path) -> str:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
             for name in sorted(state):
                 tensor = state[name].detach().contiguous().reshape(-1)
-                digest.update(f"{file.name}:{name}:{tensor.dtype}:{tuple(state[name].shape)}".encode())
+                if legacy:
+                    digest.update(f"{file.name}:{name}:{tensor.dtype}:{tuple(state[name].shape)}".encode())
+                else:
+                    digest.update(f"{file.name}:{name}:{tuple(state[name].shape)}".encode())
+                    tensor = tensor.float()
                 digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
 
@@ -178,7 +184,7 @@ def save_gallery(gallery: Gallery, path: str | Path, *, checkpoint: str | Path, 
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
     }).replace_schema_metadata({
         "format": INDEX_FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_sha256": checkpoint_digest(checkpoint), "weights_sha256": weights_digest(checkpoint),
+        "checkpoint_sha256": checkpoint_digest(checkpoint), "values_sha256": weights_digest(checkpoint),
         "data": data_dir if is_url(data_dir) else str(Path(data_dir).resolve()),
         "corrupt": str(gallery.corrupt), "dim": str(emb.shape[1]), "classes": json.dumps(gallery.classes or [])})
     path.parent.mkdir(parents=True, exist_ok=True)

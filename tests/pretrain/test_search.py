@@ -164,13 +164,27 @@ def test_index_refusals_are_one_line(runs, capsys, tmp_path):
     saved = torch.load(same / "backbone.pt", weights_only=True)
     torch.save({**saved, "step": 600, "run": str(runs / "simclr")}, same / "backbone.pt")
     assert main(["search", "--checkpoint", str(same), "--image", "digits_00001", "--index", str(index)]) == 0
-    # an index written before indexes kept the weights' digest: its files' digest is compared
+    # ... also where BatchNorm's step counts are int64 in one file and float32 in the other (a backbone.pt of an
+    # earlier version, and `extract`, which keeps their dtype: it had been refused as other weights)
+    counts = [k for k in saved["state_dict"] if k.endswith("num_batches_tracked")]
+    assert counts
+    flipped = {k: v.long() if k in counts and v.is_floating_point() else v.float() if k in counts else v
+               for k, v in saved["state_dict"].items()}
+    torch.save({**saved, "state_dict": flipped}, same / "backbone.pt")
+    assert main(["search", "--checkpoint", str(same), "--image", "digits_00001", "--index", str(index)]) == 0
+    # an index of an earlier version: the digest it kept over each tensor's dtype and bytes, or older still, none and
+    # its files' digest
+    from pretrain.index import weights_digest
+
     table = pq.read_table(index)
-    meta = {k: v for k, v in table.schema.metadata.items() if k != b"weights_sha256"}
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"values_sha256"}
+    earlier = {**meta, b"weights_sha256": weights_digest(runs / "simclr", legacy=True).encode()}
+    pq.write_table(table.replace_schema_metadata(earlier), tmp_path / "earlier.parquet")
     pq.write_table(table.replace_schema_metadata(meta), tmp_path / "older.parquet")
-    for run, code in ((runs / "simclr", 0), (same, 2)):
-        assert main(["search", "--checkpoint", str(run), "--image", "digits_00001", "--index",
-                     str(tmp_path / "older.parquet")]) == code
+    for older in ("earlier", "older"):
+        for run, code in ((runs / "simclr", 0), (same, 2)):
+            assert main(["search", "--checkpoint", str(run), "--image", "digits_00001", "--index",
+                         str(tmp_path / f"{older}.parquet")]) == code
     capsys.readouterr()
     pq.write_table(pa.table({"x": [1]}), tmp_path / "plain.parquet")
     for bad, message in ((tmp_path / "plain.parquet", "is not an embedding index written by `pretrain embed`"),
