@@ -253,7 +253,7 @@ def _run_cpu_subprocess(case: dict, provider: str, dtype: str, budget_s: float, 
 def _append_csv(path: Path, row: dict) -> None:
     """Append one row; a file written with older columns is first rewritten under the current header."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.is_file() or path.stat().st_size == 0  # an empty --out (csv_out accepts one) gets the header
     if not new:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)

@@ -14,7 +14,6 @@ Rows are appended to benchmarks/results/memory.csv with the machine, git sha and
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     CPU_MALLOC_ENV,
+    append_csv,
     at_least,
     cpu_name,
     csv_out,
@@ -104,13 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         checkpointing=checkpointing, device=device, budget_s=budget)
             result = measure(**case) if device == "cuda" else _in_subprocess(case)
             rows.append({**stamp, **{k: v for k, v in case.items() if k != "budget_s"}, **result})
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not a.out.exists()
-    with a.out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(a.out, rows)
     print(f"{machine}; {a.image_size}px, batch {a.batch}, {rows[0]['mem_method']}")
     print(f"{'backbone':<10} {'checkpointing':>13} {'peak MiB':>9} {'step ms':>9}")
     for r in rows:

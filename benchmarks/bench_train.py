@@ -21,11 +21,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import at_least, cpu_name, csv_out, git_sha  # noqa: E402
+from benchmarks.common import append_csv, at_least, cpu_name, csv_out, git_sha  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train.csv"
@@ -37,12 +41,46 @@ def machine() -> str:
 
 
 def _run_sets(steps: int, out: str) -> list[str]:
-    """What the measured run sets over the recipe (the user's overrides go on top)."""
+    """What the measured run sets over the recipe (the user's overrides go on top; ``OWNED`` refuses those that would
+    set these keys again)."""
     return [f"job.max_steps={steps}", f"job.out_dir={out}", "job.run_name=bench", "eval.enabled=false",
             "job.log_every=5", f"job.ckpt_every={steps}", "optim.warmup_steps=1", "job.progress=false"]
 
 
-def bench_ray(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
+OWNED = {
+    "job.max_steps": "the benchmark sets it from --steps (give --steps instead)",
+    "job.out_dir": "the benchmark runs in a temporary folder and reads the run's metrics.csv from it",
+    "job.run_name": "the benchmark names its own run and reads that run's metrics.csv",
+    "eval.enabled": "the benchmark turns evaluation off and measures training steps alone",
+    "job.log_every": "the benchmark sets it to 5",
+    "job.ckpt_every": "the benchmark sets it to --steps (one checkpoint, at the end)",
+    "optim.warmup_steps": "the benchmark sets 1, so that a few --steps make a valid run",
+    "job.progress": "the benchmark turns the progress bar off",
+}
+"""The keys ``_run_sets`` sets, and why a ``--set`` of them is refused: on top of the benchmark's own they would break
+the run (a run name or folder it does not read its metrics from) or change what is measured."""
+
+
+_MISSING = object()
+
+
+def owned_override(overrides: list[str]) -> str | None:
+    """The first ``OWNED`` key that ``overrides`` set, dotted or through their section (``job={run_name: x}``), as a
+    one-line refusal naming the key; None when they set none. A malformed override raises ConfigError."""
+    from pretrain.config import apply_overrides
+
+    user = apply_overrides({}, overrides)  # only what the user set, nested as the recipe would be
+    for key, why in OWNED.items():
+        node = user
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            return f"{key}: {why}; drop this --set"
+    return None
+
+
+def bench_ray(recipe: Path, cfg: Config, steps: int, warmup: int, overrides: list[str]) -> dict:
+    """``cfg``: the recipe with the run's sets and ``overrides``, as checked before measuring."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
         sets = [*_run_sets(steps, out), *overrides]
         cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(recipe)]
@@ -56,19 +94,16 @@ def bench_ray(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> di
         with (Path(out) / "bench" / "metrics.csv").open() as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) > warmup]
     per_worker = [float(r["images_per_s"]) for r in rows]  # global images/s, logged per step
-    from pretrain.config import load_config
-
-    cfg = load_config(recipe, overrides)
     ips = statistics.median(per_worker) / cfg.job.num_workers
     return {"provider": "ray+deepspeed", "workers": cfg.job.num_workers, "batch_per_worker": cfg.data.batch_size,
             "images_per_s_per_worker": ips, "median_step_s": cfg.data.batch_size / ips, "wall_s": wall}
 
 
-def bench_model(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
-    from pretrain.config import load_config
+def bench_model(cfg: Config, steps: int, warmup: int) -> dict:
+    """``cfg``: the config checked before measuring (the run's sets included, so it is the one the run validated; the
+    model-only part reads only its method, data and learning rate)."""
     from pretrain.trainer import build_method
 
-    cfg = load_config(recipe, overrides)
     torch.set_num_threads(1)  # as Ray gives each worker its one CPU (OMP_NUM_THREADS=1)
     method = build_method(cfg, distributed=False)
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=cfg.optim.lr)
@@ -112,22 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import ConfigError, load_config
 
     try:  # the recipe and overrides as the run takes them, checked before anything is measured
-        load_config(args.config, [*_run_sets(args.steps, "/tmp"), *args.overrides])
+        refused = owned_override(args.overrides)
+        if refused:
+            p.error(refused)
+        cfg = load_config(args.config, [*_run_sets(args.steps, "/tmp"), *args.overrides])
     except ConfigError as e:
         p.error(str(e))
 
-    results = [bench_model(args.config, 20, 3, args.overrides), bench_ray(args.config, args.steps, args.warmup,
-                                                                           args.overrides)]
+    results = [bench_model(cfg, 20, 3), bench_ray(args.config, cfg, args.steps, args.warmup, args.overrides)]
     stamp, sha, where = time.strftime("%Y-%m-%d %H:%M:%S"), git_sha(), machine()
     recipe = " ".join([args.config.name, *args.overrides])  # what was measured: the recipe and its overrides
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with args.out.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["time", "git_sha", "machine", "recipe", *results[0].keys()])
-        for r in results:
-            w.writerow([stamp, sha, where, recipe, *r.values()])
+    append_csv(args.out, [{"time": stamp, "git_sha": sha, "machine": where, "recipe": recipe, **r} for r in results])
     print(f"machine: {where}\ngit: {sha}  time: {stamp}  recipe: {recipe}")
     print(f"{'provider':<15}{'workers':>8}{'batch/worker':>14}{'img/s/worker':>14}{'step s':>9}{'wall s':>9}")
     for r in results:

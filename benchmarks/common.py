@@ -4,6 +4,7 @@ memory."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -174,3 +175,15 @@ def csv_out(parser: argparse.ArgumentParser, option: str, path: Path) -> Path:
         parser.error(f"{option}: {path} is not a CSV of results (its first line is no CSV header); rows are appended "
                      "to one")
     return path
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (its folder made), the header (``rows[0]``'s keys) first where the file is
+    missing or empty: ``csv_out`` accepts an empty file, which would otherwise get rows under no header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

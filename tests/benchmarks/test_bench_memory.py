@@ -10,7 +10,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_small_run_measures_both_cases(tmp_path):
+    """Both cases measured and appended, under a header, to an --out that exists empty (it had got rows with no
+    header; a missing --out goes through the same benchmarks.common.append_csv, tested in test_bench_csv)."""
     out = tmp_path / "memory.csv"
+    out.write_bytes(b"")
     p = subprocess.run([sys.executable, "benchmarks/bench_memory.py", "--backbones", "vit_tiny", "--image-size", "32",
                         "--patch-size", "8", "--batch", "8", "--budget-s", "0.2", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)

@@ -39,6 +39,13 @@ SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory,
     ("train", ["--config", "{tmp}/none.yaml"], "config file not found: {tmp}/none.yaml"),
     ("train", ["--set", "model.backbone=bogus"], "model.backbone: unknown backbone 'bogus'"),
     ("train", ["--set", "job.num_workers=0"], "job.num_workers"),
+    # keys the benchmark sets itself: the run had measured ~50 s, then died on the metrics.csv of another run name
+    ("train", ["--set", "job.run_name=mine"], "job.run_name: the benchmark names its own run"),
+    ("train", ["--set", "job.out_dir={tmp}/runs"], "job.out_dir: the benchmark runs in a temporary folder"),
+    ("train", ["--set", "job={{run_name: mine}}"], "job.run_name: the benchmark names its own run"),  # {{ }}: format
+    # had ended in a ConfigError traceback from the model-only part, which loaded the recipe without the run's sets
+    ("train", ["--steps", "5", "--warmup", "1", "--set", "job.max_steps=3"], "job.max_steps: the benchmark sets it "
+                                                                             "from --steps"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, script, argv, message):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
@@ -64,3 +71,13 @@ def test_data_on_a_gpu_the_machine_lacks_is_refused_before_any_work(capsys):
         bench_data.main(["--device", "cuda"])
     assert e.value.code == 2
     assert "--device cuda: this machine has no GPU that torch can use" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", [s.partition("=")[0] for s in bench_train._run_sets(5, "/tmp")])
+def test_train_refuses_every_key_it_sets_itself(capsys, key):
+    """Each key bench_train's run sets over the recipe is refused as a --set, in one line naming it, before any work."""
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(["--steps", "5", "--warmup", "1", "--set", f"{key}=1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in err and f"error: {key}: the benchmark " in err, err
