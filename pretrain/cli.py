@@ -302,6 +302,7 @@ def _train(cfg, run_dir: Path, address: str | None) -> int:
         _end_run(cfg, run_dir, "FAILED")
         print(f"error: training failed: {result.error}; resume with --resume {run_dir}", file=sys.stderr)
         return 1
+    _end_run(cfg, run_dir, "FINISHED")  # the workers' end, where the server was away then and is back now
     print(f"Done: {run_dir}", flush=True)
     if (run_dir / "eval.json").is_file():
         print(f"Evaluation report: {run_dir / 'eval.json'}", flush=True)

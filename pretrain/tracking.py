@@ -25,6 +25,9 @@ HEALTH_TIMEOUT_S = 3.0
 RETRY_EVERY_S = 60.0
 """While the server does not take the metrics, they are sent again this long after the last try (and before each
 checkpoint)."""
+HTTP_RETRIES = 3
+"""MLflow's retries of a request to a server (its default: 7, over about four minutes), where the environment does
+not set MLFLOW_HTTP_REQUEST_MAX_RETRIES: about 15 s; metrics not taken are kept and sent again anyway."""
 MAX_KEPT = 1_000_000
 """Metric points kept while the server does not take them (a few hundred MB at most); older ones are dropped."""
 
@@ -226,6 +229,7 @@ class MLflowTracker(_RunContext):
         scheme = urlparse(tracking_uri).scheme
         if scheme in ("http", "https"):
             check_reachable(tracking_uri)  # MlflowClient would retry for minutes before failing
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
         elif scheme == "sqlite":
             db = Path(tracking_uri[len("sqlite:///") :]).resolve()
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -320,31 +324,52 @@ class MLflowTracker(_RunContext):
         with one line when that starts and one when they are through."""
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
+        if not self._buffer:
+            return
         buffer, self._buffer = self._buffer, []
-        self._last_flush = time.monotonic()
-        for i in range(0, len(buffer), MAX_METRICS_PER_BATCH):
-            try:
-                self._client.log_batch(self.run_id, metrics=buffer[i : i + MAX_METRICS_PER_BATCH])
-            except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types: tracking is no reason
-                self._buffer = (buffer[i:] + self._buffer)[-MAX_KEPT:]  # to lose a training
-                if not self._failing:
-                    print(f"Warning: MLflow at {self.tracking_uri} did not take the metrics ({_short(err)}); training "
-                          "goes on, and they are kept and sent again", flush=True)
-                self._failing = True
-                return
+        sent = 0
+        try:
+            self._check_up()
+            while sent < len(buffer):
+                self._client.log_batch(self.run_id, metrics=buffer[sent : sent + MAX_METRICS_PER_BATCH])
+                sent += MAX_METRICS_PER_BATCH
+        except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types: tracking is no reason
+            self._buffer = (buffer[sent:] + self._buffer)[-MAX_KEPT:]  # to lose a training
+            if not self._failing:
+                print(f"Warning: MLflow at {self.tracking_uri} did not take the metrics ({_short(err)}); training "
+                      f"goes on, and they are kept and sent again (tried every {RETRY_EVERY_S:.0f} s)", flush=True)
+            self._failing = True
+            return
+        finally:
+            self._last_flush = time.monotonic()  # after the try: the next one is a whole interval later
         if self._failing:
             print(f"MLflow at {self.tracking_uri} takes the metrics again; the kept ones are sent", flush=True)
         self._failing = False
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a file (or a folder's contents) under ``artifact_path`` of the run's artifacts."""
+    def _check_up(self) -> None:
+        """ConnectionError where an http(s) server does not answer its /health now: MLflow's own requests to a server
+        that went away retry for minutes (its default), a training's minutes; asked first, it answers at once."""
+        if urlparse(self.tracking_uri).scheme in ("http", "https"):
+            check_reachable(self.tracking_uri)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        """Upload a file (or a folder's contents) under ``artifact_path`` of the run's artifacts. Where the store does
+        not take it (a server gone) one line says so and where the file stays, and training goes on (a finished run
+        had failed at its end, its evaluation and loss curve not made): False."""
         path = Path(path)
         if not path.exists():
             raise ValueError(f"artifact {path} does not exist")
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            self._check_up()
+            if path.is_dir():
+                self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types
+            print(f"Warning: MLflow at {self.tracking_uri} did not take artifact {path.name} ({_short(err)}); it is "
+                  f"kept at {path}", flush=True)
+            return False
+        return True
 
     def set_tags(self, tags: dict) -> None:
         """Set run tags (values ``str()``'d, truncated to MLflow's limit)."""
@@ -363,6 +388,7 @@ class MLflowTracker(_RunContext):
         self._finished = True
         self.flush()
         try:  # a server gone must not hide what ended the run (the error being raised) or fail a finished one
+            self._check_up()
             self._client.set_terminated(self.run_id, status=status)
         except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types
             print(f"Warning: could not mark MLflow run {self.run_id} {status} at {self.tracking_uri} ({_short(err)})"
@@ -466,7 +492,29 @@ def start_system_metrics(run_id: str, tracking_uri: str, *, every_s: float, node
     (``system/...`` without ``node``); call ``.finish()`` on what it returns when training ends."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, node_id=node, tracking_uri=tracking_uri,
-                                   resume_logging=True)  # a resumed run's samples go on after the earlier ones
+    class Monitor(SystemMetricsMonitor):
+        """MLflow's sampler, which stops for good at the first request its server does not answer (a restart of the
+        server ended the run's system metrics): this one samples on, and ends with the run or at ``finish``."""
+
+        def monitor(self) -> None:
+            from mlflow import MlflowClient
+
+            while not self._shutdown_event.is_set():
+                for _ in range(self.samples_before_logging):
+                    self.collect_metrics()
+                    if self._shutdown_event.wait(self.sampling_interval):
+                        return
+                try:
+                    if urlparse(tracking_uri).scheme in ("http", "https"):
+                        check_reachable(tracking_uri)  # a server gone: at once, not after MLflow's retries
+                    if MlflowClient(tracking_uri).get_run(self._run_id).info.status != "RUNNING":
+                        return  # ended (by another process: a driver that marked it KILLED)
+                    self.publish_metrics(self.aggregate_metrics())
+                except Exception:  # noqa: BLE001 - the server's and MLflow's many types: the next sample tries again
+                    for monitor in self.monitors:
+                        monitor.clear_metrics()  # (a sample is an aggregate of the interval: not kept)
+
+    monitor = Monitor(run_id, sampling_interval=every_s, node_id=node, tracking_uri=tracking_uri,
+                      resume_logging=True)  # a resumed run's samples go on after the earlier ones
     monitor.start()
     return monitor

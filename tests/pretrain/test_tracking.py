@@ -1,6 +1,7 @@
 """MLflow tracking against a real server over HTTP on 127.0.0.1, and against a serverless sqlite store."""
 
 import dataclasses
+import os
 import shutil
 import socket
 import subprocess
@@ -151,27 +152,36 @@ def test_a_server_that_goes_away_costs_no_training_and_no_metric(tmp_path, monke
     from tests.mlflow_fixture import serving
     from tests.util import free_port
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes here
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what the tracker sets stays in this test
+    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
     port = free_port()
     with serving(tmp_path, port) as uri:
         tracker = MLflowTracker(uri, experiment="outage")
         tracker.log_metrics({"loss": 1.0}, step=1)
         tracker.flush()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"  # MLflow's 7 take four minutes
     capsys.readouterr()
+    # the server is asked first, so no request waits out MLflow's retries (the training had stood still for the
+    # whole outage and a minute more) ...
+    tries, send = [], tracker._client.log_batch
+    tracker._client.log_batch = lambda *a, **k: (tries.append(1), send(*a, **k))
     for step in (2, 3):
         tracker.log_metrics({"loss": float(step)}, step=step)
         tracker.flush()
     out = capsys.readouterr().out
     assert out.count(f"Warning: MLflow at {uri} did not take the metrics (") == 1, out
-    tries, send = [], tracker._client.log_batch  # each try may wait out MLflow's retries: not one every step
-    tracker._client.log_batch = lambda *a, **k: (tries.append(1), send(*a, **k))
-    for _ in range(3):
+    for _ in range(3):  # ... and the next try is a minute after the last
         tracker.log_metrics({f"m{i}": 0.0 for i in range(600)}, step=4)  # past FLUSH_EVERY_N, and past FLUSH_EVERY_S
         time.sleep(0.8)
     assert tries == [] and len(tracker._buffer) == 2 + 1800
     tracker._client.log_batch = send
     tracker._buffer = tracker._buffer[:2]
-    assert out.strip().endswith("training goes on, and they are kept and sent again") and "\n" not in out.strip()
+    assert out.strip().endswith("training goes on, and they are kept and sent again (tried every 60 s)")
+    assert "\n" not in out.strip()
+    # an artifact the server does not take (a finished run's backbone.pt) is one line, not the end of the training
+    (tmp_path / "backbone.pt").write_bytes(b"weights")
+    assert tracker.log_artifact(tmp_path / "backbone.pt") is False
+    assert capsys.readouterr().out.startswith(f"Warning: MLflow at {uri} did not take artifact backbone.pt (")
     tracker.finish("FAILED")  # no exception
     assert capsys.readouterr().out.startswith(f"Warning: could not mark MLflow run {tracker.run_id} FAILED at {uri} (")
     with serving(tmp_path, port):
@@ -183,6 +193,37 @@ def test_a_server_that_goes_away_costs_no_training_and_no_metric(tmp_path, monke
         assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [
             (1, 1.0), (2, 2.0), (3, 3.0)]
         assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_system_metrics_go_on_after_the_server_was_away(tmp_path, monkeypatch):
+    """MLflow's sampler stopped for good at the first request its server did not answer: a server restarted mid-run
+    ended the run's system metrics. Samples arrive again once it is back, and stop when the run ends."""
+    from pretrain.tracking import start_system_metrics
+    from tests.mlflow_fixture import serving
+    from tests.util import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the outage outlasts any retries: a request fails
+    port = free_port()
+    with serving(tmp_path, port) as uri:
+        tracker = MLflowTracker(uri, experiment="system")
+        monitor = start_system_metrics(tracker.run_id, uri, every_s=0.5)
+        time.sleep(3)
+    away = time.time() * 1000
+    time.sleep(3)
+    try:
+        with serving(tmp_path, port):
+            back = time.time() * 1000
+            deadline = time.monotonic() + 60
+            key = "system/cpu_utilization_percentage"
+            while time.monotonic() < deadline:
+                samples = MlflowClient(uri).get_metric_history(tracker.run_id, key)
+                if any(m.timestamp > back for m in samples):
+                    break
+                time.sleep(1)
+            assert any(m.timestamp < away for m in samples) and any(m.timestamp > back for m in samples)
+            tracker.finish()
+    finally:
+        monitor.finish()
 
 
 def test_a_resume_into_a_deleted_run_is_refused(mlflow_server, request):
