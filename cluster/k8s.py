@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.nodes import RayNodes, check_int
+from cluster.nodes import NotSubmitted, RayNodes, check_int
 from data_pipeline.remote import AUTH_ENV
 
 LOST_HEAD = 75  # exit status of a node pod whose Ray head went away (not the node's failure; see podFailurePolicy)
@@ -92,7 +92,6 @@ class K8sJob(RayNodes):
                                  "letters, digits, '-' and '.')")
         if self.mount_path is not None and (not self.mount_path.startswith("/") or Path(self.mount_path) == Path("/")):
             raise ValueError(f"--mount-path: must be an absolute directory other than /, got {self.mount_path!r}")
-
 
 
 _REQUIRED = {
@@ -252,9 +251,11 @@ def submit(manifest: Path, *, wait: bool = False) -> int:
     meta = next(d for d in docs if d["kind"] == "Job")["metadata"]
     kubectl = [find_kubectl(), *(["--namespace", meta["namespace"]] if "namespace" in meta else [])]
     status = subprocess.run([*kubectl, "create", "-f", str(manifest)]).returncode
-    if status != 0:
-        raise ValueError(f"kubectl: refused {manifest} (exit status {status}; its message is above). If a Job of "
-                         f"this run is still there: kubectl delete -f {manifest}")
+    if status != 0:  # the run directory stays (a resume's must): say how to submit it, not as a new run again
+        raise NotSubmitted(f"kubectl: refused {manifest} (exit status {status}; its message is above); the run is "
+                           f"written: once the cluster takes it, `kubectl create -f {manifest}` or `pretrain submit "
+                           f"k8s --resume {Path(manifest).resolve().parent.parent}` and the job options. If a Job of "
+                           f"this run is still there: kubectl delete -f {manifest}")
     name = meta["name"]
     print(f"Submitted Kubernetes Job {name}; the driver's log: kubectl logs -f -l "
           f"batch.kubernetes.io/job-name={name},batch.kubernetes.io/job-completion-index=0", flush=True)

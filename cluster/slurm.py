@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from cluster.nodes import RayNodes, check_int
+from cluster.nodes import NotSubmitted, RayNodes, check_int
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "slurm.sbatch"
 UNLIMITED = ("UNLIMITED", "INFINITE")
@@ -80,19 +80,24 @@ _SCRIPT_SETS = {
     "no-requeue": "a job preempted or on a failed node is requeued and resumes from its last checkpoint",
     "signal": "use --requeue-grace (the seconds before the time limit at which the job requeues itself)",
     "array": "one job trains one run",
+    # GPUs: each node's one task (its Ray node) gets all the node's --gpus-per-node, as many as Ray is told it has
+    "gpus-per-task": "use --gpus-per-node", "gpus-per-socket": "use --gpus-per-node",
+    "gpu-bind": "each node's one task (its Ray node) gets all the node's GPUs",
+    "cpus-per-gpu": "use --cpus-per-node", "ntasks-per-gpu": "each node runs one task (its Ray node)",
 }
+_GPU_VALUED = ("gres", "tres-per-task")  # options that ask for GPUs where their value names them (gres/gpu:2)
 
 
 def _set_by_the_script(arg: str) -> str | None:
     """What to do instead of ``arg`` where it is an option the job script sets (sbatch takes any unambiguous start of
-    an option's name, so one is matched from 3 letters on), else None; ``--gres`` only where it asks for GPUs."""
+    an option's name, so one is matched from 3 letters on), else None; ``--gres`` and ``--tres-per-task`` only where
+    they ask for GPUs."""
     name, _, value = arg[2:].partition("=")
-    if name == "gres":
-        return "use --gpus-per-node" if "gpu" in value else None
     if len(name) < 3:
         return None
+    if any(option.startswith(name) for option in _GPU_VALUED):
+        return "use --gpus-per-node" if "gpu" in value.lower() else None
     return next((why for option, why in _SCRIPT_SETS.items() if option.startswith(name)), None)
-
 
 
 def time_seconds(time: str) -> int:
@@ -178,7 +183,9 @@ def submit(script: Path, *, wait: bool = False) -> tuple[str, int]:
     job_id = first.split(";")[0]
     if not job_id:
         status = proc.wait()
-        raise ValueError(f"sbatch: refused {script} (exit status {status}; its message is above)")
+        raise NotSubmitted(f"sbatch: refused {script} (exit status {status}; its message is above); the run is "
+                           f"written: once Slurm takes it, `sbatch {script}` or `pretrain submit slurm --resume "
+                           f"{Path(script).resolve().parent.parent}` and the job options")
     print(f"Submitted Slurm job {job_id}: {script}", flush=True)
     rest = proc.stdout.read()
     status = proc.wait()

@@ -338,7 +338,7 @@ def _write_submitted_run(args, job, check) -> Path:
     scheduler's own), then the run directory written. Nothing is written if a check fails."""
     extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []
     cfg, run_dir = _resolve_run(args, extra)
-    job.check_workers(cfg.job.num_workers)
+    job.check_workers(cfg.job.num_workers, use_gpu=cfg.job.use_gpu, overrides=args.overrides)
     check(cfg, run_dir)
     with run_lock(run_dir, new=not _continues(args)):
         _prepare(args, cfg, run_dir, extra=extra)

@@ -47,6 +47,8 @@ def _manifests(run: Path) -> dict[str, dict]:
     ([*REQUIRED, "--mount-path", "runs"], "--mount-path: must be an absolute directory other than /, got 'runs'"),
     ([*REQUIRED, "--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray "
                                                                         "CPUs, the job has 1 (1 nodes x 1 --cpus-"),
+    ([*REQUIRED, "--nodes", "3", "--set", "job.num_workers=2"], "job.num_workers: 2 CPU workers leave at least 1 of "
+                                                                "the 3 --nodes idle; give --nodes 2 or more"),
     # a relative dataset is the one beside the command (pretrain.config), here not on the volume
     ([*REQUIRED, "--set", "data.source=shards/digits"], f"data.source: {Path.cwd() / 'shards/digits'} is not under "
                                                         "--mount-path "),
@@ -124,7 +126,8 @@ def test_no_kubectl_is_one_line(tmp_path):
 
 def test_kubectl_refusal_is_one_line(tmp_path):
     """A Job kubectl cannot create (here: its API server refuses connections) ends the command with one line and
-    status 2; the run and its manifests are kept."""
+    status 2; the run and its manifests are kept, and the line says how to submit them: with --resume, which takes the
+    run (the same submit again would find the run directory taken)."""
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl not installed")
     kubeconfig = tmp_path / "kubeconfig"
@@ -136,8 +139,23 @@ def test_kubectl_refusal_is_one_line(tmp_path):
     proc = _submit([*REQUIRED, "--set", "job.run_name=kr"], tmp_path, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     manifest = tmp_path / "runs" / "kr" / "k8s" / "job.yaml"
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: kubectl: refused {manifest} (exit status 1;")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: kubectl: refused {manifest} (exit status 1;")
+    assert f"the run is written: once the cluster takes it, `kubectl create -f {manifest}` or `pretrain submit k8s " \
+           f"--resume {manifest.parent.parent}` and the job options" in last
     assert manifest.is_file()
+    again = run_cli(["submit", "k8s", "--resume", str(manifest.parent.parent), *REQUIRED, "--dry-run"])
+    assert again.returncode == 0 and f"Kubernetes manifests: {manifest}" in again.stdout, again.stderr
+
+
+def test_use_gpu_true_without_gpus_is_refused(tmp_path):
+    """use_gpu true on pods that request no nvidia.com/gpu (Ray is told of none: the workers would wait for GPUs for
+    ever) is one line, and nothing is written."""
+    proc = _submit([*REQUIRED, "--set", "job.use_gpu=true", "--set", "job.run_name=g2", "--dry-run"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: job.use_gpu: true gives each worker a GPU, and the job asks for none; give --gpus-per-node N (one "
+        "worker per GPU), or set job.use_gpu=false for CPU workers"), proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):

@@ -40,6 +40,19 @@ def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None):
      "itself; use --gpus-per-node"),
     (["--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray CPUs, the job "
                                                                "has 1 (1 nodes x 1 --cpus-per-node)"),
+    # GPUs are asked for with --gpus-per-node only: Ray is told the node's GPUs, and each node's one task has them all
+    (["--sbatch-arg=--gpus-per-task=1"], "--sbatch-arg: '--gpus-per-task=1' would change what the job script sets "
+     "itself; use --gpus-per-node"),
+    (["--sbatch-arg=--gpus-per-socket=1"], "'--gpus-per-socket=1' would change what the job script sets itself; use "
+     "--gpus-per-node"),
+    (["--sbatch-arg=--gpu-bind=single:1"], "'--gpu-bind=single:1' would change what the job script sets itself; each "
+     "node's one task (its Ray node) gets all the node's GPUs"),
+    (["--sbatch-arg=--cpus-per-gpu=4"], "'--cpus-per-gpu=4' would change what the job script sets itself; use "
+     "--cpus-per-node"),
+    (["--sbatch-arg=--tres-per-task=gres/gpu:1"], "'--tres-per-task=gres/gpu:1' would change what the job script sets "
+     "itself; use --gpus-per-node"),
+    (["--nodes", "4", "--set", "job.num_workers=2"], "job.num_workers: 2 CPU workers leave at least 2 of the 4 --nodes "
+                                                     "idle; give --nodes 2 or more job.num_workers"),
     (["--set", "job.nope=1"], "job.nope"),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
@@ -48,6 +61,79 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_other_sbatch_options_are_written(tmp_path):
+    """Options that ask for no GPUs and set nothing the script sets are passed on as directives, among them GPU
+    tuning and a --gres of another resource."""
+    args = ["--sbatch-arg=--gpu-freq=high", "--sbatch-arg=--gres=nvme:1", "--sbatch-arg=--tres-per-task=cpu=2",
+            "--sbatch-arg=--mem-per-gpu=40G"]
+    proc = _submit(["--gpus-per-node", "1", *args, "--set", "job.run_name=o", "--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "o" / "slurm" / "job.sbatch").read_text().splitlines()
+    for arg in args:
+        assert f"#SBATCH {arg[len('--sbatch-arg='):]}" in lines, arg
+
+
+def test_nodes_up_to_the_cpu_workers_are_taken(tmp_path):
+    """A CPU job of as many nodes as workers (one worker a node) is written; a worker fewer is refused above."""
+    proc = _submit(["--nodes", "2", "--cpus-per-node", "1", "--set", "job.num_workers=2", "--set", "job.run_name=n2",
+                    "--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2" in (tmp_path / "n2" / "slurm" / "job.sbatch").read_text().splitlines()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "job.use_gpu=true"], "job.use_gpu: true gives each worker a GPU, and the job asks for none; give "
+                                    "--gpus-per-node N (one worker per GPU), or set job.use_gpu=false for CPU workers"),
+    (["--gpus-per-node", "2", "--set", "job.use_gpu=false"], "job.use_gpu: --set gives false, and the job's GPUs make "
+     "it true (one worker per GPU: --nodes 1 x --gpus-per-node 2); leave it out, or leave out --gpus-per-node"),
+    (["--gpus-per-node", "2", "--nodes", "2", "--set", "job.num_workers=3"], "job.num_workers: --set gives 3, and the "
+     "job's GPUs make it 4 (one worker per GPU: --nodes 2 x --gpus-per-node 2); leave it out, or change --nodes"),
+    (["--gpus-per-node", "2", "--set", "job={use_gpu: no}"], "job.use_gpu: --set gives false"),
+])
+def test_gpu_settings_against_the_jobs_gpus_are_refused(tmp_path, args, message):
+    """use_gpu true on a job of no GPUs (Ray would be told of none, and the workers wait for them), and a --set that
+    the job's GPUs would silently overrule, are one line, before anything is written."""
+    proc = _submit([*args, "--set", "job.run_name=bad", "--dry-run"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_gpu_run_resumed_on_cpu_nodes_needs_use_gpu_false(tmp_path):
+    """A run written for GPUs (use_gpu true) resumed on a job of no GPUs is refused, its config left as it was; with
+    --set job.use_gpu=false it goes on CPU workers."""
+    assert _submit(["--gpus-per-node", "2", "--set", "job.run_name=gr", "--dry-run"], tmp_path).returncode == 0
+    config = tmp_path / "gr" / "config.yaml"
+    before = config.read_text()
+    proc = run_cli(["submit", "slurm", "--resume", str(tmp_path / "gr"), "--dry-run"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: job.use_gpu: true gives "
+                                                                                      "each worker a GPU"), proc.stderr
+    assert config.read_text() == before
+    proc = run_cli(["submit", "slurm", "--resume", str(tmp_path / "gr"), "--nodes", "2", "--set", "job.use_gpu=false",
+                    "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(config.read_text())["job"] == {**yaml.safe_load(before)["job"], "use_gpu": "false"}
+
+
+def test_check_workers_sees_gpu_settings():
+    """RayNodes.check_workers, as the submit commands call it with the run's use_gpu and the user's --set: what the
+    job's GPUs decide is not asked otherwise, and CPU nodes do not take use_gpu true; what agrees passes."""
+    from cluster.slurm import SlurmJob
+
+    cpu, gpu = SlurmJob(nodes=2), SlurmJob(nodes=2, gpus_per_node=4)
+    for use_gpu in ("auto", "false"):
+        cpu.check_workers(2, use_gpu=use_gpu, overrides=["job.num_workers=2"])
+    with pytest.raises(ValueError, match=r"^job.use_gpu: true gives each worker a GPU, and the job asks for none"):
+        cpu.check_workers(2, use_gpu="true")
+    for overrides in ([], ["job.num_workers=8", "job.use_gpu=true"], ["job.use_gpu=auto"], ["job.use_gpu=yes"],
+                      ["job={num_workers: 8}"], ["job.num_workers='8'"]):
+        gpu.check_workers(8, use_gpu="true", overrides=overrides)
+    for overrides, key in ((["job.num_workers=2"], "num_workers"), (["job.use_gpu=false"], "use_gpu"),
+                           (["job.use_gpu=off"], "use_gpu"), (["job={num_workers: 16, use_gpu: true}"], "num_workers")):
+        with pytest.raises(ValueError, match=rf"^job.{key}: --set gives .*, and the job's GPUs make it"):
+            gpu.check_workers(8, use_gpu="true", overrides=overrides)
 
 
 def test_no_time_limit_takes_any_requeue_grace(tmp_path):
