@@ -47,6 +47,10 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
             if getattr(before.job, key) != getattr(cfg.job, key):
                 raise ConfigError(f"job.{key}: a resumed run goes on in its own directory ({run_dir}); to have it "
                                   "elsewhere, move the directory and resume it there")
+        if before.tracking.experiment != cfg.tracking.experiment and (run_dir / "mlflow_run_id").is_file():
+            raise ConfigError(f"tracking.experiment: a resumed run goes on in its MLflow run, of experiment "
+                              f"{before.tracking.experiment!r}; `--from-step N` goes on from a checkpoint as a new "
+                              "run, in an experiment of its choosing")
         _check_same_structure(before, cfg, run_dir.name)
         changed = {k for k in _method_fields() if getattr(before.method, k) != getattr(cfg.method, k)}
         _check_method_keys(cfg, only=changed)  # (what the run began with is not refused now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +50,8 @@ def check_tracking_uri(uri: str) -> None:
     """ValueError (one line) when ``uri`` is not a tracking URI MLflow can use; no network access."""
     if not isinstance(uri, str) or not uri.strip():
         raise ValueError(f"tracking URI must be a non-empty string, got {uri!r}")
+    if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri.strip()):  # urlparse takes the host for a scheme, or a path
+        raise ValueError(f"tracking URI {uri!r} has no scheme: a server's is http://{uri.strip()} (or https://)")
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
     if scheme == "file" or (not parsed.scheme and uri.strip()):
@@ -67,6 +70,10 @@ def check_tracking_uri(uri: str) -> None:
             raise ValueError(f"tracking URI {uri!r} has a bad port: {err}") from None
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
         raise ValueError(f"tracking URI {uri!r} must look like sqlite:///relative.db or sqlite:////abs/path.db")
+    path = uri[len("sqlite:///"):]
+    if scheme == "sqlite" and (not path or Path(path).is_dir()):
+        raise ValueError(f"tracking URI {uri!r} names a directory, not a database file: e.g. "
+                         f"sqlite:///{path.rstrip('/') + '/' if path else ''}mlflow.db")
 
 
 def flatten_params(params, prefix: str = "") -> dict[str, str]:

@@ -700,3 +700,13 @@ def test_a_resume_from_a_checkpoint_cut_short_is_refused_naming_the_file(tmp_pat
     assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4"]) == 2
     assert _one_line_error(capsys) == (f"error: job.run_name: {branch} already holds a run; continue it with --resume "
                                        f"{branch}, or name another with --set job.run_name=NAME")
+    # a resume goes on in its MLflow run: another experiment is refused (it was ignored); a branch takes one
+    (run / "mlflow_run_id").write_text("0123456789abcdef\n")
+    other = ["--set", "tracking.experiment=elsewhere"]
+    assert main(["train", "--resume", str(run), "--dry-run", *other]) == 2
+    assert _one_line_error(capsys) == ("error: tracking.experiment: a resumed run goes on in its MLflow run, of "
+                                       "experiment 'ssl-pretrain'; `--from-step N` goes on from a checkpoint as a new "
+                                       "run, in an experiment of its choosing")
+    assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4", "--set", "job.run_name=b2",
+                 *other]) == 0
+    assert "experiment: elsewhere\n" in (tmp_path / "b2" / "config.yaml").read_text()

@@ -476,6 +476,22 @@ def test_default_uris_are_absolute(tmp_path, monkeypatch):
     assert default_artifact_location("out") == f"file://{tmp_path.resolve()}/out/mlartifacts"
 
 
+def test_a_uri_that_misses_its_scheme_or_names_a_directory_is_told_so(tmp_path):
+    """A server's host:port without http:// had been called a file store (or 'localhost' a scheme); a sqlite URI of a
+    directory passed every check and failed in the workers ("unable to open database file")."""
+    for uri, message in (
+            ("127.0.0.1:5000", "tracking URI '127.0.0.1:5000' has no scheme: a server's is http://127.0.0.1:5000 (or "
+                               "https://)"),
+            ("localhost:5000/", "tracking URI 'localhost:5000/' has no scheme: a server's is http://localhost:5000/ "
+                                "(or https://)"),
+            (f"sqlite:///{tmp_path}", f"tracking URI 'sqlite:///{tmp_path}' names a directory, not a database file: "
+                                      f"e.g. sqlite:///{tmp_path}/mlflow.db"),
+            ("sqlite:///", "tracking URI 'sqlite:///' names a directory, not a database file: e.g. sqlite:///mlflow.db")):
+        with pytest.raises(ValueError) as err:
+            check_tracking_uri(uri)
+        assert str(err.value) == message
+
+
 @pytest.mark.parametrize(
     "uri", ["", "ftp://example.com", "mlflow.db", "http://", "http://127.0.0.1:notaport", "sqlite://rel.db"]
 )
