@@ -256,8 +256,14 @@ def resource_shortfall(resources: dict, num_workers: int, *, gpu: bool) -> str |
     return "has " + " and ".join(lacking) if lacking else None
 
 
-def use_gpu(cfg: Config) -> bool:
+def use_gpu(cfg: Config, resources: dict | None = None) -> bool:
+    """Whether the workers take a GPU each: ``job.use_gpu``, where ``auto`` is whether the Ray cluster has GPUs
+    (``resources``: ``ray.cluster_resources()``), else this machine. A CPU job on a node whose GPUs its driver sees
+    anyway (a Slurm node that does not hide them, a pod under NVIDIA's default runtime) had asked its GPU-less Ray
+    for GPUs and waited for ever."""
     if cfg.job.use_gpu == "auto":
+        if resources is not None:
+            return resources.get("GPU", 0) > 0
         import torch
 
         return torch.cuda.is_available()
@@ -270,12 +276,12 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None,
     abort the workers and raise :class:`Interrupted`; ``on_stop(signum)`` is called at the first SIGTERM, before the
     abort."""
     run_dir = Path(run_dir).resolve()
-    gpu = use_gpu(cfg)
     passed = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "RAY_AUTH_MODE", "PRETRAIN_HTTP_AUTHORIZATION")
     env = {k: v for k, v in os.environ.items() if k in passed}
     # Workers need a CPU each plus what their loader uses; locally, size the cluster to fit the job.
     num_cpus = None if address else max(os.cpu_count() or 1, cfg.job.num_workers + 1)
     with ray_cluster(address, num_cpus=num_cpus):
+        gpu = use_gpu(cfg, ray.cluster_resources())
         if address:
             short = resource_shortfall(ray.cluster_resources(), cfg.job.num_workers, gpu=gpu)
             if short:

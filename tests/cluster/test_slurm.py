@@ -262,3 +262,17 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.tags["slurm.job_id"] == job_id and mlrun.data.tags["slurm.restart_count"] == "1"
     assert mlrun.data.tags["slurm.nodelist"] == "n[1-2]"
+
+
+def test_use_gpu_auto_follows_the_ray_cluster():
+    """`auto` is whether the Ray cluster has GPUs, not whether the driver's machine shows some: a CPU job's Ray is
+    told of none (--num-gpus=0) on a node whose GPUs the driver sees anyway, and workers asking for them waited for
+    ever."""
+    from cluster.ray_launcher import use_gpu
+    from pretrain.config import load_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "simclr_digits.yaml"
+    auto, on, off = (load_config(config, [f"job.use_gpu={v}"]) for v in ("auto", "true", "false"))
+    assert not use_gpu(auto, {"CPU": 16.0, "memory": 1e9}) and not use_gpu(auto, {"CPU": 16.0, "GPU": 0.0})
+    assert use_gpu(auto, {"CPU": 16.0, "GPU": 8.0})
+    assert use_gpu(on, {"CPU": 16.0}) and not use_gpu(off, {"GPU": 8.0})
