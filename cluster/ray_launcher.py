@@ -282,6 +282,8 @@ def run_ray(cfg: Config, run_dir: Path, *, address: str | None = None,
     num_cpus = None if address else max(os.cpu_count() or 1, cfg.job.num_workers + 1)
     with ray_cluster(address, num_cpus=num_cpus):
         gpu = use_gpu(cfg, ray.cluster_resources())
+        if not gpu:  # CPU workers: Ray's gloo group, which a worker that still saw its node's GPUs would put on them
+            env["CUDA_VISIBLE_DEVICES"] = ""
         if address:
             short = resource_shortfall(ray.cluster_resources(), cfg.job.num_workers, gpu=gpu)
             if short:
