@@ -9,6 +9,7 @@ spots in the maps; with registers, that attention goes to them and stays out of 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from pretrain.index import Run
 class AttentionMaps:
     keys: list[str]
     labels: list[int]
+    """each image's class index (-1: unlabelled)"""
+    classes: list[str]
+    """each image's class: its name where the dataset has names, else its number; "-" for no label"""
     images: Tensor
     """(B, C, S, S) as the encoder saw them, in [0, 1] (the normalisation undone)"""
     maps: Tensor
@@ -35,6 +39,7 @@ def attention_maps(run: Run, shards: list[str], keys: list[str], block: int = -1
     """The cls-token attention of ``run``'s ViT in block ``block`` for the samples ``keys`` of ``shards``, in that
     order. ValueError (one line) for a backbone that is not a ViT, a block it does not have, or a key with no
     decodable sample."""
+    from data_pipeline.shards import class_indices, dataset_dir, read_manifest
     from pretrain.eval.dataset import ShardImages
     from pretrain.models.vit import VisionTransformer
 
@@ -51,6 +56,9 @@ def attention_maps(run: Run, shards: list[str], keys: list[str], block: int = -1
     if missing:
         raise ValueError(f"--image: no decodable sample with key {missing[0]!r} in the data")
     x = torch.stack([found[k][1] for k in keys])
+    meta = read_manifest(dataset_dir(shards[0]), columns=["key"]).schema.metadata or {}
+    labels = class_indices([found[k][0]["label"] for k in keys], meta)
+    names = json.loads(meta.get(b"classes", b"[]"))
     with torch.no_grad():
         row = vit.eval().cls_attention(x.to(run.device), block).float().cpu()  # (B, heads, P+L)
     p = vit.num_prefix_tokens
@@ -59,7 +67,8 @@ def attention_maps(run: Run, shards: list[str], keys: list[str], block: int = -1
     shares = torch.stack([mean_heads[:, 0], mean_heads[:, 1:p].sum(-1), mean_heads[:, p:].sum(-1)], dim=1)
     d = run.cfg.data
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in d.aug.channel_stats(d.channels))
-    return AttentionMaps(keys=list(keys), labels=[int(found[k][0]["label"]) for k in keys],
+    return AttentionMaps(keys=list(keys), labels=[int(c) for c in labels],
+                         classes=["-" if c < 0 else names[c] if c < len(names) else str(c) for c in labels],
                          images=(x * std + mean).clamp(0, 1), maps=row[:, :, p:].reshape(len(keys), -1, gh, gw),
                          shares=shares, block=block % len(vit.blocks))
 

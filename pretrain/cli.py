@@ -102,14 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="digits, samples, or a labelled shard directory (`pretrain data shards`; labels "
                    "and class names from its manifest) (default: the run's eval.dataset)")
     e.add_argument("--max-samples", type=int,
-                   help="evaluate at most this many samples of a shard dataset (default: the run's eval.max_samples)")
+                   help="evaluate at most this many samples, a seeded draw (stratified for digits) (default: the run's "
+                   "eval.max_samples)")
     e.add_argument("--out", type=_path, help="where to write the report (default: eval.json beside the checkpoint)")
     e.add_argument("--finetune-epochs", type=int,
                    help="also fine-tune the backbone (and its random init) this many epochs (default: the run's "
                    "eval.finetune_epochs)")
     e.add_argument("--finetune-layer-decay", type=float,
-                   help="fine-tuning a ViT: layer-wise lr decay, e.g. 0.75 (MAE's for ViT-B) (default: the run's "
-                   "eval.finetune_layer_decay)")
+                   help="fine-tuning a ViT: layer-wise lr decay, e.g. 0.75 (MAE's for ViT-B); goes with "
+                   "--finetune-epochs N (default: the run's eval.finetune_layer_decay)")
     e.add_argument("--map", action=argparse.BooleanOptionalAction, default=None,
                    help="draw the test split's features in 2-D (t-SNE) beside the report, <report>-map.png (default: "
                    "the run's eval.embedding_map)")
@@ -123,11 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     what = q.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a text query (CLIP runs)")
     what.add_argument("--image", metavar="KEY", help="the key of an image of --data as the query")
-    gallery = q.add_mutually_exclusive_group()
-    gallery.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits "
-                         "shards)")
-    gallery.add_argument("--index", type=_path, help="an embedding index of the data written by `pretrain embed` with "
-                         "this checkpoint (nothing is embedded again)")
+    q.add_argument("--data", help="a shard directory (default: the run's data.source; 'digits' = its digits shards); "
+                   "with --index, where the indexed data is now (the contact sheet reads its images; default: the "
+                   "directory the index recorded at embed time)")
+    q.add_argument("--index", type=_path, help="an embedding index of the data written by `pretrain embed` with this "
+                   "checkpoint (nothing is embedded again)")
     q.add_argument("--k", type=int, default=10, help="results to show (default 10)")
     q.add_argument("--out", type=_path, help="write the query's results as a PNG contact sheet")
 
@@ -169,15 +170,17 @@ def _parser() -> argparse.ArgumentParser:
                        description="Trace a finished run's encoder, preprocessing included, with torch.export for one "
                        "input layout ((B, C, H, W) images of one dtype; any batch size) and save it as a .pt2 file "
                        "that plain torch loads without ssl-pretrain: torch.export.load(FILE).module()(images) gives "
-                       "(B, F) features. The program is checked against the eager encoder before it is written.")
+                       "(B, F) features, without an autograd graph. The program is checked against the eager encoder "
+                       "before it is written.")
     x.add_argument("--checkpoint", type=_path, required=True, help="a finished run directory")
     x.add_argument("--out", type=_path, required=True, help="the .pt2 file to write (must not exist)")
     x.add_argument("--input-size", type=int, nargs="+", metavar="N", help="the images' side, or height and width "
                    "(default: the run's data.image_size; other sizes are resized inside the program)")
     x.add_argument("--input-channels", type=int, help="1 (grey) or 3 (RGB) (default: the run's data.channels)")
-    x.add_argument("--input-dtype", default="uint8", help="uint8 (0..255) or float32 (0..1) (default uint8)")
-    x.add_argument("--device", default="cpu", help="the device the program runs on: cpu, cuda, cuda:1, ... "
-                   "(default cpu)")
+    x.add_argument("--input-dtype", default="uint8", help="uint8 (0..255) or float32 (0..1: the program cannot check "
+                   "the range, and 0..255 floats or normalised images give features of nothing) (default uint8)")
+    x.add_argument("--device", default="cpu", help="the device the program runs on, fixed in it: cpu, auto (a GPU if "
+                   "there is one), cuda, cuda:1, ... (default cpu)")
     for cmd in (q, m, a):
         cmd.add_argument("--device", default="auto", help="where the encoder runs: auto (a GPU if there is one), cpu, "
                        "cuda, cuda:1, ... (default auto)")
@@ -404,6 +407,54 @@ def _submit_k8s(args) -> int:
     return submit(manifest, wait=args.wait)
 
 
+def _stdout_may_close(command):
+    """``command``, where a reader that stops early (`| head -1`) only loses the rest of the output: the command goes on
+    to write its files and ends with status 0 (a broken pipe had ended `eval` with status 1 and no report)."""
+    import contextlib
+    import functools
+    import io
+
+    class Output(io.TextIOBase):
+        def __init__(self, stream):
+            self.stream, self.closed_by_reader = stream, False
+
+        def write(self, text: str) -> int:
+            if not self.closed_by_reader:
+                try:
+                    self.stream.write(text)
+                except BrokenPipeError:
+                    self._reader_gone()
+            return len(text)
+
+        def flush(self) -> None:
+            if not self.closed_by_reader:
+                try:
+                    self.stream.flush()
+                except BrokenPipeError:
+                    self._reader_gone()
+
+        def fileno(self) -> int:  # what asks the terminal (a progress bar's width) asks the stream
+            return self.stream.fileno()
+
+        def isatty(self) -> bool:
+            return not self.closed_by_reader and self.stream.isatty()
+
+        def _reader_gone(self) -> None:
+            self.closed_by_reader = True
+            try:  # what the stream still buffers goes nowhere at exit, instead of failing there
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError, io.UnsupportedOperation):
+                pass
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        with contextlib.redirect_stdout(Output(sys.stdout)):
+            return command(args)
+
+    return run
+
+
+@_stdout_may_close
 def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate_checkpoint
 
@@ -414,8 +465,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
+@_stdout_may_close
 def cmd_search(args) -> int:
-
     import numpy as np
 
     from pretrain.index import embed_shards, load_run, rank
@@ -441,7 +492,17 @@ def cmd_search(args) -> int:
         if not same:
             raise ConfigError(f"--index: {args.index} was embedded with other weights ({meta['checkpoint']}); "
                               f"write it again with `pretrain embed --checkpoint {args.checkpoint}`")
-        shards = list_shards(meta["data"]) if args.out is not None else []  # only the contact sheet reads images
+        # only the contact sheet reads images: from --data (the data moved since), else where the index says it was
+        shards, moved = [], None
+        if args.data is not None:
+            shards = _data_shards(run, args.data)
+        elif args.out is not None:
+            try:
+                shards = list_shards(meta["data"])
+            except ValueError:  # moved or gone since: the ranking still prints, the sheet is refused after it
+                moved = (f"--out: the contact sheet reads the images from {meta['data']}, the data directory "
+                         f"{args.index} recorded at embed time, which holds no shard dataset now; give where the "
+                         "data is now with --data DIR")
     else:
         shards = _data_shards(run, args.data)
         gallery = embed_shards(run, shards)
@@ -470,21 +531,25 @@ def cmd_search(args) -> int:
         cells = "".join(f"{columns[name][i]:<{w}}  " for name, w in widths.items())
         print(f"{i + 1:>4}  {sim:>10.4f}  {cells}{gallery.captions[row] or ''}".rstrip())
     if args.out is not None:
+        from data_pipeline.shards import dataset_dir
         from pretrain.plots import contact_sheet
 
+        if args.index is not None and moved:
+            raise ConfigError(moved)
         digests = [gallery.digests[r] for r, _ in hits] if gallery.digests else None
-        try:
-            contact_sheet(shards, [gallery.keys[r] for r, _ in hits], [f"{s:.3f}" for _, s in hits], title, args.out,
+        try:  # similarities as the table prints them
+            contact_sheet(shards, [gallery.keys[r] for r, _ in hits], [f"{s:.4f}" for _, s in hits], title, args.out,
                           digests=digests)
         except ValueError as e:
             if args.index is None:
                 raise
-            raise ConfigError(f"--out: {e}: the data at {meta['data']} changed since {args.index} was embedded; "
-                              "embed it again with `pretrain embed`") from None
+            raise ConfigError(f"--out: {e}: the data at {dataset_dir(shards[0])} changed since {args.index} was "
+                              "embedded; embed it again with `pretrain embed`") from None
         print(f"Contact sheet: {args.out}")
     return 0
 
 
+@_stdout_may_close
 def cmd_attention(args) -> int:
     from pretrain.attention import attention_maps, plot_attention
     from pretrain.index import load_run
@@ -494,11 +559,12 @@ def cmd_attention(args) -> int:
     result = attention_maps(run, _data_shards(run, args.data), args.image, block=args.block)
     print(f"cls-token attention of the {result.maps.shape[1]} heads of block {result.block} "
           f"(mean over heads; {run.backbone.num_registers} register tokens):")
-    print(f"{'key':<16} {'label':>5} {'self':>6} {'registers':>9} {'patches':>7}  most attended patch (row, col)")
-    for key, label, shares, maps in zip(result.keys, result.labels, result.shares.tolist(), result.maps):
+    width = max(5, *map(len, result.classes))  # the class's name where the dataset has names, as search shows it
+    print(f"{'key':<16} {'class':>{width}} {'self':>6} {'registers':>9} {'patches':>7}  most attended patch (row, col)")
+    for key, name, shares, maps in zip(result.keys, result.classes, result.shares.tolist(), result.maps):
         mean = maps.mean(0)
         row, col = divmod(int(mean.argmax()), mean.shape[1])
-        print(f"{key:<16} {label if label >= 0 else '-':>5} {shares[0]:>6.3f} {shares[1]:>9.3f} {shares[2]:>7.3f}"
+        print(f"{key:<16} {name:>{width}} {shares[0]:>6.3f} {shares[1]:>9.3f} {shares[2]:>7.3f}"
               f"  ({row}, {col}): {float(mean.max()):.3f}")
     print(f"Attention maps: {plot_attention(result, args.out)}")
     return 0
@@ -542,12 +608,15 @@ def _data_shards(run, data: str | None) -> list[str]:
 
     if data is None:
         return resolve_shards(run.cfg.data)
+    if not data:
+        raise ConfigError("--data: must not be empty (a shard directory, digits or samples)")
     try:
         return resolve_shards(dataclasses.replace(run.cfg.data, source=data))
     except ConfigError as e:  # what is wrong with --data, said of --data
         raise ConfigError(str(e).replace("data.source", "--data", 1)) from None
 
 
+@_stdout_may_close
 def cmd_embed(args) -> int:
     from data_pipeline.shards import dataset_dir
     from pretrain.index import embed_shards, load_run, save_gallery
@@ -583,6 +652,7 @@ def cmd_extract(args) -> int:
     return 0
 
 
+@_stdout_may_close
 def cmd_export(args) -> int:
     from pretrain.export import export_encoder
 
@@ -592,7 +662,7 @@ def cmd_export(args) -> int:
         raise ConfigError(f"--input-size: one side or height and width, got {len(size)} numbers")
     info = export_encoder(args.checkpoint, args.out, input_size=None if size is None else (size[0], size[-1]),
                           input_channels=args.input_channels, input_dtype=args.input_dtype,
-                          device="cpu" if args.device == "auto" else _device(args.device))
+                          device=_device(args.device))
     shape = "x".join(str(d) for d in info["input"]["shape"])
     print(f"Exported the {info['method']} encoder ({info['backbone']}) of {args.checkpoint}: {shape} "
           f"{info['input']['dtype']} images -> {info['features']} features, on {info['device']}; matches the encoder "

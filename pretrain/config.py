@@ -508,8 +508,8 @@ class EvalConfig:
     one sub-folder per class; labels and class names from its manifest), decoded and resized like the training views
     without augmentation, undecodable samples skipped and counted."""
     max_samples: int = 5000
-    """At most this many samples of a shard dataset, a seeded draw, are evaluated (held in memory as float32 images:
-    5000 at 3x224x224 take 3 GB)."""
+    """At most this many samples, a seeded draw (of digits, stratified), are evaluated (held in memory as float32
+    images: 5000 at 3x224x224 take 3 GB)."""
     embedding_map: bool = True
     """Also draw the test split's frozen features in 2-D (t-SNE; at most 1000 points, a stratified draw), trained beside
     random init and raw pixels, coloured by class, to eval-map.png beside eval.json (and to MLflow)."""

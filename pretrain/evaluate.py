@@ -55,6 +55,7 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
     features = frozen_features(trained, random_init, images)
     report = report_features(features, labels, seed=0)
     if cfg.eval.finetune_epochs:
+        report["finetune"] = {"epochs": cfg.eval.finetune_epochs, "layer_decay": cfg.eval.finetune_layer_decay}
         train, test = split_indices(labels, seed=0)
         for scores, encoder in ((report, trained), (report["random_init"], random_init)):
             scores["finetune_top1"] = finetune_top1(encoder, images[train], labels[train], images[test], labels[test],
@@ -139,14 +140,14 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
     """``path``: a ``backbone.pt`` written at the end of training, or the run directory holding it (a ``model.pt``
     beside it, as CLIP runs write, adds zero-shot classification). ``dataset`` / ``max_samples`` / ``finetune_epochs`` /
     ``finetune_layer_decay`` / ``embedding_map``: instead of the run's eval.dataset / eval.max_samples /
-    eval.finetune_epochs / eval.finetune_layer_decay / eval.embedding_map. The report goes to ``out_path`` (refused if
-    it or its map, :func:`map_path`, exists) or else the run's eval.json, the one there kept as eval-<its time>.json
-    (and its eval-map.png as eval-<its time>-map.png). Bad input is a one-line ConfigError before any image is
-    decoded."""
-    if out_path is not None:
-        for out in (Path(out_path), map_path(out_path)):
-            if out.exists():
-                raise ConfigError(f"--out: {out} already exists; eval overwrites nothing")
+    eval.finetune_epochs / eval.finetune_layer_decay / eval.embedding_map; ``finetune_layer_decay`` without fine-tuning
+    (``finetune_epochs`` or the run's eval.finetune_epochs) is refused, as it would change nothing. The report goes to
+    ``out_path`` (refused if it exists, or its map, :func:`map_path`, where one is drawn) or else the run's eval.json,
+    the one there kept as eval-<its time>.json (and its eval-map.png as eval-<its time>-map.png). Bad input is a
+    one-line ConfigError before any image is decoded; errors of the data name ``--dataset`` and ``--max-samples`` where
+    they were given. The report is written before it is printed."""
+    if out_path is not None and Path(out_path).exists():
+        raise ConfigError(f"--out: {out_path} already exists; eval overwrites nothing")
     cfg, backbone_state, method_state, path = load_run_files(path)
     overrides = {k: v for k, v in (("dataset", dataset), ("max_samples", max_samples),
                                    ("finetune_epochs", finetune_epochs),
@@ -158,17 +159,31 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
         except ValueError as e:  # "max_samples: must be ..." from EvalConfig's checks
             key, _, problem = str(e).partition(": ")
             raise ConfigError(f"--{key.replace('_', '-')}: {problem}") from None
+    if out_path is not None and cfg.eval.embedding_map and map_path(out_path).exists():  # only a map to be drawn
+        raise ConfigError(f"--out: {map_path(out_path)} already exists; eval overwrites nothing (--no-map draws none)")
     if cfg.eval.finetune_layer_decay != 1 and not cfg.model.backbone.startswith("vit"):
         raise ConfigError(f"--finetune-layer-decay: {cfg.eval.finetune_layer_decay} needs a ViT backbone, and "
                           f"{path} is a {cfg.model.backbone}")
+    if finetune_layer_decay is not None and not cfg.eval.finetune_epochs:  # it would change nothing, silently
+        raise ConfigError("--finetune-layer-decay: goes with --finetune-epochs N (fine-tuning is off: the run's "
+                          "eval.finetune_epochs is 0); add --finetune-epochs N to fine-tune with it")
     report_path = Path(out_path) if out_path is not None else path.parent / "eval.json"
     check_writable(report_path, "--out" if out_path is not None else "--checkpoint")  # before the work, not after
-    report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
-                                     embedding_map=staged_map(report_path))
+    try:
+        report = evaluate_backbone_state(cfg, backbone_state, method_state=method_state,
+                                         embedding_map=staged_map(report_path), echo=False)
+    except ConfigError as e:  # what is wrong with the data, said of the options typed (the run's keys otherwise)
+        message = str(e)
+        if dataset is not None:
+            message = message.replace("eval.dataset:", "--dataset:", 1)
+        if max_samples is not None:
+            message = message.replace("eval.max_samples", "--max-samples", 1)
+        raise ConfigError(message) from None
     step = saved_step(path)
     if step is not None:
         report["step"] = step  # the step of the encoder scored
     publish_report(report, report_path)  # only now: an evaluation that fails leaves eval.json where it was
+    print(format_report(report), flush=True)  # after: a reader that stops early (`| head`) costs no report
     return report
 
 

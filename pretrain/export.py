@@ -8,8 +8,12 @@ plain torch, without ssl-pretrain or the run directory:
     encoder = torch.export.load("encoder.pt2").module()
     features = encoder(images)   # (B, F)
 
-It runs on the device it was exported on (``--device``). What it is rides in the file (``EXTRA_FILE``, JSON: the run,
-its checkpoint's sha256, method, backbone, the input layout, the feature width), read back by ``read_export_info``.
+It runs on the device it was exported on (``--device``), and its outputs carry no autograd graph (the weights do not
+require gradients). A float32 program expects pixels in [0, 1]: ``load_encoder`` refuses other ranges, but a traced
+program cannot check what depends on the data, so 0..255 floats or normalised images give features of nothing.
+
+What it is rides in the file (``EXTRA_FILE``, JSON: the run, its checkpoint's sha256, method, backbone, the input
+layout, the feature width), read back by ``read_export_info``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ def export_encoder(run: str | Path, out: str | Path, *, input_size: tuple[int, i
                    input_channels: int | None = None, input_dtype: str = "uint8",
                    device: str | torch.device = "cpu") -> dict:
     """Export the encoder of the finished run ``run`` to ``out`` (a new file) for ``(B, input_channels, *input_size)``
-    images of ``input_dtype`` (default: the run's channels and image size, uint8). Before the file is written the
+    images of ``input_dtype`` (default: the run's channels and image size, uint8) on ``device`` ("auto": the GPU where
+    there is one). Before the file is written the
     program is run against the eager encoder on a batch of random images; returns the metadata, with ``max_abs_diff``
     of that check. ValueError (one line) for bad input, before anything is loaded."""
     out = Path(out)
@@ -48,7 +53,11 @@ def export_encoder(run: str | Path, out: str | Path, *, input_size: tuple[int, i
     from pretrain.encoder import load_encoder
     from pretrain.index import checkpoint_digest
 
-    encoder = load_encoder(run, device=device)
+    if device == "auto":  # as everywhere: the GPU where there is one
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the weights as constants of inference: outputs of the program carry no autograd graph (serving code that calls it
+    # without torch.no_grad() had built one per call, holding every activation)
+    encoder = load_encoder(run, device=device).requires_grad_(False)
     height, width = input_size or (encoder.image_size, encoder.image_size)
     channels = input_channels or encoder.channels
     dtype = DTYPES[input_dtype]

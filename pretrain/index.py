@@ -107,7 +107,9 @@ def embed_shards(run: Run, shards: list[str], *, batch_size: int = 256) -> Galle
         keys.extend(s["key"] for s in samples)
         labels.extend(s["label"] for s in samples)
     if not keys:
-        raise ValueError("no decodable image in the shards")
+        where = dataset_dir(shards[0])
+        raise ValueError(f"--data: none of the {images.corrupt} images of {where} decodes (`pretrain data verify "
+                         f"{where} --decode` lists them)")
     return Gallery(keys, class_indices(labels, table.schema.metadata), [caption_of.get(k) for k in keys],
                    np.concatenate(chunks), images.corrupt, [path_of.get(k) for k in keys], classes,
                    [digest_of.get(k) for k in keys])

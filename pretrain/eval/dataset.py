@@ -4,7 +4,8 @@
 a built-in source (``samples``) or a directory written by ``pretrain data shards`` (say from ``folder:PATH``, one
 sub-folder per class), its labels and class names from the manifest. Its images are decoded whole, resized and
 normalised as the run's training views are (no augmentation), the same as ``pretrain search`` embeds them; undecodable
-ones are skipped and counted. At most ``eval.max_samples`` of them, a seeded draw, are held in memory.
+ones are skipped and counted. At most ``eval.max_samples`` of them, a seeded draw, are held in memory (of digits, a
+stratified one).
 
 ``check_eval_dataset`` refuses, in one line and before training starts, a dataset the protocols cannot score: fewer
 than two classes with ``MIN_PER_CLASS`` samples each (5-shot classification needs five in the 75% training split).
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 MIN_PER_CLASS = 8
 """Samples a class needs to be scored: the stratified 75/25 split leaves it >= 5 for 5-shot classification."""
+NAMED_UNDECODABLE = 20
+"""Undecodable images named one line each (``ShardImages``); past that they are only counted: a dataset of broken
+files had printed a line per image."""
 PROMPTS = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.")
 """Zero-shot prompt templates for a shard dataset's class names (digits has its own, pretrain.eval.zeroshot)."""
 
@@ -108,7 +112,10 @@ class ShardImages:
                 good.append(s)
             except Exception:  # noqa: BLE001 - PIL raises several types for broken files
                 self.corrupt += 1
-                log.warning("skipping undecodable image %r", s["key"])
+                if self.corrupt <= NAMED_UNDECODABLE:
+                    log.warning("skipping undecodable image %r", s["key"])
+                if self.corrupt == NAMED_UNDECODABLE:
+                    log.warning("further undecodable images are skipped without a line each; the count is reported")
         if good:
             yield good, torch.cat(xs)
 
@@ -167,6 +174,8 @@ class EvalPart:
     """this rank's samples skipped as undecodable"""
     duplicates: int = 0
     """samples of the dataset left out before the draw as exact duplicates of an earlier one (the manifest's digest)"""
+    available: int | None = None
+    """samples the draw was taken from (``drawn`` of them: fewer where eval.max_samples cut it); None: ``drawn``"""
 
 
 def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPart:
@@ -179,9 +188,15 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
 
         mean, std = d.aug.channel_stats(d.channels)  # one value serves every channel, as for the training views
         images, labels = digits_eval_set(image_size=d.image_size, channels=d.channels, mean=mean, std=std)
-        mine = np.arange(rank, len(labels), world_size)
-        return EvalPart(mine, images[torch.from_numpy(mine)].contiguous(), labels[mine],
-                        [str(c) for c in range(10)], len(labels))
+        drawn = np.arange(len(labels))
+        if len(labels) > cfg.eval.max_samples:  # a stratified draw, seeded: each digit keeps its share
+            from sklearn.model_selection import train_test_split
+
+            drawn = np.sort(train_test_split(drawn, train_size=cfg.eval.max_samples, stratify=labels,
+                                             random_state=cfg.job.seed)[0])
+        mine = np.arange(rank, len(drawn), world_size)
+        return EvalPart(mine, images[torch.from_numpy(drawn[mine])].contiguous(), labels[drawn[mine]],
+                        [str(c) for c in range(10)], len(drawn), available=len(labels))
     from data_pipeline.shards import class_indices, read_classes
 
     shards, data_dir, manifest = _checked_shards(cfg)
@@ -197,6 +212,7 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
             continue
         seen_digests.add(digest)
         keys.append(key)
+    available = len(keys)
     if len(keys) > cfg.eval.max_samples:
         pick = np.sort(np.random.default_rng(cfg.job.seed).choice(len(keys), size=cfg.eval.max_samples, replace=False))
         keys = [keys[i] for i in pick]
@@ -215,7 +231,7 @@ def read_eval_part(cfg: Config, *, rank: int = 0, world_size: int = 1) -> EvalPa
     labels = class_indices(labels, manifest.schema.metadata)[order]
     names = names or [str(c) for c in range(int(labels.max(initial=0)) + 1)]
     return EvalPart(np.asarray(positions, dtype=np.int64)[order], images[torch.from_numpy(order)].contiguous(),
-                    labels, names, len(keys), decoder.corrupt, duplicates)
+                    labels, names, len(keys), decoder.corrupt, duplicates, available)
 
 
 def score_classes(labels: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -236,18 +252,23 @@ def load_eval_set(cfg: Config) -> EvalSet:
     if cfg.eval.dataset == "digits":
         from pretrain.eval.zeroshot import DIGIT_PROMPTS
 
-        return EvalSet("digits", part.images, part.labels, part.names, DIGIT_PROMPTS)
+        prompts = DIGIT_PROMPTS
+    else:
+        prompts = PROMPTS
     if not len(part.labels):
-        raise ConfigError(f"eval.dataset: no decodable image in {cfg.eval.dataset}")
+        raise ConfigError(f"eval.dataset: none of the {part.corrupt} images of {cfg.eval.dataset} drawn decodes "
+                          f"(`pretrain data verify {cfg.eval.dataset} --decode` lists them)")
     rows, labels, classes, dropped = score_classes(part.labels, part.names)
     if len(classes) < 2:
+        cut = (f" of its {part.available} (eval.max_samples {cfg.eval.max_samples}: more may give more classes)"
+               if part.available is not None and part.available > part.drawn else "")
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset} has {len(classes)} class(es) with >= {MIN_PER_CLASS} "
-                          f"decodable samples in the draw of {part.drawn}; the evaluation needs at least 2")
+                          f"decodable samples in the draw of {part.drawn}{cut}; the evaluation needs at least 2")
     if dropped:
         print(f"Evaluation: left out {len(dropped)} class(es) with fewer than {MIN_PER_CLASS} decodable samples: "
               + ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""), flush=True)
     unlabelled = int((part.labels < 0).sum())
     if unlabelled:
         print(f"Evaluation: left out {unlabelled} sample(s) without a label", flush=True)
-    return EvalSet(str(cfg.eval.dataset), part.images[torch.from_numpy(rows)].contiguous(), labels, classes, PROMPTS,
+    return EvalSet(str(cfg.eval.dataset), part.images[torch.from_numpy(rows)].contiguous(), labels, classes, prompts,
                    part.corrupt, dropped, part.duplicates, unlabelled)

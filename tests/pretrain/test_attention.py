@@ -82,3 +82,24 @@ def test_attention_command_writes_maps_and_shares(tmp_path, digits_shards, capsy
         "error: --image: no decodable sample with key 'digits_99999' in the data",
         "error: --block: the ViT has 4 blocks (0..3, or -1 for the last), got 9",
         "error: --checkpoint: attention maps need a ViT backbone; this run's is convnet"]
+
+
+def test_attention_prints_class_names(tmp_path, digits_shards, capsys) -> None:
+    """The class column holds each image's class name where the dataset has names (as `pretrain search` shows them),
+    not its label number; '-' for an unlabelled image."""
+    from data_pipeline.shards import read_manifest, write_shards
+    from tests.data_pipeline.conftest import make_image_tree
+
+    write_shards(f"folder:{make_image_tree(tmp_path / 'imgs', classes={'cat': 3, 'dog': 3})}", tmp_path / "named",
+                 progress=False)
+    write_shards(f"images:{tmp_path / 'imgs'}", tmp_path / "unlabelled", progress=False)
+    write_run(tmp_path / "vit", "dino_vit_digits.yaml", Path(digits_shards[0]).parents[1])
+    manifest = read_manifest(tmp_path / "named", columns=["key", "path"]).to_pylist()
+    keys = [next(r["key"] for r in manifest if f"/{name}/" in r["path"]) for name in ("dog", "cat")]
+    for data, expected in (("named", ["dog", "cat"]), ("unlabelled", ["-", "-"])):
+        capsys.readouterr()
+        assert main(["attention", "--checkpoint", str(tmp_path / "vit"), "--data", str(tmp_path / data), "--out",
+                     str(tmp_path / f"{data}.png"), *(a for k in keys for a in ("--image", k))]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[1].split()[:2] == ["key", "class"]
+        assert [line.split()[1] for line in printed[2:-1]] == expected

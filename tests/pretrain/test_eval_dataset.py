@@ -201,10 +201,14 @@ def test_eval_again_keeps_the_previous_report(tmp_path, capsys):
     (tmp_path / "mine-map.png").write_bytes(b"a picture of mine")
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "mine.json")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --out: {tmp_path / 'mine-map.png'} already exists; eval "
-                                               "overwrites nothing")
+                                               "overwrites nothing (--no-map draws none)")
     assert main(["eval", "--checkpoint", str(run), "--dataset", "samples", "--max-samples", "100", "--no-map", "--out",
                  str(tmp_path / "plain.json")]) == 0
     assert (tmp_path / "plain.json").is_file() and not list(tmp_path.glob("plain*.png*"))
+    # no map drawn, none to refuse: a map of that name beside the report stays as it is
+    assert main(["eval", "--checkpoint", str(run), "--dataset", "samples", "--max-samples", "100", "--no-map", "--out",
+                 str(tmp_path / "mine.json")]) == 0
+    assert (tmp_path / "mine.json").is_file() and (tmp_path / "mine-map.png").read_bytes() == b"a picture of mine"
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "report.csv")]) == 2
     assert capsys.readouterr().err.strip() == ("error: --out: eval writes a JSON report; give it a name ending in "
                                                ".json, got 'report.csv'")
@@ -241,16 +245,16 @@ def test_training_that_ends_again_keeps_the_first_report(tmp_path, capsys):
 
 def test_refusals_are_one_line(tmp_path, data, capsys):
     """A dataset that is not shards, one with a single class, an unlabelled one, or a max_samples below 16: a one-line
-    error before anything is decoded; `pretrain train` refuses before writing the run directory (also when only the
-    kNN monitor would read it)."""
+    error before anything is decoded, naming the option given (the run's key where the run's own dataset is meant);
+    `pretrain train` refuses before writing the run directory (also when only the kNN monitor would read it)."""
     one = _shards(tmp_path, "one", counts={"one": 30})
-    with pytest.raises(ConfigError, match=r"^eval\.dataset: .*nope does not exist$"):
+    with pytest.raises(ConfigError, match=r"^--dataset: .*nope does not exist$"):
         evaluate_checkpoint(data / "simclr", dataset=str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match=r"^eval\.dataset: .* has 1 class\(es\), 1 of them with >= 8 samples"):
+    with pytest.raises(ConfigError, match=r"^--dataset: .* has 1 class\(es\), 1 of them with >= 8 samples"):
         evaluate_checkpoint(data / "simclr", dataset=str(one))
     unlabelled = tmp_path / "unlabelled-shards"
     write_shards(f"images:{tmp_path / 'one'}", unlabelled, progress=False)
-    with pytest.raises(ConfigError, match=r"^eval\.dataset: .* is unlabelled \(written from images:PATH\)"):
+    with pytest.raises(ConfigError, match=r"^--dataset: .* is unlabelled \(written from images:PATH\)"):
         evaluate_checkpoint(data / "simclr", dataset=str(unlabelled))
     with pytest.raises(ConfigError, match=r"^--max-samples: must be >= 16, got 3"):
         evaluate_checkpoint(data / "simclr", dataset=str(one), max_samples=3)
@@ -341,3 +345,75 @@ def test_builtin_digits_take_one_mean_and_std_for_every_channel():
     part = read_eval_part(cfg, rank=1, world_size=2)
     images, _ = digits_eval_set(image_size=16, channels=3, mean=[0.3] * 3, std=[0.38] * 3)
     assert part.images.shape == (898, 3, 16, 16) and torch.equal(part.images, images[1::2])
+
+
+def test_max_samples_draws_from_the_builtin_digits(data):
+    """--max-samples on digits draws that many (stratified, seeded: each digit keeps its share; the same draw twice),
+    where it had been ignored; the kNN monitor's draw (read_eval_part) is the same."""
+    import numpy as np
+
+    from pretrain.eval.dataset import load_eval_set, read_eval_part
+
+    report = evaluate_checkpoint(data / "simclr", max_samples=300, embedding_map=False, out_path=data / "d300.json")
+    assert report["data"]["samples"] == 300 and report["data"]["classes"] == 10
+    cfg = _eval_cfg(data / "simclr", max_samples=300)
+    first, again = load_eval_set(cfg), load_eval_set(cfg)
+    counts = np.bincount(first.labels, minlength=10)
+    share = 300 * np.bincount(digits_uint8()[1], minlength=10) / 1797  # each digit's share of the whole
+    assert counts.sum() == 300 and (abs(counts - share) < 1).all()
+    assert (first.images == again.images).all() and (first.labels == again.labels).all()
+    part = read_eval_part(cfg, rank=1, world_size=2)
+    assert (part.images == first.images[1::2]).all() and part.drawn == 300
+
+
+def test_finetune_options_and_what_the_report_records(tmp_path):
+    """--finetune-layer-decay without fine-tuning is refused in one line (it had been ignored silently); with
+    --finetune-epochs the report records the epochs and the layer decay it fine-tuned with."""
+    run = tmp_path / "vit"
+    write_run(run, "dino_vit_digits.yaml", tmp_path / "cache", "model.backbone_kwargs={embed_dim: 32, depth: 2, "
+              "num_heads: 2}")
+    with pytest.raises(ConfigError) as e:
+        evaluate_checkpoint(run, finetune_layer_decay=0.75)
+    assert str(e.value) == ("--finetune-layer-decay: goes with --finetune-epochs N (fine-tuning is off: the run's "
+                            "eval.finetune_epochs is 0); add --finetune-epochs N to fine-tune with it")
+    assert not (run / "eval.json").exists()
+    report = evaluate_checkpoint(run, finetune_epochs=1, finetune_layer_decay=0.75, max_samples=160,
+                                 embedding_map=False)
+    assert report["finetune"] == {"epochs": 1, "layer_decay": 0.75}
+    assert 0.0 <= report["finetune_top1"] <= 1.0 and "finetune_top1" in report["random_init"]
+    assert json.loads((run / "eval.json").read_text())["finetune"] == {"epochs": 1, "layer_decay": 0.75}
+
+
+def test_errors_name_the_options_typed(tmp_path, data, capsys):
+    """What is wrong with --dataset is said of --dataset (not of the run's key eval.dataset), and a draw that leaves
+    too few classes names --max-samples; the run's own eval.dataset keeps its key."""
+    few = _shards(tmp_path, "few", counts={"one": 40, "seven": 8})
+    cases = [(["--dataset", str(tmp_path / "nope")], f"error: --dataset: {tmp_path / 'nope'} does not exist"),
+             (["--dataset", str(few), "--max-samples", "20"],
+              f"error: --dataset: {few} has 1 class(es) with >= 8 decodable samples in the draw of 20 of its 48 "
+              "(--max-samples 20: more may give more classes); the evaluation needs at least 2"),
+             (["--max-samples", "16"],
+              "error: eval.dataset: digits has 0 class(es) with >= 8 decodable samples in the draw of 16 of its 1797 "
+              "(--max-samples 16: more may give more classes); the evaluation needs at least 2"),
+             (["--dataset", ""], "error: --dataset: must not be empty (digits, samples or a shard directory)")]
+    for extra, line in cases:
+        assert main(["eval", "--checkpoint", str(data / "simclr"), "--out", str(tmp_path / "r.json"), *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_reader_that_stops_early_costs_no_report(data, tmp_path):
+    """`pretrain eval ... | head -1`: the report is written before the table is printed, and a closed stdout ends the
+    command quietly with status 0 (it had been `error: Broken pipe`, status 1, and no report)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "q.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(data / "simclr"),
+                             "--max-samples", "200", "--no-map", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, err
+    assert "error" not in err and "Traceback" not in err, err
+    assert json.loads(out.read_text())["data"]["samples"] == 200

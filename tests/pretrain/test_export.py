@@ -74,6 +74,19 @@ def test_exported_program_runs_without_ssl_pretrain(tmp_path, capsys, recipe, se
 
     assert info["checkpoint_sha256"] == checkpoint_digest(tmp_path / "run")
     assert sorted(p.name for p in out.parent.iterdir()) == ["encoder.pt2"]  # no partial file left
+    # serving code that calls the program without torch.no_grad() builds no autograd graph
+    served = torch.export.load(out).module()(images)
+    assert served.grad_fn is None and not served.requires_grad
+
+
+def test_device_auto_is_the_gpu_where_there_is_one(tmp_path, capsys):
+    """--device auto means what it means in every other command: a GPU where there is one (it had meant the CPU)."""
+    write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", SMALL)
+    out = tmp_path / "encoder.pt2"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--device", "auto"]) == 0
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert read_export_info(out)["device"].split(":")[0] == expected
+    assert f"on {read_export_info(out)['device']}" in capsys.readouterr().out
 
 
 def test_refusals_are_one_line(tmp_path, capsys):

@@ -89,6 +89,7 @@ def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
     (["--image", "digits_00001", "--device", "tpu"], "--device: 'tpu' is not a device (auto, cpu, cuda, cuda:N)"),
     (["--image", "digits_00001", "--device", "cuda:7"], "--device: cuda:7 is not on this machine"),
     (["--image", "digits_00001", "--data", "/nonexistent/ds"], "--data: /nonexistent/ds does not exist"),
+    (["--image", "digits_00001", "--data", ""], "--data: must not be empty"),
 ])
 def test_refusals_are_one_line(runs, capsys, args, message, tmp_path):
     assert main(["search", "--checkpoint", str(runs / "simclr"), *args]) == 2
@@ -240,3 +241,64 @@ def test_a_contact_sheet_from_an_index_of_data_written_again_is_refused(runs, ca
             f": the data at {tmp_path / 'ds'} changed since {index} was embedded; embed it again with `pretrain "
             "embed`"), err
         assert not (tmp_path / f"{name}.png").exists()
+
+
+def test_a_contact_sheet_of_data_moved_since_it_was_indexed(runs, capsys, tmp_path):
+    """The data an index recorded at embed time moved: the ranking still prints and the contact sheet is refused in one
+    line naming the recorded directory and --data; `--index --data NEW` draws it from where the data is now (checked
+    against the digests the index kept), with the similarities to 4 decimals as the table prints them."""
+    from tests.data_pipeline.conftest import make_image_tree
+
+    write_shards(f"images:{make_image_tree(tmp_path / 'a', classes={'': 6})}", tmp_path / "ds", progress=False)
+    index = tmp_path / "i.parquet"
+    assert main(["embed", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--out",
+                 str(index)]) == 0
+    old = str((tmp_path / "ds").resolve())
+    shutil.move(tmp_path / "ds", tmp_path / "moved")
+    query = ["search", "--checkpoint", str(runs / "simclr"), "--index", str(index), "--image", "00000000", "--k", "3"]
+    capsys.readouterr()
+    assert main([*query, "--out", str(tmp_path / "gone.png")]) == 2
+    out, err = capsys.readouterr()
+    assert len(_table(out)) == 3 and _table(out)[0][3] == "00000000"
+    assert err.strip().splitlines() == [
+        f"error: --out: the contact sheet reads the images from {old}, the data directory {index} recorded at embed "
+        "time, which holds no shard dataset now; give where the data is now with --data DIR"]
+    assert not (tmp_path / "gone.png").exists()
+    import pretrain.plots
+
+    drawn = []
+
+    def spy(*args, **kwargs):
+        drawn.append(args[2])
+        return real(*args, **kwargs)
+
+    real = pretrain.plots.contact_sheet
+    pretrain.plots.contact_sheet = spy
+    try:
+        assert main([*query, "--data", str(tmp_path / "moved"), "--out", str(tmp_path / "here.png")]) == 0
+    finally:
+        pretrain.plots.contact_sheet = real
+    rows = _table(capsys.readouterr().out)
+    assert drawn == [[r[1] for r in rows]] and all(len(note.split(".")[1]) == 4 for note in drawn[0])
+    assert (tmp_path / "here.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_of_no_decodable_image_is_one_line(runs, capsys, caplog, tmp_path):
+    """A dataset whose every image is undecodable: embed and search name --data's directory and the count in one line,
+    and the images skipped are named up to a bound, not one line each."""
+    from pretrain.eval.dataset import NAMED_UNDECODABLE
+
+    (tmp_path / "bad").mkdir()
+    for i in range(NAMED_UNDECODABLE + 5):
+        (tmp_path / "bad" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    write_shards(f"images:{tmp_path / 'bad'}", tmp_path / "ds", progress=False)
+    data = str((tmp_path / "ds").resolve())
+    for cmd in (["embed", "--out", str(tmp_path / "x.parquet")], ["search", "--image", "00000000"]):
+        caplog.clear()
+        assert main([cmd[0], "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), *cmd[1:]]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: --data: none of the {NAMED_UNDECODABLE + 5} images of {data} decodes (`pretrain data verify "
+            f"{data} --decode` lists them)"]
+        named = [r for r in caplog.records if "undecodable" in r.getMessage()]
+        assert len(named) == NAMED_UNDECODABLE + 1  # and one saying the rest are counted
+    assert not (tmp_path / "x.parquet").exists()
