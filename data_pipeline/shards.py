@@ -228,7 +228,7 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
                          image_digest(parsed["image"])))
         bar.update(1)
         damage = _no_end_marker(data_dir / name) if not errors else (
-            f"{name}: does not read to its end ({(str(errors[0]) or type(errors[0]).__name__).splitlines()[0]})")
+            f"{name}: does not read to its end ({_tar_error(errors[0])})")
         return rows, skipped, damage, sha256_file(data_dir / name)
 
     with bar, ThreadPoolExecutor(workers) as pool:
@@ -265,16 +265,38 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
 
 
 def _no_end_marker(tar: Path) -> str | None:
-    """Why a tar that read to its end without an error is still cut short, or None: a tar ends with two zero blocks
-    (tar, Python's tarfile and webdataset's TarWriter write them), and one cut between two members (a copy stopped at a
-    block boundary) reads as a whole, shorter tar."""
-    size = tar.stat().st_size
-    with tar.open("rb") as f:
-        f.seek(max(0, size - 1024))
-        tail = f.read()
-    if size >= 1024 and not tail.strip(b"\0"):
+    """Why a tar that read to its end without an error is still not whole, or None. A tar ends with two zero blocks
+    (tar, Python's tarfile and webdataset's TarWriter write them), then zeros only: one cut between two members (a copy
+    stopped at a block boundary) reads as a whole, shorter tar, and readers stop at the first end blocks, so members
+    after them (tars joined with ``cat``) or after a header cut short are never read."""
+    import tarfile
+
+    try:
+        with tarfile.open(tar, "r:") as archive:
+            for _ in archive:  # headers only: members' data is skipped
+                pass
+            end = archive.offset
+    except (tarfile.TarError, OSError):  # what webdataset read without an error, tarfile does too; else it said so
         return None
-    return f"{tar.name}: ends without tar's end-of-archive blocks (cut short between two members?)"
+    with tar.open("rb") as f:
+        f.seek(end)
+        rest = f.read()
+    if not rest.strip(b"\0"):
+        if len(rest) >= 1024:
+            return None
+        return f"{tar.name}: ends without tar's end-of-archive blocks (cut short between two members?)"
+    if not rest[:512].strip(b"\0"):
+        return (f"{tar.name}: has members after its end-of-archive blocks (byte {end}), which readers never reach "
+                "(tars joined with `cat`? write them as one tar, or keep them apart)")
+    return f"{tar.name}: ends in a member header cut short (at byte {end})"
+
+
+def _tar_error(error: Exception) -> str:
+    """A reader's error in a few words: webdataset's carry the stream and path as arguments (``('empty file',
+    <_io.BufferedReader ...>, PATH)``; ``unexpected end of data @ <_io.BufferedReader ...>``)."""
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    text = text.split(" @ <", 1)[0].strip()
+    return (text or type(error).__name__).splitlines()[0]
 
 
 def _repeated_keys(rows: list[tuple]) -> list[tuple[str, str, str]]:

@@ -29,6 +29,8 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
     if from_step is not None:
         if not resume:
             raise ConfigError("--from-step: goes with --resume RUN_DIR (the run whose checkpoint to go on from)")
+        if config:
+            raise ConfigError("--config: a branch goes on with its run's config; change its values with --set")
         return _resolve_branch(resume.resolve(), overrides, from_step)
     if resume:
         run_dir = resume.resolve()
@@ -67,7 +69,8 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
 
 def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Config, Path]:
     """``resolve_run`` of ``--resume SOURCE --from-step STEP``: the new run's directory is ``<source>-from-<step>``
-    beside it (``job.out_dir`` / ``job.run_name`` where --set gives them)."""
+    beside it, where it is now (``job.out_dir`` / ``job.run_name`` where --set gives them), which the default MLflow
+    store (``mlflow.db`` in the runs' directory) follows."""
     from pretrain.steps import check_ray_record, cut_short, list_checkpoints
 
     saved = source / "config.yaml"
@@ -95,6 +98,8 @@ def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Conf
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} leaves nothing to train after step {step}; raise it")
     if cfg.job.run_name == before.job.run_name:
         cfg.job.run_name = f"{source.name}-from-{step}"
+    if cfg.job.out_dir == before.job.out_dir:  # beside the run wherever it is now (moved; out_dir relative to a cwd)
+        cfg.job.out_dir = str(source.parent)
     run_dir = (Path(cfg.job.out_dir).expanduser() / cfg.job.run_name).resolve()
     if _holds_files(run_dir):
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}, or "
@@ -131,6 +136,16 @@ def branch_run(source: Path, step: int, run_dir: Path) -> None:
         kept = {int(r[0]): r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step}  # a repeat: the later
         with (run_dir / HISTORY_FILE).open("w", newline="") as f:
             csv.writer(f).writerows([rows[0], *(kept[s] for s in sorted(kept))])
+    import json
+
+    from pretrain.tracking import default_tracking_uri
+    from pretrain.trainer import BRANCH_FILE, RUN_ID_FILE
+
+    source_cfg = load_config(source / "config.yaml")
+    record = {"run_dir": str(source), "step": step,
+              "tracking_uri": source_cfg.tracking.uri or default_tracking_uri(source.parent),
+              "mlflow_run_id": (source / RUN_ID_FILE).read_text().strip() if (source / RUN_ID_FILE).is_file() else None}
+    (run_dir / BRANCH_FILE).write_text(json.dumps(record, indent=1) + "\n")  # the trainer tags the MLflow run with it
     print(f"Branched from {source} at step {step} (that run is left as it is)", flush=True)
 
 

@@ -50,7 +50,8 @@ def check_tracking_uri(uri: str) -> None:
     """ValueError (one line) when ``uri`` is not a tracking URI MLflow can use; no network access."""
     if not isinstance(uri, str) or not uri.strip():
         raise ValueError(f"tracking URI must be a non-empty string, got {uri!r}")
-    if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri.strip()):  # urlparse takes the host for a scheme, or a path
+    if re.fullmatch(r"[\w.-]+:\d+(/.*)?|(localhost|\d+\.\d+\.\d+\.\d+)/?", uri.strip()):  # urlparse takes the
+        # host for a scheme, or a path
         raise ValueError(f"tracking URI {uri!r} has no scheme: a server's is http://{uri.strip()} (or https://)")
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql

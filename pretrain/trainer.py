@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import sys
 import tempfile
@@ -32,6 +33,9 @@ from pretrain.tracking import default_artifact_location, default_tracking_uri, m
 RUN_ID_FILE = "mlflow_run_id"
 RUN_DIR_TAG = "run_dir"
 """The MLflow tag naming the run directory the run is trained in (a copy of the directory is told by it)."""
+BRANCH_FILE = "branched_from.json"
+"""In a run begun by ``--from-step`` (``pretrain.preflight.branch_run``): the run, step and MLflow run it went on
+from."""
 HISTORY_FILE = "metrics.csv"
 RANK_STATE_DIR = "ranks"
 """Checkpoint sub-directory with one file per rank: its data position and RNG states (``rank_00000.pt``, ...)"""
@@ -287,6 +291,7 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
             id_file.write_text(tracker.run_id + "\n")
             tracker.log_params(to_dict(cfg))
             tracker.log_artifact(run_dir / "config.yaml")
+            tracker.set_tags(_branch_tags(run_dir / BRANCH_FILE, uri))
         elif tracker.log_resumed_params(to_dict(cfg)):  # resumed with --set: what it goes on with
             tracker.log_artifact(run_dir / "config.yaml")
         tracker.set_tags({RUN_DIR_TAG: str(run_dir), **_job_tags()})
@@ -312,6 +317,20 @@ def _system_metrics(cfg: Config, run_dir: Path, tracker, rank: int, world: int):
     one_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world
     uri = cfg.tracking.uri or default_tracking_uri(run_dir.parent)
     return start_system_metrics(run_id[0], uri, every_s=every, node=None if one_node else socket.gethostname())
+
+
+def _branch_tags(record: Path, uri: str) -> dict[str, str]:
+    """A branch's link to the run it went on from, as MLflow tags (nested under that run in the UI where both are in
+    one store); none for another run."""
+    if not record.is_file():
+        return {}
+    source = json.loads(record.read_text())
+    tags = {"branched_from.run_dir": source["run_dir"], "branched_from.step": str(source["step"])}
+    if source.get("mlflow_run_id"):
+        tags["branched_from.mlflow_run_id"] = source["mlflow_run_id"]
+        if source.get("tracking_uri") == uri:
+            tags["mlflow.parentRunId"] = source["mlflow_run_id"]
+    return tags
 
 
 def _job_tags() -> dict[str, str]:
@@ -414,8 +433,7 @@ def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int,
         ranks.mkdir()
         torch.save({"data": stream.state_dict(), "rng": _rng_state()}, ranks / f"rank_{rank:05d}.pt")
         if rank == 0:  # what pretrain.steps lists it by, without opening the partitions; the config it was saved
-            import json  # under, which a resume is checked against (config.yaml may have been edited by hand)
-
+            # under, which a resume is checked against (config.yaml may have been edited by hand)
             (Path(tmp) / CHECKPOINT_INFO).write_text(json.dumps({**state, "config": to_dict(cfg)}) + "\n")
         session.report(metrics, Path(tmp))
 

@@ -98,6 +98,22 @@ def test_damaged_tar_and_refusals(tmp_path, capsys):
             in out.splitlines())
     rows = read_manifest(tmp_path / "d").to_pylist()
     assert sum(r["shard"] == "00000.tar" for r in rows) == 3 and 11 < len(rows) < 21
+    assert "problem: 00002.tar: does not read to its end (empty header)" in out.splitlines()  # webdataset's words
+    # two tars joined with `cat`: readers stop at the first one's end blocks, and the second one's members were left
+    # out without a word; a header cut short was called a cut between members; an empty tar named its stream object
+    _img2dataset_like(tmp_path / "j")
+    joined, second = tmp_path / "j" / "00000.tar", tmp_path / "j" / "00001.tar"
+    joined.write_bytes(joined.read_bytes() + second.read_bytes())
+    with tarfile.open(second) as t:
+        header = t.getmembers()[9].offset
+    second.write_bytes(second.read_bytes()[: header + 100])
+    (tmp_path / "j" / "00002.tar").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["data", "index", str(tmp_path / "j"), "--no-progress"]) == 0
+    problems = [line for line in capsys.readouterr().out.splitlines() if line.startswith("problem: ")]
+    assert problems[0].startswith("problem: 00000.tar: has members after its end-of-archive blocks (byte ")
+    assert problems[1] == f"problem: 00001.tar: ends in a member header cut short (at byte {header})"
+    assert problems[2] == "problem: 00002.tar: does not read to its end (empty file)"
     assert main(["data", "index", str(tmp_path / "d")]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["data", "index", str(tmp_path / "empty")]) == 2

@@ -153,8 +153,13 @@ def _branch_goes_on_as_the_run_did(whole: Path, expected: dict[int, str], capsys
     assert _losses(branch) == expected
     assert sorted(list_checkpoints(branch)) == [10, 12]
     assert sorted((p.relative_to(whole), p.stat().st_mtime_ns) for p in whole.rglob("*")) == before
-    run_ids = {(run / "mlflow_run_id").read_text().strip() for run in (whole, branch)}
-    assert len(run_ids) == 2
+    parent, child = ((run / "mlflow_run_id").read_text().strip() for run in (whole, branch))
+    assert parent != child
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{whole.parent / 'mlflow.db'}").get_run(child).data.tags  # nested under the run
+    assert tags["mlflow.parentRunId"] == tags["branched_from.mlflow_run_id"] == parent
+    assert tags["branched_from.step"] == "10" and tags["branched_from.run_dir"] == str(whole)
 
 
 def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:

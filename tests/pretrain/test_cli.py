@@ -710,3 +710,18 @@ def test_a_resume_from_a_checkpoint_cut_short_is_refused_naming_the_file(tmp_pat
     assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4", "--set", "job.run_name=b2",
                  *other]) == 0
     assert "experiment: elsewhere\n" in (tmp_path / "b2" / "config.yaml").read_text()
+    assert json.loads((tmp_path / "b2" / "branched_from.json").read_text()) == {
+        "run_dir": str(run), "step": 4, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow_run_id": "0123456789abcdef"}  # what the MLflow run of the branch is tagged with
+    assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4", "--config", str(ROOT / "configs" /
+                 "mae_digits.yaml")]) == 2  # (it was ignored)
+    assert _one_line_error(capsys) == ("error: --config: a branch goes on with its run's config; change its values "
+                                       "with --set")
+    # a run moved since (its out_dir stale), or whose out_dir is relative to another working directory: the branch
+    # goes beside it where it is now (it had gone to out_dir, and begun another MLflow store there)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    run.rename(moved / "r")
+    assert main(["train", "--resume", str(moved / "r"), "--dry-run", "--from-step", "4"]) == 0
+    assert (moved / "r-from-4" / "checkpoints" / "step_0000004").is_dir()
+    assert f"out_dir: {moved}\n" in (moved / "r-from-4" / "config.yaml").read_text()

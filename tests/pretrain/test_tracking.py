@@ -484,6 +484,7 @@ def test_a_uri_that_misses_its_scheme_or_names_a_directory_is_told_so(tmp_path):
                                "https://)"),
             ("localhost:5000/", "tracking URI 'localhost:5000/' has no scheme: a server's is http://localhost:5000/ "
                                 "(or https://)"),
+            ("127.0.0.1", "tracking URI '127.0.0.1' has no scheme: a server's is http://127.0.0.1 (or https://)"),
             (f"sqlite:///{tmp_path}", f"tracking URI 'sqlite:///{tmp_path}' names a directory, not a database file: "
                                       f"e.g. sqlite:///{tmp_path}/mlflow.db"),
             ("sqlite:///", "tracking URI 'sqlite:///' names a directory, not a database file: e.g. sqlite:///mlflow.db")):
