@@ -84,8 +84,9 @@ def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Conf
     _check_method_keys(cfg, only=changed)
     try:
         check_ray_record(source)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        unrecorded = False
+    except ValueError:  # Ray's record is gone: which checkpoint_* are whole is unknown; the chosen one is checked
+        unrecorded = True
     steps = list_checkpoints(source)
     if step not in steps:
         have = ", ".join(map(str, sorted(steps))) or "none"
@@ -93,6 +94,8 @@ def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Conf
     if damaged := cut_short(steps[step]):
         raise ConfigError(f"--from-step: the checkpoint of step {step} of {source.name} is damaged: "
                           f"{damaged[0].relative_to(source)} is cut short")
+    if unrecorded and steps[step].name.startswith("checkpoint_"):
+        _check_every_rank(steps[step], source, step)
     _check_saved_config(cfg, source, steps[step])
     if cfg.job.max_steps <= step:
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} leaves nothing to train after step {step}; raise it")
@@ -105,6 +108,28 @@ def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Conf
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}, or "
                           "name another with --set job.run_name=NAME")
     return cfg, run_dir
+
+
+def _check_every_rank(checkpoint: Path, source: Path, step: int) -> None:
+    """ConfigError unless Ray checkpoint ``checkpoint`` holds the files of every rank that saved it (its data position
+    and RNG states; its ZeRO partitions): without Ray's record of which are whole, a job stopped while its ranks
+    wrote one leaves some ranks' files only."""
+    from pretrain.checkpoint import CKPT_TAG
+    from pretrain.steps import checkpoint_info
+    from pretrain.trainer import RANK_STATE_DIR
+
+    info = checkpoint_info(checkpoint)
+    zero = (info.get("config") or {}).get("zero", {}).get("stage", 0)
+    for rank in range(int(info["world_size"])):
+        need = [checkpoint / RANK_STATE_DIR / f"rank_{rank:05d}.pt"]
+        if zero:
+            need.append(checkpoint / CKPT_TAG / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        if missing := next((p for p in need if not p.is_file()), None):
+            raise ConfigError(f"--from-step: Ray's record of {source.name}'s checkpoints is missing, and its "
+                              f"checkpoint of step {step} lacks {missing.relative_to(source)}, so it is not whole; "
+                              "take another step")
+    print(f"Ray's record of {source.name}'s checkpoints is missing; its checkpoint of step {step} holds every rank's "
+          "files", flush=True)
 
 
 def branch_run(source: Path, step: int, run_dir: Path) -> None:

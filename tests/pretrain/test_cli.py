@@ -528,6 +528,18 @@ def test_a_damaged_run_is_refused_in_one_line_naming_what_is_damaged(tmp_path, c
         assert _one_line_error(capsys).startswith(
             f"error: --resume: {run} holds 2 Ray checkpoint(s) (checkpoint_*) but Ray's record of them, "
             "checkpoint_manager_snapshot.json, is missing or unreadable")
+    # ... a branch from a checkpoint of it that holds every rank's files goes on (the way on without the record)
+    second = run / "checkpoint_2026-01-01_00-01-00.000000"
+    assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "8"]) == 2
+    assert _one_line_error(capsys) == (f"error: --from-step: Ray's record of r's checkpoints is missing, and its "
+                                       f"checkpoint of step 8 lacks {second.name}/ranks/rank_00000.pt, so it is not "
+                                       "whole; take another step")
+    (second / "ranks").mkdir()
+    torch.save({}, second / "ranks" / "rank_00000.pt")
+    assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "8"]) == 0
+    assert "Ray's record of r's checkpoints is missing; its checkpoint of step 8 holds every rank's files" in \
+        capsys.readouterr().out
+    assert (tmp_path / "r-from-8" / "checkpoints" / "step_0000008" / "ranks" / "rank_00000.pt").is_file()
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": [
         {"checkpoint_dir_name": p.name} for p in sorted(run.glob("checkpoint_*"))]}))
     assert main(resume) == 0
