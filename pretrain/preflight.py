@@ -34,17 +34,10 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
         return _resolve_branch(resume.resolve(), overrides, from_step)
     if resume:
         run_dir = resume.resolve()
-        saved = run_dir / "config.yaml"
         if config:
-            raise ConfigError(f"--config: a resumed run goes on with its own config ({saved}); change its values with "
-                              "--set")
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
-        if not saved.read_text().strip():  # a recipe's empty file means the defaults; a run's, a damaged run
-            raise ConfigError(f"--resume: {saved} is empty (damaged; the run's config is logged in MLflow, as "
-                              "config.yaml among its artifacts)")
-        before = load_config(saved)
-        cfg = load_config(saved, overrides)
+            raise ConfigError(f"--config: a resumed run goes on with its own config ({run_dir / 'config.yaml'}); "
+                              "change its values with --set")
+        before, cfg = _saved_config(run_dir, overrides)
         for key in ("out_dir", "run_name"):  # they name the run directory, which a resume goes on in
             if getattr(before.job, key) != getattr(cfg.job, key):
                 raise ConfigError(f"job.{key}: a resumed run goes on in its own directory ({run_dir}); to have it "
@@ -53,9 +46,6 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
             raise ConfigError(f"tracking.experiment: a resumed run goes on in its MLflow run, of experiment "
                               f"{before.tracking.experiment!r}; `--from-step N` goes on from a checkpoint as a new "
                               "run, in an experiment of its choosing")
-        _check_same_structure(before, cfg, run_dir.name)
-        changed = {k for k in _method_fields() if getattr(before.method, k) != getattr(cfg.method, k)}
-        _check_method_keys(cfg, only=changed)  # (what the run began with is not refused now)
         check_steps_left(cfg, run_dir)
         return cfg, run_dir
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
@@ -67,21 +57,30 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
     return cfg, run_dir
 
 
+def _saved_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Config]:
+    """A run's config as saved, and with ``overrides``: ConfigError for a directory that is no run, or a damaged one,
+    and for overrides that change what its checkpoints hold or set keys its method does not read."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+    if not saved.read_text().strip():  # a recipe's empty file means the defaults; a run's, a damaged run
+        raise ConfigError(f"--resume: {saved} is empty (damaged; the run's config is logged in MLflow, as "
+                          "config.yaml among its artifacts)")
+    before = load_config(saved)
+    cfg = load_config(saved, overrides)
+    _check_same_structure(before, cfg, run_dir.name)
+    changed = {k for k in _method_fields() if getattr(before.method, k) != getattr(cfg.method, k)}
+    _check_method_keys(cfg, only=changed)  # (what the run began with is not refused now)
+    return before, cfg
+
+
 def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Config, Path]:
     """``resolve_run`` of ``--resume SOURCE --from-step STEP``: the new run's directory is ``<source>-from-<step>``
     beside it, where it is now (``job.out_dir`` / ``job.run_name`` where --set gives them), which the default MLflow
     store (``mlflow.db`` in the runs' directory) follows."""
     from pretrain.steps import check_ray_record, cut_short, list_checkpoints
 
-    saved = source / "config.yaml"
-    if not saved.is_file() or not saved.read_text().strip():
-        raise ConfigError(f"--resume: {source} is not a run directory (" + ("its config.yaml is empty)" if
-                                                                           saved.is_file() else "no config.yaml)"))
-    before = load_config(saved)
-    cfg = load_config(saved, overrides)
-    _check_same_structure(before, cfg, source.name)
-    changed = {k for k in _method_fields() if getattr(before.method, k) != getattr(cfg.method, k)}
-    _check_method_keys(cfg, only=changed)
+    before, cfg = _saved_config(source, overrides)
     try:
         check_ray_record(source)
         unrecorded = False
@@ -138,10 +137,12 @@ def branch_run(source: Path, step: int, run_dir: Path) -> None:
     run then goes on from it under any launcher, as a resumed one (same data position, random state, schedules), in
     an MLflow run of its own. Call it under ``run_lock(run_dir, new=True)``."""
     import csv
+    import json
     import shutil
 
     from pretrain.steps import list_checkpoints
-    from pretrain.trainer import HISTORY_FILE
+    from pretrain.tracking import default_tracking_uri
+    from pretrain.trainer import BRANCH_FILE, HISTORY_FILE, RUN_ID_FILE
 
     def link_or_copy(src: str, dst: str) -> None:
         try:
@@ -161,11 +162,6 @@ def branch_run(source: Path, step: int, run_dir: Path) -> None:
         kept = {int(r[0]): r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step}  # a repeat: the later
         with (run_dir / HISTORY_FILE).open("w", newline="") as f:
             csv.writer(f).writerows([rows[0], *(kept[s] for s in sorted(kept))])
-    import json
-
-    from pretrain.tracking import default_tracking_uri
-    from pretrain.trainer import BRANCH_FILE, RUN_ID_FILE
-
     source_cfg = load_config(source / "config.yaml")
     record = {"run_dir": str(source), "step": step,
               "tracking_uri": source_cfg.tracking.uri or default_tracking_uri(source.parent),
