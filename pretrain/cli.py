@@ -315,12 +315,12 @@ def _train(cfg, run_dir: Path, address: str | None) -> int:
 def _end_run(cfg, run_dir: Path, status: str) -> None:
     """The run's MLflow run ended ``status`` where its workers were stopped before ending it (Ctrl-C, a killed worker):
     it would show RUNNING for ever."""
-    from pretrain.tracking import default_tracking_uri, end_if_running
+    from pretrain.tracking import UNSENT_FILE, default_tracking_uri, end_if_running
     from pretrain.trainer import RUN_ID_FILE
 
     if (run_dir / RUN_ID_FILE).is_file():
         uri = cfg.tracking.uri or default_tracking_uri(run_dir.parent)
-        if end_if_running(uri, (run_dir / RUN_ID_FILE).read_text().strip(), status):
+        if end_if_running(uri, (run_dir / RUN_ID_FILE).read_text().strip(), status, run_dir / UNSENT_FILE):
             print(f"MLflow: run marked {status}", flush=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import time
@@ -31,6 +32,9 @@ HTTP_RETRIES = 3
 not set MLFLOW_HTTP_REQUEST_MAX_RETRIES: about 15 s; metrics not taken are kept and sent again anyway."""
 MAX_KEPT = 1_000_000
 """Metric points kept while the server does not take them (a few hundred MB at most); older ones are dropped."""
+UNSENT_FILE = "mlflow_unsent.jsonl"
+"""Beside a run: the metric points its server had not taken when the run ended, one JSON object a line; sent (and the
+file removed) by the driver once the server answers, or by the run's next resume."""
 
 _SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
 _END_STATUSES = {"FINISHED", "FAILED", "KILLED"}
@@ -227,6 +231,7 @@ class MLflowTracker(_RunContext):
         run_name: str | None = None,
         run_id: str | None = None,
         artifact_location: str | None = None,
+        unsent_file: str | Path | None = None,
     ):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -250,6 +255,7 @@ class MLflowTracker(_RunContext):
         self._buffer: list = []
         self._failing = False
         self._finished = False
+        self._unsent = Path(unsent_file) if unsent_file is not None else None
         if run_id is None:
             experiment_id = self._experiment_id(experiment, artifact_location)
             self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
@@ -260,6 +266,8 @@ class MLflowTracker(_RunContext):
                 raise ValueError(f"cannot resume MLflow run {run_id!r} at {tracking_uri}: {err.message}") from None
             self.run_id = run_id
             self._client.update_run(run_id, status="RUNNING")
+            if self._unsent is not None and self._unsent.is_file():  # the last end's: sent first, at the first flush
+                self._buffer = load_points(self._unsent)
         self._last_flush = time.monotonic()
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
@@ -353,6 +361,8 @@ class MLflowTracker(_RunContext):
         if self._failing:
             print(f"MLflow at {self.tracking_uri} takes the metrics again; the kept ones are sent", flush=True)
         self._failing = False
+        if self._unsent is not None:  # what it held is through
+            self._unsent.unlink(missing_ok=True)
 
     def _check_up(self) -> None:
         """ConnectionError where an http(s) server does not answer its /health now: MLflow's own requests to a server
@@ -399,8 +409,17 @@ class MLflowTracker(_RunContext):
             self._check_up()
             self._client.set_terminated(self.run_id, status=status)
         except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types
-            print(f"Warning: could not mark MLflow run {self.run_id} {status} at {self.tracking_uri} ({_short(err)})"
-                  + (f"; {len(self._buffer)} metric points not sent" if self._buffer else ""), flush=True)
+            print(f"Warning: could not mark MLflow run {self.run_id} {status} at {self.tracking_uri} ({_short(err)})",
+                  flush=True)
+        if not self._buffer:
+            return
+        if self._unsent is None:
+            print(f"Warning: {len(self._buffer)} metric points were not sent to MLflow run {self.run_id}", flush=True)
+            return
+        save_points(self._unsent, self._buffer)
+        print(f"Warning: {len(self._buffer)} metric points MLflow had not taken are kept in {self._unsent}; they are "
+              "sent once its server answers (by the Ray job's driver at its end, or by a resume of the run)",
+              flush=True)
 
 
 def _check_status(status: str) -> None:
@@ -457,17 +476,51 @@ def check_holds_run(uri: str, run_id: str):
     return run
 
 
-def end_if_running(uri: str, run_id: str, status: str) -> bool | None:
+def save_points(path: Path, points: list) -> None:
+    """Metric points (MLflow ``Metric``s) into ``path``, one JSON object a line, replacing it whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for m in points:
+            f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+    tmp.replace(path)  # a job killed while writing leaves the last whole file
+
+
+def load_points(path: Path) -> list:
+    """The metric points :func:`save_points` wrote to ``path``; a line that is not one (the file edited) is left out,
+    with one warning line counting them."""
+    from mlflow.entities import Metric
+
+    points, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+            points.append(Metric(str(d["key"]), float(d["value"]), int(d["timestamp"]), int(d["step"])))
+        except (ValueError, TypeError, KeyError):
+            bad += 1
+    if bad:
+        print(f"Warning: {bad} lines of {path} are not metric points; left out", flush=True)
+    return points
+
+
+def end_if_running(uri: str, run_id: str, status: str, unsent_file: str | Path | None = None) -> bool | None:
     """End MLflow run ``run_id`` at ``uri`` with ``status`` if it is still RUNNING (its workers were stopped before
     they could end it): True if it did, False if the run had ended, None where the store cannot be reached (said in
-    one line)."""
+    one line). The metric points in ``unsent_file`` (those the run's server had not taken at its end) are sent first,
+    and the file removed."""
     _check_status(status)
     from mlflow import MlflowClient
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
     try:
         if urlparse(uri).scheme in ("http", "https"):
             check_reachable(uri)  # MlflowClient would retry for minutes
         client = MlflowClient(uri)
+        if unsent_file is not None and Path(unsent_file).is_file():
+            points = load_points(Path(unsent_file))
+            for i in range(0, len(points), MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_BATCH])
+            Path(unsent_file).unlink()
+            print(f"MLflow: the {len(points)} metric points kept at the run's end are sent", flush=True)
         if client.get_run(run_id).info.status != "RUNNING":
             return False
         client.set_terminated(run_id, status=status)
@@ -485,14 +538,14 @@ def make_tracker(
     run_name: str | None = None,
     run_id: str | None = None,
     artifact_location: str | None = None,
+    unsent_file: str | Path | None = None,
 ) -> NullTracker | MLflowTracker:
     """An :class:`MLflowTracker` on rank 0, a :class:`NullTracker` elsewhere (the URI is still checked everywhere)."""
     check_tracking_uri(tracking_uri)
     if rank != 0:
         return NullTracker()
-    return MLflowTracker(
-        tracking_uri, experiment=experiment, run_name=run_name, run_id=run_id, artifact_location=artifact_location
-    )
+    return MLflowTracker(tracking_uri, experiment=experiment, run_name=run_name, run_id=run_id,
+                         artifact_location=artifact_location, unsent_file=unsent_file)
 
 
 def start_system_metrics(run_id: str, tracking_uri: str, *, every_s: float, node: str | None = None):

@@ -28,7 +28,7 @@ from pretrain.engine import build_engine
 from pretrain.methods import METHODS
 from pretrain.steps import CHECKPOINT_INFO, checkpoint_info
 from pretrain.sync_bn import convert_sync_bn
-from pretrain.tracking import default_artifact_location, default_tracking_uri, make_tracker
+from pretrain.tracking import UNSENT_FILE, default_artifact_location, default_tracking_uri, make_tracker
 
 RUN_ID_FILE = "mlflow_run_id"
 RUN_DIR_TAG = "run_dir"
@@ -285,6 +285,7 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
         run_name=run_dir.name,
         run_id=run_id,
         artifact_location=None if cfg.tracking.uri else default_artifact_location(out_dir),
+        unsent_file=run_dir / UNSENT_FILE,
     )
     if rank == 0:
         if run_id is None:

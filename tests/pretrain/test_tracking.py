@@ -195,6 +195,53 @@ def test_a_server_that_goes_away_costs_no_training_and_no_metric(tmp_path, monke
         assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
+def test_points_a_server_had_not_taken_at_the_end_are_kept_in_a_file_and_sent_later(tmp_path, monkeypatch, capsys):
+    """A server away when a run ends: its last points had been lost from MLflow (one count in a warning). They are
+    kept beside the run; the driver's end (``end_if_running``) sends them once the server answers and removes the
+    file; a resume sends a file it finds at its first flush. A damaged line is counted and left out."""
+    from mlflow.entities import Metric
+
+    from pretrain.tracking import UNSENT_FILE, save_points
+    from tests.mlflow_fixture import serving
+    from tests.util import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port, kept = free_port(), tmp_path / "run" / UNSENT_FILE
+    kept.parent.mkdir()
+    with serving(tmp_path, port) as uri:
+        tracker = MLflowTracker(uri, experiment="kept", unsent_file=kept)
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.flush()
+        assert not kept.exists()
+    for step in (2, 3):
+        tracker.log_metrics({"loss": float(step), "lr": 0.5}, step=step)
+    capsys.readouterr()
+    tracker.finish("FINISHED")
+    out = capsys.readouterr().out
+    assert f"Warning: 4 metric points MLflow had not taken are kept in {kept}; they are sent once its server " in out
+    assert len(kept.read_text().splitlines()) == 4
+    with serving(tmp_path, port):
+        assert end_if_running(uri, tracker.run_id, "FINISHED", kept) is True
+        assert "MLflow: the 4 metric points kept at the run's end are sent" in capsys.readouterr().out
+        assert not kept.exists()
+        client = MlflowClient(uri)
+        assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [
+            (1, 1.0), (2, 2.0), (3, 3.0)]
+        assert [m.step for m in client.get_metric_history(tracker.run_id, "lr")] == [2, 3]
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+        # the same kept file found by a resume (a torchrun job has no driver to send it): sent at its first flush
+        save_points(kept, [Metric("loss", 4.0, 0, 4), Metric("loss", 5.0, 0, 5)])
+        kept.write_text(kept.read_text() + "{not json\n")
+        resumed = MLflowTracker(uri, experiment="kept", run_id=tracker.run_id, unsent_file=kept)
+        assert f"Warning: 1 lines of {kept} are not metric points; left out" in capsys.readouterr().out
+        assert kept.exists()  # until they are through
+        resumed.log_metrics({"loss": 6.0}, step=6)
+        resumed.finish("FINISHED")
+        assert not kept.exists()
+        assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+
+
 def test_system_metrics_go_on_after_the_server_was_away(tmp_path, monkeypatch):
     """MLflow's sampler stopped for good at the first request its server did not answer: a server restarted mid-run
     ended the run's system metrics. Samples arrive again once it is back, and stop when the run ends."""
