@@ -98,9 +98,10 @@ def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Conf
     _check_saved_config(cfg, source, steps[step])
     if cfg.job.max_steps <= step:
         raise ConfigError(f"job.max_steps: {cfg.job.max_steps} leaves nothing to train after step {step}; raise it")
-    if cfg.job.run_name == before.job.run_name:
+    given = {o.split("=", 1)[0].strip() for o in overrides}  # (a name given equal to the source's is refused below)
+    if "job.run_name" not in given:
         cfg.job.run_name = f"{source.name}-from-{step}"
-    if cfg.job.out_dir == before.job.out_dir:  # beside the run wherever it is now (moved; out_dir relative to a cwd)
+    if "job.out_dir" not in given:  # beside the run wherever it is now (moved; out_dir relative to a cwd)
         cfg.job.out_dir = str(source.parent)
     run_dir = (Path(cfg.job.out_dir).expanduser() / cfg.job.run_name).resolve()
     if _holds_files(run_dir):

@@ -712,6 +712,10 @@ def test_a_resume_from_a_checkpoint_cut_short_is_refused_naming_the_file(tmp_pat
     assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4"]) == 2
     assert _one_line_error(capsys) == (f"error: job.run_name: {branch} already holds a run; continue it with --resume "
                                        f"{branch}, or name another with --set job.run_name=NAME")
+    # the source's own name given is refused too (it had become r-from-4 without a word)
+    assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "4", "--set", "job.run_name=r"]) == 2
+    assert _one_line_error(capsys) == (f"error: job.run_name: {run} already holds a run; continue it with --resume "
+                                       f"{run}, or name another with --set job.run_name=NAME")
     # a resume goes on in its MLflow run: another experiment is refused (it was ignored); a branch takes one
     (run / "mlflow_run_id").write_text("0123456789abcdef\n")
     other = ["--set", "tracking.experiment=elsewhere"]
