@@ -217,8 +217,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 metrics = _flush(pending, cfg, world, tracker, history, stream.stats)  # the run before it
                 pending.clear()
                 if bar is not None:
-                    bar.update(step - bar.n)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}")
+                    _show_progress(bar, step, metrics)
             if monitor is not None and monitor.due(step):  # before the checkpoint: a resume after it has this point
                 _watch(monitor, engine, tracker, step)
                 t_last = time.perf_counter()  # the monitor's time is not the next step's
@@ -557,6 +556,14 @@ def _progress(cfg: Config, start: int, *, enabled: bool):
 
     return tqdm(total=cfg.job.max_steps, initial=start, desc="train", unit="step", file=sys.stdout, mininterval=2.0,
                 dynamic_ncols=True)
+
+
+def _show_progress(bar, step: int, metrics: dict[str, float]) -> None:
+    """The bar at ``step`` with its loss and rate, in one write: two (update, then set_postfix) had written each state
+    twice, the first with the last log's values, which a log collector cutting the \r-separated writes into lines
+    (Ray's) showed side by side."""
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}", refresh=False)
+    bar.update(step - bar.n)
 
 
 def write_run_files(cfg: Config, run_dir: Path) -> None:

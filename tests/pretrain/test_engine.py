@@ -813,3 +813,25 @@ def test_autocast_follows_precision_setting():
         cast = ds_config(load_config(RECIPE, [f"zero.precision={precision}", "zero.reduce_dtype=autocast"]))
         assert cast["torch_autocast"] == {"enabled": True, "dtype": dtype}
     assert "torch_autocast" not in ds_config(load_config(RECIPE, ["zero.precision=fp32"]))
+
+
+def test_progress_bar_shows_each_log_once_with_its_own_loss():
+    """Each log moves the bar in one write that shows that step's loss and rate: it had written each state twice (the
+    step with the last log's loss, then with its own), which Ray's log collector, cutting the bar's \\r-separated writes
+    into lines, showed side by side. (mininterval=0: every update is drawn, as when logs are seconds apart.)"""
+    import io
+    import re
+
+    from tqdm import tqdm
+
+    from pretrain.trainer import _show_progress
+
+    out = io.StringIO()
+    bar = tqdm(total=30, desc="train", unit="step", file=out, mininterval=0)
+    for step, loss in ((10, 2.5), (20, 1.25), (30, 0.625)):
+        _show_progress(bar, step, {"loss": loss, "images_per_s": 100.0 * step})
+    bar.close()
+    writes = [w for w in re.split(r"[\r\n]", out.getvalue()) if w.startswith("train:") and " 0/30" not in w]
+    drawn = [(int(re.search(r" (\d+)/30", w).group(1)), re.search(r"loss=([\d.]+)", w).group(1)) for w in writes]
+    assert sorted(set(drawn)) == [(10, "2.5000"), (20, "1.2500"), (30, "0.6250")], writes
+    assert [n for n, _ in drawn].count(10) == 1 and [n for n, _ in drawn].count(20) == 1, writes
