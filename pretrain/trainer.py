@@ -560,7 +560,7 @@ def _progress(cfg: Config, start: int, *, enabled: bool):
 
 def _show_progress(bar, step: int, metrics: dict[str, float]) -> None:
     """The bar at ``step`` with its loss and rate, in one write: two (update, then set_postfix) had written each state
-    twice, the first with the last log's values, which a log collector cutting the \r-separated writes into lines
+    twice, the first with the last log's values, which a log collector cutting the \\r-separated writes into lines
     (Ray's) showed side by side."""
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", ips=f"{metrics['images_per_s']:.0f}", refresh=False)
     bar.update(step - bar.n)
