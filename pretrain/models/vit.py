@@ -4,7 +4,9 @@ Follows timm / DINO: conv patch embedding, a cls token, learned position embeddi
 Additions the SSL methods need:
 
 - position embeddings are interpolated (bicubic) when the input size differs from the built size, so one model sees
-  DINO's global and local crops;
+  DINO's global and local crops (resized to the new grid as MAE's and DeiT's ``interpolate_pos_embed``; DINO's own code
+  passes a scale factor with a 0.1 offset instead, which samples a slightly narrower span of the table, shifted
+  towards its first row and column);
 - ``forward_features(x, mask)`` replaces masked patch embeddings with a learnable ``mask_token`` (BEiT / iBOT,
   through ``kernels.mask_token_replace``) before the position embeddings are added;
 - ``prepare_tokens`` / ``forward_tokens`` split embedding from the transformer, so MAE can drop tokens in between;
@@ -12,7 +14,8 @@ Additions the SSL methods need:
 - ``grad_checkpointing``: each block's activations are recomputed in the backward instead of kept (activation memory
   of one block instead of ``depth``, for about a third more compute), as timm's ``set_grad_checkpointing``;
 - ``freeze_patch_embed``: the patch projection stays at its random init (MoCo v3's fix for ViT training instability);
-- ``pos_embed="sincos"``: fixed 2-D sine-cosine position embeddings instead of learned ones (MAE's and MoCo v3's);
+- ``pos_embed="sincos"``: fixed 2-D sine-cosine position embeddings instead of learned ones (MAE's and MoCo v3's;
+  MoCo v3's layout, row then column: ``sincos_pos_embed_2d``);
 - ``drop_path_uniform``: the same stochastic-depth rate in every block (DINOv2's) instead of rising linearly;
 - ``layer_scale``: LayerScale, a learned per-channel gain on each residual branch starting at this value (DINOv2's
   1e-5);
@@ -111,10 +114,12 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed_2d(grid: tuple[int, int], dim: int) -> Tensor:
-    """Fixed 2-D sine-cosine position embeddings (MAE's decoder) -> (gh*gw, dim), rows in row-major patch order.
+    """Fixed 2-D sine-cosine position embeddings -> (gh*gw, dim), rows in row-major patch order.
 
-    Half of ``dim`` encodes the row, half the column; each half is sin and cos of the position at ``dim / 4``
-    frequencies ``10000^(-i / (dim / 4))``.
+    The first half of ``dim`` encodes the row, the second the column; each half is sin and cos of the position at
+    ``dim / 4`` frequencies ``10000^(-i / (dim / 4))``: MoCo v3's ``build_2d_sincos_position_embedding``. MAE's and
+    I-JEPA's ``get_2d_sincos_pos_embed`` put the column first (its halves swapped: the same table for the transposed
+    grid, as good to train with, but not interchangeable with it in a trained model).
     """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")

@@ -90,10 +90,80 @@ def test_dino_head_layout() -> None:
 
 
 def test_dino_head_copies_as_plain_parameters() -> None:
-    """A deep copy (EMA teacher) holds the same plain tensors and gives the same output."""
+    """A deep copy (EMA teacher) gives the same output; the prototypes are the plain parameters ``weight_v`` /
+    ``weight_g`` (the checkpoint keys), read at each forward: after an EMA update that moves the teacher onto a changed
+    student, the teacher gives the student's new output (nothing cached from the copy)."""
+    from pretrain.ema import ema_update_
+
     torch.manual_seed(0)
-    student = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8)
+    student = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
     teacher = copy.deepcopy(student)
     x = torch.randn(4, 16)
     torch.testing.assert_close(teacher(x), student(x))
-    assert student.state_dict().keys() == teacher.state_dict().keys()
+    keys = {k for k in teacher.state_dict() if k.startswith("last_layer.")}
+    assert keys == {"last_layer.weight_v", "last_layer.weight_g"}
+    with torch.no_grad():
+        student.last_layer.weight_v.add_(torch.randn(20, 8))
+        student.last_layer.weight_g.mul_(2.0)
+    before = teacher(x)
+    ema_update_(teacher, student, 0.0)
+    assert not torch.allclose(teacher(x), before)
+    torch.testing.assert_close(teacher(x), student(x))
+
+
+class _OfficialDINOHead(nn.Module):
+    """facebookresearch/dino's ``DINOHead`` written out (its ``nn.utils.weight_norm`` last layer, gain filled with 1 and
+    frozen with ``norm_last_layer``), to compare ours with."""
+
+    def __init__(self, in_dim, out_dim, norm_last_layer=True, nlayers=3, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch deprecates nn.utils.weight_norm, which DINO uses
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_dino_head_is_the_official_one(num_layers: int, norm_last_layer: bool) -> None:
+    """Given the same weights (a prototype matrix of another scale, trained gains), DINOHead gives the official head's
+    logits and the same gradients: the MLP's, the gain's, and v's (up to the 1/||v|| that weight normalisation puts on
+    them)."""
+    torch.manual_seed(0)
+    ours = DINOHead(12, 30, hidden_dim=20, bottleneck_dim=8, num_layers=num_layers, norm_last_layer=norm_last_layer)
+    ref = _OfficialDINOHead(12, 30, norm_last_layer, nlayers=num_layers, hidden_dim=20, bottleneck_dim=8)
+    ours_linear = [m for m in ours.mlp.modules() if isinstance(m, nn.Linear)]
+    ref_linear = [m for m in ref.mlp.modules() if isinstance(m, nn.Linear)]
+    assert len(ours_linear) == len(ref_linear) == num_layers
+    with torch.no_grad():
+        for a, b in zip(ref_linear, ours_linear, strict=True):
+            a.weight.copy_(b.weight)
+            a.bias.copy_(b.bias)
+        ref.last_layer.weight_v.copy_(3.0 * ours.last_layer.weight_v)
+        if not norm_last_layer:
+            ours.last_layer.weight_g.mul_(torch.rand(30) + 0.5)
+            ref.last_layer.weight_g.copy_(ours.last_layer.weight_g[:, None])
+    x, upstream = torch.randn(6, 12), torch.randn(6, 30)
+    out_ours, out_ref = ours(x), ref(x)
+    torch.testing.assert_close(out_ours, out_ref)
+    (out_ours * upstream).sum().backward()
+    (out_ref * upstream).sum().backward()
+    for a, b in zip(ours_linear, ref_linear, strict=True):
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.last_layer.weight_v.grad, 3.0 * ref.last_layer.weight_v.grad, rtol=1e-4, atol=1e-6)
+    if norm_last_layer:
+        assert ours.last_layer.weight_g.grad is None and ref.last_layer.weight_g.grad is None
+    else:
+        torch.testing.assert_close(ours.last_layer.weight_g.grad, ref.last_layer.weight_g.grad[:, 0])

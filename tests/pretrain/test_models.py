@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain.models import BACKBONES, build_backbone, interpolate_pos_embed, num_params
 
@@ -80,6 +81,41 @@ def test_interpolate_pos_embed_keeps_a_constant_field() -> None:
     pos = torch.full((1, 4, 5), 0.3)
     torch.testing.assert_close(interpolate_pos_embed(pos, (2, 2), (3, 5)), torch.full((1, 15, 5), 0.3))
     assert interpolate_pos_embed(pos, (2, 2), (2, 2)) is pos
+
+
+def test_interpolate_pos_embed_is_maes_resize_in_row_major_layout() -> None:
+    """A table resized to a non-square grid is MAE's / DeiT's ``interpolate_pos_embed`` (bicubic to the new size, no
+    offset), written out here; rows stay rows: a table that varies along the rows only still does."""
+    torch.manual_seed(0)
+    pos = torch.randn(1, 4 * 4, 6)
+    grid = pos.reshape(1, 4, 4, 6).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(3, 5), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(interpolate_pos_embed(pos, (4, 4), (3, 5)), expected.reshape(1, 15, 6))
+    by_row = torch.arange(4.0).repeat_interleave(4)[None, :, None].expand(1, 16, 6)  # patch (r, c) -> r
+    resized = interpolate_pos_embed(by_row, (4, 4), (3, 5)).reshape(3, 5, 6)
+    torch.testing.assert_close(resized, resized[:, :1].expand(3, 5, 6))
+    assert (resized[1:, 0] > resized[:-1, 0]).all()
+
+
+def test_vit_init_is_timm_and_dinos() -> None:
+    """Linear weights trunc_normal(std 0.02; bounds +-2 absolute, as timm's and DINO's) with zero biases, LayerNorms 1
+    and 0, the cls token and the learned position embeddings trunc_normal(std 0.02), the mask token 0 (iBOT's), the
+    registers normal(std 1e-6), LayerScale gains at their start value."""
+    torch.manual_seed(0)
+    vit = build_backbone(
+        "vit_small", image_size=64, in_chans=3, patch_size=8, depth=2, num_registers=2, layer_scale=1e-5
+    )
+    linears = [m for m in vit.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 8
+    for m in linears:
+        assert m.weight.std().item() == pytest.approx(0.02, rel=0.05) and abs(m.weight.mean().item()) < 2e-3
+        assert torch.all(m.bias == 0)
+    for m in [m for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)]:
+        assert torch.all(m.weight == 1) and torch.all(m.bias == 0) and m.eps == 1e-6
+    assert vit.pos_embed.std().item() == pytest.approx(0.02, rel=0.1) and vit.pos_embed.requires_grad
+    assert vit.cls_token.std().item() == pytest.approx(0.02, rel=0.2)
+    assert torch.all(vit.mask_token == 0) and 0 < vit.register_tokens.abs().max() < 1e-5
+    assert all(torch.all(b.ls1 == 1e-5) and torch.all(b.ls2 == 1e-5) for b in vit.blocks)
 
 
 def test_mask_token_replaces_only_masked_patches_before_pos_embed() -> None:
@@ -329,8 +365,26 @@ def test_vit_grad_checkpointing_gives_the_same_step_and_random_stream() -> None:
         assert not torch.allclose(vit(x), out1)
 
 
+def test_sincos_table_is_moco_v3s_and_maes_transposed() -> None:
+    """sincos_pos_embed_2d is MoCo v3's ``build_2d_sincos_position_embedding`` (row, then column) and MAE's
+    ``get_2d_sincos_pos_embed`` with its two halves swapped (MAE puts the column first), both written out here."""
+    from pretrain.models.vit import sincos_pos_embed_2d
+
+    h, w, dim = 3, 5, 16
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    out_r, out_c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega
+    moco = torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=1).float()
+    mae = torch.cat([out_c.sin(), out_c.cos(), out_r.sin(), out_r.cos()], dim=1).float()
+    ours = sincos_pos_embed_2d((h, w), dim)
+    torch.testing.assert_close(ours, moco)
+    torch.testing.assert_close(torch.cat([ours[:, dim // 2 :], ours[:, : dim // 2]], dim=1), mae)
+
+
 def test_vit_sincos_pos_embed_is_fixed() -> None:
-    """pos_embed=sincos: the patches' rows are MAE's 2-D sine-cosine table (the cls row 0), with no gradient, and stay
+    """pos_embed=sincos: the patches' rows are the 2-D sine-cosine table (the cls row 0), with no gradient, and stay
     so through training steps while the rest trains; a local crop interpolates it like a learned one."""
     from pretrain.models.vit import sincos_pos_embed_2d
 

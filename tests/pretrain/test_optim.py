@@ -114,3 +114,40 @@ def test_config_names_the_optimizer_and_its_settings():
     for stage in range(4):
         cfg = load_config(RECIPE, ["optim.name=lars", f"zero.stage={stage}"])
         assert (cfg.optim.name, cfg.zero.stage) == ("lars", stage)
+
+
+def _simclr_lars_step(params, grads, velocities, lr, momentum, wd, eta, adapt):
+    """One step of SimCLR's TF ``LARSOptimizer`` (classic momentum, no Nesterov), translated: weight decay and the
+    trust ratio on the parameters ``adapt`` marks, ``v = momentum v + lr x ratio x (g + wd w)``, ``w -= v``."""
+    for i, (w, g) in enumerate(zip(params, grads, strict=True)):
+        ratio = torch.tensor(1.0)
+        if adapt[i]:
+            g = g + wd * w
+            w_norm, g_norm = w.norm(), g.norm()
+            ratio = torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / g_norm, torch.tensor(1.0))
+        velocities[i] = momentum * velocities[i] + lr * ratio * g
+        params[i] = w - velocities[i]
+
+
+def test_lars_is_simclrs_over_steps_with_a_schedule():
+    """LARS over pretrain.optim.param_groups of a small MLP with a BatchNorm, four steps at a falling lr, gives the
+    weights of SimCLR's TF LARS (written out above) that adapts and decays the >= 2-D weights only."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    from pretrain.optim import param_groups
+
+    opt = build_optimizer(param_groups(model, 1e-2), "lars", 0.5, momentum=0.9, trust_coefficient=1e-3)
+    ref = [p.detach().clone() for p in model.parameters()]
+    adapt = [p.ndim > 1 for p in model.parameters()]
+    velocities = [torch.zeros_like(p) for p in ref]
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in ref]
+        lr = 0.5 * (1 - step / 4)
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        _simclr_lars_step(ref, grads, velocities, lr, 0.9, 1e-2, 1e-3, adapt)
+    for got, want in zip(model.parameters(), ref, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
