@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from data_pipeline.sources import pil_decodes
@@ -59,6 +60,22 @@ def _coin(prob: float):
     return fn.random.coin_flip(probability=prob, dtype=types.BOOL)
 
 
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+"""ITU-R 601 luma weights of R, G, B: PIL's ``convert("L")``, torchvision's ``rgb_to_grayscale``."""
+
+
+def _brightness_contrast(img, brightness, contrast, channels: int):
+    """torchvision's (and PIL's) brightness then contrast of ``img`` (HWC uint8), per-sample factors: the pixels
+    scaled by ``brightness``, then blended with the image's own mean grey level, ``mean + contrast * (x - mean)``.
+    DALI's ``brightness_contrast`` and ``color_twist`` centre contrast on mid-grey (128) instead, which moves a dark
+    or bright image's mean: a contrast jitter that is mostly a brightness jitter. Built of arithmetic and reductions,
+    which run where ``img`` is (the factors, drawn on the CPU, follow it to the GPU)."""
+    x = dmath.clamp(fn.cast(img, dtype=types.FLOAT) * brightness, 0.0, 255.0)
+    means = fn.reductions.mean(x, axes=[0, 1])  # (C,) per sample
+    grey = means if channels == 1 else fn.reductions.sum(means * types.Constant(np.float32(GREY_WEIGHTS)))
+    return fn.cast(dmath.clamp(grey + contrast * (x - grey), 0.0, 255.0), dtype=types.UINT8)
+
+
 def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean: list[float], std: list[float], dev):
     """One augmented view ``(C, size, size)`` float of decoded ``img`` (HWC uint8)."""
     if "random_resized_crop" in ops:
@@ -79,12 +96,11 @@ def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean
     if "jitter" in ops and _coin(aug.jitter_prob):
         b = _uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness)
         c = _uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast)
-        if channels == 3:
-            img = fn.color_twist(img, device=dev, brightness=b, contrast=c,
+        img = _brightness_contrast(img, b, c, channels)
+        if channels == 3 and (aug.saturation > 0 or aug.hue > 0):
+            img = fn.color_twist(img, device=dev,
                                  saturation=_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation),
                                  hue=_uniform(-aug.hue * 360.0, aug.hue * 360.0))
-        else:
-            img = fn.brightness_contrast(img, device=dev, brightness=b, contrast=c, contrast_center=128)
     if "grayscale" in ops and _coin(aug.grayscale_prob):
         img = fn.hsv(img, device=dev, saturation=0.0)
     if "blur" in ops and _coin(aug.blur_prob):

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import torch
 
-from data_pipeline.reader import ShardStream, make_loader, read_epoch
+from data_pipeline.reader import ShardStream, check_shard_list, make_loader, read_epoch
 from data_pipeline.views import AugmentConfig
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,7 @@ def make_train_stream(shards: list[str], *, batch_size: int, aug: AugmentConfig,
         raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' asked for but CUDA is not available")
-    if not shards:
-        raise ValueError("shards: empty list")
+    shards = check_shard_list(shards)
     if view_augs is not None and len(view_augs) != num_views:
         raise ValueError(f"view_augs: {len(view_augs)} recipes for num_views={num_views}")
     aug.channel_stats(channels)  # mean/std length vs channels, before any worker starts

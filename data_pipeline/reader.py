@@ -38,14 +38,25 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif")
 
 
+def check_shard_list(shards) -> list[str]:
+    """``shards`` as a list, or a one-line ValueError: one path given as a str (or Path) would be read as a list of
+    one-character shard names, each counted as an unreadable shard, and no sample read."""
+    if isinstance(shards, (str, bytes, os.PathLike)):
+        raise ValueError(f"shards: a list of shard paths (data_pipeline.shards.list_shards(DIR) gives a dataset's), "
+                         f"got the single {type(shards).__name__} {str(shards)!r}")
+    shards = list(shards)
+    if not shards:
+        raise ValueError("shards: empty list")
+    return shards
+
+
 def split_shards(shards: list[str], *, reader: int, num_readers: int, seed: int, epoch: int) -> tuple[list[str], int]:
     """Shards reader ``reader`` of ``num_readers`` opens in ``epoch``, and its sample stride.
 
     Returns ``(paths, stride)``: stride 1 = keep every sample of ``paths``; stride N = sample-level split, keep sample
     ``i`` when ``i % N == reader``.
     """
-    if not shards:
-        raise ValueError("shards: empty list")
+    shards = check_shard_list(shards)
     if not 0 <= reader < num_readers:
         raise ValueError(f"reader {reader} out of range for {num_readers} readers")
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
@@ -84,11 +95,21 @@ def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> It
     yield from buf
 
 
-def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
-    """Grouped webdataset samples of one tar; exceptions go into ``errors`` and end or skip as webdataset decides."""
+def _tar_samples(path: str, errors: list[Exception], repeated: list[str] | None = None) -> Iterator[dict]:
+    """Grouped webdataset samples of one tar; exceptions go into ``errors`` and end or skip as webdataset decides. A
+    member of a type its sample has already (``a.jpg`` then ``a.JPG``, or a file appended twice) is no read error:
+    webdataset keeps the first and reads on, so its name goes into ``repeated`` (or a warning) instead."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def handler(exn: Exception) -> bool:
+        text = exn.args[0] if exn.args and isinstance(exn.args[0], str) else ""
+        if isinstance(exn, ValueError) and ": duplicate file name in tar file" in text:
+            member = text.split(": duplicate file name", 1)[0]
+            if repeated is not None:
+                repeated.append(member)
+            else:
+                log.warning("%s: %s is a second file of its type in its sample; the first one is read", path, member)
+            return True
         errors.append(exn)
         return True  # keep going: read whatever is still readable
 
@@ -99,6 +120,13 @@ def _tar_samples(path: str, errors: list[Exception]) -> Iterator[dict]:
         return
     with stream:
         yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}], handler=handler), handler=handler)
+
+
+def dotted_image(sample: dict) -> str | None:
+    """A member of ``sample`` that is an image file whose name had a dot before its extension (``img.001.jpg``:
+    WebDataset reads it as sample ``img`` with a member ``001.jpg``, which is no image member), or None."""
+    return next((m for m in sorted(sample) if not m.startswith("__") and m.rsplit(".", 1)[-1] in IMAGE_EXTS
+                 and "." in m), None)
 
 
 def _parse(sample: dict, text: bool = False) -> dict | str:
@@ -113,7 +141,12 @@ def _parse(sample: dict, text: bool = False) -> dict | str:
     except (ValueError, TypeError):
         return "a label that is not an integer"
     if image is None:
-        return "no image"
+        dotted = dotted_image(sample)
+        if dotted is None:
+            return "no image"
+        return (f"no image: its file {sample['__key__']}.{dotted} is read as sample {sample['__key__']!r} with a "
+                f"{dotted!r} member, as WebDataset ends a sample's key at the first dot of a file name; name the files "
+                "<key>.<ext> with no dot in the key")
     out = {"key": sample["__key__"], "image": bytes(image), "label": label}
     if text:
         try:
@@ -222,8 +255,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], *, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
                  seed: int, epoch: int, chunk: int = 32, text: bool = False):
         super().__init__()
-        if not shards:
-            raise ValueError("shards: empty list")
+        shards = check_shard_list(shards)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         if num_workers < 0:

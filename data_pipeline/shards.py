@@ -180,14 +180,15 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     label or caption that does not parse, are left out and counted; a tar that does not read to its end is listed with
     the samples before the damage and counted (so is one without tar's end blocks: cut between two members).
     ``workers`` tars are read at a time. Returns (the manifest path, counts {"shards", "samples", "skipped",
-    "damaged", "captions", "problems": a line naming each damaged tar and left-out sample, "duplicates": samples whose
-    image has the bytes of an earlier one's, told by the manifest's ``digest`` column, "repeated_keys": (key, first
-    tar, other tar) of samples whose key an earlier sample has (tars of two crawls that both count from 0)})."""
+    "damaged", "captions", "problems": a line naming each damaged tar, left-out sample, member of a type its sample
+    has already (readers take the first) and tar without a sample, "duplicates": samples whose image has the bytes of
+    an earlier one's, told by the manifest's ``digest`` column, "repeated_keys": (key, first tar, other tar) of
+    samples whose key an earlier sample has (tars of two crawls that both count from 0)})."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    from data_pipeline.reader import _parse, _tar_samples
+    from data_pipeline.reader import _parse, _tar_samples, dotted_image
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -205,9 +206,14 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
     bar = tqdm(total=len(names), disable=not progress, desc=f"index {data_dir.name}", unit="shard")
 
-    def scan(name: str) -> tuple[list[tuple], list[str], str | None, str]:
-        rows, skipped, errors, keys = [], [], [], set()
-        for sample in _tar_samples(str(data_dir / name), errors):
+    def scan(name: str) -> tuple[list[tuple], list[str], list[str], str | None, str]:
+        rows, skipped, errors, keys, repeated = [], [], [], set(), []
+        for sample in _tar_samples(str(data_dir / name), errors, repeated):
+            if sample["__key__"] in keys and dotted_image(sample):  # `cat.1.jpg`, `dog.1.jpg`, `cat.2.jpg`
+                raise ValueError(f"{data_dir / name}: its file {sample['__key__']}.{dotted_image(sample)} is read "
+                                 f"as sample {sample['__key__']!r}, as is a file before it, since WebDataset ends a "
+                                 "sample's key at the first dot of a file name; name the files <key>.<ext> with no "
+                                 "dot in the key")
             if sample["__key__"] in keys:  # the reader takes a sample's files from one run of members of its key
                 raise ValueError(f"{data_dir / name}: the files of sample {sample['__key__']!r} are not next to each "
                                  "other in the tar, so readers would split it (an image without its label); write "
@@ -226,10 +232,14 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
                 continue
             rows.append((parsed["key"], name, parsed["label"], len(parsed["image"]), caption,
                          image_digest(parsed["image"])))
+        notes = [f"{name}: {member} is a second file of its type in its sample, which readers skip (the first one "
+                 "is read)" for member in repeated]
+        if not rows and not skipped and not errors:
+            notes.append(f"{name}: holds no sample (not part of the dataset)")
         bar.update(1)
         damage = _no_end_marker(data_dir / name) if not errors else (
             f"{name}: does not read to its end ({_tar_error(errors[0])})")
-        return rows, skipped, damage, sha256_file(data_dir / name)
+        return rows, skipped, notes, damage, sha256_file(data_dir / name)
 
     with bar, ThreadPoolExecutor(workers) as pool:
         scanned = list(pool.map(scan, names))
@@ -257,10 +267,10 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     pq.write_table(table, partial)
     os.replace(partial, data_dir / MANIFEST)  # last, whole: its presence marks the dataset complete
     counts = {"shards": len(names), "samples": len(rows), "skipped": sum(len(s[1]) for s in scanned),
-              "damaged": sum(s[2] is not None for s in scanned), "captions": sum(r[4] is not None for r in rows),
+              "damaged": sum(s[3] is not None for s in scanned), "captions": sum(r[4] is not None for r in rows),
               "duplicates": len(rows) - len(set(columns["digest"])), "repeated_keys": _repeated_keys(rows),
-              "problems": [line for _, skipped, damage, _ in scanned for line in [*([damage] if damage else []),
-                                                                                   *skipped]]}
+              "problems": [line for _, skipped, notes, damage, _ in scanned
+                           for line in [*([damage] if damage else []), *skipped, *notes]]}
     return data_dir / MANIFEST, counts
 
 
@@ -486,7 +496,7 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
                                            "sha256 differs from " + CHECKSUMS + " (changed or damaged since written)"))
         errors: list[Exception] = []
         seen = set()
-        for sample in _tar_samples(str(path), errors):
+        for sample in _tar_samples(str(path), errors, []):  # a repeated member: noted by index, the first one read
             key = sample.get("__key__")
             if key not in expected[name]:  # not part of the dataset (`data index` leaves out what does not parse)
                 continue

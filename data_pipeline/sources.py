@@ -503,7 +503,8 @@ def open_image(data: bytes):
     orientation (a phone photo stored sideways), and a 16-bit grey image scaled to 8 bits (PIL's own conversion would
     clip it to white). Colour modes (CMYK, palette, alpha) are left for ``convert``. Raises what PIL raises on a file
     it cannot read, and ValueError for a format training cannot decode (a GIF named .jpg: as undecodable for
-    evaluation and search as it is for training) or an image over ``MAX_PIXELS``."""
+    evaluation and search as it is for training) or an image over ``MAX_PIXELS``. A floating-point grey image (a
+    32-bit float TIFF) is read as DALI reads it, 0..1 as black..white."""
     from PIL import Image, ImageOps
 
     with _UNLIMITED:  # PIL's guard against decompression bombs refuses what DALI decodes: ours is MAX_PIXELS
@@ -519,4 +520,6 @@ def open_image(data: bytes):
     ImageOps.exif_transpose(im, in_place=True)  # decodes it, then turns it where its orientation says so
     if im.mode in HIGH_BIT_MODES:
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":  # a floating-point TIFF: DALI reads 0..1 as black..white; PIL's convert would clip 0..255
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) * 255.0).round().clip(0, 255).astype(np.uint8), "L")
     return im

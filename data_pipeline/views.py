@@ -1,9 +1,9 @@
 """Augmentation recipe: one field per op, plain types so a YAML mapping fills it.
 
-Units follow torchvision so recipes port: colour factors are ``U(max(0, 1 - x), 1 + x)``, ``hue`` is a fraction of the
-colour circle (``[-hue, hue]``, at most 0.5), ``translate`` is a fraction of the image side, ``mean`` / ``std`` /
-``solarize_threshold`` / ``noise_std`` are on the [0, 1] pixel scale. ``mean`` / ``std`` hold one value (used for every
-channel) or one per channel.
+Units follow torchvision so recipes port: colour factors are ``U(max(0, 1 - x), 1 + x)`` (contrast blends an image
+with its own mean grey level, as torchvision's does), ``hue`` is a fraction of the colour circle (``[-hue, hue]``, at
+most 0.5), ``translate`` is a fraction of the image side, ``mean`` / ``std`` / ``solarize_threshold`` / ``noise_std``
+are on the [0, 1] pixel scale. ``mean`` / ``std`` hold one value (used for every channel) or one per channel.
 
 An op whose probability (or strength) is zero is *absent* from the augmentation graph, not applied with an identity
 parameter; ``crop_scale == (1.0, 1.0)`` replaces the random resized crop with a plain resize of the whole image.

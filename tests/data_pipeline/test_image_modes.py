@@ -59,6 +59,7 @@ CASES = {  # name: (encoded bytes, what it shows: "colour" = the photo, "grey" =
     "grey_jpeg": (_encode(PHOTO.convert("L"), "JPEG", quality=95), "grey"),
     "grey16_png": (_encode(Image.fromarray(GREY16), "PNG"), "grey"),
     "grey16_tiff": (_encode(Image.fromarray(GREY16), "TIFF"), "grey"),
+    "float_tiff": (_encode(Image.fromarray(GREY16.astype(np.float32) / 65535, "F"), "TIFF"), "grey"),  # 0..1
     "rgb16_png": (_png16_rgb(np.asarray(PHOTO).astype(np.uint16) * 257), "colour"),
     "rgba_png": (_encode(PHOTO.convert("RGBA"), "PNG"), "colour"),
     "palette_png": (_encode(PHOTO.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "colour"),

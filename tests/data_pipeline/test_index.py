@@ -216,6 +216,57 @@ def test_a_tar_whose_samples_are_split_is_refused_before_anything_is_written(tmp
     assert sorted(p.name for p in root.iterdir()) == ["s0.tar"]
 
 
+def test_file_names_with_a_dot_before_the_extension_are_named_with_webdatasets_rule(tmp_path, capsys, caplog):
+    """WebDataset ends a sample's key at the first dot of a member's name: `photo.2023.jpg` is sample `photo` with a
+    `2023.jpg` member, no image. Index, and training, say so naming the file (not a bare "no image"); and where two
+    such files share a key apart (`cat.1.jpg`, `dog.1.jpg`, `cat.2.jpg`), index names the rule, not the order of the
+    tar (sorting it by name, as that message advised, only made one imageless sample of both cats)."""
+    rule = ("as WebDataset ends a sample's key at the first dot of a file name; name the files <key>.<ext> with no "
+            "dot in the key")
+    root = tmp_path / "dotted"
+    root.mkdir()
+    _tar(root / "0.tar", [("photo.2023.jpg", _jpeg(0)), ("ok.jpg", _jpeg(1))])
+    assert main(["data", "index", str(root), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        "problem: 0.tar: sample 'photo' left out (no image: its file photo.2023.jpg is read as sample 'photo' with a "
+        f"'2023.jpg' member, {rule})")
+    with caplog.at_level("WARNING"):
+        assert [s["key"] for s in read_epoch([str(root / "0.tar")], rank=0, world_size=1, num_workers=0)] == ["ok"]
+    assert f"photo.2023.jpg is read as sample 'photo' with a '2023.jpg' member, {rule}" in caplog.text
+    apart = tmp_path / "apart"
+    apart.mkdir()
+    _tar(apart / "0.tar", [("cat.1.jpg", _jpeg(0)), ("dog.1.jpg", _jpeg(1)), ("cat.2.jpg", _jpeg(2))])
+    assert main(["data", "index", str(apart), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {apart / '0.tar'}: its file cat.2.jpg is read as sample 'cat', as is a file before it, since "
+        + rule.removeprefix("as "))
+    assert sorted(p.name for p in apart.iterdir()) == ["0.tar"]
+
+
+def test_a_repeated_member_is_no_damage_and_an_empty_tar_is_named(tmp_path):
+    """A sample with two files of one type (`a.jpg` and `a.JPG`: WebDataset lower-cases the type; a file appended
+    twice) reads whole, the first one taken: index names the member and calls no tar damaged, and training counts no
+    truncated shard (it had counted one every epoch, logging that the rest of the tar was skipped, which it was not);
+    a tar without a sample is named too (the summary's shard count had included it silently)."""
+    from data_pipeline.reader import Counts, iter_reader
+    from data_pipeline.shards import index_shards
+
+    root = tmp_path / "tars"
+    root.mkdir()
+    _tar(root / "0.tar", [("a.jpg", _jpeg(0)), ("a.cls", b"1"), ("a.JPG", _jpeg(1)), ("b.jpg", _jpeg(2))])
+    _tar(root / "1.tar", [])
+    _, counts = index_shards(root, progress=False)
+    assert (counts["samples"], counts["damaged"], counts["skipped"]) == (2, 0, 0)
+    assert counts["problems"] == [
+        "0.tar: a.JPG is a second file of its type in its sample, which readers skip (the first one is read)",
+        "1.tar: holds no sample (not part of the dataset)"]
+    found = Counts()
+    samples = list(iter_reader([str(root / "0.tar")], reader=0, num_readers=1, seed=0, epoch=0, shuffle_buffer=0,
+                               counts=found))
+    assert [(s["key"], s["label"], s["image"]) for s in samples] == [("a", 1, _jpeg(0)), ("b", -1, _jpeg(2))]
+    assert (found.truncated, found.corrupt) == (0, 0)
+
+
 def test_labels_that_are_ids_tif_members_and_negative_labels(tmp_path, capsys):
     """Labels that are sparse ids (WordNet offsets): the classes are the ids present, no more (an id of 4e9 once made
     a class name of every integer below it), and the evaluation scores them as two classes; a .tif image is a sample

@@ -43,6 +43,24 @@ def test_split_modes():
     assert split_shards(shards, reader=1, num_readers=8, seed=0, epoch=0)[1] == 8
 
 
+def test_one_shard_path_given_as_a_str_is_refused_in_one_line(digits_dir):
+    """A single path where a list of them belongs (`read_epoch("x.tar", ...)`, a Path to the dataset) is refused in
+    one line before any reading: it had been read as shards named by its characters, each counted as unreadable, and
+    the epoch came out empty without an error."""
+    from pathlib import Path
+
+    from data_pipeline.loader import make_train_stream
+    from data_pipeline.views import AugmentConfig
+
+    shard = list_shards(digits_dir)[0]
+    with pytest.raises(ValueError, match=r"^shards: a list of .* got the single str '.*shard-000000\.tar'$"):
+        list(read_epoch(shard, rank=0, world_size=1, num_workers=0))
+    with pytest.raises(ValueError, match=r"^shards: a list of shard paths .* got the single PosixPath '.*digits"):
+        make_train_stream(Path(digits_dir), batch_size=2, aug=AugmentConfig.disabled(), image_size=8, channels=3,
+                          rank=0, world_size=1)
+    assert len(list(read_epoch([shard], rank=0, world_size=1, num_workers=0))) == 256
+
+
 @pytest.mark.parametrize(("sizes", "world", "workers"), [([12, 12, 12], 2, 1), ([256] * 7 + [5], 2, 1),
                                                       ([50, 3, 40, 7, 9], 2, 2), ([30, 20], 2, 2), ([5, 5, 5], 1, 0)])
 def test_smallest_rank_share_is_the_least_an_epoch_gives(sizes, world, workers):
