@@ -40,17 +40,19 @@ def build_method_backbone(cfg: Config, *, masks: bool = False, in_chans: int | N
                           patch_size=cfg.model.patch_size, **kwargs)
 
 
-def projector_and_predictor(cfg: Config, in_dim: int) -> tuple[nn.Module, nn.Module]:
+def projector_and_predictor(cfg: Config, in_dim: int, *, predictor_last_bn: bool = False
+                            ) -> tuple[nn.Module, nn.Module]:
     """The projector of ``cfg.model`` (``proj_*``, ``proj_last_bn``) on features of width ``in_dim``, and the 2-layer
     predictor (``method.predictor_hidden_dim`` wide) from its output back to its width: BYOL's, MoCo v3's, NNCLR's and
-    SimSiam's heads."""
+    SimSiam's heads. ``predictor_last_bn``: the predictor too ends in a bias-free Linear and a BatchNorm without affine
+    parameters (MoCo v3's ViT predictor)."""
     from pretrain.heads import ProjectionHead
 
     mc = cfg.model
     projector = ProjectionHead(in_dim, hidden_dim=mc.proj_hidden_dim, out_dim=mc.proj_out_dim,
                                num_layers=mc.proj_layers, last_bn=mc.proj_last_bn)
     predictor = ProjectionHead(mc.proj_out_dim, hidden_dim=cfg.method.predictor_hidden_dim, out_dim=mc.proj_out_dim,
-                               num_layers=2)
+                               num_layers=2, last_bn=predictor_last_bn)
     return projector, predictor
 
 

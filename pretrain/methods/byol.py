@@ -2,9 +2,11 @@
 
 An online network (backbone + projector + predictor) predicts, from one view, the projection a target network gives
 of the other view; the target is an EMA of the online backbone + projector and gets no gradient. The loss is the
-normalised mean squared error ``2 - 2 cos(prediction, target)``, symmetrised over the two views and averaged over
-pairs (0 at perfect agreement, 4 at worst). The target momentum rises from ``teacher_momentum`` to 1 along a cosine,
-a function of the step alone. ``backbone`` is the online backbone, the network BYOL evaluates and releases.
+normalised mean squared error ``2 - 2 cos(prediction, target)`` averaged over the batch, summed over the two directions
+(view 1 predicting view 2 and back), as the paper's ``L + L~`` and the official code's (0 at perfect agreement, 8 at
+worst; the scale matters under the recipes' LARS, whose biases and norms take plain momentum steps on the gradient).
+The target momentum rises from ``teacher_momentum`` to 1 along a cosine, a function of the step alone. ``backbone``
+is the online backbone, the network BYOL evaluates and releases.
 """
 
 from __future__ import annotations
@@ -46,10 +48,16 @@ class BYOL(SSLMethod):
         super().__init__()
         del gather, reduce, rank  # the loss is per sample: nothing crosses ranks but the gradients
         backbone = build_method_backbone(cfg)
-        projector, self.predictor = projector_and_predictor(cfg, backbone.embed_dim)
+        projector, self.predictor = projector_and_predictor(cfg, backbone.embed_dim,
+                                                            predictor_last_bn=self.predictor_last_bn(cfg))
         self.online = nn.ModuleDict({"backbone": backbone, "projector": projector})
         self.target = teacher_copy(self.online)
         self.base_momentum = cfg.method.teacher_momentum
+
+    @staticmethod
+    def predictor_last_bn(cfg: Config) -> bool:
+        """Whether the predictor ends in a BatchNorm without affine parameters: not BYOL's."""
+        return False
 
     @property
     def backbone(self) -> nn.Module:  # type: ignore[override]
@@ -63,8 +71,8 @@ class BYOL(SSLMethod):
         pred = self.predictor(self.online["projector"](self.online["backbone"](views)))
         with torch.no_grad():
             target = self.target["projector"](self.target["backbone"](views))
-        # each view's prediction against the target's projection of the other view
-        loss = byol_loss(pred, torch.cat([target[n:], target[:n]]))
+        # each view's prediction against the target's projection of the other view, the two directions summed
+        loss = byol_loss(pred[:n], target[n:]) + byol_loss(pred[n:], target[:n])
         return {"loss": loss}
 
     @torch.no_grad()

@@ -5,7 +5,8 @@ a causal transformer over byte tokens (``pretrain.models.text``), both into a ``
 loss is the symmetric cross-entropy of ``exp(logit_scale) * cos(image_i, text_j)`` with the pairs on the diagonal
 (``kernels.clip_loss``: tiled, never the full logits matrix on the Triton and chunked paths), over every rank's pairs
 when ``method.gather_distributed``. ``logit_scale`` is learned, starts at ``method.logit_scale_init`` (ln 1/0.07) and
-is capped at ``method.logit_scale_max`` (ln 100) in the forward, so the cap holds under any ZeRO stage.
+is capped at ``method.logit_scale_max`` (ln 100) in the forward (:func:`capped_logit_scale`), so the cap holds under any
+ZeRO stage; as the official clamp after each step, a scale at the cap still comes down when the loss asks for it.
 
 ``backbone`` is the image encoder; ``encode_image`` / ``encode_text`` give the joint embeddings that zero-shot
 classification and text-to-image search use.
@@ -23,6 +24,27 @@ from pretrain.config import Config
 from pretrain.heads import ProjectionHead
 from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_one_view
 from pretrain.models.text import ByteTokenizer, TextTransformer
+
+
+class _CappedLogitScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cap: float) -> Tensor:
+        ctx.save_for_backward(x > cap)  # a mask, not the parameter (which ZeRO-3 may have released by the backward)
+        return x.clamp(max=cap)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (above,) = ctx.saved_tensors
+        # above the cap only a gradient that lowers the scale (positive: descent steps down) passes
+        return torch.where(above & (grad <= 0), torch.zeros_like(grad), grad), None
+
+
+def capped_logit_scale(logit_scale: Tensor, cap: float) -> Tensor:
+    """``min(logit_scale, cap)``, with the gradient of the official code's clamp after each optimizer step: the
+    parameter, once a step carries it above the cap, gets no gradient that would raise it further (it cannot run away),
+    but does get one that lowers it (a plain clamp in the forward would hold it above the cap, without gradient, for
+    the rest of the run)."""
+    return _CappedLogitScale.apply(logit_scale, cap)
 
 
 class CLIP(SSLMethod):
@@ -74,7 +96,7 @@ class CLIP(SSLMethod):
             raise ValueError(f"clip: {images.shape[0]} images but {len(texts)} captions")
         img = self.encode_image(images)
         txt = self.encode_text(texts).to(img.dtype)
-        scale = self.logit_scale.clamp(max=self.logit_scale_max)
+        scale = capped_logit_scale(self.logit_scale, self.logit_scale_max)
         if self.gather is None:
             loss = clip_loss(img, txt, scale, impl=self.loss_impl)
         else:

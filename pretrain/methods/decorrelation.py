@@ -76,7 +76,8 @@ class _GlobalBatchEmbedding(SSLMethod):
 
     def embed(self, batch: dict) -> tuple[Tensor, Tensor]:
         """batch["views"]: two (B, C, H, W) -> this rank's (B, D) embeddings of each view (one backbone pass over both
-        views, BatchNorm statistics shared between them as in the reference code)."""
+        views, BatchNorm statistics shared between them; the official code of both runs each view through on its own,
+        so its BatchNorm layers normalise each view by that view's statistics)."""
         v0, v1 = batch["views"][:2]
         z = self.projector(self.backbone(torch.cat([v0, v1])))
         return z[: v0.shape[0]], z[v0.shape[0]:]

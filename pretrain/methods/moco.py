@@ -66,6 +66,12 @@ class MoCoV3(BYOL):
     def check_config(cls, cfg: Config) -> None:
         require_two_views(cfg, "moco_v3 contrasts two views per image")
 
+    @staticmethod
+    def predictor_last_bn(cfg: Config) -> bool:
+        """With ``model.proj_last_bn`` (the official heads) a ViT's predictor ends in the projector's BatchNorm without
+        affine parameters too, as the official ``MoCo_ViT``'s; ``MoCo_ResNet``'s predictor ends in a plain Linear."""
+        return cfg.model.proj_last_bn and cfg.model.backbone.startswith("vit")
+
     def __init__(self, cfg: Config, *, gather: Gather | None = None, reduce: Reduce | None = None,
                  rank: int = 0) -> None:
         super().__init__(cfg)
@@ -80,7 +86,8 @@ class MoCoV3(BYOL):
         """batch["views"]: two tensors (B, C, H, W)."""
         v0, v1 = batch["views"]
         n = v0.shape[0]
-        views = torch.cat([v0, v1])  # one pass: BatchNorm statistics over both views, as the official code's
+        # one pass: BatchNorm statistics over both views (the official code runs each view through on its own)
+        views = torch.cat([v0, v1])
         q = self.predictor(self.online["projector"](self.online["backbone"](views)))
         with torch.no_grad():
             k = self.target["projector"](self.target["backbone"](views))

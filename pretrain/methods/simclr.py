@@ -1,6 +1,10 @@
 """SimCLR (Chen et al., 2020): two views, a projection head, NT-Xent over every rank's embeddings; with
 ``method.decoupled`` the decoupled contrastive loss (DCL, Yeh et al., 2022) instead, each anchor's positive out of its
-denominator."""
+denominator.
+
+The loss is the official code's ``loss_a + loss_b``: the sum over the two views of the mean NT-Xent of their anchors
+(``kernels.ntxent_loss`` averages over all 2n anchors, half of it). The scale matters under the recipes' LARS: biases
+and norms take plain momentum steps on the gradient, and the weight decay weighs against it in the trust ratio."""
 
 from __future__ import annotations
 
@@ -55,4 +59,5 @@ class SimCLR(SSLMethod):
                 z0_all=self.gather(z0), z1_all=self.gather(z1), offset=self.rank * n, impl=self.loss_impl,
                 decoupled=self.decoupled,
             )
-        return {"loss": loss}
+        # the mean over the 2n anchors -> the sum of the two views' means (loss_a + loss_b)
+        return {"loss": 2.0 * loss}

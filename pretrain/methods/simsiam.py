@@ -10,8 +10,10 @@ projection, which gets no gradient (the stop-gradient the paper shows to be what
 the batch of the L2-normalised projections, averaged over channels: about 1/sqrt(proj_out_dim) for spread-out outputs,
 0 when every image maps to one vector. ``backbone`` is the one SimSiam evaluates and releases.
 
-One difference from the paper: its predictor keeps a fixed learning rate while the rest follows the cosine schedule
-(slightly better in its ablation); here the predictor follows the schedule too.
+The paper's predictor keeps a fixed learning rate while the rest follows the cosine schedule (slightly better in its
+ablation): that is ``optim.fixed_lr: [predictor]``, which the ImageNet recipe sets. One difference from the official
+code: both views go through in one pass, so BatchNorm normalises them by their joint statistics (the official code runs
+each view through on its own).
 """
 
 from __future__ import annotations

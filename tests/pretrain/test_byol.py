@@ -29,8 +29,15 @@ def _views(b: int = 6, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(b, 1, 16, 16, generator=g) for _ in range(2)]
 
 
+def _regression_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The official BYOL code's helpers.regression_loss: per row, the squared distance of the unit vectors."""
+    return (F.normalize(x, dim=-1) - F.normalize(y, dim=-1)).square().sum(-1)
+
+
 def test_loss_predicts_the_other_views_target():
-    """loss = mean over both directions of 2 - 2 cos(online prediction of view a, target projection of view b)."""
+    """loss = the paper's L + L~ as the official code computes it: mean over the batch of regression_loss(online
+    prediction of view 1, target projection of view 2) + regression_loss(view 2's prediction, view 1's target), each
+    2 - 2 cos (the sum of the two directions, not their mean: the scale LARS's plain momentum steps see)."""
     method = _method()
     views = _views()
     with torch.no_grad():
@@ -40,11 +47,11 @@ def test_loss_predicts_the_other_views_target():
         both = torch.cat(views)
         p = method.predictor(method.online["projector"](method.online["backbone"](both)))
         t = method.target["projector"](method.target["backbone"](both))
-    cos = torch.cat([F.cosine_similarity(p[:6], t[6:]), F.cosine_similarity(p[6:], t[:6])])
-    torch.testing.assert_close(loss, (2 - 2 * cos).mean(), rtol=1e-5, atol=1e-6)
-    # swapping the views gives the same loss (symmetric), and 0 <= loss <= 4
+    official = (_regression_loss(p[:6], t[6:]) + _regression_loss(p[6:], t[:6])).mean()
+    torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
+    # swapping the views gives the same loss (symmetric), and 0 <= loss <= 8
     torch.testing.assert_close(method({"views": views[::-1]})["loss"], loss, rtol=1e-5, atol=1e-6)
-    assert 0.0 <= loss.item() <= 4.0
+    assert 0.0 <= loss.item() <= 8.0
 
 
 def test_byol_loss_bounds():

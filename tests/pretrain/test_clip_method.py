@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pretrain import dist as pdist
 from pretrain.config import load_config
 from pretrain.eval.zeroshot import class_embeddings, zeroshot_predict, zeroshot_top1
+from pretrain.methods.clip import capped_logit_scale
 from pretrain.models.text import BOS, EOS, PAD, ByteTokenizer, TextTransformer
 from pretrain.trainer import build_method
 from tests.util import config_error, spawn_ranks
@@ -98,14 +99,36 @@ def test_loss_is_open_clips_and_trains_both_towers(impl):
 
 
 def test_logit_scale_is_capped_in_the_forward():
-    """Above logit_scale_max the loss uses the cap and the scale gets no gradient (it cannot run away)."""
+    """Above logit_scale_max the loss uses the cap; the scale gets no gradient that would raise it further (it cannot
+    run away), and does get the one that lowers it: a loss that wants a smaller scale brings it back under the cap, as
+    the official clamp after each step lets it (a plain clamp would hold it above the cap, gradient 0, for good)."""
     method = _method("method.logit_scale_max=3.0", "method.logit_scale_init=3.0")
     with torch.no_grad():
         method.logit_scale.fill_(5.0)
     out = method(_batch())
     assert out["logit_scale"].item() == pytest.approx(math.exp(3.0), rel=1e-6)
-    out["loss"].backward()
+    (-out["loss"]).backward()  # a loss that falls as the logits sharpen: the scale would rise
     assert method.logit_scale.grad.item() == 0.0
+    method.zero_grad()
+    method(_batch())["loss"].backward()  # CLIP's loss on unrelated pairs: falls as the logits soften
+    assert method.logit_scale.grad.item() > 0.0
+    # the official dynamics: a toy loss whose best scale (50) is under the cap (100), from above the cap
+    cap = math.log(100)
+    runs = {}
+    for name in ("official", "ours"):
+        p = torch.nn.Parameter(torch.tensor([5.0]))
+        opt = torch.optim.AdamW([p], lr=0.05, weight_decay=0.0)
+        for _ in range(200):
+            if name == "official":
+                with torch.no_grad():
+                    p.clamp_(max=cap)
+            scale = p if name == "official" else capped_logit_scale(p, cap)
+            opt.zero_grad()
+            ((scale.exp() - 50.0) ** 2).sum().backward()
+            opt.step()
+        runs[name] = min(p.item(), cap)
+    assert runs["official"] == pytest.approx(math.log(50), abs=1e-3)
+    assert runs["ours"] == pytest.approx(math.log(50), abs=1e-3)
 
 
 def test_captions_must_match_images():

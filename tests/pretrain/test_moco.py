@@ -172,6 +172,26 @@ def test_projector_last_bn_on_both_encoders_not_the_predictor():
     assert torch.isfinite(loss) and method.online["projector"].mlp[0].weight.grad.abs().sum() > 0
 
 
+def test_vit_predictor_ends_in_batchnorm_with_the_official_heads():
+    """With model.proj_last_bn a ViT's predictor also ends in a bias-free Linear and a BatchNorm without affine
+    parameters (the official MoCo_ViT builds it with _build_mlp's default last_bn; MoCo_ResNet's passes False): each
+    query dimension standardised over the batch. Without proj_last_bn the predictor stays a plain Linear."""
+    from torch import nn
+
+    vit = ["model.backbone=vit_tiny", "model.patch_size=4",
+           "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
+    method = _method("model.proj_last_bn=true", *vit)
+    last = method.predictor.mlp[-1]
+    assert isinstance(last, nn.BatchNorm1d) and not last.affine
+    assert method.predictor.mlp[-2].bias is None
+    views = _views(8)
+    with torch.no_grad():
+        q = method.predictor(method.online["projector"](method.online["backbone"](torch.cat(views))))
+    torch.testing.assert_close(q.mean(0), torch.zeros(q.shape[1]), atol=1e-5, rtol=0)
+    assert torch.isfinite(method({"views": views})["loss"])
+    assert isinstance(_method(*vit).predictor.mlp[-1], nn.Linear)
+
+
 def test_config_errors():
     assert config_error(RECIPE, ["data.num_views=3"]).startswith("data.num_views: moco_v3 contrasts two views")
     assert config_error(RECIPE, ["data.local_views=2"]).startswith("data.num_views: moco_v3")

@@ -3,6 +3,7 @@ method.decoupled trains on DCL."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain.config import load_config
 from pretrain.trainer import build_method
@@ -29,6 +30,43 @@ def test_chunked_kernel_path_matches_naive_reference():
     assert grads_c.keys() == grads_r.keys()
     for name in grads_c:
         torch.testing.assert_close(grads_c[name], grads_r[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _official(h1: torch.Tensor, h2: torch.Tensor, h1_large: torch.Tensor, h2_large: torch.Tensor, rank: int,
+              temperature: float) -> torch.Tensor:
+    """SimCLR's add_contrastive_loss (objective.py) written out: unit rows, labels on this replica's diagonal of the
+    [ab | aa] and [ba | bb] logits, each sample's own column of aa / bb masked, loss_a + loss_b."""
+    h1, h2, h1_large, h2_large = (F.normalize(h, dim=1) for h in (h1, h2, h1_large, h2_large))
+    n, big = h1.shape[0], h1_large.shape[0]
+    idx = torch.arange(n) + rank * n
+    masks = F.one_hot(idx, big).float() * 1e9
+    logits_aa, logits_bb = h1 @ h1_large.T / temperature - masks, h2 @ h2_large.T / temperature - masks
+    logits_ab, logits_ba = h1 @ h2_large.T / temperature, h2 @ h1_large.T / temperature
+    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], 1), idx)
+    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], 1), idx)
+    return loss_a + loss_b
+
+
+@pytest.mark.parametrize("impl", ["chunked", "ref"])
+def test_loss_is_the_official_formula(impl):
+    """The method's loss is the official loss_a + loss_b of its projections (the sum of the two views' mean NT-Xent,
+    not their mean), alone and as rank 1 of 2 (a fake gather: the other rank's rows first, then this rank's)."""
+    cfg = load_config(RECIPE, [f"method.loss_impl={impl}", "model.backbone_kwargs={width: 0.25}",
+                               "model.proj_hidden_dim=64"])
+    method = build_method(cfg, distributed=False).eval()
+    g = torch.Generator().manual_seed(3)
+    views = [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]
+    other = torch.randn(8, cfg.model.proj_out_dim, generator=g)
+    t = cfg.method.temperature
+    with torch.no_grad():
+        z = method.projector(method.backbone(torch.cat(views)))
+        z0, z1 = z[:8], z[8:]
+        assert method({"views": views})["loss"].item() == pytest.approx(_official(z0, z1, z0, z1, 0, t).item(),
+                                                                         rel=1e-5)
+        gathered = iter([other, other.flip(0)])  # the other rank's view-0 rows, then its view-1 rows
+        method.gather, method.rank = (lambda x: torch.cat([next(gathered), x])), 1
+        expected = _official(z0, z1, torch.cat([other, z0]), torch.cat([other.flip(0), z1]), 1, t)
+        assert method({"views": views})["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_gather_is_used_for_negatives():
@@ -62,7 +100,7 @@ def test_decoupled_trains_on_dcl_of_the_projections():
     views = [torch.randn(8, 1, 16, 16) for _ in range(2)]
     with torch.no_grad():
         z = method.projector(method.backbone(torch.cat(views)))
-        expected = ntxent_loss(z[:8], z[8:], cfg.method.temperature, decoupled=True)
+        expected = 2 * ntxent_loss(z[:8], z[8:], cfg.method.temperature, decoupled=True)  # the two views' sum
         assert method({"views": views})["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert config_error("configs/byol_digits.yaml", ["method.decoupled=true"]).startswith(
         "method.decoupled: the decoupled contrastive loss is for simclr, moco_v3, moco_v2 and nnclr, got method.name "
