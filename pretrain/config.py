@@ -39,6 +39,8 @@ def _absolute(location: str) -> str:
 
     if location in BUILTIN_VERSIONS or is_url(location) or not location:
         return location
+    if location.startswith("file://"):  # a URL of a local path: the path (it had become <cwd>/file:/...)
+        location = location[len("file://"):]
     return str(Path(location).expanduser().resolve())
 
 

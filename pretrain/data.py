@@ -60,9 +60,15 @@ def _not_shards(path: Path) -> str:
     from data_pipeline.sources import IMAGE_SUFFIXES
 
     if not path.exists():
+        if any(c in path.name for c in "*?[{"):  # a glob or brace pattern of shards, as webdataset takes them
+            above = path.parent if (path.parent / "manifest.parquet").is_file() else None
+            return ("does not exist: data.source takes a dataset directory (the one with manifest.parquet), not a "
+                    "pattern of its shards" + (f": {above}" if above else ""))
         return "does not exist"
     if not path.is_dir():
-        return "is not a directory of shards"
+        if (path.parent / "manifest.parquet").is_file():  # one of its shards, or a list of them beside it
+            return f"is a file of the dataset {path.parent}: data.source takes the dataset directory"
+        return "is not a directory of shards (data.source takes a dataset directory with a manifest.parquet)"
     if any(path.glob("*.tar")):
         return f"has no manifest.parquet (WebDataset tars of another tool: `pretrain data index {path}`)"
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):

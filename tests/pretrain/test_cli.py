@@ -320,9 +320,23 @@ def test_data_that_is_not_shards_says_how_to_make_it_shards(tmp_path, capsys):
                  f"{classes} --out <a new directory>` (unlabelled; folder:{classes} if each sub-folder is a class)",
         tars: f"has no manifest.parquet (WebDataset tars of another tool: `pretrain data index {tars}`)",
         tmp_path / "nope": "does not exist"}
+    # a dataset's shards named instead of its directory (a pattern as webdataset takes them, or one shard), a file
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "manifest.parquet").write_bytes(b"")
+    (ds / "shard-000000.tar").write_bytes(b"")
+    expected.update({
+        ds / "shard-{000000..000009}.tar": "does not exist: data.source takes a dataset directory (the one with "
+                                           f"manifest.parquet), not a pattern of its shards: {ds}",
+        ds / "shard-000000.tar": f"is a file of the dataset {ds}: data.source takes the dataset directory",
+        loose / "top.jpg": "is not a directory of shards (data.source takes a dataset directory with a "
+                           "manifest.parquet)"})
     for source, message in expected.items():
         assert main(["train", "--dry-run", *sets, "--set", f"data.source={source}"]) == 2
         assert _one_line_error(capsys) == f"error: data.source: {source} {message}"
+    # a file:// URL is its path (it had become <cwd>/file:/...)
+    assert main(["train", "--dry-run", *sets, "--set", f"data.source=file://{tmp_path / 'nope'}"]) == 2
+    assert _one_line_error(capsys) == f"error: data.source: {tmp_path / 'nope'} does not exist"
     assert not (tmp_path / "runs").exists()
 
 
