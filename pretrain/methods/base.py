@@ -11,7 +11,7 @@ schedule exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -121,6 +121,21 @@ def built_size_view(batch: dict, backbone: nn.Module, method: str, why: str) -> 
     if tuple(imgs.shape[-2:]) != (size, size):
         raise ValueError(f"{method}: views must be {size}x{size} ({why}), got {tuple(imgs.shape[-2:])}")
     return imgs
+
+
+def each_view(views: Sequence[Tensor], *modules: Callable[[Tensor], Tensor]) -> Tensor:
+    """Each view (B, ...) through ``modules`` in turn, a pass of its own per view -> the outputs concatenated in the
+    views' order, (V * B, ...): rows [:B] are view 0's. A pass per view makes every BatchNorm layer (SyncBatchNorm over
+    the ranks with ``model.sync_bn``) normalise a view by that view's own statistics and update its running statistics
+    once per view, as the official code of BYOL, MoCo v3, SimSiam, NNCLR (solo-learn), Barlow Twins and VICReg does;
+    one pass over ``torch.cat(views)`` would normalise the views by their joint statistics (SimCLR's official code,
+    which keeps that)."""
+    outs = []
+    for x in views:
+        for module in modules:
+            x = module(x)
+        outs.append(x)
+    return torch.cat(outs)
 
 
 def features_by_resolution(backbone: nn.Module, views: list[Tensor]) -> Tensor:

@@ -5,8 +5,10 @@ of the other view; the target is an EMA of the online backbone + projector and g
 normalised mean squared error ``2 - 2 cos(prediction, target)`` averaged over the batch, summed over the two directions
 (view 1 predicting view 2 and back), as the paper's ``L + L~`` and the official code's (0 at perfect agreement, 8 at
 worst; the scale matters under the recipes' LARS, whose biases and norms take plain momentum steps on the gradient).
-The target momentum rises from ``teacher_momentum`` to 1 along a cosine, a function of the step alone. ``backbone``
-is the online backbone, the network BYOL evaluates and releases.
+Each view goes through each network on its own, so every BatchNorm layer normalises it by its own statistics, as the
+official code (``self.net(inputs['view1'])``, then ``view2``). The target momentum rises from ``teacher_momentum`` to 1
+along a cosine, a function of the step alone. ``backbone`` is the online backbone, the network BYOL evaluates and
+releases.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pretrain.methods.base import (
     Reduce,
     SSLMethod,
     build_method_backbone,
+    each_view,
     projector_and_predictor,
     require_no_kernel,
     require_two_views,
@@ -63,14 +66,19 @@ class BYOL(SSLMethod):
     def backbone(self) -> nn.Module:  # type: ignore[override]
         return self.online["backbone"]
 
+    def predictions_and_targets(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """views: two (B, C, H, W) -> the online predictions and the target projections, each (2B, D) in the views'
+        order. Each view goes through each network on its own (BatchNorm statistics per view), as the official code."""
+        pred = each_view(views, self.online["backbone"], self.online["projector"], self.predictor)
+        with torch.no_grad():
+            target = each_view(views, self.target["backbone"], self.target["projector"])
+        return pred, target
+
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W)."""
-        v0, v1 = batch["views"]
-        n = v0.shape[0]
-        views = torch.cat([v0, v1])
-        pred = self.predictor(self.online["projector"](self.online["backbone"](views)))
-        with torch.no_grad():
-            target = self.target["projector"](self.target["backbone"](views))
+        views = batch["views"]
+        n = views[0].shape[0]
+        pred, target = self.predictions_and_targets(views)
         # each view's prediction against the target's projection of the other view, the two directions summed
         loss = byol_loss(pred[:n], target[n:]) + byol_loss(pred[n:], target[:n])
         return {"loss": loss}

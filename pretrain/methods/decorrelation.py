@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.heads import ProjectionHead
-from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, require_two_views
+from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbone, each_view, require_two_views
 
 
 def _off_diagonal_square_sum(m: Tensor) -> Tensor:
@@ -75,12 +75,12 @@ class _GlobalBatchEmbedding(SSLMethod):
         self.gather = gather
 
     def embed(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """batch["views"]: two (B, C, H, W) -> this rank's (B, D) embeddings of each view (one backbone pass over both
-        views, BatchNorm statistics shared between them; the official code of both runs each view through on its own,
-        so its BatchNorm layers normalise each view by that view's statistics)."""
-        v0, v1 = batch["views"][:2]
-        z = self.projector(self.backbone(torch.cat([v0, v1])))
-        return z[: v0.shape[0]], z[v0.shape[0]:]
+        """batch["views"]: two (B, C, H, W) -> this rank's (B, D) embeddings of each view. Each view goes through the
+        networks on its own, so the BatchNorm layers normalise it by its own statistics, as the official code of both
+        (``z1 = projector(backbone(y1))``, ``z2 = ...(y2)``)."""
+        views = batch["views"][:2]
+        z = each_view(views, self.backbone, self.projector)
+        return z[: views[0].shape[0]], z[views[0].shape[0]:]
 
     def all_ranks(self, z: Tensor) -> Tensor:
         return z if self.gather is None else self.gather(z)

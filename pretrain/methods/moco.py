@@ -5,13 +5,14 @@ queue of the keys of past batches (the negatives), kept over steps so that there
 has; see :class:`MoCoV2`. MoCo v3 drops the queue for the keys of the batch:
 
 A base encoder (backbone + projector + predictor) gives a query for each view; a momentum encoder (an EMA of backbone +
-projector, no gradient) gives the keys. Query i's positive is the key of the other view of image i, its negatives the
-keys of every other image of the global batch (gathered from all ranks, no gradient: the keys are constants). The
-loss is the InfoNCE cross-entropy of ``cos(q_i, k_j) / temperature``, scaled by ``2 x temperature`` as in the official
-code, summed over the two directions (q of view 1 against keys of view 2, and back). It runs on the tiled row-vs-
-columns kernel (``kernels.contrastive_rows_loss``): the (N, N_global) logits are never built on the Triton and chunked
-paths. The momentum rises from ``teacher_momentum`` to 1 along a cosine. ``backbone`` is the base encoder's, the one
-MoCo v3 evaluates and releases.
+projector, no gradient) gives the keys. Each view goes through each encoder on its own (BatchNorm statistics per view),
+as the official code (``q1 = predictor(base_encoder(x1))``, ``q2 = ...(x2)``, the keys likewise). Query i's positive is
+the key of the other view of image i, its negatives the keys of every other image of the global batch (gathered from all
+ranks, no gradient: the keys are constants). The loss is the InfoNCE cross-entropy of ``cos(q_i, k_j) / temperature``,
+scaled by ``2 x temperature`` as in the official code, summed over the two directions (q of view 1 against keys of view
+2, and back). It runs on the tiled row-vs-columns kernel (``kernels.contrastive_rows_loss``): the (N, N_global) logits
+are never built on the Triton and chunked paths. The momentum rises from ``teacher_momentum`` to 1 along a cosine.
+``backbone`` is the base encoder's, the one MoCo v3 evaluates and releases.
 
 For ViTs the paper freezes the patch projection at its random init for stability (``model.backbone_kwargs=
 {freeze_patch_embed: true}``).
@@ -84,13 +85,9 @@ class MoCoV3(BYOL):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W)."""
-        v0, v1 = batch["views"]
-        n = v0.shape[0]
-        # one pass: BatchNorm statistics over both views (the official code runs each view through on its own)
-        views = torch.cat([v0, v1])
-        q = self.predictor(self.online["projector"](self.online["backbone"](views)))
-        with torch.no_grad():
-            k = self.target["projector"](self.target["backbone"](views))
+        views = batch["views"]
+        n = views[0].shape[0]
+        q, k = self.predictions_and_targets(views)  # each view through each encoder on its own, as the official code
         losses = []
         for qa, kb in ((q[:n], k[n:]), (q[n:], k[:n])):  # each view's queries against the other view's keys
             if self.gather is None:
@@ -131,7 +128,8 @@ class MoCoV2(SSLMethod):
 
     Differences from the official code: the momentum rises from ``teacher_momentum`` (the paper's constant 0.999) to 1
     along a cosine, as this project's other momentum encoders (MoCo v2+ of solo-learn does the same); no shuffled
-    BatchNorm: the encoders' BatchNorm is per rank, or over all ranks with ``model.sync_bn``."""
+    BatchNorm: the encoders' BatchNorm is per rank, or over all ranks with ``model.sync_bn``. As in the official code
+    each encoder sees one view only, so its BatchNorm statistics are that view's."""
     config_keys = frozenset({"decoupled", "loss_impl", "queue_size", "teacher_momentum", "temperature"})
 
     @classmethod

@@ -1,10 +1,12 @@
 """NNCLR (Dwibedi et al., 2021): nearest-neighbour contrastive learning.
 
-SimCLR's two views through a backbone, a projector and a predictor, with one change that the method is named for: the
-positive of view 1's prediction is not view 2's embedding but its nearest neighbour in a support set, the
-L2-normalised projections of view 1 of the last ``queue_size`` images of the global batches before (a FIFO queue of
-every rank's, gathered in rank order, so every rank holds the same one and a checkpoint keeps it whole). A neighbour
-is another image that looks like this one to the network: more semantic variation than an augmentation gives.
+SimCLR's two views through a backbone, a projector and a predictor (each view on its own, so BatchNorm normalises it
+by its own statistics, as solo-learn's implementation; SimCLR passes both at once), with one change that the method is
+named for: the positive of view 1's prediction is not view 2's embedding but its nearest neighbour in a support set,
+the L2-normalised projections of view 1 of the last ``queue_size`` images of the global batches before (a FIFO queue
+of every rank's, gathered in rank order, so every rank holds the same one and a checkpoint keeps it whole). A
+neighbour is another image that looks like this one to the network: more semantic variation than an augmentation
+gives.
 
 The loss of one direction is InfoNCE with the neighbours as queries and the other view's predictions as keys:
 
@@ -33,6 +35,7 @@ from pretrain.methods.base import (
     Reduce,
     SSLMethod,
     build_method_backbone,
+    each_view,
     projector_and_predictor,
     require_shared_queue,
     require_two_views,
@@ -108,11 +111,11 @@ class NNCLR(SSLMethod):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W)."""
-        v0, v1 = batch["views"]
-        n = v0.shape[0]
-        # one pass over both views: BatchNorm statistics over both, as SimCLR's
-        z = self.projector(self.backbone(torch.cat([v0, v1])))
-        p = self.predictor(z)
+        views = batch["views"]
+        n = views[0].shape[0]
+        # each view through the networks on its own: BatchNorm statistics per view, as solo-learn's (unlike SimCLR's)
+        z = each_view(views, self.backbone, self.projector)
+        p = each_view((z[:n], z[n:]), self.predictor)
         zn = F.normalize(z.detach().float(), dim=1)
         support = self.support
         nn0, nn1 = nearest_neighbours(zn[:n], support), nearest_neighbours(zn[n:], support)

@@ -11,9 +11,9 @@ the batch of the L2-normalised projections, averaged over channels: about 1/sqrt
 0 when every image maps to one vector. ``backbone`` is the one SimSiam evaluates and releases.
 
 The paper's predictor keeps a fixed learning rate while the rest follows the cosine schedule (slightly better in its
-ablation): that is ``optim.fixed_lr: [predictor]``, which the ImageNet recipe sets. One difference from the official
-code: both views go through in one pass, so BatchNorm normalises them by their joint statistics (the official code runs
-each view through on its own).
+ablation): that is ``optim.fixed_lr: [predictor]``, which the ImageNet recipe sets. Each view goes through the
+networks on its own, so BatchNorm normalises it by its own statistics, as the official code (``z1 = encoder(x1)``,
+``z2 = encoder(x2)``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pretrain.methods.base import (
     Reduce,
     SSLMethod,
     build_method_backbone,
+    each_view,
     projector_and_predictor,
     require_no_kernel,
     require_two_views,
@@ -57,11 +58,11 @@ class SimSiam(SSLMethod):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch["views"]: two tensors (B, C, H, W)."""
-        v0, v1 = batch["views"]
-        n = v0.shape[0]
-        # one pass over both views: BatchNorm statistics over both
-        z = self.projector(self.backbone(torch.cat([v0, v1])))
-        p = self.predictor(z)
+        views = batch["views"]
+        n = views[0].shape[0]
+        # each view through the networks on its own: BatchNorm statistics per view, as the official code
+        z = each_view(views, self.backbone, self.projector)
+        p = each_view((z[:n], z[n:]), self.predictor)
         # each view's prediction against the other view's projection, halved per direction
         loss = simsiam_loss(p, torch.cat([z[n:], z[:n]]))
         with torch.no_grad():

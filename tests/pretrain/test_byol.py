@@ -37,16 +37,16 @@ def _regression_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def test_loss_predicts_the_other_views_target():
     """loss = the paper's L + L~ as the official code computes it: mean over the batch of regression_loss(online
     prediction of view 1, target projection of view 2) + regression_loss(view 2's prediction, view 1's target), each
-    2 - 2 cos (the sum of the two directions, not their mean: the scale LARS's plain momentum steps see)."""
+    2 - 2 cos (the sum of the two directions, not their mean: the scale LARS's plain momentum steps see), each view
+    through each network on its own (BatchNorm statistics per view)."""
     method = _method()
     views = _views()
     with torch.no_grad():
         method.target["projector"].mlp[-1].weight.add_(0.1)  # a target that is not the online network
     loss = method({"views": views})["loss"]
     with torch.no_grad():
-        both = torch.cat(views)
-        p = method.predictor(method.online["projector"](method.online["backbone"](both)))
-        t = method.target["projector"](method.target["backbone"](both))
+        p = torch.cat([method.predictor(method.online["projector"](method.online["backbone"](v))) for v in views])
+        t = torch.cat([method.target["projector"](method.target["backbone"](v)) for v in views])
     official = (_regression_loss(p[:6], t[6:]) + _regression_loss(p[6:], t[:6])).mean()
     torch.testing.assert_close(loss, official, rtol=1e-5, atol=1e-6)
     # swapping the views gives the same loss (symmetric), and 0 <= loss <= 8

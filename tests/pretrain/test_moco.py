@@ -68,17 +68,16 @@ def test_loss_is_the_official_formula(impl, decoupled):
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_method_loss_contrasts_each_views_queries_with_the_other_views_keys(decoupled):
     """loss = official(q of view 0, keys of view 1) + official(q of view 1, keys of view 0), queries through the base
-    encoder's projector and the predictor, keys through the momentum encoder; symmetric in the views; with
-    method.decoupled, DCL's."""
+    encoder's projector and the predictor, keys through the momentum encoder, each view through each encoder on its own
+    (BatchNorm statistics per view, as the official code); symmetric in the views; with method.decoupled, DCL's."""
     method = _method(f"method.decoupled={str(decoupled).lower()}")
     views = _views()
     with torch.no_grad():
         method.target["projector"].mlp[-1].weight.add_(0.1)  # a momentum encoder that is not the base encoder
     loss = method({"views": views})["loss"]
     with torch.no_grad():
-        both = torch.cat(views)
-        q = method.predictor(method.online["projector"](method.online["backbone"](both)))
-        k = method.target["projector"](method.target["backbone"](both))
+        q = torch.cat([method.predictor(method.online["projector"](method.online["backbone"](v))) for v in views])
+        k = torch.cat([method.target["projector"](method.target["backbone"](v)) for v in views])
     t = method.temperature
     expected = _official(q[:6], k[6:], t, 0, decoupled) + _official(q[6:], k[:6], t, 0, decoupled)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -175,7 +174,8 @@ def test_projector_last_bn_on_both_encoders_not_the_predictor():
 def test_vit_predictor_ends_in_batchnorm_with_the_official_heads():
     """With model.proj_last_bn a ViT's predictor also ends in a bias-free Linear and a BatchNorm without affine
     parameters (the official MoCo_ViT builds it with _build_mlp's default last_bn; MoCo_ResNet's passes False): each
-    query dimension standardised over the batch. Without proj_last_bn the predictor stays a plain Linear."""
+    query dimension standardised over the batch (of one view: each view goes through on its own). Without
+    proj_last_bn the predictor stays a plain Linear."""
     from torch import nn
 
     vit = ["model.backbone=vit_tiny", "model.patch_size=4",
@@ -186,7 +186,7 @@ def test_vit_predictor_ends_in_batchnorm_with_the_official_heads():
     assert method.predictor.mlp[-2].bias is None
     views = _views(8)
     with torch.no_grad():
-        q = method.predictor(method.online["projector"](method.online["backbone"](torch.cat(views))))
+        q = method.predictor(method.online["projector"](method.online["backbone"](views[0])))
     torch.testing.assert_close(q.mean(0), torch.zeros(q.shape[1]), atol=1e-5, rtol=0)
     assert torch.isfinite(method({"views": views})["loss"])
     assert isinstance(_method(*vit).predictor.mlp[-1], nn.Linear)

@@ -90,10 +90,11 @@ def test_loss_is_the_paper_formula(impl, decoupled):
 
 
 def _embed(method, views):
-    """z (projector) and p (predictor) of both views as the method computes them (train mode: BatchNorm over both)."""
+    """z (projector) and p (predictor) of both views as the method computes them, in the views' order: each view
+    through the networks on its own (train mode: BatchNorm statistics per view, as solo-learn's)."""
     with torch.no_grad():
-        z = method.projector(method.backbone(torch.cat(views)))
-        return z, method.predictor(z)
+        z = [method.projector(method.backbone(v)) for v in views]
+        return torch.cat(z), torch.cat([method.predictor(zv) for zv in z])
 
 
 @pytest.mark.parametrize("decoupled", [False, True])
