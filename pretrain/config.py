@@ -612,6 +612,9 @@ class Config:
                 f"{self.model.patch_size} does not divide data.local_size {self.data.local_size}",
             )
         METHODS[self.method.name].check_config(self)
+        _check(not self.model.proj_last_bn or METHODS[self.method.name].reads_proj_last_bn, "model.proj_last_bn",
+               f"{self.method.name} does not read it (its head would be as without it); it is for "
+               + ", ".join(n for n, m in METHODS.items() if m.reads_proj_last_bn))
         _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps",
                f"must be < job.max_steps, got {self.optim.warmup_steps} and {self.job.max_steps}; for a short run "
                "lower it too (--set optim.warmup_steps=N)")

@@ -181,6 +181,9 @@ class SSLMethod(nn.Module):
     saves_model: bool = False
     """Used downstream whole, so a finished run also saves the whole method as ``model.pt`` beside ``backbone.pt``
     (CLIP: its text tower for zero-shot and search; a VQ-VAE: the tokenizer that BEiT runs load)."""
+    reads_proj_last_bn: bool = False
+    """Its projector ends in a BatchNorm without affine parameters where ``model.proj_last_bn`` is set (a method that
+    does not read it refuses it: it would be ignored)."""
     config_keys: frozenset[str] = frozenset()
     """The ``method.*`` keys this method reads (besides ``name`` and ``gather_distributed``, which the trainer reads
     for every method): another one set for it would be ignored, and is refused (``check_method_keys``)."""

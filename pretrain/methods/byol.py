@@ -39,6 +39,7 @@ def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 class BYOL(SSLMethod):
+    reads_proj_last_bn = True
     config_keys = frozenset({"loss_impl", "predictor_hidden_dim", "teacher_momentum"})
 
     @classmethod

@@ -74,6 +74,7 @@ def nnclr_loss(neighbours: Tensor, p: Tensor, temperature: float, *, p_all: Tens
 
 
 class NNCLR(SSLMethod):
+    reads_proj_last_bn = True
     config_keys = frozenset({"decoupled", "loss_impl", "predictor_hidden_dim", "queue_size", "temperature"})
 
     @classmethod

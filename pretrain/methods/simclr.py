@@ -18,6 +18,7 @@ from pretrain.methods.base import Gather, Reduce, SSLMethod, build_method_backbo
 
 
 class SimCLR(SSLMethod):
+    reads_proj_last_bn = True
     config_keys = frozenset({"decoupled", "loss_impl", "temperature"})
 
     @classmethod
@@ -37,6 +38,7 @@ class SimCLR(SSLMethod):
             hidden_dim=cfg.model.proj_hidden_dim,
             out_dim=cfg.model.proj_out_dim,
             num_layers=cfg.model.proj_layers,
+            last_bn=cfg.model.proj_last_bn,
         )
         self.temperature = cfg.method.temperature
         self.decoupled = cfg.method.decoupled

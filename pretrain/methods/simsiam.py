@@ -42,6 +42,7 @@ def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
 
 
 class SimSiam(SSLMethod):
+    reads_proj_last_bn = True
     config_keys = frozenset({"loss_impl", "predictor_hidden_dim"})
 
     @classmethod

@@ -105,3 +105,25 @@ def test_decoupled_trains_on_dcl_of_the_projections():
     assert config_error("configs/byol_digits.yaml", ["method.decoupled=true"]).startswith(
         "method.decoupled: the decoupled contrastive loss is for simclr, moco_v3, moco_v2 and nnclr, got method.name "
         "'byol'")
+
+
+def test_proj_last_bn_ends_the_projector_in_batchnorm_and_methods_without_it_refuse_it():
+    """model.proj_last_bn: SimCLR's projector ends in a BatchNorm without affine parameters (the official head ends in
+    a BatchNorm; it had been ignored), so in training mode each output channel has mean 0 and variance 1 over the batch;
+    a method whose head does not read the key refuses it in one line (it was ignored)."""
+    from pretrain.config import ConfigError
+
+    cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=64",
+                               "model.proj_last_bn=true"])
+    method = build_method(cfg, distributed=False).train()
+    last = list(method.projector.modules())[-1]
+    assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
+    z = method.projector(method.backbone(torch.randn(32, 1, 16, 16)))
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(z.shape[1]), atol=1e-3, rtol=0)
+    for recipe in ("configs/vicreg_digits.yaml", "configs/mocov2_digits.yaml", "configs/dino_digits.yaml"):
+        with pytest.raises(ConfigError) as err:
+            load_config(recipe, ["model.proj_last_bn=true"])
+        name = load_config(recipe).method.name
+        assert str(err.value) == (f"model.proj_last_bn: {name} does not read it (its head would be as without it); "
+                                  "it is for simclr, byol, moco_v3, nnclr, simsiam")
