@@ -256,6 +256,7 @@ class MLflowTracker(_RunContext):
         self._failing = False
         self._finished = False
         self._unsent = Path(unsent_file) if unsent_file is not None else None
+        self._unsent_read = False  # the buffer holds that file's points: it goes once they are through
         if run_id is None:
             experiment_id = self._experiment_id(experiment, artifact_location)
             self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
@@ -267,7 +268,7 @@ class MLflowTracker(_RunContext):
             self.run_id = run_id
             self._client.update_run(run_id, status="RUNNING")
             if self._unsent is not None and self._unsent.is_file():  # the last end's: sent first, at the first flush
-                self._buffer = load_points(self._unsent)
+                self._buffer, self._unsent_read = load_points(self._unsent), True
         self._last_flush = time.monotonic()
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
@@ -361,8 +362,9 @@ class MLflowTracker(_RunContext):
         if self._failing:
             print(f"MLflow at {self.tracking_uri} takes the metrics again; the kept ones are sent", flush=True)
         self._failing = False
-        if self._unsent is not None:  # what it held is through
+        if self._unsent_read:  # what it held is through
             self._unsent.unlink(missing_ok=True)
+            self._unsent_read = False
 
     def _check_up(self) -> None:
         """ConnectionError where an http(s) server does not answer its /health now: MLflow's own requests to a server
