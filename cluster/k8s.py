@@ -32,6 +32,7 @@ from cluster.nodes import NotSubmitted, RayNodes, check_int
 from data_pipeline.remote import AUTH_ENV
 
 LOST_HEAD = 75  # exit status of a node pod whose Ray head went away (not the node's failure; see podFailurePolicy)
+STOP_MARGIN = 50  # seconds of a stopped pod's grace kept for stopping the driver and Ray (20 s each) once the run ended
 BAD_INPUT = 2  # exit status of `pretrain` on a config error: starting the pod again cannot help
 CONTAINER = "train"
 DOWNWARD_API = {"POD_IP": "status.podIP", "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
@@ -66,6 +67,9 @@ class K8sJob(RayNodes):
     dashboard_port: int = 8265
     restarts: int = 3
     """Pod failures the Job tolerates (backoffLimit); each new start resumes from the latest checkpoint"""
+    termination_grace: int = 120
+    """Seconds Kubernetes gives a pod it stops (terminationGracePeriodSeconds): all but :data:`STOP_MARGIN` of them the
+    run has to checkpoint at its next logged step and end (``cluster.k8s_pod``) before the driver and Ray are stopped"""
 
     def __post_init__(self) -> None:
         for name in ("image", "pvc"):
@@ -75,6 +79,7 @@ class K8sJob(RayNodes):
             raise ValueError(f"--image: {self.image!r} is not an image reference (e.g. registry.example.com/ssl:1.0)")
         super().__post_init__()
         check_int("restarts", self.restarts, low=0)
+        check_int("termination_grace", self.termination_grace, low=1)
         for name in ("ray_port", "dashboard_port"):
             check_int(name, getattr(self, name), low=1, high=65535)
         if self.ray_port == self.dashboard_port:
@@ -156,6 +161,7 @@ def render_manifests(job: K8sJob, run_dir: Path, *, python: str = "python", work
         "PRETRAIN_DASHBOARD_PORT": job.dashboard_port, "PRETRAIN_NODES": job.nodes,
         "PRETRAIN_CPUS_PER_NODE": job.cpus_per_node, "PRETRAIN_GPUS_PER_NODE": job.gpus_per_node,
         "PRETRAIN_JOIN_TIMEOUT": job.join_timeout, "PRETRAIN_K8S_JOB": name,
+        "PRETRAIN_STOP_WAIT": max(job.termination_grace - STOP_MARGIN, 0),
         # every process of the Ray cluster must agree on token auth (Ray may have turned it on through ~/.ray)
         "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
         "PYTHONUNBUFFERED": "1",
@@ -188,7 +194,8 @@ def render_manifests(job: K8sJob, run_dir: Path, *, python: str = "python", work
         # the pod's pause container is PID 1 and reaps the processes Ray orphans; with the supervisor as PID 1 (it
         # waits for its own children only) they would stay zombies for the life of a weeks-long run
         "shareProcessNamespace": True,
-        "terminationGracePeriodSeconds": 60,  # the driver and Ray stop on SIGTERM; give them time to
+        # SIGTERM: the run checkpoints and ends, then the driver and Ray stop (cluster.k8s_pod); give them time to
+        "terminationGracePeriodSeconds": job.termination_grace,
         **({"serviceAccountName": job.service_account} if job.service_account else {}),
         **({"priorityClassName": job.priority_class} if job.priority_class else {}),
         "containers": [container],

@@ -9,11 +9,15 @@ status: the Job is complete when this pod succeeds. Every other pod waits until 
 Service publishes it once the head pod has an IP) and its port answers, then runs a Ray node joined to it until the pod
 is stopped.
 
+SIGTERM (pod deletion, preemption, the end of the Job): pod 0 asks the run to stop (``pretrain stop``: every rank
+checkpoints at its next logged step) and waits up to ``PRETRAIN_STOP_WAIT`` seconds for the driver to end so, while
+every other pod keeps its Ray node (the run's workers on it) up as long as the head answers, for as long; then the
+driver, then Ray, are stopped and the pod exits with 143. A new start of the pods goes on from that step.
+
 Restarts: because the driver always resumes, a Job that starts pods again after a failure (``backoffLimit``) or a
 preemption goes on from the run's latest checkpoint, like a requeued Slurm job. A node pod whose head went away (the
 head pod failed, or was replaced: its name now resolves to another IP) stops its Ray node and exits with ``LOST_HEAD``,
-which the Job does not count as a failure; its replacement joins the new head. SIGTERM (pod deletion, preemption, the
-end of the Job) stops the driver, then Ray, and exits with 143.
+which the Job does not count as a failure; its replacement joins the new head.
 
 Everything a pod prints, its children included, also goes to ``<run_dir>/k8s/pod-<index>.log`` on the run's volume.
 """
@@ -58,6 +62,8 @@ class Pod:
     cpus: int
     gpus: int
     join_timeout: int
+    stop_wait: int = 0
+    """Seconds a stopped pod gives the run to checkpoint and end (``PRETRAIN_STOP_WAIT``; a manifest without it: 0)"""
 
     @classmethod
     def from_environ(cls, env: dict[str, str]) -> Pod:
@@ -75,7 +81,8 @@ class Pod:
                    run_dir=Path(get("PRETRAIN_RUN_DIR")), ray_port=get("PRETRAIN_RAY_PORT", int),
                    dashboard_port=get("PRETRAIN_DASHBOARD_PORT", int), nodes=get("PRETRAIN_NODES", int),
                    cpus=get("PRETRAIN_CPUS_PER_NODE", int), gpus=get("PRETRAIN_GPUS_PER_NODE", int),
-                   join_timeout=get("PRETRAIN_JOIN_TIMEOUT", int))
+                   join_timeout=get("PRETRAIN_JOIN_TIMEOUT", int),
+                   stop_wait=get("PRETRAIN_STOP_WAIT", int) if env.get("PRETRAIN_STOP_WAIT") else 0)
 
     def ray_start(self, temp_dir: str, *args: str) -> list[str]:
         """``ray start --block`` for this pod's node, with its private ``temp_dir`` (short: Ray puts unix sockets
@@ -138,9 +145,34 @@ def run_head(pod: Pod, temp_dir: str) -> int:
             return 1  # wait_nodes said which nodes joined
         driver = children.start([sys.executable, "-m", "pretrain.cli", "train", "--resume", str(pod.run_dir),
                                  "--address", address])
-        status = wait_alongside(driver, ray)
+        try:
+            status = wait_alongside(driver, ray)
+        except Terminated:
+            if _stopped_as_asked(pod, driver):
+                print(f"ssl-pretrain: the driver exited with status {driver.returncode}", flush=True)
+            raise
         print(f"ssl-pretrain: the driver exited with status {status}", flush=True)
         return 128 - status if status < 0 else status  # killed by a signal: the shell's convention, not 256 - n
+
+
+def _stopped_as_asked(pod: Pod, driver: subprocess.Popen) -> bool:
+    """The pod is being stopped: the run asked to stop (``pretrain stop``), and whether the driver ended within
+    ``pod.stop_wait`` seconds."""
+    if not pod.stop_wait:
+        return False
+    from pretrain.steps import STOP_FILE
+
+    print(f"ssl-pretrain: SIGTERM: asking the run to checkpoint at its next logged step and stop (up to "
+          f"{pod.stop_wait} s)", flush=True)
+    try:
+        (pod.run_dir / STOP_FILE).write_text("")
+        driver.wait(timeout=pod.stop_wait)
+        return True
+    except OSError as e:
+        print(f"ssl-pretrain: could not ask the run to stop ({e})", flush=True)
+    except subprocess.TimeoutExpired:
+        print(f"ssl-pretrain: the run did not stop within {pod.stop_wait} s", flush=True)
+    return False
 
 
 def resolve(host: str) -> str | None:
@@ -185,6 +217,9 @@ def run_node(pod: Pod, temp_dir: str) -> int:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            except Terminated:
+                _serve_the_stop(pod, ray, head_ip)
+                raise
             now_ip = resolve(pod.head_host)
             if now_ip is not None and now_ip != head_ip:
                 print(f"ssl-pretrain: {pod.head_host} is now {now_ip}: a new head; leaving the old one", flush=True)
@@ -198,6 +233,14 @@ def run_node(pod: Pod, temp_dir: str) -> int:
                 return LOST_HEAD
     print(f"ssl-pretrain: the Ray node exited with status {status}", flush=True)
     return LOST_HEAD if resolve(pod.head_host) != head_ip or not answers(head_ip, pod.ray_port) else (status or 1)
+
+
+def _serve_the_stop(pod: Pod, ray: subprocess.Popen, head_ip: str) -> None:
+    """The pod is being stopped: its Ray node (the run's workers on it, which checkpoint as the head's pod asked) kept
+    up for up to ``pod.stop_wait`` seconds, until the head no longer answers."""
+    deadline = time.monotonic() + pod.stop_wait
+    while time.monotonic() < deadline and ray.poll() is None and answers(head_ip, pod.ray_port):
+        time.sleep(1)
 
 
 def log_to_run(pod: Pod) -> list[subprocess.Popen]:

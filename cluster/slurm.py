@@ -8,7 +8,9 @@ driver ``pretrain train --resume <run_dir> --address <head>`` on the first node.
 driver always resumes, a preempted and requeued job continues from the run's latest checkpoint (exactly, see
 ``data_pipeline.loader``); so does a plain ``sbatch <run_dir>/slurm/job.sbatch`` after a failure. Runs longer than
 the partition's time limit go on by themselves: Slurm signals the batch script ``requeue_grace`` seconds before the
-limit (``--signal=B:USR1@...``) and the script requeues its own job.
+limit (``--signal=B:USR1@...``); the script asks the run to stop (``pretrain stop``: every rank checkpoints at the next
+logged step, so the time since the last checkpoint is not trained again) and, once the driver has ended so, requeues
+its own job.
 
 GPU nodes: ``gpus_per_node`` GPUs per node, one Ray Train worker per GPU (``job.num_workers = nodes x gpus``). CPU
 nodes: ``job.num_workers`` workers of one CPU each over ``nodes x cpus_per_node`` Ray CPUs.
@@ -45,7 +47,8 @@ class SlurmJob(RayNodes):
     sbatch_args: list[str] = field(default_factory=list)
     """Further sbatch options, one directive each, e.g. --qos=high or --constraint=h100"""
     requeue_grace: int = 300
-    """Seconds before the time limit at which the job requeues itself (SIGUSR1); 0 = never"""
+    """Seconds before the time limit at which the run checkpoints and stops and the job requeues itself (SIGUSR1);
+    0 = never"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +132,8 @@ def check_run_dir(run_dir: Path) -> Path:
 
 def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable, workdir: Path | None = None) -> str:
     """The job script for ``run_dir`` (which holds the validated ``config.yaml``)."""
+    from pretrain.steps import STOPPED_EXIT
+
     run_dir = check_run_dir(run_dir)
     ray = Path(python).parent / "ray"
     workdir = Path(workdir or Path.cwd()).resolve()
@@ -154,6 +159,10 @@ def render_sbatch(job: SlurmJob, run_dir: Path, *, python: str = sys.executable,
         q_workdir=shlex.quote(str(workdir)),
         join_timeout=job.join_timeout,
         requeue_grace=job.requeue_grace,
+        # the driver's time to checkpoint and end before the job requeues regardless: most of the grace, the rest
+        # for Slurm to stop the steps (KillWait)
+        stop_wait=max(job.requeue_grace - 60, job.requeue_grace // 2) if job.requeue_grace else 240,
+        stopped_exit=STOPPED_EXIT,
     )
 
 

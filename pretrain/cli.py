@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="validate, build the shards, write the run directory and config, then stop")
 
+    st = sub.add_parser(
+        "stop", help="have a training run checkpoint at its next logged step and end there",
+        description="Ask the run training in RUN to stop: every rank checkpoints at the next logged step "
+        "(job.log_every) and the run ends there, its MLflow run marked KILLED; `pretrain train --resume RUN` (or the "
+        "torchrun command again) goes on from that step. A Slurm job asks this of its run at its time-limit warning. "
+        "A run that is not training drops the request when it next starts.")
+    st.add_argument("run", type=_path, help="the run directory")
+
     sb = sub.add_parser("submit", help="submit training as a cluster job")
     ssub = sb.add_subparsers(dest="scheduler", required=True)
     sl = ssub.add_parser(
@@ -59,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                          "submit has a flag for or the script sets: nodes, time, log, requeue ...)")
     sl.add_argument("--join-timeout", type=int, default=300, help="seconds to wait for every Ray node (default 300)")
     sl.add_argument("--requeue-grace", type=int, default=300,
-                    help="seconds before the time limit at which the job requeues itself (default 300; 0: never)")
+                    help="seconds before the time limit at which the run checkpoints at its next logged step and "
+                         "stops, and the job requeues itself (default 300; 0: never)")
     sl.add_argument("--wait", action="store_true", help="return when the job ends, with its exit status")
     sl.add_argument("--dry-run", action="store_true", help="write the run directory and the script, do not submit")
     k = ssub.add_parser(
@@ -90,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the head and every Ray node (default 300)")
     k.add_argument("--restarts", type=int, default=3,
                    help="pod failures the Job tolerates, each start resuming (default 3; preemptions do not count)")
+    k.add_argument("--termination-grace", type=int, default=120,
+                   help="seconds Kubernetes gives a pod it stops (preemption, deletion): the run checkpoints at its "
+                   "next logged step within all but 50 of them, then stops (default 120)")
     k.add_argument("--wait", action="store_true", help="return when the Job ends: 0 if complete, 1 if failed")
     k.add_argument("--dry-run", action="store_true", help="write the run directory and the manifests, do not submit")
 
@@ -305,6 +317,13 @@ def _train(cfg, run_dir: Path, address: str | None) -> int:
         _end_run(cfg, run_dir, "FAILED")
         print(f"error: training failed: {result.error}; resume with --resume {run_dir}", file=sys.stderr)
         return 1
+    from pretrain.steps import STOPPED_EXIT, stopped_at
+
+    step = stopped_at(run_dir)
+    if step is not None:
+        _end_run(cfg, run_dir, "KILLED")  # its points a server had not taken, sent
+        print(f"Stopped at step {step} as asked, checkpointed; resume with --resume {run_dir}", flush=True)
+        return STOPPED_EXIT
     _end_run(cfg, run_dir, "FINISHED")  # the workers' end, where the server was away then and is back now
     print(f"Done: {run_dir}", flush=True)
     if (run_dir / "eval.json").is_file():
@@ -330,6 +349,34 @@ def _latest_checkpoint(run_dir: Path) -> str:
 
     steps = list_checkpoints(run_dir)
     return f"; its latest checkpoint is step {max(steps)}" if steps else "; it has no checkpoint yet"
+
+
+def cmd_stop(args) -> int:
+    import fcntl
+
+    from pretrain.config import load_config
+    from pretrain.preflight import RUN_LOCK
+    from pretrain.steps import STOP_FILE
+
+    run_dir = args.run
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} " + ("is not a run directory (no config.yaml)" if run_dir.exists()
+                                          else "does not exist"))
+    every = load_config(run_dir / "config.yaml").job.log_every
+    with (run_dir / RUN_LOCK).open("a+") as f:  # who trains it: the command holding its lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = None
+            fcntl.flock(f, fcntl.LOCK_UN)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+    (run_dir / STOP_FILE).write_text("")
+    print(f"Asked {run_dir} to stop: it checkpoints at its next logged step (every {every}) and ends there; "
+          f"`pretrain train --resume {run_dir}` goes on from that step. " + (
+              f"It is trained by {holder}." if holder else "No `pretrain train` holds it now (a torchrun run holds "
+              "none); a run that is not training drops the request when it next starts."), flush=True)
+    return 0
 
 
 def cmd_submit(args) -> int:
@@ -378,7 +425,8 @@ def _submit_k8s(args) -> int:
                  gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
                  memory_per_node=args.memory_per_node, namespace=args.namespace, service_account=args.service_account,
                  priority_class=args.priority_class, http_auth_secret=args.http_auth_secret, ray_port=args.ray_port,
-                 dashboard_port=args.dashboard_port, join_timeout=args.join_timeout, restarts=args.restarts)
+                 dashboard_port=args.dashboard_port, join_timeout=args.join_timeout, restarts=args.restarts,
+                 termination_grace=args.termination_grace)
     if not args.dry_run:
         find_kubectl()  # before anything is written
 
@@ -761,8 +809,8 @@ _MAIN_PID = os.getpid()
 
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search, "embed": cmd_embed,
-               "attention": cmd_attention, "extract": cmd_extract, "export": cmd_export,
+    handler = {"train": cmd_train, "stop": cmd_stop, "submit": cmd_submit, "eval": cmd_eval, "search": cmd_search,
+               "embed": cmd_embed, "attention": cmd_attention, "extract": cmd_extract, "export": cmd_export,
                "data": cmd_data}[args.command]
     import threading
 

@@ -25,6 +25,13 @@ MODEL_FILE = "model.pt"
 """Beside backbone.pt, for a method used downstream whole (CLIP: both towers): {"config", "state_dict"}."""
 
 
+STOP_FILE = "stop_requested"
+"""Written into a training run's directory by ``pretrain stop`` (and by a Slurm job at its time-limit warning): the run
+checkpoints at its next logged step and ends there, its rank 0 writing that step into the file (:func:`stopped_at`).
+A start of the run removes one left over; a run that finishes removes one that came too late."""
+STOPPED_EXIT = 75
+"""``pretrain train``'s exit status where the run stopped as asked (sysexits' EX_TEMPFAIL: to be run again)."""
+
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record of a run's checkpoints, written once every rank has reported one."""
 
@@ -116,6 +123,20 @@ def saved_step(path: str | Path) -> int | None:
     except Exception:  # noqa: BLE001 - torch.load and json raise many types for a file they cannot read
         return None
     return int(step) if isinstance(step, int) else None
+
+
+def stopped_at(run_dir: str | Path) -> int | None:
+    """The step a run checkpointed and stopped at as asked (:data:`STOP_FILE`), the request then removed; None where
+    its training did not stop so (it finished, failed, or never saw the request)."""
+    path = Path(run_dir) / STOP_FILE
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():  # asked, not (yet) acted on
+        return None
+    path.unlink(missing_ok=True)
+    return int(text)
 
 
 def check_run_dir(run_dir: str | Path) -> Path:

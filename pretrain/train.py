@@ -19,6 +19,7 @@ from pretrain.config import load_config
 from pretrain.methods import METHODS
 from pretrain.optim import check_fixed_lr
 from pretrain.preflight import check_backbone, check_steps_left
+from pretrain.steps import stopped_at
 from pretrain.trainer import LocalSession, train
 
 
@@ -55,8 +56,11 @@ def _run(argv: list[str]) -> int:
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(cfg, run_dir, LocalSession(run_dir, cfg.job.keep_checkpoints))
+        td.barrier()  # rank 0 has written the step it stopped at, if it was asked to stop
         if td.get_rank() == 0:
-            print(f"Done: {run_dir}", flush=True)
+            step = stopped_at(run_dir)
+            print(f"Done: {run_dir}" if step is None else f"Stopped at step {step} as asked, checkpointed; the same "
+                  "command goes on from there", flush=True)
     finally:
         td.destroy_process_group()
     return 0

@@ -26,7 +26,7 @@ from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import resolve_shards
 from pretrain.engine import build_engine
 from pretrain.methods import METHODS
-from pretrain.steps import CHECKPOINT_INFO, checkpoint_info
+from pretrain.steps import CHECKPOINT_INFO, STOP_FILE, checkpoint_info
 from pretrain.sync_bn import convert_sync_bn
 from pretrain.tracking import UNSENT_FILE, default_artifact_location, default_tracking_uri, make_tracker
 
@@ -151,6 +151,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 print(f"Resumed from {ckpt} at step {step} (epoch {epoch}), reading on from {where}.", flush=True)
 
     resumed_at = step
+    stop_file = run_dir / STOP_FILE
+    if rank == 0:
+        stop_file.unlink(missing_ok=True)  # asked of an earlier start (the request it ended on, or one it never saw)
     tracker = _open_tracker(cfg, run_dir, rank)
     if rank == 0 and cfg.optim.lr_scaling != "none":
         from pretrain.engine import peak_lr
@@ -191,6 +194,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     # logging
     pending: list[tuple[int, dict[str, torch.Tensor], float, int, float]] = []
     metrics: dict[str, float] = {}
+    stopping = False  # asked to stop (STOP_FILE): checkpointed at this step, the loop left
     engine.train()
     system = None
     try:
@@ -214,8 +218,12 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             last = step == cfg.job.max_steps
             checkpoint = step % cfg.job.ckpt_every == 0 or last
             if step % cfg.job.log_every == 0 or checkpoint:  # flushed before a checkpoint: a non-finite loss stops
-                metrics = _flush(pending, cfg, world, tracker, history, stream.stats)  # the run before it
+                # the run before it; a stop asked of rank 0 is every rank's (the same collective)
+                metrics, asked = _flush(pending, cfg, world, tracker, history, stream.stats,
+                                        stop_asked=rank == 0 and stop_file.exists())
                 pending.clear()
+                stopping = asked and not last
+                checkpoint = checkpoint or stopping
                 if bar is not None:
                     _show_progress(bar, step, metrics)
             if monitor is not None and monitor.due(step):  # before the checkpoint: a resume after it has this point
@@ -224,6 +232,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             if checkpoint:
                 tracker.flush()  # what MLflow has reaches this checkpoint: a restart from it loses no point
                 _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank, cfg)
+            if stopping:
+                break
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -234,6 +244,12 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         if bar is not None:
             bar.close()
 
+    if stopping:
+        tracker.finish("KILLED")  # as a run stopped by a signal: the next start of the run goes on in it
+        if rank == 0:
+            stop_file.write_text(f"{step}\n")
+            print(f"Stopped at step {step} as asked ({stop_file}): checkpointed", flush=True)
+        return metrics
     backbone_state = full_state_dict(engine, engine.module.backbone)  # collective under ZeRO-3: every rank calls it
     # A method used downstream whole (CLIP's text tower, a tokenizer) saves all of itself too.
     method_state = full_state_dict(engine, engine.module) if METHODS[cfg.method.name].saves_model else None
@@ -355,12 +371,15 @@ def schedule_lr(engine) -> float:
     return max(g["lr"] for g in [g for g in groups if not g.get("fixed_lr")] or groups)
 
 
-def _flush(pending, cfg: Config, world: int, tracker, history, data_stats) -> dict[str, float]:
+def _flush(pending, cfg: Config, world: int, tracker, history, data_stats,
+           stop_asked: bool = False) -> tuple[dict[str, float], bool]:
+    """The ``pending`` steps' values logged; returns the last step's metrics and whether any rank was asked to stop
+    (``stop_asked``). Collective: every rank calls it at the same steps."""
     # one host transfer for every value of every pending step (the method's parts of the loss, e.g. iBOT's cls_loss and
     # patch_loss, go to MLflow beside the loss)
     values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
     names = list(pending[0][1])
-    _stop_if_not_finite(pending, [row[names.index("loss")] for row in values], world)
+    asked = _agree(pending, [row[names.index("loss")] for row in values], world, stop_asked)
     for (step, _, seconds, epoch, lr), row in zip(pending, values):
         per_worker = cfg.data.batch_size * cfg.optim.accum_steps / max(seconds, 1e-9)
         metrics = {
@@ -374,7 +393,7 @@ def _flush(pending, cfg: Config, world: int, tracker, history, data_stats) -> di
         tracker.log_metrics(metrics, step=step)
         history.add(step, metrics)
     tracker.log_metrics({f"data_{k}": float(v) for k, v in data_stats.items()}, step=pending[-1][0])
-    return metrics
+    return metrics, asked
 
 
 def _knn_monitor(cfg: Config, rank: int, world: int, device: torch.device):
@@ -405,22 +424,25 @@ class NonFiniteLoss(RuntimeError):
     """The loss stopped being a finite number; the run stops before it checkpoints that state."""
 
 
-def _stop_if_not_finite(pending, losses: list[float], world: int) -> None:
+def _agree(pending, losses: list[float], world: int, stop_asked: bool) -> bool:
     """NonFiniteLoss on every rank (one all-reduce: the ranks stop together, none left waiting in a collective) if any
-    rank's loss of the ``pending`` steps is inf or NaN, naming the first such step."""
+    rank's loss of the ``pending`` steps is inf or NaN, naming the first such step; else whether any rank was
+    ``stop_asked`` (in the same all-reduce)."""
     import math
 
     first = next((p[0] for p, loss in zip(pending, losses) if not math.isfinite(loss)), None)
     never = pending[-1][0] + 1
-    step = torch.tensor([first or never], dtype=torch.int64, device=pending[0][1]["loss"].device)
+    both = torch.tensor([first or never, 0 if stop_asked else 1], dtype=torch.int64,
+                        device=pending[0][1]["loss"].device)
     if world > 1:
-        torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
-    bad = int(step.item())
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN)
+    bad, go_on = (int(v) for v in both.tolist())
     if bad != never:
         mine = losses[bad - pending[0][0]]
         raise NonFiniteLoss(f"the loss is not finite at step {bad} (rank {dist.rank()}'s: {mine}); the run stopped "
                             "before checkpointing that state: resume from its last checkpoint with a lower optim.lr "
                             "or more optim.warmup_steps")
+    return not go_on
 
 
 def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int,
@@ -517,6 +539,7 @@ def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, histo
         tracker.log_artifact(report_path)
         if map_path(report_path).is_file():
             tracker.log_artifact(map_path(report_path))
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # asked after the last logged step: there is nothing left to stop
     tracker.finish("FINISHED")
 
 

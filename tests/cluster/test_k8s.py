@@ -44,6 +44,7 @@ def _manifests(run: Path) -> dict[str, dict]:
     ([*REQUIRED, "--memory-per-node", "512m"], "--memory-per-node: '512m' is not a memory quantity with a unit"),
     ([*REQUIRED, "--namespace", "ML_team"], "--namespace: 'ML_team' is not a Kubernetes namespace name"),
     ([*REQUIRED, "--ray-port", "70000"], "--ray-port: must be an integer in 1..65535, got 70000"),
+    ([*REQUIRED, "--termination-grace", "0"], "--termination-grace: must be an integer >= 1, got 0"),
     ([*REQUIRED, "--mount-path", "runs"], "--mount-path: must be an absolute directory other than /, got 'runs'"),
     ([*REQUIRED, "--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray "
                                                                         "CPUs, the job has 1 (1 nodes x 1 --cpus-"),
@@ -166,8 +167,9 @@ def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):
     import kubernetes_validate
 
     proc = _submit([*REQUIRED, "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "64", "--memory-per-node",
-                    "512Gi", "--namespace", "ml", "--priority-class", "high", "--restarts", "5", "--set",
-                    "job.run_name=g_1", "--set", "data.batch_size=64", "--dry-run"], tmp_path)
+                    "512Gi", "--namespace", "ml", "--priority-class", "high", "--restarts", "5",
+                    "--termination-grace", "300", "--set", "job.run_name=g_1", "--set", "data.batch_size=64",
+                    "--dry-run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "g_1"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -191,6 +193,7 @@ def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):
     assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
     assert pod["priorityClassName"] == "high"
     assert pod["shareProcessNamespace"] is True  # PID 1 is the pause container, which reaps what Ray orphans
+    assert pod["terminationGracePeriodSeconds"] == 300
     (container,) = pod["containers"]
     assert container["image"] == REQUIRED[1] and container["command"] == ["python", "-m", "cluster.k8s_pod"]
     assert container["resources"] == {"requests": {"cpu": "64", "memory": "512Gi"},
@@ -199,6 +202,7 @@ def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}} and env["RAY_AUTH_MODE"] == "disabled"
     assert env["PRETRAIN_HEAD_HOST"] == f"{name}-0.{name}" and env["PRETRAIN_RUN_DIR"] == str(run)
     assert (env["PRETRAIN_NODES"], env["PRETRAIN_GPUS_PER_NODE"], env["PRETRAIN_RAY_PORT"]) == ("2", "8", "6379")
+    assert env["PRETRAIN_STOP_WAIT"] == "250"  # the run's time to checkpoint and end: all but 50 s of the grace
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert volumes["run"]["persistentVolumeClaim"] == {"claimName": "runs"} and mounts["run"] == str(tmp_path / "runs")
@@ -325,9 +329,11 @@ def test_node_pod_without_a_head_fails_after_join_timeout(tmp_path):
 def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     """The rendered pods, started as Kubernetes would (command and environment from job.yaml, JOB_COMPLETION_INDEX,
     a pod IP each, the head's name resolvable), form a 2-node Ray cluster with one Train worker per node. Both pods are
-    stopped (SIGTERM) after the first checkpoint, exit cleanly, and a second start of the same pods (the Job starting
-    them again) resumes from the checkpoint and completes every step; pod 0 exits 0 (the Job's success) and the node
-    pod stops when told to, as Kubernetes then tells it; no pod leaves its Ray session dir behind."""
+    stopped (SIGTERM, as on preemption) after the first checkpoint: pod 0 asks the run to stop, the node pod keeps its
+    Ray node up meanwhile, both ranks checkpoint at the next logged step and end, and the pods exit cleanly; a second
+    start of the same pods (the Job starting them again) resumes from that very step and completes every step, each
+    once; pod 0 exits 0 (the Job's success) and the node pod stops when told to, as Kubernetes then tells it; no pod
+    leaves its Ray session dir behind."""
     why = _namespaces_missing()
     if why:
         pytest.skip(why)
@@ -357,9 +363,12 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
             assert time.monotonic() < deadline and pods[0].poll() is None, logs[0].read_text()[-6000:]
             time.sleep(0.5)
         assert len(list(Path("/tmp").glob(pod_ray_dirs))) == 2
-        assert _stop_pods(*pods) == [143, 143], logs[0].read_text()[-6000:]
+        assert _stop_pods(*pods, timeout=150) == [143, 143], logs[0].read_text()[-6000:]
         first = [log.read_text() for log in logs]
         assert "ssl-pretrain: pod 0 stopped (SIGTERM)" in first[0] and "pod 1 stopped (SIGTERM)" in first[1]
+        assert "SIGTERM: asking the run to checkpoint at its next logged step and stop (up to 70 s)" in first[0]
+        stopped = re.search(r"Stopped at step (\d+) as asked, checkpointed; resume with --resume", first[0])
+        assert stopped and "ssl-pretrain: the driver exited with status 75" in first[0], first[0][-6000:]
 
         # second start of the same pods: resumes and completes
         pods = [_start_pod(job, i, logs[i]) for i in range(2)]
@@ -379,12 +388,12 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     node_log = logs[1].read_text()[len(first[1]):]
     assert f"Ray node {POD_IPS[1]} joining {POD_IPS[0]}:" in node_log and f"({head_host})" in node_log
     resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
-    assert resumed and int(resumed.group(1)) >= 8 and int(resumed.group(1)) % 8 == 0, text[-6000:]
+    assert resumed and resumed.group(1) == stopped.group(1), text[-6000:]
     placed = worker_placement(text)
     assert sorted(placed) == ["0", "1"] and set(placed.values()) == set(POD_IPS), placed
     with (run / "metrics.csv").open() as f:
-        steps = {int(line.split(",")[0]) for line in list(f)[1:]}
-    assert steps == set(range(1, 49))
+        steps = [int(line.split(",")[0]) for line in list(f)[1:]]
+    assert steps == list(range(1, 49))  # each step trained once
     # the MLflow run names the Job, its namespace and the pod rank 0 ran in
     from mlflow import MlflowClient
 

@@ -215,9 +215,10 @@ def _registered_checkpoints(run: Path) -> list:
 @pytest.mark.slow
 def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F811
     """A real sbatch job over 2 Slurm nodes (Ray head on n1, a Ray node on n2, one Train worker on each) gets the
-    time-limit warning (SIGUSR1 to the batch script) after its first checkpoint and requeues itself; the requeued job
-    resumes from Ray's latest checkpoint on a new Ray cluster and completes every step; Ray's session dir on the head
-    node is removed at the end."""
+    time-limit warning (SIGUSR1 to the batch script) after its first checkpoint: it asks the run to stop, both ranks
+    checkpoint at the next logged step and end (the driver's exit status 75), and the job requeues itself; the
+    requeued job resumes from that very step on a new Ray cluster (no step trained twice) and completes every step;
+    Ray's session dir on the head node is removed at the end."""
     # 48 steps: room to signal the job while it still trains, also on a loaded machine
     sets = ["job.max_steps=48", "job.log_every=1", "job.ckpt_every=8", "optim.warmup_steps=1", "data.batch_size=32",
             "eval.enabled=false", "eval.knn_every=0", "job.progress=false", "job.run_name=sl", "job.num_workers=2"]
@@ -244,17 +245,20 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
         time.sleep(1)
     text = (run / "slurm" / f"{job_id}.out").read_text()
     assert state == "COMPLETED", text[-6000:]
-    assert f"SIGUSR1 (time limit near): requeueing job {job_id}" in text and "DUE TO JOB REQUEUE" in text
+    assert "SIGUSR1 (time limit near): asking the run to checkpoint at its next logged step and stop" in text
+    assert f"SIGUSR1 (time limit near): requeueing job {job_id}" in text and "not stopped after" not in text
     assert not ray_dir.exists()  # the finished job removed Ray's session dir
     assert text.count("2 nodes up") == 2  # a Ray cluster over both nodes, once per start of the job
+    stopped = re.search(r"Stopped at step (\d+) as asked, checkpointed; resume with --resume", text)
     resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
-    assert resumed and int(resumed.group(1)) % 8 == 0, text[-6000:]
+    assert stopped and resumed and resumed.group(1) == stopped.group(1), text[-6000:]
+    assert int(stopped.group(1)) < 48 and not (run / "stop_requested").exists()
     for start in text.split("ssl-pretrain: job")[1:]:
         placed = worker_placement(start)
         assert sorted(placed) == ["0", "1"] and set(placed.values()) == {"127.0.0.2", "127.0.0.3"}, placed
     with (run / "metrics.csv").open() as f:
-        steps = {int(line.split(",")[0]) for line in list(f)[1:]}
-    assert steps == set(range(1, 49))
+        steps = [int(line.split(",")[0]) for line in list(f)[1:]]
+    assert steps == list(range(1, 49))  # each step trained once
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,51 @@ def _plain(run: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
+
+
+def test_a_run_asked_to_stop_checkpoints_at_its_next_logged_step_and_goes_on_from_there(tmp_path, capsys):
+    """`pretrain stop RUN` while 2 torchrun ranks train (only rank 0 reads the request; the ranks agree in the
+    flush's all-reduce): both checkpoint at the next logged step and end, the run's MLflow run KILLED, no encoder
+    written; the same command then goes on from that step and finishes, each step trained once. A request left over
+    from a run that was not training is dropped when it next starts."""
+    from mlflow import MlflowClient
+
+    run = _dry_run(tmp_path, "stop", ["job.max_steps=400", "job.log_every=2", "job.ckpt_every=1000",
+                                      "optim.warmup_steps=1", "data.batch_size=32"])
+    capsys.readouterr()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.csv").is_file() or len(_losses(run)) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        asked_after = max(_losses(run))
+        assert main(["stop", str(run)]) == 0
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    stopped = max(_losses(run))
+    assert asked_after < stopped < 400 and stopped % 2 == 0, (asked_after, stopped)
+    assert f"Stopped at step {stopped} as asked, checkpointed; the same command goes on from there" in out
+    assert sorted(list_checkpoints(run)) == [stopped] and not (run / "backbone.pt").exists()
+    assert not (run / "stop_requested").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert capsys.readouterr().out.startswith(f"Asked {run} to stop: it checkpoints at its next logged step (every 2)")
+    # on to 4 steps past it, a stale request (this run was not training) dropped at the start
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", f"job.max_steps={stopped + 4}"]) == 0
+    assert main(["stop", str(run)]) == 0
+    assert "No `pretrain train` holds it now" in capsys.readouterr().out
+    resumed = _torchrun(run)
+    assert f"Resumed from {run / 'checkpoints' / f'step_{stopped:07d}'} at step {stopped}" in resumed.stdout
+    assert f"Done: {run}" in resumed.stdout and (run / "backbone.pt").is_file()
+    steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, stopped + 5))  # each step trained once
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_fp16_run_resumes_with_its_loss_scale(tmp_path):

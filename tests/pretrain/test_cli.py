@@ -156,7 +156,7 @@ def test_help_lists_subcommands():
     """--help explains each subcommand."""
     proc = _run("--help")
     assert proc.returncode == 0
-    for word in ("train", "eval", "search", "embed", "data", "submit"):
+    for word in ("train", "stop", "eval", "search", "embed", "data", "submit"):
         assert word in proc.stdout
 
 
@@ -514,6 +514,35 @@ def test_one_command_at_a_time_writes_a_run(tmp_path, capsys):
     assert (tmp_path / "new" / ".pretrain.lock").read_text() == ""  # released: it names no process
     assert main(["train", "--dry-run", *sets, "--set", "job.run_name=new"]) == 2  # written: a new run is refused
     assert _one_line_error(capsys).startswith(f"error: job.run_name: {tmp_path / 'new'} already holds a run; ")
+
+
+def test_stop_asks_the_run_and_names_the_command_training_it(tmp_path, capsys):
+    """`pretrain stop RUN` leaves the request in the run (the trainer reads it: test_torchrun) and says who trains the
+    run, from its lock; a path that is not a run is one line, and asks nothing."""
+    import subprocess
+
+    assert main(["train", "--dry-run", "--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path}",
+                 "--set", "job.run_name=r", "--set", "job.log_every=5"]) == 0
+    run = tmp_path / "r"
+    code = (f"import time; from pathlib import Path; from pretrain.preflight import run_lock\n"
+            f"with run_lock(Path({str(run)!r}), new=False):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        capsys.readouterr()
+        assert main(["stop", str(run)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"Asked {run} to stop: it checkpoints at its next logged step (every 5) and ends there; "
+                              f"`pretrain train --resume {run}` goes on from that step. It is trained by pid "
+                              f"{holder.pid} on "), out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / "stop_requested").read_text() == ""  # asked, not yet acted on
+    for path, what in ((tmp_path / "nothing", "does not exist"), (tmp_path, "is not a run directory (no config.yaml)")):
+        assert main(["stop", str(path)]) == 2
+        assert _one_line_error(capsys) == f"error: {path} {what}"
+    assert not (tmp_path / "stop_requested").exists()
 
 
 def _checkpoint(path: Path, step: int) -> Path:
