@@ -59,6 +59,9 @@ class ModelConfig:
     proj_last_bn: bool = False
     """BYOL, MoCo v3: the projector's last Linear (no bias then) followed by a BatchNorm without affine parameters, as
     MoCo v3's official projector (SimCLR's design); the predictor keeps a plain last Linear."""
+    proj_last_bn_scale: bool = False
+    """SimCLR, with ``proj_last_bn``: that BatchNorm learns a per-channel scale (no shift), as the official SimCLR
+    head's last BatchNorm (``center=False``)."""
     sync_bn: bool = False
     """BatchNorm statistics of the global batch (every rank's samples) in training, in the backbone and the heads
     (SimCLR's and BYOL's global BN; pretrain.sync_bn): two small all-reduces per BatchNorm layer and forward. Off:
@@ -615,6 +618,11 @@ class Config:
         _check(not self.model.proj_last_bn or METHODS[self.method.name].reads_proj_last_bn, "model.proj_last_bn",
                f"{self.method.name} does not read it (its head would be as without it); it is for "
                + ", ".join(n for n, m in METHODS.items() if m.reads_proj_last_bn))
+        _check(not self.model.proj_last_bn_scale or self.method.name == "simclr", "model.proj_last_bn_scale",
+               f"SimCLR's head reads it, {self.method.name}'s does not (its official head's last BatchNorm has no "
+               "scale)")
+        _check(not self.model.proj_last_bn_scale or self.model.proj_last_bn, "model.proj_last_bn_scale",
+               "scales the projector's last BatchNorm: set model.proj_last_bn=true too")
         _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps",
                f"must be < job.max_steps, got {self.optim.warmup_steps} and {self.job.max_steps}; for a short run "
                "lower it too (--set optim.warmup_steps=N)")

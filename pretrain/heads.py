@@ -17,16 +17,20 @@ class ProjectionHead(nn.Module):
     """MLP ``in_dim -> hidden_dim -> ... -> out_dim`` with ``num_layers`` Linear layers (SimCLR / BYOL / MoCo v3).
 
     Hidden layers are Linear -> BatchNorm1d -> ReLU (Linear -> ReLU without ``use_bn``); the last layer is a bare
-    Linear, or with ``last_bn`` a bias-free Linear -> BatchNorm1d without affine parameters (MoCo v3's projector).
-    ``num_layers=1`` is a single Linear. BYOL's predictor is the same module with ``in_dim == out_dim``.
+    Linear, or with ``last_bn`` a bias-free Linear -> BatchNorm1d without affine parameters (MoCo v3's projector),
+    and with ``last_bn_scale`` too a learned per-channel scale after it, no shift (SimCLR's official head:
+    ``batch_norm_relu(..., center=False)``). ``num_layers=1`` is a single Linear. BYOL's predictor is the same module
+    with ``in_dim == out_dim``.
     """
 
     def __init__(
         self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2, use_bn: bool = True,
-        last_bn: bool = False,
+        last_bn: bool = False, last_bn_scale: bool = False,
     ) -> None:
         super().__init__()
         _positive(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim, num_layers=num_layers)
+        if last_bn_scale and not last_bn:
+            raise ValueError("head last_bn_scale scales the last BatchNorm: it needs last_bn")
         layers: list[nn.Module] = []
         d = in_dim
         for _ in range(num_layers - 1):
@@ -39,12 +43,25 @@ class ProjectionHead(nn.Module):
         layers.append(nn.Linear(d, out_dim, bias=not last_bn))
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        if last_bn_scale:
+            layers.append(ChannelScale(out_dim))
         self.mlp = nn.Sequential(*layers)
         self.out_dim = out_dim
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_dim) -> (B, out_dim)."""
         return self.mlp(x)
+
+
+class ChannelScale(nn.Module):
+    """``x * weight``, a learned gain per channel starting at 1: a BatchNorm's scale without its shift."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
 
 
 class WeightNormLinear(nn.Module):

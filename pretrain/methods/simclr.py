@@ -39,6 +39,7 @@ class SimCLR(SSLMethod):
             out_dim=cfg.model.proj_out_dim,
             num_layers=cfg.model.proj_layers,
             last_bn=cfg.model.proj_last_bn,
+            last_bn_scale=cfg.model.proj_last_bn_scale,
         )
         self.temperature = cfg.method.temperature
         self.decoupled = cfg.method.decoupled

@@ -107,6 +107,50 @@ def test_decoupled_trains_on_dcl_of_the_projections():
         "'byol'")
 
 
+def test_proj_last_bn_scale_is_the_official_heads_last_batchnorm():
+    """model.proj_last_bn_scale: the projector's last BatchNorm has a learned scale and no shift, as SimCLR's official
+    head (``batch_norm_relu(..., center=False)``): the output equals a BatchNorm1d with that weight and its bias held
+    at 0, in training and in eval mode, and gradients reach the scale; the scale is 1-D, so it takes neither weight
+    decay nor the trust ratio (as the official code exempts BatchNorm parameters); other heads refuse it in one line;
+    the ImageNet recipe sets it, the recipes built on it do not inherit it."""
+    from pretrain.config import ConfigError
+    from pretrain.optim import param_groups
+
+    cfg = load_config(RECIPE, ["model.backbone_kwargs={width: 0.25}", "model.proj_hidden_dim=64",
+                               "model.proj_last_bn=true", "model.proj_last_bn_scale=true"])
+    method = build_method(cfg, distributed=False)
+    head = method.projector.mlp
+    scale = head[-1].weight
+    with torch.no_grad():
+        scale.copy_(torch.linspace(0.5, 2.0, scale.numel()))
+    reference = torch.nn.BatchNorm1d(scale.numel())  # what TF's BatchNormalization(center=False) computes
+    with torch.no_grad():
+        reference.weight.copy_(scale)
+        reference.bias.zero_()
+    h = torch.randn(32, head[0].in_features)
+    before = torch.nn.Sequential(*list(head)[:-2])
+    for mode in (True, False):
+        head.train(mode), reference.train(mode)
+        torch.testing.assert_close(head(h), reference(before(h)), atol=1e-5, rtol=1e-5)
+    head.train()
+    head(h).pow(2).sum().backward()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+    groups = {g["decay"]: {id(p) for p in g["params"]} for g in param_groups(method, weight_decay=0.1)}
+    assert id(scale) in groups[False] and id(scale) not in groups[True]
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, ["model.proj_last_bn_scale=true"])
+    assert str(err.value) == ("model.proj_last_bn_scale: scales the projector's last BatchNorm: set "
+                              "model.proj_last_bn=true too")
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/byol_digits.yaml", ["model.proj_last_bn=true", "model.proj_last_bn_scale=true"])
+    assert str(err.value) == ("model.proj_last_bn_scale: SimCLR's head reads it, byol's does not (its official head's "
+                              "last BatchNorm has no scale)")
+    imagenet = load_config("configs/simclr_resnet50_imagenet.yaml").model
+    assert imagenet.proj_last_bn and imagenet.proj_last_bn_scale
+    for recipe in ("byol", "simsiam", "mocov2", "swav", "barlow_twins", "vicreg"):
+        assert not load_config(f"configs/{recipe}_resnet50_imagenet.yaml").model.proj_last_bn_scale
+
+
 def test_proj_last_bn_ends_the_projector_in_batchnorm_and_methods_without_it_refuse_it():
     """model.proj_last_bn: SimCLR's projector ends in a BatchNorm without affine parameters (the official head ends in
     a BatchNorm; it had been ignored), so in training mode each output channel has mean 0 and variance 1 over the batch;
