@@ -382,10 +382,13 @@ class DataConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    """adamw | lars | sgd. LARS (SimCLR's and BYOL's optimizer at large batch: per-layer trust ratio, momentum), any
-    ZeRO stage (under 1-3 each parameter's norms are summed over the ranks' partitions); its lr is typically 0.3
-    (SimCLR) or 0.2 (BYOL) per 256 images, scaled linearly, with weight decay 1e-6 / 1.5e-6. sgd: torch's SGD with
-    heavy-ball ``momentum`` (SimSiam's: lr 0.05 per 256 images, weight decay 1e-4; MoCo v2's: 0.03), any ZeRO stage."""
+    """adamw | lars | larc | sgd. LARS (SimCLR's and BYOL's optimizer at large batch: per-layer trust ratio, momentum,
+    the weights only adapted), any ZeRO stage (under 1-3 each parameter's norms are summed over the ranks' partitions);
+    its lr is typically 0.3 (SimCLR) or 0.2 (BYOL) per 256 images, scaled linearly, with weight decay 1e-6 / 1.5e-6.
+    larc: apex's LARC (clip=False) around torch's SGD, as the official SwAV code (``pretrain.optim.LARC``): every
+    parameter adapted, biases and norms too, by ``trust_coefficient`` x ||w|| / (||g|| + wd ||w||), the lr outside the
+    momentum; any ZeRO stage, as LARS. sgd: torch's SGD with heavy-ball ``momentum`` (SimSiam's: lr 0.05 per 256
+    images, weight decay 1e-4; MoCo v2's: 0.03), any ZeRO stage."""
     lr: float = 1e-3
     """Peak learning rate (after warmup); with lr_scaling, the rate at a global batch of base_batch_size."""
     lr_scaling: str = "none"
@@ -433,7 +436,8 @@ class OptimConfig:
     adapts only the weights."""
 
     def __post_init__(self) -> None:
-        _check(self.name in ("adamw", "lars", "sgd"), "name", f"must be adamw, lars or sgd, got {self.name!r}")
+        _check(self.name in ("adamw", "lars", "larc", "sgd"), "name",
+               f"must be adamw, lars, larc or sgd, got {self.name!r}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.lr_scaling in ("none", "linear", "sqrt"), "lr_scaling",
                f"must be none, linear or sqrt, got {self.lr_scaling!r}")

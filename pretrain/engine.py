@@ -159,7 +159,7 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 def optimizer_hyper(cfg: Config) -> dict:
     """The param-group settings of ``optim.name``'s optimizer other than lr and weight decay."""
     o = cfg.optim
-    if o.name == "lars":
+    if o.name in ("lars", "larc"):
         return {"momentum": o.momentum, "trust_coefficient": o.trust_coefficient}
     # under ZeRO-Offload torch's optimizers step the CPU partitions: their fused CPU kernels are ~5x their foreach ones
     fused = cfg.zero.offload == "cpu"

@@ -1,5 +1,5 @@
-"""The optimizers a recipe can name (``optim.name``): torch's AdamW, LARS for SimCLR and BYOL at large batch, and
-torch's SGD with momentum (SimSiam's, MoCo's; elementwise, so any ZeRO stage); the param groups they take
+"""The optimizers a recipe can name (``optim.name``): torch's AdamW, LARS for SimCLR and BYOL at large batch, LARC for
+SwAV, and torch's SGD with momentum (SimSiam's, MoCo's; elementwise, so any ZeRO stage); the param groups they take
 (``param_groups``: weight decay on weights only, layer-wise learning rates of a ViT, parameters whose rate is held at
 its peak).
 
@@ -10,11 +10,19 @@ Biases and normalisation parameters (1-D: the groups ``param_groups`` gives no w
 neither the decay nor the trust ratio, as in both papers (with ``optim.decay_norms_and_biases`` they decay, still
 without the trust ratio).
 
+LARC as the official SwAV code runs it: apex's ``LARC(SGD(model.parameters(), momentum=0.9, weight_decay=wd),
+trust_coefficient=0.001, clip=False)``. It differs from LARS three ways: every parameter of every group is adapted,
+biases and norms too (no lars / no-lars split), and decayed at its group's weight decay (the SwAV recipe decays every
+one: ``optim.decay_norms_and_biases``); the rate is ``eta x ||w|| / (||g|| + wd ||w|| + 1e-8)``, the decay's norm
+added to the gradient's rather than taken of their sum (where either norm is 0 the gradient passes unscaled and
+undecayed); and the learning rate multiplies the momentum buffer (torch's SGD: ``v = m v + u; w -= lr v``), so a
+schedule also rescales the velocity already gathered, where LARS's lr sits inside it.
+
 Under ZeRO 1-3 the optimizer sees flat fp32 partitions that mix parameters and split some over ranks; the trust ratio
 needs each parameter's norms whole. ``LARS.partitioned`` (``pretrain.engine`` sets it from the ZeRO optimizer's
-layout) says where each parameter's piece lies in a partition; a step then sums the pieces' squared norms over the
-data-parallel ranks (one all-reduce of 2 numbers per parameter and group) and scales each piece by its parameter's
-ratio: the step of plain LARS on whole parameters, to float rounding.
+layout; LARC, a LARS, takes it too) says where each parameter's piece lies in a partition; a step then sums the pieces'
+squared norms over the data-parallel ranks (one all-reduce of 2 numbers per parameter and partition) and scales each
+piece by its parameter's ratio: the step of plain LARS (LARC) on whole parameters, to float rounding.
 """
 
 from __future__ import annotations
@@ -67,13 +75,16 @@ class LARS(torch.optim.Optimizer):
     to its ``Fragments``; the norms are then summed over the partitions' ranks (a step is collective).
     """
 
+    GROUP_DEFAULTS: dict = {"lars": True}
+    """Param-group settings beyond the hyperparameters, for groups that do not give them."""
+
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 1e-3) -> None:
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or trust_coefficient <= 0:
-            raise ValueError(f"LARS: bad hyperparameters lr={lr} momentum={momentum} weight_decay={weight_decay} "
-                             f"trust_coefficient={trust_coefficient}")
+            raise ValueError(f"{type(self).__name__}: bad hyperparameters lr={lr} momentum={momentum} "
+                             f"weight_decay={weight_decay} trust_coefficient={trust_coefficient}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        lars=True)
+                        **self.GROUP_DEFAULTS)
         super().__init__(params, defaults)
         self.partitioned: Callable[[torch.Tensor], Fragments] | None = None
 
@@ -116,17 +127,86 @@ def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, eta: float) -> torc
 def _scale_fragments(weight: torch.Tensor, update: torch.Tensor, eta: float, where: Fragments) -> torch.Tensor:
     """``update`` (a flat partition's; scaled in place) with each piece scaled by its whole parameter's trust ratio, the
     norms summed over the ranks of ``where.group`` from each rank's pieces. Collective: every rank calls it."""
-    w_pieces, u_pieces = ([t.narrow(0, start, numel) for start, numel in zip(where.starts, where.numels)]
-                          for t in (weight, update))
-    sums = torch.zeros(where.count, 2, dtype=torch.float32, device=where.index.device)  # per parameter: ||w||², ||u||²
-    if w_pieces:
-        norms = torch.stack([torch.stack(torch._foreach_norm(pieces)) for pieces in (w_pieces, u_pieces)], dim=1)
-        sums.index_add_(0, where.index, norms.square().to(sums.device))
-    torch.distributed.all_reduce(sums, group=where.group)
-    ratio = _trust_ratio(*sums.sqrt().unbind(1), eta)[where.index].to(update.device)  # (pieces,)
+    w_pieces, u_pieces = _pieces(weight, where), _pieces(update, where)
+    ratio = _trust_ratio(*_whole_norms(w_pieces, u_pieces, where).unbind(1), eta).to(update.device)  # (pieces,)
     for piece, r in zip(u_pieces, ratio):
         piece.mul_(r)
     return update
+
+
+def _pieces(flat: torch.Tensor, where: Fragments) -> list[torch.Tensor]:
+    """Views of ``flat``'s pieces of ``where``'s parameters."""
+    return [flat.narrow(0, start, numel) for start, numel in zip(where.starts, where.numels)]
+
+
+def _whole_norms(a_pieces: list[torch.Tensor], b_pieces: list[torch.Tensor], where: Fragments) -> torch.Tensor:
+    """(pieces, 2): the norms of the whole parameters (of two tensors of theirs: weights and updates or gradients) that
+    the pieces are parts of, their squares summed over the ranks of ``where.group`` in one all-reduce, on
+    ``where.index``'s device. Collective: every rank calls it, with or without pieces."""
+    sums = torch.zeros(where.count, 2, dtype=torch.float32, device=where.index.device)  # per parameter: ||a||², ||b||²
+    if a_pieces:
+        norms = torch.stack([torch.stack(torch._foreach_norm(pieces)) for pieces in (a_pieces, b_pieces)], dim=1)
+        sums.index_add_(0, where.index, norms.square().to(sums.device))
+    torch.distributed.all_reduce(sums, group=where.group)
+    return sums.sqrt()[where.index]
+
+
+class LARC(LARS):
+    """apex's ``LARC(clip=False)`` around torch's SGD with momentum (no dampening, no Nesterov), as the official SwAV
+    code trains. Per parameter ``w`` with gradient ``g`` of every group, ``wd`` its group's weight decay (read at each
+    step: the schedule may move it)::
+
+        if ||w|| > 0 and ||g|| > 0:
+            g = (g + wd * w) * trust_coefficient * ||w|| / (||g|| + wd * ||w|| + eps)
+        v = momentum * v + g        (v = g at the first step)
+        w = w - lr * v
+
+    The lr outside the momentum, as torch's SGD: a schedule scales the velocity already gathered too. A LARS for
+    ``partitioned`` (ZeRO 1-3: the norms summed over the partitions' ranks) and ``pretrain.engine``; no ``lars`` flag:
+    every parameter is adapted.
+    """
+
+    GROUP_DEFAULTS = {"eps": 1e-8}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, wd, eta, eps = (group[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient",
+                                                               "eps"))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, weight = p.grad.float(), p.float()
+                if self.partitioned is None:
+                    update = _larc_update(grad, weight, torch.linalg.vector_norm(weight),
+                                          torch.linalg.vector_norm(grad), wd, eta, eps)
+                else:  # piece by piece, each with its whole parameter's norms; elements in no piece (padding) as is
+                    where = self.partitioned(p)
+                    w_pieces, g_pieces = _pieces(weight, where), _pieces(grad, where)
+                    norms = _whole_norms(w_pieces, g_pieces, where).to(grad.device)
+                    update = grad.clone()
+                    for piece, g, w, (w_norm, g_norm) in zip(_pieces(update, where), g_pieces, w_pieces, norms):
+                        piece.copy_(_larc_update(g, w, w_norm, g_norm, wd, eta, eps))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(update)
+                velocity = state["momentum_buffer"]
+                velocity.mul_(momentum).add_(update)
+                p.add_(velocity.to(p.dtype), alpha=-lr)
+        return loss
+
+
+def _larc_update(g: torch.Tensor, w: torch.Tensor, w_norm: torch.Tensor, g_norm: torch.Tensor, wd: float, eta: float,
+                 eps: float) -> torch.Tensor:
+    """apex LARC's (clip=False) gradient for SGD: ``(g + wd w) x eta ||w|| / (||g|| + wd ||w|| + eps)``; ``g`` itself
+    (undecayed) where either norm is 0. The norms are 0-d tensors: no host sync."""
+    adapt = (w_norm > 0) & (g_norm > 0)
+    rate = torch.where(adapt, eta * w_norm / (g_norm + w_norm * wd + eps), torch.ones_like(w_norm))
+    return (g + w * torch.where(adapt, wd, 0.0)) * rate
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
@@ -213,14 +293,16 @@ def check_param_prefixes(names: Sequence[str], prefixes: Sequence[str], key: str
 
 def build_optimizer(groups: list[dict], name: str, lr: float, **hyper) -> torch.optim.Optimizer:
     """``optim.name``'s optimizer over ``groups`` (``param_groups``: the decaying groups are the ones
-    LARS adapts; a group's learning rate is ``lr`` x its ``lr_mult``), with ``hyper``: AdamW's betas, LARS's
-    momentum and trust_coefficient, or SGD's momentum."""
+    LARS adapts, LARC adapting every group; a group's learning rate is ``lr`` x its ``lr_mult``), with ``hyper``:
+    AdamW's betas, LARS's and LARC's momentum and trust_coefficient, or SGD's momentum."""
     groups = [{**g, "lr": lr * g.get("lr_mult", 1.0)} for g in groups]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **hyper)
     if name == "lars":  # adapts the weights (the decaying groups unless every parameter decays)
         groups = [{**g, "lars": bool(g.get("matrix", g.get("decay")))} for g in groups]
         return LARS(groups, lr=lr, **hyper)
+    if name == "larc":  # every parameter adapted, at its group's decay
+        return LARC(groups, lr=lr, **hyper)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, **hyper)
     raise ValueError(f"optim.name: unknown optimizer {name!r}")

@@ -1,5 +1,6 @@
-"""pretrain.optim: LARS against its closed forms and against torch's SGD where the two coincide; optim.name in the
-config. (On 2 DeepSpeed ranks under ZeRO 0: tests/pretrain/test_engine.py.)"""
+"""pretrain.optim: LARS against its closed forms and against torch's SGD where the two coincide; LARC against apex's
+LARC around torch's SGD (SwAV's optimizer); optim.name in the config. (On 2 DeepSpeed ranks: LARS in
+tests/pretrain/test_engine.py, LARC under ZeRO 2 and 3 in tests/pretrain/test_larc_zero.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.optim import LARS, build_optimizer
+from pretrain.optim import LARC, LARS, build_optimizer
 from tests.util import config_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +110,8 @@ def test_config_names_the_optimizer_and_its_settings():
     each against plain LARS)."""
     from pretrain.config import load_config
 
-    assert config_error(RECIPE, ["optim.name=sgdw"]) == "optim.name: must be adamw, lars or sgd, got 'sgdw'"
+    assert config_error(RECIPE, ["optim.name=sgdw"]) == "optim.name: must be adamw, lars, larc or sgd, got 'sgdw'"
+    assert load_config(RECIPE, ["optim.name=larc", "zero.stage=3"]).optim.name == "larc"
     assert config_error(RECIPE, ["optim.name=lars", "zero.stage=0", "optim.momentum=1"]).startswith("optim.momentum")
     for stage in range(4):
         cfg = load_config(RECIPE, ["optim.name=lars", f"zero.stage={stage}"])
@@ -151,3 +153,110 @@ def test_lars_is_simclrs_over_steps_with_a_schedule():
         _simclr_lars_step(ref, grads, velocities, lr, 0.9, 1e-2, 1e-3, adapt)
     for got, want in zip(model.parameters(), ref, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+class _ApexLARC:
+    """apex.parallel.LARC (NVIDIA/apex apex/parallel/LARC.py) around ``optim``, as SwAV's main_swav.py builds it
+    (clip=False), its step written out: each group's weight decay taken from the group (and zeroed for the inner step),
+    each gradient decayed and scaled by the adaptive lr where both norms are non-zero, then the inner optimizer's
+    step."""
+
+    def __init__(self, optim: torch.optim.Optimizer, trust_coefficient: float, eps: float = 1e-8) -> None:
+        self.optim, self.trust_coefficient, self.eps = optim, trust_coefficient, eps
+        self.param_groups = optim.param_groups
+
+    def step(self) -> None:
+        with torch.no_grad():
+            weight_decays = []
+            for group in self.optim.param_groups:
+                weight_decay = group["weight_decay"] if "weight_decay" in group else 0
+                weight_decays.append(weight_decay)
+                group["weight_decay"] = 0
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    param_norm = torch.norm(p.data)
+                    grad_norm = torch.norm(p.grad.data)
+                    if param_norm != 0 and grad_norm != 0:
+                        adaptive_lr = (self.trust_coefficient * param_norm
+                                       / (grad_norm + param_norm * weight_decay + self.eps))
+                        p.grad.data += weight_decay * p.data
+                        p.grad.data *= adaptive_lr
+        self.optim.step()
+        for i, group in enumerate(self.optim.param_groups):
+            group["weight_decay"] = weight_decays[i]
+
+
+def _larc_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[3].bias.zero_()  # a zero-norm parameter: apex leaves its gradient undecayed and unscaled
+    return model
+
+
+def _step_larc_and_apex(name: str):
+    """``name``'s optimizer (build_optimizer over param_groups with every parameter decaying, as the SwAV recipe) and
+    apex's LARC over torch's SGD, on copies of one model, five steps with a moving lr and weight decay: a frozen
+    parameter (no gradient) at the first step, a zero gradient at the third. Returns both models' parameters."""
+    from pretrain.optim import param_groups
+
+    model, ref = _larc_model(), _larc_model()
+    opt = build_optimizer(param_groups(model, 1e-2, decay_norms_and_biases=True), name, 0.5, momentum=0.9,
+                          trust_coefficient=1e-2)
+    groups = param_groups(ref, 1e-2, decay_norms_and_biases=True)
+    apex = _ApexLARC(torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=1e-2), trust_coefficient=1e-2)
+    g = torch.Generator().manual_seed(8)
+    for step in range(5):
+        lr, wd = 0.5 * (1 + step) / 3 if step < 2 else 0.5 * (1 - step / 5), 1e-2 * (1 + 10 * step)
+        for o in (opt, apex):
+            for group in o.param_groups:
+                group["lr"], group["weight_decay"] = lr, wd
+        for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+            grad = 3 * torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        if step == 0:
+            model[0].weight.grad = ref[0].weight.grad = None
+        if step == 2:
+            model[3].weight.grad.zero_()
+            ref[3].weight.grad.zero_()
+        opt.step()
+        apex.step()
+    return list(model.parameters()), list(ref.parameters())
+
+
+def test_larc_is_apex_larc_around_torch_sgd():
+    """LARC over a small MLP with a BatchNorm and a zero-norm bias, every parameter decaying, five steps with a moving
+    lr and weight decay, a frozen parameter and a zero gradient: the weights of apex's LARC (clip=False) around torch's
+    SGD with momentum, as SwAV trains, to float rounding; the zero-norm bias moved by the plain gradient step."""
+    ours, apex = _step_larc_and_apex("larc")
+    for got, want in zip(ours, apex, strict=True):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(p, q) for p, q in zip(ours, _larc_model().parameters()))  # every parameter moved
+
+
+def test_larc_is_not_lars():
+    """On the same steps LARS (the weights' trust ratio of ||g + wd w||, the lr inside the momentum, biases and norms
+    unadapted) ends far from apex's LARC: the test above tells the two apart."""
+    ours, apex = _step_larc_and_apex("lars")
+    gap = max((p - q).abs().max().item() for p, q in zip(ours, apex))
+    assert gap > 1e-3  # 10,000 x the tolerance above
+
+
+def test_larc_lr_multiplies_the_momentum():
+    """Second step: w -= lr2 (m v1 + u2) (torch's SGD: the lr outside the velocity): a schedule that drops the lr to 0
+    stops the weights at once, where LARS would go on by m x its first step; the step reads the group's weight decay."""
+    w = _param(4, 4, seed=4)
+    opt = LARC([w], lr=1.0, momentum=0.9, trust_coefficient=0.01, weight_decay=0.5)
+    assert isinstance(opt, LARS) and "lars" not in opt.param_groups[0]
+    w.grad = torch.ones(4, 4)
+    start = w.detach().clone()
+    opt.step()
+    w_norm = start.norm()
+    rate = 0.01 * w_norm / (w.grad.norm() + 0.5 * w_norm + 1e-8)
+    torch.testing.assert_close(w.detach() - start, -rate * (w.grad + 0.5 * start))
+    opt.param_groups[0]["lr"] = 0.0
+    w.grad = torch.randn(4, 4)
+    before = w.detach().clone()
+    opt.step()
+    assert torch.equal(w.detach(), before)

@@ -64,13 +64,15 @@ def test_recipe_builds_and_steps_at_its_sizes(recipe):
     assert math.isfinite(method(batch)["loss"].item())
 
 
-@pytest.mark.parametrize("recipe", ["simsiam", "mocov2", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("recipe", ["simsiam", "mocov2", "barlow_twins", "vicreg", "swav"])
 def test_recipe_param_groups_follow_the_official_code(recipe):
     """The optimizer groups the engine builds from each ResNet-50 recipe (on the meta device): SimSiam's predictor at
-    a fixed rate and, as MoCo v2's, every parameter decaying; Barlow Twins' biases and BatchNorm parameters at 0.0048 /
-    0.2 of the weights' rate, VICReg's at the same rate, neither decaying; the ResNet's residual blocks starting as
-    their shortcuts in the three recipes whose official code does."""
-    from pretrain.optim import config_param_groups
+    a fixed rate and, as MoCo v2's and SwAV's (torch's SGD over model.parameters(), inside apex's LARC for SwAV), every
+    parameter decaying; SwAV's every parameter adapted too (LARC); Barlow Twins' biases and BatchNorm parameters at
+    0.0048 / 0.2 of the weights' rate, VICReg's at the same rate, neither decaying; the ResNet's residual blocks
+    starting as their shortcuts in the three recipes whose official code does."""
+    from pretrain.engine import optimizer_hyper
+    from pretrain.optim import LARC, LARS, build_optimizer, config_param_groups
 
     cfg = load_config(ROOT / "configs" / f"{recipe}_resnet50_imagenet.yaml")
     with torch.device("meta"):
@@ -80,10 +82,18 @@ def test_recipe_param_groups_follow_the_official_code(recipe):
     fixed = {names[id(p)].split(".")[0] for g in groups if g.get("fixed_lr") for p in g["params"]}
     assert fixed == ({"predictor"} if recipe == "simsiam" else set())
     vectors = [g for g in groups if not any(p.ndim > 1 for p in g["params"])]
-    assert vectors and all(g["decay"] == (recipe in ("simsiam", "mocov2")) for g in vectors)
+    assert vectors and all(g["decay"] == (recipe in ("simsiam", "mocov2", "swav")) for g in vectors)
     assert all(g["lr_mult"] == pytest.approx(0.024 if recipe == "barlow_twins" else 1.0) for g in vectors)
     assert all(g["decay"] and g["lr_mult"] == 1.0 for g in groups if g not in vectors)
-    assert cfg.model.backbone_kwargs.get("zero_init_residual", False) == (recipe != "mocov2")
+    assert cfg.model.backbone_kwargs.get("zero_init_residual", False) == (recipe not in ("mocov2", "swav"))
+    # the optimizer: SGD (SimSiam, MoCo v2), LARC adapting every group (SwAV), LARS adapting the weights only
+    optimizer = build_optimizer(groups, cfg.optim.name, 1.0, **optimizer_hyper(cfg))
+    assert cfg.optim.name == {"simsiam": "sgd", "mocov2": "sgd", "swav": "larc"}.get(recipe, "lars")
+    if isinstance(optimizer, LARC):
+        assert (cfg.optim.trust_coefficient, cfg.optim.momentum) == (1e-3, 0.9) and all(
+            "lars" not in g for g in optimizer.param_groups)
+    elif isinstance(optimizer, LARS):
+        assert [g["lars"] for g in optimizer.param_groups] == [g not in vectors for g in groups]
 
 
 GPUS = {"dino_vits16": 16, "ibot_vits16": 16, "dinov2_vitl16": 32, "mae_vitb16": 32, "simmim_vitb16": 16,
@@ -148,6 +158,8 @@ OFFICIAL = {
         "model.proj_out_dim": 2048, "method.predictor_hidden_dim": 512, "data.aug.crop_scale": (0.2, 1.0)}),
     # facebookresearch/swav scripts/swav_200ep_pretrain.sh: 64 GPUs x 64, base_lr 4.8, final_lr 0.0048
     "swav_resnet50": (4096, 200, 4.8, 0.0048, {
+        "optim.name": "larc", "optim.trust_coefficient": 1e-3, "optim.momentum": 0.9,
+        "optim.decay_norms_and_biases": True,  # LARC(SGD(model.parameters(), ...), 0.001, clip=False) in main_swav.py
         "optim.weight_decay": 1e-6, "optim.warmup_steps": 3130, "method.freeze_last_layer_steps": 313,
         "method.num_prototypes": 3000, "method.temperature": 0.1, "method.sinkhorn_eps": 0.05,
         "data.local_views": 6, "data.aug.crop_scale": (0.14, 1.0), "data.local_crop_scale": (0.05, 0.14)}),

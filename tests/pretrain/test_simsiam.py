@@ -133,4 +133,4 @@ def test_config_errors():
     assert config_error(RECIPE, ["data.num_views=3"]).startswith("data.num_views: simsiam predicts one view")
     assert config_error(RECIPE, ["data.local_views=2"]).startswith("data.num_views: simsiam")
     assert config_error(RECIPE, ["method.loss_impl=triton"]).startswith("method.loss_impl: simsiam's loss has no")
-    assert config_error(RECIPE, ["optim.name=sgdw"]).startswith("optim.name: must be adamw, lars or sgd")
+    assert config_error(RECIPE, ["optim.name=sgdw"]).startswith("optim.name: must be adamw, lars, larc or sgd")
