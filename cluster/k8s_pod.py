@@ -210,29 +210,37 @@ def run_node(pod: Pod, temp_dir: str) -> int:
           flush=True)
     with Children() as children:
         ray = children.start(pod.ray_start(temp_dir, f"--address={address}"))
-        unreachable_since = None
-        while True:
-            try:
-                status = ray.wait(timeout=PROBE_EVERY)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            except Terminated:
-                _serve_the_stop(pod, ray, head_ip)
-                raise
-            now_ip = resolve(pod.head_host)
-            if now_ip is not None and now_ip != head_ip:
-                print(f"ssl-pretrain: {pod.head_host} is now {now_ip}: a new head; leaving the old one", flush=True)
-                return LOST_HEAD
-            if now_ip is not None and answers(head_ip, pod.ray_port):
-                unreachable_since = None
-            elif unreachable_since is None:
-                unreachable_since = time.monotonic()
-            elif time.monotonic() - unreachable_since > HEAD_GRACE:
-                print(f"ssl-pretrain: the Ray head {address} is gone", flush=True)
-                return LOST_HEAD
+        try:
+            status = _watch_head(pod, ray, head_ip)
+        except Terminated:
+            _serve_the_stop(pod, ray, head_ip)
+            raise
+        if status is None:
+            return LOST_HEAD
     print(f"ssl-pretrain: the Ray node exited with status {status}", flush=True)
     return LOST_HEAD if resolve(pod.head_host) != head_ip or not answers(head_ip, pod.ray_port) else (status or 1)
+
+
+def _watch_head(pod: Pod, ray: subprocess.Popen, head_ip: str) -> int | None:
+    """The Ray node's exit status once it ends; None (with a line) as soon as its head is gone: replaced (the head's
+    name resolves to another IP) or unreachable for ``HEAD_GRACE`` seconds."""
+    unreachable_since = None
+    while True:
+        try:
+            return ray.wait(timeout=PROBE_EVERY)
+        except subprocess.TimeoutExpired:
+            pass
+        now_ip = resolve(pod.head_host)
+        if now_ip is not None and now_ip != head_ip:
+            print(f"ssl-pretrain: {pod.head_host} is now {now_ip}: a new head; leaving the old one", flush=True)
+            return None
+        if now_ip is not None and answers(head_ip, pod.ray_port):
+            unreachable_since = None
+        elif unreachable_since is None:
+            unreachable_since = time.monotonic()
+        elif time.monotonic() - unreachable_since > HEAD_GRACE:
+            print(f"ssl-pretrain: the Ray head {head_ip}:{pod.ray_port} is gone", flush=True)
+            return None
 
 
 def _serve_the_stop(pod: Pod, ray: subprocess.Popen, head_ip: str) -> None:

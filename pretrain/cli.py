@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         "stop", help="have a training run checkpoint at its next logged step and end there",
         description="Ask the run training in RUN to stop: every rank checkpoints at the next logged step "
         "(job.log_every) and the run ends there, its MLflow run marked KILLED; `pretrain train --resume RUN` (or the "
-        "torchrun command again) goes on from that step. A Slurm job asks this of its run at its time-limit warning. "
+        "torchrun command again) goes on from that step. A Slurm job asks this of its run at its time-limit warning, "
+        "a Kubernetes pod when it is stopped. "
         "A run that is not training drops the request when it next starts.")
     st.add_argument("run", type=_path, help="the run directory")
 
