@@ -59,7 +59,11 @@ def _worker(rank: int, port: int, root: str) -> None:
     # LARS under ZeRO 1-3 too: each parameter's norms summed over the pieces the ranks' flat partitions hold
     lars_zero = [(f"lars-zero{stage}", _cfg(stage, "fp32", *lars)) for stage in (1, 2, 3)]
     lars_zero.append(("lars-zero2-offload", _cfg(2, "fp32", *lars, offload="cpu")))  # the CPU partitions
-    for name, cfg in (("lars", _cfg(0, "fp32", *lars)), *lars_zero, ("sgd", sgd)):
+    # SwAV's LARC (every parameter adapted and decaying) under ZeRO 2 and 3, its norms summed over the pieces as LARS's
+    larc = ("optim.name=larc", "optim.lr=0.3", "optim.weight_decay=1e-3", "optim.grad_clip=0", "model.sync_bn=true",
+            "optim.decay_norms_and_biases=true")
+    larc_zero = [(f"larc-zero{stage}", _cfg(stage, "fp32", *larc)) for stage in (2, 3)]
+    for name, cfg in (("lars", _cfg(0, "fp32", *lars)), *lars_zero, *larc_zero, ("sgd", sgd)):
         _plain_optimizer(rank, root, name, cfg, build_engine, build_method, full_state_dict, load_checkpoint,
                          save_checkpoint)
     _moco_frozen_patches(rank, root, build_engine, build_method, full_state_dict, load_checkpoint, save_checkpoint)
@@ -439,11 +443,12 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(stage, results):
 
 @pytest.mark.parametrize("name, optimizer, split", [
     ("lars", "LARS", 0), ("lars-zero1", "LARS", 1), ("lars-zero2", "LARS", 1), ("lars-zero3", "LARS", 10),
-    ("lars-zero2-offload", "LARS", 1), ("sgd", "SGD", 1)])
+    ("lars-zero2-offload", "LARS", 1), ("larc-zero2", "LARC", 1), ("larc-zero3", "LARC", 10), ("sgd", "SGD", 1)])
 def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimizer, split):
     """LARS (SimCLR, its biases at half the rate as Barlow Twins' are slower) under ZeRO 0, which hands it each
     parameter whole, and under ZeRO 1, 2 and 3 (and 2 with its partitions offloaded to the CPU), whose flat partitions
-    split parameters between the ranks (at least ``split`` of them on rank 0), and SGD with momentum (SimSiam as its
+    split parameters between the ranks (at least ``split`` of them on rank 0), LARC (SwAV's: every parameter adapted
+    and decaying) under ZeRO 2 and 3, and SGD with momentum (SimSiam as its
     paper: the predictor at a fixed rate, every parameter decaying) under ZeRO-2: the weights after 3 steps on 2 ranks
     are those of the plain optimizer on the ranks' averaged gradients (a trust ratio from one rank's pieces would not
     match), and a fresh engine that loads the checkpoint (momentum, groups and their rates included) takes the same
@@ -465,6 +470,8 @@ def test_engine_steps_as_the_plain_optimizer_and_resumes(results, name, optimize
     if optimizer == "LARS":  # SimCLR's: only the weights decay; every rate follows the schedule, the biases' at half
         assert [(fixed, decay) for fixed, decay, _, _ in built] == [(False, True), (False, False)]
         assert built[1][2] == pytest.approx(0.5 * built[0][2]) and built[0][2] > 0
+    elif optimizer == "LARC":  # SwAV's: every parameter decays, at the scheduled rate and decay
+        assert [decay for _, decay, _, _ in built] == [True] * len(built) and len({wd for *_, wd in built}) == 1
     else:  # SimSiam's, as its paper: every parameter decays; the predictor keeps the peak rate at step 4 of 5
         assert [(fixed, decay) for fixed, decay, _, _ in built] == [(False, True), (False, True), (True, True),
                                                                      (True, True)]
