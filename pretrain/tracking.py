@@ -120,6 +120,12 @@ class NullTracker(_RunContext):
     def log_resumed_params(self, params) -> dict[str, str]:
         return {}
 
+    def changed_since_last_start(self, params) -> dict[str, str]:
+        return {}
+
+    def last_logged_step(self, key: str = "loss") -> int:
+        return -1
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
@@ -311,16 +317,41 @@ class MLflowTracker(_RunContext):
     def log_resumed_params(self, params) -> dict[str, str]:
         """On a resumed run whose config was changed (``--resume --set optim.lr=...``): the params whose value differs
         from the one logged become tags ``resumed.<param>`` with the value the run goes on with (params are immutable;
-        a later resume sets them again), params not logged before are logged. Returns the changed ones."""
+        a later resume sets them again, also back to the logged value), params not logged before are logged. Returns
+        the changed ones."""
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
-        existing = self._client.get_run(self.run_id).data.params
+        data = self._client.get_run(self.run_id).data
+        existing, tags = data.params, data.tags
         changed = {k: v for k, v in flat.items() if k in existing and existing[k] != v}
         self.log_params({k: v for k, v in flat.items() if k not in existing})
-        if changed:
-            self.set_tags({f"resumed.{k}": v for k, v in changed.items()})
+        retag = {f"resumed.{k}": v for k, v in flat.items() if k in changed or tags.get(f"resumed.{k}", v) != v}
+        if retag:
+            self.set_tags(retag)
         return changed
+
+    def changed_since_last_start(self, params) -> dict[str, str]:
+        """The flattened ``params`` whose value differs from the one the run's last start went on with (its logged
+        param, or the ``resumed.<param>`` tag a resume with another value set). Call before :meth:`log_resumed_params`,
+        which sets those tags."""
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        data = self._client.get_run(self.run_id).data
+        last = {**data.params, **{k[len("resumed."):]: v for k, v in data.tags.items() if k.startswith("resumed.")}}
+        flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
+        return {k: v for k, v in flat.items() if k in last and last[k] != v}
+
+    def last_logged_step(self, key: str = "loss") -> int:
+        """The last step at which the run holds ``key``, on its store or kept to be sent (-1: none; -1 too where the
+        store does not answer, said in one line)."""
+        try:
+            self._check_up()
+            held = self._client.get_metric_history(self.run_id, key)
+        except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP stack's many types
+            print(f"Warning: could not read MLflow run {self.run_id}'s last logged step ({_short(err)})", flush=True)
+            return -1
+        return max([m.step for m in held] + [m.step for m in self._buffer if m.key == key], default=-1)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer ``metrics`` at ``step`` (values may be floats or 0-d tensors); sent in batches."""

@@ -154,7 +154,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     stop_file = run_dir / STOP_FILE
     if rank == 0:
         stop_file.unlink(missing_ok=True)  # asked of an earlier start (the request it ended on, or one it never saw)
-    tracker = _open_tracker(cfg, run_dir, rank)
+    tracker, changed = _open_tracker(cfg, run_dir, rank)
     if rank == 0 and cfg.optim.lr_scaling != "none":
         from pretrain.engine import peak_lr
 
@@ -162,6 +162,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
         print(f"Learning rate: optim.lr {cfg.optim.lr:g} scaled ({cfg.optim.lr_scaling}) from a global batch of "
               f"{cfg.optim.base_batch_size} to {batch}: {peak_lr(cfg, world):g}", flush=True)
     history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
+    # the steps since the checkpoint that the interrupted run had logged: not logged again where they come again as
+    # they were (rank 0; -1 elsewhere and on a new run)
+    replayed = _replayed(tracker, history, step, exact=resume is not None and not changed) if rank == 0 else -1
     needs_text = METHODS[cfg.method.name].needs_text
     stream = make_train_stream(
         resolve_shards(cfg.data, captions=needs_text),
@@ -200,7 +203,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     try:
         system = _system_metrics(cfg, run_dir, tracker, rank, world)
         if monitor is not None and step == 0:  # the curve starts at the initialisation
-            _watch(monitor, engine, tracker, 0)
+            _watch(monitor, engine, tracker, 0, replayed)
         t_last = time.perf_counter()
         batches = iter(stream)
         while step < cfg.job.max_steps:
@@ -220,14 +223,14 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             if step % cfg.job.log_every == 0 or checkpoint:  # flushed before a checkpoint: a non-finite loss stops
                 # the run before it; a stop asked of rank 0 is every rank's (the same collective)
                 metrics, asked = _flush(pending, cfg, world, tracker, history, stream.stats,
-                                        stop_asked=rank == 0 and stop_file.exists())
+                                        stop_asked=rank == 0 and stop_file.exists(), replayed=replayed)
                 pending.clear()
                 stopping = asked and not last
                 checkpoint = checkpoint or stopping
                 if bar is not None:
                     _show_progress(bar, step, metrics)
             if monitor is not None and monitor.due(step):  # before the checkpoint: a resume after it has this point
-                _watch(monitor, engine, tracker, step)
+                _watch(monitor, engine, tracker, step, replayed)
                 t_last = time.perf_counter()  # the monitor's time is not the next step's
             if checkpoint:
                 tracker.flush()  # what MLflow has reaches this checkpoint: a restart from it loses no point
@@ -289,6 +292,8 @@ def optimizer_step(engine, batches: Iterator[dict], step: int, max_steps: int,
 
 
 def _open_tracker(cfg: Config, run_dir: Path, rank: int):
+    """Rank 0's MLflow run (a new one, or a resumed run's), and the config's params changed since that run's last
+    start (a NullTracker and none elsewhere)."""
     out_dir = run_dir.parent
     uri = cfg.tracking.uri or default_tracking_uri(out_dir)
     id_file = run_dir / RUN_ID_FILE
@@ -302,17 +307,40 @@ def _open_tracker(cfg: Config, run_dir: Path, rank: int):
         artifact_location=None if cfg.tracking.uri else default_artifact_location(out_dir),
         unsent_file=run_dir / UNSENT_FILE,
     )
+    changed = {}
     if rank == 0:
         if run_id is None:
             id_file.write_text(tracker.run_id + "\n")
             tracker.log_params(to_dict(cfg))
             tracker.log_artifact(run_dir / "config.yaml")
             tracker.set_tags(_branch_tags(run_dir / BRANCH_FILE, uri))
-        elif tracker.log_resumed_params(to_dict(cfg)):  # resumed with --set: what it goes on with
-            tracker.log_artifact(run_dir / "config.yaml")
+        else:
+            changed = tracker.changed_since_last_start(to_dict(cfg))
+            if tracker.log_resumed_params(to_dict(cfg)):  # resumed with --set: what it goes on with
+                tracker.log_artifact(run_dir / "config.yaml")
         tracker.set_tags({RUN_DIR_TAG: str(run_dir), **_job_tags()})
         print(f"MLflow: {uri} run {tracker.run_id}", flush=True)
-    return tracker
+    return tracker, changed
+
+
+def _replayed(tracker, history, resumed_at: int, *, exact: bool) -> int:
+    """The last step a resume from step ``resumed_at`` trains again that the interrupted run had logged (to MLflow or
+    to ``history``), where it is ``exact`` (at its saved data position and random streams, under the config of the
+    run's last start): those steps come again as they were (bitwise on a CPU; a GPU's nondeterministic kernels may
+    move the last digits), so their points, already logged, are not logged again (-1: every step is logged). Where the
+    resume is not exact, they are logged again beside the earlier ones, and one line says so."""
+    in_mlflow, in_history = tracker.last_logged_step(), history.last_step()
+    logged = max(in_mlflow, in_history)
+    if logged <= resumed_at:
+        return -1
+    steps = f"Steps {resumed_at + 1}-{logged}"
+    if not exact:
+        print(f"{steps}, logged before, are trained again otherwise (another config or number of ranks): MLflow and "
+              f"{history.path.name} keep both values of each", flush=True)
+        return -1
+    print(f"{steps}, logged before, are trained again as they were: not logged twice", flush=True)
+    history.skip_through = in_history  # each its own: MLflow's last points may have been lost in the buffer
+    return in_mlflow
 
 
 def _system_metrics(cfg: Config, run_dir: Path, tracker, rank: int, world: int):
@@ -372,9 +400,10 @@ def schedule_lr(engine) -> float:
 
 
 def _flush(pending, cfg: Config, world: int, tracker, history, data_stats,
-           stop_asked: bool = False) -> tuple[dict[str, float], bool]:
-    """The ``pending`` steps' values logged; returns the last step's metrics and whether any rank was asked to stop
-    (``stop_asked``). Collective: every rank calls it at the same steps."""
+           stop_asked: bool = False, replayed: int = -1) -> tuple[dict[str, float], bool]:
+    """The ``pending`` steps' values logged (but those of steps up to ``replayed``, logged before: see
+    :func:`_replayed`); returns the last step's metrics and whether any rank was asked to stop (``stop_asked``).
+    Collective: every rank calls it at the same steps."""
     # one host transfer for every value of every pending step (the method's parts of the loss, e.g. iBOT's cls_loss and
     # patch_loss, go to MLflow beside the loss)
     values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
@@ -390,9 +419,11 @@ def _flush(pending, cfg: Config, world: int, tracker, history, data_stats,
             "images_per_s_per_worker": per_worker,
             "epoch": float(epoch),
         }
-        tracker.log_metrics(metrics, step=step)
-        history.add(step, metrics)
-    tracker.log_metrics({f"data_{k}": float(v) for k, v in data_stats.items()}, step=pending[-1][0])
+        if step > replayed:
+            tracker.log_metrics(metrics, step=step)
+        history.add(step, metrics)  # which skips its own (_History.skip_through)
+    if pending[-1][0] > replayed:
+        tracker.log_metrics({f"data_{k}": float(v) for k, v in data_stats.items()}, step=pending[-1][0])
     return metrics, asked
 
 
@@ -411,12 +442,14 @@ def _knn_monitor(cfg: Config, rank: int, world: int, device: torch.device):
     return monitor
 
 
-def _watch(monitor, engine, tracker, step: int) -> None:
-    """The monitor on every rank (collective); rank 0 logs its kNN top-1 at ``step`` and prints it."""
+def _watch(monitor, engine, tracker, step: int, replayed: int = -1) -> None:
+    """The monitor on every rank (collective); rank 0 logs its kNN top-1 at ``step`` (unless logged before: up to
+    ``replayed``) and prints it."""
     scores = monitor(engine.module.backbone)
     if scores is None:
         return
-    tracker.log_metrics(scores, step=step)
+    if step > replayed:
+        tracker.log_metrics(scores, step=step)
     print(f"step {step}: kNN top-1 {scores['knn_top1']:.4f} ({scores['knn_seconds']:.1f} s)", flush=True)
 
 
@@ -550,9 +583,10 @@ class _History:
 
     def __init__(self, path: Path, *, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+        self.skip_through = -1  # rows of steps up to this one are in the file already (see _replayed)
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or step <= self.skip_through:
             return
         new = not self.path.exists()
         with self.path.open("a", newline="") as f:
@@ -570,6 +604,13 @@ class _History:
                 rows[int(row["step"])] = float(row["loss"])  # a resumed run may repeat steps: the later value wins
         steps = sorted(rows)
         return steps, [rows[s] for s in steps]
+
+    def last_step(self) -> int:
+        """The file's last step (-1: none, or not rank 0's)."""
+        if not (self.enabled and self.path.exists()):
+            return -1
+        with self.path.open() as f:
+            return max((int(row["step"]) for row in csv.DictReader(f)), default=-1)
 
 
 def _progress(cfg: Config, start: int, *, enabled: bool):

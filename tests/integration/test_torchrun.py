@@ -139,6 +139,7 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, capsys, recipe
         assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (out / "backbone.pt").is_file()
         _diverging_continuation_stops_before_checkpointing(cut)
         _branch_goes_on_as_the_run_did(whole, expected, capsys)
+        _a_crash_after_logging_logs_each_step_once(whole, expected)
 
 
 def _branch_goes_on_as_the_run_did(whole: Path, expected: dict[int, str], capsys) -> None:
@@ -161,6 +162,27 @@ def _branch_goes_on_as_the_run_did(whole: Path, expected: dict[int, str], capsys
     tags = MlflowClient(f"sqlite:///{whole.parent / 'mlflow.db'}").get_run(child).data.tags  # nested under the run
     assert tags["mlflow.parentRunId"] == tags["branched_from.mlflow_run_id"] == parent
     assert tags["branched_from.step"] == "10" and tags["branched_from.run_dir"] == str(whole)
+
+
+def _a_crash_after_logging_logs_each_step_once(run: Path, expected: dict[int, str]) -> None:
+    """The run as a crash after step 12 had left it, its checkpoints after step 5 lost (its MLflow run and metrics.csv
+    hold steps 1-12): the resume trains steps 6-12 again as they were (the cut run above shows it) and logs none of
+    them twice, in MLflow or metrics.csv, and finishes."""
+    from mlflow import MlflowClient
+
+    for name in ("step_0000010", "step_0000012"):
+        shutil.rmtree(run / "checkpoints" / name)
+    (run / "backbone.pt").unlink()
+    again = _torchrun(run)
+    assert "at step 5 (epoch 0), reading on from its data position" in again.stdout
+    assert "Steps 6-12, logged before, are trained again as they were: not logged twice" in again.stdout
+    rows = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert rows == [str(s) for s in range(1, 13)] and _losses(run) == expected
+    client = MlflowClient(f"sqlite:///{run.parent / 'mlflow.db'}")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 13))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "images_per_s")) == list(range(1, 13))
+    assert client.get_run(run_id).info.status == "FINISHED" and (run / "backbone.pt").is_file()
 
 
 def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:

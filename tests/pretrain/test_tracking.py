@@ -129,14 +129,23 @@ def test_a_resume_with_changed_params_tags_what_it_goes_on_with(mlflow_server, r
     first.log_params(CONFIG)
     first.finish()
     resumed = MLflowTracker(mlflow_server, experiment=experiment, run_id=first.run_id)
-    assert resumed.log_resumed_params(CONFIG) == {}
+    assert resumed.changed_since_last_start(CONFIG) == {} and resumed.log_resumed_params(CONFIG) == {}
     changed = {**CONFIG, "optim": {**CONFIG["optim"], "lr": 5e-4}, "job": {"max_steps": 40}}
+    assert resumed.changed_since_last_start(changed) == {"optim.lr": "0.0005"}  # (job.max_steps: new to the run)
     assert resumed.log_resumed_params(changed) == {"optim.lr": "0.0005"}
     run = MlflowClient(mlflow_server).get_run(first.run_id)
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["job.max_steps"] == "40"
     assert run.data.tags["resumed.optim.lr"] == "0.0005"
-    assert resumed.log_resumed_params({**changed, "optim": {**CONFIG["optim"], "lr": 1e-4}}) == {"optim.lr": "0.0001"}
+    # the next resume with that config: changed since the run began, not since its last start (which went on with it)
+    assert resumed.changed_since_last_start(changed) == {}
+    lower = {**changed, "optim": {**CONFIG["optim"], "lr": 1e-4}}
+    assert resumed.changed_since_last_start(lower) == {"optim.lr": "0.0001"}
+    assert resumed.log_resumed_params(lower) == {"optim.lr": "0.0001"}
     assert MlflowClient(mlflow_server).get_run(first.run_id).data.tags["resumed.optim.lr"] == "0.0001"
+    # back to the logged value: a change since the last start, and the tag says what the run goes on with
+    assert resumed.changed_since_last_start(CONFIG) == {"optim.lr": "0.001"}
+    assert resumed.log_resumed_params(CONFIG) == {}
+    assert MlflowClient(mlflow_server).get_run(first.run_id).data.tags["resumed.optim.lr"] == "0.001"
 
 
 def test_resume_unknown_run_id_is_a_value_error(mlflow_server, request):
@@ -176,6 +185,11 @@ def test_a_server_that_goes_away_costs_no_training_and_no_metric(tmp_path, monke
     assert tries == [] and len(tracker._buffer) == 2 + 1800
     tracker._client.log_batch = send
     tracker._buffer = tracker._buffer[:2]
+    # where the store does not answer, a resume cannot tell which steps it holds: none (every step logged again)
+    capsys.readouterr()
+    assert tracker.last_logged_step() == -1
+    assert capsys.readouterr().out.startswith(f"Warning: could not read MLflow run {tracker.run_id}'s last logged "
+                                              "step (")
     assert out.strip().endswith("training goes on, and they are kept and sent again (tried every 60 s)")
     assert "\n" not in out.strip()
     # an artifact the server does not take (a finished run's backbone.pt) is one line, not the end of the training
@@ -185,6 +199,7 @@ def test_a_server_that_goes_away_costs_no_training_and_no_metric(tmp_path, monke
     tracker.finish("FAILED")  # no exception
     assert capsys.readouterr().out.startswith(f"Warning: could not mark MLflow run {tracker.run_id} FAILED at {uri} (")
     with serving(tmp_path, port):
+        assert tracker.last_logged_step() == 3 and tracker.last_logged_step("other") == -1  # step 1's held, 2-3 kept
         tracker._finished = False  # the same tracker, the server back: what it kept goes out
         tracker.finish("FINISHED")
         assert capsys.readouterr().out.startswith(f"MLflow at {uri} takes the metrics again; the kept ones are "
@@ -570,3 +585,34 @@ def test_unreachable_server_is_a_one_line_connection_error():
         with pytest.raises(ConnectionError, match=rf"tracking server http://127.0.0.1:{port} is not reachable"):
             MLflowTracker(f"http://127.0.0.1:{port}", experiment="e")
     assert time.monotonic() - start < 10
+
+
+def test_a_resume_behind_the_logged_steps_logs_each_step_once_where_they_come_again_as_they_were(tmp_path, capsys):
+    """A run that logged steps 1-8 to MLflow and 1-9 to metrics.csv (MLflow's buffer lost step 9 in the crash),
+    resumed from its step-5 checkpoint: where the resume is exact, steps 6-8 go to MLflow no more and 6-9 to
+    metrics.csv no more (step 9 to MLflow does); where it is not (another config or number of ranks), every step is
+    logged again, beside the earlier values, and one line says so. A resume at the last logged step says nothing."""
+    from pretrain.trainer import _History, _replayed
+
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="replay")
+    for step in range(1, 9):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    tracker.flush()
+    rows = tmp_path / "metrics.csv"
+    history = _History(rows, enabled=True)
+    row = {"loss": 0.5, "lr": 0.1, "images_per_s": 10.0, "step_time_s": 0.1, "epoch": 0.0}
+    for step in range(1, 10):
+        history.add(step, row)
+    capsys.readouterr()
+    assert _replayed(tracker, _History(rows, enabled=True), 9, exact=True) == -1 and capsys.readouterr().out == ""
+    assert _replayed(tracker, history, 5, exact=False) == -1
+    assert capsys.readouterr().out == ("Steps 6-9, logged before, are trained again otherwise (another config or "
+                                       "number of ranks): MLflow and metrics.csv keep both values of each\n")
+    assert history.skip_through == -1
+    assert _replayed(tracker, history, 5, exact=True) == 8
+    assert capsys.readouterr().out == "Steps 6-9, logged before, are trained again as they were: not logged twice\n"
+    for step in range(6, 11):
+        history.add(step, row)
+    assert [int(line.split(",")[0]) for line in rows.read_text().splitlines()[1:]] == list(range(1, 11))
+    assert history.last_step() == 10 and _History(rows, enabled=False).last_step() == -1
+    tracker.finish()
