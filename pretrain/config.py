@@ -66,6 +66,10 @@ class ModelConfig:
     """BatchNorm statistics of the global batch (every rank's samples) in training, in the backbone and the heads
     (SimCLR's and BYOL's global BN; pretrain.sync_bn): two small all-reduces per BatchNorm layer and forward. Off:
     each rank normalises by its own batch. No effect on one rank or on models without BatchNorm."""
+    sync_bn_group: int = 0
+    """With ``sync_bn``: the statistics of groups of this many consecutive ranks (apex's
+    ``create_syncbn_process_group``, as SwAV's official ``--syncbn_process_group_size 8``); 0, or as many ranks as
+    there are or more: every rank. Fewer than the ranks must divide their number."""
     compile: bool = False
     """torch.compile the training forward (the method's, loss included; ``nn.Module.compile``, in place: parameter
     names, checkpoints and the evaluation unchanged): the first step compiles (tens of seconds), later ones run the
@@ -76,6 +80,7 @@ class ModelConfig:
         _check(self.proj_hidden_dim > 0, "proj_hidden_dim", "must be > 0")
         _check(self.proj_out_dim > 0, "proj_out_dim", "must be > 0")
         _check(self.proj_layers >= 1, "proj_layers", "must be >= 1")
+        _check(self.sync_bn_group >= 0, "sync_bn_group", f"must be >= 0 (0 = every rank), got {self.sync_bn_group}")
 
 
 @dataclass(kw_only=True)
@@ -627,6 +632,11 @@ class Config:
                "scale)")
         _check(not self.model.proj_last_bn_scale or self.model.proj_last_bn, "model.proj_last_bn_scale",
                "scales the projector's last BatchNorm: set model.proj_last_bn=true too")
+        _check(not self.model.sync_bn_group or self.model.sync_bn, "model.sync_bn_group",
+               "groups the ranks of model.sync_bn's statistics: set model.sync_bn=true too")
+        group, workers = self.model.sync_bn_group, self.job.num_workers
+        _check(group == 0 or workers <= group or workers % group == 0, "model.sync_bn_group",
+               f"{self.model.sync_bn_group} ranks a group does not divide job.num_workers {self.job.num_workers}")
         _check(self.optim.warmup_steps < self.job.max_steps, "optim.warmup_steps",
                f"must be < job.max_steps, got {self.optim.warmup_steps} and {self.job.max_steps}; for a short run "
                "lower it too (--set optim.warmup_steps=N)")

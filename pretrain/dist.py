@@ -116,6 +116,23 @@ def all_reduce_mean(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor
     return out.div_(world_size(group))
 
 
+def consecutive_group(size: int) -> dist.ProcessGroup | None:
+    """This rank's group of ``size`` consecutive ranks (0, 1, ...; apex's ``create_syncbn_process_group``); None (the
+    whole world) for 0, for the world's size or more, and when not distributed. Collective: every rank creates every
+    group, in the same order. ValueError (one line) where ``size`` does not divide the world."""
+    world = world_size()
+    if size == 0 or size >= world or not is_initialized():
+        return None
+    if size < 0 or world % size:
+        raise ValueError(f"model.sync_bn_group: {size} ranks a group does not divide the {world} ranks")
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank() < start + size:
+            mine = group
+    return mine
+
+
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     """Wait for every rank; a no-op when not distributed."""
     if world_size(group) > 1:

@@ -298,7 +298,8 @@ def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
     keys = [("method", "name"), ("zero", "stage"), ("optim", "name"), ("optim", "accum_steps"),
             ("optim", "layer_decay"), ("optim", "patch_embed_lr_mult"), ("optim", "norm_bias_lr_mult"),
             ("optim", "fixed_lr"), ("optim", "decay_norms_and_biases")]  # these five: the optimizer's param groups
-    keys += [("model", k) for k in sorted(old["model"]) if k not in ("sync_bn", "compile")]  # same weights either way
+    same = ("sync_bn", "sync_bn_group", "compile")
+    keys += [("model", k) for k in sorted(old["model"]) if k not in same]  # same weights either way
     # a method key that shapes the method's weights or buffers (DINO's and SwAV's prototypes, MAE's decoder, a queue)
     changed = [k for k in sorted(old["method"]) if k != "name" and old["method"][k] != new["method"].get(k)]
     keys += [("method", k) for k in changed if _changes_state(before, old, k, new["method"][k])]

@@ -114,7 +114,9 @@ def build_method(cfg: Config, *, distributed: bool):
     gather = dist.gather_with_grad if distributed and cfg.method.gather_distributed else None
     reduce = dist.all_reduce_mean if distributed else None
     method = METHODS[cfg.method.name](cfg, gather=gather, reduce=reduce, rank=dist.rank())
-    return convert_sync_bn(method) if distributed and cfg.model.sync_bn else method
+    if not (distributed and cfg.model.sync_bn):
+        return method
+    return convert_sync_bn(method, dist.consecutive_group(cfg.model.sync_bn_group))
 
 
 def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float]:

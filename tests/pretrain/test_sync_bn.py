@@ -135,3 +135,71 @@ def test_recipes_that_ask_for_it_convert():
     norms = [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(isinstance(m, SyncBatchNorm) for m in norms)
     assert not any(isinstance(m, SyncBatchNorm) for m in build_method(cfg, distributed=False).modules())
+
+
+def _group_worker(rank: int, port: int, root: str) -> None:
+    """4 ranks, groups of 2: ranks 0-1 and 2-3 each normalise by their pair's batch; and a recipe's method built with
+    model.sync_bn_group=2."""
+    from pretrain.dist import consecutive_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=4)
+    try:
+        consecutive_group(3)
+    except ValueError as err:  # raised by every rank before any group is made: no rank waits on another
+        refused = str(err)
+    net = convert_sync_bn(_net(), consecutive_group(2))
+    x, w = _data(0)  # 8 samples: 2 a rank
+    rows = slice(rank * 2, (rank + 1) * 2)
+    out, _, x_grad = _step(net, x[rows], w[rows])
+    from pretrain.config import load_config
+    from pretrain.trainer import build_method
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "byol_digits.yaml",
+                      ["model.sync_bn=true", "model.sync_bn_group=2", "job.num_workers=4"])
+    built = build_method(cfg, distributed=True)  # the recipe's method: each BatchNorm over this rank's pair
+    sizes = {torch.distributed.get_world_size(m.group) for m in built.modules() if isinstance(m, SyncBatchNorm)}
+    torch.save({"out": out, "x_grad": x_grad, "state": net.state_dict(), "refused": refused, "sizes": sizes},
+               f"{root}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_groups_of_ranks_normalise_as_their_own_batches(tmp_path):
+    """model.sync_bn_group=2 over 4 ranks (SwAV's official BatchNorm groups of 8 GPUs, at 2): each pair of consecutive
+    ranks gives what BatchNorm gives the pair's batch in one process, outputs, input gradients and running statistics,
+    and the two pairs' statistics differ; a group size that does not divide the ranks is one line on every rank."""
+    spawn_ranks(_group_worker, 4, str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    assert got[0]["refused"] == "model.sync_bn_group: 3 ranks a group does not divide the 4 ranks"
+    assert all(g["sizes"] == {2} for g in got)  # build_method's conversion, from the config
+    x, w = _data(0)
+    for pair in (0, 1):
+        rows = slice(pair * 4, pair * 4 + 4)
+        net = _net()
+        out, _, x_grad = _step(net, x[rows], w[rows])
+        for r in (2 * pair, 2 * pair + 1):
+            mine = slice((r - 2 * pair) * 2, (r - 2 * pair) * 2 + 2)
+            torch.testing.assert_close(got[r]["out"], out[mine], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[r]["x_grad"] / 2, x_grad[mine], rtol=1e-4, atol=1e-7)  # the pair's 2 losses
+            for k, v in net.state_dict().items():
+                torch.testing.assert_close(got[r]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"rank {r} {k}")
+    assert not torch.allclose(got[0]["state"]["1.running_mean"], got[2]["state"]["1.running_mean"])
+
+
+def test_a_group_size_is_checked_against_the_workers():
+    """model.sync_bn_group needs model.sync_bn, must divide job.num_workers where it is fewer, and is every rank where
+    it is as many or more (a recipe's 8 on a run of 2 workers)."""
+    from pretrain.config import ConfigError, load_config
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "byol_digits.yaml"
+    for sets, message in ((["model.sync_bn=false", "model.sync_bn_group=2"], "model.sync_bn_group: groups the ranks "
+                           "of model.sync_bn's statistics: set model.sync_bn=true too"),
+                          (["model.sync_bn=true", "model.sync_bn_group=4", "job.num_workers=6"], "model.sync_bn_group: "
+                           "4 ranks a group does not divide job.num_workers 6"),
+                          (["model.sync_bn_group=-1"], "model.sync_bn_group: must be >= 0 (0 = every rank), got -1")):
+        with pytest.raises(ConfigError) as err:
+            load_config(recipe, sets)
+        assert str(err.value) == message
+    assert load_config(recipe, ["model.sync_bn=true", "model.sync_bn_group=8", "job.num_workers=2"])
+    swav = load_config(Path(__file__).resolve().parents[2] / "configs" / "swav_resnet50_imagenet.yaml")
+    assert swav.model.sync_bn and swav.model.sync_bn_group == 8
