@@ -216,8 +216,12 @@ def _pod_env(container: dict, index: int, ip: str, root: Path) -> dict[str, str]
     system's that the rest of the suite builds DeepSpeed's op with, and the two would rebuild it for each other)."""
     image_bin = root / "image-bin"
     image_bin.mkdir(exist_ok=True)
-    (image_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
-    (image_bin / "python").chmod(0o755)
+    if not (image_bin / "python").is_file():  # written once: rewritten for the next pod while this pod's shell looked
+        # it up, it was half there, and the shell took the next python on PATH (not the venv's: No module 'cluster')
+        script = image_bin / "python.tmp"
+        script.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+        script.chmod(0o755)
+        script.replace(image_bin / "python")
     env = {**os.environ, "PATH": f"{image_bin}:{os.environ['PATH']}"}
     job = next(var["value"] for var in container["env"] if var["name"] == "PRETRAIN_K8S_JOB")
     pod = {"status.podIP": ip, "metadata.name": f"{job}-{index}-{uuid.uuid4().hex[:5]}",

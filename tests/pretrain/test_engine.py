@@ -385,7 +385,9 @@ def _one_stage(stage, precision, offload, ckpt, out, build_engine, build_method,
     g = torch.Generator().manual_seed(rank)
     losses = []
     for _ in range(3):
-        views = [torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)]
+        # 16 images a rank: at 8, the third step's gradients came from an ill-conditioned point, where on an Intel
+        # Xeon at one thread the offloaded run's weights, 7e-8 from the plain run's, gave gradients 5% apart
+        views = [torch.randn(16, 1, 16, 16, generator=g) for _ in range(2)]
         loss = engine({"views": views})["loss"]
         engine.backward(loss)
         engine.step()
@@ -743,8 +745,8 @@ def test_zero_stage_trains_saves_and_restores(stage, precision, offload, results
     if offload == "cpu":
         plain = torch.load(results / f"result{stage}-{precision}-none.pt", weights_only=False)
         assert r["losses"] == pytest.approx(plain["losses"], rel=1e-6)
-        for k, v in plain["trained"].items():
-            torch.testing.assert_close(r["trained"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+        for k, v in plain["trained"].items():  # atol: 1/4000 of a step's lr (4e-3), what an AdamW slip would exceed
+            torch.testing.assert_close(r["trained"][k], v, rtol=1e-5, atol=1e-6, msg=k)
             assert torch.equal(r["loaded_from_plain"][k], v), k
             assert torch.equal(r["loaded_without"][k], r["trained"][k]), k
     assert r["state"]["step"] == 3
