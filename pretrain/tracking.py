@@ -96,6 +96,13 @@ def flatten_params(params, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _as_logged(params) -> dict[str, str]:
+    """``params`` flattened as MLflow holds them: dotted keys, ``str()`` values truncated to its limit."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    return {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
+
+
 class _RunContext:
     """``with tracker:`` ends the run FINISHED, or FAILED when the body raises."""
 
@@ -302,9 +309,9 @@ class MLflowTracker(_RunContext):
         because MLflow params are immutable.
         """
         from mlflow.entities import Param
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 
-        flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
+        flat = _as_logged(params)
         existing = self._client.get_run(self.run_id).data.params
         changed = [k for k, v in flat.items() if k in existing and existing[k] != v]
         if changed:
@@ -319,9 +326,7 @@ class MLflowTracker(_RunContext):
         from the one logged become tags ``resumed.<param>`` with the value the run goes on with (params are immutable;
         a later resume sets them again, also back to the logged value), params not logged before are logged. Returns
         the changed ones."""
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
-        flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
+        flat = _as_logged(params)
         data = self._client.get_run(self.run_id).data
         existing, tags = data.params, data.tags
         changed = {k: v for k, v in flat.items() if k in existing and existing[k] != v}
@@ -335,11 +340,9 @@ class MLflowTracker(_RunContext):
         """The flattened ``params`` whose value differs from the one the run's last start went on with (its logged
         param, or the ``resumed.<param>`` tag a resume with another value set). Call before :meth:`log_resumed_params`,
         which sets those tags."""
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
         data = self._client.get_run(self.run_id).data
         last = {**data.params, **{k[len("resumed."):]: v for k, v in data.tags.items() if k.startswith("resumed.")}}
-        flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flatten_params(params).items()}
+        flat = _as_logged(params)
         return {k: v for k, v in flat.items() if k in last and last[k] != v}
 
     def last_logged_step(self, key: str = "loss") -> int:
