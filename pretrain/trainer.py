@@ -39,6 +39,15 @@ from."""
 HISTORY_FILE = "metrics.csv"
 RANK_STATE_DIR = "ranks"
 """Checkpoint sub-directory with one file per rank: its data position and RNG states (``rank_00000.pt``, ...)"""
+OUTSIDE_THE_STEPS = frozenset({
+    "eval.enabled", "eval.dataset", "eval.max_samples", "eval.embedding_map", "eval.finetune_epochs",
+    "eval.finetune_layer_decay", "job.log_every", "job.ckpt_every", "job.keep_checkpoints", "job.max_failures",
+    "job.progress", "tracking.system_metrics_s",
+})
+"""Config keys that a resume may change and still train the steps again as they were (each step is logged with its
+own values, whatever the logging interval): what is evaluated at the end, how often the run logs and checkpoints and
+how many checkpoints it keeps, its restarts, its progress bar and system metrics. (``eval.knn_every`` logs points of
+its own at steps; ``job.max_steps`` moves the schedules.)"""
 
 
 class Session(Protocol):
@@ -166,7 +175,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     history = _History(run_dir / HISTORY_FILE, enabled=rank == 0)
     # the steps since the checkpoint that the interrupted run had logged: not logged again where they come again as
     # they were (rank 0; -1 elsewhere and on a new run)
-    replayed = _replayed(tracker, history, step, exact=resume is not None and not changed) if rank == 0 else -1
+    exact = resume is not None and not set(changed) - OUTSIDE_THE_STEPS
+    replayed = _replayed(tracker, history, step, exact=exact) if rank == 0 else -1
     needs_text = METHODS[cfg.method.name].needs_text
     stream = make_train_stream(
         resolve_shards(cfg.data, captions=needs_text),

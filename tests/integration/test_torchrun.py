@@ -166,13 +166,16 @@ def _branch_goes_on_as_the_run_did(whole: Path, expected: dict[int, str], capsys
 
 def _a_crash_after_logging_logs_each_step_once(run: Path, expected: dict[int, str]) -> None:
     """The run as a crash after step 12 had left it, its checkpoints after step 5 lost (its MLflow run and metrics.csv
-    hold steps 1-12): the resume trains steps 6-12 again as they were (the cut run above shows it) and logs none of
-    them twice, in MLflow or metrics.csv, and finishes."""
+    hold steps 1-12): the resume, though set to log every 4 steps and to evaluate on fewer samples (keys outside the
+    steps), trains steps 6-12 again as they were (the cut run above shows it) and logs none of them twice, in MLflow
+    or metrics.csv, and finishes."""
     from mlflow import MlflowClient
 
     for name in ("step_0000010", "step_0000012"):
         shutil.rmtree(run / "checkpoints" / name)
     (run / "backbone.pt").unlink()
+    assert main(["train", "--resume", str(run), "--dry-run", "--set", "job.log_every=4", "--set",
+                 "eval.max_samples=100"]) == 0
     again = _torchrun(run)
     assert "at step 5 (epoch 0), reading on from its data position" in again.stdout
     assert "Steps 6-12, logged before, are trained again as they were: not logged twice" in again.stdout

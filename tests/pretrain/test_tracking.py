@@ -616,3 +616,14 @@ def test_a_resume_behind_the_logged_steps_logs_each_step_once_where_they_come_ag
     assert [int(line.split(",")[0]) for line in rows.read_text().splitlines()[1:]] == list(range(1, 11))
     assert history.last_step() == 10 and _History(rows, enabled=False).last_step() == -1
     tracker.finish()
+
+
+def test_the_keys_a_resume_may_change_and_train_the_same_steps_are_config_keys():
+    """The config keys outside the steps (a resume that changes only them still skips the steps it trains again as
+    they were) are keys of the config as the run logs it: a renamed key would otherwise fall out of the set unseen."""
+    from pretrain.config import Config, to_dict
+    from pretrain.tracking import _as_logged
+    from pretrain.trainer import OUTSIDE_THE_STEPS
+
+    assert OUTSIDE_THE_STEPS <= set(_as_logged(to_dict(Config())))
+    assert not {k for k in OUTSIDE_THE_STEPS if k.startswith(("optim.", "data.", "model.", "method.", "zero."))}
