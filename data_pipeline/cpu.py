@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from data_pipeline.sources import open_image
-from data_pipeline.views import AugmentConfig
+from data_pipeline.views import JITTER_OPS, AugmentConfig
 
 
 def _crop_box(w: int, h: int, aug: AugmentConfig, rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -47,14 +47,25 @@ def _affine(im: Image.Image, aug: AugmentConfig, rng: np.random.Generator) -> Im
 
 
 def _jitter(im: Image.Image, aug: AugmentConfig, rng: np.random.Generator) -> Image.Image:
-    u = lambda x: rng.uniform(max(0.0, 1 - x), 1 + x)  # noqa: E731
-    im = ImageEnhance.Brightness(im).enhance(u(aug.brightness))
-    im = ImageEnhance.Contrast(im).enhance(u(aug.contrast))
-    if im.mode == "RGB":
-        im = ImageEnhance.Color(im).enhance(u(aug.saturation))
-        if aug.hue > 0:
+    """torchvision's ColorJitter on a PIL image (its PIL ops): the order of the four ops drawn per image (``randperm``),
+    then their factors; an op the recipe turns off is skipped."""
+    order = rng.permutation(len(JITTER_OPS))
+    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) for x in (aug.brightness, aug.contrast, aug.saturation)]
+    factors.append(rng.uniform(-aug.hue, aug.hue))
+    on = aug.jitter_ops(3 if im.mode == "RGB" else 1)
+    for i in order:
+        name, factor = JITTER_OPS[i], factors[i]
+        if name not in on:
+            continue
+        if name == "brightness":
+            im = ImageEnhance.Brightness(im).enhance(factor)
+        elif name == "contrast":
+            im = ImageEnhance.Contrast(im).enhance(factor)
+        elif name == "saturation":
+            im = ImageEnhance.Color(im).enhance(factor)
+        else:
             hsv = np.asarray(im.convert("HSV")).copy()
-            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.uniform(-aug.hue, aug.hue) * 255)) % 256
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(factor * 255)) % 256
             im = Image.fromarray(hsv, "HSV").convert("RGB")
     return im
 

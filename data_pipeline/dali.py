@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -64,16 +66,119 @@ GREY_WEIGHTS = (0.299, 0.587, 0.114)
 """ITU-R 601 luma weights of R, G, B: PIL's ``convert("L")``, torchvision's ``rgb_to_grayscale``."""
 
 
-def _brightness_contrast(img, brightness, contrast, channels: int):
-    """torchvision's (and PIL's) brightness then contrast of ``img`` (HWC uint8), per-sample factors: the pixels
-    scaled by ``brightness``, then blended with the image's own mean grey level, ``mean + contrast * (x - mean)``.
-    DALI's ``brightness_contrast`` and ``color_twist`` centre contrast on mid-grey (128) instead, which moves a dark
-    or bright image's mean: a contrast jitter that is mostly a brightness jitter. Built of arithmetic and reductions,
-    which run where ``img`` is (the factors, drawn on the CPU, follow it to the GPU)."""
-    x = dmath.clamp(fn.cast(img, dtype=types.FLOAT) * brightness, 0.0, 255.0)
-    means = fn.reductions.mean(x, axes=[0, 1])  # (C,) per sample
+def _brightness(x, factor, channels: int, dev: str):
+    """The pixels scaled by ``factor`` (DALI's brightness is torchvision's)."""
+    return fn.brightness_contrast(x, device=dev, brightness=factor)
+
+
+def _contrast(x, factor, channels: int, dev: str):
+    """Blended with the image's own mean grey level, ``mean + c * (x - mean)``, as torchvision's (and PIL's) contrast.
+    DALI's ``brightness_contrast`` and ``color_twist`` centre contrast on mid-grey (128) instead, which moves a dark or
+    bright image's mean: a contrast jitter that is mostly a brightness jitter. Built of arithmetic and a reduction,
+    which run where ``x`` is (the factor, drawn on the CPU, follows it to the GPU); the cast to uint8 saturates."""
+    means = fn.reductions.mean(x, axes=[0, 1], dtype=types.FLOAT)  # (C,) per sample
     grey = means if channels == 1 else fn.reductions.sum(means * types.Constant(np.float32(GREY_WEIGHTS)))
-    return fn.cast(dmath.clamp(grey + contrast * (x - grey), 0.0, 255.0), dtype=types.UINT8)
+    return fn.cast(x * factor + (1.0 - factor) * grey, dtype=types.UINT8)
+
+
+def _saturation(x, factor, channels: int, dev: str):
+    """Blended with each pixel's own grey level, as torchvision's (and PIL's ``ImageEnhance.Color``): DALI's ``hsv``
+    saturation scales YIQ's chroma about its luma, which is that blend (to a level of rounding)."""
+    return fn.hsv(x, device=dev, saturation=factor)
+
+
+def _hue(x, shift, channels: int, dev: str):
+    """torchvision's ``adjust_hue``: the hue of HSV turned by ``shift`` (a fraction of the circle), saturation and value
+    kept. (DALI's own ``hsv``/``color_twist`` turn the colours about the grey axis in YIQ space, which moves saturation
+    and value as well.) In closed form: with ``hi``/``lo`` a pixel's largest/smallest channel and ``h`` its turned hue
+    in sixths of the circle (0 red, 2 green, 4 blue), a channel is ``hi - (hi - lo) * (d - 1)`` clamped to ``[lo,
+    hi]``, ``d`` the distance of ``h`` from the channel's own hue round the circle (torchvision's HSV-to-RGB table
+    without a branch). Each arithmetic op is a pass over the image, and DALI's float ``%`` costs ten others, so the
+    expression is written with few of them: one mod (by ``floor``), and the distances of green and blue taken along
+    the line, which differs from round the circle only where both are past 2, where the clamp gives ``lo`` either
+    way."""
+    x = fn.cast(x, dtype=types.FLOAT)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    hi, lo = dmath.max(dmath.max(r, g), b), dmath.min(dmath.min(r, g), b)
+    span = hi - lo
+    not_r = hi != r
+    is_g = (hi == g) & not_r
+    is_b = (hi != g) & not_r
+    # HSV's hue in sixths, in [-1, 5), a grey pixel's 0; turned by 6 * shift in [-3, 3], then taken mod 6
+    h = ((hi == r) * (g - b) + is_g * (b - r) + is_b * (r - g)) / (span + (span == 0.0))
+    h = h + (2.0 * is_g + 4.0 * is_b) + 6.0 * shift
+    h = h - 6.0 * dmath.floor(h * (1 / 6.0))
+    top = hi + span  # hi - span * (d - 1), clamped to [lo, hi] (by min and max: DALI's clamp costs three ops)
+    out = [dmath.min(dmath.max(top - span * d, lo), hi)
+           for d in (dmath.min(h, 6.0 - h), dmath.abs(h - 2.0), dmath.abs(h - 4.0))]
+    # the slices and the stack drop the "HWC" layout, which the branches of a conditional must agree on
+    return fn.reshape(fn.cast(fn.stack(*out, axis=2), dtype=types.UINT8), layout="HWC")
+
+
+_JITTER = {"brightness": _brightness, "contrast": _contrast, "saturation": _saturation, "hue": _hue}
+
+
+def _jitter_draws(aug: AugmentConfig, channels: int):
+    """One image's ColorJitter draws, as torchvision's: ``(names, order, factors)``: the ops ``aug`` turns on, the index
+    of the order to apply them in (uniform over ``itertools.permutations(range(len(names)))``, as torchvision's
+    ``randperm`` and SimCLR's and BYOL's ``random_order``; None for one op) and each op's factor (brightness, contrast,
+    saturation ``U(max(0, 1 - x), 1 + x)``, hue ``U(-hue, hue)``)."""
+    names = aug.jitter_ops(channels)
+    factors = {n: _uniform(-aug.hue, aug.hue) if n == "hue" else _uniform(max(0.0, 1 - getattr(aug, n)),
+                                                                         1 + getattr(aug, n)) for n in names}
+    return names, fn.random.choice(math.factorial(len(names))) if len(names) > 1 else None, factors
+
+
+ONCE_FIRST = ("hue", "contrast")
+"""The costliest jitter ops (many arithmetic passes over the image), the first of which the recipe has runs once on
+every sample, outside the conditionals that order the others round it (:func:`_jitter`)."""
+
+
+def _jitter(img, channels: int, names: list[str], order, factors: dict, dev: str):
+    """ColorJitter on ``img`` (HWC uint8) with the draws of :func:`_jitter_draws`: the ops in the drawn order, each
+    rounded to whole levels (as torchvision's ops on PIL images and uint8 tensors).
+
+    An op in a conditional runs on the samples that take its branch, and DALI's CPU ops cost more per sample the
+    smaller their batch, so the costliest op (``ONCE_FIRST``) runs once on every sample: the drawn order is applied as
+    the other ops that come before it (each place a conditional choosing among them), that op, then the others after
+    it."""
+    if order is None:
+        return _JITTER[names[0]](img, factors[names[0]], channels, dev)
+    perms = [[names[i] for i in p] for p in itertools.permutations(range(len(names)))]  # as _jitter_draws numbers them
+
+    def per_order(values: list[int]):
+        return fn.lookup_table(order, keys=list(range(len(perms))), values=[float(v) for v in values],
+                               dtype=types.INT32)
+
+    once = next((n for n in ONCE_FIRST if n in names), None)
+    others = [n for n in names if n != once]
+    ranked = [[n for n in p if n != once] for p in perms]  # the other ops in each order
+    which = [per_order([others.index(r[j]) for r in ranked]) if len(others) > 1 else None for j in range(len(others))]
+    if once is None:
+        for j in range(len(others)):
+            img = _one_of(img, which[j], others, 0, len(others), factors, channels, dev)
+        return img
+    before = per_order([p.index(once) for p in perms])  # how many of the others come before it
+    for j in range(len(others)):
+        if before > j:
+            img = _one_of(img, which[j], others, 0, len(others), factors, channels, dev)
+    img = _JITTER[once](img, factors[once], channels, dev)
+    for j in range(len(others)):
+        if before <= j:
+            img = _one_of(img, which[j], others, 0, len(others), factors, channels, dev)
+    return img
+
+
+def _one_of(img, which, names: list[str], lo: int, hi: int, factors: dict, channels: int, dev: str):
+    """Op ``names[which]`` (``lo <= which < hi``) on each sample, by halving the range."""
+    if hi - lo == 1:
+        return _JITTER[names[lo]](img, factors[names[lo]], channels, dev)
+    mid = (lo + hi) // 2
+    if which < mid:
+        img = _one_of(img, which, names, lo, mid, factors, channels, dev)
+    else:
+        img = _one_of(img, which, names, mid, hi, factors, channels, dev)
+    return img
 
 
 def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean: list[float], std: list[float], dev):
@@ -94,13 +199,7 @@ def _view(img, aug: AugmentConfig, ops: set[str], size: int, channels: int, mean
         mt = fn.transforms.translation(mt, offset=fn.stack(_uniform(-tx, tx), _uniform(-ty, ty)))
         img = fn.warp_affine(img, device=dev, matrix=mt, fill_value=0, inverse_map=False)
     if "jitter" in ops and _coin(aug.jitter_prob):
-        b = _uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness)
-        c = _uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast)
-        img = _brightness_contrast(img, b, c, channels)
-        if channels == 3 and (aug.saturation > 0 or aug.hue > 0):
-            img = fn.color_twist(img, device=dev,
-                                 saturation=_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation),
-                                 hue=_uniform(-aug.hue * 360.0, aug.hue * 360.0))
+        img = _jitter(img, channels, *_jitter_draws(aug, channels), dev)
     if "grayscale" in ops and _coin(aug.grayscale_prob):
         img = fn.hsv(img, device=dev, saturation=0.0)
     if "blur" in ops and _coin(aug.blur_prob):
@@ -243,12 +342,18 @@ class DaliAugmenter:
         try:
             self.pipe = build_pipeline(aug, seed=self._current_seed(), checkpoint=saved, **self._kw)
         except RuntimeError as e:
-            if "Checkpointing is not implemented" not in str(e):
+            if "Checkpointing is not implemented" in str(e):
+                log.warning("DALI cannot checkpoint this graph (%s); a resumed run will augment afresh",
+                            str(e).strip().splitlines()[-1])
+                self.checkpointing = False
+                self.pipe = build_pipeline(aug, seed=self._current_seed(), checkpointing=False, **self._kw)
+            elif saved is not None and "another pipeline" in str(e):
+                # The saved state is of another graph: another data.aug recipe, or an earlier version of this module.
+                log.warning("The saved augmentation state is of another DALI graph (the recipe or ssl-pretrain's "
+                            "augmentations changed since it was saved): the resumed run augments afresh")
+                self.pipe = build_pipeline(aug, seed=self._current_seed(), **self._kw)
+            else:
                 raise
-            log.warning("DALI cannot checkpoint this graph (%s); a resumed run will augment afresh",
-                        str(e).strip().splitlines()[-1])
-            self.checkpointing = False
-            self.pipe = build_pipeline(aug, seed=self._current_seed(), checkpointing=False, **self._kw)
 
     def _current_seed(self) -> int:
         return self._seed + 7919 * self.rebuilds

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 PAIR_FIELDS = ("crop_scale", "crop_ratio", "blur_sigma", "translate", "scale")
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+"""torchvision's ColorJitter ops, in the order of its draws; each image applies them in an order of its own."""
 PROB_FIELDS = ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "affine_prob", "noise_prob")
 
 
@@ -109,14 +111,17 @@ class AugmentConfig:
             "flip": self.flip_prob > 0,
             "affine": self.affine_prob > 0
             and (self.rotate_degrees > 0 or self.translate != (0.0, 0.0) or self.scale != (1.0, 1.0)),
-            "jitter": self.jitter_prob > 0
-            and (self.brightness > 0 or self.contrast > 0 or (color and (self.saturation > 0 or self.hue > 0))),
+            "jitter": self.jitter_prob > 0 and bool(self.jitter_ops(channels)),
             "grayscale": color and self.grayscale_prob > 0,
             "blur": self.blur_prob > 0,
             "solarize": self.solarize_prob > 0,
             "noise": self.noise_prob > 0 and self.noise_std > 0,
         }
         return [name for name, enabled in on.items() if enabled]
+
+    def jitter_ops(self, channels: int) -> list[str]:
+        """The colour jitter ops this recipe turns on (saturation and hue need colour), in ``JITTER_OPS``' order."""
+        return [name for name in JITTER_OPS if getattr(self, name) > 0 and (channels == 3 or name in JITTER_OPS[:2])]
 
 
 def _number(name: str, value) -> float:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.dali import build_pipeline
+from data_pipeline.dali import DaliAugmenter, build_pipeline
 from data_pipeline.loader import make_train_stream
 from data_pipeline.shards import list_shards, read_manifest, write_shards
 from data_pipeline.sources import digits_uint8
@@ -82,8 +82,8 @@ def test_building_a_pipeline_leaves_no_temp_files(tmp_path):
 
 def test_disabled_ops_absent_from_graph():
     """Ops switched off are not in the DALI graph; switched on they are."""
-    op_names = ["RandomResizedCrop", "Flip", "WarpAffine", "ColorTwist", "Hsv", "GaussianBlur", "noise__Gaussian",
-                "random__CoinFlip", "Cast"]
+    op_names = ["RandomResizedCrop", "Flip", "WarpAffine", "BrightnessContrast", "LookupTable", "Hsv", "GaussianBlur",
+                "noise__Gaussian", "random__CoinFlip", "Cast"]
     on = build_pipeline(AugmentConfig(**ALL_ON), batch_size=2, image_size=16, channels=3).serialize()
     off = build_pipeline(AugmentConfig.disabled(), batch_size=2, image_size=16, channels=3).serialize()
     assert AugmentConfig(**ALL_ON).enabled_ops(3) == ["random_resized_crop", "flip", "affine", "jitter", "grayscale",
@@ -290,17 +290,26 @@ def test_state_from_other_settings_restarts_the_epoch(digits_dir, caplog):
     assert got["keys"] == first["keys"] and got["epoch"] == 0
 
 
-def test_resume_without_dali_state_keeps_the_samples(digits_dir):
-    """A position saved where DALI could not checkpoint the graph (augment state None) still resumes the exact samples
-    and order; only the augmentation is drawn afresh."""
+@pytest.mark.parametrize("saved", ["none", "other_graph"])
+def test_resume_without_dali_state_keeps_the_samples(digits_dir, saved, caplog):
+    """A position saved where DALI could not checkpoint the graph (augment state None), or with the state of another
+    DALI graph (as an earlier version of the augmentations saved: DALI refuses it, "the checkpoint might come from
+    another pipeline"), still resumes the exact samples and order; only the augmentation is drawn afresh, the latter
+    with a warning."""
     aug = AugmentConfig(**GRAY, **ALL_ON)
     with _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=2) as whole:
         _, state, tail = _split(whole, 5, 3)
-    state["augment"]["dali"] = None
-    with _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=2, resume=state) as resumed:
+    if saved == "none":
+        state["augment"]["dali"] = None
+    else:
+        other = DaliAugmenter(AugmentConfig(**GRAY), batch_size=128, image_size=16, channels=1)
+        state["augment"]["dali"] = other.state_dict()["dali"]
+    with caplog.at_level("WARNING"), _stream(list_shards(digits_dir), aug, batch_size=128, num_workers=2,
+                                             resume=state) as resumed:
         again = _take(resumed, 3)
     assert [b["keys"] for b in again] == [b["keys"] for b in tail]
     assert not torch.equal(again[0]["views"][0], tail[0]["views"][0])
+    assert ("augments afresh" in caplog.text) == (saved == "other_graph")
 
 
 def test_local_views_are_plain_resizes_without_crop(digits_dir):
