@@ -97,8 +97,8 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.stack([np.take_along_axis(c, i[None], 0)[0] for c in table], -1)
 
 
-def _torchvision_jitter(x: np.ndarray, order, factors: dict, rounded: bool = True) -> np.ndarray:
-    """Each op rounded to whole levels, as the ops on PIL images and uint8 tensors (unless not ``rounded``)."""
+def _torchvision_jitter(x: np.ndarray, order, factors: dict) -> np.ndarray:
+    """The ops of ``order`` with ``factors``, each rounded to whole levels as the ops on PIL images and uint8 do."""
     x = x.astype(np.float64)
     grey = (lambda y: y @ np.array(GREY_WEIGHTS)) if x.shape[-1] == 3 else (lambda y: y[..., 0])
     for name in order:
@@ -112,7 +112,7 @@ def _torchvision_jitter(x: np.ndarray, order, factors: dict, rounded: bool = Tru
         else:
             h, s, v = _rgb_to_hsv(x / 255.0)
             x = _hsv_to_rgb(np.mod(h + f, 1.0), s, v) * 255.0
-        x = np.floor(x + 0.5) if rounded else x
+        x = np.floor(x + 0.5)
     return x
 
 
@@ -217,8 +217,9 @@ def test_colour_jitter_matches_between_dali_and_pil(strengths, tolerance):
     """Hue alone, and all four jitter ops on (SimCLR's strength 1), the DALI views and the PIL views (torchvision's PIL
     ops) are the same distribution: over 2048 views of a warm image, the mean and spread of each channel's mean and
     spread, and of the pixels' HSV saturation, agree to ``tolerance`` levels of 255. (With hue turned in YIQ, as
-    DALI's own ops do, the hue-only spreads differed by up to 22 levels, and by 10 with all four; the PIL ops round to
-    whole levels after each op, DALI's once at the end, which is most of the 4 levels that are left with all four.)"""
+    DALI's own ops do, the hue-only spreads differed by up to 22 levels, and by 10 with all four. PIL's brightness,
+    contrast and saturation truncate to whole levels, DALI's round: brightness and contrast alone leave the 4 levels
+    of the saturation's mean that are left with all four.)"""
     rng = np.random.default_rng(0)
     pixels = np.clip(rng.normal([150, 90, 60], 40, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
