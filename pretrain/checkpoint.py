@@ -8,6 +8,9 @@ partition into its ``CKPT_TAG`` folder, and a resume on another data-parallel si
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +23,42 @@ CKPT_TAG = "state"
 """DeepSpeed tag inside every reported checkpoint directory (Ray gives each checkpoint its own directory)."""
 UNIVERSAL_TAG = "state_universal"
 """Beside ``CKPT_TAG`` once a run resumes on another number of ranks: the same state in DeepSpeed's universal format."""
+STAGE_PREFIX = "ssl-pretrain-ckpt-"
+"""Start of the name of the local directory each rank writes a checkpoint in before the session copies it to the run
+(``staging_dir``): ``ssl-pretrain-ckpt-<host>-<pid>-<random>`` in the temp dir."""
+
+
+def staging_dir() -> tempfile.TemporaryDirectory:
+    """A temporary directory for this rank to write a checkpoint in, named after this host and process. A process
+    killed while its checkpoint is reported (preempted, a run aborted by Ctrl-C or SIGTERM) leaves its directory behind,
+    a whole ZeRO partition on the node's local disk: each call first removes those of this host's processes that are
+    gone (``remove_orphan_stages``), so a node keeps at most the stages of processes still running."""
+    root = Path(tempfile.gettempdir())
+    remove_orphan_stages(root)
+    return tempfile.TemporaryDirectory(prefix=f"{STAGE_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=root)
+
+
+def remove_orphan_stages(root: Path) -> list[Path]:
+    """Remove the ``staging_dir`` directories under ``root`` of this host whose process no longer runs; returns them.
+    Those of other hosts (a temp dir shared between hosts) and of live processes are left."""
+    host, removed = socket.gethostname(), []
+    for path in root.glob(f"{STAGE_PREFIX}*"):
+        named = path.name[len(STAGE_PREFIX):].rsplit("-", 2)  # the host's name may hold '-', the random part never
+        if len(named) != 3 or named[0] != host or not named[1].isdigit() or _running(int(named[1])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_checkpoint(engine, directory: str | Path, client_state: dict) -> None:

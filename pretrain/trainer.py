@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,14 @@ import torch
 
 from data_pipeline.loader import make_train_stream
 from pretrain import dist
-from pretrain.checkpoint import UNIVERSAL_TAG, full_state_dict, load_checkpoint, save_checkpoint, to_universal
+from pretrain.checkpoint import (
+    UNIVERSAL_TAG,
+    full_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+    staging_dir,
+    to_universal,
+)
 from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import resolve_shards
 from pretrain.engine import build_engine
@@ -492,7 +498,7 @@ def _agree(pending, losses: list[float], world: int, stop_asked: bool) -> bool:
 
 def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int,
                 cfg: Config) -> None:
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+    with staging_dir() as tmp:
         state = {"step": int(metrics["step"]), "epoch": int(metrics["epoch"]), "world_size": world}
         scale = {"loss_scale": engine.fp16_scale.state_dict()} if engine.fp16_scale is not None else {}
         save_checkpoint(engine, tmp, {**state, **scale})
