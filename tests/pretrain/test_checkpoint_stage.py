@@ -1,5 +1,6 @@
-"""The local directories ranks write checkpoints in before the session copies them (``pretrain.checkpoint.staging_dir``):
-a process killed while holding one leaves it behind, and the next one made on that host removes it."""
+"""The local directories ranks write checkpoints in before the session copies them
+(``pretrain.checkpoint.staging_dir``): a process killed while holding one leaves it behind, and the next one made on
+that host removes it."""
 
 import os
 import signal
