@@ -69,7 +69,7 @@ class K8sJob(RayNodes):
     """Pod failures the Job tolerates (backoffLimit); each new start resumes from the latest checkpoint"""
     termination_grace: int = 120
     """Seconds Kubernetes gives a pod it stops (terminationGracePeriodSeconds): all but :data:`STOP_MARGIN` of them the
-    run has to checkpoint at its next logged step and end (``cluster.k8s_pod``) before the driver and Ray are stopped"""
+    run has to checkpoint after the step it is on and end (``cluster.k8s_pod``) before the driver and Ray are stopped"""
 
     def __post_init__(self) -> None:
         for name in ("image", "pvc"):

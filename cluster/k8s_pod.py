@@ -10,7 +10,7 @@ Service publishes it once the head pod has an IP) and its port answers, then run
 is stopped.
 
 SIGTERM (pod deletion, preemption, the end of the Job): pod 0 asks the run to stop (``pretrain stop``: every rank
-checkpoints at its next logged step) and waits up to ``PRETRAIN_STOP_WAIT`` seconds for the driver to end so, while
+checkpoints after the step it is on) and waits up to ``PRETRAIN_STOP_WAIT`` seconds for the driver to end so, while
 every other pod keeps its Ray node (the run's workers on it) up as long as the head answers, for as long; then the
 driver, then Ray, are stopped and the pod exits with 143. A new start of the pods goes on from that step.
 
@@ -162,7 +162,7 @@ def _stopped_as_asked(pod: Pod, driver: subprocess.Popen) -> bool:
         return False
     from pretrain.steps import STOP_FILE
 
-    print(f"ssl-pretrain: SIGTERM: asking the run to checkpoint at its next logged step and stop (up to "
+    print(f"ssl-pretrain: SIGTERM: asking the run to checkpoint after the step it is on and stop (up to "
           f"{pod.stop_wait} s)", flush=True)
     try:
         (pod.run_dir / STOP_FILE).write_text("")

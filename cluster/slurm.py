@@ -8,8 +8,8 @@ driver ``pretrain train --resume <run_dir> --address <head>`` on the first node.
 driver always resumes, a preempted and requeued job continues from the run's latest checkpoint (exactly, see
 ``data_pipeline.loader``); so does a plain ``sbatch <run_dir>/slurm/job.sbatch`` after a failure. Runs longer than
 the partition's time limit go on by themselves: Slurm signals the batch script ``requeue_grace`` seconds before the
-limit (``--signal=B:USR1@...``); the script asks the run to stop (``pretrain stop``: every rank checkpoints at the next
-logged step, so the time since the last checkpoint is not trained again) and, once the driver has ended so, requeues
+limit (``--signal=B:USR1@...``); the script asks the run to stop (``pretrain stop``: every rank checkpoints after the
+step it is on, so the time since the last checkpoint is not trained again) and, once the driver has ended so, requeues
 its own job.
 
 GPU nodes: ``gpus_per_node`` GPUs per node, one Ray Train worker per GPU (``job.num_workers = nodes x gpus``). CPU

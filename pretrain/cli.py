@@ -40,11 +40,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="validate, build the shards, write the run directory and config, then stop")
 
     st = sub.add_parser(
-        "stop", help="have a training run checkpoint at its next logged step and end there",
-        description="Ask the run training in RUN to stop: every rank checkpoints at the next logged step "
-        "(job.log_every) and the run ends there, its MLflow run marked KILLED; `pretrain train --resume RUN` (or the "
-        "torchrun command again) goes on from that step. A Slurm job asks this of its run at its time-limit warning, "
-        "a Kubernetes pod when it is stopped. "
+        "stop", help="have a training run checkpoint after the step it is on and end there",
+        description="Ask the run training in RUN to stop: every rank checkpoints after the step it is on (the ranks "
+        "agree on it at every step) and the run ends there, its MLflow run marked KILLED; `pretrain train --resume "
+        "RUN` (or the torchrun command again) goes on from that step. A Slurm job asks this of its run at its "
+        "time-limit warning, a Kubernetes pod when it is stopped. "
         "A run that is not training drops the request when it next starts.")
     st.add_argument("run", type=_path, help="the run directory")
 
@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                          "submit has a flag for or the script sets: nodes, time, log, requeue ...)")
     sl.add_argument("--join-timeout", type=int, default=300, help="seconds to wait for every Ray node (default 300)")
     sl.add_argument("--requeue-grace", type=int, default=300,
-                    help="seconds before the time limit at which the run checkpoints at its next logged step and "
-                         "stops, and the job requeues itself (default 300; 0: never)")
+                    help="seconds before the time limit at which the run checkpoints after the step it is on "
+                         "and stops, and the job requeues itself (default 300; 0: never)")
     sl.add_argument("--wait", action="store_true", help="return when the job ends, with its exit status")
     sl.add_argument("--dry-run", action="store_true", help="write the run directory and the script, do not submit")
     k = ssub.add_parser(
@@ -101,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--restarts", type=int, default=3,
                    help="pod failures the Job tolerates, each start resuming (default 3; preemptions do not count)")
     k.add_argument("--termination-grace", type=int, default=120,
-                   help="seconds Kubernetes gives a pod it stops (preemption, deletion): the run checkpoints at its "
-                   "next logged step within all but 50 of them, then stops (default 120)")
+                   help="seconds Kubernetes gives a pod it stops (preemption, deletion): the run checkpoints after "
+                   "the step it is on within all but 50 of them, then stops (default 120)")
     k.add_argument("--wait", action="store_true", help="return when the Job ends: 0 if complete, 1 if failed")
     k.add_argument("--dry-run", action="store_true", help="write the run directory and the manifests, do not submit")
 
@@ -355,7 +355,6 @@ def _latest_checkpoint(run_dir: Path) -> str:
 def cmd_stop(args) -> int:
     import fcntl
 
-    from pretrain.config import load_config
     from pretrain.preflight import RUN_LOCK
     from pretrain.steps import STOP_FILE
 
@@ -363,7 +362,6 @@ def cmd_stop(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} " + ("is not a run directory (no config.yaml)" if run_dir.exists()
                                           else "does not exist"))
-    every = load_config(run_dir / "config.yaml").job.log_every
     with (run_dir / RUN_LOCK).open("a+") as f:  # who trains it: the command holding its lock
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -373,7 +371,7 @@ def cmd_stop(args) -> int:
             f.seek(0)
             holder = f.read().strip() or "another process"
     (run_dir / STOP_FILE).write_text("")
-    print(f"Asked {run_dir} to stop: it checkpoints at its next logged step (every {every}) and ends there; "
+    print(f"Asked {run_dir} to stop: it checkpoints after the step it is on and ends there; "
           f"`pretrain train --resume {run_dir}` goes on from that step. " + (
               f"It is trained by {holder}." if holder else "No `pretrain train` holds it now (a torchrun run holds "
               "none); a run that is not training drops the request when it next starts."), flush=True)

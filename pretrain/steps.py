@@ -27,8 +27,8 @@ MODEL_FILE = "model.pt"
 
 STOP_FILE = "stop_requested"
 """Written into a training run's directory by ``pretrain stop`` (and by a Slurm job at its time-limit warning): the run
-checkpoints at its next logged step and ends there, its rank 0 writing that step into the file (:func:`stopped_at`).
-A start of the run removes one left over; a run that finishes removes one that came too late."""
+checkpoints after the step it is on and ends there, its rank 0 writing that step into the file (:func:`stopped_at`).
+A start of the run removes one left over; a run that finishes removes one that came at its last step."""
 STOPPED_EXIT = 75
 """``pretrain train``'s exit status where the run stopped as asked (sysexits' EX_TEMPFAIL: to be run again)."""
 

@@ -3,7 +3,7 @@
 ``RUN_DIR`` holds a resolved ``config.yaml`` (write one with ``pretrain train --dry-run``). Checkpoints go to
 ``RUN_DIR/checkpoints/step_*``; running the same command again resumes from the latest one (a run begun on Ray, from
 its latest ``checkpoint_*``); a run with nothing left to train is refused in one line. ``pretrain stop RUN_DIR`` has
-every rank checkpoint at the next logged step and end there (status 0: torchrun would take another for a failure).
+every rank checkpoint after the step it is on and end there (status 0: torchrun would take another for a failure).
 """
 
 from __future__ import annotations

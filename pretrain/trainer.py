@@ -216,6 +216,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     pending: list[tuple[int, dict[str, torch.Tensor], float, int, float]] = []
     metrics: dict[str, float] = {}
     stopping = False  # asked to stop (STOP_FILE): checkpointed at this step, the loop left
+    stop = _StopRequest(stop_file, rank, world)
     engine.train()
     system = None
     try:
@@ -237,14 +238,12 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             t_last = now
 
             last = step == cfg.job.max_steps
-            checkpoint = step % cfg.job.ckpt_every == 0 or last
+            stopping = stop.poll() and not last  # every rank at the same step
+            checkpoint = step % cfg.job.ckpt_every == 0 or last or stopping
             if step % cfg.job.log_every == 0 or checkpoint:  # flushed before a checkpoint: a non-finite loss stops
-                # the run before it; a stop asked of rank 0 is every rank's (the same collective)
-                metrics, asked = _flush(pending, cfg, world, tracker, history, stream.stats,
-                                        stop_asked=rank == 0 and stop_file.exists(), replayed=replayed)
+                # the run before it
+                metrics = _flush(pending, cfg, world, tracker, history, stream.stats, replayed=replayed)
                 pending.clear()
-                stopping = asked and not last
-                checkpoint = checkpoint or stopping
                 if bar is not None:
                     _show_progress(bar, step, metrics)
             if monitor is not None and monitor.due(step):  # before the checkpoint: a resume after it has this point
@@ -255,6 +254,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
                 _checkpoint(engine, session, {**metrics, "step": step, "epoch": epoch}, world, stream, rank, cfg)
             if stopping:
                 break
+        stop.close()
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -417,16 +417,14 @@ def schedule_lr(engine) -> float:
     return max(g["lr"] for g in [g for g in groups if not g.get("fixed_lr")] or groups)
 
 
-def _flush(pending, cfg: Config, world: int, tracker, history, data_stats,
-           stop_asked: bool = False, replayed: int = -1) -> tuple[dict[str, float], bool]:
+def _flush(pending, cfg: Config, world: int, tracker, history, data_stats, replayed: int = -1) -> dict[str, float]:
     """The ``pending`` steps' values logged (but those of steps up to ``replayed``, logged before: see
-    :func:`_replayed`); returns the last step's metrics and whether any rank was asked to stop (``stop_asked``).
-    Collective: every rank calls it at the same steps."""
+    :func:`_replayed`); returns the last step's metrics. Collective: every rank calls it at the same steps."""
     # one host transfer for every value of every pending step (the method's parts of the loss, e.g. iBOT's cls_loss and
     # patch_loss, go to MLflow beside the loss)
     values = torch.stack([torch.stack([v.float() for v in p[1].values()]) for p in pending]).cpu().tolist()
     names = list(pending[0][1])
-    asked = _agree(pending, [row[names.index("loss")] for row in values], world, stop_asked)
+    _check_finite(pending, [row[names.index("loss")] for row in values], world)
     for (step, _, seconds, epoch, lr), row in zip(pending, values):
         per_worker = cfg.data.batch_size * cfg.optim.accum_steps / max(seconds, 1e-9)
         metrics = {
@@ -442,7 +440,7 @@ def _flush(pending, cfg: Config, world: int, tracker, history, data_stats,
         history.add(step, metrics)  # which skips its own (_History.skip_through)
     if pending[-1][0] > replayed:
         tracker.log_metrics({f"data_{k}": float(v) for k, v in data_stats.items()}, step=pending[-1][0])
-    return metrics, asked
+    return metrics
 
 
 def _knn_monitor(cfg: Config, rank: int, world: int, device: torch.device):
@@ -475,25 +473,56 @@ class NonFiniteLoss(RuntimeError):
     """The loss stopped being a finite number; the run stops before it checkpoints that state."""
 
 
-def _agree(pending, losses: list[float], world: int, stop_asked: bool) -> bool:
+def _check_finite(pending, losses: list[float], world: int) -> None:
     """NonFiniteLoss on every rank (one all-reduce: the ranks stop together, none left waiting in a collective) if any
-    rank's loss of the ``pending`` steps is inf or NaN, naming the first such step; else whether any rank was
-    ``stop_asked`` (in the same all-reduce)."""
+    rank's loss of the ``pending`` steps is inf or NaN, naming the first such step."""
     import math
 
     first = next((p[0] for p, loss in zip(pending, losses) if not math.isfinite(loss)), None)
     never = pending[-1][0] + 1
-    both = torch.tensor([first or never, 0 if stop_asked else 1], dtype=torch.int64,
-                        device=pending[0][1]["loss"].device)
+    bad = torch.tensor([first or never], dtype=torch.int64, device=pending[0][1]["loss"].device)
     if world > 1:
-        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN)
-    bad, go_on = (int(v) for v in both.tolist())
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+    bad = int(bad.item())
     if bad != never:
         mine = losses[bad - pending[0][0]]
         raise NonFiniteLoss(f"the loss is not finite at step {bad} (rank {dist.rank()}'s: {mine}); the run stopped "
                             "before checkpointing that state: resume from its last checkpoint with a lower optim.lr "
                             "or more optim.warmup_steps")
-    return not go_on
+
+
+class _StopRequest:
+    """Whether the run was asked to stop (``STOP_FILE``, which rank 0 reads), agreed by every rank at every step
+    without waiting on it: each step starts an all-reduce of rank 0's answer on a gloo group of its own (host memory,
+    off the GPU's streams and the training's group) and takes the one it started a step before, long done by then.
+    Every rank polls at every step, so all see the request at the same step: the one after rank 0 found the file (at
+    once in a process of its own). Built by every rank (it makes a process group)."""
+
+    def __init__(self, stop_file: Path, rank: int, world: int) -> None:
+        self.stop_file, self.rank = stop_file, rank
+        self.group = torch.distributed.new_group(backend="gloo") if world > 1 else None
+        self.flag, self.work = torch.zeros(1, dtype=torch.int64), None
+
+    def poll(self) -> bool:
+        asked = self.rank == 0 and self.stop_file.exists()
+        if self.group is None:
+            return asked
+        seen = self._take()
+        self.flag = torch.tensor([int(asked)], dtype=torch.int64)
+        self.work = torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, group=self.group,
+                                                 async_op=True)
+        return seen
+
+    def close(self) -> None:
+        """Wait for the all-reduce still under way (the last step's; every rank calls this after its last step)."""
+        self._take()
+
+    def _take(self) -> bool:
+        if self.work is None:
+            return False
+        self.work.wait()
+        self.work = None
+        return bool(self.flag.item())
 
 
 def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int,
@@ -590,7 +619,7 @@ def _finish_run(cfg: Config, run_dir: Path, backbone_state: dict, tracker, histo
         tracker.log_artifact(report_path)
         if map_path(report_path).is_file():
             tracker.log_artifact(map_path(report_path))
-    (run_dir / STOP_FILE).unlink(missing_ok=True)  # asked after the last logged step: there is nothing left to stop
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # asked at the last step: there is nothing left to stop
     tracker.finish("FINISHED")
 
 

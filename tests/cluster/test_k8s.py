@@ -334,7 +334,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     """The rendered pods, started as Kubernetes would (command and environment from job.yaml, JOB_COMPLETION_INDEX,
     a pod IP each, the head's name resolvable), form a 2-node Ray cluster with one Train worker per node. Both pods are
     stopped (SIGTERM, as on preemption) after the first checkpoint: pod 0 asks the run to stop, the node pod keeps its
-    Ray node up meanwhile, both ranks checkpoint at the next logged step and end, and the pods exit cleanly; a second
+    Ray node up meanwhile, both ranks checkpoint after the step they are on and end, and the pods exit cleanly; a second
     start of the same pods (the Job starting them again) resumes from that very step and completes every step, each
     once; pod 0 exits 0 (the Job's success) and the node pod stops when told to, as Kubernetes then tells it; no pod
     leaves its Ray session dir behind."""
@@ -370,7 +370,7 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
         assert _stop_pods(*pods, timeout=150) == [143, 143], logs[0].read_text()[-6000:]
         first = [log.read_text() for log in logs]
         assert "ssl-pretrain: pod 0 stopped (SIGTERM)" in first[0] and "pod 1 stopped (SIGTERM)" in first[1]
-        assert "SIGTERM: asking the run to checkpoint at its next logged step and stop (up to 70 s)" in first[0]
+        assert "SIGTERM: asking the run to checkpoint after the step it is on and stop (up to 70 s)" in first[0]
         stopped = re.search(r"Stopped at step (\d+) as asked, checkpointed; resume with --resume", first[0])
         assert stopped and "ssl-pretrain: the driver exited with status 75" in first[0], first[0][-6000:]
 

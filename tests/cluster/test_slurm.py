@@ -216,7 +216,7 @@ def _registered_checkpoints(run: Path) -> list:
 def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F811
     """A real sbatch job over 2 Slurm nodes (Ray head on n1, a Ray node on n2, one Train worker on each) gets the
     time-limit warning (SIGUSR1 to the batch script) after its first checkpoint: it asks the run to stop, both ranks
-    checkpoint at the next logged step and end (the driver's exit status 75), and the job requeues itself; the
+    checkpoint after the step they are on and end (the driver's exit status 75), and the job requeues itself; the
     requeued job resumes from that very step on a new Ray cluster (no step trained twice) and completes every step;
     Ray's session dir on the head node is removed at the end."""
     # 48 steps: room to signal the job while it still trains, also on a loaded machine
@@ -245,7 +245,7 @@ def test_two_node_job_survives_preemption(tmp_path, slurm_cluster):  # noqa: F81
         time.sleep(1)
     text = (run / "slurm" / f"{job_id}.out").read_text()
     assert state == "COMPLETED", text[-6000:]
-    assert "SIGUSR1 (time limit near): asking the run to checkpoint at its next logged step and stop" in text
+    assert "SIGUSR1 (time limit near): asking the run to checkpoint after the step it is on and stop" in text
     assert f"SIGUSR1 (time limit near): requeueing job {job_id}" in text and "not stopped after" not in text
     assert not ray_dir.exists()  # the finished job removed Ray's session dir
     assert text.count("2 nodes up") == 2  # a Ray cluster over both nodes, once per start of the job

@@ -312,14 +312,15 @@ def _plain(run: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_a_run_asked_to_stop_checkpoints_at_its_next_logged_step_and_goes_on_from_there(tmp_path, capsys):
-    """`pretrain stop RUN` while 2 torchrun ranks train (only rank 0 reads the request; the ranks agree in the
-    flush's all-reduce): both checkpoint at the next logged step and end, the run's MLflow run KILLED, no encoder
-    written; the same command then goes on from that step and finishes, each step trained once. A request left over
-    from a run that was not training is dropped when it next starts."""
+def test_a_run_asked_to_stop_checkpoints_after_its_step_and_goes_on_from_there(tmp_path, capsys):
+    """`pretrain stop RUN` while 2 torchrun ranks train (only rank 0 reads the request; the ranks agree on it at every
+    step): both checkpoint at the same step, long before the next logged one (it had waited for that: a run logging
+    every few minutes outlasted a scheduler's grace), and end, the run's MLflow run KILLED, no encoder written; the same
+    command then goes on from that step and finishes, each step trained once. A request left over from a run that was
+    not training is dropped when it next starts."""
     from mlflow import MlflowClient
 
-    run = _dry_run(tmp_path, "stop", ["job.max_steps=400", "job.log_every=2", "job.ckpt_every=1000",
+    run = _dry_run(tmp_path, "stop", ["job.max_steps=1000", "job.log_every=200", "job.ckpt_every=1000",
                                       "optim.warmup_steps=1", "data.batch_size=32"])
     capsys.readouterr()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
@@ -327,7 +328,7 @@ def test_a_run_asked_to_stop_checkpoints_at_its_next_logged_step_and_goes_on_fro
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not (run / "metrics.csv").is_file() or len(_losses(run)) < 4:
+        while not (run / "metrics.csv").is_file() or len(_losses(run)) < 200:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         asked_after = max(_losses(run))
@@ -337,14 +338,14 @@ def test_a_run_asked_to_stop_checkpoints_at_its_next_logged_step_and_goes_on_fro
         proc.kill()
     assert proc.returncode == 0, out[-4000:]
     stopped = max(_losses(run))
-    assert asked_after < stopped < 400 and stopped % 2 == 0, (asked_after, stopped)
+    assert asked_after < stopped < 400, (asked_after, stopped)  # not the next logged step (400)
     assert f"Stopped at step {stopped} as asked, checkpointed; the same command goes on from there" in out
     assert sorted(list_checkpoints(run)) == [stopped] and not (run / "backbone.pt").exists()
     assert not (run / "stop_requested").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = (run / "mlflow_run_id").read_text().strip()
     assert client.get_run(run_id).info.status == "KILLED"
-    assert capsys.readouterr().out.startswith(f"Asked {run} to stop: it checkpoints at its next logged step (every 2)")
+    assert capsys.readouterr().out.startswith(f"Asked {run} to stop: it checkpoints after the step it is on")
     # on to 4 steps past it, a stale request (this run was not training) dropped at the start
     assert main(["train", "--resume", str(run), "--dry-run", "--set", f"job.max_steps={stopped + 4}"]) == 0
     assert main(["stop", str(run)]) == 0

@@ -522,7 +522,7 @@ def test_stop_asks_the_run_and_names_the_command_training_it(tmp_path, capsys):
     import subprocess
 
     assert main(["train", "--dry-run", "--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path}",
-                 "--set", "job.run_name=r", "--set", "job.log_every=5"]) == 0
+                 "--set", "job.run_name=r"]) == 0
     run = tmp_path / "r"
     code = (f"import time; from pathlib import Path; from pretrain.preflight import run_lock\n"
             f"with run_lock(Path({str(run)!r}), new=False):\n    print('held', flush=True)\n    time.sleep(120)\n")
@@ -532,7 +532,7 @@ def test_stop_asks_the_run_and_names_the_command_training_it(tmp_path, capsys):
         capsys.readouterr()
         assert main(["stop", str(run)]) == 0
         out = capsys.readouterr().out
-        assert out.startswith(f"Asked {run} to stop: it checkpoints at its next logged step (every 5) and ends there; "
+        assert out.startswith(f"Asked {run} to stop: it checkpoints after the step it is on and ends there; "
                               f"`pretrain train --resume {run}` goes on from that step. It is trained by pid "
                               f"{holder.pid} on "), out
     finally:
