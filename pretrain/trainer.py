@@ -216,10 +216,10 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     pending: list[tuple[int, dict[str, torch.Tensor], float, int, float]] = []
     metrics: dict[str, float] = {}
     stopping = False  # asked to stop (STOP_FILE): checkpointed at this step, the loop left
-    stop = _StopRequest(stop_file, rank, world)
     engine.train()
     system = None
     try:
+        stop = _StopRequest(stop_file, rank, world)
         system = _system_metrics(cfg, run_dir, tracker, rank, world)
         if monitor is not None and step == 0:  # the curve starts at the initialisation
             _watch(monitor, engine, tracker, 0, replayed)
