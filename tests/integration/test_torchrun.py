@@ -36,9 +36,16 @@ def _dry_run(tmp_path: Path, name: str, sets: list[str], recipe: Path = RECIPE) 
     return tmp_path / name
 
 
+def _torchrun_cmd(run: Path) -> list[str]:
+    """torchrun's command for 2 ranks training ``run``, its logs beside the run (it leaves a /tmp/torchelastic_* folder
+    per start otherwise)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", f"--log-dir={run.parent / 'torchrun-logs'}", "-m", "pretrain.train",
+            str(run)]
+
+
 def _torchrun(run: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
+    cmd = _torchrun_cmd(run)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
@@ -195,8 +202,7 @@ def _diverging_continuation_stops_before_checkpointing(run: Path) -> None:
     before = (_losses(run), sorted(p.name for p in (run / "checkpoints").iterdir()))
     assert main(["train", "--resume", str(run), "--dry-run", "--set", "optim.lr=1e20", "--set",
                  "job.max_steps=20"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
+    cmd = _torchrun_cmd(run)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     for rank in (0, 1):
@@ -323,8 +329,7 @@ def test_a_run_asked_to_stop_checkpoints_after_its_step_and_goes_on_from_there(t
     run = _dry_run(tmp_path, "stop", ["job.max_steps=1000", "job.log_every=100", "job.ckpt_every=1000",
                                       "optim.warmup_steps=1", "data.batch_size=32"])
     capsys.readouterr()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "pretrain.train", str(run)]
+    cmd = _torchrun_cmd(run)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
