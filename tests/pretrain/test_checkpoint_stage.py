@@ -12,7 +12,7 @@ import tempfile
 from pretrain.checkpoint import STAGE_PREFIX, staging_dir
 
 HOLD = """
-import sys, time
+import time
 from pretrain.checkpoint import staging_dir
 stage = staging_dir()
 open(stage.name + "/partition.pt", "wb").write(b"x" * 1000)
