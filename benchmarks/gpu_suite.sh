@@ -25,7 +25,9 @@ cat "$DEST/gpu_info.txt"
 echo "== kernel tests (all of tests/kernels, compiled on the GPU; the AOT-compile check is for GPU-less boxes)"
 # Default blocks in the tests (each autotuning candidate is pinned and checked by its own test); the benchmarks
 # below autotune as training does.
-SSL_KERNELS_AUTOTUNE=0 timeout 210 "$PY" -m pytest tests/kernels -q -p no:cacheprovider --deselect tests/kernels/test_aot_compile.py \
+# With them, the trainer's per-step stop check under NCCL (pretrain.dist.LaggedAny; torch only), which no CPU box runs.
+SSL_KERNELS_AUTOTUNE=0 timeout 210 "$PY" -m pytest tests/kernels tests/pretrain/test_stop_request.py -q -p no:cacheprovider \
+  --deselect tests/kernels/test_aot_compile.py \
   --junitxml="$DEST/kernels_gpu_junit.xml" > "$DEST/kernels_gpu_pytest.txt" 2>&1
 rc_tests=$?
 tail -n 15 "$DEST/kernels_gpu_pytest.txt"

@@ -219,7 +219,9 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
     engine.train()
     system = None
     try:
-        stop = _StopRequest(stop_file, rank, world)
+        # asked to stop (rank 0 reads STOP_FILE at every step): every rank learns it at the step after, without
+        # waiting for it
+        stop = dist.LaggedAny()
         system = _system_metrics(cfg, run_dir, tracker, rank, world)
         if monitor is not None and step == 0:  # the curve starts at the initialisation
             _watch(monitor, engine, tracker, 0, replayed)
@@ -238,7 +240,7 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             t_last = now
 
             last = step == cfg.job.max_steps
-            stopping = stop.poll() and not last  # every rank at the same step
+            stopping = stop(rank == 0 and stop_file.exists()) and not last  # every rank at the same step
             checkpoint = step % cfg.job.ckpt_every == 0 or last or stopping
             if step % cfg.job.log_every == 0 or checkpoint:  # flushed before a checkpoint: a non-finite loss stops
                 # the run before it
@@ -489,56 +491,6 @@ def _check_finite(pending, losses: list[float], world: int) -> None:
         raise NonFiniteLoss(f"the loss is not finite at step {bad} (rank {dist.rank()}'s: {mine}); the run stopped "
                             "before checkpointing that state: resume from its last checkpoint with a lower optim.lr "
                             "or more optim.warmup_steps")
-
-
-class _StopRequest:
-    """Whether the run was asked to stop (``STOP_FILE``, which rank 0 reads), agreed by every rank at every step
-    without waiting on it: each step starts an all-reduce of rank 0's answer and takes the one started a step before,
-    long done by then. Every rank polls at every step, so all see the request at the same step: the one after rank 0
-    found the file (at once in a process of its own). Under gloo (CPU) the all-reduce is on a host tensor in a gloo
-    group of its own (on the training's group, 2 ranks aborted at exit in 3 of 6 tries: "terminate called without an
-    active exception"), waited for a step later; under NCCL it is on the training's group (a gloo group beside NCCL
-    would need each node's hostname to resolve to an address the others reach), on a device tensor copied back to
-    pinned memory behind an event, so that the host waits for the step before, never for the one it has just queued.
-    Built by every rank (it may make a process group)."""
-
-    def __init__(self, stop_file: Path, rank: int, world: int) -> None:
-        self.stop_file, self.rank, self.world = stop_file, rank, world
-        cuda = world > 1 and torch.distributed.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        self.group = torch.distributed.new_group(backend="gloo") if world > 1 and not cuda else None
-        self.host = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)
-        self.pending = None  # the gloo work or the CUDA event of the step before
-
-    def poll(self) -> bool:
-        asked = self.rank == 0 and self.stop_file.exists()
-        if self.world == 1:
-            return asked
-        seen = self._take()
-        flag = torch.full((1,), int(asked), dtype=torch.int64, device=self.device)
-        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
-        if self.device.type == "cuda":
-            work.wait()  # the current stream waits for the all-reduce; the host does not
-            self.host.copy_(flag, non_blocking=True)
-            self.pending = torch.cuda.Event()
-            self.pending.record()
-        else:
-            self.host, self.pending = flag, work
-        return seen
-
-    def close(self) -> None:
-        """Wait for the all-reduce still under way (the last step's; every rank calls this after its last step)."""
-        self._take()
-
-    def _take(self) -> bool:
-        if self.pending is None:
-            return False
-        if isinstance(self.pending, torch.cuda.Event):
-            self.pending.synchronize()
-        else:
-            self.pending.wait()
-        self.pending = None
-        return bool(self.host.item())
 
 
 def _checkpoint(engine, session: Session, metrics: dict[str, float], world: int, stream, rank: int,
