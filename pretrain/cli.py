@@ -308,15 +308,15 @@ def _train(cfg, run_dir: Path, address: str | None) -> int:
     except Interrupted as e:
         name = signal.Signals(e.signum).name
         _end_run(cfg, run_dir, "KILLED")
-        print(f"Stopped by {name}{_latest_checkpoint(run_dir)}; resume with --resume {run_dir}", file=sys.stderr)
+        print(f"Stopped by {name}{_way_on(run_dir)}", file=sys.stderr)
         return 128 + e.signum
     except TrainingFailed as e:
         _end_run(cfg, run_dir, "FAILED")
-        print(f"error: {e}; resume with --resume {run_dir}", file=sys.stderr)
+        print(f"error: {e}{_way_on(run_dir, latest=False)}", file=sys.stderr)
         return 1
     if result.error is not None:
         _end_run(cfg, run_dir, "FAILED")
-        print(f"error: training failed: {result.error}; resume with --resume {run_dir}", file=sys.stderr)
+        print(f"error: training failed: {result.error}{_way_on(run_dir, latest=False)}", file=sys.stderr)
         return 1
     from pretrain.steps import STOPPED_EXIT, stopped_at
 
@@ -344,12 +344,21 @@ def _end_run(cfg, run_dir: Path, status: str) -> None:
             print(f"MLflow: run marked {status}", flush=True)
 
 
-def _latest_checkpoint(run_dir: Path) -> str:
-    """Where a stopped run would go on from, as the end of a sentence."""
-    from pretrain.steps import list_checkpoints
+def _way_on(run_dir: Path, latest: bool = True) -> str:
+    """How a run that ended before its end goes on (with its latest checkpoint where ``latest``), as the end of a
+    sentence: a resume, or where it was stopped before Ray recorded its first checkpoint (a resume would be refused),
+    a branch from one on disk."""
+    from pretrain.steps import check_ray_record, list_checkpoints, unrecorded_way_on
 
+    try:
+        check_ray_record(run_dir)
+    except ValueError:
+        return f"; Ray had not recorded its checkpoints: {unrecorded_way_on(run_dir)}"
+    if not latest:
+        return f"; resume with --resume {run_dir}"
     steps = list_checkpoints(run_dir)
-    return f"; its latest checkpoint is step {max(steps)}" if steps else "; it has no checkpoint yet"
+    where = f"; its latest checkpoint is step {max(steps)}" if steps else "; it has no checkpoint yet"
+    return f"{where}; resume with --resume {run_dir}"
 
 
 def cmd_stop(args) -> int:

@@ -47,16 +47,24 @@ def _ray_registered(run_dir: Path) -> set[str] | None:
 
 
 def check_ray_record(run_dir: str | Path) -> None:
-    """ValueError (one line) where ``run_dir`` holds Ray's ``checkpoint_*`` folders without a readable record of them
-    (deleted, or left empty by a disk that filled while Ray wrote it): Ray would start the run over from step 0 (or
-    fail to start), and which of them are complete is unknown."""
+    """ValueError (one line) where ``run_dir`` holds Ray's ``checkpoint_*`` folders without a readable record of them:
+    never written (the run was stopped before Ray recorded its first checkpoint), deleted, or left empty by a disk
+    that filled while Ray wrote it. Ray would start the run over from step 0 (or fail to start), and which of them
+    are complete is unknown: a branch (``--from-step``) checks the one it takes."""
     run_dir = Path(run_dir)
     folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     if folders and _ray_registered(run_dir) is None:
+        why = ("is unreadable (a disk that filled while it was written?)" if (run_dir / RAY_SNAPSHOT).exists() else
+               "is missing (the run was stopped before Ray recorded its first checkpoint, or it was deleted)")
         raise ValueError(f"--resume: {run_dir} holds {len(folders)} Ray checkpoint(s) (checkpoint_*) but Ray's record "
-                         f"of them, {RAY_SNAPSHOT}, is missing or unreadable (a disk that filled while it was "
-                         "written?): Ray would start the run over and which of them are complete is unknown; put the "
-                         "file back to resume, or take a step's encoder with `pretrain extract --step N`")
+                         f"of them, {RAY_SNAPSHOT}, {why}: Ray would start the run over; {unrecorded_way_on(run_dir)}")
+
+
+def unrecorded_way_on(run_dir: Path) -> str:
+    """How a run whose Ray checkpoints Ray has no record of goes on, as the end of a sentence."""
+    steps = ", ".join(map(str, sorted(list_checkpoints(run_dir)))) or "none"
+    return (f"go on from one as a new run with `--resume {run_dir} --from-step N`, which checks it holds every rank's "
+            f"files (steps on disk: {steps})")
 
 
 def cut_short(checkpoint: str | Path) -> list[Path]:

@@ -554,9 +554,12 @@ def _checkpoint(path: Path, step: int) -> Path:
 
 def test_a_damaged_run_is_refused_in_one_line_naming_what_is_damaged(tmp_path, capsys):
     """A resume of a run whose config.yaml is empty (it had been read as the default recipe and written over), whose
-    Ray checkpoints have lost Ray's record of them (deleted, or emptied by a disk that filled: Ray had started the run
-    over from step 0, or failed with a traceback), or whose checkpoint.json is empty (the error had been JSON's,
-    naming no file): one line each, before anything starts."""
+    Ray checkpoints have no record of Ray's (never written: the run stopped before Ray recorded its first checkpoint;
+    deleted; or emptied by a disk that filled: Ray had started the run over from step 0, or failed with a traceback),
+    or whose checkpoint.json is empty (the error had been JSON's, naming no file): one line each, before anything
+    starts, naming the way on (a branch from a checkpoint on disk), which a run stopped so names at its end too."""
+    from pretrain.cli import _way_on
+
     sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
     run = tmp_path / "r"
     assert main(["train", "--dry-run", *sets]) == 0
@@ -564,13 +567,18 @@ def test_a_damaged_run_is_refused_in_one_line_naming_what_is_damaged(tmp_path, c
     resume = ["train", "--resume", str(run), "--dry-run"]
     first = _checkpoint(run / "checkpoint_2026-01-01_00-00-00.000000", 4)
     _checkpoint(run / "checkpoint_2026-01-01_00-01-00.000000", 8)
-    for record in (None, ""):
+    way_on = (f"go on from one as a new run with `--resume {run} --from-step N`, which checks it holds every rank's "
+              "files (steps on disk: 4, 8)")
+    for record, why in ((None, "is missing (the run was stopped before Ray recorded its first checkpoint, or it was "
+                               "deleted)"), ("", "is unreadable (a disk that filled while it was written?)")):
         if record is not None:
             (run / "checkpoint_manager_snapshot.json").write_text(record)
         assert main(resume) == 2
-        assert _one_line_error(capsys).startswith(
+        assert _one_line_error(capsys) == (
             f"error: --resume: {run} holds 2 Ray checkpoint(s) (checkpoint_*) but Ray's record of them, "
-            "checkpoint_manager_snapshot.json, is missing or unreadable")
+            f"checkpoint_manager_snapshot.json, {why}: Ray would start the run over; {way_on}")
+        # what a run stopped so says at its end: not the resume that is refused (it had said "resume with --resume")
+        assert _way_on(run) == f"; Ray had not recorded its checkpoints: {way_on}"
     # ... a branch from a checkpoint of it that holds every rank's files goes on (the way on without the record)
     second = run / "checkpoint_2026-01-01_00-01-00.000000"
     assert main(["train", "--resume", str(run), "--dry-run", "--from-step", "8"]) == 2
@@ -587,6 +595,8 @@ def test_a_damaged_run_is_refused_in_one_line_naming_what_is_damaged(tmp_path, c
         {"checkpoint_dir_name": p.name} for p in sorted(run.glob("checkpoint_*"))]}))
     assert main(resume) == 0
     capsys.readouterr()
+    assert _way_on(run) == f"; its latest checkpoint is step 8; resume with --resume {run}"
+    assert _way_on(run, latest=False) == f"; resume with --resume {run}"
     (first / "checkpoint.json").write_text("")
     assert main(resume) == 2
     assert _one_line_error(capsys) == (f"error: {first / 'checkpoint.json'} is not JSON (empty or damaged): the "
