@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, config_changes, load_config
 from pretrain.preflight import DEFAULT_RECIPE, check_local_gpus, check_writable, prepare_run, resolve_run, run_lock
 
 
@@ -265,8 +265,11 @@ def _continues(args) -> bool:
 def _prepare(args, cfg, run_dir: Path, *, extra: list[str] = (), reach_tracking: bool = False) -> None:
     """``prepare_run`` of the run options; a branch (--from-step) then gets its checkpoint and rows, or is removed
     again where that fails (it is new: ``run_lock`` found it empty)."""
+    before = load_config(run_dir / "config.yaml") if _continues(args) else None
     prepare_run(cfg, run_dir, write=not _continues(args) or bool(args.overrides or extra),
                 reach_tracking=reach_tracking)
+    if before is not None and (changed := config_changes(before, cfg)):
+        print(f"{run_dir / 'config.yaml'}: written with {changed} (the run goes on with them)", flush=True)
     if args.from_step is not None:
         import shutil
 

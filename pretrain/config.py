@@ -832,13 +832,15 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = _yaml(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8"))
     except _DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (a YAML recipe is)") from None
+    if data is None:  # (a file cut short or saved empty by mistake, not a wish for the defaults)
+        raise ConfigError(f"{path}: empty (no keys); a recipe sets at least the method (configs/ has one for each)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
     base = data.pop("base", None)
@@ -920,6 +922,19 @@ def to_dict(cfg: Config) -> dict:
         return v
 
     return plain(dataclasses.asdict(cfg))
+
+
+def config_changes(before: Config, after: Config) -> str:
+    """The values ``after`` changes, as ``key old -> new, ...`` in the config's order ("" where none)."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(to_dict(before)), flat(to_dict(after))
+    return ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

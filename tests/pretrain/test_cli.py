@@ -264,6 +264,24 @@ def test_resume_takes_no_other_config(tmp_path, capsys):
     assert (tmp_path / "r" / "config.yaml").read_text() == before
 
 
+def test_a_resume_that_changes_the_config_says_what_it_wrote(tmp_path, capsys):
+    """A resume's --set values are written into the run's config.yaml, which it (or torchrun after a dry run) goes
+    on with: the command names each value it changed, old and new (a dry run had rewritten the config silently); one
+    that changes nothing says nothing and leaves the file as it was."""
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--dry-run", *sets]) == 0
+    capsys.readouterr()
+    resume = ["train", "--resume", str(tmp_path / "r"), "--dry-run"]
+    before = (tmp_path / "r" / "config.yaml").read_text()
+    assert main([*resume, "--set", "job.max_steps=700", "--set", "data.batch_size=256"]) == 0  # the recipe's values
+    assert "written with" not in capsys.readouterr().out
+    assert (tmp_path / "r" / "config.yaml").read_text() == before
+    assert main([*resume, "--set", "job.max_steps=900", "--set", "data.aug.crop_scale=[0.3, 1.0]"]) == 0
+    assert f"{tmp_path / 'r' / 'config.yaml'}: written with data.aug.crop_scale [0.5, 1.0] -> [0.3, 1.0], " \
+        "job.max_steps 700 -> 900 (the run goes on with them)\n" in capsys.readouterr().out
+    assert "max_steps: 900" in (tmp_path / "r" / "config.yaml").read_text()
+
+
 def test_gpus_the_local_machine_lacks_are_refused(tmp_path, capsys):
     """job.use_gpu: true for more workers than this machine has GPUs: one line before the local Ray cluster starts
     (Ray would wait for them forever), nothing written; a dry run (for torchrun elsewhere) is not refused."""

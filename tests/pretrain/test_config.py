@@ -124,7 +124,8 @@ def test_roundtrip_through_dict():
 
 
 def test_missing_file(tmp_path):
-    """A missing recipe, a directory given as one and a file that is not UTF-8: one line naming the path."""
+    """A missing recipe, a directory given as one, a file that is not UTF-8 and an empty one: one line naming the
+    path."""
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/recipe.yaml")
     with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a directory, not a YAML recipe$"):
@@ -132,6 +133,11 @@ def test_missing_file(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes(b"job:\n  run_name: caf\xe9\n")
     with pytest.raises(ConfigError, match=f"^{tmp_path / 'latin1.yaml'}: not UTF-8 text"):
         load_config(tmp_path / "latin1.yaml")
+    for text in ("", "# only a comment\n"):  # (it had been taken as the defaults: SimCLR, whatever was meant)
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=f"^{tmp_path / 'empty.yaml'}: empty \\(no keys\\); a recipe sets "
+                           "at least the method"):
+            load_config(tmp_path / "empty.yaml")
 
 
 def test_key_given_twice_is_refused(tmp_path):
