@@ -697,6 +697,8 @@ def cmd_extract(args) -> int:
     from pretrain.steps import check_run_dir, extract_step, list_checkpoints
 
     if args.list:
+        if given := next((o for o, v in (("--step", args.step), ("--out", args.out)) if v is not None), None):
+            raise ConfigError(f"{given}: --list only lists the run's checkpoints; give it without {given}")
         found = list_checkpoints(check_run_dir(args.checkpoint))
         for step, path in sorted(found.items()):
             print(f"step {step:>9}  {path}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import load_config, to_dict
+from pretrain.config import config_from_dict, dump_config, load_config, to_dict
 
 STEPS_DIR = "steps"
 CHECKPOINT_INFO = "checkpoint.json"
@@ -156,6 +156,29 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
+def _saved_config(checkpoint: Path):
+    """The config ``checkpoint`` was saved under (its checkpoint.json holds it; the run's config.yaml may have been
+    edited or damaged since), or None for a checkpoint of an older version or fields."""
+    saved = checkpoint_info(checkpoint).get("config")
+    try:
+        return config_from_dict(saved) if saved is not None else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _run_of(backbone: Path) -> str | None:
+    """The run an extracted ``backbone.pt`` came from (its ``"run"``), or None."""
+    try:
+        return torch.load(backbone, map_location="cpu", weights_only=True, mmap=True).get("run")
+    except Exception:  # noqa: BLE001 - torch.load raises many types for a file it cannot read
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    """``type: message`` of ``e``, its first line and sentence only (torch's run on for lines)."""
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+
+
 def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / STEPS_DIR / f"step_{step:07d}"
 
@@ -169,9 +192,13 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
 
     run_dir = check_run_dir(run_dir)
     found = list_checkpoints(run_dir)
+    if not found and (run_dir / "backbone.pt").is_file():
+        came = _run_of(run_dir / "backbone.pt")
+        raise ValueError(f"--checkpoint: {run_dir} holds an encoder and no training checkpoint"
+                         + (f" (a step extracted from {came}: give that run)" if came else ""))
     if not found:
         raise ValueError(f"--checkpoint: {run_dir} has no checkpoint yet (they are written every job.ckpt_every steps)")
-    step = max(found) if step is None else step
+    given, step = step is not None, max(found) if step is None else step
     if step not in found:
         raise ValueError(f"--step: {run_dir} has no checkpoint of step {step}; it has steps "
                          + ", ".join(str(s) for s in sorted(found)))
@@ -181,18 +208,22 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out: {out} exists and is not an empty directory; extract writes a new one and overwrites "
                          "nothing")
-    cfg = load_config(run_dir / "config.yaml")
+    what = "--step" if given else "--checkpoint"
+    cfg = _saved_config(found[step]) or load_config(run_dir / "config.yaml")
     method = build_method(cfg, distributed=False)
     try:
         state = consolidated_state_dict(found[step], cfg.zero.stage)
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch.load's and DeepSpeed's, of a file cut short
-        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's runs on for lines
-        raise ValueError(f"--step: checkpoint {found[step]} (step {step}) does not load ({type(e).__name__}: {first}): "
+        raise ValueError(f"{what}: checkpoint {found[step]} (step {step}) does not load ({_first_line(e)}): "
                          "damaged (a job stopped or a disk filled while it was written?); `--list` names the others"
                          ) from None
-    method.load_state_dict(state)
+    try:
+        method.load_state_dict(state)
+    except RuntimeError as e:  # a checkpoint of an older version (no config of its own) against an edited config.yaml
+        raise ValueError(f"{what}: checkpoint {found[step]} (step {step}) does not fit the model of "
+                         f"{run_dir / 'config.yaml'} (edited since?): {_first_line(e)}") from None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    dump_config(cfg, out / "config.yaml")
     saved = {"config": to_dict(cfg), "step": step, "run": str(run_dir.resolve())}
     if method.saves_model:
         torch.save({**saved, "state_dict": method.state_dict()}, out / MODEL_FILE)

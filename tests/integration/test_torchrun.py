@@ -139,11 +139,28 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, capsys, recipe
                               (["extract", "--checkpoint", str(whole), "--out", str(busy)], f"--out: {busy} exists and "
                                "is not an empty directory"),
                               (["extract", "--checkpoint", str(busy), "--list"], f"--checkpoint: {busy} is not a run "
-                               "directory (no config.yaml)")):
+                               "directory (no config.yaml)"),
+                              (["extract", "--checkpoint", str(whole), "--list", "--step", "12"], "--step: --list only "
+                               "lists the run's checkpoints; give it without --step"),
+                              # (it had said the step has "no checkpoint yet")
+                              (["extract", "--checkpoint", str(out)], f"--checkpoint: {out} holds an encoder and no "
+                               f"training checkpoint (a step extracted from {whole.resolve()}: give that run)")):
             assert main(args) == 2
             err = capsys.readouterr().err.strip()
             assert err.startswith(f"error: {message}") and "\n" not in err, err
         assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (out / "backbone.pt").is_file()
+        # the checkpoint's own config builds the model: a run whose config.yaml was emptied or edited by hand since
+        # gives the same encoder (it had been a traceback of load_state_dict)
+        copy = Path(shutil.copytree(whole, tmp_path / "edited", ignore=shutil.ignore_patterns("steps")))
+        edited = (whole / "config.yaml").read_text().replace("backbone: convnet", "backbone: resnet18")
+        assert "backbone: resnet18" in edited
+        for text in ("", edited):
+            (copy / "config.yaml").write_text(text)
+            step, again = extract_step(copy)
+            merged = torch.load(again / "backbone.pt", weights_only=True)["state_dict"]
+            assert step == 12 and all(torch.equal(final[k], merged[k].float()) for k in final)
+            assert (again / "config.yaml").read_text() == (out / "config.yaml").read_text()
+            shutil.rmtree(again)
         _diverging_continuation_stops_before_checkpointing(cut)
         _branch_goes_on_as_the_run_did(whole, expected, capsys)
         _a_crash_after_logging_logs_each_step_once(whole, expected)
