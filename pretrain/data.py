@@ -3,6 +3,8 @@ manifest, or the URL of one served over HTTP(S) (data_pipeline.remote)."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from data_pipeline.remote import is_url
@@ -52,7 +54,16 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False, ranks: int | None
                               f"{ranks} ranks x {max(1, cfg.num_loader_workers)} loader reader(s)); write smaller "
                               "shards (`pretrain data shards --shard-size`), or lower data.batch_size or "
                               "job.num_workers")
-    return shards if shards is not None else list_shards(data_dir, table=table)
+    if shards is not None:
+        return shards
+    shards = list_shards(data_dir, table=table)
+    if not is_url(data_dir):  # a shard gone: every epoch would have failed its ranks' share, after the cluster started
+        there = {d: set(os.listdir(d)) for d in {os.path.dirname(s) for s in shards} if os.path.isdir(d)}
+        if missing := [s for s in shards if os.path.basename(s) not in there.get(os.path.dirname(s), ())]:
+            more = f" (nor {len(missing) - 1} more of its {len(shards)})" if len(missing) > 1 else ""
+            raise ConfigError(f"data.source: shard {os.path.relpath(missing[0], data_dir)} of {data_dir}'s manifest is "
+                              f"not there{more}; `pretrain data verify {data_dir}` checks a dataset whole")
+    return shards
 
 
 def _not_shards(path: Path) -> str:
@@ -60,6 +71,9 @@ def _not_shards(path: Path) -> str:
     from data_pipeline.sources import IMAGE_SUFFIXES
 
     if not path.exists():
+        if kind := re.search(r"(?:^|/)(images|folder|table):(.*)", str(path)):  # a source of `data shards`
+            return (f"does not exist: data.source takes a shard dataset; write one from those files first, `pretrain "
+                    f"data shards --source {kind.group(1)}:{kind.group(2)} --out <a new directory>`")
         if any(c in path.name for c in "*?[{"):  # a glob or brace pattern of shards, as webdataset takes them
             above = path.parent if (path.parent / "manifest.parquet").is_file() else None
             return ("does not exist: data.source takes a dataset directory (the one with manifest.parquet), not a "

@@ -319,8 +319,9 @@ def test_triton_kernels_without_a_gpu_or_the_interpreter_are_refused(tmp_path, c
 
 
 def test_data_that_is_not_shards_says_how_to_make_it_shards(tmp_path, capsys):
-    """data.source naming a folder of images (unlabelled, or a sub-folder per class), a missing path or WebDataset
-    tars without a manifest: one line naming the command that makes it a dataset."""
+    """data.source naming a folder of images (unlabelled, or a sub-folder per class), a missing path, a source of
+    `data shards` (images:PATH) or WebDataset tars without a manifest: one line naming the command that makes it a
+    dataset; a dataset missing some of its shards: one line naming the first."""
     from PIL import Image
 
     loose, classes, tars = tmp_path / "loose", tmp_path / "classes", tmp_path / "tars"
@@ -355,6 +356,22 @@ def test_data_that_is_not_shards_says_how_to_make_it_shards(tmp_path, capsys):
     # a file:// URL is its path (it had become <cwd>/file:/...)
     assert main(["train", "--dry-run", *sets, "--set", f"data.source=file://{tmp_path / 'nope'}"]) == 2
     assert _one_line_error(capsys) == f"error: data.source: {tmp_path / 'nope'} does not exist"
+    # a source of `data shards` (it had been "<cwd>/images:... does not exist")
+    for kind in ("images", "folder"):
+        assert main(["train", "--dry-run", *sets, "--set", f"data.source={kind}:{loose}"]) == 2
+        assert _one_line_error(capsys).endswith(
+            f"{kind}:{loose} does not exist: data.source takes a shard dataset; write one from those files first, "
+            f"`pretrain data shards --source {kind}:{loose} --out <a new directory>`")
+    # a dataset whose manifest names shards that are gone (its ranks had failed each epoch, the cluster started)
+    digits = tmp_path / "digits"
+    assert main(["data", "shards", "--source", "digits", "--out", str(digits), "--no-progress"]) == 0
+    capsys.readouterr()
+    for n, more in ((1, ""), (3, " (nor 2 more of its 8)")):
+        for i in range(n):
+            (digits / f"shard-00000{2 * i + 1}.tar").unlink(missing_ok=True)
+        assert main(["train", "--dry-run", *sets, "--set", f"data.source={digits}"]) == 2
+        assert _one_line_error(capsys) == (f"error: data.source: shard shard-000001.tar of {digits}'s manifest is not "
+                                           f"there{more}; `pretrain data verify {digits}` checks a dataset whole")
     assert not (tmp_path / "runs").exists()
 
 
