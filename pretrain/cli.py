@@ -209,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--source", required=True,
                    help="digits | samples | folder:PATH (a sub-folder per class) | images:PATH (unlabelled, any depth) "
                    "| table:FILE (columns image, caption, label)")
-    s.add_argument("--out", type=_path, required=True, help="output directory (must not hold shards already)")
+    s.add_argument("--out", type=_path, required=True, help="the dataset directory to write (new, or empty)")
     s.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     s.add_argument("--workers", type=int, default=4,
                    help="shards written at a time (threads reading the images; default 4; the output is the same)")
@@ -775,6 +775,9 @@ def cmd_data(args) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     check_writable(args.out, "--out")
+    if args.out.is_dir() and any(args.out.iterdir()):
+        raise ConfigError(f"--out: {args.out} already holds files; a dataset is written into a new (or empty) "
+                          "directory, over nothing")
     manifest = write_shards(args.source, args.out, shard_size=args.shard_size, progress=not args.no_progress,
                             workers=args.workers, dedup=args.dedup)
     import json
@@ -786,12 +789,12 @@ def cmd_data(args) -> int:
     classes = json.loads(meta.get(b"classes", b"[]"))
     print(f"Wrote {table.num_rows} images ({f'{len(classes)} classes' if classes else 'unlabelled'}) in "
           f"{len(set(table.column('shard').to_pylist()))} shards: {manifest}", flush=True)
-    for note in json.loads(meta.get(b"left_out", b"[]")):
-        print(f"Left out: {note}", flush=True)
     repeats = table.num_rows - len(set(table.column("digest").to_pylist()))
-    if repeats:
+    if repeats:  # (of the images written: before the lines of what was left out)
         print(f"Of them {repeats} repeat an earlier image exactly (the same bytes); --dedup writes each image once",
               flush=True)
+    for note in json.loads(meta.get(b"left_out", b"[]")):
+        print(f"Left out: {note}", flush=True)
     return 0
 
 

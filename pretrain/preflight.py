@@ -54,6 +54,7 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
     run_dir = (Path(cfg.job.out_dir).expanduser() / name).resolve()
     if _holds_files(run_dir):
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}")
+    check_writable(run_dir, "job.out_dir")  # (a file there had been "<file>/<run>: Not a directory")
     return cfg, run_dir
 
 
@@ -107,6 +108,7 @@ def _resolve_branch(source: Path, overrides: list[str], step: int) -> tuple[Conf
     if _holds_files(run_dir):
         raise ConfigError(f"job.run_name: {run_dir} already holds a run; continue it with --resume {run_dir}, or "
                           "name another with --set job.run_name=NAME")
+    check_writable(run_dir, "job.out_dir")
     return cfg, run_dir
 
 

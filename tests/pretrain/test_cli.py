@@ -45,7 +45,8 @@ def test_data_shards_digits(tmp_path, capsys):
 
 def test_data_shards_says_what_it_left_out(tmp_path, capsys):
     """Images beside a folder source's class sub-folders and zero-byte files (of any source) are left out of the
-    shards, each kind named in a line (and kept in the manifest's metadata)."""
+    shards, each kind named in a line (and kept in the manifest's metadata), below the line of the exact repeats among
+    the images written."""
     from PIL import Image
 
     root = tmp_path / "imgs"
@@ -65,10 +66,13 @@ def test_data_shards_says_what_it_left_out(tmp_path, capsys):
     table = pq.read_table(out / "manifest.parquet")
     assert sorted(Path(p).name for p in table.column("path").to_pylist()) == ["0.png"] * 2 + ["1.png"] * 2 + \
         ["2.png"] * 2
+    shutil.copy(root / "cat" / "0.png", root / "copy.png")  # told of after the line of what was written, not below
     assert main(["data", "shards", "--source", f"images:{root}", "--out", str(tmp_path / "all"), "--no-progress"]) == 0
-    assert capsys.readouterr().out.splitlines()[1:] == [
+    assert capsys.readouterr().out.splitlines()[1:] == [  # the left-out lines (it had read as of the left-out files)
+        "Of them 1 repeat an earlier image exactly (the same bytes); --dedup writes each image once",
         f"Left out: 1 empty (zero-byte) file(s), e.g. {root / 'dog' / 'empty.jpg'}"]
-    assert pq.read_table(tmp_path / "all" / "manifest.parquet").num_rows == 7
+    assert pq.read_table(tmp_path / "all" / "manifest.parquet").num_rows == 8
+    (root / "copy.png").unlink()
     table = tmp_path / "t.csv"  # a table's rows naming an empty file: the same
     table.write_text("image,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(root.rglob("*.*"))))
     assert main(["data", "shards", "--source", f"table:{table}", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
@@ -84,7 +88,8 @@ def test_data_shards_refuses_existing_output(tmp_path, capsys):
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
     capsys.readouterr()
     assert main(["data", "shards", "--source", "digits", "--out", str(out), "--no-progress"]) == 2
-    assert "already exists" in _one_line_error(capsys)
+    assert _one_line_error(capsys) == (f"error: --out: {out} already holds files; a dataset is written into a new (or "
+                                       "empty) directory, over nothing")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
@@ -459,7 +464,8 @@ def test_a_tracking_store_that_cannot_take_the_run_is_refused_before_anything_st
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys):
-    """An --out on a read-only file system (or below a file), and a read-only run directory that eval would write
+    """An --out on a read-only file system (or below a file), a new run's job.out_dir below a file, and a read-only
+    run directory that eval would write
     eval.json into: one line naming the path, before anything is embedded, evaluated or exported (they had ended in
     an OSError traceback after the work; eval --no-map too, on a map it was told not to draw)."""
     import os
@@ -479,6 +485,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, ca
         assert main(argv) == 2, argv
         assert _one_line_error(capsys) == (f"error: --out: {run / 'backbone.pt'} is a file, so {argv[-1]} cannot be "
                                            "written")
+    # a new run's job.out_dir below a file (it had been "<file>/<run>: Not a directory")
+    assert main(["train", "--dry-run", "--set", f"job.out_dir={run / 'backbone.pt'}", "--set", "job.run_name=n"]) == 2
+    assert _one_line_error(capsys) == (f"error: job.out_dir: {run / 'backbone.pt'} is a file, so "
+                                       f"{run / 'backbone.pt' / 'n'} cannot be written")
     if os.geteuid() != 0:
         pytest.skip("mounting a read-only file system needs root")
     ro = tmp_path / "ro"
