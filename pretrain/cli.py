@@ -527,21 +527,30 @@ def cmd_eval(args) -> int:
 @_stdout_may_close
 def cmd_search(args) -> int:
     import numpy as np
+    import pyarrow.compute as pc
 
     from pretrain.index import embed_shards, load_run, rank
 
     if args.k < 1:
         raise ConfigError(f"--k: must be >= 1, got {args.k}")
     _new_file(args.out, "search", "a PNG contact sheet", ".png")
+    if args.text is not None and not args.text.strip():
+        raise ConfigError("--text: empty; give the words to search for")
     run = load_run(args.checkpoint, _device(args.device))
     if args.text is not None and run.encode_text is None:
         raise ConfigError(f"--text: {args.checkpoint} is a {run.cfg.method.name} run, which has no text tower "
                           "(a clip run has); query with --image KEY instead")
+    if args.text is not None and len(args.text.encode()) > (most := run.cfg.method.context_length - 2):
+        read = args.text.encode()[:most].decode(errors="ignore")
+        print(f"Warning: --text is {len(args.text.encode())} bytes and the text tower reads the first {most} "
+              f"(method.context_length {most + 2}, as in training): it searches for {read!r}", flush=True)
     if args.index is not None:
         from data_pipeline.shards import list_shards
         from pretrain.index import checkpoint_digest, load_gallery, weights_digest
 
         gallery, meta = load_gallery(args.index)
+        if not gallery.keys:
+            raise ConfigError(f"--index: {args.index} holds no embeddings; write it again with `pretrain embed`")
         if "values_sha256" in meta:
             same = meta["values_sha256"] == weights_digest(args.checkpoint)
         elif "weights_sha256" in meta:  # an index of an earlier version: the digest it kept
@@ -564,6 +573,12 @@ def cmd_search(args) -> int:
                          "data is now with --data DIR")
     else:
         shards = _data_shards(run, args.data)
+        if args.image is not None:  # before every image is embedded (a typo had cost a pass over the data)
+            from data_pipeline.shards import dataset_dir, read_manifest
+
+            keys = read_manifest(dataset_dir(shards[0]), columns=["key"]).column("key")
+            if not pc.any(pc.equal(keys, args.image)).as_py():
+                raise ConfigError(f"--image: no sample with key {args.image!r} in {dataset_dir(shards[0])}")
         gallery = embed_shards(run, shards)
     if args.text is not None:
         import torch
@@ -672,7 +687,7 @@ def _data_shards(run, data: str | None) -> list[str]:
     try:
         return resolve_shards(dataclasses.replace(run.cfg.data, source=data))
     except ConfigError as e:  # what is wrong with --data, said of --data
-        raise ConfigError(str(e).replace("data.source", "--data", 1)) from None
+        raise ConfigError(str(e).replace("data.source", "--data")) from None
 
 
 @_stdout_may_close

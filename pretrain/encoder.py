@@ -78,6 +78,8 @@ class Encoder(nn.Module):
         """(B, E) text embeddings in the image embeddings' space (CLIP runs)."""
         if self._text_encoder is None:
             raise ValueError(f"a {self.config.method.name} run has no text tower (a clip run has)")
+        if isinstance(texts, str):  # (list() would make it one text per character)
+            raise ValueError("texts: a list of strings, got one string; pass [text]")
         return self._text_encoder(list(texts))
 
 

@@ -73,6 +73,8 @@ class TextTransformer(nn.Module):
         if tokens.ndim != 2 or tokens.dtype != torch.long or tokens.shape[1] > self.context_length:
             raise ValueError(f"text tower expects (B, T <= {self.context_length}) int64 token ids, got "
                              f"{tokens.dtype} {tuple(tokens.shape)}")
+        if not tokens.shape[0]:  # (max() of no rows would raise)
+            return self.proj.weight.new_zeros(0, self.proj.out_features)
         ends = (tokens == EOS).int().argmax(dim=1)  # the first end token of each row
         if not bool((tokens.gather(1, ends[:, None]) == EOS).all()):
             raise ValueError("text tower: every row of tokens needs an end token (see ByteTokenizer)")

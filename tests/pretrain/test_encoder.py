@@ -88,7 +88,8 @@ def test_features_are_the_runs(runs):
 
 
 def test_clip_encodes_images_and_texts_in_one_space(runs):
-    """A CLIP run's encoder gives the image tower's projected embeddings and encode_text in the same width."""
+    """A CLIP run's encoder gives the image tower's projected embeddings and encode_text in the same width; no texts
+    give no rows, and one string (not a list) is refused."""
     encoder = pretrain.load_encoder(runs / "clip")
     run = load_run(runs / "clip")
     x = torch.from_numpy(digits_uint8()[0][:8])[:, None]
@@ -97,6 +98,9 @@ def test_clip_encodes_images_and_texts_in_one_space(runs):
         torch.testing.assert_close(images, run.encode_image(encoder.preprocess(x)))
     texts = encoder.encode_text(["a handwritten seven", "the digit 3"])
     assert encoder.has_text and texts.shape == (2, images.shape[1])
+    assert encoder.encode_text([]).shape == (0, images.shape[1])  # as images[:0] (it had raised max()'s RuntimeError)
+    with pytest.raises(ValueError, match=r"^texts: a list of strings, got one string; pass \[text\]$"):
+        encoder.encode_text("seven")  # (it had been five texts, one a character)
 
 
 def test_a_clip_backbone_without_its_model_is_refused(runs, tmp_path):

@@ -52,6 +52,22 @@ def test_text_query_ranks_the_gallery_by_cosine(runs, capsys, tmp_path):
     assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_text_longer_than_the_tower_reads_is_searched_cut_and_said_so(runs, capsys):
+    """The text tower reads method.context_length - 2 bytes of a query, as of a caption in training: a longer query
+    is searched as its cut (the same ranking), with a warning naming what is searched for (it had been cut
+    silently)."""
+    most = load_run(runs / "clip").cfg.method.context_length - 2
+    query = "a handwritten seven " * 8
+    tables = []
+    for text in (query, query[:most]):
+        assert main(["search", "--checkpoint", str(runs / "clip"), "--text", text, "--k", "5"]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0].splitlines()[0] == (f"Warning: --text is {len(query)} bytes and the text tower reads the first "
+                                         f"{most} (method.context_length {most + 2}, as in training): it searches for "
+                                         f"{query[:most]!r}")
+    assert "Warning" not in tables[1] and _table(tables[0]) == _table(tables[1])
+
+
 def test_image_query_finds_itself_first(runs, capsys):
     assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "digits_00042", "--k", "3", "--device",
                  "cpu"]) == 0
@@ -84,18 +100,21 @@ def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--text", "seven"], "--text: {simclr} is a simclr run, which has no text tower"),
-    (["--image", "nope"], "--image: no decodable sample with key 'nope'"),
+    (["--image", "nope"], "--image: no sample with key 'nope' in "),  # (before the pass over the data, not after)
+    (["--text", " "], "--text: empty; give the words to search for"),
     (["--image", "digits_00001", "--k", "0"], "--k: must be >= 1"),
     (["--image", "digits_00001", "--device", "tpu"], "--device: 'tpu' is not a device (auto, cpu, cuda, cuda:N)"),
     (["--image", "digits_00001", "--device", "cuda:7"], "--device: cuda:7 is not on this machine"),
     (["--image", "digits_00001", "--data", "/nonexistent/ds"], "--data: /nonexistent/ds does not exist"),
     (["--image", "digits_00001", "--data", ""], "--data: must not be empty"),
+    (["--image", "digits_00001", "--data", "images:/data/x"], "--data: {cwd}/images:/data/x does not exist: --data "
+     "takes a shard dataset; write one from those files first, `pretrain data shards --source images:/data/x"),
 ])
 def test_refusals_are_one_line(runs, capsys, args, message, tmp_path):
     assert main(["search", "--checkpoint", str(runs / "simclr"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: " + err[len("error: "):] and "\n" not in err
-    assert message.format(simclr=runs / "simclr") in err
+    assert message.format(simclr=runs / "simclr", cwd=Path.cwd()) in err
     (tmp_path / "mine.png").write_bytes(b"mine")  # a contact sheet never replaces a file
     assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "digits_00001", "--out",
                  str(tmp_path / "mine.png")]) == 2
@@ -188,8 +207,10 @@ def test_index_refusals_are_one_line(runs, capsys, tmp_path):
                          str(tmp_path / f"{older}.parquet")]) == code
     capsys.readouterr()
     pq.write_table(pa.table({"x": [1]}), tmp_path / "plain.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")  # (it had said the key was not in the data)
     for bad, message in ((tmp_path / "plain.parquet", "is not an embedding index written by `pretrain embed`"),
-                         (taken, "is not a Parquet file"), (tmp_path / "none.parquet", "does not exist")):
+                         (taken, "is not a Parquet file"), (tmp_path / "none.parquet", "does not exist"),
+                         (tmp_path / "empty.parquet", "holds no embeddings; write it again with `pretrain embed`")):
         assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "x", "--index", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: --index: {bad} {message}") and "\n" not in err, err
