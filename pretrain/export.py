@@ -57,7 +57,10 @@ def export_encoder(run: str | Path, out: str | Path, *, input_size: tuple[int, i
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # the weights as constants of inference: outputs of the program carry no autograd graph (serving code that calls it
     # without torch.no_grad() had built one per call, holding every activation)
-    encoder = load_encoder(run, device=device).requires_grad_(False)
+    try:
+        encoder = load_encoder(run, device=device).requires_grad_(False)
+    except ValueError as e:  # what is wrong with the run, said of --checkpoint as eval and embed say it
+        raise (e if str(e).startswith("device") else ValueError(f"--checkpoint: {e}")) from None
     height, width = input_size or (encoder.image_size, encoder.image_size)
     channels = input_channels or encoder.channels
     dtype = DTYPES[input_dtype]

@@ -107,5 +107,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
         assert main(argv) == 2
         assert capsys.readouterr().err.strip().splitlines() == [line]
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "new.pt2")]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [  # naming the option, as eval's and embed's do
+        f"error: --checkpoint: {tmp_path / 'nope'} does not exist (expected a finished run directory or its "
+        "backbone.pt)"]
     assert taken.read_bytes() == b"keep me" and not (tmp_path / "new.pt2").exists()
