@@ -74,8 +74,8 @@ def attention_maps(run: Run, shards: list[str], keys: list[str], block: int = -1
 
 
 def plot_attention(result: AttentionMaps, path: str | Path) -> Path:
-    """A PNG with a row per image: the image, the heads' mean map over it, then each head's map (each map scaled to its
-    own maximum, as DINO shows them)."""
+    """A PNG with a row per image: the image (titled by its key), the heads' mean map over it, then each head's map
+    (each map scaled to its own maximum, as DINO shows them)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -87,7 +87,7 @@ def plot_attention(result: AttentionMaps, path: str | Path) -> Path:
     for i in range(n):
         img = result.images[i].permute(1, 2, 0).numpy()
         grey = img.shape[-1] == 1
-        panels = [("image", None), ("mean of heads", result.maps[i].mean(0))] + [
+        panels = [(result.keys[i], None), ("mean of heads", result.maps[i].mean(0))] + [
             (f"head {h}", result.maps[i, h]) for h in range(heads)]
         for j, (title, m) in enumerate(panels):
             ax = fig.add_subplot(n, cols, i * cols + j + 1)
@@ -98,8 +98,7 @@ def plot_attention(result: AttentionMaps, path: str | Path) -> Path:
                 m = (m / m.max().clamp_min(1e-12)).numpy()
                 ax.imshow(m, cmap="inferno", interpolation="nearest", extent=(0, size, size, 0),
                           alpha=0.6 if j == 1 else 1.0)
-            label = f"{result.keys[i]}\n" if j == 0 else ""
-            ax.set_title(label + title, fontsize=6)
+            ax.set_title(title, fontsize=6)  # the image's key over it: one line (two ran into the row above)
             ax.axis("off")
     fig.suptitle(f"cls-token attention, block {result.block}", fontsize=8)
     fig.tight_layout()
