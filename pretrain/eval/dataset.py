@@ -238,11 +238,11 @@ def score_classes(labels: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.
     """The classes the protocols score: those with >= MIN_PER_CLASS samples among ``labels: (N,)`` (stored labels;
     unlabelled -1 samples are not scored). Returns ``(rows kept, their labels renumbered 0..C-1, the C class names,
     the names of the classes left out)``."""
-    present, counts = np.unique(labels[labels >= 0], return_counts=True)
-    scored = present[counts >= MIN_PER_CLASS]
+    counts = np.bincount(labels[labels >= 0], minlength=len(names))  # a class of no sample too (all its images
+    scored = np.flatnonzero(counts >= MIN_PER_CLASS)  # copies of others', or undecodable), which had gone unnamed
     rows = np.flatnonzero(np.isin(labels, scored))
     remap = np.searchsorted(scored, labels[rows]).astype(np.int64)  # scored is sorted: a monotone renumbering
-    return rows, remap, [names[c] for c in scored], [names[c] for c in present[counts < MIN_PER_CLASS]]
+    return rows, remap, [names[c] for c in scored], [names[c] for c in np.flatnonzero(counts < MIN_PER_CLASS)]
 
 
 def load_eval_set(cfg: Config) -> EvalSet:

@@ -99,13 +99,19 @@ def test_a_draw_of_max_samples(data):
 
 
 def test_thin_classes_are_left_out(tmp_path, capsys):
-    """A class with fewer than 8 decodable samples is left out (named in the report and printed); the rest score."""
-    shards = _shards(tmp_path, "thin", counts={"one": 40, "seven": 40, "four": 3})
+    """A class with fewer than 8 decodable samples is left out (named in the report and printed), one left with none
+    (its one image a copy of another class's, which the evaluation leaves out) too; the rest score."""
+    import shutil
+
+    root = _folder(tmp_path / "thin", counts={"one": 40, "seven": 40, "four": 3})
+    (root / "copy").mkdir()
+    shutil.copy(next((root / "one").iterdir()), root / "copy" / "dup.png")  # (it had gone unnamed)
+    write_shards(f"folder:{root}", tmp_path / "thin-shards", shard_size=400, progress=False)
     write_run(tmp_path / "run", "simclr_digits.yaml", tmp_path / "cache", SMALL)
-    report = evaluate_checkpoint(tmp_path / "run", dataset=str(shards))
-    assert report["data"]["classes"] == 2 and report["data"]["samples"] == 80
-    assert report["data"]["dropped_classes"] == ["four"]
-    assert "left out 1 class(es) with fewer than 8 decodable samples: four" in capsys.readouterr().out
+    report = evaluate_checkpoint(tmp_path / "run", dataset=str(tmp_path / "thin-shards"))
+    assert report["data"]["classes"] == 2 and report["data"]["samples"] == 80 and report["data"]["duplicates"] == 1
+    assert report["data"]["dropped_classes"] == ["copy", "four"]
+    assert "left out 2 class(es) with fewer than 8 decodable samples: copy, four" in capsys.readouterr().out
 
 
 def test_exact_duplicates_are_evaluated_once(tmp_path, capsys):
