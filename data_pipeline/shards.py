@@ -178,12 +178,13 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     ``data_dir``. A sample is ``<key>.<image ext>`` with an optional ``<key>.txt`` caption (UTF-8) and ``<key>.cls``
     label (else unlabelled, -1); other members (img2dataset's .json) are ignored. Samples without an image, or with a
     label or caption that does not parse, are left out and counted; a tar that does not read to its end is listed with
-    the samples before the damage and counted (so is one without tar's end blocks: cut between two members).
-    ``workers`` tars are read at a time. Returns (the manifest path, counts {"shards", "samples", "skipped",
-    "damaged", "captions", "problems": a line naming each damaged tar, left-out sample, member of a type its sample
-    has already (readers take the first) and tar without a sample, "duplicates": samples whose image has the bytes of
-    an earlier one's, told by the manifest's ``digest`` column, "repeated_keys": (key, first tar, other tar) of
-    samples whose key an earlier sample has (tars of two crawls that both count from 0)})."""
+    the samples before the damage and counted (so is one without tar's end blocks: cut between two members), and
+    ``verify_dataset`` reports it as long as it stays so. ``workers`` tars are read at a time. Returns (the manifest
+    path, counts {"shards", "samples", "skipped", "damaged", "captions", "problems": a line naming each damaged tar
+    (and how many of its samples it indexed), left-out sample, member of a type its sample has already (readers take
+    the first) and tar without a sample, "duplicates": samples whose image has the bytes of an earlier one's, told by
+    the manifest's ``digest`` column, "repeated_keys": (key, first tar, other tar) of samples whose key an earlier
+    sample has (tars of two crawls that both count from 0)})."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -237,8 +238,9 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         if not rows and not skipped and not errors:
             notes.append(f"{name}: holds no sample (not part of the dataset)")
         bar.update(1)
-        damage = _no_end_marker(data_dir / name) if not errors else (
-            f"{name}: does not read to its end ({_tar_error(errors[0])})")
+        damage = _tar_damage(data_dir / name, errors)
+        if damage:  # what of it the manifest has, so the line says what index did without the README
+            damage += f"; indexed up to there: {len(rows)} sample(s)"
         return rows, skipped, notes, damage, sha256_file(data_dir / name)
 
     with bar, ThreadPoolExecutor(workers) as pool:
@@ -274,6 +276,14 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     return data_dir / MANIFEST, counts
 
 
+def _tar_damage(tar: Path, errors: list[Exception]) -> str | None:
+    """Why a tar read by ``reader._tar_samples`` (its read errors: ``errors``) is not whole, in one line naming it, or
+    None: what ``index_shards`` and ``verify_dataset`` both report, so a tar one calls damaged the other does too."""
+    if errors:
+        return f"{tar.name}: does not read to its end ({_tar_error(errors[0])})"
+    return _no_end_marker(tar)
+
+
 def _no_end_marker(tar: Path) -> str | None:
     """Why a tar that read to its end without an error is still not whole, or None. A tar ends with two zero blocks
     (tar, Python's tarfile and webdataset's TarWriter write them), then zeros only: one cut between two members (a copy
@@ -288,17 +298,17 @@ def _no_end_marker(tar: Path) -> str | None:
             end = archive.offset
     except (tarfile.TarError, OSError):  # what webdataset read without an error, tarfile does too; else it said so
         return None
-    with tar.open("rb") as f:
+    with tar.open("rb") as f:  # what follows, a block at a time (a second tar joined on may be large)
         f.seek(end)
-        rest = f.read()
-    if not rest.strip(b"\0"):
-        if len(rest) >= 1024:
+        if f.read(512).strip(b"\0"):
+            return f"{tar.name}: ends in a member header cut short (at byte {end})"
+        for block in iter(lambda: f.read(1 << 20), b""):
+            if block.strip(b"\0"):
+                return (f"{tar.name}: has members after its end-of-archive blocks (byte {end}), which readers never "
+                        "reach (tars joined with `cat`? write them as one tar, or keep them apart)")
+        if f.tell() - end >= 1024:
             return None
-        return f"{tar.name}: ends without tar's end-of-archive blocks (cut short between two members?)"
-    if not rest[:512].strip(b"\0"):
-        return (f"{tar.name}: has members after its end-of-archive blocks (byte {end}), which readers never reach "
-                "(tars joined with `cat`? write them as one tar, or keep them apart)")
-    return f"{tar.name}: ends in a member header cut short (at byte {end})"
+    return f"{tar.name}: ends without tar's end-of-archive blocks (cut short between two members?)"
 
 
 def _tar_error(error: Exception) -> str:
@@ -446,10 +456,11 @@ def ensure_digits_shards(cache_dir: str | Path, *, shard_size: int = 256) -> lis
 def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int = 4,
                    progress: bool = True) -> tuple[dict[str, int], list[str]]:
     """Check a local dataset directory -> (counts, problems). Every shard of the manifest must be there with the
-    sha256 of ``checksums.json``, read to its end, and hold the manifest's samples, each with an image and a label
-    that parse (as training reads them); with ``decode`` every image must also decode, by PIL (as evaluation and search
-    read it, in a format DALI reads too: a GIF named .jpg is one training skips) and by DALI's decoder (as training
-    reads it: PIL reads some files DALI does not, such as an uncompressed 1-bit TIFF). ``problems`` says each finding
+    sha256 of ``checksums.json``, read to its end and be a whole tar (its end-of-archive blocks there, nothing after
+    them: ``index_shards``'s check), and hold the manifest's samples, each with an image and a label that parse (as
+    training reads them); with ``decode`` every image must also decode, by PIL (as evaluation and search read it, in
+    a format DALI reads too: a GIF named .jpg is one training skips) and by DALI's decoder (as training reads it: PIL
+    reads some files DALI does not, such as an uncompressed 1-bit TIFF). ``problems`` says each finding
     in words, a shard's first; counts: shards, samples (the manifest's), read, undecodable. Samples of a tar that the
     manifest does not list (those ``index_shards`` left out) are not the dataset's, and not checked."""
     from concurrent.futures import ThreadPoolExecutor
@@ -510,8 +521,9 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
             if decode and not decodes(parsed["image"]):
                 undecodable += 1
                 problems.append(f"{what}: the image does not decode")
-        if errors:
-            problems.append(f"{name}: does not read to its end ({type(errors[0]).__name__}: {errors[0]})")
+        damage = _tar_damage(path, errors)  # a read error, or no whole tar: members lost after what was read
+        if damage:
+            problems.append(damage)
         missing = expected[name] - seen
         if missing:
             problems.append(f"{name}: {len(missing)} sample(s) of the manifest not in it, e.g. {min(missing)!r}")

@@ -366,15 +366,17 @@ def _table_source(spec: str, file_str: str) -> Source:
     items, empty = [], []
     for i, (name, label, caption) in enumerate(zip(image.to_pylist(), labels, captions)):
         if name is not None and "://" in str(name):
-            raise ValueError(f"source {spec!r}: row {i}: image {name!r} is a URL; table: reads image files on this "
-                             "machine (download them first, e.g. with img2dataset, then `pretrain data index`)")
+            raise ValueError(f"source {spec!r}: {_row_place(file, i)}: image {name!r} is a URL; table: reads image "
+                             "files on this machine (download them first, e.g. with img2dataset, then `pretrain data "
+                             "index`)")
         path = Path(str(name)).expanduser() if name is not None else None
         if path is not None and not path.is_absolute():
             path = file.parent / path
         if path is None or path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(f"source {spec!r}: row {i}: image {name!r} is not a {IMAGE_KINDS} file name")
+            raise ValueError(f"source {spec!r}: {_row_place(file, i)}: image {name!r} is not a {IMAGE_KINDS} file "
+                             "name")
         if not path.is_file() or not os.access(path, os.R_OK):
-            raise ValueError(f"source {spec!r}: row {i}: {path} is not a readable file")
+            raise ValueError(f"source {spec!r}: {_row_place(file, i)}: {path} is not a readable file")
         if path.stat().st_size == 0:  # no image: left out and noted, as the folder sources do
             empty.append(path)
             continue
@@ -386,6 +388,35 @@ def _table_source(spec: str, file_str: str) -> Source:
         notes.append(f"the column(s) {', '.join(map(repr, ignored))} of the table (it reads image, caption or text, "
                      "and label)")
     return Source(spec, classes, items, notes)
+
+
+def _row_place(file: Path, row: int) -> str:
+    """Where data row ``row`` (0-based, in the order read) of a table file is, as an editor shows it: ``line N`` of a
+    CSV, TSV or JSON-lines file (a CSV's header is line 1; the blank lines the reader skips and each line of a quoted
+    caption over several count), ``row N`` (from 1) of a Parquet file. The file is read again, for a message only."""
+    import csv
+
+    kind = file.suffix.lower()
+    try:
+        if kind in (".csv", ".tsv"):
+            with open(file, encoding="utf-8", errors="replace", newline="") as f:
+                reader = csv.reader(f, delimiter="\t" if kind == ".tsv" else ",")
+                start, seen = 1, -1  # the first line with fields is the header
+                for fields in reader:
+                    if fields:  # a blank line is no row (pyarrow skips it) but is a line
+                        if seen == row:
+                            return f"line {start}"
+                        seen += 1
+                    start = reader.line_num + 1
+        elif kind == ".jsonl":
+            with open(file, encoding="utf-8", errors="replace") as f:
+                rows = (number for number, line in enumerate(f, 1) if line.strip())  # blank lines: no row
+                for seen, number in enumerate(rows):
+                    if seen == row:
+                        return f"line {number}"
+    except (OSError, csv.Error):  # changed since it was read, a field over csv's size limit: the row's number
+        pass
+    return f"row {row + 1}"
 
 
 def _read_table(spec: str, file: Path):

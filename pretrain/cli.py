@@ -773,8 +773,8 @@ def cmd_data(args) -> int:
         manifest, n = index_shards(args.dir, workers=args.workers, progress=not args.no_progress)
         print(f"Indexed {n['samples']} samples ({n['captions']} with captions) in {n['shards']} shards: {manifest}"
               + (f"; left out {n['skipped']} without an image or with a bad label/caption" if n["skipped"] else "")
-              + (f"; {n['damaged']} shard(s) do not read to their end (listed up to the damage)" if n["damaged"]
-                 else "")
+              + (f"; {n['damaged']} shard(s) damaged, indexed up to the damage (`pretrain data verify` reports them "
+                 "until they are written again)" if n["damaged"] else "")
               + (f"; {n['duplicates']} sample(s) repeat an earlier one's image exactly (the same bytes)"
                  if n["duplicates"] else ""), flush=True)
         _print_problems(n["problems"])

@@ -92,13 +92,15 @@ def test_damaged_tar_and_refusals(tmp_path, capsys):
     tar.write_bytes(tar.read_bytes()[:cut])
     assert main(["data", "index", str(tmp_path / "d"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "2 shard(s) do not read to their end" in out
+    assert "2 shard(s) damaged, indexed up to the damage (`pretrain data verify` reports them until they are written " \
+        "again)" in out
     assert "problem: 00002.tar: does not read to its end (" in out
-    assert ("problem: 00000.tar: ends without tar's end-of-archive blocks (cut short between two members?)"
-            in out.splitlines())
+    assert ("problem: 00000.tar: ends without tar's end-of-archive blocks (cut short between two members?); indexed "
+            "up to there: 3 sample(s)" in out.splitlines())
     rows = read_manifest(tmp_path / "d").to_pylist()
     assert sum(r["shard"] == "00000.tar" for r in rows) == 3 and 11 < len(rows) < 21
-    assert "problem: 00002.tar: does not read to its end (empty header)" in out.splitlines()  # webdataset's words
+    assert any(line.startswith("problem: 00002.tar: does not read to its end (empty header); indexed up to there: ")
+               for line in out.splitlines())  # webdataset's words
     # two tars joined with `cat`: readers stop at the first one's end blocks, and the second one's members were left
     # out without a word; a header cut short was called a cut between members; an empty tar named its stream object
     _img2dataset_like(tmp_path / "j")
@@ -112,14 +114,55 @@ def test_damaged_tar_and_refusals(tmp_path, capsys):
     assert main(["data", "index", str(tmp_path / "j"), "--no-progress"]) == 0
     problems = [line for line in capsys.readouterr().out.splitlines() if line.startswith("problem: ")]
     assert problems[0].startswith("problem: 00000.tar: has members after its end-of-archive blocks (byte ")
-    assert problems[1] == f"problem: 00001.tar: ends in a member header cut short (at byte {header})"
-    assert problems[2] == "problem: 00002.tar: does not read to its end (empty file)"
+    assert problems[1] == (f"problem: 00001.tar: ends in a member header cut short (at byte {header}); indexed up to "
+                           "there: 3 sample(s)")
+    assert problems[2] == "problem: 00002.tar: does not read to its end (empty file); indexed up to there: 0 sample(s)"
     assert main(["data", "index", str(tmp_path / "d")]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["data", "index", str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: {tmp_path / 'd'} already has a manifest.parquet: it is a dataset already",
         f"error: {tmp_path / 'empty'}: no .tar files in it"]
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_verify_reports_the_tars_index_calls_damaged(tmp_path, capsys):
+    """A tar without its end-of-archive blocks, one with members after them (two tars joined with `cat`) and one
+    ending in a member header cut short read without an error: `data verify` names each as `data index` did, and
+    exits 1 (it had called the dataset intact)."""
+    import tarfile
+
+    root = tmp_path / "tars"
+    root.mkdir()
+    for shard in range(4):
+        with wds.TarWriter(str(root / f"{shard}.tar")) as sink:
+            for i in range(10):
+                sink.write({"__key__": f"{shard}{i:03d}", "png": _png(10 * shard + i), "cls": i % 3})
+    extra = (root / "3.tar").read_bytes()
+    (root / "3.tar").unlink()
+    for name in ("0.tar", "2.tar"):
+        with tarfile.open(root / name) as t:
+            last = t.getmembers()[-1]
+        end = last.offset_data + -(-last.size // 512) * 512  # just past the last member: where the end blocks begin
+        data = (root / name).read_bytes()[:end]
+        (root / name).write_bytes(data if name == "0.tar" else data + extra[:100])
+    (root / "1.tar").write_bytes((root / "1.tar").read_bytes() + extra)
+    assert main(["data", "index", str(root), "--no-progress"]) == 0
+    indexed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("problem: ")]
+    assert len(indexed) == 3 and all(line.endswith("; indexed up to there: 10 sample(s)") for line in indexed)
+    assert main(["data", "verify", str(root), "--no-progress"]) == 1
+    *problems, summary = capsys.readouterr().out.splitlines()
+    assert problems == [line.removesuffix("; indexed up to there: 10 sample(s)") for line in indexed]
+    assert problems[0] == "problem: 0.tar: ends without tar's end-of-archive blocks (cut short between two members?)"
+    assert problems[1].startswith("problem: 1.tar: has members after its end-of-archive blocks (byte ")
+    assert problems[2] == f"problem: 2.tar: ends in a member header cut short (at byte {end})"
+    assert summary == f"Verified {root}: 3 shards, 30 of 30 samples read: 3 problem(s)"
 
 
 def test_same_manifest_for_any_number_of_workers(tmp_path):
