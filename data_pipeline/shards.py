@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import remote
-from data_pipeline.sources import image_digest, pil_decodes, resolve_source
+from data_pipeline.sources import image_digest, not_an_image, pil_decodes, resolve_source
 
 MANIFEST = "manifest.parquet"
 CHECKSUMS = "checksums.json"
@@ -118,9 +118,12 @@ def write_shards(
         if src.unreadable:
             notes.append(f"{len(src.unreadable)} image file(s) that could not be read when written (deleted or moved "
                          f"meanwhile?), e.g. {sorted(src.unreadable)[0]}")
+        if src.not_images:
+            notes.append(f"{len(src.not_images)} file(s) that are no image training decodes, e.g. "
+                         f"{sorted(src.not_images)[0]}")
         if not any(written):
-            raise ValueError(f"source {source!r}: none of its {len(src)} images could be read when written, e.g. "
-                             f"{sorted(src.unreadable)[0]}")
+            raise ValueError(f"source {source!r}: none of its {len(src)} images could be read as one when written, "
+                             f"e.g. {sorted(src.unreadable + src.not_images)[0]}")
         meta = {"classes": json.dumps(src.classes), "source": source, "shard_size": str(shard_size),
                 "left_out": json.dumps(notes)}
         table = pa.table(
@@ -163,6 +166,9 @@ def _write_shard(path: Path, src, indices) -> list[tuple]:
                 key, data, ext, label, caption = src[int(i)]
             except OSError as e:  # gone since the source was walked (a collection still being edited): left out
                 src.unreadable.append(f"{src.origin(int(i))} ({e.strerror or type(e).__name__})")
+                continue
+            if why := not_an_image(data):  # (training had skipped each, every epoch; a dataset of only such had
+                src.not_images.append(f"{src.origin(int(i))} ({why})")  # failed after its cluster started)
                 continue
             sample = {"__key__": key, ext: data, "cls": label}
             if caption is not None:

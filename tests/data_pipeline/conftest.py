@@ -38,10 +38,27 @@ def make_image_tree(root: Path, *, classes: dict[str, int], size: tuple[int, int
     return root
 
 
-def corrupt_jpeg(path: Path, seed: int = 0) -> None:
-    """Keep a JPEG's first 200 bytes (valid header), replace the rest with random garbage."""
+def undecodable_png(seed: int = 0) -> bytes:
+    """A PNG whose header reads (a 16x16 image, as `data shards` checks it) and whose pixels do not decode: what a copy
+    cut short or a flipped disk block leaves, which training and evaluation skip and count."""
+    import io
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    start = data.index(b"IDAT") + 4  # its chunks as they were, the compressed pixels garbage
+    data[start : start + 64] = rng.bytes(64)
+    return bytes(data)
+
+
+def corrupt_jpeg(path: Path) -> None:
+    """Cut a JPEG short after its header (up to its scan's header, which `data shards` reads): no pixels, which PIL
+    and DALI fail to decode. (Its first 200 bytes and random ones after them had stopped inside the header; random
+    pixel data after a whole header decodes, into noise.)"""
     data = path.read_bytes()
-    path.write_bytes(data[:200] + np.random.default_rng(seed).bytes(len(data) - 200))
+    scan = data.index(b"\xff\xda")
+    path.write_bytes(data[: scan + 2 + int.from_bytes(data[scan + 2 : scan + 4], "big")])
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ leave the photo sideways and clip a 16-bit image to white."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -113,9 +114,10 @@ def test_open_image_turns_and_scales():
 
 def test_formats_training_cannot_decode_are_undecodable_everywhere(decoders, tmp_path):
     """A GIF named .png (web crawls are full of them): DALI cannot decode it, so training skips it; PIL could, but
-    evaluation, search and `data verify --decode` must not count it as an image training reads: all three refuse it."""
+    evaluation, search and `data verify --decode` must not count it as an image training reads: all three refuse it,
+    and `data shards` leaves it out."""
     from data_pipeline.dali import CorruptBatch
-    from data_pipeline.shards import verify_dataset, write_shards
+    from data_pipeline.shards import index_shards, read_manifest, verify_dataset, write_shards
     from data_pipeline.sources import pil_decodes
 
     gif = _encode(PHOTO.convert("P"), "GIF")
@@ -128,8 +130,21 @@ def test_formats_training_cannot_decode_are_undecodable_everywhere(decoders, tmp
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "photo.png").write_bytes(_encode(PHOTO, "PNG"))
     (tmp_path / "imgs" / "animation.png").write_bytes(gif)
+    # `data shards` reads its header and leaves it out, noted (training had skipped it every epoch) ...
     write_shards(f"images:{tmp_path / 'imgs'}", tmp_path / "ds", progress=False)
-    counts, problems = verify_dataset(tmp_path / "ds", decode=True, progress=False)
+    table = read_manifest(tmp_path / "ds")
+    assert table.num_rows == 1 and json.loads(table.schema.metadata[b"left_out"]) == [
+        f"1 file(s) that are no image training decodes, e.g. {tmp_path / 'imgs' / 'animation.png'} (a GIF image, which "
+        "DALI does not decode)"]
+    # ... and `data verify --decode` finds one in tars another tool wrote
+    import webdataset as wds
+
+    (tmp_path / "tars").mkdir()
+    with wds.TarWriter(str(tmp_path / "tars" / "a.tar")) as sink:
+        sink.write({"__key__": "photo", "png": _encode(PHOTO, "PNG")})
+        sink.write({"__key__": "animation", "png": gif})
+    index_shards(tmp_path / "tars", progress=False)
+    counts, problems = verify_dataset(tmp_path / "tars", decode=True, progress=False)
     assert counts["undecodable"] == 1 and len(problems) == 1, problems
 
 

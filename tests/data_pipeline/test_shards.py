@@ -278,6 +278,35 @@ def test_what_a_walk_leaves_out_is_noted_and_a_class_linking_to_another_is_no_cl
     assert len(read_manifest(tmp_path / "unlabelled")) == 6
 
 
+def test_files_that_are_no_image_are_left_out_and_noted(tmp_path, image_tree, capsys):
+    """Files named as images whose bytes are none (a web page saved as .jpg, random bytes, an error message) are left
+    out when written, noted with the others left out (training had skipped each every epoch; a dataset of only such
+    had failed after its cluster started); an image cut short, whose header reads, is kept (where it is read it is
+    skipped and counted); a source of no image at all is refused, nothing written."""
+    from pretrain.cli import main
+    from tests.data_pipeline.conftest import undecodable_png
+
+    root = image_tree(tmp_path / "imgs", classes={"a": 3, "b": 3})
+    (root / "a" / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")
+    (root / "b" / "noise.png").write_bytes(np.random.default_rng(0).bytes(300))
+    (root / "b" / "cut.png").write_bytes(undecodable_png())
+    assert main(["data", "shards", "--source", f"folder:{root}", "--out", str(tmp_path / "ds"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"Left out: 2 file(s) that are no image training decodes, e.g. {root / 'a' / 'page.jpg'} (no image format PIL "
+        "knows)"]
+    kept = {Path(p).relative_to(root).as_posix() for p in read_manifest(tmp_path / "ds").column("path").to_pylist()}
+    assert len(kept) == 7 and "b/cut.png" in kept and not kept & {"a/page.jpg", "b/noise.png"}
+    (tmp_path / "junk").mkdir()
+    for i in range(3):
+        (tmp_path / "junk" / f"{i}.jpg").write_bytes(b"Access denied")
+    assert main(["data", "shards", "--source", f"images:{tmp_path / 'junk'}", "--out", str(tmp_path / "none"),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: source 'images:{tmp_path / 'junk'}': none of its 3 images could be read as one when written, e.g. "
+        f"{tmp_path / 'junk' / '0.jpg'} (no image format PIL knows)")
+    assert not (tmp_path / "none").exists() and not list(tmp_path.glob(".none.tmp-*"))
+
+
 def test_exact_duplicates_are_told_and_left_out_on_request(tmp_path, image_tree, capsys):
     """An image copied within its class and one copied into another class: written as they are, the manifest's digest
     tells them (the same for a copy, distinct otherwise) and the command says how many; with --dedup the copies are

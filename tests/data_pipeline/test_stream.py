@@ -103,8 +103,8 @@ def test_corrupt_jpeg_counted_and_skipped(tmp_path, image_tree, corrupt, caplog)
     search; every yielded batch is full and has no bad key."""
     root = image_tree(tmp_path / "imgs", classes={"a": 20, "b": 20})
     bad = [root / "a" / "4.jpg", root / "b" / "10.jpg"]
-    for i, path in enumerate(bad):
-        corrupt(path, seed=i)
+    for path in bad:
+        corrupt(path)
     write_shards(f"folder:{root}", tmp_path / "ds", shard_size=10, progress=False)
     from pretrain.config import load_config
     from pretrain.eval.dataset import ShardImages
@@ -253,8 +253,8 @@ def test_resume_keeps_corrupt_handling_exact(tmp_path, image_tree, corrupt):
     """With undecodable JPEGs before and after the saved position (pipeline rebuilt each time) and a truncated shard
     counted before it, the resumed stream yields exactly the uninterrupted stream's batches and problem counts."""
     root = image_tree(tmp_path / "imgs", classes={"a": 24, "b": 24})
-    for i, path in enumerate(sorted(root.glob("*/*.jpg"))[::5]):
-        corrupt(path, seed=i)
+    for path in sorted(root.glob("*/*.jpg"))[::5]:
+        corrupt(path)
     write_shards(f"folder:{root}", tmp_path / "ds", shard_size=12, progress=False)
     shards = list_shards(tmp_path / "ds")
     victim = Path(shards[TRUNCATE])

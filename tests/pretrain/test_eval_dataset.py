@@ -16,6 +16,7 @@ from pretrain.cli import main
 from pretrain.config import ConfigError
 from pretrain.eval.protocols import METRICS
 from pretrain.evaluate import evaluate_checkpoint
+from tests.data_pipeline.conftest import undecodable_png
 from tests.util import write_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ SMALL = "model.backbone_kwargs={width: 0.25}"
 
 def _folder(root: Path, counts: dict[str, int] | None = None, broken: bool = False) -> Path:
     """scikit-learn's digits as an image folder, a sub-folder per class named by its word (``counts``: only the first
-    n images of those classes); ``broken``: plus one file that is not an image."""
+    n images of those classes); ``broken``: plus one image that does not decode."""
     images, labels = digits_uint8()
     for i, (im, y) in enumerate(zip(images, labels)):
         name = DIGIT_WORDS[y]
@@ -34,7 +35,7 @@ def _folder(root: Path, counts: dict[str, int] | None = None, broken: bool = Fal
         (root / name).mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(root / name / f"{i:04d}.png")
     if broken:
-        (root / "zero" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+        (root / "zero" / "broken.png").write_bytes(undecodable_png())
     return root
 
 

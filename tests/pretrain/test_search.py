@@ -77,10 +77,10 @@ def test_image_query_finds_itself_first(runs, capsys):
 
 
 def test_undecodable_images_are_skipped_and_counted(runs, capsys, tmp_path):
-    from tests.data_pipeline.conftest import corrupt_jpeg, make_image_tree
+    from tests.data_pipeline.conftest import make_image_tree, undecodable_png
 
     root = make_image_tree(tmp_path / "imgs", classes={"a": 6, "b": 6})
-    corrupt_jpeg(root / "a" / "2.jpg")
+    (root / "a" / "2.jpg").write_bytes(undecodable_png())  # its header reads: written, then skipped where read
     write_shards(f"folder:{root}", tmp_path / "ds", shard_size=5, progress=False)
     assert main(["search", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--image",
                  "00000000", "--k", "20"]) == 0
@@ -308,10 +308,11 @@ def test_data_of_no_decodable_image_is_one_line(runs, capsys, caplog, tmp_path):
     """A dataset whose every image is undecodable: embed and search name --data's directory and the count in one line,
     and the images skipped are named up to a bound, not one line each."""
     from pretrain.eval.dataset import NAMED_UNDECODABLE
+    from tests.data_pipeline.conftest import undecodable_png
 
     (tmp_path / "bad").mkdir()
     for i in range(NAMED_UNDECODABLE + 5):
-        (tmp_path / "bad" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+        (tmp_path / "bad" / f"{i}.png").write_bytes(undecodable_png(i))
     write_shards(f"images:{tmp_path / 'bad'}", tmp_path / "ds", progress=False)
     data = str((tmp_path / "ds").resolve())
     for cmd in (["embed", "--out", str(tmp_path / "x.parquet")], ["search", "--image", "00000000"]):
