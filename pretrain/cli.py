@@ -8,6 +8,7 @@ starts; a problem is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -253,7 +254,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _resolve_run(args, extra: list[str] = ()) -> tuple[Config, Path]:
     """``resolve_run`` of the run options (``_run_args``), plus ``extra`` overrides."""
-    overrides = [*args.overrides, *extra] + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+    # the flag's value as given: a YAML string (unquoted, a '#' had begun a comment and 'file:' a mapping)
+    overrides = [*args.overrides, *extra] + ([f"tracking.uri={json.dumps(args.tracking_uri)}"] if args.tracking_uri
+                                             else [])
     return resolve_run(args.config, overrides, args.resume, args.from_step)
 
 
@@ -265,9 +268,9 @@ def _continues(args) -> bool:
 def _prepare(args, cfg, run_dir: Path, *, extra: list[str] = (), reach_tracking: bool = False) -> None:
     """``prepare_run`` of the run options; a branch (--from-step) then gets its checkpoint and rows, or is removed
     again where that fails (it is new: ``run_lock`` found it empty)."""
-    before = load_config(run_dir / "config.yaml") if _continues(args) else None
-    prepare_run(cfg, run_dir, write=not _continues(args) or bool(args.overrides or extra),
-                reach_tracking=reach_tracking)
+    write = not _continues(args) or bool(args.overrides or extra)
+    before = load_config(run_dir / "config.yaml") if _continues(args) and write else None
+    prepare_run(cfg, run_dir, write=write, reach_tracking=reach_tracking)
     if before is not None and (changed := config_changes(before, cfg)):
         print(f"{run_dir / 'config.yaml'}: written with {changed} (the run goes on with them)", flush=True)
     if args.from_step is not None:
@@ -795,8 +798,6 @@ def cmd_data(args) -> int:
                           "directory, over nothing")
     manifest = write_shards(args.source, args.out, shard_size=args.shard_size, progress=not args.no_progress,
                             workers=args.workers, dedup=args.dedup)
-    import json
-
     from data_pipeline.shards import read_manifest
 
     table = read_manifest(manifest.parent, columns=["shard", "digest"])

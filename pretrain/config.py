@@ -21,6 +21,9 @@ import yaml
 
 from data_pipeline.views import AugmentConfig
 
+MAX_SEED = (2**32 - 1 - 1_000_000) // 1000
+"""The largest ``job.seed``: each rank seeds numpy (seeds below 2**32) with seed x 1000 + 1 + rank (below 10**6)."""
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the key."""
@@ -576,6 +579,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (each rank seeds numpy, whose seeds are "
+               f"below 2**32, with seed x 1000 + 1 + its rank), got {self.seed}")
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         if self.use_gpu.lower() in YAML11_BOOLS:  # use_gpu: yes
             self.use_gpu = "true" if YAML11_BOOLS[self.use_gpu.lower()] else "false"

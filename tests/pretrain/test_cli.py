@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from pretrain.cli import main
 from tests.util import write_run
@@ -267,6 +268,17 @@ def test_resume_takes_no_other_config(tmp_path, capsys):
     assert _one_line_error(capsys) == (f"error: --config: a resumed run goes on with its own config ({tmp_path / 'r'}/"
                                        "config.yaml); change its values with --set")
     assert (tmp_path / "r" / "config.yaml").read_text() == before
+
+
+def test_the_tracking_uri_flag_is_taken_as_given(tmp_path, capsys):
+    """--tracking-uri is the store's URI exactly as given, not YAML: a '#' in a path had begun a comment (the run then
+    tracked into another file, silently), and 'file:' had been a mapping."""
+    uri = f"sqlite:///{tmp_path / 'a #1.db'}"
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", "job.run_name=r", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--dry-run", *sets, "--tracking-uri", uri]) == 0
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["tracking"]["uri"] == uri
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=s", "--tracking-uri", "file:"]) == 2
+    assert "a file store" in _one_line_error(capsys)
 
 
 def test_a_resume_that_changes_the_config_says_what_it_wrote(tmp_path, capsys):

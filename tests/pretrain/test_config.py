@@ -304,3 +304,15 @@ def test_local_paths_are_absolute_for_the_workers(tmp_path, monkeypatch):
     assert (cfg.data.source, cfg.eval.dataset, cfg.data.cache_dir, cfg.tracking.uri) == (
         "https://host/shards", "samples", "~/.cache/ssl-pretrain", "sqlite:////srv/mlflow.db")
     assert load_config(RECIPE, ["data.source=~/shards"]).data.source == str(Path("~/shards").expanduser())
+
+
+def test_a_seed_numpy_cannot_take_is_refused():
+    """job.seed outside 0..MAX_SEED: every rank seeds numpy (seeds below 2**32) with seed x 1000 + 1 + rank; a seed
+    past that had passed every check and failed in each worker at its start."""
+    from pretrain.config import MAX_SEED
+
+    for seed in (-1, MAX_SEED + 1, 10**20):
+        assert config_error(RECIPE, [f"job.seed={seed}"]) == (
+            f"job.seed: must be in 0..{MAX_SEED} (each rank seeds numpy, whose seeds are below 2**32, with seed x 1000 "
+            f"+ 1 + its rank), got {seed}")
+    assert load_config(RECIPE, [f"job.seed={MAX_SEED}"]).job.seed * 1000 + 1 + 999_999 < 2**32
