@@ -49,11 +49,12 @@ def resolve_shards(cfg: DataConfig, *, captions: bool = False, ranks: int | None
         sizes = list(Counter(table.column("shard").to_pylist()).values())
         share = smallest_rank_share(sizes, world_size=ranks, num_workers=cfg.num_loader_workers)
         if share < cfg.batch_size:
+            how = ("data.shard_size, which a built-in source is written with" if cfg.source in BUILTIN_VERSIONS else
+                   "`pretrain data shards --shard-size`")
             raise ConfigError(f"data.batch_size: {cfg.batch_size} images a rank is more than the {share} samples a "
                               f"rank may get in an epoch (the {len(sizes)} shards of {cfg.source} go whole to "
                               f"{ranks} ranks x {max(1, cfg.num_loader_workers)} loader reader(s)); write smaller "
-                              "shards (`pretrain data shards --shard-size`), or lower data.batch_size or "
-                              "job.num_workers")
+                              f"shards ({how}), or lower data.batch_size or job.num_workers")
     if shards is not None:
         return shards
     shards = list_shards(data_dir, table=table)

@@ -136,14 +136,15 @@ def test_batch_larger_than_the_ranks_share_is_refused(tmp_path, capsys):
 def test_a_batch_some_rank_cannot_fill_in_some_epoch_is_refused(tmp_path, capsys):
     """The dataset holds a batch for every rank, but its shards go whole to the ranks: digits in shards of 600 (600,
     600, 597) give one of 2 ranks a single shard, 597 samples, less than a batch of 700 (its worker had failed once
-    the cluster started, "gave no full batch"); one line before anything is written."""
+    the cluster started, "gave no full batch"); one line before anything is written, naming what writes smaller shards
+    of a built-in source (data.shard_size, not `data shards`)."""
     sets = ["--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set",
             "data.shard_size=600", "--set", "job.num_workers=2", "--set", "job.run_name=r"]
     assert main(["train", "--dry-run", *sets, "--set", "data.batch_size=700"]) == 2
     assert _one_line_error(capsys) == ("error: data.batch_size: 700 images a rank is more than the 597 samples a rank "
                                        "may get in an epoch (the 3 shards of digits go whole to 2 ranks x 1 loader "
-                                       "reader(s)); write smaller shards (`pretrain data shards --shard-size`), or "
-                                       "lower data.batch_size or job.num_workers")
+                                       "reader(s)); write smaller shards (data.shard_size, which a built-in source "
+                                       "is written with), or lower data.batch_size or job.num_workers")
     assert not (tmp_path / "r").exists()
     assert main(["train", "--dry-run", *sets, "--set", "data.batch_size=597"]) == 0
 
