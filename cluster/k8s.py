@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +35,8 @@ from data_pipeline.remote import AUTH_ENV
 LOST_HEAD = 75  # exit status of a node pod whose Ray head went away (not the node's failure; see podFailurePolicy)
 STOP_MARGIN = 50  # seconds of a stopped pod's grace kept for stopping the driver and Ray (20 s each) once the run ended
 BAD_INPUT = 2  # exit status of `pretrain` on a config error: starting the pod again cannot help
+STOPPED = 76  # exit status of pod 0 whose run stopped as `pretrain stop` asked: the Job ends (its driver's 75, the
+# node pods' LOST_HEAD, would have had the pod started again and the run resumed, undoing the stop)
 CONTAINER = "train"
 DOWNWARD_API = {"POD_IP": "status.podIP", "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
 MAX_NAME = 52  # an Indexed Job's pods are named <job>-<index> as hosts, and a host name has at most 63 characters
@@ -80,6 +83,10 @@ class K8sJob(RayNodes):
         super().__post_init__()
         check_int("restarts", self.restarts, low=0)
         check_int("termination_grace", self.termination_grace, low=1)
+        if self.termination_grace <= STOP_MARGIN:  # (as Slurm's --requeue-grace must leave time before --time)
+            raise ValueError(f"--termination-grace: {self.termination_grace} s leaves a stopped pod's run no time to "
+                             f"checkpoint after its step ({STOP_MARGIN} s are kept for stopping the driver and Ray); "
+                             f"give more than {STOP_MARGIN}")
         for name in ("ray_port", "dashboard_port"):
             check_int(name, getattr(self, name), low=1, high=65535)
         if self.ray_port == self.dashboard_port:
@@ -117,7 +124,8 @@ def job_name(run_name: str) -> str:
 
 def mount_path(job: K8sJob, run_dir: Path) -> Path:
     """Where the PVC is mounted: ``--mount-path``, else the run's ``job.out_dir``."""
-    return Path(job.mount_path) if job.mount_path else Path(run_dir).resolve().parent
+    # ('..' and '.' taken out: /pvc/runs/../runs had been called a symbolic link to /pvc/runs)
+    return Path(os.path.normpath(job.mount_path)) if job.mount_path else Path(run_dir).resolve().parent
 
 
 def check_shared(job: K8sJob, run_dir: Path, paths: dict[str, str]) -> Path:
@@ -210,8 +218,8 @@ def render_manifests(job: K8sJob, run_dir: Path, *, python: str = "python", work
         "successPolicy": {"rules": [{"succeededIndexes": "0"}]},  # the head's driver succeeded: the run is done
         "backoffLimit": job.restarts,
         "podFailurePolicy": {"rules": [  # the first rule that matches a failed pod decides
-            {"action": "FailJob",  # a config error: no new start can fix it
-             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [BAD_INPUT]}},
+            {"action": "FailJob",  # a config error, which no new start can fix; a run stopped as asked
+             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [BAD_INPUT, STOPPED]}},
             {"action": "Ignore",  # a node pod whose head failed or was replaced: its replacement joins the new head
              "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [LOST_HEAD]}},
             {"action": "Ignore",  # preemption, eviction, node drain: start again and resume, as Slurm requeues

@@ -5,9 +5,10 @@ Its settings are the environment the manifest sets (``PRETRAIN_*``; ``POD_IP`` f
 
 Pod 0 starts a Ray head on its IP, waits until all ``PRETRAIN_NODES`` Ray nodes have joined (``cluster.wait_nodes``),
 runs the driver ``python -m pretrain.cli train --resume <run_dir> --address <pod ip>:<port>`` and exits with its
-status: the Job is complete when this pod succeeds. Every other pod waits until the head's name resolves (the headless
-Service publishes it once the head pod has an IP) and its port answers, then runs a Ray node joined to it until the pod
-is stopped.
+status: the Job is complete when this pod succeeds; a run stopped by ``pretrain stop`` exits ``STOPPED``, which fails
+the Job (its pods are not started again, which would resume the run). Every other pod waits until the head's name
+resolves (the headless Service publishes it once the head pod has an IP) and its port answers, then runs a Ray node
+joined to it until the pod is stopped.
 
 SIGTERM (pod deletion, preemption, the end of the Job): pod 0 asks the run to stop (``pretrain stop``: every rank
 checkpoints after the step it is on) and waits up to ``PRETRAIN_STOP_WAIT`` seconds for the driver to end so, while
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.k8s import BAD_INPUT, LOST_HEAD
+from cluster.k8s import BAD_INPUT, LOST_HEAD, STOPPED
 
 STOP_GRACE = 20.0  # seconds a child has to stop after SIGTERM before its process group is killed
 PROBE_EVERY = 5.0  # seconds between a node's checks that its head is still there
@@ -152,6 +153,14 @@ def run_head(pod: Pod, temp_dir: str) -> int:
                 print(f"ssl-pretrain: the driver exited with status {driver.returncode}", flush=True)
             raise
         print(f"ssl-pretrain: the driver exited with status {status}", flush=True)
+        from pretrain.steps import STOPPED_EXIT  # (torch's import: only once the driver has ended)
+
+        if status == STOPPED_EXIT:  # `pretrain stop`, not this pod's SIGTERM (that raised Terminated above)
+            job = pod.run_dir / "k8s" / "job.yaml"
+            print(f"ssl-pretrain: the run stopped as asked, checkpointed; the Job ends here (status {STOPPED}, which "
+                  f"fails it rather than start the pod again); start it again to go on: kubectl delete -f {job} "
+                  f"--ignore-not-found; kubectl create -f {job}", flush=True)
+            return STOPPED
         return 128 - status if status < 0 else status  # killed by a signal: the shell's convention, not 256 - n
 
 

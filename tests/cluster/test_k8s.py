@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.k8s import STOPPED
 from tests.util import free_port, run_cli, worker_placement
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,10 @@ def _manifests(run: Path) -> dict[str, dict]:
     ([*REQUIRED, "--namespace", "ML_team"], "--namespace: 'ML_team' is not a Kubernetes namespace name"),
     ([*REQUIRED, "--ray-port", "70000"], "--ray-port: must be an integer in 1..65535, got 70000"),
     ([*REQUIRED, "--termination-grace", "0"], "--termination-grace: must be an integer >= 1, got 0"),
+    # (it had switched the checkpoint at a pod's stop off, silently)
+    ([*REQUIRED, "--termination-grace", "50"], "--termination-grace: 50 s leaves a stopped pod's run no time to "
+                                               "checkpoint after its step (50 s are kept for stopping the driver and "
+                                               "Ray); give more than 50"),
     ([*REQUIRED, "--mount-path", "runs"], "--mount-path: must be an absolute directory other than /, got 'runs'"),
     ([*REQUIRED, "--cpus-per-node", "1", "--set", "job.num_workers=3"], "job.num_workers: 3 CPU workers need 3 Ray "
                                                                         "CPUs, the job has 1 (1 nodes x 1 --cpus-"),
@@ -95,7 +100,7 @@ def test_run_dir_off_the_volume_is_refused(tmp_path):
 def test_a_tokenizer_off_the_volume_and_a_linked_mount_path_are_refused(tmp_path):
     """BEiT's tokenizer run is opened by the pods too: off the volume, refused like the data (it had been let through);
     a --mount-path that is a symbolic link is refused saying so and naming the folder it links to (the pods are given
-    the paths this host resolves)."""
+    the paths this host resolves); one with '..' in it is taken as the folder it names."""
     from tests.pretrain.test_beit import SMALL, _save_tokenizer
 
     volume = tmp_path / "volume"
@@ -115,6 +120,12 @@ def test_a_tokenizer_off_the_volume_and_a_linked_mount_path_are_refused(tmp_path
         f"error: job.out_dir: {volume} is not under --mount-path {tmp_path / 'link'}, where the pods mount --pvc "
         f"runs; they would not see it (--mount-path {tmp_path / 'link'} is a symbolic link to {volume}, and the pods "
         "are given paths as this host resolves them: give that one)"), proc.stderr
+    # a '..' in it is no link: taken out, the path is the volume's (it had been refused as a link to itself)
+    proc = _submit([*REQUIRED, "--mount-path", str(volume / ".." / "volume"), "--set", f"job.out_dir={volume}",
+                    "--set", "job.run_name=d", "--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    job = _manifests(volume / "d")["Job"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == str(volume)
 
 
 def test_no_kubectl_is_one_line(tmp_path):
@@ -189,6 +200,8 @@ def test_gpu_dry_run_writes_config_and_valid_manifests(tmp_path):
     assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 2,
                                                                                                          2, 5)
     assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    assert spec["podFailurePolicy"]["rules"][0] == {  # a config error, or a run stopped as asked: no new start
+        "action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2, STOPPED]}}
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
     assert pod["priorityClassName"] == "high"
@@ -335,9 +348,10 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     a pod IP each, the head's name resolvable), form a 2-node Ray cluster with one Train worker per node. Both pods are
     stopped (SIGTERM, as on preemption) after the first checkpoint: pod 0 asks the run to stop, the node pod keeps its
     Ray node up meanwhile, both ranks checkpoint after the step they are on and end, and the pods exit cleanly; a second
-    start of the same pods (the Job starting them again) resumes from that very step and completes every step, each
-    once; pod 0 exits 0 (the Job's success) and the node pod stops when told to, as Kubernetes then tells it; no pod
-    leaves its Ray session dir behind."""
+    start of the same pods (the Job starting them again) resumes from that very step, and a user's `pretrain stop` then
+    ends it and the Job (pod 0 exits STOPPED, which the Job fails on, not starting it again); a third start resumes
+    from that step and completes every step, each once; pod 0 exits 0 (the Job's success) and the node pod stops when
+    told to, as Kubernetes then tells it; no pod leaves its Ray session dir behind."""
     why = _namespaces_missing()
     if why:
         pytest.skip(why)
@@ -374,7 +388,26 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
         stopped = re.search(r"Stopped at step (\d+) as asked, checkpointed; resume with --resume", first[0])
         assert stopped and "ssl-pretrain: the driver exited with status 75" in first[0], first[0][-6000:]
 
-        # second start of the same pods: resumes and completes
+        # second start: resumes; a user's `pretrain stop` (not Kubernetes' SIGTERM) has the run checkpoint and end,
+        # and pod 0 exits STOPPED, which fails the Job (the driver's 75 had been the node pods' LOST_HEAD, which the
+        # Job ignores: it would have started pod 0 again and resumed the run, undoing the stop)
+        pods = [_start_pod(job, i, logs[i]) for i in range(2)]
+        while "reading on from its data position" not in logs[0].read_text()[len(first[0]):]:
+            assert time.monotonic() < deadline + 300 and pods[0].poll() is None, logs[0].read_text()[-6000:]
+            time.sleep(0.2)
+        asked = subprocess.run([sys.executable, "-m", "pretrain.cli", "stop", str(run)], capture_output=True,
+                               text=True, cwd=ROOT)
+        assert asked.returncode == 0, asked.stderr
+        assert pods[0].wait(timeout=150) == STOPPED, logs[0].read_text()[-6000:]
+        assert _stop_pods(pods[1]) == [143]  # what the Job does to its other pods once it failed
+        second = [log.read_text()[len(f):] for log, f in zip(logs, first)]
+        again = re.search(r"Stopped at step (\d+) as asked, checkpointed; resume with --resume", second[0])
+        assert again and "ssl-pretrain: the driver exited with status 75\nssl-pretrain: the run stopped as asked, " \
+            f"checkpointed; the Job ends here (status {STOPPED}, which fails it rather than start the pod again)" \
+            in second[0], second[0][-6000:]
+        assert int(again.group(1)) < 48
+
+        # third start of the same pods: resumes and completes
         pods = [_start_pod(job, i, logs[i]) for i in range(2)]
         assert pods[0].wait(timeout=300) == 0, logs[0].read_text()[-6000:]
         assert _stop_pods(pods[1]) == [143]  # what the Job does to the other pods once pod 0 succeeded
@@ -387,12 +420,14 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
                 p.kill()  # unshare --kill-child: the pod's PID 1 goes, and its namespace with it
                 p.wait()
     assert not list(Path("/tmp").glob(pod_ray_dirs))  # each start's Ray session dir went with its pod
-    text = logs[0].read_text()[len(first[0]):]
+    text = logs[0].read_text()[len(first[0]) + len(second[0]):]
     assert text.count(f"Ray head {POD_IPS[0]}:") == 1 and "2 nodes up" in text
-    node_log = logs[1].read_text()[len(first[1]):]
+    node_log = logs[1].read_text()[len(first[1]) + len(second[1]):]
     assert f"Ray node {POD_IPS[1]} joining {POD_IPS[0]}:" in node_log and f"({head_host})" in node_log
-    resumed = re.search(r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position", text)
-    assert resumed and resumed.group(1) == stopped.group(1), text[-6000:]
+    resume = r"Resumed from .* at step (\d+) \(epoch \d+\), reading on from its data position"
+    assert re.search(resume, second[0]).group(1) == stopped.group(1), second[0][-6000:]
+    resumed = re.search(resume, text)
+    assert resumed and resumed.group(1) == again.group(1), text[-6000:]
     placed = worker_placement(text)
     assert sorted(placed) == ["0", "1"] and set(placed.values()) == set(POD_IPS), placed
     with (run / "metrics.csv").open() as f:
@@ -408,6 +443,6 @@ def test_pods_train_over_two_nodes_and_a_restart_resumes(tmp_path):
     assert re.fullmatch(rf"{name}-[01]-[0-9a-f]{{5}}", tags["k8s.pod"]), tags
     # the run keeps every start's log of each pod, as its pods printed it
     kept = [(run / "k8s" / f"pod-{i}.log").read_text() for i in range(2)]
-    assert kept[0].count("ssl-pretrain: pod 0 started") == 2 and "pod 0 stopped (SIGTERM)" in kept[0]
+    assert kept[0].count("ssl-pretrain: pod 0 started") == 3 and "pod 0 stopped (SIGTERM)" in kept[0]
     assert kept[0].rstrip().endswith("ssl-pretrain: the driver exited with status 0") and resumed.group(0) in kept[0]
-    assert kept[1].count(f"Ray node {POD_IPS[1]} joining") == 2 and kept[1].count("pod 1 stopped (SIGTERM)") == 2
+    assert kept[1].count(f"Ray node {POD_IPS[1]} joining") == 3 and kept[1].count("pod 1 stopped (SIGTERM)") == 3
