@@ -16,7 +16,6 @@ Usage: ``python benchmarks/bench_data.py [--runs 5] [--threads 2] [--device cpu]
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import platform
@@ -32,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import at_least, cpu_name, git_sha  # noqa: E402
+from benchmarks.common import Parser, at_least, cpu_name, git_sha  # noqa: E402
 from data_pipeline.cpu import PilAugmenter  # noqa: E402
 from data_pipeline.dali import DaliAugmenter  # noqa: E402
 from data_pipeline.loader import make_train_stream  # noqa: E402
@@ -112,7 +111,7 @@ def bench(name: str, shards: list[str], aug: AugmentConfig, *, size: int, channe
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=at_least(1), default=5, help="timed runs per provider, the median reported "
                         "(default 5, after a warm-up)")
     parser.add_argument("--threads", type=at_least(1), default=2, help="DALI threads = PIL pool threads (default 2)")

@@ -46,6 +46,7 @@ if "--smoke" in sys.argv:  # Triton reads the switch when the kernel modules are
 
 from benchmarks.common import (  # noqa: E402
     CPU_MALLOC_ENV,
+    Parser,
     cpu_name,
     csv_out,
     git_sha,
@@ -392,7 +393,7 @@ def report(rows: list[dict]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small CPU-sized sweep")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes through the GPU sweep's code path on the CPU (Triton interpreted); a check "

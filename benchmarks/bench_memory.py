@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     CPU_MALLOC_ENV,
+    Parser,
     append_csv,
     at_least,
     cpu_name,
@@ -70,7 +71,7 @@ def _in_subprocess(args: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--backbones", default="vit_small,vit_base",
                    help=f"comma list of ViT backbones (default vit_small,vit_base; of {', '.join(VITS)})")
     p.add_argument("--image-size", type=at_least(1), default=224, help="input side in pixels (default 224)")

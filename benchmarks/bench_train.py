@@ -13,7 +13,6 @@ Results are appended to ``benchmarks/results/train.csv`` with the machine, git s
 
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from pretrain.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_csv, at_least, cpu_name, csv_out, git_sha  # noqa: E402
+from benchmarks.common import Parser, append_csv, at_least, cpu_name, csv_out, git_sha  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train.csv"
@@ -130,7 +129,7 @@ def bench_model(cfg: Config, steps: int, warmup: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "simclr_digits.yaml",
                    help="the recipe to measure (default configs/simclr_digits.yaml)")
     p.add_argument("--steps", type=at_least(2), default=60, help="training steps of the ray+deepspeed run (default 60)")

@@ -19,6 +19,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (its usage block had come first, 3-6 lines), as the benchmarks'
+    own refusals are."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (platform's guess elsewhere) and the core count."""
     name = platform.processor() or platform.machine()

@@ -24,8 +24,16 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too) whose errors are one line, as the commands' own are (argparse's had
+    been its whole usage block, a dozen lines, above the one that says what is wrong)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain", description="Self-supervised pretraining of visual encoders.")
+    p = _Parser(prog="pretrain", description="Self-supervised pretraining of visual encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(

@@ -271,6 +271,22 @@ def test_resume_takes_no_other_config(tmp_path, capsys):
     assert (tmp_path / "r" / "config.yaml").read_text() == before
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["submit", "slurm", "--join-timeout", "1.5"], "argument --join-timeout: invalid int value: '1.5' (`pretrain "
+                                                   "submit slurm --help` lists the options)"),
+    (["trian"], "argument command: invalid choice: 'trian' (choose from "),
+    (["data", "shards", "--out", "x"], "the following arguments are required: --source (`pretrain data shards --help`"),
+])
+def test_an_option_argparse_refuses_is_one_line(capsys, argv, message):
+    """What argparse itself refuses (a type, a choice, a missing option) is one line, as the commands' own refusals
+    are (its usage block, a dozen lines for `submit slurm`, had come first), exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
 def test_the_tracking_uri_flag_is_taken_as_given(tmp_path, capsys):
     """--tracking-uri is the store's URI exactly as given, not YAML: a '#' in a path had begun a comment (the run then
     tracked into another file, silently), and 'file:' had been a mapping."""
