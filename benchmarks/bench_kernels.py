@@ -398,12 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes through the GPU sweep's code path on the CPU (Triton interpreted); a check "
                          "of this script, not a measurement")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: cuda where torch sees a GPU, else cpu (default auto)")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--ops", default="ntxent,dino,gather", help="comma list of ntxent,dino,gather")
-    ap.add_argument("--providers", default=None, help="comma list to restrict providers (eager,compile,...)")
+    ap.add_argument("--ops", default="ntxent,dino,gather", help="comma list of ntxent,dino,gather (default all three)")
+    ap.add_argument("--providers", default=None,
+                    help=f"comma list to restrict the providers to, of {','.join(PROVIDERS)} (default all that run on "
+                    "the device)")
     ap.add_argument("--budget-s", type=float, default=None, help="timing budget per mode (default 2 cpu, 0.5 cuda)")
-    ap.add_argument("--case-timeout-s", type=float, default=900.0, help="cpu: kill a provider's subprocess after")
+    ap.add_argument("--case-timeout-s", type=float, default=900.0,
+                    help="on cpu, seconds after which a provider's subprocess for one case is killed (default 900)")
     ap.add_argument("--out", default=None, help="CSV to append to (default benchmarks/results/kernels_<dev>.csv)")
     ap.add_argument("--report", default=None, metavar="CSV",
                     help="print the table and target lines of the latest run in CSV (e.g. one cut short by a timeout)")
