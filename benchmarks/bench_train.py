@@ -143,15 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup >= args.steps:
         p.error(f"--warmup: {args.warmup} leaves none of the {args.steps} --steps to measure")
     csv_out(p, "--out", args.out)
-    from pretrain.config import ConfigError, load_config
+    from pretrain.preflight import new_config
+    from pretrain.tracking import check_reachable, check_tracking_uri
 
-    try:  # the recipe and overrides as the run takes them, checked before anything is measured
-        refused = owned_override(args.overrides)
-        if refused:
+    try:  # the recipe and overrides as the run takes them, checked before anything is measured (as `pretrain train`
+        refused = owned_override(args.overrides)  # checks them: a method key the method does not read, a store that
+        if refused:  # does not answer; these had failed the run ~10 s in)
             p.error(refused)
-        cfg = load_config(args.config, [*_run_sets(args.steps, "/tmp"), *args.overrides])
-    except ConfigError as e:
+        cfg = new_config(args.config, [*_run_sets(args.steps, "/tmp"), *args.overrides])
+        if cfg.tracking.uri:
+            check_tracking_uri(cfg.tracking.uri)
+            if cfg.tracking.uri.startswith(("http://", "https://")):
+                check_reachable(cfg.tracking.uri)
+    except ValueError as e:  # (ConfigError's; the tracking URI's check raises ValueError)
         p.error(str(e))
+    except ConnectionError as e:
+        p.error(f"tracking.uri: {e}")
 
     results = [bench_model(cfg, 20, 3), bench_ray(args.config, cfg, args.steps, args.warmup, args.overrides)]
     stamp, sha, where = time.strftime("%Y-%m-%d %H:%M:%S"), git_sha(), machine()

@@ -48,8 +48,7 @@ def resolve_run(config: Path | None, overrides: list[str], resume: Path | None,
                               "run, in an experiment of its choosing")
         check_steps_left(cfg, run_dir)
         return cfg, run_dir
-    cfg = load_config(config or DEFAULT_RECIPE, overrides)
-    _check_method_keys(cfg, only=set_method_keys(config or DEFAULT_RECIPE, overrides))
+    cfg = new_config(config, overrides)
     name = cfg.job.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = (Path(cfg.job.out_dir).expanduser() / name).resolve()
     if _holds_files(run_dir):
@@ -265,6 +264,14 @@ def _method_fields() -> list[str]:
     from pretrain.config import MethodConfig
 
     return [f.name for f in dataclasses.fields(MethodConfig)]
+
+
+def new_config(config: Path | None, overrides: list[str]) -> Config:
+    """The config of a new run: recipe ``config`` (default ``DEFAULT_RECIPE``) with ``overrides``; ConfigError too for
+    a method key that the recipe or the overrides set and the method does not read."""
+    cfg = load_config(config or DEFAULT_RECIPE, overrides)
+    _check_method_keys(cfg, only=set_method_keys(config or DEFAULT_RECIPE, overrides))
+    return cfg
 
 
 def _check_method_keys(cfg: Config, only: set[str] | None = None) -> None:

@@ -39,6 +39,9 @@ SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory,
     ("train", ["--config", "{tmp}/none.yaml"], "config file not found: {tmp}/none.yaml"),
     ("train", ["--set", "model.backbone=bogus"], "model.backbone: unknown backbone 'bogus'"),
     ("train", ["--set", "job.num_workers=0"], "job.num_workers"),
+    # checked as `pretrain train` checks them (the run had failed ~10 s in, its error below a blank line)
+    ("train", ["--set", "method.queue_size=10"], "method.queue_size: "),
+    ("train", ["--set", "tracking.uri=http://127.0.0.1:1"], "tracking.uri: "),
     # keys the benchmark sets itself: the run had measured ~50 s, then died on the metrics.csv of another run name
     ("train", ["--set", "job.run_name=mine"], "job.run_name: the benchmark names its own run"),
     ("train", ["--set", "job.out_dir={tmp}/runs"], "job.out_dir: the benchmark runs in a temporary folder"),
