@@ -87,6 +87,13 @@ _SCRIPT_SETS = {
     "gpus-per-task": "use --gpus-per-node", "gpus-per-socket": "use --gpus-per-node",
     "gpu-bind": "each node's one task (its Ray node) gets all the node's GPUs",
     "cpus-per-gpu": "use --cpus-per-node", "ntasks-per-gpu": "each node runs one task (its Ray node)",
+    "tres-bind": "each node's one task (its Ray node) gets all the node's GPUs",
+    # what would have the script not run as written, or not submitted as `pretrain submit` submits it
+    "wrap": "the job runs the script written for the run",
+    "test-only": "--dry-run writes the script without submitting",
+    "wait": "use `pretrain submit slurm --wait`", "time-min": "use --time (a lower limit Slurm may pick would come "
+    "before the --requeue-grace warning)", "export": "the job's steps need the environment the script is submitted "
+    "with (RAY_AUTH_MODE among it)",
 }
 _GPU_VALUED = ("gres", "tres-per-task")  # options that ask for GPUs where their value names them (gres/gpu:2)
 
@@ -99,7 +106,7 @@ def _set_by_the_script(arg: str) -> str | None:
     if len(name) < 3:
         return None
     if any(option.startswith(name) for option in _GPU_VALUED):
-        return "use --gpus-per-node" if "gpu" in value.lower() else None
+        return "use --gpus-per-node" if any(k in value.lower() for k in ("gpu", "shard")) else None  # (shard: a GPU's)
     return next((why for option, why in _SCRIPT_SETS.items() if option.startswith(name)), None)
 
 

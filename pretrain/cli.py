@@ -411,6 +411,12 @@ def _write_submitted_run(args, job, check) -> Path:
     extra = [f"job.num_workers={job.num_workers}", "job.use_gpu=true"] if job.num_workers else []
     cfg, run_dir = _resolve_run(args, extra)
     job.check_workers(cfg.job.num_workers, use_gpu=cfg.job.use_gpu, overrides=args.overrides)
+    from urllib.parse import urlsplit
+
+    host = urlsplit(cfg.tracking.uri).hostname if cfg.tracking.uri.startswith(("http://", "https://")) else None
+    if host is not None and (host == "localhost" or host.startswith("127.") or host == "::1"):
+        raise ConfigError(f"tracking.uri: {cfg.tracking.uri} is this host's own loopback address, which each of the "
+                          "job's nodes would take for its own; give the server's address on the network they share")
     check(cfg, run_dir)
     with run_lock(run_dir, new=not _continues(args)):
         _prepare(args, cfg, run_dir, extra=extra)

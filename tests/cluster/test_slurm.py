@@ -54,6 +54,21 @@ def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None):
     (["--nodes", "4", "--set", "job.num_workers=2"], "job.num_workers: 2 CPU workers leave at least 2 of the 4 --nodes "
                                                      "idle; give --nodes 2 or more job.num_workers"),
     (["--set", "job.nope=1"], "job.nope"),
+    # the script not run or not submitted as written (they had been written into it, to fail or hang at sbatch)
+    (["--sbatch-arg=--wrap=hostname"], "'--wrap=hostname' would change what the job script sets itself; the job runs "
+     "the script written for the run"),
+    (["--sbatch-arg=--wait"], "'--wait' would change what the job script sets itself; use `pretrain submit slurm "
+     "--wait`"),
+    (["--sbatch-arg=--export=NONE"], "'--export=NONE' would change what the job script sets itself; the job's steps "
+     "need the environment"),
+    (["--sbatch-arg=--time-min=10"], "'--time-min=10' would change what the job script sets itself; use --time"),
+    (["--sbatch-arg=--gres=shard:2"], "'--gres=shard:2' would change what the job script sets itself; use "
+     "--gpus-per-node"),
+    (["--sbatch-arg=--tres-bind=gres/gpu:closest"], "'--tres-bind=gres/gpu:closest' would change what the job script "
+     "sets itself; each node's one task"),
+    # the nodes would each take it for their own (it had been accepted)
+    (["--tracking-uri", "http://127.0.0.1:5000"], "tracking.uri: http://127.0.0.1:5000 is this host's own loopback "
+     "address, which each of the job's nodes would take for its own"),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path, args, message):
     """A bad option or config is one line on stderr, exit status 2, and no run directory."""
