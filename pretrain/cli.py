@@ -402,6 +402,8 @@ def cmd_stop(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    if args.dry_run and args.wait:  # (it had been taken silently)
+        raise ConfigError("--wait: a --dry-run submits nothing to wait for; give one or the other")
     return {"slurm": _submit_slurm, "k8s": _submit_k8s}[args.scheduler](args)
 
 

@@ -57,6 +57,8 @@ def check_tracking_uri(uri: str) -> None:
     if re.fullmatch(r"[\w.-]+:\d+(/.*)?|(localhost|\d+\.\d+\.\d+\.\d+)/?", uri.strip()):  # urlparse takes the
         # host for a scheme, or a path
         raise ValueError(f"tracking URI {uri!r} has no scheme: a server's is http://{uri.strip()} (or https://)")
+    if uri.strip() == "databricks":  # MLflow's own word for the workspace of the configured profile, no '://'
+        return  # (it had been called a file store, while the scheme message lists databricks)
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
     if scheme == "file" or (not parsed.scheme and uri.strip()):
@@ -79,6 +81,18 @@ def check_tracking_uri(uri: str) -> None:
     if scheme == "sqlite" and (not path or Path(path).is_dir()):
         raise ValueError(f"tracking URI {uri!r} names a directory, not a database file: e.g. "
                          f"sqlite:///{path.rstrip('/') + '/' if path else ''}mlflow.db")
+    if scheme == "sqlite" and _not_sqlite(Path(path)):  # (it had passed every check and failed in the workers)
+        raise ValueError(f"tracking URI {uri!r} names {path}, a file that is not an SQLite database")
+
+
+def _not_sqlite(path: Path) -> bool:
+    """Whether ``path`` is a non-empty file that does not begin as an SQLite database does (its 16-byte header)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:  # none yet (MLflow makes it), or unreadable here: the store's own error then
+        return False
+    return bool(head) and head != b"SQLite format 3\x00"
 
 
 def flatten_params(params, prefix: str = "") -> dict[str, str]:

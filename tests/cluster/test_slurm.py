@@ -66,6 +66,7 @@ def _submit(args: list[str], tmp_path: Path, *, env: dict | None = None):
      "--gpus-per-node"),
     (["--sbatch-arg=--tres-bind=gres/gpu:closest"], "'--tres-bind=gres/gpu:closest' would change what the job script "
      "sets itself; each node's one task"),
+    (["--wait"], "--wait: a --dry-run submits nothing to wait for; give one or the other"),
     # the nodes would each take it for their own (it had been accepted)
     (["--tracking-uri", "http://127.0.0.1:5000"], "tracking.uri: http://127.0.0.1:5000 is this host's own loopback "
      "address, which each of the job's nodes would take for its own"),

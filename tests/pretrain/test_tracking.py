@@ -541,6 +541,7 @@ def test_default_uris_are_absolute(tmp_path, monkeypatch):
 def test_a_uri_that_misses_its_scheme_or_names_a_directory_is_told_so(tmp_path):
     """A server's host:port without http:// had been called a file store (or 'localhost' a scheme); a sqlite URI of a
     directory passed every check and failed in the workers ("unable to open database file")."""
+    (tmp_path / "notes.txt").write_text("my notes\n")
     for uri, message in (
             ("127.0.0.1:5000", "tracking URI '127.0.0.1:5000' has no scheme: a server's is http://127.0.0.1:5000 (or "
                                "https://)"),
@@ -549,7 +550,11 @@ def test_a_uri_that_misses_its_scheme_or_names_a_directory_is_told_so(tmp_path):
             ("127.0.0.1", "tracking URI '127.0.0.1' has no scheme: a server's is http://127.0.0.1 (or https://)"),
             (f"sqlite:///{tmp_path}", f"tracking URI 'sqlite:///{tmp_path}' names a directory, not a database file: "
                                       f"e.g. sqlite:///{tmp_path}/mlflow.db"),
-            ("sqlite:///", "tracking URI 'sqlite:///' names a directory, not a database file: e.g. sqlite:///mlflow.db")):
+            ("sqlite:///", "tracking URI 'sqlite:///' names a directory, not a database file: e.g. sqlite:///mlflow.db"),
+            # a file that is no database (a manifest, a log) had passed too
+            (f"sqlite:///{tmp_path / 'notes.txt'}",
+             f"tracking URI 'sqlite:///{tmp_path / 'notes.txt'}' names {tmp_path / 'notes.txt'}, a file that is not an "
+             "SQLite database")):
         with pytest.raises(ValueError) as err:
             check_tracking_uri(uri)
         assert str(err.value) == message
@@ -564,7 +569,8 @@ def test_malformed_uri_is_a_value_error(uri):
         check_tracking_uri(uri)
 
 
-@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.com", "sqlite:////tmp/x.db"])
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.com", "sqlite:////tmp/x.db",
+                                 "databricks", "databricks://profile"])
 def test_wellformed_uri_passes(uri):
     """Common good URIs are accepted without touching the network."""
     check_tracking_uri(uri)
