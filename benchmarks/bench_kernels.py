@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{option}: must be > 0, got {value:g}")
     if args.out is not None:
         csv_out(ap, "--out", Path(args.out))
+    if args.smoke and args.quick:  # (--quick had been dropped silently)
+        ap.error("--quick: --smoke runs its own tiny sweep; give one or the other")
     if args.smoke and args.device == "cuda":
         ap.error("--smoke runs the GPU sweep's code path on the CPU; drop --device cuda (or --smoke to measure there)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

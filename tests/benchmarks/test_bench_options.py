@@ -27,6 +27,7 @@ SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory,
     ("kernels", ["--budget-s", "nan"], "--budget-s: must be > 0, got nan"),
     ("kernels", ["--report", "{tmp}/partial.csv"], "--report: {tmp}/partial.csv is not a CSV of bench_kernels rows"),
     ("kernels", ["--smoke", "--device", "cuda"], "--smoke runs the GPU sweep's code path on the CPU"),
+    ("kernels", ["--smoke", "--quick"], "--quick: --smoke runs its own tiny sweep; give one or the other"),
     ("kernels", ["--quick", "--device", "cpu", "--providers", "triton"], "nothing to measure: --providers triton on "
                                                                          "cpu (Triton runs on a GPU, or on the CPU"),
     ("memory", ["--budget-s", "nan"], "argument --budget-s: must be > 0, got nan"),
