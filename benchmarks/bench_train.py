@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup >= args.steps:
         p.error(f"--warmup: {args.warmup} leaves none of the {args.steps} --steps to measure")
     csv_out(p, "--out", args.out)
-    from pretrain.preflight import new_config
-    from pretrain.tracking import check_reachable, check_tracking_uri
+    from pretrain.preflight import check_tracking, new_config
 
     try:  # the recipe and overrides as the run takes them, checked before anything is measured (as `pretrain train`
         refused = owned_override(args.overrides)  # checks them: a method key the method does not read, a store that
@@ -152,13 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(refused)
         cfg = new_config(args.config, [*_run_sets(args.steps, "/tmp"), *args.overrides])
         if cfg.tracking.uri:
-            check_tracking_uri(cfg.tracking.uri)
-            if cfg.tracking.uri.startswith(("http://", "https://")):
-                check_reachable(cfg.tracking.uri)
+            check_tracking(cfg.tracking.uri, reach=True)
     except ValueError as e:  # (ConfigError's; the tracking URI's check raises ValueError)
         p.error(str(e))
-    except ConnectionError as e:
-        p.error(f"tracking.uri: {e}")
 
     results = [bench_model(cfg, 20, 3), bench_ray(args.config, cfg, args.steps, args.warmup, args.overrides)]
     stamp, sha, where = time.strftime("%Y-%m-%d %H:%M:%S"), git_sha(), machine()

@@ -536,18 +536,25 @@ def not_an_image(data: bytes) -> str | None:
     """Why encoded ``data`` is no image training decodes, read from its header only (~20 µs; not its pixels: a file
     cut short passes, and is skipped where it is read), or None: bytes no image format begins with (a web page or an
     error message saved under an image's name, random bytes) or a format DALI does not read (a GIF named .jpg)."""
+    try:
+        with _open_header(data) as im:
+            kind = im.format
+    except Exception:  # noqa: BLE001 - PIL raises several types for what it cannot read
+        return "no image format PIL knows"
+    return None if kind in DALI_FORMATS else f"a {kind} image, which DALI does not decode"
+
+
+def _open_header(data: bytes):
+    """PIL's ``Image.open`` of encoded ``data`` (its header read, not its pixels) without PIL's guard against
+    decompression bombs, which refuses what DALI decodes: ours is ``MAX_PIXELS``, checked where pixels are decoded."""
     from PIL import Image
 
-    with _UNLIMITED:  # (see open_image)
+    with _UNLIMITED:
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                kind = im.format
-        except Exception:  # noqa: BLE001 - PIL raises several types for what it cannot read
-            return "no image format PIL knows"
+            return Image.open(io.BytesIO(data))
         finally:
             Image.MAX_IMAGE_PIXELS = limit
-    return None if kind in DALI_FORMATS else f"a {kind} image, which DALI does not decode"
 
 
 def open_image(data: bytes):
@@ -559,12 +566,7 @@ def open_image(data: bytes):
     32-bit float TIFF) is read as DALI reads it, 0..1 as black..white."""
     from PIL import Image, ImageOps
 
-    with _UNLIMITED:  # PIL's guard against decompression bombs refuses what DALI decodes: ours is MAX_PIXELS
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            im = Image.open(io.BytesIO(data))
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+    im = _open_header(data)
     if im.width * im.height > MAX_PIXELS:
         raise ValueError(f"a {im.width}x{im.height} image, over the {MAX_PIXELS:,} pixels decoded")
     if im.format not in DALI_FORMATS:

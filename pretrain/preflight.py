@@ -287,16 +287,11 @@ def _check_saved_config(cfg: Config, run_dir: Path, checkpoint: Path) -> None:
     """:func:`_check_same_structure` against the config the latest checkpoint was saved under (its checkpoint.json
     holds it), which a config.yaml edited by hand does not change: a ZeRO stage or model changed there failed in the
     workers. Checkpoints of an older version hold none, and are not checked."""
-    from pretrain.steps import checkpoint_info
+    from pretrain.steps import saved_config
 
-    saved = checkpoint_info(checkpoint).get("config")
-    if saved is None:
-        return
-    try:
-        before = config_from_dict(saved)
-    except (ValueError, TypeError):  # a config of another version of the fields: not comparable here
-        return
-    _check_same_structure(before, cfg, run_dir.name)
+    before = saved_config(checkpoint)  # (None: a config of another version of the fields, not comparable here)
+    if before is not None:
+        _check_same_structure(before, cfg, run_dir.name)
 
 
 def _check_same_structure(before: Config, cfg: Config, name: str) -> None:
@@ -365,15 +360,8 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
     from pretrain.data import resolve_shards
     from pretrain.methods import METHODS
     from pretrain.optim import check_fixed_lr
-    from pretrain.tracking import check_reachable, check_tracking_uri
-
     if cfg.tracking.uri:
-        check_tracking_uri(cfg.tracking.uri)
-        if reach_tracking and cfg.tracking.uri.startswith(("http://", "https://")):
-            try:
-                check_reachable(cfg.tracking.uri)
-            except ConnectionError as e:
-                raise ConfigError(f"tracking.uri: {e}") from None
+        check_tracking(cfg.tracking.uri, reach=reach_tracking)
     METHODS[cfg.method.name].check_inputs(cfg)
     check_backbone(cfg)
     check_fixed_lr(cfg)
@@ -402,6 +390,19 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
         write_run_files(cfg, run_dir)
     workers = f"{cfg.job.num_workers} worker" + ("s" if cfg.job.num_workers != 1 else "")
     print(f"Run directory: {run_dir}  ({len(shards)} shards, {workers})", flush=True)
+
+
+def check_tracking(uri: str, *, reach: bool) -> None:
+    """ValueError (one line) for a tracking URI MLflow cannot use, and where ``reach``, ConfigError for a server that
+    does not answer from here."""
+    from pretrain.tracking import check_reachable, check_tracking_uri
+
+    check_tracking_uri(uri)
+    if reach and uri.startswith(("http://", "https://")):
+        try:
+            check_reachable(uri)
+        except ConnectionError as e:
+            raise ConfigError(f"tracking.uri: {e}") from None
 
 
 def _check_not_a_copy(run, run_dir: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import config_from_dict, dump_config, load_config, to_dict
+from pretrain.config import Config, config_from_dict, dump_config, load_config, to_dict
 
 STEPS_DIR = "steps"
 CHECKPOINT_INFO = "checkpoint.json"
@@ -156,7 +156,7 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def _saved_config(checkpoint: Path):
+def saved_config(checkpoint: str | Path) -> Config | None:
     """The config ``checkpoint`` was saved under (its checkpoint.json holds it; the run's config.yaml may have been
     edited or damaged since), or None for a checkpoint of an older version or fields."""
     saved = checkpoint_info(checkpoint).get("config")
@@ -209,7 +209,7 @@ def extract_step(run_dir: str | Path, step: int | None = None, out: str | Path |
         raise ValueError(f"--out: {out} exists and is not an empty directory; extract writes a new one and overwrites "
                          "nothing")
     what = "--step" if given else "--checkpoint"
-    cfg = _saved_config(found[step]) or load_config(run_dir / "config.yaml")
+    cfg = saved_config(found[step]) or load_config(run_dir / "config.yaml")
     method = build_method(cfg, distributed=False)
     try:
         state = consolidated_state_dict(found[step], cfg.zero.stage)
