@@ -891,29 +891,49 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
-def set_method_keys(path: str | Path | None, overrides: list[str] | None = None) -> set[str]:
-    """The ``method.*`` keys that the recipe at ``path`` itself (not the base recipes it derives from: those may be
-    another method's) and ``overrides`` set; the recipe's are left out where the overrides set another method."""
+def set_keys(path: str | Path | None, overrides: list[str] | None = None, section: str = "method") -> set[str]:
+    """The ``<section>.*`` keys (``method``, ``optim``) that the recipe at ``path`` itself (not the base recipes it
+    derives from: those may be another method's or optimizer's) and ``overrides`` set; the recipe's are left out where
+    the overrides set another ``<section>.name``."""
     keys: set[str] = set()
-    renamed = any(item.partition("=")[0] == "method.name" for item in overrides or [])
+    renamed = any(item.partition("=")[0] == f"{section}.name" for item in overrides or [])
     if path and not renamed:
         try:
             data = _yaml(Path(path).read_text())
         except (OSError, yaml.YAMLError, _DuplicateKey):  # load_config reports it
             data = None
-        if isinstance(data, dict) and isinstance(data.get("method"), dict):
-            keys |= {str(k) for k in data["method"]}
+        if isinstance(data, dict) and isinstance(data.get(section), dict):
+            keys |= {str(k) for k in data[section]}
     for item in overrides or []:
         key, _, raw = item.partition("=")
-        if key.startswith("method."):
+        if key.startswith(f"{section}."):
             keys.add(key.split(".")[1])
-        elif key == "method":
+        elif key == section:
             try:
                 value = _yaml(raw)
             except (yaml.YAMLError, _DuplicateKey):
                 continue
             keys |= {str(k) for k in value} if isinstance(value, dict) else set()
     return keys
+
+
+OPTIM_KEYS = {"betas": ("adamw",), "momentum": ("lars", "larc", "sgd"), "trust_coefficient": ("lars", "larc")}
+"""The ``optim.*`` keys that only some optimizers read, and those optimizers."""
+
+
+def check_optim_keys(optim: OptimConfig, only: set[str] | None = None) -> None:
+    """ConfigError (one line) for an ``optim.*`` key set off its default that ``optim.name`` does not read (AdamW's
+    betas under LARS): it would be ignored without a word. ``only``: check those keys alone (set by the recipe itself
+    or the overrides; a resume's changes)."""
+    default = OptimConfig()
+    for key, users in OPTIM_KEYS.items():
+        value = getattr(optim, key)
+        same = list(value) == list(getattr(default, key)) if isinstance(value, (list, tuple)) else \
+            value == getattr(default, key)
+        if optim.name in users or same or (only is not None and key not in only):
+            continue
+        raise ConfigError(f"optim.{key}: {optim.name} does not use it (it is {', '.join(users)}'s); remove it, or set "
+                          f"optim.name to one of those")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, config_from_dict, load_config, set_method_keys, to_dict
+from pretrain.config import Config, ConfigError, check_optim_keys, config_from_dict, load_config, set_keys, to_dict
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "simclr_digits.yaml"
 RUN_LOCK = ".pretrain.lock"
@@ -71,6 +71,8 @@ def _saved_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Config]:
     _check_same_structure(before, cfg, run_dir.name)
     changed = {k for k in _method_fields() if getattr(before.method, k) != getattr(cfg.method, k)}
     _check_method_keys(cfg, only=changed)  # (what the run began with is not refused now)
+    old, new = to_dict(before)["optim"], to_dict(cfg)["optim"]
+    check_optim_keys(cfg.optim, only={k for k in new if old[k] != new[k]})  # (optim.name: refused above)
     return before, cfg
 
 
@@ -268,9 +270,10 @@ def _method_fields() -> list[str]:
 
 def new_config(config: Path | None, overrides: list[str]) -> Config:
     """The config of a new run: recipe ``config`` (default ``DEFAULT_RECIPE``) with ``overrides``; ConfigError too for
-    a method key that the recipe or the overrides set and the method does not read."""
+    a method or optimizer key that the recipe or the overrides set and the method or optimizer does not read."""
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
-    _check_method_keys(cfg, only=set_method_keys(config or DEFAULT_RECIPE, overrides))
+    _check_method_keys(cfg, only=set_keys(config or DEFAULT_RECIPE, overrides, "method"))
+    check_optim_keys(cfg.optim, only=set_keys(config or DEFAULT_RECIPE, overrides, "optim"))
     return cfg
 
 

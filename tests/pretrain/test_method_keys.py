@@ -1,5 +1,6 @@
-"""``method.*`` keys that the chosen method does not read (SimCLR's ``method.queue_size``) are refused in one line
-where a recipe or ``--set`` gives them; each method's ``config_keys`` is checked against what its code reads."""
+"""``method.*`` keys that the chosen method does not read (SimCLR's ``method.queue_size``), and ``optim.*`` keys that
+the chosen optimizer does not (AdamW's betas under LARS), are refused in one line where a recipe or ``--set`` gives
+them; each method's ``config_keys`` is checked against what its code reads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 import pretrain.methods.base as base
 from pretrain.cli import main
-from pretrain.config import MethodConfig, load_config, set_method_keys
+from pretrain.config import OPTIM_KEYS, MethodConfig, OptimConfig, check_optim_keys, load_config, set_keys
 from pretrain.methods import COMMON_KEYS, METHODS, check_method_keys
 from pretrain.trainer import build_method
 
@@ -95,7 +96,9 @@ def test_a_method_reads_no_key_it_does_not_declare(name, tmp_path):
 def test_no_recipe_sets_a_key_its_method_does_not_use(recipe):
     """Keys a recipe inherits from a base recipe of another method (MAE's mask_ratio under I-JEPA) are not its own."""
     extra = ["method.tokenizer=runs/vqvae"] if recipe.name == "beit_digits.yaml" else []
-    check_method_keys(load_config(recipe, extra).method, set_method_keys(recipe, extra))
+    cfg = load_config(recipe, extra)
+    check_method_keys(cfg.method, set_keys(recipe, extra))
+    check_optim_keys(cfg.optim, set_keys(recipe, extra, "optim"))
 
 
 def test_a_key_the_method_does_not_use_is_refused_in_one_line(tmp_path, capsys):
@@ -119,3 +122,28 @@ def test_a_key_the_method_does_not_use_is_refused_in_one_line(tmp_path, capsys):
     derived = tmp_path / "mine.yaml"
     derived.write_text(f"base: {ROOT / 'configs' / 'ijepa_digits.yaml'}\nmethod:\n  teacher_momentum: 0.99\n")
     assert main(["train", "--config", str(derived), "--dry-run", *sets, "--set", "job.run_name=d"]) == 0
+
+
+def test_an_optimizer_key_the_optimizer_does_not_use_is_refused_in_one_line(tmp_path, capsys):
+    """`--set optim.name=lars --set optim.betas=[0.9,0.95]` had been taken and the betas ignored: refused before
+    anything is written, naming the optimizers that use the key; the key under its optimizer is taken; a recipe's
+    own AdamW betas are not set where the overrides name another optimizer; a resume refuses one too."""
+    assert set(OPTIM_KEYS) < {f.name for f in dataclasses.fields(OptimConfig)}
+    sets = ["--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path}"]
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=a", "--set", "optim.name=lars",
+                 "--set", "optim.betas=[0.9, 0.95]"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: optim.betas: lars does not use it (it is adamw's); remove it, "
+                                               "or set optim.name to one of those")
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=a", "--set",
+                 "optim={name: sgd, trust_coefficient: 0.01}"]) == 2
+    assert "error: optim.trust_coefficient: sgd does not use it (it is lars, larc's)" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    mae = ROOT / "configs" / "mae_digits.yaml"  # AdamW with betas (0.9, 0.95)
+    assert main(["train", "--config", str(mae), "--dry-run", *sets, "--set", "job.run_name=b",
+                 "--set", "optim.name=lars"]) == 0
+    assert main(["train", "--dry-run", *sets, "--set", "job.run_name=c", "--set", "optim.name=sgd",
+                 "--set", "optim.momentum=0.8"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "c"), "--dry-run", "--set", "optim.betas=[0.8, 0.9]"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: optim.betas: sgd does not use it")
+    assert main(["train", "--resume", str(tmp_path / "c"), "--dry-run", "--set", "optim.momentum=0.85"]) == 0
