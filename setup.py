@@ -34,7 +34,9 @@ setup(
     include_package_data=True,
     package_data={"cluster": ["templates/*"]},
     install_requires=INSTALL_REQUIRES,
-    # kubernetes-validate: Kubernetes' own OpenAPI schemas, to check the manifests `pretrain submit k8s` writes
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "kubernetes-validate>=1.37"]},
+    # kubernetes-validate: Kubernetes' own OpenAPI schemas, to check the manifests `pretrain submit k8s` writes;
+    # pg8000: a PostgreSQL driver (pure Python) for the test of a database tracking store's preflight
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "kubernetes-validate>=1.37",
+                            "pg8000>=1.31"]},
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
 )

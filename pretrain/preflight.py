@@ -397,13 +397,15 @@ def prepare_run(cfg: Config, run_dir: Path, *, write: bool, reach_tracking: bool
 
 def check_tracking(uri: str, *, reach: bool) -> None:
     """ValueError (one line) for a tracking URI MLflow cannot use, and where ``reach``, ConfigError for a server that
-    does not answer from here."""
-    from pretrain.tracking import check_reachable, check_tracking_uri
+    does not answer from here, or a database store whose driver is not installed here or whose host does not take a
+    connection."""
+    from pretrain.tracking import check_database, check_reachable, check_tracking_uri
 
     check_tracking_uri(uri)
-    if reach and uri.startswith(("http://", "https://")):
+    scheme = uri.partition("://")[0].split("+")[0]
+    if reach and scheme in ("http", "https", "postgresql", "mysql", "mssql"):
         try:
-            check_reachable(uri)
+            (check_reachable if scheme.startswith("http") else check_database)(uri)
         except ConnectionError as e:
             raise ConfigError(f"tracking.uri: {e}") from None
 

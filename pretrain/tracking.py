@@ -498,6 +498,49 @@ def check_reachable(uri: str) -> None:
         raise ConnectionError(f"tracking server {uri} is not reachable ({reason})") from None
 
 
+_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+"""The database stores' default ports, where a URI names none."""
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                    "pymysql": "PyMySQL", "pyodbc": "pyodbc", "pymssql": "pymssql", "pg8000": "pg8000",
+                    "asyncpg": "asyncpg", "mysql": "mysql-connector-python"}
+"""The pip package of a DB-API module SQLAlchemy imports for a database URI."""
+
+
+def check_database(uri: str) -> None:
+    """ConnectionError (one line, the password hidden) unless the database store at ``uri`` (postgresql, mysql,
+    mssql, as MLflow gives it to SQLAlchemy) can be used from here: its driver is installed (SQLAlchemy's default for
+    the scheme, e.g. psycopg for postgresql://, or the one named, postgresql+pg8000://) and its host accepts a TCP
+    connection on its port within HEALTH_TIMEOUT_S. A socket path (no host) is not tried."""
+    import socket
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(uri)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise ConnectionError(f"tracking store {uri.split('@')[-1]!r} is no database URI SQLAlchemy reads "
+                              f"({str(err).splitlines()[0]})") from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        module = (err.name or "").split(".")[0]
+        package = _DRIVER_PACKAGES.get(module, module)
+        raise ConnectionError(f"tracking store {shown} needs the database driver {module}, which is not installed "
+                              f"here: pip install '{package}' (or name an installed one, e.g. "
+                              f"{url.get_backend_name()}+DRIVER://)") from None
+    if not url.host:
+        return
+    port = url.port or _DATABASE_PORTS[url.get_backend_name()]
+    try:
+        socket.create_connection((url.host, port), timeout=HEALTH_TIMEOUT_S).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ConnectionError(f"tracking store {shown} is not reachable: {url.host}:{port} {reason}") from None
+
+
 class DeletedRun(ValueError):
     """The store holds the run, deleted (alone, or with its experiment)."""
 

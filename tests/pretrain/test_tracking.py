@@ -593,6 +593,40 @@ def test_unreachable_server_is_a_one_line_connection_error():
     assert time.monotonic() - start < 10
 
 
+def test_a_database_store_is_checked_for_its_driver_and_its_host_before_a_run(tmp_path, capsys):
+    """`tracking.uri: postgresql://...` had passed `pretrain train --dry-run` with no driver installed or nothing at
+    the address, and failed in every worker: refused in one line, the password hidden; a driver installed (pg8000, a
+    dev dependency) and a host that takes the connection pass, as does a socket path (no host)."""
+    import importlib.util
+
+    from pretrain.cli import main
+
+    def train(uri: str, name: str) -> int:
+        return main(["train", "--dry-run", "--set", f"job.out_dir={tmp_path}", "--set", f"data.cache_dir={tmp_path}",
+                     "--set", f"job.run_name={name}", "--set", f"tracking.uri={uri}"])
+
+    assert importlib.util.find_spec("MySQLdb") is None  # mysql://'s default driver: not installed here
+    with socket.socket() as closed, socket.socket() as listening:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        shut, open_ = closed.getsockname()[1], listening.getsockname()[1]
+        assert train(f"mysql://me:hunter2@127.0.0.1:{open_}/runs", "a") == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: tracking.uri: tracking store mysql://me:***@127.0.0.1:{open_}/runs needs the database "
+                       "driver MySQLdb, which is not installed here: pip install 'mysqlclient' (or name an installed "
+                       "one, e.g. mysql+DRIVER://)")
+        assert train(f"postgresql+pg8000://me:hunter2@127.0.0.1:{shut}/runs", "a") == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: tracking.uri: tracking store postgresql+pg8000://me:***@127.0.0.1:{shut}/runs "
+                              f"is not reachable: 127.0.0.1:{shut} ") and "hunter2" not in err
+        assert train("postgresql+nodriver://127.0.0.1/runs", "a") == 2
+        assert "is no database URI SQLAlchemy reads" in capsys.readouterr().err
+        assert not (tmp_path / "a").exists()
+        assert train(f"postgresql+pg8000://me:hunter2@127.0.0.1:{open_}/runs", "b") == 0
+        assert train("postgresql+pg8000://me@/runs?unix_sock=/run/postgresql/.s.PGSQL.5432", "c") == 0
+
+
 def test_a_resume_behind_the_logged_steps_logs_each_step_once_where_they_come_again_as_they_were(tmp_path, capsys):
     """A run that logged steps 1-8 to MLflow and 1-9 to metrics.csv (MLflow's buffer lost step 9 in the crash),
     resumed from its step-5 checkpoint: where the resume is exact, steps 6-8 go to MLflow no more and 6-9 to
