@@ -159,6 +159,32 @@ def test_finetune_trains_a_copy_and_is_seeded():
         finetune_top1(*args, epochs=0)
 
 
+def test_finetune_scores_the_fine_tuned_weights_whatever_batchnorm_statistics_the_encoder_came_with():
+    """An encoder whose BatchNorm running statistics are those of other data (a pretraining's: here set far off), fine-
+    tuned briefly on 300 images (25 steps): the score is the one of the same encoder with fresh statistics (the
+    statistics are computed again over the training images with the final weights), not chance (0.10 when the
+    running averages were used as they were left: one class predicted for every image)."""
+    import torch
+
+    from pretrain.eval.digits import digits_eval_set, split_indices
+    from pretrain.eval.finetune import finetune_top1
+    from pretrain.models import build_backbone
+
+    images, labels = digits_eval_set(image_size=16, channels=1, mean=[0.3], std=[0.38])
+    train, test = split_indices(labels)
+    train = train[:300]
+    scores = []
+    for stale in (False, True):
+        torch.manual_seed(0)
+        encoder = build_backbone("convnet", image_size=16, in_chans=1, width=0.25)
+        for m in encoder.modules():
+            if stale and isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(50.0)
+                m.running_var.fill_(1e4)
+        scores.append(finetune_top1(encoder, images[train], labels[train], images[test], labels[test], epochs=5))
+    assert scores[1] == scores[0] > 0.4
+
+
 def test_finetune_with_layer_decay_trains_a_vits_layers_at_their_rates():
     """Fine-tuning a ViT with layer-wise lr decay (MAE's protocol) learns the digits from a random init (0.41 when
     written; chance is 0.1) and differs from the flat rate (the rates per layer:
