@@ -133,6 +133,25 @@ def test_ica_finds_the_class_axis_behind_a_mixing():
         ica_class_auroc(x[:10], y[:10], x[10:20], np.zeros(10))
 
 
+def test_ica_of_flat_images_is_scored_within_the_features_rank():
+    """Raw pixels of flat images (one value per image, as 1x1 px images resized): 256 features of rank 1 after
+    centering. FastICA had been asked for 15 components, its whitening overflowed and the whole evaluation ended in
+    "array must not contain infs or NaNs"; now it takes as many components as the rank, and scores."""
+    import warnings
+
+    from pretrain.eval.ica import centered_rank, ica_class_auroc
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 10)
+    x = np.outer(rng.choice([0.0, 0.5, 1.0, -1.2], size=20), np.ones(256)).astype(np.float32)
+    assert centered_rank(x) == 1 and centered_rank(np.ones((5, 3))) == 0
+    assert centered_rank(rng.normal(size=(40, 8))) == 8 and centered_rank(rng.normal(size=(6, 50))) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (an overflow in the whitening warned first)
+        score = ica_class_auroc(x[:15], y[:15], x[15:], y[15:])
+    assert 0.5 <= score <= 1
+
+
 def test_finetune_trains_a_copy_and_is_seeded():
     """Fine-tuning a random-init ConvNet for 3 epochs on the digits split classifies the test digits well (0.86 when
     written; chance is 0.1); the
