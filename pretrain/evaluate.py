@@ -12,7 +12,7 @@ from pretrain.eval.dataset import load_eval_set
 from pretrain.eval.digits import split_indices
 from pretrain.eval.finetune import finetune_top1
 from pretrain.eval.report import BASELINES, format_report, frozen_features, report_features, write_report
-from pretrain.eval.zeroshot import zeroshot_top1
+from pretrain.eval.zeroshot import cut_prompt_notes, zeroshot_top1
 from pretrain.methods import METHODS
 from pretrain.preflight import check_writable
 from pretrain.steps import MODEL_FILE, saved_step
@@ -68,6 +68,7 @@ def evaluate_backbone_state(cfg: Config, state_dict: dict, out_path: str | Path 
                                                                data.prompts)
         model.load_state_dict(method_state)
         report["zeroshot_top1"] = zeroshot_top1(model, images[test], labels[test], data.classes, data.prompts)
+        report["notes"] += cut_prompt_notes(data.classes, data.prompts, cfg.method.context_length - 2)
     report["data"] = data.summary()
     if embedding_map is not None and cfg.eval.embedding_map:
         from pretrain.eval.embedding_map import embedding_map as draw

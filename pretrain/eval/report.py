@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pretrain.eval.digits import TEST_SIZE, split_indices
-from pretrain.eval.protocols import METRICS, evaluate_features
+from pretrain.eval.protocols import METRICS, evaluate_features, small_class_notes
 
 EXTRA_METRICS = ("finetune_top1", "zeroshot_top1")
 """Rows a report has only when asked for (fine-tuning) or for some methods (zero-shot: image-text models)."""
@@ -83,7 +83,8 @@ def frozen_features(encoder: torch.nn.Module, random_encoder: torch.nn.Module | 
 
 
 def report_features(features: dict[str, np.ndarray], labels, *, seed: int = 0) -> dict:
-    """The report of :func:`evaluate_encoder` from :func:`frozen_features`' ``features``."""
+    """The report of :func:`evaluate_encoder` from :func:`frozen_features`' ``features``; ``report["notes"]``: lines on
+    scores the data bounds below 1 (classes with fewer training images than kNN's voters or retrieval's k)."""
     labels = np.asarray(labels)
     if any(f.shape[0] != labels.shape[0] for f in features.values()):
         shapes = {k: f.shape for k, f in features.items()}
@@ -97,6 +98,7 @@ def report_features(features: dict[str, np.ndarray], labels, *, seed: int = 0) -
     for key in BASELINES:
         if key in features:
             report[key] = score(features[key])
+    report["notes"] = small_class_notes(labels[train_idx], labels[test_idx])
     return report
 
 
@@ -120,6 +122,7 @@ def format_report(report: dict) -> str:
     for metric in METRICS + tuple(k for k in EXTRA_METRICS if k in report):
         cells = "".join(f"  {_cell(values.get(metric)):>12}" for _, values in columns)
         lines.append(f"{metric:<{name_w}}{cells}")
+    lines += [f"Note: {note}" for note in report.get("notes", ())]  # scores bounded by the data, not the features
     return "\n".join(lines)
 
 

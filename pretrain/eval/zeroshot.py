@@ -34,6 +34,26 @@ def class_embeddings(encode_text: Callable[[list[str]], Tensor], classnames: Seq
     return torch.stack(rows)
 
 
+def cut_prompt_notes(classnames: Sequence[str], templates: Sequence[str], max_bytes: int) -> list[str]:
+    """What a text tower that reads the first ``max_bytes`` UTF-8 bytes of a prompt (pretrain.models.text's
+    ByteTokenizer: method.context_length - 2) loses of the classes' prompts: a line naming classes whose prompts all
+    read the same once cut (zero-shot cannot tell them apart: long names that differ late), else one saying how many
+    classes' prompts are cut; [] where none is."""
+    def read(name: str) -> tuple[bytes, ...]:
+        return tuple(t.format(name).encode()[:max_bytes] for t in templates)
+
+    cut = [name for name in classnames if any(len(t.format(name).encode()) > max_bytes for t in templates)]
+    if not cut:
+        return []
+    seen: dict[tuple[bytes, ...], str] = {}
+    for name in classnames:
+        if (first := seen.setdefault(read(name), name)) != name:
+            return [f"zero-shot: classes {first!r} and {name!r} read the same to the text tower, which reads the first "
+                    f"{max_bytes} bytes of a prompt (method.context_length {max_bytes + 2}): it cannot tell them apart"]
+    return [f"zero-shot: the prompts of {len(cut)} of {len(classnames)} classes are cut at {max_bytes} bytes "
+            f"(method.context_length {max_bytes + 2}), e.g. {templates[0].format(cut[0])!r}"]
+
+
 def zeroshot_predict(image_emb: Tensor, class_emb: Tensor) -> Tensor:
     """image_emb (N, E), class_emb (C, E) -> (N,) index of the class of highest cosine."""
     if image_emb.ndim != 2 or class_emb.ndim != 2 or image_emb.shape[1] != class_emb.shape[1]:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +31,48 @@ def test_report_has_all_keys_in_unit_range(report):
     for section in (report, report["random_init"], report["raw_pixels"]):
         for key in METRICS:
             assert 0.0 <= section[key] <= 1.0, key
-    assert set(report) == set(METRICS) | {"random_init", "raw_pixels"}
+    assert set(report) == set(METRICS) | {"random_init", "raw_pixels", "notes"}
+    assert report["notes"] == []  # ~135 training images a class: no score bounded by the data
+
+
+def test_classes_smaller_than_what_knn_and_retrieval_read_are_noted(capsys):
+    """25 classes of 10 images (7 or 8 to train on): features that separate the classes (one axis per class) score 1
+    on the linear probe, and retrieval_p10 exactly at its ceiling, the training images of each query's class over 10
+    (kNN's 20 voters are most of them of other classes: a looser separation scored 0.84 where every other score was
+    1): the report says both, and why, under the table."""
+    from pretrain.eval.digits import split_indices
+    from pretrain.eval.report import format_report, report_features
+
+    labels = np.repeat(np.arange(25), 10)
+    features = np.eye(25, dtype=np.float32)[labels] + 0.1 * np.random.default_rng(0).normal(size=(250, 25))
+    report = report_features({"trained": features.astype(np.float32)}, labels)
+    train, test = split_indices(labels, seed=0)
+    counts = np.bincount(labels[train], minlength=25)
+    ceiling = float(np.mean(counts[labels[test]] / 10))
+    assert report["linear_top1"] == 1.0
+    assert report["retrieval_p10"] == pytest.approx(ceiling) and ceiling < 1
+    assert report["notes"] == [
+        f"retrieval_p10 is at most {ceiling:.4f} here: 25 of 25 classes have fewer than 10 training images to find",
+        f"knn_top1 can stay below 1 for features that separate the classes: 25 of 25 classes have fewer training "
+        f"images than the 20 that vote (fewest: {counts.min()})"]
+    assert format_report(report).splitlines()[-2:] == [f"Note: {n}" for n in report["notes"]]
+
+
+def test_zero_shot_prompts_cut_by_the_text_tower_are_noted():
+    """Class names that differ only past the bytes the text tower reads (method.context_length - 2) make the same
+    prompts: zero-shot scored chance without a word. Named; prompts merely cut are counted; short ones give none."""
+    from pretrain.eval.zeroshot import cut_prompt_notes
+
+    templates = ("a photo of a {}.", "a picture of a {}.")
+    same = ["golden retriever puppy photographed outdoors", "golden retriever puppy photographed indoors"]
+    assert cut_prompt_notes(same, templates, 46) == [
+        "zero-shot: classes 'golden retriever puppy photographed outdoors' and 'golden retriever puppy photographed "
+        "indoors' read the same to the text tower, which reads the first 46 bytes of a prompt (method.context_length "
+        "48): it cannot tell them apart"]
+    assert cut_prompt_notes(same, templates, 60) == []  # all of both read
+    assert cut_prompt_notes(["a long class name here", "cat"], templates, 20) == [
+        "zero-shot: the prompts of 1 of 2 classes are cut at 20 bytes (method.context_length 22), e.g. 'a photo of a "
+        "a long class name here.'"]
 
 
 def test_raw_pixels_knn_on_digits_is_high(report):
