@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_exported_program_runs_without_ssl_pretrain(tmp_path, capsys, recipe, se
 
     assert info["checkpoint_sha256"] == checkpoint_digest(tmp_path / "run")
     assert sorted(p.name for p in out.parent.iterdir()) == ["encoder.pt2"]  # no partial file left
+    with zipfile.ZipFile(out) as archive:  # its folder named after the file (it had been the staging name), and no
+        # example batch kept in it (25 MB of a 27 MB file at --input-size 2048)
+        assert {name.split("/")[0] for name in archive.namelist()} == {"encoder"}
+        assert all(i.file_size < 2048 for i in archive.infolist() if "sample_inputs" in i.filename)
     # serving code that calls the program without torch.no_grad() builds no autograd graph
     served = torch.export.load(out).module()(images)
     assert served.grad_fn is None and not served.requires_grad
