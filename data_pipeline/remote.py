@@ -32,6 +32,15 @@ def is_url(location: str | os.PathLike) -> bool:
 
 
 def join(base: str, name: str) -> str:
+    """The URL of file ``name`` of the dataset at URL ``base``; a ValueError in one line where ``base`` has a query
+    string or fragment, which would end up before the file's name (``/data?x=1/manifest.parquet``). Such a URL is
+    refused rather than joined after its path: a presigned URL's query signs one object, so no one query serves the
+    manifest and every shard; credentials go in ``AUTH_ENV``'s header instead."""
+    if "?" in base or "#" in base:
+        raise ValueError(f"{base}: a dataset URL with a query string or fragment ('?...', '#...') is not read: the "
+                         f"files are fetched as <url>/{name} and <url>/<shard>, which one query (a presigned URL signs "
+                         f"one object) cannot serve; give the directory's URL without it, and any credentials as the "
+                         f"Authorization header in {AUTH_ENV}")
     return base.rstrip("/") + "/" + name
 
 

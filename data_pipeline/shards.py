@@ -40,6 +40,8 @@ from data_pipeline.sources import image_digest, not_an_image, pil_decodes, resol
 MANIFEST = "manifest.parquet"
 CHECKSUMS = "checksums.json"
 SHARD_PATTERN = "shard-%06d.tar"
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+"""Names of compressed tars, which ``index_shards`` names and does not read (readers read plain tars only)."""
 
 
 def dataset_dir(shard: str) -> str:
@@ -182,15 +184,18 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     """Make WebDataset shards written by another tool (img2dataset, webdataset's TarWriter, ...) a dataset here,
     without rewriting them: write ``manifest.parquet`` and ``checksums.json`` beside the ``*.tar`` files of
     ``data_dir``. A sample is ``<key>.<image ext>`` with an optional ``<key>.txt`` caption (UTF-8) and ``<key>.cls``
-    label (else unlabelled, -1); other members (img2dataset's .json) are ignored. Samples without an image, or with a
-    label or caption that does not parse, are left out and counted; a tar that does not read to its end is listed with
-    the samples before the damage and counted (so is one without tar's end blocks: cut between two members), and
-    ``verify_dataset`` reports it as long as it stays so. ``workers`` tars are read at a time. Returns (the manifest
-    path, counts {"shards", "samples", "skipped", "damaged", "captions", "problems": a line naming each damaged tar
+    label (else unlabelled, -1); other members (img2dataset's .json) are ignored. Samples without an image, with one
+    whose header is no image training decodes (``not_an_image``, as ``write_shards`` checks: a GIF named .jpg, an
+    empty file), or with a label or caption that does not parse, are left out and counted; a tar that does not read
+    to its end is listed with the samples before the damage and counted (so is one without tar's end blocks: cut
+    between two members), and ``verify_dataset`` reports it as long as it stays so; compressed tars
+    (``COMPRESSED_TARS``) are not read, and named. ``workers`` tars are read at a time. Returns (the manifest path,
+    counts {"shards" (those of the manifest, as ``verify_dataset`` counts them), "tars" (the .tar files read),
+    "compressed", "samples", "skipped", "damaged", "captions", "problems": a line naming each damaged tar
     (and how many of its samples it indexed), left-out sample, member of a type its sample has already (readers take
-    the first) and tar without a sample, "duplicates": samples whose image has the bytes of an earlier one's, told by
-    the manifest's ``digest`` column, "repeated_keys": (key, first tar, other tar) of samples whose key an earlier
-    sample has (tars of two crawls that both count from 0)})."""
+    the first), tar without a sample and compressed tar, "duplicates": samples whose image has the bytes of an earlier
+    one's, told by the manifest's ``digest`` column, "repeated_keys": (key, first tar, other tar) of samples whose key
+    an earlier sample has (tars of two crawls that both count from 0)})."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -202,10 +207,12 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         raise ValueError(f"{data_dir}: {'not a directory' if data_dir.exists() else 'does not exist'} (give the "
                          "directory that holds the .tar shards)")
     if (data_dir / MANIFEST).exists():
-        raise ValueError(f"{data_dir} already has a {MANIFEST}: it is a dataset already")
+        raise ValueError(f"{data_dir} already has a {MANIFEST}: it is a dataset already (to index it again, after "
+                         f"adding or changing tars, delete its {MANIFEST} and {CHECKSUMS} first)")
     names = sorted(p.name for p in data_dir.glob("*.tar") if p.is_file())
+    compressed = sorted(p.name for p in data_dir.iterdir() if p.name.endswith(COMPRESSED_TARS) and p.is_file())
     if not names:
-        other = sorted(p.name for p in data_dir.iterdir() if p.name.endswith((".tar.gz", ".tgz")) or p.is_dir())
+        other = sorted(p.name for p in data_dir.iterdir() if p.name.endswith(COMPRESSED_TARS) or p.is_dir())
         raise ValueError(f"{data_dir}: no .tar files in it" + (
             f" (it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}: the shards must be plain .tar "
             "files at its top)" if other else ""))
@@ -230,6 +237,8 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
             parsed = _parse(sample)  # as training reads it: an image, a label or none (-1)
             if not isinstance(parsed, str) and parsed["label"] < -1:
                 parsed = "a negative label"
+            if not isinstance(parsed, str) and (why := not_an_image(parsed["image"])):  # as `data shards` checks it
+                parsed = "an empty image" if not parsed["image"] else why
             try:
                 caption = bytes(sample["txt"]).decode("utf-8").strip() or None if "txt" in sample else None
             except UnicodeDecodeError:
@@ -256,6 +265,8 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
         skipped = sum(len(s[1]) for s in scanned)
         raise ValueError(f"{data_dir}: no sample to index in its {len(names)} tar file(s)" + (
             f" ({skipped} without an image or with a bad label/caption)" if skipped else " (no image in them)"))
+    # every tar's checksum, those without a sample of the manifest too: `verify_dataset` checks each, so the tars
+    # index calls damaged are the ones it reports
     checksums = {name: digest for name, (*_, digest) in zip(names, scanned)}
     (data_dir / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True))
     columns = dict(zip(("key", "shard", "label", "bytes", "caption", "digest"), zip(*rows)))
@@ -274,11 +285,15 @@ def index_shards(data_dir: str | Path, *, workers: int = 4, progress: bool = Tru
     partial = data_dir / f".{MANIFEST}.partial-{os.getpid()}"
     pq.write_table(table, partial)
     os.replace(partial, data_dir / MANIFEST)  # last, whole: its presence marks the dataset complete
-    counts = {"shards": len(names), "samples": len(rows), "skipped": sum(len(s[1]) for s in scanned),
-              "damaged": sum(s[3] is not None for s in scanned), "captions": sum(r[4] is not None for r in rows),
+    # shards: the manifest's, as `verify_dataset` counts them; tars: every .tar read
+    counts = {"shards": len(set(columns["shard"])), "tars": len(names), "samples": len(rows),
+              "skipped": sum(len(s[1]) for s in scanned), "damaged": sum(s[3] is not None for s in scanned),
+              "captions": sum(r[4] is not None for r in rows), "compressed": len(compressed),
               "duplicates": len(rows) - len(set(columns["digest"])), "repeated_keys": _repeated_keys(rows),
               "problems": [line for _, skipped, notes, damage, _ in scanned
-                           for line in [*([damage] if damage else []), *skipped, *notes]]}
+                           for line in [*([damage] if damage else []), *skipped, *notes]]
+              + [f"{name}: not read: a compressed tar (readers read plain .tar files only; decompress it beside the "
+                 "others, e.g. `gunzip`, and index again)" for name in compressed]}
     return data_dir / MANIFEST, counts
 
 
@@ -468,7 +483,9 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     a format DALI reads too: a GIF named .jpg is one training skips) and by DALI's decoder (as training reads it: PIL
     reads some files DALI does not, such as an uncompressed 1-bit TIFF). ``problems`` says each finding
     in words, a shard's first; counts: shards, samples (the manifest's), read, undecodable. Samples of a tar that the
-    manifest does not list (those ``index_shards`` left out) are not the dataset's, and not checked."""
+    manifest does not list (those ``index_shards`` left out) are not the dataset's, and not checked; a tar of
+    ``checksums.json`` without a sample of the manifest (``index_shards`` read it: a file that is no tar) is checked
+    for its sha256 and damage, so what index called damaged is reported here until it is written again."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -476,10 +493,13 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     from data_pipeline.reader import _parse, _tar_samples
 
     if remote.is_url(data_dir):
-        raise ValueError(f"{data_dir}: a dataset served over HTTP is verified where its files lie")
+        raise ValueError(f"{data_dir}: a dataset served over HTTP is not verified over HTTP; verify the directory the "
+                         "server serves, on its machine (`pretrain data verify DIR`), where its files lie")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"{data_dir}: {'not a directory' if data_dir.exists() else 'does not exist'}")
     table = read_manifest(data_dir)
     # the file each sample was written from (``data shards``'), named with its problems; none for indexed tars
     paths = dict(zip(table.column("key").to_pylist(), table.column("path").to_pylist())) \
@@ -491,7 +511,11 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
         checksums, bad_checksums = _read_checksums(data_dir), None
     except ValueError as e:  # a problem of the dataset, reported with the others
         checksums, bad_checksums = None, f"{e} (the shards' bytes are not checked)"
-    bar = tqdm(total=len(expected), disable=not progress, desc=f"verify {data_dir.name}", unit="shard")
+    # tars `index_shards` read that hold no sample of the manifest (every one of a damaged tar was lost, a file that
+    # is no tar): not the dataset's, but checked for the damage index reported, which stays until they are written
+    # again (a name with a separator is none of index's: not followed out of the directory)
+    others = sorted(n for n in (checksums or {}) if n not in expected and "/" not in n and n not in (".", ".."))
+    bar = tqdm(total=len(expected) + len(others), disable=not progress, desc=f"verify {data_dir.name}", unit="shard")
     local = threading.local()
 
     def decodes(image: bytes) -> bool:
@@ -507,7 +531,7 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
         path, problems, read, undecodable = data_dir / name, [], 0, 0
         if not path.is_file():
             bar.update(1)
-            return [f"{name}: missing"], 0, 0
+            return [f"{name}: missing"] if name in expected else [], 0, 0
         if checksums is not None and checksums.get(name) != sha256_file(path):
             problems.append(f"{name}: " + ("no checksum in " + CHECKSUMS if name not in checksums else
                                            "sha256 differs from " + CHECKSUMS + " (changed or damaged since written)"))
@@ -515,7 +539,7 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
         seen = set()
         for sample in _tar_samples(str(path), errors, []):  # a repeated member: noted by index, the first one read
             key = sample.get("__key__")
-            if key not in expected[name]:  # not part of the dataset (`data index` leaves out what does not parse)
+            if key not in expected.get(name, ()):  # not the dataset's (`data index` leaves out what does not parse)
                 continue
             parsed = _parse(sample)
             seen.add(key)
@@ -530,14 +554,14 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
         damage = _tar_damage(path, errors)  # a read error, or no whole tar: members lost after what was read
         if damage:
             problems.append(damage)
-        missing = expected[name] - seen
+        missing = expected.get(name, set()) - seen
         if missing:
             problems.append(f"{name}: {len(missing)} sample(s) of the manifest not in it, e.g. {min(missing)!r}")
         bar.update(1)
         return problems, read, undecodable
 
     with bar, ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(check, sorted(expected)))
+        results = list(pool.map(check, sorted(expected) + others))
     problems = [] if checksums is not None else [bad_checksums or f"{CHECKSUMS}: missing (the shards' bytes are not "
                                                                   "checked)"]
     problems += [p for found, _, _ in results for p in found]

@@ -15,8 +15,9 @@ Source specs (strings, so they fit a YAML recipe or a CLI flag):
   are (no re-encoding). An image's caption is the UTF-8 text of a ``.txt`` file beside it with the same stem
   (``cat.jpg`` + ``cat.txt``), if there is one.
 - ``"images:PATH"``: unlabelled images, every image under ``PATH`` at any depth (sub-folders mean nothing; hidden
-  ones skipped), label ``UNLABELLED`` (-1) and no class names: what self-supervised pretraining needs. Captions as
-  for ``folder:``. Such a dataset trains any method but cannot be an ``eval.dataset`` (no labels to score).
+  ones skipped, counted in what it left out), label ``UNLABELLED`` (-1) and no class names: what self-supervised
+  pretraining needs. Captions as for ``folder:``. Such a dataset trains any method but cannot be an
+  ``eval.dataset`` (no labels to score).
 
 - ``"table:FILE"``: a table of images, one row each: a CSV, TSV, Parquet or JSON-lines file with an ``image`` column
   (a path, relative to the table's folder or absolute) and optionally ``caption`` (or ``text``: image-text pairs, as
@@ -129,9 +130,11 @@ class Source:
         return key, data, ext, label, caption
 
     def origin(self, index: int) -> str | None:
-        """Where sample ``index`` was read from: its file's absolute path, or None for a built-in source."""
+        """Where sample ``index`` was read from: its file's absolute path, or None for a built-in source. A link's
+        own path, not its target's (two links to one file, or a link and its target, are two files read: the
+        manifest and the duplicate note name each)."""
         payload = self._items[index][1]
-        return str(Path(payload).resolve()) if isinstance(payload, Path) else None
+        return os.path.abspath(payload) if isinstance(payload, Path) else None
 
     def __iter__(self) -> Iterator[tuple[str, bytes, str, int, str | None]]:
         for index in range(len(self._items)):
@@ -201,6 +204,7 @@ def _folder_source(spec: str, root_str: str) -> Source:
     subdirs = [p for p in root.iterdir() if p.is_dir()]
     found.unnamed += [os.fsencode(p) for p in subdirs if not _utf8(p.name)]
     folders = sorted(p.name for p in subdirs if not p.name.startswith(".") and _utf8(p.name))
+    found.hidden_dirs += sorted(p for p in subdirs if p.name.startswith(".") and _utf8(p.name))
     # each real folder read once, under its own name: the real ones walked first, then the links to folders (a class
     # `kitty` linking to `cat` would repeat cat's images under a second label: None, no class)
     seen: set = set()
@@ -266,6 +270,10 @@ class _Found:
     """Files of other types (not a caption's .txt), by suffix."""
     unnamed: list[bytes] = field(default_factory=list)
     """Files (or folders) whose names are not UTF-8 text: a manifest holds text."""
+    hidden_dirs: list[Path] = field(default_factory=list)
+    """Folders whose name starts with a dot (``.git``, ``.ipynb_checkpoints``): not walked."""
+    hidden_files: list[Path] = field(default_factory=list)
+    """Files whose name starts with a dot (``.DS_Store``, macOS's ``._photo.jpg``): not read."""
 
     def notes(self) -> list[str]:
         notes = []
@@ -279,6 +287,12 @@ class _Found:
         if self.unnamed:
             notes.append(f"{len(self.unnamed)} file(s) or folder(s) whose names are not UTF-8 text, e.g. "
                          f"{self.unnamed[0]!r} (rename them to include them)")
+        if self.hidden_dirs:
+            notes.append(f"{len(self.hidden_dirs)} hidden folder(s) (names starting with a dot), not read, e.g. "
+                         f"{min(self.hidden_dirs)} (rename one to include its images)")
+        if self.hidden_files:
+            notes.append(f"{len(self.hidden_files)} hidden file(s) (names starting with a dot), not read, e.g. "
+                         f"{min(self.hidden_files)}")
         return notes
 
 
@@ -306,10 +320,14 @@ def _image_files(root: Path, found: _Found, seen: set | None = None) -> list[Pat
         seen.add((st.st_dev, st.st_ino))
         for d in [d for d in dirs if not _utf8(d)]:
             found.unnamed.append(os.fsencode(Path(top) / d))
-        dirs[:] = [d for d in dirs if not d.startswith(".") and _utf8(d)]
+        found.hidden_dirs += [Path(top) / d for d in dirs if d.startswith(".") and _utf8(d)]
+        # sorted: of two links to one folder the same one is walked on every machine, and names its files
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _utf8(d))
         for name in names:
             path = Path(top) / name
             if name.startswith("."):
+                if _utf8(name):
+                    found.hidden_files.append(path)
                 continue
             if not _utf8(name):
                 found.unnamed.append(os.fsencode(path))
@@ -437,8 +455,31 @@ def _read_table(spec: str, file: Path):
         if kind == ".jsonl":
             return pjson.read_json(file)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid and others for malformed files
-        raise ValueError(f"source {spec!r}: {file} does not parse as {kind[1:]}: {str(e).splitlines()[0]}") from None
+        where = _bad_json_line(file) if kind == ".jsonl" else None  # pyarrow's "in row 1" counts rows from 0
+        raise ValueError(f"source {spec!r}: {file} does not parse as {kind[1:]}: "
+                         + (where or str(e).splitlines()[0])) from None
     raise ValueError(f"source {spec!r}: {file} is not one of {', '.join(TABLE_KINDS)}")
+
+
+def _bad_json_line(file: Path) -> str | None:
+    """``line N: why`` of the first line of a JSON-lines file that is no JSON object (blank lines are none), or None
+    where each is one (the file parsed after all, or pyarrow objects to something else: mixed types)."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {number}: {e.msg} (column {e.colno})"
+                if not isinstance(value, dict):
+                    return f"line {number}: a JSON {type(value).__name__}, not an object"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
 
 
 def _table_labels(spec: str, column, rows: int, pa) -> tuple[list[int], list[str]]:

@@ -10,6 +10,7 @@ spots in the maps; with registers, that attention goes to them and stays out of 
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def attention_maps(run: Run, shards: list[str], keys: list[str], block: int = -1
     if not isinstance(vit, VisionTransformer):
         raise ValueError(f"--checkpoint: attention maps need a ViT backbone; this run's is {run.cfg.model.backbone}")
     if not -len(vit.blocks) <= block < len(vit.blocks):
-        raise ValueError(f"--block: the ViT has {len(vit.blocks)} blocks (0..{len(vit.blocks) - 1}, or -1 for the "
-                         f"last), got {block}")
+        raise ValueError(f"--block: the ViT has {len(vit.blocks)} blocks (0..{len(vit.blocks) - 1}, or "
+                         f"-{len(vit.blocks)}..-1 counting back from the last), got {block}")
     found: dict[str, tuple[dict, Tensor]] = {}
     for samples, x in ShardImages(run.cfg).batches(shards, keep=set(keys)):
         found.update((s["key"], (s, img)) for s, img in zip(samples, x))
@@ -73,9 +74,9 @@ def attention_maps(run: Run, shards: list[str], keys: list[str], block: int = -1
                          shares=shares, block=block % len(vit.blocks))
 
 
-def plot_attention(result: AttentionMaps, path: str | Path) -> Path:
+def plot_attention(result: AttentionMaps, path: str | Path, *, note: str | None = None) -> Path:
     """A PNG with a row per image: the image (titled by its key), the heads' mean map over it, then each head's map
-    (each map scaled to its own maximum, as DINO shows them)."""
+    (each map scaled to its own maximum, as DINO shows them); ``note``: a line under the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -100,7 +101,9 @@ def plot_attention(result: AttentionMaps, path: str | Path) -> Path:
                           alpha=0.6 if j == 1 else 1.0)
             ax.set_title(title, fontsize=6)  # the image's key over it: one line (two ran into the row above)
             ax.axis("off")
-    fig.suptitle(f"cls-token attention, block {result.block}", fontsize=8)
+    title = f"cls-token attention, block {result.block}"
+    fig.suptitle(title if note is None else f"{title}\n{textwrap.fill(note, 25 * cols)}", fontsize=8 if note is None
+                 else 6)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

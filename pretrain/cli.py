@@ -239,7 +239,8 @@ def _parser() -> argparse.ArgumentParser:
                         "checksums.json, reads to its end and holds its samples, each with an image and a label; "
                         "with --decode that every image decodes. Prints each problem and a summary; exit status 1 "
                         "when there is any.")
-    v.add_argument("dir", type=_path, help="the dataset directory (manifest.parquet, checksums.json, shards)")
+    v.add_argument("dir", help="the dataset directory (manifest.parquet, checksums.json, shards); a URL is refused: "
+                   "verify the directory its server serves")
     v.add_argument("--decode", action="store_true", help="also decode every image (slower)")
     v.add_argument("--workers", type=int, default=4, help="shards checked at a time (default 4)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -659,7 +660,13 @@ def cmd_attention(args) -> int:
         row, col = divmod(int(mean.argmax()), mean.shape[1])
         print(f"{key:<16} {name:>{width}} {shares[0]:>6.3f} {shares[1]:>9.3f} {shares[2]:>7.3f}"
               f"  ({row}, {col}): {float(mean.max()):.3f}")
-    print(f"Attention maps: {plot_attention(result, args.out)}")
+    note = None
+    if run.backbone.global_pool == "mean" and result.block == len(run.backbone.blocks) - 1:
+        note = ("this ViT pools the mean of its patch tokens (global_pool: mean), so no loss reads the cls token of "
+                "its last block: the maps of that block are untrained; --block -2 shows the last block whose cls "
+                "token the patches read")
+        print(f"Note: {note}")
+    print(f"Attention maps: {plot_attention(result, args.out, note=note)}")
     return 0
 
 
@@ -773,25 +780,41 @@ def _print_problems(problems: list[str], shown: int = 20) -> None:
 
 
 def cmd_data(args) -> int:
+    from data_pipeline import remote
     from data_pipeline.shards import index_shards, verify_dataset, write_shards
+
+    def count(n: int, word: str) -> str:  # "1 shard", "2 shards"; "1 class", "2 classes"
+        return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
     if args.data_command == "verify":
         if args.workers < 1:
             raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+        if remote.is_url(args.dir):  # (a Path had made http://host/x the local http:/host/x)
+            raise ConfigError(f"{args.dir}: a dataset served over HTTP is not verified over HTTP; run `pretrain data "
+                              "verify DIR` on the directory the server serves, where its files lie")
+        args.dir = _path(args.dir)
+        if not args.dir.is_dir():
+            raise ConfigError(f"{args.dir}: " + ("not a directory" if args.dir.exists() else "does not exist"))
         if not (args.dir / "manifest.parquet").is_file():
             raise ConfigError(f"{args.dir}: no manifest.parquet (not a shard dataset)")
         counts, problems = verify_dataset(args.dir, decode=args.decode, workers=args.workers,
                                           progress=not args.no_progress)
         _print_problems(problems)
         decoded = f", {counts['undecodable']} undecodable" if args.decode else ""
-        print(f"Verified {args.dir}: {counts['shards']} shards, {counts['read']} of {counts['samples']} samples "
-              f"read{decoded}: " + (f"{len(problems)} problem(s)" if problems else "intact"), flush=True)
+        print(f"Verified {args.dir}: {count(counts['shards'], 'shard')}, {counts['read']} of "
+              f"{count(counts['samples'], 'sample')} read{decoded}: "
+              + (f"{len(problems)} problem(s)" if problems else "intact"), flush=True)
         return 1 if problems else 0
 
     if args.data_command == "index":
         manifest, n = index_shards(args.dir, workers=args.workers, progress=not args.no_progress)
-        print(f"Indexed {n['samples']} samples ({n['captions']} with captions) in {n['shards']} shards: {manifest}"
-              + (f"; left out {n['skipped']} without an image or with a bad label/caption" if n["skipped"] else "")
+        others = n["tars"] - n["shards"]
+        print(f"Indexed {count(n['samples'], 'sample')} ({n['captions']} with captions) in "
+              f"{count(n['shards'], 'shard')}: {manifest}"
+              + (f"; {others} other .tar file(s) hold no sample of it" if others else "")
+              + (f"; {n['compressed']} compressed tar(s) not read" if n["compressed"] else "")
+              + (f"; left out {n['skipped']} without an image, with one training does not decode, or with a bad "
+                 "label/caption" if n["skipped"] else "")
               + (f"; {n['damaged']} shard(s) damaged, indexed up to the damage (`pretrain data verify` reports them "
                  "until they are written again)" if n["damaged"] else "")
               + (f"; {n['duplicates']} sample(s) repeat an earlier one's image exactly (the same bytes)"
@@ -819,8 +842,8 @@ def cmd_data(args) -> int:
     table = read_manifest(manifest.parent, columns=["shard", "digest"])
     meta = table.schema.metadata or {}
     classes = json.loads(meta.get(b"classes", b"[]"))
-    print(f"Wrote {table.num_rows} images ({f'{len(classes)} classes' if classes else 'unlabelled'}) in "
-          f"{len(set(table.column('shard').to_pylist()))} shards: {manifest}", flush=True)
+    print(f"Wrote {count(table.num_rows, 'image')} ({count(len(classes), 'class') if classes else 'unlabelled'}) in "
+          f"{count(len(set(table.column('shard').to_pylist())), 'shard')}: {manifest}", flush=True)
     repeats = table.num_rows - len(set(table.column("digest").to_pylist()))
     if repeats:  # (of the images written: before the lines of what was left out)
         print(f"Of them {repeats} repeat an earlier image exactly (the same bytes); --dedup writes each image once",

@@ -136,14 +136,26 @@ def test_formats_training_cannot_decode_are_undecodable_everywhere(decoders, tmp
     assert table.num_rows == 1 and json.loads(table.schema.metadata[b"left_out"]) == [
         f"1 file(s) that are no image training decodes, e.g. {tmp_path / 'imgs' / 'animation.png'} (a GIF image, which "
         "DALI does not decode)"]
-    # ... and `data verify --decode` finds one in tars another tool wrote
+    # ... so does `data index` of tars another tool wrote, with a `problem:` line ...
     import webdataset as wds
 
+    from data_pipeline.shards import sha256_file
+
+    def tar(animation: bytes) -> None:
+        with wds.TarWriter(str(tmp_path / "tars" / "a.tar")) as sink:
+            sink.write({"__key__": "photo", "png": _encode(PHOTO, "PNG")})
+            sink.write({"__key__": "animation", "png": animation})
+
     (tmp_path / "tars").mkdir()
-    with wds.TarWriter(str(tmp_path / "tars" / "a.tar")) as sink:
-        sink.write({"__key__": "photo", "png": _encode(PHOTO, "PNG")})
-        sink.write({"__key__": "animation", "png": gif})
+    tar(gif)
+    _, counts = index_shards(tmp_path / "tars", progress=False)
+    assert counts["problems"] == ["a.tar: sample 'animation' left out (a GIF image, which DALI does not decode)"]
+    # ... and `data verify --decode` finds one put into an indexed tar later (its checksum written again with it)
+    (tmp_path / "tars" / "manifest.parquet").unlink()
+    tar(_encode(PHOTO.rotate(90), "PNG"))
     index_shards(tmp_path / "tars", progress=False)
+    tar(gif)
+    (tmp_path / "tars" / "checksums.json").write_text(json.dumps({"a.tar": sha256_file(tmp_path / "tars" / "a.tar")}))
     counts, problems = verify_dataset(tmp_path / "tars", decode=True, progress=False)
     assert counts["undecodable"] == 1 and len(problems) == 1, problems
 

@@ -157,7 +157,7 @@ def test_data_verify_passes_an_intact_dataset_and_names_each_problem(digits_copy
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("problem: shard-000000.tar: sample '0000000")
     assert lines[0].endswith(f"' (from {root / 'a' / '0.jpg'}): the image does not decode")  # the file it was
-    assert lines[1] == f"Verified {tmp_path / 'ds'}: 1 shards, 6 of 6 samples read, 1 undecodable: 1 problem(s)"
+    assert lines[1] == f"Verified {tmp_path / 'ds'}: 1 shard, 6 of 6 samples read, 1 undecodable: 1 problem(s)"
     assert main(["data", "verify", str(tmp_path / "imgs"), "--no-progress"]) == 2
 
 
@@ -171,6 +171,7 @@ def test_folder_source_labels_and_classes(tmp_path, image_tree):
     write_shards(f"folder:{root}", tmp_path / "ds", shard_size=4, progress=False)
     assert read_classes(tmp_path / "ds") == ["ant", "moose", "zebra"]
     assert json.loads(read_manifest(tmp_path / "ds").schema.metadata[b"left_out"]) == [
+        f"1 hidden file(s) (names starting with a dot), not read, e.g. {root / '__MACOSX' / '._0.jpg'}",
         "2 sub-folder(s) without an image, not classes: __MACOSX, llama"]
     table = read_manifest(tmp_path / "ds")
     assert sorted(table.column("label").to_pylist()) == [0] * 4 + [1] * 2 + [2] * 3
@@ -232,12 +233,17 @@ def test_linked_folders_and_files_are_followed_once_and_hidden_ones_skipped(tmp_
     write_shards(f"folder:{data}", tmp_path / "labelled", progress=False)
     rows = read_manifest(tmp_path / "labelled").to_pylist()
     names = read_classes(tmp_path / "labelled")
-    got = sorted((names[r["label"]], r["path"]) for r in rows)  # the manifest names the file behind each link
-    expected = sorted([("cat", str(p)) for p in (real / "cats").iterdir()] + [("cat", str(one))]
-                      + [("dog", str(p)) for p in (real / "dogs").iterdir()])
+    got = sorted((names[r["label"]], r["path"]) for r in rows)  # the manifest names each file as it was read
+    expected = sorted([("cat", str(data / "cat" / "again" / p.name)) for p in (real / "cats").iterdir()]
+                      + [("cat", str(data / "cat" / "linked.png"))]
+                      + [("dog", str(data / "dog" / p.name)) for p in (real / "dogs").iterdir()])
     assert got == expected and len(got) == 6
     meta = read_manifest(tmp_path / "labelled").schema.metadata
-    assert json.loads(meta[b"left_out"]) == [f"1 image link(s) to nothing, e.g. {data / 'cat' / 'gone.png'}"]
+    assert json.loads(meta[b"left_out"]) == [
+        f"1 image link(s) to nothing, e.g. {data / 'cat' / 'gone.png'}",
+        f"1 hidden folder(s) (names starting with a dot), not read, e.g. {data / 'cat' / '.ipynb_checkpoints'} (rename "
+        "one to include its images)",
+        f"1 hidden file(s) (names starting with a dot), not read, e.g. {data / 'cat' / '._linked.png'}"]
     write_shards(f"images:{data}", tmp_path / "unlabelled", progress=False)
     assert sorted(r["path"] for r in read_manifest(tmp_path / "unlabelled").to_pylist()) == sorted(p for _, p in got)
 

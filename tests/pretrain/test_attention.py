@@ -64,13 +64,20 @@ def test_attention_command_writes_maps_and_shares(tmp_path, digits_shards, capsy
     assert main([*args, *(a for k in keys for a in ("--image", k))]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert "2 register tokens" in printed[0] and printed[-1] == f"Attention maps: {out}"
-    rows = [line.split() for line in printed[2:-1]]
+    # the recipe's ViT pools its patch tokens: the last block's cls token is read by no loss, and the user is told
+    assert printed[-2] == ("Note: this ViT pools the mean of its patch tokens (global_pool: mean), so no loss reads "
+                           "the cls token of its last block: the maps of that block are untrained; --block -2 shows "
+                           "the last block whose cls token the patches read")
+    rows = [line.split() for line in printed[2:-2]]
     assert [r[0] for r in rows] == keys
     for r in rows:
         self_, registers, patches = map(float, r[2:5])
         assert self_ + registers + patches == pytest.approx(1.0, abs=2e-3) and registers > 0
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > png.size[1] > 200
+    earlier = [*args[:-1], str(tmp_path / "earlier.png"), "--image", "digits_00042", "--block", "-2"]
+    assert main(earlier) == 0  # a block whose cls token the patches read: no note
+    assert "Note:" not in capsys.readouterr().out
     assert main([*args, "--image", "digits_00042"]) == 2  # the maps written stay
     args[-1] = str(tmp_path / "other.png")
     assert main([*args, "--image", "digits_99999"]) == 2
@@ -80,7 +87,7 @@ def test_attention_command_writes_maps_and_shares(tmp_path, digits_shards, capsy
     assert capsys.readouterr().err.splitlines() == [
         f"error: --out: {out} already exists; attention overwrites nothing",
         "error: --image: no decodable sample with key 'digits_99999' in the data",
-        "error: --block: the ViT has 4 blocks (0..3, or -1 for the last), got 9",
+        "error: --block: the ViT has 4 blocks (0..3, or -4..-1 counting back from the last), got 9",
         "error: --checkpoint: attention maps need a ViT backbone; this run's is convnet"]
 
 
@@ -102,4 +109,4 @@ def test_attention_prints_class_names(tmp_path, digits_shards, capsys) -> None:
                      str(tmp_path / f"{data}.png"), *(a for k in keys for a in ("--image", k))]) == 0
         printed = capsys.readouterr().out.splitlines()
         assert printed[1].split()[:2] == ["key", "class"]
-        assert [line.split()[1] for line in printed[2:-1]] == expected
+        assert [line.split()[1] for line in printed[2:-1] if not line.startswith("Note:")] == expected

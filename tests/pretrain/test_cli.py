@@ -60,7 +60,7 @@ def test_data_shards_says_what_it_left_out(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["data", "shards", "--source", f"folder:{root}", "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        f"Wrote 6 images (2 classes) in 1 shards: {out / 'manifest.parquet'}",
+        f"Wrote 6 images (2 classes) in 1 shard: {out / 'manifest.parquet'}",
         f"Left out: 1 empty (zero-byte) file(s), e.g. {root / 'dog' / 'empty.jpg'}",
         f"Left out: 1 image(s) at the top of {root}, outside any class sub-folder (images:{root} takes every image, "
         "unlabelled)"]
