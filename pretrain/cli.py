@@ -584,6 +584,7 @@ def cmd_search(args) -> int:
         shards, moved = [], None
         if args.data is not None:
             shards = _data_shards(run, args.data)
+            _check_index_data(gallery, args.index, meta, shards)
         elif args.out is not None:
             try:
                 shards = list_shards(meta["data"])
@@ -641,6 +642,24 @@ def cmd_search(args) -> int:
                               "embedded; embed it again with `pretrain embed`") from None
         print(f"Contact sheet: {args.out}")
     return 0
+
+
+def _check_index_data(gallery, index: Path, meta: dict, shards: list[str]) -> None:
+    """ConfigError (one line) where the data of ``shards`` (``--data`` beside ``--index``: where the indexed data is
+    now) lacks images the index holds, by key and, where both keep them, by digest: other data (a wrong --data had
+    been taken without a word, and with --out called "changed since" the index was embedded)."""
+    from data_pipeline.shards import dataset_dir, read_manifest
+
+    where = dataset_dir(shards[0])
+    table = read_manifest(where)
+    digests = table.column("digest").to_pylist() if "digest" in table.column_names else None
+    held = dict(zip(table.column("key").to_pylist(), digests or [None] * table.num_rows))
+    mine = gallery.digests or [None] * len(gallery.keys)
+    absent = [k for k, d in zip(gallery.keys, mine) if k not in held or (d and held[k] and d != held[k])]
+    if absent:
+        raise ConfigError(f"--data: {where} is not the data {index} was embedded from: {len(absent)} of its "
+                          f"{len(gallery.keys)} images are not in it (by key and bytes), e.g. {absent[0]!r}; give the "
+                          f"directory that data is in now ({meta.get('data', '?')} at embed time), or embed this one")
 
 
 @_stdout_may_close

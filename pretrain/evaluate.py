@@ -90,6 +90,14 @@ def load_run_files(path: str | Path) -> tuple[Config, dict, dict | None, Path]:
     """``path``: a run directory or its ``backbone.pt`` -> (config, backbone state, the whole method's state from a
     ``model.pt`` beside it (CLIP) or None, the backbone.pt path). ValueError naming what is missing."""
     path = Path(path)
+    if path.is_dir() and not (path / "backbone.pt").is_file() and (path / "checkpoint.json").is_file():
+        from pretrain.steps import checkpoint_info
+
+        run = next((p for p in path.parents if (p / "config.yaml").is_file()), None)
+        step = checkpoint_info(path).get("step", "N")
+        raise ValueError(f"--checkpoint: {path} is a training checkpoint (step {step}), not an encoder; `pretrain "
+                         f"extract --checkpoint {run or 'RUN_DIR'} --step {step}` takes its encoder out as a run "
+                         "directory to evaluate")
     if path.is_dir():
         from pretrain.steps import list_checkpoints
 

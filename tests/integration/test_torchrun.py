@@ -323,6 +323,11 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"error: --checkpoint: {run} has no backbone.pt yet (training writes it "
                                                f"at the end); `pretrain extract --checkpoint {run}` takes the encoder "
                                                "of its latest checkpoint (step 5) out as a run directory to evaluate")
+    step = run / "checkpoints" / "step_0000005"  # a checkpoint itself: the command that takes its encoder out
+    assert main(["eval", "--checkpoint", str(step)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --checkpoint: {step} is a training checkpoint (step 5), not "
+                                               f"an encoder; `pretrain extract --checkpoint {run} --step 5` takes its "
+                                               "encoder out as a run directory to evaluate")
 
 
 def _plain(run: Path) -> subprocess.CompletedProcess:

@@ -264,6 +264,32 @@ def test_a_contact_sheet_from_an_index_of_data_written_again_is_refused(runs, ca
         assert not (tmp_path / f"{name}.png").exists()
 
 
+def test_an_index_with_data_it_was_not_embedded_from_is_refused(runs, capsys, tmp_path):
+    """`search --index I --data D` where D is other data than I's (other images under the same keys): refused in one
+    line before the ranking, with --out or without (it had been taken without a word, and with --out called "changed
+    since" the index was embedded); the data moved, D its new place, is taken."""
+    from tests.data_pipeline.conftest import make_image_tree
+
+    write_shards(f"images:{make_image_tree(tmp_path / 'a', classes={'': 6})}", tmp_path / "ds", progress=False)
+    write_shards(f"images:{make_image_tree(tmp_path / 'b', classes={'': 6}, seed=7)}", tmp_path / "other",
+                 progress=False)
+    index = tmp_path / "i.parquet"
+    assert main(["embed", "--checkpoint", str(runs / "simclr"), "--data", str(tmp_path / "ds"), "--out",
+                 str(index)]) == 0
+    query = ["search", "--checkpoint", str(runs / "simclr"), "--index", str(index), "--image", "00000000"]
+    for out in ([], ["--out", str(tmp_path / "s.png")]):
+        capsys.readouterr()
+        assert main([*query, "--data", str(tmp_path / "other"), *out]) == 2
+        printed, err = capsys.readouterr()
+        assert "nearest" not in printed and err.strip().splitlines() == [
+            f"error: --data: {(tmp_path / 'other').resolve()} is not the data {index} was embedded from: 6 of its 6 "
+            f"images are not in it (by key and bytes), e.g. '00000003'; give the directory that data is in now "
+            f"({(tmp_path / 'ds').resolve()} at embed time), or embed this one"]
+    assert not (tmp_path / "s.png").exists()
+    shutil.move(tmp_path / "ds", tmp_path / "moved")
+    assert main([*query, "--data", str(tmp_path / "moved")]) == 0
+
+
 def test_a_contact_sheet_of_data_moved_since_it_was_indexed(runs, capsys, tmp_path):
     """The data an index recorded at embed time moved: the ranking still prints and the contact sheet is refused in one
     line naming the recorded directory and --data; `--index --data NEW` draws it from where the data is now (checked
