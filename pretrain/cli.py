@@ -627,14 +627,18 @@ def cmd_search(args) -> int:
         print(f"{i + 1:>4}  {sim:>10.4f}  {cells}{gallery.captions[row] or ''}".rstrip())
     if args.out is not None:
         from data_pipeline.shards import dataset_dir
-        from pretrain.plots import contact_sheet
+        from pretrain.plots import SHEET_MAX, contact_sheet
 
         if args.index is not None and moved:
             raise ConfigError(moved)
-        digests = [gallery.digests[r] for r, _ in hits] if gallery.digests else None
+        drawn = hits[:SHEET_MAX]
+        if len(hits) > SHEET_MAX:
+            print(f"Note: the contact sheet draws the first {SHEET_MAX} of the {len(hits)} results (the table above "
+                  "lists them all)")
+        digests = [gallery.digests[r] for r, _ in drawn] if gallery.digests else None
         try:  # similarities as the table prints them
-            contact_sheet(shards, [gallery.keys[r] for r, _ in hits], [f"{s:.4f}" for _, s in hits], title, args.out,
-                          digests=digests)
+            contact_sheet(shards, [gallery.keys[r] for r, _ in drawn], [f"{s:.4f}" for _, s in drawn], title,
+                          args.out, digests=digests)
         except ValueError as e:
             if args.index is None:
                 raise

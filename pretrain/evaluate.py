@@ -184,7 +184,7 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, out_pat
     except ConfigError as e:  # what is wrong with the data, said of the options typed (the run's keys otherwise)
         message = str(e)
         if dataset is not None:
-            message = message.replace("eval.dataset:", "--dataset:", 1)
+            message = message.replace("eval.dataset", "--dataset")
         if max_samples is not None:
             message = message.replace("eval.max_samples", "--max-samples", 1)
         raise ConfigError(message) from None

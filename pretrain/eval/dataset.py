@@ -127,7 +127,7 @@ def _shards(cfg: Config) -> tuple[list[str], str]:
     try:
         shards = resolve_shards(dataclasses.replace(cfg.data, source=cfg.eval.dataset))
     except ConfigError as e:
-        raise ConfigError(str(e).replace("data.source:", "eval.dataset:", 1)) from None
+        raise ConfigError(str(e).replace("data.source", "eval.dataset")) from None  # (its hints name it too)
     return shards, dataset_dir(shards[0])
 
 

@@ -402,7 +402,11 @@ def test_errors_name_the_options_typed(tmp_path, data, capsys):
              (["--max-samples", "16"],
               "error: eval.dataset: digits has 0 class(es) with >= 8 decodable samples in the draw of 16 of its 1797 "
               "(--max-samples 16: more may give more classes); the evaluation needs at least 2"),
-             (["--dataset", ""], "error: --dataset: must not be empty (digits, samples or a shard directory)")]
+             (["--dataset", ""], "error: --dataset: must not be empty (digits, samples or a shard directory)"),
+             (["--dataset", f"folder:{tmp_path}"],  # its hint names the option typed too (it had said data.source)
+              f"error: --dataset: {Path.cwd()}/folder:{tmp_path} does not exist: --dataset takes a shard dataset; "
+              f"write one from those files first, `pretrain data shards --source folder:{tmp_path} --out <a new "
+              "directory>`")]
     for extra, line in cases:
         assert main(["eval", "--checkpoint", str(data / "simclr"), "--out", str(tmp_path / "r.json"), *extra]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [line]

@@ -264,6 +264,24 @@ def test_a_contact_sheet_from_an_index_of_data_written_again_is_refused(runs, ca
         assert not (tmp_path / f"{name}.png").exists()
 
 
+def test_a_contact_sheet_draws_at_most_its_maximum(runs, capsys, tmp_path):
+    """--k 120 --out: the table lists the 120 results, the sheet draws the first 100 (20 rows of 5) and says so (at
+    --k 100000 it had taken 41 s for a PNG 79,240 px tall)."""
+    from PIL import Image
+
+    from pretrain.plots import SHEET_MAX
+
+    out = tmp_path / "sheet.png"
+    assert main(["search", "--checkpoint", str(runs / "simclr"), "--image", "digits_00001", "--k", "120", "--out",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(_table(printed)) == 120 and SHEET_MAX == 100
+    assert ("Note: the contact sheet draws the first 100 of the 120 results (the table above lists them all)"
+            in printed.splitlines())
+    with Image.open(out) as png:
+        assert png.size[1] == round((2.2 * 20 + 0.4) * 100)  # 20 rows, not 24
+
+
 def test_an_index_with_data_it_was_not_embedded_from_is_refused(runs, capsys, tmp_path):
     """`search --index I --data D` where D is other data than I's (other images under the same keys): refused in one
     line before the ranking, with --out or without (it had been taken without a word, and with --out called "changed
