@@ -170,8 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("embed", help="embed every image of a shard dataset into a Parquet index",
                        description="Embed every image of --data with a finished run's encoder (whole images, resized "
                        "and normalised as in training; undecodable ones skipped and counted) and write a Parquet file: "
-                       "key, label, caption and embedding per image, the checkpoint's sha256 and the data directory in "
-                       "its metadata. `pretrain search --index` queries it without embedding again.")
+                       "key, label, caption, path (its file, where the manifest has it), digest (of its bytes) and "
+                       "embedding per image, the checkpoint's sha256 and the data directory in its metadata. `pretrain "
+                       "search --index` queries it without embedding again.")
     m.add_argument("--checkpoint", type=_path, required=True, help="a finished run directory")
     m.add_argument("--data", help="a shard directory (default: the run's data.source)")
     m.add_argument("--out", type=_path, required=True, help="the Parquet file to write (must not exist)")
