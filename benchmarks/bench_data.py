@@ -31,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Parser, at_least, cpu_name, git_sha  # noqa: E402
+from benchmarks.common import Parser, Stopped, at_least, cpu_name, git_sha, stop_on_signals  # noqa: E402
 from data_pipeline.cpu import PilAugmenter  # noqa: E402
 from data_pipeline.dali import DaliAugmenter  # noqa: E402
 from data_pipeline.loader import make_train_stream  # noqa: E402
@@ -94,23 +94,37 @@ def bench(name: str, shards: list[str], aug: AugmentConfig, *, size: int, channe
                          device=device)
     pil = PilAugmenter(aug, image_size=size, channels=channels, num_threads=threads)
     stream = make_train_stream(shards, batch_size=batch, aug=aug, image_size=size, channels=channels, rank=0,
-                               world_size=1, num_workers=2, shuffle_buffer=256, device=device)
-    it = iter(stream)
-    fns = {
-        "dali": lambda: [dali(b) for b in batches],
-        "pil": lambda: [pil(b) for b in batches],
-        "stream": lambda: list(itertools.islice(it, n_batches)),
-    }
-    rates = interleaved_rates(fns, batch * n_batches, runs)
-    stream.close()
-    pil.close()
+                               world_size=1, num_workers=2, shuffle_buffer=256, device=device,
+                               dali_threads=threads)
+    try:  # closed on the way out of a stop too (``stop_on_signals``): its reader workers and PIL's pool end with it
+        it = iter(stream)
+        fns = {
+            "dali": lambda: [dali(b) for b in batches],
+            "pil": lambda: [pil(b) for b in batches],
+            "stream": lambda: list(itertools.islice(it, n_batches)),
+        }
+        rates = interleaved_rates(fns, batch * n_batches, runs)
+    finally:
+        stream.close()
+        pil.close()
     notes = {"dali": f"DALI {threads} threads", "pil": f"PIL pool {threads} threads",
              "stream": f"tar shards -> 2 reader workers -> DALI {threads} threads"}
     return [f"{name:<18} {p:<7} {med:>9.1f} img/s  (slowest run {worst:.1f}; {notes[p]})"
             for p, (med, worst) in rates.items()]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C (SIGTERM) ends it in one line, exit 130 (143), its workers closed (it had ended in a traceback)."""
+    try:
+        with stop_on_signals():
+            _main(argv)
+    except Stopped as e:
+        print(f"Stopped by {e}; nothing measured is kept (the table is printed at the end)", file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
+def _main(argv: list[str] | None) -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=at_least(1), default=5, help="timed runs per provider, the median reported "
                         "(default 5, after a warm-up)")
@@ -150,4 +164,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

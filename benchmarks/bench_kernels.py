@@ -47,6 +47,7 @@ if "--smoke" in sys.argv:  # Triton reads the switch when the kernel modules are
 from benchmarks.common import (  # noqa: E402
     CPU_MALLOC_ENV,
     Parser,
+    append_csv,
     cpu_name,
     csv_out,
     git_sha,
@@ -253,22 +254,7 @@ def _run_cpu_subprocess(case: dict, provider: str, dtype: str, budget_s: float, 
 # ------------------------------------------------------------------------------------------------ reporting
 def _append_csv(path: Path, row: dict) -> None:
     """Append one row; a file written with older columns is first rewritten under the current header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file() or path.stat().st_size == 0  # an empty --out (csv_out accepts one) gets the header
-    if not new:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != FIELDS:
-                old = list(reader)
-                with open(path, "w", newline="") as out:
-                    w = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
-                    w.writeheader()
-                    w.writerows(old)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    append_csv(path, [row], FIELDS)
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -435,8 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     for option, value in (("--budget-s", args.budget_s), ("--case-timeout-s", args.case_timeout_s)):
         if value is not None and not value > 0:  # NaN too
             ap.error(f"{option}: must be > 0, got {value:g}")
-    if args.out is not None:
-        csv_out(ap, "--out", Path(args.out))
     if args.smoke and args.quick:  # (--quick had been dropped silently)
         ap.error("--quick: --smoke runs its own tiny sweep; give one or the other")
     if args.smoke and args.device == "cuda":
@@ -445,13 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         device = "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
+        ap.error("--device cuda: this machine has no GPU that torch can use")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     budget = args.budget_s if args.budget_s is not None else (0.5 if device == "cuda" else 0.05 if args.smoke else 2.0)
     ops = set(args.ops.split(","))
     only = set(args.providers.split(",")) if args.providers else None
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"kernels_{'smoke' if args.smoke else device}.csv")
+    csv_out(ap, "--out", out, FIELDS)  # the default one too: before anything is measured
     meta = dict(time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 git_sha=git_sha(), device=device_name(device))
     print(f"# bench_kernels device={meta['device']} dtype={dtype} torch={torch.__version__} sha={meta['git_sha']}"

@@ -8,7 +8,9 @@ CUDA's max_memory_allocated, or on the CPU the peak RSS of a fresh process per c
     python benchmarks/bench_memory.py                       # ViT-S/16 and ViT-B/16 at 224, batch 32 (GPU or CPU)
     python benchmarks/bench_memory.py --backbones vit_tiny --image-size 32 --patch-size 8 --batch 8   # seconds
 
-Rows are appended to benchmarks/results/memory.csv with the machine, git sha and time; a table is printed last.
+Rows are appended to benchmarks/results/memory.csv with the machine, git sha and time, each as its case ends (a case
+that fails, e.g. out of memory, gets a row whose ``note`` says why, and the next case runs; the exit status is then 1);
+a table is printed last.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     CPU_MALLOC_ENV,
     Parser,
+    Stopped,
     append_csv,
     at_least,
     cpu_name,
@@ -33,14 +36,19 @@ from benchmarks.common import (  # noqa: E402
     git_sha,
     median_ms,
     peak_mb,
+    plural,
     positive_float,
     print_result,
     run_worker,
+    stop_on_signals,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "memory.csv"
 VITS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
+FIELDS = ["machine", "git", "utc", "backbone", "image_size", "patch_size", "batch", "checkpointing", "device",
+          "peak_mem_mb", "mem_method", "step_ms", "note"]
+"""The CSV's columns (``note``: empty, or why the case has no numbers)."""
 
 
 def measure(backbone: str, image_size: int, patch_size: int, batch: int, checkpointing: bool, device: str,
@@ -63,11 +71,24 @@ def measure(backbone: str, image_size: int, patch_size: int, batch: int, checkpo
 
 
 def _in_subprocess(args: dict) -> dict:
-    """A CPU case in a fresh process, so its peak RSS is its own."""
+    """A CPU case in a fresh process, so its peak RSS is its own; ``{"note": why}`` where it failed."""
     row, why = run_worker(__file__, args, timeout_s=1800, env={**os.environ, **CPU_MALLOC_ENV})
-    if row is None:
-        raise RuntimeError(f"memory case {args}: {why}")
-    return row
+    return row if row is not None else {"note": f"failed: {' '.join(why.split())[-250:]}"}
+
+
+def run_case(case: dict) -> dict:
+    """One case's measurements, or ``{"note": why}`` where it failed (out of memory, a worker that died): one case's
+    failure had raised and lost the rows of every case measured before it."""
+    if case["device"] != "cuda":
+        return _in_subprocess(case)
+    try:
+        return measure(**case)
+    except torch.OutOfMemoryError:
+        return {"note": "failed: out of memory"}
+    except Exception as e:  # noqa: BLE001 - one case's failure is a row note, not the end of the run
+        return {"note": f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+    finally:
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,27 +113,44 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--backbones: {', '.join(map(repr, unknown))} not among the ViT backbones {', '.join(VITS)}")
     if a.image_size % a.patch_size:
         p.error(f"--patch-size: {a.patch_size} does not divide --image-size {a.image_size}")
-    csv_out(p, "--out", a.out)
+    csv_out(p, "--out", a.out, FIELDS)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = a.budget_s if a.budget_s is not None else (1.0 if device == "cuda" else 3.0)
     machine = f"{cpu_name()}, {torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}"
     utc = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     stamp = {"machine": machine, "git": git_sha(), "utc": utc}
+    cases = [dict(backbone=backbone, image_size=a.image_size, patch_size=a.patch_size, batch=a.batch,
+                  checkpointing=checkpointing, device=device, budget_s=budget)
+             for backbone in a.backbones.split(",") for checkpointing in (False, True)]
     rows = []
-    for backbone in a.backbones.split(","):
-        for checkpointing in (False, True):
-            case = dict(backbone=backbone, image_size=a.image_size, patch_size=a.patch_size, batch=a.batch,
-                        checkpointing=checkpointing, device=device, budget_s=budget)
-            result = measure(**case) if device == "cuda" else _in_subprocess(case)
-            rows.append({**stamp, **{k: v for k, v in case.items() if k != "budget_s"}, **result})
-    append_csv(a.out, rows)
-    print(f"{machine}; {a.image_size}px, batch {a.batch}, {rows[0]['mem_method']}")
+    try:
+        with stop_on_signals():
+            for case in cases:
+                row = {**stamp, **{k: v for k, v in case.items() if k != "budget_s"}, **run_case(case)}
+                append_csv(a.out, [row], FIELDS)  # as each case ends: a later failure or a stop keeps it
+                rows.append(row)
+                if row.get("note"):
+                    print(f"{row['backbone']} checkpointing={row['checkpointing']}: {row['note']}", flush=True)
+    except Stopped as e:
+        print(f"Stopped by {e} after {plural(len(rows), 'case')} of {len(cases)} (appended to {a.out})",
+              file=sys.stderr)
+        return 128 + e.signum
+    done = [r for r in rows if not r.get("note")]
+    print(f"{machine}; {a.image_size}px, batch {a.batch}, {done[0]['mem_method'] if done else 'no case measured'}")
     print(f"{'backbone':<10} {'checkpointing':>13} {'peak MiB':>9} {'step ms':>9}")
     for r in rows:
-        print(f"{r['backbone']:<10} {str(r['checkpointing']):>13} {r['peak_mem_mb']:>9.0f} {r['step_ms']:>9.0f}")
+        if r.get("note"):
+            print(f"{r['backbone']:<10} {str(r['checkpointing']):>13} {r['note']}")
+        else:
+            print(f"{r['backbone']:<10} {str(r['checkpointing']):>13} {r['peak_mem_mb']:>9.0f} {r['step_ms']:>9.0f}")
     for plain, recomputed in zip(rows[::2], rows[1::2]):
-        print(f"{plain['backbone']}: checkpointing keeps {recomputed['peak_mem_mb'] / plain['peak_mem_mb']:.0%} of "
-              f"the peak memory at {recomputed['step_ms'] / plain['step_ms']:.2f}x the step time")
+        if not plain.get("note") and not recomputed.get("note"):
+            print(f"{plain['backbone']}: checkpointing keeps {recomputed['peak_mem_mb'] / plain['peak_mem_mb']:.0%} "
+                  f"of the peak memory at {recomputed['step_ms'] / plain['step_ms']:.2f}x the step time")
+    failed = len(rows) - len(done)
+    if failed:
+        print(f"error: {plural(failed, 'case')} of {len(rows)} failed (their rows' note says why)", file=sys.stderr)
+        return 1
     return 0
 
 

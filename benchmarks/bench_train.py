@@ -5,15 +5,26 @@ Providers, side by side in one run:
 - ``ray+deepspeed``: ``pretrain train`` (local Ray cluster, ``job.num_workers`` workers, DeepSpeed, DALI views, MLflow
   sqlite) for ``--steps`` steps; images/s per worker is the median over the steps after ``--warmup``, as logged by the
   trainer in ``metrics.csv`` (batch_size / step wall time, data loading included).
-- ``model-only``: one process, the same method and optimizer on a fixed random batch (no data, no DeepSpeed,
-  one thread per worker as Ray gives each worker one CPU): the compute ceiling of one worker.
+- ``model-only``: one process, the same method, optimizer (``optim.name`` over the engine's param groups) and
+  ``optim.accum_steps`` micro-batches per step on a fixed random batch (no data, no DeepSpeed, one thread per worker as
+  Ray gives each worker one CPU): the compute ceiling of one worker.
+
+``batch/worker`` is the images one worker trains per optimizer step (``data.batch_size`` x ``optim.accum_steps``). The
+recipe, the overrides and its data are checked as ``pretrain train`` checks them before anything is measured; the run's
+``data_corrupt`` / ``data_truncated_shards`` counts are reported (a warning line where they are not 0). Ctrl-C (or
+SIGTERM) is passed on to the run, which stops its workers; the benchmark then exits 130 (143).
 
 Results are appended to ``benchmarks/results/train.csv`` with the machine, git sha and time; a table is printed last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import os
+import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,10 +39,24 @@ if TYPE_CHECKING:
     from pretrain.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Parser, append_csv, at_least, cpu_name, csv_out, git_sha  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Parser,
+    Stopped,
+    append_csv,
+    at_least,
+    cpu_name,
+    csv_out,
+    git_sha,
+    plural,
+    stop_on_signals,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train.csv"
+FIELDS = ["time", "git_sha", "machine", "recipe", "provider", "workers", "batch_per_worker", "images_per_s_per_worker",
+          "median_step_s", "wall_s", "data_corrupt", "data_truncated_shards"]
+"""The CSV's columns (``batch_per_worker``: images per optimizer step and worker; the data counts: the run's, empty for
+model-only)."""
 
 
 def machine() -> str:
@@ -78,34 +103,81 @@ def owned_override(overrides: list[str]) -> str | None:
     return None
 
 
+def _data_counts(run_dir: Path) -> dict:
+    """The run's cumulative ``data_corrupt`` / ``data_truncated_shards`` as the trainer logged them to its MLflow store
+    (the sqlite one beside the run; empty where the run logged elsewhere)."""
+    db = run_dir.parent / "mlflow.db"
+    counts = {"data_corrupt": "", "data_truncated_shards": ""}
+    if db.is_file():
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            for key, value in con.execute("SELECT key, MAX(value) FROM latest_metrics WHERE key IN (?, ?) GROUP BY key",
+                                          tuple(counts)):
+                counts[key] = int(value)
+    return counts
+
+
+def _forwarding(proc: subprocess.Popen):
+    """SIGINT and SIGTERM passed on to ``proc`` (it stops its Ray workers on its own) and remembered; the benchmark
+    waits for it, then raises ``Stopped``. (subprocess.run had SIGKILLed it on Ctrl-C, leaving Ray's agents alive.)"""
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    return received, {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 def bench_ray(recipe: Path, cfg: Config, steps: int, warmup: int, overrides: list[str]) -> dict:
-    """``cfg``: the recipe with the run's sets and ``overrides``, as checked before measuring."""
+    """``cfg``: the recipe with the run's sets and ``overrides``, as checked before measuring. The run starts in this
+    process's directory, so that relative paths in ``overrides`` and the recipe resolve as they did for the checks."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
         sets = [*_run_sets(steps, out), *overrides]
         cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(recipe)]
         for s in sets:
             cmd += ["--set", s]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        log = Path(out) / "train.log"
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        with log.open("w") as f:  # its own session: a terminal's Ctrl-C reaches it once, through ``_forwarding``
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        received, saved = _forwarding(proc)
+        try:
+            proc.wait()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
         wall = time.perf_counter() - t0
+        if received:
+            raise Stopped(received[0])
         if proc.returncode != 0:
-            raise SystemExit(f"pretrain train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"pretrain train failed (exit status {proc.returncode}); the end of its log:\n"
+                             f"{log.read_text(errors='replace')[-3000:]}")
         with (Path(out) / "bench" / "metrics.csv").open() as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) > warmup]
+        counts = _data_counts(Path(out) / "bench")
     per_worker = [float(r["images_per_s"]) for r in rows]  # global images/s, logged per step
     ips = statistics.median(per_worker) / cfg.job.num_workers
-    return {"provider": "ray+deepspeed", "workers": cfg.job.num_workers, "batch_per_worker": cfg.data.batch_size,
-            "images_per_s_per_worker": ips, "median_step_s": cfg.data.batch_size / ips, "wall_s": wall}
+    images = cfg.data.batch_size * cfg.optim.accum_steps  # the trainer's images/s counts every micro-batch
+    return {"provider": "ray+deepspeed", "workers": cfg.job.num_workers, "batch_per_worker": images,
+            "images_per_s_per_worker": ips, "median_step_s": images / ips, "wall_s": wall, **counts}
 
 
 def bench_model(cfg: Config, steps: int, warmup: int) -> dict:
     """``cfg``: the config checked before measuring (the run's sets included, so it is the one the run validated; the
-    model-only part reads only its method, data and learning rate)."""
+    model-only part reads its method, data and optimizer). One step: ``optim.accum_steps`` forward + backward passes,
+    then the optimizer's step, as the engine takes it (peak learning rate, no schedule)."""
+    from pretrain.engine import optimizer_hyper, peak_lr
+    from pretrain.optim import build_optimizer, config_param_groups
     from pretrain.trainer import build_method
 
     torch.set_num_threads(1)  # as Ray gives each worker its one CPU (OMP_NUM_THREADS=1)
     method = build_method(cfg, distributed=False)
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    hyper = {k: v for k, v in optimizer_hyper(cfg).items() if k != "fused"}  # fused: ZeRO-Offload's CPU partitions
+    opt = build_optimizer(config_param_groups(method, cfg.optim), cfg.optim.name, peak_lr(cfg, cfg.job.num_workers),
+                          **hyper)
+    accum = cfg.optim.accum_steps
     b, c, s, d = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data
     batch = {"views": [torch.randn(b, c, s, s) for _ in range(d.num_views)]
              + [torch.randn(b, c, d.local_size, d.local_size) for _ in range(d.local_views)]}
@@ -117,15 +189,29 @@ def bench_model(cfg: Config, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         method.on_step_start(i, warmup + steps)
-        method(batch)["loss"].backward()
+        for _ in range(accum):
+            (method(batch)["loss"] / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         method.on_step_end(i, warmup + steps)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    return {"provider": "model-only", "workers": 1, "batch_per_worker": b, "images_per_s_per_worker": b / step,
-            "median_step_s": step, "wall_s": sum(times)}
+    return {"provider": "model-only", "workers": 1, "batch_per_worker": b * accum,
+            "images_per_s_per_worker": b * accum / step, "median_step_s": step, "wall_s": sum(times),
+            "data_corrupt": "", "data_truncated_shards": ""}
+
+
+def preflight(cfg: Config) -> None:
+    """``pretrain train``'s own checks of a new run (``--dry-run`` runs them): the tracking store answers, the method's
+    inputs, the backbone, the optimizer, the data (data.source there, built-in shards built on first use, enough
+    samples for a batch on every worker) and the local GPUs; ConfigError in one line. (A missing data.source had failed
+    the run after the model-only measurement; a recipe's missing dataset, after a ResNet-50 step.)"""
+    from pretrain.preflight import check_local_gpus, prepare_run
+
+    check_local_gpus(cfg)
+    with tempfile.TemporaryDirectory(prefix="bench-train-check-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        prepare_run(cfg, Path(tmp) / "bench", write=False, reach_tracking=True)  # writes nothing; prints its shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,29 +228,41 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.warmup >= args.steps:
         p.error(f"--warmup: {args.warmup} leaves none of the {args.steps} --steps to measure")
-    csv_out(p, "--out", args.out)
-    from pretrain.preflight import check_tracking, new_config
+    args.config = args.config.expanduser().absolute()  # the user's file, for the checks and for the run alike
+    csv_out(p, "--out", args.out, FIELDS)
+    from pretrain.preflight import new_config
 
     try:  # the recipe and overrides as the run takes them, checked before anything is measured (as `pretrain train`
         refused = owned_override(args.overrides)  # checks them: a method key the method does not read, a store that
         if refused:  # does not answer; these had failed the run ~10 s in)
             p.error(refused)
         cfg = new_config(args.config, [*_run_sets(args.steps, "/tmp"), *args.overrides])
-        if cfg.tracking.uri:
-            check_tracking(cfg.tracking.uri, reach=True)
+        preflight(cfg)
     except ValueError as e:  # (ConfigError's; the tracking URI's check raises ValueError)
         p.error(str(e))
 
-    results = [bench_model(cfg, 20, 3), bench_ray(args.config, cfg, args.steps, args.warmup, args.overrides)]
+    try:
+        with stop_on_signals():
+            results = [bench_model(cfg, 20, 3)]
+            results.append(bench_ray(args.config, cfg, args.steps, args.warmup, args.overrides))
+    except Stopped as e:
+        print(f"Stopped by {e}: nothing appended to {args.out}", file=sys.stderr)
+        return 128 + e.signum
     stamp, sha, where = time.strftime("%Y-%m-%d %H:%M:%S"), git_sha(), machine()
     recipe = " ".join([args.config.name, *args.overrides])  # what was measured: the recipe and its overrides
-    append_csv(args.out, [{"time": stamp, "git_sha": sha, "machine": where, "recipe": recipe, **r} for r in results])
+    append_csv(args.out, [{"time": stamp, "git_sha": sha, "machine": where, "recipe": recipe, **r} for r in results],
+               FIELDS)
     print(f"machine: {where}\ngit: {sha}  time: {stamp}  recipe: {recipe}")
     print(f"{'provider':<15}{'workers':>8}{'batch/worker':>14}{'img/s/worker':>14}{'step s':>9}{'wall s':>9}")
     for r in results:
         print(f"{r['provider']:<15}{r['workers']:>8}{r['batch_per_worker']:>14}{r['images_per_s_per_worker']:>14.1f}"
               f"{r['median_step_s']:>9.3f}{r['wall_s']:>9.1f}")
-    print(f"Appended {len(results)} rows to {args.out}")
+    ray = results[-1]
+    if ray["data_corrupt"] or ray["data_truncated_shards"]:
+        print(f"warning: the run skipped {plural(ray['data_corrupt'], 'corrupt sample')} and met "
+              f"{plural(ray['data_truncated_shards'], 'truncated or unreadable shard')}: its images/s are not "
+              "those of the whole dataset")
+    print(f"Appended {plural(len(results), 'row')} to {args.out}")
     return 0
 
 

@@ -4,14 +4,17 @@ memory."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -73,7 +76,8 @@ def run_worker(script: str | Path, spec: dict, *, timeout_s: float,
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):]), ""
-    return None, f"worker failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"
+    last = (proc.stderr.strip().splitlines() or [""])[-1]  # the exception's line, not the middle of its traceback
+    return None, f"worker failed (rc {proc.returncode}): {last[-300:]}"
 
 
 def sync(device: str) -> None:
@@ -167,9 +171,20 @@ def positive_float(text: str) -> float:
     return value
 
 
-def csv_out(parser: argparse.ArgumentParser, option: str, path: Path) -> Path:
-    """``path`` as the CSV a benchmark appends to, or ``parser.error`` (before anything is measured) for a directory, a
-    path that cannot be written or a file without the CSV header of a results file."""
+def csv_header(path: Path) -> list[str] | None:
+    """The column names on the first line of the CSV at ``path``; None for a missing or empty file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def csv_out(parser: argparse.ArgumentParser, option: str, path: Path, fields: list[str]) -> Path:
+    """``path`` as the CSV a benchmark appends its rows (columns ``fields``) to, or ``parser.error`` (before anything is
+    measured) for a directory, a path that cannot be written, or a file whose header is not this benchmark's: its
+    columns, or an older version of them (a subset that has the first three, the stamp columns; ``append_csv`` rewrites
+    such a file under the current header). A foreign CSV had been rewritten under these columns, or got rows under its
+    own header."""
     if path.is_dir():
         parser.error(f"{option}: {path} is a directory; give the CSV file to append the rows to")
     from pretrain.config import ConfigError
@@ -179,19 +194,76 @@ def csv_out(parser: argparse.ArgumentParser, option: str, path: Path) -> Path:
         check_writable(path, option)  # a read-only folder, a file where a folder would be: before, not after
     except ConfigError as e:
         parser.error(str(e))
-    if path.is_file() and path.stat().st_size and "," not in path.open(errors="replace").readline():
-        parser.error(f"{option}: {path} is not a CSV of results (its first line is no CSV header); rows are appended "
-                     "to one")
+    existed = path.exists()
+    if path.parent.is_dir():  # try it: a folder that takes no new files (/proc) passes the permission check
+        try:
+            path.open("a").close()
+        except OSError as e:
+            parser.error(f"{option}: {path} cannot be written ({e.strerror or type(e).__name__})")
+        finally:
+            if not existed:
+                path.unlink(missing_ok=True)
+    header = csv_header(path)
+    if header is not None and not (len(header) > 1 and set(header) <= set(fields) and set(fields[:3]) <= set(header)):
+        parser.error(f"{option}: {path} is not a CSV of this benchmark's rows (its header is not "
+                     f"{','.join(fields[:3])},...); give a new file or one this benchmark wrote")
     return path
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path`` (its folder made), the header (``rows[0]``'s keys) first where the file is
-    missing or empty: ``csv_out`` accepts an empty file, which would otherwise get rows under no header."""
+def append_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Append ``rows`` to the CSV at ``path`` (its folder made) under the columns ``fields`` (default ``rows[0]``'s
+    keys): the header first where the file is missing or empty (``csv_out`` accepts an empty file, which would otherwise
+    get rows under no header); a file written with other (older) columns is first rewritten under ``fields``, its rows
+    kept, so that each value lands under its own column."""
+    fields = list(fields or rows[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file() or path.stat().st_size == 0
+    header = csv_header(path)
+    if header is not None and header != fields:
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(old)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if header is None:
             writer.writeheader()
         writer.writerows(rows)
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM reached a benchmark (``stop_on_signals``); ``signum`` is which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Stopped`` in the main thread while this is entered: the code under it ends its workers
+    on the way out (``subprocess.run`` kills its child on any exception; a ``finally`` closes a pool) and the benchmark
+    exits 128 + the signal with one line (SIGTERM had killed it and left its worker process running; SIGINT had ended in
+    a KeyboardInterrupt traceback)."""
+
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a worker forked under it (a reader process) ends as it would have, silently
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+
+    saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 shard``, ``2 shards``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")

@@ -43,11 +43,15 @@ t2=$(date +%s)
 echo "== activation memory: ViT-S/16 and ViT-B/16 at 224, batch 32, with and without grad_checkpointing"
 # shellcheck disable=SC2086
 timeout 90 "$PY" benchmarks/bench_memory.py ${MEMORY_ARGS:-} --out "$DEST/memory_gpu.csv" > "$DEST/memory_gpu.txt" 2>&1
+rc_memory=$?
 tail -n 8 "$DEST/memory_gpu.txt"
 t3=$(date +%s)
 
 echo
-echo "== summary ($(head -n 2 "$DEST/gpu_info.txt" | tail -n 1))"
+# The device torch sees (gpu_info.txt's second line was a traceback on a box without CUDA)
+device=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")' \
+  2>/dev/null || echo "torch did not import")
+echo "== summary ($device)"
 # The bench's table: from its header line to the end (targets included).
 sed -n '/^op  *shape/,$p' "$DEST/kernels_gpu_bench.txt"
 if [ "$rc_bench" -ne 0 ]; then
@@ -62,4 +66,9 @@ else tests_status=PASS; fi
 echo "TARGET kernel tests on GPU: $(tail -n 1 "$DEST/kernels_gpu_pytest.txt") -> $tests_status"
 echo "TARGET suite time: tests $((t1 - t0)) s + bench $((t2 - t1)) s + memory $((t3 - t2)) s = $((t3 - t0)) s \
 (< 480 s) -> $([ $((t3 - t0)) -lt 480 ] && echo PASS || echo FAIL)"
-[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+# Not a target, but a failed case or run is a failure of the suite (its exit status had been ignored)
+if [ "$rc_memory" -ne 0 ]; then
+  echo "memory benchmark: FAIL (rc=$rc_memory; 124 = timeout): $(grep -m 1 -E '^(error|Stopped)' "$DEST/memory_gpu.txt" \
+|| tail -n 1 "$DEST/memory_gpu.txt")"
+else echo "memory benchmark: PASS"; fi
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_memory" -eq 0 ]

@@ -1,10 +1,13 @@
 """Every benchmark script refuses a bad option in one line ("error: ..." and exit status 2, without argparse's usage
 block) before it measures or writes anything."""
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import bench_data, bench_kernels, bench_memory, bench_train
 
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory, "train": bench_train}
 
 
@@ -34,7 +37,16 @@ SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory,
     ("memory", ["--backbones", "vit_tiny,convnet"], "--backbones: 'convnet' not among the ViT backbones vit_tiny,"),
     ("memory", ["--image-size", "30", "--patch-size", "8"], "--patch-size: 8 does not divide --image-size 30"),
     ("memory", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
-    ("memory", ["--out", "{tmp}/notes.txt"], "--out: {tmp}/notes.txt is not a CSV of results"),
+    ("memory", ["--out", "{tmp}/notes.txt"], "--out: {tmp}/notes.txt is not a CSV of this benchmark's rows"),
+    # a CSV of other columns: bench_kernels had rewritten it under its columns (its rows lost), the others had appended
+    # rows under its header
+    ("kernels", ["--smoke", "--out", "{tmp}/train.csv"], "--out: {tmp}/train.csv is not a CSV of this benchmark's"),
+    ("memory", ["--out", "{tmp}/train.csv"], "--out: {tmp}/train.csv is not a CSV of this benchmark's rows"),
+    ("train", ["--out", "{tmp}/other.csv"], "--out: {tmp}/other.csv is not a CSV of this benchmark's rows"),
+    ("kernels", ["--smoke", "--out", "/proc/x1"], "--out: /proc/x1 cannot be written"),  # had named a temp file
+    # pretrain train's data checks, before measuring (had measured model-only, or a ResNet-50 step, then failed)
+    ("train", ["--set", "data.source={tmp}/nonexistent"], "data.source: {tmp}/nonexistent does not exist"),
+    ("train", ["--config", "configs/simclr_resnet50_imagenet.yaml"], "data.source: /data/imagenet-train does not"),
     ("train", ["--steps", "1"], "argument --steps: must be >= 2, got 1"),
     ("train", ["--steps", "5", "--warmup", "5"], "--warmup: 5 leaves none of the 5 --steps to measure"),
     ("train", ["--config", "{tmp}/none.yaml"], "config file not found: {tmp}/none.yaml"),
@@ -53,6 +65,7 @@ SCRIPTS = {"data": bench_data, "kernels": bench_kernels, "memory": bench_memory,
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, script, argv, message):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "train.csv").write_bytes((ROOT / "benchmarks" / "results" / "train.csv").read_bytes())
     (tmp_path / "notes.txt").write_text("my notes\n")
     (tmp_path / "partial.csv").write_text("time_utc,provider\n2026-12-03T00:00:00+00:00,eager\n")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -86,3 +99,32 @@ def test_train_refuses_every_key_it_sets_itself(capsys, key):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {key}: the benchmark "), err
+
+
+def test_kernels_on_a_cuda_device_the_machine_lacks_is_refused_in_one_line(capsys):
+    """bench_kernels --device cuda without CUDA: exit 2 and `error: ...`, as every other refusal (it had exited 1)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine with a GPU runs it")
+    with pytest.raises(SystemExit) as e:
+        bench_kernels.main(["--device", "cuda", "--ops", "gather"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda: this machine has no GPU")
+
+
+def test_train_resolves_a_relative_config_against_the_users_directory(tmp_path, monkeypatch, capsys):
+    """A relative --config is the file where the user runs, not one at the same path in the repo: a file only in the
+    user's directory is checked (here refused for its data), one only in the repo is not found."""
+    (tmp_path / "configs").mkdir()
+    recipe = (ROOT / "configs" / "simclr_digits.yaml").read_text()
+    (tmp_path / "configs" / "mine.yaml").write_text(recipe.replace("source: digits", "source: missing-here"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(["--config", "configs/mine.yaml"])
+    assert e.value.code == 2
+    assert f"data.source: {tmp_path}/missing-here does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(["--config", "configs/simclr_digits.yaml"])  # in the repo, not here
+    assert e.value.code == 2
+    assert f"config file not found: {tmp_path}/configs/simclr_digits.yaml" in capsys.readouterr().err
