@@ -20,7 +20,7 @@ from pretrain.config import load_config
 from pretrain.methods import METHODS
 from pretrain.optim import check_fixed_lr
 from pretrain.preflight import check_backbone, check_steps_left
-from pretrain.steps import stopped_at
+from pretrain.steps import list_checkpoints, stopped_at
 from pretrain.trainer import LocalSession, train
 
 
@@ -56,7 +56,16 @@ def _run(argv: list[str]) -> int:
         _one_process_env()
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        train(cfg, run_dir, LocalSession(run_dir, cfg.job.keep_checkpoints))
+        try:
+            train(cfg, run_dir, LocalSession(run_dir, cfg.job.keep_checkpoints))
+        except KeyboardInterrupt:  # Ctrl-C: one line (each rank's traceback had been printed), the way on named
+            if td.get_rank() == 0:
+                steps = list_checkpoints(run_dir)
+                where = (f"its latest checkpoint is step {max(steps)}; the same command goes on from there" if steps
+                         else "it has no checkpoint yet; the same command starts it again")
+                print(f"Stopped by SIGINT; {where} (`pretrain stop {run_dir}` has a run checkpoint before it ends)",
+                      file=sys.stderr, flush=True)
+            return 130
         td.barrier()  # rank 0 has written the step it stopped at, if it was asked to stop
         if td.get_rank() == 0:
             step = stopped_at(run_dir)

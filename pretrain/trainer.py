@@ -257,8 +257,8 @@ def train(cfg: Config, run_dir: str | Path, session: Session) -> dict[str, float
             if stopping:
                 break
         stop.close()
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as e:  # Ctrl-C (a process run without Ray): stopped, not failed, as Ray's driver marks it
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         if system is not None:

@@ -330,6 +330,36 @@ def test_one_plain_process_trains_without_a_launcher(tmp_path, capsys):
                                                "encoder out as a run directory to evaluate")
 
 
+def test_ctrl_c_of_a_plain_process_ends_in_one_line_and_the_run_killed(tmp_path):
+    """Ctrl-C (SIGINT) of `python -m pretrain.train RUN` once it has checkpointed: exit 130, one line naming the latest
+    checkpoint and the way on (a traceback of the step it was in had been printed), the MLflow run KILLED (it had been
+    FAILED)."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    run = _dry_run(tmp_path, "ctrl-c", ["job.max_steps=100000", "job.ckpt_every=2", "job.log_every=2",
+                                        "data.batch_size=32"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", str(run)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list_checkpoints(run) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert list_checkpoints(run), "no checkpoint within 240 s"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out + err)[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    latest = max(list_checkpoints(run))
+    assert err.strip().splitlines()[-1] == (f"Stopped by SIGINT; its latest checkpoint is step {latest}; the same "
+                                            f"command goes on from there (`pretrain stop {run}` has a run checkpoint "
+                                            "before it ends)")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+
+
 def _plain(run: Path) -> subprocess.CompletedProcess:
     """``python -m pretrain.train RUN`` as one process, without a launcher."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
