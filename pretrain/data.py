@@ -84,6 +84,9 @@ def _not_shards(path: Path) -> str:
         if (path.parent / "manifest.parquet").is_file():  # one of its shards, or a list of them beside it
             return f"is a file of the dataset {path.parent}: data.source takes the dataset directory"
         return "is not a directory of shards (data.source takes a dataset directory with a manifest.parquet)"
+    if (path / "config.yaml").is_file() and ((path / "metrics.csv").exists() or (path / "mlflow_run_id").exists()):
+        return ("is a training run's directory, not a dataset (its config.yaml names the data it trained on; a "
+                "shard directory is taken here)")  # (its PNG plots had made it "images, not shards")
     if any(path.glob("*.tar")):
         return f"has no manifest.parquet (WebDataset tars of another tool: `pretrain data index {path}`)"
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):

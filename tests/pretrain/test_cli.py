@@ -384,6 +384,12 @@ def test_data_that_is_not_shards_says_how_to_make_it_shards(tmp_path, capsys):
         ds / "shard-000000.tar": f"is a file of the dataset {ds}: data.source takes the dataset directory",
         loose / "top.jpg": "is not a directory of shards (data.source takes a dataset directory with a "
                            "manifest.parquet)"})
+    run = tmp_path / "a-run"  # a training run's directory, its PNG plots beside its config (it had been "images")
+    run.mkdir()
+    for name in ("config.yaml", "metrics.csv", "loss.png"):
+        (run / name).write_text("x")
+    expected[run] = ("is a training run's directory, not a dataset (its config.yaml names the data it trained on; "
+                     "a shard directory is taken here)")
     for source, message in expected.items():
         assert main(["train", "--dry-run", *sets, "--set", f"data.source={source}"]) == 2
         assert _one_line_error(capsys) == f"error: data.source: {source} {message}"
