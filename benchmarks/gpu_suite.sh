@@ -26,8 +26,12 @@ echo "== kernel tests (all of tests/kernels, compiled on the GPU; the AOT-compil
 # Default blocks in the tests (each autotuning candidate is pinned and checked by its own test); the benchmarks
 # below autotune as training does.
 # With them, the trainer's per-step stop check under NCCL (pretrain.dist.LaggedAny; torch only), which no CPU box runs.
-SSL_KERNELS_AUTOTUNE=0 timeout 210 "$PY" -m pytest tests/kernels tests/pretrain/test_stop_request.py -q -p no:cacheprovider \
-  --deselect tests/kernels/test_aot_compile.py \
+# Triton compiles each test's kernels on the host's cores: with pytest-xdist (in the GPU image) 8 processes share
+# the GPU and the Triton cache, and the compiles run side by side.
+XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8" || echo "")
+# shellcheck disable=SC2086
+SSL_KERNELS_AUTOTUNE=0 timeout 200 "$PY" -m pytest tests/kernels tests/pretrain/test_stop_request.py -q -p no:cacheprovider \
+  $XDIST --deselect tests/kernels/test_aot_compile.py \
   --junitxml="$DEST/kernels_gpu_junit.xml" > "$DEST/kernels_gpu_pytest.txt" 2>&1
 rc_tests=$?
 tail -n 15 "$DEST/kernels_gpu_pytest.txt"
@@ -36,13 +40,13 @@ t1=$(date +%s)
 echo "== kernel benchmarks"
 # BENCH_ARGS=--smoke runs this whole script on a CPU box in about a minute (a check of the script, no numbers).
 # shellcheck disable=SC2086
-timeout 330 "$PY" benchmarks/bench_kernels.py ${BENCH_ARGS:-} --out "$DEST/kernels_gpu.csv" > "$DEST/kernels_gpu_bench.txt" 2>&1
+timeout 280 "$PY" benchmarks/bench_kernels.py ${BENCH_ARGS:-} --out "$DEST/kernels_gpu.csv" > "$DEST/kernels_gpu_bench.txt" 2>&1
 rc_bench=$?
 t2=$(date +%s)
 
 echo "== activation memory: ViT-S/16 and ViT-B/16 at 224, batch 32, with and without grad_checkpointing"
 # shellcheck disable=SC2086
-timeout 90 "$PY" benchmarks/bench_memory.py ${MEMORY_ARGS:-} --out "$DEST/memory_gpu.csv" > "$DEST/memory_gpu.txt" 2>&1
+timeout 60 "$PY" benchmarks/bench_memory.py ${MEMORY_ARGS:-} --out "$DEST/memory_gpu.csv" > "$DEST/memory_gpu.txt" 2>&1
 rc_memory=$?
 tail -n 8 "$DEST/memory_gpu.txt"
 t3=$(date +%s)
