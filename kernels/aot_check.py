@@ -88,6 +88,14 @@ def _cases() -> list[tuple]:
     out.append((masked_gather._mask_token_bwd_kernel, {"dx_ptr": "*bf16", "dtok_partial_ptr": "*fp32",
                                                        "g_ptr": "*bf16", "mask_ptr": "*u8", **rows},
                 dict(BLOCK_R=br, BLOCK_D=bd), {}))
+    # Triton's launcher passes an int argument equal to 1 as a compile-time constant (a Python int, not a tensor:
+    # `n.to(...)` on it fails to compile); each kernel once more with every int argument 1 (DINO's one K chunk).
+    seen = set()
+    for fn, sig, consts, opts in list(out):
+        if fn not in seen:
+            seen.add(fn)
+            ones = {k: 1 for k, v in sig.items() if v == "i32"}
+            out.append((fn, {k: v for k, v in sig.items() if k not in ones}, {**consts, **ones}, opts))
     return out
 
 

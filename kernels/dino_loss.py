@@ -97,13 +97,13 @@ def _dino_fwd_partial_kernel(
         mx = tl.maximum(m_r, tl.max(z, axis=1))
         l_r = l_r * tl.exp(m_r - mx) + tl.sum(tl.exp(z - mx[:, None]), axis=1)
         m_r = mx
-    plane_t = n_chunks.to(tl.int64) * n_t * n_rows
+    plane_t = tl.cast(n_chunks, tl.int64) * n_t * n_rows
     off_t = (ch.to(tl.int64) * n_t + vt) * n_rows + r
     tl.store(part_t_ptr + off_t, m_t, mask=t_ok)
     tl.store(part_t_ptr + plane_t + off_t, l_t, mask=t_ok)
     tl.store(part_t_ptr + 2 * plane_t + off_t, a_t, mask=t_ok)
     tl.store(part_t_ptr + 3 * plane_t + off_t, d_t, mask=t_ok)
-    plane_s = n_chunks.to(tl.int64) * n_s * n_rows
+    plane_s = tl.cast(n_chunks, tl.int64) * n_s * n_rows
     off_d = (ch.to(tl.int64) * n_s + vt) * n_rows + r
     tl.store(part_s_ptr + off_d, m_d, mask=t_ok)
     tl.store(part_s_ptr + plane_s + off_d, l_d, mask=t_ok)
@@ -130,8 +130,8 @@ def _dino_combine_kernel(
     x_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
     m_s = tl.full((BLOCK_S,), -1.0e30, dtype=tl.float32)
     l_s = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    plane_t = n_chunks.to(tl.int64) * n_t * n_rows
-    plane_s = n_chunks.to(tl.int64) * n_s * n_rows
+    plane_t = tl.cast(n_chunks, tl.int64) * n_t * n_rows
+    plane_s = tl.cast(n_chunks, tl.int64) * n_s * n_rows
     for ch in range(0, n_chunks):
         off_t = (ch * n_t + vt).to(tl.int64) * n_rows + r
         m = tl.load(part_t_ptr + off_t, mask=t_ok, other=-1.0e30)

@@ -115,15 +115,17 @@ def test_masked_patch_loss_is_the_patch_loss_on_packed_rows(dtype, impl, device)
     assert max_err(loss, ref) <= 1e-5 * ref.abs().item()
 
 
-def test_masked_patch_loss_without_masked_patches_and_bad_rows():
+def test_masked_patch_loss_without_masked_patches_and_bad_rows(device):
     """Nothing masked: a zero loss with a (zero) gradient; rows that are not the mask's count: a ValueError."""
-    student = torch.randn(0, 8, requires_grad=True)
-    mask = torch.zeros(2, 5, dtype=torch.bool)
-    loss = ibot_masked_patch_loss(student, torch.randn(0, 8), mask, torch.zeros(8), 0.1, 0.04, impl="triton")
+    student = torch.randn(0, 8, device=device, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    loss = ibot_masked_patch_loss(student, torch.randn(0, 8, device=device), mask, torch.zeros(8, device=device), 0.1,
+                                  0.04, impl="triton")
     assert loss.item() == 0.0 and loss.requires_grad
     mask[0, 1] = True
     with pytest.raises(ValueError, match="1 patches"):
-        ibot_masked_patch_loss(torch.randn(3, 8), torch.randn(3, 8), mask, torch.zeros(8), 0.1, 0.04)
+        ibot_masked_patch_loss(torch.randn(3, 8, device=device), torch.randn(3, 8, device=device), mask,
+                               torch.zeros(8, device=device), 0.1, 0.04)
 
 
 @pytest.mark.parametrize(
@@ -138,13 +140,13 @@ def test_bad_shapes_raise(shapes, match):
 
 
 @pytest.mark.parametrize("impl", ["triton", "ref"])
-def test_center_is_k_or_1_by_k_without_gradient_on_every_path(impl):
+def test_center_is_k_or_1_by_k_without_gradient_on_every_path(impl, device):
     """A center of shape (K,) or (1, K) gives the same loss on every path and no gradient (only the student gets one;
     the reference had broadcast a (K, 1) center against the batch, and given the center a gradient); any other shape,
     a center on another device and empty sizes are a ValueError."""
     gen = torch.Generator().manual_seed(0)
-    s, t = torch.randn(3, 4, 4, generator=gen, requires_grad=True), torch.randn(2, 4, 4, generator=gen)
-    center = torch.randn(4, generator=gen)
+    s = torch.randn(3, 4, 4, generator=gen).to(device).requires_grad_()
+    t, center = torch.randn(2, 4, 4, generator=gen).to(device), torch.randn(4, generator=gen).to(device)
     want = dino_loss_ref(s.double(), t.double(), center.double(), 0.1, 0.04)[0].item()
     for c in (center, center[None]):
         c = c.clone().requires_grad_()
@@ -152,14 +154,14 @@ def test_center_is_k_or_1_by_k_without_gradient_on_every_path(impl):
         loss.backward()
         assert loss.item() == pytest.approx(want, rel=1e-5) and c.grad is None and s.grad is not None
     for bad, match in ((center[:, None], r"center must be a float tensor of shape \(4,\) or \(1, 4\)"),
-                       (center.to("meta"), "center on meta but the logits on cpu")):
+                       (center.to("meta"), f"center on meta but the logits on {s.device}")):
         with pytest.raises(ValueError, match=match):
             dino_loss(s, t, bad, 0.1, 0.04, impl=impl)
     with pytest.raises(ValueError, match="at least one image"):
         dino_loss(s[:, :0], t[:, :0], center, 0.1, 0.04, impl=impl)
     with pytest.raises(ValueError, match="K >= 1"):
         dino_loss(s[..., :0], t[..., :0], center[:0], 0.1, 0.04, impl=impl)
-    mask = torch.ones(2, 4, dtype=torch.bool)  # iBOT's patch loss: (B=2, L=4, K=4) logits
+    mask = torch.ones(2, 4, dtype=torch.bool, device=device)  # iBOT's patch loss: (B=2, L=4, K=4) logits
     for bad_mask in (mask.to("meta"), mask[:, :3]):
         with pytest.raises(ValueError, match="mask must be bool"):
             ibot_patch_loss(s[:2], t, bad_mask, center, 0.1, 0.04, impl=impl)

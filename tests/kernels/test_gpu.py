@@ -19,7 +19,7 @@ from kernels.dino_loss import (
 )
 from kernels.masked_gather import mask_token_replace, mask_token_replace_ref, masked_gather, masked_gather_ref
 from kernels.ntxent import clip_loss, clip_loss_ref, ntxent_loss, ntxent_loss_ref
-from kernels.testing import assert_lowp_close
+from kernels.testing import assert_lowp_close, max_err
 
 pytestmark = pytest.mark.gpu
 
@@ -58,8 +58,14 @@ def test_clip_bf16_within_twice_torch_bf16_error():
     out = _grads(lambda a, b, s: clip_loss(a, b, s, impl="triton"), [img, txt, scale])
     r32 = _grads(lambda a, b, s: clip_loss_ref(a, b, s, upcast=True), [img, txt, scale])
     r16 = _grads(lambda a, b, s: clip_loss_ref(a, b, s), [img, txt, scale])
-    for o, a, b in zip(out, r32, r16):
+    for o, a, b in zip(out[:3], r32[:3], r16[:3]):
         assert_lowp_close(o, a, b, atol=1e-4)
+    # The logit scale's gradient is one number, and PyTorch's bf16 reference rounds it through a bf16 scalar (its
+    # scale is exp(logit_scale) in bf16): its error is that rounding, anywhere from 0 to half a bf16 ulp by chance
+    # (2.6e-05 of 0.37 in the first H200 run, where the kernel's was 1.6e-04). The rule takes that bound.
+    half_ulp = torch.finfo(torch.bfloat16).eps / 2 * 2.0 ** (math.frexp(r32[3].item())[1] - 1)
+    err, base = max_err(out[3], r32[3]), max(max_err(r16[3], r32[3]), half_ulp)
+    assert err <= 2 * base, f"logit-scale gradient error {err:.3g} > 2 x {base:.3g}"
 
 
 def test_ntxent_fp32_large_matches_reference():

@@ -178,17 +178,21 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
-def test_rows_out_of_range_are_a_value_error_on_every_path(impl):
+def test_rows_out_of_range_are_a_value_error_on_every_path(impl, device):
     """contrastive_rows_loss's pos / excl outside the columns, or an excluded column that is the positive: one
     ValueError naming the argument, on every path (the Triton kernel had read past k and returned a finite loss)."""
-    q, k = torch.randn(4, 8), torch.randn(6, 8)
-    pos, excl = torch.tensor([0, 1, 2, 5]), torch.tensor([1, 2, 3, -1])
+    q, k = torch.randn(4, 8, device=device), torch.randn(6, 8, device=device)
+
+    def ids(*v):
+        return torch.tensor(v, device=device)
+
+    pos, excl = ids(0, 1, 2, 5), ids(1, 2, 3, -1)
     contrastive_rows_loss(q, k, pos, excl, impl=impl)  # in range: taken
-    for bad_pos, bad_excl, match in ((torch.tensor([0, 1, 2, 6]), excl, r"pos values must lie in \[0, C=6\)"),
-                                     (torch.tensor([0, 1, 2, -1]), excl, "pos values"),
-                                     (pos, torch.tensor([1, 2, 3, 6]), "excl values"),
-                                     (pos, torch.tensor([1, 2, 3, -2]), "excl values"),
-                                     (pos, torch.tensor([0, 2, 3, -1]), "excl must never equal pos")):
+    for bad_pos, bad_excl, match in ((ids(0, 1, 2, 6), excl, r"pos values must lie in \[0, C=6\)"),
+                                     (ids(0, 1, 2, -1), excl, "pos values"),
+                                     (pos, ids(1, 2, 3, 6), "excl values"),
+                                     (pos, ids(1, 2, 3, -2), "excl values"),
+                                     (pos, ids(0, 2, 3, -1), "excl must never equal pos")):
         with pytest.raises(ValueError, match=match):
             contrastive_rows_loss(q, k, bad_pos, bad_excl, impl=impl)
 
