@@ -94,7 +94,7 @@ def _sizes(mode: str, cuda: bool) -> list[dict]:
     # L2; B=256 (19 MB kept) is shown beside it.
     return ([dict(op="ntxent", n2=n2, d=128, _chunked=n2 <= 16384, _compile=n2 == 65536,
                   _target="ntxent_speed" if n2 == 65536 else None) for n2 in (4096, 16384, 65536)]
-            + [dict(op="ntxent", n2=65536, d=256), dict(op="ntxent", n2=262144, d=128),
+            + [dict(op="ntxent", n2=65536, d=d) for d in (256, 512)] + [dict(op="ntxent", n2=262144, d=128),
                dict(op="ntxent", n2=1048576, d=128, _once=True, _target="ntxent_memory")]
             + [dict(op="dino", s=10, t=2, b=64, k=k, _compile=k == 65536, _target="dino_speed" if k == 65536 else None)
                for k in (4096, 16384, 65536)]

@@ -39,15 +39,15 @@ def _cases() -> list[tuple]:
     def typed(sig: dict, dt: str) -> dict:
         return {k: v.format(dt=dt) for k, v in sig.items()}
 
-    # The default (untuned) launches: bf16 with D in one slice (D = 128) and in slices (D = 256), fp16, exact fp32.
+    # The default (untuned) launches: bf16 with D in one slice (D = 128; D = 256 wide, sm_80+) and in slices
+    # (D = 512), fp16, exact fp32.
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    for dt, prec, single in (("bf16", "tf32", True), ("bf16", "tf32", False), ("fp16", "tf32", True),
-                             ("fp32", "ieee", True)):
-        dtype = dtypes[dt]
-        bm, bn, bd, warps = contrastive._blocks(128 if single else 256, dtype)
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=single)
-        out.append((contrastive._contrastive_fwd_kernel, typed(fwd_sig, dt), dict(c, WITH_DQ=single),
-                    dict(num_warps=warps)))
+    for dt, prec, dim, wide in (("bf16", "tf32", 128, False), ("bf16", "tf32", 256, True), ("bf16", "tf32", 512, True),
+                                ("fp16", "tf32", 128, False), ("fp32", "ieee", 128, False)):
+        bm, bn, bd, warps = contrastive._blocks(dim, dtypes[dt], wide)
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, SINGLE_D=dim <= bd)
+        out.append((contrastive._contrastive_fwd_kernel, typed(fwd_sig, dt),
+                    dict(c, WITH_DQ=dim <= contrastive.MAX_SINGLE_D), dict(num_warps=warps)))
         for fn, o in ((contrastive._contrastive_bwd_dq_kernel, "dq"), (contrastive._contrastive_bwd_dk_kernel, "dk")):
             out.append((fn, typed(bwd_sig(o), dt), c, dict(num_warps=warps)))
     # Every autotuning candidate (bf16, D = 128): which ones spill shows in STACK.

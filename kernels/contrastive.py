@@ -33,6 +33,10 @@ from kernels.utils import AUTOTUNE, INTERPRET, check_float, dot_precision, fp32_
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32 logits per chunk
 MAX_SINGLE_D = 128  # D up to this is one tl.dot slice: the query tile stays in registers, the forward forms dq
+# 16-bit D up to this is one slice too on sm_80+ (and in the interpreter), without the forward's dq, whose (BLOCK_M, D)
+# fp32 accumulator would spill; beyond it, D in MAX_SINGLE_D slices. First H200 run, 2N = 65,536 bf16: D = 256 in
+# slices took 136 ms fwd+bwd (eager: 40 ms), each backward program recomputing the logits over every slice.
+MAX_WIDE_D = 256
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e): one FMA and the hardware's exp2 per logit
 # Lazy rescaling (as in FlashAttention-4): the forward's running max is raised only when a tile's max exceeds it
 # by more than this (natural log units), so most tiles skip rescaling the sum and the (BLOCK_M, D) dq accumulator;
@@ -243,7 +247,7 @@ def _contrastive_bwd_dk_kernel(
              acc.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
 
 
-def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _blocks(dim: int, dtype: torch.dtype, wide: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the untuned launches; D in slices of at most 128 (tl.dot needs
     >= 16).
 
@@ -252,12 +256,22 @@ def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     64x64 tiles on 8 warps (fwd+dq / dq / dk: 235 / 178 / 218 registers, no stack); with D > 128 in slices, 64x32
     (64x64 spilled 160 bytes in dk); exact-fp32 dots (FMA, not tensor cores), 32x32 on 8 warps (4 warps spilled
     880 bytes). For D > 128 the logits are reduced over slices and the backward grid also splits D (recomputing the
-    logits once per slice)."""
+    logits once per slice). wide (16-bit on sm_80+, ``_wide``): D up to MAX_WIDE_D in one slice as well, 64x32 on
+    8 warps (fwd without dq / dq / dk: 142 / 222 / 255 registers and no stack at D = 256 on sm_90; 64x64 spilled in
+    dk; sm_75 spilled kilobytes and needs more shared memory than it has)."""
     single = dim <= MAX_SINGLE_D
-    block_d = max(16, next_pow2(dim)) if single else MAX_SINGLE_D
     if dtype == torch.float32:
-        return 32, 32, block_d, 8
-    return (64, 64, block_d, 8) if single else (64, 32, block_d, 8)
+        return 32, 32, max(16, next_pow2(dim)) if single else MAX_SINGLE_D, 8
+    if single:
+        return 64, 64, max(16, next_pow2(dim)), 8
+    return 64, 32, next_pow2(dim) if wide and dim <= MAX_WIDE_D else MAX_SINGLE_D, 8
+
+
+def _wide(q: Tensor) -> bool:
+    """May a 16-bit q with MAX_SINGLE_D < D <= MAX_WIDE_D run in one slice? On sm_80+ and in the interpreter."""
+    if q.dtype == torch.float32:
+        return False
+    return INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 8
 
 
 # Autotuned on CUDA for the training case (fp16/bf16, D <= 128 in one slice): (BLOCK_M, BLOCK_N, warps, stages).
@@ -310,7 +324,7 @@ def contrastive_fwd(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, with_dq: bo
     lse = torch.empty(m, device=q.device, dtype=torch.float32)
     dq_unit = torch.empty((m if with_dq else 0, dim), device=q.device, dtype=torch.float32)
     if m > 0:
-        bm, bn, bd, warps = _blocks(dim, q.dtype)
+        bm, bn, bd, warps = _blocks(dim, q.dtype, _wide(q))
         args = (loss, lse, dq_unit, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim, _size_class(m))
         consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd, WITH_DQ=with_dq)
         if _tuned(q):
@@ -338,7 +352,7 @@ def contrastive_bwd(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, lse: Tensor
         return dq, dk.zero_()
     # g is divided by max|g| inside the kernels so that fp16 g * (p - 1[pos]) stays out of the subnormals.
     g_scale = g.abs().amax().clamp_min(1e-30).reshape(1)
-    bm, bn, bd, warps = _blocks(dim, q.dtype)
+    bm, bn, bd, warps = _blocks(dim, q.dtype, _wide(q))
     consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd)
     fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **consts)
     n_d = triton.cdiv(dim, bd)

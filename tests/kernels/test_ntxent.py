@@ -11,7 +11,9 @@ from kernels.contrastive import contrastive_rows_loss, contrastive_rows_loss_ref
 from kernels.ntxent import ntxent_loss, ntxent_loss_ref
 from kernels.testing import assert_lowp_close, max_err
 
-SHAPES = [(37, 130), (5, 16), (70, 33)]  # odd D, one tile, rows spanning several 64-row tiles (2n = 140)
+# odd D (one 256-wide slice in 16 bits, 128-wide slices in fp32), one tile, rows spanning several 64-row tiles
+# (2n = 140), and D in 128-wide slices in 16 bits too
+SHAPES = [(37, 130), (5, 16), (70, 33), (9, 300)]
 
 
 def _views(n, d, dtype, device, seed=0):
