@@ -181,7 +181,7 @@ class MaskTokenReplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
-        flags = mask.contiguous().view(torch.uint8)
+        flags = mask.contiguous().to(torch.uint8)  # (a uint8 view failed to lower in inductor, torch 2.11 CUDA)
         ctx.save_for_backward(flags)
         ctx.tok_dtype = mask_token.dtype
         return mask_token_fwd(x.contiguous(), flags, mask_token.contiguous())

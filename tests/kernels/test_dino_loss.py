@@ -29,15 +29,20 @@ def _outs(s, t, b, k, dtype, device, seed=0):
 
 @pytest.mark.parametrize("s,t,b,k", CASES)
 def test_fp32_matches_reference(s, t, b, k, device):
-    """Loss, teacher mean and student gradient (random upstream) match the reference in fp32."""
+    """Loss, teacher mean and student gradient (random upstream) match the reference: the loss and mean that in
+    fp32; the gradient its fp64 form to 5e-5 of its largest element (softmax at tau_t = 0.04 exponentiates logits
+    / 0.04, up to ~100, whose fp32 rounding alone is ~1e-5 relative: the H200's error was 1.4e-5, the interpreter's
+    less)."""
     student, teacher, center = _outs(s, t, b, k, torch.float32, device)
     g = torch.tensor(0.6, device=device)
     loss, mean = dino_loss(student, teacher, center, 0.1, 0.04, impl="triton")
     loss_r, mean_r = dino_loss_ref(student, teacher, center, 0.1, 0.04)
     assert max_err(loss, loss_r) <= 1e-5 * loss_r.abs().item()
     assert max_err(mean, mean_r) <= 1e-6
-    gs, gs_r = torch.autograd.grad(loss, student, g)[0], torch.autograd.grad(loss_r, student, g)[0]
-    assert max_err(gs, gs_r) <= 1e-5 * gs_r.abs().max().item()
+    student64 = student.detach().double().requires_grad_()
+    loss64 = dino_loss_ref(student64, teacher.double(), center.double(), 0.1, 0.04)[0]
+    gs, gs_r = torch.autograd.grad(loss, student, g)[0], torch.autograd.grad(loss64, student64, g.double())[0]
+    assert max_err(gs, gs_r) <= 5e-5 * gs_r.abs().max().item()
 
 
 def test_fp16_within_twice_torch_fp16_error(device):
@@ -122,10 +127,11 @@ def test_masked_patch_loss_without_masked_patches_and_bad_rows(device):
     loss = ibot_masked_patch_loss(student, torch.randn(0, 8, device=device), mask, torch.zeros(8, device=device), 0.1,
                                   0.04, impl="triton")
     assert loss.item() == 0.0 and loss.requires_grad
+    # the row count is checked where that is free, on the CPU (on a GPU it would cost a host sync)
+    mask = mask.cpu()
     mask[0, 1] = True
     with pytest.raises(ValueError, match="1 patches"):
-        ibot_masked_patch_loss(torch.randn(3, 8, device=device), torch.randn(3, 8, device=device), mask,
-                               torch.zeros(8, device=device), 0.1, 0.04)
+        ibot_masked_patch_loss(torch.randn(3, 8), torch.randn(3, 8), mask, torch.zeros(8), 0.1, 0.04)
 
 
 @pytest.mark.parametrize(

@@ -179,14 +179,16 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         ntxent_loss(torch.zeros(4, 4), torch.zeros(4, 4), **kwargs)
 
 
-@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"])
-def test_rows_out_of_range_are_a_value_error_on_every_path(impl, device):
+# pos / excl are checked where that is free, on the CPU (on a GPU it would cost a host sync): Triton there is the
+# interpreter's
+@pytest.mark.parametrize("impl", ["triton", "chunked", "ref"] if kernels.utils.INTERPRET else ["chunked", "ref"])
+def test_rows_out_of_range_are_a_value_error_on_every_path(impl):
     """contrastive_rows_loss's pos / excl outside the columns, or an excluded column that is the positive: one
     ValueError naming the argument, on every path (the Triton kernel had read past k and returned a finite loss)."""
-    q, k = torch.randn(4, 8, device=device), torch.randn(6, 8, device=device)
+    q, k = torch.randn(4, 8), torch.randn(6, 8)
 
     def ids(*v):
-        return torch.tensor(v, device=device)
+        return torch.tensor(v)
 
     pos, excl = ids(0, 1, 2, 5), ids(1, 2, 3, -1)
     contrastive_rows_loss(q, k, pos, excl, impl=impl)  # in range: taken
