@@ -34,7 +34,7 @@ def _cases() -> list[tuple]:
         sig = {f"{o}_ptr": "*{dt}", "q_ptr": "*{dt}", "k_ptr": "*{dt}", "pos_ptr": "*i64", "excl_ptr": "*i64",
                "lse_ptr": "*fp32", "g_ptr": "*fp32", "g_scale_ptr": "*fp32", "q_row_stride": "i32",
                "k_row_stride": "i32", f"{o}_row_stride": "i32", "n_rows": "i32", "n_cols": "i32", "dim": "i32"}
-        return {**sig, "size_class": "i32"} if o == "dk" else sig
+        return {**sig, "size_class": "i32"}
 
     def typed(sig: dict, dt: str) -> dict:
         return {k: v.format(dt=dt) for k, v in sig.items()}

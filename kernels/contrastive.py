@@ -173,7 +173,7 @@ def _contrastive_bwd_dq_kernel(
     dq_ptr,                                     # output (M, D)
     q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, g_ptr, g_scale_ptr,
     q_row_stride, k_row_stride, dq_row_stride,
-    n_rows, n_cols, dim,
+    n_rows, n_cols, dim, size_class,            # size_class: the autotuning key's size bucket (unused here)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr,
 ):
@@ -281,6 +281,14 @@ def _wide(q: Tensor) -> bool:
 # so the lists stay short.
 FWD_TUNE = [(64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
 DK_TUNE = [(64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 32, 8, 3)]
+# D > MAX_SINGLE_D (16-bit, sm_80+; the forward without dq, so the dq kernel too), in one wide slice or in slices:
+# each kernel alone at 2N = 65,536 on the H200 (ms; the default first, 64x32 on 8 warps, which fits the 99 KB of
+# shared memory of sm_86/89). D = 256 in one slice: fwd 12.1 / 5.5 / 7.5 / 7.1, dq 11.2 / 6.6 / 7.3 / 7.4, dk 29.8 /
+# 16.4 / 17.0 / 18.4; D = 512 in slices: fwd 26.6 / 15.2 / 21.0 / 24.7, dq 111 / 69 / 104 / 90, dk 192 / 131 / 150 /
+# 173. 128x64 needs more shared memory than sm_86/89 have: there the autotuner drops it (out of resources).
+FWD_WIDE_TUNE = [(64, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)]
+DQ_WIDE_TUNE = [(64, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)]
+DK_WIDE_TUNE = [(64, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)]
 
 
 def _configs(table: list[tuple[int, int, int, int]]) -> list:
@@ -289,12 +297,18 @@ def _configs(table: list[tuple[int, int, int, int]]) -> list:
 
 _fwd_tuned = triton.autotune(_configs(FWD_TUNE), key=["dim", "size_class", "WITH_DQ"])(_contrastive_fwd_kernel)
 _dk_tuned = triton.autotune(_configs(DK_TUNE), key=["dim", "size_class"])(_contrastive_bwd_dk_kernel)
+_fwd_wide_tuned = triton.autotune(_configs(FWD_WIDE_TUNE), key=["dim", "size_class", "WITH_DQ"])(
+    _contrastive_fwd_kernel)
+_dq_wide_tuned = triton.autotune(_configs(DQ_WIDE_TUNE), key=["dim", "size_class"])(_contrastive_bwd_dq_kernel)
+_dk_wide_tuned = triton.autotune(_configs(DK_WIDE_TUNE), key=["dim", "size_class"])(_contrastive_bwd_dk_kernel)
+TUNERS = {"fwd": _fwd_tuned, "dk": _dk_tuned, "fwd wide": _fwd_wide_tuned, "dq wide": _dq_wide_tuned,
+          "dk wide": _dk_wide_tuned}
 
 
 def tuning_report() -> list[str]:
     """What autotuning chose so far in this process: one line per kernel and key (dim, size class, ..., dtypes)."""
     lines = []
-    for name, tuner in (("fwd", _fwd_tuned), ("dk", _dk_tuned)):
+    for name, tuner in TUNERS.items():
         for key, cfg in tuner.cache.items():
             blocks = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
             lines.append(f"{name} {key}: {blocks} num_warps={cfg.num_warps} num_stages={cfg.num_stages}")
@@ -308,8 +322,11 @@ def _size_class(n: int) -> int:
 
 
 def _tuned(q: Tensor) -> bool:
-    """Autotune only compiled 16-bit launches with D in one slice; everything else runs the default blocks."""
-    return AUTOTUNE and q.is_cuda and not INTERPRET and q.dtype != torch.float32 and q.shape[1] <= MAX_SINGLE_D
+    """Autotune only compiled 16-bit launches: any D on sm_80+, D <= MAX_SINGLE_D before; everything else runs the
+    default blocks."""
+    if not (AUTOTUNE and q.is_cuda and not INTERPRET and q.dtype != torch.float32):
+        return False
+    return q.shape[1] <= MAX_SINGLE_D or _wide(q)
 
 
 # The launches are custom ops: opaque to torch.compile (which traces the autograd.Function around them and uses
@@ -328,7 +345,8 @@ def contrastive_fwd(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, with_dq: bo
         args = (loss, lse, dq_unit, q, k, pos, excl, q.stride(0), k.stride(0), m, c, dim, _size_class(m))
         consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd, WITH_DQ=with_dq)
         if _tuned(q):
-            _fwd_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
+            tuner = _fwd_tuned if dim <= MAX_SINGLE_D else _fwd_wide_tuned
+            tuner[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
         else:
             _contrastive_fwd_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **consts)
     return loss, lse, dq_unit
@@ -356,13 +374,17 @@ def contrastive_bwd(q: Tensor, k: Tensor, pos: Tensor, excl: Tensor, lse: Tensor
     consts = dict(BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype), SINGLE_D=dim <= bd)
     fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **consts)
     n_d = triton.cdiv(dim, bd)
+    tuned, single = _tuned(q), dim <= MAX_SINGLE_D
     if with_dq:
-        _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](
-            dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim, **fixed
-        )
+        args = (dq, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dq.stride(0), m, c, dim,
+                _size_class(m))
+        if tuned and not single:  # with D in one narrow slice the forward forms dq: no dq tuner for it
+            _dq_wide_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_d)](*args, **consts)
+        else:
+            _contrastive_bwd_dq_kernel[(triton.cdiv(m, bm), n_d)](*args, **fixed)
     args = (dk, q, k, pos, excl, lse, g, g_scale, q.stride(0), k.stride(0), dk.stride(0), m, c, dim, _size_class(m))
-    if _tuned(q):
-        _dk_tuned[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), n_d)](*args, **consts)
+    if tuned:
+        (_dk_tuned if single else _dk_wide_tuned)[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), n_d)](*args, **consts)
     else:
         _contrastive_bwd_dk_kernel[(triton.cdiv(c, bn), n_d)](*args, **fixed)
     return dq, dk

@@ -251,6 +251,31 @@ def test_every_autotuning_config_matches_reference(cfg, device, monkeypatch):
         assert_lowp_close(o, a, b, atol=1e-4)
 
 
+WIDE_TABLES = (("_fwd_wide_tuned", "FWD_WIDE_TUNE"), ("_dq_wide_tuned", "DQ_WIDE_TUNE"),
+               ("_dk_wide_tuned", "DK_WIDE_TUNE"))
+
+
+@pytest.mark.parametrize("d", [200, 300])
+@pytest.mark.parametrize("cfg", range(max(len(getattr(contrastive, table)) for _, table in WIDE_TABLES)))
+def test_every_wide_autotuning_config_matches_reference(cfg, d, device, monkeypatch):
+    """The same for 16-bit D > 128 (its forward, dq and dk kernels tuned), each candidate pinned in turn, at D = 200
+    (one wide slice) and D = 300 (128-wide slices)."""
+    monkeypatch.setattr(contrastive, "_tuned", lambda q: True)
+    used = set()
+    for name, table in WIDE_TABLES:
+        rows, tuner = getattr(contrastive, table), getattr(contrastive, name)
+        monkeypatch.setattr(tuner, "configs", contrastive._configs([rows[cfg % len(rows)]]))
+        monkeypatch.setattr(tuner, "run", lambda *a, _r=tuner.run, _n=name, **kw: used.add(_n) or _r(*a, **kw))
+    z0, z1 = _views(150, d, torch.float16, device, seed=cfg)
+    g = torch.tensor(0.7, device=device)
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="triton"), z0, z1, g)
+    r32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, g)
+    r16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, g)
+    for o, a, b in zip(out, r32, r16):
+        assert_lowp_close(o, a, b, atol=1e-4)
+    assert used == {name for name, _ in WIDE_TABLES}
+
+
 def test_size_class_buckets_by_factors_of_four_up_to_65536():
     """Autotuning buckets: 4096 and 16384 differ, 65,536 and 1,048,576 share one."""
     sc = contrastive._size_class
@@ -289,9 +314,10 @@ def test_autotuned_launch_times_candidates_and_keeps_the_fastest(device, monkeyp
         return [t, t, t]
 
     monkeypatch.setattr(contrastive, "_tuned", lambda q: True)
+    for tuner in contrastive.TUNERS.values():
+        monkeypatch.setattr(tuner, "cache", {})
     for tuner in (contrastive._fwd_tuned, contrastive._dk_tuned):
         monkeypatch.setattr(tuner, "_do_bench", fake_bench)
-        monkeypatch.setattr(tuner, "cache", {})
     z0, z1 = _views(100, 32, torch.float16, device, seed=4)
     out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="triton"), z0, z1, None)
     r32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, None)
