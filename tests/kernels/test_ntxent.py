@@ -234,6 +234,16 @@ def test_chunked_bf16_within_twice_torch_bf16_error(device):
         assert_lowp_close(o, r32, r16)
 
 
+def _assert_fp16_ntxent_close(z0, z1):
+    """Triton NT-Xent loss and gradients (upstream 0.7) within 2x torch's fp16 error of the fp32 reference."""
+    g = torch.tensor(0.7, device=z0.device)
+    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="triton"), z0, z1, g)
+    r32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, g)
+    r16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, g)
+    for o, a, b in zip(out, r32, r16):
+        assert_lowp_close(o, a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize("cfg", range(max(len(contrastive.FWD_TUNE), len(contrastive.DK_TUNE))))
 def test_every_autotuning_config_matches_reference(cfg, device, monkeypatch):
     """The autotuned launch path, pinned to each candidate block configuration in turn (autotuning picks whichever
@@ -243,12 +253,7 @@ def test_every_autotuning_config_matches_reference(cfg, device, monkeypatch):
     monkeypatch.setattr(contrastive._fwd_tuned, "configs", contrastive._configs([fwd[cfg % len(fwd)]]))
     monkeypatch.setattr(contrastive._dk_tuned, "configs", contrastive._configs([dk[cfg % len(dk)]]))
     z0, z1 = _views(150, 64, torch.float16, device, seed=cfg)  # 2n = 300: ragged last tile for every block size
-    g = torch.tensor(0.7, device=device)
-    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="triton"), z0, z1, g)
-    r32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, g)
-    r16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, g)
-    for o, a, b in zip(out, r32, r16):
-        assert_lowp_close(o, a, b, atol=1e-4)
+    _assert_fp16_ntxent_close(z0, z1)
 
 
 WIDE_TABLES = (("_fwd_wide_tuned", "FWD_WIDE_TUNE"), ("_dq_wide_tuned", "DQ_WIDE_TUNE"),
@@ -267,12 +272,7 @@ def test_every_wide_autotuning_config_matches_reference(cfg, d, device, monkeypa
         monkeypatch.setattr(tuner, "configs", contrastive._configs([rows[cfg % len(rows)]]))
         monkeypatch.setattr(tuner, "run", lambda *a, _r=tuner.run, _n=name, **kw: used.add(_n) or _r(*a, **kw))
     z0, z1 = _views(150, d, torch.float16, device, seed=cfg)
-    g = torch.tensor(0.7, device=device)
-    out = _loss_and_grads(lambda a, b: ntxent_loss(a, b, 0.1, impl="triton"), z0, z1, g)
-    r32 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1, upcast=True), z0, z1, g)
-    r16 = _loss_and_grads(lambda a, b: ntxent_loss_ref(a, b, 0.1), z0, z1, g)
-    for o, a, b in zip(out, r32, r16):
-        assert_lowp_close(o, a, b, atol=1e-4)
+    _assert_fp16_ntxent_close(z0, z1)
     assert used == {name for name, _ in WIDE_TABLES}
 
 
