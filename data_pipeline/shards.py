@@ -493,8 +493,8 @@ def verify_dataset(data_dir: str | Path, *, decode: bool = False, workers: int =
     from data_pipeline.reader import _parse, _tar_samples
 
     if remote.is_url(data_dir):
-        raise ValueError(f"{data_dir}: a dataset served over HTTP is not verified over HTTP; verify the directory the "
-                         "server serves, on its machine (`pretrain data verify DIR`), where its files lie")
+        raise ValueError(f"{data_dir}: a dataset served over HTTP is not verified over HTTP; run `pretrain data verify "
+                         "DIR` on the directory the server serves, where its files lie")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: must be a positive int, got {workers!r}")
     data_dir = Path(data_dir)

@@ -813,14 +813,9 @@ def cmd_data(args) -> int:
     if args.data_command == "verify":
         if args.workers < 1:
             raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
-        if remote.is_url(args.dir):  # (a Path had made http://host/x the local http:/host/x)
-            raise ConfigError(f"{args.dir}: a dataset served over HTTP is not verified over HTTP; run `pretrain data "
-                              "verify DIR` on the directory the server serves, where its files lie")
-        args.dir = _path(args.dir)
-        if not args.dir.is_dir():
-            raise ConfigError(f"{args.dir}: " + ("not a directory" if args.dir.exists() else "does not exist"))
-        if not (args.dir / "manifest.parquet").is_file():
-            raise ConfigError(f"{args.dir}: no manifest.parquet (not a shard dataset)")
+        # verify_dataset refuses a URL, a missing folder and one without a manifest in one line each (a Path had made
+        # http://host/x the local http:/host/x)
+        args.dir = args.dir if remote.is_url(args.dir) else _path(args.dir)
         counts, problems = verify_dataset(args.dir, decode=args.decode, workers=args.workers,
                                           progress=not args.no_progress)
         _print_problems(problems)

@@ -19,12 +19,13 @@ from sklearn.exceptions import ConvergenceWarning
 from pretrain.eval.common import as_features, auroc, check_split
 
 
-def ica_components(x, n_components: int, *, seed: int = 0) -> FastICA:
+def ica_components(x, n_components: int, *, seed: int = 0, rank: int | None = None) -> FastICA:
     """FastICA (unit-variance whitening, ``n_components`` at most the rank of the centered ``x: (N, F)``) fit on
     ``x``; its ``transform`` gives the sources (N, n). More components than the rank would whiten directions of zero
-    variance (features of flat images, rank 1: the whitening overflowed and FastICA failed on infinities)."""
+    variance (features of flat images, rank 1: the whitening overflowed and FastICA failed on infinities).
+    ``rank``: ``centered_rank(x)``, where the caller has it already."""
     x = as_features(x, "x")
-    n = max(1, min(n_components, centered_rank(x)))
+    n = max(1, min(n_components, centered_rank(x) if rank is None else rank))
     ica = FastICA(n_components=n, whiten="unit-variance", max_iter=500, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a near-converged unmixing is still a fair one
@@ -35,7 +36,8 @@ def ica_components(x, n_components: int, *, seed: int = 0) -> FastICA:
 def centered_rank(x: np.ndarray) -> int:
     """The rank of ``x: (N, F)`` less its column means: the eigenvalues of its smaller Gram matrix (in float64) above
     1e-8 of the largest (1e-4 of the largest singular value)."""
-    xc = np.asarray(x, dtype=np.float64) - np.asarray(x, dtype=np.float64).mean(axis=0)
+    xc = np.asarray(x, dtype=np.float64)
+    xc = xc - xc.mean(axis=0)
     eig = np.linalg.eigvalsh(xc @ xc.T if xc.shape[0] < xc.shape[1] else xc.T @ xc)
     return int((eig > eig.max() * 1e-8).sum()) if eig.max() > 0 else 0
 
@@ -48,9 +50,10 @@ def ica_class_auroc(train_x, train_y, test_x, test_y, *, n_components: int = 32,
         raise ValueError("ica_class_auroc needs at least two classes in test_y")
     # features constant on the training set carry nothing; FastICA's whitening would divide by their zero variance
     keep = train_x.std(axis=0) > 1e-12
-    if not keep.any() or centered_rank(train_x[:, keep]) == 0:
+    rank = centered_rank(train_x[:, keep]) if keep.any() else 0
+    if rank == 0:
         return 0.5
-    ica = ica_components(train_x[:, keep], n_components, seed=seed)
+    ica = ica_components(train_x[:, keep], n_components, seed=seed, rank=rank)
     sources = ica.transform(test_x[:, keep])
     best = []
     for c in classes:
